@@ -1,0 +1,1 @@
+"""Integrations: TensorBoard sink and Lightning callback (imported lazily by the user)."""

@@ -1,0 +1,76 @@
+"""TensorBoard sink: scalars, alerts as text, and a custom-scalars layout grouping each probe."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from torch.utils.tensorboard import SummaryWriter
+
+from monitor.rules import Alert
+from monitor.sinks import Sink
+
+
+def scalar_layout(keys) -> dict:
+    """Custom-scalars layout: a category per probe, a chart per metric (per-head values of one
+    metric, ``.../<metric>/head_<h>``, share a chart)."""
+    layout: dict[str, dict[str, list]] = {}
+    for key in sorted(keys):
+        parts = key.split("/")
+        if len(parts) < 3:
+            continue
+        # "collapse/<probe>/<metric>[/...]", or "val/collapse/<probe>/<metric>[/...]"
+        head = 3 if parts[0] != "collapse" and len(parts) > 3 else 2
+        category = "/".join(parts[:head])
+        chart = parts[head]
+        regex = "^" + re.escape("/".join(parts[: head + 1])) + "(/.*)?$"
+        layout.setdefault(category, {})[chart] = ["Multiline", [regex]]
+    return layout
+
+
+class TensorBoardSink(Sink):
+    """Write the monitor's output to TensorBoard.
+
+    Args:
+        log_dir: a directory (a ``SummaryWriter`` is created and owned), or an existing
+            ``SummaryWriter`` (shared; not closed by the sink).
+        layout: write the custom-scalars layout (rewritten when new metrics appear).
+    """
+
+    def __init__(self, log_dir, layout: bool = True) -> None:
+        if isinstance(log_dir, SummaryWriter):
+            self.writer, self._owned = log_dir, False
+        else:
+            self.writer, self._owned = SummaryWriter(log_dir=str(log_dir)), True
+        self.layout = layout
+        self._layout_written: dict | None = None
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        for key, value in metrics.items():
+            self.writer.add_scalar(key, value, step)
+        if self.layout:
+            self._write_layout(metrics)
+
+    def _write_layout(self, metrics) -> None:
+        new = scalar_layout(metrics)
+        merged = {c: dict(charts) for c, charts in (self._layout_written or {}).items()}
+        for category, charts in new.items():
+            merged.setdefault(category, {}).update(charts)
+        if merged != self._layout_written:
+            self.writer.add_custom_scalars(merged)
+            self._layout_written = merged
+
+    def log_alert(self, alert: Alert) -> None:
+        self.writer.add_text("collapse/alerts", alert.message, alert.step)
+
+    def log_event(self, name: str, info: dict, step: int) -> None:
+        self.writer.add_text(f"collapse/events/{name}", json.dumps(info, default=str), step)
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self._owned:
+            self.writer.close()
+        else:
+            self.writer.flush()

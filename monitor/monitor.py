@@ -1,0 +1,273 @@
+"""CollapseMonitor: attaches probes, keeps cadence, dispatches metrics to rules, sinks and mitigations."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from . import _dist
+from .mitigations.base import Mitigation
+from .probes.base import Probe
+from .rules import Alert, Rule, RuleEngine
+from .sinks import Sink
+
+log = logging.getLogger("collapse_monitor")
+
+_STATE_VERSION = 1
+
+
+class CollapseMonitor:
+    """Watches a model for collapse while it trains.
+
+    Args:
+        model: the ``nn.Module`` whose ``named_modules()`` the probes' paths refer to.
+        probes: probe instances (``monitor.probes``); names must be unique.
+        log_every_n_steps: window length; metrics are computed, logged and checked every this
+            many calls of :meth:`step`, and the window statistics are then reset.
+        sinks: :class:`~monitor.sinks.Sink` objects (e.g. ``TensorBoardSink``).
+        mitigations: :class:`~monitor.mitigations.Mitigation` objects.
+        rules: extra :class:`~monitor.rules.Rule` objects.
+        default_rules: also use each probe's default rules (METRICS.md thresholds).
+        on_alert: callables ``f(alert)`` called for every alert.
+        observe_every_n_steps: record only on every n-th step's ``observe()`` (the others cost
+            nothing); metrics are then per observed sample, exactly as with n = 1.
+        process_group: ``torch.distributed`` group for the all-reductions (default: WORLD).
+
+    Use ``with monitor.observe(targets=y): out = model(x)`` around the forward pass and
+    ``monitor.step()`` once per training step. Call ``close()`` to remove every hook.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        probes: Sequence[Probe],
+        log_every_n_steps: int = 50,
+        sinks: Iterable[Sink] = (),
+        mitigations: Iterable[Mitigation] = (),
+        rules: Iterable[Rule] = (),
+        default_rules: bool = True,
+        on_alert: Callable[[Alert], None] | Iterable[Callable[[Alert], None]] | None = None,
+        observe_every_n_steps: int = 1,
+        process_group=None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if log_every_n_steps < 1 or observe_every_n_steps < 1:
+            raise ValueError(
+                "log_every_n_steps and observe_every_n_steps must be >= 1, got "
+                f"{log_every_n_steps} and {observe_every_n_steps}"
+            )
+        probes = list(probes)
+        for p in probes:
+            if not isinstance(p, Probe):
+                raise TypeError(f"probes must be Probe instances, got {type(p).__name__}")
+        names = [p.name for p in probes]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"probe names must be unique, repeated: {dupes}; pass name=...")
+        self.model = model
+        self.probes = probes
+        self.log_every_n_steps = int(log_every_n_steps)
+        self.observe_every_n_steps = int(observe_every_n_steps)
+        self.sinks = list(sinks)
+        self.mitigations = list(mitigations)
+        all_rules = [r for p in probes for r in p.default_rules()] if default_rules else []
+        self.rules = RuleEngine(all_rules + list(rules))
+        if on_alert is None:
+            self.on_alert = []
+        elif callable(on_alert):
+            self.on_alert = [on_alert]
+        else:
+            self.on_alert = list(on_alert)
+        self.process_group = process_group
+        self.global_step = 0
+        self.should_stop = False
+        self.observing = False
+        self.context: dict = {}
+        self._snapshot_prefix: str | None = None
+        self._saved_windows: list | None = None
+        self._closed = False
+        try:
+            for p in probes:
+                p.attach(model, self)
+            for m in self.mitigations:
+                m.attach(model, self)
+        except Exception:
+            self.close()
+            raise
+
+    # ----------------------------------------------------------------- recording
+    @contextmanager
+    def observe(self, targets: torch.Tensor | None = None, **context) -> Iterator[CollapseMonitor]:
+        """Record the forward passes run inside this block.
+
+        Args:
+            targets: class labels for class-conditional probes, shaped like the probed
+                features without their last dimension (``(N,)`` or ``(B, T)``).
+            **context: extra per-batch inputs that probes document (e.g. ``groups=``).
+        """
+        if self._closed:
+            raise RuntimeError("CollapseMonitor is closed")
+        if self.observing:
+            raise RuntimeError("observe() blocks cannot be nested")
+        self.observing = self.global_step % self.observe_every_n_steps == 0
+        self.context = {"targets": targets, **context}
+        try:
+            yield self
+        finally:
+            self.observing = False
+            self.context = {}
+
+    def step(self, optimizer: torch.optim.Optimizer | None = None) -> dict[str, float] | None:
+        """Advance one training step; at cadence compute, log, check rules and mitigate.
+
+        Returns:
+            the logged metrics (``{"collapse/<probe>/<metric>": float}``) at a logging step,
+            else ``None``. Only logging steps synchronise with the device.
+        """
+        self.global_step += 1
+        if self.global_step % self.log_every_n_steps:
+            return None
+        return self._log(optimizer)
+
+    # ----------------------------------------------------------------- readout
+    def compute(self) -> dict[str, float]:
+        """Metrics of the current window (all-reduced across ranks); the window is kept."""
+        metrics = {}
+        for p in self.probes:
+            for key, value in p.compute(self.process_group).items():
+                metrics[f"collapse/{p.name}/{key}"] = float(value)
+        return metrics
+
+    def _log(self, optimizer) -> dict[str, float]:
+        metrics = self.compute()
+        for p in self.probes:
+            p.end_window()
+        step = self.global_step
+        alerts = self.rules.check(metrics, step)
+        for name, count in self.rules.counts.items():
+            metrics[f"collapse/alerts/{name}"] = float(count)
+        for sink in self.sinks:
+            sink.log_metrics(metrics, step)
+        for alert in alerts:
+            self._dispatch_alert(alert)
+        for m in self.mitigations:
+            for name, info in m.after_log(self, metrics, alerts, optimizer):
+                log.info("step %d: mitigation %s applied: %s", step, name, info)
+                for sink in self.sinks:
+                    sink.log_event(name, info, step)
+        for sink in self.sinks:
+            sink.flush()
+        return metrics
+
+    def _dispatch_alert(self, alert: Alert) -> None:
+        prefix = f"[rank {_dist.rank(self.process_group)}] " if _dist.is_distributed() else ""
+        log.warning("%scollapse alert: %s", prefix, alert.message)
+        if alert.action == "stop":
+            self.should_stop = True
+        for sink in self.sinks:
+            sink.log_alert(alert)
+        for fn in self.on_alert:
+            fn(alert)
+
+    # ----------------------------------------------------------------- snapshots
+    def begin_snapshot(self, prefix: str = "val") -> None:
+        """Start an evaluation snapshot: probes record into fresh windows until :meth:`end_snapshot`."""
+        if self._snapshot_prefix is not None:
+            raise RuntimeError(f"snapshot '{self._snapshot_prefix}' is already open")
+        self._snapshot_prefix = prefix
+        self._saved_windows = [p.window for p in self.probes]
+        for p in self.probes:
+            p.window = p.new_window()
+
+    def end_snapshot(self) -> dict[str, float]:
+        """Compute and log the snapshot under ``<prefix>/collapse/...``; restore the training windows."""
+        if self._snapshot_prefix is None:
+            raise RuntimeError("end_snapshot() without begin_snapshot()")
+        prefix, self._snapshot_prefix = self._snapshot_prefix, None
+        try:
+            metrics = {f"{prefix}/{k}": v for k, v in self.compute().items()}
+        finally:
+            for p, w in zip(self.probes, self._saved_windows):
+                p.window = w
+            self._saved_windows = None
+        for sink in self.sinks:
+            sink.log_metrics(metrics, self.global_step)
+            sink.flush()
+        return metrics
+
+    @contextmanager
+    def snapshot(self, prefix: str = "val") -> Iterator[dict[str, float]]:
+        """``with monitor.snapshot("val") as metrics:`` observe batches inside; ``metrics`` is
+        filled (and logged) when the block ends."""
+        self.begin_snapshot(prefix)
+        result: dict[str, float] = {}
+        try:
+            yield result
+        except BaseException:
+            self._snapshot_prefix = None
+            for p, w in zip(self.probes, self._saved_windows):
+                p.window = w
+            raise
+        result.update(self.end_snapshot())
+
+    # ----------------------------------------------------------------- lifecycle
+    def close(self) -> None:
+        """Remove every hook and close the sinks; the model is left as it was (mitigations aside)."""
+        for p in self.probes:
+            p.detach()
+        for m in self.mitigations:
+            m.detach()
+        if not self._closed:
+            for sink in self.sinks:
+                sink.close()
+        self._closed = True
+        self.observing = False
+
+    def __enter__(self) -> CollapseMonitor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def state_dict(self, sync: bool | None = None) -> dict:
+        """Everything a resumed run needs: step, window statistics, rule and mitigation state.
+
+        Under ``torch.distributed`` (``sync=None`` means: when a group is initialised) the
+        window statistics are all-reduced first, so this is a collective: call it on every rank
+        (Lightning does), and save rank 0's result.
+        """
+        sync = sync is not False
+        probes = {p.name: p.state_dict(self.process_group, sync=sync) for p in self.probes}
+        return {
+            "version": _STATE_VERSION,
+            "global_step": self.global_step,
+            "should_stop": self.should_stop,
+            "probes": probes,
+            "rules": self.rules.state_dict(),
+            "mitigations": [m.state_dict() for m in self.mitigations],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`. Under distributed runs every rank loads the same (reduced)
+        state; ranks other than 0 keep its shifts and lagged centres but start their window
+        empty, so the next all-reduce counts each sample once."""
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(f"unsupported CollapseMonitor state version {state.get('version')}")
+        missing = [p.name for p in self.probes if p.name not in state["probes"]]
+        if missing:
+            raise KeyError(
+                f"checkpoint has no state for probes {missing}; it has {sorted(state['probes'])}"
+            )
+        keep = _dist.rank(self.process_group) == 0
+        self.global_step = int(state["global_step"])
+        self.should_stop = bool(state["should_stop"])
+        for p in self.probes:
+            p.load_state_dict(state["probes"][p.name], keep_window=keep)
+        self.rules.load_state_dict(state["rules"])
+        for m, s in zip(self.mitigations, state.get("mitigations", [])):
+            m.load_state_dict(s)

@@ -1,0 +1,113 @@
+"""Probe: where to read (a hook), what to keep (statistics), what to report (metrics)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .._modules import resolve_modules
+
+if TYPE_CHECKING:
+    from ..monitor import CollapseMonitor
+    from ..rules import Rule
+
+
+class Probe:
+    """Base class of all probes.
+
+    A probe registers forward hooks on the modules its ``module`` path (or glob) selects. The hooks
+    return at once unless the monitor is inside ``observe()``. Everything a probe accumulates
+    between two logs lives in its *window* (``new_window()``), so the monitor can swap in a fresh
+    window for a validation snapshot and swap the training window back.
+
+    Args:
+        module: a ``model.named_modules()`` name or a glob (``""`` is the model itself).
+        name: metric prefix, ``collapse/<name>/<metric>``; defaults to ``module``.
+        extract: ``extract(module, args, output) -> Tensor`` for models whose outputs do not
+            follow the probe's default convention.
+    """
+
+    needs_targets = False
+
+    def __init__(self, module: str, name: str | None = None, extract=None) -> None:
+        if not isinstance(module, str):
+            raise TypeError(f"{type(self).__name__}: module must be a path string, got {module!r}")
+        if extract is not None and not callable(extract):
+            raise TypeError(
+                f"{type(self).__name__}: extract must be callable, got {type(extract).__name__}"
+            )
+        self.module = module
+        self.name = name or module or "model"  # "" is the root module itself
+        self.extract = extract
+        self.monitor: CollapseMonitor | None = None
+        self.window: Any = None
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(module={self.module!r}, name={self.name!r})"
+
+    # ----------------------------------------------------------------- wiring
+    def attach(self, model: nn.Module, monitor: CollapseMonitor) -> None:
+        self.monitor = monitor
+        self.window = self.new_window()
+        for path, mod in self.resolve(model):
+            self._handles.append(mod.register_forward_hook(self._make_hook(path), with_kwargs=True))
+
+    def resolve(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        return resolve_modules(model, self.module, owner=repr(self))
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _make_hook(self, path: str):
+        def hook(module, args, kwargs, output):
+            if self.monitor is not None and self.monitor.observing:
+                with torch.no_grad():
+                    self.observe(path, module, args, kwargs, output)
+
+        return hook
+
+    def error(self, path: str, what: str) -> ValueError:
+        """A ValueError naming the probe and the module."""
+        return ValueError(f"{type(self).__name__} '{self.name}' at module '{path}': {what}")
+
+    # ----------------------------------------------------------------- subclass API
+    def new_window(self) -> Any:
+        """Fresh statistics for one window."""
+        raise NotImplementedError
+
+    def observe(self, path: str, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        """Read one forward call into ``self.window``; called only inside ``observe()``."""
+        raise NotImplementedError
+
+    def compute(self, group=None) -> dict[str, float]:
+        """Metrics of the current window, all-reduced over ``group`` first when distributed.
+
+        Must not change the window (a user may call it mid-window).
+        """
+        raise NotImplementedError
+
+    def end_window(self) -> None:
+        """Called after a log: start the next window."""
+        self.window = self.new_window()
+
+    def default_rules(self) -> list[Rule]:
+        return []
+
+    def state_dict(self, group=None, sync: bool = True) -> dict:
+        """Window statistics (all-reduced over ``group`` when ``sync`` and distributed)."""
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict, keep_window: bool = True) -> None:
+        raise NotImplementedError
+
+
+def first_tensor(args: tuple, kwargs: dict) -> Any:
+    """The module's first positional argument, or its first keyword argument."""
+    if args:
+        return args[0]
+    return next(iter(kwargs.values()), None)

@@ -1,0 +1,180 @@
+"""Threshold rules over logged metrics, producing :class:`Alert` events.
+
+A rule watches one metric key (or an ``fnmatch`` glob over keys, each key tracked separately) at
+every log. Modes:
+
+- ``"below"`` / ``"above"``: ``value < threshold`` / ``value > threshold``;
+- ``"drop"``: the value fell by more than ``threshold`` (a fraction, e.g. 0.9 = 90%) from its
+  running maximum since warm-up;
+- ``"rise"``: the value rose by more than ``threshold`` (a fraction) over its running minimum.
+
+The condition must hold on ``patience`` consecutive logs; after an alert the rule is silent for
+``cooldown`` steps. ``warmup_steps`` ignores early logs entirely (running extrema included).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import re
+from dataclasses import dataclass, field
+
+_MODES = ("below", "above", "drop", "rise")
+
+
+@dataclass(frozen=True)
+class Alert:
+    """One rule firing: at ``step``, metric ``metric`` had ``value``."""
+
+    step: int
+    rule: str
+    metric: str
+    value: float
+    threshold: float
+    mode: str
+    message: str
+    action: str | None = None
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclass
+class Rule:
+    """A threshold on a metric key.
+
+    Args:
+        metric: full key (``"collapse/head/nc1"``) or glob (``"collapse/*/dead_fraction"``).
+        threshold: the bound; for ``drop``/``rise`` a fraction of the running extremum.
+        mode: ``"below"``, ``"above"``, ``"drop"`` or ``"rise"``.
+        warmup_steps: logs at steps ``<= warmup_steps`` are ignored.
+        patience: consecutive logs the condition must hold before an alert.
+        cooldown: steps after an alert during which the rule stays silent.
+        action: ``None`` or ``"stop"`` (ask the training loop to stop: ``monitor.should_stop``).
+        name: alert name, used in ``collapse/alerts/<name>``; derived from metric and mode.
+        message: extra text appended to the alert message (what to do).
+    """
+
+    metric: str
+    threshold: float
+    mode: str = "below"
+    warmup_steps: int = 0
+    patience: int = 1
+    cooldown: int = 0
+    action: str | None = None
+    name: str | None = None
+    message: str = ""
+
+    def __post_init__(self) -> None:
+        if self.mode not in _MODES:
+            raise ValueError(f"Rule mode must be one of {_MODES}, got {self.mode!r}")
+        if self.action not in (None, "stop"):
+            raise ValueError(f"Rule action must be None or 'stop', got {self.action!r}")
+        if self.patience < 1 or self.warmup_steps < 0 or self.cooldown < 0:
+            raise ValueError(
+                f"Rule needs patience >= 1, warmup_steps >= 0, cooldown >= 0; got "
+                f"{self.patience}, {self.warmup_steps}, {self.cooldown}"
+            )
+        if self.mode in ("drop", "rise") and not self.threshold > 0:
+            raise ValueError(
+                f"a '{self.mode}' rule needs a positive fraction, got {self.threshold}"
+            )
+        if self.name is None:
+            base = (
+                self.metric[len("collapse/") :]
+                if self.metric.startswith("collapse/")
+                else self.metric
+            )
+            self.name = re.sub(r"[^A-Za-z0-9_./-]+", "any", base) + f"_{self.mode}"
+
+    def matches(self, key: str) -> bool:
+        return key == self.metric or fnmatch.fnmatchcase(key, self.metric)
+
+
+@dataclass
+class _KeyState:
+    consecutive: int = 0
+    last_alert: int | None = None
+    extreme: float | None = None
+
+
+@dataclass
+class RuleEngine:
+    """Evaluates rules at each log; its state travels in ``state_dict``."""
+
+    rules: list[Rule] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        names = [r.name for r in self.rules]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"rule names must be unique, repeated: {dupes}; pass name=...")
+        self._state: dict[str, dict[str, _KeyState]] = {r.name: {} for r in self.rules}
+        self.counts: dict[str, int] = {r.name: 0 for r in self.rules}
+
+    def check(self, metrics: dict[str, float], step: int) -> list[Alert]:
+        alerts = []
+        for rule in self.rules:
+            if step <= rule.warmup_steps:
+                continue
+            for key in sorted(k for k in metrics if rule.matches(k)):
+                value = float(metrics[key])
+                if math.isnan(value):
+                    continue
+                st = self._state[rule.name].setdefault(key, _KeyState())
+                if self._holds(rule, st, value):
+                    st.consecutive += 1
+                else:
+                    st.consecutive = 0
+                cooling = st.last_alert is not None and step - st.last_alert <= rule.cooldown
+                if st.consecutive >= rule.patience and not cooling:
+                    st.consecutive = 0
+                    st.last_alert = step
+                    self.counts[rule.name] += 1
+                    alerts.append(self._alert(rule, key, value, step, st))
+        return alerts
+
+    @staticmethod
+    def _holds(rule: Rule, st: _KeyState, value: float) -> bool:
+        if rule.mode == "below":
+            return value < rule.threshold
+        if rule.mode == "above":
+            return value > rule.threshold
+        if st.extreme is None:
+            st.extreme = value
+            return False
+        if rule.mode == "drop":
+            st.extreme = max(st.extreme, value)
+            return value < (1 - rule.threshold) * st.extreme
+        st.extreme = min(st.extreme, value)
+        return value > (1 + rule.threshold) * st.extreme
+
+    @staticmethod
+    def _alert(rule: Rule, key: str, value: float, step: int, st: _KeyState) -> Alert:
+        if rule.mode in ("below", "above"):
+            what = f"{value:.6g} is {rule.mode} {rule.threshold:.6g}"
+        else:
+            word = "fell" if rule.mode == "drop" else "rose"
+            ref = "running max" if rule.mode == "drop" else "running min"
+            what = f"{value:.6g} {word} by more than {rule.threshold:.0%} from its {ref} {st.extreme:.6g}"
+        msg = f"[{rule.name}] step {step}: {key} = {what}"
+        if rule.patience > 1:
+            msg += f" for {rule.patience} consecutive logs"
+        if rule.message:
+            msg += f". {rule.message}"
+        return Alert(step, rule.name, key, value, rule.threshold, rule.mode, msg, rule.action)
+
+    def state_dict(self) -> dict:
+        return {
+            "counts": dict(self.counts),
+            "keys": {
+                name: {k: (s.consecutive, s.last_alert, s.extreme) for k, s in keys.items()}
+                for name, keys in self._state.items()
+            },
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for name in self.counts:
+            self.counts[name] = int(state["counts"].get(name, 0))
+            keys = state["keys"].get(name, {})
+            self._state[name] = {k: _KeyState(*v) for k, v in keys.items()}

@@ -1,0 +1,24 @@
+"""Where logged metrics and alerts go. A sink knows nothing of probes."""
+
+from __future__ import annotations
+
+from .rules import Alert
+
+
+class Sink:
+    """Receives metrics and alerts at logging cadence. Subclass and override what you need."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """``metrics``: ``{"collapse/<probe>/<metric>": value}`` at training step ``step``."""
+
+    def log_alert(self, alert: Alert) -> None:
+        """One rule firing (also sent to Python ``logging`` by the monitor)."""
+
+    def log_event(self, name: str, info: dict, step: int) -> None:
+        """A mitigation that was applied (e.g. ``reset_dead_codes``) with its details."""
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

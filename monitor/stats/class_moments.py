@@ -1,0 +1,211 @@
+"""Per-class feature moments for neural-collapse metrics (METRICS.md 0.2, 1.1, 1.5).
+
+Power sums are accumulated around a per-class shift ``K_c`` so that the readout
+``Sigma_W = (S - sum_c s_c s_c' / n_c) / N`` does not cancel catastrophically when the within-class
+variance is tiny compared with the class means (the collapsed regime this monitor exists to see).
+``K_c`` is the class's mean in the first batch it appears in, and the previous window's mean
+afterwards, so the cancellation factor is ``||mu_c - K_c||^2 / lambda`` ~ O(1) instead of
+``||mu_c||^2 / lambda``. The readout formulas are exact for any shift; the shift only buys digits.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _dist
+from .base import Statistic
+
+_F64 = torch.float64
+
+
+class ClassMoments(Statistic):
+    """Streaming per-class counts, shifted sums and a pooled shifted second moment.
+
+    States, for ``C`` classes and ``D`` feature dimensions (``D`` is fixed by the first update
+    when not given):
+
+    - ``count``: ``(C,) int64``, samples per class in the window.
+    - ``shift``: ``(C, D) float64``, ``K_c``; zero until the class is first seen.
+    - ``shift_set``: ``(C,) bool``.
+    - ``sum``: ``(C, D) float64``, ``s_c = sum_{i in c} (h_i - K_c)``.
+    - ``sq_norm``: ``(C,) float64``, ``q_c = sum_{i in c} ||h_i - K_c||^2`` (CDNV variances).
+    - ``second_moment``: ``(D, D) float64``, ``S = sum_i (h_i - K_{y_i})(h_i - K_{y_i})'``.
+
+    Memory is ``16*C*D + 8*D*D`` bytes plus O(C), independent of samples and steps.
+    ``update`` is vectorised (``index_add_`` and one GEMM), never loops over classes and never
+    synchronises with the host.
+    """
+
+    def __init__(self, num_classes: int, dim: int | None = None) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.num_classes = int(num_classes)
+        self.dim = dim
+        C = self.num_classes
+
+        def cd(d):
+            return torch.zeros(C, self.dim or 0, dtype=_F64, device=d)
+
+        self.add_state("count", lambda d: torch.zeros(C, dtype=torch.int64, device=d))
+        self.add_state("shift", cd)
+        self.add_state("shift_set", lambda d: torch.zeros(C, dtype=torch.bool, device=d))
+        self.add_state("sum", cd)
+        self.add_state("sq_norm", lambda d: torch.zeros(C, dtype=_F64, device=d))
+        self.add_state(
+            "second_moment",
+            lambda d: torch.zeros(self.dim or 0, self.dim or 0, dtype=_F64, device=d),
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+    def _materialize(self, dim: int, device: torch.device) -> None:
+        self.dim = int(dim)
+        self.device = torch.device(device)
+        Statistic.reset(self)
+
+    def reset(self) -> None:
+        """Clear the window but keep the shifts (they are the next window's reference)."""
+        for name in ("count", "sum", "sq_norm", "second_moment"):
+            setattr(self, name, self._defaults[name](self.device))
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        dim = state["sum"].shape[1]
+        if self.dim is None or self.dim == 0:
+            self._materialize(dim, self.device)
+        super().load_state_dict(state)
+
+    # ------------------------------------------------------------------ update
+    @torch.no_grad()
+    def update(
+        self, features: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor | None = None
+    ) -> None:
+        """Add a batch.
+
+        Args:
+            features: ``(N, D)`` floating, any dtype (accumulated in float64).
+            labels: ``(N,)`` integer in ``[0, C)`` wherever ``valid`` is true.
+            valid: ``(N,)`` bool; rows where it is false are ignored (their label and features
+                may hold anything, NaN included).
+        """
+        x = features.detach().to(_F64)
+        if self.dim is None or self.dim == 0 or self.count.device != x.device:
+            if self.dim is None or self.dim == 0:
+                self._materialize(x.shape[1], x.device)
+            else:
+                self.to(x.device)
+        if x.shape[1] != self.dim:
+            raise ValueError(f"feature dimension changed from {self.dim} to {x.shape[1]}")
+        if valid is None:
+            valid = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        y = torch.where(valid, labels, 0)
+        x = torch.where(valid[:, None], x, 0.0)
+
+        # Classes seen for the first time get their batch mean as shift. Every row writes a
+        # value that depends on its class only, so duplicate indices cannot race.
+        new = valid & ~self.shift_set[y]
+        newf = new.to(_F64)
+        n_new = torch.zeros(self.num_classes, dtype=_F64, device=x.device).index_add_(0, y, newf)
+        self.shift.index_add_(0, y, x * newf[:, None])
+        denom = torch.where(n_new > 0, n_new, 1.0)
+        self.shift.index_copy_(0, y, self.shift[y] / denom[y, None])
+        self.shift_set |= n_new > 0
+
+        z = torch.where(valid[:, None], x - self.shift[y], 0.0)
+        self.count.index_add_(0, y, valid.to(torch.int64))
+        self.sum.index_add_(0, y, z)
+        self.sq_norm.index_add_(0, y, (z * z).sum(1))
+        self.second_moment.addmm_(z.T, z)
+
+    # ------------------------------------------------------------------ exact re-centring
+    def rebase(self, new_shift: torch.Tensor) -> None:
+        """Re-express the sums around ``new_shift`` (C, D); exact algebra, O(C D^2)."""
+        n = self.count.to(_F64)
+        delta = self.shift - new_shift
+        self.second_moment += delta.T @ (self.sum + n[:, None] * delta) + self.sum.T @ delta
+        self.sq_norm += 2 * (delta * self.sum).sum(1) + n * (delta * delta).sum(1)
+        self.sum += n[:, None] * delta
+        self.shift = new_shift.clone()
+
+    def merge(self, other: ClassMoments) -> ClassMoments:
+        """Add another window's statistics (any shifts) into this one."""
+        if other.dim in (None, 0):
+            return self
+        if self.dim in (None, 0):
+            self._materialize(other.dim, other.device)
+        other = other.clone().to(self.device)
+        ref = torch.where(self.shift_set[:, None], self.shift, other.shift)
+        # self has no samples where its shift is unset, so adopting other's shift is exact
+        self.shift = ref
+        other.rebase(ref)
+        self.count += other.count
+        self.sum += other.sum
+        self.sq_norm += other.sq_norm
+        self.second_moment += other.second_moment
+        self.shift_set |= other.shift_set
+        return self
+
+    def all_reduce(self, group=None) -> ClassMoments:
+        """Sum the window over all ranks; afterwards every rank holds the same state.
+
+        The ranks first agree on the global class means (SUM of counts and raw sums), re-centre
+        their sums there (exact), then SUM-reduce ``sum``, ``sq_norm`` and ``second_moment``:
+        one collective per state, no samples exchanged.
+        """
+        if not _dist.is_distributed(group):
+            return self
+        dim = torch.tensor([self.dim or 0], device=self.device)
+        _dist.all_reduce_max_(dim, group)
+        if not self.dim:
+            self._materialize(int(dim.item()), self.device)
+        n_local = self.count.to(_F64)
+        raw_sum = self.sum + n_local[:, None] * self.shift
+        _dist.all_reduce_sum_(self.count, group)
+        _dist.all_reduce_sum_(raw_sum, group)
+        n = self.count.to(_F64)
+        seen = n > 0
+        ref = torch.where(seen[:, None], raw_sum / torch.where(seen, n, 1.0)[:, None], self.shift)
+        global_count, self.count = self.count, n_local.to(torch.int64)
+        self.rebase(ref)  # each rank re-centres its own samples
+        self.count = global_count
+        for name in ("sum", "sq_norm", "second_moment"):
+            _dist.all_reduce_sum_(getattr(self, name), group)
+        self.shift_set |= seen
+        return self
+
+    # ------------------------------------------------------------------ readout
+    def means(self) -> torch.Tensor:
+        """Class means ``(C, D)``; rows of unseen classes are zero."""
+        n = self.count.to(_F64)
+        seen = n > 0
+        return torch.where(
+            seen[:, None], self.shift + self.sum / torch.where(seen, n, 1.0)[:, None], 0.0
+        )
+
+    def within_class_scatter(self) -> torch.Tensor:
+        """``sum_c sum_{i in c} (h_i - mu_c)(h_i - mu_c)'`` as ``(D, D)`` float64."""
+        n = self.count.to(_F64)
+        seen = n > 0
+        scaled = self.sum / torch.where(seen, n, 1.0).sqrt()[:, None]
+        scatter = self.second_moment - scaled.T @ scaled
+        return (scatter + scatter.T) / 2
+
+    def class_variances(self) -> torch.Tensor:
+        """``Var_c = (1/n_c) sum_{i in c} ||h_i - mu_c||^2`` as ``(C,)``; 0 for unseen classes."""
+        n = self.count.to(_F64)
+        seen = n > 0
+        safe = torch.where(seen, n, 1.0)
+        var = self.sq_norm / safe - (self.sum * self.sum).sum(1) / (safe * safe)
+        return torch.where(seen, var.clamp_min(0.0), 0.0)
+
+    def end_window(self, reduced: ClassMoments | None = None) -> None:
+        """Start a new window: shifts become the window's class means, sums are cleared.
+
+        Args:
+            reduced: the all-reduced window (identical on every rank) whose means become the
+                shifts; defaults to this statistic (single process).
+        """
+        reduced = self if reduced is None else reduced
+        seen = reduced.count > 0
+        self.shift = torch.where(seen[:, None], reduced.means(), reduced.shift).to(self.device)
+        self.shift_set = reduced.shift_set.to(self.device) | seen.to(self.device)
+        self.reset()

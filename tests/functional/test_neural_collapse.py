@@ -1,0 +1,112 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from monitor import functional as F
+from tests.reference import assert_metrics_close, nc_reference
+
+
+def clustered(C, D, N, noise=0.5, offset=0.0, weights=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(C, D, generator=g, dtype=torch.float64) * 2
+    p = torch.ones(C) if weights is None else torch.as_tensor(weights, dtype=torch.float)
+    y = torch.multinomial(p, N, replacement=True, generator=g)
+    x = offset + means[y] + noise * torch.randn(N, D, generator=g, dtype=torch.float64)
+    return x, y
+
+
+def simplex_etf(C, D, scale=3.0):
+    """C unit-norm-times-scale vectors in R^D with pairwise cosine -1/(C-1)."""
+    q, _ = torch.linalg.qr(torch.randn(D, C, dtype=torch.float64))
+    eye = torch.eye(C, dtype=torch.float64)
+    return scale * math.sqrt(C / (C - 1)) * (q @ (eye - 1.0 / C)).T  # (C, D)
+
+
+@pytest.mark.parametrize("C,D", [(6, 10), (12, 5)])  # C < D and C > D
+def test_matches_independent_numpy_reference(C, D):
+    x, y = clustered(C, D, 500, weights=np.linspace(1, 5, C))  # imbalanced
+    W, b = torch.randn(C, D), torch.randn(C)
+    got = F.neural_collapse(x, y, C, W, b)
+    want = nc_reference(x.numpy(), y.numpy(), C, W.numpy(), b.numpy())
+    assert_metrics_close(got, want, rtol=1e-9)
+    assert got["nc1_rank"] == min(C - 1, D)
+
+
+def test_simplex_etf_known_answer():
+    C, D = 8, 12
+    M = simplex_etf(C, D)
+    y = torch.arange(C).repeat(20)
+    x = M[y]  # zero within-class variability
+    got = F.neural_collapse(x, y, C, weight=M, bias=torch.zeros(C))
+    assert got["nc1"] < 1e-9
+    assert got["nc1_quotient"] < 1e-9
+    assert got["equiangular"] < 1e-9
+    assert got["cos_std"] < 1e-9
+    assert got["equinorm_features"] < 1e-9
+    assert got["equinorm_weights"] < 1e-9
+    assert got["self_duality"] < 1e-9
+    assert got["ncc_mismatch"] == 0.0
+    assert got["cdnv"] < 1e-20
+
+
+def test_random_geometry_is_far_from_collapse():
+    x, y = clustered(5, 5, 400, noise=3.0)
+    got = F.neural_collapse(x, y, 5, torch.randn(5, 5))
+    assert got["nc1"] > 0.5 and got["self_duality"] > 0.1 and got["cdnv"] > 0.1
+
+
+def test_missing_and_rare_classes_are_dropped_and_counted():
+    C, D = 10, 4
+    x, y = clustered(C, D, 300)
+    y[y == 3] = 4  # class 3 missing
+    single = torch.nonzero(y == 7).flatten()
+    y[single[1:]] = 8  # class 7 keeps one sample: dropped with its sample
+    got = F.neural_collapse(x, y, C, min_class_count=2)
+    assert got["classes_used"] == C - 2
+    want = nc_reference(x.numpy(), y.numpy(), C)
+    assert_metrics_close(got, want, rtol=1e-9)
+
+
+def test_cdnv_tiles_give_the_untiled_value():
+    x, y = clustered(40, 6, 2000)
+    full = F.neural_collapse(x, y, 40, tile_size=4096)
+    for tile in (1, 7, 16):
+        tiled = F.neural_collapse(x, y, 40, tile_size=tile)
+        assert_metrics_close(tiled, full, rtol=1e-12, keys=["cdnv", "equiangular", "cos_std"])
+
+
+def test_coinciding_class_means_are_skipped_in_cdnv():
+    M = torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    y = torch.arange(4).repeat(10)
+    x = M[y].double() + 0.01 * torch.randn(40, 3, dtype=torch.float64)
+    x[y == 1] = x[y == 0]
+    got = F.neural_collapse(x, y, 4)
+    assert got["cdnv_pairs_skipped"] == 1
+    assert math.isfinite(got["cdnv"])
+
+
+def test_too_few_classes_reports_only_the_count():
+    x = torch.randn(10, 3)
+    y = torch.zeros(10, dtype=torch.long)
+    assert F.neural_collapse(x, y, 4) == {"classes_used": 1.0}
+
+
+def test_bad_input_raises_clear_errors():
+    x, y = torch.randn(10, 3), torch.randint(0, 3, (10,))
+    with pytest.raises(ValueError, match="must lie in"):
+        F.neural_collapse(x, y + 5, 3)
+    with pytest.raises(ValueError, match="do not match"):
+        F.neural_collapse(x, y[:5], 3)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        F.neural_collapse(torch.full((10, 3), float("nan")), y, 3)
+    with pytest.raises(ValueError, match=r"\(N, D\)"):
+        F.neural_collapse(torch.randn(10), y, 3)
+
+
+def test_sequence_features_are_flattened():
+    x, y = clustered(5, 4, 60)
+    flat = F.neural_collapse(x, y, 5)
+    seq = F.neural_collapse(x.reshape(6, 10, 4), y.reshape(6, 10), 5)
+    assert_metrics_close(seq, flat, rtol=1e-12)

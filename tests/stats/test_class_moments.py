@@ -1,0 +1,135 @@
+import pytest
+import torch
+
+from monitor import functional as F
+from monitor.stats import ClassMoments, Counter
+from tests.functional.test_neural_collapse import clustered
+from tests.reference import assert_metrics_close
+
+KEYS = ["nc1", "nc1_quotient", "equinorm_features", "equiangular", "cos_std", "cdnv"]
+
+
+def readout(st: ClassMoments, weight=None):
+    return F.metrics_from_class_statistics(
+        st.count, st.means(), st.within_class_scatter(), st.class_variances(), weight
+    )
+
+
+def random_split(n, parts, seed):
+    g = torch.Generator().manual_seed(seed)
+    cuts = torch.randperm(n - 1, generator=g)[: parts - 1].add(1).sort().values.tolist()
+    return [b - a for a, b in zip([0] + cuts, cuts + [n])]
+
+
+def stream(x, y, sizes, C, valid=None):
+    st = ClassMoments(C)
+    for idx in torch.split(torch.arange(len(y)), sizes):
+        st.update(x[idx], y[idx], None if valid is None else valid[idx])
+    return st
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("C,D", [(7, 16), (30, 6)])  # C < D and C > D
+def test_streaming_equals_functional_on_random_uneven_splits(seed, C, D):
+    x, y = clustered(C, D, 900, weights=torch.linspace(0.2, 3, C), seed=seed)
+    st = stream(x.float(), y, random_split(900, 11, seed), C)
+    ref = F.neural_collapse(x.float(), y, C)
+    assert_metrics_close(readout(st), ref, keys=KEYS)
+    assert int(st.count.sum()) == 900
+
+
+def test_classes_missing_from_batches_and_from_the_window():
+    C, D = 12, 8
+    x, y = clustered(C, D, 600)
+    y[y == 5] = 6  # never seen
+    order = torch.argsort(y, stable=True)  # sorted: each batch holds one or two classes
+    x, y = x[order], y[order]
+    st = stream(x, y, [50] * 12, C)
+    ref = F.neural_collapse(x, y, C)
+    assert ref["classes_used"] == C - 1
+    assert_metrics_close(readout(st), ref, keys=KEYS + ["classes_used"])
+
+
+def test_batch_order_does_not_change_the_result():
+    x, y = clustered(9, 5, 500)
+    a = readout(stream(x, y, [100] * 5, 9))
+    perm = torch.randperm(500)
+    b = readout(stream(x[perm], y[perm], [37, 263, 1, 199], 9))
+    assert_metrics_close(b, a, rtol=1e-9, keys=KEYS)
+
+
+def test_large_offset_small_noise_keeps_precision():
+    # offset 1e3, within-class noise 1e-3: naive float64 power sums lose ~3 digits here
+    C, D = 5, 16
+    x, y = clustered(C, D, 2000, noise=1e-3, offset=1e3)
+    ref = F.neural_collapse(x, y, C)
+    st = stream(x, y, random_split(2000, 9, 1), C)
+    assert_metrics_close(readout(st), ref, rtol=1e-6, keys=["nc1", "nc1_quotient", "cdnv"])
+
+    # the same readout from unshifted sums (what the shift guards against) is visibly wrong
+    counts = torch.bincount(y, minlength=C)
+    sums = torch.zeros(C, D, dtype=torch.float64).index_add_(0, y, x)
+    naive_scatter = x.T @ x - (sums / counts[:, None].sqrt()).T @ (sums / counts[:, None].sqrt())
+    naive = F.metrics_from_class_statistics(
+        counts, sums / counts[:, None], naive_scatter, st.class_variances()
+    )
+    assert abs(naive["nc1"] - ref["nc1"]) > 1e-6 * ref["nc1"]
+
+
+def test_invalid_rows_are_ignored_even_when_nan():
+    C, D = 4, 3
+    x, y = clustered(C, D, 200)
+    valid = torch.rand(200) > 0.3
+    xb, yb = x.clone(), y.clone()
+    xb[~valid] = float("nan")
+    yb[~valid] = -100
+    st = stream(xb, yb, [64, 64, 72], C, valid)
+    ref = F.neural_collapse(x[valid], y[valid], C)
+    assert_metrics_close(readout(st), ref, keys=KEYS)
+
+
+def test_merge_equals_one_stream():
+    C, D = 6, 5
+    x, y = clustered(C, D, 400)
+    whole = stream(x, y, [400], C)
+    a = stream(x[:150], y[:150], [150], C)
+    b = stream(x[150:], y[150:], [100, 150], C)
+    merged = a.merge(b)
+    assert_metrics_close(readout(merged), readout(whole), rtol=1e-9, keys=KEYS)
+    assert torch.equal(merged.count, whole.count)
+    empty = ClassMoments(C)
+    assert_metrics_close(readout(empty.merge(whole)), readout(whole), rtol=1e-12, keys=KEYS)
+
+
+def test_state_dict_roundtrip_and_reset_keeps_shift():
+    C, D = 5, 4
+    x, y = clustered(C, D, 300)
+    st = stream(x, y, [100, 200], C)
+    clone = ClassMoments(C)
+    clone.load_state_dict(st.state_dict())
+    for name in st.state_names:
+        assert torch.equal(getattr(clone, name), getattr(st, name))
+    st.end_window()
+    assert int(st.count.sum()) == 0 and float(st.second_moment.abs().sum()) == 0.0
+    assert torch.allclose(st.shift, clone.means())  # shifts = the window means
+    with pytest.raises(ValueError, match="shape"):
+        ClassMoments(C, dim=7).load_state_dict(st.state_dict())
+
+
+def test_memory_is_independent_of_samples():
+    C, D = 10, 8
+    st = ClassMoments(C)
+    x, y = clustered(C, D, 5000)
+    st.update(x[:10], y[:10])
+    before = st.nbytes()
+    for idx in torch.split(torch.arange(5000), 500):
+        st.update(x[idx], y[idx])
+    assert st.nbytes() == before == 16 * C * D + 8 * D * D + 8 * C + 8 * C + C
+
+
+def test_counter_adds_and_merges():
+    a, b = Counter(("x", "y")), Counter(("x", "y"))
+    a.add("x", 3)
+    b.add("y", torch.tensor(2))
+    a.merge(b)
+    assert a["x"].item() == 3 and a["y"].item() == 2

@@ -1,0 +1,123 @@
+"""Real torch.distributed (gloo, 2 processes): all-reduced windows equal one process on the union."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from monitor import CollapseMonitor, probes
+from monitor import functional as F
+from monitor.stats import ClassMoments
+from tests.functional.test_neural_collapse import clustered
+from tests.reference import assert_metrics_close
+
+C, D = 9, 6
+KEYS = [
+    "nc1",
+    "nc1_quotient",
+    "equinorm_features",
+    "equiangular",
+    "cos_std",
+    "cdnv",
+    "classes_used",
+]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def data():
+    x, y = clustered(C, D, 700, offset=50.0, noise=0.1, seed=5)
+    return x.float(), y
+
+
+def shard(rank, x, y):
+    # uneven shards; rank 1 never sees class 0 and class 3; one rank-0 batch is empty
+    on_one = (y != 0) & (y != 3) & (torch.arange(len(y)) % 3 != 0)
+    idx = torch.nonzero(on_one if rank == 1 else ~on_one).flatten()
+    return x[idx], y[idx]
+
+
+def worker(rank, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        x, y = data()
+        xs, ys = shard(rank, x, y)
+        torch.manual_seed(0)
+        head = nn.Linear(D, C)  # same weights on both ranks
+        mon = CollapseMonitor(nn.Sequential(head), [probes.NeuralCollapse("0", C, name="h")], 2)
+        sizes = [0, 17, len(ys) - 17] if rank == 0 else [len(ys) // 3, len(ys) - len(ys) // 3]
+        for idx in torch.split(torch.arange(len(ys)), sizes):
+            with mon.observe(targets=ys[idx]):
+                mon.model(xs[idx])
+        logged = mon.compute()
+        state = mon.state_dict()  # collective: the reduced window
+        mon.close()
+        resumed = CollapseMonitor(nn.Sequential(head), [probes.NeuralCollapse("0", C, name="h")], 2)
+        resumed.load_state_dict(state)  # every rank loads it; only rank 0 keeps the window
+        after_resume = resumed.compute()
+        st = ClassMoments(C)
+        st.update(xs, ys)
+        st.all_reduce()
+        torch.save(
+            {
+                "metrics": logged,
+                "state": state,
+                "resumed": after_resume,
+                "count": st.count,
+                "means": st.means(),
+                "scatter": st.within_class_scatter(),
+                "var": st.class_variances(),
+            },
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    mp.spawn(worker, args=(free_port(), str(out)), nprocs=2, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def test_all_reduced_statistics_equal_single_process_union(results):
+    x, y = data()
+    counts = torch.bincount(y, minlength=C)
+    means = torch.stack([x[y == c].double().mean(0) for c in range(C)])
+    for r in results:
+        assert torch.equal(r["count"], counts)
+        assert torch.allclose(r["means"], means, rtol=1e-12, atol=1e-12)
+        got = F.metrics_from_class_statistics(r["count"], r["means"], r["scatter"], r["var"])
+        assert_metrics_close(got, F.neural_collapse(x, y, C), keys=KEYS)
+
+
+def test_monitor_metrics_identical_on_both_ranks_and_equal_union(results):
+    x, y = data()
+    torch.manual_seed(0)
+    head = nn.Linear(D, C)
+    ref = F.neural_collapse(x, y, C, head.weight)
+    a, b = results[0]["metrics"], results[1]["metrics"]
+    assert a == b
+    got = {k.split("/")[-1]: v for k, v in a.items()}
+    assert_metrics_close(got, ref, keys=KEYS + ["self_duality", "equinorm_weights"])
+    assert got["samples"] == len(y)
+
+
+def test_state_dict_under_ddp_is_the_reduced_window_and_resumes_without_double_counting(results):
+    x, y = data()
+    state = results[0]["state"]["probes"]["h"]["moments"]
+    assert torch.equal(state["count"], torch.bincount(y, minlength=C))
+    for r in results:
+        assert r["resumed"]["collapse/h/samples"] == len(y)
+        for k, v in r["metrics"].items():
+            assert r["resumed"][k] == pytest.approx(v, rel=1e-9, abs=1e-12), k

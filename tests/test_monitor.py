@@ -1,0 +1,242 @@
+import gc
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+from monitor import CollapseMonitor, Rule, Sink, mitigations, probes
+from monitor import functional as F
+from tests.functional.test_neural_collapse import clustered
+from tests.reference import assert_metrics_close
+
+
+class Recorder(Sink):
+    """A real sink that keeps what it receives."""
+
+    def __init__(self):
+        self.metrics, self.alerts, self.events, self.closed = [], [], [], False
+
+    def log_metrics(self, metrics, step):
+        self.metrics.append((step, dict(metrics)))
+
+    def log_alert(self, alert):
+        self.alerts.append(alert)
+
+    def log_event(self, name, info, step):
+        self.events.append((step, name, info))
+
+    def close(self):
+        self.closed = True
+
+
+def mlp(D=8, C=4):
+    return nn.Sequential(nn.Linear(D, 32), nn.ReLU(), nn.Linear(32, C))
+
+
+def train(model, mon, steps, D=8, C=4, lr=0.05, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    out = []
+    for _ in range(steps):
+        x = torch.randn(32, D, generator=g)
+        y = torch.randint(0, C, (32,), generator=g)
+        with mon.observe(targets=y):
+            loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        m = mon.step(optimizer=opt)
+        if m is not None:
+            out.append((mon.global_step, m))
+    return out
+
+
+def test_cadence_windows_and_sinks():
+    model, sink = mlp(), Recorder()
+    mon = CollapseMonitor(model, [probes.NeuralCollapse("2", 4, name="head")], 5, sinks=[sink])
+    logged = train(model, mon, 12)
+    assert [s for s, _ in logged] == [5, 10] == [s for s, _ in sink.metrics]
+    assert all(m["collapse/head/samples"] == 5 * 32 for _, m in logged)  # window reset
+    mon.close()
+    assert sink.closed
+
+
+def test_hooks_do_nothing_outside_observe():
+    model = mlp()
+    mon = CollapseMonitor(model, [probes.NeuralCollapse("2", 4, name="head")], 5)
+    model(torch.randn(16, 8))  # no targets needed: the hook returns at once
+    assert mon.compute()["collapse/head/samples"] == 0
+
+
+def test_observe_every_n_steps_records_only_those_steps():
+    model = mlp()
+    mon = CollapseMonitor(
+        model, [probes.NeuralCollapse("2", 4, name="head")], 6, observe_every_n_steps=3
+    )
+    ((_, m),) = train(model, mon, 6)
+    assert m["collapse/head/samples"] == 2 * 32
+
+
+def test_close_removes_every_hook_and_observe_refuses():
+    model = mlp()
+    before = [(dict(m._forward_hooks), dict(m._forward_pre_hooks)) for m in model.modules()]
+    mon = CollapseMonitor(model, [probes.NeuralCollapse("2", 4, name="head")], 5)
+    assert model[2]._forward_hooks
+    mon.close()
+    after = [(dict(m._forward_hooks), dict(m._forward_pre_hooks)) for m in model.modules()]
+    assert after == before
+    with pytest.raises(RuntimeError, match="closed"):
+        with mon.observe(targets=torch.zeros(1)):
+            pass
+
+
+def test_monitor_keeps_no_autograd_graph():
+    model = mlp()
+    mon = CollapseMonitor(model, [probes.NeuralCollapse("2", 4, name="head")], 2)
+    train(model, mon, 2)  # one window ends: lagged centres exist
+    x = torch.randn(16, 8, requires_grad=True)
+    ref = weakref.ref(x)
+    with mon.observe(targets=torch.randint(0, 4, (16,))):
+        out = model(x)
+    out.sum().backward()
+    del x, out
+    gc.collect()
+    assert ref() is None, "the monitor kept the input (or its graph) alive"
+    p = mon.probes[0]
+    held = [getattr(p.window.moments, n) for n in p.window.moments.state_names] + list(p._lag)
+    assert all(t.grad_fn is None and not t.requires_grad for t in held)
+
+
+def test_memory_does_not_grow_over_2000_steps():
+    import resource
+
+    model = mlp()
+    mon = CollapseMonitor(model, [probes.NeuralCollapse("2", 4, name="head")], 50)
+    train(model, mon, 200)
+    gc.collect()
+    tensors = sum(issubclass(type(o), torch.Tensor) for o in gc.get_objects())
+    state = mon.probes[0].window.moments.nbytes()
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    train(model, mon, 1800)
+    gc.collect()
+    assert sum(issubclass(type(o), torch.Tensor) for o in gc.get_objects()) == tensors
+    assert mon.probes[0].window.moments.nbytes() == state
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 20_000  # KiB
+
+
+def test_rules_alerts_on_alert_and_stop():
+    model, sink = mlp(), Recorder()
+    seen = []
+    mon = CollapseMonitor(
+        model,
+        [probes.NeuralCollapse("2", 4, name="head")],
+        5,
+        sinks=[sink],
+        rules=[Rule("collapse/head/samples", 100, "above", action="stop", name="many")],
+        on_alert=seen.append,
+    )
+    logged = train(model, mon, 10)
+    assert [a.step for a in seen] == [5, 10] and sink.alerts == seen
+    assert mon.should_stop
+    assert [m["collapse/alerts/many"] for _, m in logged] == [1.0, 2.0]
+
+
+def test_mitigations_see_the_same_metrics_and_alerts():
+    class Count(mitigations.Mitigation):
+        def __init__(self):
+            self.calls = []
+
+        def after_log(self, monitor, metrics, alerts, optimizer):
+            self.calls.append(
+                (metrics["collapse/head/samples"], [a.rule for a in alerts], optimizer)
+            )
+            return [("noted", {"n": len(self.calls)})]
+
+    model, sink, mit = mlp(), Recorder(), Count()
+    mon = CollapseMonitor(
+        model,
+        [probes.NeuralCollapse("2", 4, name="head")],
+        5,
+        sinks=[sink],
+        mitigations=[mit],
+        rules=[Rule("collapse/head/samples", 0, "above", name="any")],
+    )
+    train(model, mon, 5)
+    ((n, rules, opt),) = mit.calls
+    assert n == 160 and rules == ["any"] and isinstance(opt, torch.optim.SGD)
+    assert sink.events == [(5, "noted", {"n": 1})]
+
+
+def test_snapshot_uses_fresh_windows_and_restores_training_window():
+    C, D = 4, 8
+    model = nn.Sequential(nn.Linear(D, C))
+    sink = Recorder()
+    mon = CollapseMonitor(model, [probes.NeuralCollapse("0", C, name="head")], 100, sinks=[sink])
+    x, y = clustered(C, D, 200)
+    x = x.float()
+    with mon.observe(targets=y[:100]):
+        model(x[:100])
+    with mon.snapshot("val") as val:
+        with mon.observe(targets=y[100:]):
+            model(x[100:])
+    ref = F.neural_collapse(x[100:], y[100:], C, model[0].weight)
+    got = {k.split("/")[-1]: v for k, v in val.items()}
+    assert_metrics_close(got, ref, keys=["nc1", "cdnv", "self_duality"])
+    assert all(k.startswith("val/collapse/head/") for k in val)
+    assert sink.metrics[-1][1] == val
+    assert mon.compute()["collapse/head/samples"] == 100  # training window untouched
+
+
+def test_state_dict_resume_continues_exactly():
+    torch.manual_seed(1)
+    model_a = mlp()
+    model_b = mlp()
+    model_b.load_state_dict(model_a.state_dict())
+    rules = [Rule("collapse/head/nc1", 0.05, "drop", patience=2)]
+    mon_a = CollapseMonitor(model_a, [probes.NeuralCollapse("2", 4, name="head")], 7, rules=rules)
+    full = train(model_a, mon_a, 30, seed=3)
+
+    mon_b = CollapseMonitor(model_b, [probes.NeuralCollapse("2", 4, name="head")], 7, rules=rules)
+    g = torch.Generator().manual_seed(3)
+    opt = torch.optim.SGD(model_b.parameters(), lr=0.05)
+    first = []
+    for _ in range(17):  # stop mid-window (window = 7 steps)
+        x, y = torch.randn(32, 8, generator=g), torch.randint(0, 4, (32,), generator=g)
+        with mon_b.observe(targets=y):
+            loss = nn.functional.cross_entropy(model_b(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        m = mon_b.step()
+        if m is not None:
+            first.append((mon_b.global_step, m))
+    state = mon_b.state_dict()
+    mon_b.close()
+    mon_c = CollapseMonitor(model_b, [probes.NeuralCollapse("2", 4, name="head")], 7, rules=rules)
+    mon_c.load_state_dict(state)
+    rest = []
+    for _ in range(13):
+        x, y = torch.randn(32, 8, generator=g), torch.randint(0, 4, (32,), generator=g)
+        with mon_c.observe(targets=y):
+            loss = nn.functional.cross_entropy(model_b(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        m = mon_c.step()
+        if m is not None:
+            rest.append((mon_c.global_step, m))
+    assert [s for s, _ in first + rest] == [s for s, _ in full]
+    for (_, a), (_, b) in zip(first + rest, full):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k] == pytest.approx(b[k], rel=1e-12, abs=1e-15), k
+
+
+def test_nested_observe_is_an_error():
+    model = mlp()
+    mon = CollapseMonitor(model, [probes.NeuralCollapse("2", 4)], 5)
+    with pytest.raises(RuntimeError, match="nested"):
+        with mon.observe(targets=None):
+            with mon.observe(targets=None):
+                pass

@@ -1,0 +1,83 @@
+import pytest
+
+from monitor.rules import Rule, RuleEngine
+
+
+def run(rule, values, start=1):
+    eng = RuleEngine([rule])
+    fired = []
+    for i, v in enumerate(values):
+        step = (start + i) * 10
+        fired += [
+            (a.step, a.value) for a in eng.check({"collapse/p/m": v, "collapse/q/m": 1.0}, step)
+        ]
+    return fired, eng
+
+
+def test_below_with_patience_and_cooldown():
+    fired, eng = run(
+        Rule("collapse/p/m", 0.5, "below", patience=2, cooldown=25),
+        [1, 0.4, 0.3, 0.2, 0.1, 0.1, 0.1],
+    )
+    # holds from step 20; patience 2 -> fires at 30; held again for 2 logs by 50 but cooling
+    # until 55 -> fires at the first log after the cooldown
+    assert fired == [(30, 0.3), (60, 0.1)]
+    assert eng.counts[eng.rules[0].name] == 2
+
+
+def test_above_and_warmup():
+    fired, _ = run(Rule("collapse/p/m", 2.0, "above", warmup_steps=20), [3, 3, 3])
+    assert fired == [(30, 3)]
+
+
+def test_relative_drop_from_running_max():
+    fired, _ = run(Rule("collapse/p/m", 0.9, "drop"), [1.0, 5.0, 2.0, 0.6, 0.4])
+    assert fired == [(50, 0.4)]  # 0.4 < 0.1 * 5.0; 0.6 is not
+
+
+def test_relative_rise_from_running_min():
+    fired, _ = run(Rule("collapse/p/m", 1.0, "rise"), [4.0, 2.0, 3.9, 4.1])
+    assert fired == [(40, 4.1)]
+
+
+def test_glob_tracks_each_key_separately():
+    eng = RuleEngine([Rule("collapse/*/m", 0.5, "below")])
+    alerts = eng.check({"collapse/p/m": 0.1, "collapse/q/m": 0.2, "collapse/q/other": 0.0}, 5)
+    assert sorted(a.metric for a in alerts) == ["collapse/p/m", "collapse/q/m"]
+
+
+def test_nan_never_fires():
+    fired, _ = run(Rule("collapse/p/m", 0.5, "below"), [float("nan")] * 3)
+    assert fired == []
+
+
+def test_state_dict_resumes_patience_and_extremes():
+    rule = Rule("collapse/p/m", 0.5, "drop", patience=2)
+    values = [4.0, 1.0, 1.0, 1.0, 1.0]
+    whole, _ = run(rule, values)
+    first, eng = run(rule, values[:2])
+    eng2 = RuleEngine([rule])
+    eng2.load_state_dict(eng.state_dict())
+    rest = []
+    for i, v in enumerate(values[2:]):
+        rest += [(a.step, a.value) for a in eng2.check({"collapse/p/m": v}, (3 + i) * 10)]
+    assert first + rest == whole == [(30, 1.0), (50, 1.0)]
+
+
+def test_message_names_rule_metric_and_advice():
+    eng = RuleEngine([Rule("collapse/p/m", 0.5, "below", message="lower the learning rate")])
+    (alert,) = eng.check({"collapse/p/m": 0.25}, 7)
+    assert alert.rule == "p/m_below"
+    assert "step 7" in alert.message and "collapse/p/m = 0.25 is below 0.5" in alert.message
+    assert alert.message.endswith("lower the learning rate")
+
+
+def test_invalid_rules_are_rejected():
+    with pytest.raises(ValueError, match="mode"):
+        Rule("x", 1, "sideways")
+    with pytest.raises(ValueError, match="action"):
+        Rule("x", 1, action="explode")
+    with pytest.raises(ValueError, match="unique"):
+        RuleEngine([Rule("x", 1), Rule("x", 2)])
+    with pytest.raises(ValueError, match="positive fraction"):
+        Rule("x", 0, "drop")
