@@ -18,13 +18,13 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(PY) examples/neural_collapse.py --out runs/demo
+	$(PY) examples/neural_collapse.py --out runs/demo --png runs/demo/neural_collapse.png
 
 test: setup
 	$(PY) -m pytest -q
 
 bench: setup
-	$(PY) benchmarks/run.py
+	$(PY) benchmarks/run.py --write
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

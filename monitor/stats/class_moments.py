@@ -100,21 +100,26 @@ class ClassMoments(Statistic):
         y = torch.where(valid, labels, 0)
         x = torch.where(valid[:, None], x, 0.0)
 
-        # Classes seen for the first time get their batch mean as shift. Every row writes a
-        # value that depends on its class only, so duplicate indices cannot race.
         new = valid & ~self.shift_set[y]
-        newf = new.to(_F64)
-        n_new = torch.zeros(self.num_classes, dtype=_F64, device=x.device).index_add_(0, y, newf)
-        self.shift.index_add_(0, y, x * newf[:, None])
-        denom = torch.where(n_new > 0, n_new, 1.0)
-        self.shift.index_copy_(0, y, self.shift[y] / denom[y, None])
-        self.shift_set |= n_new > 0
+        # on the CPU the check is free; elsewhere it would be a device sync, so always run it
+        if x.device.type != "cpu" or bool(new.any()):
+            self._set_new_shifts(x, y, new)
 
         z = torch.where(valid[:, None], x - self.shift[y], 0.0)
         self.count.index_add_(0, y, valid.to(torch.int64))
         self.sum.index_add_(0, y, z)
         self.sq_norm.index_add_(0, y, (z * z).sum(1))
         self.second_moment.addmm_(z.T, z)
+
+    def _set_new_shifts(self, x: torch.Tensor, y: torch.Tensor, new: torch.Tensor) -> None:
+        """Classes seen for the first time get their batch mean as shift. Every row writes a
+        value that depends on its class only, so duplicate indices cannot race."""
+        newf = new.to(_F64)
+        n_new = torch.zeros(self.num_classes, dtype=_F64, device=x.device).index_add_(0, y, newf)
+        self.shift.index_add_(0, y, x * newf[:, None])
+        denom = torch.where(n_new > 0, n_new, 1.0)
+        self.shift.index_copy_(0, y, self.shift[y] / denom[y, None])
+        self.shift_set |= n_new > 0
 
     # ------------------------------------------------------------------ exact re-centring
     def rebase(self, new_shift: torch.Tensor) -> None:

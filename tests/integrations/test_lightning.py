@@ -1,0 +1,171 @@
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from integrations.lightning import CollapseCallback, default_targets
+from monitor import Rule, probes
+from monitor import functional as F
+from tests.functional.test_neural_collapse import clustered
+from tests.integrations.test_tensorboard import read_events
+from tests.reference import assert_metrics_close
+
+C, D = 4, 8
+
+
+class Classifier(L.LightningModule):
+    def __init__(self, lr=0.1):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Linear(D, 32), nn.Tanh())
+        self.head = nn.Linear(32, C)
+        self.lr = lr
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        self(batch[0])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def dataset(n=64, seed=0):
+    x, y = clustered(C, D, n, noise=1.0, seed=seed)
+    return TensorDataset(x.float(), y)
+
+
+class InterleavedData(L.LightningDataModule):
+    """Rank r takes samples r, r + W, ... in order, so the global batch of a W-rank run equals
+    a one-process batch W times larger (Lightning's own sampler would shuffle)."""
+
+    def __init__(self, batch_size):
+        super().__init__()
+        self.batch_size = batch_size
+
+    def train_dataloader(self):
+        ds, world = dataset(64), self.trainer.world_size
+        sampler = DistributedSampler(ds, world, self.trainer.global_rank, shuffle=False)
+        return DataLoader(ds, batch_size=self.batch_size, sampler=sampler)
+
+
+def trainer(tmp_path, name, max_epochs, **kw):
+    kw.setdefault("logger", TensorBoardLogger(tmp_path, name=name, version=0))
+    return L.Trainer(
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        devices=kw.pop("devices", 1),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=kw.pop("enable_checkpointing", False),
+        num_sanity_val_steps=0,
+        **kw,
+    )
+
+
+def scalars(log_dir, tag):
+    acc = read_events(log_dir)
+    if tag not in acc.Tags()["scalars"]:
+        return {}
+    return {e.step: e.value for e in acc.Scalars(tag)}
+
+
+def callback(**kw):
+    return CollapseCallback(probes=[probes.NeuralCollapse("head", C)], **kw)
+
+
+def test_fit_logs_through_tensorboard_and_csv_loggers(tmp_path):
+    model = Classifier(lr=0.0)  # frozen: each window's features are known exactly
+    train, val = dataset(64), dataset(32, seed=1)
+    tb = TensorBoardLogger(tmp_path, name="tb", version=0)
+    csv = CSVLogger(tmp_path, name="csv", version=0)
+    t = trainer(tmp_path, "tb", 2, logger=[tb, csv], callbacks=[callback(log_every_n_steps=4)])
+    t.fit(model, DataLoader(train, batch_size=16), DataLoader(val, batch_size=16))
+
+    feats = model.body(train.tensors[0]).detach()
+    ref = F.neural_collapse(feats, train.tensors[1], C, model.head.weight)
+    nc1 = scalars(tb.log_dir, "collapse/head/nc1")
+    assert sorted(nc1) == [4, 8]
+    for value in nc1.values():
+        assert value == pytest.approx(ref["nc1"], rel=1e-6)
+    val_feats = model.body(val.tensors[0]).detach()
+    val_ref = F.neural_collapse(val_feats, val.tensors[1], C, model.head.weight)
+    val_nc1 = scalars(tb.log_dir, "val/collapse/head/nc1")
+    assert len(val_nc1) == 2
+    assert_metrics_close({"nc1": next(iter(val_nc1.values()))}, val_ref, rtol=1e-6, keys=["nc1"])
+    rows = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text()
+    assert "collapse/head/nc1" in rows.splitlines()[0]
+
+
+def test_checkpoint_resume_logs_exactly_the_uninterrupted_metrics(tmp_path):
+    rules = [Rule("collapse/head/nc1", 0.01, "drop", name="nc1_drop")]
+    loader = DataLoader(
+        dataset(64), batch_size=16
+    )  # 4 steps per epoch; windows of 3 straddle epochs
+    whole = trainer(tmp_path, "whole", 3, callbacks=[callback(log_every_n_steps=3, rules=rules)])
+    whole.fit(Classifier(), loader)
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    first = trainer(
+        tmp_path,
+        "first",
+        1,
+        enable_checkpointing=True,
+        callbacks=[callback(log_every_n_steps=3, rules=rules), ckpt],
+    )
+    first.fit(Classifier(), loader)
+    second = trainer(tmp_path, "second", 3, callbacks=[callback(log_every_n_steps=3, rules=rules)])
+    second.fit(Classifier(), loader, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+
+    tags = [
+        "collapse/head/nc1",
+        "collapse/head/cdnv",
+        "collapse/head/ncc_mismatch_lagged",
+        "collapse/head/samples",
+        "collapse/alerts/nc1_drop",
+    ]
+    for tag in tags:
+        a = scalars(tmp_path / "whole" / "version_0", tag)
+        b = scalars(tmp_path / "first" / "version_0", tag)
+        b.update(scalars(tmp_path / "second" / "version_0", tag))
+        assert sorted(b) == sorted(a) and 6 in a, tag
+        for step in a:
+            assert b[step] == pytest.approx(a[step], rel=1e-6), (tag, step)
+
+
+def test_ddp_spawn_two_processes_log_the_single_process_metrics(tmp_path):
+    rule = [Rule("collapse/head/samples", 0, "above", warmup_steps=8, action="stop", name="stop")]
+    runs = {}
+    for name, devices, batch in (("single", 1, 16), ("ddp", 2, 8)):
+        kw = {"strategy": "ddp_spawn"} if devices > 1 else {}
+        t = trainer(
+            tmp_path,
+            name,
+            5,
+            devices=devices,
+            use_distributed_sampler=False,
+            callbacks=[callback(log_every_n_steps=4, rules=rule)],
+            **kw,
+        )
+        t.fit(Classifier(), datamodule=InterleavedData(batch))
+        runs[name] = scalars(tmp_path / name / "version_0", "collapse/head/nc1")
+    # the "stop" rule fires at the third log (step 12) and stops both runs there
+    assert sorted(runs["ddp"]) == sorted(runs["single"]) == [4, 8, 12]
+    for step, value in runs["single"].items():
+        assert runs["ddp"][step] == pytest.approx(value, rel=1e-4)
+
+
+def test_default_targets_and_errors():
+    assert default_targets((1, 2)) == 2
+    assert default_targets({"labels": 3}) == 3
+    assert default_targets({"targets": 4}) == 4
+    with pytest.raises(ValueError, match="targets="):
+        default_targets({"x": 1})

@@ -1,0 +1,46 @@
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_neural_collapse_example_reaches_the_terminal_phase(tmp_path):
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import neural_collapse
+    finally:
+        sys.path.pop(0)
+    result = neural_collapse.main(["--out", str(tmp_path)])
+    first, last = result["first"], result["last"]
+    assert first["collapse/head/nc1"] / last["collapse/head/nc1"] >= 10
+    assert last["collapse/head/ncc_mismatch_lagged"] < 0.01
+    assert result["test_accuracy"] > 0.95
+    assert (tmp_path / "neural_collapse.png").stat().st_size > 10_000
+
+
+def readme_snippets():
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    return [b for b in blocks if "CollapseMonitor(" in b or "CollapseCallback(" in b]
+
+
+@pytest.mark.parametrize("index", range(2))
+def test_readme_quick_starts_run(index, tmp_path):
+    snippets = readme_snippets()
+    assert len(snippets) == 2, "README should hold the plain PyTorch and the Lightning quick start"
+    code = snippets[index]
+    assert sum(bool(line.strip()) for line in code.splitlines()) <= 20
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert list(tmp_path.rglob("events.out.tfevents.*")), "no TensorBoard event file written"
