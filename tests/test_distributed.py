@@ -2,6 +2,7 @@
 
 import os
 import socket
+from datetime import timedelta
 
 import pytest
 import torch
@@ -47,7 +48,8 @@ def shard(rank, x, y):
 
 def worker(rank, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    # a mismatched collective fails after the timeout instead of hanging the suite
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))
     try:
         x, y = data()
         xs, ys = shard(rank, x, y)
@@ -67,8 +69,14 @@ def worker(rank, port, out_dir):
         st = ClassMoments(C)
         st.update(xs, ys)
         st.all_reduce()
+        # a rank that saw nothing (its feature dimension still unknown) joins a clone's reduce
+        lonely = ClassMoments(C)
+        if rank == 0:
+            lonely.update(xs, ys)
+        lonely_reduced = lonely.clone().all_reduce()
         torch.save(
             {
+                "lonely": (lonely_reduced.count, lonely_reduced.within_class_scatter()),
                 "metrics": logged,
                 "state": state,
                 "resumed": after_resume,
@@ -99,6 +107,17 @@ def test_all_reduced_statistics_equal_single_process_union(results):
         assert torch.allclose(r["means"], means, rtol=1e-12, atol=1e-12)
         got = F.metrics_from_class_statistics(r["count"], r["means"], r["scatter"], r["var"])
         assert_metrics_close(got, F.neural_collapse(x, y, C), keys=KEYS)
+
+
+def test_a_rank_without_samples_joins_the_reduction(results):
+    x, y = data()
+    xs, ys = shard(0, x, y)
+    ref = ClassMoments(C)
+    ref.update(xs, ys)
+    for r in results:
+        count, scatter = r["lonely"]
+        assert torch.equal(count, ref.count)
+        assert torch.allclose(scatter, ref.within_class_scatter(), rtol=1e-10, atol=1e-10)
 
 
 def test_monitor_metrics_identical_on_both_ranks_and_equal_union(results):

@@ -44,18 +44,15 @@ class ClassMoments(Statistic):
         self.dim = dim
         C = self.num_classes
 
-        def cd(d):
-            return torch.zeros(C, self.dim or 0, dtype=_F64, device=d)
+        def cd(st):
+            return (C, st.dim or 0)
 
-        self.add_state("count", lambda d: torch.zeros(C, dtype=torch.int64, device=d))
-        self.add_state("shift", cd)
-        self.add_state("shift_set", lambda d: torch.zeros(C, dtype=torch.bool, device=d))
-        self.add_state("sum", cd)
-        self.add_state("sq_norm", lambda d: torch.zeros(C, dtype=_F64, device=d))
-        self.add_state(
-            "second_moment",
-            lambda d: torch.zeros(self.dim or 0, self.dim or 0, dtype=_F64, device=d),
-        )
+        self.add_state("count", (C,), torch.int64)
+        self.add_state("shift", cd, _F64)
+        self.add_state("shift_set", (C,), torch.bool)
+        self.add_state("sum", cd, _F64)
+        self.add_state("sq_norm", (C,), _F64)
+        self.add_state("second_moment", lambda st: (st.dim or 0, st.dim or 0), _F64)
 
     # ------------------------------------------------------------------ lifecycle
     def _materialize(self, dim: int, device: torch.device) -> None:
@@ -66,12 +63,11 @@ class ClassMoments(Statistic):
     def reset(self) -> None:
         """Clear the window but keep the shifts (they are the next window's reference)."""
         for name in ("count", "sum", "sq_norm", "second_moment"):
-            setattr(self, name, self._defaults[name](self.device))
+            setattr(self, name, self._zeros(name))
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        dim = state["sum"].shape[1]
-        if self.dim is None or self.dim == 0:
-            self._materialize(dim, self.device)
+        if not self.dim:
+            self._materialize(state["sum"].shape[1], self.device)
         super().load_state_dict(state)
 
     # ------------------------------------------------------------------ update
@@ -88,11 +84,10 @@ class ClassMoments(Statistic):
                 may hold anything, NaN included).
         """
         x = features.detach().to(_F64)
-        if self.dim is None or self.dim == 0 or self.count.device != x.device:
-            if self.dim is None or self.dim == 0:
-                self._materialize(x.shape[1], x.device)
-            else:
-                self.to(x.device)
+        if not self.dim:
+            self._materialize(x.shape[1], x.device)
+        elif self.count.device != x.device:
+            self.to(x.device)
         if x.shape[1] != self.dim:
             raise ValueError(f"feature dimension changed from {self.dim} to {x.shape[1]}")
         if valid is None:
@@ -133,9 +128,9 @@ class ClassMoments(Statistic):
 
     def merge(self, other: ClassMoments) -> ClassMoments:
         """Add another window's statistics (any shifts) into this one."""
-        if other.dim in (None, 0):
+        if not other.dim:
             return self
-        if self.dim in (None, 0):
+        if not self.dim:
             self._materialize(other.dim, other.device)
         other = other.clone().to(self.device)
         ref = torch.where(self.shift_set[:, None], self.shift, other.shift)
