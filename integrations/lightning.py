@@ -39,6 +39,10 @@ class LightningLoggerSink(Sink):
         for tb in self._tb_sinks():
             tb._write_layout(metrics)
 
+    def log_histogram(self, tag: str, values, step: int) -> None:
+        for tb in self._tb_sinks():
+            tb.log_histogram(tag, values, self.trainer.global_step)
+
     def log_alert(self, alert: Alert) -> None:
         for tb in self._tb_sinks():
             tb.log_alert(alert)

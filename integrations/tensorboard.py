@@ -60,6 +60,9 @@ class TensorBoardSink(Sink):
             self.writer.add_custom_scalars(merged)
             self._layout_written = merged
 
+    def log_histogram(self, tag: str, values, step: int) -> None:
+        self.writer.add_histogram(tag, values.detach().double().cpu().numpy(), step)
+
     def log_alert(self, alert: Alert) -> None:
         self.writer.add_text("collapse/alerts", alert.message, alert.step)
 

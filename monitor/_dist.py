@@ -28,10 +28,8 @@ def all_reduce_max_(tensor: torch.Tensor, group=None) -> torch.Tensor:
     return tensor
 
 
-def broadcast_object(obj, src: int = 0, group=None):
-    """Rank ``src``'s Python object on every rank (used for rare decisions, never per step)."""
-    if not is_distributed(group):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src, group=group)
-    return box[0]
+def broadcast_(tensor: torch.Tensor, src: int = 0, group=None) -> torch.Tensor:
+    """In-place broadcast from ``src``; a no-op outside distributed runs."""
+    if is_distributed(group):
+        dist.broadcast(tensor, src=src, group=group)
+    return tensor

@@ -87,7 +87,9 @@ class CollapseMonitor:
         self.global_step = 0
         self.should_stop = False
         self.observing = False
+        self._observed_this_step = False
         self.context: dict = {}
+        self.mitigation_counts: dict[str, float] = {}
         self._snapshot_prefix: str | None = None
         self._saved_windows: list | None = None
         self._closed = False
@@ -115,6 +117,8 @@ class CollapseMonitor:
         if self.observing:
             raise RuntimeError("observe() blocks cannot be nested")
         self.observing = self.global_step % self.observe_every_n_steps == 0
+        # snapshots (validation) do not advance per-step state such as usage EMAs
+        self._observed_this_step |= self.observing and self._snapshot_prefix is None
         self.context = {"targets": targets, **context}
         try:
             yield self
@@ -129,10 +133,19 @@ class CollapseMonitor:
             the logged metrics (``{"collapse/<probe>/<metric>": float}``) at a logging step,
             else ``None``. Only logging steps synchronise with the device.
         """
+        if self._observed_this_step:
+            self._observed_this_step = False
+            for p in self.probes:
+                p.end_step()
         self.global_step += 1
         if self.global_step % self.log_every_n_steps:
             return None
         return self._log(optimizer)
+
+    @property
+    def logging_this_step(self) -> bool:
+        """True while the current step (the next :meth:`step` call) will log."""
+        return (self.global_step + 1) % self.log_every_n_steps == 0
 
     # ----------------------------------------------------------------- readout
     def compute(self) -> dict[str, float]:
@@ -143,23 +156,42 @@ class CollapseMonitor:
                 metrics[f"collapse/{p.name}/{key}"] = float(value)
         return metrics
 
+    def _histograms(self) -> dict[str, torch.Tensor]:
+        return {
+            f"collapse/{p.name}/{key}": values
+            for p in self.probes
+            for key, values in p.histograms().items()
+        }
+
     def _log(self, optimizer) -> dict[str, float]:
         metrics = self.compute()
-        for p in self.probes:
-            p.end_window()
+        histograms = self._histograms()
         step = self.global_step
         alerts = self.rules.check(metrics, step)
         for name, count in self.rules.counts.items():
             metrics[f"collapse/alerts/{name}"] = float(count)
-        for sink in self.sinks:
-            sink.log_metrics(metrics, step)
-        for alert in alerts:
-            self._dispatch_alert(alert)
+        # mitigations act on this window's (reduced, rank-identical) statistics, so they run
+        # before the probes move on to the next window
+        events = []
         for m in self.mitigations:
             for name, info in m.after_log(self, metrics, alerts, optimizer):
-                log.info("step %d: mitigation %s applied: %s", step, name, info)
-                for sink in self.sinks:
-                    sink.log_event(name, info, step)
+                events.append((name, info))
+                count = float(info.get("count", 1))
+                self.mitigation_counts[name] = self.mitigation_counts.get(name, 0.0) + count
+        for name, total in self.mitigation_counts.items():
+            metrics[f"collapse/mitigations/{name}"] = total
+        for p in self.probes:
+            p.end_window()
+        for sink in self.sinks:
+            sink.log_metrics(metrics, step)
+            for tag, values in histograms.items():
+                sink.log_histogram(tag, values, step)
+        for alert in alerts:
+            self._dispatch_alert(alert)
+        for name, info in events:
+            log.info("step %d: mitigation %s applied: %s", step, name, info)
+            for sink in self.sinks:
+                sink.log_event(name, info, step)
         for sink in self.sinks:
             sink.flush()
         return metrics
@@ -249,6 +281,7 @@ class CollapseMonitor:
             "should_stop": self.should_stop,
             "probes": probes,
             "rules": self.rules.state_dict(),
+            "mitigation_counts": dict(self.mitigation_counts),
             "mitigations": [m.state_dict() for m in self.mitigations],
         }
 
@@ -269,5 +302,6 @@ class CollapseMonitor:
         for p in self.probes:
             p.load_state_dict(state["probes"][p.name], keep_window=keep)
         self.rules.load_state_dict(state["rules"])
+        self.mitigation_counts = dict(state.get("mitigation_counts", {}))
         for m, s in zip(self.mitigations, state.get("mitigations", [])):
             m.load_state_dict(s)

@@ -11,6 +11,9 @@ class Sink:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """``metrics``: ``{"collapse/<probe>/<metric>": value}`` at training step ``step``."""
 
+    def log_histogram(self, tag: str, values, step: int) -> None:
+        """A 1-D tensor of values (e.g. hits per code) whose distribution is worth a plot."""
+
     def log_alert(self, alert: Alert) -> None:
         """One rule firing (also sent to Python ``logging`` by the monitor)."""
 

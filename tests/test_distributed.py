@@ -140,3 +140,44 @@ def test_state_dict_under_ddp_is_the_reduced_window_and_resumes_without_double_c
         assert r["resumed"]["collapse/h/samples"] == len(y)
         for k, v in r["metrics"].items():
             assert r["resumed"][k] == pytest.approx(v, rel=1e-9, abs=1e-12), k
+
+
+def reset_worker(rank, port, out_dir):
+    from monitor import mitigations
+    from tests.test_reset_dead_codes import VQ, Model, concentrated
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))
+    try:
+        torch.manual_seed(0)  # same initial codebook on both ranks
+        model = Model(VQ(16, 4))
+        probe = probes.CodebookUsage("vq", 16, ema_decay=0.5, warmup_steps=1)
+        mon = CollapseMonitor(model, [probe], 2, mitigations=[mitigations.ResetDeadCodes("vq")])
+        for step in range(2):  # each rank sees different, concentrated data
+            with mon.observe():
+                model(concentrated(32 + 16 * rank, 4, seed=10 * rank + step))
+            metrics = mon.step()
+        torch.save(
+            {
+                "codebook": model.vq.codebook.weight.detach(),
+                "metrics": metrics,
+                "dead": probe.dead_mask(),
+            },
+            os.path.join(out_dir, f"reset{rank}.pt"),
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_dead_code_reset_leaves_identical_replicas(tmp_path):
+    mp.spawn(reset_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"reset{r}.pt", weights_only=False) for r in range(2))
+    assert r0["metrics"]["collapse/mitigations/reset_dead_codes"] > 0
+    assert r0["metrics"] == r1["metrics"]
+    assert torch.equal(r0["codebook"], r1["codebook"])
+    from tests.test_reset_dead_codes import VQ
+
+    torch.manual_seed(0)
+    initial = VQ(16, 4).codebook.weight.detach()
+    replaced = (r0["codebook"] != initial).any(1).sum()
+    assert replaced == r0["metrics"]["collapse/mitigations/reset_dead_codes"]

@@ -91,6 +91,13 @@ class Probe:
         """
         raise NotImplementedError
 
+    def histograms(self) -> dict[str, torch.Tensor]:
+        """Value distributions for the sinks at a log, from the last :meth:`compute`."""
+        return {}
+
+    def end_step(self) -> None:
+        """Called by ``monitor.step()`` after a step in which this probe was observing."""
+
     def end_window(self) -> None:
         """Called after a log: start the next window."""
         self.window = self.new_window()

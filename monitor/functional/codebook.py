@@ -1,0 +1,57 @@
+"""Codebook usage (METRICS.md section 2): perplexity and utilisation from pooled counts."""
+
+from __future__ import annotations
+
+import torch
+
+_F64 = torch.float64
+
+
+def usage_from_counts(counts: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Perplexity and utilisation of each codebook from pooled hit counts.
+
+    Args:
+        counts: ``(H, K)`` hits per code for ``H`` codebooks (heads) of ``K`` codes.
+
+    Returns:
+        ``perplexity`` ``(H,)``: ``exp(H)`` with ``H = log T - (1/T) sum_j n_j log n_j``
+        (``0 log 0 = 0``; no epsilon), in ``[1, K]``; ``usage`` ``(H,)``: fraction of codes with at
+        least one hit; ``samples`` ``(H,)``: ``T``. A codebook with no hits has perplexity NaN.
+    """
+    n = counts.to(_F64)
+    total = n.sum(-1)
+    n_log_n = torch.where(n > 0, n * torch.log(torch.where(n > 0, n, 1.0)), 0.0).sum(-1)
+    entropy = torch.log(total) - n_log_n / total
+    return {
+        "perplexity": torch.exp(entropy),
+        "usage": (n > 0).to(_F64).mean(-1),
+        "samples": total,
+    }
+
+
+def codebook_usage(
+    indices: torch.Tensor, num_codes: int, heads: int = 1
+) -> dict[str, torch.Tensor]:
+    """Usage of a whole stream of code indices (the reference for the streamed probe).
+
+    Args:
+        indices: integer tensor in ``[0, num_codes)``; with ``heads > 1`` its last dimension is
+            the head (``(..., H)``), otherwise every entry counts for the one codebook.
+        num_codes: ``K``.
+
+    Returns:
+        :func:`usage_from_counts` of the pooled counts, plus ``counts`` ``(H, K)``.
+    """
+    if indices.is_floating_point() or indices.dtype == torch.bool:
+        raise ValueError(f"code indices must be integers, got {indices.dtype}")
+    idx = indices.reshape(-1, heads) if heads > 1 else indices.reshape(-1, 1)
+    if heads > 1 and indices.shape[-1] != heads:
+        raise ValueError(f"expected indices of shape (..., {heads}), got {tuple(indices.shape)}")
+    if idx.numel() and (idx.min() < 0 or idx.max() >= num_codes):
+        raise ValueError(
+            f"code indices must lie in [0, {num_codes}), got [{idx.min()}, {idx.max()}]"
+        )
+    counts = torch.stack(
+        [torch.bincount(idx[:, h], minlength=num_codes) for h in range(idx.shape[1])]
+    )
+    return {**usage_from_counts(counts), "counts": counts}

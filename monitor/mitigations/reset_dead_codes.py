@@ -1,0 +1,288 @@
+"""Dead-code replacement for vector quantisers (SoundStream; vector-quantize-pytorch), METRICS.md 2."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from .. import _dist
+from .._modules import resolve_modules
+from ..probes.base import first_tensor
+from ..probes.codebook import CodebookUsage
+from .base import Mitigation
+
+log = logging.getLogger("collapse_monitor")
+
+_CODEBOOK_NAMES = ("embed", "codebook", "embedding", "embeddings", "weight")
+
+
+class ResetDeadCodes(Mitigation):
+    """Replace dead codes with encoder outputs of the current batch, identically on every rank.
+
+    At a log where the :class:`~monitor.probes.CodebookUsage` probe of ``module`` reports dead
+    codes (its EMA usage below threshold, all-reduced, so the same on every rank), each dead code
+    is overwritten with a vector of the current batch's input to ``module`` (rank 0 draws, then
+    broadcasts), and:
+
+    - EMA codebooks: the cluster-size buffer of the replaced codes is set to
+      ``reset_cluster_size`` and the embedding-sum buffer to ``vector * reset_cluster_size``, so
+      the next EMA update keeps the new vector (buffers named ``cluster_size`` / ``embed_avg``
+      beside the codebook are found; ``ema_cluster_size=`` / ``ema_embed_sum=`` name others);
+    - learned codebooks: every optimizer state tensor shaped like the codebook (Adam
+      ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``, SGD ``momentum_buffer``, ...) has the
+      replaced rows zeroed; the step count is kept. Pass the optimizer to ``monitor.step``;
+      optimizers that keep state in another shape are left untouched (logged in the event);
+    - the probe's usage EMA of the replaced codes restarts at a uniform share.
+
+    Each reset is an event ``reset_dead_codes`` in every sink with the codebook and the number of
+    codes, and the running total is logged as ``collapse/mitigations/reset_dead_codes``.
+
+    Args:
+        module: path of the quantiser (the probed module).
+        probe: name of its ``CodebookUsage`` probe (default: the one on ``module``).
+        codebook: the codebook, relative to ``module``: an ``nn.Embedding`` submodule, or a
+            parameter/buffer name; default: the only ``nn.Embedding`` inside, else a parameter or
+            buffer named ``embed``/``codebook``/``embedding`` shaped ``(K, D)`` or ``(H, K, D)``.
+        strategy: ``"random"`` (default: batch vectors drawn uniformly, without replacement when
+            the batch is large enough) or ``"farthest"`` (the batch vectors farthest from every
+            code).
+        every_n_steps: only act at logs whose step is a multiple of this.
+        when_rule: only act at logs where this rule fired.
+        vectors: ``vectors(module, args, output) -> (N, D)`` (or ``(N, H, D)``) when the module's
+            input is not in codebook space (e.g. after a projection).
+        reset_cluster_size: EMA cluster size given to a replaced code; default the module's
+            ``threshold_ema_dead_code`` when positive, else 1.
+        seed: seed of rank 0's draws (combined with the step).
+    """
+
+    name = "reset_dead_codes"
+
+    def __init__(
+        self,
+        module: str,
+        probe: str | None = None,
+        codebook: str | None = None,
+        strategy: str = "random",
+        every_n_steps: int | None = None,
+        when_rule: str | None = None,
+        vectors=None,
+        ema_cluster_size: str | None = None,
+        ema_embed_sum: str | None = None,
+        reset_cluster_size: float | None = None,
+        seed: int = 0,
+    ) -> None:
+        if strategy not in ("random", "farthest"):
+            raise ValueError(f"strategy must be 'random' or 'farthest', got {strategy!r}")
+        if every_n_steps is not None and every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        self.module = module
+        self.probe_name = probe
+        self.codebook_name = codebook
+        self.strategy = strategy
+        self.every_n_steps = every_n_steps
+        self.when_rule = when_rule
+        self.vectors = vectors
+        self.ema_names = (ema_cluster_size, ema_embed_sum)
+        self.reset_cluster_size = reset_cluster_size
+        self.seed = seed
+        self._handle = None
+        self._batch: torch.Tensor | None = None
+
+    def __repr__(self) -> str:
+        return f"ResetDeadCodes(module={self.module!r})"
+
+    # ----------------------------------------------------------------- wiring
+    def attach(self, model: nn.Module, monitor) -> None:
+        found = resolve_modules(model, self.module, owner=repr(self))
+        if len(found) != 1:
+            raise ValueError(f"{self!r}: needs one module, matched {[n for n, _ in found]}")
+        self.path, mod = found[0]
+        self.monitor = monitor
+        self.probe = self._find_probe(monitor)
+        self.codebook_path, self.codebook = self._find_codebook(mod)
+        K, heads = self.probe.num_codes, self.probe.heads
+        shape = tuple(self.codebook.shape)
+        if not (len(shape) == 2 and shape[0] == K and heads == 1) and not (
+            len(shape) == 3 and shape[1] == K and shape[0] in (1, heads)
+        ):
+            raise ValueError(
+                f"{self!r}: codebook '{self.codebook_path}' has shape {shape}; expected "
+                f"({K}, D) or ({heads}, {K}, D) for num_codes={K}, heads={heads}"
+            )
+        self.dim = shape[-1]
+        self.cluster_size, self.embed_sum = self._find_ema_buffers(mod)
+        if self.reset_cluster_size is None:
+            threshold = getattr(mod, "threshold_ema_dead_code", 0) or 0
+            self.reset_cluster_size = float(threshold) if threshold > 0 else 1.0
+        if self.every_n_steps and self.every_n_steps % monitor.log_every_n_steps:
+            raise ValueError(
+                f"{self!r}: every_n_steps={self.every_n_steps} must be a multiple of "
+                f"log_every_n_steps={monitor.log_every_n_steps} (decisions are taken at logs)"
+            )
+        self._handle = mod.register_forward_hook(self._capture, with_kwargs=True)
+
+    def _find_probe(self, monitor) -> CodebookUsage:
+        usage = [p for p in monitor.probes if isinstance(p, CodebookUsage)]
+        if self.probe_name is not None:
+            hits = [p for p in usage if p.name == self.probe_name]
+        else:
+            hits = [p for p in usage if p.module == self.module]
+        if len(hits) != 1:
+            raise ValueError(
+                f"{self!r}: needs one CodebookUsage probe "
+                f"({'named ' + repr(self.probe_name) if self.probe_name else 'on ' + repr(self.module)}); "
+                f"the monitor has {[p.name for p in usage]}"
+            )
+        return hits[0]
+
+    def _find_codebook(self, mod: nn.Module) -> tuple[str, torch.Tensor]:
+        tensors = dict(mod.named_parameters())
+        tensors.update(mod.named_buffers())
+        if self.codebook_name is not None:
+            subs = dict(mod.named_modules())
+            if self.codebook_name in subs and isinstance(subs[self.codebook_name], nn.Embedding):
+                return self.codebook_name + ".weight", subs[self.codebook_name].weight
+            if self.codebook_name in tensors:
+                return self.codebook_name, tensors[self.codebook_name]
+            raise KeyError(
+                f"{self!r}: no nn.Embedding, parameter or buffer '{self.codebook_name}' in "
+                f"'{self.path}'; it has {sorted(tensors)}"
+            )
+        embeddings = [(n, m) for n, m in mod.named_modules() if isinstance(m, nn.Embedding)]
+        if len(embeddings) == 1:
+            name, emb = embeddings[0]
+            return (name + "." if name else "") + "weight", emb.weight
+        K = self.probe.num_codes
+        shaped = [n for n, t in tensors.items() if t.ndim in (2, 3) and t.shape[-2] == K]
+        for wanted in _CODEBOOK_NAMES:
+            named = [n for n in shaped if n.rsplit(".", 1)[-1] == wanted]
+            if len(named) == 1:
+                return named[0], tensors[named[0]]
+        raise ValueError(
+            f"{self!r}: cannot tell which tensor of '{self.path}' is the codebook "
+            f"(candidates shaped (..., {K}, D): {shaped}); pass codebook='<name>'"
+        )
+
+    def _find_ema_buffers(self, mod: nn.Module):
+        buffers = dict(mod.named_buffers())
+        prefix = self.codebook_path.rsplit(".", 1)[0] + "." if "." in self.codebook_path else ""
+        size_name = self.ema_names[0] or prefix + "cluster_size"
+        sum_name = self.ema_names[1] or prefix + "embed_avg"
+        size, total = buffers.get(size_name), buffers.get(sum_name)
+        if any(n is not None for n in self.ema_names) and (size is None or total is None):
+            raise KeyError(
+                f"{self!r}: EMA buffers {self.ema_names} not found; buffers: {sorted(buffers)}"
+            )
+        if size is None or total is None:
+            return None, None
+        return size, total
+
+    def detach(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        self._batch = None
+
+    def _capture(self, module, args, kwargs, output) -> None:
+        mon = self.monitor
+        if not (mon.observing and mon.logging_this_step):
+            return
+        with torch.no_grad():
+            vecs = (
+                self.vectors(module, args, output) if self.vectors else first_tensor(args, kwargs)
+            )
+            if not isinstance(vecs, torch.Tensor) or vecs.shape[-1] != self.dim:
+                raise ValueError(
+                    f"{self!r}: expected the input of '{self.path}' to be (..., {self.dim}) "
+                    f"vectors in codebook space, got "
+                    f"{tuple(vecs.shape) if isinstance(vecs, torch.Tensor) else type(vecs).__name__}; "
+                    "pass vectors=lambda module, args, output: (N, D) tensor"
+                )
+            heads = (
+                self.probe.heads if self.codebook.ndim == 3 and self.codebook.shape[0] > 1 else 1
+            )
+            self._batch = vecs.detach().reshape(-1, heads, self.dim)
+
+    # ----------------------------------------------------------------- action
+    def after_log(self, monitor, metrics, alerts, optimizer):
+        try:
+            return self._reset(monitor, alerts, optimizer)
+        finally:
+            self._batch = None
+
+    def _reset(self, monitor, alerts, optimizer):
+        step = monitor.global_step
+        if self.every_n_steps and step % self.every_n_steps:
+            return []
+        if self.when_rule is not None and not any(a.rule == self.when_rule for a in alerts):
+            return []
+        probe_dead = self.probe.dead_mask()  # (H, K), identical on every rank
+        cb = self.codebook.data.view(-1, self.codebook.shape[-2], self.dim)  # (H', K, D)
+        # a codebook shared by all heads: a code is dead when no head uses it
+        dead = probe_dead.all(0, keepdim=True) if cb.shape[0] == 1 else probe_dead
+        heads, codes = torch.nonzero(dead, as_tuple=True)
+        n = heads.numel()
+        if n == 0:
+            return []
+        drawn = torch.full((n, self.dim), float("nan"), dtype=cb.dtype, device=cb.device)
+        if _dist.rank(monitor.process_group) == 0 and self._batch is not None:
+            drawn.copy_(self._draw(cb, heads, codes))
+        _dist.broadcast_(drawn, 0, monitor.process_group)
+        if not bool(torch.isfinite(drawn).all()):
+            log.warning("%r: no batch vectors were captured at step %d; nothing reset", self, step)
+            return []
+        with torch.no_grad():
+            cb[heads, codes] = drawn
+            if self.cluster_size is not None:
+                size = self.cluster_size.view(-1, cb.shape[1])
+                total = self.embed_sum.view(-1, cb.shape[1], self.dim)
+                size[heads, codes] = self.reset_cluster_size
+                total[heads, codes] = drawn.to(total.dtype) * self.reset_cluster_size
+        zeroed = self._zero_optimizer_rows(optimizer, heads, codes)
+        self.probe.revive(dead.expand_as(probe_dead))
+        info = {
+            "codebook": f"{self.path}.{self.codebook_path}",
+            "count": n,
+            "per_head": torch.bincount(heads, minlength=cb.shape[0]).tolist(),
+            "strategy": self.strategy,
+            "optimizer_state": zeroed,
+        }
+        return [(self.name, info)]
+
+    def _draw(self, cb: torch.Tensor, heads: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Rank 0's replacement vectors ``(n, D)`` from its captured batch ``(N, H, D)``."""
+        batch = self._batch.to(device=cb.device, dtype=cb.dtype)
+        g = torch.Generator(device="cpu").manual_seed(
+            self.seed * 1_000_003 + self.monitor.global_step
+        )
+        out = torch.empty(heads.numel(), self.dim, dtype=cb.dtype, device=cb.device)
+        for h in heads.unique().tolist():  # a loop over heads (few), never over codes
+            rows = (heads == h).nonzero().flatten()
+            pool = batch[:, min(h, batch.shape[1] - 1)]
+            m, N = rows.numel(), pool.shape[0]
+            if self.strategy == "farthest":
+                dist2 = torch.cdist(pool, cb[h]).min(1).values
+                pick = dist2.argsort(descending=True)[torch.arange(m) % N]
+            elif N >= m:
+                pick = torch.randperm(N, generator=g)[:m]
+            else:
+                pick = torch.randint(N, (m,), generator=g)
+            out[rows] = pool[pick.to(pool.device)]
+        return out
+
+    def _zero_optimizer_rows(self, optimizer, heads, codes) -> str:
+        if not isinstance(self.codebook, nn.Parameter):
+            return "buffer (no optimizer state)"
+        if optimizer is None:
+            return "not given: pass optimizer= to monitor.step() to zero its moments"
+        state = optimizer.state.get(self.codebook, {})
+        zeroed = []
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and value.shape == self.codebook.shape:
+                value.view(-1, self.codebook.shape[-2], self.dim)[heads, codes] = 0
+                zeroed.append(key)
+        return (
+            "zeroed " + ", ".join(sorted(zeroed)) if zeroed else "no state shaped like the codebook"
+        )

@@ -1,0 +1,208 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from monitor import CollapseMonitor, probes
+from monitor import functional as F
+from tests.stats.test_class_moments import random_split
+
+
+class Quantizer(nn.Module):
+    """Stand-in for a VQ layer: returns (quantized, indices, loss) like vector-quantize-pytorch."""
+
+    def forward(self, x, indices):
+        return x, indices, torch.zeros(())
+
+
+def np_usage(counts):
+    counts = np.asarray(counts, dtype=np.float64)
+    p = counts / counts.sum()
+    nz = p[p > 0]
+    return math.exp(-(nz * np.log(nz)).sum()), (counts > 0).mean()
+
+
+def stream(probe, batches, log_every=10**9):
+    q = nn.Sequential()
+    q.add_module("vq", Quantizer())
+    mon = CollapseMonitor(q, [probe], log_every)
+    out = []
+    for idx in batches:
+        with mon.observe():
+            q.vq(torch.zeros(len(idx), 1), idx)
+        m = mon.step()
+        if m:
+            out.append(m)
+    return mon, out
+
+
+def test_known_answers_uniform_and_single_code():
+    K = 64
+    mon, _ = stream(probes.CodebookUsage("vq", K), [torch.arange(K).repeat(5)])
+    m = mon.compute()
+    assert m["collapse/vq/perplexity"] == pytest.approx(K, rel=1e-12)
+    assert m["collapse/vq/usage"] == 1.0
+    mon, _ = stream(probes.CodebookUsage("vq", K), [torch.full((100,), 7)])
+    m = mon.compute()
+    assert m["collapse/vq/perplexity"] == pytest.approx(1.0, abs=1e-12)
+    assert m["collapse/vq/usage"] == 1 / K
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_pooled_window_equals_whole_tensor_and_numpy(seed):
+    K = 50
+    g = torch.Generator().manual_seed(seed)
+    p = torch.distributions.Dirichlet(torch.full((K,), 0.3)).sample()
+    idx = torch.multinomial(p, 3000, replacement=True, generator=g)
+    batches = torch.split(idx, random_split(3000, 9, seed))
+    mon, _ = stream(probes.CodebookUsage("vq", K), batches)
+    m = mon.compute()
+    ref = F.codebook_usage(idx, K)
+    ppl, usage = np_usage(np.bincount(idx.numpy(), minlength=K))
+    assert m["collapse/vq/perplexity"] == pytest.approx(ref["perplexity"].item(), rel=1e-12)
+    assert m["collapse/vq/perplexity"] == pytest.approx(ppl, rel=1e-9)
+    assert m["collapse/vq/usage"] == pytest.approx(usage) == ref["usage"].item()
+    # the pooled perplexity is not the mean of batch perplexities (concavity)
+    batch_mean = np.mean([F.codebook_usage(b, K)["perplexity"].item() for b in batches])
+    assert m["collapse/vq/perplexity"] > batch_mean
+
+
+def test_heads_are_reported_separately():
+    K, H = 16, 3
+    idx = torch.stack(
+        [torch.arange(K).repeat(4), torch.zeros(64, dtype=torch.long), torch.arange(64) % 4], 1
+    )
+    mon, _ = stream(probes.CodebookUsage("vq", K, heads=H), [idx])
+    m = mon.compute()
+    assert m["collapse/vq/perplexity/head_0"] == pytest.approx(K)
+    assert m["collapse/vq/perplexity/head_1"] == pytest.approx(1.0)
+    assert m["collapse/vq/perplexity/head_2"] == pytest.approx(4.0)
+    assert m["collapse/vq/usage"] == pytest.approx((1 + 1 / 16 + 4 / 16) / 3)
+
+
+def test_ema_dead_codes_equal_a_plain_loop_reference():
+    K, decay, thr = 20, 0.9, 0.01
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for step in range(60):
+        hi = K if step < 20 else 8  # codes 8.. stop being used after step 20
+        batches.append(
+            torch.randint(0, hi, (int(torch.randint(5, 40, (1,), generator=g)),), generator=g)
+        )
+    probe = probes.CodebookUsage("vq", K, ema_decay=decay, dead_threshold=thr, warmup_steps=10)
+    mon, _ = stream(probe, batches)
+    m = mon.compute()
+    ema, rows = np.zeros(K), 0.0
+    for b in batches:
+        ema = decay * ema + (1 - decay) * np.bincount(b.numpy(), minlength=K)
+        rows = decay * rows + (1 - decay) * len(b)
+    dead = ema / rows < thr
+    assert dead[8:].all() and not dead[:8].any()
+    assert m["collapse/vq/dead_codes"] == dead.sum()
+    assert torch.equal(probe.dead_mask()[0], torch.from_numpy(dead))
+
+
+def test_no_dead_codes_before_warmup():
+    probe = probes.CodebookUsage("vq", 10, warmup_steps=5)
+    mon, _ = stream(probe, [torch.zeros(4, dtype=torch.long)] * 4)
+    assert mon.compute()["collapse/vq/dead_codes"] == 0
+    with mon.observe():
+        mon.model.vq(torch.zeros(4, 1), torch.zeros(4, dtype=torch.long))
+    mon.step()
+    assert mon.compute()["collapse/vq/dead_codes"] == 9
+
+
+def test_window_resets_but_ema_persists():
+    probe = probes.CodebookUsage("vq", 8, warmup_steps=0)
+    _, logs = stream(
+        probe, [torch.arange(8)] * 3 + [torch.zeros(8, dtype=torch.long)] * 3, log_every=3
+    )
+    assert logs[0]["collapse/vq/usage"] == 1.0 and logs[1]["collapse/vq/usage"] == 1 / 8
+    assert logs[1]["collapse/vq/samples"] == 24
+    assert logs[1]["collapse/vq/dead_codes"] == 0  # the EMA still remembers codes 1..7
+
+
+def test_moe_router_top_k_expert_load():
+    E, k = 8, 2
+    router = nn.Linear(16, E)
+    with torch.no_grad():
+        router.weight[5:] = -100  # experts 5..7 never chosen
+        router.bias.zero_()
+    model = nn.Sequential()
+    model.add_module("router", router)
+    probe = probes.CodebookUsage(
+        "router", E, extract=lambda m, a, o: o.topk(k, dim=-1).indices, warmup_steps=1, name="moe"
+    )
+    mon = CollapseMonitor(model, [probe], 4)
+    x = torch.randn(256, 16).abs()
+    for _ in range(4):
+        with mon.observe():
+            model(x)
+        m = mon.step()
+    choices = router(x).topk(k, dim=-1).indices
+    ref = F.codebook_usage(choices, E)
+    assert m["collapse/moe/perplexity"] == pytest.approx(ref["perplexity"].item(), rel=1e-12)
+    assert m["collapse/moe/samples"] == 4 * 256 * k
+    assert m["collapse/moe/dead_codes"] == 3
+
+
+def test_sae_latent_usage_counts_fires_per_window():
+    L = 32
+    enc = nn.Linear(10, L)
+    with torch.no_grad():
+        enc.bias[:8] = -1e3  # latents 0..7 never fire
+    model = nn.Sequential()
+    model.add_module("enc", enc)
+    model.add_module("act", nn.ReLU())
+    mon = CollapseMonitor(model, [probes.LatentUsage("act", L, name="sae")], 3)
+    x = torch.randn(3, 100, 10)
+    for i in range(3):
+        with mon.observe():
+            acts = model(x[i])
+        m = mon.step()
+    fires = (torch.relu(enc(x)) > 0).reshape(-1, L)
+    assert m["collapse/sae/dead_latents"] == 8 == (fires.sum(0) == 0).sum()
+    assert m["collapse/sae/dead_fraction"] == 8 / L
+    assert m["collapse/sae/fire_rate"] == pytest.approx(fires.sum(1).double().mean().item())
+    assert m["collapse/sae/samples"] == 300
+    assert acts.shape == (100, L)
+
+
+@pytest.mark.parametrize(
+    "output, match",
+    [
+        ((torch.zeros(3, 2), torch.tensor([0, 1, 99]), torch.zeros(())), "out of range"),
+        ((torch.zeros(3, 2), torch.tensor([-1, 1, 2]), torch.zeros(())), "out of range"),
+        ((torch.zeros(3, 2), torch.zeros(3)), "no single integer tensor"),
+        (
+            {
+                "q": torch.zeros(3),
+                "a": torch.zeros(3, dtype=torch.long),
+                "b": torch.ones(3, dtype=torch.long),
+            },
+            "no single integer tensor",
+        ),
+    ],
+)
+def test_bad_indices_raise_clear_errors(output, match):
+    class Fixed(nn.Module):
+        def forward(self, x):
+            return output
+
+    model = nn.Sequential(Fixed())
+    mon = CollapseMonitor(model, [probes.CodebookUsage("0", 10, name="vq")], 5)
+    with pytest.raises(ValueError, match=match) as err:
+        with mon.observe():
+            model(torch.zeros(1))
+    assert "CodebookUsage 'vq' at module '0'" in str(err.value)
+    assert mon.compute()["collapse/vq/samples"] == 0
+
+
+def test_float_indices_from_extract_are_rejected():
+    model = nn.Sequential(nn.Identity())
+    mon = CollapseMonitor(model, [probes.CodebookUsage("0", 10, extract=lambda m, a, o: o)], 5)
+    with pytest.raises(ValueError, match="must be integers, got dtype torch.float32"):
+        with mon.observe():
+            model(torch.zeros(4))

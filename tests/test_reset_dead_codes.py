@@ -1,0 +1,198 @@
+import pytest
+import torch
+from torch import nn
+from vector_quantize_pytorch import VectorQuantize
+
+from monitor import CollapseMonitor, Rule, mitigations, probes
+from tests.test_monitor import Recorder
+
+
+class VQ(nn.Module):
+    """A minimal learned-codebook quantiser (van den Oord et al.): nn.Embedding + argmin."""
+
+    def __init__(self, K=16, D=4):
+        super().__init__()
+        self.codebook = nn.Embedding(K, D)
+
+    def forward(self, z):
+        idx = torch.cdist(z, self.codebook.weight).argmin(-1)
+        q = self.codebook(idx)
+        return z + (q - z).detach(), idx, (q - z.detach()).pow(2).mean()
+
+
+class Model(nn.Module):
+    def __init__(self, quantizer):
+        super().__init__()
+        self.vq = quantizer
+
+    def forward(self, z):
+        return self.vq(z)[0]
+
+
+def concentrated(n, D, centers=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c = torch.randn(centers, D, generator=g) * 3
+    return c[torch.randint(0, centers, (n,), generator=g)] + 0.01 * torch.randn(n, D, generator=g)
+
+
+def run(model, mon, batches, optimizer=None):
+    out = []
+    for z in batches:
+        with mon.observe():
+            y = model(z)
+        if optimizer is not None:
+            (y.pow(2).mean() + model.vq(z)[2]).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        m = mon.step(optimizer=optimizer)
+        if m:
+            out.append(m)
+    return out
+
+
+def test_learned_codebook_reset_rows_and_adam_moments():
+    torch.manual_seed(0)
+    K, D = 16, 4
+    model = Model(VQ(K, D))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    sink = Recorder()
+    probe = probes.CodebookUsage("vq", K, ema_decay=0.5, warmup_steps=2)
+    mon = CollapseMonitor(
+        model, [probe], 4, sinks=[sink], mitigations=[mitigations.ResetDeadCodes("vq")]
+    )
+    batches = [concentrated(64, D, seed=i) for i in range(4)]
+    run(model, mon, batches[:3], opt)
+    # the last step of the window, watched closely
+    state = {k: v.clone() for k, v in opt.state[model.vq.codebook.weight].items()}
+    with mon.observe():
+        (model(batches[3]).pow(2).mean() + model.vq(batches[3])[2]).backward()
+    opt.step()
+    opt.zero_grad()
+    after_opt = model.vq.codebook.weight.detach().clone()
+    metrics = mon.step(optimizer=opt)
+    weight = model.vq.codebook.weight.detach()
+    changed = (weight != after_opt).any(1)
+    n = int(changed.sum())
+    assert n > 0 and metrics["collapse/mitigations/reset_dead_codes"] == n
+    assert sink.events[-1][1] == "reset_dead_codes" and sink.events[-1][2]["count"] == n
+    # replaced rows are vectors of the current batch; the others are what the optimizer left
+    for row in weight[changed]:
+        assert (batches[3] == row).all(1).any()
+    assert torch.equal(weight[~changed], after_opt[~changed])
+    st = opt.state[model.vq.codebook.weight]
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert (st[key][changed] == 0).all() and (st[key][~changed] != 0).any()
+    assert st["step"] == state["step"] + 1  # the step count is kept
+    # the replaced codes are no longer dead
+    assert not probe.dead_mask()[0][changed].any()
+
+
+def test_vector_quantize_pytorch_ema_codebook_is_probed_and_reset():
+    torch.manual_seed(0)
+    K, D = 32, 8
+    vq = VectorQuantize(dim=D, codebook_size=K, decay=0.8)
+    model = Model(vq)
+    probe = probes.CodebookUsage("vq", K, ema_decay=0.5, warmup_steps=2)  # no extract=
+    reset = mitigations.ResetDeadCodes("vq")
+    mon = CollapseMonitor(model, [probe], 3, mitigations=[reset])
+    assert reset.codebook_path == "_codebook.embed" and reset.cluster_size is not None
+    batches = [concentrated(128, D, seed=i).reshape(4, 32, D) for i in range(3)]
+    run(model, mon, batches[:2])
+    with mon.observe():
+        model(batches[2])
+    embed_before = vq._codebook.embed.detach().clone()
+    metrics = mon.step()
+    embed = vq._codebook.embed[0]
+    changed = (embed != embed_before[0]).any(1)
+    n = int(changed.sum())
+    assert n > K // 2 and metrics["collapse/mitigations/reset_dead_codes"] == n
+    flat = batches[2].reshape(-1, D)
+    for row in embed[changed]:
+        assert (flat == row).all(1).any()
+    size = vq._codebook.cluster_size[0]
+    assert torch.equal(size[changed], torch.ones(n))
+    assert torch.allclose(vq._codebook.embed_avg[0][changed], embed[changed])
+    # the next EMA update keeps a replaced code that got no hits
+    kept = embed[changed].clone()
+    used = vq(batches[0])[1].unique()
+    with torch.no_grad():
+        vq(batches[0])
+    idle = changed.clone()
+    idle[used] = False
+    assert torch.allclose(vq._codebook.embed[0][idle], kept[idle[changed]], rtol=1e-3, atol=1e-4)
+
+
+def test_farthest_strategy_takes_the_worst_quantised_vectors():
+    torch.manual_seed(0)
+    K, D = 8, 3
+    model = Model(VQ(K, D))
+    probe = probes.CodebookUsage("vq", K, ema_decay=0.0, warmup_steps=0)
+    mon = CollapseMonitor(
+        model, [probe], 1, mitigations=[mitigations.ResetDeadCodes("vq", strategy="farthest")]
+    )
+    z = torch.randn(50, D)
+    with torch.no_grad(), mon.observe():
+        model(z)
+    cb = model.vq.codebook.weight.detach().clone()
+    dead = torch.ones(K, dtype=torch.bool)
+    dead[model.vq(z)[1].unique()] = False
+    mon.step()
+    far = torch.cdist(z, cb).min(1).values.argsort(descending=True)[: int(dead.sum())]
+    assert torch.equal(model.vq.codebook.weight[dead].detach(), z[far])
+
+
+def test_gating_by_rule_and_by_step():
+    model = Model(VQ(8, 3))
+    probe = probes.CodebookUsage("vq", 8, ema_decay=0.0, warmup_steps=0)
+    never = mitigations.ResetDeadCodes("vq", when_rule="vq/usage_below")
+    mon = CollapseMonitor(
+        model,
+        [probe],
+        1,
+        mitigations=[never],
+        default_rules=False,
+        rules=[Rule("collapse/vq/usage", -1, "below", name="vq/usage_below")],
+    )
+    before = model.vq.codebook.weight.detach().clone()
+    run(model, mon, [torch.zeros(10, 3)] * 2)
+    assert torch.equal(model.vq.codebook.weight, before)
+    with pytest.raises(ValueError, match="multiple of log_every_n_steps"):
+        CollapseMonitor(
+            Model(VQ(8, 3)),
+            [probes.CodebookUsage("vq", 8)],
+            4,
+            mitigations=[mitigations.ResetDeadCodes("vq", every_n_steps=6)],
+        )
+
+
+def test_configuration_errors():
+    class TwoTables(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Parameter(torch.zeros(8, 3)), nn.Parameter(torch.zeros(8, 3))
+
+        def forward(self, x):
+            return x, torch.zeros(len(x), dtype=torch.long)
+
+    model = nn.Sequential()
+    model.add_module("vq", TwoTables())
+    with pytest.raises(ValueError, match="pass codebook="):
+        CollapseMonitor(
+            model, [probes.CodebookUsage("vq", 8)], mitigations=[mitigations.ResetDeadCodes("vq")]
+        )
+    mon = CollapseMonitor(
+        model,
+        [probes.CodebookUsage("vq", 8)],
+        mitigations=[mitigations.ResetDeadCodes("vq", codebook="b")],
+    )
+    assert mon.mitigations[0].codebook is model.vq.b
+    mon.close()
+    with pytest.raises(ValueError, match="needs one CodebookUsage probe"):
+        CollapseMonitor(model, [], mitigations=[mitigations.ResetDeadCodes("vq", codebook="a")])
+    with pytest.raises(ValueError, match=r"expected \(5, D\)"):
+        CollapseMonitor(
+            model,
+            [probes.CodebookUsage("vq", 5)],
+            mitigations=[mitigations.ResetDeadCodes("vq", codebook="a")],
+        )
+    assert not model.vq._forward_hooks
