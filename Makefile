@@ -18,7 +18,10 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(PY) examples/neural_collapse.py --out runs/demo --png runs/demo/neural_collapse.png
+	$(PY) examples/neural_collapse.py --out runs/demo/neural_collapse
+	$(PY) examples/vq_dead_codes.py --out runs/demo/vq_dead_codes
+	@echo "view the logs: $(VENV)/bin/tensorboard --logdir runs/demo"
+
 
 test: setup
 	$(PY) -m pytest -q

@@ -8,8 +8,10 @@ every log. Modes:
   running maximum since warm-up;
 - ``"rise"``: the value rose by more than ``threshold`` (a fraction) over its running minimum.
 
-The condition must hold on ``patience`` consecutive logs; after an alert the rule is silent for
-``cooldown`` steps. ``warmup_steps`` ignores early logs entirely (running extrema included).
+The condition must hold on ``patience`` consecutive logs. An alert fires once per episode: the
+condition must clear before the same key can fire again (``repeat=True`` re-fires every
+``patience`` logs while it holds). After an alert the rule is silent for ``cooldown`` steps.
+``warmup_steps`` ignores early logs entirely (running extrema included).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class Rule:
         warmup_steps: logs at steps ``<= warmup_steps`` are ignored.
         patience: consecutive logs the condition must hold before an alert.
         cooldown: steps after an alert during which the rule stays silent.
+        repeat: re-fire while the condition keeps holding (default: once per episode).
         action: ``None`` or ``"stop"`` (ask the training loop to stop: ``monitor.should_stop``).
         name: alert name, used in ``collapse/alerts/<name>``; derived from metric and mode.
         message: extra text appended to the alert message (what to do).
@@ -61,6 +64,7 @@ class Rule:
     warmup_steps: int = 0
     patience: int = 1
     cooldown: int = 0
+    repeat: bool = False
     action: str | None = None
     name: str | None = None
     message: str = ""
@@ -96,6 +100,7 @@ class _KeyState:
     consecutive: int = 0
     last_alert: int | None = None
     extreme: float | None = None
+    latched: bool = False  # fired in the current episode
 
 
 @dataclass
@@ -126,10 +131,12 @@ class RuleEngine:
                     st.consecutive += 1
                 else:
                     st.consecutive = 0
+                    st.latched = False
                 cooling = st.last_alert is not None and step - st.last_alert <= rule.cooldown
-                if st.consecutive >= rule.patience and not cooling:
+                if st.consecutive >= rule.patience and not cooling and not st.latched:
                     st.consecutive = 0
                     st.last_alert = step
+                    st.latched = not rule.repeat
                     self.counts[rule.name] += 1
                     alerts.append(self._alert(rule, key, value, step, st))
         return alerts
@@ -168,7 +175,9 @@ class RuleEngine:
         return {
             "counts": dict(self.counts),
             "keys": {
-                name: {k: (s.consecutive, s.last_alert, s.extreme) for k, s in keys.items()}
+                name: {
+                    k: (s.consecutive, s.last_alert, s.extreme, s.latched) for k, s in keys.items()
+                }
                 for name, keys in self._state.items()
             },
         }

@@ -22,6 +22,23 @@ def test_neural_collapse_example_reaches_the_terminal_phase(tmp_path):
     assert (tmp_path / "neural_collapse.png").stat().st_size > 10_000
 
 
+def test_vq_example_collapses_without_reset_and_not_with_it(tmp_path):
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import vq_dead_codes
+    finally:
+        sys.path.pop(0)
+    runs = vq_dead_codes.main(["--out", str(tmp_path)])
+    plain, reset = runs["monitored only"], runs["with ResetDeadCodes"]
+    assert plain["usage"] < 0.3 and plain["resets"] == 0
+    assert reset["usage"] > 0.9 and reset["resets"] > 0
+    # once the resets have done their work (second half of training), usage stays above 90%
+    late = [m["collapse/vq/usage"] for _, m, _ in reset["history"][len(reset["history"]) // 2 :]]
+    assert min(late) > 0.9
+    assert reset["test_mse"] <= plain["test_mse"]
+    assert (tmp_path / "vq_dead_codes.png").stat().st_size > 10_000
+
+
 def readme_snippets():
     text = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)

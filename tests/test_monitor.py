@@ -133,7 +133,9 @@ def test_rules_alerts_on_alert_and_stop():
         [probes.NeuralCollapse("2", 4, name="head")],
         5,
         sinks=[sink],
-        rules=[Rule("collapse/head/samples", 100, "above", action="stop", name="many")],
+        rules=[
+            Rule("collapse/head/samples", 100, "above", action="stop", name="many", repeat=True)
+        ],
         on_alert=seen.append,
     )
     logged = train(model, mon, 10)

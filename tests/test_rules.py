@@ -14,9 +14,16 @@ def run(rule, values, start=1):
     return fired, eng
 
 
-def test_below_with_patience_and_cooldown():
+def test_fires_once_per_episode_by_default():
+    fired, eng = run(Rule("collapse/p/m", 0.5, "below"), [1, 0.4, 0.3, 0.9, 0.2, 0.1])
+    # fires at 20, stays quiet while it holds, clears at 40, fires again at 50
+    assert fired == [(20, 0.4), (50, 0.2)]
+    assert eng.counts[eng.rules[0].name] == 2
+
+
+def test_repeat_with_patience_and_cooldown():
     fired, eng = run(
-        Rule("collapse/p/m", 0.5, "below", patience=2, cooldown=25),
+        Rule("collapse/p/m", 0.5, "below", patience=2, cooldown=25, repeat=True),
         [1, 0.4, 0.3, 0.2, 0.1, 0.1, 0.1],
     )
     # holds from step 20; patience 2 -> fires at 30; held again for 2 logs by 50 but cooling
@@ -26,7 +33,7 @@ def test_below_with_patience_and_cooldown():
 
 
 def test_above_and_warmup():
-    fired, _ = run(Rule("collapse/p/m", 2.0, "above", warmup_steps=20), [3, 3, 3])
+    fired, _ = run(Rule("collapse/p/m", 2.0, "above", warmup_steps=20, repeat=True), [3, 3, 3])
     assert fired == [(30, 3)]
 
 
@@ -52,7 +59,7 @@ def test_nan_never_fires():
 
 
 def test_state_dict_resumes_patience_and_extremes():
-    rule = Rule("collapse/p/m", 0.5, "drop", patience=2)
+    rule = Rule("collapse/p/m", 0.5, "drop", patience=2, repeat=True)
     values = [4.0, 1.0, 1.0, 1.0, 1.0]
     whole, _ = run(rule, values)
     first, eng = run(rule, values[:2])

@@ -28,6 +28,7 @@ trainer:
             threshold: 0
             mode: above
             name: seen
+            repeat: true
 """
 
 

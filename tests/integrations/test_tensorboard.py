@@ -21,7 +21,7 @@ def test_scalars_alerts_and_layout_are_written(tmp_path):
         [probes.NeuralCollapse("2", 4, name="head")],
         5,
         sinks=[TensorBoardSink(tmp_path)],
-        rules=[Rule("collapse/head/samples", 0, "above", name="always")],
+        rules=[Rule("collapse/head/samples", 0, "above", name="always", repeat=True)],
     )
     logged = train(model, mon, 10)
     mon.close()
@@ -63,3 +63,29 @@ def test_shared_writer_is_not_closed(tmp_path):
     writer.add_scalar("after", 2.0, 2)  # still usable
     writer.close()
     assert "after" in read_events(tmp_path).Tags()["scalars"]
+
+
+def test_codebook_usage_histogram_and_reset_events_are_written(tmp_path):
+    from monitor import mitigations
+    from tests.test_reset_dead_codes import VQ, Model, concentrated
+
+    model = Model(VQ(16, 4))
+    mon = CollapseMonitor(
+        model,
+        [probes.CodebookUsage("vq", 16, ema_decay=0.5, warmup_steps=1)],
+        2,
+        sinks=[TensorBoardSink(tmp_path)],
+        mitigations=[mitigations.ResetDeadCodes("vq")],
+    )
+    for step in range(2):
+        with mon.observe():
+            idx = model.vq(concentrated(64, 4, seed=step))[1]
+        metrics = mon.step()
+    mon.close()
+    acc = read_events(tmp_path)
+    (hist,) = acc.Histograms("collapse/vq/usage_hist")
+    assert hist.step == 2 and hist.histogram_value.num == 16
+    assert hist.histogram_value.sum == 128  # hits in the window
+    texts = acc.Tags()["tensors"]
+    assert "collapse/events/reset_dead_codes/text_summary" in texts
+    assert metrics["collapse/mitigations/reset_dead_codes"] > 0 and idx.numel() == 64
