@@ -181,3 +181,47 @@ def test_dead_code_reset_leaves_identical_replicas(tmp_path):
     initial = VQ(16, 4).codebook.weight.detach()
     replaced = (r0["codebook"] != initial).any(1).sum()
     assert replaced == r0["metrics"]["collapse/mitigations/reset_dead_codes"]
+
+
+def index_stream(rank):
+    g = torch.Generator().manual_seed(100 + rank)
+    hi = 12 if rank == 0 else 20  # codes 12..19 are used only on rank 1
+    return [torch.randint(0, hi, (10 + 7 * rank + s,), generator=g) for s in range(6)]
+
+
+def usage_worker(rank, port, out_dir):
+    from tests.probes.test_codebook_usage import Quantizer
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))
+    try:
+        q = nn.Sequential()
+        q.add_module("vq", Quantizer())
+        probe = probes.CodebookUsage("vq", 24, ema_decay=0.7, warmup_steps=2)
+        mon = CollapseMonitor(q, [probe], 6)
+        for idx in index_stream(rank):
+            with mon.observe():
+                q.vq(torch.zeros(len(idx), 1), idx)
+            metrics = mon.step()
+        torch.save(metrics, os.path.join(out_dir, f"usage{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_codebook_usage_under_ddp_equals_the_pooled_reference(tmp_path):
+    import numpy as np
+
+    mp.spawn(usage_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    m0, m1 = (torch.load(tmp_path / f"usage{r}.pt", weights_only=False) for r in range(2))
+    assert m0 == m1
+    streams = [index_stream(r) for r in range(2)]
+    union = torch.cat([torch.cat(s) for s in streams])
+    ref = F.codebook_usage(union, 24)
+    assert m0["collapse/vq/perplexity"] == pytest.approx(ref["perplexity"].item(), rel=1e-12)
+    assert m0["collapse/vq/usage"] == ref["usage"].item() == 20 / 24
+    ema, rows = np.zeros(24), 0.0
+    for a, b in zip(*streams):  # the global EMA: per step, both ranks' counts together
+        step = torch.cat([a, b])
+        ema = 0.7 * ema + 0.3 * np.bincount(step.numpy(), minlength=24)
+        rows = 0.7 * rows + 0.3 * len(step)
+    assert m0["collapse/vq/dead_codes"] == (ema / rows < 0.01 / 24).sum() == 4
