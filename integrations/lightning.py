@@ -87,6 +87,8 @@ class CollapseCallback(L.Callback):
         log_every_n_steps, rules, default_rules, mitigations, on_alert, observe_every_n_steps:
             as in :class:`~monitor.CollapseMonitor`.
         validation: take validation snapshots.
+        context: ``callable(batch) -> dict`` of extra ``observe()`` keywords, e.g.
+            ``lambda batch: {"groups": batch["site"]}`` for ``GroupCollapse``.
     """
 
     def __init__(
@@ -100,8 +102,10 @@ class CollapseCallback(L.Callback):
         on_alert: Optional[Callable[[Alert], None]] = None,
         observe_every_n_steps: int = 1,
         validation: bool = True,
+        context: Optional[Callable[[Any], dict]] = None,
     ) -> None:
         self.probes = list(probes)
+        self.context = context
         self.targets = targets
         self.kwargs = dict(
             log_every_n_steps=log_every_n_steps,
@@ -164,7 +168,8 @@ class CollapseCallback(L.Callback):
 
     def _start_observing(self, batch: Any) -> None:
         self._stop_observing()
-        self._observing = self.monitor.observe(targets=self._targets(batch))
+        extra = self.context(batch) if self.context is not None else {}
+        self._observing = self.monitor.observe(targets=self._targets(batch), **extra)
         self._observing.__enter__()
 
     def _stop_observing(self) -> None:

@@ -225,3 +225,59 @@ def test_codebook_usage_under_ddp_equals_the_pooled_reference(tmp_path):
         ema = 0.7 * ema + 0.3 * np.bincount(step.numpy(), minlength=24)
         rows = 0.7 * rows + 0.3 * len(step)
     assert m0["collapse/vq/dead_codes"] == (ema / rows < 0.01 / 24).sum() == 4
+
+
+def representation_data():
+    from tests.functional.test_representation import anisotropic
+
+    z = anisotropic(600, 8, offset=20.0)
+    mu, logvar = torch.randn(600, 4).double(), (torch.randn(600, 4) - 1).double()
+    groups = torch.arange(600) % 3
+    return z, mu, logvar, groups
+
+
+def representation_worker(rank, port, out_dir):
+    from tests.probes.test_representation_probes import Returns
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))
+    try:
+        torch.manual_seed(0)
+        z, mu, logvar, groups = representation_data()
+        mine = torch.arange(600)[:250] if rank == 0 else torch.arange(600)[250:]  # uneven
+        model = nn.Module()
+        model.emb = nn.Identity()
+        model.post = Returns(lambda x: (x[:, :4], x[:, 4:]))
+        mon = CollapseMonitor(
+            model,
+            [
+                probes.RepresentationRank("emb", name="rank"),
+                probes.PosteriorCollapse("post", name="vae"),
+                probes.GroupCollapse("emb", 3, name="site"),
+            ],
+            10**9,
+        )
+        for idx in torch.split(mine, 64):
+            with mon.observe(groups=groups[idx]):
+                model.emb(z[idx])
+                model.post(torch.cat([mu[idx], logvar[idx]], 1))
+        torch.save(mon.compute(), os.path.join(out_dir, f"repr{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_representation_probes_under_ddp_equal_the_union(tmp_path):
+    mp.spawn(representation_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    m0, m1 = (torch.load(tmp_path / f"repr{r}.pt", weights_only=False) for r in range(2))
+    assert m0 == m1
+    torch.manual_seed(0)
+    z, mu, logvar, groups = representation_data()
+    rank = F.representation_rank(z)
+    post = F.posterior_collapse(mu, logvar)
+    for key in ("erank", "rankme", "norm_std"):
+        assert m0[f"collapse/rank/{key}"] == pytest.approx(rank[key], rel=1e-6)
+    for key in ("kl_total", "active_units", "units_mixed"):
+        assert m0[f"collapse/vae/{key}"] == pytest.approx(post[key], rel=1e-9)
+    assert m0["collapse/site/nc1"] == pytest.approx(
+        F.neural_collapse(z, groups, 3)["nc1"], rel=1e-6
+    )

@@ -6,11 +6,23 @@ from .neural_collapse import (
     nearest_class_center_mismatch,
     neural_collapse,
 )
+from .representation import (
+    effective_rank,
+    frechet_distance,
+    posterior_collapse,
+    rankme,
+    representation_rank,
+)
 
 __all__ = [
     "codebook_usage",
+    "effective_rank",
+    "frechet_distance",
     "metrics_from_class_statistics",
     "nearest_class_center_mismatch",
     "neural_collapse",
+    "posterior_collapse",
+    "rankme",
+    "representation_rank",
     "usage_from_counts",
 ]

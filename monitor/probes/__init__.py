@@ -2,6 +2,15 @@
 
 from .base import Probe
 from .codebook import CodebookUsage, LatentUsage
-from .neural_collapse import NeuralCollapse
+from .neural_collapse import GroupCollapse, NeuralCollapse
+from .representation import PosteriorCollapse, RepresentationRank
 
-__all__ = ["CodebookUsage", "LatentUsage", "NeuralCollapse", "Probe"]
+__all__ = [
+    "CodebookUsage",
+    "GroupCollapse",
+    "LatentUsage",
+    "NeuralCollapse",
+    "PosteriorCollapse",
+    "Probe",
+    "RepresentationRank",
+]

@@ -10,6 +10,7 @@ from ..functional.neural_collapse import (
     metrics_from_class_statistics,
     nearest_class_center_mismatch,
 )
+from ..rules import Rule
 from ..stats import ClassMoments, Counter
 from .base import Probe, first_tensor
 
@@ -53,6 +54,7 @@ class NeuralCollapse(Probe):
     """
 
     needs_targets = True
+    target_key = "targets"  # the observe() keyword holding the labels
 
     def __init__(
         self,
@@ -109,7 +111,7 @@ class NeuralCollapse(Probe):
                     f"got {type(cls).__name__}"
                 )
             self.classifier = cls
-        elif self.read == "input" and isinstance(mod, nn.Linear):
+        elif self.read == "input" and isinstance(mod, nn.Linear) and self.target_key == "targets":
             self.classifier = mod
         if self.classifier is not None and self.classifier.out_features != self.num_classes:
             raise ValueError(
@@ -152,9 +154,9 @@ class NeuralCollapse(Probe):
             raise self.error(
                 path, f"features must be (N, D) or (B, T, D), got shape {tuple(feats.shape)}"
             )
-        targets = self.monitor.context.get("targets")
+        targets = self.monitor.context.get(self.target_key)
         if targets is None:
-            raise self.error(path, "needs class labels: call monitor.observe(targets=labels)")
+            raise self.error(path, f"needs labels: call monitor.observe({self.target_key}=labels)")
         targets = torch.as_tensor(targets)
         if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
             raise self.error(
@@ -304,3 +306,56 @@ class NeuralCollapse(Probe):
         self._lag = None
         if "lag_classes" in state:
             self._set_lag(state["lag_classes"], state["lag_centers"])
+
+
+class GroupCollapse(NeuralCollapse):
+    """Neural-collapse statistics keyed by a nuisance label instead of the class.
+
+    Features cluster by slide, site, scanner, modality or data source when a model learns the
+    nuisance: the same per-group moments as :class:`NeuralCollapse` (shared code, exact under DDP),
+    with the group id of every sample passed as ``monitor.observe(groups=...)``.
+
+    Args:
+        module: path of the module whose output (``read="output"``, default) or input are the
+            features.
+        num_groups: ``G``.
+        Other arguments as in :class:`NeuralCollapse` (no classifier, no NC4).
+
+    Reports ``group_variance_ratio`` = ``tr(S_B)/tr(S_T)``: the fraction of the total feature
+    variance explained by the group means (sample-weighted; 0 when groups do not matter, 1 when
+    features are constant within each group), plus the NC statistics over groups (``nc1``,
+    ``nc1_quotient``, ``cdnv``, ``equinorm_features``, ``equiangular``, ``cos_std``,
+    ``classes_used``, ``samples``).
+    """
+
+    needs_targets = False
+    target_key = "groups"
+
+    def __init__(self, module: str, num_groups: int, read: str = "output", **kwargs) -> None:
+        if "classifier" in kwargs:
+            raise TypeError("GroupCollapse has no classifier")
+        super().__init__(module, num_groups, read=read, ncc_max_rows=0, **kwargs)
+
+    def default_rules(self) -> list[Rule]:
+        return [
+            Rule(
+                f"collapse/{self.name}/group_variance_ratio",
+                0.5,
+                "above",
+                patience=2,
+                name=f"{self.name}/group_variance_above",
+                message="the nuisance groups explain most of the feature variance",
+            ),
+        ]
+
+    def compute(self, group=None) -> dict[str, float]:
+        out = super().compute(group)
+        m = self._reduced
+        if m.dim and int(m.count.sum()) > 1:
+            n = m.count.to(torch.float64)
+            means = m.means()
+            grand = (n[:, None] * means).sum(0) / n.sum()
+            between = (n * (means - grand).pow(2).sum(1)).sum()
+            within = m.within_class_scatter().trace()
+            out["group_variance_ratio"] = (between / (between + within)).item()
+        return out

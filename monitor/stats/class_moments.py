@@ -29,19 +29,21 @@ class ClassMoments(Statistic):
     - ``shift_set``: ``(C,) bool``.
     - ``sum``: ``(C, D) float64``, ``s_c = sum_{i in c} (h_i - K_c)``.
     - ``sq_norm``: ``(C,) float64``, ``q_c = sum_{i in c} ||h_i - K_c||^2`` (CDNV variances).
-    - ``second_moment``: ``(D, D) float64``, ``S = sum_i (h_i - K_{y_i})(h_i - K_{y_i})'``.
+    - ``second_moment``: ``(D, D) float64``, ``S = sum_i (h_i - K_{y_i})(h_i - K_{y_i})'``;
+      with ``diagonal=True`` only its diagonal ``(D,)`` (per-coordinate variances).
 
-    Memory is ``16*C*D + 8*D*D`` bytes plus O(C), independent of samples and steps.
-    ``update`` is vectorised (``index_add_`` and one GEMM), never loops over classes and never
-    synchronises with the host.
+    Memory is ``16*C*D + 8*D*D`` bytes (``8*D`` for the diagonal) plus O(C), independent of
+    samples and steps. ``update`` is vectorised (``index_add_`` and one GEMM), never loops over
+    classes and never synchronises with the host.
     """
 
-    def __init__(self, num_classes: int, dim: int | None = None) -> None:
+    def __init__(self, num_classes: int, dim: int | None = None, diagonal: bool = False) -> None:
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes = int(num_classes)
         self.dim = dim
+        self.diagonal = diagonal
         C = self.num_classes
 
         def cd(st):
@@ -52,7 +54,11 @@ class ClassMoments(Statistic):
         self.add_state("shift_set", (C,), torch.bool)
         self.add_state("sum", cd, _F64)
         self.add_state("sq_norm", (C,), _F64)
-        self.add_state("second_moment", lambda st: (st.dim or 0, st.dim or 0), _F64)
+        self.add_state(
+            "second_moment",
+            lambda st: (st.dim or 0,) if st.diagonal else (st.dim or 0, st.dim or 0),
+            _F64,
+        )
 
     # ------------------------------------------------------------------ lifecycle
     def _materialize(self, dim: int, device: torch.device) -> None:
@@ -104,7 +110,10 @@ class ClassMoments(Statistic):
         self.count.index_add_(0, y, valid.to(torch.int64))
         self.sum.index_add_(0, y, z)
         self.sq_norm.index_add_(0, y, (z * z).sum(1))
-        self.second_moment.addmm_(z.T, z)
+        if self.diagonal:
+            self.second_moment += (z * z).sum(0)
+        else:
+            self.second_moment.addmm_(z.T, z)
 
     def _set_new_shifts(self, x: torch.Tensor, y: torch.Tensor, new: torch.Tensor) -> None:
         """Classes seen for the first time get their batch mean as shift. Every row writes a
@@ -121,7 +130,12 @@ class ClassMoments(Statistic):
         """Re-express the sums around ``new_shift`` (C, D); exact algebra, O(C D^2)."""
         n = self.count.to(_F64)
         delta = self.shift - new_shift
-        self.second_moment += delta.T @ (self.sum + n[:, None] * delta) + self.sum.T @ delta
+        if self.diagonal:
+            self.second_moment += (delta * (self.sum + n[:, None] * delta) + self.sum * delta).sum(
+                0
+            )
+        else:
+            self.second_moment += delta.T @ (self.sum + n[:, None] * delta) + self.sum.T @ delta
         self.sq_norm += 2 * (delta * self.sum).sum(1) + n * (delta * delta).sum(1)
         self.sum += n[:, None] * delta
         self.shift = new_shift.clone()
@@ -182,10 +196,13 @@ class ClassMoments(Statistic):
         )
 
     def within_class_scatter(self) -> torch.Tensor:
-        """``sum_c sum_{i in c} (h_i - mu_c)(h_i - mu_c)'`` as ``(D, D)`` float64."""
+        """``sum_c sum_{i in c} (h_i - mu_c)(h_i - mu_c)'`` as ``(D, D)`` float64 (its diagonal
+        ``(D,)`` for a diagonal statistic)."""
         n = self.count.to(_F64)
         seen = n > 0
         scaled = self.sum / torch.where(seen, n, 1.0).sqrt()[:, None]
+        if self.diagonal:
+            return (self.second_moment - (scaled * scaled).sum(0)).clamp_min(0.0)
         scatter = self.second_moment - scaled.T @ scaled
         return (scatter + scatter.T) / 2
 

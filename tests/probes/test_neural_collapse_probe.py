@@ -158,7 +158,7 @@ def test_large_vocabulary_language_model_head():
         (lambda: (torch.randn(8, 4), torch.randint(0, 3, (5,))), "do not match"),
         (lambda: (torch.randn(8, 4), torch.full((8,), 7)), "out of range"),
         (lambda: (torch.randn(8, 4), torch.rand(8)), "integer class indices"),
-        (lambda: (torch.randn(8, 4), None), "needs class labels"),
+        (lambda: (torch.randn(8, 4), None), "needs labels"),
     ],
 )
 def test_bad_input_names_probe_module_and_problem(make_input, match):

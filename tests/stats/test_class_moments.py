@@ -133,3 +133,20 @@ def test_counter_adds_and_merges():
     b.add("y", torch.tensor(2))
     a.merge(b)
     assert a["x"].item() == 3 and a["y"].item() == 2
+
+
+def test_diagonal_mode_gives_per_coordinate_scatter_with_offset():
+    C, D = 3, 5
+    x, y = clustered(C, D, 600, noise=1e-3, offset=1e3)
+    full = stream(x, y, random_split(600, 7, 0), C)
+    diag = ClassMoments(C, diagonal=True)
+    for idx in torch.split(torch.arange(600), random_split(600, 5, 1)):
+        diag.update(x[idx], y[idx])
+    ref = sum(((x[y == c] - x[y == c].mean(0)) ** 2).sum(0) for c in range(C))
+    assert torch.allclose(diag.within_class_scatter(), ref, rtol=1e-6, atol=0)
+    assert torch.allclose(
+        diag.within_class_scatter(), full.within_class_scatter().diagonal(), rtol=1e-6
+    )
+    assert diag.second_moment.shape == (D,)
+    merged = ClassMoments(C, diagonal=True).merge(diag)
+    assert torch.allclose(merged.within_class_scatter(), ref, rtol=1e-6, atol=0)

@@ -1,0 +1,149 @@
+import pytest
+import torch
+from torch import nn
+
+from monitor import CollapseMonitor, probes
+from monitor import functional as F
+from tests.functional.test_neural_collapse import clustered
+from tests.functional.test_representation import anisotropic
+from tests.reference import assert_metrics_close
+from tests.stats.test_class_moments import random_split
+
+
+class Returns(nn.Module):
+    """Returns whatever ``make`` builds from the input (encoder heads with odd outputs)."""
+
+    def __init__(self, make=lambda x: x):
+        super().__init__()
+        self.make = make
+
+    def forward(self, x):
+        return self.make(x)
+
+
+def run(probe, batches, make=lambda x: x, **observe):
+    model = nn.Sequential()
+    model.add_module("m", Returns(make))
+    mon = CollapseMonitor(model, [probe], 10**9)
+    for b in batches:
+        with mon.observe(**observe):
+            model(b)
+    prefix = f"collapse/{probe.name}/"
+    return mon, {k[len(prefix) :]: v for k, v in mon.compute().items()}
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e3])
+def test_representation_rank_streams_the_whole_tensor_values(offset):
+    Z = anisotropic(1200, 10, offset=offset)
+    Rf = anisotropic(300, 10, seed=4) + 0.5
+    parts = torch.split(Z.float() if offset == 0 else Z, random_split(1200, 9, 2))
+    _, got = run(probes.RepresentationRank("m", reference=Rf), parts)
+    ref = F.representation_rank(torch.cat(parts), reference=Rf)
+    keys = ["erank", "rankme", "norm_std", "variance_ratio", "frechet_distance"]
+    assert_metrics_close(got, ref, rtol=1e-6, keys=keys)
+    assert got["samples"] == 1200
+
+
+def test_sequences_and_nonfinite_rows():
+    Z = torch.randn(6, 20, 8)
+    Z[0, 3, 2] = float("nan")
+    _, got = run(probes.RepresentationRank("m"), [Z])
+    rows = Z.reshape(-1, 8)
+    ok = torch.isfinite(rows).all(1)
+    assert got["skipped_nonfinite"] == 1 and got["samples"] == 119
+    assert_metrics_close(got, F.representation_rank(rows[ok]), keys=["erank", "rankme", "norm_std"])
+
+
+def test_sketch_is_the_documented_projection_and_close_to_exact():
+    g = torch.Generator().manual_seed(0)
+    basis = torch.randn(5, 256, generator=g, dtype=torch.float64)
+    Z = torch.randn(3000, 5, generator=g, dtype=torch.float64) @ basis  # rank 5 in D = 256
+    probe = probes.RepresentationRank("m", sketch_dim=64)
+    mon, got = run(probe, torch.split(Z, 500))
+    sketched = F.representation_rank(Z @ probe._sketch.cpu())
+    assert_metrics_close(got, sketched, keys=["erank", "rankme"])
+    exact = F.representation_rank(Z)
+    assert got["erank"] == pytest.approx(exact["erank"], rel=0.15)
+    assert got["norm_std"] == pytest.approx(exact["norm_std"], rel=1e-9)  # never sketched
+    assert mon.probes[0].window["moments"].second_moment.shape == (64, 64)
+
+
+def test_frozen_reference_from_another_window():
+    Z = anisotropic(500, 6)
+    probe = probes.RepresentationRank("m")
+    mon, _ = run(probe, [Z])
+    frozen = probe.frozen()
+    _, got = run(probes.RepresentationRank("m", reference=frozen), [Z[:250] * 0.5])
+    ref = F.representation_rank(Z[:250] * 0.5, reference=Z)
+    assert_metrics_close(got, ref, rtol=1e-9, keys=["variance_ratio", "frechet_distance"])
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda x: (x[:, :6], x[:, 6:]),
+        lambda x: {"mu": x[:, :6], "logvar": x[:, 6:], "z": x[:, :6]},
+        lambda x: torch.distributions.Normal(x[:, :6], (0.5 * x[:, 6:]).exp()),
+        lambda x: torch.distributions.Independent(
+            torch.distributions.Normal(x[:, :6], (0.5 * x[:, 6:]).exp()), 1
+        ),
+    ],
+)
+def test_posterior_collapse_streams_the_whole_tensor_values(make):
+    g = torch.Generator().manual_seed(1)
+    mu = torch.cat(
+        [torch.randn(900, 3, generator=g) * 2, 0.01 * torch.randn(900, 3, generator=g)], 1
+    )
+    logvar = torch.cat([torch.full((900, 3), -3.0), 0.05 * torch.randn(900, 3, generator=g)], 1)
+    x = torch.cat([mu, logvar], 1).double()
+    probe = probes.PosteriorCollapse("m", num_smallest=2)
+    mon, got = run(probe, torch.split(x, random_split(900, 7, 0)), make=make)
+    ref = F.posterior_collapse(mu.double(), logvar.double())
+    keys = [
+        "kl_total",
+        "active_units",
+        "active_fraction",
+        "units_passive",
+        "units_active",
+        "units_mixed",
+        "collapsed_units",
+        "samples",
+    ]
+    assert_metrics_close(got, ref, rtol=1e-9, keys=keys)
+    smallest = ref["kl_per_dim"].argsort()[:2].tolist()
+    assert sorted(k for k in got if k.startswith("kl/dim_")) == sorted(
+        f"kl/dim_{j}" for j in smallest
+    )
+    for j in smallest:
+        assert got[f"kl/dim_{j}"] == pytest.approx(ref["kl_per_dim"][j].item(), rel=1e-9)
+    assert torch.allclose(mon.probes[0].histograms()["kl"], ref["kl_per_dim"], rtol=1e-9)
+
+
+def test_posterior_bad_output_is_a_clear_error():
+    with pytest.raises(
+        ValueError, match=r"PosteriorCollapse 'm' at module 'm': expected \(mu, logvar\)"
+    ):
+        run(probes.PosteriorCollapse("m"), [torch.zeros(3, 4)], make=lambda x: (x, x, x))
+    with pytest.raises(ValueError, match="must be floating tensors of one shape"):
+        run(probes.PosteriorCollapse("m"), [torch.zeros(3, 4)], make=lambda x: (x, x[:, :2]))
+
+
+def test_group_collapse_variance_ratio_and_nc_statistics():
+    G, D = 5, 6
+    x, g = clustered(G, D, 1000, noise=0.7)
+    model = nn.Sequential()
+    model.add_module("m", nn.Identity())
+    mon = CollapseMonitor(model, [probes.GroupCollapse("m", G, name="site")], 10**9)
+    for idx in torch.split(torch.arange(1000), random_split(1000, 6, 1)):
+        with mon.observe(groups=g[idx]):
+            model(x[idx])
+    got = {k.split("/")[-1]: v for k, v in mon.compute().items()}
+    xn, gn = x.numpy(), g.numpy()
+    grand = xn.mean(0)
+    between = sum((gn == c).sum() * ((xn[gn == c].mean(0) - grand) ** 2).sum() for c in range(G))
+    total = ((xn - grand) ** 2).sum()
+    assert got["group_variance_ratio"] == pytest.approx(between / total, rel=1e-9)
+    assert_metrics_close(got, F.neural_collapse(x, g, G), keys=["nc1", "cdnv", "nc1_quotient"])
+    with pytest.raises(ValueError, match=r"observe\(groups=labels\)"):
+        with mon.observe(targets=g):
+            model(x)
