@@ -69,7 +69,7 @@ def test_known_answers_collapsed_and_isotropic():
 
 
 def test_posterior_half_inactive_known_answer():
-    n, d = 400, 8
+    n = 400
     mu = torch.cat([torch.randn(n, 4) * 2, torch.zeros(n, 4)], 1)
     logvar = torch.cat([torch.full((n, 4), -4.0), torch.zeros(n, 4)], 1)
     r = F.posterior_collapse(mu, logvar)
