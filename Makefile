@@ -20,6 +20,8 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(PY) examples/neural_collapse.py --out runs/demo/neural_collapse
 	$(PY) examples/vq_dead_codes.py --out runs/demo/vq_dead_codes
+	$(PY) examples/vae_posterior_collapse.py --out runs/demo/vae_posterior_collapse
+	$(PY) examples/simsiam_collapse.py --out runs/demo/simsiam_collapse
 	@echo "view the logs: $(VENV)/bin/tensorboard --logdir runs/demo"
 
 

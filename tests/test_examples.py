@@ -39,6 +39,30 @@ def test_vq_example_collapses_without_reset_and_not_with_it(tmp_path):
     assert (tmp_path / "vq_dead_codes.png").stat().st_size > 10_000
 
 
+def load_example(name):
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.pop(0)
+
+
+def test_vae_example_loses_active_units_without_free_bits(tmp_path):
+    runs = load_example("vae_posterior_collapse").main(["--out", str(tmp_path)])
+    plain, free = runs["plain"], runs["free bits 0.5"]
+    assert plain["active_units"] <= 8 and free["active_units"] >= 14
+    assert free["test_mse"] <= plain["test_mse"]
+    assert (tmp_path / "vae_posterior_collapse.png").exists()
+
+
+def test_simsiam_example_collapses_without_stop_gradient(tmp_path):
+    runs = load_example("simsiam_collapse").main(["--out", str(tmp_path)])
+    healthy, collapsed = runs["with stop-gradient"], runs["without stop-gradient"]
+    assert min(m["collapse/proj/norm_std"] for _, m, _ in healthy["history"]) > 0.7
+    assert collapsed["norm_std"] < 0.2 and collapsed["rankme"] < healthy["rankme"] / 2
+    assert (tmp_path / "simsiam_collapse.png").exists()
+
+
 def readme_snippets():
     text = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
