@@ -281,3 +281,39 @@ def test_representation_probes_under_ddp_equal_the_union(tmp_path):
     assert m0["collapse/site/nc1"] == pytest.approx(
         F.neural_collapse(z, groups, 3)["nc1"], rel=1e-6
     )
+
+
+def attention_worker(rank, port, out_dir):
+    from tests.probes.test_attention_entropy import SDPAAttention
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))
+    try:
+        torch.manual_seed(0)
+        m = nn.Sequential()
+        m.add_module("attn", SDPAAttention())
+        x = torch.randn(5, 11, 32)
+        mon = CollapseMonitor(m, [probes.AttentionEntropy("attn", queries=None)], 1)
+        with mon.observe():
+            m.attn(x[:2] if rank == 0 else x[2:], causal=True)  # uneven shards
+        torch.save(mon.step(), os.path.join(out_dir, f"attn{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_attention_entropy_under_ddp_equals_one_process(tmp_path):
+    from tests.probes.test_attention_entropy import SDPAAttention
+
+    mp.spawn(attention_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    m0, m1 = (torch.load(tmp_path / f"attn{r}.pt", weights_only=False) for r in range(2))
+    assert m0 == m1
+    torch.manual_seed(0)
+    m = nn.Sequential()
+    m.add_module("attn", SDPAAttention())
+    x = torch.randn(5, 11, 32)
+    mon = CollapseMonitor(m, [probes.AttentionEntropy("attn", queries=None)], 1)
+    with mon.observe():
+        m.attn(x, causal=True)
+    single = mon.step()
+    for key, value in single.items():
+        assert m0[key] == pytest.approx(value, rel=1e-6), key

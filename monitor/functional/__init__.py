@@ -1,5 +1,6 @@
 """Whole-tensor float64 reference implementations of every metric."""
 
+from .attention import attention_entropy
 from .codebook import codebook_usage, usage_from_counts
 from .neural_collapse import (
     metrics_from_class_statistics,
@@ -15,6 +16,7 @@ from .representation import (
 )
 
 __all__ = [
+    "attention_entropy",
     "codebook_usage",
     "effective_rank",
     "frechet_distance",

@@ -1,11 +1,13 @@
 """Probes: one collapse phenomenon at one place in the model."""
 
+from .attention import AttentionEntropy
 from .base import Probe
 from .codebook import CodebookUsage, LatentUsage
 from .neural_collapse import GroupCollapse, NeuralCollapse
 from .representation import PosteriorCollapse, RepresentationRank
 
 __all__ = [
+    "AttentionEntropy",
     "CodebookUsage",
     "GroupCollapse",
     "LatentUsage",

@@ -83,17 +83,35 @@ class Statistic:
 
 
 class SumStatistic(Statistic):
-    """States that merge by plain addition (counters, histograms of counts)."""
+    """States that merge by addition (counters, sums), or by maximum where declared with
+    ``maxima=`` (running maxima; their default is ``-inf``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxima: set[str] = set()
+
+    def add_max_state(self, name: str, shape: Shape, dtype: torch.dtype = torch.float64) -> None:
+        self.maxima.add(name)
+        self.add_state(name, shape, dtype)
+
+    def _zeros(self, name: str) -> torch.Tensor:
+        out = super()._zeros(name)
+        return out.fill_(-float("inf")) if name in getattr(self, "maxima", ()) else out
 
     def merge(self, other: SumStatistic) -> SumStatistic:
         for name in self._states:
-            getattr(self, name).add_(getattr(other, name).to(self.device))
+            mine, theirs = getattr(self, name), getattr(other, name).to(self.device)
+            if name in self.maxima:
+                torch.maximum(mine, theirs, out=mine)
+            else:
+                mine.add_(theirs)
         return self
 
     def all_reduce(self, group=None) -> SumStatistic:
-        """SUM-reduce every state across ranks, one collective per state."""
+        """Reduce every state across ranks (SUM, or MAX for maxima), one collective per state."""
         for name in self._states:
-            _dist.all_reduce_sum_(getattr(self, name), group)
+            reduce = _dist.all_reduce_max_ if name in self.maxima else _dist.all_reduce_sum_
+            reduce(getattr(self, name), group)
         return self
 
 

@@ -1,0 +1,259 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from monitor import CollapseMonitor, probes
+from monitor import functional as MF
+
+
+class SDPAAttention(nn.Module):
+    """nanoGPT-style attention; optional grouped-query heads."""
+
+    def __init__(self, d=32, heads=4, kv_heads=None):
+        super().__init__()
+        self.h, self.kvh = heads, kv_heads or heads
+        self.dh = d // heads
+        self.q = nn.Linear(d, d)
+        self.kv = nn.Linear(d, 2 * self.kvh * self.dh)
+
+    def qk(self, x):
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, self.h, self.dh).transpose(1, 2)
+        k, v = self.kv(x).view(B, T, 2, self.kvh, self.dh).permute(2, 0, 3, 1, 4)
+        return q, k, v
+
+    def forward(self, x, mask=None, causal=False):
+        q, k, v = self.qk(x)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.kvh != self.h
+        )
+        return out.transpose(1, 2).flatten(2)
+
+
+def probs_reference(q, k, allowed, additive=None):
+    if k.shape[1] != q.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if additive is not None:
+        s = s + additive
+    p = torch.softmax(s.masked_fill(~allowed, -float("inf")), -1).nan_to_num(0.0)
+    return MF.attention_entropy(p.detach(), allowed)
+
+
+def layer_metrics(mon, probe="attn", layer="attn"):
+    got = mon.compute()
+    pre = f"collapse/{probe}/{layer}/"
+    H = max(int(k.rsplit("_", 1)[1]) for k in got if k.startswith(pre + "entropy/head_")) + 1
+    ent = torch.tensor([got[f"{pre}entropy/head_{h}"] for h in range(H)], dtype=torch.float64)
+    norm = torch.tensor([got[f"{pre}entropy_norm/head_{h}"] for h in range(H)], dtype=torch.float64)
+    return ent, norm, got
+
+
+def watch(model, **kw):
+    return CollapseMonitor(model, [probes.AttentionEntropy("attn", queries=None, **kw)], 10**6)
+
+
+@pytest.mark.parametrize("case", ["plain", "causal", "bool_padding", "additive", "gqa_causal"])
+def test_sdpa_calls_match_explicit_probabilities(case):
+    torch.manual_seed(0)
+    B, T = 3, 12
+    m = nn.Sequential()
+    m.add_module("attn", SDPAAttention(kv_heads=2 if case.startswith("gqa") else None))
+    x = torch.randn(B, T, 32)
+    allowed = torch.ones(B, 1, T, T, dtype=torch.bool)
+    mask, additive, causal = None, None, case.endswith("causal")
+    if causal:
+        allowed &= torch.ones(T, T, dtype=torch.bool).tril()
+    if case == "bool_padding":
+        allowed[1, ..., 8:] = False  # the second sequence has 4 padded keys
+        mask = allowed
+    if case == "additive":
+        additive = torch.randn(1, 1, T, T)
+        additive[..., :, -3:] = -float("inf")
+        allowed = allowed & (additive > -float("inf"))
+        mask = additive
+    mon = watch(m)
+    with mon.observe():
+        m.attn(x, mask=mask, causal=causal)
+    ent, norm, got = layer_metrics(mon)
+    q, k, _ = m.attn.qk(x)
+    ref = probs_reference(q, k, allowed, additive)
+    assert torch.allclose(ent, ref["entropy"], rtol=1e-4)
+    assert torch.allclose(norm, ref["entropy_norm"], rtol=1e-4)
+    assert got["collapse/attn/attn/overload_fraction"] == ref["overload_fraction"]
+    assert got["collapse/attn/attn/max_logit"] > 0
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_multihead_attention_matches_its_own_weights(batch_first, training, need_weights):
+    torch.manual_seed(0)
+    B, T, E = 3, 9, 16
+    mha = nn.MultiheadAttention(E, 4, batch_first=batch_first, dropout=0.0)
+    mha.train(training)
+    m = nn.Sequential()
+    m.add_module("attn", mha)
+    x = torch.randn(B, T, E) if batch_first else torch.randn(T, B, E)
+    kpm = torch.zeros(B, T, dtype=torch.bool)
+    kpm[0, 6:] = True
+    causal = ~torch.ones(T, T, dtype=torch.bool).tril()  # True = masked, MHA's convention
+    mon = watch(m)
+    with mon.observe(), torch.set_grad_enabled(training):
+        mha(x, x, x, key_padding_mask=kpm, attn_mask=causal, need_weights=need_weights)
+    ent, norm, _ = layer_metrics(mon)
+    _, w = mha(
+        x,
+        x,
+        x,
+        key_padding_mask=kpm,
+        attn_mask=causal,
+        need_weights=True,
+        average_attn_weights=False,
+    )
+    allowed = (~kpm)[:, None, None, :] & ~causal[None, None]
+    ref = MF.attention_entropy(w.detach(), allowed)
+    assert torch.allclose(ent, ref["entropy"], rtol=1e-4)
+    assert torch.allclose(norm, ref["entropy_norm"], rtol=1e-4)
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_transformer_encoder_layer_including_the_fast_path(norm_first):
+    torch.manual_seed(0)
+    B, T, E = 2, 7, 16
+    layer = nn.TransformerEncoderLayer(
+        E, 2, 32, dropout=0.0, batch_first=True, norm_first=norm_first
+    )
+    m = nn.Sequential()
+    m.add_module("enc", layer)
+    kpm = torch.zeros(B, T, dtype=torch.bool)
+    kpm[1, 5:] = True
+    x = torch.randn(B, T, E)
+    results = []
+    for training in (True, False):
+        layer.train(training)
+        mon = CollapseMonitor(m, [probes.AttentionEntropy("enc", queries=None, name="attn")], 10**6)
+        with mon.observe(), torch.set_grad_enabled(training):  # eval + no_grad: the fast path
+            layer(x, src_key_padding_mask=kpm)
+        results.append(layer_metrics(mon, layer="enc.self_attn"))
+        mon.close()
+    h = layer.norm1(x) if norm_first else x
+    _, w = layer.self_attn(
+        h, h, h, key_padding_mask=kpm, need_weights=True, average_attn_weights=False
+    )
+    ref = MF.attention_entropy(w.detach(), (~kpm)[:, None, None, :])
+    for ent, norm, _ in results:
+        assert torch.allclose(ent, ref["entropy"], rtol=1e-4)
+        assert torch.allclose(norm, ref["entropy_norm"], rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_transformers_models_with_sdpa_match_eager_attentions(arch):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        cfg = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=32, vocab_size=64, n_positions=32)
+        cls, glob = transformers.GPT2LMHeadModel, "transformer.h.*.attn"
+    else:
+        cfg = transformers.LlamaConfig(
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            hidden_size=32,
+            intermediate_size=64,
+            vocab_size=64,
+        )
+        cls, glob = transformers.LlamaForCausalLM, "model.layers.*.self_attn"
+    cfg._attn_implementation = "sdpa"
+    model = cls(cfg).eval()
+    ids = torch.randint(0, 64, (2, 10))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, :3] = 0  # left padding in the second sequence
+    mon = CollapseMonitor(model, [probes.AttentionEntropy(glob, queries=None, name="attn")], 10**6)
+    with mon.observe(), torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    got = mon.compute()
+    model.config._attn_implementation = "eager"
+    for layer in model.modules():
+        if hasattr(layer, "config"):
+            layer.config._attn_implementation = "eager"
+    with torch.no_grad():
+        eager = model(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+    causal = torch.ones(10, 10, dtype=torch.bool).tril()
+    allowed = causal[None, None] & mask.bool()[:, None, None, :]
+    names = sorted({k.split("/")[2] for k in got if "/entropy/head_" in k})
+    assert len(names) == 2
+    for name, probs in zip(names, eager):
+        ent = torch.tensor(
+            [got[f"collapse/attn/{name}/entropy/head_{h}"] for h in range(4)], dtype=torch.float64
+        )
+        ok = allowed.sum(-1, keepdim=True).expand_as(allowed) > 0
+        ref = MF.attention_entropy(probs, allowed & ok)
+        assert torch.allclose(ent, ref["entropy"], rtol=1e-4), name
+
+
+def test_explicit_probabilities_through_extract():
+    class Eager(nn.Module):
+        def forward(self, q, k):
+            s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+            causal = torch.ones(s.shape[-2:], dtype=torch.bool).tril()
+            return torch.softmax(s.masked_fill(~causal, -float("inf")), -1)
+
+    m = nn.Sequential()
+    m.add_module("attn", Eager())
+    mon = CollapseMonitor(
+        m, [probes.AttentionEntropy("attn", extract=lambda mod, a, out: out, causal=True)], 10**6
+    )
+    q, k = torch.randn(2, 3, 8, 4), torch.randn(2, 3, 8, 4)
+    with mon.observe():
+        p = m.attn(q, k)
+    ent, norm, _ = layer_metrics(mon)
+    ref = MF.attention_entropy(p, torch.ones(8, 8, dtype=torch.bool).tril())
+    assert torch.allclose(ent, ref["entropy"], rtol=1e-9) and torch.allclose(
+        norm, ref["entropy_norm"], rtol=1e-9
+    )
+
+
+def test_sampled_queries_are_unbiased():
+    torch.manual_seed(0)
+    m = nn.Sequential()
+    m.add_module("attn", SDPAAttention())
+    x = torch.randn(2, 64, 32) * 3
+    exact = watch(m)
+    with exact.observe():
+        m.attn(x)
+    full, _, _ = layer_metrics(exact)
+    estimates = []
+    for seed in range(40):
+        mon = CollapseMonitor(m, [probes.AttentionEntropy("attn", queries=8, seed=seed)], 10**6)
+        with mon.observe():
+            m.attn(x)
+        estimates.append(layer_metrics(mon)[0])
+        mon.close()
+    est = torch.stack(estimates)
+    se = est.std(0) / math.sqrt(len(estimates))
+    assert ((est.mean(0) - full).abs() < 3 * se).all()
+    assert (se > 0).all()
+
+
+def test_nothing_happens_outside_observe_and_close_removes_the_mode():
+    m = nn.Sequential()
+    m.add_module("attn", SDPAAttention())
+    mon = watch(m)
+    m.attn(torch.randn(1, 5, 32))
+    assert mon.compute() == {}
+    mon.close()
+    assert not torch.overrides._get_current_function_mode_stack()
+
+
+def test_a_selection_without_attention_is_an_error_naming_it():
+    m = nn.Sequential()
+    m.add_module("mlp", nn.Linear(4, 4))
+    mon = CollapseMonitor(m, [probes.AttentionEntropy("mlp")], 1)
+    with mon.observe():
+        m(torch.randn(2, 4))
+    with pytest.raises(ValueError, match=r"no attention.*'mlp' \(Linear\)"):
+        mon.step()
