@@ -133,6 +133,8 @@ class CollapseMonitor:
             the logged metrics (``{"collapse/<probe>/<metric>": float}``) at a logging step,
             else ``None``. Only logging steps synchronise with the device.
         """
+        for m in self.mitigations:
+            m.on_step(self, optimizer)
         if self._observed_this_step:
             self._observed_this_step = False
             for p in self.probes:
@@ -285,10 +287,13 @@ class CollapseMonitor:
             "mitigations": [m.state_dict() for m in self.mitigations],
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Restore :meth:`state_dict`. Under distributed runs every rank loads the same (reduced)
         state; ranks other than 0 keep its shifts and lagged centres but start their window
-        empty, so the next all-reduce counts each sample once."""
+        empty, so the next all-reduce counts each sample once.
+
+        Mitigations that changed the model's structure (``SigmaReparam``) re-apply it here, and add
+        their parameters to ``optimizer``: load the monitor before the model and the optimizer."""
         if state.get("version") != _STATE_VERSION:
             raise ValueError(f"unsupported CollapseMonitor state version {state.get('version')}")
         missing = [p.name for p in self.probes if p.name not in state["probes"]]
@@ -304,4 +309,4 @@ class CollapseMonitor:
         self.rules.load_state_dict(state["rules"])
         self.mitigation_counts = dict(state.get("mitigation_counts", {}))
         for m, s in zip(self.mitigations, state.get("mitigations", [])):
-            m.load_state_dict(s)
+            m.load_state_dict(s, optimizer=optimizer)

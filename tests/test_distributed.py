@@ -317,3 +317,43 @@ def test_attention_entropy_under_ddp_equals_one_process(tmp_path):
     single = mon.step()
     for key, value in single.items():
         assert m0[key] == pytest.approx(value, rel=1e-6), key
+
+
+def sigma_worker(rank, port, out_dir):
+    from torch.nn.parallel import DistributedDataParallel
+
+    from tests.test_sigma_reparam import blocks, rule_monitor
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))
+    try:
+        model = blocks()
+        ddp = DistributedDataParallel(model)
+        opt = torch.optim.Adam(ddp.parameters(), lr=1e-2)
+        mon = rule_monitor(
+            model
+        )  # fires at the log of step 2: applied mid-training, after wrapping
+        g = torch.Generator().manual_seed(rank)
+        for _ in range(5):
+            x = torch.randn(2 + rank, 6, 32, generator=g)  # different data per rank
+            with mon.observe():
+                loss = ddp(x).pow(2).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            mon.step(optimizer=opt)
+        torch.save(
+            {k: v.clone() for k, v in model.state_dict().items()},
+            os.path.join(out_dir, f"sigma{rank}.pt"),
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sigma_reparam_mid_training_keeps_ddp_replicas_identical(tmp_path):
+    mp.spawn(sigma_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    s0, s1 = (torch.load(tmp_path / f"sigma{r}.pt", weights_only=False) for r in range(2))
+    assert "0.attn.q.parametrizations.weight.0.gamma" in s0
+    assert s0.keys() == s1.keys()
+    for key in s0:
+        assert torch.equal(s0[key], s1[key]), key

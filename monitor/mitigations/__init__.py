@@ -2,5 +2,12 @@
 
 from .base import Mitigation
 from .reset_dead_codes import ResetDeadCodes
+from .sigma_reparam import SigmaReparam, SigmaReparametrization, sigma_reparam
 
-__all__ = ["Mitigation", "ResetDeadCodes"]
+__all__ = [
+    "Mitigation",
+    "ResetDeadCodes",
+    "SigmaReparam",
+    "SigmaReparametrization",
+    "sigma_reparam",
+]

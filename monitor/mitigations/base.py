@@ -34,11 +34,14 @@ class Mitigation:
     ) -> list[tuple[str, dict]]:
         return []
 
+    def on_step(self, monitor: CollapseMonitor, optimizer: torch.optim.Optimizer | None) -> None:
+        """Called by every ``monitor.step()`` (keep it cheap)."""
+
     def detach(self) -> None:
         pass
 
     def state_dict(self) -> dict:
         return {}
 
-    def load_state_dict(self, state: dict) -> None:
-        pass
+    def load_state_dict(self, state: dict, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Restore :meth:`state_dict`; ``optimizer`` for mitigations that add parameters."""

@@ -1,0 +1,285 @@
+"""σReparam (Zhai et al. 2023, apple/ml-sigma-reparam), METRICS.md 3.3."""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .. import _dist
+from .._modules import resolve_modules
+from .base import Mitigation
+
+log = logging.getLogger("collapse_monitor")
+
+
+class SigmaReparametrization(nn.Module):
+    """``W_hat = gamma * W / sigma(W)``, a ``torch.nn.utils.parametrize`` parametrization.
+
+    ``sigma(W) = v' W u`` from one power iteration per forward, under ``no_grad`` (the gradient
+    flows through ``W`` only). The right singular vector ``u`` is a buffer initialised from an exact
+    SVD and updated in training mode with gradients enabled (so inspecting the weight under
+    ``no_grad``, as the monitor does, does not advance it). ``gamma`` is a learnable scalar
+    initialised to ``sigma(W)``, so the module computes the same function when applied (the PyTorch
+    reference's choice; its JAX speech code starts at 1).
+
+    Args:
+        weight: the ``(out, in)`` weight being reparametrised.
+    """
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        if weight.ndim != 2:
+            raise ValueError(f"σReparam needs a 2-D weight, got shape {tuple(weight.shape)}")
+        with torch.no_grad():
+            _, s, vh = torch.linalg.svd(weight.detach().double(), full_matrices=False)
+        self.register_buffer("u", vh[0].to(weight.dtype))
+        self.gamma = nn.Parameter(s[0].to(weight.dtype).clone())
+
+    def sigma(self, weight: torch.Tensor) -> torch.Tensor:
+        update = self.training and torch.is_grad_enabled()
+        with torch.no_grad():
+            v = F.normalize(weight @ self.u, dim=0)
+            u = F.normalize(weight.T @ v, dim=0)
+            if update:
+                self.u.copy_(u)
+        return torch.einsum("c,cd,d->", v, weight, u)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * (self.gamma / self.sigma(weight))
+
+
+def sigma_reparam(module: nn.Module, name: str = "weight") -> nn.Module:
+    """Reparametrise ``module.<name>`` as ``gamma * W / sigma(W)``; returns ``module``.
+
+    The raw weight stays the same ``Parameter`` object (now at
+    ``module.parametrizations.<name>.original``), so an optimizer's state for it stays valid;
+    ``module.parametrizations.<name>[0].gamma`` is the new learnable scalar.
+
+    Args:
+        module: an ``nn.Linear`` (or, with ``name=``, any module with that 2-D weight parameter,
+            e.g. ``nn.MultiheadAttention`` and ``"in_proj_weight"``).
+    """
+    if name == "weight" and not isinstance(module, nn.Linear):
+        raise TypeError(
+            f"sigma_reparam expects an nn.Linear, got {type(module).__name__}; for another 2-D "
+            "weight pass name='<parameter name>'"
+        )
+    weight = getattr(module, name, None)
+    if not isinstance(weight, nn.Parameter) or weight.ndim != 2:
+        raise TypeError(
+            f"sigma_reparam: {type(module).__name__}.{name} must be a 2-D Parameter, got "
+            f"{type(weight).__name__}{'' if weight is None else ' of shape ' + str(tuple(weight.shape))}"
+        )
+    if parametrize.is_parametrized(module, name):
+        raise ValueError(f"{type(module).__name__}.{name} is already parametrized")
+    with _no_self_set():
+        parametrize.register_parametrization(module, name, SigmaReparametrization(weight))
+    return module
+
+
+@contextmanager
+def _no_self_set():
+    """``register_parametrization`` calls ``weight.set_(weight)`` (a no-op on the data) when the
+    parametrization has no ``right_inverse``; that replaces the weight's gradient accumulator, so a
+    ``DistributedDataParallel`` wrapper built earlier stops seeing its gradients. Skip the self-set."""
+    original = parametrize._maybe_set
+
+    def maybe_set(dest, src):
+        if dest is not src:
+            original(dest, src)
+
+    parametrize._maybe_set = maybe_set
+    try:
+        yield
+    finally:
+        parametrize._maybe_set = original
+
+
+def _attention_weights(
+    root_path: str, root: nn.Module, all_linear: bool
+) -> list[tuple[str, nn.Module, str]]:
+    """(path, module, parameter name) of the projections σReparam applies to under ``root``."""
+    out = []
+    for path, mod in root.named_modules(prefix=root_path):
+        if isinstance(mod, nn.MultiheadAttention) and mod._qkv_same_embed_dim:
+            out.append((path, mod, "in_proj_weight"))
+        elif isinstance(mod, nn.Linear):
+            inside_attention = any(
+                fnmatch.fnmatchcase(part.lower(), pattern)
+                for part in path.split(".")
+                for pattern in ("*attn*", "*attention*")
+            )
+            if all_linear or inside_attention:
+                out.append((path, mod, "weight"))
+    return out
+
+
+class SigmaReparam(Mitigation):
+    """Apply σReparam to the attention projections of selected layers, at start or by a rule.
+
+    Args:
+        module: path or glob of the layers (e.g. ``"blocks.*.attn"``). Reparametrised are the
+            ``nn.Linear`` layers under them whose path contains ``attn``/``attention`` (all of them
+            when the selected module itself is the attention), and ``nn.MultiheadAttention``'s
+            packed ``in_proj_weight``; ``all_linear=True`` takes every ``nn.Linear``.
+        when: ``"start"`` (at attach: before DDP wrapping and before Lightning builds optimizers)
+            or ``"rule"``: at a log where ``rule`` fired, only for the layers whose metric fired.
+        rule: the rule name; default the ``entropy_collapse`` rule of the ``AttentionEntropy``
+            probe (``"<probe name>/entropy_collapse"``).
+        optimizer: where to add the new ``gamma`` parameters (also taken from ``monitor.step``):
+            one param group per weight group, with that group's hyper-parameters; skipped when the
+            optimizer already holds them (e.g. Lightning's ``configure_optimizers`` after a
+            ``"start"`` application).
+
+    Under DDP every rank applies it at the same step (decisions come from all-reduced metrics)
+    and the result is identical (exact SVD of identical weights). Applied mid-training, the new
+    ``gamma`` are unknown to a ``DistributedDataParallel`` wrapper, so their gradients are averaged
+    by a hook. Resume: ``monitor.load_state_dict(state, optimizer=opt)`` re-applies σReparam to the
+    recorded layers (and re-adds the param groups) — call it before loading the model and optimizer
+    state. Each application is an event ``sigma_reparam``.
+    """
+
+    name = "sigma_reparam"
+
+    def __init__(
+        self,
+        module: str,
+        when: str = "start",
+        rule: str | None = None,
+        all_linear: bool = False,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> None:
+        if when not in ("start", "rule"):
+            raise ValueError(f"when must be 'start' or 'rule', got {when!r}")
+        self.module = module
+        self.when = when
+        self.rule = rule
+        self.all_linear = all_linear
+        self.optimizer = optimizer
+        self.applied: list[str] = []  # "<module path>:<parameter name>", in application order
+        self._pending: list[tuple[nn.Parameter, nn.Parameter]] = []  # (gamma, original weight)
+
+    def __repr__(self) -> str:
+        return f"SigmaReparam(module={self.module!r}, when={self.when!r})"
+
+    def attach(self, model: nn.Module, monitor) -> None:
+        self.model, self.monitor = model, monitor
+        self.targets = resolve_modules(model, self.module, owner=repr(self))
+        if not any(_attention_weights(p, m, self.all_linear) for p, m in self.targets):
+            raise ValueError(
+                f"{self!r}: no attention projection (nn.Linear under an '*attn*' path, "
+                f"nn.MultiheadAttention) in {[p for p, _ in self.targets]}; select the attention "
+                "modules or pass all_linear=True"
+            )
+        if self.when == "rule" and self.rule is None:
+            from ..probes.attention import AttentionEntropy
+
+            names = [p.name for p in monitor.probes if isinstance(p, AttentionEntropy)]
+            if len(names) != 1:
+                raise ValueError(
+                    f"{self!r}: pass rule=; the monitor has AttentionEntropy probes {names}"
+                )
+            self.rule = f"{names[0]}/entropy_collapse"
+        if self.when == "start":
+            self._apply_to([(p, m) for p, m in self.targets], sync_grads=False)
+
+    def _apply_to(self, roots, sync_grads: bool) -> int:
+        found = [
+            w
+            for root_path, root in roots
+            for w in _attention_weights(root_path, root, self.all_linear)
+        ]
+        done = sum(self._apply_one(path, mod, pname, sync_grads) for path, mod, pname in found)
+        self._register(self.optimizer)
+        return done
+
+    def _apply_one(self, path: str, mod: nn.Module, pname: str, sync_grads: bool) -> bool:
+        if parametrize.is_parametrized(mod, pname):
+            return False
+        sigma_reparam(mod, pname)
+        gamma = getattr(mod.parametrizations, pname)[0].gamma
+        group = self.monitor.process_group
+        if sync_grads and _dist.is_distributed(group):
+            # a DDP wrapper built before this parameter existed does not average its gradient
+            world = torch.distributed.get_world_size(group)
+            gamma.register_hook(lambda g: _dist.all_reduce_sum_(g.clone(), group) / world)
+        self._pending.append((gamma, getattr(mod.parametrizations, pname).original))
+        self.applied.append(f"{path}:{pname}")
+        return True
+
+    def _register(self, optimizer) -> None:
+        if optimizer is None or not self._pending:
+            return
+        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        for gamma, weight in self._pending:
+            if id(gamma) in held:
+                continue
+            group = next(
+                (g for g in optimizer.param_groups if any(p is weight for p in g["params"])), None
+            )
+            options = {k: v for k, v in (group or optimizer.defaults).items() if k != "params"}
+            optimizer.add_param_group({"params": [gamma], **options})
+        self._pending.clear()
+
+    def after_log(self, monitor, metrics, alerts, optimizer):
+        self.optimizer = optimizer or self.optimizer
+        events = []
+        if self.when == "start" and self.applied and not getattr(self, "_announced", False):
+            self._announced = True
+            events.append(
+                (
+                    self.name,
+                    {"layers": list(self.applied), "count": len(self.applied), "when": "start"},
+                )
+            )
+        if self.when == "rule":
+            fired = [a.metric for a in alerts if a.rule == self.rule]
+            paths = sorted({m.split("/")[2] for m in fired if m.count("/") >= 3})
+            modules = dict(self.model.named_modules())
+            chosen = [
+                (q, modules[q])
+                for q in paths
+                if q in modules and any(q == p or q.startswith(p + ".") for p, _ in self.targets)
+            ]
+            before = len(self.applied)
+            if chosen and self._apply_to(chosen, sync_grads=True):
+                events.append(
+                    (
+                        self.name,
+                        {
+                            "layers": self.applied[before:],
+                            "count": len(self.applied) - before,
+                            "when": f"rule {self.rule}",
+                        },
+                    )
+                )
+        self._register(self.optimizer)
+        return events
+
+    def state_dict(self) -> dict:
+        return {"applied": list(self.applied)}
+
+    def on_step(self, monitor, optimizer) -> None:
+        if optimizer is not None:
+            self.optimizer = optimizer
+            self._register(optimizer)
+
+    def load_state_dict(self, state: dict, optimizer=None) -> None:
+        self.optimizer = optimizer or self.optimizer
+        modules = dict(self.model.named_modules())
+        self.applied = []
+        for entry in state.get("applied", []):  # in the original order: param groups match
+            path, pname = entry.rsplit(":", 1)
+            if path not in modules:
+                raise KeyError(
+                    f"{self!r}: checkpoint applied σReparam to '{path}', which no longer exists"
+                )
+            if not self._apply_one(path, modules[path], pname, sync_grads=self.when == "rule"):
+                self.applied.append(entry)
+        self._register(self.optimizer)

@@ -1,0 +1,172 @@
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from monitor import CollapseMonitor, Rule, mitigations, probes
+from monitor.mitigations import sigma_reparam
+from tests.probes.test_attention_entropy import SDPAAttention
+from tests.test_monitor import Recorder
+
+
+def test_function_preserved_spectral_norm_is_gamma_and_gamma_learns():
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 8)
+    x = torch.randn(5, 16)
+    before = lin(x).detach()
+    weight = lin.weight
+    sigma_reparam(lin)
+    assert lin.parametrizations.weight.original is weight  # optimizer state stays valid
+    assert torch.allclose(lin(x), before, rtol=1e-5, atol=1e-6)
+    gamma = lin.parametrizations.weight[0].gamma
+    assert torch.linalg.matrix_norm(lin.weight.detach(), ord=2) == pytest.approx(
+        gamma.item(), rel=1e-5
+    )
+    opt = torch.optim.SGD(lin.parameters(), lr=0.1)
+    for _ in range(3):
+        loss = lin(x).pow(2).mean()
+        loss.backward()
+        assert gamma.grad is not None and gamma.grad.abs() > 0
+        opt.step()
+        opt.zero_grad()
+    # the power iteration (one per training forward) converges again once the weight stops moving
+    for _ in range(100):
+        lin(x)
+    with torch.no_grad():  # inspecting the weight does not advance the iteration
+        u = lin.parametrizations.weight[0].u.clone()
+        lin(x)
+    assert torch.equal(u, lin.parametrizations.weight[0].u)
+    assert torch.linalg.matrix_norm(lin.weight.detach(), ord=2) == pytest.approx(
+        gamma.item(), rel=1e-5
+    )
+
+
+def test_state_dict_round_trip():
+    torch.manual_seed(0)
+    a, b = sigma_reparam(nn.Linear(6, 4)), sigma_reparam(nn.Linear(6, 4))
+    with torch.no_grad():
+        a.parametrizations.weight[0].gamma.mul_(1.7)
+        a(torch.randn(2, 6))
+    b.load_state_dict(a.state_dict())
+    assert set(a.state_dict()) == {
+        "bias",
+        "parametrizations.weight.original",
+        "parametrizations.weight.0.gamma",
+        "parametrizations.weight.0.u",
+    }
+    x = torch.randn(3, 6)
+    assert torch.equal(a(x), b(x))
+
+
+def test_non_linear_modules_are_rejected():
+    with pytest.raises(TypeError, match="expects an nn.Linear, got Conv2d"):
+        sigma_reparam(nn.Conv2d(3, 3, 3))
+    with pytest.raises(TypeError, match="must be a 2-D Parameter"):
+        sigma_reparam(nn.LayerNorm(4), name="weight_x")
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = SDPAAttention()
+        self.mlp = nn.Linear(32, 32)
+
+    def forward(self, x):
+        x = x + self.attn(x, causal=True)
+        return x + self.mlp(x)
+
+
+def blocks(n=2):
+    torch.manual_seed(0)
+    m = nn.Sequential(*[Block() for _ in range(n)])
+    return m
+
+
+def test_start_mode_reparametrises_attention_projections_only_and_feeds_the_optimizer():
+    model = blocks()
+    x = torch.randn(2, 6, 32)
+    before = model(x).detach()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    sink = Recorder()
+    mon = CollapseMonitor(
+        model,
+        [probes.AttentionEntropy("*.attn", name="attn")],
+        1,
+        sinks=[sink],
+        mitigations=[mitigations.SigmaReparam("*.attn")],
+    )
+    assert torch.allclose(model(x), before, rtol=1e-5, atol=1e-6)
+    from torch.nn.utils import parametrize
+
+    assert parametrize.is_parametrized(model[0].attn.q) and parametrize.is_parametrized(
+        model[1].attn.kv
+    )
+    assert not parametrize.is_parametrized(model[0].mlp)
+    with mon.observe():
+        loss = model(x).pow(2).mean()
+    loss.backward()
+    opt.step()
+    mon.step(optimizer=opt)
+    gammas = [g for g in opt.param_groups[1:] for _ in g["params"]]
+    assert len(opt.param_groups) == 1 + 4 and all(g["weight_decay"] == 0.05 for g in gammas)
+    assert sink.events[0][1] == "sigma_reparam" and sink.events[0][2]["count"] == 4
+
+
+def train_steps(model, mon, opt, xs):
+    for x in xs:
+        with mon.observe():
+            loss = model(x).pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        mon.step(optimizer=opt)
+
+
+def rule_monitor(model, layer_glob="collapse/attn/0.attn/entropy_norm"):
+    return CollapseMonitor(
+        model,
+        [probes.AttentionEntropy("*.attn", name="attn")],
+        2,
+        default_rules=False,
+        rules=[Rule(layer_glob, 10.0, "below", name="attn/entropy_collapse")],
+        mitigations=[mitigations.SigmaReparam("*.attn", when="rule")],
+    )
+
+
+def test_rule_mode_applies_to_the_layer_that_fired_and_resumes_exactly():
+    from torch.nn.utils import parametrize
+
+    xs = [torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    model = blocks()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    mon = rule_monitor(model)
+    train_steps(model, mon, opt, xs[:4])  # the rule fires at the log of step 2
+    assert parametrize.is_parametrized(model[0].attn.q) and not parametrize.is_parametrized(
+        model[1].attn.q
+    )
+    assert len(opt.param_groups) == 3  # two gammas, one group each
+    buffer = io.BytesIO()  # a real checkpoint: nothing shared with the running objects
+    torch.save(
+        {"model": model.state_dict(), "opt": opt.state_dict(), "monitor": mon.state_dict()}, buffer
+    )
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=False)
+
+    resumed = blocks()
+    opt2 = torch.optim.Adam(resumed.parameters(), lr=1e-2)
+    mon2 = rule_monitor(resumed)
+    mon2.load_state_dict(state["monitor"], optimizer=opt2)  # re-applies σReparam first
+    resumed.load_state_dict(state["model"])
+    opt2.load_state_dict(state["opt"])
+    train_steps(model, mon, opt, xs[4:])
+    train_steps(resumed, mon2, opt2, xs[4:])
+    for (name, a), (_, b) in zip(model.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_bad_selection_names_what_it_found():
+    with pytest.raises(ValueError, match=r"no attention projection.*\['mlp'\]"):
+        model = nn.Sequential()
+        model.add_module("mlp", nn.Linear(3, 3))
+        CollapseMonitor(model, [], mitigations=[mitigations.SigmaReparam("mlp")])
