@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any, Callable, Optional, Union
 
 import lightning as L
+import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from monitor.mitigations.base import Mitigation
@@ -54,6 +55,17 @@ class LightningLoggerSink(Sink):
     def flush(self) -> None:
         for tb in self._tb_sinks():
             tb.flush()
+
+
+def _optimizers_in(out: Any) -> list:
+    """The optimizers in whatever ``configure_optimizers`` returned."""
+    if isinstance(out, torch.optim.Optimizer):
+        return [out]
+    if isinstance(out, Mapping):
+        return _optimizers_in(out.get("optimizer"))
+    if isinstance(out, (list, tuple)):
+        return [o for item in out for o in _optimizers_in(item)]
+    return []
 
 
 def default_targets(batch: Any) -> Any:
@@ -135,6 +147,32 @@ class CollapseCallback(L.Callback):
         if self._pending_state is not None:
             self.monitor.load_state_dict(self._pending_state)
             self._pending_state = None
+        self._wrap_module(pl_module)
+
+    def _wrap_module(self, pl_module: L.LightningModule) -> None:
+        # Lightning loads the model's weights before any callback state: a mitigation that
+        # changed the model's structure (σReparam) must be re-applied from the checkpoint first,
+        # and the optimizers that configure_optimizers builds must get the same param groups.
+        load, configure = pl_module.on_load_checkpoint, pl_module.configure_optimizers
+
+        def on_load_checkpoint(checkpoint):
+            state = checkpoint.get("callbacks", {}).get(self.state_key)
+            if state and self.monitor is not None:
+                self.monitor.restore_structure(state)
+            return load(checkpoint)
+
+        def configure_optimizers():
+            out = configure()
+            if self.monitor is not None:
+                for opt in _optimizers_in(out):
+                    self.monitor.adopt_optimizer(opt)
+            return out
+
+        pl_module.on_load_checkpoint = on_load_checkpoint
+        pl_module.configure_optimizers = configure_optimizers
+        self._unwrap = lambda: [
+            pl_module.__dict__.pop(n, None) for n in ("on_load_checkpoint", "configure_optimizers")
+        ]
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._stop_observing()
@@ -142,6 +180,7 @@ class CollapseCallback(L.Callback):
             self._pending_state = self.monitor.state_dict(sync=False)
             self.monitor.close()
             self.monitor = None
+            self._unwrap()
 
     def state_dict(self) -> dict:
         if self.monitor is not None:

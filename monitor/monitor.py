@@ -287,6 +287,18 @@ class CollapseMonitor:
             "mitigations": [m.state_dict() for m in self.mitigations],
         }
 
+    def restore_structure(self, state: dict) -> None:
+        """Re-apply what mitigations changed in the model's structure (σReparam) from a saved
+        state, before the model's own weights are loaded."""
+        for m, s in zip(self.mitigations, state.get("mitigations", [])):
+            m.load_state_dict(s)
+
+    def adopt_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Let mitigations that add parameters arrange a new optimizer's groups as before."""
+        for m in self.mitigations:
+            if hasattr(m, "adopt_optimizer"):
+                m.adopt_optimizer(optimizer)
+
     def load_state_dict(self, state: dict, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Restore :meth:`state_dict`. Under distributed runs every rank loads the same (reduced)
         state; ranks other than 0 keep its shifts and lagged centres but start their window

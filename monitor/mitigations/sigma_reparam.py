@@ -163,6 +163,7 @@ class SigmaReparam(Mitigation):
         self.all_linear = all_linear
         self.optimizer = optimizer
         self.applied: list[str] = []  # "<module path>:<parameter name>", in application order
+        self.param_order: list[str] | None = None  # model.named_parameters() before any change
         self._pending: list[tuple[nn.Parameter, nn.Parameter]] = []  # (gamma, original weight)
 
     def __repr__(self) -> str:
@@ -202,6 +203,8 @@ class SigmaReparam(Mitigation):
     def _apply_one(self, path: str, mod: nn.Module, pname: str, sync_grads: bool) -> bool:
         if parametrize.is_parametrized(mod, pname):
             return False
+        if self.param_order is None:
+            self.param_order = [n for n, _ in self.model.named_parameters()]
         sigma_reparam(mod, pname)
         gamma = getattr(mod.parametrizations, pname)[0].gamma
         group = self.monitor.process_group
@@ -263,7 +266,35 @@ class SigmaReparam(Mitigation):
         return events
 
     def state_dict(self) -> dict:
-        return {"applied": list(self.applied)}
+        return {"applied": list(self.applied), "param_order": self.param_order}
+
+    def adopt_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Give a freshly built optimizer the param groups of the original run: rule-applied
+        ``gamma`` parameters in groups of their own, in application order (a resumed run's
+        ``configure_optimizers`` sees them among the model's parameters)."""
+        if self.when != "rule" or not self.applied:
+            return
+        modules = dict(self.model.named_modules())
+        gammas = []
+        for entry in self.applied:
+            path, pname = entry.rsplit(":", 1)
+            plist = getattr(modules[path].parametrizations, pname)
+            gammas.append((plist[0].gamma, plist.original))
+        ids = {id(g) for g, _ in gammas}
+        # parametrize moved each weight after its module's other parameters: put every group
+        # back in the order the original run's optimizer had (its state is matched by position)
+        rank = {n: i for i, n in enumerate(self.param_order or [])}
+        position = {
+            id(p): rank.get(
+                n.replace(".parametrizations.", ".").removesuffix(".original"), len(rank)
+            )
+            for n, p in self.model.named_parameters()
+        }
+        for group in optimizer.param_groups:
+            kept = [p for p in group["params"] if id(p) not in ids]
+            group["params"] = sorted(kept, key=lambda p: position.get(id(p), len(rank)))
+        self._pending = gammas
+        self._register(optimizer)
 
     def on_step(self, monitor, optimizer) -> None:
         if optimizer is not None:
@@ -273,6 +304,7 @@ class SigmaReparam(Mitigation):
     def load_state_dict(self, state: dict, optimizer=None) -> None:
         self.optimizer = optimizer or self.optimizer
         modules = dict(self.model.named_modules())
+        self.param_order = state.get("param_order") or self.param_order
         self.applied = []
         for entry in state.get("applied", []):  # in the original order: param groups match
             path, pname = entry.rsplit(":", 1)

@@ -169,3 +169,62 @@ def test_default_targets_and_errors():
     assert default_targets({"targets": 4}) == 4
     with pytest.raises(ValueError, match="targets="):
         default_targets({"x": 1})
+
+
+class AttentionModule(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        from tests.test_sigma_reparam import blocks
+
+        self.net = blocks()
+
+    def training_step(self, batch, batch_idx):
+        return self.net(batch[0]).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+@pytest.mark.parametrize("when", ["start", "rule"])
+def test_sigma_reparam_checkpoint_resume(tmp_path, when):
+    from monitor import mitigations
+
+    data = DataLoader(
+        TensorDataset(torch.randn(32, 6, 32, generator=torch.Generator().manual_seed(0))),
+        batch_size=8,
+    )
+
+    def cb():
+        rules = [
+            Rule(
+                "collapse/attn/net.0.attn/entropy_norm", 10.0, "below", name="attn/entropy_collapse"
+            )
+        ]
+        return CollapseCallback(
+            [probes.AttentionEntropy("net.*.attn", name="attn")],
+            log_every_n_steps=3,
+            default_rules=False,
+            rules=rules if when == "rule" else [],
+            mitigations=[mitigations.SigmaReparam("net.*.attn", when=when)],
+        )
+
+    tag = "collapse/attn/net.1.attn/entropy/head_0"
+    trainer(tmp_path, "whole", 3, callbacks=[cb()]).fit(AttentionModule(), data)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer(tmp_path, "first", 1, enable_checkpointing=True, callbacks=[cb(), ckpt]).fit(
+        AttentionModule(), data
+    )
+    resumed = AttentionModule()
+    trainer(tmp_path, "second", 3, callbacks=[cb()]).fit(
+        resumed, data, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
+    )
+    from torch.nn.utils import parametrize
+
+    assert parametrize.is_parametrized(resumed.net[0].attn.q)
+    assert parametrize.is_parametrized(resumed.net[1].attn.q) == (when == "start")
+    a = scalars(tmp_path / "whole" / "version_0", tag)
+    b = scalars(tmp_path / "first" / "version_0", tag)
+    b.update(scalars(tmp_path / "second" / "version_0", tag))
+    assert sorted(a) == sorted(b) == [3, 6, 9, 12]
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5), step
