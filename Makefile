@@ -22,6 +22,7 @@ demo: setup
 	$(PY) examples/vq_dead_codes.py --out runs/demo/vq_dead_codes
 	$(PY) examples/vae_posterior_collapse.py --out runs/demo/vae_posterior_collapse
 	$(PY) examples/simsiam_collapse.py --out runs/demo/simsiam_collapse
+	$(PY) examples/attention_entropy_collapse.py --out runs/demo/attention_entropy_collapse
 	@echo "view the logs: $(VENV)/bin/tensorboard --logdir runs/demo"
 
 

@@ -63,6 +63,15 @@ def test_simsiam_example_collapses_without_stop_gradient(tmp_path):
     assert (tmp_path / "simsiam_collapse.png").exists()
 
 
+def test_attention_example_collapses_without_sigma_reparam(tmp_path):
+    runs = load_example("attention_entropy_collapse").main(["--out", str(tmp_path)])
+    plain, sigma = runs["plain"], runs["σReparam"]
+    assert plain["min_entropy_norm"] < 0.05 and plain["max_logit"] > 1000
+    assert sigma["min_over_run"] > 0.2 and sigma["max_logit"] < 200
+    assert sigma["loss"] < plain["loss"] - 0.3
+    assert (tmp_path / "attention_entropy_collapse.png").exists()
+
+
 def readme_snippets():
     text = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)

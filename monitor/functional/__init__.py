@@ -1,6 +1,6 @@
 """Whole-tensor float64 reference implementations of every metric."""
 
-from .attention import attention_entropy
+from .attention import attention_entropy, entropy_from_logits, entropy_from_probs
 from .codebook import codebook_usage, usage_from_counts
 from .neural_collapse import (
     metrics_from_class_statistics,
@@ -17,6 +17,8 @@ from .representation import (
 
 __all__ = [
     "attention_entropy",
+    "entropy_from_logits",
+    "entropy_from_probs",
     "codebook_usage",
     "effective_rank",
     "frechet_distance",

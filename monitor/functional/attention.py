@@ -34,12 +34,15 @@ def entropy_from_logits(
     """
     s = logits if logits.dtype in (torch.float32, _F64) else logits.float()
     allowed = allowed.expand_as(s)
-    masked = torch.where(allowed, s, -float("inf"))
     n = allowed.sum(-1)
-    lse = torch.logsumexp(masked, -1)
-    lse = torch.where(n > 0, lse, 0.0)
-    p = torch.exp(masked - lse[..., None])
-    weighted = torch.where(allowed, p * s, 0.0).sum(-1)
+    masked = torch.where(allowed, s, -float("inf"))
+    # shift each row by its maximum: with |s| ~ 1e4 (collapsed attention) lse and sum p*s agree to
+    # ~1e-3 nats in float32 and their difference would be noise (even negative)
+    top = torch.where(n > 0, masked.amax(-1), 0.0)
+    shifted = torch.where(allowed, s - top[..., None], -float("inf"))
+    lse = torch.where(n > 0, torch.logsumexp(shifted, -1), 0.0)
+    p = torch.exp(shifted - lse[..., None])
+    weighted = torch.where(allowed, p * shifted, 0.0).sum(-1)
     return torch.where(n > 0, lse - weighted, 0.0), n
 
 

@@ -257,3 +257,15 @@ def test_a_selection_without_attention_is_an_error_naming_it():
         m(torch.randn(2, 4))
     with pytest.raises(ValueError, match=r"no attention.*'mlp' \(Linear\)"):
         mon.step()
+
+
+def test_collapsed_attention_with_huge_logits_keeps_entropy_accurate():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 16, 40, generator=g) * 3e4  # attention logits of a collapsed layer
+    allowed = torch.rand(2, 1, 16, 40, generator=g) > 0.3
+    H, n = MF.entropy_from_logits(logits, allowed)
+    ref, _ = MF.entropy_from_probs(
+        torch.softmax(logits.double().masked_fill(~allowed, -float("inf")), -1), allowed
+    )
+    assert (H >= 0).all()
+    assert torch.allclose(H.double(), ref, atol=1e-6)
