@@ -2,6 +2,7 @@
 
 import os
 import socket
+from contextlib import contextmanager
 from datetime import timedelta
 
 import pytest
@@ -34,6 +35,23 @@ def free_port():
         return s.getsockname()[1]
 
 
+@contextmanager
+def process_group(rank, port):
+    """A 2-rank gloo group; a mismatched collective fails after 60 s instead of hanging."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def run_two(worker, tmp_path, name):
+    """Run ``worker(rank, port, out_dir)`` on 2 processes; load what each saved as ``<name><rank>.pt``."""
+    mp.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    return [torch.load(tmp_path / f"{name}{r}.pt", weights_only=False) for r in range(2)]
+
+
 def data():
     x, y = clustered(C, D, 700, offset=50.0, noise=0.1, seed=5)
     return x.float(), y
@@ -47,10 +65,7 @@ def shard(rank, x, y):
 
 
 def worker(rank, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    # a mismatched collective fails after the timeout instead of hanging the suite
-    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))
-    try:
+    with process_group(rank, port):
         x, y = data()
         xs, ys = shard(rank, x, y)
         torch.manual_seed(0)
@@ -87,15 +102,11 @@ def worker(rank, port, out_dir):
             },
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dist")
-    mp.spawn(worker, args=(free_port(), str(out)), nprocs=2, join=True)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return run_two(worker, tmp_path_factory.mktemp("dist"), "rank")
 
 
 def test_all_reduced_statistics_equal_single_process_union(results):
@@ -146,9 +157,7 @@ def reset_worker(rank, port, out_dir):
     from monitor import mitigations
     from tests.test_reset_dead_codes import VQ, Model, concentrated
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))
-    try:
+    with process_group(rank, port):
         torch.manual_seed(0)  # same initial codebook on both ranks
         model = Model(VQ(16, 4))
         probe = probes.CodebookUsage("vq", 16, ema_decay=0.5, warmup_steps=1)
@@ -165,13 +174,10 @@ def reset_worker(rank, port, out_dir):
             },
             os.path.join(out_dir, f"reset{rank}.pt"),
         )
-    finally:
-        dist.destroy_process_group()
 
 
 def test_dead_code_reset_leaves_identical_replicas(tmp_path):
-    mp.spawn(reset_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
-    r0, r1 = (torch.load(tmp_path / f"reset{r}.pt", weights_only=False) for r in range(2))
+    r0, r1 = run_two(reset_worker, tmp_path, "reset")
     assert r0["metrics"]["collapse/mitigations/reset_dead_codes"] > 0
     assert r0["metrics"] == r1["metrics"]
     assert torch.equal(r0["codebook"], r1["codebook"])
@@ -192,9 +198,7 @@ def index_stream(rank):
 def usage_worker(rank, port, out_dir):
     from tests.probes.test_codebook_usage import Quantizer
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))
-    try:
+    with process_group(rank, port):
         q = nn.Sequential()
         q.add_module("vq", Quantizer())
         probe = probes.CodebookUsage("vq", 24, ema_decay=0.7, warmup_steps=2)
@@ -204,15 +208,12 @@ def usage_worker(rank, port, out_dir):
                 q.vq(torch.zeros(len(idx), 1), idx)
             metrics = mon.step()
         torch.save(metrics, os.path.join(out_dir, f"usage{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_codebook_usage_under_ddp_equals_the_pooled_reference(tmp_path):
     import numpy as np
 
-    mp.spawn(usage_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
-    m0, m1 = (torch.load(tmp_path / f"usage{r}.pt", weights_only=False) for r in range(2))
+    m0, m1 = run_two(usage_worker, tmp_path, "usage")
     assert m0 == m1
     streams = [index_stream(r) for r in range(2)]
     union = torch.cat([torch.cat(s) for s in streams])
@@ -239,9 +240,7 @@ def representation_data():
 def representation_worker(rank, port, out_dir):
     from tests.probes.test_representation_probes import Returns
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))
-    try:
+    with process_group(rank, port):
         torch.manual_seed(0)
         z, mu, logvar, groups = representation_data()
         mine = torch.arange(600)[:250] if rank == 0 else torch.arange(600)[250:]  # uneven
@@ -262,13 +261,10 @@ def representation_worker(rank, port, out_dir):
                 model.emb(z[idx])
                 model.post(torch.cat([mu[idx], logvar[idx]], 1))
         torch.save(mon.compute(), os.path.join(out_dir, f"repr{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_representation_probes_under_ddp_equal_the_union(tmp_path):
-    mp.spawn(representation_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
-    m0, m1 = (torch.load(tmp_path / f"repr{r}.pt", weights_only=False) for r in range(2))
+    m0, m1 = run_two(representation_worker, tmp_path, "repr")
     assert m0 == m1
     torch.manual_seed(0)
     z, mu, logvar, groups = representation_data()
@@ -286,9 +282,7 @@ def test_representation_probes_under_ddp_equal_the_union(tmp_path):
 def attention_worker(rank, port, out_dir):
     from tests.probes.test_attention_entropy import SDPAAttention
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))
-    try:
+    with process_group(rank, port):
         torch.manual_seed(0)
         m = nn.Sequential()
         m.add_module("attn", SDPAAttention())
@@ -297,15 +291,12 @@ def attention_worker(rank, port, out_dir):
         with mon.observe():
             m.attn(x[:2] if rank == 0 else x[2:], causal=True)  # uneven shards
         torch.save(mon.step(), os.path.join(out_dir, f"attn{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_attention_entropy_under_ddp_equals_one_process(tmp_path):
     from tests.probes.test_attention_entropy import SDPAAttention
 
-    mp.spawn(attention_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
-    m0, m1 = (torch.load(tmp_path / f"attn{r}.pt", weights_only=False) for r in range(2))
+    m0, m1 = run_two(attention_worker, tmp_path, "attn")
     assert m0 == m1
     torch.manual_seed(0)
     m = nn.Sequential()
@@ -324,9 +315,7 @@ def sigma_worker(rank, port, out_dir):
 
     from tests.test_sigma_reparam import blocks, rule_monitor
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))
-    try:
+    with process_group(rank, port):
         model = blocks()
         ddp = DistributedDataParallel(model)
         opt = torch.optim.Adam(ddp.parameters(), lr=1e-2)
@@ -346,13 +335,10 @@ def sigma_worker(rank, port, out_dir):
             {k: v.clone() for k, v in model.state_dict().items()},
             os.path.join(out_dir, f"sigma{rank}.pt"),
         )
-    finally:
-        dist.destroy_process_group()
 
 
 def test_sigma_reparam_mid_training_keeps_ddp_replicas_identical(tmp_path):
-    mp.spawn(sigma_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
-    s0, s1 = (torch.load(tmp_path / f"sigma{r}.pt", weights_only=False) for r in range(2))
+    s0, s1 = run_two(sigma_worker, tmp_path, "sigma")
     assert "0.attn.q.parametrizations.weight.0.gamma" in s0
     assert s0.keys() == s1.keys()
     for key in s0:
