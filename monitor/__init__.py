@@ -3,7 +3,7 @@
 >>> from monitor import CollapseMonitor, probes, mitigations, functional
 """
 
-from . import functional, mitigations, probes, stats
+from . import functional, losses, mitigations, probes, stats
 from .monitor import CollapseMonitor
 from .rules import Alert, Rule
 from .sinks import Sink
@@ -16,6 +16,7 @@ __all__ = [
     "Rule",
     "Sink",
     "functional",
+    "losses",
     "mitigations",
     "probes",
     "stats",

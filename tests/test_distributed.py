@@ -343,3 +343,45 @@ def test_sigma_reparam_mid_training_keeps_ddp_replicas_identical(tmp_path):
     assert s0.keys() == s1.keys()
     for key in s0:
         assert torch.equal(s0[key], s1[key]), key
+
+
+def health_worker(rank, port, out_dir):
+    from monitor import mitigations
+    from tests.probes.test_logit_probes import dead_mlp
+
+    with process_group(rank, port):
+        m = dead_mlp()
+        m.add_module("out", nn.Identity())
+        mon = CollapseMonitor(
+            m,
+            [probes.DormantUnits("1", name="dormant"), probes.LogitHealth("2", name="logits")],
+            2,
+            mitigations=[mitigations.ReDo()],
+        )
+        g = torch.Generator().manual_seed(rank)
+        for _ in range(2):
+            x = torch.randn(20 + 30 * rank, 10, generator=g)
+            with mon.observe(targets=torch.zeros(len(x), dtype=torch.long)):
+                m(x)
+            metrics = mon.step()
+        torch.save(
+            {"metrics": metrics, "weights": {k: v.clone() for k, v in m.state_dict().items()}},
+            os.path.join(out_dir, f"health{rank}.pt"),
+        )
+
+
+def test_dormant_units_logit_health_and_redo_under_ddp(tmp_path):
+    from tests.probes.test_logit_probes import dead_mlp
+
+    r0, r1 = run_two(health_worker, tmp_path, "health")
+    assert r0["metrics"] == r1["metrics"]
+    assert r0["metrics"]["collapse/mitigations/redo"] == 6
+    for key in r0["weights"]:
+        assert torch.equal(r0["weights"][key], r1["weights"][key]), key
+    m = dead_mlp()
+    gens = [torch.Generator().manual_seed(r) for r in range(2)]
+    batches = [torch.randn(20 + 30 * r, 10, generator=gens[r]) for _ in range(2) for r in range(2)]
+    logits = m(torch.cat(batches)).detach()
+    ref = F.logit_health(logits, torch.zeros(len(logits), dtype=torch.long))
+    assert r0["metrics"]["collapse/logits/log_z_mean"] == pytest.approx(ref["log_z_mean"], rel=1e-6)
+    assert r0["metrics"]["collapse/dormant/1/dormant_fraction"] == 6 / 32

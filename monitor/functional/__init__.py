@@ -2,6 +2,7 @@
 
 from .attention import attention_entropy, entropy_from_logits, entropy_from_probs
 from .codebook import codebook_usage, usage_from_counts
+from .logits import dormant_units, logit_health, softmax_collapsed, token_uniformity, zero_loss
 from .neural_collapse import (
     metrics_from_class_statistics,
     nearest_class_center_mismatch,
@@ -20,6 +21,11 @@ __all__ = [
     "entropy_from_logits",
     "entropy_from_probs",
     "codebook_usage",
+    "dormant_units",
+    "logit_health",
+    "softmax_collapsed",
+    "token_uniformity",
+    "zero_loss",
     "effective_rank",
     "frechet_distance",
     "metrics_from_class_statistics",

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .. import _dist
 from .._modules import resolve_modules
 
 if TYPE_CHECKING:
@@ -111,6 +112,31 @@ class Probe:
 
     def load_state_dict(self, state: dict, keep_window: bool = True) -> None:
         raise NotImplementedError
+
+
+class WindowedProbe(Probe):
+    """A probe whose window is a dict of statistics that all-reduce and save together."""
+
+    def _synced(self, group=None, sync: bool = True) -> dict:
+        if not (sync and _dist.is_distributed(group)):
+            return self.window
+        return {k: v.clone().all_reduce(group) for k, v in self.window.items()}
+
+    def _move(self, device: torch.device) -> None:
+        for stat in self.window.values():
+            if stat.device != device:
+                stat.to(device)
+
+    def state_dict(self, group=None, sync: bool = True) -> dict:
+        return {k: v.state_dict() for k, v in self._synced(group, sync).items()}
+
+    def load_state_dict(self, state: dict, keep_window: bool = True) -> None:
+        win = self.new_window()
+        for key, stat in win.items():
+            stat.load_state_dict(state[key])
+            if not keep_window:
+                stat.reset()
+        self.window = win
 
 
 def first_tensor(args: tuple, kwargs: dict) -> Any:

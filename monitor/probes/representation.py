@@ -10,7 +10,7 @@ from .. import _dist
 from ..functional import representation as R
 from ..rules import Rule
 from ..stats import ClassMoments, Counter, SumStatistic
-from .base import Probe, first_tensor
+from .base import WindowedProbe, first_tensor
 
 _F64 = torch.float64
 
@@ -19,32 +19,7 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.detach().reshape(-1, x.shape[-1])
 
 
-class _Windowed(Probe):
-    """A probe whose window is a dict of statistics that all-reduce and save together."""
-
-    def _synced(self, group=None, sync: bool = True) -> dict:
-        if not (sync and _dist.is_distributed(group)):
-            return self.window
-        return {k: v.clone().all_reduce(group) for k, v in self.window.items()}
-
-    def _move(self, device: torch.device) -> None:
-        for stat in self.window.values():
-            if stat.device != device:
-                stat.to(device)
-
-    def state_dict(self, group=None, sync: bool = True) -> dict:
-        return {k: v.state_dict() for k, v in self._synced(group, sync).items()}
-
-    def load_state_dict(self, state: dict, keep_window: bool = True) -> None:
-        win = self.new_window()
-        for key, stat in win.items():
-            stat.load_state_dict(state[key])
-            if not keep_window:
-                stat.reset()
-        self.window = win
-
-
-class RepresentationRank(_Windowed):
+class RepresentationRank(WindowedProbe):
     """Dimensional collapse of embeddings: effective rank, RankMe and SimSiam's normalised std.
 
     Embeddings are the module's output (``read="input"`` for its input), ``(N, D)`` or
@@ -195,7 +170,7 @@ class RepresentationRank(_Windowed):
         return {} if self._spectrum is None else {"spectrum": self._spectrum}
 
 
-class PosteriorCollapse(_Windowed):
+class PosteriorCollapse(WindowedProbe):
     """Posterior collapse of a VAE encoder with a diagonal Gaussian posterior and N(0, I) prior.
 
     Reads ``(mu, logvar)`` from the module's output: a tuple/list of two tensors, a dict with

@@ -1,0 +1,171 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from monitor import CollapseMonitor, losses, mitigations, probes
+from monitor import functional as F
+from tests.stats.test_class_moments import random_split
+from tests.test_monitor import Recorder
+
+
+def test_softmax_collapse_known_answers():
+    gap = torch.zeros(6, 10)
+    gap[:, 3] = 200.0
+    assert F.softmax_collapsed(gap).all()  # float32: exp(-200) underflows
+    assert not F.softmax_collapsed(torch.zeros(6, 10)).any()
+    gap30 = torch.zeros(2, 10)
+    gap30[:, 0] = 30.0  # 9 exp(-30) = 8e-13: below float32's 2^-24, above float64's 2^-53
+    assert F.softmax_collapsed(gap30).all() and not F.softmax_collapsed(gap30, torch.float64).any()
+    near = torch.zeros(1, 10)
+    near[0, 0] = 15.0  # exp(-15) * 9 = 2.8e-6 > 2^-24: not collapsed in float32
+    assert not F.softmax_collapsed(near).any()
+    assert (
+        F.zero_loss(gap, torch.full((6,), 3)).all()
+        and not F.zero_loss(gap, torch.zeros(6, dtype=torch.long)).any()
+    )
+
+
+def test_losses_match_their_formulas():
+    g = torch.Generator().manual_seed(0)
+    z, y = torch.randn(5, 7, generator=g) * 3, torch.randint(0, 7, (5,), generator=g)
+    assert losses.z_loss(z).item() == pytest.approx(
+        1e-4 * (torch.logsumexp(z, -1) ** 2).mean().item(), rel=1e-6
+    )
+    ref = []
+    for row, t in zip(z.double().tolist(), y.tolist()):
+        s = [x + 1 if x >= 0 else 1 / (1 - x) for x in row]
+        ref.append(-math.log(s[t] / sum(s)))
+    assert losses.stablemax_cross_entropy(z, y).item() == pytest.approx(sum(ref) / 5, rel=1e-12)
+    z.requires_grad_(True)
+    losses.stablemax_cross_entropy(z, y).backward()
+    assert torch.isfinite(z.grad).all()
+
+
+def head_model(C=12):
+    torch.manual_seed(0)
+    m = nn.Sequential()
+    m.add_module("head", nn.Linear(8, C))
+    return m
+
+
+def test_logit_health_streams_the_whole_tensor_values_and_nlm_cosine():
+    m = head_model()
+    with torch.no_grad():
+        m.head.weight[:, :] *= 40  # large logits: some rows collapse
+    x = torch.randn(300, 8)
+    y = m.head(x).argmax(1)
+    y[::3] = 0
+    mon = CollapseMonitor(m, [probes.LogitHealth("head")], 10**6)
+    for idx in torch.split(torch.arange(300), random_split(300, 5, 0)):
+        with mon.observe(targets=y[idx]):
+            m(x[idx])
+    got = {k.split("/")[-1]: v for k, v in mon.compute().items()}
+    ref = F.logit_health(m.head(x).detach(), y)
+    for key in (
+        "softmax_collapse",
+        "zero_loss_fraction",
+        "log_z_mean",
+        "log_z_max",
+        "logit_max",
+        "logit_norm",
+    ):
+        assert got[key] == pytest.approx(ref[key], rel=1e-6), key
+    assert 0 < got["softmax_collapse"] < 1
+    # NLM cosine: read from the head's gradient on the logging step only
+    mon2 = CollapseMonitor(m, [probes.LogitHealth("head", name="h2")], 1)
+    with mon2.observe(targets=y):
+        loss = nn.functional.cross_entropy(m(x), y)
+    loss.backward()
+    g = m.head.weight.grad
+    metrics = mon2.step()
+    want = torch.nn.functional.cosine_similarity(
+        -g.flatten(), m.head.weight.flatten(), dim=0
+    ).item()
+    assert metrics["collapse/h2/nlm_cosine"] == pytest.approx(want, rel=1e-6)
+
+
+def test_token_uniformity_known_answers_and_padding():
+    tok = torch.randn(1, 1, 16)
+    same = tok.expand(3, 6, 16)
+    rho, r_f = F.token_uniformity(same)
+    assert torch.allclose(rho, torch.ones(3, dtype=torch.float64)) and torch.allclose(
+        r_f, torch.zeros(3, dtype=torch.float64), atol=1e-7
+    )
+    x = torch.randn(4, 9, 16)
+    mask = torch.ones(4, 9, dtype=torch.bool)
+    mask[1, 5:] = False
+    x_pad = x.clone()
+    x_pad[1, 5:] = 100.0  # padding must not count
+    rho, r_f = F.token_uniformity(x_pad, mask)
+    r1, f1 = F.token_uniformity(x[1:2, :5])
+    assert rho[1] == pytest.approx(r1.item(), rel=1e-9) and r_f[1] == pytest.approx(
+        f1.item(), rel=1e-9
+    )
+    # the probe: per layer, averaged over sequences
+    blocks = nn.Sequential(nn.Identity(), nn.Identity())
+    mon = CollapseMonitor(blocks, [probes.TokenUniformity("*", name="depth")], 10**6)
+    with mon.observe(mask=mask):
+        blocks(x_pad)
+    got = mon.compute()
+    assert got["collapse/depth/0/rho"] == pytest.approx(rho.mean().item(), rel=1e-9)
+    assert got["collapse/depth/1/r_f"] == pytest.approx(r_f.mean().item(), rel=1e-9)
+
+
+def dead_mlp():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 4))
+    with torch.no_grad():
+        m[0].bias[:6] = -100.0  # six ReLUs that never fire
+    return m
+
+
+def test_dormant_units_match_the_reference_score():
+    m = dead_mlp()
+    x = torch.randn(400, 10)
+    mon = CollapseMonitor(m, [probes.DormantUnits("1", name="dormant")], 10**6)
+    for idx in torch.split(torch.arange(400), [100, 250, 50]):
+        with mon.observe():
+            m(x[idx])
+    got = mon.compute()
+    ref = F.dormant_units(torch.relu(m[0](x)))
+    assert (
+        got["collapse/dormant/1/dormant_fraction"]
+        == pytest.approx(ref["dormant_fraction"])
+        == 6 / 32
+    )
+    assert got["collapse/dormant/1/mean_abs"] == pytest.approx(ref["mean_abs"], rel=1e-9)
+
+
+def test_redo_revives_dormant_units_without_changing_the_output():
+    m = dead_mlp()
+    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+    x = torch.randn(128, 10)
+    sink = Recorder()
+    mon = CollapseMonitor(
+        m,
+        [probes.DormantUnits("1", name="dormant")],
+        2,
+        sinks=[sink],
+        mitigations=[mitigations.ReDo()],
+    )
+    for _ in range(2):
+        with mon.observe():
+            loss = m(x).pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        step_before = opt.state[m[0].weight]["step"].clone()
+        out_before = m(x).detach()
+        mon.step(optimizer=opt)
+    dead = torch.zeros(32, dtype=torch.bool)
+    dead[:6] = True
+    assert torch.equal(m(x).detach(), out_before)  # outgoing weights are zero: same function
+    assert (torch.relu(m[0](x))[:, dead] > 0).any(0).all()  # the units fire again
+    assert (m[0].bias[dead] == 0).all() and (m[2].weight[:, dead] == 0).all()
+    st_in, st_out = opt.state[m[0].weight], opt.state[m[2].weight]
+    assert (st_in["exp_avg"][dead] == 0).all() and (st_in["exp_avg_sq"][dead] == 0).all()
+    assert (st_out["exp_avg"][:, dead] == 0).all() and (st_in["exp_avg"][~dead] != 0).any()
+    assert torch.equal(st_in["step"], step_before)
+    assert sink.events[-1][1] == "redo" and sink.events[-1][2]["count"] == 6
