@@ -23,6 +23,7 @@ demo: setup
 	$(PY) examples/vae_posterior_collapse.py --out runs/demo/vae_posterior_collapse
 	$(PY) examples/simsiam_collapse.py --out runs/demo/simsiam_collapse
 	$(PY) examples/attention_entropy_collapse.py --out runs/demo/attention_entropy_collapse
+	$(PY) examples/grokking_softmax_collapse.py --out runs/demo/grokking_softmax_collapse
 	@echo "view the logs: $(VENV)/bin/tensorboard --logdir runs/demo"
 
 

@@ -72,6 +72,15 @@ def test_attention_example_collapses_without_sigma_reparam(tmp_path):
     assert (tmp_path / "attention_entropy_collapse.png").exists()
 
 
+def test_grokking_example_softmax_collapses_and_stablemax_does_not(tmp_path):
+    runs = load_example("grokking_softmax_collapse").main(["--out", str(tmp_path)])
+    soft, stable = runs["softmax"], runs["stablemax"]
+    late = [m["collapse/logits/softmax_collapse"] for _, m, _, _ in soft["history"][-10:]]
+    assert min(late) > 0.4 and soft["test_acc"] < 0.05  # collapsed, and test accuracy stalls
+    assert max(m["collapse/logits/softmax_collapse"] for _, m, _, _ in stable["history"]) == 0.0
+    assert (tmp_path / "grokking_softmax_collapse.png").exists()
+
+
 def readme_snippets():
     text = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)

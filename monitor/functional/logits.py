@@ -22,10 +22,26 @@ def softmax_collapsed(logits: torch.Tensor, dtype: torch.dtype | None = None) ->
     return torch.exp(shifted).sum(-1) == 1
 
 
+def stablemax_collapsed(logits: torch.Tensor) -> torch.Tensor:
+    """Per row: true when the StableMax probability of the top class is exactly 1 in float64 (the
+    dtype StableMax cross-entropy is computed in): its gradient then vanishes as softmax's does."""
+    from ..losses import stablemax
+
+    return stablemax(logits).amax(-1) == 1
+
+
 def zero_loss(
-    logits: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype | None = None
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    dtype: torch.dtype | None = None,
+    loss: str = "softmax",
 ) -> torch.Tensor:
-    """Per row: true when the cross-entropy computed in ``dtype`` is exactly 0. ``(N, C)``, ``(N,)``."""
+    """Per row: true when the cross-entropy (``loss="softmax"``, computed in ``dtype``) or the
+    StableMax cross-entropy (float64) is exactly 0. ``(N, C)``, ``(N,)``."""
+    if loss == "stablemax":
+        from ..losses import stablemax
+
+        return stablemax(logits).gather(1, targets[:, None])[:, 0] == 1
     z = logits.to(dtype or logits.dtype)
     return F.cross_entropy(z, targets, reduction="none") == 0
 

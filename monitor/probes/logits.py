@@ -50,6 +50,10 @@ class LogitHealth(WindowedProbe):
         module: the module whose output are the logits (the LM or classifier head).
         softmax_dtype: the dtype of the training softmax in which "exactly 1" is tested; default the
             logits' dtype promoted to at least float32 (what cross-entropy uses under autocast).
+        loss: the normaliser the model trains with: ``"softmax"`` (default), or ``"stablemax"``
+            (``monitor.losses.stablemax_cross_entropy``): ``softmax_collapse`` and
+            ``zero_loss_fraction`` then test that StableMax saturates (probability exactly 1 in
+            float64).
         nlm: also report ``nlm_cosine``, the cosine between ``-grad`` and the weight of the head (an
             ``nn.Linear``), read by a gradient hook on logging steps only.
 
@@ -64,10 +68,14 @@ class LogitHealth(WindowedProbe):
         softmax_dtype: torch.dtype | None = None,
         ignore_index: int = -100,
         nlm: bool = True,
+        loss: str = "softmax",
         name: str | None = None,
         extract=None,
     ) -> None:
         super().__init__(module, name, extract)
+        if loss not in ("softmax", "stablemax"):
+            raise ValueError(f"loss must be 'softmax' or 'stablemax', got {loss!r}")
+        self.loss = loss
         self.softmax_dtype = softmax_dtype
         self.ignore_index = ignore_index
         self.nlm = nlm
@@ -132,7 +140,10 @@ class LogitHealth(WindowedProbe):
         sums = self.window["sums"]
         dtype = self.softmax_dtype or torch.promote_types(z.dtype, torch.float32)
         sums.rows += z.shape[0]
-        sums.collapsed += L.softmax_collapsed(z, dtype).sum()
+        if self.loss == "stablemax":
+            sums.collapsed += L.stablemax_collapsed(z).sum()
+        else:
+            sums.collapsed += L.softmax_collapsed(z, dtype).sum()
         targets = self.monitor.context.get("targets")
         if targets is not None:
             y = torch.as_tensor(targets, device=z.device).reshape(-1)
@@ -141,7 +152,7 @@ class LogitHealth(WindowedProbe):
                     path, f"targets of {y.numel()} entries for {z.shape[0]} logit rows"
                 )
             keep = y != self.ignore_index
-            zero = L.zero_loss(z, torch.where(keep, y, 0), dtype) & keep
+            zero = L.zero_loss(z, torch.where(keep, y, 0), dtype, self.loss) & keep
             sums.target_rows += keep.sum()
             sums.zero_loss += zero.sum()
         z64 = z.to(_F64)
