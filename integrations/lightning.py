@@ -96,8 +96,8 @@ class CollapseCallback(L.Callback):
         probes: probe instances; module paths are relative to the ``LightningModule``.
         targets: how to read labels from a batch: ``None`` (``batch[1]`` or
             ``batch["labels"|"targets"]``), an int index, a str key, or ``callable(batch)``.
-        log_every_n_steps, rules, default_rules, mitigations, on_alert, observe_every_n_steps:
-            as in :class:`~monitor.CollapseMonitor`.
+        log_every_n_steps, rules, default_rules, mitigations, on_alert, observe_every_n_steps,
+        strict: as in :class:`~monitor.CollapseMonitor`.
         validation: take validation snapshots.
         context: ``callable(batch) -> dict`` of extra ``observe()`` keywords, e.g.
             ``lambda batch: {"groups": batch["site"]}`` for ``GroupCollapse``.
@@ -115,6 +115,7 @@ class CollapseCallback(L.Callback):
         observe_every_n_steps: int = 1,
         validation: bool = True,
         context: Optional[Callable[[Any], dict]] = None,
+        strict: bool = False,
     ) -> None:
         self.probes = list(probes)
         self.context = context
@@ -126,6 +127,7 @@ class CollapseCallback(L.Callback):
             mitigations=list(mitigations or []),
             on_alert=on_alert,
             observe_every_n_steps=observe_every_n_steps,
+            strict=strict,
         )
         self.validation = validation
         self.monitor: CollapseMonitor | None = None

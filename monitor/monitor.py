@@ -36,6 +36,10 @@ class CollapseMonitor:
         observe_every_n_steps: record only on every n-th step's ``observe()`` (the others cost
             nothing); metrics are then per observed sample, exactly as with n = 1.
         process_group: ``torch.distributed`` group for the all-reductions (default: WORLD).
+        strict: raise every error of a probe, sink or mitigation (for tests). By default such an
+            error never reaches the training loop: it is logged once with the probe's name,
+            counted in ``collapse/errors`` and the probe (sink, mitigation) is disabled. Under DDP a
+            probe disabled on any rank is disabled on all at the next log, before any collective.
 
     Use ``with monitor.observe(targets=y): out = model(x)`` around the forward pass and
     ``monitor.step()`` once per training step. Call ``close()`` to remove every hook.
@@ -53,6 +57,7 @@ class CollapseMonitor:
         on_alert: Callable[[Alert], None] | Iterable[Callable[[Alert], None]] | None = None,
         observe_every_n_steps: int = 1,
         process_group=None,
+        strict: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -84,6 +89,8 @@ class CollapseMonitor:
         else:
             self.on_alert = list(on_alert)
         self.process_group = process_group
+        self.strict = strict
+        self.errors = 0
         self.global_step = 0
         self.should_stop = False
         self.observing = False
@@ -150,18 +157,62 @@ class CollapseMonitor:
         return (self.global_step + 1) % self.log_every_n_steps == 0
 
     # ----------------------------------------------------------------- readout
+    # ----------------------------------------------------------------- failures
+    def failed(self, owner, exc: Exception) -> None:
+        """An error inside ``owner`` (a probe, sink or mitigation): raise it under ``strict``,
+        else log it once, count it and disable the owner so training goes on."""
+        if self.strict:
+            raise exc
+        self.errors += 1
+        if not getattr(owner, "disabled", False):
+            owner.disabled = True
+            log.error(
+                "collapse monitor: %r failed and is disabled (strict=False): %s: %s",
+                owner,
+                type(exc).__name__,
+                exc,
+            )
+
+    def _agree_on_disabled(self) -> None:
+        """Disable on every rank the probes that failed on any rank (before any collective)."""
+        if not _dist.is_distributed(self.process_group) or not self.probes:
+            return
+        flags = torch.tensor([float(p.disabled) for p in self.probes])
+        _dist.all_reduce_max_(flags, self.process_group)
+        for p, flag in zip(self.probes, flags.tolist()):
+            p.disabled = p.disabled or bool(flag)
+
     def compute(self) -> dict[str, float]:
         """Metrics of the current window (all-reduced across ranks); the window is kept."""
+        self._agree_on_disabled()
         metrics = {}
         for p in self.probes:
-            for key, value in p.compute(self.process_group).items():
+            if p.disabled:
+                continue
+            try:
+                values = p.compute(self.process_group)
+            except Exception as exc:
+                self.failed(p, exc)
+                continue
+            for key, value in values.items():
                 metrics[f"collapse/{p.name}/{key}"] = float(value)
+        metrics["collapse/errors"] = float(self.errors)
         return metrics
+
+    def _each_sink(self, method: str, *args) -> None:
+        for sink in self.sinks:
+            if getattr(sink, "disabled", False):
+                continue
+            try:
+                getattr(sink, method)(*args)
+            except Exception as exc:
+                self.failed(sink, exc)
 
     def _histograms(self) -> dict[str, torch.Tensor]:
         return {
             f"collapse/{p.name}/{key}": values
             for p in self.probes
+            if not p.disabled
             for key, values in p.histograms().items()
         }
 
@@ -176,7 +227,14 @@ class CollapseMonitor:
         # before the probes move on to the next window
         events = []
         for m in self.mitigations:
-            for name, info in m.after_log(self, metrics, alerts, optimizer):
+            if getattr(m, "disabled", False):
+                continue
+            try:
+                applied = m.after_log(self, metrics, alerts, optimizer)
+            except Exception as exc:
+                self.failed(m, exc)
+                continue
+            for name, info in applied:
                 events.append((name, info))
                 count = float(info.get("count", 1))
                 self.mitigation_counts[name] = self.mitigation_counts.get(name, 0.0) + count
@@ -184,18 +242,16 @@ class CollapseMonitor:
             metrics[f"collapse/mitigations/{name}"] = total
         for p in self.probes:
             p.end_window()
-        for sink in self.sinks:
-            sink.log_metrics(metrics, step)
-            for tag, values in histograms.items():
-                sink.log_histogram(tag, values, step)
+        metrics["collapse/errors"] = float(self.errors)
+        self._each_sink("log_metrics", metrics, step)
+        for tag, values in histograms.items():
+            self._each_sink("log_histogram", tag, values, step)
         for alert in alerts:
             self._dispatch_alert(alert)
         for name, info in events:
             log.info("step %d: mitigation %s applied: %s", step, name, info)
-            for sink in self.sinks:
-                sink.log_event(name, info, step)
-        for sink in self.sinks:
-            sink.flush()
+            self._each_sink("log_event", name, info, step)
+        self._each_sink("flush")
         return metrics
 
     def _dispatch_alert(self, alert: Alert) -> None:
@@ -203,8 +259,7 @@ class CollapseMonitor:
         log.warning("%scollapse alert: %s", prefix, alert.message)
         if alert.action == "stop":
             self.should_stop = True
-        for sink in self.sinks:
-            sink.log_alert(alert)
+        self._each_sink("log_alert", alert)
         for fn in self.on_alert:
             fn(alert)
 
@@ -224,14 +279,15 @@ class CollapseMonitor:
             raise RuntimeError("end_snapshot() without begin_snapshot()")
         prefix, self._snapshot_prefix = self._snapshot_prefix, None
         try:
-            metrics = {f"{prefix}/{k}": v for k, v in self.compute().items()}
+            metrics = {
+                f"{prefix}/{k}": v for k, v in self.compute().items() if k != "collapse/errors"
+            }
         finally:
             for p, w in zip(self.probes, self._saved_windows):
                 p.window = w
             self._saved_windows = None
-        for sink in self.sinks:
-            sink.log_metrics(metrics, self.global_step)
-            sink.flush()
+        self._each_sink("log_metrics", metrics, self.global_step)
+        self._each_sink("flush")
         return metrics
 
     @contextmanager

@@ -242,3 +242,43 @@ def test_nested_observe_is_an_error():
         with mon.observe(targets=None):
             with mon.observe(targets=None):
                 pass
+
+
+class Explodes(Sink):
+    def log_metrics(self, metrics, step):
+        raise OSError("No space left on device")
+
+
+def test_a_failing_sink_is_disabled_and_training_goes_on(caplog):
+    model, good = mlp(), Recorder()
+    mon = CollapseMonitor(
+        model, [probes.NeuralCollapse("2", 4, name="head")], 2, sinks=[Explodes(), good]
+    )
+    with caplog.at_level("ERROR", logger="collapse_monitor"):
+        logged = train(model, mon, 6)
+    assert [s for s, _ in logged] == [2, 4, 6]
+    assert len(good.metrics) == 3  # the other sink keeps logging
+    assert logged[-1][1]["collapse/errors"] == 1.0
+    assert sum("No space left on device" in r.message for r in caplog.records) == 1
+
+
+def test_a_probe_that_raises_is_logged_once_counted_and_disabled(caplog):
+    model = mlp()
+    bad = probes.NeuralCollapse("1", 3, read="output", name="bad")  # labels go up to 3
+    mon = CollapseMonitor(model, [probes.NeuralCollapse("2", 4, name="head"), bad], 2)
+    with caplog.at_level("ERROR", logger="collapse_monitor"):
+        logged = train(model, mon, 4)
+    messages = [r.message for r in caplog.records if "failed" in r.message]
+    assert (
+        len(messages) == 1
+        and "NeuralCollapse 'bad'" in messages[0]
+        and "out of range" in messages[0]
+    )
+    assert bad.disabled and not mon.probes[0].disabled
+    assert logged[-1][1]["collapse/errors"] == 1.0
+    assert "collapse/bad/nc1" not in logged[-1][1] and logged[-1][1]["collapse/head/samples"] == 64
+    strict = CollapseMonitor(
+        mlp(), [probes.NeuralCollapse("1", 3, read="output", name="bad")], 2, strict=True
+    )
+    with pytest.raises(ValueError, match="out of range"):
+        train(strict.model, strict, 1)

@@ -69,8 +69,12 @@ class _SDPAMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention and not self.probe._suppress:
-            self.probe._observe_sdpa(args, kwargs)
+        if (
+            func is F.scaled_dot_product_attention
+            and not self.probe._suppress
+            and not self.probe.disabled
+        ):
+            self.probe.guarded(self.probe._observe_sdpa, args, kwargs)
         return func(*args, **kwargs)
 
 
@@ -186,7 +190,7 @@ class AttentionEntropy(Probe):
 
     def _enter(self, path):
         def hook(module, args):
-            if not self.monitor.observing:
+            if not self.active:
                 return
             if not self._stack:
                 self._mode.__enter__()
@@ -204,12 +208,14 @@ class AttentionEntropy(Probe):
     def _input_hook(self, path):
         def hook(module, args, kwargs):
             if self.monitor.observing:
-                self._suppress += 1
-                with torch.no_grad():
+                self._suppress += 1  # also when disabled: the post-hook always decrements
+                if not self.disabled:
                     if isinstance(module, nn.TransformerEncoderLayer):
-                        self._observe_encoder_layer(path, module, args, kwargs)
+                        self.guarded(self._observe_encoder_layer, path, module, args, kwargs)
                     else:
-                        self._observe_mha(path, module, _bind(_MHA_ARGS, args, kwargs))
+                        self.guarded(
+                            self._observe_mha, path, module, _bind(_MHA_ARGS, args, kwargs)
+                        )
 
         return hook
 
@@ -219,9 +225,8 @@ class AttentionEntropy(Probe):
 
     def _extract_hook(self, path):
         def hook(module, args, kwargs, output):
-            if self.monitor.observing:
-                with torch.no_grad():
-                    self._observe_probs(path, module, args, output)
+            if self.active:
+                self.guarded(self._observe_probs, path, module, args, output)
 
         return hook
 

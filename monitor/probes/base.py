@@ -43,6 +43,7 @@ class Probe:
         self.name = name or module or "model"  # "" is the root module itself
         self.extract = extract
         self.monitor: CollapseMonitor | None = None
+        self.disabled = False  # set when the probe failed (non-strict monitor): its hooks idle
         self.window: Any = None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
@@ -64,11 +65,24 @@ class Probe:
             h.remove()
         self._handles.clear()
 
+    @property
+    def active(self) -> bool:
+        """True while the monitor observes and this probe has not failed."""
+        return self.monitor is not None and self.monitor.observing and not self.disabled
+
+    def guarded(self, fn, *args) -> Any:
+        """Run ``fn(*args)`` from a hook: an exception goes to ``monitor.failed`` (which raises
+        under ``strict=True``, else logs it once, counts it and disables this probe)."""
+        try:
+            with torch.no_grad():
+                return fn(*args)
+        except Exception as exc:
+            self.monitor.failed(self, exc)
+
     def _make_hook(self, path: str):
         def hook(module, args, kwargs, output):
-            if self.monitor is not None and self.monitor.observing:
-                with torch.no_grad():
-                    self.observe(path, module, args, kwargs, output)
+            if self.active:
+                self.guarded(self.observe, path, module, args, kwargs, output)
 
         return hook
 

@@ -113,16 +113,16 @@ class LogitHealth(WindowedProbe):
     def _nlm_hook(self, weight):
         def hook(grad):
             mon = self.monitor
-            if mon is not None and mon.logging_this_step and self._observed:
-                with torch.no_grad():
-                    cos = torch.nn.functional.cosine_similarity(
-                        -grad.flatten(), weight.flatten(), dim=0
-                    )
-                    sums = self.window["sums"]
-                    sums.nlm_cos += cos.to(_F64)
-                    sums.nlm_count += 1
+            if mon is not None and mon.logging_this_step and self._observed and not self.disabled:
+                self.guarded(self._add_nlm, grad, weight)
 
         return hook
+
+    def _add_nlm(self, grad, weight) -> None:
+        cos = torch.nn.functional.cosine_similarity(-grad.flatten(), weight.flatten(), dim=0)
+        sums = self.window["sums"]
+        sums.nlm_cos += cos.to(_F64)
+        sums.nlm_count += 1
 
     _observed = False
 

@@ -244,7 +244,7 @@ def test_nothing_happens_outside_observe_and_close_removes_the_mode():
     m.add_module("attn", SDPAAttention())
     mon = watch(m)
     m.attn(torch.randn(1, 5, 32))
-    assert mon.compute() == {}
+    assert mon.compute() == {"collapse/errors": 0.0}
     mon.close()
     assert not torch.overrides._get_current_function_mode_stack()
 
@@ -252,7 +252,7 @@ def test_nothing_happens_outside_observe_and_close_removes_the_mode():
 def test_a_selection_without_attention_is_an_error_naming_it():
     m = nn.Sequential()
     m.add_module("mlp", nn.Linear(4, 4))
-    mon = CollapseMonitor(m, [probes.AttentionEntropy("mlp")], 1)
+    mon = CollapseMonitor(m, [probes.AttentionEntropy("mlp")], 1, strict=True)
     with mon.observe():
         m(torch.randn(2, 4))
     with pytest.raises(ValueError, match=r"no attention.*'mlp' \(Linear\)"):

@@ -192,7 +192,7 @@ def test_bad_indices_raise_clear_errors(output, match):
             return output
 
     model = nn.Sequential(Fixed())
-    mon = CollapseMonitor(model, [probes.CodebookUsage("0", 10, name="vq")], 5)
+    mon = CollapseMonitor(model, [probes.CodebookUsage("0", 10, name="vq")], 5, strict=True)
     with pytest.raises(ValueError, match=match) as err:
         with mon.observe():
             model(torch.zeros(1))
@@ -202,7 +202,9 @@ def test_bad_indices_raise_clear_errors(output, match):
 
 def test_float_indices_from_extract_are_rejected():
     model = nn.Sequential(nn.Identity())
-    mon = CollapseMonitor(model, [probes.CodebookUsage("0", 10, extract=lambda m, a, o: o)], 5)
+    mon = CollapseMonitor(
+        model, [probes.CodebookUsage("0", 10, extract=lambda m, a, o: o)], 5, strict=True
+    )
     with pytest.raises(ValueError, match="must be integers, got dtype torch.float32"):
         with mon.observe():
             model(torch.zeros(4))

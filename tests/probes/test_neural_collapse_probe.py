@@ -165,7 +165,7 @@ def test_bad_input_names_probe_module_and_problem(make_input, match):
     x, y = make_input()
     head = nn.Linear(4, 3)
     net = nn.Sequential(head)
-    mon = CollapseMonitor(net, [probes.NeuralCollapse("0", 3, name="nc")], 10)
+    mon = CollapseMonitor(net, [probes.NeuralCollapse("0", 3, name="nc")], 10, strict=True)
     with pytest.raises(ValueError, match=match) as err:
         with mon.observe(targets=y):
             net(x)
@@ -180,7 +180,7 @@ def test_module_input_that_is_not_a_tensor():
             return pair[0]
 
     net = nn.Sequential(TupleIn())
-    mon = CollapseMonitor(net, [probes.NeuralCollapse("0", 3)], 10)
+    mon = CollapseMonitor(net, [probes.NeuralCollapse("0", 3)], 10, strict=True)
     with pytest.raises(ValueError, match="got tuple; pass extract="):
         with mon.observe(targets=torch.zeros(2, dtype=torch.long)):
             net((torch.randn(2, 3), 1))
