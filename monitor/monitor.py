@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import weakref
 from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -100,6 +101,13 @@ class CollapseMonitor:
         self._snapshot_prefix: str | None = None
         self._saved_windows: list | None = None
         self._closed = False
+        other = getattr(model, "_collapse_monitor", lambda: None)()
+        if other is not None and not other._closed:
+            raise RuntimeError(
+                f"{type(model).__name__} already has a CollapseMonitor; two monitors would hook the "
+                "same modules twice. Pass all probes to one monitor, or close() the other first"
+            )
+        model._collapse_monitor = weakref.ref(self)
         try:
             for p in probes:
                 p.attach(model, self)
@@ -184,6 +192,12 @@ class CollapseMonitor:
 
     def compute(self) -> dict[str, float]:
         """Metrics of the current window (all-reduced across ranks); the window is kept."""
+        for p in self.probes:
+            if not p.disabled:
+                try:
+                    p.check_modules(self.model)
+                except Exception as exc:
+                    self.failed(p, exc)
         self._agree_on_disabled()
         metrics = {}
         for p in self.probes:
@@ -315,6 +329,8 @@ class CollapseMonitor:
         if not self._closed:
             for sink in self.sinks:
                 sink.close()
+            if getattr(self.model, "_collapse_monitor", lambda: None)() is self:
+                del self.model._collapse_monitor
         self._closed = True
         self.observing = False
 

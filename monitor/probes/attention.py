@@ -352,6 +352,8 @@ class AttentionEntropy(Probe):
     def _accumulate(self, layer, q, k, scale, causal, allowed, additive) -> None:
         """Entropy of sampled query rows of ``softmax(q k' * scale + mask)``; q ``(B, H, L, d)``."""
         H, L = q.shape[1], q.shape[2]
+        if q.shape[0] == 0 or L == 0 or k.shape[2] == 0:  # an empty batch: nothing to add
+            return
         if k.shape[1] != H:  # grouped-query attention: each key head serves H / Hk query heads
             k = k.repeat_interleave(H // k.shape[1], dim=1)
         kt = k.float().transpose(-1, -2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -58,7 +59,20 @@ class Probe:
             self._handles.append(mod.register_forward_hook(self._make_hook(path), with_kwargs=True))
 
     def resolve(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
-        return resolve_modules(model, self.module, owner=repr(self))
+        found = resolve_modules(model, self.module, owner=repr(self))
+        self.hooked = [(path, weakref.ref(mod)) for path, mod in found]
+        return found
+
+    def check_modules(self, model: nn.Module) -> None:
+        """Raise if a module this probe hooks is no longer the one at its path in ``model``."""
+        named = dict(model.named_modules())
+        for path, ref in getattr(self, "hooked", []):
+            if named.get(path) is not ref():
+                raise ValueError(
+                    f"{type(self).__name__} '{self.name}': module '{path}' is no longer part of the "
+                    "model (it was replaced or removed after the monitor was built); its hooks see "
+                    "nothing. Build the monitor again on the changed model"
+                )
 
     def detach(self) -> None:
         for h in self._handles:
@@ -70,9 +84,12 @@ class Probe:
         """True while the monitor observes and this probe has not failed."""
         return self.monitor is not None and self.monitor.observing and not self.disabled
 
+    @torch.compiler.disable
     def guarded(self, fn, *args) -> Any:
         """Run ``fn(*args)`` from a hook: an exception goes to ``monitor.failed`` (which raises
-        under ``strict=True``, else logs it once, counts it and disables this probe)."""
+        under ``strict=True``, else logs it once, counts it and disables this probe). Never traced
+        by ``torch.compile``: the monitor's bookkeeping stays out of the user's graph (a graph
+        break while observing, nothing otherwise)."""
         try:
             with torch.no_grad():
                 return fn(*args)

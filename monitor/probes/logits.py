@@ -135,6 +135,8 @@ class LogitHealth(WindowedProbe):
         if not isinstance(z, torch.Tensor) or not z.is_floating_point() or z.ndim < 1:
             raise self.error(path, "expected floating-point logits (..., C); pass extract=")
         z = z.detach().reshape(-1, z.shape[-1])
+        if not z.shape[0]:
+            return
         self._move(z.device)
         self._observed = True
         sums = self.window["sums"]

@@ -226,6 +226,7 @@ def test_sampled_queries_are_unbiased():
     with exact.observe():
         m.attn(x)
     full, _, _ = layer_metrics(exact)
+    exact.close()
     estimates = []
     for seed in range(40):
         mon = CollapseMonitor(m, [probes.AttentionEntropy("attn", queries=8, seed=seed)], 10**6)

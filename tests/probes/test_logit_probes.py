@@ -74,6 +74,7 @@ def test_logit_health_streams_the_whole_tensor_values_and_nlm_cosine():
         assert got[key] == pytest.approx(ref[key], rel=1e-6), key
     assert 0 < got["softmax_collapse"] < 1
     # NLM cosine: read from the head's gradient on the logging step only
+    mon.close()
     mon2 = CollapseMonitor(m, [probes.LogitHealth("head", name="h2")], 1)
     with mon2.observe(targets=y):
         loss = nn.functional.cross_entropy(m(x), y)

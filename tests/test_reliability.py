@@ -1,0 +1,133 @@
+"""Reliability: torch.compile, activation checkpointing, mixed precision, module reuse, leaks."""
+
+import gc
+import weakref
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from monitor import CollapseMonitor, probes
+from tests.zoo import Zoo, batch, every_probe, loss_of
+
+
+def run(model, forward=None, steps=3, log_every=3, **kw):
+    forward = model if forward is None else forward
+    mon = CollapseMonitor(model, every_probe(), log_every, strict=True, **kw)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    out = None
+    for step in range(steps):
+        x, y, groups = batch(step)
+        with mon.observe(targets=y, groups=groups):
+            loss = loss_of(forward(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        out = mon.step(optimizer=opt) or out
+    mon.close()
+    return out
+
+
+def close(a, b, rel):
+    assert a.keys() == b.keys(), sorted(set(a) ^ set(b))
+    for k in a:
+        assert a[k] == pytest.approx(b[k], rel=rel, abs=1e-9), k
+
+
+def test_every_probe_gives_the_same_metrics_under_torch_compile():
+    eager = run(Zoo())
+    model = Zoo()
+    compiled = run(model, torch.compile(model))
+    assert len(eager) > 60
+    close(eager, compiled, rel=1e-4)
+
+
+def test_activation_checkpointing_recompute_is_not_counted_twice():
+    class Checkpointed(Zoo):
+        def forward(self, x):
+            return checkpoint(super().forward, x, use_reentrant=False)
+
+    plain, ckpt = run(Zoo()), run(Checkpointed())
+    close(plain, ckpt, rel=1e-6)
+
+
+def test_a_module_called_twice_per_step_counts_both_calls():
+    model = nn.Sequential()
+    model.add_module("head", nn.Linear(5, 3))
+    mon = CollapseMonitor(model, [probes.NeuralCollapse("head", 3)], 1, strict=True)
+    x, y = torch.randn(10, 5), torch.randint(0, 3, (10,))
+    with mon.observe(targets=y):
+        model(x)
+        model(x + 1)  # e.g. two views in one step: both are counted (documented)
+    assert mon.step()["collapse/head/samples"] == 20
+
+
+def test_empty_batches_are_harmless():
+    model = Zoo()
+    mon = CollapseMonitor(model, every_probe(), 2, strict=True)
+    x, y, groups = batch(0)
+    with mon.observe(targets=y[:0], groups=groups[:0]):
+        model(x[:0])
+    with mon.observe(targets=y, groups=groups):
+        model(x)
+    metrics = mon.step() or mon.step()
+    assert metrics["collapse/nc/samples"] == len(y) and metrics["collapse/errors"] == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mixed_precision_statistics_match_float32_within_input_precision(dtype):
+    full = run(Zoo())
+    with torch.autocast("cpu", dtype=dtype):
+        low = run(Zoo())
+    for key in (
+        "collapse/nc/nc1",
+        "collapse/rank/erank",
+        "collapse/vae/kl_total",
+        "collapse/attn/attn/entropy_norm",
+    ):
+        assert low[key] == pytest.approx(full[key], rel=0.05), key
+    model = Zoo()
+    mon = CollapseMonitor(model, every_probe(), 10, strict=True)
+    x, y, groups = batch(0)
+    with torch.autocast("cpu", dtype=dtype), mon.observe(targets=y, groups=groups):
+        model(x)
+    stats = mon.probes[0].window.moments
+    assert stats.second_moment.dtype == torch.float64 and stats.sum.dtype == torch.float64
+
+
+def test_close_leaves_no_hooks_and_no_reference_to_the_model():
+    model = Zoo()
+    before = {
+        n: (dict(m._forward_hooks), dict(m._forward_pre_hooks)) for n, m in model.named_modules()
+    }
+    run(model)
+    after = {
+        n: (dict(m._forward_hooks), dict(m._forward_pre_hooks)) for n, m in model.named_modules()
+    }
+    assert after == before
+    assert not torch.overrides._get_current_function_mode_stack()
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None, "a closed monitor (or its probes) still references the model"
+
+
+def test_a_module_path_that_no_longer_exists_is_reported():
+    model = Zoo()
+    mon = CollapseMonitor(model, [probes.NeuralCollapse("head", 4)], 1, strict=True)
+    model.head = nn.Linear(16, 4)  # the user swapped the head: the probed module is gone
+    x, y, _ = batch(0)
+    with mon.observe(targets=y):
+        model(x)
+    with pytest.raises(ValueError, match="'head' is no longer part of the model"):
+        mon.step()
+
+
+def test_two_monitors_on_one_model_are_refused():
+    model = Zoo()
+    first = CollapseMonitor(model, [probes.NeuralCollapse("head", 4)])
+    with pytest.raises(RuntimeError, match="already has a CollapseMonitor"):
+        CollapseMonitor(model, [probes.NeuralCollapse("head", 4, name="other")])
+    first.close()
+    CollapseMonitor(model, [probes.NeuralCollapse("head", 4)]).close()  # fine after close()

@@ -1,0 +1,71 @@
+"""A small model with a place for every probe, and the probes themselves (for reliability tests)."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from monitor import probes
+from tests.probes.test_attention_entropy import SDPAAttention
+from tests.test_reset_dead_codes import VQ
+
+C, T, D, K = 4, 6, 16, 8
+
+
+class Posterior(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(D, 8)
+
+    def forward(self, h):
+        mu, logvar = self.lin(h).chunk(2, -1)
+        return mu, logvar
+
+
+class Zoo(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.enc = nn.Linear(8, D)
+        self.attn = SDPAAttention(D, heads=2)
+        self.vq = VQ(K, D)
+        self.sae = nn.Linear(D, 32)
+        self.sae_act = nn.ReLU()
+        self.post = Posterior()
+        self.head = nn.Linear(D, C)
+
+    def forward(self, x):  # x: (B, T, 8)
+        h = self.enc(x)
+        h = h + self.attn(h, causal=True)
+        q, _, vq_loss = self.vq(h)
+        latents = self.sae_act(self.sae(q))
+        pooled = h.mean(1) + 0 * latents.mean()
+        mu, logvar = self.post(pooled)
+        return self.head(pooled), vq_loss + 1e-3 * (mu.pow(2).mean() + logvar.exp().mean())
+
+
+def every_probe():
+    return [
+        probes.NeuralCollapse("head", C, name="nc"),
+        probes.GroupCollapse("enc", 3, name="groups"),
+        probes.CodebookUsage("vq", K, name="vq", ema_decay=0.5, warmup_steps=1),
+        probes.LatentUsage("sae_act", 32, name="sae"),
+        probes.AttentionEntropy("attn", queries=None, name="attn"),
+        probes.PosteriorCollapse("post", name="vae"),
+        probes.RepresentationRank("enc", name="rank"),
+        probes.LogitHealth("head", name="logits"),
+        probes.TokenUniformity("enc", name="tokens"),
+        probes.DormantUnits("sae_act", name="dormant"),
+    ]
+
+
+def batch(step, n=12, seed=0):
+    g = torch.Generator().manual_seed(seed * 1000 + step)
+    x = torch.randn(n, T, 8, generator=g)
+    y = torch.randint(0, C, (n,), generator=g)
+    groups = torch.randint(0, 3, (n, T), generator=g)
+    return x, y, groups
+
+
+def loss_of(out, y):
+    logits, aux = out
+    return F.cross_entropy(logits, y) + aux
