@@ -131,3 +131,94 @@ def test_two_monitors_on_one_model_are_refused():
         CollapseMonitor(model, [probes.NeuralCollapse("head", 4, name="other")])
     first.close()
     CollapseMonitor(model, [probes.NeuralCollapse("head", 4)]).close()  # fine after close()
+
+
+def test_memory_stays_flat_over_20000_observed_steps():
+    import resource
+
+    from tests.test_reset_dead_codes import VQ
+
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("head", nn.Linear(6, 3))
+    model.add_module("vq", VQ(8, 3))
+    mon = CollapseMonitor(
+        model,
+        [
+            probes.NeuralCollapse("head", 3),
+            probes.CodebookUsage("vq", 8),
+            probes.LogitHealth("head", name="z"),
+        ],
+        log_every_n_steps=100,
+        strict=True,
+    )
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+
+    def steps(n):
+        for _ in range(n):
+            with torch.no_grad(), mon.observe(targets=y):
+                model(x)
+            mon.step()
+
+    steps(1000)
+    gc.collect()
+    tensors = sum(issubclass(type(o), torch.Tensor) for o in gc.get_objects())
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    steps(19_000)
+    gc.collect()
+    assert sum(issubclass(type(o), torch.Tensor) for o in gc.get_objects()) <= tensors + 2
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 50_000  # KiB, generous
+
+
+def test_resume_with_every_probe_and_mitigation_logs_what_an_uninterrupted_run_logs():
+    import io
+
+    from monitor import Rule
+    from tests.zoo import every_mitigation
+
+    rules = [Rule("collapse/nc/nc1", 0.0, "above", name="always", repeat=True)]
+
+    def build():
+        model = Zoo()
+        mon = CollapseMonitor(
+            model, every_probe(), 3, strict=True, rules=rules, mitigations=every_mitigation()
+        )
+        return model, mon, torch.optim.Adam(model.parameters(), lr=1e-2)
+
+    def steps(model, mon, opt, begin, end):
+        logs = {}
+        for step in range(begin, end):
+            x, y, groups = batch(step)
+            with mon.observe(targets=y, groups=groups):
+                loss = loss_of(model(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            metrics = mon.step(optimizer=opt)
+            if metrics:
+                logs[mon.global_step] = metrics
+        return logs
+
+    model, mon, opt = build()
+    whole = steps(model, mon, opt, 0, 9)
+    model, mon, opt = build()
+    first = steps(model, mon, opt, 0, 5)  # stops inside the window of steps 4-6
+    buffer = io.BytesIO()
+    torch.save(
+        {"model": model.state_dict(), "opt": opt.state_dict(), "monitor": mon.state_dict()}, buffer
+    )
+    mon.close()
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=False)
+    model, mon, opt = build()
+    mon.load_state_dict(state["monitor"], optimizer=opt)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    rest = steps(model, mon, opt, 5, 9)
+    assert sorted({**first, **rest}) == sorted(whole) == [3, 6, 9]
+    assert (
+        whole[9]["collapse/mitigations/reset_dead_codes"] > 0
+        and whole[9]["collapse/alerts/always"] == 3
+    )
+    for step, metrics in {**first, **rest}.items():
+        close(metrics, whole[step], rel=1e-6)

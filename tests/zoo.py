@@ -30,6 +30,7 @@ class Zoo(nn.Module):
         self.vq = VQ(K, D)
         self.sae = nn.Linear(D, 32)
         self.sae_act = nn.ReLU()
+        self.dec = nn.Linear(32, D)
         self.post = Posterior()
         self.head = nn.Linear(D, C)
 
@@ -38,23 +39,24 @@ class Zoo(nn.Module):
         h = h + self.attn(h, causal=True)
         q, _, vq_loss = self.vq(h)
         latents = self.sae_act(self.sae(q))
-        pooled = h.mean(1) + 0 * latents.mean()
+        pooled = h.mean(1) + 0.1 * self.dec(latents).mean(1)
         mu, logvar = self.post(pooled)
         return self.head(pooled), vq_loss + 1e-3 * (mu.pow(2).mean() + logvar.exp().mean())
 
 
-def every_probe():
+def every_probe(prefix=""):
+    p = prefix
     return [
-        probes.NeuralCollapse("head", C, name="nc"),
-        probes.GroupCollapse("enc", 3, name="groups"),
-        probes.CodebookUsage("vq", K, name="vq", ema_decay=0.5, warmup_steps=1),
-        probes.LatentUsage("sae_act", 32, name="sae"),
-        probes.AttentionEntropy("attn", queries=None, name="attn"),
-        probes.PosteriorCollapse("post", name="vae"),
-        probes.RepresentationRank("enc", name="rank"),
-        probes.LogitHealth("head", name="logits"),
-        probes.TokenUniformity("enc", name="tokens"),
-        probes.DormantUnits("sae_act", name="dormant"),
+        probes.NeuralCollapse(p + "head", C, name="nc"),
+        probes.GroupCollapse(p + "enc", 3, name="groups"),
+        probes.CodebookUsage(p + "vq", K, name="vq", ema_decay=0.5, warmup_steps=1),
+        probes.LatentUsage(p + "sae_act", 32, name="sae"),
+        probes.AttentionEntropy(p + "attn", queries=None, name="attn"),
+        probes.PosteriorCollapse(p + "post", name="vae"),
+        probes.RepresentationRank(p + "enc", name="rank"),
+        probes.LogitHealth(p + "head", name="logits"),
+        probes.TokenUniformity(p + "enc", name="tokens"),
+        probes.DormantUnits(p + "sae_act", name="dormant"),
     ]
 
 
@@ -69,3 +71,14 @@ def batch(step, n=12, seed=0):
 def loss_of(out, y):
     logits, aux = out
     return F.cross_entropy(logits, y) + aux
+
+
+def every_mitigation(prefix=""):
+    from monitor import mitigations
+
+    p = prefix
+    return [
+        mitigations.ResetDeadCodes(p + "vq"),
+        mitigations.SigmaReparam(p + "attn"),
+        mitigations.ReDo(layers={p + "sae_act": (p + "sae", p + "dec")}),
+    ]

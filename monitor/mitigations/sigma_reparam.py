@@ -164,6 +164,7 @@ class SigmaReparam(Mitigation):
         self.optimizer = optimizer
         self.applied: list[str] = []  # "<module path>:<parameter name>", in application order
         self.param_order: list[str] | None = None  # model.named_parameters() before any change
+        self.announced = False  # the application at start is logged as an event at the first log
         self._pending: list[tuple[nn.Parameter, nn.Parameter]] = []  # (gamma, original weight)
 
     def __repr__(self) -> str:
@@ -233,8 +234,8 @@ class SigmaReparam(Mitigation):
     def after_log(self, monitor, metrics, alerts, optimizer):
         self.optimizer = optimizer or self.optimizer
         events = []
-        if self.when == "start" and self.applied and not getattr(self, "_announced", False):
-            self._announced = True
+        if self.when == "start" and self.applied and not self.announced:
+            self.announced = True
             events.append(
                 (
                     self.name,
@@ -266,7 +267,11 @@ class SigmaReparam(Mitigation):
         return events
 
     def state_dict(self) -> dict:
-        return {"applied": list(self.applied), "param_order": self.param_order}
+        return {
+            "applied": list(self.applied),
+            "param_order": self.param_order,
+            "announced": self.announced,
+        }
 
     def adopt_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Give a freshly built optimizer the param groups of the original run: rule-applied
@@ -305,6 +310,7 @@ class SigmaReparam(Mitigation):
         self.optimizer = optimizer or self.optimizer
         modules = dict(self.model.named_modules())
         self.param_order = state.get("param_order") or self.param_order
+        self.announced = bool(state.get("announced", self.announced))
         self.applied = []
         for entry in state.get("applied", []):  # in the original order: param groups match
             path, pname = entry.rsplit(":", 1)

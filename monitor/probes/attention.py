@@ -121,8 +121,11 @@ class AttentionEntropy(Probe):
         self.queries = queries
         self.overload_threshold = float(overload_threshold)
         self.causal = causal
-        self._generator = torch.Generator().manual_seed(seed)
-        self._mode = _SDPAMode(self)
+        self.seed = seed
+        # the generator and the function mode are made at attach (neither pickles: Lightning's
+        # ddp_spawn sends callbacks, and their probes, to the worker processes)
+        self._generator: torch.Generator | None = None
+        self._mode: _SDPAMode | None = None
         self._stack: list[str] = []  # module paths whose forward is running
         self._calls: dict[str, int] = {}  # SDPA calls per module in the current forward
         self._suppress = 0  # inside modules handled from their inputs
@@ -156,6 +159,8 @@ class AttentionEntropy(Probe):
 
     # ----------------------------------------------------------------- wiring
     def attach(self, model: nn.Module, monitor) -> None:
+        self._generator = torch.Generator().manual_seed(self.seed)
+        self._mode = _SDPAMode(self)
         self.monitor = monitor
         self.window = self.new_window()
         seen, skip = set(), set()
