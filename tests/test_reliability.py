@@ -222,3 +222,23 @@ def test_resume_with_every_probe_and_mitigation_logs_what_an_uninterrupted_run_l
     )
     for step, metrics in {**first, **rest}.items():
         close(metrics, whole[step], rel=1e-6)
+
+
+def test_probes_and_mitigations_hold_no_tensors_before_attach():
+    # Lightning's ddp_spawn sends callbacks to the workers through torch.multiprocessing, which
+    # moves their tensors to memory shared by every rank: state made before attach would be shared
+    from tests.zoo import every_mitigation
+
+    def tensors(obj, depth=0):
+        for value in vars(obj).values():
+            if isinstance(value, torch.Tensor):
+                yield value
+            elif (
+                depth < 2
+                and hasattr(value, "__dict__")
+                and not isinstance(value, (type, nn.Module))
+            ):
+                yield from tensors(value, depth + 1)
+
+    for obj in every_probe() + every_mitigation():
+        assert not list(tensors(obj)), type(obj).__name__

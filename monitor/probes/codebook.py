@@ -97,9 +97,15 @@ class CodebookUsage(Probe):
             int(-(-1 // (1 - self.ema_decay))) if warmup_steps is None else int(warmup_steps)
         )
         self.dead = dead
-        self.ema = UsageEMA(self.heads, self.num_codes)
+        # made at attach, never here: Lightning's ddp_spawn sends probes to the workers through
+        # torch.multiprocessing, which would put a tensor made here in memory shared by all ranks
+        self.ema: UsageEMA | None = None
         self.observed_steps = 0
         self._last: dict | None = None  # reduced state of the last compute()
+
+    def attach(self, model, monitor) -> None:
+        self.ema = UsageEMA(self.heads, self.num_codes)
+        super().attach(model, monitor)
 
     def new_window(self) -> UsageCounts:
         win = UsageCounts(self.heads, self.num_codes).to(self.ema.device)
