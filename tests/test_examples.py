@@ -8,13 +8,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_neural_collapse_example_reaches_the_terminal_phase(tmp_path):
+def load_example(name):
     sys.path.insert(0, str(ROOT / "examples"))
     try:
-        import neural_collapse
+        return __import__(name)
     finally:
         sys.path.pop(0)
-    result = neural_collapse.main(["--out", str(tmp_path)])
+
+
+def test_neural_collapse_example_reaches_the_terminal_phase(tmp_path):
+    result = load_example("neural_collapse").main(["--out", str(tmp_path)])
     first, last = result["first"], result["last"]
     assert first["collapse/head/nc1"] / last["collapse/head/nc1"] >= 10
     assert last["collapse/head/ncc_mismatch_lagged"] < 0.01
@@ -23,12 +26,7 @@ def test_neural_collapse_example_reaches_the_terminal_phase(tmp_path):
 
 
 def test_vq_example_collapses_without_reset_and_not_with_it(tmp_path):
-    sys.path.insert(0, str(ROOT / "examples"))
-    try:
-        import vq_dead_codes
-    finally:
-        sys.path.pop(0)
-    runs = vq_dead_codes.main(["--out", str(tmp_path)])
+    runs = load_example("vq_dead_codes").main(["--out", str(tmp_path)])
     plain, reset = runs["monitored only"], runs["with ResetDeadCodes"]
     assert plain["usage"] < 0.3 and plain["resets"] == 0
     assert reset["usage"] > 0.9 and reset["resets"] > 0
@@ -37,14 +35,6 @@ def test_vq_example_collapses_without_reset_and_not_with_it(tmp_path):
     assert min(late) > 0.9
     assert reset["test_mse"] <= plain["test_mse"]
     assert (tmp_path / "vq_dead_codes.png").stat().st_size > 10_000
-
-
-def load_example(name):
-    sys.path.insert(0, str(ROOT / "examples"))
-    try:
-        return __import__(name)
-    finally:
-        sys.path.pop(0)
 
 
 def test_vae_example_loses_active_units_without_free_bits(tmp_path):

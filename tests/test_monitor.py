@@ -192,42 +192,37 @@ def test_snapshot_uses_fresh_windows_and_restores_training_window():
 
 def test_state_dict_resume_continues_exactly():
     torch.manual_seed(1)
-    model_a = mlp()
-    model_b = mlp()
+    model_a, model_b = mlp(), mlp()
     model_b.load_state_dict(model_a.state_dict())
     rules = [Rule("collapse/head/nc1", 0.05, "drop", patience=2)]
-    mon_a = CollapseMonitor(model_a, [probes.NeuralCollapse("2", 4, name="head")], 7, rules=rules)
-    full = train(model_a, mon_a, 30, seed=3)
 
-    mon_b = CollapseMonitor(model_b, [probes.NeuralCollapse("2", 4, name="head")], 7, rules=rules)
+    def monitor(model):
+        return CollapseMonitor(model, [probes.NeuralCollapse("2", 4, name="head")], 7, rules=rules)
+
+    def steps(model, mon, opt, g, n):
+        logged = []
+        for _ in range(n):
+            x, y = torch.randn(32, 8, generator=g), torch.randint(0, 4, (32,), generator=g)
+            with mon.observe(targets=y):
+                loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            m = mon.step()
+            if m is not None:
+                logged.append((mon.global_step, m))
+        return logged
+
+    full = train(model_a, monitor(model_a), 30, seed=3)
     g = torch.Generator().manual_seed(3)
     opt = torch.optim.SGD(model_b.parameters(), lr=0.05)
-    first = []
-    for _ in range(17):  # stop mid-window (window = 7 steps)
-        x, y = torch.randn(32, 8, generator=g), torch.randint(0, 4, (32,), generator=g)
-        with mon_b.observe(targets=y):
-            loss = nn.functional.cross_entropy(model_b(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        m = mon_b.step()
-        if m is not None:
-            first.append((mon_b.global_step, m))
+    mon_b = monitor(model_b)
+    first = steps(model_b, mon_b, opt, g, 17)  # stop mid-window (window = 7 steps)
     state = mon_b.state_dict()
     mon_b.close()
-    mon_c = CollapseMonitor(model_b, [probes.NeuralCollapse("2", 4, name="head")], 7, rules=rules)
+    mon_c = monitor(model_b)
     mon_c.load_state_dict(state)
-    rest = []
-    for _ in range(13):
-        x, y = torch.randn(32, 8, generator=g), torch.randint(0, 4, (32,), generator=g)
-        with mon_c.observe(targets=y):
-            loss = nn.functional.cross_entropy(model_b(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        m = mon_c.step()
-        if m is not None:
-            rest.append((mon_c.global_step, m))
+    rest = steps(model_b, mon_c, opt, g, 13)
     assert [s for s, _ in first + rest] == [s for s, _ in full]
     for (_, a), (_, b) in zip(first + rest, full):
         assert a.keys() == b.keys()
