@@ -1,0 +1,249 @@
+"""``collapse-monitor report RUN_DIR``: a health table of a finished (or running) run, read back from
+its TensorBoard event files (any logger that wrote ``collapse/...`` scalars, Lightning's included).
+
+Verdicts replay the probes' own default rules (the ones training used) over the logged values:
+``collapsed`` when a rule holds at the latest log, ``warning`` when it fired earlier but no longer
+holds, ``healthy`` otherwise. Exit code 0: nothing collapsed; 1: something collapsed; 2: no such or
+empty directory; 3: no collapse scalars in it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import sys
+from pathlib import Path
+
+from .rules import Rule, RuleEngine
+
+
+def default_rule_templates() -> list[Rule]:
+    """Every probe class's default rules with the probe name as a glob (the rules training uses)."""
+    from . import probes as P
+
+    examples = [
+        P.CodebookUsage("x", 2, name="*"),
+        P.LatentUsage("x", 2, name="*"),
+        P.AttentionEntropy("x", name="*"),
+        P.PosteriorCollapse("x", name="*"),
+        P.RepresentationRank("x", name="*"),
+        P.GroupCollapse("x", 2, name="*"),
+        P.LogitHealth("x", name="*"),
+        P.TokenUniformity("x", name="*"),
+        P.DormantUnits("x", name="*"),
+        P.NeuralCollapse("x", 2, name="*"),
+    ]
+    return [r for probe in examples for r in probe.default_rules()]
+
+
+def read_scalars(run_dir: Path) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """``{run: {tag: [(step, value), ...]}}`` of every ``collapse/...`` scalar under ``run_dir``;
+    a run is a directory holding event files (its path relative to ``run_dir``)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    runs: dict[str, dict[str, dict[int, float]]] = {}
+    for events in sorted(run_dir.rglob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        run = str(events.parent.relative_to(run_dir))
+        for tag in acc.Tags().get("scalars", []):
+            if tag.startswith("collapse/"):
+                runs.setdefault(run, {}).setdefault(tag, {}).update(
+                    {e.step: e.value for e in acc.Scalars(tag)}
+                )
+    return {
+        run: {tag: sorted(p.items()) for tag, p in tags.items()}
+        for run, tags in sorted(runs.items())
+    }
+
+
+def _trend(values: list[float]) -> str:
+    if len(values) < 2:
+        return "-"
+    first, last = values[max(0, len(values) - 4)], values[-1]
+    if abs(last - first) <= 0.02 * max(abs(first), abs(last), 1e-12):
+        return "steady"
+    return "rising" if last > first else "falling"
+
+
+def health(series: dict[str, list[tuple[int, float]]]) -> list[dict]:
+    """One row per metric that a default rule watches (and NC1), with verdict and alert steps."""
+    rows = []
+    templates = default_rule_templates()
+    for tag, points in sorted(series.items()):
+        parts = tag.split("/")
+        if parts[1] in ("alerts", "mitigations", "errors") or len(parts) < 3:
+            continue
+        rules = [r for r in templates if fnmatch.fnmatchcase(tag, r.metric)]
+        if not rules and not tag.endswith("/nc1"):
+            continue
+        row = {
+            "probe": parts[1],
+            "metric": "/".join(parts[2:]),
+            "latest": points[-1][1],
+            "step": points[-1][0],
+            "trend": _trend([v for _, v in points]),
+            "verdict": "healthy",
+            "first_alert": None,
+            "rule": None,
+        }
+        for rule in rules:
+            engine = RuleEngine(
+                [
+                    Rule(
+                        tag,
+                        rule.threshold,
+                        rule.mode,
+                        rule.warmup_steps,
+                        rule.patience,
+                        rule.cooldown,
+                        name=rule.name,
+                    )
+                ]
+            )
+            fired = []
+            for step, value in points:
+                fired += engine.check({tag: value}, step)
+            last = points[-1][1]
+            holding = last < rule.threshold if rule.mode == "below" else last > rule.threshold
+            if fired:
+                row["first_alert"] = row["first_alert"] or fired[0].step
+                row["rule"] = f"{rule.metric.split('/')[-1]} {rule.mode} {rule.threshold:g}"
+                row["verdict"] = "collapsed" if holding else "warning"
+        rows.append(row)
+    return rows
+
+
+def mitigations(series) -> dict[str, float]:
+    return {
+        tag.split("/", 2)[2]: points[-1][1]
+        for tag, points in series.items()
+        if tag.startswith("collapse/mitigations/")
+    }
+
+
+def format_table(rows: list[dict], applied: dict[str, float]) -> str:
+    header = ("probe", "metric", "latest", "trend", "verdict", "first alert", "rule")
+    body = [
+        (
+            r["probe"],
+            r["metric"],
+            f"{r['latest']:.4g}",
+            r["trend"],
+            r["verdict"],
+            "-" if r["first_alert"] is None else str(r["first_alert"]),
+            r["rule"] or "-",
+        )
+        for r in rows
+    ]
+    widths = [
+        max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)
+    ]
+    lines = [
+        "  ".join(h.ljust(w) for h, w in zip(header, widths)),
+        "  ".join("-" * w for w in widths),
+    ]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(b, widths)) for b in body]
+    if applied:
+        lines.append("")
+        lines.append(
+            "mitigations applied: " + ", ".join(f"{k} x{v:g}" for k, v in sorted(applied.items()))
+        )
+    return "\n".join(lines)
+
+
+def dashboard(series, rows: list[dict], png: Path) -> None:
+    """One panel per probe: its watched metrics over steps, thresholds, first alerts, mitigations."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_probe: dict[str, list[dict]] = {}
+    for r in rows:
+        by_probe.setdefault(r["probe"], []).append(r)
+    n = max(len(by_probe), 1)
+    fig, axes = plt.subplots(n, 1, figsize=(9, 2.6 * n), constrained_layout=True, squeeze=False)
+    mitigation_steps = sorted(
+        {
+            s
+            for t, pts in series.items()
+            if t.startswith("collapse/mitigations/")
+            for (s, v), (_, prev) in zip(pts[1:], pts[:-1])
+            if v > prev
+        }
+        | {
+            pts[0][0]
+            for t, pts in series.items()
+            if t.startswith("collapse/mitigations/") and pts[0][1] > 0
+        }
+    )
+    for ax, (probe, prows) in zip(axes[:, 0], sorted(by_probe.items())):
+        for r in prows[:6]:
+            pts = series[f"collapse/{probe}/{r['metric']}"]
+            ax.plot(
+                [s for s, _ in pts], [v for _, v in pts], label=f"{r['metric']} ({r['verdict']})"
+            )
+            if r["rule"]:
+                ax.axhline(float(r["rule"].split()[-1]), color="gray", ls="--", lw=0.8)
+            if r["first_alert"] is not None:
+                ax.axvline(r["first_alert"], color="red", lw=0.8)
+        for s in mitigation_steps:
+            ax.axvline(s, color="green", lw=0.6, ls=":")
+        ax.set_title(probe)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.suptitle(
+        "collapse-monitor health (dashed: thresholds, red: first alert, green: mitigations)"
+    )
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="collapse-monitor", description="Collapse-monitor tools")
+    sub = parser.add_subparsers(dest="command", required=True)
+    rep = sub.add_parser("report", help="health table of a run from its TensorBoard event files")
+    rep.add_argument("run_dir", type=Path)
+    rep.add_argument("--png", type=Path, help="also write a dashboard figure")
+    rep.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    args = parser.parse_args(argv)
+    if not args.run_dir.is_dir():
+        print(f"collapse-monitor: no such directory: {args.run_dir}", file=sys.stderr)
+        return 2
+    if not any(args.run_dir.rglob("events.out.tfevents.*")):
+        print(f"collapse-monitor: no TensorBoard event files under {args.run_dir}", file=sys.stderr)
+        return 2
+    runs = read_scalars(args.run_dir)
+    if not runs:
+        print(
+            f"collapse-monitor: the event files under {args.run_dir} hold no collapse/... scalars "
+            "(was a CollapseMonitor with a TensorBoard sink, or CollapseCallback, attached?)",
+            file=sys.stderr,
+        )
+        return 3
+    report, collapsed = {}, False
+    for run, series in runs.items():
+        rows, applied = health(series), mitigations(series)
+        collapsed |= any(r["verdict"] == "collapsed" for r in rows)
+        report[run] = {
+            "rows": rows,
+            "mitigations": applied,
+            "errors": series.get("collapse/errors", [(0, 0.0)])[-1][1],
+        }
+        if not args.json:
+            print(f"== {run}" if len(runs) > 1 else f"== {args.run_dir}")
+            print(format_table(rows, applied) + "\n")
+        if args.png:
+            png = (
+                args.png
+                if len(runs) == 1
+                else args.png.with_name(f"{args.png.stem}_{run.replace('/', '_')}{args.png.suffix}")
+            )
+            dashboard(series, rows, png)
+            if not args.json:
+                print(f"dashboard: {png}\n")
+    if args.json:
+        print(json.dumps({"runs": report}, indent=2))
+    return 1 if collapsed else 0

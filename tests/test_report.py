@@ -1,0 +1,58 @@
+import json
+
+import torch
+from torch import nn
+from torch.utils.tensorboard import SummaryWriter
+
+from integrations.tensorboard import TensorBoardSink
+from monitor import CollapseMonitor, probes
+from monitor.report import main
+from tests.probes.test_codebook_usage import Quantizer
+
+
+def write_run(log_dir, collapse: bool):
+    q = nn.Sequential()
+    q.add_module("vq", Quantizer())
+    mon = CollapseMonitor(
+        q, [probes.CodebookUsage("vq", 16, name="vq")], 2, sinks=[TensorBoardSink(log_dir)]
+    )
+    for step in range(8):
+        idx = torch.zeros(64, dtype=torch.long) if collapse and step >= 2 else torch.arange(64) % 16
+        with mon.observe():
+            q.vq(torch.zeros(64, 1), idx)
+        mon.step()
+    mon.close()
+
+
+def test_report_flags_the_collapsed_run_and_exits_1(tmp_path, capsys):
+    write_run(tmp_path / "bad", collapse=True)
+    write_run(tmp_path / "good", collapse=False)
+    assert main(["report", str(tmp_path), "--png", str(tmp_path / "dash.png")]) == 1
+    out = capsys.readouterr().out
+    bad, good = out.split("== good")
+    assert "usage" in bad and "collapsed" in bad and "healthy" in good and "collapsed" not in good
+    assert (tmp_path / "dash_bad.png").stat().st_size > 5_000
+    assert main(["report", str(tmp_path / "good"), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    (run,) = data["runs"].values()
+    usage = next(r for r in run["rows"] if r["metric"] == "usage")
+    assert usage["verdict"] == "healthy" and usage["latest"] == 1.0 and run["errors"] == 0.0
+
+
+def test_report_first_alert_step_replays_the_training_rule(tmp_path, capsys):
+    write_run(tmp_path, collapse=True)
+    main(["report", str(tmp_path), "--json"])
+    (run,) = json.loads(capsys.readouterr().out)["runs"].values()
+    usage = next(r for r in run["rows"] if r["metric"] == "usage")
+    assert usage["first_alert"] == 6  # usage below 0.5 on 2 consecutive logs (steps 4 and 6)
+
+
+def test_report_errors_are_clear(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    assert "no such directory" in capsys.readouterr().err
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no TensorBoard event files" in capsys.readouterr().err
+    with SummaryWriter(tmp_path / "other") as w:
+        w.add_scalar("loss", 1.0, 0)
+    assert main(["report", str(tmp_path)]) == 3
+    assert "no collapse/... scalars" in capsys.readouterr().err
