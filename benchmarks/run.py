@@ -95,7 +95,7 @@ def main(argv=None) -> None:
     lines = [
         f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, "
         f"torch {torch.__version__}, Python {platform.python_version()}, "
-        f"{datetime.date.today().isoformat()}",
+        f"{datetime.date.today().isoformat()}. GPU: none in this session; GPU numbers pending.",
         "",
         "### Step-time overhead, MLP 784-512-512-10, batch 256, NeuralCollapse on the head",
         "",
