@@ -192,10 +192,11 @@ class CollapseMonitor:
 
     def compute(self) -> dict[str, float]:
         """Metrics of the current window (all-reduced across ranks); the window is kept."""
+        named = dict(self.model.named_modules())
         for p in self.probes:
             if not p.disabled:
                 try:
-                    p.check_modules(self.model)
+                    p.check_modules(named)
                 except Exception as exc:
                     self.failed(p, exc)
         self._agree_on_disabled()

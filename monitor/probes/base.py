@@ -63,9 +63,12 @@ class Probe:
         self.hooked = [(path, weakref.ref(mod)) for path, mod in found]
         return found
 
-    def check_modules(self, model: nn.Module) -> None:
-        """Raise if a module this probe hooks is no longer the one at its path in ``model``."""
-        named = dict(model.named_modules())
+    def check_modules(self, named: dict[str, nn.Module]) -> None:
+        """Raise if a module this probe hooks is no longer the one at its path.
+
+        Args:
+            named: ``dict(model.named_modules())`` of the model now.
+        """
         for path, ref in getattr(self, "hooked", []):
             if named.get(path) is not ref():
                 raise ValueError(

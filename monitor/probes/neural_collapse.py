@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .. import _dist
+from .._modules import resolve_modules
 from ..functional.neural_collapse import (
     metrics_from_class_statistics,
     nearest_class_center_mismatch,
@@ -124,8 +125,6 @@ class NeuralCollapse(Probe):
         super().attach(model, monitor)
 
     def _resolve_one(self, model: nn.Module, path: str) -> nn.Module:
-        from .._modules import resolve_modules
-
         found = resolve_modules(model, path, owner=repr(self))
         if len(found) != 1:
             raise ValueError(f"{self!r}: '{path}' matched {[n for n, _ in found]}, need one")
