@@ -112,7 +112,7 @@ class CollapseCallback(L.Callback):
         default_rules: bool = True,
         mitigations: Optional[list[Mitigation]] = None,
         on_alert: Optional[Callable[[Alert], None]] = None,
-        observe_every_n_steps: int = 1,
+        observe_every_n_steps: Optional[int] = None,
         validation: bool = True,
         context: Optional[Callable[[Any], dict]] = None,
         strict: bool = False,

@@ -21,6 +21,20 @@ log = logging.getLogger("collapse_monitor")
 _STATE_VERSION = 1
 
 
+def _sample_stride(log_every_n_steps: int) -> int:
+    return max(1, min(SAMPLE_STRIDE, -(-log_every_n_steps // 2)))
+
+
+SAMPLE_STRIDE = 25
+
+
+def sampled_steps_per_window(log_every_n_steps: int) -> int:
+    """Steps per window that the GEMM-cost probes record under the default cadence: one step in
+    ``min(25, ceil(L / 2))`` (``L = log_every_n_steps``), at least two per window; two at the
+    default ``L = 50`` (4 % of the steps), twenty at ``L = 500``."""
+    return -(-log_every_n_steps // _sample_stride(log_every_n_steps))
+
+
 class CollapseMonitor:
     """Watches a model for collapse while it trains.
 
@@ -34,8 +48,13 @@ class CollapseMonitor:
         rules: extra :class:`~monitor.rules.Rule` objects.
         default_rules: also use each probe's default rules (METRICS.md thresholds).
         on_alert: callables ``f(alert)`` called for every alert.
-        observe_every_n_steps: record only on every n-th step's ``observe()`` (the others cost
-            nothing); metrics are then per observed sample, exactly as with n = 1.
+        observe_every_n_steps: which training steps are recorded. ``None`` (default): the
+            cheap probes (``Probe.every_step``: codebook and latent usage, posterior collapse,
+            dormant units) record every step, the others (whose update costs a GEMM or a
+            recomputed attention) record :func:`sampled_steps_per_window` steps per window,
+            evenly spaced and ending with the logging step. An integer ``n``: every probe records
+            every n-th step only (``1``: every step, the exact whole-window statistics).
+            Metrics are exact for the samples recorded; validation snapshots record every batch.
         process_group: ``torch.distributed`` group for the all-reductions (default: WORLD).
         strict: raise every error of a probe, sink or mitigation (for tests). By default such an
             error never reaches the training loop: it is logged once with the probe's name,
@@ -56,13 +75,13 @@ class CollapseMonitor:
         rules: Iterable[Rule] = (),
         default_rules: bool = True,
         on_alert: Callable[[Alert], None] | Iterable[Callable[[Alert], None]] | None = None,
-        observe_every_n_steps: int = 1,
+        observe_every_n_steps: int | None = None,
         process_group=None,
         strict: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if log_every_n_steps < 1 or observe_every_n_steps < 1:
+        if log_every_n_steps < 1 or (observe_every_n_steps or 1) < 1:
             raise ValueError(
                 "log_every_n_steps and observe_every_n_steps must be >= 1, got "
                 f"{log_every_n_steps} and {observe_every_n_steps}"
@@ -78,7 +97,9 @@ class CollapseMonitor:
         self.model = model
         self.probes = probes
         self.log_every_n_steps = int(log_every_n_steps)
-        self.observe_every_n_steps = int(observe_every_n_steps)
+        self.observe_every_n_steps = (
+            None if observe_every_n_steps is None else int(observe_every_n_steps)
+        )
         self.sinks = list(sinks)
         self.mitigations = list(mitigations)
         all_rules = [r for p in probes for r in p.default_rules()] if default_rules else []
@@ -94,8 +115,9 @@ class CollapseMonitor:
         self.errors = 0
         self.global_step = 0
         self.should_stop = False
-        self.observing = False
-        self._observed_this_step = False
+        self.observing = False  # inside observe() on a recorded step: every_step probes record
+        self.sampling = False  # ... and the other probes record too
+        self._recorded: set[Probe] = set()  # probes that recorded in this training step
         self.context: dict = {}
         self.mitigation_counts: dict[str, float] = {}
         self._snapshot_prefix: str | None = None
@@ -131,15 +153,29 @@ class CollapseMonitor:
             raise RuntimeError("CollapseMonitor is closed")
         if self.observing:
             raise RuntimeError("observe() blocks cannot be nested")
-        self.observing = self.global_step % self.observe_every_n_steps == 0
+        n = self.observe_every_n_steps
+        if self._snapshot_prefix is not None:
+            self.observing = self.sampling = True
+        elif n is None:
+            L = self.log_every_n_steps
+            k = _sample_stride(L)
+            self.observing = True
+            self.sampling = (L - 1 - self.global_step % L) % k == 0
+        else:
+            self.observing = self.sampling = self.global_step % n == 0
         # snapshots (validation) do not advance per-step state such as usage EMAs
-        self._observed_this_step |= self.observing and self._snapshot_prefix is None
+        if self._snapshot_prefix is None:
+            self._recorded.update(p for p in self.probes if self.records(p))
         self.context = {"targets": targets, **context}
         try:
             yield self
         finally:
-            self.observing = False
+            self.observing = self.sampling = False
             self.context = {}
+
+    def records(self, probe: Probe) -> bool:
+        """True while ``probe`` should record what the model computes (inside ``observe()``)."""
+        return self.observing and (self.sampling or probe.every_step)
 
     def step(self, optimizer: torch.optim.Optimizer | None = None) -> dict[str, float] | None:
         """Advance one training step; at cadence compute, log, check rules and mitigate.
@@ -150,14 +186,16 @@ class CollapseMonitor:
         """
         for m in self.mitigations:
             m.on_step(self, optimizer)
-        if self._observed_this_step:
-            self._observed_this_step = False
+        if self._recorded:
             for p in self.probes:
-                p.end_step()
+                if p in self._recorded:
+                    p.end_step()
+            self._recorded.clear()
         self.global_step += 1
         if self.global_step % self.log_every_n_steps:
             return None
-        return self._log(optimizer)
+        with torch.profiler.record_function("collapse_monitor.log"):
+            return self._log(optimizer)
 
     @property
     def logging_this_step(self) -> bool:
@@ -333,7 +371,7 @@ class CollapseMonitor:
             if getattr(self.model, "_collapse_monitor", lambda: None)() is self:
                 del self.model._collapse_monitor
         self._closed = True
-        self.observing = False
+        self.observing = self.sampling = False
 
     def __enter__(self) -> CollapseMonitor:
         return self

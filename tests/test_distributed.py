@@ -70,7 +70,12 @@ def worker(rank, port, out_dir):
         xs, ys = shard(rank, x, y)
         torch.manual_seed(0)
         head = nn.Linear(D, C)  # same weights on both ranks
-        mon = CollapseMonitor(nn.Sequential(head), [probes.NeuralCollapse("0", C, name="h")], 2)
+        mon = CollapseMonitor(
+            nn.Sequential(head),
+            [probes.NeuralCollapse("0", C, name="h")],
+            2,
+            observe_every_n_steps=1,
+        )
         sizes = [0, 17, len(ys) - 17] if rank == 0 else [len(ys) // 3, len(ys) - len(ys) // 3]
         for idx in torch.split(torch.arange(len(ys)), sizes):
             with mon.observe(targets=ys[idx]):
@@ -78,7 +83,12 @@ def worker(rank, port, out_dir):
         logged = mon.compute()
         state = mon.state_dict()  # collective: the reduced window
         mon.close()
-        resumed = CollapseMonitor(nn.Sequential(head), [probes.NeuralCollapse("0", C, name="h")], 2)
+        resumed = CollapseMonitor(
+            nn.Sequential(head),
+            [probes.NeuralCollapse("0", C, name="h")],
+            2,
+            observe_every_n_steps=1,
+        )
         resumed.load_state_dict(state)  # every rank loads it; only rank 0 keeps the window
         after_resume = resumed.compute()
         st = ClassMoments(C)
@@ -161,7 +171,13 @@ def reset_worker(rank, port, out_dir):
         torch.manual_seed(0)  # same initial codebook on both ranks
         model = Model(VQ(16, 4))
         probe = probes.CodebookUsage("vq", 16, ema_decay=0.5, warmup_steps=1)
-        mon = CollapseMonitor(model, [probe], 2, mitigations=[mitigations.ResetDeadCodes("vq")])
+        mon = CollapseMonitor(
+            model,
+            [probe],
+            2,
+            mitigations=[mitigations.ResetDeadCodes("vq")],
+            observe_every_n_steps=1,
+        )
         for step in range(2):  # each rank sees different, concentrated data
             with mon.observe():
                 model(concentrated(32 + 16 * rank, 4, seed=10 * rank + step))
@@ -202,7 +218,7 @@ def usage_worker(rank, port, out_dir):
         q = nn.Sequential()
         q.add_module("vq", Quantizer())
         probe = probes.CodebookUsage("vq", 24, ema_decay=0.7, warmup_steps=2)
-        mon = CollapseMonitor(q, [probe], 6)
+        mon = CollapseMonitor(q, [probe], 6, observe_every_n_steps=1)
         for idx in index_stream(rank):
             with mon.observe():
                 q.vq(torch.zeros(len(idx), 1), idx)
@@ -255,6 +271,7 @@ def representation_worker(rank, port, out_dir):
                 probes.GroupCollapse("emb", 3, name="site"),
             ],
             10**9,
+            observe_every_n_steps=1,
         )
         for idx in torch.split(mine, 64):
             with mon.observe(groups=groups[idx]):
@@ -287,7 +304,9 @@ def attention_worker(rank, port, out_dir):
         m = nn.Sequential()
         m.add_module("attn", SDPAAttention())
         x = torch.randn(5, 11, 32)
-        mon = CollapseMonitor(m, [probes.AttentionEntropy("attn", queries=None)], 1)
+        mon = CollapseMonitor(
+            m, [probes.AttentionEntropy("attn", queries=None)], 1, observe_every_n_steps=1
+        )
         with mon.observe():
             m.attn(x[:2] if rank == 0 else x[2:], causal=True)  # uneven shards
         torch.save(mon.step(), os.path.join(out_dir, f"attn{rank}.pt"))
@@ -302,7 +321,9 @@ def test_attention_entropy_under_ddp_equals_one_process(tmp_path):
     m = nn.Sequential()
     m.add_module("attn", SDPAAttention())
     x = torch.randn(5, 11, 32)
-    mon = CollapseMonitor(m, [probes.AttentionEntropy("attn", queries=None)], 1)
+    mon = CollapseMonitor(
+        m, [probes.AttentionEntropy("attn", queries=None)], 1, observe_every_n_steps=1
+    )
     with mon.observe():
         m.attn(x, causal=True)
     single = mon.step()
@@ -357,6 +378,7 @@ def health_worker(rank, port, out_dir):
             [probes.DormantUnits("1", name="dormant"), probes.LogitHealth("2", name="logits")],
             2,
             mitigations=[mitigations.ReDo()],
+            observe_every_n_steps=1,
         )
         g = torch.Generator().manual_seed(rank)
         for _ in range(2):

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from monitor import CollapseMonitor, Rule, Sink, mitigations, probes
+from monitor.monitor import sampled_steps_per_window
 from monitor import functional as F
 from tests.functional.test_neural_collapse import clustered
 from tests.reference import assert_metrics_close
@@ -54,7 +55,13 @@ def train(model, mon, steps, D=8, C=4, lr=0.05, seed=0):
 
 def test_cadence_windows_and_sinks():
     model, sink = mlp(), Recorder()
-    mon = CollapseMonitor(model, [probes.NeuralCollapse("2", 4, name="head")], 5, sinks=[sink])
+    mon = CollapseMonitor(
+        model,
+        [probes.NeuralCollapse("2", 4, name="head")],
+        5,
+        sinks=[sink],
+        observe_every_n_steps=1,
+    )
     logged = train(model, mon, 12)
     assert [s for s, _ in logged] == [5, 10] == [s for s, _ in sink.metrics]
     assert all(m["collapse/head/samples"] == 5 * 32 for _, m in logged)  # window reset
@@ -64,7 +71,9 @@ def test_cadence_windows_and_sinks():
 
 def test_hooks_do_nothing_outside_observe():
     model = mlp()
-    mon = CollapseMonitor(model, [probes.NeuralCollapse("2", 4, name="head")], 5)
+    mon = CollapseMonitor(
+        model, [probes.NeuralCollapse("2", 4, name="head")], 5, observe_every_n_steps=1
+    )
     model(torch.randn(16, 8))  # no targets needed: the hook returns at once
     assert mon.compute()["collapse/head/samples"] == 0
 
@@ -78,10 +87,37 @@ def test_observe_every_n_steps_records_only_those_steps():
     assert m["collapse/head/samples"] == 2 * 32
 
 
+@pytest.mark.parametrize("L, recorded", [(50, [24, 49]), (10, [4, 9]), (7, [2, 6]), (1, [0])])
+def test_default_cadence_samples_gemm_probes_and_records_cheap_ones_every_step(L, recorded):
+    model = mlp()
+    nc = probes.NeuralCollapse("2", 4, name="head")
+    dormant = probes.DormantUnits("1")
+    mon = CollapseMonitor(model, [nc, dormant], L)
+    assert sampled_steps_per_window(L) == len(recorded)
+    seen = []
+    model[2].register_forward_hook(
+        lambda *a: seen.append((mon.global_step, mon.records(nc), mon.records(dormant)))
+    )
+    logged = train(model, mon, 2 * L)
+    assert [s for s, r, _ in seen if r] == recorded + [L + s for s in recorded]
+    assert all(r for _, _, r in seen) and len(seen) == 2 * L  # the cheap probe: every step
+    assert [m["collapse/head/samples"] for _, m in logged] == [len(recorded) * 32] * 2
+    with mon.snapshot("val") as val:  # validation records every batch for every probe
+        for _ in range(3):
+            y = torch.randint(0, 4, (32,))
+            with mon.observe(targets=y):
+                model(torch.randn(32, 8))
+    assert val["val/collapse/head/samples"] == 3 * 32
+    mon.close()
+    assert sampled_steps_per_window(500) == 20
+
+
 def test_close_removes_every_hook_and_observe_refuses():
     model = mlp()
     before = [(dict(m._forward_hooks), dict(m._forward_pre_hooks)) for m in model.modules()]
-    mon = CollapseMonitor(model, [probes.NeuralCollapse("2", 4, name="head")], 5)
+    mon = CollapseMonitor(
+        model, [probes.NeuralCollapse("2", 4, name="head")], 5, observe_every_n_steps=1
+    )
     assert model[2]._forward_hooks
     mon.close()
     after = [(dict(m._forward_hooks), dict(m._forward_pre_hooks)) for m in model.modules()]
@@ -93,7 +129,9 @@ def test_close_removes_every_hook_and_observe_refuses():
 
 def test_monitor_keeps_no_autograd_graph():
     model = mlp()
-    mon = CollapseMonitor(model, [probes.NeuralCollapse("2", 4, name="head")], 2)
+    mon = CollapseMonitor(
+        model, [probes.NeuralCollapse("2", 4, name="head")], 2, observe_every_n_steps=1
+    )
     train(model, mon, 2)  # one window ends: lagged centres exist
     x = torch.randn(16, 8, requires_grad=True)
     ref = weakref.ref(x)
@@ -112,7 +150,9 @@ def test_memory_does_not_grow_over_2000_steps():
     import resource
 
     model = mlp()
-    mon = CollapseMonitor(model, [probes.NeuralCollapse("2", 4, name="head")], 50)
+    mon = CollapseMonitor(
+        model, [probes.NeuralCollapse("2", 4, name="head")], 50, observe_every_n_steps=1
+    )
     train(model, mon, 200)
     gc.collect()
     tensors = sum(issubclass(type(o), torch.Tensor) for o in gc.get_objects())
@@ -137,6 +177,7 @@ def test_rules_alerts_on_alert_and_stop():
             Rule("collapse/head/samples", 100, "above", action="stop", name="many", repeat=True)
         ],
         on_alert=seen.append,
+        observe_every_n_steps=1,
     )
     logged = train(model, mon, 10)
     assert [a.step for a in seen] == [5, 10] and sink.alerts == seen
@@ -163,6 +204,7 @@ def test_mitigations_see_the_same_metrics_and_alerts():
         sinks=[sink],
         mitigations=[mit],
         rules=[Rule("collapse/head/samples", 0, "above", name="any")],
+        observe_every_n_steps=1,
     )
     train(model, mon, 5)
     ((n, rules, opt),) = mit.calls
@@ -174,7 +216,13 @@ def test_snapshot_uses_fresh_windows_and_restores_training_window():
     C, D = 4, 8
     model = nn.Sequential(nn.Linear(D, C))
     sink = Recorder()
-    mon = CollapseMonitor(model, [probes.NeuralCollapse("0", C, name="head")], 100, sinks=[sink])
+    mon = CollapseMonitor(
+        model,
+        [probes.NeuralCollapse("0", C, name="head")],
+        100,
+        sinks=[sink],
+        observe_every_n_steps=1,
+    )
     x, y = clustered(C, D, 200)
     x = x.float()
     with mon.observe(targets=y[:100]):
@@ -197,7 +245,13 @@ def test_state_dict_resume_continues_exactly():
     rules = [Rule("collapse/head/nc1", 0.05, "drop", patience=2)]
 
     def monitor(model):
-        return CollapseMonitor(model, [probes.NeuralCollapse("2", 4, name="head")], 7, rules=rules)
+        return CollapseMonitor(
+            model,
+            [probes.NeuralCollapse("2", 4, name="head")],
+            7,
+            rules=rules,
+            observe_every_n_steps=1,
+        )
 
     def steps(model, mon, opt, g, n):
         logged = []
@@ -232,7 +286,7 @@ def test_state_dict_resume_continues_exactly():
 
 def test_nested_observe_is_an_error():
     model = mlp()
-    mon = CollapseMonitor(model, [probes.NeuralCollapse("2", 4)], 5)
+    mon = CollapseMonitor(model, [probes.NeuralCollapse("2", 4)], 5, observe_every_n_steps=1)
     with pytest.raises(RuntimeError, match="nested"):
         with mon.observe(targets=None):
             with mon.observe(targets=None):
@@ -247,7 +301,11 @@ class Explodes(Sink):
 def test_a_failing_sink_is_disabled_and_training_goes_on(caplog):
     model, good = mlp(), Recorder()
     mon = CollapseMonitor(
-        model, [probes.NeuralCollapse("2", 4, name="head")], 2, sinks=[Explodes(), good]
+        model,
+        [probes.NeuralCollapse("2", 4, name="head")],
+        2,
+        sinks=[Explodes(), good],
+        observe_every_n_steps=1,
     )
     with caplog.at_level("ERROR", logger="collapse_monitor"):
         logged = train(model, mon, 6)
@@ -260,7 +318,9 @@ def test_a_failing_sink_is_disabled_and_training_goes_on(caplog):
 def test_a_probe_that_raises_is_logged_once_counted_and_disabled(caplog):
     model = mlp()
     bad = probes.NeuralCollapse("1", 3, read="output", name="bad")  # labels go up to 3
-    mon = CollapseMonitor(model, [probes.NeuralCollapse("2", 4, name="head"), bad], 2)
+    mon = CollapseMonitor(
+        model, [probes.NeuralCollapse("2", 4, name="head"), bad], 2, observe_every_n_steps=1
+    )
     with caplog.at_level("ERROR", logger="collapse_monitor"):
         logged = train(model, mon, 4)
     messages = [r.message for r in caplog.records if "failed" in r.message]
@@ -273,7 +333,11 @@ def test_a_probe_that_raises_is_logged_once_counted_and_disabled(caplog):
     assert logged[-1][1]["collapse/errors"] == 1.0
     assert "collapse/bad/nc1" not in logged[-1][1] and logged[-1][1]["collapse/head/samples"] == 64
     strict = CollapseMonitor(
-        mlp(), [probes.NeuralCollapse("1", 3, read="output", name="bad")], 2, strict=True
+        mlp(),
+        [probes.NeuralCollapse("1", 3, read="output", name="bad")],
+        2,
+        strict=True,
+        observe_every_n_steps=1,
     )
     with pytest.raises(ValueError, match="out of range"):
         train(strict.model, strict, 1)

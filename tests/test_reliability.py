@@ -14,7 +14,9 @@ from tests.zoo import Zoo, batch, every_probe, loss_of
 
 def run(model, forward=None, steps=3, log_every=3, **kw):
     forward = model if forward is None else forward
-    mon = CollapseMonitor(model, every_probe(), log_every, strict=True, **kw)
+    mon = CollapseMonitor(
+        model, every_probe(), log_every, strict=True, **kw, observe_every_n_steps=1
+    )
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     out = None
     for step in range(steps):
@@ -55,7 +57,9 @@ def test_activation_checkpointing_recompute_is_not_counted_twice():
 def test_a_module_called_twice_per_step_counts_both_calls():
     model = nn.Sequential()
     model.add_module("head", nn.Linear(5, 3))
-    mon = CollapseMonitor(model, [probes.NeuralCollapse("head", 3)], 1, strict=True)
+    mon = CollapseMonitor(
+        model, [probes.NeuralCollapse("head", 3)], 1, strict=True, observe_every_n_steps=1
+    )
     x, y = torch.randn(10, 5), torch.randint(0, 3, (10,))
     with mon.observe(targets=y):
         model(x)
@@ -65,7 +69,7 @@ def test_a_module_called_twice_per_step_counts_both_calls():
 
 def test_empty_batches_are_harmless():
     model = Zoo()
-    mon = CollapseMonitor(model, every_probe(), 2, strict=True)
+    mon = CollapseMonitor(model, every_probe(), 2, strict=True, observe_every_n_steps=1)
     x, y, groups = batch(0)
     with mon.observe(targets=y[:0], groups=groups[:0]):
         model(x[:0])
@@ -88,7 +92,7 @@ def test_mixed_precision_statistics_match_float32_within_input_precision(dtype):
     ):
         assert low[key] == pytest.approx(full[key], rel=0.05), key
     model = Zoo()
-    mon = CollapseMonitor(model, every_probe(), 10, strict=True)
+    mon = CollapseMonitor(model, every_probe(), 10, strict=True, observe_every_n_steps=1)
     x, y, groups = batch(0)
     with torch.autocast("cpu", dtype=dtype), mon.observe(targets=y, groups=groups):
         model(x)
@@ -115,7 +119,9 @@ def test_close_leaves_no_hooks_and_no_reference_to_the_model():
 
 def test_a_module_path_that_no_longer_exists_is_reported():
     model = Zoo()
-    mon = CollapseMonitor(model, [probes.NeuralCollapse("head", 4)], 1, strict=True)
+    mon = CollapseMonitor(
+        model, [probes.NeuralCollapse("head", 4)], 1, strict=True, observe_every_n_steps=1
+    )
     model.head = nn.Linear(16, 4)  # the user swapped the head: the probed module is gone
     x, y, _ = batch(0)
     with mon.observe(targets=y):
@@ -126,11 +132,15 @@ def test_a_module_path_that_no_longer_exists_is_reported():
 
 def test_two_monitors_on_one_model_are_refused():
     model = Zoo()
-    first = CollapseMonitor(model, [probes.NeuralCollapse("head", 4)])
+    first = CollapseMonitor(model, [probes.NeuralCollapse("head", 4)], observe_every_n_steps=1)
     with pytest.raises(RuntimeError, match="already has a CollapseMonitor"):
-        CollapseMonitor(model, [probes.NeuralCollapse("head", 4, name="other")])
+        CollapseMonitor(
+            model, [probes.NeuralCollapse("head", 4, name="other")], observe_every_n_steps=1
+        )
     first.close()
-    CollapseMonitor(model, [probes.NeuralCollapse("head", 4)]).close()  # fine after close()
+    CollapseMonitor(
+        model, [probes.NeuralCollapse("head", 4)], observe_every_n_steps=1
+    ).close()  # fine after close()
 
 
 def test_memory_stays_flat_over_20000_observed_steps():
@@ -151,6 +161,7 @@ def test_memory_stays_flat_over_20000_observed_steps():
         ],
         log_every_n_steps=100,
         strict=True,
+        observe_every_n_steps=1,
     )
     x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
 
@@ -181,7 +192,13 @@ def test_resume_with_every_probe_and_mitigation_logs_what_an_uninterrupted_run_l
     def build():
         model = Zoo()
         mon = CollapseMonitor(
-            model, every_probe(), 3, strict=True, rules=rules, mitigations=every_mitigation()
+            model,
+            every_probe(),
+            3,
+            strict=True,
+            rules=rules,
+            mitigations=every_mitigation(),
+            observe_every_n_steps=1,
         )
         return model, mon, torch.optim.Adam(model.parameters(), lr=1e-2)
 

@@ -14,7 +14,11 @@ def write_run(log_dir, collapse: bool):
     q = nn.Sequential()
     q.add_module("vq", Quantizer())
     mon = CollapseMonitor(
-        q, [probes.CodebookUsage("vq", 16, name="vq")], 2, sinks=[TensorBoardSink(log_dir)]
+        q,
+        [probes.CodebookUsage("vq", 16, name="vq")],
+        2,
+        sinks=[TensorBoardSink(log_dir)],
+        observe_every_n_steps=1,
     )
     for step in range(8):
         idx = torch.zeros(64, dtype=torch.long) if collapse and step >= 2 else torch.arange(64) % 16

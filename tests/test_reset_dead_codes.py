@@ -58,7 +58,12 @@ def test_learned_codebook_reset_rows_and_adam_moments():
     sink = Recorder()
     probe = probes.CodebookUsage("vq", K, ema_decay=0.5, warmup_steps=2)
     mon = CollapseMonitor(
-        model, [probe], 4, sinks=[sink], mitigations=[mitigations.ResetDeadCodes("vq")]
+        model,
+        [probe],
+        4,
+        sinks=[sink],
+        mitigations=[mitigations.ResetDeadCodes("vq")],
+        observe_every_n_steps=1,
     )
     batches = [concentrated(64, D, seed=i) for i in range(4)]
     run(model, mon, batches[:3], opt)
@@ -94,7 +99,7 @@ def test_vector_quantize_pytorch_ema_codebook_is_probed_and_reset():
     model = Model(vq)
     probe = probes.CodebookUsage("vq", K, ema_decay=0.5, warmup_steps=2)  # no extract=
     reset = mitigations.ResetDeadCodes("vq")
-    mon = CollapseMonitor(model, [probe], 3, mitigations=[reset])
+    mon = CollapseMonitor(model, [probe], 3, mitigations=[reset], observe_every_n_steps=1)
     assert reset.codebook_path == "_codebook.embed" and reset.cluster_size is not None
     batches = [concentrated(128, D, seed=i).reshape(4, 32, D) for i in range(3)]
     run(model, mon, batches[:2])
@@ -128,7 +133,11 @@ def test_farthest_strategy_takes_the_worst_quantised_vectors():
     model = Model(VQ(K, D))
     probe = probes.CodebookUsage("vq", K, ema_decay=0.0, warmup_steps=0)
     mon = CollapseMonitor(
-        model, [probe], 1, mitigations=[mitigations.ResetDeadCodes("vq", strategy="farthest")]
+        model,
+        [probe],
+        1,
+        mitigations=[mitigations.ResetDeadCodes("vq", strategy="farthest")],
+        observe_every_n_steps=1,
     )
     z = torch.randn(50, D)
     with torch.no_grad(), mon.observe():
@@ -152,6 +161,7 @@ def test_gating_by_rule_and_by_step():
         mitigations=[never],
         default_rules=False,
         rules=[Rule("collapse/vq/usage", -1, "below", name="vq/usage_below")],
+        observe_every_n_steps=1,
     )
     before = model.vq.codebook.weight.detach().clone()
     run(model, mon, [torch.zeros(10, 3)] * 2)
@@ -162,6 +172,7 @@ def test_gating_by_rule_and_by_step():
             [probes.CodebookUsage("vq", 8)],
             4,
             mitigations=[mitigations.ResetDeadCodes("vq", every_n_steps=6)],
+            observe_every_n_steps=1,
         )
 
 
@@ -178,21 +189,31 @@ def test_configuration_errors():
     model.add_module("vq", TwoTables())
     with pytest.raises(ValueError, match="pass codebook="):
         CollapseMonitor(
-            model, [probes.CodebookUsage("vq", 8)], mitigations=[mitigations.ResetDeadCodes("vq")]
+            model,
+            [probes.CodebookUsage("vq", 8)],
+            mitigations=[mitigations.ResetDeadCodes("vq")],
+            observe_every_n_steps=1,
         )
     mon = CollapseMonitor(
         model,
         [probes.CodebookUsage("vq", 8)],
         mitigations=[mitigations.ResetDeadCodes("vq", codebook="b")],
+        observe_every_n_steps=1,
     )
     assert mon.mitigations[0].codebook is model.vq.b
     mon.close()
     with pytest.raises(ValueError, match="needs one CodebookUsage probe"):
-        CollapseMonitor(model, [], mitigations=[mitigations.ResetDeadCodes("vq", codebook="a")])
+        CollapseMonitor(
+            model,
+            [],
+            mitigations=[mitigations.ResetDeadCodes("vq", codebook="a")],
+            observe_every_n_steps=1,
+        )
     with pytest.raises(ValueError, match=r"expected \(5, D\)"):
         CollapseMonitor(
             model,
             [probes.CodebookUsage("vq", 5)],
             mitigations=[mitigations.ResetDeadCodes("vq", codebook="a")],
+            observe_every_n_steps=1,
         )
     assert not model.vq._forward_hooks

@@ -95,6 +95,7 @@ def test_start_mode_reparametrises_attention_projections_only_and_feeds_the_opti
         1,
         sinks=[sink],
         mitigations=[mitigations.SigmaReparam("*.attn")],
+        observe_every_n_steps=1,
     )
     assert torch.allclose(model(x), before, rtol=1e-5, atol=1e-6)
     from torch.nn.utils import parametrize
@@ -131,6 +132,7 @@ def rule_monitor(model, layer_glob="collapse/attn/0.attn/entropy_norm"):
         default_rules=False,
         rules=[Rule(layer_glob, 10.0, "below", name="attn/entropy_collapse")],
         mitigations=[mitigations.SigmaReparam("*.attn", when="rule")],
+        observe_every_n_steps=1,
     )
 
 
@@ -169,4 +171,6 @@ def test_bad_selection_names_what_it_found():
     with pytest.raises(ValueError, match=r"no attention projection.*\['mlp'\]"):
         model = nn.Sequential()
         model.add_module("mlp", nn.Linear(3, 3))
-        CollapseMonitor(model, [], mitigations=[mitigations.SigmaReparam("mlp")])
+        CollapseMonitor(
+            model, [], mitigations=[mitigations.SigmaReparam("mlp")], observe_every_n_steps=1
+        )

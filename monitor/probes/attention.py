@@ -212,7 +212,7 @@ class AttentionEntropy(Probe):
 
     def _input_hook(self, path):
         def hook(module, args, kwargs):
-            if self.monitor.observing:
+            if self.monitor.records(self):
                 self._suppress += 1  # also when disabled: the post-hook always decrements
                 if not self.disabled:
                     if isinstance(module, nn.TransformerEncoderLayer):

@@ -32,6 +32,9 @@ class Probe:
     """
 
     needs_targets = False
+    # cheap probes (O(B*D) per update) record every step under the monitor's default cadence;
+    # the others record a sample of the steps (see ``CollapseMonitor(observe_every_n_steps=)``)
+    every_step = False
 
     def __init__(self, module: str, name: str | None = None, extract=None) -> None:
         if not isinstance(module, str):
@@ -84,8 +87,8 @@ class Probe:
 
     @property
     def active(self) -> bool:
-        """True while the monitor observes and this probe has not failed."""
-        return self.monitor is not None and self.monitor.observing and not self.disabled
+        """True while the monitor records this step for this probe and the probe has not failed."""
+        return self.monitor is not None and self.monitor.records(self) and not self.disabled
 
     @torch.compiler.disable
     def guarded(self, fn, *args) -> Any:
@@ -94,7 +97,7 @@ class Probe:
         by ``torch.compile``: the monitor's bookkeeping stays out of the user's graph (a graph
         break while observing, nothing otherwise)."""
         try:
-            with torch.no_grad():
+            with torch.no_grad(), torch.profiler.record_function(f"collapse_monitor.{self.name}"):
                 return fn(*args)
         except Exception as exc:
             self.monitor.failed(self, exc)

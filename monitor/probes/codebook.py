@@ -68,6 +68,8 @@ class CodebookUsage(Probe):
 
     unit = "codes"
 
+    every_step = True  # O(B*D) per update
+
     def __init__(
         self,
         module: str,

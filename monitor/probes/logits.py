@@ -279,6 +279,8 @@ class DormantUnits(WindowedProbe):
     shrink is invisible in the relative score), plus ``dormant_fraction`` over all units.
     """
 
+    every_step = True  # O(B*D) per update
+
     def __init__(
         self, module: str, tau: float = 0.025, name: str | None = None, extract=None
     ) -> None:

@@ -190,6 +190,8 @@ class PosteriorCollapse(WindowedProbe):
     histograms ``kl`` (per dimension) and ``log10_activity`` (Burda's bimodal plot).
     """
 
+    every_step = True  # O(B*D) per update
+
     def __init__(
         self,
         module: str,

@@ -81,7 +81,9 @@ def scalars(log_dir, tag):
 
 
 def callback(**kw):
-    return CollapseCallback(probes=[probes.NeuralCollapse("head", C)], **kw)
+    return CollapseCallback(
+        probes=[probes.NeuralCollapse("head", C)], **kw, observe_every_n_steps=1
+    )
 
 
 def test_fit_logs_through_tensorboard_and_csv_loggers(tmp_path):
@@ -208,6 +210,7 @@ def test_sigma_reparam_checkpoint_resume(tmp_path, when):
             default_rules=False,
             rules=rules if when == "rule" else [],
             mitigations=[mitigations.SigmaReparam("net.*.attn", when=when)],
+            observe_every_n_steps=1,
         )
 
     tag = "collapse/attn/net.1.attn/entropy/head_0"
@@ -297,6 +300,7 @@ def test_ddp_spawn_with_every_probe_and_mitigation(tmp_path):
             strict=True,
             context=groups_of,
             mitigations=every_mitigation("zoo."),
+            observe_every_n_steps=1,
         )
         kw = {"strategy": "ddp_spawn"} if devices > 1 else {}
         t = trainer(

@@ -22,6 +22,7 @@ def test_scalars_alerts_and_layout_are_written(tmp_path):
         5,
         sinks=[TensorBoardSink(tmp_path)],
         rules=[Rule("collapse/head/samples", 0, "above", name="always", repeat=True)],
+        observe_every_n_steps=1,
     )
     logged = train(model, mon, 10)
     mon.close()
@@ -76,6 +77,7 @@ def test_codebook_usage_histogram_and_reset_events_are_written(tmp_path):
         2,
         sinks=[TensorBoardSink(tmp_path)],
         mitigations=[mitigations.ResetDeadCodes("vq")],
+        observe_every_n_steps=1,
     )
     for step in range(2):
         with mon.observe():

@@ -53,7 +53,9 @@ def layer_metrics(mon, probe="attn", layer="attn"):
 
 
 def watch(model, **kw):
-    return CollapseMonitor(model, [probes.AttentionEntropy("attn", queries=None, **kw)], 10**6)
+    return CollapseMonitor(
+        model, [probes.AttentionEntropy("attn", queries=None, **kw)], 10**6, observe_every_n_steps=1
+    )
 
 
 @pytest.mark.parametrize("case", ["plain", "causal", "bool_padding", "additive", "gqa_causal"])
@@ -135,7 +137,12 @@ def test_transformer_encoder_layer_including_the_fast_path(norm_first):
     results = []
     for training in (True, False):
         layer.train(training)
-        mon = CollapseMonitor(m, [probes.AttentionEntropy("enc", queries=None, name="attn")], 10**6)
+        mon = CollapseMonitor(
+            m,
+            [probes.AttentionEntropy("enc", queries=None, name="attn")],
+            10**6,
+            observe_every_n_steps=1,
+        )
         with mon.observe(), torch.set_grad_enabled(training):  # eval + no_grad: the fast path
             layer(x, src_key_padding_mask=kpm)
         results.append(layer_metrics(mon, layer="enc.self_attn"))
@@ -172,7 +179,12 @@ def test_transformers_models_with_sdpa_match_eager_attentions(arch):
     ids = torch.randint(0, 64, (2, 10))
     mask = torch.ones(2, 10, dtype=torch.long)
     mask[1, :3] = 0  # left padding in the second sequence
-    mon = CollapseMonitor(model, [probes.AttentionEntropy(glob, queries=None, name="attn")], 10**6)
+    mon = CollapseMonitor(
+        model,
+        [probes.AttentionEntropy(glob, queries=None, name="attn")],
+        10**6,
+        observe_every_n_steps=1,
+    )
     with mon.observe(), torch.no_grad():
         model(input_ids=ids, attention_mask=mask)
     got = mon.compute()
@@ -205,7 +217,10 @@ def test_explicit_probabilities_through_extract():
     m = nn.Sequential()
     m.add_module("attn", Eager())
     mon = CollapseMonitor(
-        m, [probes.AttentionEntropy("attn", extract=lambda mod, a, out: out, causal=True)], 10**6
+        m,
+        [probes.AttentionEntropy("attn", extract=lambda mod, a, out: out, causal=True)],
+        10**6,
+        observe_every_n_steps=1,
     )
     q, k = torch.randn(2, 3, 8, 4), torch.randn(2, 3, 8, 4)
     with mon.observe():
@@ -229,7 +244,12 @@ def test_sampled_queries_are_unbiased():
     exact.close()
     estimates = []
     for seed in range(40):
-        mon = CollapseMonitor(m, [probes.AttentionEntropy("attn", queries=8, seed=seed)], 10**6)
+        mon = CollapseMonitor(
+            m,
+            [probes.AttentionEntropy("attn", queries=8, seed=seed)],
+            10**6,
+            observe_every_n_steps=1,
+        )
         with mon.observe():
             m.attn(x)
         estimates.append(layer_metrics(mon)[0])
@@ -253,7 +273,9 @@ def test_nothing_happens_outside_observe_and_close_removes_the_mode():
 def test_a_selection_without_attention_is_an_error_naming_it():
     m = nn.Sequential()
     m.add_module("mlp", nn.Linear(4, 4))
-    mon = CollapseMonitor(m, [probes.AttentionEntropy("mlp")], 1, strict=True)
+    mon = CollapseMonitor(
+        m, [probes.AttentionEntropy("mlp")], 1, strict=True, observe_every_n_steps=1
+    )
     with mon.observe():
         m(torch.randn(2, 4))
     with pytest.raises(ValueError, match=r"no attention.*'mlp' \(Linear\)"):

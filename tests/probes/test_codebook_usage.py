@@ -27,7 +27,7 @@ def np_usage(counts):
 def stream(probe, batches, log_every=10**9):
     q = nn.Sequential()
     q.add_module("vq", Quantizer())
-    mon = CollapseMonitor(q, [probe], log_every)
+    mon = CollapseMonitor(q, [probe], log_every, observe_every_n_steps=1)
     out = []
     for idx in batches:
         with mon.observe():
@@ -135,7 +135,7 @@ def test_moe_router_top_k_expert_load():
     probe = probes.CodebookUsage(
         "router", E, extract=lambda m, a, o: o.topk(k, dim=-1).indices, warmup_steps=1, name="moe"
     )
-    mon = CollapseMonitor(model, [probe], 4)
+    mon = CollapseMonitor(model, [probe], 4, observe_every_n_steps=1)
     x = torch.randn(256, 16).abs()
     for _ in range(4):
         with mon.observe():
@@ -156,7 +156,9 @@ def test_sae_latent_usage_counts_fires_per_window():
     model = nn.Sequential()
     model.add_module("enc", enc)
     model.add_module("act", nn.ReLU())
-    mon = CollapseMonitor(model, [probes.LatentUsage("act", L, name="sae")], 3)
+    mon = CollapseMonitor(
+        model, [probes.LatentUsage("act", L, name="sae")], 3, observe_every_n_steps=1
+    )
     x = torch.randn(3, 100, 10)
     for i in range(3):
         with mon.observe():
@@ -192,7 +194,9 @@ def test_bad_indices_raise_clear_errors(output, match):
             return output
 
     model = nn.Sequential(Fixed())
-    mon = CollapseMonitor(model, [probes.CodebookUsage("0", 10, name="vq")], 5, strict=True)
+    mon = CollapseMonitor(
+        model, [probes.CodebookUsage("0", 10, name="vq")], 5, strict=True, observe_every_n_steps=1
+    )
     with pytest.raises(ValueError, match=match) as err:
         with mon.observe():
             model(torch.zeros(1))
@@ -203,7 +207,11 @@ def test_bad_indices_raise_clear_errors(output, match):
 def test_float_indices_from_extract_are_rejected():
     model = nn.Sequential(nn.Identity())
     mon = CollapseMonitor(
-        model, [probes.CodebookUsage("0", 10, extract=lambda m, a, o: o)], 5, strict=True
+        model,
+        [probes.CodebookUsage("0", 10, extract=lambda m, a, o: o)],
+        5,
+        strict=True,
+        observe_every_n_steps=1,
     )
     with pytest.raises(ValueError, match="must be integers, got dtype torch.float32"):
         with mon.observe():

@@ -57,7 +57,7 @@ def test_logit_health_streams_the_whole_tensor_values_and_nlm_cosine():
     x = torch.randn(300, 8)
     y = m.head(x).argmax(1)
     y[::3] = 0
-    mon = CollapseMonitor(m, [probes.LogitHealth("head")], 10**6)
+    mon = CollapseMonitor(m, [probes.LogitHealth("head")], 10**6, observe_every_n_steps=1)
     for idx in torch.split(torch.arange(300), random_split(300, 5, 0)):
         with mon.observe(targets=y[idx]):
             m(x[idx])
@@ -75,7 +75,7 @@ def test_logit_health_streams_the_whole_tensor_values_and_nlm_cosine():
     assert 0 < got["softmax_collapse"] < 1
     # NLM cosine: read from the head's gradient on the logging step only
     mon.close()
-    mon2 = CollapseMonitor(m, [probes.LogitHealth("head", name="h2")], 1)
+    mon2 = CollapseMonitor(m, [probes.LogitHealth("head", name="h2")], 1, observe_every_n_steps=1)
     with mon2.observe(targets=y):
         loss = nn.functional.cross_entropy(m(x), y)
     loss.backward()
@@ -106,7 +106,9 @@ def test_token_uniformity_known_answers_and_padding():
     )
     # the probe: per layer, averaged over sequences
     blocks = nn.Sequential(nn.Identity(), nn.Identity())
-    mon = CollapseMonitor(blocks, [probes.TokenUniformity("*", name="depth")], 10**6)
+    mon = CollapseMonitor(
+        blocks, [probes.TokenUniformity("*", name="depth")], 10**6, observe_every_n_steps=1
+    )
     with mon.observe(mask=mask):
         blocks(x_pad)
     got = mon.compute()
@@ -125,7 +127,9 @@ def dead_mlp():
 def test_dormant_units_match_the_reference_score():
     m = dead_mlp()
     x = torch.randn(400, 10)
-    mon = CollapseMonitor(m, [probes.DormantUnits("1", name="dormant")], 10**6)
+    mon = CollapseMonitor(
+        m, [probes.DormantUnits("1", name="dormant")], 10**6, observe_every_n_steps=1
+    )
     for idx in torch.split(torch.arange(400), [100, 250, 50]):
         with mon.observe():
             m(x[idx])
@@ -150,6 +154,7 @@ def test_redo_revives_dormant_units_without_changing_the_output():
         2,
         sinks=[sink],
         mitigations=[mitigations.ReDo()],
+        observe_every_n_steps=1,
     )
     for _ in range(2):
         with mon.observe():

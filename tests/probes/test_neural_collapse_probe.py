@@ -41,7 +41,9 @@ def test_probe_streams_what_the_functional_computes(C, D):
     x, y = clustered(C, D, 1000, weights=torch.linspace(0.3, 2, C))
     x = x.float()
     net = Net(D, C)
-    mon = CollapseMonitor(net, [probes.NeuralCollapse("head", C)], log_every_n_steps=10**6)
+    mon = CollapseMonitor(
+        net, [probes.NeuralCollapse("head", C)], log_every_n_steps=10**6, observe_every_n_steps=1
+    )
     for idx in torch.split(torch.arange(1000), random_split(1000, 13, C)):
         with mon.observe(targets=y[idx]):
             net(x[idx])
@@ -60,7 +62,9 @@ def test_lagged_ncc_uses_the_previous_window_means():
     x, y = clustered(C, D, 400, noise=1.5)
     x = x.float()
     net = Net(D, C)
-    mon = CollapseMonitor(net, [probes.NeuralCollapse("head", C)], log_every_n_steps=2)
+    mon = CollapseMonitor(
+        net, [probes.NeuralCollapse("head", C)], log_every_n_steps=2, observe_every_n_steps=1
+    )
     for idx in torch.split(torch.arange(400), 100):
         with mon.observe(targets=y[idx]):
             net(x[idx])
@@ -85,7 +89,10 @@ def test_language_model_shapes_with_ignore_index_and_target_shift():
     labels[0, 5:] = -100  # padding
     net = Net(D, C)
     mon = CollapseMonitor(
-        net, [probes.NeuralCollapse("head", C, target_shift=1, ncc_max_rows=0)], 1000
+        net,
+        [probes.NeuralCollapse("head", C, target_shift=1, ncc_max_rows=0)],
+        1000,
+        observe_every_n_steps=1,
     )
     with mon.observe(targets=labels):
         net(h)
@@ -104,7 +111,10 @@ def test_read_output_with_a_separate_classifier():
     x, y = clustered(C, D, 300)
     x = x.float()
     mon = CollapseMonitor(
-        net, [probes.NeuralCollapse("body", C, read="output", classifier="head", name="head")], 100
+        net,
+        [probes.NeuralCollapse("body", C, read="output", classifier="head", name="head")],
+        100,
+        observe_every_n_steps=1,
     )
     with mon.observe(targets=y):
         net(x)
@@ -123,7 +133,7 @@ def test_nonfinite_rows_are_counted_and_excluded():
     xn[3, 0] = float("inf")
     bad[3] = True
     net = Net(D, C)
-    mon = CollapseMonitor(net, [probes.NeuralCollapse("head", C)], 100)
+    mon = CollapseMonitor(net, [probes.NeuralCollapse("head", C)], 100, observe_every_n_steps=1)
     with mon.observe(targets=y):
         net(xn)
     got = metrics_of(mon)
@@ -138,7 +148,9 @@ def test_large_vocabulary_language_model_head():
     y = torch.multinomial(zipf, N, replacement=True, generator=g)
     x = torch.randn(N, D, generator=g)
     head = nn.Linear(D, C)
-    mon = CollapseMonitor(head, [probes.NeuralCollapse("", C, name="lm", ncc_max_rows=64)], 2)
+    mon = CollapseMonitor(
+        head, [probes.NeuralCollapse("", C, name="lm", ncc_max_rows=64)], 2, observe_every_n_steps=1
+    )
     # "" is the root module's name in named_modules()
     for _ in range(2):
         with mon.observe(targets=y):
@@ -165,7 +177,9 @@ def test_bad_input_names_probe_module_and_problem(make_input, match):
     x, y = make_input()
     head = nn.Linear(4, 3)
     net = nn.Sequential(head)
-    mon = CollapseMonitor(net, [probes.NeuralCollapse("0", 3, name="nc")], 10, strict=True)
+    mon = CollapseMonitor(
+        net, [probes.NeuralCollapse("0", 3, name="nc")], 10, strict=True, observe_every_n_steps=1
+    )
     with pytest.raises(ValueError, match=match) as err:
         with mon.observe(targets=y):
             net(x)
@@ -180,12 +194,19 @@ def test_module_input_that_is_not_a_tensor():
             return pair[0]
 
     net = nn.Sequential(TupleIn())
-    mon = CollapseMonitor(net, [probes.NeuralCollapse("0", 3)], 10, strict=True)
+    mon = CollapseMonitor(
+        net, [probes.NeuralCollapse("0", 3)], 10, strict=True, observe_every_n_steps=1
+    )
     with pytest.raises(ValueError, match="got tuple; pass extract="):
         with mon.observe(targets=torch.zeros(2, dtype=torch.long)):
             net((torch.randn(2, 3), 1))
     mon.close()
-    mon = CollapseMonitor(net, [probes.NeuralCollapse("0", 3, extract=lambda m, a, o: a[0][0])], 10)
+    mon = CollapseMonitor(
+        net,
+        [probes.NeuralCollapse("0", 3, extract=lambda m, a, o: a[0][0])],
+        10,
+        observe_every_n_steps=1,
+    )
     with mon.observe(targets=torch.tensor([0, 1, 2, 0])):
         net((torch.randn(4, 3), 1))
     assert metrics_of(mon, "0")["samples"] == 4
@@ -194,14 +215,18 @@ def test_module_input_that_is_not_a_tensor():
 def test_configuration_errors():
     net = Net(4, 3)
     with pytest.raises(KeyError, match=r"closest names: \['head'"):
-        CollapseMonitor(net, [probes.NeuralCollapse("haed", 3)])
+        CollapseMonitor(net, [probes.NeuralCollapse("haed", 3)], observe_every_n_steps=1)
     with pytest.raises(ValueError, match="num_classes=5"):
-        CollapseMonitor(net, [probes.NeuralCollapse("head", 5)])
+        CollapseMonitor(net, [probes.NeuralCollapse("head", 5)], observe_every_n_steps=1)
     with pytest.raises(ValueError, match="exactly one module"):
-        CollapseMonitor(net, [probes.NeuralCollapse("*", 3)])
+        CollapseMonitor(net, [probes.NeuralCollapse("*", 3)], observe_every_n_steps=1)
     with pytest.raises(ValueError, match="read must be"):
         probes.NeuralCollapse("head", 3, read="weights")
     with pytest.raises(ValueError, match="unique"):
-        CollapseMonitor(net, [probes.NeuralCollapse("head", 3), probes.NeuralCollapse("head", 3)])
+        CollapseMonitor(
+            net,
+            [probes.NeuralCollapse("head", 3), probes.NeuralCollapse("head", 3)],
+            observe_every_n_steps=1,
+        )
     # a failed construction leaves no hook behind
     assert not net.head._forward_hooks

@@ -24,7 +24,7 @@ class Returns(nn.Module):
 def run(probe, batches, make=lambda x: x, **observe):
     model = nn.Sequential()
     model.add_module("m", Returns(make))
-    mon = CollapseMonitor(model, [probe], 10**9, strict=True)
+    mon = CollapseMonitor(model, [probe], 10**9, strict=True, observe_every_n_steps=1)
     for b in batches:
         with mon.observe(**observe):
             model(b)
@@ -133,7 +133,13 @@ def test_group_collapse_variance_ratio_and_nc_statistics():
     x, g = clustered(G, D, 1000, noise=0.7)
     model = nn.Sequential()
     model.add_module("m", nn.Identity())
-    mon = CollapseMonitor(model, [probes.GroupCollapse("m", G, name="site")], 10**9, strict=True)
+    mon = CollapseMonitor(
+        model,
+        [probes.GroupCollapse("m", G, name="site")],
+        10**9,
+        strict=True,
+        observe_every_n_steps=1,
+    )
     for idx in torch.split(torch.arange(1000), random_split(1000, 6, 1)):
         with mon.observe(groups=g[idx]):
             model(x[idx])
