@@ -99,17 +99,17 @@ class ClassMoments(Statistic):
         if valid is None:
             valid = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
         y = torch.where(valid, labels, 0)
-        x = torch.where(valid[:, None], x, 0.0)
 
         new = valid & ~self.shift_set[y]
         # on the CPU the check is free; elsewhere it would be a device sync, so always run it
         if x.device.type != "cpu" or bool(new.any()):
-            self._set_new_shifts(x, y, new)
+            self._set_new_shifts(torch.where(valid[:, None], x, 0.0), y, new)
 
+        # one select masks invalid rows (NaN included: where() does not propagate them)
         z = torch.where(valid[:, None], x - self.shift[y], 0.0)
         self.count.index_add_(0, y, valid.to(torch.int64))
         self.sum.index_add_(0, y, z)
-        self.sq_norm.index_add_(0, y, (z * z).sum(1))
+        self.sq_norm.index_add_(0, y, torch.linalg.vecdot(z, z))
         if self.diagonal:
             self.second_moment += (z * z).sum(0)
         else:
