@@ -18,14 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(PY) examples/neural_collapse.py --out runs/demo/neural_collapse
-	$(PY) examples/vq_dead_codes.py --out runs/demo/vq_dead_codes
-	$(PY) examples/vae_posterior_collapse.py --out runs/demo/vae_posterior_collapse
-	$(PY) examples/simsiam_collapse.py --out runs/demo/simsiam_collapse
-	$(PY) examples/attention_entropy_collapse.py --out runs/demo/attention_entropy_collapse
-	$(PY) examples/grokking_softmax_collapse.py --out runs/demo/grokking_softmax_collapse
-	@echo "view the logs: $(VENV)/bin/tensorboard --logdir runs/demo"
-
+	$(PY) examples/demo.py --out runs/demo
 
 test: setup
 	$(PY) -m pytest -q

@@ -99,7 +99,7 @@ def overhead(name: str, observe_every: int | None, blocks: int, steps: int) -> d
         ratios.append(b / a)
         a_t.append(a)
         b_t.append(b)
-    profile = _where_time_goes(run_b, steps) if observe_every == 1 else {}
+    profile = _where_time_goes(run_b, min(steps, 10)) if observe_every == 1 else {}
     mon.close()
     return {
         "ratio": statistics.median(ratios),
@@ -121,14 +121,14 @@ def _where_time_goes(run, steps: int) -> dict[str, float]:
 
 
 def section_overhead(quick: bool) -> list[str]:
-    # GPT steps take ~1 s here: fewer blocks
+    # every block is one whole window (50 steps, one log); GPT steps take ~0.7 s: fewer blocks
     plan = {"mlp": 9, "cnn": 7, "gpt": 3, "vqvae": 7}
     rows, prof_rows = [], []
     for name, blocks in plan.items():
-        blocks = 3 if quick else blocks
+        blocks = 2 if quick else blocks
         label = WORKLOADS[name]().name
         d = overhead(name, None, blocks, LOG_EVERY)
-        e = overhead(name, 1, blocks, 5 if name == "gpt" else 10)
+        e = overhead(name, 1, max(2, blocks - 1), LOG_EVERY)
         rows.append(
             [
                 label,
@@ -228,14 +228,16 @@ def section_memory(quick: bool) -> list[str]:
     steps = 2000 if quick else 10_000
     _, w, mon = _pair("mlp", 1)
     run = _runner(w, mon)
-    samples = []
-    for s in range(0, steps, 500):
-        run(LOG_EVERY if s == 0 else 500)
+    run(LOG_EVERY)  # the first window
+    samples = [(mon.global_step, rss_mb())]
+    while mon.global_step < steps:
+        run(min(500, steps - mon.global_step))
         samples.append((mon.global_step, rss_mb()))
     mon.close()
     after_first = [r for _, r in samples]
-    rss_rows = [[f"{s:,}", f"{r:.1f}"] for s, r in samples[:: max(1, len(samples) // 6)]]
-    rss_rows.append([f"{samples[-1][0]:,}", f"{samples[-1][1]:.1f}"])
+    shown = samples[:: max(1, len(samples) // 6)]
+    shown += [] if shown[-1] is samples[-1] else [samples[-1]]
+    rss_rows = [[f"{s:,}", f"{r:.1f}"] for s, r in shown]
     return (
         [
             "### 2. Memory",
@@ -425,13 +427,16 @@ def _attention_rows(quick: bool) -> list[list]:
         probe = statistics.median(p - s for p, s in zip(t["probe"], t["sdpa"]))
         eager = statistics.median(e - s for e, s in zip(t["eager"], t["sdpa"]))
         mem = {how: _child_mb(T, how) for how in fns}
+        eager_total = statistics.median(t["eager"])
         rows.append(
             [
                 f"attention entropy, context {T}",
-                f"{eager * 1e3:.2f} ms, {mem['eager'] - mem['sdpa']:.1f} MB",
+                f"{eager * 1e3:.2f} ms above SDPA ({eager_total * 1e3:.1f} ms in all), "
+                f"{mem['eager'] - mem['sdpa']:.1f} MB",
                 f"{probe * 1e3:.2f} ms, {mem['probe'] - mem['sdpa']:.1f} MB",
                 f"{eager / probe:.1f}x",
-                f"time ratio {probe / eager:.3f}",
+                f"probe / eager: {probe / eager:.3f} of its extra, {probe / eager_total:.3f} "
+                "of its forward",
             ]
         )
         print(rows[-1], flush=True)
@@ -528,19 +533,27 @@ def main(argv=None) -> None:
         f"threads, torch {torch.__version__}, Python {platform.python_version()}, "
         f"{datetime.date.today().isoformat()}. GPU: none lent to this session; GPU numbers pending."
     )
-    lines = [header, ""]
+    out = Path(__file__).with_name("RESULTS.md")
+    blocks = _read_blocks(out) if args.write and out.exists() else {}
     for name in args.only.split(","):
         t = time.perf_counter()
-        lines += SECTIONS[name](args.quick) + ["", f"_{name}: {time.perf_counter() - t:.0f} s_", ""]
-        print("\n".join(lines[-3:]), flush=True)
-    text = "\n".join(lines)
-    print(text)
+        body = SECTIONS[name](args.quick)
+        took = f"_{name}: {time.perf_counter() - t:.0f} s. {header}_"
+        blocks[name] = "\n".join([f"<!-- section: {name} -->", *body, "", took])
+        print(blocks[name] + "\n", flush=True)
     if args.write:
-        out = Path(__file__).with_name("RESULTS.md")
+        text = "\n\n".join(blocks[k] for k in SECTIONS if k in blocks)
         out.write_text(
-            "# Benchmark results\n\nProduced by `python benchmarks/run.py --write` "
-            "(`make bench`).\n\n" + text + "\n"
+            "# Benchmark results\n\nProduced by `python benchmarks/run.py --write` (`make bench`); "
+            "`--only memory,compare` reruns those sections and keeps the others. Each section "
+            "ends with the machine it ran on.\n\n" + text + "\n"
         )
+
+
+def _read_blocks(path: Path) -> dict[str, str]:
+    """Sections of an earlier RESULTS.md, by their ``<!-- section: name -->`` markers."""
+    parts = path.read_text().split("<!-- section: ")[1:]
+    return {p.split(" -->", 1)[0]: ("<!-- section: " + p).rstrip() for p in parts}
 
 
 if __name__ == "__main__":

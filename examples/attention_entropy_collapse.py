@@ -20,6 +20,7 @@ from pydoc_data.topics import topics
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from integrations.tensorboard import TensorBoardSink
 from monitor import CollapseMonitor, mitigations, probes
@@ -84,11 +85,12 @@ def train(reparam: bool, args, data: torch.Tensor, vocab: int, out: Path) -> dic
         [probes.AttentionEntropy("blocks.*.attn", name="attn")],
         log_every_n_steps=args.log_every,
         sinks=[sink],
+        pictures=True,
         mitigations=[mitigations.SigmaReparam("blocks.*.attn")] if reparam else [],
     )
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)  # built after σReparam: gammas included
     history = []
-    for _ in range(args.steps):
+    for _ in tqdm(range(args.steps), desc=out.name, unit="step", leave=False):
         starts = torch.randint(0, len(data) - args.context - 1, (args.batch_size,), generator=g)
         x = torch.stack([data[s : s + args.context] for s in starts])
         y = torch.stack([data[s + 1 : s + args.context + 1] for s in starts])

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from integrations.tensorboard import TensorBoardSink
 from monitor import CollapseMonitor, losses, probes
@@ -59,9 +60,10 @@ def train(loss_name: str, args, out: Path) -> dict:
         [probes.LogitHealth("head", name="logits", loss=loss_name)],
         log_every_n_steps=args.log_every,
         sinks=[sink],
+        pictures=True,
     )
     history = []
-    for _ in range(args.steps):
+    for _ in tqdm(range(args.steps), desc=out.name, unit="step", leave=False):
         with mon.observe(targets=y):
             logits = model(x)
         if loss_name == "softmax":

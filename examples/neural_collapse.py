@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from sklearn.datasets import load_digits
 from torch import nn
+from tqdm.auto import tqdm
 
 from integrations.tensorboard import TensorBoardSink
 from monitor import CollapseMonitor, Rule, probes
@@ -107,7 +108,10 @@ def main(argv=None) -> dict:
         model,
         [probes.NeuralCollapse("head", num_classes=10)],
         log_every_n_steps=args.log_every,
+        # a 10-class problem on 1,500 images: every step is cheap to record exactly here
+        observe_every_n_steps=1,
         sinks=[sink],
+        pictures=True,
         rules=[
             Rule(
                 "collapse/head/nc1",
@@ -120,7 +124,7 @@ def main(argv=None) -> dict:
     )
     first = last = None
     start = time.time()
-    for epoch in range(args.epochs):
+    for epoch in tqdm(range(args.epochs), desc=out.name, unit="epoch", leave=False):
         perm = torch.randperm(len(y))
         correct = 0
         for idx in perm.split(args.batch_size):

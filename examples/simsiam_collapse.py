@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from sklearn.datasets import load_digits
 from torch import nn
+from tqdm.auto import tqdm
 
 from integrations.tensorboard import TensorBoardSink
 from monitor import CollapseMonitor, probes
@@ -75,9 +76,10 @@ def train(stop_gradient: bool, args, out: Path) -> dict:
         [probes.RepresentationRank("projector", name="proj")],
         log_every_n_steps=args.log_every,
         sinks=[sink],
+        pictures=True,
     )
     history = []
-    for _ in range(args.epochs):
+    for _ in tqdm(range(args.epochs), desc=out.name, unit="epoch", leave=False):
         for idx in torch.randperm(len(x), generator=g).split(args.batch_size):
             x1, x2 = augment(x[idx], g), augment(x[idx], g)
             with mon.observe():

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from sklearn.datasets import load_digits
 from torch import nn
+from tqdm.auto import tqdm
 
 from integrations.tensorboard import TensorBoardSink
 from monitor import CollapseMonitor, probes
@@ -69,9 +70,10 @@ def train(free_bits: float, args, out: Path) -> dict:
         [probes.PosteriorCollapse("posterior", name="vae")],
         log_every_n_steps=args.log_every,
         sinks=[sink],
+        pictures=True,
     )
     history = []
-    for _ in range(args.epochs):
+    for _ in tqdm(range(args.epochs), desc=out.name, unit="epoch", leave=False):
         for idx in torch.randperm(len(x)).split(args.batch_size):
             with mon.observe():
                 recon, mu, logvar = model(x[idx])

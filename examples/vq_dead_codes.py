@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from sklearn.datasets import load_digits
 from torch import nn
+from tqdm.auto import tqdm
 
 from integrations.tensorboard import TensorBoardSink
 from monitor import CollapseMonitor, mitigations, probes
@@ -72,10 +73,11 @@ def train(reset: bool, args, out: Path) -> dict:
         [probes.CodebookUsage("quantizer", num_codes=CODES, name="vq")],
         log_every_n_steps=args.log_every,
         sinks=[sink],
+        pictures=True,
         mitigations=[mitigations.ResetDeadCodes("quantizer")] if reset else [],
     )
     history = []
-    for _ in range(args.epochs):
+    for _ in tqdm(range(args.epochs), desc=out.name, unit="epoch", leave=False):
         for idx in torch.randperm(len(x)).split(args.batch_size):
             with mon.observe():
                 recon, vq_loss = model(x[idx])

@@ -40,9 +40,17 @@ class LightningLoggerSink(Sink):
         for tb in self._tb_sinks():
             tb._write_layout(metrics)
 
+    def log_thresholds(self, thresholds: dict[str, list[float]], step: int) -> None:
+        for tb in self._tb_sinks():
+            tb.log_thresholds(thresholds, self.trainer.global_step)
+
     def log_histogram(self, tag: str, values, step: int) -> None:
         for tb in self._tb_sinks():
             tb.log_histogram(tag, values, self.trainer.global_step)
+
+    def log_image(self, tag: str, image, step: int) -> None:
+        for tb in self._tb_sinks():
+            tb.log_image(tag, image, self.trainer.global_step)
 
     def log_alert(self, alert: Alert) -> None:
         for tb in self._tb_sinks():
@@ -97,7 +105,7 @@ class CollapseCallback(L.Callback):
         targets: how to read labels from a batch: ``None`` (``batch[1]`` or
             ``batch["labels"|"targets"]``), an int index, a str key, or ``callable(batch)``.
         log_every_n_steps, rules, default_rules, mitigations, on_alert, observe_every_n_steps,
-        strict: as in :class:`~monitor.CollapseMonitor`.
+        pictures, strict: as in :class:`~monitor.CollapseMonitor`.
         validation: take validation snapshots.
         context: ``callable(batch) -> dict`` of extra ``observe()`` keywords, e.g.
             ``lambda batch: {"groups": batch["site"]}`` for ``GroupCollapse``.
@@ -113,6 +121,7 @@ class CollapseCallback(L.Callback):
         mitigations: Optional[list[Mitigation]] = None,
         on_alert: Optional[Callable[[Alert], None]] = None,
         observe_every_n_steps: Optional[int] = None,
+        pictures: Union[bool, list[str]] = False,
         validation: bool = True,
         context: Optional[Callable[[Any], dict]] = None,
         strict: bool = False,
@@ -127,6 +136,7 @@ class CollapseCallback(L.Callback):
             mitigations=list(mitigations or []),
             on_alert=on_alert,
             observe_every_n_steps=observe_every_n_steps,
+            pictures=pictures,
             strict=strict,
         )
         self.validation = validation

@@ -11,9 +11,15 @@ from monitor.rules import Alert
 from monitor.sinks import Sink
 
 
-def scalar_layout(keys) -> dict:
+def threshold_tags(key: str) -> tuple[str, str]:
+    """The scalar tags holding the lowest and highest rule threshold on ``key``."""
+    return f"thresholds/{key}/lower", f"thresholds/{key}/upper"
+
+
+def scalar_layout(keys, thresholds=()) -> dict:
     """Custom-scalars layout: a category per probe, a chart per metric (per-head values of one
-    metric, ``.../<metric>/head_<h>``, share a chart)."""
+    metric, ``.../<metric>/head_<h>``, share a chart), and for each key in ``thresholds`` a margin
+    chart drawing the metric between its rule thresholds (see :func:`threshold_tags`)."""
     layout: dict[str, dict[str, list]] = {}
     for key in sorted(keys):
         parts = key.split("/")
@@ -24,7 +30,13 @@ def scalar_layout(keys) -> dict:
         category = "/".join(parts[:head])
         chart = parts[head]
         regex = "^" + re.escape("/".join(parts[: head + 1])) + "(/.*)?$"
-        layout.setdefault(category, {})[chart] = ["Multiline", [regex]]
+        charts = layout.setdefault(category, {})
+        charts[chart] = ["Multiline", [regex]]
+        if key in thresholds:
+            charts["/".join(parts[head:]) + " vs threshold"] = [
+                "Margin",
+                [key, *threshold_tags(key)],
+            ]
     return layout
 
 
@@ -44,6 +56,8 @@ class TensorBoardSink(Sink):
             self.writer, self._owned = SummaryWriter(log_dir=str(log_dir)), True
         self.layout = layout
         self._layout_written: dict | None = None
+        self._keys: set[str] = set()
+        self._thresholded: set[str] = set()
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         for key, value in metrics.items():
@@ -51,8 +65,23 @@ class TensorBoardSink(Sink):
         if self.layout:
             self._write_layout(metrics)
 
+    def log_thresholds(self, thresholds: dict[str, list[float]], step: int) -> None:
+        """Thresholds as scalars next to their metric, every log (a margin chart needs points
+        at the metric's steps), and margin charts in the layout."""
+        for key, values in thresholds.items():
+            lower, upper = threshold_tags(key)
+            self.writer.add_scalar(lower, min(values), step)
+            self.writer.add_scalar(upper, max(values), step)
+        if self.layout and not self._thresholded.issuperset(thresholds):
+            self._thresholded |= set(thresholds)
+            self._write_layout(())
+
+    def log_image(self, tag: str, image, step: int) -> None:
+        self.writer.add_image(tag, image, step, dataformats="HWC")
+
     def _write_layout(self, metrics) -> None:
-        new = scalar_layout(metrics)
+        self._keys |= set(metrics)
+        new = scalar_layout(self._keys, self._thresholded)
         merged = {c: dict(charts) for c, charts in (self._layout_written or {}).items()}
         for category, charts in new.items():
             merged.setdefault(category, {}).update(charts)

@@ -7,10 +7,12 @@ import weakref
 from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
 from . import _dist
+from . import pictures as pictures_
 from .mitigations.base import Mitigation
 from .probes.base import Probe
 from .rules import Alert, Rule, RuleEngine
@@ -55,6 +57,10 @@ class CollapseMonitor:
             evenly spaced and ending with the logging step. An integer ``n``: every probe records
             every n-th step only (``1``: every step, the exact whole-window statistics).
             Metrics are exact for the samples recorded; validation snapshots record every batch.
+        pictures: ``True`` (every probe that draws), or names of probes: at each log, these
+            probes' pictures (class-mean cosine heatmap, code usage, attention entropy per layer
+            and head, KL per latent dimension, eigen-spectrum) go to the sinks as images. Needs
+            matplotlib; without it the monitor says so once and logs no pictures.
         process_group: ``torch.distributed`` group for the all-reductions (default: WORLD).
         strict: raise every error of a probe, sink or mitigation (for tests). By default such an
             error never reaches the training loop: it is logged once with the probe's name,
@@ -76,6 +82,7 @@ class CollapseMonitor:
         default_rules: bool = True,
         on_alert: Callable[[Alert], None] | Iterable[Callable[[Alert], None]] | None = None,
         observe_every_n_steps: int | None = None,
+        pictures: bool | Iterable[str] = False,
         process_group=None,
         strict: bool = False,
     ) -> None:
@@ -110,6 +117,13 @@ class CollapseMonitor:
             self.on_alert = [on_alert]
         else:
             self.on_alert = list(on_alert)
+        if isinstance(pictures, str):
+            raise TypeError("pictures must be True/False or a list of probe names")
+        wanted = names if pictures is True else list(pictures or [])
+        unknown = sorted(set(wanted) - set(names))
+        if unknown:
+            raise ValueError(f"pictures names probes that do not exist: {unknown}; probes: {names}")
+        self._picture_probes = [p for p in probes if p.name in wanted]
         self.process_group = process_group
         self.strict = strict
         self.errors = 0
@@ -269,9 +283,38 @@ class CollapseMonitor:
             for key, values in p.histograms().items()
         }
 
+    def _pictures(self) -> dict[str, np.ndarray]:
+        """Rendered pictures of the opted-in probes (only where a sink will receive them)."""
+        if not (self._picture_probes and self.sinks):
+            return {}
+        if not pictures_.available():
+            log.warning(
+                "collapse monitor: pictures are off, matplotlib is not installed "
+                "(pip install matplotlib, or collapse-monitor[pictures])"
+            )
+            self._picture_probes = []
+            return {}
+        out = {}
+        for p in self._picture_probes:
+            if p.disabled:
+                continue
+            try:
+                for key, pic in p.pictures().items():
+                    out[f"collapse/{p.name}/{key}"] = pictures_.render(pic)
+            except Exception as exc:  # a picture never costs the probe its metrics
+                if self.strict:
+                    raise
+                self.errors += 1
+                self._picture_probes.remove(p)
+                log.error(
+                    "collapse monitor: pictures of %r are off: %s: %s", p, type(exc).__name__, exc
+                )
+        return out
+
     def _log(self, optimizer) -> dict[str, float]:
         metrics = self.compute()
         histograms = self._histograms()
+        pictures = self._pictures()
         step = self.global_step
         alerts = self.rules.check(metrics, step)
         for name, count in self.rules.counts.items():
@@ -297,8 +340,11 @@ class CollapseMonitor:
             p.end_window()
         metrics["collapse/errors"] = float(self.errors)
         self._each_sink("log_metrics", metrics, step)
+        self._each_sink("log_thresholds", self.rules.thresholds(metrics), step)
         for tag, values in histograms.items():
             self._each_sink("log_histogram", tag, values, step)
+        for tag, image in pictures.items():
+            self._each_sink("log_image", tag, image, step)
         for alert in alerts:
             self._dispatch_alert(alert)
         for name, info in events:

@@ -117,6 +117,17 @@ class RuleEngine:
         self._state: dict[str, dict[str, _KeyState]] = {r.name: {} for r in self.rules}
         self.counts: dict[str, int] = {r.name: 0 for r in self.rules}
 
+    def thresholds(self, metrics: dict[str, float]) -> dict[str, list[float]]:
+        """``{key: [threshold, ...]}`` of the fixed-threshold (``below``/``above``) rules that
+        watch each key of ``metrics`` (for drawing them next to the metric)."""
+        out: dict[str, list[float]] = {}
+        for rule in self.rules:
+            if rule.mode in ("below", "above"):
+                for key in metrics:
+                    if rule.matches(key):
+                        out.setdefault(key, []).append(float(rule.threshold))
+        return out
+
     def check(self, metrics: dict[str, float], step: int) -> list[Alert]:
         alerts = []
         for rule in self.rules:

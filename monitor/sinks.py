@@ -14,6 +14,12 @@ class Sink:
     def log_histogram(self, tag: str, values, step: int) -> None:
         """A 1-D tensor of values (e.g. hits per code) whose distribution is worth a plot."""
 
+    def log_thresholds(self, thresholds: dict[str, list[float]], step: int) -> None:
+        """The fixed thresholds of the rules on each logged key, at every log."""
+
+    def log_image(self, tag: str, image, step: int) -> None:
+        """A picture (``(H, W, 3) uint8`` numpy array) of a probe's last window."""
+
     def log_alert(self, alert: Alert) -> None:
         """One rule firing (also sent to Python ``logging`` by the monitor)."""
 

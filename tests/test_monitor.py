@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from monitor import CollapseMonitor, Rule, Sink, mitigations, probes
-from monitor.monitor import sampled_steps_per_window
 from monitor import functional as F
+from monitor.monitor import sampled_steps_per_window
 from tests.functional.test_neural_collapse import clustered
 from tests.reference import assert_metrics_close
 

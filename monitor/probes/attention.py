@@ -17,6 +17,7 @@ from ..functional.attention import (
     entropy_from_probs,
     normalised,
 )
+from ..pictures import Picture
 from ..rules import Rule
 from ..stats import SumStatistic
 from .base import Probe
@@ -378,6 +379,26 @@ class AttentionEntropy(Probe):
             max_logit = torch.where(ok.expand_as(logits), logits.abs(), 0.0).amax()
             self._add(layer, H_i, n, max_logit)
 
+    def pictures(self) -> dict[str, Picture]:
+        layers = getattr(self, "_last_norm", {})
+        if not layers:
+            return {}
+        heads = max(v.numel() for v in layers.values())
+        grid = torch.full((len(layers), heads), float("nan"), dtype=_F64)
+        for i, v in enumerate(layers.values()):
+            grid[i, : v.numel()] = v.to(_F64).cpu()
+        return {
+            "entropy_heatmap": Picture(
+                "heatmap",
+                grid,
+                "normalised attention entropy (0: one key, 1: uniform)",
+                "head",
+                "layer",
+                reference=0.5,
+                labels=list(layers),
+            )
+        }
+
     def end_step(self) -> None:
         self._observed_steps += 1
 
@@ -415,9 +436,11 @@ class AttentionEntropy(Probe):
     def compute(self, group=None) -> dict[str, float]:
         out: dict[str, float] = {}
         layer_means = []
+        self._last_norm = {}
         for layer, st in sorted(self._synced(group).items()):
             ent = (st.entropy / st.queries).tolist()
             ent_norm = st.entropy_norm / st.queries_norm
+            self._last_norm[layer] = ent_norm
             for h in range(st.heads):
                 out[f"{layer}/entropy/head_{h}"] = ent[h]
                 out[f"{layer}/entropy_norm/head_{h}"] = ent_norm[h].item()

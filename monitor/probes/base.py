@@ -10,6 +10,7 @@ from torch import nn
 
 from .. import _dist
 from .._modules import resolve_modules
+from ..pictures import Picture
 
 if TYPE_CHECKING:
     from ..monitor import CollapseMonitor
@@ -131,6 +132,11 @@ class Probe:
 
     def histograms(self) -> dict[str, torch.Tensor]:
         """Value distributions for the sinks at a log, from the last :meth:`compute`."""
+        return {}
+
+    def pictures(self) -> dict[str, Picture]:
+        """What to draw at a log, from the last :meth:`compute` (opt-in, see
+        ``CollapseMonitor(pictures=)``); ``{name: Picture}``."""
         return {}
 
     def end_step(self) -> None:

@@ -8,6 +8,7 @@ import torch
 
 from .. import _dist
 from ..functional.codebook import usage_from_counts
+from ..pictures import Picture
 from ..rules import Rule
 from ..stats import SumStatistic
 from .base import Probe
@@ -254,6 +255,27 @@ class CodebookUsage(Probe):
         if self.heads == 1:
             return {"usage_hist": counts[0]}
         return {f"usage_hist/head_{h}": counts[h] for h in range(self.heads)}
+
+    def pictures(self) -> dict[str, Picture]:
+        if self._last is None:
+            return {}
+        counts = self._last["counts"][0].to(_F64)
+        if not counts.sum() > 0:
+            return {}
+        p = counts / counts.sum()
+        perplexity = torch.exp(-(p * p.clamp_min(1e-300).log()).sum()).item()
+        K = counts.numel()
+        return {
+            "usage_sorted": Picture(
+                "bars",
+                p.sort(descending=True).values,
+                f"{self.unit} by usage{' (head 0)' if self.heads > 1 else ''}: perplexity "
+                f"{perplexity:.1f} of {K}; uniform = {1 / K:.2g}",
+                f"{self.unit} (sorted)",
+                "fraction of rows",
+                reference=1.0 / K,
+            )
+        }
 
     def dead_mask(self) -> torch.Tensor:
         """``(H, K)`` bool: the dead codes of the last :meth:`compute` (identical on all ranks)."""

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..functional import logits as L
+from ..pictures import Picture
 from ..rules import Rule
 from ..stats import SumStatistic
 from .base import WindowedProbe
@@ -253,7 +254,22 @@ class TokenUniformity(WindowedProbe):
             if st.sequences.item():
                 out[f"{layer}/rho"] = (st.rho / st.sequences).item()
                 out[f"{layer}/r_f"] = (st.r_f / st.sequences).item()
+        self._last = [out[f"{layer}/r_f"] for layer in self.layers if f"{layer}/r_f" in out]
         return out
+
+    def pictures(self) -> dict[str, Picture]:
+        if not getattr(self, "_last", None):
+            return {}
+        return {
+            "r_f_by_depth": Picture(
+                "bars",
+                torch.tensor(self._last),
+                "token residual r_f by depth (0: all tokens identical)",
+                "layer (in model order)",
+                "r_f",
+                reference=0.1,
+            )
+        }
 
 
 class _UnitSums(SumStatistic):
@@ -330,13 +346,15 @@ class DormantUnits(WindowedProbe):
 
     def compute(self, group=None) -> dict[str, float]:
         out, total, dormant = {}, 0, 0
-        self._masks = {}
+        self._masks, self._scores = {}, {}
         for layer, st in self._synced(group).items():
             if not st.rows.item():
                 continue
             per_unit = st.abs_sum / st.rows
-            mask = per_unit / (per_unit.mean() + 1e-9) <= self.tau
+            score = per_unit / (per_unit.mean() + 1e-9)
+            mask = score <= self.tau
             self._masks[layer] = mask
+            self._scores[layer] = score
             out[f"{layer}/dormant_fraction"] = mask.to(_F64).mean().item()
             out[f"{layer}/mean_abs"] = per_unit.mean().item()
             total += mask.numel()
@@ -344,6 +362,19 @@ class DormantUnits(WindowedProbe):
         if total:
             out["dormant_fraction"] = dormant / total
         return out
+
+    def pictures(self) -> dict[str, Picture]:
+        return {
+            f"{layer}/unit_scores": Picture(
+                "bars",
+                score.sort().values,
+                f"{layer}: unit score |a| / layer mean, sorted (dormant: <= tau = {self.tau:g})",
+                "unit (sorted)",
+                "score",
+                reference=self.tau,
+            )
+            for layer, score in getattr(self, "_scores", {}).items()
+        }
 
     def dormant_masks(self) -> dict[str, torch.Tensor]:
         """``{layer: (H,) bool}`` of the last :meth:`compute` (identical on every rank)."""

@@ -11,6 +11,7 @@ from ..functional.neural_collapse import (
     metrics_from_class_statistics,
     nearest_class_center_mismatch,
 )
+from ..pictures import Picture
 from ..rules import Rule
 from ..stats import ClassMoments, Counter
 from .base import Probe, first_tensor
@@ -267,6 +268,27 @@ class NeuralCollapse(Probe):
         if c["ncc_total"]:
             out["ncc_mismatch_lagged"] = c["ncc_mismatch"] / c["ncc_total"]
         return out
+
+    def pictures(self) -> dict[str, Picture]:
+        m = self._reduced
+        used = None if m is None or not m.dim else m.count >= self.min_class_count
+        if used is None or int(used.sum()) < 2:
+            return {}
+        mu = m.means()[used]
+        Cu, k = mu.shape[0], min(mu.shape[0], 64)
+        centred = mu - mu.mean(0)
+        unit = centred[:k] / centred[:k].norm(dim=1, keepdim=True).clamp_min(1e-300)
+        etf = -1.0 / (Cu - 1)
+        return {
+            "class_mean_cosines": Picture(
+                "heatmap",
+                unit @ unit.T,
+                f"cosines of centred class means ({k} of {Cu} classes); simplex ETF: {etf:.3f}",
+                "class",
+                "class",
+                reference=etf,
+            )
+        }
 
     def end_window(self) -> None:
         reduced = self._reduced if self._reduced is not None else self._synced()[0]

@@ -8,6 +8,7 @@ import torch
 
 from .. import _dist
 from ..functional import representation as R
+from ..pictures import Picture
 from ..rules import Rule
 from ..stats import ClassMoments, Counter, SumStatistic
 from .base import WindowedProbe, first_tensor
@@ -169,6 +170,20 @@ class RepresentationRank(WindowedProbe):
     def histograms(self) -> dict[str, torch.Tensor]:
         return {} if self._spectrum is None else {"spectrum": self._spectrum}
 
+    def pictures(self) -> dict[str, Picture]:
+        if self._spectrum is None or not self._spectrum.sum() > 0:
+            return {}
+        lam = self._spectrum.sort(descending=True).values
+        return {
+            "eigen_spectrum": Picture(
+                "spectrum",
+                lam / lam.sum(),
+                "eigen-spectrum of the embedding covariance (fraction of the variance)",
+                "eigenvalue index",
+                "lambda_i / sum lambda",
+            )
+        }
+
 
 class PosteriorCollapse(WindowedProbe):
     """Posterior collapse of a VAE encoder with a diagonal Gaussian posterior and N(0, I) prior.
@@ -288,6 +303,19 @@ class PosteriorCollapse(WindowedProbe):
         return {
             "kl": self._last["kl_per_dim"],
             "log10_activity": self._last["activity"].clamp_min(1e-30).log10(),
+        }
+
+    def pictures(self) -> dict[str, Picture]:
+        if self._last is None:
+            return {}
+        return {
+            "kl_per_dim": Picture(
+                "bars",
+                self._last["kl_per_dim"],
+                "KL(q(z_j|x) || p(z_j)) per latent dimension (0: unused)",
+                "latent dimension",
+                "nats",
+            )
         }
 
 
