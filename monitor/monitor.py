@@ -23,17 +23,17 @@ log = logging.getLogger("collapse_monitor")
 _STATE_VERSION = 1
 
 
+SAMPLE_STRIDE = 25  # the default cadence records one step in 25 at most (4 % of the steps)
+
+
 def _sample_stride(log_every_n_steps: int) -> int:
     return max(1, min(SAMPLE_STRIDE, -(-log_every_n_steps // 2)))
 
 
-SAMPLE_STRIDE = 25
-
-
 def sampled_steps_per_window(log_every_n_steps: int) -> int:
     """Steps per window that the GEMM-cost probes record under the default cadence: one step in
-    ``min(25, ceil(L / 2))`` (``L = log_every_n_steps``), at least two per window; two at the
-    default ``L = 50`` (4 % of the steps), twenty at ``L = 500``."""
+    ``min(25, ceil(L / 2))`` (``L = log_every_n_steps``): two at the default ``L = 50``, twenty
+    at ``L = 500``, every step for ``L <= 2``."""
     return -(-log_every_n_steps // _sample_stride(log_every_n_steps))
 
 
