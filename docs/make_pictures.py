@@ -36,19 +36,25 @@ class Emit(nn.Module):
         return x
 
 
-def picture(probe, inputs, key: str | None = None, title: str = "", **context) -> np.ndarray:
-    """Run ``inputs`` through an identity module watched by ``probe``; render its picture."""
-    model = nn.Sequential()
-    model.add_module("m", Emit())
+def draw(model: nn.Module, probe, feed, key: str | None, title: str, **context) -> np.ndarray:
+    """Watch ``model`` with ``probe``, run ``feed()`` once, render the probe's ``key`` picture
+    (its first one when ``key`` is None)."""
     mon = CollapseMonitor(model, [probe], 10**9, observe_every_n_steps=1)
     with mon.observe(**context):
-        model.m(inputs)
+        feed()
     mon.compute()
     pics = probe.pictures()
     pic = pics[key] if key else next(iter(pics.values()))
     pic.title = f"{title}\n{pic.title}"
     mon.close()
     return render(pic, size=(5.0, 4.0), dpi=80)
+
+
+def picture(probe, inputs, key: str | None = None, title: str = "", **context) -> np.ndarray:
+    """The picture of ``probe`` reading ``inputs`` as the output of an identity module."""
+    model = nn.Sequential()
+    model.add_module("m", Emit())
+    return draw(model, probe, lambda: model.m(inputs), key, title, **context)
 
 
 def pair(name: str, healthy: np.ndarray, collapsed: np.ndarray) -> None:
@@ -140,19 +146,11 @@ def attention():
         (0.05, "healthy: spread attention"),
         (2.0, "collapse in the deeper layers"),
     ):
-        model = nn.Sequential()
-        for i in range(4):
-            model.add_module(f"layer{i}", Attn(scale * (1 + i)))
-        probe = probes.AttentionEntropy("layer*", queries=None)
-        mon = CollapseMonitor(model, [probe], 10**9, observe_every_n_steps=1)
-        with mon.observe():
-            for i in range(4):
-                getattr(model, f"layer{i}")(x)
-        mon.compute()
-        pic = probe.pictures()["entropy_heatmap"]
-        pic.title = f"{title}\n{pic.title}"
-        outs.append(render(pic, size=(5.0, 4.0), dpi=80))
-        mon.close()
+        model = nn.Sequential(*[Attn(scale * (1 + i)) for i in range(4)])
+        probe = probes.AttentionEntropy("*", queries=None)
+        outs.append(
+            draw(model, probe, lambda m=model: [layer(x) for layer in m], "entropy_heatmap", title)
+        )
     pair("attention_entropy", *outs)
 
 
@@ -189,18 +187,14 @@ def depth_and_units():
         (0.2, "rank collapse with depth"),
     ):
         model = nn.Sequential(*[Emit() for _ in range(6)])
-        probe = probes.TokenUniformity("*")
-        mon = CollapseMonitor(model, [probe], 10**9, observe_every_n_steps=1)
         x = randn(B, T, D)
-        with mon.observe():
-            for i, layer in enumerate(model):
-                common = x.mean(1, keepdim=True)
+        common = x.mean(1, keepdim=True)
+
+        def feed(m=model, x=x, common=common, shrink=shrink):
+            for i, layer in enumerate(m):
                 layer(common + (x - common) * shrink**i)
-        mon.compute()
-        pic = probe.pictures()["r_f_by_depth"]
-        pic.title = f"{title}\n{pic.title}"
-        outs.append(render(pic, size=(5.0, 4.0), dpi=80))
-        mon.close()
+
+        outs.append(draw(model, probes.TokenUniformity("*"), feed, "r_f_by_depth", title))
     pair("token_uniformity", *outs)
     acts = torch.relu(randn(1024, 128) + 0.5)
     dormant = acts * torch.where(torch.arange(128) < 40, 0.01, 1.0)

@@ -60,6 +60,8 @@ def render(pic: Picture, size: tuple[float, float] = (5.0, 4.0), dpi: int = 80) 
         span = max(float(np.nanmax(np.abs(v - ref))) if v.size else 1.0, 1e-12)
         im = ax.imshow(v, cmap="coolwarm", vmin=ref - span, vmax=ref + span, aspect="auto")
         fig.colorbar(im, ax=ax)
+        if v.shape[1] <= 32:  # heads, few classes: integer ticks
+            ax.set_xticks(range(v.shape[1]))
         if pic.labels is not None:
             ax.set_yticks(range(len(pic.labels)), pic.labels, fontsize=7)
     elif pic.kind in ("bars", "spectrum"):
