@@ -126,6 +126,7 @@ class AttentionEntropy(Probe):
         # the generator and the function mode are made at attach (neither pickles: Lightning's
         # ddp_spawn sends callbacks, and their probes, to the worker processes)
         self._generator: torch.Generator | None = None
+        self._last_norm: dict[str, torch.Tensor] = {}  # per layer, from the last compute()
         self._mode: _SDPAMode | None = None
         self._stack: list[str] = []  # module paths whose forward is running
         self._calls: dict[str, int] = {}  # SDPA calls per module in the current forward
@@ -380,7 +381,7 @@ class AttentionEntropy(Probe):
             self._add(layer, H_i, n, max_logit)
 
     def pictures(self) -> dict[str, Picture]:
-        layers = getattr(self, "_last_norm", {})
+        layers = self._last_norm
         if not layers:
             return {}
         heads = max(v.numel() for v in layers.values())

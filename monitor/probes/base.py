@@ -46,6 +46,7 @@ class Probe:
             )
         self.module = module
         self.name = name or module or "model"  # "" is the root module itself
+        self._profile_label = f"collapse_monitor.{self.name}"  # torch.profiler, per hook call
         self.extract = extract
         self.monitor: CollapseMonitor | None = None
         self.disabled = False  # set when the probe failed (non-strict monitor): its hooks idle
@@ -98,7 +99,7 @@ class Probe:
         by ``torch.compile``: the monitor's bookkeeping stays out of the user's graph (a graph
         break while observing, nothing otherwise)."""
         try:
-            with torch.no_grad(), torch.profiler.record_function(f"collapse_monitor.{self.name}"):
+            with torch.no_grad(), torch.profiler.record_function(self._profile_label):
                 return fn(*args)
         except Exception as exc:
             self.monitor.failed(self, exc)

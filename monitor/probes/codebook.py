@@ -259,12 +259,12 @@ class CodebookUsage(Probe):
     def pictures(self) -> dict[str, Picture]:
         if self._last is None:
             return {}
-        counts = self._last["counts"][0].to(_F64)
+        counts = self._last["counts"][:1]
         if not counts.sum() > 0:
             return {}
-        p = counts / counts.sum()
-        perplexity = torch.exp(-(p * p.clamp_min(1e-300).log()).sum()).item()
-        K = counts.numel()
+        perplexity = usage_from_counts(counts)["perplexity"].item()
+        p = counts[0].to(_F64) / counts.sum()
+        K = p.numel()
         return {
             "usage_sorted": Picture(
                 "bars",

@@ -207,6 +207,7 @@ class TokenUniformity(WindowedProbe):
 
     def attach(self, model, monitor) -> None:
         self.layers = [p for p, _ in self.resolve(model)]
+        self._last: list[float] = []  # r_f per layer, from the last compute()
         super().attach(model, monitor)
 
     def new_window(self) -> dict:
@@ -258,7 +259,7 @@ class TokenUniformity(WindowedProbe):
         return out
 
     def pictures(self) -> dict[str, Picture]:
-        if not getattr(self, "_last", None):
+        if not self._last:
             return {}
         return {
             "r_f_by_depth": Picture(
@@ -303,6 +304,7 @@ class DormantUnits(WindowedProbe):
         super().__init__(module, name, extract)
         self.tau = float(tau)
         self._masks: dict[str, torch.Tensor] = {}
+        self._scores: dict[str, torch.Tensor] = {}
 
     def attach(self, model, monitor) -> None:
         self.layers = [p for p, _ in self.resolve(model)]
@@ -373,7 +375,7 @@ class DormantUnits(WindowedProbe):
                 "score",
                 reference=self.tau,
             )
-            for layer, score in getattr(self, "_scores", {}).items()
+            for layer, score in self._scores.items()
         }
 
     def dormant_masks(self) -> dict[str, torch.Tensor]:
