@@ -1,7 +1,10 @@
 """Real torch.distributed (gloo, 2 processes): all-reduced windows equal one process on the union."""
 
+import faulthandler
+import gc
 import os
-import socket
+import signal
+import time
 from contextlib import contextmanager
 from datetime import timedelta
 
@@ -29,26 +32,55 @@ KEYS = [
 ]
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
-def process_group(rank, port):
+def process_group(rank, init):
     """A 2-rank gloo group; a mismatched collective fails after 60 s instead of hanging."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo", init_method=init, rank=rank, world_size=2, timeout=timedelta(seconds=60)
+    )
     try:
         yield
     finally:
+        # A DDP Reducer freed after destroy_process_group() holds the last reference to the gloo
+        # group and destroys it with the GIL held; that deadlocks with a gloo worker thread still
+        # freeing a work launched during backward (its captured thread-local state holds a
+        # Python object, so it needs the GIL). Workers `del` their DDP wrapper inside the block;
+        # collecting here frees any Reducer kept by a reference cycle while the group still lives.
+        gc.collect()
         dist.destroy_process_group()
 
 
-def run_two(worker, tmp_path, name):
-    """Run ``worker(rank, port, out_dir)`` on 2 processes; load what each saved as ``<name><rank>.pt``."""
-    mp.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+def _entry(rank, worker, init, out_dir):
+    # SIGUSR1 dumps this rank's Python stacks: run_two asks for them before killing a hung run
+    with open(os.path.join(out_dir, f"stacks{rank}.txt"), "w") as stacks:
+        faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
+        worker(rank, init, out_dir)
+
+
+def run_two(worker, tmp_path, name, deadline=300.0):
+    """Run ``worker(rank, init, out_dir)`` on 2 processes; load what each saved as ``<name><rank>.pt``.
+
+    A run still going after ``deadline`` seconds (the gloo timeout turns mismatched collectives
+    into errors after 60 s, so this is a hang elsewhere) is killed and fails with both ranks'
+    Python stacks, instead of leaving processes that keep pytest from exiting.
+    """
+    init = (tmp_path / "store").as_uri()  # a file store: no port to race for
+    args = (worker, init, str(tmp_path))
+    ctx = mp.start_processes(_entry, args=args, nprocs=2, join=False, start_method="spawn")
+    start = time.monotonic()
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() - start > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    os.kill(p.pid, signal.SIGUSR1)
+            time.sleep(2.0)
+            for p in ctx.processes:
+                p.kill()
+                p.join()
+            stacks = "\n".join(
+                f"--- rank {r} ---\n" + (tmp_path / f"stacks{r}.txt").read_text() for r in range(2)
+            )
+            pytest.fail(f"{worker.__name__} still running after {deadline:.0f} s:\n{stacks}")
     return [torch.load(tmp_path / f"{name}{r}.pt", weights_only=False) for r in range(2)]
 
 
@@ -64,8 +96,8 @@ def shard(rank, x, y):
     return x[idx], y[idx]
 
 
-def worker(rank, port, out_dir):
-    with process_group(rank, port):
+def worker(rank, init, out_dir):
+    with process_group(rank, init):
         x, y = data()
         xs, ys = shard(rank, x, y)
         torch.manual_seed(0)
@@ -163,11 +195,11 @@ def test_state_dict_under_ddp_is_the_reduced_window_and_resumes_without_double_c
             assert r["resumed"][k] == pytest.approx(v, rel=1e-9, abs=1e-12), k
 
 
-def reset_worker(rank, port, out_dir):
+def reset_worker(rank, init, out_dir):
     from monitor import mitigations
     from tests.test_reset_dead_codes import VQ, Model, concentrated
 
-    with process_group(rank, port):
+    with process_group(rank, init):
         torch.manual_seed(0)  # same initial codebook on both ranks
         model = Model(VQ(16, 4))
         probe = probes.CodebookUsage("vq", 16, ema_decay=0.5, warmup_steps=1)
@@ -211,10 +243,10 @@ def index_stream(rank):
     return [torch.randint(0, hi, (10 + 7 * rank + s,), generator=g) for s in range(6)]
 
 
-def usage_worker(rank, port, out_dir):
+def usage_worker(rank, init, out_dir):
     from tests.probes.test_codebook_usage import Quantizer
 
-    with process_group(rank, port):
+    with process_group(rank, init):
         q = nn.Sequential()
         q.add_module("vq", Quantizer())
         probe = probes.CodebookUsage("vq", 24, ema_decay=0.7, warmup_steps=2)
@@ -253,10 +285,10 @@ def representation_data():
     return z, mu, logvar, groups
 
 
-def representation_worker(rank, port, out_dir):
+def representation_worker(rank, init, out_dir):
     from tests.probes.test_representation_probes import Returns
 
-    with process_group(rank, port):
+    with process_group(rank, init):
         torch.manual_seed(0)
         z, mu, logvar, groups = representation_data()
         mine = torch.arange(600)[:250] if rank == 0 else torch.arange(600)[250:]  # uneven
@@ -296,10 +328,10 @@ def test_representation_probes_under_ddp_equal_the_union(tmp_path):
     )
 
 
-def attention_worker(rank, port, out_dir):
+def attention_worker(rank, init, out_dir):
     from tests.probes.test_attention_entropy import SDPAAttention
 
-    with process_group(rank, port):
+    with process_group(rank, init):
         torch.manual_seed(0)
         m = nn.Sequential()
         m.add_module("attn", SDPAAttention())
@@ -331,12 +363,12 @@ def test_attention_entropy_under_ddp_equals_one_process(tmp_path):
         assert m0[key] == pytest.approx(value, rel=1e-6), key
 
 
-def sigma_worker(rank, port, out_dir):
+def sigma_worker(rank, init, out_dir):
     from torch.nn.parallel import DistributedDataParallel
 
     from tests.test_sigma_reparam import blocks, rule_monitor
 
-    with process_group(rank, port):
+    with process_group(rank, init):
         model = blocks()
         ddp = DistributedDataParallel(model)
         opt = torch.optim.Adam(ddp.parameters(), lr=1e-2)
@@ -356,6 +388,7 @@ def sigma_worker(rank, port, out_dir):
             {k: v.clone() for k, v in model.state_dict().items()},
             os.path.join(out_dir, f"sigma{rank}.pt"),
         )
+        del ddp  # see process_group: freed before the group is destroyed
 
 
 def test_sigma_reparam_mid_training_keeps_ddp_replicas_identical(tmp_path):
@@ -366,11 +399,11 @@ def test_sigma_reparam_mid_training_keeps_ddp_replicas_identical(tmp_path):
         assert torch.equal(s0[key], s1[key]), key
 
 
-def health_worker(rank, port, out_dir):
+def health_worker(rank, init, out_dir):
     from monitor import mitigations
     from tests.probes.test_logit_probes import dead_mlp
 
-    with process_group(rank, port):
+    with process_group(rank, init):
         m = dead_mlp()
         m.add_module("out", nn.Identity())
         mon = CollapseMonitor(
