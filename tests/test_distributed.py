@@ -440,3 +440,18 @@ def test_dormant_units_logit_health_and_redo_under_ddp(tmp_path):
     ref = F.logit_health(logits, torch.zeros(len(logits), dtype=torch.long))
     assert r0["metrics"]["collapse/logits/log_z_mean"] == pytest.approx(ref["log_z_mean"], rel=1e-6)
     assert r0["metrics"]["collapse/dormant/1/dormant_fraction"] == 6 / 32
+
+
+def hanging_worker(rank, init, out_dir):
+    with process_group(rank, init):
+        if rank == 0:
+            time.sleep(3600)
+
+
+def test_a_hung_rank_fails_within_the_deadline_with_its_stack_and_is_killed(tmp_path):
+    start = time.monotonic()
+    with pytest.raises(pytest.fail.Exception, match="hanging_worker still running") as failed:
+        run_two(hanging_worker, tmp_path, "never", deadline=5.0)
+    assert time.monotonic() - start < 60
+    assert "in hanging_worker" in str(failed.value)  # rank 0's Python stack
+    assert not mp.active_children()
