@@ -19,7 +19,7 @@ from ..functional.attention import (
 )
 from ..pictures import Picture
 from ..rules import Rule
-from ..stats import SumStatistic
+from ..stats import SumStatistic, to_device
 from .base import Probe
 
 _F64 = torch.float64
@@ -354,7 +354,7 @@ class AttentionEntropy(Probe):
         if self.queries is None or self.queries >= length:
             return list(torch.arange(length, device=device).split(256))
         idx = torch.randperm(length, generator=self._generator)[: self.queries].sort().values
-        return [idx.to(device)]
+        return [to_device(idx, device)]
 
     def _accumulate(self, layer, q, k, scale, causal, allowed, additive) -> None:
         """Entropy of sampled query rows of ``softmax(q k' * scale + mask)``; q ``(B, H, L, d)``."""

@@ -8,7 +8,7 @@ from torch import nn
 from ..functional import logits as L
 from ..pictures import Picture
 from ..rules import Rule
-from ..stats import SumStatistic
+from ..stats import SumStatistic, to_device
 from .base import WindowedProbe
 
 _F64 = torch.float64
@@ -242,7 +242,9 @@ class TokenUniformity(WindowedProbe):
             raise self.error(
                 path, f"mask of shape {tuple(mask.shape)} for hidden states {tuple(x.shape)}"
             )
-        rho, r_f = L.token_uniformity(x.detach(), None if mask is None else mask.to(x.device))
+        rho, r_f = L.token_uniformity(
+            x.detach(), None if mask is None else to_device(mask, x.device)
+        )
         ok = torch.isfinite(rho)
         st = self.window[path]
         st.sequences += ok.sum()

@@ -10,7 +10,7 @@ from .. import _dist
 from ..functional import representation as R
 from ..pictures import Picture
 from ..rules import Rule
-from ..stats import ClassMoments, Counter, SumStatistic
+from ..stats import ClassMoments, Counter, SumStatistic, to_device
 from .base import WindowedProbe, first_tensor
 
 _F64 = torch.float64
@@ -94,7 +94,7 @@ class RepresentationRank(WindowedProbe):
             g = torch.Generator().manual_seed(self.seed)
             self._sketch = torch.randn(D, self.sketch_dim, generator=g, dtype=_F64)
             self._sketch /= self.sketch_dim**0.5
-        self._sketch = self._sketch.to(z.device)
+        self._sketch = to_device(self._sketch, z.device)
         return z.to(_F64) @ self._sketch
 
     def frozen(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,6 +16,15 @@ from .. import _dist
 Shape = Union[tuple, Callable[["Statistic"], tuple]]
 
 
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``t`` on ``device``; a host tensor goes to a CUDA device through pinned memory with a
+    queued copy, so the host does not wait for the GPU's queue (a pageable copy would)."""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 class Statistic:
     """Base class: named tensor states, each declared with a shape and dtype; defaults are zeros.
 
@@ -48,7 +57,7 @@ class Statistic:
     def to(self, device: torch.device | str) -> Statistic:
         self.device = torch.device(device)
         for name in self._states:
-            setattr(self, name, getattr(self, name).to(self.device))
+            setattr(self, name, to_device(getattr(self, name), self.device))
         return self
 
     def clone(self) -> Statistic:
