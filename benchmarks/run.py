@@ -1,8 +1,9 @@
-"""Benchmark suite: overhead, memory, comparisons with the usual alternatives, scaling.
+"""Benchmark suite: overhead, memory, comparisons with the usual alternatives, scaling, GPU.
 
 Prints Markdown tables; ``--write`` also writes benchmarks/RESULTS.md (machine, torch, date).
 
-    python benchmarks/run.py [--write] [--only overhead,memory,compare,scaling] [--quick]
+    python benchmarks/run.py [--write] [--only overhead,memory,compare,scaling,gpu] [--quick]
+    python benchmarks/run.py --only gpu --write      # on a CUDA machine: section 5
 
 Timings are medians over interleaved A/B blocks in one process; a block at the default cadence
 is one whole logging window (50 steps), so each block pays the same share of sampled steps and
@@ -51,11 +52,17 @@ def median_time(fn, reps: int = 5) -> float:
 
 
 # ============================================================================ 1. overhead
-def _pair(name: str, observe_every: int | None):
+def _on(w: Workload, device: str) -> Workload:
+    w.model.to(device)
+    w.batch = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in w.batch)
+    return w
+
+
+def _pair(name: str, observe_every: int | None, device: str = "cpu"):
     torch.manual_seed(0)
-    base: Workload = WORKLOADS[name]()
+    base: Workload = _on(WORKLOADS[name](), device)
     torch.manual_seed(0)
-    watched: Workload = WORKLOADS[name]()
+    watched: Workload = _on(WORKLOADS[name](), device)
     mon = CollapseMonitor(
         watched.model,
         watched.make_probes(),
@@ -66,12 +73,29 @@ def _pair(name: str, observe_every: int | None):
     return base, watched, mon
 
 
-def _runner(w: Workload, mon: CollapseMonitor | None):
+def _stopwatch(device: str):
+    """Start timing; the returned function stops and gives seconds. On a GPU: CUDA events, one
+    synchronisation at the end of the timed block."""
+    if torch.device(device).type != "cuda":
+        t = time.perf_counter()
+        return lambda: time.perf_counter() - t
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+
+    def stop() -> float:
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+
+    return stop
+
+
+def _runner(w: Workload, mon: CollapseMonitor | None, device: str = "cpu", timed: bool = True):
     opt = torch.optim.Adam(w.model.parameters(), lr=w.lr)
     x, y = w.batch
 
     def run(steps: int) -> float:
-        t = time.perf_counter()
+        stop = _stopwatch(device) if timed else None
         for _ in range(steps):
             if mon is None:
                 loss = w.loss(w.model, x, y)
@@ -83,15 +107,15 @@ def _runner(w: Workload, mon: CollapseMonitor | None):
             opt.zero_grad(set_to_none=True)
             if mon is not None:
                 mon.step(opt)
-        return (time.perf_counter() - t) / steps
+        return stop() / steps if timed else 0.0
 
     return run
 
 
-def overhead(name: str, observe_every: int | None, blocks: int, steps: int) -> dict:
+def overhead(name: str, observe_every: int | None, blocks: int, steps: int, device="cpu") -> dict:
     """Median over interleaved blocks of monitored / unmonitored step time."""
-    base, watched, mon = _pair(name, observe_every)
-    run_a, run_b = _runner(base, None), _runner(watched, mon)
+    base, watched, mon = _pair(name, observe_every, device)
+    run_a, run_b = _runner(base, None, device), _runner(watched, mon, device)
     run_a(2), run_b(2)  # warm-up (allocations, first-batch state)
     ratios, a_t, b_t = [], [], []
     for _ in range(blocks):
@@ -99,7 +123,9 @@ def overhead(name: str, observe_every: int | None, blocks: int, steps: int) -> d
         ratios.append(b / a)
         a_t.append(a)
         b_t.append(b)
-    profile = _where_time_goes(run_b, min(steps, 10)) if observe_every == 1 else {}
+    profile = (
+        _where_time_goes(run_b, min(steps, 10)) if observe_every == 1 and device == "cpu" else {}
+    )
     mon.close()
     return {
         "ratio": statistics.median(ratios),
@@ -514,11 +540,93 @@ def section_scaling(quick: bool) -> list[str]:
     )
 
 
+# ============================================================================ 5. GPU
+GPU_DEVICE = "cuda"  # --device cpu runs this section's code on the CPU (a dry run, no sync check)
+
+
+def sync_check(name: str, device: str) -> str:
+    """Every probe recording every step: run one whole window, then the next window's steps
+    before its log under ``torch.cuda.set_sync_debug_mode("error")``; report the first host
+    synchronisation, if any. The unmonitored loop is checked the same way first."""
+    if torch.device(device).type != "cuda":
+        return "n/a (CPU)"
+    base, watched, mon = _pair(name, 1, device)
+    verdicts = []
+    for w, m in ((base, None), (watched, mon)):
+        run = _runner(w, m, device, timed=False)
+        run(LOG_EVERY)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            run(LOG_EVERY - 1)
+            verdicts.append(None)
+        except RuntimeError as e:
+            verdicts.append(str(e).strip().splitlines()[0][:120])
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    mon.close()
+    if verdicts[0]:
+        return f"the training loop itself syncs: {verdicts[0]}"
+    if verdicts[1]:
+        return f"SYNCS: {verdicts[1]}"
+    return f"none in {LOG_EVERY - 1} steps"
+
+
+def section_gpu(quick: bool) -> list[str]:
+    title = "### 5. GPU: step-time overhead (CUDA events) and the no-sync check"
+    device = GPU_DEVICE
+    if device == "cuda" and not torch.cuda.is_available():
+        return [
+            title,
+            "",
+            "No CUDA device on the machine that wrote this section: GPU numbers pending. On one, "
+            "`python benchmarks/run.py --only gpu --write` fills it (the four workloads of "
+            "section 1, timed with CUDA events, and one window of steps per workload under "
+            '`torch.cuda.set_sync_debug_mode("error")`); `pytest tests/test_gpu.py` checks the '
+            "same with every probe and mitigation.",
+        ]
+    plan = {"mlp": 9, "cnn": 7, "gpt": 5, "vqvae": 7}
+    rows = []
+    for name, blocks in plan.items():
+        blocks = 2 if quick else blocks
+        d = overhead(name, None, blocks, LOG_EVERY, device)
+        e = overhead(name, 1, blocks, LOG_EVERY, device)
+        rows.append(
+            [
+                WORKLOADS[name]().name,
+                f"{d['base_ms']:.2f}",
+                f"{d['ratio']:.3f}",
+                f"{e['ratio']:.3f}",
+                sync_check(name, device),
+            ]
+        )
+        print(rows[-1], flush=True)
+    where = torch.cuda.get_device_name() if device == "cuda" else f"{device} (dry run)"
+    return [
+        title,
+        "",
+        f"Device: {where}. Ratios as in section 1 (medians of interleaved blocks of one window "
+        "each), timed with CUDA events; host syncs: steps before a log with every probe "
+        'recording, under `set_sync_debug_mode("error")`.',
+        "",
+    ] + table(
+        [
+            "workload",
+            "unmonitored ms/step",
+            "default cadence",
+            "observe every step",
+            "host syncs between logs",
+        ],
+        rows,
+    )
+
+
 SECTIONS = {
     "overhead": section_overhead,
     "memory": section_memory,
     "compare": section_compare,
     "scaling": section_scaling,
+    "gpu": section_gpu,
 }
 
 
@@ -527,11 +635,19 @@ def main(argv=None) -> None:
     parser.add_argument("--write", action="store_true", help="write benchmarks/RESULTS.md")
     parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
+    parser.add_argument("--device", default="cuda", help="device of the gpu section")
     args = parser.parse_args(argv)
+    global GPU_DEVICE
+    GPU_DEVICE = args.device
+    gpu = (
+        f"GPU: {torch.cuda.get_device_name()}"
+        if torch.cuda.is_available()
+        else "GPU: none on this machine; GPU numbers pending"
+    )
     header = (
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch "
         f"threads, torch {torch.__version__}, Python {platform.python_version()}, "
-        f"{datetime.date.today().isoformat()}. GPU: none lent to this session; GPU numbers pending."
+        f"{datetime.date.today().isoformat()}. {gpu}."
     )
     out = Path(__file__).with_name("RESULTS.md")
     blocks = _read_blocks(out) if args.write and out.exists() else {}
