@@ -132,6 +132,7 @@ class CollapseMonitor:
         self.observing = False  # inside observe() on a recorded step: every_step probes record
         self.sampling = False  # ... and the other probes record too
         self._recorded: set[Probe] = set()  # probes that recorded in this training step
+        self._thin_warned: set[Probe] = set()
         self.context: dict = {}
         self.mitigation_counts: dict[str, float] = {}
         self._snapshot_prefix: str | None = None
@@ -311,8 +312,33 @@ class CollapseMonitor:
                 )
         return out
 
+    def _warn_thin_windows(self, metrics: dict[str, float]) -> None:
+        """Say once per probe when the sampled default cadence left a class-conditional probe
+        fewer than 2 samples per class in a window (classes below ``min_class_count`` drop out)."""
+        if self.observe_every_n_steps is not None:
+            return
+        L = self.log_every_n_steps
+        for p in self.probes:
+            classes = getattr(p, "num_classes", None)
+            samples = metrics.get(f"collapse/{p.name}/samples")
+            if p.every_step or p in self._thin_warned or classes is None or samples is None:
+                continue
+            if samples < 2 * classes:
+                self._thin_warned.add(p)
+                log.warning(
+                    "collapse monitor: %r recorded %d samples for %d classes in this window (the "
+                    "default cadence records %d of every %d steps for it); its class statistics "
+                    "are thin: pass observe_every_n_steps=1 or log less often",
+                    p,
+                    samples,
+                    classes,
+                    sampled_steps_per_window(L),
+                    L,
+                )
+
     def _log(self, optimizer) -> dict[str, float]:
         metrics = self.compute()
+        self._warn_thin_windows(metrics)
         histograms = self._histograms()
         pictures = self._pictures()
         step = self.global_step

@@ -112,6 +112,24 @@ def test_default_cadence_samples_gemm_probes_and_records_cheap_ones_every_step(L
     assert sampled_steps_per_window(500) == 20
 
 
+@pytest.mark.parametrize("every", [None, 1])
+def test_a_thin_sampled_class_window_is_said_once(every, caplog):
+    model = mlp(C=40)  # 2 sampled steps x 32 rows = 64 samples for 40 classes; every step: 320
+    mon = CollapseMonitor(
+        model, [probes.NeuralCollapse("2", 40, name="head")], 10, observe_every_n_steps=every
+    )
+    with caplog.at_level("WARNING", logger="collapse_monitor"):
+        logged = train(model, mon, 20, C=40)
+    thin = [r.message for r in caplog.records if "class statistics are thin" in r.message]
+    if every is None:
+        assert [m["collapse/head/samples"] for _, m in logged] == [64, 64]
+        assert len(thin) == 1 and "64 samples for 40 classes" in thin[0]
+        assert "records 2 of every 10 steps" in thin[0]
+    else:
+        assert thin == []
+    mon.close()
+
+
 def test_close_removes_every_hook_and_observe_refuses():
     model = mlp()
     before = [(dict(m._forward_hooks), dict(m._forward_pre_hooks)) for m in model.modules()]
