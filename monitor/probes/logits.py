@@ -149,7 +149,7 @@ class LogitHealth(WindowedProbe):
             sums.collapsed += L.softmax_collapsed(z, dtype).sum()
         targets = self.monitor.context.get("targets")
         if targets is not None:
-            y = torch.as_tensor(targets, device=z.device).reshape(-1)
+            y = to_device(torch.as_tensor(targets), z.device).reshape(-1)
             if y.numel() != z.shape[0]:
                 raise self.error(
                     path, f"targets of {y.numel()} entries for {z.shape[0]} logit rows"

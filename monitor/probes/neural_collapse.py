@@ -13,7 +13,7 @@ from ..functional.neural_collapse import (
 )
 from ..pictures import Picture
 from ..rules import Rule
-from ..stats import ClassMoments, Counter
+from ..stats import ClassMoments, Counter, to_device
 from .base import Probe, first_tensor
 
 _COUNTERS = ("skipped_nonfinite", "out_of_range", "ncc_mismatch", "ncc_total")
@@ -178,7 +178,7 @@ class NeuralCollapse(Probe):
                 f"{tuple(feats.shape)} (expected targets of shape {tuple(feats.shape[:-1])})",
             )
         x = feats.detach().reshape(-1, feats.shape[-1])
-        y = targets.reshape(-1).to(device=x.device, dtype=torch.int64, non_blocking=True)
+        y = to_device(targets.reshape(-1), x.device).to(torch.int64)
         if logits is not None:
             logits = logits.detach().reshape(-1, logits.shape[-1])
         return x, y, logits
