@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from monitor import mitigations, probes
+from collapse_monitor import mitigations, probes
 
 
 @dataclass

@@ -23,14 +23,12 @@ import time
 from pathlib import Path
 
 import torch
+from models import WORKLOADS, Workload  # benchmarks/models.py, beside this script
 from torch.nn import functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.models import WORKLOADS, Workload  # noqa: E402
-from monitor import CollapseMonitor, probes  # noqa: E402
-from monitor.functional.neural_collapse import metrics_from_class_statistics  # noqa: E402
-from monitor.stats import ClassMoments, Statistic  # noqa: E402
+from collapse_monitor import CollapseMonitor, probes
+from collapse_monitor.functional.neural_collapse import metrics_from_class_statistics
+from collapse_monitor.stats import ClassMoments, Statistic
 
 LOG_EVERY = 50
 F64 = torch.float64
@@ -375,8 +373,7 @@ def section_compare(quick: bool) -> list[str]:
 
 _ATTN_CHILD = r"""
 import sys
-sys.path.insert(0, ".")
-from benchmarks.run import attention_setup
+from run import attention_setup
 fn = attention_setup(int(sys.argv[1]), sys.argv[2])
 fn()  # warm-up, then reset the peak RSS (VmHWM) and measure one call's peak above the current
 open("/proc/self/clear_refs", "w").write("5")
@@ -392,7 +389,7 @@ def attention_setup(T: int, how: str):
     """A forward of one causal attention layer (4 heads of 64) on ``(1, T, 256)``: ``sdpa``
     alone, ``probe`` (SDPA with the AttentionEntropy probe observing) or ``eager`` (explicit
     probabilities and their per-head entropy, the usual way)."""
-    from benchmarks.models import CausalSelfAttention
+    from models import CausalSelfAttention
 
     torch.manual_seed(0)
     attn = CausalSelfAttention(256, 4).eval()
@@ -427,7 +424,7 @@ def attention_setup(T: int, how: str):
 def _child_mb(T: int, how: str) -> float:
     out = subprocess.run(
         [sys.executable, "-c", _ATTN_CHILD, str(T), how],
-        capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1],
+        capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parent,
     )  # fmt: skip
     return float(out.stdout.strip().splitlines()[-1])
 
@@ -658,7 +655,9 @@ def main(argv=None) -> None:
         blocks[name] = "\n".join([f"<!-- section: {name} -->", *body, "", took])
         print(blocks[name] + "\n", flush=True)
     if args.write:
-        text = "\n\n".join(blocks[k] for k in SECTIONS if k in blocks)
+        # sections this script does not make (measurements recorded by hand) are kept, last
+        order = [k for k in SECTIONS if k in blocks] + [k for k in blocks if k not in SECTIONS]
+        text = "\n\n".join(blocks[k] for k in order)
         out.write_text(
             "# Benchmark results\n\nProduced by `python benchmarks/run.py --write` (`make bench`); "
             "`--only memory,compare` reruns those sections and keeps the others. Each section "

@@ -8,7 +8,6 @@ pictures are the ones the monitor writes to TensorBoard with ``pictures=True``.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +15,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from monitor import CollapseMonitor, probes  # noqa: E402
-from monitor.pictures import render  # noqa: E402
+from collapse_monitor import CollapseMonitor, probes
+from collapse_monitor.pictures import render
 
 OUT = Path(__file__).resolve().parent / "probes"
 g = torch.Generator().manual_seed(0)
@@ -43,7 +40,7 @@ def draw(model: nn.Module, probe, feed, key: str | None, title: str, **context) 
     with mon.observe(**context):
         feed()
     mon.compute()
-    pics = probe.pictures()
+    pics = {str(k).rsplit("/", 1)[-1]: pic for k, pic in probe.last.pictures.items()}
     pic = pics[key] if key else next(iter(pics.values()))
     pic.title = f"{title}\n{pic.title}"
     mon.close()

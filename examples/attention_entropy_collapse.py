@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from integrations.tensorboard import TensorBoardSink
-from monitor import CollapseMonitor, mitigations, probes
+from collapse_monitor import CollapseMonitor, mitigations, probes
+from collapse_monitor.integrations.tensorboard import TensorBoardSink
 
 
 def corpus() -> tuple[torch.Tensor, int]:

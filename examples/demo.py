@@ -12,9 +12,12 @@ dashboard PNG per run. About 3 minutes on 2 CPU cores.
 from __future__ import annotations
 
 import argparse
+import runpy
 import sys
 import time
 from pathlib import Path
+
+from collapse_monitor.report import main as report
 
 EXAMPLES = [
     "neural_collapse",
@@ -33,15 +36,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out)
     here = Path(__file__).resolve().parent
-    sys.path[:0] = [str(here), str(here.parent)]
-    from monitor.report import main as report
 
     start = time.time()
     for i, name in enumerate(args.only or EXAMPLES, 1):
         print(
             f"\n[{i}/{len(args.only or EXAMPLES)}] {name} ({time.time() - start:.0f} s)", flush=True
         )
-        __import__(name).main(["--out", str(out / name)])
+        runpy.run_path(str(here / f"{name}.py"))["main"](["--out", str(out / name)])
     print(f"\nall examples done in {time.time() - start:.0f} s; the health report of every run:\n")
     code = report(["report", str(out), "--png", str(out / "dashboard.png")])
     pngs = sorted(p for p in out.rglob("*.png"))

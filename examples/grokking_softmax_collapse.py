@@ -6,7 +6,7 @@ float32. With the usual softmax cross-entropy it memorises the training set, the
 its logits along the naive-loss-minimisation direction until the softmax saturates: every
 non-maximal ``exp`` underflows, the gradient of those samples is exactly zero and test accuracy
 stalls. The LogitHealth probe measures that fraction (``softmax_collapse``, tested in float32, the
-training dtype). The same run with ``monitor.losses.stablemax_cross_entropy`` does not collapse (the
+training dtype). The same run with ``collapse_monitor.losses.stablemax_cross_entropy`` does not collapse (the
 probe, with ``loss="stablemax"``, tests StableMax's own saturation). The modulus is 53 (the paper
 uses 113) and Adam's beta2 is 0.9 so that both runs take seconds on 2 CPU cores.
 
@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from integrations.tensorboard import TensorBoardSink
-from monitor import CollapseMonitor, losses, probes
+from collapse_monitor import CollapseMonitor, losses, probes
+from collapse_monitor.integrations.tensorboard import TensorBoardSink
 
 
 def modular_addition(p: int, train_fraction: float, seed: int):

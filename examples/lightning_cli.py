@@ -9,17 +9,12 @@ The model and data here know nothing of the monitor; ``lightning_cli.yaml`` adds
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import lightning as L
 import torch
 from lightning.pytorch.cli import LightningCLI
 from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 
 class DigitsClassifier(L.LightningModule):

@@ -21,8 +21,8 @@ from sklearn.datasets import load_digits
 from torch import nn
 from tqdm.auto import tqdm
 
-from integrations.tensorboard import TensorBoardSink
-from monitor import CollapseMonitor, Rule, probes
+from collapse_monitor import CollapseMonitor, Rule, probes
+from collapse_monitor.integrations.tensorboard import TensorBoardSink
 
 
 def digits(seed: int = 0):

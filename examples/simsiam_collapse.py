@@ -20,8 +20,8 @@ from sklearn.datasets import load_digits
 from torch import nn
 from tqdm.auto import tqdm
 
-from integrations.tensorboard import TensorBoardSink
-from monitor import CollapseMonitor, probes
+from collapse_monitor import CollapseMonitor, probes
+from collapse_monitor.integrations.tensorboard import TensorBoardSink
 
 DIM = 64
 

@@ -20,8 +20,8 @@ from sklearn.datasets import load_digits
 from torch import nn
 from tqdm.auto import tqdm
 
-from integrations.tensorboard import TensorBoardSink
-from monitor import CollapseMonitor, mitigations, probes
+from collapse_monitor import CollapseMonitor, mitigations, probes
+from collapse_monitor.integrations.tensorboard import TensorBoardSink
 
 TOKENS, DIM, CODES = 4, 8, 512  # each image is encoded as 4 code vectors of size 8
 

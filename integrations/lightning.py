@@ -9,12 +9,11 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from monitor.mitigations.base import Mitigation
-from monitor.monitor import CollapseMonitor
-from monitor.probes.base import Probe
-from monitor.rules import Alert, Rule
-from monitor.sinks import Sink
-
+from ..mitigations.base import Mitigation
+from ..monitor import CollapseMonitor
+from ..probes.base import Probe
+from ..rules import Alert, Rule
+from ..sinks import Sink
 from .tensorboard import TensorBoardSink
 
 
@@ -91,7 +90,7 @@ def default_targets(batch: Any) -> Any:
 
 
 class CollapseCallback(L.Callback):
-    """Run a :class:`~monitor.CollapseMonitor` inside a Lightning ``Trainer``.
+    """Run a :class:`~collapse_monitor.CollapseMonitor` inside a Lightning ``Trainer``.
 
     Metrics go through the trainer's own loggers at ``trainer.global_step``. Training batches
     are observed from ``on_train_batch_start`` to ``on_before_backward``; with
@@ -105,7 +104,7 @@ class CollapseCallback(L.Callback):
         targets: how to read labels from a batch: ``None`` (``batch[1]`` or
             ``batch["labels"|"targets"]``), an int index, a str key, or ``callable(batch)``.
         log_every_n_steps, rules, default_rules, mitigations, on_alert, observe_every_n_steps,
-        pictures, strict: as in :class:`~monitor.CollapseMonitor`.
+        pictures, strict: as in :class:`~collapse_monitor.CollapseMonitor`.
         validation: take validation snapshots.
         context: ``callable(batch) -> dict`` of extra ``observe()`` keywords, e.g.
             ``lambda batch: {"groups": batch["site"]}`` for ``GroupCollapse``.
@@ -209,7 +208,7 @@ class CollapseCallback(L.Callback):
 
     # ----------------------------------------------------------------- observation
     def _targets(self, batch: Any) -> Any:
-        if not any(p.needs_targets for p in self.probes):
+        if not any("targets" in p.keywords for p in self.probes):
             return None
         if callable(self.targets):
             return self.targets(batch)

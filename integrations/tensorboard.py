@@ -7,8 +7,9 @@ import re
 
 from torch.utils.tensorboard import SummaryWriter
 
-from monitor.rules import Alert
-from monitor.sinks import Sink
+from ..keys import MetricKey
+from ..rules import Alert
+from ..sinks import Sink
 
 
 def threshold_tags(key: str) -> tuple[str, str]:
@@ -17,26 +18,30 @@ def threshold_tags(key: str) -> tuple[str, str]:
 
 
 def scalar_layout(keys, thresholds=()) -> dict:
-    """Custom-scalars layout: a category per probe, a chart per metric (per-head values of one
-    metric, ``.../<metric>/head_<h>``, share a chart), and for each key in ``thresholds`` a margin
-    chart drawing the metric between its rule thresholds (see :func:`threshold_tags`)."""
+    """Custom-scalars layout: a category per probe (and per snapshot prefix), a chart per metric
+    (per-head values of one metric share a chart), a chart per alert rule and mitigation, and for
+    each key in ``thresholds`` a margin chart drawing the metric between its rule thresholds
+    (see :func:`threshold_tags`)."""
     layout: dict[str, dict[str, list]] = {}
     for key in sorted(keys):
-        parts = key.split("/")
-        if len(parts) < 3:
+        try:
+            k = MetricKey.parse(key)
+        except ValueError:
             continue
-        # "collapse/<probe>/<metric>[/...]", or "val/collapse/<probe>/<metric>[/...]"
-        head = 3 if parts[0] != "collapse" and len(parts) > 3 else 2
-        category = "/".join(parts[:head])
-        chart = parts[head]
-        regex = "^" + re.escape("/".join(parts[: head + 1])) + "(/.*)?$"
+        prefix = f"{k.prefix}/" if k.prefix else ""
+        if k.is_probe_metric:
+            category = f"{prefix}collapse/{k.probe}"
+            chart = f"{k.layer}/{k.metric}" if k.layer else k.metric
+            series = str(MetricKey(k.probe, k.metric, k.layer, prefix=k.prefix))
+        elif k.metric:  # alert and mitigation counters: a chart per rule or mitigation
+            category, chart, series = f"{prefix}collapse/{k.probe}", k.metric, key
+        else:  # collapse/errors
+            category, chart, series = f"{prefix}collapse", k.probe, key
         charts = layout.setdefault(category, {})
-        charts[chart] = ["Multiline", [regex]]
+        charts[chart] = ["Multiline", ["^" + re.escape(series) + "(/.*)?$"]]
         if key in thresholds:
-            charts["/".join(parts[head:]) + " vs threshold"] = [
-                "Margin",
-                [key, *threshold_tags(key)],
-            ]
+            label = chart + (f"/{k.index}" if k.index else "")
+            charts[label + " vs threshold"] = ["Margin", [key, *threshold_tags(key)]]
     return layout
 
 

@@ -1,7 +1,8 @@
-"""``python -m monitor report RUN_DIR`` (same as the ``collapse-monitor`` console script)."""
+"""``python -m collapse_monitor report RUN_DIR`` (same as the ``collapse-monitor`` console script)."""
 
 import sys
 
 from .report import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
@@ -15,17 +17,24 @@ def rank(group=None) -> int:
     return dist.get_rank(group) if is_distributed(group) else 0
 
 
-def all_reduce_sum_(tensor: torch.Tensor, group=None) -> torch.Tensor:
-    """In-place SUM all-reduce; a no-op outside distributed runs."""
+def world_size(group=None) -> int:
+    return dist.get_world_size(group) if is_distributed(group) else 1
+
+
+def all_reduce_(tensor: torch.Tensor, op: str = "sum", group=None) -> torch.Tensor:
+    """In-place ``"sum"`` or ``"max"`` all-reduce; a no-op outside distributed runs."""
     if is_distributed(group):
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+        reduce_op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
+        dist.all_reduce(tensor, op=reduce_op, group=group)
     return tensor
+
+
+def all_reduce_sum_(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    return all_reduce_(tensor, "sum", group)
 
 
 def all_reduce_max_(tensor: torch.Tensor, group=None) -> torch.Tensor:
-    if is_distributed(group):
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
-    return tensor
+    return all_reduce_(tensor, "max", group)
 
 
 def broadcast_(tensor: torch.Tensor, src: int = 0, group=None) -> torch.Tensor:
@@ -33,3 +42,12 @@ def broadcast_(tensor: torch.Tensor, src: int = 0, group=None) -> torch.Tensor:
     if is_distributed(group):
         dist.broadcast(tensor, src=src, group=group)
     return tensor
+
+
+def all_gather_object(obj: Any, group=None) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` outside distributed runs."""
+    if not is_distributed(group):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out

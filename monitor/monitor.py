@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import weakref
 from contextlib import contextmanager
-from typing import Callable, Iterable, Iterator, Sequence
+from types import MappingProxyType
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -13,17 +14,21 @@ from torch import nn
 
 from . import _dist
 from . import pictures as pictures_
+from .contracts import Component, Event, LogView, Readout, Recording, Setup
+from .keys import ERRORS_KEY, alerts_key, mitigations_key
 from .mitigations.base import Mitigation
 from .probes.base import Probe
 from .rules import Alert, Rule, RuleEngine
 from .sinks import Sink
 
-log = logging.getLogger("collapse_monitor")
+log = logging.getLogger(__name__)
 
-_STATE_VERSION = 1
-
-
+_STATE_VERSION = 2
 SAMPLE_STRIDE = 25  # the default cadence records one step in 25 at most (4 % of the steps)
+
+# the open monitor of each model, kept here rather than on the model: nothing of the monitor
+# travels with a saved, pickled or copied model
+_MONITORS: weakref.WeakKeyDictionary[nn.Module, weakref.ref] = weakref.WeakKeyDictionary()
 
 
 def _sample_stride(log_every_n_steps: int) -> int:
@@ -37,17 +42,24 @@ def sampled_steps_per_window(log_every_n_steps: int) -> int:
     return -(-log_every_n_steps // _sample_stride(log_every_n_steps))
 
 
+def _unique_names(items, what: str) -> None:
+    names = [x.name for x in items]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"{what} names must be unique, repeated: {dupes}; pass name=...")
+
+
 class CollapseMonitor:
     """Watches a model for collapse while it trains.
 
     Args:
         model: the ``nn.Module`` whose ``named_modules()`` the probes' paths refer to.
-        probes: probe instances (``monitor.probes``); names must be unique.
+        probes: probe instances (``collapse_monitor.probes``); names must be unique.
         log_every_n_steps: window length; metrics are computed, logged and checked every this
             many calls of :meth:`step`, and the window statistics are then reset.
-        sinks: :class:`~monitor.sinks.Sink` objects (e.g. ``TensorBoardSink``).
-        mitigations: :class:`~monitor.mitigations.Mitigation` objects.
-        rules: extra :class:`~monitor.rules.Rule` objects.
+        sinks: :class:`~collapse_monitor.Sink` objects (e.g. ``TensorBoardSink``).
+        mitigations: :class:`~collapse_monitor.mitigations.Mitigation` objects; names unique.
+        rules: extra :class:`~collapse_monitor.Rule` objects.
         default_rules: also use each probe's default rules (METRICS.md thresholds).
         on_alert: callables ``f(alert)`` called for every alert.
         observe_every_n_steps: which training steps are recorded. ``None`` (default): the
@@ -63,12 +75,34 @@ class CollapseMonitor:
             matplotlib; without it the monitor says so once and logs no pictures.
         process_group: ``torch.distributed`` group for the all-reductions (default: WORLD).
         strict: raise every error of a probe, sink or mitigation (for tests). By default such an
-            error never reaches the training loop: it is logged once with the probe's name,
-            counted in ``collapse/errors`` and the probe (sink, mitigation) is disabled. Under DDP a
-            probe disabled on any rank is disabled on all at the next log, before any collective.
+            error never reaches the training loop: it is logged once with the owner's name,
+            counted in ``collapse/errors`` and the owner is disabled. Under DDP a probe or
+            mitigation disabled on any rank is disabled on all at the next log, before any
+            collective.
+
+    Raises:
+        TypeError: a probe, mitigation or sink of the wrong type.
+        ValueError: repeated probe or mitigation names; ``pictures`` naming unknown probes.
+        KeyError: a module path that matches nothing (the message lists the closest names).
+        RuntimeError: the model already has an open monitor.
 
     Use ``with monitor.observe(targets=y): out = model(x)`` around the forward pass and
     ``monitor.step()`` once per training step. Call ``close()`` to remove every hook.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from collapse_monitor import CollapseMonitor, probes
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        >>> mon = CollapseMonitor(model, [probes.NeuralCollapse("2", 3, name="head")], 2)
+        >>> for _ in range(2):
+        ...     y = torch.arange(30) % 3
+        ...     with mon.observe(targets=y):
+        ...         _ = model(torch.randn(30, 4) + y[:, None])
+        ...     metrics = mon.step()
+        >>> metrics["collapse/head/samples"], metrics["collapse/head/classes_used"]
+        (60.0, 3.0)
+        >>> mon.close()
     """
 
     def __init__(
@@ -93,22 +127,27 @@ class CollapseMonitor:
                 "log_every_n_steps and observe_every_n_steps must be >= 1, got "
                 f"{log_every_n_steps} and {observe_every_n_steps}"
             )
-        probes = list(probes)
-        for p in probes:
-            if not isinstance(p, Probe):
-                raise TypeError(f"probes must be Probe instances, got {type(p).__name__}")
-        names = [p.name for p in probes]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"probe names must be unique, repeated: {dupes}; pass name=...")
+        probes, mitigations, sinks = list(probes), list(mitigations), list(sinks)
+        for items, kind, what in (
+            (probes, Probe, "probes"),
+            (mitigations, Mitigation, "mitigations"),
+            (sinks, Sink, "sinks"),
+        ):
+            for x in items:
+                if not isinstance(x, kind):
+                    raise TypeError(
+                        f"{what} must be {kind.__name__} instances, got {type(x).__name__}"
+                    )
+        _unique_names(probes, "probe")
+        _unique_names(mitigations, "mitigation")
         self.model = model
         self.probes = probes
         self.log_every_n_steps = int(log_every_n_steps)
         self.observe_every_n_steps = (
             None if observe_every_n_steps is None else int(observe_every_n_steps)
         )
-        self.sinks = list(sinks)
-        self.mitigations = list(mitigations)
+        self.sinks = sinks
+        self.mitigations = mitigations
         all_rules = [r for p in probes for r in p.default_rules()] if default_rules else []
         self.rules = RuleEngine(all_rules + list(rules))
         if on_alert is None:
@@ -117,80 +156,114 @@ class CollapseMonitor:
             self.on_alert = [on_alert]
         else:
             self.on_alert = list(on_alert)
+        names = [p.name for p in probes]
         if isinstance(pictures, str):
             raise TypeError("pictures must be True/False or a list of probe names")
         wanted = names if pictures is True else list(pictures or [])
         unknown = sorted(set(wanted) - set(names))
         if unknown:
             raise ValueError(f"pictures names probes that do not exist: {unknown}; probes: {names}")
-        self._picture_probes = [p for p in probes if p.name in wanted]
+        self._picture_probes = set(wanted)
+        self._keywords = {"targets"} | {k for p in probes for k in p.keywords}
         self.process_group = process_group
         self.strict = strict
-        self.errors = 0
+        self.errors = 0  # errors of sinks and pictures (probes and mitigations count their own)
         self.global_step = 0
         self.should_stop = False
-        self.observing = False  # inside observe() on a recorded step: every_step probes record
-        self.sampling = False  # ... and the other probes record too
-        self._recorded: set[Probe] = set()  # probes that recorded in this training step
-        self._thin_warned: set[Probe] = set()
-        self.context: dict = {}
         self.mitigation_counts: dict[str, float] = {}
+        self._recording: list[Component] = []  # inside observe(): who records
+        self._recorded: set[Probe] = set()  # probes that recorded in this training step
+        self._failed_sinks: set[int] = set()
+        self._thin_warned: set[str] = set()
+        self._unread_warned: set[str] = set()
         self._snapshot_prefix: str | None = None
-        self._saved_windows: list | None = None
         self._closed = False
-        other = getattr(model, "_collapse_monitor", lambda: None)()
-        if other is not None and not other._closed:
+        other = _MONITORS.get(model)
+        if other is not None and other() is not None and not other()._closed:
             raise RuntimeError(
                 f"{type(model).__name__} already has a CollapseMonitor; two monitors would hook the "
                 "same modules twice. Pass all probes to one monitor, or close() the other first"
             )
-        model._collapse_monitor = weakref.ref(self)
+        _MONITORS[model] = weakref.ref(self)
+        setup = Setup(
+            model,
+            MappingProxyType({p.name: p for p in probes}),
+            self.log_every_n_steps,
+            process_group,
+            strict,
+        )
         try:
-            for p in probes:
-                p.attach(model, self)
-            for m in self.mitigations:
-                m.attach(model, self)
+            for c in (*probes, *mitigations):
+                c.attach(setup)
         except Exception:
             self.close()
             raise
 
     # ----------------------------------------------------------------- recording
     @contextmanager
-    def observe(self, targets: torch.Tensor | None = None, **context) -> Iterator[CollapseMonitor]:
+    def observe(self, targets: Any = None, **inputs) -> Iterator[CollapseMonitor]:
         """Record the forward passes run inside this block.
 
         Args:
             targets: class labels for class-conditional probes, shaped like the probed
                 features without their last dimension (``(N,)`` or ``(B, T)``).
-            **context: extra per-batch inputs that probes document (e.g. ``groups=``).
+            **inputs: other per-batch inputs that probes declare (``groups=`` for
+                ``GroupCollapse``, ``mask=`` for ``TokenUniformity``).
+
+        A keyword that no probe reads is ignored, with a warning the first time (a typo shows).
+
+        Raises:
+            RuntimeError: the monitor is closed, or ``observe()`` blocks are nested.
         """
         if self._closed:
             raise RuntimeError("CollapseMonitor is closed")
-        if self.observing:
+        if self._recording:
             raise RuntimeError("observe() blocks cannot be nested")
-        n = self.observe_every_n_steps
-        if self._snapshot_prefix is not None:
-            self.observing = self.sampling = True
-        elif n is None:
-            L = self.log_every_n_steps
-            k = _sample_stride(L)
-            self.observing = True
-            self.sampling = (L - 1 - self.global_step % L) % k == 0
-        else:
-            self.observing = self.sampling = self.global_step % n == 0
-        # snapshots (validation) do not advance per-step state such as usage EMAs
-        if self._snapshot_prefix is None:
-            self._recorded.update(p for p in self.probes if self.records(p))
-        self.context = {"targets": targets, **context}
+        unknown = sorted(set(inputs) - self._keywords - self._unread_warned)
+        if unknown:  # a shared training loop may pass more than these probes read; a typo shows
+            self._unread_warned.update(unknown)
+            log.warning(
+                "collapse monitor: observe() got keywords no probe reads: %s (ignored); the "
+                "probes read %s",
+                unknown,
+                sorted(self._keywords),
+            )
+        inputs = {"targets": targets, **inputs}
+        snapshot = self._snapshot_prefix is not None
+        logging_step = not snapshot and (self.global_step + 1) % self.log_every_n_steps == 0
+        recorders = [p for p in self.probes if self.records(p)]
+        for p in recorders:
+            p.begin_recording(
+                Recording(
+                    self.global_step,
+                    logging_step,
+                    snapshot,
+                    {k: v for k, v in inputs.items() if k in p.keywords and v is not None},
+                )
+            )
+        for m in self.mitigations:
+            m.begin_recording(Recording(self.global_step, logging_step, snapshot))
+        self._recording = [*recorders, *self.mitigations]
+        if not snapshot:  # snapshots do not advance per-step state such as usage EMAs
+            self._recorded.update(recorders)
         try:
             yield self
         finally:
-            self.observing = self.sampling = False
-            self.context = {}
+            for c in self._recording:
+                c.end_recording()
+            self._recording = []
 
     def records(self, probe: Probe) -> bool:
-        """True while ``probe`` should record what the model computes (inside ``observe()``)."""
-        return self.observing and (self.sampling or probe.every_step)
+        """Whether ``probe`` records in a forward pass observed now (at this step)."""
+        n = self.observe_every_n_steps
+        if self._snapshot_prefix is not None:
+            return True
+        if n is not None:
+            return self.global_step % n == 0
+        if probe.every_step:
+            return True
+        L = self.log_every_n_steps
+        return (L - 1 - self.global_step % L) % _sample_stride(L) == 0
 
     def step(self, optimizer: torch.optim.Optimizer | None = None) -> dict[str, float] | None:
         """Advance one training step; at cadence compute, log, check rules and mitigate.
@@ -200,91 +273,89 @@ class CollapseMonitor:
             else ``None``. Only logging steps synchronise with the device.
         """
         for m in self.mitigations:
-            m.on_step(self, optimizer)
-        if self._recorded:
-            for p in self.probes:
-                if p in self._recorded:
-                    p.end_step()
-            self._recorded.clear()
+            if not m.disabled:
+                self._guard(m, m.on_step, optimizer)
+        for p in self.probes:
+            if p in self._recorded and not p.disabled:
+                self._guard(p, p.end_step)
+        self._recorded.clear()
         self.global_step += 1
         if self.global_step % self.log_every_n_steps:
             return None
         with torch.profiler.record_function("collapse_monitor.log"):
             return self._log(optimizer)
 
-    @property
-    def logging_this_step(self) -> bool:
-        """True while the current step (the next :meth:`step` call) will log."""
-        return (self.global_step + 1) % self.log_every_n_steps == 0
-
-    # ----------------------------------------------------------------- readout
     # ----------------------------------------------------------------- failures
-    def failed(self, owner, exc: Exception) -> None:
-        """An error inside ``owner`` (a probe, sink or mitigation): raise it under ``strict``,
-        else log it once, count it and disable the owner so training goes on."""
-        if self.strict:
-            raise exc
-        self.errors += 1
-        if not getattr(owner, "disabled", False):
-            owner.disabled = True
-            log.error(
-                "collapse monitor: %r failed and is disabled (strict=False): %s: %s",
-                owner,
-                type(exc).__name__,
-                exc,
-            )
+    def _guard(self, owner: Component, fn, *args) -> Any:
+        try:
+            return fn(*args)
+        except Exception as exc:
+            owner.fail(exc)
 
     def _agree_on_disabled(self) -> None:
-        """Disable on every rank the probes that failed on any rank (before any collective)."""
-        if not _dist.is_distributed(self.process_group) or not self.probes:
+        """Disable on every rank what failed on any rank (before any collective)."""
+        owners = [*self.probes, *self.mitigations]
+        if not _dist.is_distributed(self.process_group) or not owners:
             return
-        flags = torch.tensor([float(p.disabled) for p in self.probes])
+        flags = torch.tensor([float(c.disabled) for c in owners])
         _dist.all_reduce_max_(flags, self.process_group)
-        for p, flag in zip(self.probes, flags.tolist()):
-            p.disabled = p.disabled or bool(flag)
+        for c, flag in zip(owners, flags.tolist()):
+            c.disabled = c.disabled or bool(flag)
 
-    def compute(self) -> dict[str, float]:
-        """Metrics of the current window (all-reduced across ranks); the window is kept."""
+    @property
+    def error_count(self) -> int:
+        """Errors so far: every probe's, mitigation's, sink's and picture's."""
+        return self.errors + sum(c.errors for c in (*self.probes, *self.mitigations))
+
+    # ----------------------------------------------------------------- readout
+    def _readouts(self) -> dict[str, Readout]:
+        """Each enabled probe's readout of its window over all ranks; the windows are kept."""
         named = dict(self.model.named_modules())
         for p in self.probes:
             if not p.disabled:
-                try:
-                    p.check_modules(named)
-                except Exception as exc:
-                    self.failed(p, exc)
+                self._guard(p, p.check_modules, named)
         self._agree_on_disabled()
-        metrics = {}
+        readouts = {}
         for p in self.probes:
-            if p.disabled:
-                continue
-            try:
-                values = p.compute(self.process_group)
-            except Exception as exc:
-                self.failed(p, exc)
-                continue
-            for key, value in values.items():
-                metrics[f"collapse/{p.name}/{key}"] = float(value)
-        metrics["collapse/errors"] = float(self.errors)
+            if not p.disabled:
+                r = self._guard(p, p.compute, self.process_group)
+                if r is not None:
+                    readouts[p.name] = r
+        return readouts
+
+    def _metrics(self, readouts: dict[str, Readout], prefix: str | None = None) -> dict:
+        return {
+            str(key.with_prefix(prefix)): float(value)
+            for r in readouts.values()
+            for key, value in r.metrics.items()
+            if value == value  # NaN: undefined, not logged
+        }
+
+    def compute(self) -> dict[str, float]:
+        """Metrics of the current window (all-reduced across ranks); the window is kept."""
+        metrics = self._metrics(self._readouts())
+        metrics[ERRORS_KEY] = float(self.error_count)
         return metrics
 
     def _each_sink(self, method: str, *args) -> None:
         for sink in self.sinks:
-            if getattr(sink, "disabled", False):
+            if id(sink) in self._failed_sinks:
                 continue
             try:
                 getattr(sink, method)(*args)
             except Exception as exc:
-                self.failed(sink, exc)
+                if self.strict:
+                    raise
+                self.errors += 1
+                self._failed_sinks.add(id(sink))
+                log.error(
+                    "collapse monitor: sink %r failed and is disabled: %s: %s",
+                    sink,
+                    type(exc).__name__,
+                    exc,
+                )
 
-    def _histograms(self) -> dict[str, torch.Tensor]:
-        return {
-            f"collapse/{p.name}/{key}": values
-            for p in self.probes
-            if not p.disabled
-            for key, values in p.histograms().items()
-        }
-
-    def _pictures(self) -> dict[str, np.ndarray]:
+    def _pictures(self, readouts: dict[str, Readout]) -> dict[str, np.ndarray]:
         """Rendered pictures of the opted-in probes (only where a sink will receive them)."""
         if not (self._picture_probes and self.sinks):
             return {}
@@ -293,22 +364,25 @@ class CollapseMonitor:
                 "collapse monitor: pictures are off, matplotlib is not installed "
                 "(pip install matplotlib, or collapse-monitor[pictures])"
             )
-            self._picture_probes = []
+            self._picture_probes = set()
             return {}
         out = {}
-        for p in self._picture_probes:
-            if p.disabled:
+        for name, r in readouts.items():
+            if name not in self._picture_probes:
                 continue
             try:
-                for key, pic in p.pictures().items():
-                    out[f"collapse/{p.name}/{key}"] = pictures_.render(pic)
+                for key, pic in r.pictures.items():
+                    out[str(key)] = pictures_.render(pic)
             except Exception as exc:  # a picture never costs the probe its metrics
                 if self.strict:
                     raise
                 self.errors += 1
-                self._picture_probes.remove(p)
+                self._picture_probes.discard(name)
                 log.error(
-                    "collapse monitor: pictures of %r are off: %s: %s", p, type(exc).__name__, exc
+                    "collapse monitor: pictures of %r are off: %s: %s",
+                    name,
+                    type(exc).__name__,
+                    exc,
                 )
         return out
 
@@ -319,52 +393,67 @@ class CollapseMonitor:
             return
         L = self.log_every_n_steps
         for p in self.probes:
-            classes = getattr(p, "num_classes", None)
-            samples = metrics.get(f"collapse/{p.name}/samples")
-            if p.every_step or p in self._thin_warned or classes is None or samples is None:
+            samples = metrics.get(str(p.key("samples")))
+            if p.every_step or p.classes is None or samples is None or p.name in self._thin_warned:
                 continue
-            if samples < 2 * classes:
-                self._thin_warned.add(p)
+            if samples < 2 * p.classes:
+                self._thin_warned.add(p.name)
                 log.warning(
                     "collapse monitor: %r recorded %d samples for %d classes in this window (the "
                     "default cadence records %d of every %d steps for it); its class statistics "
                     "are thin: pass observe_every_n_steps=1 or log less often",
                     p,
                     samples,
-                    classes,
+                    p.classes,
                     sampled_steps_per_window(L),
                     L,
                 )
 
+    def _mitigate(self, view: LogView) -> list[Event]:
+        """Every enabled mitigation acts on this log (same view on every rank); the events it
+        returns are counted and routed to the probes they name."""
+        events = []
+        for m in self.mitigations:
+            if not m.disabled:
+                events += self._guard(m, m.after_log, view) or []
+        for event in events:
+            self.mitigation_counts[event.name] = (
+                self.mitigation_counts.get(event.name, 0.0) + event.count
+            )
+            if event.probe is not None:
+                self._by_name(event.probe).on_replaced(event.replaced)
+        return events
+
+    def _by_name(self, name: str) -> Probe:
+        return next(p for p in self.probes if p.name == name)
+
     def _log(self, optimizer) -> dict[str, float]:
-        metrics = self.compute()
+        readouts = self._readouts()
+        metrics = self._metrics(readouts)
         self._warn_thin_windows(metrics)
-        histograms = self._histograms()
-        pictures = self._pictures()
+        histograms = {str(k): v for r in readouts.values() for k, v in r.histograms.items()}
+        pictures = self._pictures(readouts)
         step = self.global_step
         alerts = self.rules.check(metrics, step)
         for name, count in self.rules.counts.items():
-            metrics[f"collapse/alerts/{name}"] = float(count)
+            metrics[alerts_key(name)] = float(count)
         # mitigations act on this window's (reduced, rank-identical) statistics, so they run
         # before the probes move on to the next window
-        events = []
-        for m in self.mitigations:
-            if getattr(m, "disabled", False):
-                continue
-            try:
-                applied = m.after_log(self, metrics, alerts, optimizer)
-            except Exception as exc:
-                self.failed(m, exc)
-                continue
-            for name, info in applied:
-                events.append((name, info))
-                count = float(info.get("count", 1))
-                self.mitigation_counts[name] = self.mitigation_counts.get(name, 0.0) + count
+        view = LogView(
+            step,
+            MappingProxyType(dict(metrics)),
+            tuple(alerts),
+            optimizer,
+            MappingProxyType({p.name: p for p in self.probes}),
+            MappingProxyType(readouts),
+        )
+        events = self._mitigate(view)
         for name, total in self.mitigation_counts.items():
-            metrics[f"collapse/mitigations/{name}"] = total
+            metrics[mitigations_key(name)] = total
         for p in self.probes:
-            p.end_window()
-        metrics["collapse/errors"] = float(self.errors)
+            if not p.disabled:
+                self._guard(p, p.finish_window, self.process_group)
+        metrics[ERRORS_KEY] = float(self.error_count)
         self._each_sink("log_metrics", metrics, step)
         self._each_sink("log_thresholds", self.rules.thresholds(metrics), step)
         for tag, values in histograms.items():
@@ -373,9 +462,9 @@ class CollapseMonitor:
             self._each_sink("log_image", tag, image, step)
         for alert in alerts:
             self._dispatch_alert(alert)
-        for name, info in events:
-            log.info("step %d: mitigation %s applied: %s", step, name, info)
-            self._each_sink("log_event", name, info, step)
+        for event in events:
+            log.info("step %d: mitigation %s applied: %s", step, event.name, event.info)
+            self._each_sink("log_event", event.name, {**event.info, "count": event.count}, step)
         self._each_sink("flush")
         return metrics
 
@@ -394,23 +483,23 @@ class CollapseMonitor:
         if self._snapshot_prefix is not None:
             raise RuntimeError(f"snapshot '{self._snapshot_prefix}' is already open")
         self._snapshot_prefix = prefix
-        self._saved_windows = [p.window for p in self.probes]
         for p in self.probes:
-            p.window = p.new_window()
+            p.begin_snapshot()
+
+    def _close_snapshot(self) -> None:
+        self._snapshot_prefix = None
+        for p in self.probes:
+            p.end_snapshot()
 
     def end_snapshot(self) -> dict[str, float]:
         """Compute and log the snapshot under ``<prefix>/collapse/...``; restore the training windows."""
         if self._snapshot_prefix is None:
             raise RuntimeError("end_snapshot() without begin_snapshot()")
-        prefix, self._snapshot_prefix = self._snapshot_prefix, None
+        prefix = self._snapshot_prefix
         try:
-            metrics = {
-                f"{prefix}/{k}": v for k, v in self.compute().items() if k != "collapse/errors"
-            }
+            metrics = self._metrics(self._readouts(), prefix)
         finally:
-            for p, w in zip(self.probes, self._saved_windows):
-                p.window = w
-            self._saved_windows = None
+            self._close_snapshot()
         self._each_sink("log_metrics", metrics, self.global_step)
         self._each_sink("flush")
         return metrics
@@ -424,26 +513,23 @@ class CollapseMonitor:
         try:
             yield result
         except BaseException:
-            self._snapshot_prefix = None
-            for p, w in zip(self.probes, self._saved_windows):
-                p.window = w
+            self._close_snapshot()
             raise
         result.update(self.end_snapshot())
 
     # ----------------------------------------------------------------- lifecycle
     def close(self) -> None:
         """Remove every hook and close the sinks; the model is left as it was (mitigations aside)."""
-        for p in self.probes:
-            p.detach()
-        for m in self.mitigations:
-            m.detach()
+        for c in (*self.probes, *self.mitigations):
+            c.detach()
+        self._recording = []
         if not self._closed:
             for sink in self.sinks:
                 sink.close()
-            if getattr(self.model, "_collapse_monitor", lambda: None)() is self:
-                del self.model._collapse_monitor
+            ref = _MONITORS.get(self.model)
+            if ref is not None and ref() is self:
+                del _MONITORS[self.model]
         self._closed = True
-        self.observing = self.sampling = False
 
     def __enter__(self) -> CollapseMonitor:
         return self
@@ -459,28 +545,40 @@ class CollapseMonitor:
         (Lightning does), and save rank 0's result.
         """
         sync = sync is not False
-        probes = {p.name: p.state_dict(self.process_group, sync=sync) for p in self.probes}
         return {
             "version": _STATE_VERSION,
             "global_step": self.global_step,
             "should_stop": self.should_stop,
-            "probes": probes,
+            "probes": {p.name: p.state_dict(self.process_group, sync=sync) for p in self.probes},
             "rules": self.rules.state_dict(),
             "mitigation_counts": dict(self.mitigation_counts),
-            "mitigations": [m.state_dict() for m in self.mitigations],
+            "mitigations": {m.name: m.state_dict() for m in self.mitigations},
         }
+
+    def _check_state(self, state: dict) -> None:
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(
+                f"unsupported CollapseMonitor state version {state.get('version')} "
+                f"(this version reads {_STATE_VERSION})"
+            )
+        for what, mine in (("probes", self.probes), ("mitigations", self.mitigations)):
+            missing = [c.name for c in mine if c.name not in state[what]]
+            if missing:
+                raise KeyError(
+                    f"checkpoint has no state for {what} {missing}; it has {sorted(state[what])}"
+                )
 
     def restore_structure(self, state: dict) -> None:
         """Re-apply what mitigations changed in the model's structure (σReparam) from a saved
         state, before the model's own weights are loaded."""
-        for m, s in zip(self.mitigations, state.get("mitigations", [])):
-            m.load_state_dict(s)
+        self._check_state(state)
+        for m in self.mitigations:
+            m.restore_structure(state["mitigations"][m.name])
 
     def adopt_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Let mitigations that add parameters arrange a new optimizer's groups as before."""
         for m in self.mitigations:
-            if hasattr(m, "adopt_optimizer"):
-                m.adopt_optimizer(optimizer)
+            m.adopt_optimizer(optimizer)
 
     def load_state_dict(self, state: dict, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Restore :meth:`state_dict`. Under distributed runs every rank loads the same (reduced)
@@ -488,20 +586,18 @@ class CollapseMonitor:
         empty, so the next all-reduce counts each sample once.
 
         Mitigations that changed the model's structure (``SigmaReparam``) re-apply it here, and add
-        their parameters to ``optimizer``: load the monitor before the model and the optimizer."""
-        if state.get("version") != _STATE_VERSION:
-            raise ValueError(f"unsupported CollapseMonitor state version {state.get('version')}")
-        missing = [p.name for p in self.probes if p.name not in state["probes"]]
-        if missing:
-            raise KeyError(
-                f"checkpoint has no state for probes {missing}; it has {sorted(state['probes'])}"
-            )
+        their parameters to ``optimizer``: load the monitor before the model and the optimizer.
+
+        Raises:
+            ValueError: a state of another version; KeyError: a probe or mitigation without state.
+        """
+        self._check_state(state)
         keep = _dist.rank(self.process_group) == 0
         self.global_step = int(state["global_step"])
         self.should_stop = bool(state["should_stop"])
         for p in self.probes:
             p.load_state_dict(state["probes"][p.name], keep_window=keep)
         self.rules.load_state_dict(state["rules"])
-        self.mitigation_counts = dict(state.get("mitigation_counts", {}))
-        for m, s in zip(self.mitigations, state.get("mitigations", [])):
-            m.load_state_dict(s, optimizer=optimizer)
+        self.mitigation_counts = dict(state["mitigation_counts"])
+        for m in self.mitigations:
+            m.load_state_dict(state["mitigations"][m.name], optimizer=optimizer)

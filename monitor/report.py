@@ -15,26 +15,14 @@ import json
 import sys
 from pathlib import Path
 
+from .keys import MetricKey
+from .probes import PROBE_TYPES
 from .rules import Rule, RuleEngine
 
 
 def default_rule_templates() -> list[Rule]:
-    """Every probe class's default rules with the probe name as a glob (the rules training uses)."""
-    from . import probes as P
-
-    examples = [
-        P.CodebookUsage("x", 2, name="*"),
-        P.LatentUsage("x", 2, name="*"),
-        P.AttentionEntropy("x", name="*"),
-        P.PosteriorCollapse("x", name="*"),
-        P.RepresentationRank("x", name="*"),
-        P.GroupCollapse("x", 2, name="*"),
-        P.LogitHealth("x", name="*"),
-        P.TokenUniformity("x", name="*"),
-        P.DormantUnits("x", name="*"),
-        P.NeuralCollapse("x", 2, name="*"),
-    ]
-    return [r for probe in examples for r in probe.default_rules()]
+    """Every probe class's declared default rules, for any probe name (the rules training uses)."""
+    return [spec.template() for cls in PROBE_TYPES for spec in cls.rules]
 
 
 def read_scalars(run_dir: Path) -> dict[str, dict[str, list[tuple[int, float]]]]:
@@ -72,15 +60,16 @@ def health(series: dict[str, list[tuple[int, float]]]) -> list[dict]:
     rows = []
     templates = default_rule_templates()
     for tag, points in sorted(series.items()):
-        parts = tag.split("/")
-        if parts[1] in ("alerts", "mitigations", "errors") or len(parts) < 3:
+        key = MetricKey.parse(tag)
+        if not key.is_probe_metric:
             continue
         rules = [r for r in templates if fnmatch.fnmatchcase(tag, r.metric)]
-        if not rules and not tag.endswith("/nc1"):
+        if not rules and key.metric != "nc1":
             continue
         row = {
-            "probe": parts[1],
-            "metric": "/".join(parts[2:]),
+            "probe": key.probe,
+            "metric": "/".join(p for p in (key.layer, key.metric, key.index) if p),
+            "tag": tag,
             "latest": points[-1][1],
             "step": points[-1][0],
             "trend": _trend([v for _, v in points]),
@@ -109,18 +98,16 @@ def health(series: dict[str, list[tuple[int, float]]]) -> list[dict]:
             holding = last < rule.threshold if rule.mode == "below" else last > rule.threshold
             if fired:
                 row["first_alert"] = row["first_alert"] or fired[0].step
-                row["rule"] = f"{rule.metric.split('/')[-1]} {rule.mode} {rule.threshold:g}"
+                row["rule"] = f"{key.metric} {rule.mode} {rule.threshold:g}"
                 row["verdict"] = "collapsed" if holding else "warning"
         rows.append(row)
     return rows
 
 
 def mitigations(series) -> dict[str, float]:
-    return {
-        tag.split("/", 2)[2]: points[-1][1]
-        for tag, points in series.items()
-        if tag.startswith("collapse/mitigations/")
-    }
+    """``{mitigation name: total count}`` at the last log."""
+    keys = {tag: MetricKey.parse(tag) for tag in series}
+    return {k.metric: series[tag][-1][1] for tag, k in keys.items() if k.probe == "mitigations"}
 
 
 def format_table(rows: list[dict], applied: dict[str, float]) -> str:
@@ -181,7 +168,7 @@ def dashboard(series, rows: list[dict], png: Path) -> None:
     )
     for ax, (probe, prows) in zip(axes[:, 0], sorted(by_probe.items())):
         for r in prows[:6]:
-            pts = series[f"collapse/{probe}/{r['metric']}"]
+            pts = series[r["tag"]]
             ax.plot(
                 [s for s, _ in pts], [v for _, v in pts], label=f"{r['metric']} ({r['verdict']})"
             )

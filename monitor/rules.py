@@ -17,9 +17,12 @@ condition must clear before the same key can fire again (``repeat=True`` re-fire
 from __future__ import annotations
 
 import fnmatch
+import glob
 import math
 import re
 from dataclasses import dataclass, field
+
+from .keys import ROOT
 
 _MODES = ("below", "above", "drop", "rise")
 
@@ -93,6 +96,50 @@ class Rule:
 
     def matches(self, key: str) -> bool:
         return key == self.metric or fnmatch.fnmatchcase(key, self.metric)
+
+
+@dataclass(frozen=True)
+class RuleSpec:
+    """A default rule declared by a probe class, relative to the probe's keys: data, not code.
+
+    ``metric`` is the part of the key after ``collapse/<probe>/`` (``"usage"``, or
+    ``"*/entropy_norm"`` for every layer); :meth:`bind` makes the rule of one probe, and
+    :meth:`template` the rule for any probe name (what ``collapse-monitor report`` replays).
+
+    Example:
+        >>> spec = RuleSpec("usage", 0.5, "below", name="usage_below")
+        >>> spec.bind("vq").metric, spec.bind("vq").name
+        ('collapse/vq/usage', 'vq/usage_below')
+    """
+
+    metric: str
+    threshold: float
+    mode: str = "below"
+    name: str = ""
+    patience: int = 2
+    warmup_steps: int = 0
+    cooldown: int = 0
+    message: str = ""
+
+    def _rule(self, probe_pattern: str, probe_name: str) -> Rule:
+        return Rule(
+            f"{ROOT}/{probe_pattern}/{self.metric}",
+            self.threshold,
+            self.mode,
+            warmup_steps=self.warmup_steps,
+            patience=self.patience,
+            cooldown=self.cooldown,
+            name=f"{probe_name}/{self.name}",
+            message=self.message,
+        )
+
+    def bind(self, probe: str) -> Rule:
+        """This rule on the probe named ``probe`` (glob characters in the name match literally)."""
+        return self._rule(glob.escape(probe), probe)
+
+    def template(self) -> Rule:
+        """This rule on every probe name."""
+        return self._rule("*", "*")
 
 
 @dataclass

@@ -1,22 +1,17 @@
 """Real torch.distributed (gloo, 2 processes): all-reduced windows equal one process on the union."""
 
-import faulthandler
-import gc
 import os
-import signal
 import time
-from contextlib import contextmanager
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from monitor import CollapseMonitor, probes
-from monitor import functional as F
-from monitor.stats import ClassMoments
+from collapse_monitor import CollapseMonitor, probes
+from collapse_monitor import functional as F
+from collapse_monitor.stats import ClassMoments
+from tests.dist import process_group, run_two
 from tests.functional.test_neural_collapse import clustered
 from tests.reference import assert_metrics_close
 
@@ -30,58 +25,6 @@ KEYS = [
     "cdnv",
     "classes_used",
 ]
-
-
-@contextmanager
-def process_group(rank, init):
-    """A 2-rank gloo group; a mismatched collective fails after 60 s instead of hanging."""
-    dist.init_process_group(
-        "gloo", init_method=init, rank=rank, world_size=2, timeout=timedelta(seconds=60)
-    )
-    try:
-        yield
-    finally:
-        # A DDP Reducer freed after destroy_process_group() holds the last reference to the gloo
-        # group and destroys it with the GIL held; that deadlocks with a gloo worker thread still
-        # freeing a work launched during backward (its captured thread-local state holds a
-        # Python object, so it needs the GIL). Workers `del` their DDP wrapper inside the block;
-        # collecting here frees any Reducer kept by a reference cycle while the group still lives.
-        gc.collect()
-        dist.destroy_process_group()
-
-
-def _entry(rank, worker, init, out_dir):
-    # SIGUSR1 dumps this rank's Python stacks: run_two asks for them before killing a hung run
-    with open(os.path.join(out_dir, f"stacks{rank}.txt"), "w") as stacks:
-        faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
-        worker(rank, init, out_dir)
-
-
-def run_two(worker, tmp_path, name, deadline=300.0):
-    """Run ``worker(rank, init, out_dir)`` on 2 processes; load what each saved as ``<name><rank>.pt``.
-
-    A run still going after ``deadline`` seconds (the gloo timeout turns mismatched collectives
-    into errors after 60 s, so this is a hang elsewhere) is killed and fails with both ranks'
-    Python stacks, instead of leaving processes that keep pytest from exiting.
-    """
-    init = (tmp_path / "store").as_uri()  # a file store: no port to race for
-    args = (worker, init, str(tmp_path))
-    ctx = mp.start_processes(_entry, args=args, nprocs=2, join=False, start_method="spawn")
-    start = time.monotonic()
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() - start > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    os.kill(p.pid, signal.SIGUSR1)
-            time.sleep(2.0)
-            for p in ctx.processes:
-                p.kill()
-                p.join()
-            stacks = "\n".join(
-                f"--- rank {r} ---\n" + (tmp_path / f"stacks{r}.txt").read_text() for r in range(2)
-            )
-            pytest.fail(f"{worker.__name__} still running after {deadline:.0f} s:\n{stacks}")
-    return [torch.load(tmp_path / f"{name}{r}.pt", weights_only=False) for r in range(2)]
 
 
 def data():
@@ -187,7 +130,7 @@ def test_monitor_metrics_identical_on_both_ranks_and_equal_union(results):
 
 def test_state_dict_under_ddp_is_the_reduced_window_and_resumes_without_double_counting(results):
     x, y = data()
-    state = results[0]["state"]["probes"]["h"]["moments"]
+    state = results[0]["state"]["probes"]["h"]["window"]["entries"]["moments"]["states"]
     assert torch.equal(state["count"], torch.bincount(y, minlength=C))
     for r in results:
         assert r["resumed"]["collapse/h/samples"] == len(y)
@@ -196,7 +139,7 @@ def test_state_dict_under_ddp_is_the_reduced_window_and_resumes_without_double_c
 
 
 def reset_worker(rank, init, out_dir):
-    from monitor import mitigations
+    from collapse_monitor import mitigations
     from tests.test_reset_dead_codes import VQ, Model, concentrated
 
     with process_group(rank, init):
@@ -218,7 +161,7 @@ def reset_worker(rank, init, out_dir):
             {
                 "codebook": model.vq.codebook.weight.detach(),
                 "metrics": metrics,
-                "dead": probe.dead_mask(),
+                "dead": probe.last.masks["dead"],
             },
             os.path.join(out_dir, f"reset{rank}.pt"),
         )
@@ -400,7 +343,7 @@ def test_sigma_reparam_mid_training_keeps_ddp_replicas_identical(tmp_path):
 
 
 def health_worker(rank, init, out_dir):
-    from monitor import mitigations
+    from collapse_monitor import mitigations
     from tests.probes.test_logit_probes import dead_mlp
 
     with process_group(rank, init):

@@ -1,3 +1,4 @@
+import importlib.util
 import re
 import subprocess
 import sys
@@ -9,11 +10,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_example(name):
-    sys.path.insert(0, str(ROOT / "examples"))
-    try:
-        return __import__(name)
-    finally:
-        sys.path.pop(0)
+    """The example script ``examples/<name>.py`` as a module (it is not an installed package)."""
+    spec = importlib.util.spec_from_file_location(
+        f"examples_{name}", ROOT / "examples" / f"{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_neural_collapse_example_reaches_the_terminal_phase(tmp_path):
@@ -89,7 +92,6 @@ def test_readme_quick_starts_run(index, tmp_path):
         capture_output=True,
         text=True,
         timeout=300,
-        env={**__import__("os").environ, "PYTHONPATH": str(ROOT)},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert list(tmp_path.rglob("events.out.tfevents.*")), "no TensorBoard event file written"

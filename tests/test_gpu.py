@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from monitor import CollapseMonitor
+from collapse_monitor import CollapseMonitor
 from tests.zoo import Zoo, batch, every_mitigation, every_probe, loss_of
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

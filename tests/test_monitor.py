@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from monitor import CollapseMonitor, Rule, Sink, mitigations, probes
-from monitor import functional as F
-from monitor.monitor import sampled_steps_per_window
+from collapse_monitor import CollapseMonitor, Event, Rule, Sink, mitigations, probes
+from collapse_monitor import functional as F
+from collapse_monitor.monitor import sampled_steps_per_window
 from tests.functional.test_neural_collapse import clustered
 from tests.reference import assert_metrics_close
 
@@ -160,7 +160,9 @@ def test_monitor_keeps_no_autograd_graph():
     gc.collect()
     assert ref() is None, "the monitor kept the input (or its graph) alive"
     p = mon.probes[0]
-    held = [getattr(p.window.moments, n) for n in p.window.moments.state_names] + list(p._lag)
+    held = [getattr(s, n) for _, s in p.window.items() for n in s.state_names]
+    held += [t for t in p.extra_state().values() if isinstance(t, torch.Tensor)]
+    assert len(held) > 8
     assert all(t.grad_fn is None and not t.requires_grad for t in held)
 
 
@@ -174,12 +176,12 @@ def test_memory_does_not_grow_over_2000_steps():
     train(model, mon, 200)
     gc.collect()
     tensors = sum(issubclass(type(o), torch.Tensor) for o in gc.get_objects())
-    state = mon.probes[0].window.moments.nbytes()
+    state = mon.probes[0].window.nbytes()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     train(model, mon, 1800)
     gc.collect()
     assert sum(issubclass(type(o), torch.Tensor) for o in gc.get_objects()) == tensors
-    assert mon.probes[0].window.moments.nbytes() == state
+    assert mon.probes[0].window.nbytes() == state
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 20_000  # KiB
 
 
@@ -205,14 +207,21 @@ def test_rules_alerts_on_alert_and_stop():
 
 def test_mitigations_see_the_same_metrics_and_alerts():
     class Count(mitigations.Mitigation):
+        kind = "noted"
+
         def __init__(self):
+            super().__init__()
             self.calls = []
 
-        def after_log(self, monitor, metrics, alerts, optimizer):
+        def after_log(self, view):
             self.calls.append(
-                (metrics["collapse/head/samples"], [a.rule for a in alerts], optimizer)
+                (
+                    view.metrics["collapse/head/samples"],
+                    [a.rule for a in view.alerts],
+                    view.optimizer,
+                )
             )
-            return [("noted", {"n": len(self.calls)})]
+            return [Event(self.name, {"n": len(self.calls)})]
 
     model, sink, mit = mlp(), Recorder(), Count()
     mon = CollapseMonitor(
@@ -227,7 +236,7 @@ def test_mitigations_see_the_same_metrics_and_alerts():
     train(model, mon, 5)
     ((n, rules, opt),) = mit.calls
     assert n == 160 and rules == ["any"] and isinstance(opt, torch.optim.SGD)
-    assert sink.events == [(5, "noted", {"n": 1})]
+    assert sink.events == [(5, "noted", {"n": 1, "count": 1})]
 
 
 def test_snapshot_uses_fresh_windows_and_restores_training_window():
@@ -359,3 +368,20 @@ def test_a_probe_that_raises_is_logged_once_counted_and_disabled(caplog):
     )
     with pytest.raises(ValueError, match="out of range"):
         train(strict.model, strict, 1)
+
+
+def test_mitigations_are_saved_by_name_and_names_are_unique():
+    def monitor(mits):
+        return CollapseMonitor(
+            mlp(), [probes.DormantUnits("1", name="dormant")], 5, mitigations=mits
+        )
+
+    with pytest.raises(ValueError, match=r"mitigation names must be unique, repeated: \['redo'\]"):
+        monitor([mitigations.ReDo(), mitigations.ReDo()])
+    a, b = mitigations.ReDo(name="early", every_n_steps=5), mitigations.ReDo(name="late")
+    state = monitor([a, b]).state_dict()
+    assert list(state["mitigations"]) == ["early", "late"]
+    resumed = monitor([mitigations.ReDo(name="late"), mitigations.ReDo(name="early")])
+    resumed.load_state_dict(state)  # another order: matched by name, not position
+    with pytest.raises(KeyError, match=r"no state for mitigations \['other'\]"):
+        monitor([mitigations.ReDo(name="other")]).load_state_dict(state)

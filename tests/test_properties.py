@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from monitor import functional as F
-from monitor.stats import ClassMoments
+from collapse_monitor import functional as F
+from collapse_monitor.stats import ClassMoments
 
 SETTINGS = settings(max_examples=25, deadline=None)
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from monitor import CollapseMonitor, probes
+from collapse_monitor import CollapseMonitor, probes
 from tests.zoo import Zoo, batch, every_probe, loss_of
 
 
@@ -96,7 +96,7 @@ def test_mixed_precision_statistics_match_float32_within_input_precision(dtype):
     x, y, groups = batch(0)
     with torch.autocast("cpu", dtype=dtype), mon.observe(targets=y, groups=groups):
         model(x)
-    stats = mon.probes[0].window.moments
+    stats = mon.probes[0].window["moments"]
     assert stats.second_moment.dtype == torch.float64 and stats.sum.dtype == torch.float64
 
 
@@ -184,7 +184,7 @@ def test_memory_stays_flat_over_20000_observed_steps():
 def test_resume_with_every_probe_and_mitigation_logs_what_an_uninterrupted_run_logs():
     import io
 
-    from monitor import Rule
+    from collapse_monitor import Rule
     from tests.zoo import every_mitigation
 
     rules = [Rule("collapse/nc/nc1", 0.0, "above", name="always", repeat=True)]

@@ -4,9 +4,9 @@ import torch
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
-from integrations.tensorboard import TensorBoardSink
-from monitor import CollapseMonitor, probes
-from monitor.report import main
+from collapse_monitor import CollapseMonitor, probes
+from collapse_monitor.integrations.tensorboard import TensorBoardSink
+from collapse_monitor.report import main
 from tests.probes.test_codebook_usage import Quantizer
 
 

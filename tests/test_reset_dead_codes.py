@@ -3,7 +3,7 @@ import torch
 from torch import nn
 from vector_quantize_pytorch import VectorQuantize
 
-from monitor import CollapseMonitor, Rule, mitigations, probes
+from collapse_monitor import CollapseMonitor, Rule, mitigations, probes
 from tests.test_monitor import Recorder
 
 
@@ -88,8 +88,9 @@ def test_learned_codebook_reset_rows_and_adam_moments():
     for key in ("exp_avg", "exp_avg_sq"):
         assert (st[key][changed] == 0).all() and (st[key][~changed] != 0).any()
     assert st["step"] == state["step"] + 1  # the step count is kept
-    # the replaced codes are no longer dead
-    assert not probe.dead_mask()[0][changed].any()
+    # the replaced codes restart their usage memory: the next readout no longer calls them dead
+    mon.compute()
+    assert not probe.last.masks["dead"][0][changed].any()
 
 
 def test_vector_quantize_pytorch_ema_codebook_is_probed_and_reset():
@@ -100,7 +101,8 @@ def test_vector_quantize_pytorch_ema_codebook_is_probed_and_reset():
     probe = probes.CodebookUsage("vq", K, ema_decay=0.5, warmup_steps=2)  # no extract=
     reset = mitigations.ResetDeadCodes("vq")
     mon = CollapseMonitor(model, [probe], 3, mitigations=[reset], observe_every_n_steps=1)
-    assert reset.codebook_path == "_codebook.embed" and reset.cluster_size is not None
+    assert reset.codebook_path == "_codebook.embed"
+    assert reset.ema_paths == ("_codebook.cluster_size", "_codebook.embed_avg")
     batches = [concentrated(128, D, seed=i).reshape(4, 32, D) for i in range(3)]
     run(model, mon, batches[:2])
     with mon.observe():
@@ -200,7 +202,7 @@ def test_configuration_errors():
         mitigations=[mitigations.ResetDeadCodes("vq", codebook="b")],
         observe_every_n_steps=1,
     )
-    assert mon.mitigations[0].codebook is model.vq.b
+    assert mon.mitigations[0].codebook_path == "b"
     mon.close()
     with pytest.raises(ValueError, match="needs one CodebookUsage probe"):
         CollapseMonitor(

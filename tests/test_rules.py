@@ -1,6 +1,6 @@
 import pytest
 
-from monitor.rules import Rule, RuleEngine
+from collapse_monitor.rules import Rule, RuleEngine
 
 
 def run(rule, values, start=1):

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from monitor import CollapseMonitor, Rule, mitigations, probes
-from monitor.mitigations import sigma_reparam
+from collapse_monitor import CollapseMonitor, Rule, mitigations, probes
+from collapse_monitor.mitigations import sigma_reparam
 from tests.probes.test_attention_entropy import SDPAAttention
 from tests.test_monitor import Recorder
 

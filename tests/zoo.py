@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from monitor import probes
+from collapse_monitor import probes
 from tests.probes.test_attention_entropy import SDPAAttention
 from tests.test_reset_dead_codes import VQ
 
@@ -74,7 +74,7 @@ def loss_of(out, y):
 
 
 def every_mitigation(prefix=""):
-    from monitor import mitigations
+    from collapse_monitor import mitigations
 
     p = prefix
     return [

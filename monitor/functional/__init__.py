@@ -1,9 +1,22 @@
-"""Whole-tensor float64 reference implementations of every metric."""
+"""Whole-tensor float64 reference implementations of every metric, and the readouts (functions of
+sufficient statistics) that the streaming probes share with them."""
 
-from .attention import attention_entropy, entropy_from_logits, entropy_from_probs
-from .codebook import codebook_usage, usage_from_counts
-from .logits import dormant_units, logit_health, softmax_collapsed, token_uniformity, zero_loss
+from .attention import attention_entropy, entropy_from_logits, entropy_from_probs, entropy_from_sums
+from .codebook import codebook_usage, dead_codes, fire_rate, latent_usage, usage_from_counts
+from .logits import (
+    dormant_from_activity,
+    dormant_units,
+    logit_health,
+    logit_health_from_sums,
+    mean_token_uniformity,
+    softmax_collapsed,
+    token_uniformity,
+    token_uniformity_from_sums,
+    zero_loss,
+)
 from .neural_collapse import (
+    group_collapse,
+    group_variance_ratio,
     metrics_from_class_statistics,
     nearest_class_center_mismatch,
     neural_collapse,
@@ -18,21 +31,31 @@ from .representation import (
 
 __all__ = [
     "attention_entropy",
+    "codebook_usage",
+    "dead_codes",
+    "dormant_from_activity",
+    "dormant_units",
+    "effective_rank",
     "entropy_from_logits",
     "entropy_from_probs",
-    "codebook_usage",
-    "dormant_units",
-    "logit_health",
-    "softmax_collapsed",
-    "token_uniformity",
-    "zero_loss",
-    "effective_rank",
+    "entropy_from_sums",
+    "fire_rate",
     "frechet_distance",
+    "group_collapse",
+    "group_variance_ratio",
+    "latent_usage",
+    "logit_health",
+    "logit_health_from_sums",
+    "mean_token_uniformity",
     "metrics_from_class_statistics",
     "nearest_class_center_mismatch",
     "neural_collapse",
     "posterior_collapse",
     "rankme",
     "representation_rank",
+    "softmax_collapsed",
+    "token_uniformity",
+    "token_uniformity_from_sums",
     "usage_from_counts",
+    "zero_loss",
 ]

@@ -70,22 +70,51 @@ def attention_entropy(
             ``n_i``. Queries with no allowed key are skipped.
 
     Returns:
-        ``entropy`` ``(H,)`` mean raw entropy over queries (nats); ``entropy_norm`` ``(H,)`` mean of
-        ``H_i / log n_i`` over queries with ``n_i >= 2``; ``entropy_norm_min`` (min over heads);
-        ``overload_fraction`` (fraction of heads with ``entropy_norm >= overload_threshold``).
+        See :func:`entropy_from_sums`.
     """
     H, n = entropy_from_probs(probs, allowed)
     heads = H.shape[1]
     H, n = H.transpose(0, 1).reshape(heads, -1), n.transpose(0, 1).reshape(heads, -1)
     valid = n >= 1
     h, norm_ok = normalised(H, n)
-    ent = (H * valid).sum(1) / valid.sum(1)
-    ent_norm = h.sum(1) / norm_ok.sum(1)
+    return entropy_from_sums(
+        valid.sum(1), (H * valid).sum(1), norm_ok.sum(1), h.sum(1), overload_threshold
+    )
+
+
+def entropy_from_sums(
+    queries: torch.Tensor,
+    entropy: torch.Tensor,
+    queries_norm: torch.Tensor,
+    entropy_norm: torch.Tensor,
+    overload_threshold: float = 0.9,
+) -> dict:
+    """The per-head readout shared by :func:`attention_entropy` and the streaming probe.
+
+    Args:
+        queries: ``(H,)`` query rows with at least one allowed key; ``entropy``: ``(H,)`` the sum
+            of their entropies (nats); ``queries_norm``: ``(H,)`` rows with ``n_i >= 2`` allowed
+            keys; ``entropy_norm``: ``(H,)`` the sum of ``H_i / log n_i`` over those rows.
+        overload_threshold: a head is overloaded when its mean normalised entropy is at least
+            this (entropic overload, Jha & Reagen 2025).
+
+    Returns:
+        ``entropy`` ``(H,)`` mean raw entropy (nats); ``entropy_norm`` ``(H,)`` mean normalised
+        entropy (NaN for a head with no such row); over the heads where it is defined:
+        ``entropy_norm_mean``, ``entropy_norm_min`` and ``overload_fraction`` (NaN when none is).
+    """
+    ent = entropy.to(_F64) / queries.to(_F64)
+    ent_norm = entropy_norm.to(_F64) / queries_norm.to(_F64)
+    finite = ent_norm[torch.isfinite(ent_norm)]
+    nan = float("nan")
     return {
         "entropy": ent,
         "entropy_norm": ent_norm,
-        "entropy_norm_min": ent_norm.min().item(),
-        "overload_fraction": (ent_norm >= overload_threshold).to(_F64).mean().item(),
+        "entropy_norm_mean": finite.mean().item() if finite.numel() else nan,
+        "entropy_norm_min": finite.min().item() if finite.numel() else nan,
+        "overload_fraction": (
+            (finite >= overload_threshold).to(_F64).mean().item() if finite.numel() else nan
+        ),
     }
 
 
@@ -97,6 +126,7 @@ def normalised(H: torch.Tensor, n: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 __all__ = [
     "attention_entropy",
+    "entropy_from_sums",
     "causal_allowed",
     "entropy_from_logits",
     "entropy_from_probs",

@@ -29,6 +29,12 @@ def usage_from_counts(counts: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
+def dead_codes(ema_hits: torch.Tensor, ema_rows: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``(H, K)`` bool: codes whose smoothed usage, in hits per index of their head
+    (``ema_hits / ema_rows``), is below ``threshold`` (METRICS.md 2: EMA usage below threshold)."""
+    return ema_hits < threshold * ema_rows[:, None]
+
+
 def codebook_usage(
     indices: torch.Tensor, num_codes: int, heads: int = 1
 ) -> dict[str, torch.Tensor]:
@@ -55,3 +61,29 @@ def codebook_usage(
         [torch.bincount(idx[:, h], minlength=num_codes) for h in range(idx.shape[1])]
     )
     return {**usage_from_counts(counts), "counts": counts}
+
+
+def fire_rate(counts: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Mean active latents per row (L0): ``counts (H, L)`` fires over ``rows (H,)``."""
+    return counts.sum(-1).to(_F64) / rows.to(_F64)
+
+
+def latent_usage(activations: torch.Tensor, threshold: float = 0.0) -> dict[str, torch.Tensor]:
+    """Usage of sparse-autoencoder latents over a whole set of activations ``(..., L)`` (the
+    reference of ``probes.LatentUsage``): a latent fires where its activation is above
+    ``threshold``.
+
+    Returns:
+        :func:`usage_from_counts` of the fires per latent (``samples`` is then fires), plus
+        ``fire_rate`` ``(1,)`` (:func:`fire_rate`), ``rows`` ``(1,)`` and ``dead`` ``(1, L)``
+        (latents that never fired).
+    """
+    fires = activations.detach().reshape(-1, activations.shape[-1]) > threshold
+    counts = fires.sum(0, dtype=torch.int64)[None]
+    rows = torch.tensor([fires.shape[0]])
+    return {
+        **usage_from_counts(counts),
+        "fire_rate": fire_rate(counts, rows),
+        "rows": rows,
+        "dead": counts == 0,
+    }

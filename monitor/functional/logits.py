@@ -46,24 +46,68 @@ def zero_loss(
     return F.cross_entropy(z, targets, reduction="none") == 0
 
 
-def logit_health(logits: torch.Tensor, targets: torch.Tensor | None = None, dtype=None) -> dict:
+def logit_health(
+    logits: torch.Tensor,
+    targets: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+    ignore_index: int = -100,
+) -> dict:
     """Softmax collapse and logit statistics of a whole set of logits ``(N, C)`` (or ``(..., C)``).
 
-    Returns ``softmax_collapse`` (fraction collapsed), ``zero_loss_fraction`` (with targets),
-    ``log_z_mean`` / ``log_z_max`` (``logsumexp`` over classes), ``logit_max`` (largest logit),
-    ``logit_norm`` (mean L2 norm of the logit vectors).
+    Args:
+        logits: ``(..., C)``; targets: ``(...)`` int (``ignore_index`` skipped);
+        dtype: the training softmax's dtype (default: the logits').
+
+    Returns:
+        See :func:`logit_health_from_sums`.
     """
     z = logits.reshape(-1, logits.shape[-1])
-    out = {"softmax_collapse": softmax_collapsed(z, dtype).double().mean().item()}
+    z64 = z.double()
+    log_z = torch.logsumexp(z64, -1)
+    target_rows = zero = None
     if targets is not None:
-        out["zero_loss_fraction"] = zero_loss(z, targets.reshape(-1), dtype).double().mean().item()
-    log_z = torch.logsumexp(z.double(), -1)
-    out.update(
-        log_z_mean=log_z.mean().item(),
-        log_z_max=log_z.max().item(),
-        logit_max=z.double().max().item(),
-        logit_norm=z.double().norm(dim=-1).mean().item(),
+        y = targets.reshape(-1)
+        keep = y != ignore_index
+        target_rows = keep.sum()
+        zero = (zero_loss(z[keep], y[keep], dtype)).sum()
+    return logit_health_from_sums(
+        rows=z.shape[0],
+        collapsed=softmax_collapsed(z, dtype).sum(),
+        log_z=log_z.sum(),
+        log_z_max=log_z.max(),
+        logit_max=z64.max(),
+        logit_norm=z64.norm(dim=-1).sum(),
+        target_rows=target_rows,
+        zero_loss=zero,
     )
+
+
+def logit_health_from_sums(
+    rows, collapsed, log_z, log_z_max, logit_max, logit_norm, target_rows=None, zero_loss=None
+) -> dict:
+    """The readout shared by :func:`logit_health` and the streaming probe.
+
+    Args: sums over the rows (``collapsed``: softmax-collapsed rows, ``log_z``: of ``logsumexp``,
+        ``logit_norm``: of L2 norms), maxima of ``log Z`` and of the logits, and the rows with a
+        target and those among them with zero loss.
+
+    Returns:
+        ``samples`` (rows), and when there are rows ``softmax_collapse`` (fraction collapsed),
+        ``log_z_mean``, ``log_z_max``, ``logit_max``, ``logit_norm`` (mean L2 norm); with targets
+        ``zero_loss_fraction``.
+    """
+    n = float(rows)
+    out = {"samples": n}
+    if n:
+        out.update(
+            softmax_collapse=float(collapsed) / n,
+            log_z_mean=float(log_z) / n,
+            log_z_max=float(log_z_max),
+            logit_max=float(logit_max),
+            logit_norm=float(logit_norm) / n,
+        )
+    if target_rows is not None and float(target_rows):
+        out["zero_loss_fraction"] = float(zero_loss) / float(target_rows)
     return out
 
 
@@ -96,18 +140,53 @@ def token_uniformity(
     return torch.where(short, torch.nan, rho), torch.where(short, torch.nan, r_f)
 
 
-def dormant_units(activations: torch.Tensor, tau: float = 0.025, channel_dim: int = -1) -> dict:
-    """τ-dormant units (Sokar et al. 2023) of a layer's post-activation outputs.
+def mean_token_uniformity(x: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
+    """``rho`` and ``r_f`` of :func:`token_uniformity` averaged over the sequences with at least two
+    tokens (the reference of the streaming probe): see :func:`token_uniformity_from_sums`."""
+    rho, r_f = token_uniformity(x, mask)
+    ok = torch.isfinite(rho)
+    return token_uniformity_from_sums(ok.sum(), rho[ok].sum(), r_f[ok].sum())
 
-    Score ``s_i = E|h_i| / ((1/H) sum_k E|h_k|)`` (mean over every axis but ``channel_dim``, plus
-    1e-9 in the denominator as Dopamine's ``estimate_neuron_score``); unit ``i`` is dormant when
-    ``s_i <= tau``. Returns ``dormant_fraction``, ``mean_abs`` (raw ``E|h|``) and ``score`` ``(H,)``.
+
+def token_uniformity_from_sums(sequences, rho, r_f) -> dict:
+    """Means of ``rho`` and ``r_f`` from their sums over ``sequences``; empty without any."""
+    n = float(sequences)
+    return {"rho": float(rho) / n, "r_f": float(r_f) / n} if n else {}
+
+
+def dormant_units(activations: torch.Tensor, tau: float = 0.025, channel_dim: int = -1) -> dict:
+    """τ-dormant units (Sokar et al. 2023) of a layer's post-activation outputs (the reference).
+
+    Args:
+        activations: any shape; ``channel_dim`` holds the units, every other axis is a sample.
+
+    Returns:
+        See :func:`dormant_from_activity`.
     """
     a = activations.detach().to(_F64).abs().movedim(channel_dim, -1)
-    per_unit = a.reshape(-1, a.shape[-1]).mean(0)
+    a = a.reshape(-1, a.shape[-1])
+    return dormant_from_activity(a.sum(0), a.shape[0], tau)
+
+
+def dormant_from_activity(abs_sum: torch.Tensor, rows, tau: float = 0.025) -> dict:
+    """The readout shared by :func:`dormant_units` and the streaming probe.
+
+    Score ``s_i = E|h_i| / ((1/H) sum_k E|h_k|)``, plus 1e-9 in the denominator as Dopamine's
+    ``estimate_neuron_score``; unit ``i`` is dormant when ``s_i <= tau``.
+
+    Args:
+        abs_sum: ``(H,)`` ``sum |h_i|`` over ``rows`` samples.
+
+    Returns:
+        ``dormant_fraction``, ``mean_abs`` (raw ``E|h|``: a whole-layer shrink is invisible in
+        the relative score), ``score`` ``(H,)`` and ``dormant`` ``(H,)`` bool.
+    """
+    per_unit = abs_sum.to(_F64) / float(rows)
     score = per_unit / (per_unit.mean() + 1e-9)
+    dormant = score <= tau
     return {
-        "dormant_fraction": (score <= tau).to(_F64).mean().item(),
+        "dormant_fraction": dormant.to(_F64).mean().item(),
         "mean_abs": per_unit.mean().item(),
         "score": score,
+        "dormant": dormant,
     }

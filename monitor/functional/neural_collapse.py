@@ -218,3 +218,40 @@ def neural_collapse(
         mismatch = nearest_class_center_mismatch(x[rows], means[used], classes, weight, bias)
         out["ncc_mismatch"] = mismatch.to(_F64).mean().item()
     return out
+
+
+def group_variance_ratio(
+    counts: torch.Tensor, means: torch.Tensor, within_scatter: torch.Tensor
+) -> float:
+    """``tr(S_B) / tr(S_T)``: the fraction of the total feature variance explained by group means.
+
+    ``S_B = sum_g n_g (mu_g - mu)(mu_g - mu)'`` with the sample-weighted grand mean ``mu``,
+    ``S_T = S_B + S_W``: 0 when groups do not matter, 1 when features are constant within each
+    group. NaN with fewer than two samples.
+
+    Args:
+        counts: ``(G,)``; means: ``(G, D)``; within_scatter: ``(D, D)`` (or its diagonal).
+    """
+    n = counts.to(_F64)
+    if n.sum() < 2:
+        return float("nan")
+    grand = (n[:, None] * means).sum(0) / n.sum()
+    between = (n * (means - grand).pow(2).sum(1)).sum()
+    within = within_scatter.diagonal().sum() if within_scatter.ndim == 2 else within_scatter.sum()
+    return (between / (between + within)).item()
+
+
+def group_collapse(
+    features: torch.Tensor, groups: torch.Tensor, num_groups: int, min_class_count: int = 2
+) -> dict[str, float]:
+    """:func:`neural_collapse` over nuisance groups plus ``group_variance_ratio`` (the reference
+    of ``probes.GroupCollapse``)."""
+    out = neural_collapse(features, groups, num_groups, min_class_count=min_class_count)
+    x = features.detach().reshape(-1, features.shape[-1]).to(_F64)
+    g = groups.detach().reshape(-1).to(device=x.device, dtype=torch.int64)
+    counts = torch.bincount(g, minlength=num_groups)
+    means = torch.zeros(num_groups, x.shape[1], dtype=_F64, device=x.device).index_add_(0, g, x)
+    means = means / counts.clamp_min(1)[:, None]
+    centred = x - means[g]
+    out["group_variance_ratio"] = group_variance_ratio(counts, means, centred.T @ centred)
+    return out

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..probes.logits import DormantUnits
+from ..contracts import Event
+from ..probes.dormant import DormantUnits
 from .base import Mitigation
 
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -37,18 +38,21 @@ class ReDo(Mitigation):
     weights zeroed (so the network's output is unchanged at the reset), and the optimizer state of
     the touched rows and columns zeroed (Adam moments; the step count is kept).
 
-    Acts at logs where the ``DormantUnits`` probe reports dormant units (its all-reduced scores, so
+    Acts at logs where the ``DormantUnits`` probe reports dormant units (its all-reduced masks, so
     the same units on every rank); the new weights come from a generator seeded with ``seed`` and the
-    step, so every rank draws the same values.
+    step, so every rank draws the same values. An event is reported only for units whose weights
+    were read back changed.
 
     Args:
         probe: name of the ``DormantUnits`` probe (default: the only one).
         layers: ``{probed module: (incoming layer, outgoing layer)}``; default for modules inside an
             ``nn.Sequential``: the nearest Linear/Conv before and after.
         every_n_steps: only act at logs whose step is a multiple of this (ReDo's reset period).
+        seed: seed of the re-drawn weights (combined with the step).
+        name: see :class:`Mitigation`.
     """
 
-    name = "redo"
+    kind = "redo"
 
     def __init__(
         self,
@@ -56,53 +60,61 @@ class ReDo(Mitigation):
         layers: dict | None = None,
         every_n_steps: int | None = None,
         seed: int = 0,
+        name: str | None = None,
     ) -> None:
-        self.probe_name, self.layers, self.every_n_steps, self.seed = (
-            probe,
-            dict(layers or {}),
-            every_n_steps,
-            seed,
-        )
+        super().__init__(name)
+        self.probe_name = probe
+        self.layers = dict(layers or {})
+        self.every_n_steps = every_n_steps
+        self.seed = seed
 
-    def attach(self, model: nn.Module, monitor) -> None:
+    def __repr__(self) -> str:
+        return f"ReDo(name={self.name!r})"
+
+    def attach(self, setup) -> None:
+        super().attach(setup)
         found = [
             p
-            for p in monitor.probes
+            for p in setup.probes.values()
             if isinstance(p, DormantUnits)
             and (self.probe_name is None or p.name == self.probe_name)
         ]
         if len(found) != 1:
+            which = f" named {self.probe_name!r}" if self.probe_name else ""
             raise ValueError(
-                f"ReDo needs one DormantUnits probe{' named ' + repr(self.probe_name) if self.probe_name else ''}; "
-                f"the monitor has {[p.name for p in monitor.probes]}"
+                f"ReDo needs one DormantUnits probe{which}; the monitor has {sorted(setup.probes)}"
             )
-        self.probe = found[0]
-        modules = dict(model.named_modules())
+        self.probe = found[0].name
+        modules = dict(setup.model.named_modules())
         self.pairs = {}
-        for layer in self.probe.layers:
-            incoming, outgoing = self.layers.get(layer) or _neighbours(model, layer)
+        for layer in found[0].paths:
+            incoming, outgoing = self.layers.get(layer) or _neighbours(setup.model, layer)
             self.pairs[layer] = (modules[incoming], modules[outgoing])
 
-    def after_log(self, monitor, metrics, alerts, optimizer):
-        step = monitor.global_step
-        if self.every_n_steps and step % self.every_n_steps:
+    def after_log(self, view) -> list[Event]:
+        if self.every_n_steps and view.step % self.every_n_steps:
+            return []
+        readout = view.readouts.get(self.probe)
+        if readout is None:  # the probe is disabled
             return []
         touched = {}
-        for i, (layer, mask) in enumerate(sorted(self.probe.dormant_masks().items())):
+        for i, (layer, mask) in enumerate(sorted(readout.masks.items())):
             if not bool(mask.any()):
                 continue
             incoming, outgoing = self.pairs[layer]
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + step * 101 + i)
-            self._recycle(incoming, outgoing, mask, g, optimizer)
-            touched[layer] = int(mask.sum())
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + view.step * 101 + i)
+            changed = self._recycle(incoming, outgoing, mask, g, view.optimizer)
+            if changed:
+                touched[layer] = changed
         if not touched:
             return []
-        return [(self.name, {"layers": touched, "count": sum(touched.values())})]
+        return [Event(self.name, {"layers": touched}, count=sum(touched.values()))]
 
     @torch.no_grad()
     def _recycle(
         self, incoming: nn.Module, outgoing: nn.Module, mask: torch.Tensor, g, optimizer
-    ) -> None:
+    ) -> int:
+        """Recycle the units in ``mask``; returns how many were read back changed."""
         dead = mask.to(incoming.weight.device)
         if incoming.weight.shape[0] != dead.numel() or outgoing.weight.shape[1] != dead.numel():
             raise ValueError(
@@ -111,19 +123,23 @@ class ReDo(Mitigation):
             )
         fresh = torch.empty(incoming.weight.shape, dtype=torch.float32)
         nn.init.xavier_uniform_(fresh, generator=g)
-        incoming.weight[dead] = fresh.to(incoming.weight)[dead]
+        fresh = fresh.to(incoming.weight)[dead]
+        incoming.weight[dead] = fresh
         if incoming.bias is not None:
             incoming.bias[dead] = 0
         outgoing.weight[:, dead] = 0
-        if optimizer is None:
-            return
-        for param, index in (
-            (incoming.weight, (dead,)),
-            (incoming.bias, (dead,)),
-            (outgoing.weight, (slice(None), dead)),
-        ):
-            if param is None:
-                continue
-            for value in optimizer.state.get(param, {}).values():
-                if isinstance(value, torch.Tensor) and value.shape == param.shape:
-                    value[index] = 0
+        if optimizer is not None:
+            for param, index in (
+                (incoming.weight, (dead,)),
+                (incoming.bias, (dead,)),
+                (outgoing.weight, (slice(None), dead)),
+            ):
+                if param is None:
+                    continue
+                for value in optimizer.state.get(param, {}).values():
+                    if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                        value[index] = 0
+        done = (incoming.weight[dead] == fresh).flatten(1).all(1) & (
+            outgoing.weight[:, dead] == 0
+        ).transpose(0, 1).flatten(1).all(1)
+        return int(done.sum())

@@ -9,11 +9,12 @@ from torch import nn
 
 from .. import _dist
 from .._modules import resolve_modules
-from ..probes.base import first_tensor
+from ..contracts import Event
 from ..probes.codebook import CodebookUsage
+from ..reading import describe, first_input
 from .base import Mitigation
 
-log = logging.getLogger("collapse_monitor")
+log = logging.getLogger(__name__)
 
 _CODEBOOK_NAMES = ("embed", "codebook", "embedding", "embeddings", "weight")
 
@@ -37,7 +38,8 @@ class ResetDeadCodes(Mitigation):
     - the probe's usage EMA of the replaced codes restarts at a uniform share.
 
     Each reset is an event ``reset_dead_codes`` in every sink with the codebook and the number of
-    codes, and the running total is logged as ``collapse/mitigations/reset_dead_codes``.
+    codes (after reading the replaced rows back from the module's codebook), and the running
+    total is logged as ``collapse/mitigations/<name>``.
 
     Args:
         module: path of the quantiser (the probed module).
@@ -55,9 +57,11 @@ class ResetDeadCodes(Mitigation):
         reset_cluster_size: EMA cluster size given to a replaced code; default the module's
             ``threshold_ema_dead_code`` when positive, else 1.
         seed: seed of rank 0's draws (combined with the step).
+        name: see :class:`~collapse_monitor.mitigations.Mitigation` (default
+            ``"reset_dead_codes"``).
     """
 
-    name = "reset_dead_codes"
+    kind = "reset_dead_codes"
 
     def __init__(
         self,
@@ -72,7 +76,9 @@ class ResetDeadCodes(Mitigation):
         ema_embed_sum: str | None = None,
         reset_cluster_size: float | None = None,
         seed: int = 0,
+        name: str | None = None,
     ) -> None:
+        super().__init__(name)
         if strategy not in ("random", "farthest"):
             raise ValueError(f"strategy must be 'random' or 'farthest', got {strategy!r}")
         if every_n_steps is not None and every_n_steps < 1:
@@ -87,23 +93,25 @@ class ResetDeadCodes(Mitigation):
         self.ema_names = (ema_cluster_size, ema_embed_sum)
         self.reset_cluster_size = reset_cluster_size
         self.seed = seed
-        self._handle = None
         self._batch: torch.Tensor | None = None
 
     def __repr__(self) -> str:
-        return f"ResetDeadCodes(module={self.module!r})"
+        return f"ResetDeadCodes(module={self.module!r}, name={self.name!r})"
 
     # ----------------------------------------------------------------- wiring
-    def attach(self, model: nn.Module, monitor) -> None:
-        found = resolve_modules(model, self.module, owner=repr(self))
+    def attach(self, setup) -> None:
+        super().attach(setup)
+        found = resolve_modules(setup.model, self.module, owner=repr(self))
         if len(found) != 1:
             raise ValueError(f"{self!r}: needs one module, matched {[n for n, _ in found]}")
         self.path, mod = found[0]
-        self.monitor = monitor
-        self.probe = self._find_probe(monitor)
-        self.codebook_path, self.codebook = self._find_codebook(mod)
-        K, heads = self.probe.num_codes, self.probe.heads
-        shape = tuple(self.codebook.shape)
+        self._quantizer = mod
+        self.process_group = setup.process_group
+        probe = self._find_probe(setup.probes)
+        self.probe, self.num_codes, self.heads = probe.name, probe.num_codes, probe.heads
+        self.codebook_path, codebook = self._find_codebook(mod)
+        K, heads = self.num_codes, self.heads
+        shape = tuple(codebook.shape)
         if not (len(shape) == 2 and shape[0] == K and heads == 1) and not (
             len(shape) == 3 and shape[1] == K and shape[0] in (1, heads)
         ):
@@ -112,34 +120,38 @@ class ResetDeadCodes(Mitigation):
                 f"({K}, D) or ({heads}, {K}, D) for num_codes={K}, heads={heads}"
             )
         self.dim = shape[-1]
-        self.cluster_size, self.embed_sum = self._find_ema_buffers(mod)
+        self.ema_paths = self._find_ema_buffers(mod)
         if self.reset_cluster_size is None:
             threshold = getattr(mod, "threshold_ema_dead_code", 0) or 0
             self.reset_cluster_size = float(threshold) if threshold > 0 else 1.0
-        if self.every_n_steps and self.every_n_steps % monitor.log_every_n_steps:
+        if self.every_n_steps and self.every_n_steps % setup.log_every_n_steps:
             raise ValueError(
                 f"{self!r}: every_n_steps={self.every_n_steps} must be a multiple of "
-                f"log_every_n_steps={monitor.log_every_n_steps} (decisions are taken at logs)"
+                f"log_every_n_steps={setup.log_every_n_steps} (decisions are taken at logs)"
             )
-        self._handle = mod.register_forward_hook(self._capture, with_kwargs=True)
+        self._hooks.forward(mod, self._capture)
 
-    def _find_probe(self, monitor) -> CodebookUsage:
-        usage = [p for p in monitor.probes if isinstance(p, CodebookUsage)]
+    def _find_probe(self, probes) -> CodebookUsage:
+        usage = [p for p in probes.values() if isinstance(p, CodebookUsage)]
         if self.probe_name is not None:
             hits = [p for p in usage if p.name == self.probe_name]
         else:
             hits = [p for p in usage if p.module == self.module]
         if len(hits) != 1:
+            which = f"named {self.probe_name!r}" if self.probe_name else f"on {self.module!r}"
             raise ValueError(
-                f"{self!r}: needs one CodebookUsage probe "
-                f"({'named ' + repr(self.probe_name) if self.probe_name else 'on ' + repr(self.module)}); "
-                f"the monitor has {[p.name for p in usage]}"
+                f"{self!r}: needs one CodebookUsage probe ({which}); the monitor has "
+                f"{[p.name for p in usage]}"
             )
         return hits[0]
 
-    def _find_codebook(self, mod: nn.Module) -> tuple[str, torch.Tensor]:
+    def _tensors(self, mod: nn.Module) -> dict[str, torch.Tensor]:
         tensors = dict(mod.named_parameters())
         tensors.update(mod.named_buffers())
+        return tensors
+
+    def _find_codebook(self, mod: nn.Module) -> tuple[str, torch.Tensor]:
+        tensors = self._tensors(mod)
         if self.codebook_name is not None:
             subs = dict(mod.named_modules())
             if self.codebook_name in subs and isinstance(subs[self.codebook_name], nn.Embedding):
@@ -154,7 +166,7 @@ class ResetDeadCodes(Mitigation):
         if len(embeddings) == 1:
             name, emb = embeddings[0]
             return (name + "." if name else "") + "weight", emb.weight
-        K = self.probe.num_codes
+        K = self.num_codes
         shaped = [n for n, t in tensors.items() if t.ndim in (2, 3) and t.shape[-2] == K]
         for wanted in _CODEBOOK_NAMES:
             named = [n for n in shaped if n.rsplit(".", 1)[-1] == wanted]
@@ -165,98 +177,103 @@ class ResetDeadCodes(Mitigation):
             f"(candidates shaped (..., {K}, D): {shaped}); pass codebook='<name>'"
         )
 
-    def _find_ema_buffers(self, mod: nn.Module):
+    def _find_ema_buffers(self, mod: nn.Module) -> tuple[str, str] | None:
         buffers = dict(mod.named_buffers())
         prefix = self.codebook_path.rsplit(".", 1)[0] + "." if "." in self.codebook_path else ""
         size_name = self.ema_names[0] or prefix + "cluster_size"
         sum_name = self.ema_names[1] or prefix + "embed_avg"
-        size, total = buffers.get(size_name), buffers.get(sum_name)
-        if any(n is not None for n in self.ema_names) and (size is None or total is None):
+        found = size_name in buffers and sum_name in buffers
+        if any(n is not None for n in self.ema_names) and not found:
             raise KeyError(
                 f"{self!r}: EMA buffers {self.ema_names} not found; buffers: {sorted(buffers)}"
             )
-        if size is None or total is None:
-            return None, None
-        return size, total
-
-    def detach(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
-        self._batch = None
+        return (size_name, sum_name) if found else None
 
     def _capture(self, module, args, kwargs, output) -> None:
-        mon = self.monitor
-        if not (mon.observing and mon.logging_this_step):
+        if self._active:
+            self.guarded(self._keep_batch, module, args, kwargs, output)
+
+    def _keep_batch(self, module, args, kwargs, output) -> None:
+        """Keep this batch's quantiser input on a logging step: the pool of replacements."""
+        if not self._recording.logging or self._recording.snapshot:
             return
-        with torch.no_grad():
-            vecs = (
-                self.vectors(module, args, output) if self.vectors else first_tensor(args, kwargs)
+        vecs = self.vectors(module, args, output) if self.vectors else first_input(args, kwargs)
+        if not isinstance(vecs, torch.Tensor) or vecs.shape[-1] != self.dim:
+            raise ValueError(
+                f"{self!r}: expected the input of '{self.path}' to be (..., {self.dim}) vectors "
+                f"in codebook space, got {describe(vecs)}; pass vectors=lambda module, args, "
+                "output: (N, D) tensor"
             )
-            if not isinstance(vecs, torch.Tensor) or vecs.shape[-1] != self.dim:
-                raise ValueError(
-                    f"{self!r}: expected the input of '{self.path}' to be (..., {self.dim}) "
-                    f"vectors in codebook space, got "
-                    f"{tuple(vecs.shape) if isinstance(vecs, torch.Tensor) else type(vecs).__name__}; "
-                    "pass vectors=lambda module, args, output: (N, D) tensor"
-                )
-            heads = (
-                self.probe.heads if self.codebook.ndim == 3 and self.codebook.shape[0] > 1 else 1
-            )
-            self._batch = vecs.detach().reshape(-1, heads, self.dim)
+        codebook = self._tensors(module)[self.codebook_path]
+        heads = self.heads if codebook.ndim == 3 and codebook.shape[0] > 1 else 1
+        self._batch = vecs.detach().reshape(-1, heads, self.dim)
 
     # ----------------------------------------------------------------- action
-    def after_log(self, monitor, metrics, alerts, optimizer):
+    def after_log(self, view) -> list[Event]:
         try:
-            return self._reset(monitor, alerts, optimizer)
+            return self._reset(view)
         finally:
             self._batch = None
 
-    def _reset(self, monitor, alerts, optimizer):
-        step = monitor.global_step
-        if self.every_n_steps and step % self.every_n_steps:
+    def _reset(self, view) -> list[Event]:
+        if self.every_n_steps and view.step % self.every_n_steps:
             return []
-        if self.when_rule is not None and not any(a.rule == self.when_rule for a in alerts):
+        if self.when_rule is not None and not any(a.rule == self.when_rule for a in view.alerts):
             return []
-        probe_dead = self.probe.dead_mask()  # (H, K), identical on every rank
-        cb = self.codebook.data.view(-1, self.codebook.shape[-2], self.dim)  # (H', K, D)
+        readout = view.readouts.get(self.probe)
+        if readout is None:  # the probe is disabled
+            return []
+        probe_dead = readout.masks["dead"]  # (H, K), identical on every rank
+        tensors = self._tensors(self._quantizer)
+        codebook = tensors[self.codebook_path]
+        cb = codebook.data.view(-1, codebook.shape[-2], self.dim)  # (H', K, D)
         # a codebook shared by all heads: a code is dead when no head uses it
         dead = probe_dead.all(0, keepdim=True) if cb.shape[0] == 1 else probe_dead
+        dead = dead.to(cb.device)
         heads, codes = torch.nonzero(dead, as_tuple=True)
         n = heads.numel()
         if n == 0:
             return []
         drawn = torch.full((n, self.dim), float("nan"), dtype=cb.dtype, device=cb.device)
-        if _dist.rank(monitor.process_group) == 0 and self._batch is not None:
-            drawn.copy_(self._draw(cb, heads, codes))
-        _dist.broadcast_(drawn, 0, monitor.process_group)
+        if _dist.rank(self.process_group) == 0 and self._batch is not None:
+            drawn.copy_(self._draw(cb, heads, codes, view.step))
+        _dist.broadcast_(drawn, 0, self.process_group)
         if not bool(torch.isfinite(drawn).all()):
-            log.warning("%r: no batch vectors were captured at step %d; nothing reset", self, step)
+            log.warning(
+                "%r: no batch vectors were captured at step %d; nothing reset", self, view.step
+            )
             return []
         with torch.no_grad():
             cb[heads, codes] = drawn
-            if self.cluster_size is not None:
-                size = self.cluster_size.view(-1, cb.shape[1])
-                total = self.embed_sum.view(-1, cb.shape[1], self.dim)
-                size[heads, codes] = self.reset_cluster_size
-                total[heads, codes] = drawn.to(total.dtype) * self.reset_cluster_size
-        zeroed = self._zero_optimizer_rows(optimizer, heads, codes)
-        self.probe.revive(dead.expand_as(probe_dead))
+            if self.ema_paths is not None:
+                size, total = (tensors[p] for p in self.ema_paths)
+                size.view(-1, cb.shape[1])[heads, codes] = self.reset_cluster_size
+                total.view(-1, cb.shape[1], self.dim)[heads, codes] = (
+                    drawn.to(total.dtype) * self.reset_cluster_size
+                )
+        # read back from the module's own tensor: a codebook that is not the model's any more
+        # (replaced, resharded) must not be reported as reset
+        now = self._tensors(self._quantizer)[self.codebook_path]
+        changed = (now.detach().view(-1, cb.shape[1], self.dim)[heads, codes] == drawn).all(1)
+        if not bool(changed.all()):
+            raise RuntimeError(
+                f"{self!r}: wrote {n} codes into '{self.codebook_path}' but read back "
+                f"{int(changed.sum())} of them changed; the codebook tensor is not the model's"
+            )
+        zeroed = self._zero_optimizer_rows(view.optimizer, codebook, heads, codes)
         info = {
             "codebook": f"{self.path}.{self.codebook_path}",
-            "count": n,
             "per_head": torch.bincount(heads, minlength=cb.shape[0]).tolist(),
             "strategy": self.strategy,
             "optimizer_state": zeroed,
         }
-        return [(self.name, info)]
+        replaced = dead.expand_as(probe_dead).to(probe_dead.device)
+        return [Event(self.name, info, count=n, probe=self.probe, replaced=replaced)]
 
-    def _draw(self, cb: torch.Tensor, heads: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    def _draw(self, cb, heads, codes, step: int) -> torch.Tensor:
         """Rank 0's replacement vectors ``(n, D)`` from its captured batch ``(N, H, D)``."""
         batch = self._batch.to(device=cb.device, dtype=cb.dtype)
-        g = torch.Generator(device="cpu").manual_seed(
-            self.seed * 1_000_003 + self.monitor.global_step
-        )
+        g = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + step)
         out = torch.empty(heads.numel(), self.dim, dtype=cb.dtype, device=cb.device)
         for h in heads.unique().tolist():  # a loop over heads (few), never over codes
             rows = (heads == h).nonzero().flatten()
@@ -272,16 +289,15 @@ class ResetDeadCodes(Mitigation):
             out[rows] = pool[pick.to(pool.device)]
         return out
 
-    def _zero_optimizer_rows(self, optimizer, heads, codes) -> str:
-        if not isinstance(self.codebook, nn.Parameter):
+    def _zero_optimizer_rows(self, optimizer, codebook, heads, codes) -> str:
+        if not isinstance(codebook, nn.Parameter):
             return "buffer (no optimizer state)"
         if optimizer is None:
             return "not given: pass optimizer= to monitor.step() to zero its moments"
-        state = optimizer.state.get(self.codebook, {})
         zeroed = []
-        for key, value in state.items():
-            if isinstance(value, torch.Tensor) and value.shape == self.codebook.shape:
-                value.view(-1, self.codebook.shape[-2], self.dim)[heads, codes] = 0
+        for key, value in optimizer.state.get(codebook, {}).items():
+            if isinstance(value, torch.Tensor) and value.shape == codebook.shape:
+                value.view(-1, codebook.shape[-2], self.dim)[heads, codes] = 0
                 zeroed.append(key)
         return (
             "zeroed " + ", ".join(sorted(zeroed)) if zeroed else "no state shaped like the codebook"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fnmatch
-import logging
 from contextlib import contextmanager
 
 import torch
@@ -13,9 +12,10 @@ from torch.nn.utils import parametrize
 
 from .. import _dist
 from .._modules import resolve_modules
+from ..contracts import Event
+from ..hooks import Hook
+from ..keys import MetricKey
 from .base import Mitigation
-
-log = logging.getLogger("collapse_monitor")
 
 
 class SigmaReparametrization(nn.Module):
@@ -136,16 +136,17 @@ class SigmaReparam(Mitigation):
             one param group per weight group, with that group's hyper-parameters; skipped when the
             optimizer already holds them (e.g. Lightning's ``configure_optimizers`` after a
             ``"start"`` application).
+        name: see :class:`~collapse_monitor.mitigations.Mitigation` (default ``"sigma_reparam"``).
 
     Under DDP every rank applies it at the same step (decisions come from all-reduced metrics)
     and the result is identical (exact SVD of identical weights). Applied mid-training, the new
     ``gamma`` are unknown to a ``DistributedDataParallel`` wrapper, so their gradients are averaged
     by a hook. Resume: ``monitor.load_state_dict(state, optimizer=opt)`` re-applies σReparam to the
     recorded layers (and re-adds the param groups) — call it before loading the model and optimizer
-    state. Each application is an event ``sigma_reparam``.
+    state. Each application, read back as registered, is an event ``sigma_reparam``.
     """
 
-    name = "sigma_reparam"
+    kind = "sigma_reparam"
 
     def __init__(
         self,
@@ -154,7 +155,9 @@ class SigmaReparam(Mitigation):
         rule: str | None = None,
         all_linear: bool = False,
         optimizer: torch.optim.Optimizer | None = None,
+        name: str | None = None,
     ) -> None:
+        super().__init__(name)
         if when not in ("start", "rule"):
             raise ValueError(f"when must be 'start' or 'rule', got {when!r}")
         self.module = module
@@ -168,11 +171,12 @@ class SigmaReparam(Mitigation):
         self._pending: list[tuple[nn.Parameter, nn.Parameter]] = []  # (gamma, original weight)
 
     def __repr__(self) -> str:
-        return f"SigmaReparam(module={self.module!r}, when={self.when!r})"
+        return f"SigmaReparam(module={self.module!r}, when={self.when!r}, name={self.name!r})"
 
-    def attach(self, model: nn.Module, monitor) -> None:
-        self.model, self.monitor = model, monitor
-        self.targets = resolve_modules(model, self.module, owner=repr(self))
+    def attach(self, setup) -> None:
+        super().attach(setup)
+        self.model, self.process_group = setup.model, setup.process_group
+        self.targets = resolve_modules(self.model, self.module, owner=repr(self))
         if not any(_attention_weights(p, m, self.all_linear) for p, m in self.targets):
             raise ValueError(
                 f"{self!r}: no attention projection (nn.Linear under an '*attn*' path, "
@@ -182,22 +186,28 @@ class SigmaReparam(Mitigation):
         if self.when == "rule" and self.rule is None:
             from ..probes.attention import AttentionEntropy
 
-            names = [p.name for p in monitor.probes if isinstance(p, AttentionEntropy)]
+            names = [p.name for p in setup.probes.values() if isinstance(p, AttentionEntropy)]
             if len(names) != 1:
                 raise ValueError(
                     f"{self!r}: pass rule=; the monitor has AttentionEntropy probes {names}"
                 )
             self.rule = f"{names[0]}/entropy_collapse"
         if self.when == "start":
-            self._apply_to([(p, m) for p, m in self.targets], sync_grads=False)
+            self._apply_to(self.targets, sync_grads=False)
 
-    def _apply_to(self, roots, sync_grads: bool) -> int:
+    def _apply_to(self, roots, sync_grads: bool) -> list[str]:
+        """Apply to the projections under ``roots``; the entries read back as parametrized."""
         found = [
             w
             for root_path, root in roots
             for w in _attention_weights(root_path, root, self.all_linear)
         ]
-        done = sum(self._apply_one(path, mod, pname, sync_grads) for path, mod, pname in found)
+        done = [
+            f"{path}:{pname}"
+            for path, mod, pname in found
+            if self._apply_one(path, mod, pname, sync_grads)
+            and parametrize.is_parametrized(mod, pname)
+        ]
         self._register(self.optimizer)
         return done
 
@@ -208,11 +218,12 @@ class SigmaReparam(Mitigation):
             self.param_order = [n for n, _ in self.model.named_parameters()]
         sigma_reparam(mod, pname)
         gamma = getattr(mod.parametrizations, pname)[0].gamma
-        group = self.monitor.process_group
+        group = self.process_group
         if sync_grads and _dist.is_distributed(group):
-            # a DDP wrapper built before this parameter existed does not average its gradient
-            world = torch.distributed.get_world_size(group)
-            gamma.register_hook(lambda g: _dist.all_reduce_sum_(g.clone(), group) / world)
+            # a DDP wrapper built before this parameter existed does not average its gradient;
+            # the hook stays with the parametrization (it is part of the mitigation)
+            world = _dist.world_size(group)
+            gamma.register_hook(Hook(lambda g: _dist.all_reduce_sum_(g.clone(), group) / world))
         self._pending.append((gamma, getattr(mod.parametrizations, pname).original))
         self.applied.append(f"{path}:{pname}")
         return True
@@ -231,38 +242,25 @@ class SigmaReparam(Mitigation):
             optimizer.add_param_group({"params": [gamma], **options})
         self._pending.clear()
 
-    def after_log(self, monitor, metrics, alerts, optimizer):
-        self.optimizer = optimizer or self.optimizer
+    def after_log(self, view) -> list[Event]:
+        self.optimizer = view.optimizer or self.optimizer
         events = []
         if self.when == "start" and self.applied and not self.announced:
             self.announced = True
-            events.append(
-                (
-                    self.name,
-                    {"layers": list(self.applied), "count": len(self.applied), "when": "start"},
-                )
-            )
+            info = {"layers": list(self.applied), "when": "start"}
+            events.append(Event(self.name, info, count=len(self.applied)))
         if self.when == "rule":
-            fired = [a.metric for a in alerts if a.rule == self.rule]
-            paths = sorted({m.split("/")[2] for m in fired if m.count("/") >= 3})
+            layers = {MetricKey.parse(a.metric).layer for a in view.alerts if a.rule == self.rule}
             modules = dict(self.model.named_modules())
             chosen = [
                 (q, modules[q])
-                for q in paths
+                for q in sorted(layer for layer in layers if layer is not None)
                 if q in modules and any(q == p or q.startswith(p + ".") for p, _ in self.targets)
             ]
-            before = len(self.applied)
-            if chosen and self._apply_to(chosen, sync_grads=True):
-                events.append(
-                    (
-                        self.name,
-                        {
-                            "layers": self.applied[before:],
-                            "count": len(self.applied) - before,
-                            "when": f"rule {self.rule}",
-                        },
-                    )
-                )
+            done = self._apply_to(chosen, sync_grads=True) if chosen else []
+            if done:
+                info = {"layers": done, "when": f"rule {self.rule}"}
+                events.append(Event(self.name, info, count=len(done)))
         self._register(self.optimizer)
         return events
 
@@ -301,18 +299,19 @@ class SigmaReparam(Mitigation):
         self._pending = gammas
         self._register(optimizer)
 
-    def on_step(self, monitor, optimizer) -> None:
+    def on_step(self, optimizer) -> None:
         if optimizer is not None:
             self.optimizer = optimizer
             self._register(optimizer)
 
-    def load_state_dict(self, state: dict, optimizer=None) -> None:
-        self.optimizer = optimizer or self.optimizer
+    def restore_structure(self, state: dict) -> None:
+        """Re-apply σReparam to the layers a checkpoint recorded, in the original order (so the
+        optimizer's param groups match)."""
         modules = dict(self.model.named_modules())
         self.param_order = state.get("param_order") or self.param_order
         self.announced = bool(state.get("announced", self.announced))
         self.applied = []
-        for entry in state.get("applied", []):  # in the original order: param groups match
+        for entry in state.get("applied", []):
             path, pname = entry.rsplit(":", 1)
             if path not in modules:
                 raise KeyError(
@@ -320,4 +319,8 @@ class SigmaReparam(Mitigation):
                 )
             if not self._apply_one(path, modules[path], pname, sync_grads=self.when == "rule"):
                 self.applied.append(entry)
+
+    def load_state_dict(self, state: dict, optimizer=None) -> None:
+        self.optimizer = optimizer or self.optimizer
+        self.restore_structure(state)
         self._register(self.optimizer)

@@ -1,14 +1,33 @@
-"""Probes: one collapse phenomenon at one place in the model."""
+"""Probes: one collapse phenomenon at one place in the model (see ``docs/writing_a_probe.md``)."""
 
 from .attention import AttentionEntropy
-from .base import Probe
+from .base import Call, Probe
 from .codebook import CodebookUsage, LatentUsage
-from .logits import DormantUnits, LogitHealth, TokenUniformity
+from .dormant import DormantUnits
+from .logits import LogitHealth
 from .neural_collapse import GroupCollapse, NeuralCollapse
-from .representation import PosteriorCollapse, RepresentationRank
+from .posterior import PosteriorCollapse
+from .representation import RepresentationRank
+from .token_uniformity import TokenUniformity
+
+#: every probe class of the library (the report command replays their declared default rules)
+PROBE_TYPES = (
+    NeuralCollapse,
+    GroupCollapse,
+    CodebookUsage,
+    LatentUsage,
+    AttentionEntropy,
+    RepresentationRank,
+    PosteriorCollapse,
+    LogitHealth,
+    TokenUniformity,
+    DormantUnits,
+)
 
 __all__ = [
+    "PROBE_TYPES",
     "AttentionEntropy",
+    "Call",
     "CodebookUsage",
     "DormantUnits",
     "GroupCollapse",

@@ -5,24 +5,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import _dist
 from .._modules import resolve_modules
+from ..contracts import Readout
 from ..functional.neural_collapse import (
+    group_variance_ratio,
     metrics_from_class_statistics,
     nearest_class_center_mismatch,
 )
 from ..pictures import Picture
-from ..rules import Rule
-from ..stats import ClassMoments, Counter, to_device
-from .base import Probe, first_tensor
+from ..reading import Reading, floating
+from ..rules import RuleSpec
+from ..stats import ClassMoments, Counter, Window, to_device
+from .base import Call, Probe
 
+_F64 = torch.float64
 _COUNTERS = ("skipped_nonfinite", "out_of_range", "ncc_mismatch", "ncc_total")
-
-
-class _Window:
-    def __init__(self, num_classes: int, device: torch.device) -> None:
-        self.moments = ClassMoments(num_classes).to(device)
-        self.counts = Counter(_COUNTERS).to(device)
 
 
 class NeuralCollapse(Probe):
@@ -52,11 +49,24 @@ class NeuralCollapse(Probe):
     Reports ``collapse/<name>/{nc1, nc1_rank, nc1_quotient, equinorm_features,
     equinorm_weights, equiangular, cos_std, self_duality, cdnv, cdnv_pairs_skipped,
     ncc_mismatch_lagged, classes_used, samples, skipped_nonfinite}``. Rows with NaN/Inf features
-    are excluded and counted. State: ``16*C*D + 8*D^2`` bytes (float64), on the features' device.
+    are excluded and counted. ``ncc_mismatch_lagged`` compares the network's prediction with the
+    nearest of the previous window's class means, over rows of the classes that window used
+    (so it equals :func:`~collapse_monitor.functional.neural_collapse`'s ``ncc_mismatch`` when
+    two windows see the same data). State: ``16*C*D + 8*D^2`` bytes (float64), on the module's
+    device.
+
+    Raises:
+        ValueError: (at the hook) labels outside ``[0, C)`` (on an accelerator: at the next log,
+            where checking costs no extra sync), targets that do not match the features, or a
+            feature dimension that changes.
     """
 
-    needs_targets = True
+    reads = Reading(
+        "floating-point features (N, D) or (B, T, D)", floating(2), hint="features (N, D)"
+    )
+    keywords = {"targets": True}
     target_key = "targets"  # the observe() keyword holding the labels
+    ncc = True  # NC4 against a classifier
 
     def __init__(
         self,
@@ -72,9 +82,7 @@ class NeuralCollapse(Probe):
         name: str | None = None,
         extract=None,
     ) -> None:
-        super().__init__(module, name, extract)
-        if read not in ("input", "output"):
-            raise ValueError(f"read must be 'input' or 'output', got {read!r}")
+        super().__init__(module, name, extract, read)
         if int(num_classes) < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
         if target_shift < 0 or min_class_count < 1 or ncc_max_rows < 0 or tile_size < 1:
@@ -82,100 +90,77 @@ class NeuralCollapse(Probe):
                 "expected target_shift >= 0, min_class_count >= 1, ncc_max_rows >= 0, "
                 f"tile_size >= 1; got {target_shift}, {min_class_count}, {ncc_max_rows}, {tile_size}"
             )
-        self.num_classes = int(num_classes)
-        self.read = read
+        self.num_classes = self.classes = int(num_classes)
         self.classifier_path = classifier
         self.ignore_index = ignore_index
         self.target_shift = int(target_shift)
         self.min_class_count = int(min_class_count)
-        self.ncc_max_rows = int(ncc_max_rows)
+        self.ncc_max_rows = int(ncc_max_rows) if self.ncc else 0
         self.tile_size = int(tile_size)
         self.classifier: nn.Linear | None = None
-        self._device = torch.device("cpu")
-        self._reduced: ClassMoments | None = None
-        # lagged NC4: class ids, centres and squared norms frozen at the end of the last window
+        # lagged NC4: the classes the last window used, their means and squared norms
         self._lag: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     # ----------------------------------------------------------------- wiring
-    def attach(self, model: nn.Module, monitor) -> None:
-        found = self.resolve(model)
+    def on_attach(self, setup, found) -> None:
         if len(found) != 1:
             raise ValueError(
                 f"{self!r}: needs exactly one module, '{self.module}' matched "
                 f"{[n for n, _ in found]}"
             )
-        path, mod = found[0]
+        mod = found[0][1]
         if self.classifier_path is not None:
-            cls = self._resolve_one(model, self.classifier_path)
-            if not isinstance(cls, nn.Linear):
+            cls = resolve_modules(setup.model, self.classifier_path, owner=repr(self))
+            if len(cls) != 1 or not isinstance(cls[0][1], nn.Linear):
                 raise TypeError(
-                    f"{self!r}: classifier '{self.classifier_path}' must be nn.Linear, "
-                    f"got {type(cls).__name__}"
+                    f"{self!r}: classifier '{self.classifier_path}' must be one nn.Linear, "
+                    f"got {[(n, type(m).__name__) for n, m in cls]}"
                 )
-            self.classifier = cls
-        elif self.read == "input" and isinstance(mod, nn.Linear) and self.target_key == "targets":
+            self.classifier = cls[0][1]
+        elif self.read == "input" and isinstance(mod, nn.Linear) and self.ncc:
             self.classifier = mod
         if self.classifier is not None and self.classifier.out_features != self.num_classes:
             raise ValueError(
                 f"{self!r}: classifier weight has shape {tuple(self.classifier.weight.shape)} "
                 f"but num_classes={self.num_classes}"
             )
-        self._module_path = path
-        param = next(mod.parameters(), None)
-        self._device = param.device if param is not None else torch.device("cpu")
-        super().attach(model, monitor)
 
-    def _resolve_one(self, model: nn.Module, path: str) -> nn.Module:
-        found = resolve_modules(model, path, owner=repr(self))
-        if len(found) != 1:
-            raise ValueError(f"{self!r}: '{path}' matched {[n for n, _ in found]}, need one")
-        return found[0][1]
-
-    def new_window(self) -> _Window:
-        return _Window(self.num_classes, self._device)
+    def new_window(self) -> Window:
+        return Window({"moments": ClassMoments(self.num_classes), "counts": Counter(_COUNTERS)})
 
     # ----------------------------------------------------------------- hot path
-    def _features_and_targets(self, path, module, args, kwargs, output):
-        if self.extract is not None:
-            feats = self.extract(module, args, output)
-        elif self.read == "input":
-            feats = first_tensor(args, kwargs)
-        else:
-            feats = output
-        if not isinstance(feats, torch.Tensor):
-            raise self.error(
-                path,
-                f"expected the module's {self.read} to be a Tensor, got {type(feats).__name__}; "
-                "pass extract=lambda module, args, output: <features tensor>",
-            )
-        if not feats.is_floating_point():
-            raise self.error(path, f"features must be floating point, got {feats.dtype}")
-        if feats.ndim < 2:
-            raise self.error(
-                path, f"features must be (N, D) or (B, T, D), got shape {tuple(feats.shape)}"
-            )
-        targets = self.monitor.context.get(self.target_key)
-        if targets is None:
-            raise self.error(path, f"needs labels: call monitor.observe({self.target_key}=labels)")
-        targets = torch.as_tensor(targets)
+    def _rows(self, feats: torch.Tensor, call: Call):
+        """Features ``(N, D)``, labels ``(N,)`` and, when the output is the classifier's logits,
+        logits ``(N, C)``, aligned by ``target_shift``."""
+        targets = torch.as_tensor(self.keyword(self.target_key, call.path))
         if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
             raise self.error(
-                path, f"targets must be integer class indices, got dtype {targets.dtype}"
+                call.path,
+                f"{self.target_key} must be integer class indices, got dtype {targets.dtype}",
             )
-        logits = output if self._output_is_logits(module, output, feats) else None
+        output = call.output
+        logits = (
+            output
+            if self.read == "input"
+            and self.extract is None
+            and call.module is self.classifier
+            and isinstance(output, torch.Tensor)
+            and output.shape[:-1] == feats.shape[:-1]
+            else None
+        )
         s = self.target_shift
         if s:
             if feats.ndim < 3:
                 raise self.error(
-                    path, f"target_shift needs (B, T, D) features, got {tuple(feats.shape)}"
+                    call.path, f"target_shift needs (B, T, D) features, got {tuple(feats.shape)}"
                 )
             feats, targets = feats[..., :-s, :], targets[..., s:]
             logits = None if logits is None else logits[..., :-s, :]
         if tuple(targets.shape) != tuple(feats.shape[:-1]):
             raise self.error(
-                path,
-                f"targets of shape {tuple(targets.shape)} do not match features of shape "
-                f"{tuple(feats.shape)} (expected targets of shape {tuple(feats.shape[:-1])})",
+                call.path,
+                f"{self.target_key} of shape {tuple(targets.shape)} do not match features of "
+                f"shape {tuple(feats.shape)} (expected {tuple(feats.shape[:-1])})",
             )
         x = feats.detach().reshape(-1, feats.shape[-1])
         y = to_device(targets.reshape(-1), x.device).to(torch.int64)
@@ -183,73 +168,55 @@ class NeuralCollapse(Probe):
             logits = logits.detach().reshape(-1, logits.shape[-1])
         return x, y, logits
 
-    def _output_is_logits(self, module, output, feats) -> bool:
-        return (
-            self.read == "input"
-            and self.extract is None
-            and module is self.classifier
-            and isinstance(output, torch.Tensor)
-            and output.shape[:-1] == feats.shape[:-1]
-        )
-
-    def observe(self, path, module, args, kwargs, output) -> None:
-        x, y, logits = self._features_and_targets(path, module, args, kwargs, output)
-        win = self.window
-        if win.counts.device != x.device:
-            win.counts.to(x.device)
+    def update(self, window, feats, call) -> None:
+        x, y, logits = self._rows(feats, call)
+        counts = window["counts"]
         valid = y != self.ignore_index
         finite = torch.isfinite(x).all(1)
-        win.counts.add("skipped_nonfinite", (valid & ~finite).sum())
+        counts.add("skipped_nonfinite", (valid & ~finite).sum())
         valid &= finite
         bad = valid & ((y < 0) | (y >= self.num_classes))
         if x.device.type == "cpu":  # checking costs no device sync here
             if bad.any():
                 yb = y[bad]
                 raise self.error(
-                    path,
+                    call.path,
                     f"labels out of range [0, {self.num_classes}): {int(bad.sum())} labels, "
                     f"min {int(yb.min())}, max {int(yb.max())} (ignore_index={self.ignore_index})",
                 )
         else:  # counted on the device, raised at the next log
-            win.counts.add("out_of_range", bad.sum())
+            counts.add("out_of_range", bad.sum())
         valid &= ~bad
-        win.moments.update(x, y, valid)
+        window["moments"].update(x, y, valid)
         if self._lag is not None and self.classifier is not None and self.ncc_max_rows:
-            self._observe_ncc(x, valid, logits)
+            self._update_ncc(counts, x, y, valid, logits)
 
-    def _observe_ncc(self, x, valid, logits) -> None:
+    def _update_ncc(self, counts, x, y, valid, logits) -> None:
+        classes, centers, sq, used = self._lag
         k = min(self.ncc_max_rows, x.shape[0])
-        rows = valid[:k]
+        # samples of the classes the lagged means cover (ignored rows may hold any label)
+        rows = valid[:k] & used[torch.where(valid[:k], y[:k], 0)]
         xs = torch.where(rows[:, None], x[:k], 0)
-        classes, centers, _ = self._lag
         if logits is None:
             mismatch = nearest_class_center_mismatch(
                 xs, centers, classes, self.classifier.weight, self.classifier.bias
             )
         else:
-            sq = self._lag[2]
-            ncc = classes[(sq - 2 * xs.to(torch.float64) @ centers.T).argmin(1)]
+            ncc = classes[(sq - 2 * xs.to(_F64) @ centers.T).argmin(1)]
             mismatch = ncc != logits[:k].argmax(1)
-        counts = self.window.counts
         counts.add("ncc_mismatch", (mismatch & rows).sum())
         counts.add("ncc_total", rows.sum())
 
     # ----------------------------------------------------------------- readout
-    def _synced(self, group=None) -> tuple[ClassMoments, Counter]:
-        win = self.window
-        if not _dist.is_distributed(group):
-            return win.moments, win.counts
-        return win.moments.clone().all_reduce(group), win.counts.clone().all_reduce(group)
-
-    def compute(self, group=None) -> dict[str, float]:
-        moments, counts = self._synced(group)
-        self._reduced = moments
-        c = dict(zip(_COUNTERS, counts.counts.tolist()))
+    def readout(self, window) -> Readout:
+        moments = window["moments"]
+        c = window["counts"].as_dict()
         if c["out_of_range"]:
             raise ValueError(
-                f"NeuralCollapse '{self.name}': {c['out_of_range']} labels outside "
+                f"{type(self).__name__} '{self.name}': {c['out_of_range']} labels outside "
                 f"[0, {self.num_classes}) in this window (they were excluded)"
             )
+        out = {"classes_used": 0.0}
         if moments.dim:
             weight = None if self.classifier is None else self.classifier.weight
             out = metrics_from_class_statistics(
@@ -261,18 +228,15 @@ class NeuralCollapse(Probe):
                 self.min_class_count,
                 self.tile_size,
             )
-        else:
-            out = {"classes_used": 0.0}
         out["samples"] = float(moments.count.sum().item())
         out["skipped_nonfinite"] = float(c["skipped_nonfinite"])
         if c["ncc_total"]:
             out["ncc_mismatch_lagged"] = c["ncc_mismatch"] / c["ncc_total"]
-        return out
+        return Readout({self.key(k): v for k, v in out.items()}, pictures=self._pictures(moments))
 
-    def pictures(self) -> dict[str, Picture]:
-        m = self._reduced
-        used = None if m is None or not m.dim else m.count >= self.min_class_count
-        if used is None or int(used.sum()) < 2:
+    def _pictures(self, m: ClassMoments) -> dict[str, Picture]:
+        used = m.count >= self.min_class_count
+        if not m.dim or int(used.sum()) < 2:
             return {}
         mu = m.means()[used]
         Cu, k = mu.shape[0], min(mu.shape[0], 64)
@@ -280,7 +244,7 @@ class NeuralCollapse(Probe):
         unit = centred[:k] / centred[:k].norm(dim=1, keepdim=True).clamp_min(1e-300)
         etf = -1.0 / (Cu - 1)
         return {
-            "class_mean_cosines": Picture(
+            self.key("class_mean_cosines"): Picture(
                 "heatmap",
                 unit @ unit.T,
                 f"cosines of centred class means ({k} of {Cu} classes); simplex ETF: {etf:.3f}",
@@ -290,43 +254,32 @@ class NeuralCollapse(Probe):
             )
         }
 
-    def end_window(self) -> None:
-        reduced = self._reduced if self._reduced is not None else self._synced()[0]
-        self._reduced = None
-        used = reduced.count >= self.min_class_count
-        if reduced.dim and int(used.sum()) >= 2:
-            classes = torch.nonzero(used).flatten()
-            self._set_lag(classes, reduced.means()[used])
-        moments = self.window.moments
-        moments.end_window(reduced)
-        self.window = self.new_window()
-        self.window.moments = moments
+    def end_window(self, reduced) -> None:
+        moments = reduced["moments"]
+        used = moments.count >= self.min_class_count
+        if moments.dim and int(used.sum()) >= 2:
+            self._set_lag(used, moments.means()[used])
+        self.window["moments"].end_window(moments)
+        self.window["counts"].reset()
 
-    def _set_lag(self, classes: torch.Tensor, centers: torch.Tensor) -> None:
-        centers = centers.to(device=self._device, dtype=torch.float64)
-        self._lag = (classes.to(self._device), centers, (centers * centers).sum(1))
+    def _set_lag(self, used: torch.Tensor, centers: torch.Tensor) -> None:
+        used = used.to(self.device)
+        centers = centers.to(device=self.device, dtype=_F64)
+        classes = torch.nonzero(used).flatten()
+        self._lag = (classes, centers, (centers * centers).sum(1), used)
 
     # ----------------------------------------------------------------- persistence
-    def state_dict(self, group=None, sync: bool = True) -> dict:
-        win = self.window
-        moments, counts = self._synced(group) if sync else (win.moments, win.counts)
-        state = {"moments": moments.state_dict(), "counts": counts.state_dict()}
+    def extra_state(self) -> dict:
+        state = super().extra_state()
         if self._lag is not None:
-            state["lag_classes"] = self._lag[0].cpu()
-            state["lag_centers"] = self._lag[1].cpu()
+            state["lag_used"], state["lag_centers"] = self._lag[3].cpu(), self._lag[1].cpu()
         return state
 
-    def load_state_dict(self, state: dict, keep_window: bool = True) -> None:
-        win = self.new_window()
-        win.moments.load_state_dict(state["moments"])
-        win.counts.load_state_dict(state["counts"])
-        if not keep_window:
-            win.moments.reset()
-            win.counts.reset()
-        self.window = win
+    def load_extra_state(self, state: dict) -> None:
+        super().load_extra_state(state)
         self._lag = None
-        if "lag_classes" in state:
-            self._set_lag(state["lag_classes"], state["lag_centers"])
+        if "lag_used" in state:
+            self._set_lag(state["lag_used"], state["lag_centers"])
 
 
 class GroupCollapse(NeuralCollapse):
@@ -342,41 +295,36 @@ class GroupCollapse(NeuralCollapse):
         num_groups: ``G``.
         Other arguments as in :class:`NeuralCollapse` (no classifier, no NC4).
 
-    Reports ``group_variance_ratio`` = ``tr(S_B)/tr(S_T)``: the fraction of the total feature
-    variance explained by the group means (sample-weighted; 0 when groups do not matter, 1 when
-    features are constant within each group), plus the NC statistics over groups (``nc1``,
-    ``nc1_quotient``, ``cdnv``, ``equinorm_features``, ``equiangular``, ``cos_std``,
-    ``classes_used``, ``samples``).
+    Reports ``group_variance_ratio`` = ``tr(S_B)/tr(S_T)``
+    (:func:`~collapse_monitor.functional.group_variance_ratio`: the fraction of the total feature
+    variance explained by the group means, 0 when groups do not matter, 1 when features are
+    constant within each group), plus the NC statistics over groups (``nc1``, ``nc1_quotient``,
+    ``cdnv``, ``equinorm_features``, ``equiangular``, ``cos_std``, ``classes_used``,
+    ``samples``).
     """
 
-    needs_targets = False
+    keywords = {"groups": True}
     target_key = "groups"
+    ncc = False
+    rules = (
+        RuleSpec(
+            "group_variance_ratio",
+            0.5,
+            "above",
+            name="group_variance_above",
+            message="the nuisance groups explain most of the feature variance",
+        ),
+    )
 
     def __init__(self, module: str, num_groups: int, read: str = "output", **kwargs) -> None:
         if "classifier" in kwargs:
             raise TypeError("GroupCollapse has no classifier")
-        super().__init__(module, num_groups, read=read, ncc_max_rows=0, **kwargs)
+        super().__init__(module, num_groups, read=read, **kwargs)
 
-    def default_rules(self) -> list[Rule]:
-        return [
-            Rule(
-                f"collapse/{self.name}/group_variance_ratio",
-                0.5,
-                "above",
-                patience=2,
-                name=f"{self.name}/group_variance_above",
-                message="the nuisance groups explain most of the feature variance",
-            ),
-        ]
-
-    def compute(self, group=None) -> dict[str, float]:
-        out = super().compute(group)
-        m = self._reduced
+    def readout(self, window) -> Readout:
+        out = super().readout(window)
+        m = window["moments"]
         if m.dim and int(m.count.sum()) > 1:
-            n = m.count.to(torch.float64)
-            means = m.means()
-            grand = (n[:, None] * means).sum(0) / n.sum()
-            between = (n * (means - grand).pow(2).sum(1)).sum()
-            within = m.within_class_scatter().trace()
-            out["group_variance_ratio"] = (between / (between + within)).item()
+            ratio = group_variance_ratio(m.count, m.means(), m.within_class_scatter())
+            out.metrics[self.key("group_variance_ratio")] = ratio
         return out

@@ -1,6 +1,29 @@
-"""Mergeable streaming statistics: ``update(batch)``, ``merge(other)``, ``all_reduce(group)``."""
+"""Mergeable streaming statistics: declared states, ``update``, ``merge``, ``all_reduce``,
+``state_dict``; a :class:`Window` holds a probe's statistics together."""
 
-from .base import Counter, Statistic, SumStatistic, to_device
-from .class_moments import ClassMoments
+from .attention import HeadEntropy
+from .base import Counter, Statistic, agree_sizes, to_device
+from .class_moments import ClassMoments, Moments
+from .counts import CodeCounts, UsageEMA
+from .depth import TokenUniformitySums
+from .logits import LogitSums
+from .posterior import PosteriorSums
+from .units import UnitActivity
+from .window import Window
 
-__all__ = ["ClassMoments", "Counter", "Statistic", "SumStatistic", "to_device"]
+__all__ = [
+    "ClassMoments",
+    "CodeCounts",
+    "Counter",
+    "HeadEntropy",
+    "LogitSums",
+    "Moments",
+    "PosteriorSums",
+    "Statistic",
+    "TokenUniformitySums",
+    "UnitActivity",
+    "UsageEMA",
+    "Window",
+    "agree_sizes",
+    "to_device",
+]

@@ -1,19 +1,25 @@
-"""Mergeable sufficient statistics.
+"""Mergeable sufficient statistics, declared once (in the manner of torchmetrics' ``add_state``).
 
-A statistic declares its states once (name, shape, dtype); ``reset``, ``clone``,
-``state_dict`` and ``load_state_dict`` are derived from that declaration, in the manner of
-torchmetrics' ``add_state``. Subclasses implement ``update``, ``merge`` and ``all_reduce``.
+A statistic declares its states (name, shape, dtype, how two ranks' values combine) and the sizes
+that its first update may fix (``"D"``, a feature dimension unknown until data arrives). From that
+declaration the base derives ``reset``, ``clone``, device moves, ``state_dict`` / ``load_state_dict``,
+``merge`` and ``all_reduce``. Under ``torch.distributed``, ``all_reduce`` first agrees the sizes
+across ranks, so a rank that saw no data in a window (conditional computation, uneven shards)
+takes them from the others and every collective has the same shape on every rank.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Union
+from typing import Optional, Union
 
 import torch
 
 from .. import _dist
 
-Shape = Union[tuple, Callable[["Statistic"], tuple]]
+Dim = Union[int, str]
+Sizes = dict[str, Optional[int]]
+
+_REDUCTIONS = ("sum", "max", None)
 
 
 def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
@@ -25,34 +31,96 @@ def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     return t.to(device)
 
 
-class Statistic:
-    """Base class: named tensor states, each declared with a shape and dtype; defaults are zeros.
+def agree_sizes(layouts: dict[str, Sizes], group=None) -> dict[str, Sizes]:
+    """The union over ranks of named entries and their sizes (one ``all_gather_object``).
 
-    ``shape`` may be a callable of the statistic (for sizes fixed only by the first update).
+    Args:
+        layouts: ``{entry: {size name: value or None (not known yet)}}`` of this rank.
+
+    Returns:
+        The same structure with every entry any rank has, and each size known on any rank.
+
+    Raises:
+        ValueError: two ranks know different values for one size (on every rank alike).
+    """
+    merged: dict[str, Sizes] = {}
+    for layout in _dist.all_gather_object(layouts, group):
+        for key, sizes in layout.items():
+            into = merged.setdefault(key, {})
+            for dim, n in sizes.items():
+                known = into.get(dim)
+                if n is not None and known is not None and n != known:
+                    raise ValueError(
+                        f"ranks disagree on size {dim!r} of {key or 'a statistic'}: {known} and {n}"
+                    )
+                into[dim] = known if n is None else n
+    return merged
+
+
+class Statistic:
+    """Base class: named tensor states declared with a shape, a dtype and a reduction.
+
+    ``shape`` entries are ints or size names declared with :meth:`add_size`; a state whose size is
+    still unknown has extent 0 along it. ``reduce`` is ``"sum"``, ``"max"`` (initialised to
+    ``-inf``) or ``None`` for states a subclass reduces itself (overriding
+    :meth:`_all_reduce_states` and :meth:`merge`).
     """
 
     def __init__(self) -> None:
-        self._states: dict[str, tuple[Shape, torch.dtype]] = {}
+        self._states: dict[str, tuple[tuple[Dim, ...], torch.dtype, str | None]] = {}
+        self._size_names: dict[str, str] = {}
+        self.sizes: Sizes = {}
         self.device = torch.device("cpu")
 
-    def add_state(self, name: str, shape: Shape, dtype: torch.dtype) -> None:
-        self._states[name] = (shape, dtype)
-        setattr(self, name, self._zeros(name))
+    # ------------------------------------------------------------------ declaration
+    def add_size(self, dim: str, description: str, value: int | None = None) -> None:
+        """Declare a size (``"D"``: ``"feature dimension"``), known now or fixed by data."""
+        self._size_names[dim] = description
+        self.sizes[dim] = None if value is None else int(value)
 
-    def _zeros(self, name: str) -> torch.Tensor:
-        shape, dtype = self._states[name]
-        return torch.zeros(
-            shape(self) if callable(shape) else shape, dtype=dtype, device=self.device
-        )
+    def add_state(
+        self, name: str, shape: tuple[Dim, ...], dtype: torch.dtype, reduce: str | None = "sum"
+    ) -> None:
+        if reduce not in _REDUCTIONS:
+            raise ValueError(f"reduce must be one of {_REDUCTIONS}, got {reduce!r}")
+        unknown = [d for d in shape if isinstance(d, str) and d not in self.sizes]
+        if unknown:
+            raise ValueError(f"{type(self).__name__}: declare sizes {unknown} with add_size first")
+        self._states[name] = (tuple(shape), dtype, reduce)
+        setattr(self, name, self._default(name))
+
+    def _default(self, name: str) -> torch.Tensor:
+        shape, dtype, reduce = self._states[name]
+        extent = tuple((self.sizes[d] or 0) if isinstance(d, str) else d for d in shape)
+        fill = -float("inf") if reduce == "max" else 0
+        return torch.full(extent, fill, dtype=dtype, device=self.device)
 
     @property
     def state_names(self) -> list[str]:
         return list(self._states)
 
+    # ------------------------------------------------------------------ sizes
+    def fix_sizes(self, **sizes: int) -> None:
+        """Fix sizes on first use; a later different value is an error naming the size.
+
+        States that depend on a newly fixed size are allocated (they held nothing before)."""
+        fixed = []
+        for dim, n in sizes.items():
+            known = self.sizes[dim]
+            if known is None:
+                self.sizes[dim] = int(n)
+                fixed.append(dim)
+            elif known != n:
+                raise ValueError(f"{self._size_names[dim]} changed from {known} to {n}")
+        for name, (shape, _, _) in self._states.items():
+            if any(d in fixed for d in shape):
+                setattr(self, name, self._default(name))
+
+    # ------------------------------------------------------------------ lifecycle
     def reset(self) -> None:
-        """Restore every state to zeros."""
+        """Restore every state to its default (zeros; ``-inf`` for maxima)."""
         for name in self._states:
-            setattr(self, name, self._zeros(name))
+            setattr(self, name, self._default(name))
 
     def to(self, device: torch.device | str) -> Statistic:
         self.device = torch.device(device)
@@ -63,22 +131,74 @@ class Statistic:
     def clone(self) -> Statistic:
         new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
+        new.sizes = dict(self.sizes)
         for name in self._states:
             setattr(new, name, getattr(self, name).clone())
         return new
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, name).detach().cpu().clone() for name in self._states}
+    def nbytes(self) -> int:
+        """Bytes held by the states (the O(1)-in-samples memory of the statistic)."""
+        return sum(t.numel() * t.element_size() for t in (getattr(self, n) for n in self._states))
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        missing = set(self._states) - set(state)
+    # ------------------------------------------------------------------ combining
+    def merge(self, other: Statistic) -> Statistic:
+        """Add ``other`` (the same statistic over other samples) into this one."""
+        self.fix_sizes(**{d: n for d, n in other.sizes.items() if n is not None})
+        for name, (_, _, reduce) in self._states.items():
+            mine, theirs = getattr(self, name), getattr(other, name).to(self.device)
+            if reduce == "max":
+                torch.maximum(mine, theirs, out=mine)
+            elif reduce == "sum":
+                mine.add_(theirs)
+            else:
+                raise NotImplementedError(f"{type(self).__name__} must merge state '{name}'")
+        return self
+
+    def all_reduce(self, group=None) -> Statistic:
+        """Combine this statistic over all ranks in place; afterwards every rank holds the same.
+
+        Sizes are agreed first (a rank that saw nothing takes them from the others)."""
+        if _dist.is_distributed(group):
+            self.fix_agreed(agree_sizes({"": self.sizes}, group)[""])
+            self._all_reduce_states(group)
+        return self
+
+    def fix_agreed(self, sizes: Sizes) -> None:
+        self.fix_sizes(**{d: n for d, n in sizes.items() if n is not None})
+
+    def _all_reduce_states(self, group) -> None:
+        """One collective per declared state, with its declared reduction."""
+        for name, (_, _, reduce) in self._states.items():
+            if reduce is None:
+                raise NotImplementedError(f"{type(self).__name__} must reduce state '{name}'")
+            _dist.all_reduce_(getattr(self, name), reduce, group)
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict:
+        return {
+            "sizes": dict(self.sizes),
+            "states": {n: getattr(self, n).detach().cpu().clone() for n in self._states},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`; a state of another shape or a missing one is an error."""
+        for dim, n in state["sizes"].items():
+            known = self.sizes[dim]
+            if None not in (known, n) and known != n:
+                raise ValueError(
+                    f"{type(self).__name__}.load_state_dict: the saved {self._size_names[dim]} "
+                    f"is {n}, this statistic's is {known}"
+                )
+            self.sizes[dim] = known if n is None else n
+        for name in self._states:
+            setattr(self, name, self._default(name))
+        missing = set(self._states) - set(state["states"])
         if missing:
             raise KeyError(
                 f"{type(self).__name__}.load_state_dict: missing states {sorted(missing)}"
             )
         for name in self._states:
-            ref = getattr(self, name)
-            value = state[name]
+            ref, value = getattr(self, name), state["states"][name]
             if tuple(value.shape) != tuple(ref.shape):
                 raise ValueError(
                     f"{type(self).__name__}.load_state_dict: state '{name}' has shape "
@@ -86,45 +206,8 @@ class Statistic:
                 )
             setattr(self, name, value.to(device=self.device, dtype=ref.dtype).clone())
 
-    def nbytes(self) -> int:
-        """Bytes held by the states (the O(1)-in-samples memory of the statistic)."""
-        return sum(t.numel() * t.element_size() for t in (getattr(self, n) for n in self._states))
 
-
-class SumStatistic(Statistic):
-    """States that merge by addition (counters, sums), or by maximum where declared with
-    ``maxima=`` (running maxima; their default is ``-inf``)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.maxima: set[str] = set()
-
-    def add_max_state(self, name: str, shape: Shape, dtype: torch.dtype = torch.float64) -> None:
-        self.maxima.add(name)
-        self.add_state(name, shape, dtype)
-
-    def _zeros(self, name: str) -> torch.Tensor:
-        out = super()._zeros(name)
-        return out.fill_(-float("inf")) if name in getattr(self, "maxima", ()) else out
-
-    def merge(self, other: SumStatistic) -> SumStatistic:
-        for name in self._states:
-            mine, theirs = getattr(self, name), getattr(other, name).to(self.device)
-            if name in self.maxima:
-                torch.maximum(mine, theirs, out=mine)
-            else:
-                mine.add_(theirs)
-        return self
-
-    def all_reduce(self, group=None) -> SumStatistic:
-        """Reduce every state across ranks (SUM, or MAX for maxima), one collective per state."""
-        for name in self._states:
-            reduce = _dist.all_reduce_max_ if name in self.maxima else _dist.all_reduce_sum_
-            reduce(getattr(self, name), group)
-        return self
-
-
-class Counter(SumStatistic):
+class Counter(Statistic):
     """A vector of int64 event counters, e.g. ``(mismatches, total)``.
 
     Args:
@@ -134,11 +217,14 @@ class Counter(SumStatistic):
     def __init__(self, names: tuple[str, ...]) -> None:
         super().__init__()
         self.names = tuple(names)
-        n = len(self.names)
-        self.add_state("counts", (n,), torch.int64)
+        self.add_state("counts", (len(self.names),), torch.int64)
 
     def add(self, name: str, value: torch.Tensor | int) -> None:
         self.counts[self.names.index(name)] += value
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.counts[self.names.index(name)]
+
+    def as_dict(self) -> dict[str, int]:
+        """``{name: count}`` (a host sync: call at logging cadence)."""
+        return dict(zip(self.names, self.counts.tolist()))

@@ -35,46 +35,42 @@ class ClassMoments(Statistic):
     Memory is ``16*C*D + 8*D*D`` bytes (``8*D`` for the diagonal) plus O(C), independent of
     samples and steps. ``update`` is vectorised (``index_add_`` and one GEMM), never loops over
     classes and never synchronises with the host.
+
+    Example:
+        >>> import torch
+        >>> from collapse_monitor.stats import ClassMoments
+        >>> m = ClassMoments(2)
+        >>> m.update(torch.tensor([[0.0, 1.0], [2.0, 1.0], [5.0, 5.0]]), torch.tensor([0, 0, 1]))
+        >>> m.means()
+        tensor([[1., 1.],
+                [5., 5.]], dtype=torch.float64)
+        >>> m.class_variances()
+        tensor([1., 0.], dtype=torch.float64)
     """
 
     def __init__(self, num_classes: int, dim: int | None = None, diagonal: bool = False) -> None:
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        self.num_classes = int(num_classes)
-        self.dim = dim
+        self.num_classes = C = int(num_classes)
         self.diagonal = diagonal
-        C = self.num_classes
+        self.add_size("D", "feature dimension", dim)
+        # reduced by all_reduce below (re-centred on the global means first), not state by state
+        self.add_state("count", (C,), torch.int64, reduce=None)
+        self.add_state("shift", (C, "D"), _F64, reduce=None)
+        self.add_state("shift_set", (C,), torch.bool, reduce=None)
+        self.add_state("sum", (C, "D"), _F64, reduce=None)
+        self.add_state("sq_norm", (C,), _F64, reduce=None)
+        self.add_state("second_moment", ("D",) if diagonal else ("D", "D"), _F64, reduce=None)
 
-        def cd(st):
-            return (C, st.dim or 0)
-
-        self.add_state("count", (C,), torch.int64)
-        self.add_state("shift", cd, _F64)
-        self.add_state("shift_set", (C,), torch.bool)
-        self.add_state("sum", cd, _F64)
-        self.add_state("sq_norm", (C,), _F64)
-        self.add_state(
-            "second_moment",
-            lambda st: (st.dim or 0,) if st.diagonal else (st.dim or 0, st.dim or 0),
-            _F64,
-        )
-
-    # ------------------------------------------------------------------ lifecycle
-    def _materialize(self, dim: int, device: torch.device) -> None:
-        self.dim = int(dim)
-        self.device = torch.device(device)
-        Statistic.reset(self)
+    @property
+    def dim(self) -> int | None:
+        return self.sizes["D"]
 
     def reset(self) -> None:
         """Clear the window but keep the shifts (they are the next window's reference)."""
         for name in ("count", "sum", "sq_norm", "second_moment"):
-            setattr(self, name, self._zeros(name))
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        if not self.dim:
-            self._materialize(state["sum"].shape[1], self.device)
-        super().load_state_dict(state)
+            setattr(self, name, self._default(name))
 
     # ------------------------------------------------------------------ update
     @torch.no_grad()
@@ -88,14 +84,14 @@ class ClassMoments(Statistic):
             labels: ``(N,)`` integer in ``[0, C)`` wherever ``valid`` is true.
             valid: ``(N,)`` bool; rows where it is false are ignored (their label and features
                 may hold anything, NaN included).
+
+        Raises:
+            ValueError: ``D`` differs from the first update's.
         """
         x = features.detach().to(_F64)
-        if not self.dim:
-            self._materialize(x.shape[1], x.device)
-        elif self.count.device != x.device:
+        if self.count.device != x.device:
             self.to(x.device)
-        if x.shape[1] != self.dim:
-            raise ValueError(f"feature dimension changed from {self.dim} to {x.shape[1]}")
+        self.fix_sizes(D=x.shape[1])
         if valid is None:
             valid = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
         y = torch.where(valid, labels, 0)
@@ -147,8 +143,7 @@ class ClassMoments(Statistic):
         """Add another window's statistics (any shifts) into this one."""
         if not other.dim:
             return self
-        if not self.dim:
-            self._materialize(other.dim, other.device)
+        self.fix_sizes(D=other.dim)
         other = other.clone().to(self.device)
         ref = torch.where(self.shift_set[:, None], self.shift, other.shift)
         # self has no samples where its shift is unset, so adopting other's shift is exact
@@ -161,19 +156,10 @@ class ClassMoments(Statistic):
         self.shift_set |= other.shift_set
         return self
 
-    def all_reduce(self, group=None) -> ClassMoments:
-        """Sum the window over all ranks; afterwards every rank holds the same state.
-
-        The ranks first agree on the global class means (SUM of counts and raw sums), re-centre
+    def _all_reduce_states(self, group) -> None:
+        """The ranks first agree on the global class means (SUM of counts and raw sums), re-centre
         their sums there (exact), then SUM-reduce ``sum``, ``sq_norm`` and ``second_moment``:
-        one collective per state, no samples exchanged.
-        """
-        if not _dist.is_distributed(group):
-            return self
-        dim = torch.tensor([self.dim or 0], device=self.device)
-        _dist.all_reduce_max_(dim, group)
-        if not self.dim:
-            self._materialize(int(dim.item()), self.device)
+        one collective per state, no samples exchanged."""
         n_local = self.count.to(_F64)
         raw_sum = self.sum + n_local[:, None] * self.shift
         _dist.all_reduce_sum_(self.count, group)
@@ -187,7 +173,6 @@ class ClassMoments(Statistic):
         for name in ("sum", "sq_norm", "second_moment"):
             _dist.all_reduce_sum_(getattr(self, name), group)
         self.shift_set |= seen
-        return self
 
     # ------------------------------------------------------------------ readout
     def means(self) -> torch.Tensor:
@@ -229,3 +214,44 @@ class ClassMoments(Statistic):
         self.shift = torch.where(seen[:, None], reduced.means(), reduced.shift).to(self.device)
         self.shift_set = reduced.shift_set.to(self.device) | seen.to(self.device)
         self.reset()
+
+
+class Moments(ClassMoments):
+    """Streaming count, mean and (shifted, float64) second moment of one population of vectors:
+    the covariance of embeddings, the spread of posterior means. The one-class case of
+    :class:`ClassMoments`, with the same exact re-centring under DDP.
+
+    Args:
+        dim: ``D``, or ``None`` to take it from the first update.
+        diagonal: keep only the per-coordinate second moment (``8*D`` bytes instead of ``8*D^2``).
+
+    Example:
+        >>> import torch
+        >>> from collapse_monitor.stats import Moments
+        >>> m = Moments()
+        >>> m.update(torch.tensor([[1.0, 0.0], [3.0, 0.0]]))
+        >>> m.mean(), m.scatter()
+        (tensor([2., 0.], dtype=torch.float64), tensor([[2., 0.],
+                [0., 0.]], dtype=torch.float64))
+    """
+
+    def __init__(self, dim: int | None = None, diagonal: bool = False) -> None:
+        super().__init__(1, dim, diagonal)
+
+    def update(self, features: torch.Tensor, valid: torch.Tensor | None = None) -> None:  # type: ignore[override]
+        """Add ``features (N, D)``; rows where ``valid (N,)`` is false are ignored."""
+        zeros = torch.zeros(features.shape[0], dtype=torch.int64, device=features.device)
+        super().update(features, zeros, valid)
+
+    @property
+    def n(self) -> int:
+        """Samples seen (a host sync)."""
+        return int(self.count[0])
+
+    def mean(self) -> torch.Tensor:
+        """``(D,)`` float64."""
+        return self.means()[0]
+
+    def scatter(self) -> torch.Tensor:
+        """``sum_i (z_i - mean)(z_i - mean)'``: ``(D, D)``, or its diagonal ``(D,)``."""
+        return self.within_class_scatter()

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from monitor import functional as F
+from collapse_monitor import functional as F
 from tests.reference import assert_metrics_close, nc_reference
 
 

@@ -5,7 +5,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from monitor import functional as F
+from collapse_monitor import functional as F
 
 
 def np_erank(Z):
@@ -97,3 +97,24 @@ def test_bad_input():
         F.posterior_collapse(torch.zeros(4, 3), torch.zeros(4, 2))
     with pytest.raises(ValueError, match="NaN or Inf"):
         F.representation_rank(torch.full((4, 3), float("inf")))
+
+
+@pytest.mark.parametrize("n, d, rank", [(64, 16, 1), (600, 256, 5)])
+def test_streamed_rankme_of_rank_deficient_float32_embeddings_keeps_the_stated_bound(n, d, rank):
+    """Exactly rank-deficient float32 embeddings: their small singular values are rounding of
+    the input, below what Z'Z resolves. The streamed singular values stay within the documented
+    floor sqrt(2 D eps64) sigma_max of the SVD's, and RankMe is exactly RankMe of those."""
+    from collapse_monitor.functional.representation import spectrum_metrics
+    from collapse_monitor.stats import Moments
+
+    g = torch.Generator().manual_seed(rank)
+    z = (torch.randn(n, rank, generator=g) @ torch.randn(rank, d, generator=g)).float() + 3.0
+    m = Moments()
+    for part in torch.split(z, [n // 3, 0, n - n // 3]):
+        m.update(part)
+    out = spectrum_metrics(m.n, m.mean(), m.scatter())
+    exact = torch.linalg.svdvals(z.double())
+    floor = math.sqrt(2 * d * torch.finfo(torch.float64).eps) * exact[0]
+    assert (out["singular_values"] - exact).abs().max() <= floor
+    assert out["rankme"] == F.rankme(out["singular_values"])
+    assert out["rankme"] == pytest.approx(F.rankme(exact), rel=1e-4)  # not 1e-6: see the floor

@@ -8,9 +8,9 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from integrations.lightning import CollapseCallback, default_targets
-from monitor import Rule, probes
-from monitor import functional as F
+from collapse_monitor import Rule, probes
+from collapse_monitor import functional as F
+from collapse_monitor.integrations.lightning import CollapseCallback, default_targets
 from tests.functional.test_neural_collapse import clustered
 from tests.integrations.test_tensorboard import read_events
 from tests.reference import assert_metrics_close
@@ -191,7 +191,7 @@ class AttentionModule(L.LightningModule):
 
 @pytest.mark.parametrize("when", ["start", "rule"])
 def test_sigma_reparam_checkpoint_resume(tmp_path, when):
-    from monitor import mitigations
+    from collapse_monitor import mitigations
 
     data = DataLoader(
         TensorDataset(torch.randn(32, 6, 32, generator=torch.Generator().manual_seed(0))),
@@ -329,3 +329,15 @@ def test_ddp_spawn_with_every_probe_and_mitigation(tmp_path):
     assert r0["mitigations"] == r1["mitigations"] and r0["mitigations"]["reset_dead_codes"] > 0
     for key in r0["weights"]:
         assert torch.equal(r0["weights"][key], r1["weights"][key]), key
+
+
+def test_targets_reach_every_probe_that_reads_them(tmp_path):
+    """LogitHealth reads targets (zero-loss fraction) without any class-conditional probe."""
+    cb = CollapseCallback(
+        [probes.LogitHealth("head", nlm=False)], log_every_n_steps=4, observe_every_n_steps=1
+    )
+    trainer(tmp_path, "logits", 1, callbacks=[cb]).fit(
+        Classifier(), DataLoader(dataset(64), batch_size=16)
+    )
+    got = scalars(tmp_path / "logits" / "version_0", "collapse/head/zero_loss_fraction")
+    assert sorted(got) == [4] and got[4] == 0.0

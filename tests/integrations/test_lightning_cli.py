@@ -2,7 +2,7 @@ import lightning as L
 from lightning.pytorch.cli import LightningCLI
 from torch.utils.data import DataLoader
 
-from integrations.lightning import CollapseCallback
+from collapse_monitor.integrations.lightning import CollapseCallback
 from tests.integrations.test_lightning import Classifier, dataset, scalars
 
 CONFIG = """
@@ -16,12 +16,12 @@ trainer:
     class_path: lightning.pytorch.loggers.TensorBoardLogger
     init_args: {{save_dir: "{out}", name: cli, version: 0}}
   callbacks:
-    - class_path: integrations.lightning.CollapseCallback
+    - class_path: collapse_monitor.integrations.lightning.CollapseCallback
       init_args:
         log_every_n_steps: 2
         targets: 1
         probes:
-          - class_path: monitor.probes.NeuralCollapse
+          - class_path: collapse_monitor.probes.NeuralCollapse
             init_args: {{module: head, num_classes: 4, min_class_count: 3}}
         rules:
           - metric: collapse/head/samples

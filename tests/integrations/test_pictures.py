@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 from tensorboard.plugins.custom_scalar import layout_pb2
 
-from integrations.tensorboard import TensorBoardSink
-from monitor import CollapseMonitor, Rule, probes
-from monitor.pictures import Picture, render
+from collapse_monitor import CollapseMonitor, Rule, probes
+from collapse_monitor.integrations.tensorboard import TensorBoardSink
+from collapse_monitor.pictures import Picture, render
 from tests.integrations.test_tensorboard import read_events
 from tests.zoo import Zoo, batch, every_probe, loss_of
 
@@ -77,7 +77,7 @@ def test_class_mean_cosines_of_a_simplex_etf_are_the_etf_value():
     with mon.observe(targets=torch.arange(C).repeat(3)):
         model[0].double()(feats)
     mon.compute()
-    pic = nc.pictures()["class_mean_cosines"]
+    pic = nc.last.pictures[nc.key("class_mean_cosines")]
     off = ~torch.eye(C, dtype=torch.bool)
     assert torch.allclose(
         pic.values[off], torch.full((C * C - C,), -1 / (C - 1), dtype=torch.float64)
@@ -134,8 +134,8 @@ def test_without_matplotlib_the_monitor_says_so_once_and_logs_metrics(tmp_path):
 import logging, sys
 sys.modules["matplotlib"] = None  # as if matplotlib were not installed
 logging.basicConfig(level=logging.WARNING)
-from integrations.tensorboard import TensorBoardSink
-from monitor import CollapseMonitor
+from collapse_monitor.integrations.tensorboard import TensorBoardSink
+from collapse_monitor import CollapseMonitor
 from tests.integrations.test_pictures import train_zoo
 from tests.zoo import Zoo, every_probe
 model = Zoo()

@@ -3,8 +3,8 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
-from integrations.tensorboard import TensorBoardSink, scalar_layout
-from monitor import CollapseMonitor, Rule, probes
+from collapse_monitor import CollapseMonitor, Rule, probes
+from collapse_monitor.integrations.tensorboard import TensorBoardSink, scalar_layout
 from tests.test_monitor import train
 
 
@@ -67,7 +67,7 @@ def test_shared_writer_is_not_closed(tmp_path):
 
 
 def test_codebook_usage_histogram_and_reset_events_are_written(tmp_path):
-    from monitor import mitigations
+    from collapse_monitor import mitigations
     from tests.test_reset_dead_codes import VQ, Model, concentrated
 
     model = Model(VQ(16, 4))

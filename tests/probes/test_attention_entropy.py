@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from monitor import CollapseMonitor, probes
-from monitor import functional as MF
+from collapse_monitor import CollapseMonitor, probes
+from collapse_monitor import functional as MF
 
 
 class SDPAAttention(nn.Module):

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from monitor import CollapseMonitor, probes
-from monitor import functional as F
+from collapse_monitor import CollapseMonitor, probes
+from collapse_monitor import functional as F
 from tests.stats.test_class_moments import random_split
 
 
@@ -101,7 +101,7 @@ def test_ema_dead_codes_equal_a_plain_loop_reference():
     dead = ema / rows < thr
     assert dead[8:].all() and not dead[:8].any()
     assert m["collapse/vq/dead_codes"] == dead.sum()
-    assert torch.equal(probe.dead_mask()[0], torch.from_numpy(dead))
+    assert torch.equal(probe.last.masks["dead"][0], torch.from_numpy(dead))
 
 
 def test_no_dead_codes_before_warmup():
@@ -177,14 +177,17 @@ def test_sae_latent_usage_counts_fires_per_window():
     [
         ((torch.zeros(3, 2), torch.tensor([0, 1, 99]), torch.zeros(())), "out of range"),
         ((torch.zeros(3, 2), torch.tensor([-1, 1, 2]), torch.zeros(())), "out of range"),
-        ((torch.zeros(3, 2), torch.zeros(3)), "no single integer tensor"),
+        (
+            (torch.zeros(3, 2), torch.zeros(3)),
+            "expected a single integer tensor of code indices as the module's output",
+        ),
         (
             {
                 "q": torch.zeros(3),
                 "a": torch.zeros(3, dtype=torch.long),
                 "b": torch.ones(3, dtype=torch.long),
             },
-            "no single integer tensor",
+            "expected a single integer tensor of code indices as the module's output",
         ),
     ],
 )
@@ -213,6 +216,9 @@ def test_float_indices_from_extract_are_rejected():
         strict=True,
         observe_every_n_steps=1,
     )
-    with pytest.raises(ValueError, match="must be integers, got dtype torch.float32"):
+    with pytest.raises(
+        ValueError,
+        match=r"expected a single integer tensor of code indices as the value returned by extract, got Tensor torch.float32 \(4,\)",
+    ):
         with mon.observe():
             model(torch.zeros(4))

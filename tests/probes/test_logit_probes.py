@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from monitor import CollapseMonitor, losses, mitigations, probes
-from monitor import functional as F
+from collapse_monitor import CollapseMonitor, losses, mitigations, probes
+from collapse_monitor import functional as F
 from tests.stats.test_class_moments import random_split
 from tests.test_monitor import Recorder
 

@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from monitor import CollapseMonitor, probes
-from monitor import functional as F
+from collapse_monitor import CollapseMonitor, probes
+from collapse_monitor import functional as F
 from tests.functional.test_neural_collapse import clustered
 from tests.reference import assert_metrics_close, nc_reference
 from tests.stats.test_class_moments import random_split
@@ -170,7 +170,7 @@ def test_large_vocabulary_language_model_head():
         (lambda: (torch.randn(8, 4), torch.randint(0, 3, (5,))), "do not match"),
         (lambda: (torch.randn(8, 4), torch.full((8,), 7)), "out of range"),
         (lambda: (torch.randn(8, 4), torch.rand(8)), "integer class indices"),
-        (lambda: (torch.randn(8, 4), None), "needs labels"),
+        (lambda: (torch.randn(8, 4), None), r"needs targets: call monitor.observe\(targets=...\)"),
     ],
 )
 def test_bad_input_names_probe_module_and_problem(make_input, match):
@@ -197,7 +197,9 @@ def test_module_input_that_is_not_a_tensor():
     mon = CollapseMonitor(
         net, [probes.NeuralCollapse("0", 3)], 10, strict=True, observe_every_n_steps=1
     )
-    with pytest.raises(ValueError, match="got tuple; pass extract="):
+    with pytest.raises(
+        ValueError, match=r"got tuple\(Tensor torch.float32 \(2, 3\), int\); pass extract="
+    ):
         with mon.observe(targets=torch.zeros(2, dtype=torch.long)):
             net((torch.randn(2, 3), 1))
     mon.close()
@@ -230,3 +232,25 @@ def test_configuration_errors():
         )
     # a failed construction leaves no hook behind
     assert not net.head._forward_hooks
+
+
+def test_lagged_ncc_counts_only_the_classes_the_previous_window_used():
+    """Classes 0 and 1 with two samples each, class 2 with one sample at (-1, -1) (dropped by
+    min_class_count=2), W = [[1, 0], [0, 1], [-1, -1]], no bias, the same data in two windows:
+    the functional NC4 excludes class 2's sample and is 0; so must the lagged one be."""
+    head = nn.Linear(2, 3, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]]))
+    x = torch.tensor([[2.0, 0.1], [3.0, -0.1], [0.1, 2.0], [-0.1, 3.0], [-1.0, -1.0]])
+    y = torch.tensor([0, 0, 1, 1, 2])
+    ref = F.neural_collapse(x, y, 3, head.weight)
+    mon = CollapseMonitor(
+        nn.Sequential(head), [probes.NeuralCollapse("0", 3, name="nc")], 1, observe_every_n_steps=1
+    )
+    for _ in range(2):
+        with mon.observe(targets=y):
+            mon.model(x)
+        metrics = mon.step()
+    assert ref["ncc_mismatch"] == 0.0 and ref["classes_used"] == 2
+    assert metrics["collapse/nc/ncc_mismatch_lagged"] == ref["ncc_mismatch"]
+    mon.close()

@@ -1,0 +1,177 @@
+"""What flows between the monitor and the parts it owns. Probes and mitigations never hold the
+monitor: they are handed these small, read-only records.
+
+- :class:`Setup`: what a probe or mitigation sees when it is attached.
+- :class:`Recording`: what a probe's hooks see while the monitor records a forward pass.
+- :class:`Readout`: what a probe returns at a log (metrics, histograms, pictures, masks).
+- :class:`LogView`: what a mitigation sees after a log.
+- :class:`Event`: what a mitigation did; the monitor logs it and routes it to the probe it names.
+- :class:`Component`: the failure bookkeeping shared by probes and mitigations.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Mapping
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from .pictures import Picture
+    from .probes.base import Probe
+    from .rules import Alert
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What a probe or mitigation sees when the monitor attaches it.
+
+    Attributes:
+        model: the monitored model (module paths are its ``named_modules()`` names).
+        probes: every probe of the monitor, by name (mitigations find theirs here).
+        log_every_n_steps: the monitor's window length.
+        process_group: the ``torch.distributed`` group the monitor reduces over (None: WORLD).
+        strict: errors propagate instead of disabling the component.
+    """
+
+    model: nn.Module
+    probes: Mapping[str, Probe]
+    log_every_n_steps: int
+    process_group: Any = None
+    strict: bool = False
+
+
+@dataclass(frozen=True)
+class Recording:
+    """What the hooks of one probe (or mitigation) see inside ``monitor.observe()``.
+
+    Attributes:
+        step: the training step being recorded (``monitor.global_step``).
+        logging: this step ends with a log (its ``monitor.step()`` computes metrics).
+        snapshot: a validation snapshot, not a training step.
+        inputs: the ``observe()`` keywords the owner declared (``targets=``, ``groups=``, ...).
+    """
+
+    step: int
+    logging: bool
+    snapshot: bool
+    inputs: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Readout:
+    """A probe's result at a log, from its reduced window (identical on every rank).
+
+    Attributes:
+        metrics: ``{MetricKey: value}``; NaN where a value is undefined (the key is then not
+            logged).
+        histograms: ``{name: 1-D tensor}`` of distributions worth a plot (hits per code).
+        pictures: ``{name: Picture}``, drawn only for probes the user opted in.
+        masks: ``{name: bool tensor}`` of per-element decisions mitigations act on (dead codes,
+            dormant units).
+    """
+
+    metrics: dict = field(default_factory=dict)
+    histograms: dict[str, torch.Tensor] = field(default_factory=dict)
+    pictures: dict[str, Picture] = field(default_factory=dict)
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LogView:
+    """What a mitigation sees after a log (read-only; identical on every rank).
+
+    Attributes:
+        step: the step just logged.
+        metrics: the logged metrics, ``{"collapse/...": value}``.
+        alerts: the alerts that fired at this log.
+        optimizer: the optimizer passed to ``monitor.step`` (may be None).
+        probes: every probe, by name.
+        readouts: each enabled probe's :class:`Readout` of this log, by probe name.
+    """
+
+    step: int
+    metrics: Mapping[str, float]
+    alerts: tuple[Alert, ...]
+    optimizer: torch.optim.Optimizer | None
+    probes: Mapping[str, Probe]
+    readouts: Mapping[str, Readout]
+
+
+@dataclass(frozen=True)
+class Event:
+    """A change a mitigation made to the model, read back before it is reported.
+
+    Attributes:
+        name: the mitigation's name (``collapse/mitigations/<name>`` counts ``count``).
+        info: JSON-able details for the sinks and the log.
+        count: how many elements (codes, units, layers) changed.
+        probe: the probe whose memory must follow the change (replaced codes restart their
+            usage EMA), with ``replaced`` the ``(H, K)`` bool mask of what changed.
+    """
+
+    name: str
+    info: dict
+    count: int = 1
+    probe: str | None = None
+    replaced: torch.Tensor | None = None
+
+
+class Component:
+    """What the monitor owns and may disable: a name, a ``disabled`` flag and an error count.
+
+    An error inside a component never reaches the training loop unless the monitor is
+    ``strict``: it is logged once with the component's name, counted in ``collapse/errors`` and
+    the component is disabled (its hooks idle). Under DDP a probe disabled on any rank is disabled
+    on every rank at the next log, before any collective.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.disabled = False
+        self.errors = 0
+        self.strict = False  # the monitor's setting, given at attach
+        self._recording: Recording | None = None
+        # a plain bool for the hooks to test: torch.compile guards on its value (two variants)
+        self._active = False
+        self._profile_label = f"collapse_monitor.{name}"  # torch.profiler, per hook call
+
+    def fail(self, exc: Exception) -> None:
+        """Raise ``exc`` under ``strict``; else count it and disable this component."""
+        if self.strict:
+            raise exc
+        self.errors += 1
+        self._active = False
+        if not self.disabled:
+            self.disabled = True
+            log.error(
+                "collapse monitor: %r failed and is disabled (strict=False): %s: %s",
+                self,
+                type(exc).__name__,
+                exc,
+            )
+
+    # the monitor hands a Recording at the start of every observed forward pass (kept in
+    # ``_recording`` for the hooks), and takes it back after
+    def begin_recording(self, recording: Recording) -> None:
+        self._recording = recording
+        self._active = not self.disabled
+
+    def end_recording(self) -> None:
+        self._recording = None
+        self._active = False
+
+    @torch.compiler.disable
+    def guarded(self, fn, *args) -> Any:
+        """Run ``fn(*args)`` from a hook; an exception goes to :meth:`fail`. Never traced by
+        ``torch.compile``: the monitor's bookkeeping stays out of the user's graph (a graph break
+        while recording, nothing otherwise)."""
+        try:
+            with torch.no_grad(), torch.profiler.record_function(self._profile_label):
+                return fn(*args)
+        except Exception as exc:
+            self.fail(exc)

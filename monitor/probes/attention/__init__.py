@@ -1,0 +1,266 @@
+"""Attention entropy probe (METRICS.md section 3). The attention reaches the probe from one of
+three sources, each an adapter in its own file (``sdpa.py``, ``mha.py``, ``encoder_layer.py``),
+or as explicit probabilities through ``extract=``."""
+
+from __future__ import annotations
+
+import torch
+
+from ...contracts import Readout
+from ...functional.attention import (
+    causal_allowed,
+    entropy_from_logits,
+    entropy_from_probs,
+    entropy_from_sums,
+)
+from ...pictures import Picture
+from ...reading import Reading
+from ...rules import RuleSpec
+from ...stats import HeadEntropy, Window, to_device
+from ..base import Probe
+from .encoder_layer import EncoderLayerInputs
+from .mha import MultiheadAttentionInputs
+from .scores import Probabilities, Scores
+from .sdpa import SDPACalls
+
+_F64 = torch.float64
+
+
+def _is_probabilities(value) -> bool:
+    probs = value[0] if isinstance(value, (tuple, list)) and value else value
+    return isinstance(probs, torch.Tensor) and probs.is_floating_point() and probs.ndim == 4
+
+
+class AttentionEntropy(Probe):
+    """Per-layer, per-head attention entropy, entropic overload and attention-logit growth.
+
+    Finds the attention computed inside the selected modules (a path or a glob, e.g.
+    ``"blocks.*.attn"`` or ``"transformer"``):
+
+    1. calls of ``torch.nn.functional.scaled_dot_product_attention`` (nanoGPT-style blocks,
+       ``transformers`` models with the SDPA implementation); causal, boolean and additive masks
+       and GQA are honoured (additive values below half the dtype's minimum count as masked). The
+       layer is the innermost module whose forward made the call;
+    2. ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` (whose fast path skips Python):
+       q and k are recomputed from the module's inputs and projection weights, with
+       ``key_padding_mask``, ``attn_mask`` (their True = masked convention) and ``is_causal``;
+    3. with ``extract(module, args, output) -> probs`` or ``(probs, allowed)``, explicit
+       probabilities ``(B, H, Lq, Lk)`` of the selected modules (``causal=True`` if they are).
+
+    The attention rows of ``queries`` random query positions per call (``None``: all) are recomputed
+    in float32 from the q and k the model used; memory is ``B*H*queries*Lk``, never ``Lk^2``.
+
+    Reports per layer ``<layer>/entropy/head_<h>`` (nats), ``<layer>/entropy_norm/head_<h>``
+    (``H_i / log n_i`` over queries with ``n_i >= 2`` allowed keys), ``<layer>/entropy_norm`` (mean
+    over heads), ``<layer>/entropy_norm_min``, ``<layer>/overload_fraction`` (heads with
+    ``entropy_norm >= overload_threshold``) and ``<layer>/max_logit`` (max ``|s_ij|`` seen), and
+    ``min_entropy_norm`` over layers (:func:`~collapse_monitor.functional.entropy_from_sums`).
+
+    Raises:
+        ValueError: at a log, when steps were observed but no attention was seen inside the
+            selected modules; at the hook, when a layer's head count changes.
+    """
+
+    reads = Reading(
+        "attention probabilities (B, H, Lq, Lk), or (probs, allowed)",
+        _is_probabilities,
+        hint="probs",
+    )
+    rules = (
+        RuleSpec(
+            "*/entropy_norm",
+            0.1,
+            "below",
+            name="entropy_collapse",
+            message="attention entropy collapse (Zhai et al.): consider SigmaReparam or a lower "
+            "learning rate",
+        ),
+        RuleSpec(
+            "*/overload_fraction",
+            0.5,
+            "above",
+            name="overload",
+            message="entropic overload: most heads attend near-uniformly",
+        ),
+    )
+
+    def __init__(
+        self,
+        module: str,
+        queries: int | None = 64,
+        overload_threshold: float = 0.9,
+        causal: bool = False,
+        seed: int = 0,
+        name: str | None = None,
+        extract=None,
+    ) -> None:
+        super().__init__(module, name, extract)
+        if queries is not None and queries < 1:
+            raise ValueError(f"queries must be >= 1 or None, got {queries}")
+        self.queries = queries
+        self.overload_threshold = float(overload_threshold)
+        self.causal = causal
+        self.seed = seed
+        # made at attach: neither pickles (Lightning's ddp_spawn sends callbacks, and their
+        # probes, to the worker processes)
+        self._generator: torch.Generator | None = None
+        self._sdpa: SDPACalls | None = None
+        self._ever_seen = False
+        self._roots = ""
+
+    def new_window(self) -> Window:
+        return Window(factory=lambda layer: HeadEntropy())
+
+    # ----------------------------------------------------------------- wiring
+    def on_attach(self, setup, found) -> None:
+        self._generator = torch.Generator().manual_seed(self.seed)
+        self._roots = ", ".join(f"'{p}' ({type(m).__name__})" for p, m in found)
+
+    def attach_hooks(self, found) -> None:
+        if self.extract is not None:
+            super().attach_hooks(found)
+            return
+        self._sdpa = SDPACalls(self)
+        sources = [EncoderLayerInputs(self, self._sdpa), MultiheadAttentionInputs(self, self._sdpa)]
+        seen, covered = set(), set()
+        for _, root in found:
+            for sub in root.modules():
+                if EncoderLayerInputs.matches(sub):
+                    covered.update(id(m) for m in EncoderLayerInputs.covers(sub))
+        for root_path, root in found:
+            for path, sub in root.named_modules(prefix=root_path):
+                if id(sub) in seen or id(sub) in covered:
+                    continue
+                seen.add(id(sub))
+                source = next((s for s in sources if s.matches(sub)), self._sdpa)
+                source.attach(path, sub, self._hooks)
+
+    def detach(self) -> None:
+        super().detach()
+        if self._sdpa is not None:
+            self._sdpa.detach()
+
+    # ----------------------------------------------------------------- hot path
+    def update(self, window, value, call) -> None:
+        layer = call.path or "model"
+        if isinstance(value, Scores):
+            self._add_scores(window, layer, value)
+            return
+        if not isinstance(value, Probabilities):  # from extract: probs or (probs, allowed)
+            value = (
+                Probabilities(*value) if isinstance(value, (tuple, list)) else Probabilities(value)
+            )
+        allowed = value.allowed
+        if self.causal:
+            c = causal_allowed(value.probs.shape[-2], value.probs.shape[-1], value.probs.device)
+            allowed = c if allowed is None else allowed & c
+        self._add(window, layer, *entropy_from_probs(value.probs.detach(), allowed), None)
+
+    def _sample(self, length: int, device) -> list[torch.Tensor]:
+        """Query rows to recompute: a sorted random sample, or all rows in chunks of 256."""
+        if self.queries is None or self.queries >= length:
+            return list(torch.arange(length, device=device).split(256))
+        idx = torch.randperm(length, generator=self._generator)[: self.queries].sort().values
+        return [to_device(idx, device)]
+
+    def _add_scores(self, window, layer: str, s: Scores) -> None:
+        """Entropy of sampled query rows of ``softmax(q k' * scale + mask)``."""
+        q, k = s.q, s.k
+        H, L = q.shape[1], q.shape[2]
+        if q.shape[0] == 0 or L == 0 or k.shape[2] == 0:  # an empty batch: nothing to add
+            return
+        if k.shape[1] != H:  # grouped-query attention: each key head serves H / Hk query heads
+            k = k.repeat_interleave(H // k.shape[1], dim=1)
+        kt = k.float().transpose(-1, -2)
+        S = k.shape[2]
+        for rows in self._sample(L, q.device):
+            logits = (q[:, :, rows].float() @ kt) * s.scale
+            ok = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=q.device)
+            if s.causal:
+                ok = ok & causal_allowed(L, S, q.device, rows)
+            if s.allowed is not None:
+                ok = ok & _rows(s.allowed, rows)
+            if s.additive is not None:
+                add = _rows(s.additive, rows).float()
+                logits = logits + add
+                ok = ok & (add > torch.finfo(add.dtype).min / 2)
+            H_i, n = entropy_from_logits(logits, ok)
+            max_logit = torch.where(ok.expand_as(logits), logits.abs(), 0.0).amax()
+            self._add(window, layer, H_i, n, max_logit)
+
+    def _add(self, window, layer, H_i, n, max_logit) -> None:
+        self._ever_seen = True
+        stat = window[layer]
+        try:
+            stat.update(H_i, n, max_logit)
+        except ValueError as exc:  # a head count that changed: say which layer
+            raise self.error(layer, str(exc)) from None
+
+    # ----------------------------------------------------------------- readout
+    def readout(self, window) -> Readout:
+        metrics, norms, layer_means = {}, {}, []
+        for layer, st in window.items():
+            if not st.sizes["H"]:
+                continue
+            r = entropy_from_sums(
+                st.queries, st.entropy, st.queries_norm, st.entropy_norm, self.overload_threshold
+            )
+            norms[layer] = r["entropy_norm"]
+            for h, (e, en) in enumerate(zip(r["entropy"].tolist(), r["entropy_norm"].tolist())):
+                metrics[self.key("entropy", layer, f"head_{h}")] = e
+                metrics[self.key("entropy_norm", layer, f"head_{h}")] = en
+            if r["entropy_norm_mean"] == r["entropy_norm_mean"]:  # defined (not NaN)
+                metrics[self.key("entropy_norm", layer)] = r["entropy_norm_mean"]
+                metrics[self.key("entropy_norm_min", layer)] = r["entropy_norm_min"]
+                metrics[self.key("overload_fraction", layer)] = r["overload_fraction"]
+                layer_means.append(r["entropy_norm_mean"])
+            if torch.isfinite(st.max_logit):
+                metrics[self.key("max_logit", layer)] = st.max_logit.item()
+        if layer_means:
+            metrics[self.key("min_entropy_norm")] = min(layer_means)
+        if not metrics and self.observed_steps and not self._ever_seen:
+            raise ValueError(
+                f"AttentionEntropy '{self.name}': no attention was seen in {self.observed_steps} "
+                f"observed steps inside {self._roots}: no scaled_dot_product_attention "
+                "call, nn.MultiheadAttention or nn.TransformerEncoderLayer; select the attention "
+                "modules or pass extract="
+            )
+        return Readout(metrics, pictures=self._pictures(norms))
+
+    def _pictures(self, layers: dict[str, torch.Tensor]) -> dict[str, Picture]:
+        if not layers:
+            return {}
+        heads = max(v.numel() for v in layers.values())
+        grid = torch.full((len(layers), heads), float("nan"), dtype=_F64)
+        for i, v in enumerate(layers.values()):
+            grid[i, : v.numel()] = v.to(_F64).cpu()
+        return {
+            self.key("entropy_heatmap"): Picture(
+                "heatmap",
+                grid,
+                "normalised attention entropy (0: one key, 1: uniform)",
+                "head",
+                "layer",
+                reference=0.5,
+                labels=list(layers),
+            )
+        }
+
+    # ----------------------------------------------------------------- persistence
+    def extra_state(self) -> dict:
+        return {**super().extra_state(), "generator": self._generator.get_state()}
+
+    def load_extra_state(self, state: dict) -> None:
+        super().load_extra_state(state)
+        self._generator.set_state(state["generator"])
+        self._ever_seen = self._ever_seen or bool(len(self.window))
+
+
+def _rows(mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Select query rows (dimension -2) of a mask broadcastable to ``(B, H, L, S)``."""
+    while mask.ndim < 4:
+        mask = mask[None]
+    return mask if mask.shape[-2] == 1 else mask[..., rows, :]
+
+
+__all__ = ["AttentionEntropy"]

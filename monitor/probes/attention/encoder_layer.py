@@ -1,0 +1,42 @@
+"""Attention source 3: ``nn.TransformerEncoderLayer``, whose fast path runs its self-attention
+without calling the ``nn.MultiheadAttention`` module's Python forward: the scores are recomputed
+from the layer's input (after ``norm1`` for pre-norm layers), ``src_mask``,
+``src_key_padding_mask`` and ``is_causal``."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..base import Call
+from .mha import MultiheadAttentionInputs, mha_scores
+from .scores import bind
+
+_ARGS = ("src", "src_mask", "src_key_padding_mask", "is_causal")
+
+
+class EncoderLayerInputs(MultiheadAttentionInputs):
+    """Hooks ``nn.TransformerEncoderLayer`` modules; their ``self_attn`` is not hooked again."""
+
+    @staticmethod
+    def matches(module: nn.Module) -> bool:
+        return isinstance(module, nn.TransformerEncoderLayer)
+
+    @staticmethod
+    def covers(module: nn.Module) -> list[nn.Module]:
+        """Submodules this source already accounts for."""
+        return [module.self_attn]
+
+    def _record(self, path, layer, args, kwargs) -> None:
+        a = bind(_ARGS, args, kwargs)
+        src = a["src"]
+        x = layer.norm1(src) if layer.norm_first else src
+        attn_path = path + ".self_attn"
+        inputs = {
+            "query": x,
+            "key": x,
+            "key_padding_mask": a.get("src_key_padding_mask"),
+            "attn_mask": a.get("src_mask"),
+            "is_causal": a.get("is_causal", False),
+        }
+        scores = mha_scores(self.probe, attn_path, layer.self_attn, inputs)
+        self.probe.record(scores, Call(attn_path, layer.self_attn, args, kwargs), scores.q.device)

@@ -1,0 +1,43 @@
+"""What an attention source hands the probe: the q and k a layer used, and its masks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Scores:
+    """The attention logits ``softmax(q k' * scale + mask)`` of one call, to be recomputed.
+
+    Attributes:
+        q: ``(B, H, Lq, d)``; k: ``(B, Hk, Lk, d)`` (``Hk`` divides ``H``: grouped-query).
+        scale: the logit scale (``1/sqrt(d)`` by default).
+        causal: key ``j`` allowed for query ``i`` iff ``j <= i`` (top-left aligned).
+        allowed: bool broadcastable to ``(B, H, Lq, Lk)``, true where a key may be attended.
+        additive: float broadcastable to ``(B, H, Lq, Lk)``, added to the logits; values below
+            half the dtype's minimum count as masked.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    scale: float
+    causal: bool = False
+    allowed: torch.Tensor | None = None
+    additive: torch.Tensor | None = None
+
+
+@dataclass
+class Probabilities:
+    """Explicit attention probabilities ``(B, H, Lq, Lk)`` and the keys allowed (or None)."""
+
+    probs: torch.Tensor
+    allowed: torch.Tensor | None = None
+
+
+def bind(names: tuple[str, ...], args: tuple, kwargs: dict) -> dict:
+    """A call's arguments by name (positional ones first)."""
+    bound = dict(zip(names, args))
+    bound.update({k: v for k, v in kwargs.items() if k in names})
+    return bound

@@ -1,0 +1,87 @@
+"""Code usage counts for vector quantisers, MoE routers and sparse-autoencoder latents
+(METRICS.md section 2): window hit counts and an exponential moving average of them."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Statistic
+
+_F64 = torch.float64
+
+
+class CodeCounts(Statistic):
+    """Hits per code of ``H`` codebooks (heads) of ``K`` codes, pooled over a window.
+
+    States: ``counts (H, K) int64``, ``rows (H,) int64`` (indices counted per head),
+    ``skipped (H,) int64`` (placeholder or masked positions: nothing there, not a sample) and
+    ``out_of_range (H,) int64`` (indices outside ``[0, K)`` seen on an accelerator, where
+    checking them at once would synchronise; raised at the next log).
+
+    Example:
+        >>> import torch
+        >>> from collapse_monitor.stats import CodeCounts
+        >>> c = CodeCounts(heads=1, num_codes=4)
+        >>> c.update(torch.tensor([[0], [0], [3]]))
+        >>> c.counts
+        tensor([[2, 0, 0, 1]])
+    """
+
+    def __init__(self, heads: int, num_codes: int) -> None:
+        super().__init__()
+        self.heads, self.num_codes = int(heads), int(num_codes)
+        self.add_state("counts", (self.heads, self.num_codes), torch.int64)
+        self.add_state("rows", (self.heads,), torch.int64)
+        self.add_state("skipped", (self.heads,), torch.int64)
+        self.add_state("out_of_range", (self.heads,), torch.int64)
+
+    @torch.no_grad()
+    def update(self, indices: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """Count ``indices (N, H)`` int64; entries where ``valid (N, H)`` is false are skipped.
+
+        Indices outside ``[0, K)`` among the valid ones are excluded and counted in
+        ``out_of_range`` (callers on the CPU check them first and raise).
+        """
+        H, K = self.heads, self.num_codes
+        valid = torch.ones_like(indices, dtype=torch.bool) if valid is None else valid
+        inside = (indices >= 0) & (indices < K)
+        ok = valid & inside
+        flat = (torch.where(ok, indices, 0) + torch.arange(H, device=indices.device) * K).reshape(
+            -1
+        )
+        self.counts.view(-1).index_add_(0, flat, ok.reshape(-1).to(torch.int64))
+        self.rows += ok.sum(0)
+        self.skipped += (~valid).sum(0)
+        self.out_of_range += (valid & ~inside).sum(0)
+
+    def add_counts(self, hits: torch.Tensor, rows: torch.Tensor) -> None:
+        """Add precomputed ``hits (H, K)`` and ``rows (H,)`` (e.g. latents firing per row)."""
+        self.counts += hits
+        self.rows += rows
+
+
+class UsageEMA(Statistic):
+    """Exponential moving averages of hits per code ``(H, K)`` and of indices per head ``(H,)``,
+    advanced once per training step from that step's counts (``pending_*``).
+
+    Both are linear in the per-step counts, so their sum over ranks is the EMA of the global
+    counts exactly; their ratio is the smoothed usage in hits per index.
+    """
+
+    def __init__(self, heads: int, num_codes: int) -> None:
+        super().__init__()
+        self.add_state("hits", (heads, num_codes), _F64)
+        self.add_state("rows", (heads,), _F64)
+
+    @torch.no_grad()
+    def advance(self, step: CodeCounts, decay: float) -> None:
+        """``ema = decay * ema + (1 - decay) * counts of this step``."""
+        self.hits.mul_(decay).add_(step.counts, alpha=1 - decay)
+        self.rows.mul_(decay).add_(step.rows, alpha=1 - decay)
+
+    @torch.no_grad()
+    def restart(self, mask: torch.Tensor) -> None:
+        """Give the codes in ``mask (H, K)`` a uniform share of the rows: replaced codes are judged
+        dead again only once the EMA has forgotten that share."""
+        share = (self.rows / self.hits.shape[1])[:, None].expand_as(self.hits)
+        self.hits[mask] = share[mask]

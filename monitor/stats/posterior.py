@@ -1,0 +1,42 @@
+"""Per-latent-dimension sums of a diagonal-Gaussian posterior (posterior collapse, METRICS.md 4)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..functional.representation import gaussian_kl_per_dim
+from .base import Statistic
+
+_F64 = torch.float64
+
+
+class PosteriorSums(Statistic):
+    """``sum_x KL_j(x)`` per latent dimension ``(d,)`` (nats), the counts of inputs whose
+    variance looks passive (``sigma^2 > 1 - passive_delta``) or active (``< active_delta``), and
+    the rows skipped (NaN or Inf). ``d`` is fixed by the first update."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_size("d", "latent dimension")
+        self.add_state("kl", ("d",), _F64)
+        self.add_state("passive_like", ("d",), torch.int64)
+        self.add_state("active_like", ("d",), torch.int64)
+        self.add_state("skipped", (), torch.int64)
+
+    @torch.no_grad()
+    def update(
+        self,
+        mu: torch.Tensor,
+        logvar: torch.Tensor,
+        valid: torch.Tensor,
+        passive_delta: float,
+        active_delta: float,
+    ) -> None:
+        """Add ``mu``, ``logvar`` ``(N, d)``; rows where ``valid (N,)`` is false are skipped."""
+        self.fix_sizes(d=mu.shape[1])
+        w = valid[:, None]
+        self.kl += torch.where(w, gaussian_kl_per_dim(mu, logvar), 0.0).sum(0)
+        var = logvar.to(_F64).exp()
+        self.passive_like += (w & (var > 1 - passive_delta)).sum(0)
+        self.active_like += (w & (var < active_delta)).sum(0)
+        self.skipped += (~valid).sum()

@@ -1,0 +1,133 @@
+"""A probe's statistics: named entries that move, reduce, save and reset together."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Callable
+
+import torch
+
+from .. import _dist
+from .base import Statistic, agree_sizes
+
+
+class Window:
+    """The statistics a probe keeps between two logs.
+
+    Entries are given at creation, or made on first use by ``factory(key)`` (one per layer, for
+    layers found while the model runs). Entries named in ``persistent`` (usage EMAs) outlive the
+    window: :meth:`reset` keeps them and a validation snapshot shares them.
+
+    Under ``torch.distributed``, :meth:`all_reduce` first agrees on the set of entries and on their
+    sizes (one ``all_gather_object``), creating on every rank what only some ranks made, then
+    reduces every entry in the same order on every rank: a rank that recorded nothing in the window
+    still takes part in exactly the same collectives.
+
+    Example:
+        >>> import torch
+        >>> from collapse_monitor.stats import Counter, Window
+        >>> w = Window({"events": Counter(("seen",))})
+        >>> w["events"].add("seen", 3)
+        >>> w.state_dict()["entries"]["events"]["states"]["counts"]
+        tensor([3])
+    """
+
+    def __init__(
+        self,
+        entries: dict[str, Statistic] | None = None,
+        factory: Callable[[str], Statistic] | None = None,
+        persistent: tuple[str, ...] = (),
+    ) -> None:
+        self._entries: dict[str, Statistic] = dict(entries or {})
+        self.factory = factory
+        self.persistent = tuple(persistent)
+        self.device = torch.device("cpu")
+        unknown = set(self.persistent) - set(self._entries)
+        if unknown:
+            raise KeyError(f"persistent entries {sorted(unknown)} are not in the window")
+
+    # ------------------------------------------------------------------ access
+    def __getitem__(self, key: str) -> Statistic:
+        stat = self._entries.get(key)
+        if stat is None:
+            if self.factory is None:
+                raise KeyError(f"no statistic '{key}' in this window: {sorted(self._entries)}")
+            stat = self._entries[key] = self.factory(key).to(self.device)
+        return stat
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._entries))
+
+    def items(self) -> list[tuple[str, Statistic]]:
+        return [(k, self._entries[k]) for k in self]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    # ------------------------------------------------------------------ lifecycle
+    def to(self, device: torch.device | str) -> Window:
+        """Move every entry (and entries made later) to ``device``; a no-op when already there."""
+        device = torch.device(device)
+        if device != self.device:
+            self.device = device
+            for stat in self._entries.values():
+                stat.to(device)
+        return self
+
+    def reset(self, persistent: bool = False) -> None:
+        """Start an empty window; persistent entries are kept unless ``persistent=True``."""
+        for key, stat in self._entries.items():
+            if persistent or key not in self.persistent:
+                stat.reset()
+
+    def share_persistent(self, other: Window) -> Window:
+        """Use ``other``'s persistent entries (same objects): a snapshot window beside training."""
+        for key in self.persistent:
+            self._entries[key] = other._entries[key]
+        return self
+
+    def clone(self) -> Window:
+        new = Window({k: s.clone() for k, s in self._entries.items()}, self.factory)
+        new.persistent, new.device = self.persistent, self.device
+        return new
+
+    def nbytes(self) -> int:
+        return sum(s.nbytes() for s in self._entries.values())
+
+    # ------------------------------------------------------------------ distributed
+    def all_reduce(self, group=None) -> Window:
+        """Reduce every entry over all ranks in place (see the class docstring)."""
+        if not _dist.is_distributed(group):
+            return self
+        agreed = agree_sizes({k: s.sizes for k, s in self._entries.items()}, group)
+        for key in sorted(agreed):
+            stat = self[key]
+            stat.fix_agreed(agreed[key])
+            stat._all_reduce_states(group)
+        return self
+
+    def reduced(self, group=None) -> Window:
+        """This window combined over all ranks: a reduced copy under ``torch.distributed``, the
+        window itself otherwise (callers only read it)."""
+        return self.clone().all_reduce(group) if _dist.is_distributed(group) else self
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict:
+        return {"entries": {k: s.state_dict() for k, s in self.items()}}
+
+    def load_state_dict(self, state: dict, keep: bool = True) -> None:
+        """Restore :meth:`state_dict`. ``keep=False`` loads sizes (and each statistic's own
+        carried state, such as shifts) but starts every entry empty: under DDP only rank 0
+        keeps the saved (reduced) counts, so the next all-reduce counts each sample once."""
+        missing = set(self._entries) - set(state["entries"])
+        if missing:
+            raise KeyError(f"saved window has no state for {sorted(missing)}")
+        for key, sub in state["entries"].items():
+            stat = self[key]
+            stat.load_state_dict(sub)
+            stat.to(self.device)
+            if not keep:
+                stat.reset()

@@ -1,0 +1,67 @@
+"""Two gloo processes for distributed tests: a process group that fails instead of hanging, and a
+runner that kills a hung run and fails with both ranks' stacks."""
+
+import faulthandler
+import gc
+import os
+import signal
+import time
+from contextlib import contextmanager
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+@contextmanager
+def process_group(rank, init):
+    """A 2-rank gloo group; a mismatched collective fails after 60 s instead of hanging."""
+    dist.init_process_group(
+        "gloo", init_method=init, rank=rank, world_size=2, timeout=timedelta(seconds=60)
+    )
+    try:
+        yield
+    finally:
+        # A DDP Reducer freed after destroy_process_group() holds the last reference to the gloo
+        # group and destroys it with the GIL held; that deadlocks with a gloo worker thread still
+        # freeing a work launched during backward (its captured thread-local state holds a
+        # Python object, so it needs the GIL). Workers `del` their DDP wrapper inside the block;
+        # collecting here frees any Reducer kept by a reference cycle while the group still lives.
+        gc.collect()
+        dist.destroy_process_group()
+
+
+def _entry(rank, worker, init, out_dir):
+    # SIGUSR1 dumps this rank's Python stacks: run_two asks for them before killing a hung run
+    with open(os.path.join(out_dir, f"stacks{rank}.txt"), "w") as stacks:
+        faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
+        worker(rank, init, out_dir)
+
+
+def run_two(worker, tmp_path, name, deadline=300.0):
+    """Run ``worker(rank, init, out_dir)`` on 2 processes; load what each saved as ``<name><rank>.pt``.
+
+    A run still going after ``deadline`` seconds (the gloo timeout turns mismatched collectives
+    into errors after 60 s, so this is a hang elsewhere) is killed and fails with both ranks'
+    Python stacks, instead of leaving processes that keep pytest from exiting.
+    """
+    init = (tmp_path / "store").as_uri()  # a file store: no port to race for
+    args = (worker, init, str(tmp_path))
+    ctx = mp.start_processes(_entry, args=args, nprocs=2, join=False, start_method="spawn")
+    start = time.monotonic()
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() - start > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    os.kill(p.pid, signal.SIGUSR1)
+            time.sleep(2.0)
+            for p in ctx.processes:
+                p.kill()
+                p.join()
+            stacks = "\n".join(
+                f"--- rank {r} ---\n" + (tmp_path / f"stacks{r}.txt").read_text() for r in range(2)
+            )
+            pytest.fail(f"{worker.__name__} still running after {deadline:.0f} s:\n{stacks}")
+    return [torch.load(tmp_path / f"{name}{r}.pt", weights_only=False) for r in range(2)]
