@@ -21,6 +21,14 @@ def world_size(group=None) -> int:
     return dist.get_world_size(group) if is_distributed(group) else 1
 
 
+def collective_device(group=None, default: torch.device | str = "cpu") -> torch.device:
+    """Where this group's collectives need their tensors: the current CUDA device for NCCL
+    (which reduces nothing else), ``default`` otherwise (gloo reduces CPU tensors)."""
+    if is_distributed(group) and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(default)
+
+
 def all_reduce_(tensor: torch.Tensor, op: str = "sum", group=None) -> torch.Tensor:
     """In-place ``"sum"`` or ``"max"`` all-reduce; a no-op outside distributed runs."""
     if is_distributed(group):

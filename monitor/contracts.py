@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
+    from .keys import MetricKey
     from .pictures import Picture
     from .probes.base import Probe
     from .rules import Alert
@@ -69,16 +70,17 @@ class Readout:
     Attributes:
         metrics: ``{MetricKey: value}``; NaN where a value is undefined (the key is then not
             logged).
-        histograms: ``{name: 1-D tensor}`` of distributions worth a plot (hits per code).
-        pictures: ``{name: Picture}``, drawn only for probes the user opted in.
-        masks: ``{name: bool tensor}`` of per-element decisions mitigations act on (dead codes,
-            dormant units).
+        histograms: ``{MetricKey: 1-D tensor}`` of distributions worth a plot (hits per code).
+        pictures: ``{MetricKey: Picture}``, drawn only for probes the user opted in.
+        masks: ``{MetricKey: bool tensor}`` of per-element decisions mitigations act on (dead
+            codes ``(H, K)``, dormant units ``(H,)``). None of these may be views of the
+            window's states (the window is reset in place after the log).
     """
 
-    metrics: dict = field(default_factory=dict)
-    histograms: dict[str, torch.Tensor] = field(default_factory=dict)
-    pictures: dict[str, Picture] = field(default_factory=dict)
-    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    metrics: dict[MetricKey, float] = field(default_factory=dict)
+    histograms: dict[MetricKey, torch.Tensor] = field(default_factory=dict)
+    pictures: dict[MetricKey, Picture] = field(default_factory=dict)
+    masks: dict[MetricKey, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,15 @@ class Event:
         info: JSON-able details for the sinks and the log.
         count: how many elements (codes, units, layers) changed.
         probe: the probe whose memory must follow the change (replaced codes restart their
-            usage EMA), with ``replaced`` the ``(H, K)`` bool mask of what changed.
+            usage EMA), with ``replaced`` the ``(H, K)`` bool mask of what changed and ``scope``
+            the module (for a probe that keeps the modules of a glob apart; else None).
+
+    Raises:
+        ValueError: ``probe`` and ``replaced`` not given together.
+
+    Example:
+        >>> Event("reset_dead_codes", {"codebook": "vq.embed"}, count=3).count
+        3
     """
 
     name: str
@@ -119,6 +129,11 @@ class Event:
     count: int = 1
     probe: str | None = None
     replaced: torch.Tensor | None = None
+    scope: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.probe is None) != (self.replaced is None):
+            raise ValueError("an Event names a probe and what was replaced together, or neither")
 
 
 class Component:

@@ -21,7 +21,17 @@ _INERT = "collapse_monitor.hook_of_a_copy"
 
 
 class Hook:
-    """Calls ``fn(*args)``; copies (pickle, ``torch.save``, ``copy.deepcopy``) are inert."""
+    """Calls ``fn(*args)``; copies (pickle, ``torch.save``, ``copy.deepcopy``) are inert.
+
+    Example:
+        >>> import copy
+        >>> seen = []
+        >>> hook = Hook(seen.append)
+        >>> hook(1)
+        >>> copy.deepcopy(hook)(2)  # the copy records nothing
+        >>> seen
+        [1]
+    """
 
     __slots__ = ("fn",)
 

@@ -88,6 +88,12 @@ class MetricKey:
         return cls(probe, rest[-1], layer, index, prefix)
 
 
+def key_pattern(probe_pattern: str, metric_pattern: str) -> str:
+    """A glob over the keys of the probes matching ``probe_pattern``, e.g.
+    ``key_pattern("*", "*/entropy_norm")`` for the per-layer ``entropy_norm`` of any probe."""
+    return f"{ROOT}/{probe_pattern}/{metric_pattern}"
+
+
 def alerts_key(rule: str) -> str:
     return str(MetricKey("alerts", rule))
 

@@ -148,8 +148,6 @@ class CollapseMonitor:
         )
         self.sinks = sinks
         self.mitigations = mitigations
-        all_rules = [r for p in probes for r in p.default_rules()] if default_rules else []
-        self.rules = RuleEngine(all_rules + list(rules))
         if on_alert is None:
             self.on_alert = []
         elif callable(on_alert):
@@ -175,6 +173,7 @@ class CollapseMonitor:
         self._recorded: set[Probe] = set()  # probes that recorded in this training step
         self._failed_sinks: set[int] = set()
         self._thin_warned: set[str] = set()
+        self._idle_warned: set[str] = set()
         self._unread_warned: set[str] = set()
         self._snapshot_prefix: str | None = None
         self._closed = False
@@ -185,9 +184,10 @@ class CollapseMonitor:
                 "same modules twice. Pass all probes to one monitor, or close() the other first"
             )
         _MONITORS[model] = weakref.ref(self)
+        self._named = MappingProxyType({p.name: p for p in probes})
         setup = Setup(
             model,
-            MappingProxyType({p.name: p for p in probes}),
+            self._named,
             self.log_every_n_steps,
             process_group,
             strict,
@@ -195,6 +195,9 @@ class CollapseMonitor:
         try:
             for c in (*probes, *mitigations):
                 c.attach(setup)
+            # after attach: a glob over several modules binds its rules to each module's keys
+            bound = [r for p in probes for r in p.default_rules()] if default_rules else []
+            self.rules = RuleEngine(bound + list(rules))
         except Exception:
             self.close()
             raise
@@ -277,7 +280,7 @@ class CollapseMonitor:
                 self._guard(m, m.on_step, optimizer)
         for p in self.probes:
             if p in self._recorded and not p.disabled:
-                self._guard(p, p.end_step)
+                self._guard(p, p.finish_step)
         self._recorded.clear()
         self.global_step += 1
         if self.global_step % self.log_every_n_steps:
@@ -297,7 +300,9 @@ class CollapseMonitor:
         owners = [*self.probes, *self.mitigations]
         if not _dist.is_distributed(self.process_group) or not owners:
             return
-        flags = torch.tensor([float(c.disabled) for c in owners])
+        flags = torch.tensor(
+            [float(c.disabled) for c in owners], device=_dist.collective_device(self.process_group)
+        )
         _dist.all_reduce_max_(flags, self.process_group)
         for c, flag in zip(owners, flags.tolist()):
             c.disabled = c.disabled or bool(flag)
@@ -332,7 +337,8 @@ class CollapseMonitor:
         }
 
     def compute(self) -> dict[str, float]:
-        """Metrics of the current window (all-reduced across ranks); the window is kept."""
+        """Metrics of the current window (all-reduced across ranks); the window is kept. Under
+        ``torch.distributed`` a collective: call it on every rank."""
         metrics = self._metrics(self._readouts())
         metrics[ERRORS_KEY] = float(self.error_count)
         return metrics
@@ -409,6 +415,25 @@ class CollapseMonitor:
                     L,
                 )
 
+    def _warn_no_calls(self, metrics: dict[str, float]) -> None:
+        """Say once per probe when it recorded steps in this window but its modules never ran
+        inside ``observe()`` (over all ranks)."""
+        for p in self.probes:
+            calls = metrics.get(str(p.key("calls")))
+            if calls == 0 and p.window_steps and p.name not in self._idle_warned:
+                self._idle_warned.add(p.name)
+                log.warning(
+                    "collapse monitor: %r recorded %d steps but its modules %s never ran inside "
+                    "observe() (collapse/%s/calls = 0). Likely causes: the model was compiled "
+                    "before the monitor was attached (torch.compile ignores hooks added later: "
+                    "attach first, or compile after), the path names a module the forward does "
+                    "not call, or the module is skipped (conditional computation)",
+                    p,
+                    p.window_steps,
+                    p.paths,
+                    p.name,
+                )
+
     def _mitigate(self, view: LogView) -> list[Event]:
         """Every enabled mitigation acts on this log (same view on every rank); the events it
         returns are counted and routed to the probes they name."""
@@ -420,18 +445,17 @@ class CollapseMonitor:
             self.mitigation_counts[event.name] = (
                 self.mitigation_counts.get(event.name, 0.0) + event.count
             )
-            if event.probe is not None:
-                self._by_name(event.probe).on_replaced(event.replaced)
+            probe = self._named.get(event.probe)
+            if probe is not None and not probe.disabled:
+                self._guard(probe, probe.replaced, event.scope, event.replaced)
         return events
-
-    def _by_name(self, name: str) -> Probe:
-        return next(p for p in self.probes if p.name == name)
 
     def _log(self, optimizer) -> dict[str, float]:
         readouts = self._readouts()
         metrics = self._metrics(readouts)
         self._warn_thin_windows(metrics)
         histograms = {str(k): v for r in readouts.values() for k, v in r.histograms.items()}
+        self._warn_no_calls(metrics)
         pictures = self._pictures(readouts)
         step = self.global_step
         alerts = self.rules.check(metrics, step)
@@ -444,7 +468,7 @@ class CollapseMonitor:
             MappingProxyType(dict(metrics)),
             tuple(alerts),
             optimizer,
-            MappingProxyType({p.name: p for p in self.probes}),
+            self._named,
             MappingProxyType(readouts),
         )
         events = self._mitigate(view)
@@ -547,6 +571,8 @@ class CollapseMonitor:
         sync = sync is not False
         return {
             "version": _STATE_VERSION,
+            # a reduced state holds every rank's samples: only one rank may keep them on load
+            "reduced": sync and _dist.is_distributed(self.process_group),
             "global_step": self.global_step,
             "should_stop": self.should_stop,
             "probes": {p.name: p.state_dict(self.process_group, sync=sync) for p in self.probes},
@@ -583,7 +609,8 @@ class CollapseMonitor:
     def load_state_dict(self, state: dict, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Restore :meth:`state_dict`. Under distributed runs every rank loads the same (reduced)
         state; ranks other than 0 keep its shifts and lagged centres but start their window
-        empty, so the next all-reduce counts each sample once.
+        empty, so the next all-reduce counts each sample once. A state saved without reducing
+        (``sync=False``: each rank its own) is kept whole on every rank.
 
         Mitigations that changed the model's structure (``SigmaReparam``) re-apply it here, and add
         their parameters to ``optimizer``: load the monitor before the model and the optimizer.
@@ -592,7 +619,7 @@ class CollapseMonitor:
             ValueError: a state of another version; KeyError: a probe or mitigation without state.
         """
         self._check_state(state)
-        keep = _dist.rank(self.process_group) == 0
+        keep = not state["reduced"] or _dist.rank(self.process_group) == 0
         self.global_step = int(state["global_step"])
         self.should_stop = bool(state["should_stop"])
         for p in self.probes:

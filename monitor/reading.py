@@ -65,6 +65,12 @@ def single_index_tensor(value: Any) -> Any:
     return found[0] if len(found) == 1 else value
 
 
+def finite_rows(x: torch.Tensor) -> torch.Tensor:
+    """``(N,)`` bool: the rows of ``x (N, ...)`` without NaN or Inf (the others are counted and
+    left out, never folded into a statistic)."""
+    return torch.isfinite(x).flatten(1).all(1) if x.ndim > 1 else torch.isfinite(x)
+
+
 def floating(min_ndim: int) -> Callable[[Any], bool]:
     def check(value: Any) -> bool:
         return (
@@ -83,6 +89,12 @@ class Reading:
         check: ``check(value) -> bool``, the value fits.
         find: where the value is inside the module's input or output by default.
         hint: what ``extract`` should return, for messages.
+
+    Example:
+        >>> import torch
+        >>> indices = Reading("code indices", is_index, find=single_index_tensor, hint="indices")
+        >>> indices.find((torch.zeros(2, 3), torch.tensor([4, 1]), torch.zeros(())))
+        tensor([4, 1])
     """
 
     expect: str

@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from .keys import MetricKey
+from .keys import ERRORS_KEY, ROOT, MetricKey
 from .probes import PROBE_TYPES
 from .rules import Rule, RuleEngine
 
@@ -36,7 +36,7 @@ def read_scalars(run_dir: Path) -> dict[str, dict[str, list[tuple[int, float]]]]
         acc.Reload()
         run = str(events.parent.relative_to(run_dir))
         for tag in acc.Tags().get("scalars", []):
-            if tag.startswith("collapse/"):
+            if tag.startswith(f"{ROOT}/"):
                 runs.setdefault(run, {}).setdefault(tag, {}).update(
                     {e.step: e.value for e in acc.Scalars(tag)}
                 )
@@ -152,19 +152,10 @@ def dashboard(series, rows: list[dict], png: Path) -> None:
         by_probe.setdefault(r["probe"], []).append(r)
     n = max(len(by_probe), 1)
     fig, axes = plt.subplots(n, 1, figsize=(9, 2.6 * n), constrained_layout=True, squeeze=False)
+    counts = [pts for t, pts in series.items() if MetricKey.parse(t).probe == "mitigations"]
     mitigation_steps = sorted(
-        {
-            s
-            for t, pts in series.items()
-            if t.startswith("collapse/mitigations/")
-            for (s, v), (_, prev) in zip(pts[1:], pts[:-1])
-            if v > prev
-        }
-        | {
-            pts[0][0]
-            for t, pts in series.items()
-            if t.startswith("collapse/mitigations/") and pts[0][1] > 0
-        }
+        {s for pts in counts for (s, v), (_, prev) in zip(pts[1:], pts[:-1]) if v > prev}
+        | {pts[0][0] for pts in counts if pts[0][1] > 0}
     )
     for ax, (probe, prows) in zip(axes[:, 0], sorted(by_probe.items())):
         for r in prows[:6]:
@@ -217,7 +208,7 @@ def main(argv=None) -> int:
         report[run] = {
             "rows": rows,
             "mitigations": applied,
-            "errors": series.get("collapse/errors", [(0, 0.0)])[-1][1],
+            "errors": series.get(ERRORS_KEY, [(0, 0.0)])[-1][1],
         }
         if not args.json:
             print(f"== {run}" if len(runs) > 1 else f"== {args.run_dir}")

@@ -22,7 +22,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from .keys import ROOT
+from .keys import ROOT, key_pattern
 
 _MODES = ("below", "above", "drop", "rise")
 
@@ -87,11 +87,8 @@ class Rule:
                 f"a '{self.mode}' rule needs a positive fraction, got {self.threshold}"
             )
         if self.name is None:
-            base = (
-                self.metric[len("collapse/") :]
-                if self.metric.startswith("collapse/")
-                else self.metric
-            )
+            root = f"{ROOT}/"
+            base = self.metric[len(root) :] if self.metric.startswith(root) else self.metric
             self.name = re.sub(r"[^A-Za-z0-9_./-]+", "any", base) + f"_{self.mode}"
 
     def matches(self, key: str) -> bool:
@@ -121,9 +118,9 @@ class RuleSpec:
     cooldown: int = 0
     message: str = ""
 
-    def _rule(self, probe_pattern: str, probe_name: str) -> Rule:
+    def _rule(self, probe_pattern: str, probe_name: str, per_module: bool) -> Rule:
         return Rule(
-            f"{ROOT}/{probe_pattern}/{self.metric}",
+            key_pattern(probe_pattern, f"*/{self.metric}" if per_module else self.metric),
             self.threshold,
             self.mode,
             warmup_steps=self.warmup_steps,
@@ -133,13 +130,14 @@ class RuleSpec:
             message=self.message,
         )
 
-    def bind(self, probe: str) -> Rule:
-        """This rule on the probe named ``probe`` (glob characters in the name match literally)."""
-        return self._rule(glob.escape(probe), probe)
+    def bind(self, probe: str, per_module: bool = False) -> Rule:
+        """This rule on the probe named ``probe`` (glob characters in the name match literally);
+        ``per_module``: on each module of a probe whose glob keeps its modules apart."""
+        return self._rule(glob.escape(probe), probe, per_module)
 
     def template(self) -> Rule:
-        """This rule on every probe name."""
-        return self._rule("*", "*")
+        """This rule on every probe name (and on each module of per-module probes)."""
+        return self._rule("*", "*", per_module=False)
 
 
 @dataclass

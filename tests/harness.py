@@ -301,7 +301,7 @@ CASES = [
         group_data,
         lambda model, d: MF.group_collapse(d["x"], d["g"], 5),
         _feed_bad(torch.randn(4, 6)),  # groups of another batch
-        r"groups of shape \(400,\) do not match features of shape \(4, 6\)",
+        r"groups of shape \(400,\) do not match values of shape \(4, 6\)",
         keywords=lambda b: {"groups": b["g"]},
     ),
     Case(

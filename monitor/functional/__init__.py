@@ -3,21 +3,20 @@ sufficient statistics) that the streaming probes share with them."""
 
 from .attention import attention_entropy, entropy_from_logits, entropy_from_probs, entropy_from_sums
 from .codebook import codebook_usage, dead_codes, fire_rate, latent_usage, usage_from_counts
+from .depth import mean_token_uniformity, token_uniformity, token_uniformity_from_sums
 from .logits import (
-    dormant_from_activity,
-    dormant_units,
     logit_health,
     logit_health_from_sums,
-    mean_token_uniformity,
+    logit_rows,
     softmax_collapsed,
-    token_uniformity,
-    token_uniformity_from_sums,
+    training_dtype,
     zero_loss,
 )
 from .neural_collapse import (
     group_collapse,
     group_variance_ratio,
     metrics_from_class_statistics,
+    nearest_class_center,
     nearest_class_center_mismatch,
     neural_collapse,
 )
@@ -28,6 +27,7 @@ from .representation import (
     rankme,
     representation_rank,
 )
+from .units import dormant_from_activity, dormant_units
 
 __all__ = [
     "attention_entropy",
@@ -46,8 +46,10 @@ __all__ = [
     "latent_usage",
     "logit_health",
     "logit_health_from_sums",
+    "logit_rows",
     "mean_token_uniformity",
     "metrics_from_class_statistics",
+    "nearest_class_center",
     "nearest_class_center_mismatch",
     "neural_collapse",
     "posterior_collapse",
@@ -56,6 +58,7 @@ __all__ = [
     "softmax_collapsed",
     "token_uniformity",
     "token_uniformity_from_sums",
+    "training_dtype",
     "usage_from_counts",
     "zero_loss",
 ]

@@ -60,7 +60,10 @@ def entropy_from_probs(probs: torch.Tensor, allowed: torch.Tensor | None = None)
 
 
 def attention_entropy(
-    probs: torch.Tensor, allowed: torch.Tensor | None = None, overload_threshold: float = 0.9
+    probs: torch.Tensor,
+    allowed: torch.Tensor | None = None,
+    overload_threshold: float = 0.9,
+    queries: torch.Tensor | None = None,
 ) -> dict:
     """Per-head attention entropy of explicit probabilities ``(B, H, Lq, Lk)`` (the reference).
 
@@ -68,11 +71,14 @@ def attention_entropy(
         probs: attention probabilities, e.g. ``need_weights=True, average_attn_weights=False``.
         allowed: bool broadcastable to ``probs``; masked keys (causal, padding) are excluded from
             ``n_i``. Queries with no allowed key are skipped.
+        queries: ``(B, Lq)`` bool, true for real query rows; padded rows are skipped.
 
     Returns:
         See :func:`entropy_from_sums`.
     """
     H, n = entropy_from_probs(probs, allowed)
+    if queries is not None:
+        n = torch.where(queries[:, None, :].to(n.device), n, 0)
     heads = H.shape[1]
     H, n = H.transpose(0, 1).reshape(heads, -1), n.transpose(0, 1).reshape(heads, -1)
     valid = n >= 1

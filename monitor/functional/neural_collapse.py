@@ -131,6 +131,21 @@ def metrics_from_class_statistics(
     return out
 
 
+def nearest_class_center(
+    features: torch.Tensor,
+    centers: torch.Tensor,
+    center_classes: torch.Tensor,
+    center_sq: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The class of the nearest centre (Euclidean) of each row: ``(N,)`` from ``features (N, D)``,
+    ``centers (K, D)`` of classes ``center_classes (K,)``; ``center_sq (K,)`` their squared norms
+    when known. Ties go to the lowest index. Float64."""
+    centers = centers.to(_F64)
+    if center_sq is None:
+        center_sq = (centers * centers).sum(1)
+    return center_classes[(center_sq - 2 * features.to(_F64) @ centers.T).argmin(1)]
+
+
 def nearest_class_center_mismatch(
     features: torch.Tensor,
     centers: torch.Tensor,
@@ -158,7 +173,7 @@ def nearest_class_center_mismatch(
     out = []
     for s in range(0, x.shape[0], chunk):
         xs = x[s : s + chunk]
-        ncc = center_classes[(center_sq - 2 * xs @ centers.T).argmin(1)]
+        ncc = nearest_class_center(xs, centers, center_classes, center_sq)
         logits = xs @ w.T if b is None else torch.addmm(b, xs, w.T)
         out.append(ncc != logits.argmax(1))
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)

@@ -146,6 +146,16 @@ def representation_rank(embeddings: torch.Tensor, reference: torch.Tensor | None
     return out
 
 
+def posterior_polarity(
+    logvar: torch.Tensor, passive_delta: float = 0.1, active_delta: float = 0.5
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per entry of ``logvar (N, d)``: whether the posterior variance looks passive
+    (``sigma^2 > 1 - passive_delta``, close to the prior) and whether it looks active
+    (``sigma^2 < active_delta``); two ``(N, d)`` bool tensors (the polarised regime)."""
+    var = logvar.to(_F64).exp()
+    return var > 1 - passive_delta, var < active_delta
+
+
 def gaussian_kl_per_dim(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """``KL(N(mu, exp(logvar)) || N(0, 1))`` per element, in nats (float64)."""
     mu, logvar = mu.to(_F64), logvar.to(_F64)
@@ -182,9 +192,8 @@ def posterior_collapse(
     n = m.shape[0]
     kl = gaussian_kl_per_dim(m, lv).mean(0)
     activity = (m - m.mean(0)).pow(2).sum(0) / max(n - 1, 1)
-    var = lv.exp()
-    passive_like = (var > 1 - passive_delta).to(_F64).mean(0)
-    active_like = (var < active_delta).to(_F64).mean(0)
+    passive, active = posterior_polarity(lv, passive_delta, active_delta)
+    passive_like, active_like = passive.to(_F64).mean(0), active.to(_F64).mean(0)
     return summarise_posterior(
         n, kl, activity, passive_like, active_like, active_threshold, polarised_fraction
     )

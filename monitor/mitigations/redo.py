@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..contracts import Event
+from ..probes.base import layer_name
 from ..probes.dormant import DormantUnits
 from .base import Mitigation
 
@@ -87,9 +88,9 @@ class ReDo(Mitigation):
         self.probe = found[0].name
         modules = dict(setup.model.named_modules())
         self.pairs = {}
-        for layer in found[0].paths:
-            incoming, outgoing = self.layers.get(layer) or _neighbours(setup.model, layer)
-            self.pairs[layer] = (modules[incoming], modules[outgoing])
+        for path in found[0].paths:
+            incoming, outgoing = self.layers.get(path) or _neighbours(setup.model, path)
+            self.pairs[layer_name(path)] = (modules[incoming], modules[outgoing])
 
     def after_log(self, view) -> list[Event]:
         if self.every_n_steps and view.step % self.every_n_steps:
@@ -98,7 +99,8 @@ class ReDo(Mitigation):
         if readout is None:  # the probe is disabled
             return []
         touched = {}
-        for i, (layer, mask) in enumerate(sorted(readout.masks.items())):
+        masks = sorted((key.layer, mask) for key, mask in readout.masks.items())
+        for i, (layer, mask) in enumerate(masks):
             if not bool(mask.any()):
                 continue
             incoming, outgoing = self.pairs[layer]

@@ -5,13 +5,16 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import _dist
 from .._modules import resolve_modules
 from ..contracts import Event
+from ..keys import MetricKey
+from ..probes.base import layer_name
 from ..probes.codebook import CodebookUsage
-from ..reading import describe, first_input
+from ..reading import describe, first_input, is_index, single_index_tensor
 from .base import Mitigation
 
 log = logging.getLogger(__name__)
@@ -22,10 +25,11 @@ _CODEBOOK_NAMES = ("embed", "codebook", "embedding", "embeddings", "weight")
 class ResetDeadCodes(Mitigation):
     """Replace dead codes with encoder outputs of the current batch, identically on every rank.
 
-    At a log where the :class:`~monitor.probes.CodebookUsage` probe of ``module`` reports dead
-    codes (its EMA usage below threshold, all-reduced, so the same on every rank), each dead code
-    is overwritten with a vector of the current batch's input to ``module`` (rank 0 draws, then
-    broadcasts), and:
+    At a log where the :class:`~collapse_monitor.probes.CodebookUsage` probe of ``module`` reports
+    dead codes (its EMA usage below threshold, all-reduced, so the same on every rank), each dead
+    code is overwritten with a vector of the current batch's input to ``module``, drawn only from
+    rows that hold a real position (not masked, not marked ``-1``) and in the codebook's space
+    (projected, l2-normalised for cosine codebooks); rank 0 draws, then broadcasts; and:
 
     - EMA codebooks: the cluster-size buffer of the replaced codes is set to
       ``reset_cluster_size`` and the embedding-sum buffer to ``vector * reset_cluster_size``, so
@@ -53,9 +57,13 @@ class ResetDeadCodes(Mitigation):
         every_n_steps: only act at logs whose step is a multiple of this.
         when_rule: only act at logs where this rule fired.
         vectors: ``vectors(module, args, output) -> (N, D)`` (or ``(N, H, D)``) when the module's
-            input is not in codebook space (e.g. after a projection).
+            input is not in codebook space. Not needed for vector-quantize-pytorch's
+            ``VectorQuantize``: the input of its codebook module is read, already projected
+            (``codebook_dim``), split into heads and l2-normalised for cosine codebooks.
         reset_cluster_size: EMA cluster size given to a replaced code; default the module's
             ``threshold_ema_dead_code`` when positive, else 1.
+        normalize: l2-normalise the replacement vectors (a cosine-similarity codebook holds unit
+            vectors); default: the codebook module's ``use_cosine_sim``, else False.
         seed: seed of rank 0's draws (combined with the step).
         name: see :class:`~collapse_monitor.mitigations.Mitigation` (default
             ``"reset_dead_codes"``).
@@ -75,6 +83,7 @@ class ResetDeadCodes(Mitigation):
         ema_cluster_size: str | None = None,
         ema_embed_sum: str | None = None,
         reset_cluster_size: float | None = None,
+        normalize: bool | None = None,
         seed: int = 0,
         name: str | None = None,
     ) -> None:
@@ -92,8 +101,10 @@ class ResetDeadCodes(Mitigation):
         self.vectors = vectors
         self.ema_names = (ema_cluster_size, ema_embed_sum)
         self.reset_cluster_size = reset_cluster_size
+        self.normalize = normalize
         self.seed = seed
-        self._batch: torch.Tensor | None = None
+        self._batch: torch.Tensor | None = None  # (N, H, D) of the logging step
+        self._valid: torch.Tensor | None = None  # (N,) rows that hold a real position
 
     def __repr__(self) -> str:
         return f"ResetDeadCodes(module={self.module!r}, name={self.name!r})"
@@ -109,6 +120,7 @@ class ResetDeadCodes(Mitigation):
         self.process_group = setup.process_group
         probe = self._find_probe(setup.probes)
         self.probe, self.num_codes, self.heads = probe.name, probe.num_codes, probe.heads
+        self.scope = None if probe.scopes == [None] else layer_name(self.path)
         self.codebook_path, codebook = self._find_codebook(mod)
         K, heads = self.num_codes, self.heads
         shape = tuple(codebook.shape)
@@ -129,14 +141,26 @@ class ResetDeadCodes(Mitigation):
                 f"{self!r}: every_n_steps={self.every_n_steps} must be a multiple of "
                 f"log_every_n_steps={setup.log_every_n_steps} (decisions are taken at logs)"
             )
-        self._hooks.forward(mod, self._capture)
+        # vector-quantize-pytorch: the codebook module's input is already in codebook space
+        # (projected, split into heads, l2-normalised for cosine codebooks) and gets the mask
+        inner = mod.get_submodule(self.codebook_path.rpartition(".")[0])
+        self._vq_codebook = inner is not mod and hasattr(inner, "transform_input")
+        self.cosine = (
+            bool(getattr(inner, "use_cosine_sim", False))
+            if self.normalize is None
+            else self.normalize
+        )
+        if self._vq_codebook:
+            self._hooks.forward_pre(inner, self._capture_codebook_input)
+        else:
+            self._hooks.forward(mod, self._capture_call)
 
     def _find_probe(self, probes) -> CodebookUsage:
         usage = [p for p in probes.values() if isinstance(p, CodebookUsage)]
         if self.probe_name is not None:
             hits = [p for p in usage if p.name == self.probe_name]
         else:
-            hits = [p for p in usage if p.module == self.module]
+            hits = [p for p in usage if self.module in (p.module, *p.paths)]
         if len(hits) != 1:
             which = f"named {self.probe_name!r}" if self.probe_name else f"on {self.module!r}"
             raise ValueError(
@@ -189,31 +213,72 @@ class ResetDeadCodes(Mitigation):
             )
         return (size_name, sum_name) if found else None
 
-    def _capture(self, module, args, kwargs, output) -> None:
+    def _capture_call(self, module, args, kwargs, output) -> None:
         if self._active:
-            self.guarded(self._keep_batch, module, args, kwargs, output)
+            self.guarded(self._keep_input, args, kwargs, output)
 
-    def _keep_batch(self, module, args, kwargs, output) -> None:
-        """Keep this batch's quantiser input on a logging step: the pool of replacements."""
-        if not self._recording.logging or self._recording.snapshot:
+    def _capture_codebook_input(self, module, args, kwargs) -> None:
+        if self._active:
+            self.guarded(self._keep_codebook_input, args, kwargs)
+
+    def _logging_step(self) -> bool:
+        return self._recording.logging and not self._recording.snapshot
+
+    def _keep_input(self, args, kwargs, output) -> None:
+        """Keep the quantiser's input on a logging step (the pool of replacements), with the rows
+        that hold a real position: where its ``mask=`` (``(B, N)``, true for real positions) is
+        true and, for one codebook, where the indices it returned are not ``-1``."""
+        if not self._logging_step():
             return
-        vecs = self.vectors(module, args, output) if self.vectors else first_input(args, kwargs)
+        vecs = (
+            self.vectors(self._quantizer, args, output)
+            if self.vectors
+            else first_input(args, kwargs)
+        )
         if not isinstance(vecs, torch.Tensor) or vecs.shape[-1] != self.dim:
             raise ValueError(
                 f"{self!r}: expected the input of '{self.path}' to be (..., {self.dim}) vectors "
                 f"in codebook space, got {describe(vecs)}; pass vectors=lambda module, args, "
                 "output: (N, D) tensor"
             )
-        codebook = self._tensors(module)[self.codebook_path]
-        heads = self.heads if codebook.ndim == 3 and codebook.shape[0] > 1 else 1
-        self._batch = vecs.detach().reshape(-1, heads, self.dim)
+        heads = self.heads if self._codebooks() > 1 else 1
+        batch = vecs.detach().reshape(-1, heads, self.dim)
+        valid = torch.ones(batch.shape[0], dtype=torch.bool, device=batch.device)
+        mask = kwargs.get("mask")
+        if isinstance(mask, torch.Tensor) and mask.numel() == batch.shape[0]:
+            valid &= mask.bool().reshape(-1).to(batch.device)
+        idx = single_index_tensor(output)
+        if heads == 1 and is_index(idx) and idx.numel() == batch.shape[0]:
+            valid &= idx.reshape(-1).to(batch.device) != -1
+        self._batch, self._valid = batch, valid
+
+    def _keep_codebook_input(self, args, kwargs) -> None:
+        """vector-quantize-pytorch's codebook input: ``(h, b, n, d)`` (``(b, n, d)`` for one
+        head), rows ordered as its own masking orders them."""
+        if not self._logging_step():
+            return
+        x = first_input(args, kwargs).detach()
+        x = x if x.ndim == 4 else x[None]
+        h = x.shape[0]
+        rows = x.shape[1] * x.shape[2]
+        flat = x.reshape(h, rows, x.shape[-1]).transpose(0, 1)  # (rows, h, d)
+        mask = kwargs.get("mask")
+        valid = torch.ones(rows, dtype=torch.bool, device=flat.device)
+        if isinstance(mask, torch.Tensor):
+            b, n = mask.shape
+            valid = mask.bool()[:, None, :].expand(b, rows // (b * n), n).reshape(-1)
+        self._batch, self._valid = flat, valid.to(flat.device)
+
+    def _codebooks(self) -> int:
+        cb = self._tensors(self._quantizer)[self.codebook_path]
+        return cb.shape[0] if cb.ndim == 3 else 1
 
     # ----------------------------------------------------------------- action
     def after_log(self, view) -> list[Event]:
         try:
             return self._reset(view)
         finally:
-            self._batch = None
+            self._batch = self._valid = None
 
     def _reset(self, view) -> list[Event]:
         if self.every_n_steps and view.step % self.every_n_steps:
@@ -223,7 +288,7 @@ class ResetDeadCodes(Mitigation):
         readout = view.readouts.get(self.probe)
         if readout is None:  # the probe is disabled
             return []
-        probe_dead = readout.masks["dead"]  # (H, K), identical on every rank
+        probe_dead = readout.masks[MetricKey(self.probe, "dead", self.scope)]  # (H, K), every rank
         tensors = self._tensors(self._quantizer)
         codebook = tensors[self.codebook_path]
         cb = codebook.data.view(-1, codebook.shape[-2], self.dim)  # (H', K, D)
@@ -235,9 +300,15 @@ class ResetDeadCodes(Mitigation):
         if n == 0:
             return []
         drawn = torch.full((n, self.dim), float("nan"), dtype=cb.dtype, device=cb.device)
+        failure = None
         if _dist.rank(self.process_group) == 0 and self._batch is not None:
-            drawn.copy_(self._draw(cb, heads, codes, view.step))
+            try:
+                drawn.copy_(self._draw(cb, heads, codes, view.step))
+            except Exception as exc:  # every rank must still reach the broadcast
+                failure = exc
         _dist.broadcast_(drawn, 0, self.process_group)
+        if failure is not None:
+            raise failure
         if not bool(torch.isfinite(drawn).all()):
             log.warning(
                 "%r: no batch vectors were captured at step %d; nothing reset", self, view.step
@@ -268,11 +339,16 @@ class ResetDeadCodes(Mitigation):
             "optimizer_state": zeroed,
         }
         replaced = dead.expand_as(probe_dead).to(probe_dead.device)
-        return [Event(self.name, info, count=n, probe=self.probe, replaced=replaced)]
+        return [
+            Event(self.name, info, count=n, probe=self.probe, replaced=replaced, scope=self.scope)
+        ]
 
     def _draw(self, cb, heads, codes, step: int) -> torch.Tensor:
         """Rank 0's replacement vectors ``(n, D)`` from its captured batch ``(N, H, D)``."""
-        batch = self._batch.to(device=cb.device, dtype=cb.dtype)
+        # only rows that hold a real position (selected here, at the log, not in the hook)
+        batch = self._batch[self._valid].to(device=cb.device, dtype=cb.dtype)
+        if not batch.shape[0]:
+            raise ValueError(f"{self!r}: the captured batch holds no valid (unmasked) row")
         g = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + step)
         out = torch.empty(heads.numel(), self.dim, dtype=cb.dtype, device=cb.device)
         for h in heads.unique().tolist():  # a loop over heads (few), never over codes
@@ -287,7 +363,8 @@ class ResetDeadCodes(Mitigation):
             else:
                 pick = torch.randint(N, (m,), generator=g)
             out[rows] = pool[pick.to(pool.device)]
-        return out
+        # a cosine-similarity codebook holds unit vectors: so must its new codes
+        return F.normalize(out, dim=-1) if self.cosine else out
 
     def _zero_optimizer_rows(self, optimizer, codebook, heads, codes) -> str:
         if not isinstance(codebook, nn.Parameter):

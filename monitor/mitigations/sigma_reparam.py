@@ -62,19 +62,30 @@ def sigma_reparam(module: nn.Module, name: str = "weight") -> nn.Module:
     ``module.parametrizations.<name>[0].gamma`` is the new learnable scalar.
 
     Args:
-        module: an ``nn.Linear`` (or, with ``name=``, any module with that 2-D weight parameter,
-            e.g. ``nn.MultiheadAttention`` and ``"in_proj_weight"``).
+        module: a projection: ``nn.Linear`` (weight ``(out, in)``), ``transformers``' ``Conv1D``
+            (GPT-2's, weight stored ``(in, out)``: the spectral norm is the same), or any module
+            whose parameter ``name`` is a 2-D matrix (``nn.MultiheadAttention`` and
+            ``"in_proj_weight"``).
+        name: the parameter.
+
+    Raises:
+        TypeError: ``module.<name>`` is not a 2-D ``Parameter``.
+        ValueError: it is already parametrized.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> lin = sigma_reparam(nn.Linear(4, 3))
+        >>> gamma = lin.parametrizations.weight[0].gamma
+        >>> bool(torch.isclose(torch.linalg.matrix_norm(lin.weight, 2), gamma))
+        True
     """
-    if name == "weight" and not isinstance(module, nn.Linear):
-        raise TypeError(
-            f"sigma_reparam expects an nn.Linear, got {type(module).__name__}; for another 2-D "
-            "weight pass name='<parameter name>'"
-        )
     weight = getattr(module, name, None)
     if not isinstance(weight, nn.Parameter) or weight.ndim != 2:
+        shape = "" if weight is None else f" of shape {tuple(weight.shape)}"
         raise TypeError(
-            f"sigma_reparam: {type(module).__name__}.{name} must be a 2-D Parameter, got "
-            f"{type(weight).__name__}{'' if weight is None else ' of shape ' + str(tuple(weight.shape))}"
+            f"sigma_reparam needs a 2-D weight matrix: {type(module).__name__}.{name} is "
+            f"{type(weight).__name__}{shape}; pass name= for the module's projection matrix"
         )
     if parametrize.is_parametrized(module, name):
         raise ValueError(f"{type(module).__name__}.{name} is already parametrized")
@@ -101,6 +112,17 @@ def _no_self_set():
         parametrize._maybe_set = original
 
 
+def is_projection(module: nn.Module) -> bool:
+    """A linear projection with a 2-D ``weight``: ``nn.Linear``, or ``transformers``' ``Conv1D``
+    (GPT-2's attention and MLP layers)."""
+    if isinstance(module, nn.Linear):
+        return True
+    weight = getattr(module, "weight", None)
+    return (
+        type(module).__name__ == "Conv1D" and isinstance(weight, nn.Parameter) and weight.ndim == 2
+    )
+
+
 def _attention_weights(
     root_path: str, root: nn.Module, all_linear: bool
 ) -> list[tuple[str, nn.Module, str]]:
@@ -109,7 +131,7 @@ def _attention_weights(
     for path, mod in root.named_modules(prefix=root_path):
         if isinstance(mod, nn.MultiheadAttention) and mod._qkv_same_embed_dim:
             out.append((path, mod, "in_proj_weight"))
-        elif isinstance(mod, nn.Linear):
+        elif is_projection(mod):
             inside_attention = any(
                 fnmatch.fnmatchcase(part.lower(), pattern)
                 for part in path.split(".")
@@ -125,9 +147,11 @@ class SigmaReparam(Mitigation):
 
     Args:
         module: path or glob of the layers (e.g. ``"blocks.*.attn"``). Reparametrised are the
-            ``nn.Linear`` layers under them whose path contains ``attn``/``attention`` (all of them
-            when the selected module itself is the attention), and ``nn.MultiheadAttention``'s
-            packed ``in_proj_weight``; ``all_linear=True`` takes every ``nn.Linear``.
+            projections (``nn.Linear``, ``transformers``' ``Conv1D`` as in GPT-2, fused ``qkv``
+            as one matrix, as the reference applies it) under them whose path contains
+            ``attn``/``attention`` (all of them when the selected module itself is the
+            attention), and ``nn.MultiheadAttention``'s packed ``in_proj_weight``;
+            ``all_linear=True`` takes every projection.
         when: ``"start"`` (at attach: before DDP wrapping and before Lightning builds optimizers)
             or ``"rule"``: at a log where ``rule`` fired, only for the layers whose metric fired.
         rule: the rule name; default the ``entropy_collapse`` rule of the ``AttentionEntropy``
@@ -179,9 +203,9 @@ class SigmaReparam(Mitigation):
         self.targets = resolve_modules(self.model, self.module, owner=repr(self))
         if not any(_attention_weights(p, m, self.all_linear) for p, m in self.targets):
             raise ValueError(
-                f"{self!r}: no attention projection (nn.Linear under an '*attn*' path, "
-                f"nn.MultiheadAttention) in {[p for p, _ in self.targets]}; select the attention "
-                "modules or pass all_linear=True"
+                f"{self!r}: no attention projection (nn.Linear or transformers Conv1D under an "
+                f"'*attn*' path, nn.MultiheadAttention) in {[p for p, _ in self.targets]}; select "
+                "the attention modules or pass all_linear=True"
             )
         if self.when == "rule" and self.rule is None:
             from ..probes.attention import AttentionEntropy
@@ -191,7 +215,8 @@ class SigmaReparam(Mitigation):
                 raise ValueError(
                     f"{self!r}: pass rule=; the monitor has AttentionEntropy probes {names}"
                 )
-            self.rule = f"{names[0]}/entropy_collapse"
+            (spec,) = (s for s in AttentionEntropy.rules if s.name == "entropy_collapse")
+            self.rule = spec.bind(names[0]).name
         if self.when == "start":
             self._apply_to(self.targets, sync_grads=False)
 

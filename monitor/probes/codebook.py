@@ -7,7 +7,7 @@ import torch
 from ..contracts import Readout
 from ..functional.codebook import dead_codes, fire_rate, usage_from_counts
 from ..pictures import Picture
-from ..reading import Reading, floating, is_index, single_index_tensor
+from ..reading import Reading, finite_rows, floating, is_index, single_index_tensor
 from ..rules import RuleSpec
 from ..stats import CodeCounts, UsageEMA, Window
 from .base import Probe
@@ -34,15 +34,35 @@ class CodebookUsage(Probe):
         warmup_steps: observed steps before any code may be called dead (the EMA starts at 0);
             default ``ceil(1 / (1 - d))``.
         dead: ``"ema"`` (default) or ``"window"`` (dead = no hit in the whole window).
+        ignore_index: the index that means "no code here": vector-quantize-pytorch writes ``-1``
+            for quantizers dropped by ``ResidualVQ(quantize_dropout=True)`` and for positions a
+            ``mask=`` leaves out. Such entries are counted in ``skipped``, never as a hit and never
+            as an error (``None``: every index must be a code).
+        pool: see :class:`~collapse_monitor.probes.Probe` (a glob over the routers of every MoE
+            layer reports each layer apart unless ``pool=True``).
 
     Reports ``perplexity`` (``exp`` of the entropy of the pooled window counts, in ``[1, K]``),
     ``perplexity_ratio`` (``perplexity / K``), ``usage`` (fraction of codes hit in the window),
-    ``dead_codes``, ``dead_fraction`` and ``samples`` (hits in the window), plus a
-    histogram ``usage_hist`` of hits per code and the mask ``dead`` ``(H, K)`` for mitigations.
+    ``dead_codes``, ``dead_fraction``, ``samples`` (hits in the window) and ``skipped``
+    (placeholder entries), plus a histogram ``usage_hist`` of hits per code and the mask ``dead``
+    ``(H, K)`` for mitigations.
     Hot path: one ``index_add_`` per call, no host sync (on the CPU, out-of-range indices raise at
     once; elsewhere they are counted, excluded and raised at the next log).
     State: ``24*H*K + O(H)`` bytes; under DDP the EMA is summed over ranks (it is linear in
     the counts), and a resumed run's ranks other than 0 start it at zero.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from collapse_monitor import CollapseMonitor, probes
+        >>> model = nn.Sequential(nn.Identity())  # stands for a quantiser returning indices
+        >>> mon = CollapseMonitor(model, [probes.CodebookUsage("0", 8, name="vq")], 1)
+        >>> with mon.observe():
+        ...     _ = model(torch.tensor([0, 1, 1, -1]))  # -1: no code here (masked)
+        >>> m = mon.step()
+        >>> m["collapse/vq/usage"], m["collapse/vq/samples"], m["collapse/vq/skipped"]
+        (0.25, 3.0, 1.0)
+        >>> mon.close()
     """
 
     reads = Reading(
@@ -74,10 +94,12 @@ class CodebookUsage(Probe):
         dead_threshold: float | None = None,
         warmup_steps: int | None = None,
         dead: str = "ema",
+        ignore_index: int | None = -1,
         name: str | None = None,
         extract=None,
+        pool: bool = False,
     ) -> None:
-        super().__init__(module, name, extract)
+        super().__init__(module, name, extract, pool=pool)
         if int(num_codes) < 1 or int(heads) < 1:
             raise ValueError(f"num_codes and heads must be >= 1, got {num_codes} and {heads}")
         if not 0.0 <= ema_decay < 1.0:
@@ -94,6 +116,7 @@ class CodebookUsage(Probe):
             int(-(-1 // (1 - self.ema_decay))) if warmup_steps is None else int(warmup_steps)
         )
         self.dead = dead
+        self.ignore_index = ignore_index
 
     def new_window(self) -> Window:
         H, K = self.heads, self.num_codes
@@ -112,27 +135,26 @@ class CodebookUsage(Probe):
                 f"expected indices of shape (..., {H}) for heads={H}, got {tuple(idx.shape)}",
             )
         idx = idx.reshape(-1, H).to(torch.int64)
+        valid = None if self.ignore_index is None else idx != self.ignore_index
         if idx.device.type == "cpu":  # checking costs no device sync here
             bad = (idx < 0) | (idx >= self.num_codes)
+            bad = bad if valid is None else bad & valid
             if bool(bad.any()):
                 raise self.error(
                     call.path,
                     f"code indices out of range [0, {self.num_codes}): {int(bad.sum())} "
-                    f"entries, min {int(idx[bad].min())}, max {int(idx[bad].max())}",
+                    f"entries, min {int(idx[bad].min())}, max {int(idx[bad].max())} "
+                    f"(ignore_index={self.ignore_index})",
                 )
-        self._count(window, idx)
+        window["counts"].update(idx, valid)
+        window["step"].update(idx, valid)
 
-    def _count(self, window, idx: torch.Tensor) -> None:
-        window["counts"].update(idx)
-        window["step"].update(idx)
+    def end_step(self, window) -> None:
+        window["ema"].advance(window["step"], self.ema_decay)
+        window["step"].reset()
 
-    def end_step(self) -> None:
-        super().end_step()
-        self.window["ema"].advance(self.window["step"], self.ema_decay)
-        self.window["step"].reset()
-
-    def on_replaced(self, mask: torch.Tensor) -> None:
-        self.window["ema"].restart(mask.to(self.window.device))
+    def on_replaced(self, window, mask: torch.Tensor) -> None:
+        window["ema"].restart(mask.to(window.device))
 
     # ----------------------------------------------------------------- readout
     def readout(self, window) -> Readout:
@@ -157,6 +179,7 @@ class CodebookUsage(Probe):
             f"dead_{self.unit}": dead.sum(-1).to(_F64),
             "dead_fraction": dead.to(_F64).mean(-1),
             "samples": stats["samples"],
+            "skipped": win.skipped.to(_F64),
             **self._extra_metrics(win),
         }
         metrics = {}
@@ -171,13 +194,15 @@ class CodebookUsage(Probe):
             metrics[self.key(f"dead_{self.unit}")] = float(dead.sum())
             metrics[self.key("dead_fraction")] = float(dead.to(_F64).mean())
             metrics[self.key("usage")] = float(stats["usage"].mean())
+            metrics[self.key("skipped")] = float(win.skipped.sum())
+        counts = win.counts.clone()  # the window is reset in place after the log
         if self.heads == 1:
-            histograms = {self.key("usage_hist"): win.counts[0]}
+            histograms = {self.key("usage_hist"): counts[0]}
         else:
             histograms = {
-                self.key("usage_hist", index=f"head_{h}"): win.counts[h] for h in range(self.heads)
+                self.key("usage_hist", index=f"head_{h}"): counts[h] for h in range(self.heads)
             }
-        return Readout(metrics, histograms, self._pictures(win.counts), {"dead": dead})
+        return Readout(metrics, histograms, self._pictures(counts), {self.key("dead"): dead})
 
     def _extra_metrics(self, win: CodeCounts) -> dict[str, torch.Tensor]:
         return {}
@@ -209,7 +234,7 @@ class LatentUsage(CodebookUsage):
     ``dead_latents`` / ``dead_fraction`` (latents that did not fire in the whole window, the SAE
     convention; ``dead="ema"`` for the EMA rule), ``usage`` (fraction that fired), ``fire_rate``
     (mean active latents per row, L0), ``perplexity`` of the firing distribution, ``samples``
-    (rows) and a ``usage_hist`` of fires per latent
+    (rows), ``skipped`` (rows with NaN or Inf, left out) and a ``usage_hist`` of fires per latent
     (:func:`~collapse_monitor.functional.latent_usage`).
 
     Args:
@@ -217,6 +242,19 @@ class LatentUsage(CodebookUsage):
         num_latents: ``L``.
         threshold: a latent fires when its activation is above this (default 0).
         dead: ``"window"`` (default) or ``"ema"`` (see :class:`CodebookUsage`).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from collapse_monitor import CollapseMonitor, probes
+        >>> model = nn.Sequential(nn.ReLU())
+        >>> mon = CollapseMonitor(model, [probes.LatentUsage("0", 4, name="sae")], 1)
+        >>> with mon.observe():
+        ...     _ = model(torch.tensor([[1.0, 2.0, -1.0, -1.0], [1.0, 0.0, -1.0, -1.0]]))
+        >>> m = mon.step()
+        >>> m["collapse/sae/dead_latents"], m["collapse/sae/fire_rate"]
+        (2.0, 1.5)
+        >>> mon.close()
     """
 
     reads = Reading("floating-point latent activations (..., L)", floating(1), hint="activations")
@@ -241,7 +279,9 @@ class LatentUsage(CodebookUsage):
         extract=None,
         **kwargs,
     ) -> None:
-        super().__init__(module, num_latents, dead=dead, name=name, extract=extract, **kwargs)
+        super().__init__(
+            module, num_latents, dead=dead, ignore_index=None, name=name, extract=extract, **kwargs
+        )
         self.threshold = float(threshold)
 
     def update(self, window, acts, call) -> None:
@@ -249,11 +289,13 @@ class LatentUsage(CodebookUsage):
             raise self.error(
                 call.path, f"expected activations (..., {self.num_codes}), got {tuple(acts.shape)}"
             )
-        fires = acts.detach().reshape(-1, self.num_codes) > self.threshold
+        acts = acts.detach().reshape(-1, self.num_codes)
+        finite = finite_rows(acts)
+        fires = (acts > self.threshold) & finite[:, None]
         hits = fires.sum(0, dtype=torch.int64)[None]
-        rows = torch.full((1,), fires.shape[0], dtype=torch.int64, device=fires.device)
+        rows = finite.sum(dtype=torch.int64)[None]
         for name in ("counts", "step"):
-            window[name].add_counts(hits, rows)
+            window[name].add_counts(hits, rows, (~finite).sum()[None])
 
     def _extra_metrics(self, win: CodeCounts) -> dict[str, torch.Tensor]:
         return {"fire_rate": fire_rate(win.counts, win.rows), "samples": win.rows.to(_F64)}

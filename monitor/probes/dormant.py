@@ -2,29 +2,92 @@
 
 from __future__ import annotations
 
+from torch import nn
+
 from ..contracts import Readout
-from ..functional.logits import dormant_from_activity
+from ..functional.units import dormant_from_activity
 from ..pictures import Picture
-from ..reading import Reading, first_tensor, floating
+from ..reading import Reading, finite_rows, first_tensor, floating
 from ..rules import RuleSpec
 from ..stats import UnitActivity, Window
-from .base import Probe
+from .base import Probe, layer_name
+
+# where the units (channels) are in the outputs of module types with a known layout
+_CHANNELS_FIRST = (
+    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d,
+    nn.InstanceNorm3d, nn.GroupNorm,
+)  # fmt: skip
+_CHANNELS_LAST = (nn.Linear, nn.Bilinear, nn.LayerNorm, nn.RMSNorm, nn.Embedding)
+
+
+def known_layout(module: nn.Module) -> int | None:
+    """The unit axis of ``module``'s output by its type: 1 (channels first: convolutions, batch
+    and group norms), -1 (channels last: linear layers, ``transformers``' ``Conv1D``, layer norms),
+    None when the type does not say."""
+    if isinstance(module, _CHANNELS_FIRST):
+        return 1
+    if isinstance(module, _CHANNELS_LAST) or type(module).__name__ == "Conv1D":
+        return -1
+    return None
+
+
+def unit_axis(model: nn.Module, path: str, module: nn.Module) -> int | None:
+    """The unit axis of a module's output: from its type; for a module without a known layout
+    (an activation), from the nearest layer before it in an ``nn.Sequential``, or from its
+    parent's layers when they all share one layout; None when nothing tells."""
+    axis = known_layout(module)
+    if axis is not None or not path:
+        return axis
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path)
+    if isinstance(parent, nn.Sequential):
+        names = [n for n, _ in parent.named_children()]
+        for name in reversed(names[: names.index(child)]):
+            layouts = {known_layout(m) for m in parent.get_submodule(name).modules()} - {None}
+            if len(layouts) == 1:
+                return layouts.pop()
+            if layouts:
+                return None
+        return None
+    layouts = {known_layout(m) for m in parent.modules() if m is not parent} - {None}
+    return layouts.pop() if len(layouts) == 1 else None
 
 
 class DormantUnits(Probe):
     """τ-dormant units per layer, from post-activation outputs.
 
     Select the modules whose output is the activation (``"net.*.act"``, or Linear/Conv layers
-    followed by nothing); units are the last dimension of ``(..., H)`` outputs and the channel
-    dimension of 4-D/5-D conv outputs. Reports per layer ``<layer>/dormant_fraction`` (score
-    ``E|h_i| / mean_k E|h_k| <= tau``) and ``<layer>/mean_abs`` (the raw ``E|h|``: a whole-layer
-    shrink is invisible in the relative score), plus ``dormant_fraction`` over all units
-    (:func:`~collapse_monitor.functional.dormant_units`); the mask ``<layer>`` of dormant units
-    for ``ReDo``.
+    followed by nothing). Units are the channel axis: dimension 1 of convolution outputs,
+    the last one of linear outputs, ``channel_dim`` when given; for an activation module the
+    layout comes from the layer before it in an ``nn.Sequential`` or from its parent's layers.
+    An output of 3 or more dimensions whose unit axis nothing tells is an error that says to
+    pass ``channel_dim``. Reports per layer ``<layer>/dormant_fraction`` (score
+    ``E|h_i| / mean_k E|h_k| <= tau``), ``<layer>/mean_abs`` (the raw ``E|h|``: a whole-layer
+    shrink is invisible in the relative score) and ``<layer>/skipped`` (rows with NaN or Inf,
+    left out), plus ``dormant_fraction`` over all units
+    (:func:`~collapse_monitor.functional.dormant_units`); the mask ``<layer>/dormant`` for ReDo.
 
     Args:
         module: a path or glob of the activation modules.
         tau: the dormancy threshold on the score.
+        channel_dim: the unit axis of every selected module's output (``1``: channels first,
+            NCHW; ``-1``: channels last, NHWC or ``(B, T, H)``); default: from the layout.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from collapse_monitor import CollapseMonitor, probes
+        >>> model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU())
+        >>> with torch.no_grad():
+        ...     _ = model[0].bias.copy_(torch.tensor([-9.0, 1.0, 1.0, 1.0]))
+        ...     _ = model[0].weight.zero_()
+        >>> mon = CollapseMonitor(model, [probes.DormantUnits("1", name="units")], 1)
+        >>> with mon.observe():
+        ...     _ = model(torch.randn(2, 3, 5, 5))
+        >>> mon.step()["collapse/units/1/dormant_fraction"]  # channel 0 never fires
+        0.25
+        >>> mon.close()
     """
 
     reads = Reading(
@@ -34,6 +97,7 @@ class DormantUnits(Probe):
         hint="activations",
     )
     every_step = True  # O(B*D) per update
+    per_layer = True
     rules = (
         RuleSpec(
             "*/dormant_fraction",
@@ -45,19 +109,42 @@ class DormantUnits(Probe):
     )
 
     def __init__(
-        self, module: str, tau: float = 0.025, name: str | None = None, extract=None
+        self,
+        module: str,
+        tau: float = 0.025,
+        channel_dim: int | None = None,
+        name: str | None = None,
+        extract=None,
     ) -> None:
         super().__init__(module, name, extract)
         self.tau = float(tau)
+        self.channel_dim = channel_dim
+        self.axes: dict[str, int | None] = {}
+
+    def on_attach(self, setup, found) -> None:
+        self.axes = {
+            path: self.channel_dim if self.channel_dim is not None
+            else unit_axis(setup.model, path, mod)
+            for path, mod in found
+        }  # fmt: skip
 
     def new_window(self) -> Window:
-        return Window({layer: UnitActivity() for layer in self.paths})
+        return Window({layer_name(p): UnitActivity() for p in self.paths})
 
     def update(self, window, a, call) -> None:
-        a = a.detach()
-        a = a.movedim(1, -1) if a.ndim in (4, 5) else a
+        axis = -1 if a.ndim == 2 else self.axes[call.path]
+        if axis is None:
+            raise self.error(
+                call.path,
+                f"{type(call.module).__name__} output of shape {tuple(a.shape)}: its unit "
+                "(channel) axis is not known from the model; pass channel_dim=1 (channels "
+                "first, NCHW) or channel_dim=-1 (channels last: NHWC, (B, T, H))",
+            )
+        a = a.detach().movedim(axis, -1)
+        a = a.reshape(-1, a.shape[-1])
+        stat = window[layer_name(call.path)]
         try:
-            window[call.path].update(a.reshape(-1, a.shape[-1]))
+            stat.update(a, finite_rows(a))
         except ValueError as exc:  # a unit count that changed: say which layer
             raise self.error(call.path, str(exc)) from None
 
@@ -65,10 +152,11 @@ class DormantUnits(Probe):
         metrics, masks, pictures = {}, {}, {}
         total = dormant = 0
         for layer, st in window.items():
+            metrics[self.key("skipped", layer)] = float(st.skipped)
             if not st.rows.item():
                 continue
             r = dormant_from_activity(st.abs_sum, st.rows.item(), self.tau)
-            masks[layer] = r["dormant"]
+            masks[self.key("dormant", layer)] = r["dormant"]
             metrics[self.key("dormant_fraction", layer)] = r["dormant_fraction"]
             metrics[self.key("mean_abs", layer)] = r["mean_abs"]
             total += r["dormant"].numel()

@@ -11,7 +11,7 @@ from ..functional.logits import logit_health_from_sums
 from ..hooks import HookSet
 from ..reading import Reading, first_tensor, floating
 from ..rules import RuleSpec
-from ..stats import LogitSums, Window, to_device
+from ..stats import LogitSums, Window
 from .base import Probe
 
 
@@ -20,7 +20,8 @@ class LogitHealth(Probe):
 
     Reads the logits ``(..., C)`` at the module's output (the first tensor of a tuple output;
     ``extract=`` otherwise); targets from ``observe(targets=...)`` are optional
-    (``zero_loss_fraction``; ``ignore_index`` skipped).
+    (``zero_loss_fraction``; ``ignore_index`` skipped; ``target_shift`` aligns next-token labels
+    as :class:`NeuralCollapse` does). Rows with NaN or Inf are counted in ``skipped`` and left out.
 
     Args:
         module: the module whose output are the logits (the LM or classifier head).
@@ -30,12 +31,29 @@ class LogitHealth(Probe):
             (``collapse_monitor.losses.stablemax_cross_entropy``): ``softmax_collapse`` and
             ``zero_loss_fraction`` then test that StableMax saturates (probability exactly 1 in
             float64).
+        ignore_index: target value that is skipped (padding).
+        target_shift: ``s > 0`` pairs ``logits[..., :-s, :]`` with ``targets[..., s:]`` (pass the
+            unshifted ``labels`` of a causal LM: ``target_shift=1``).
         nlm: also report ``nlm_cosine``, the cosine between ``-grad W`` and the weight ``W`` of
             the head (an ``nn.Linear``), read from its gradient on logging steps only.
+        pool: see :class:`~collapse_monitor.probes.Probe`.
 
     Reports ``softmax_collapse`` (fraction of rows whose shifted exp-sum equals 1 exactly),
     ``zero_loss_fraction``, ``log_z_mean``, ``log_z_max``, ``logit_max``, ``logit_norm`` (mean L2
-    norm), ``nlm_cosine``, ``samples`` (:func:`~collapse_monitor.functional.logit_health`).
+    norm), ``nlm_cosine``, ``samples``, ``skipped``
+    (:func:`~collapse_monitor.functional.logit_health`).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from collapse_monitor import CollapseMonitor, probes
+        >>> model = nn.Sequential(nn.Identity())  # stands for the LM head
+        >>> mon = CollapseMonitor(model, [probes.LogitHealth("0", name="logits")], 1)
+        >>> with mon.observe():  # row 0: a gap of 200 makes float32's softmax exactly one-hot
+        ...     _ = model(torch.tensor([[200.0, 0.0, 0.0], [1.0, 0.0, 0.0]]))
+        >>> mon.step()["collapse/logits/softmax_collapse"]
+        0.5
+        >>> mon.close()
     """
 
     reads = Reading("floating-point logits (..., C)", floating(1), find=first_tensor, hint="logits")
@@ -63,54 +81,55 @@ class LogitHealth(Probe):
         module: str,
         softmax_dtype: torch.dtype | None = None,
         ignore_index: int = -100,
+        target_shift: int = 0,
         nlm: bool = True,
         loss: str = "softmax",
         name: str | None = None,
         extract=None,
+        pool: bool = False,
     ) -> None:
-        super().__init__(module, name, extract)
+        super().__init__(module, name, extract, pool=pool)
         if loss not in ("softmax", "stablemax"):
             raise ValueError(f"loss must be 'softmax' or 'stablemax', got {loss!r}")
+        if target_shift < 0:
+            raise ValueError(f"target_shift must be >= 0, got {target_shift}")
         self.loss = loss
         self.softmax_dtype = softmax_dtype
         self.ignore_index = ignore_index
+        self.target_shift = int(target_shift)
         self.nlm = nlm
-        self._nlm_hooks = HookSet()  # one gradient hook, armed for a logging step's backward
+        self._nlm_hooks = HookSet()  # gradient hooks armed for a logging step's backward
+        self._nlm_armed: set[int] = set()
 
     def new_window(self) -> Window:
         return Window({"sums": LogitSums()})
 
     def update(self, window, z, call) -> None:
-        z = z.detach().reshape(-1, z.shape[-1])
+        z, y = self.aligned_targets(z, call, "targets", self.target_shift)
         if not z.shape[0]:
             return
-        dtype = self.softmax_dtype or torch.promote_types(z.dtype, torch.float32)
-        targets = self.keyword("targets", call.path)
-        if targets is not None:
-            y = to_device(torch.as_tensor(targets), z.device).reshape(-1)
-            if y.numel() != z.shape[0]:
-                raise self.error(
-                    call.path, f"targets of {y.numel()} entries for {z.shape[0]} logit rows"
-                )
-            targets = torch.where(y != self.ignore_index, y, -1)
-        window["sums"].update(z, dtype, self.loss, targets)
+        if y is not None:
+            y = torch.where(y != self.ignore_index, y, -1)
+        window["sums"].update(z, self.softmax_dtype, self.loss, y)
         head = call.module
         if self.nlm and self._recording.logging and isinstance(head, nn.Linear):
-            if not len(self._nlm_hooks) and head.weight.requires_grad:
-                self._nlm_hooks.tensor(head.weight, lambda g: self._nlm(g, head.weight))
+            if id(head) not in self._nlm_armed and head.weight.requires_grad:
+                self._nlm_armed.add(id(head))
+                weight = head.weight
+                self._nlm_hooks.tensor(weight, lambda g: self._nlm(window, g, weight))
 
-    def _nlm(self, grad, weight) -> None:
-        self._nlm_hooks.remove()  # one backward per logging step
+    def _nlm(self, window, grad, weight) -> None:
         if not self.disabled:
-            self.guarded(self._add_nlm, grad, weight)
+            self.guarded(self._add_nlm, window, grad, weight)
 
-    def _add_nlm(self, grad, weight) -> None:
+    def _add_nlm(self, window, grad, weight) -> None:
         cos = torch.nn.functional.cosine_similarity(-grad.flatten(), weight.flatten(), dim=0)
-        self.window["sums"].add_nlm(cos)
+        window["sums"].add_nlm(cos)
 
-    def end_step(self) -> None:
-        super().end_step()
-        self._nlm_hooks.remove()  # a logging step without backward (evaluation)
+    def end_step(self, window) -> None:
+        # one backward per logging step; also a logging step without backward (evaluation)
+        self._nlm_hooks.remove()
+        self._nlm_armed.clear()
 
     def detach(self) -> None:
         super().detach()
@@ -127,6 +146,7 @@ class LogitHealth(Probe):
             s.logit_norm.item(),
             s.target_rows.item(),
             s.zero_loss.item(),
+            s.skipped.item(),
         )
         if s.nlm_count.item():
             out["nlm_cosine"] = (s.nlm_cos / s.nlm_count).item()

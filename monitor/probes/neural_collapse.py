@@ -10,12 +10,13 @@ from ..contracts import Readout
 from ..functional.neural_collapse import (
     group_variance_ratio,
     metrics_from_class_statistics,
+    nearest_class_center,
     nearest_class_center_mismatch,
 )
 from ..pictures import Picture
-from ..reading import Reading, floating
+from ..reading import Reading, finite_rows, floating
 from ..rules import RuleSpec
-from ..stats import ClassMoments, Counter, Window, to_device
+from ..stats import ClassMoments, Counter, Window
 from .base import Call, Probe
 
 _F64 = torch.float64
@@ -39,7 +40,8 @@ class NeuralCollapse(Probe):
             not reported.
         ignore_index: target value that is skipped (padding in language models).
         target_shift: ``s > 0`` pairs ``features[..., :-s, :]`` with ``targets[..., s:]``
-            (hidden state at position t, next-token label; pass unshifted ``labels``).
+            (hidden state at position t, next-token label; pass unshifted ``labels``); see
+            :meth:`~collapse_monitor.probes.Probe.aligned_targets`.
         min_class_count: classes with fewer samples in a window are left out (and counted).
         ncc_max_rows: rows per forward call used for the lagged NC4 (the first ones); 0 turns
             NC4 off. Cost per call is ``rows x C x D`` multiply-adds.
@@ -59,6 +61,19 @@ class NeuralCollapse(Probe):
         ValueError: (at the hook) labels outside ``[0, C)`` (on an accelerator: at the next log,
             where checking costs no extra sync), targets that do not match the features, or a
             feature dimension that changes.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from collapse_monitor import CollapseMonitor, probes
+        >>> head = nn.Linear(3, 3)
+        >>> mon = CollapseMonitor(nn.Sequential(head), [probes.NeuralCollapse("0", 3, name="nc")], 1)
+        >>> y = torch.arange(30) % 3
+        >>> with mon.observe(targets=y):  # features = their class's one-hot: collapsed
+        ...     _ = mon.model(torch.eye(3)[y])
+        >>> round(mon.step()["collapse/nc/nc1"], 12)
+        0.0
+        >>> mon.close()
     """
 
     reads = Reading(
@@ -129,50 +144,33 @@ class NeuralCollapse(Probe):
         return Window({"moments": ClassMoments(self.num_classes), "counts": Counter(_COUNTERS)})
 
     # ----------------------------------------------------------------- hot path
-    def _rows(self, feats: torch.Tensor, call: Call):
-        """Features ``(N, D)``, labels ``(N,)`` and, when the output is the classifier's logits,
-        logits ``(N, C)``, aligned by ``target_shift``."""
-        targets = torch.as_tensor(self.keyword(self.target_key, call.path))
-        if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
-            raise self.error(
-                call.path,
-                f"{self.target_key} must be integer class indices, got dtype {targets.dtype}",
-            )
-        output = call.output
-        logits = (
-            output
-            if self.read == "input"
+    def _logits(self, feats: torch.Tensor, call: Call) -> torch.Tensor | None:
+        """The classifier's logits rows when the probed module is the classifier read at its
+        input (NC4 then needs no extra GEMM), aligned like the features."""
+        out = call.output
+        if not (
+            self.read == "input"
             and self.extract is None
             and call.module is self.classifier
-            and isinstance(output, torch.Tensor)
-            and output.shape[:-1] == feats.shape[:-1]
-            else None
-        )
-        s = self.target_shift
-        if s:
-            if feats.ndim < 3:
-                raise self.error(
-                    call.path, f"target_shift needs (B, T, D) features, got {tuple(feats.shape)}"
-                )
-            feats, targets = feats[..., :-s, :], targets[..., s:]
-            logits = None if logits is None else logits[..., :-s, :]
-        if tuple(targets.shape) != tuple(feats.shape[:-1]):
-            raise self.error(
-                call.path,
-                f"{self.target_key} of shape {tuple(targets.shape)} do not match features of "
-                f"shape {tuple(feats.shape)} (expected {tuple(feats.shape[:-1])})",
-            )
-        x = feats.detach().reshape(-1, feats.shape[-1])
-        y = to_device(targets.reshape(-1), x.device).to(torch.int64)
-        if logits is not None:
-            logits = logits.detach().reshape(-1, logits.shape[-1])
-        return x, y, logits
+            and isinstance(out, torch.Tensor)
+            and out.shape[:-1] == feats.shape[:-1]
+        ):
+            return None
+        out = out[..., : out.shape[-2] - self.target_shift, :] if self.target_shift else out
+        return out.detach().reshape(-1, out.shape[-1])
 
     def update(self, window, feats, call) -> None:
-        x, y, logits = self._rows(feats, call)
+        if feats.ndim > 3:
+            raise self.error(
+                call.path,
+                f"features of shape {tuple(feats.shape)}: expected (N, D) or (B, T, D) with the "
+                "feature axis last; pool or flatten convolutional maps first, or pass extract=",
+            )
+        x, y = self.aligned_targets(feats, call, self.target_key, self.target_shift)
+        logits = self._logits(feats, call)
         counts = window["counts"]
         valid = y != self.ignore_index
-        finite = torch.isfinite(x).all(1)
+        finite = finite_rows(x)
         counts.add("skipped_nonfinite", (valid & ~finite).sum())
         valid &= finite
         bad = valid & ((y < 0) | (y >= self.num_classes))
@@ -202,8 +200,7 @@ class NeuralCollapse(Probe):
                 xs, centers, classes, self.classifier.weight, self.classifier.bias
             )
         else:
-            ncc = classes[(sq - 2 * xs.to(_F64) @ centers.T).argmin(1)]
-            mismatch = ncc != logits[:k].argmax(1)
+            mismatch = nearest_class_center(xs, centers, classes, sq) != logits[:k].argmax(1)
         counts.add("ncc_mismatch", (mismatch & rows).sum())
         counts.add("ncc_total", rows.sum())
 
@@ -254,13 +251,13 @@ class NeuralCollapse(Probe):
             )
         }
 
-    def end_window(self, reduced) -> None:
+    def end_window(self, window, reduced) -> None:
         moments = reduced["moments"]
         used = moments.count >= self.min_class_count
         if moments.dim and int(used.sum()) >= 2:
             self._set_lag(used, moments.means()[used])
-        self.window["moments"].end_window(moments)
-        self.window["counts"].reset()
+        window["moments"].end_window(moments)
+        window["counts"].reset()
 
     def _set_lag(self, used: torch.Tensor, centers: torch.Tensor) -> None:
         used = used.to(self.device)
@@ -301,6 +298,19 @@ class GroupCollapse(NeuralCollapse):
     constant within each group), plus the NC statistics over groups (``nc1``, ``nc1_quotient``,
     ``cdnv``, ``equinorm_features``, ``equiangular``, ``cos_std``, ``classes_used``,
     ``samples``).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from collapse_monitor import CollapseMonitor, probes
+        >>> model = nn.Sequential(nn.Identity())
+        >>> mon = CollapseMonitor(model, [probes.GroupCollapse("0", 2, name="site")], 1)
+        >>> site = torch.arange(40) % 2
+        >>> with mon.observe(groups=site):  # features that only say which site
+        ...     _ = model(torch.stack([site, 1 - site], 1).float())
+        >>> mon.step()["collapse/site/group_variance_ratio"]
+        1.0
+        >>> mon.close()
     """
 
     keywords = {"groups": True}

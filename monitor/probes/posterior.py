@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -9,7 +10,7 @@ import torch
 from ..contracts import Readout
 from ..functional import representation as R
 from ..pictures import Picture
-from ..reading import Reading
+from ..reading import Reading, finite_rows
 from ..rules import RuleSpec
 from ..stats import Moments, PosteriorSums, Window
 from .base import Probe
@@ -17,14 +18,25 @@ from .base import Probe
 _F64 = torch.float64
 
 
+class Gaussian(tuple):
+    """``(mu, logvar)`` of a diagonal Gaussian posterior, with ``latent_dims``: how many trailing
+    dimensions hold the latent (a distribution's event dimensions; None when not stated)."""
+
+    latent_dims: int | None = None
+
+
 def mu_logvar(output):
-    """``(mu, logvar)`` of a posterior: a ``Normal`` (also inside ``Independent``), a dict with
-    ``mu`` and ``logvar`` (or ``log_var``), or a tuple/list of two tensors; else the output."""
-    dist = output
-    if isinstance(dist, torch.distributions.Independent):
+    """``(mu, logvar)`` of a posterior: a ``Normal`` (its latent axes are the event dimensions of
+    an ``Independent`` around it), a dict with ``mu`` and ``logvar`` (or ``log_var``), or a
+    tuple/list of two tensors; else the output."""
+    dist, event = output, 0
+    while isinstance(dist, torch.distributions.Independent):
+        event += dist.reinterpreted_batch_ndims
         dist = dist.base_dist
     if isinstance(dist, torch.distributions.Normal):
-        return dist.loc, 2 * dist.scale.log()
+        found = Gaussian((dist.loc, 2 * dist.scale.log()))
+        found.latent_dims = event or None
+        return found
     if isinstance(output, Mapping):
         logvar = output.get("logvar", output.get("log_var"))
         return output if "mu" not in output or logvar is None else (output["mu"], logvar)
@@ -54,11 +66,33 @@ class PosteriorCollapse(Probe):
         num_smallest: how many of the lowest per-dimension KLs to log as ``kl/dim_<j>`` scalars.
         passive_delta, active_delta, polarised_fraction: see
             :func:`collapse_monitor.functional.posterior_collapse`.
+        latent_dims: how many trailing dimensions of ``mu`` hold the latent (``3`` for a
+            convolutional latent ``(B, C, H, W)``); default: the event dimensions of an
+            ``Independent`` posterior, else ``1`` for ``mu`` of 1 or 2 dimensions. A ``mu`` of
+            more dimensions without either is an error (its latent axes are not known).
+        pool: see :class:`~collapse_monitor.probes.Probe`.
 
     Reports ``kl_total`` (nats, ``E_x sum_j KL_j``), ``kl/dim_<j>`` for the ``num_smallest`` lowest,
     ``active_units``, ``active_fraction``, ``units_passive`` / ``units_active`` / ``units_mixed``
     (polarised regime), ``collapsed_units`` (``KL_j < 0.01``), ``samples``, ``skipped_nonfinite``;
     histograms ``kl`` (per dimension) and ``log10_activity`` (Burda's bimodal plot).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from torch.distributions import Independent, Normal
+        >>> from collapse_monitor import CollapseMonitor, probes
+        >>> class Encoder(nn.Module):  # a (B, 2, 4, 4) latent; channel 1 is the prior
+        ...     def forward(self, x):
+        ...         loc = torch.stack([x, torch.zeros_like(x)], 1)
+        ...         return Independent(Normal(loc, torch.ones_like(loc)), 3)
+        >>> model = nn.Sequential(Encoder())
+        >>> mon = CollapseMonitor(model, [probes.PosteriorCollapse("0", name="vae")], 1)
+        >>> with mon.observe():
+        ...     _ = model(torch.randn(64, 4, 4))
+        >>> mon.step()["collapse/vae/active_fraction"]  # 16 of the 32 latent dimensions
+        0.5
+        >>> mon.close()
     """
 
     reads = Reading(
@@ -87,10 +121,15 @@ class PosteriorCollapse(Probe):
         passive_delta: float = 0.1,
         active_delta: float = 0.5,
         polarised_fraction: float = 0.95,
+        latent_dims: int | None = None,
         name: str | None = None,
         extract=None,
+        pool: bool = False,
     ) -> None:
-        super().__init__(module, name, extract)
+        super().__init__(module, name, extract, pool=pool)
+        if latent_dims is not None and latent_dims < 1:
+            raise ValueError(f"latent_dims must be >= 1, got {latent_dims}")
+        self.latent_dims = latent_dims
         self.active_threshold = float(active_threshold)
         self.num_smallest = int(num_smallest)
         self.passive_delta = float(passive_delta)
@@ -100,10 +139,34 @@ class PosteriorCollapse(Probe):
     def new_window(self) -> Window:
         return Window({"mu": Moments(diagonal=True), "sums": PosteriorSums()})
 
+    def _latent_dims(self, pair, call) -> int:
+        stated = pair.latent_dims if isinstance(pair, Gaussian) else None
+        if self.latent_dims is not None:
+            if stated is not None and stated != self.latent_dims:
+                raise self.error(
+                    call.path,
+                    f"latent_dims={self.latent_dims} but the posterior's event dimensions are "
+                    f"{stated} (mu of shape {tuple(pair[0].shape)})",
+                )
+            return self.latent_dims
+        if stated is not None:
+            return stated
+        if pair[0].ndim <= 2:
+            return 1
+        raise self.error(
+            call.path,
+            f"mu of shape {tuple(pair[0].shape)}: which trailing dimensions hold the latent is "
+            "not known; pass latent_dims= (3 for a (B, C, H, W) latent) or return "
+            "torch.distributions.Independent(Normal(loc, scale), <event dims>)",
+        )
+
     def update(self, window, pair, call) -> None:
-        d = pair[0].shape[-1]
+        k = self._latent_dims(pair, call)
+        if k > pair[0].ndim:
+            raise self.error(call.path, f"latent_dims={k} for mu of shape {tuple(pair[0].shape)}")
+        d = math.prod(pair[0].shape[pair[0].ndim - k :])
         mu, logvar = (t.detach().reshape(-1, d) for t in pair)
-        finite = torch.isfinite(mu).all(1) & torch.isfinite(logvar).all(1)
+        finite = finite_rows(mu) & finite_rows(logvar)
         mu = torch.where(finite[:, None], mu, 0.0)
         logvar = torch.where(finite[:, None], logvar, 0.0)
         window["mu"].update(mu, finite)

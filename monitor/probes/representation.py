@@ -7,9 +7,9 @@ import torch
 from ..contracts import Readout
 from ..functional import representation as R
 from ..pictures import Picture
-from ..reading import Reading, floating
+from ..reading import Reading, finite_rows, floating
 from ..rules import RuleSpec
-from ..stats import Counter, Moments, Window, to_device
+from ..stats import Counter, Moments, Window, WindowView, to_device
 from .base import Probe
 
 _F64 = torch.float64
@@ -33,6 +33,7 @@ class RepresentationRank(Probe):
         reference: ``(N_ref, D)`` reference embeddings, or a ``(mean, covariance)`` pair from
             :meth:`frozen`: adds ``variance_ratio`` (``tr Σ / tr Σ_ref``) and
             ``frechet_distance`` (METRICS.md section 9). Sketched along with the embeddings.
+        pool: see :class:`~collapse_monitor.probes.Probe`.
 
     Reports ``erank`` (Roy & Vetterli, centred covariance), ``rankme`` (uncentred singular values
     from the streamed ``Z'Z``), ``norm_std`` (≈1 healthy, →0 collapsed), ``samples``,
@@ -41,6 +42,18 @@ class RepresentationRank(Probe):
     singular values down to about ``sqrt(D * eps64) * sigma_max``; below that (exactly
     rank-deficient float32 embeddings) RankMe is that of embeddings within that relative distance
     of the input (see :func:`~collapse_monitor.functional.representation.spectrum_metrics`).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from collapse_monitor import CollapseMonitor, probes
+        >>> model = nn.Sequential(nn.Identity())
+        >>> mon = CollapseMonitor(model, [probes.RepresentationRank("0", name="emb")], 1)
+        >>> with mon.observe():  # every embedding on one line: complete collapse
+        ...     _ = model(torch.linspace(1, 2, 50)[:, None] * torch.ones(1, 8))
+        >>> round(mon.step()["collapse/emb/erank"], 6)
+        1.0
+        >>> mon.close()
     """
 
     reads = Reading(
@@ -65,8 +78,9 @@ class RepresentationRank(Probe):
         seed: int = 0,
         name: str | None = None,
         extract=None,
+        pool: bool = False,
     ) -> None:
-        super().__init__(module, name, extract, read)
+        super().__init__(module, name, extract, read, pool)
         if sketch_dim < 1:
             raise ValueError(f"sketch_dim must be >= 1, got {sketch_dim}")
         self.sketch_dim = int(sketch_dim)
@@ -96,14 +110,22 @@ class RepresentationRank(Probe):
         self.sketch = to_device(self.sketch, z.device)
         return z.to(_F64) @ self.sketch
 
-    def frozen(self, group=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(mean, covariance)`` of the current window (all-reduced): a reference for later runs."""
-        m = self.window.reduced(group)["moments"]
+    def frozen(self, group=None, scope: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mean (D,), covariance (D, D))`` float64 of the current window over all ranks (a
+        collective: call it on every rank): a reference for later runs. ``scope``: the module,
+        for a glob kept per module."""
+        m = WindowView(self.window.reduced(group), scope)["moments"]
         return m.mean(), m.scatter() / max(m.n - 1, 1)
 
     def update(self, window, z, call) -> None:
+        if z.ndim > 3:
+            raise self.error(
+                call.path,
+                f"embeddings of shape {tuple(z.shape)}: expected (N, D) or (B, T, D) with the "
+                "feature axis last; pool or flatten convolutional maps first, or pass extract=",
+            )
         z = z.detach().reshape(-1, z.shape[-1])
-        finite = torch.isfinite(z).all(1)
+        finite = finite_rows(z)
         window["counts"].add("skipped_nonfinite", (~finite).sum())
         z = torch.where(finite[:, None], z, 0.0)
         window["moments"].update(self.project(z), finite)

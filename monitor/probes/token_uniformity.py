@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 
 from ..contracts import Readout
-from ..functional.logits import token_uniformity_from_sums
+from ..functional.depth import token_uniformity_from_sums
 from ..pictures import Picture
 from ..reading import Reading, first_tensor
 from ..rules import RuleSpec
-from ..stats import TokenUniformitySums, Window, to_device
-from .base import Probe
+from ..stats import TokenUniformitySums, Window
+from .base import Probe, layer_name
 
 
 def _is_hidden(value) -> bool:
@@ -20,18 +20,34 @@ def _is_hidden(value) -> bool:
 class TokenUniformity(Probe):
     """Per block, how alike the tokens of a sequence are.
 
-    Reads each selected module's output ``(B, T, D)`` (or the first tensor of a tuple output);
-    padding from ``observe(mask=...)`` (``(B, T)``, true for real tokens). Reports per layer
-    ``<layer>/rho`` (mean token cosine, 1 = all tokens aligned; inflated by a shared offset) and
-    ``<layer>/r_f`` (Frobenius residual after removing the token mean, 0 = identical tokens),
-    averaged over sequences with at least 2 tokens
-    (:func:`~collapse_monitor.functional.mean_token_uniformity`).
+    Reads each selected module's output ``(B, T, D)`` (or the first tensor of a tuple output).
+    Padding: ``observe(mask=...)`` ``(B, T)`` true for real tokens, else the model's own
+    ``attention_mask`` input (``transformers`` models), right-aligned to ``T``; without either,
+    every token counts. Reports per layer ``<layer>/rho`` (mean token cosine, 1 = all tokens
+    aligned; inflated by a shared offset), ``<layer>/r_f`` (Frobenius residual after removing the
+    token mean, 0 = identical tokens), averaged over sequences with at least 2 real tokens
+    (:func:`~collapse_monitor.functional.mean_token_uniformity`), and ``<layer>/skipped``
+    (sequences with NaN or Inf, left out).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from collapse_monitor import CollapseMonitor, probes
+        >>> model = nn.Sequential(nn.Identity())
+        >>> mon = CollapseMonitor(model, [probes.TokenUniformity("0", name="tok")], 1)
+        >>> with mon.observe():
+        ...     _ = model(torch.ones(2, 5, 3))  # every token the same
+        >>> mon.step()["collapse/tok/0/r_f"]
+        0.0
+        >>> mon.close()
     """
 
     reads = Reading(
         "floating-point hidden states (B, T, D)", _is_hidden, find=first_tensor, hint="hidden"
     )
     keywords = {"mask": False}
+    per_layer = True
+    uses_token_mask = True
     rules = (
         RuleSpec(
             "*/r_f",
@@ -43,26 +59,20 @@ class TokenUniformity(Probe):
     )
 
     def new_window(self) -> Window:
-        return Window({layer: TokenUniformitySums() for layer in self.paths})
+        return Window({layer_name(p): TokenUniformitySums() for p in self.paths})
 
     def update(self, window, x, call) -> None:
-        mask = self.keyword("mask", call.path)
-        if mask is not None:
-            if tuple(mask.shape) != tuple(x.shape[:2]):
-                raise self.error(
-                    call.path,
-                    f"mask of shape {tuple(mask.shape)} for hidden states {tuple(x.shape)}",
-                )
-            mask = to_device(mask, x.device)
-        window[call.path].update(x.detach(), mask)
+        mask = self.token_mask(call.path, x.shape[0], x.shape[1], x.device)
+        window[layer_name(call.path)].update(x.detach(), mask)
 
     def readout(self, window) -> Readout:
         metrics, depth = {}, []
-        for layer in self.paths:  # model order
+        for layer in map(layer_name, self.paths):  # model order
             st = window[layer]
             means = token_uniformity_from_sums(st.sequences.item(), st.rho.item(), st.r_f.item())
             for name, value in means.items():
                 metrics[self.key(name, layer)] = value
+            metrics[self.key("skipped", layer)] = float(st.skipped)
             if means:
                 depth.append(means["r_f"])
         pictures = {}

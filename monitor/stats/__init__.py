@@ -9,7 +9,7 @@ from .depth import TokenUniformitySums
 from .logits import LogitSums
 from .posterior import PosteriorSums
 from .units import UnitActivity
-from .window import Window
+from .window import Window, WindowView
 
 __all__ = [
     "ClassMoments",
@@ -24,6 +24,7 @@ __all__ = [
     "UnitActivity",
     "UsageEMA",
     "Window",
+    "WindowView",
     "agree_sizes",
     "to_device",
 ]

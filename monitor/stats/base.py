@@ -89,11 +89,24 @@ class Statistic:
         self._states[name] = (tuple(shape), dtype, reduce)
         setattr(self, name, self._default(name))
 
+    def _extent(self, name: str) -> tuple[int, ...]:
+        shape = self._states[name][0]
+        return tuple((self.sizes[d] or 0) if isinstance(d, str) else d for d in shape)
+
+    def _fill(self, name: str) -> float:
+        return -float("inf") if self._states[name][2] == "max" else 0
+
     def _default(self, name: str) -> torch.Tensor:
-        shape, dtype, reduce = self._states[name]
-        extent = tuple((self.sizes[d] or 0) if isinstance(d, str) else d for d in shape)
-        fill = -float("inf") if reduce == "max" else 0
-        return torch.full(extent, fill, dtype=dtype, device=self.device)
+        dtype = self._states[name][1]
+        return torch.full(self._extent(name), self._fill(name), dtype=dtype, device=self.device)
+
+    def _reset_state(self, name: str) -> None:
+        """The state back to its default, in place when its shape is right (no allocation)."""
+        t = getattr(self, name)
+        if tuple(t.shape) == self._extent(name) and t.device == self.device:
+            t.fill_(self._fill(name))
+        else:
+            setattr(self, name, self._default(name))
 
     @property
     def state_names(self) -> list[str]:
@@ -118,9 +131,9 @@ class Statistic:
 
     # ------------------------------------------------------------------ lifecycle
     def reset(self) -> None:
-        """Restore every state to its default (zeros; ``-inf`` for maxima)."""
+        """Restore every state to its default (zeros; ``-inf`` for maxima), in place."""
         for name in self._states:
-            setattr(self, name, self._default(name))
+            self._reset_state(name)
 
     def to(self, device: torch.device | str) -> Statistic:
         self.device = torch.device(device)
@@ -159,6 +172,7 @@ class Statistic:
 
         Sizes are agreed first (a rank that saw nothing takes them from the others)."""
         if _dist.is_distributed(group):
+            self.to(_dist.collective_device(group, self.device))
             self.fix_agreed(agree_sizes({"": self.sizes}, group)[""])
             self._all_reduce_states(group)
         return self

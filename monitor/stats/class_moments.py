@@ -70,7 +70,7 @@ class ClassMoments(Statistic):
     def reset(self) -> None:
         """Clear the window but keep the shifts (they are the next window's reference)."""
         for name in ("count", "sum", "sq_norm", "second_moment"):
-            setattr(self, name, self._default(name))
+            self._reset_state(name)
 
     # ------------------------------------------------------------------ update
     @torch.no_grad()

@@ -54,10 +54,14 @@ class CodeCounts(Statistic):
         self.skipped += (~valid).sum(0)
         self.out_of_range += (valid & ~inside).sum(0)
 
-    def add_counts(self, hits: torch.Tensor, rows: torch.Tensor) -> None:
-        """Add precomputed ``hits (H, K)`` and ``rows (H,)`` (e.g. latents firing per row)."""
+    def add_counts(
+        self, hits: torch.Tensor, rows: torch.Tensor, skipped: torch.Tensor | int = 0
+    ) -> None:
+        """Add precomputed ``hits (H, K)``, ``rows (H,)`` and ``skipped (H,)`` (e.g. latents
+        firing per row, rows left out)."""
         self.counts += hits
         self.rows += rows
+        self.skipped += skipped
 
 
 class UsageEMA(Statistic):
@@ -66,6 +70,15 @@ class UsageEMA(Statistic):
 
     Both are linear in the per-step counts, so their sum over ranks is the EMA of the global
     counts exactly; their ratio is the smoothed usage in hits per index.
+
+    Example:
+        >>> import torch
+        >>> from collapse_monitor.stats import CodeCounts, UsageEMA
+        >>> step, ema = CodeCounts(1, 2), UsageEMA(1, 2)
+        >>> step.update(torch.tensor([[0], [0]]))
+        >>> ema.advance(step, decay=0.5)
+        >>> ema.hits, ema.rows
+        (tensor([[1., 0.]], dtype=torch.float64), tensor([1.], dtype=torch.float64))
     """
 
     def __init__(self, heads: int, num_codes: int) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..functional.logits import token_uniformity
+from ..functional.depth import token_uniformity
 from .base import Statistic
 
 _F64 = torch.float64
@@ -12,18 +12,33 @@ _F64 = torch.float64
 
 class TokenUniformitySums(Statistic):
     """Sums over sequences with at least two tokens of ``rho`` (mean token cosine) and ``r_F``
-    (residual after removing the token mean)."""
+    (residual after removing the token mean); METRICS.md 7.
+
+    Example:
+        >>> import torch
+        >>> from collapse_monitor.stats import TokenUniformitySums
+        >>> s = TokenUniformitySums()
+        >>> s.update(torch.ones(2, 3, 4))  # identical tokens
+        >>> float(s.rho / s.sequences), float(s.r_f / s.sequences)
+        (1.0, 0.0)
+    """
 
     def __init__(self) -> None:
         super().__init__()
         for name in ("sequences", "rho", "r_f"):
             self.add_state(name, (), _F64)
+        self.add_state("skipped", (), torch.int64)
 
     @torch.no_grad()
     def update(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-        """Add hidden states ``(B, T, D)``; ``mask (B, T)`` true for real tokens."""
-        rho, r_f = token_uniformity(hidden, mask)
-        ok = torch.isfinite(rho)
+        """Add hidden states ``(B, T, D)``; ``mask (B, T)`` true for real tokens. Sequences with
+        NaN or Inf in a real token are counted in ``skipped`` and left out."""
+        real = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        real = real if mask is None else mask.bool()
+        bad = (~torch.isfinite(hidden).all(-1) & real).any(1)
+        self.skipped += bad.sum()
+        rho, r_f = token_uniformity(torch.where(bad[:, None, None], 0.0, hidden), mask)
+        ok = torch.isfinite(rho) & ~bad
         self.sequences += ok.sum()
         self.rho += torch.where(ok, rho, 0.0).sum()
         self.r_f += torch.where(ok, r_f, 0.0).sum()

@@ -12,7 +12,8 @@ _F64 = torch.float64
 
 class LogitSums(Statistic):
     """Sums over the logit rows of a window: rows, softmax-collapsed rows, rows with targets and
-    zero loss, ``log Z``, logit norms, the NLM cosine; maxima of ``log Z`` and of the logits.
+    zero loss, ``log Z`` (nats), logit norms, the NLM cosine, rows skipped for NaN or Inf;
+    maxima of ``log Z`` and of the logits (Prieto et al. 2025; Wortsman et al. 2023).
 
     Example:
         >>> import torch
@@ -27,6 +28,7 @@ class LogitSums(Statistic):
         super().__init__()
         for name in ("rows", "collapsed", "target_rows", "zero_loss", "log_z", "logit_norm"):
             self.add_state(name, (), _F64)
+        self.add_state("skipped", (), torch.int64)
         self.add_state("nlm_cos", (), _F64)
         self.add_state("nlm_count", (), _F64)
         self.add_state("log_z_max", (), _F64, reduce="max")
@@ -36,31 +38,32 @@ class LogitSums(Statistic):
     def update(
         self,
         logits: torch.Tensor,
-        softmax_dtype: torch.dtype,
+        softmax_dtype: torch.dtype | None = None,
         loss: str = "softmax",
         targets: torch.Tensor | None = None,
     ) -> None:
         """Add logit rows ``(N, C)``; ``targets (N,)`` with ``-1`` where there is no target.
 
-        ``softmax_dtype``: the training softmax's dtype in which "exactly 1" is tested
-        (``loss="stablemax"``: StableMax in float64)."""
-        z = logits
-        self.rows += z.shape[0]
-        if loss == "stablemax":
-            self.collapsed += L.stablemax_collapsed(z).sum()
-        else:
-            self.collapsed += L.softmax_collapsed(z, softmax_dtype).sum()
+        Rows with NaN or Inf are counted in ``skipped`` and left out. ``softmax_dtype``: the
+        training softmax's dtype in which "exactly 1" is tested (see
+        :func:`~collapse_monitor.functional.logits.training_dtype`)."""
+        finite = torch.isfinite(logits).all(1)
+        self.skipped += (~finite).sum()
+        z = torch.where(finite[:, None], logits, 0.0)
+        r = L.logit_rows(z, softmax_dtype, loss, targets)
+        self.rows += finite.sum()
+        self.collapsed += (r["collapsed"] & finite).sum()
         if targets is not None:
-            keep = targets >= 0
-            zero = L.zero_loss(z, torch.where(keep, targets, 0), softmax_dtype, loss) & keep
-            self.target_rows += keep.sum()
-            self.zero_loss += zero.sum()
-        z64 = z.to(_F64)
-        log_z = torch.logsumexp(z64, -1)
-        self.log_z += log_z.sum()
-        self.logit_norm += z64.norm(dim=-1).sum()
-        torch.maximum(self.log_z_max, log_z.max(), out=self.log_z_max)
-        torch.maximum(self.logit_max, z64.max(), out=self.logit_max)
+            self.target_rows += (r["has_target"] & finite).sum()
+            self.zero_loss += (r["zero_loss"] & finite).sum()
+        self.log_z += torch.where(finite, r["log_z"], 0.0).sum()
+        self.logit_norm += torch.where(finite, r["norm"], 0.0).sum()
+        low = -float("inf")
+        torch.maximum(
+            self.log_z_max, torch.where(finite, r["log_z"], low).max(), out=self.log_z_max
+        )
+        row_max = z.to(_F64).amax(-1)
+        torch.maximum(self.logit_max, torch.where(finite, row_max, low).max(), out=self.logit_max)
 
     def add_nlm(self, cosine: torch.Tensor) -> None:
         """Add one cosine between ``-grad W`` and ``W`` (Prieto et al.'s NLM direction)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..functional.representation import gaussian_kl_per_dim
+from ..functional.representation import gaussian_kl_per_dim, posterior_polarity
 from .base import Statistic
 
 _F64 = torch.float64
@@ -13,7 +13,16 @@ _F64 = torch.float64
 class PosteriorSums(Statistic):
     """``sum_x KL_j(x)`` per latent dimension ``(d,)`` (nats), the counts of inputs whose
     variance looks passive (``sigma^2 > 1 - passive_delta``) or active (``< active_delta``), and
-    the rows skipped (NaN or Inf). ``d`` is fixed by the first update."""
+    the rows skipped (NaN or Inf). ``d`` is fixed by the first update (METRICS.md 4).
+
+    Example:
+        >>> import torch
+        >>> from collapse_monitor.stats import PosteriorSums
+        >>> s = PosteriorSums()
+        >>> s.update(torch.zeros(3, 2), torch.zeros(3, 2), torch.ones(3, dtype=torch.bool), 0.1, 0.5)
+        >>> s.kl, s.passive_like  # the prior itself: no KL, every input looks passive
+        (tensor([0., 0.], dtype=torch.float64), tensor([3, 3]))
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -36,7 +45,7 @@ class PosteriorSums(Statistic):
         self.fix_sizes(d=mu.shape[1])
         w = valid[:, None]
         self.kl += torch.where(w, gaussian_kl_per_dim(mu, logvar), 0.0).sum(0)
-        var = logvar.to(_F64).exp()
-        self.passive_like += (w & (var > 1 - passive_delta)).sum(0)
-        self.active_like += (w & (var < active_delta)).sum(0)
+        passive, active = posterior_polarity(logvar, passive_delta, active_delta)
+        self.passive_like += (w & passive).sum(0)
+        self.active_like += (w & active).sum(0)
         self.skipped += (~valid).sum()

@@ -10,17 +10,35 @@ _F64 = torch.float64
 
 
 class UnitActivity(Statistic):
-    """``sum |h_i|`` per unit ``(H,)`` and the rows summed; ``H`` is fixed by the first update."""
+    """``sum |h_i|`` per unit ``(H,)``, the rows summed and the rows skipped; ``H`` (units) is
+    fixed by the first update (Sokar et al. 2023's dormancy score is a function of these).
+
+    Example:
+        >>> import torch
+        >>> from collapse_monitor.stats import UnitActivity
+        >>> s = UnitActivity()
+        >>> s.update(torch.tensor([[1.0, -2.0], [float("nan"), 0.0]]), torch.tensor([True, False]))
+        >>> s.abs_sum, int(s.rows), int(s.skipped)
+        (tensor([1., 2.], dtype=torch.float64), 1, 1)
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.add_size("H", "unit count")
         self.add_state("abs_sum", ("H",), _F64)
         self.add_state("rows", (), _F64)
+        self.add_state("skipped", (), torch.int64)
 
     @torch.no_grad()
-    def update(self, activations: torch.Tensor) -> None:
-        """Add ``activations (N, H)`` (units last)."""
+    def update(self, activations: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """Add ``activations (N, H)`` (units last); rows where ``valid (N,)`` is false (NaN or
+        Inf) are left out and counted in ``skipped``."""
         self.fix_sizes(H=activations.shape[1])
-        self.abs_sum += activations.abs().to(_F64).sum(0)
-        self.rows += activations.shape[0]
+        a = activations.abs().to(_F64)
+        if valid is None:
+            self.abs_sum += a.sum(0)
+            self.rows += activations.shape[0]
+            return
+        self.abs_sum += torch.where(valid[:, None], a, 0.0).sum(0)
+        self.rows += valid.sum()
+        self.skipped += (~valid).sum()

@@ -83,6 +83,27 @@ class Window:
             if persistent or key not in self.persistent:
                 stat.reset()
 
+    def add(self, key: str, stat: Statistic, persistent: bool = False) -> Window:
+        """Add an entry (on this window's device)."""
+        if key in self._entries:
+            raise KeyError(f"the window already has an entry '{key}'")
+        self._entries[key] = stat.to(self.device)
+        if persistent:
+            self.persistent += (key,)
+        return self
+
+    @classmethod
+    def scoped(cls, windows: dict[str, Window]) -> Window:
+        """One window holding several (one per module of a glob), entries named
+        ``<scope>/<entry>``; see :class:`WindowView` for one scope's part."""
+        out = cls()
+        for scope, w in windows.items():
+            if w.factory is not None:
+                raise ValueError("a window made on first use cannot be scoped")
+            for key, stat in w._entries.items():
+                out.add(f"{scope}/{key}", stat, persistent=key in w.persistent)
+        return out
+
     def share_persistent(self, other: Window) -> Window:
         """Use ``other``'s persistent entries (same objects): a snapshot window beside training."""
         for key in self.persistent:
@@ -102,6 +123,8 @@ class Window:
         """Reduce every entry over all ranks in place (see the class docstring)."""
         if not _dist.is_distributed(group):
             return self
+        # a rank whose statistics stayed on the CPU (its module never ran) joins NCCL on the GPU
+        self.to(_dist.collective_device(group, self.device))
         agreed = agree_sizes({k: s.sizes for k, s in self._entries.items()}, group)
         for key in sorted(agreed):
             stat = self[key]
@@ -130,4 +153,41 @@ class Window:
             stat.load_state_dict(sub)
             stat.to(self.device)
             if not keep:
+                stat.reset()
+
+
+class WindowView:
+    """The part of a window that belongs to one scope (one module of a glob; ``None``: the whole
+    window), seen with the entry names the probe gave them. Entries whose name starts with ``_``
+    belong to the probe base class and are not shown."""
+
+    def __init__(self, window: Window, scope: str | None = None) -> None:
+        self.window = window
+        self.prefix = "" if scope is None else f"{scope}/"
+
+    def __getitem__(self, key: str) -> Statistic:
+        return self.window[self.prefix + key]
+
+    def __contains__(self, key: str) -> bool:
+        return self.prefix + key in self.window
+
+    def items(self) -> list[tuple[str, Statistic]]:
+        n = len(self.prefix)
+        return [
+            (k[n:], s)
+            for k, s in self.window.items()
+            if k.startswith(self.prefix) and not k[n:].startswith("_") and "/" not in k[n:]
+        ]
+
+    def __len__(self) -> int:
+        return len(self.items())
+
+    @property
+    def device(self) -> torch.device:
+        return self.window.device
+
+    def reset(self) -> None:
+        """Start this scope's part of the window empty (persistent entries kept)."""
+        for key, stat in self.items():
+            if self.prefix + key not in self.window.persistent:
                 stat.reset()

@@ -117,7 +117,8 @@ def test_multihead_attention_matches_its_own_weights(batch_first, training, need
         average_attn_weights=False,
     )
     allowed = (~kpm)[:, None, None, :] & ~causal[None, None]
-    ref = MF.attention_entropy(w.detach(), allowed)
+    # self-attention: the padded keys are padded queries too, left out of the averages
+    ref = MF.attention_entropy(w.detach(), allowed, queries=~kpm)
     assert torch.allclose(ent, ref["entropy"], rtol=1e-4)
     assert torch.allclose(norm, ref["entropy_norm"], rtol=1e-4)
 
@@ -151,7 +152,7 @@ def test_transformer_encoder_layer_including_the_fast_path(norm_first):
     _, w = layer.self_attn(
         h, h, h, key_padding_mask=kpm, need_weights=True, average_attn_weights=False
     )
-    ref = MF.attention_entropy(w.detach(), (~kpm)[:, None, None, :])
+    ref = MF.attention_entropy(w.detach(), (~kpm)[:, None, None, :], queries=~kpm)
     for ent, norm, _ in results:
         assert torch.allclose(ent, ref["entropy"], rtol=1e-4)
         assert torch.allclose(norm, ref["entropy_norm"], rtol=1e-4)
@@ -265,7 +266,7 @@ def test_nothing_happens_outside_observe_and_close_removes_the_mode():
     m.add_module("attn", SDPAAttention())
     mon = watch(m)
     m.attn(torch.randn(1, 5, 32))
-    assert mon.compute() == {"collapse/errors": 0.0}
+    assert mon.compute() == {"collapse/attn/calls": 0.0, "collapse/errors": 0.0}
     mon.close()
     assert not torch.overrides._get_current_function_mode_stack()
 

@@ -101,7 +101,7 @@ def test_ema_dead_codes_equal_a_plain_loop_reference():
     dead = ema / rows < thr
     assert dead[8:].all() and not dead[:8].any()
     assert m["collapse/vq/dead_codes"] == dead.sum()
-    assert torch.equal(probe.last.masks["dead"][0], torch.from_numpy(dead))
+    assert torch.equal(probe.last.masks[probe.key("dead")][0], torch.from_numpy(dead))
 
 
 def test_no_dead_codes_before_warmup():
@@ -176,7 +176,7 @@ def test_sae_latent_usage_counts_fires_per_window():
     "output, match",
     [
         ((torch.zeros(3, 2), torch.tensor([0, 1, 99]), torch.zeros(())), "out of range"),
-        ((torch.zeros(3, 2), torch.tensor([-1, 1, 2]), torch.zeros(())), "out of range"),
+        ((torch.zeros(3, 2), torch.tensor([-2, 1, 2]), torch.zeros(())), "out of range"),
         (
             (torch.zeros(3, 2), torch.zeros(3)),
             "expected a single integer tensor of code indices as the module's output",

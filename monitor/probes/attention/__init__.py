@@ -17,7 +17,7 @@ from ...pictures import Picture
 from ...reading import Reading
 from ...rules import RuleSpec
 from ...stats import HeadEntropy, Window, to_device
-from ..base import Probe
+from ..base import Probe, layer_name
 from .encoder_layer import EncoderLayerInputs
 from .mha import MultiheadAttentionInputs
 from .scores import Probabilities, Scores
@@ -50,15 +50,41 @@ class AttentionEntropy(Probe):
     The attention rows of ``queries`` random query positions per call (``None``: all) are recomputed
     in float32 from the q and k the model used; memory is ``B*H*queries*Lk``, never ``Lk^2``.
 
+    Entropies average over real query rows only. Padded queries are known from the call where the
+    module receives them (``key_padding_mask`` of a self-attention, ``src_key_padding_mask`` of an
+    encoder layer, ``tgt_key_padding_mask`` of the ``nn.TransformerDecoderLayer`` around a
+    cross-attention) or, for SDPA calls, from ``observe(mask=...)`` ``(B, L)`` (true for real
+    tokens) or the model's own ``attention_mask`` input (``transformers``: left or right padding,
+    right-aligned to the queries of a cached decoding step).
+
     Reports per layer ``<layer>/entropy/head_<h>`` (nats), ``<layer>/entropy_norm/head_<h>``
     (``H_i / log n_i`` over queries with ``n_i >= 2`` allowed keys), ``<layer>/entropy_norm`` (mean
     over heads), ``<layer>/entropy_norm_min``, ``<layer>/overload_fraction`` (heads with
-    ``entropy_norm >= overload_threshold``) and ``<layer>/max_logit`` (max ``|s_ij|`` seen), and
-    ``min_entropy_norm`` over layers (:func:`~collapse_monitor.functional.entropy_from_sums`).
+    ``entropy_norm >= overload_threshold``), ``<layer>/max_logit`` (max ``|s_ij|`` seen) and
+    ``<layer>/skipped`` (query rows times heads left out: padding, no allowed key, NaN or Inf),
+    and ``min_entropy_norm`` over layers
+    (:func:`~collapse_monitor.functional.entropy_from_sums`).
 
     Raises:
         ValueError: at a log, when steps were observed but no attention was seen inside the
             selected modules; at the hook, when a layer's head count changes.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from collapse_monitor import CollapseMonitor, probes
+        >>> layer = nn.TransformerEncoderLayer(16, 2, batch_first=True).eval()
+        >>> model = nn.Sequential(layer)
+        >>> mon = CollapseMonitor(model, [probes.AttentionEntropy("0", name="attn")], 1)
+        >>> pad = torch.tensor([[False] * 5 + [True] * 3])  # 3 padded positions
+        >>> with mon.observe(), torch.no_grad():
+        ...     _ = model[0](torch.randn(1, 8, 16), src_key_padding_mask=pad)
+        >>> m = mon.step()
+        >>> m["collapse/attn/0.self_attn/skipped"]  # the padded queries, in each of 2 heads
+        6.0
+        >>> 0 < m["collapse/attn/0.self_attn/entropy_norm"] <= 1
+        True
+        >>> mon.close()
     """
 
     reads = Reading(
@@ -66,6 +92,9 @@ class AttentionEntropy(Probe):
         _is_probabilities,
         hint="probs",
     )
+    keywords = {"mask": False}
+    per_layer = True
+    uses_token_mask = True
     rules = (
         RuleSpec(
             "*/entropy_norm",
@@ -142,7 +171,7 @@ class AttentionEntropy(Probe):
 
     # ----------------------------------------------------------------- hot path
     def update(self, window, value, call) -> None:
-        layer = call.path or "model"
+        layer = layer_name(call.path)
         if isinstance(value, Scores):
             self._add_scores(window, layer, value)
             return
@@ -154,7 +183,8 @@ class AttentionEntropy(Probe):
         if self.causal:
             c = causal_allowed(value.probs.shape[-2], value.probs.shape[-1], value.probs.device)
             allowed = c if allowed is None else allowed & c
-        self._add(window, layer, *entropy_from_probs(value.probs.detach(), allowed), None)
+        H_i, n = entropy_from_probs(value.probs.detach(), allowed)
+        self._add(window, layer, H_i, n, None)
 
     def _sample(self, length: int, device) -> list[torch.Tensor]:
         """Query rows to recompute: a sorted random sample, or all rows in chunks of 256."""
@@ -176,6 +206,8 @@ class AttentionEntropy(Probe):
         for rows in self._sample(L, q.device):
             logits = (q[:, :, rows].float() @ kt) * s.scale
             ok = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=q.device)
+            if s.queries is not None:  # padded query rows: nothing there
+                ok = ok & s.queries[:, rows].to(q.device)[:, None, :, None]
             if s.causal:
                 ok = ok & causal_allowed(L, S, q.device, rows)
             if s.allowed is not None:
@@ -191,8 +223,16 @@ class AttentionEntropy(Probe):
     def _add(self, window, layer, H_i, n, max_logit) -> None:
         self._ever_seen = True
         stat = window[layer]
+        real = n >= 1
+        finite = torch.isfinite(H_i)
+        # rows with no allowed key (padding) or a non-finite entropy are skipped, not counted
+        skipped = (~(real & finite)).sum()
+        n = torch.where(finite, n, 0)
+        H_i = torch.where(finite, H_i, 0.0)
+        if max_logit is not None:
+            max_logit = torch.where(torch.isfinite(max_logit), max_logit, -float("inf"))
         try:
-            stat.update(H_i, n, max_logit)
+            stat.update(H_i, n, max_logit, skipped)
         except ValueError as exc:  # a head count that changed: say which layer
             raise self.error(layer, str(exc)) from None
 
@@ -216,6 +256,7 @@ class AttentionEntropy(Probe):
                 layer_means.append(r["entropy_norm_mean"])
             if torch.isfinite(st.max_logit):
                 metrics[self.key("max_logit", layer)] = st.max_logit.item()
+            metrics[self.key("skipped", layer)] = float(st.skipped)
         if layer_means:
             metrics[self.key("min_entropy_norm")] = min(layer_means)
         if not metrics and self.observed_steps and not self._ever_seen:

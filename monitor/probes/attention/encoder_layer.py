@@ -1,7 +1,7 @@
 """Attention source 3: ``nn.TransformerEncoderLayer``, whose fast path runs its self-attention
 without calling the ``nn.MultiheadAttention`` module's Python forward: the scores are recomputed
 from the layer's input (after ``norm1`` for pre-norm layers), ``src_mask``,
-``src_key_padding_mask`` and ``is_causal``."""
+``src_key_padding_mask`` (which also marks the padded queries) and ``is_causal``."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ class EncoderLayerInputs(MultiheadAttentionInputs):
         attn_path = path + ".self_attn"
         inputs = {
             "query": x,
-            "key": x,
+            "key": x,  # the same tensor: self-attention, padded keys are padded queries
             "key_padding_mask": a.get("src_key_padding_mask"),
             "attn_mask": a.get("src_mask"),
             "is_causal": a.get("is_causal", False),

@@ -2,7 +2,10 @@
 projection weights (its fast path and its internal calls skip Python-level hooks).
 
 ``key_padding_mask`` and ``attn_mask`` follow PyTorch's convention (True or ``-inf`` = masked);
-``is_causal`` applies when no ``attn_mask`` is given.
+``is_causal`` applies when no ``attn_mask`` is given. Query padding: in self-attention (the query
+is the key) the key padding marks the padded queries too; inside an ``nn.TransformerDecoderLayer``
+the layer's ``tgt_key_padding_mask`` marks the queries of both its self- and its
+cross-attention (whose key padding is the memory's).
 """
 
 from __future__ import annotations
@@ -27,10 +30,22 @@ _ARGS = (
     "average_attn_weights",
     "is_causal",
 )
+_DECODER_ARGS = ("tgt", "memory", "tgt_mask", "memory_mask", "tgt_key_padding_mask")
 
 
-def mha_scores(probe, path: str, mha: nn.MultiheadAttention, a: dict) -> Scores:
-    """The q, k and masks of one ``nn.MultiheadAttention`` call, from its bound arguments."""
+def _padding(mask: torch.Tensor | None, shape) -> torch.Tensor | None:
+    """A key padding mask (True or -inf = padded) as ``(B, L)`` bool, true for real positions."""
+    if mask is None:
+        return None
+    mask = mask.detach().reshape(shape)
+    return ~mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+
+
+def mha_scores(
+    probe, path: str, mha: nn.MultiheadAttention, a: dict, queries: torch.Tensor | None = None
+) -> Scores:
+    """The q, k and masks of one ``nn.MultiheadAttention`` call, from its bound arguments;
+    ``queries (B, L)``: real query positions when the caller knows them."""
     if mha.bias_k is not None or mha.add_zero_attn:
         raise probe.error(path, "add_bias_kv and add_zero_attn are not supported; pass extract=")
     query, key = a["query"], a["key"]
@@ -39,6 +54,7 @@ def mha_scores(probe, path: str, mha: nn.MultiheadAttention, a: dict) -> Scores:
             path,
             "nested-tensor inputs are not supported (TransformerEncoder(enable_nested_tensor=False))",
         )
+    self_attention = query is key
     if query.ndim == 2:
         query, key = query[None], key[None]
     elif not mha.batch_first:
@@ -72,32 +88,73 @@ def mha_scores(probe, path: str, mha: nn.MultiheadAttention, a: dict) -> Scores:
     if attn_mask is not None:
         add(attn_mask, (B, H, L, S) if attn_mask.ndim == 3 else (1, 1, L, S))
     scores.causal = bool(a.get("is_causal")) and attn_mask is None
+    if queries is None and self_attention:
+        queries = _padding(kpm, (B, L))
+    scores.queries = queries
     return scores
 
 
 class MultiheadAttentionInputs:
-    """Hooks ``nn.MultiheadAttention`` modules (not those inside an encoder layer)."""
+    """Hooks ``nn.MultiheadAttention`` modules (not those inside an encoder layer), and the
+    decoder layers whose target padding their queries follow."""
 
     def __init__(self, probe, sdpa) -> None:
         self.probe, self.sdpa = probe, sdpa
+        self.decoder_padding: list[torch.Tensor | None] = []  # of the decoder layers running
 
     @staticmethod
     def matches(module: nn.Module) -> bool:
-        return isinstance(module, nn.MultiheadAttention)
+        return isinstance(module, (nn.MultiheadAttention, nn.TransformerDecoderLayer))
 
     def attach(self, path: str, module, hooks) -> None:
+        if isinstance(module, nn.TransformerDecoderLayer):
+            hooks.forward_pre(module, self._enter_decoder)
+            hooks.forward(module, self._leave_decoder, always_call=True)
+            self.sdpa.attach(path, module, hooks)  # its own SDPA calls, if any, are its layers'
+            return
         hooks.forward_pre(module, functools.partial(self._enter, path))
         hooks.forward(module, self._leave, always_call=True)
 
     def _enter(self, path, module, args, kwargs) -> None:
         if self.probe._active:
-            self.sdpa.suppress += 1  # its internal SDPA call is this same attention
-            self.probe.guarded(self._record, path, module, args, kwargs)
-
-    def _record(self, path, module, args, kwargs) -> None:
-        scores = mha_scores(self.probe, path, module, bind(_ARGS, args, kwargs))
-        self.probe.record(scores, Call(path, module, args, kwargs), scores.q.device)
+            self._begin(path, module, args, kwargs)
 
     def _leave(self, module, args, kwargs, output) -> None:
         if self.sdpa.suppress:
-            self.sdpa.suppress -= 1
+            self._end()
+
+    @torch.compiler.disable
+    def _begin(self, path, module, args, kwargs) -> None:
+        self.sdpa.suppress += 1  # its internal SDPA call is this same attention
+        self.probe.guarded(self._record, path, module, args, kwargs)
+
+    @torch.compiler.disable
+    def _end(self) -> None:
+        self.sdpa.suppress -= 1
+
+    def _enter_decoder(self, module, args, kwargs) -> None:
+        if self.probe._active:
+            self._push_decoder(args, kwargs)
+
+    def _leave_decoder(self, module, args, kwargs, output) -> None:
+        if self.decoder_padding:
+            self._pop_decoder()
+
+    @torch.compiler.disable
+    def _push_decoder(self, args, kwargs) -> None:
+        self.decoder_padding.append(bind(_DECODER_ARGS, args, kwargs).get("tgt_key_padding_mask"))
+
+    @torch.compiler.disable
+    def _pop_decoder(self) -> None:
+        self.decoder_padding.pop()
+
+    def _record(self, path, module, args, kwargs) -> None:
+        a = bind(_ARGS, args, kwargs)
+        queries = None
+        if self.decoder_padding and self.decoder_padding[-1] is not None:
+            query = a["query"]
+            batch_first = module.batch_first or query.ndim == 2
+            B, L = (query.shape[0], query.shape[1]) if batch_first else query.shape[1::-1]
+            queries = _padding(self.decoder_padding[-1], (B, L) if query.ndim == 3 else (1, L))
+        scores = mha_scores(self.probe, path, module, a, queries)
+        self.probe.record(scores, Call(path, module, args, kwargs), scores.q.device)

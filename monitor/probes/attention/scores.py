@@ -18,6 +18,7 @@ class Scores:
         allowed: bool broadcastable to ``(B, H, Lq, Lk)``, true where a key may be attended.
         additive: float broadcastable to ``(B, H, Lq, Lk)``, added to the logits; values below
             half the dtype's minimum count as masked.
+        queries: ``(B, Lq)`` bool, true for real query positions (padding: false); None: all.
     """
 
     q: torch.Tensor
@@ -26,6 +27,7 @@ class Scores:
     causal: bool = False
     allowed: torch.Tensor | None = None
     additive: torch.Tensor | None = None
+    queries: torch.Tensor | None = None
 
 
 @dataclass

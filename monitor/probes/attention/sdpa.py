@@ -4,6 +4,10 @@ the probe's modules (nanoGPT-style blocks, ``transformers`` models with the SDPA
 Calls are caught with a ``TorchFunctionMode`` that is entered only while a hooked module's forward
 runs inside ``observe()``; the layer is the innermost hooked module whose forward made the call
 (a module that makes several calls gets ``<path>.sdpa_<k>`` for the k-th after the first).
+Query padding comes from ``observe(mask=)`` or the model's ``attention_mask`` input
+(:meth:`~collapse_monitor.probes.Probe.token_mask`). ``transformers``' grouped-query decoding
+step, which packs the query heads of a key-value head into query rows (``pack_gqa``), is unpacked
+back into heads.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from ..base import Call
+from ..base import Call, layer_name
 from .scores import Scores, bind
 
 _ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -28,6 +32,23 @@ def to_bhld(x: torch.Tensor) -> torch.Tensor:
     if x.ndim == 3:
         return x[:, None]
     return x.reshape(-1, x.shape[-3], x.shape[-2], x.shape[-1])
+
+
+def unpack_gqa(module, q: torch.Tensor, k: torch.Tensor, mask, enable_gqa: bool):
+    """Undo ``transformers``' ``pack_gqa``: a decoding step of a grouped-query module
+    (``num_key_value_groups = g > 1``) whose query ``(B, H, 1, d)`` was reshaped to
+    ``(B, H/g, g, d)`` so that it matches the key heads. Returns ``(q, mask)`` as
+    ``(B, H, 1, d)`` and its mask."""
+    g = getattr(module, "num_key_value_groups", 1)  # transformers' attention modules
+    if not (isinstance(g, int) and g > 1) or enable_gqa:
+        return q, mask
+    if q.shape[1] != k.shape[1] or q.shape[2] != g:
+        return q, mask
+    B, Hk, _, d = q.shape
+    q = q.reshape(B, Hk * g, 1, d)
+    if isinstance(mask, torch.Tensor) and mask.ndim == 4 and mask.shape[1] == Hk:
+        mask = mask.reshape(mask.shape[0], Hk * g, 1, mask.shape[-1])
+    return q, mask
 
 
 class _Mode(TorchFunctionMode):
@@ -48,30 +69,41 @@ class SDPACalls:
     def __init__(self, probe) -> None:
         self.probe = probe
         self.mode = _Mode(self)
-        self.stack: list[str] = []  # hooked module paths whose forward is running
+        self.stack: list[tuple[str, object]] = []  # hooked modules whose forward is running
+        self.inside = False  # the stack is not empty (a plain bool for torch.compile to test)
         self.calls: dict[str, int] = {}  # SDPA calls per module in the current forward
         self.suppress = 0  # inside modules another source handles from their inputs
 
     def attach(self, path: str, module, hooks) -> None:
         hooks.forward_pre(module, functools.partial(self._enter, path))
-        hooks.forward(module, self._leave, always_call=True)
+        hooks.forward(module, functools.partial(self._leave, path), always_call=True)
 
     def _enter(self, path, module, args, kwargs) -> None:
-        if not self.probe._active:
-            return
+        if self.probe._active:
+            self._push(path, module)
+
+    def _leave(self, path, module, args, kwargs, output) -> None:
+        if self.inside:
+            self._pop(path)
+
+    @torch.compiler.disable
+    def _push(self, path, module) -> None:
         if not self.stack:
             self.mode.__enter__()
-        self.stack.append(path)
+        self.stack.append((path, module))
+        self.inside = True
 
-    def _leave(self, module, args, kwargs, output) -> None:
-        if self.stack:
-            self.calls.pop(self.stack.pop(), None)
+    @torch.compiler.disable
+    def _pop(self, path) -> None:
+        if self.stack and self.stack[-1][0] == path:  # only what this module pushed
+            self.calls.pop(self.stack.pop()[0], None)
             if not self.stack:
+                self.inside = False
                 self.mode.__exit__(None, None, None)
 
     def detach(self) -> None:
         while self.stack:
-            self._leave(None, None, None, None)
+            self._pop(self.stack[-1][0])
 
     def seen(self, args, kwargs) -> None:
         if not self.suppress and self.probe._active:
@@ -79,10 +111,10 @@ class SDPACalls:
 
     def _record(self, args, kwargs) -> None:
         a = bind(_ARGS, args, kwargs)
-        path = self.stack[-1] if self.stack else self.probe.module
+        path, module = self.stack[-1] if self.stack else (self.probe.module, None)
         k = self.calls.get(path, 0)
         self.calls[path] = k + 1
-        layer = path if k == 0 else f"{path}.sdpa_{k}"
+        layer = layer_name(path) if k == 0 else f"{layer_name(path)}.sdpa_{k}"
         q, key = a["query"], a["key"]
         if not isinstance(q, torch.Tensor) or q.ndim < 2:
             raise self.probe.error(
@@ -90,6 +122,7 @@ class SDPACalls:
             )
         q, key = to_bhld(q.detach()), to_bhld(key.detach())
         mask = a.get("attn_mask")
+        q, mask = unpack_gqa(module, q, key, mask, bool(a.get("enable_gqa")))
         allowed = additive = None
         if isinstance(mask, torch.Tensor):
             mask = mask.detach()
@@ -99,5 +132,6 @@ class SDPACalls:
             else:
                 additive = mask
         scale = a.get("scale") or 1.0 / math.sqrt(q.shape[-1])
-        scores = Scores(q, key, scale, bool(a.get("is_causal")), allowed, additive)
-        self.probe.record(scores, Call(layer, None), q.device)
+        queries = self.probe.token_mask(path, q.shape[0], q.shape[2], q.device)
+        scores = Scores(q, key, scale, bool(a.get("is_causal")), allowed, additive, queries)
+        self.probe.record(scores, Call(layer, module), q.device)

@@ -1,0 +1,51 @@
+"""Token uniformity across depth: rank collapse (Dong et al. 2021; Noci et al. 2022), METRICS.md
+section 7. Whole-tensor references and the readout the probe shares."""
+
+from __future__ import annotations
+
+import torch
+
+_F64 = torch.float64
+
+
+def token_uniformity(
+    x: torch.Tensor, mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence: mean token cosine ``rho`` and Frobenius residual ``r_F`` (METRICS.md 7).
+
+    ``rho = (||sum_i u_i||^2 - T) / (T (T - 1))`` with ``u_i = x_i/||x_i||`` (1 when all tokens point
+    the same way); ``r_F = sqrt(1 - T ||xbar||^2 / sum_i ||x_i||^2)`` (0 when all tokens are equal).
+
+    Args:
+        x: ``(B, T, D)``; mask: ``(B, T)``, true for real tokens.
+
+    Returns:
+        ``(rho, r_f)``, each ``(B,)`` float64; sequences with fewer than 2 tokens give NaN.
+    """
+    x = x.to(_F64)
+    m = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if mask is None else mask.bool()
+    x = torch.where(m[..., None], x, 0.0)
+    T = m.sum(1).to(_F64)
+    u = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    su = u.sum(1)
+    rho = ((su * su).sum(-1) - T) / (T * (T - 1))
+    total = (x * x).sum((1, 2))
+    mean = x.sum(1) / T[:, None]
+    r2 = 1 - T * (mean * mean).sum(-1) / total
+    r_f = r2.clamp_min(0).sqrt()
+    short = T < 2
+    return torch.where(short, torch.nan, rho), torch.where(short, torch.nan, r_f)
+
+
+def mean_token_uniformity(x: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
+    """``rho`` and ``r_f`` of :func:`token_uniformity` averaged over the sequences with at least two
+    tokens (the reference of the streaming probe): see :func:`token_uniformity_from_sums`."""
+    rho, r_f = token_uniformity(x, mask)
+    ok = torch.isfinite(rho)
+    return token_uniformity_from_sums(ok.sum(), rho[ok].sum(), r_f[ok].sum())
+
+
+def token_uniformity_from_sums(sequences, rho, r_f) -> dict:
+    """Means of ``rho`` and ``r_f`` from their sums over ``sequences``; empty without any."""
+    n = float(sequences)
+    return {"rho": float(rho) / n, "r_f": float(r_f) / n} if n else {}

@@ -1,0 +1,514 @@
+"""The conventions of the modules users have: vector-quantize-pytorch (placeholders, masks,
+cosine and projected codebooks), ``transformers`` models built from configs (MoE routers,
+padding on either side, grouped-query decoding, GPT-2's Conv1D), ``nn.Transformer*`` padding,
+``torch.distributions`` event dimensions, convolutions in both layouts. Every expected value is
+computed independently, from the definition."""
+
+import logging
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributions import Independent, Normal
+from vector_quantize_pytorch import FSQ, LFQ, ResidualVQ, VectorQuantize
+
+from collapse_monitor import CollapseMonitor, mitigations, probes
+from collapse_monitor import functional as MF
+
+
+def run(model, probe_list, feed, steps=1, log_every=1, **kw):
+    mon = CollapseMonitor(model, probe_list, log_every, strict=True, observe_every_n_steps=1, **kw)
+    out = None
+    try:
+        for step in range(steps):
+            observe = feed.get("observe", {}) if isinstance(feed, dict) else {}
+            with mon.observe(**observe):
+                (feed["forward"] if isinstance(feed, dict) else feed)(step)
+            out = mon.step() or out
+    finally:
+        mon.close()
+    return out
+
+
+def usage_by_hand(indices: np.ndarray, K: int) -> tuple[float, float]:
+    """(usage, perplexity) of the valid (>= 0) entries of one codebook."""
+    valid = indices[indices >= 0]
+    counts = np.bincount(valid, minlength=K).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return (counts > 0).mean(), math.exp(-(p * np.log(p)).sum())
+
+
+# ------------------------------------------------------------------------- vector quantizers
+@pytest.mark.parametrize("shared", [False, True])
+def test_residual_vq_quantize_dropout_placeholders_are_skipped_not_errors(shared):
+    torch.manual_seed(0)
+    rvq = ResidualVQ(
+        dim=8, num_quantizers=4, codebook_size=16, quantize_dropout=True, shared_codebook=shared
+    ).train()
+    model = nn.Module()
+    model.rvq = rvq
+    seen = []
+    rvq.register_forward_hook(lambda m, a, o: seen.append(o[1].detach().clone()))
+    probe = probes.CodebookUsage("rvq", 16, heads=4, name="rvq")
+    mon = CollapseMonitor(model, [probe], 4, strict=True, observe_every_n_steps=1)
+    for _ in range(4):
+        with mon.observe():
+            rvq(torch.randn(6, 10, 8))
+        metrics = mon.step()
+    idx = torch.cat(seen).reshape(-1, 4).numpy()
+    assert (idx == -1).any(), "quantize dropout should have dropped some quantizers"
+    assert metrics["collapse/rvq/skipped"] == (idx == -1).sum()
+    for h in range(4):
+        usage, perplexity = usage_by_hand(idx[:, h], 16)
+        assert metrics[f"collapse/rvq/usage/head_{h}"] == pytest.approx(usage)
+        assert metrics[f"collapse/rvq/perplexity/head_{h}"] == pytest.approx(perplexity, rel=1e-9)
+        assert metrics[f"collapse/rvq/samples/head_{h}"] == (idx[:, h] >= 0).sum()
+    mon.close()
+
+
+def test_vector_quantize_mask_positions_are_skipped():
+    torch.manual_seed(0)
+    vq = VectorQuantize(dim=8, codebook_size=32)
+    model = nn.Module()
+    model.vq = vq
+    mask = torch.ones(4, 12, dtype=torch.bool)
+    mask[0, 5:] = mask[2, 9:] = False
+    x = torch.randn(4, 12, 8)
+    got = run(model, [probes.CodebookUsage("vq", 32, name="vq")], lambda s: vq(x, mask=mask))
+    idx = vq(x, mask=mask)[1].numpy()
+    assert (idx[~mask.numpy()] == -1).all()
+    assert got["collapse/vq/skipped"] == (~mask).sum() == 10
+    assert got["collapse/vq/samples"] == mask.sum()
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: FSQ(levels=[8, 5, 5], dim=6), lambda: LFQ(dim=4, codebook_size=16)]
+)
+def test_fsq_and_lfq_indices_are_read_by_default(make):
+    torch.manual_seed(0)
+    q = make()
+    model = nn.Module()
+    model.q = q
+    K = 200 if isinstance(q, FSQ) else 16
+    x = torch.randn(8, 20, 6 if isinstance(q, FSQ) else 4)
+    got = run(model, [probes.CodebookUsage("q", K, name="q")], lambda s: q(x))
+    out = q(x)
+    idx = (out[1] if isinstance(q, FSQ) else out.indices).numpy()
+    usage, perplexity = usage_by_hand(idx.reshape(-1), K)
+    assert got["collapse/q/usage"] == pytest.approx(usage)
+    assert got["collapse/q/perplexity"] == pytest.approx(perplexity, rel=1e-9)
+
+
+def test_reset_dead_codes_on_a_cosine_codebook_gives_unit_codes_from_unmasked_rows():
+    torch.manual_seed(0)
+    vq = VectorQuantize(dim=8, codebook_size=64, use_cosine_sim=True, decay=0.8)
+    model = nn.Module()
+    model.vq = vq
+    mask = torch.ones(8, 16, dtype=torch.bool)
+    mask[:, 12:] = False
+    direction = F.normalize(torch.randn(8), dim=0)
+    x = 10 * F.normalize(direction + 0.05 * torch.randn(8, 16, 8), dim=-1)  # norm 10, one cluster
+    x[~mask] = -1e3 * direction  # padding: must never become a code
+    probe = probes.CodebookUsage("vq", 64, ema_decay=0.5, warmup_steps=1, name="vq")
+    reset = mitigations.ResetDeadCodes("vq")
+    mon = CollapseMonitor(
+        model, [probe], 2, mitigations=[reset], strict=True, observe_every_n_steps=1
+    )
+    for _ in range(2):
+        with mon.observe():
+            vq(x, mask=mask)
+        before = vq.codebook.detach().clone()  # the EMA moves codes: compare around the log
+        metrics = mon.step()
+    after = vq.codebook.detach()
+    changed = (after - before).abs().amax(-1) > 1e-6
+    assert metrics["collapse/mitigations/reset_dead_codes"] == changed.sum() > 10
+    assert torch.allclose(
+        after.norm(dim=-1), torch.ones(64), atol=1e-5
+    )  # the codebook's convention
+    cos_with_padding = after[changed] @ (-direction)
+    assert (cos_with_padding < 0.5).all()  # none is the padding's direction
+    assert (after[changed] @ direction > 0.8).all()  # all come from the real rows' cluster
+    mon.close()
+
+
+def test_reset_dead_codes_draws_in_the_projected_codebook_space():
+    torch.manual_seed(0)
+    vq = VectorQuantize(dim=16, codebook_dim=4, codebook_size=32, decay=0.8)
+    model = nn.Module()
+    model.vq = vq
+    x = torch.randn(4, 16, 16) * 0.1 + 3.0
+    probe = probes.CodebookUsage("vq", 32, ema_decay=0.5, warmup_steps=1, name="vq")
+    mon = CollapseMonitor(
+        model, [probe], 2, mitigations=[mitigations.ResetDeadCodes("vq")], strict=True,
+        observe_every_n_steps=1,
+    )  # fmt: skip
+    for _ in range(2):
+        with mon.observe():
+            vq(x)
+        before = vq.codebook.detach().clone()  # the EMA moves codes: compare around the log
+        mon.step()
+    after = vq.codebook.detach()
+    changed = (after - before).abs().amax(-1) > 1e-6
+    assert changed.sum() > 0 and after.shape[-1] == 4
+    projected = vq.project_in(x).detach().reshape(-1, 4)
+    for row in after[changed]:  # each new code is one projected input row, exactly
+        assert (projected - row).abs().amax(-1).min() < 1e-5
+    mon.close()
+
+
+# ------------------------------------------------------------------------- transformers
+def tiny(cls_name, **overrides):
+    import transformers
+
+    config_cls = getattr(transformers, cls_name + "Config")
+    defaults = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    cfg = config_cls(**{**defaults, **overrides})
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return getattr(transformers, cls_name + "ForCausalLM")(cfg).eval()
+
+
+def tiny_bert():
+    import transformers
+
+    cfg = transformers.BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=64,
+    )  # fmt: skip
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return transformers.BertForMaskedLM(cfg).eval()
+
+
+def test_mixtral_routers_are_reported_per_layer_and_pooled_only_on_request():
+    """The issue's case: each of 2 routers collapsed onto 2 of its 4 experts (layer 0 onto 0 and
+    1, layer 1 onto 2 and 3): usage 0.5 and perplexity 2 per layer, while pooled they look
+    healthy (usage 1, perplexity 4)."""
+    model = tiny("Mixtral", num_local_experts=4, num_experts_per_tok=2)
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            gate = layer.mlp.gate
+            gate.weight.zero_()
+            gate.weight[[0, 1] if i == 0 else [2, 3], 0] = 1.0
+            # the router sees a constant input: its choice no longer depends on the token
+            gate.register_forward_pre_hook(lambda m, a: (torch.ones_like(a[0]),))
+    chosen = {i: [] for i in range(2)}
+    for i, layer in enumerate(model.model.layers):
+        layer.mlp.gate.register_forward_hook(
+            lambda m, a, o, i=i: chosen[i].append(o[2].detach().clone())
+        )
+    ids = torch.randint(0, 64, (3, 10))
+    per_layer = run(model, [probes.CodebookUsage("model.layers.*.mlp.gate", 4, name="router")],
+                    lambda s: model(ids))  # fmt: skip
+    by_layer = {i: torch.cat(chosen[i]).reshape(-1).numpy() for i in range(2)}
+    for i in range(2):
+        usage, perplexity = usage_by_hand(by_layer[i], 4)
+        key = f"collapse/router/model.layers.{i}.mlp.gate"
+        assert per_layer[f"{key}/usage"] == usage == 0.5
+        assert per_layer[f"{key}/perplexity"] == pytest.approx(perplexity, rel=1e-9)
+        assert perplexity == pytest.approx(2.0)
+    assert "collapse/router/usage" not in per_layer  # nothing pooled unless asked
+    for c in chosen.values():
+        c.clear()
+    pooled = run(model, [probes.CodebookUsage("model.layers.*.mlp.gate", 4, pool=True, name="router")],
+                 lambda s: model(ids))  # fmt: skip
+    both = np.concatenate([torch.cat(chosen[i]).reshape(-1).numpy() for i in range(2)])
+    assert pooled["collapse/router/usage"] == usage_by_hand(both, 4)[0] == 1.0
+    assert pooled["collapse/router/perplexity"] == pytest.approx(4.0)
+    assert pooled["collapse/router/samples"] == 2 * 3 * 10 * 2  # layers x tokens x top-k
+
+
+def eager_entropy(model, ids, mask, layer, causal=True):
+    """Per-head mean entropy over real query rows from the eager attention probabilities."""
+    set_attention(model, "eager")
+    with torch.no_grad():
+        probs = model(ids, attention_mask=mask, output_attentions=True).attentions[layer]
+    set_attention(model, "sdpa")
+    probs = probs.double()
+    T = ids.shape[1]
+    keys = torch.ones(T, T, dtype=torch.bool)
+    allowed = (keys.tril() if causal else keys)[None, None] & mask.bool()[:, None, None, :]
+    H, n = MF.entropy_from_probs(probs, allowed)  # (B, heads, T)
+    real = mask.bool()[:, None, :].expand_as(H)
+    return (H * real).sum((0, 2)) / real.sum((0, 2))
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("arch", ["Llama", "Qwen2", "Bert"])
+def test_padded_query_rows_are_left_out_of_attention_entropy(arch, side):
+    model = tiny(arch) if arch != "Bert" else tiny_bert()
+    ids = torch.randint(0, 64, (3, 9))
+    mask = torch.ones(3, 9, dtype=torch.long)
+    pad = slice(0, 4) if side == "left" else slice(5, 9)
+    mask[1, pad] = 0
+    layers = "bert.encoder.layer" if arch == "Bert" else "model.layers"
+    attn = "attention.self" if arch == "Bert" else "self_attn"
+    got = run(model, [probes.AttentionEntropy(layers, queries=None, name="attn")],
+              lambda s: model(ids, attention_mask=mask))  # fmt: skip
+    for layer in range(2):
+        want = eager_entropy(model, ids, mask, layer, causal=arch != "Bert")
+        for h in range(4):
+            key = f"collapse/attn/{layers}.{layer}.{attn}/entropy/head_{h}"
+            assert got[key] == pytest.approx(want[h].item(), rel=1e-4), key
+    assert got[f"collapse/attn/{layers}.0.{attn}/skipped"] == 4 * 4  # 4 rows x 4 heads
+
+
+@pytest.mark.parametrize("arch", ["Mistral", "Qwen2"])
+def test_grouped_query_decoding_with_left_padding_keeps_its_heads(arch):
+    model = tiny(arch, sliding_window=16) if arch == "Mistral" else tiny(arch)
+    ids = torch.randint(0, 64, (2, 20))
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[0, :6] = 0  # left padding
+    mon = CollapseMonitor(
+        model, [probes.AttentionEntropy("model.layers", name="attn")], 1, strict=True,
+        observe_every_n_steps=1,
+    )  # fmt: skip
+    with mon.observe(), torch.no_grad():
+        model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    metrics = mon.step()
+    for layer in range(2):
+        pre = f"collapse/attn/model.layers.{layer}.self_attn"
+        heads = [k for k in metrics if k.startswith(pre + "/entropy/head_")]
+        assert len(heads) == 4 and all(math.isfinite(metrics[k]) for k in heads)
+    mon.close()
+
+
+def set_attention(model, implementation):
+    model.config._attn_implementation = implementation
+    for mod in model.modules():
+        if hasattr(mod, "config"):
+            mod.config._attn_implementation = implementation
+
+
+def test_a_packed_grouped_query_decoding_step_equals_eager_attention():
+    """transformers packs a decoding step's query heads of one key-value head into query rows
+    when a mask is present; unpacked, each head's entropy is the eager attention's."""
+    model = tiny("Qwen2")
+    ids = torch.randint(0, 64, (2, 12))
+    mask = torch.ones(2, 13, dtype=torch.long)
+    mask[0, :5] = 0  # left padding
+    step = torch.randint(0, 64, (2, 1))
+    probs = {}
+    for implementation in ("eager", "sdpa"):
+        set_attention(model, implementation)
+        with torch.no_grad():
+            past = model(ids, attention_mask=mask[:, :12], use_cache=True).past_key_values
+            if implementation == "eager":
+                out = model(step, attention_mask=mask, past_key_values=past, output_attentions=True)
+                probs = out.attentions
+                continue
+            mon = CollapseMonitor(
+                model, [probes.AttentionEntropy("model.layers", queries=None, name="attn")], 1,
+                strict=True, observe_every_n_steps=1,
+            )  # fmt: skip
+            with mon.observe():
+                model(step, attention_mask=mask, past_key_values=past)
+            got = mon.step()
+            mon.close()
+    allowed = mask.bool()[:, None, None, :]
+    for layer in range(2):
+        H, _ = MF.entropy_from_probs(probs[layer].double(), allowed)  # (B, 4 heads, 1)
+        want = H.mean((0, 2))
+        for h in range(4):
+            key = f"collapse/attn/model.layers.{layer}.self_attn/entropy/head_{h}"
+            assert got[key] == pytest.approx(want[h].item(), rel=1e-4), key
+
+
+def test_sigma_reparam_on_gpt2_conv1d_projections_preserves_the_function():
+    import transformers
+
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64, n_positions=32)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        before = model(ids).logits
+    reparam = mitigations.SigmaReparam("transformer.h.*.attn")
+    mon = CollapseMonitor(model, [], mitigations=[reparam], strict=True)
+    assert sorted(reparam.applied) == sorted(
+        f"transformer.h.{i}.attn.{p}:weight" for i in range(2) for p in ("c_attn", "c_proj")
+    )
+    with torch.no_grad():
+        after = model(ids).logits
+    assert torch.allclose(after, before, atol=1e-5)
+    c_attn = model.transformer.h[0].attn.c_attn
+    gamma = c_attn.parametrizations.weight[0].gamma
+    assert torch.linalg.matrix_norm(c_attn.weight.detach(), 2) == pytest.approx(
+        gamma.item(), rel=1e-4
+    )
+    mon.close()
+
+
+# ------------------------------------------------------------------------- nn.Transformer*
+def test_transformer_decoder_entropy_averages_over_real_target_tokens():
+    torch.manual_seed(0)
+    layer = nn.TransformerDecoderLayer(16, 2, dim_feedforward=32, batch_first=True, dropout=0.0)
+    model = nn.Module()
+    model.dec = nn.TransformerDecoder(layer, 1).eval()
+    tgt, memory = torch.randn(3, 7, 16), torch.randn(3, 5, 16)
+    tgt_pad = torch.zeros(3, 7, dtype=torch.bool)
+    tgt_pad[0, 4:] = tgt_pad[2, 6:] = True
+    mem_pad = torch.zeros(3, 5, dtype=torch.bool)
+    mem_pad[1, 3:] = True
+    causal = nn.Transformer.generate_square_subsequent_mask(7)
+    kw = dict(tgt_mask=causal, tgt_key_padding_mask=tgt_pad, memory_key_padding_mask=mem_pad)
+    got = run(model, [probes.AttentionEntropy("dec", queries=None, name="attn")],
+              lambda s: model.dec(tgt, memory, **kw))  # fmt: skip
+    dec = model.dec.layers[0]
+    with torch.no_grad():  # the reference: the layer's own attention probabilities (post-norm)
+        _, self_p = dec.self_attn(tgt, tgt, tgt, attn_mask=causal, key_padding_mask=tgt_pad,
+                                  need_weights=True, average_attn_weights=False)  # fmt: skip
+        x = dec.norm1(tgt + dec.self_attn(tgt, tgt, tgt, attn_mask=causal,
+                                          key_padding_mask=tgt_pad, need_weights=False)[0])  # fmt: skip
+        _, cross_p = dec.multihead_attn(x, memory, memory, key_padding_mask=mem_pad,
+                                        need_weights=True, average_attn_weights=False)  # fmt: skip
+    real = ~tgt_pad
+    self_allowed = (causal == 0)[None, None] & ~tgt_pad[:, None, None, :]
+    cross_allowed = ~mem_pad[:, None, None, :].expand(3, 2, 7, 5)
+    for name, p, allowed in (
+        ("self_attn", self_p, self_allowed),
+        ("multihead_attn", cross_p, cross_allowed),
+    ):
+        H, _ = MF.entropy_from_probs(p.double(), allowed)
+        rows = real[:, None, :].expand_as(H)
+        want = (H * rows).sum((0, 2)) / rows.sum((0, 2))
+        all_rows = H.mean((0, 2))
+        for h in range(2):
+            key = f"collapse/attn/dec.layers.0.{name}/entropy/head_{h}"
+            assert got[key] == pytest.approx(want[h].item(), rel=1e-5), key
+        assert not torch.allclose(want, all_rows, rtol=1e-3)  # padding would have mattered
+
+
+# ------------------------------------------------------------------------- posteriors
+class ConvEncoder(nn.Module):
+    """A (B, 4, 8, 8) Gaussian latent; channels 2 and 3 are the prior (collapsed)."""
+
+    def __init__(self, kind="independent"):
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, x):
+        loc = torch.cat([x, torch.zeros_like(x)], 1)
+        scale = torch.cat([0.5 * torch.ones_like(x), torch.ones_like(x)], 1)
+        if self.kind == "independent":
+            return Independent(Normal(loc, scale), 3)
+        return loc, 2 * scale.log()
+
+
+def test_independent_conv_posterior_counts_every_latent_dimension():
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.enc = ConvEncoder()
+    x = torch.randn(64, 2, 8, 8)
+    got = run(model, [probes.PosteriorCollapse("enc", name="vae")], lambda s: model.enc(x))
+    # by hand: KL of N(mu, 0.25) to N(0, 1) per dimension, averaged over inputs, summed
+    kl_live = 0.5 * (x.double().pow(2).mean(0) + 0.25 - math.log(0.25) - 1)
+    assert got["collapse/vae/kl_total"] == pytest.approx(kl_live.sum().item(), rel=1e-6)
+    assert got["collapse/vae/active_fraction"] == 0.5  # 128 of the 256 dimensions
+    assert got["collapse/vae/active_units"] == 128
+
+
+def test_a_posterior_whose_latent_axes_are_unknown_is_an_error_until_stated():
+    model = nn.Module()
+    model.enc = ConvEncoder(kind="tuple")
+    x = torch.randn(16, 2, 8, 8)
+    with pytest.raises(ValueError, match=r"mu of shape \(16, 4, 8, 8\).*pass latent_dims="):
+        run(model, [probes.PosteriorCollapse("enc", name="vae")], lambda s: model.enc(x))
+    got = run(model, [probes.PosteriorCollapse("enc", latent_dims=3, name="vae")],
+              lambda s: model.enc(x))  # fmt: skip
+    assert got["collapse/vae/active_units"] == 128
+
+
+# ------------------------------------------------------------------------- unit layouts
+class ChannelsLastBlock(nn.Module):
+    """ConvNeXt's inverted bottleneck: (B, H, W, C) between the pointwise layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.norm = nn.LayerNorm(8)
+        self.up = nn.Linear(8, 16)
+        self.act = nn.GELU()
+        self.down = nn.Linear(16, 8)
+
+    def forward(self, x):
+        h = self.norm(self.dw(x).permute(0, 2, 3, 1))
+        return self.down(self.act(self.up(h))).permute(0, 3, 1, 2)
+
+
+def test_dormant_units_take_the_unit_axis_from_the_layout_or_ask():
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.block = ChannelsLastBlock()
+    model.cnn = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU())
+    x = torch.randn(4, 8, 6, 6)
+    with pytest.raises(ValueError, match=r"\(4, 6, 6, 16\).*pass channel_dim="):
+        run(model, [probes.DormantUnits("block.act", name="d")], lambda s: model.block(x))
+    got = run(model, [probes.DormantUnits("block.act", channel_dim=-1, name="d")],
+              lambda s: model.block(x))  # fmt: skip
+    a = model.block.act(model.block.up(model.block.norm(model.block.dw(x).permute(0, 2, 3, 1))))
+    want = MF.dormant_units(a.detach(), channel_dim=-1)
+    assert got["collapse/d/block.act/mean_abs"] == pytest.approx(want["mean_abs"], rel=1e-9)
+    img = torch.randn(4, 3, 8, 8)
+    for fmt in (torch.contiguous_format, torch.channels_last):  # memory format: same layout
+        model.cnn.to(memory_format=fmt)
+        got = run(model, [probes.DormantUnits("cnn.1", name="d")],
+                  lambda s, fmt=fmt: model.cnn(img.to(memory_format=fmt)))  # fmt: skip
+        want = MF.dormant_units(model.cnn(img).detach(), channel_dim=1)
+        assert got["collapse/d/cnn.1/mean_abs"] == pytest.approx(want["mean_abs"], rel=1e-9)
+
+
+# ------------------------------------------------------------------------- alignment, idle hooks
+def test_probes_on_one_lm_head_align_unshifted_labels_alike():
+    torch.manual_seed(0)
+    head = nn.Linear(8, 5)
+    model = nn.Module()
+    model.head = head
+    h = torch.randn(3, 6, 8)
+    labels = torch.randint(0, 5, (3, 6))
+    labels[0, 2] = -100
+    got = run(
+        model,
+        [probes.NeuralCollapse("head", 5, target_shift=1, name="nc"),
+         probes.LogitHealth("head", target_shift=1, nlm=False, name="logits")],
+        {"forward": lambda s: head(h), "observe": {"targets": labels}},
+    )  # fmt: skip
+    logits, y = head(h)[:, :-1].detach(), labels[:, 1:]
+    want = MF.logit_health(logits, y)
+    assert got["collapse/logits/zero_loss_fraction"] == want["zero_loss_fraction"]
+    assert got["collapse/logits/samples"] == 15
+    ref = MF.neural_collapse(h[:, :-1][y != -100], y[y != -100], 5)
+    assert got["collapse/nc/samples"] == 14
+    assert got["collapse/nc/nc1"] == pytest.approx(ref["nc1"], rel=1e-6)
+
+
+@pytest.mark.parametrize("every", [None, 1])
+def test_a_model_compiled_before_attach_says_its_hooks_saw_nothing(every, caplog):
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    compiled = torch.compile(model)
+    compiled(torch.randn(2, 4))  # compiled before the monitor: later hooks are never called
+    mon = CollapseMonitor(
+        model, [probes.DormantUnits("1", name="d")], 4, observe_every_n_steps=every
+    )
+    logs = []
+    with caplog.at_level(logging.WARNING, logger="collapse_monitor"):
+        for _ in range(8):
+            with mon.observe():
+                compiled(torch.randn(2, 4))
+            logs.append(mon.step())
+    metrics = logs[-1]
+    said = [r.message for r in caplog.records if "never ran inside observe()" in r.message]
+    assert len(said) == 1 and "compiled before the monitor was attached" in said[0]
+    assert metrics["collapse/d/calls"] == 0
+    mon.close()
