@@ -85,7 +85,7 @@ def train(reparam: bool, args, data: torch.Tensor, vocab: int, out: Path) -> dic
         [probes.AttentionEntropy("blocks.*.attn", name="attn")],
         log_every_n_steps=args.log_every,
         sinks=[sink],
-        pictures=True,
+        pictures=not args.no_pictures,
         mitigations=[mitigations.SigmaReparam("blocks.*.attn")] if reparam else [],
     )
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)  # built after σReparam: gammas included
@@ -167,6 +167,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default="runs/attention")
     parser.add_argument("--png", default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--no-pictures", action="store_true", help="no TensorBoard pictures (a render per log)"
+    )
     args = parser.parse_args(argv)
     data, vocab = corpus()
     out = Path(args.out)

@@ -60,7 +60,7 @@ def train(loss_name: str, args, out: Path) -> dict:
         [probes.LogitHealth("head", name="logits", loss=loss_name)],
         log_every_n_steps=args.log_every,
         sinks=[sink],
-        pictures=True,
+        pictures=not args.no_pictures,
     )
     history = []
     for _ in tqdm(range(args.steps), desc=out.name, unit="step", leave=False):
@@ -143,6 +143,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default="runs/grokking")
     parser.add_argument("--png", default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--no-pictures", action="store_true", help="no TensorBoard pictures (a render per log)"
+    )
     args = parser.parse_args(argv)
     out = Path(args.out)
     runs = {}

@@ -94,6 +94,9 @@ def main(argv=None) -> dict:
         "--png", default=None, help="figure path (default: <out>/neural_collapse.png)"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--no-pictures", action="store_true", help="no TensorBoard pictures (a render per log)"
+    )
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     out = Path(args.out)
@@ -111,7 +114,7 @@ def main(argv=None) -> dict:
         # a 10-class problem on 1,500 images: every step is cheap to record exactly here
         observe_every_n_steps=1,
         sinks=[sink],
-        pictures=True,
+        pictures=not args.no_pictures,
         rules=[
             Rule(
                 "collapse/head/nc1",

@@ -70,7 +70,7 @@ def train(free_bits: float, args, out: Path) -> dict:
         [probes.PosteriorCollapse("posterior", name="vae")],
         log_every_n_steps=args.log_every,
         sinks=[sink],
-        pictures=True,
+        pictures=not args.no_pictures,
     )
     history = []
     for _ in tqdm(range(args.epochs), desc=out.name, unit="epoch", leave=False):
@@ -141,6 +141,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default="runs/vae")
     parser.add_argument("--png", default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--no-pictures", action="store_true", help="no TensorBoard pictures (a render per log)"
+    )
     args = parser.parse_args(argv)
     out = Path(args.out)
     runs = {}

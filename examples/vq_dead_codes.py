@@ -73,7 +73,7 @@ def train(reset: bool, args, out: Path) -> dict:
         [probes.CodebookUsage("quantizer", num_codes=CODES, name="vq")],
         log_every_n_steps=args.log_every,
         sinks=[sink],
-        pictures=True,
+        pictures=not args.no_pictures,
         mitigations=[mitigations.ResetDeadCodes("quantizer")] if reset else [],
     )
     history = []
@@ -146,6 +146,9 @@ def main(argv=None) -> dict:
         "--png", default=None, help="figure path (default: <out>/vq_dead_codes.png)"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--no-pictures", action="store_true", help="no TensorBoard pictures (a render per log)"
+    )
     args = parser.parse_args(argv)
     out = Path(args.out)
     runs = {}

@@ -7,61 +7,96 @@ from typing import Any, Callable, Optional, Union
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.strategies import DeepSpeedStrategy
 
+from .._sharding import DEEPSPEED_UNSUPPORTED, fsdp_roots
 from ..mitigations.base import Mitigation
 from ..monitor import CollapseMonitor
 from ..probes.base import Probe
 from ..rules import Alert, Rule
-from ..sinks import Sink
+from ..sinks import Sink, threshold_scalars
 from .tensorboard import TensorBoardSink
 
 
 class LightningLoggerSink(Sink):
-    """Logs through every logger of a ``Trainer`` (TensorBoard, CSV, W&B, ...) at the trainer's
-    ``global_step``; TensorBoard loggers also get alert text and the custom-scalars layout."""
+    """Logs through every logger of a ``Trainer`` at the trainer's ``global_step``, each in the
+    form it accepts: metrics to every logger (``logger.log_metrics``); alerts, mitigation
+    events, histograms, pictures and threshold lines to TensorBoard (text, histograms, images,
+    custom-scalars layout), W&B (tables, ``wandb.Histogram``, ``wandb.Image``) and MLflow (text
+    and JSON artifacts, ``log_image``); thresholds as scalars to the others (CSV), whose alerts
+    and events go to Python ``logging`` (as for every logger). Lightning's loggers write from
+    rank 0 themselves, so this sink runs on every rank.
+    """
+
+    main_process_only = False
 
     def __init__(self, trainer: L.Trainer) -> None:
         self.trainer = trainer
-        self._tensorboard: dict[int, TensorBoardSink] = {}
+        self._extras: dict[int, Sink | None] = {}
 
-    def _tb_sinks(self) -> list[TensorBoardSink]:
+    @staticmethod
+    def _extra_for(logger) -> Sink | None:
+        if isinstance(logger, TensorBoardLogger):
+            return TensorBoardSink(logger.experiment)
+        if isinstance(logger, WandbLogger):
+            from .wandb import WandbSink
+
+            return WandbSink(run=logger.experiment, step_key="trainer/global_step")
+        if isinstance(logger, MLFlowLogger):
+            from .mlflow import MLflowSink
+
+            return MLflowSink(run_id=logger.run_id, client=logger.experiment)
+        return None
+
+    def _pairs(self) -> list[tuple[Logger, Sink | None]]:
+        """Each logger with the sink that writes what its ``log_metrics`` cannot (rank 0)."""
         if not self.trainer.is_global_zero:
             return []
+        out = []
         for logger in self.trainer.loggers:
-            if isinstance(logger, TensorBoardLogger) and id(logger) not in self._tensorboard:
-                self._tensorboard[id(logger)] = TensorBoardSink(logger.experiment)
-        return list(self._tensorboard.values())
+            if id(logger) not in self._extras:
+                self._extras[id(logger)] = self._extra_for(logger)
+            out.append((logger, self._extras[id(logger)]))
+        return out
+
+    @property
+    def _step(self) -> int:
+        return self.trainer.global_step
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         for logger in self.trainer.loggers:
-            logger.log_metrics(metrics, step=self.trainer.global_step)
-        for tb in self._tb_sinks():
-            tb._write_layout(metrics)
+            logger.log_metrics(metrics, step=self._step)
+        for _, extra in self._pairs():
+            if isinstance(extra, TensorBoardSink):
+                extra.write_layout(metrics)
 
     def log_thresholds(self, thresholds: dict[str, list[float]], step: int) -> None:
-        for tb in self._tb_sinks():
-            tb.log_thresholds(thresholds, self.trainer.global_step)
+        for logger, extra in self._pairs():
+            if extra is not None:
+                extra.log_thresholds(thresholds, self._step)
+            elif thresholds:
+                logger.log_metrics(threshold_scalars(thresholds), step=self._step)
+
+    def _extras_do(self, method: str, *args) -> None:
+        for _, extra in self._pairs():
+            if extra is not None:
+                getattr(extra, method)(*args)
 
     def log_histogram(self, tag: str, values, step: int) -> None:
-        for tb in self._tb_sinks():
-            tb.log_histogram(tag, values, self.trainer.global_step)
+        self._extras_do("log_histogram", tag, values, self._step)
 
     def log_image(self, tag: str, image, step: int) -> None:
-        for tb in self._tb_sinks():
-            tb.log_image(tag, image, self.trainer.global_step)
+        self._extras_do("log_image", tag, image, self._step)
 
     def log_alert(self, alert: Alert) -> None:
-        for tb in self._tb_sinks():
-            tb.log_alert(alert)
+        self._extras_do("log_alert", alert)
 
     def log_event(self, name: str, info: dict, step: int) -> None:
-        for tb in self._tb_sinks():
-            tb.log_event(name, info, self.trainer.global_step)
+        self._extras_do("log_event", name, info, self._step)
 
     def flush(self) -> None:
-        for tb in self._tb_sinks():
-            tb.flush()
+        self._extras_do("flush")
 
 
 def _optimizers_in(out: Any) -> list:
@@ -92,9 +127,16 @@ def default_targets(batch: Any) -> Any:
 class CollapseCallback(L.Callback):
     """Run a :class:`~collapse_monitor.CollapseMonitor` inside a Lightning ``Trainer``.
 
-    Metrics go through the trainer's own loggers at ``trainer.global_step``. Training batches
-    are observed from ``on_train_batch_start`` to ``on_before_backward``; with
-    ``validation=True`` every validation loop is a snapshot logged under ``val/collapse/...``.
+    Metrics go through the trainer's own loggers at ``trainer.global_step``, each in the form it
+    accepts (see :class:`LightningLoggerSink`). Steps are optimizer steps: with
+    ``accumulate_grad_batches=k`` the monitor records all k micro-batches of a recorded step,
+    logs every ``log_every_n_steps`` optimizer steps and acts (mitigations) only after an
+    optimizer step. Training batches are observed from ``on_train_batch_start`` to
+    ``on_before_backward``; with ``validation=True`` every validation loop is a snapshot logged
+    under ``val/collapse/...``, one per dataloader (``.../dataloader_idx_<i>``) when there are
+    several. A model passed to ``fit`` as ``torch.compile(model, fullgraph=True)`` is refused at
+    setup with a clear error; DeepSpeed is refused too. Under ``strategy="fsdp"`` parameters
+    are gathered through the FSDP wrapper (:meth:`~collapse_monitor.CollapseMonitor.sharded_by`).
     Monitor state is saved in checkpoints and restored on ``fit(ckpt_path=...)``. Under DDP the
     statistics are all-reduced before metrics are computed and a ``"stop"`` alert is reduced
     across ranks with ``strategy.reduce_boolean_decision``.
@@ -143,6 +185,8 @@ class CollapseCallback(L.Callback):
         self._pending_state: dict | None = None
         self._observing = None
         self._in_snapshot = False
+        self._loader: int | None = None  # the validation dataloader of the open snapshot
+        self._loaders = self._done = 0  # validation dataloaders in this loop; snapshots taken
 
     @property
     def state_key(self) -> str:
@@ -152,6 +196,16 @@ class CollapseCallback(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.monitor is not None:
             return
+        if isinstance(trainer.strategy, DeepSpeedStrategy):
+            raise ValueError(DEEPSPEED_UNSUPPORTED)
+        ctx = getattr(pl_module, "_compiler_ctx", None)  # Lightning's record of torch.compile
+        if ctx and getattr(ctx.get("dynamo_ctx"), "fullgraph", False):
+            raise ValueError(
+                "CollapseCallback: the model is compiled with torch.compile(fullgraph=True), "
+                "which refuses the graph break the monitor's hooks need at each probed module "
+                "while they record; compile with fullgraph=False (the default): the graph then "
+                "breaks only on the steps the monitor records"
+            )
         self.monitor = CollapseMonitor(
             pl_module, self.probes, sinks=[LightningLoggerSink(trainer)], **self.kwargs
         )
@@ -234,34 +288,75 @@ class CollapseCallback(L.Callback):
         # the backward pass (and any activation-checkpointing recompute) is not observed
         self._stop_observing()
 
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._find_wrapper(trainer, pl_module)
+
+    def _find_wrapper(self, trainer, pl_module) -> None:
+        # strategy="fsdp" wraps the module after setup(): parameters are gathered through it
+        holder = trainer.strategy.model
+        if self.monitor is not None and holder is not pl_module and fsdp_roots(holder):
+            self.monitor.sharded_by(holder)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # the monitor counts optimizer steps, as Lightning does (a run resumed without monitor
+        # state, or a callback added later, starts from the trainer's step)
+        self.monitor.global_step = max(self.monitor.global_step, trainer.global_step)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._stop_observing()
+        # one monitor step per optimizer step: with accumulate_grad_batches=k, the k
+        # micro-batches of a step are all observed (or none) and nothing acts between them
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
-        if self.monitor.step(optimizer=optimizer) is not None:
-            stop = trainer.strategy.reduce_boolean_decision(self.monitor.should_stop, all=False)
-            if stop:
-                trainer.should_stop = True
+        while self.monitor.global_step < trainer.global_step:
+            if self.monitor.step(optimizer=optimizer) is not None:
+                stop = trainer.strategy.reduce_boolean_decision(self.monitor.should_stop, all=False)
+                if stop:
+                    trainer.should_stop = True
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
-        if self.validation and not trainer.sanity_checking and self.monitor is not None:
-            self.monitor.begin_snapshot("val")
-            self._in_snapshot = True
+        self._find_wrapper(trainer, pl_module)  # also for a standalone validate()
+        self._in_snapshot = (
+            self.validation and not trainer.sanity_checking and self.monitor is not None
+        )
+        self._loader, self._done, self._loaders = None, 0, len(trainer.num_val_batches)
 
     def on_validation_batch_start(
         self, trainer, pl_module, batch, batch_idx, dataloader_idx=0
     ) -> None:
-        if self._in_snapshot:
-            self._start_observing(batch)
+        if not self._in_snapshot:
+            return
+        if self._loader != dataloader_idx:
+            self._snapshots_until(dataloader_idx)
+            self._begin_snapshot(dataloader_idx)
+        self._start_observing(batch)
 
     def on_validation_batch_end(
         self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
     ) -> None:
         self._stop_observing()
 
+    def _begin_snapshot(self, loader: int) -> None:
+        # keyed ``.../dataloader_idx_<i>`` when there are several (Lightning's convention)
+        self.monitor.begin_snapshot("val", loader=loader if self._loaders > 1 else None)
+        self._loader = loader
+
+    def _snapshots_until(self, loader: int) -> None:
+        """End the open snapshot, then take the (empty) snapshots of the loaders before
+        ``loader`` that this rank got no batch from: every rank ends one snapshot per loader,
+        in loader order, so that their collectives match."""
+        if self._loader is not None:
+            self.monitor.end_snapshot()
+            self._done, self._loader = self._loader + 1, None
+        for skipped in range(self._done, loader):
+            self._begin_snapshot(skipped)
+            self.monitor.end_snapshot()
+            self._loader = None
+        self._done = max(self._done, loader)
+
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if self._in_snapshot:
             self._in_snapshot = False
-            self.monitor.end_snapshot()
+            self._snapshots_until(self._loaders)
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         self._stop_observing()

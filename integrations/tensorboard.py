@@ -7,14 +7,10 @@ import re
 
 from torch.utils.tensorboard import SummaryWriter
 
+from .. import _dist
 from ..keys import MetricKey
 from ..rules import Alert
-from ..sinks import Sink
-
-
-def threshold_tags(key: str) -> tuple[str, str]:
-    """The scalar tags holding the lowest and highest rule threshold on ``key``."""
-    return f"thresholds/{key}/lower", f"thresholds/{key}/upper"
+from ..sinks import Sink, threshold_tags
 
 
 def scalar_layout(keys, thresholds=()) -> dict:
@@ -49,26 +45,37 @@ class TensorBoardSink(Sink):
     """Write the monitor's output to TensorBoard.
 
     Args:
-        log_dir: a directory (a ``SummaryWriter`` is created and owned), or an existing
-            ``SummaryWriter`` (shared; not closed by the sink).
+        log_dir: a directory (a ``SummaryWriter`` is created on the first write and owned), or
+            an existing ``SummaryWriter`` (shared; not closed by the sink).
         layout: write the custom-scalars layout (rewritten when new metrics appear).
+        all_ranks: write from every rank (to ``<log_dir>/rank<r>``) instead of rank 0 only.
     """
 
-    def __init__(self, log_dir, layout: bool = True) -> None:
-        if isinstance(log_dir, SummaryWriter):
-            self.writer, self._owned = log_dir, False
-        else:
-            self.writer, self._owned = SummaryWriter(log_dir=str(log_dir)), True
+    def __init__(self, log_dir, layout: bool = True, all_ranks: bool = False) -> None:
+        self._writer = log_dir if isinstance(log_dir, SummaryWriter) else None
+        self._owned = self._writer is None
+        self.log_dir = log_dir
+        self.main_process_only = not all_ranks
         self.layout = layout
         self._layout_written: dict | None = None
         self._keys: set[str] = set()
         self._thresholded: set[str] = set()
 
+    @property
+    def writer(self) -> SummaryWriter:
+        """The writer, made on first use: ranks that never write leave no event file."""
+        if self._writer is None:
+            log_dir = str(self.log_dir)
+            if not self.main_process_only:
+                log_dir = f"{log_dir}/rank{_dist.rank()}"
+            self._writer = SummaryWriter(log_dir=log_dir)
+        return self._writer
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         for key, value in metrics.items():
             self.writer.add_scalar(key, value, step)
         if self.layout:
-            self._write_layout(metrics)
+            self.write_layout(metrics)
 
     def log_thresholds(self, thresholds: dict[str, list[float]], step: int) -> None:
         """Thresholds as scalars next to their metric, every log (a margin chart needs points
@@ -79,12 +86,13 @@ class TensorBoardSink(Sink):
             self.writer.add_scalar(upper, max(values), step)
         if self.layout and not self._thresholded.issuperset(thresholds):
             self._thresholded |= set(thresholds)
-            self._write_layout(())
+            self.write_layout(())
 
     def log_image(self, tag: str, image, step: int) -> None:
         self.writer.add_image(tag, image, step, dataformats="HWC")
 
-    def _write_layout(self, metrics) -> None:
+    def write_layout(self, metrics) -> None:
+        """Add ``metrics``' keys to the custom-scalars layout; written when it changed."""
         self._keys |= set(metrics)
         new = scalar_layout(self._keys, self._thresholded)
         merged = {c: dict(charts) for c, charts in (self._layout_written or {}).items()}
@@ -104,10 +112,13 @@ class TensorBoardSink(Sink):
         self.writer.add_text(f"collapse/events/{name}", json.dumps(info, default=str), step)
 
     def flush(self) -> None:
-        self.writer.flush()
+        if self._writer is not None:
+            self._writer.flush()
 
     def close(self) -> None:
+        if self._writer is None:
+            return
         if self._owned:
-            self.writer.close()
+            self._writer.close()
         else:
-            self.writer.flush()
+            self._writer.flush()

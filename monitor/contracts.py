@@ -145,6 +145,10 @@ class Component:
     on every rank at the next log, before any collective.
     """
 
+    #: whether its readout (or action, for a mitigation) reads the model's parameters: the
+    #: monitor then gathers FSDP (first generation) shards around it
+    reads_parameters: bool = False
+
     def __init__(self, name: str) -> None:
         self.name = name
         self.disabled = False

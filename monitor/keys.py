@@ -6,7 +6,9 @@ A probe's metric is logged as ``[<prefix>/]collapse/<probe>/[<layer>/]<metric>[/
 - ``layer``: for per-layer probes, the module path the value belongs to;
 - ``metric``: one segment, e.g. ``nc1``, ``entropy_norm``, ``kl``;
 - ``index``: an element of a per-head or per-dimension metric, ``head_3`` or ``dim_5``;
-- ``prefix``: a validation snapshot's prefix, ``val``.
+- ``prefix``: a validation snapshot's prefix, ``val``;
+- ``loader``: with several validation dataloaders, ``.../dataloader_idx_<i>`` at the end
+  (Lightning's convention).
 
 The monitor's own counters are ``collapse/alerts/<rule>``, ``collapse/mitigations/<name>`` and
 ``collapse/errors``; their names are not probe names.
@@ -20,6 +22,7 @@ from dataclasses import dataclass, replace
 ROOT = "collapse"
 RESERVED = ("alerts", "mitigations", "errors")
 _INDEX = re.compile(r"^(head|dim)_\d+$")
+_LOADER = re.compile(r"^dataloader_idx_(\d+)$")
 
 
 def check_name(name: str, what: str = "probe name") -> str:
@@ -39,7 +42,7 @@ class MetricKey:
         >>> str(MetricKey("attn", "entropy_norm", layer="blocks.0.attn", index="head_2"))
         'collapse/attn/blocks.0.attn/entropy_norm/head_2'
         >>> MetricKey.parse("val/collapse/head/nc1")
-        MetricKey(probe='head', metric='nc1', layer=None, index=None, prefix='val')
+        MetricKey(probe='head', metric='nc1', layer=None, index=None, prefix='val', loader=None)
     """
 
     probe: str
@@ -47,6 +50,7 @@ class MetricKey:
     layer: str | None = None
     index: str | None = None
     prefix: str | None = None
+    loader: int | None = None
 
     def __post_init__(self) -> None:
         if self.probe in RESERVED:
@@ -59,11 +63,14 @@ class MetricKey:
             raise ValueError(f"index must look like 'head_<h>' or 'dim_<j>', got {self.index!r}")
 
     def __str__(self) -> str:
-        parts = [self.prefix, ROOT, self.probe, self.layer, self.metric, self.index]
+        loader = None if self.loader is None else f"dataloader_idx_{self.loader}"
+        parts = [self.prefix, ROOT, self.probe, self.layer, self.metric, self.index, loader]
         return "/".join(p for p in parts if p)
 
-    def with_prefix(self, prefix: str | None) -> MetricKey:
-        return replace(self, prefix=prefix)
+    def with_prefix(self, prefix: str | None, loader: int | None = None) -> MetricKey:
+        """This key in an evaluation snapshot: under ``prefix`` and, when given, keyed by the
+        evaluation dataloader ``loader`` (both replace the key's own)."""
+        return replace(self, prefix=prefix, loader=loader)
 
     @property
     def is_probe_metric(self) -> bool:
@@ -79,13 +86,16 @@ class MetricKey:
         if len(parts) < 2 or parts[0] != ROOT:
             raise ValueError(f"not a collapse-monitor key: {text!r}")
         probe, rest = parts[1], parts[2:]
+        loader = None
+        if rest and _LOADER.match(rest[-1]):
+            loader = int(_LOADER.match(rest.pop()).group(1))
         if probe in RESERVED:
-            return cls(probe, "/".join(rest), prefix=prefix)
+            return cls(probe, "/".join(rest), prefix=prefix, loader=loader)
         index = rest.pop() if len(rest) >= 2 and _INDEX.match(rest[-1]) else None
         if len(rest) not in (1, 2):
             raise ValueError(f"not a collapse-monitor key: {text!r}")
         layer = rest[0] if len(rest) == 2 else None
-        return cls(probe, rest[-1], layer, index, prefix)
+        return cls(probe, rest[-1], layer, index, prefix, loader)
 
 
 def key_pattern(probe_pattern: str, metric_pattern: str) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from types import MappingProxyType
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -14,6 +14,8 @@ from torch import nn
 
 from . import _dist
 from . import pictures as pictures_
+from ._modules import named_modules
+from ._sharding import whole_parameters
 from .contracts import Component, Event, LogView, Readout, Recording, Setup
 from .keys import ERRORS_KEY, alerts_key, mitigations_key
 from .mitigations.base import Mitigation
@@ -141,6 +143,7 @@ class CollapseMonitor:
         _unique_names(probes, "probe")
         _unique_names(mitigations, "mitigation")
         self.model = model
+        self._sharded_by: nn.Module | None = None  # an FSDP module wrapped around the model later
         self.probes = probes
         self.log_every_n_steps = int(log_every_n_steps)
         self.observe_every_n_steps = (
@@ -176,6 +179,7 @@ class CollapseMonitor:
         self._idle_warned: set[str] = set()
         self._unread_warned: set[str] = set()
         self._snapshot_prefix: str | None = None
+        self._snapshot_loader: int | None = None
         self._closed = False
         other = _MONITORS.get(model)
         if other is not None and other() is not None and not other()._closed:
@@ -193,8 +197,9 @@ class CollapseMonitor:
             strict,
         )
         try:
-            for c in (*probes, *mitigations):
-                c.attach(setup)
+            with whole_parameters(model):  # FSDP: attach reads parameters' shapes
+                for c in (*probes, *mitigations):
+                    c.attach(setup)
             # after attach: a glob over several modules binds its rules to each module's keys
             bound = [r for p in probes for r in p.default_rules()] if default_rules else []
             self.rules = RuleEngine(bound + list(rules))
@@ -315,22 +320,28 @@ class CollapseMonitor:
     # ----------------------------------------------------------------- readout
     def _readouts(self) -> dict[str, Readout]:
         """Each enabled probe's readout of its window over all ranks; the windows are kept."""
-        named = dict(self.model.named_modules())
+        named = named_modules(self.model)
         for p in self.probes:
             if not p.disabled:
                 self._guard(p, p.check_modules, named)
         self._agree_on_disabled()
         readouts = {}
-        for p in self.probes:
-            if not p.disabled:
-                r = self._guard(p, p.compute, self.process_group)
-                if r is not None:
-                    readouts[p.name] = r
+        # FSDP (first generation): gathered only for a readout that reads weights (NC's
+        # classifier); every rank takes the same decision (disabled flags were just agreed)
+        gather = any(p.reads_parameters and not p.disabled for p in self.probes)
+        with whole_parameters(self._holder, writeback=False) if gather else nullcontext():
+            for p in self.probes:
+                if not p.disabled:
+                    r = self._guard(p, p.compute, self.process_group)
+                    if r is not None:
+                        readouts[p.name] = r
         return readouts
 
-    def _metrics(self, readouts: dict[str, Readout], prefix: str | None = None) -> dict:
+    def _metrics(
+        self, readouts: dict[str, Readout], prefix: str | None = None, loader: int | None = None
+    ) -> dict:
         return {
-            str(key.with_prefix(prefix)): float(value)
+            str(key.with_prefix(prefix, loader)): float(value)
             for r in readouts.values()
             for key, value in r.metrics.items()
             if value == value  # NaN: undefined, not logged
@@ -345,7 +356,7 @@ class CollapseMonitor:
 
     def _each_sink(self, method: str, *args) -> None:
         for sink in self.sinks:
-            if id(sink) in self._failed_sinks:
+            if id(sink) in self._failed_sinks or (sink.main_process_only and _dist.rank() != 0):
                 continue
             try:
                 getattr(sink, method)(*args)
@@ -438,9 +449,11 @@ class CollapseMonitor:
         """Every enabled mitigation acts on this log (same view on every rank); the events it
         returns are counted and routed to the probes they name."""
         events = []
-        for m in self.mitigations:
-            if not m.disabled:
-                events += self._guard(m, m.after_log, view) or []
+        gather = any(m.reads_parameters and not m.disabled for m in self.mitigations)
+        with whole_parameters(self._holder) if gather else nullcontext():  # FSDP: written back
+            for m in self.mitigations:
+                if not m.disabled:
+                    events += self._guard(m, m.after_log, view) or []
         for event in events:
             self.mitigation_counts[event.name] = (
                 self.mitigation_counts.get(event.name, 0.0) + event.count
@@ -502,11 +515,16 @@ class CollapseMonitor:
             fn(alert)
 
     # ----------------------------------------------------------------- snapshots
-    def begin_snapshot(self, prefix: str = "val") -> None:
-        """Start an evaluation snapshot: probes record into fresh windows until :meth:`end_snapshot`."""
+    def begin_snapshot(self, prefix: str = "val", loader: int | None = None) -> None:
+        """Start an evaluation snapshot: probes record into fresh windows until :meth:`end_snapshot`.
+
+        Args:
+            prefix: the keys' prefix, ``<prefix>/collapse/...``.
+            loader: an evaluation dataloader's index, keyed ``.../dataloader_idx_<loader>``.
+        """
         if self._snapshot_prefix is not None:
             raise RuntimeError(f"snapshot '{self._snapshot_prefix}' is already open")
-        self._snapshot_prefix = prefix
+        self._snapshot_prefix, self._snapshot_loader = prefix, loader
         for p in self.probes:
             p.begin_snapshot()
 
@@ -515,13 +533,27 @@ class CollapseMonitor:
         for p in self.probes:
             p.end_snapshot()
 
-    def end_snapshot(self) -> dict[str, float]:
-        """Compute and log the snapshot under ``<prefix>/collapse/...``; restore the training windows."""
+    @property
+    def snapshot_prefix(self) -> str | None:
+        """The prefix of the open snapshot, ``None`` outside one."""
+        return self._snapshot_prefix
+
+    def end_snapshot(self, prefix: str | None = None, discard: bool = False) -> dict[str, float]:
+        """Compute and log the snapshot under ``<prefix>/collapse/...``; restore the training windows.
+
+        Args:
+            prefix: the keys' prefix if not the one :meth:`begin_snapshot` gave (a trainer
+                that names its evaluation only at its end).
+            discard: close the snapshot without computing or logging anything.
+        """
         if self._snapshot_prefix is None:
             raise RuntimeError("end_snapshot() without begin_snapshot()")
-        prefix = self._snapshot_prefix
+        if discard:
+            self._close_snapshot()
+            return {}
+        prefix, loader = prefix or self._snapshot_prefix, self._snapshot_loader
         try:
-            metrics = self._metrics(self._readouts(), prefix)
+            metrics = self._metrics(self._readouts(), prefix, loader)
         finally:
             self._close_snapshot()
         self._each_sink("log_metrics", metrics, self.global_step)
@@ -529,10 +561,12 @@ class CollapseMonitor:
         return metrics
 
     @contextmanager
-    def snapshot(self, prefix: str = "val") -> Iterator[dict[str, float]]:
+    def snapshot(
+        self, prefix: str = "val", loader: int | None = None
+    ) -> Iterator[dict[str, float]]:
         """``with monitor.snapshot("val") as metrics:`` observe batches inside; ``metrics`` is
-        filled (and logged) when the block ends."""
-        self.begin_snapshot(prefix)
+        filled (and logged) when the block ends (see :meth:`begin_snapshot`)."""
+        self.begin_snapshot(prefix, loader)
         result: dict[str, float] = {}
         try:
             yield result
@@ -542,6 +576,25 @@ class CollapseMonitor:
         result.update(self.end_snapshot())
 
     # ----------------------------------------------------------------- lifecycle
+    def sharded_by(self, wrapper: nn.Module) -> None:
+        """Tell the monitor that ``wrapper``, a ``FullyShardedDataParallel`` module built around
+        the monitored model after the monitor (so that σReparam could apply first), now holds
+        its parameters: readouts and mitigations gather them through it (``summon_full_params``).
+        Lightning's ``CollapseCallback`` does this itself under ``strategy="fsdp"``.
+
+        Raises:
+            ValueError: ``wrapper`` does not contain the monitored model.
+        """
+        if not any(m is self.model for m in wrapper.modules()):
+            raise ValueError(
+                f"{type(wrapper).__name__} does not contain the monitored {type(self.model).__name__}"
+            )
+        self._sharded_by = wrapper
+
+    @property
+    def _holder(self) -> nn.Module:
+        return self.model if self._sharded_by is None else self._sharded_by
+
     def close(self) -> None:
         """Remove every hook and close the sinks; the model is left as it was (mitigations aside)."""
         for c in (*self.probes, *self.mitigations):
@@ -553,6 +606,7 @@ class CollapseMonitor:
             ref = _MONITORS.get(self.model)
             if ref is not None and ref() is self:
                 del _MONITORS[self.model]
+        self._sharded_by = None
         self._closed = True
 
     def __enter__(self) -> CollapseMonitor:

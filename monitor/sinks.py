@@ -2,11 +2,29 @@
 
 from __future__ import annotations
 
+import importlib
+from types import ModuleType
+
 from .rules import Alert
 
 
 class Sink:
-    """Receives metrics and alerts at logging cadence. Subclass and override what you need."""
+    """Receives metrics and alerts at logging cadence. Subclass and override what you need.
+
+    Under ``torch.distributed`` every rank computes the same metrics; a sink with
+    ``main_process_only = True`` (the default) is written by rank 0 only, so a run has one copy
+    (in the manner of Accelerate's trackers). Set it False for a sink that writes a file per
+    rank, or that does its own rank handling (Lightning's loggers).
+
+    Example:
+        >>> class Printer(Sink):
+        ...     def log_metrics(self, metrics, step):
+        ...         print(step, sorted(metrics))
+        >>> Printer().log_metrics({"collapse/head/nc1": 0.3}, 50)
+        50 ['collapse/head/nc1']
+    """
+
+    main_process_only: bool = True
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """``metrics``: ``{"collapse/<probe>/<metric>": value}`` at training step ``step``."""
@@ -31,3 +49,29 @@ class Sink:
 
     def close(self) -> None:
         pass
+
+
+def threshold_tags(key: str) -> tuple[str, str]:
+    """The scalar tags holding the lowest and highest rule threshold on ``key``."""
+    return f"thresholds/{key}/lower", f"thresholds/{key}/upper"
+
+
+def threshold_scalars(thresholds: dict[str, list[float]]) -> dict[str, float]:
+    """Each key's rule thresholds as two scalars (:func:`threshold_tags`), for loggers that
+    take numbers only."""
+    out = {}
+    for key, limits in thresholds.items():
+        lower, upper = threshold_tags(key)
+        out[lower], out[upper] = min(limits), max(limits)
+    return out
+
+
+def optional_import(module: str, sink: str, extra: str) -> ModuleType:
+    """Import an optional dependency of a sink, or say how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ImportError(
+            f"{sink} needs the '{module}' package: pip install {module} "
+            f"(or collapse-monitor[{extra}])"
+        ) from exc

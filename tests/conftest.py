@@ -33,3 +33,18 @@ def _no_leftover_processes():
         )
         child.kill()
         child.join()
+
+
+@pytest.fixture
+def offline_wandb(tmp_path, monkeypatch):
+    """W&B offline, writing under ``tmp_path``; its process-wide state (settings fixed at the
+    first ``wandb.init``, the active run) is torn down after the test, so that tests using
+    W&B do not depend on their order."""
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    wandb.teardown()
+    yield wandb
+    wandb.finish()
+    wandb.teardown()

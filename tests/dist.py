@@ -34,22 +34,32 @@ def process_group(rank, init):
 
 
 def _entry(rank, worker, init, out_dir):
-    # SIGUSR1 dumps this rank's Python stacks: run_two asks for them before killing a hung run
-    with open(os.path.join(out_dir, f"stacks{rank}.txt"), "w") as stacks:
+    # SIGUSR1 dumps this rank's Python stacks: run_two asks for them before killing a hung run.
+    # The file gets its name only once the handler is in place: its existence means "started".
+    path = os.path.join(out_dir, f"stacks{rank}.txt")
+    with open(path + ".part", "w") as stacks:
         faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
+        os.rename(path + ".part", path)
         worker(rank, init, out_dir)
 
 
 def run_two(worker, tmp_path, name, deadline=300.0):
     """Run ``worker(rank, init, out_dir)`` on 2 processes; load what each saved as ``<name><rank>.pt``.
 
-    A run still going after ``deadline`` seconds (the gloo timeout turns mismatched collectives
-    into errors after 60 s, so this is a hang elsewhere) is killed and fails with both ranks'
-    Python stacks, instead of leaving processes that keep pytest from exiting.
+    A run still going ``deadline`` seconds after both ranks started (the gloo timeout turns
+    mismatched collectives into errors after 60 s, so this is a hang elsewhere) is killed and
+    fails with both ranks' Python stacks, instead of leaving processes that keep pytest from
+    exiting. The clock starts once both ranks run (spawning them can take many seconds on a
+    loaded machine).
     """
     init = (tmp_path / "store").as_uri()  # a file store: no port to race for
     args = (worker, init, str(tmp_path))
     ctx = mp.start_processes(_entry, args=args, nprocs=2, join=False, start_method="spawn")
+    stacks = [tmp_path / f"stacks{r}.txt" for r in range(2)]
+    started = time.monotonic()
+    while not all(p.exists() for p in stacks) and time.monotonic() - started < 600:
+        if ctx.join(timeout=0.2):  # finished (or failed) before we saw it start
+            return [torch.load(tmp_path / f"{name}{r}.pt", weights_only=False) for r in range(2)]
     start = time.monotonic()
     while not ctx.join(timeout=1.0):
         if time.monotonic() - start > deadline:
@@ -60,8 +70,9 @@ def run_two(worker, tmp_path, name, deadline=300.0):
             for p in ctx.processes:
                 p.kill()
                 p.join()
-            stacks = "\n".join(
-                f"--- rank {r} ---\n" + (tmp_path / f"stacks{r}.txt").read_text() for r in range(2)
+            dumps = "\n".join(
+                f"--- rank {r} ---\n" + (p.read_text() if p.exists() else "(not started)")
+                for r, p in enumerate(stacks)
             )
-            pytest.fail(f"{worker.__name__} still running after {deadline:.0f} s:\n{stacks}")
+            pytest.fail(f"{worker.__name__} still running after {deadline:.0f} s:\n{dumps}")
     return [torch.load(tmp_path / f"{name}{r}.pt", weights_only=False) for r in range(2)]

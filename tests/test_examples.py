@@ -19,8 +19,13 @@ def load_example(name):
     return module
 
 
+# the monitor's pictures cost a matplotlib render per log (most of these examples' time); they are
+# tested in tests/integrations/test_pictures.py and rendered by the grokking example here
+FAST = ["--no-pictures"]
+
+
 def test_neural_collapse_example_reaches_the_terminal_phase(tmp_path):
-    result = load_example("neural_collapse").main(["--out", str(tmp_path)])
+    result = load_example("neural_collapse").main(["--out", str(tmp_path), *FAST])
     first, last = result["first"], result["last"]
     assert first["collapse/head/nc1"] / last["collapse/head/nc1"] >= 10
     assert last["collapse/head/ncc_mismatch_lagged"] < 0.01
@@ -29,7 +34,7 @@ def test_neural_collapse_example_reaches_the_terminal_phase(tmp_path):
 
 
 def test_vq_example_collapses_without_reset_and_not_with_it(tmp_path):
-    runs = load_example("vq_dead_codes").main(["--out", str(tmp_path)])
+    runs = load_example("vq_dead_codes").main(["--out", str(tmp_path), *FAST])
     plain, reset = runs["monitored only"], runs["with ResetDeadCodes"]
     assert plain["usage"] < 0.3 and plain["resets"] == 0
     assert reset["usage"] > 0.9 and reset["resets"] > 0
@@ -41,7 +46,7 @@ def test_vq_example_collapses_without_reset_and_not_with_it(tmp_path):
 
 
 def test_vae_example_loses_active_units_without_free_bits(tmp_path):
-    runs = load_example("vae_posterior_collapse").main(["--out", str(tmp_path)])
+    runs = load_example("vae_posterior_collapse").main(["--out", str(tmp_path), *FAST])
     plain, free = runs["plain"], runs["free bits 0.5"]
     assert plain["active_units"] <= 8 and free["active_units"] >= 14
     assert free["test_mse"] <= plain["test_mse"]
@@ -49,7 +54,7 @@ def test_vae_example_loses_active_units_without_free_bits(tmp_path):
 
 
 def test_simsiam_example_collapses_without_stop_gradient(tmp_path):
-    runs = load_example("simsiam_collapse").main(["--out", str(tmp_path)])
+    runs = load_example("simsiam_collapse").main(["--out", str(tmp_path), *FAST])
     healthy, collapsed = runs["with stop-gradient"], runs["without stop-gradient"]
     assert min(m["collapse/proj/norm_std"] for _, m, _ in healthy["history"]) > 0.7
     assert collapsed["norm_std"] < 0.2 and collapsed["rankme"] < healthy["rankme"] / 2
@@ -57,7 +62,7 @@ def test_simsiam_example_collapses_without_stop_gradient(tmp_path):
 
 
 def test_attention_example_collapses_without_sigma_reparam(tmp_path):
-    runs = load_example("attention_entropy_collapse").main(["--out", str(tmp_path)])
+    runs = load_example("attention_entropy_collapse").main(["--out", str(tmp_path), *FAST])
     plain, sigma = runs["plain"], runs["σReparam"]
     assert plain["min_entropy_norm"] < 0.05 and plain["max_logit"] > 1000
     assert sigma["min_over_run"] > 0.2 and sigma["max_logit"] < 200
@@ -77,13 +82,14 @@ def test_grokking_example_softmax_collapses_and_stablemax_does_not(tmp_path):
 def readme_snippets():
     text = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    return [b for b in blocks if "CollapseMonitor(" in b or "CollapseCallback(" in b]
+    starts = ("CollapseMonitor(", "CollapseCallback(", "CollapseTrainerCallback(")
+    return [b for b in blocks if any(s in b for s in starts)]
 
 
-@pytest.mark.parametrize("index", range(2))
+@pytest.mark.parametrize("index", range(3))
 def test_readme_quick_starts_run(index, tmp_path):
     snippets = readme_snippets()
-    assert len(snippets) == 2, "README should hold the plain PyTorch and the Lightning quick start"
+    assert len(snippets) == 3, "README should hold the PyTorch, Lightning and Trainer quick starts"
     code = snippets[index]
     assert sum(bool(line.strip()) for line in code.splitlines()) <= 20
     proc = subprocess.run(

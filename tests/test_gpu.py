@@ -54,3 +54,14 @@ def test_steps_between_logs_never_synchronise_with_every_probe_and_mitigation():
     logged = train(mon, 2 * LOG_EVERY, sync_debug=True)
     assert logged == [False] * (LOG_EVERY - 1) + [True] + [False] * (LOG_EVERY - 1) + [True]
     mon.close()
+
+
+def test_lightning_fsdp_strategy_gathers_through_the_wrapper(tmp_path):
+    """Lightning's strategy="fsdp" (first generation, CUDA only) wraps the module after the
+    callback's setup: the callback points the monitor at the wrapper (``sharded_by``), so every
+    probe and mitigation reads and writes whole parameters."""
+    from tests.scripts.lightning_fsdp import fit
+
+    fit(str(tmp_path), "fsdp", 1, 10, accelerator="cuda")
+    state = torch.load(tmp_path / "fsdp0.pt", weights_only=False)
+    assert state["mitigations"]["reset_dead_codes"] > 0

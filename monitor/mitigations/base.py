@@ -27,6 +27,7 @@ class Mitigation(Component):
 
     #: the default name, also the event name (``collapse/mitigations/<name>``)
     kind: ClassVar[str] = "mitigation"
+    reads_parameters = True
 
     def __init__(self, name: str | None = None) -> None:
         super().__init__(check_name(name or self.kind, "mitigation name"))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .._modules import named_modules
+from .._sharding import edited, whole
 from ..contracts import Event
 from ..probes.base import layer_name
 from ..probes.dormant import DormantUnits
@@ -16,7 +18,7 @@ _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def _neighbours(model: nn.Module, path: str) -> tuple[str, str]:
     """The nearest Linear/Conv before and after ``path`` inside its parent ``nn.Sequential``."""
     parent_path, _, child = path.rpartition(".")
-    parent = dict(model.named_modules())[parent_path]
+    parent = named_modules(model)[parent_path]
     if not isinstance(parent, nn.Sequential):
         raise ValueError(
             f"ReDo: '{path}' is not inside an nn.Sequential; pass layers={{'{path}': (incoming, outgoing)}}"
@@ -86,7 +88,7 @@ class ReDo(Mitigation):
                 f"ReDo needs one DormantUnits probe{which}; the monitor has {sorted(setup.probes)}"
             )
         self.probe = found[0].name
-        modules = dict(setup.model.named_modules())
+        modules = named_modules(setup.model)
         self.pairs = {}
         for path in found[0].paths:
             incoming, outgoing = self.layers.get(path) or _neighbours(setup.model, path)
@@ -116,32 +118,34 @@ class ReDo(Mitigation):
     def _recycle(
         self, incoming: nn.Module, outgoing: nn.Module, mask: torch.Tensor, g, optimizer
     ) -> int:
-        """Recycle the units in ``mask``; returns how many were read back changed."""
-        dead = mask.to(incoming.weight.device)
-        if incoming.weight.shape[0] != dead.numel() or outgoing.weight.shape[1] != dead.numel():
+        """Recycle the units in ``mask``; returns how many were read back changed.
+
+        Every rank computes the same new values (same seed, same reduced mask) and writes
+        them whole (into its shards under FSDP2)."""
+        w_in, w_out = whole(incoming.weight), whole(outgoing.weight)
+        dead = mask.to(w_in.device)
+        if w_in.shape[0] != dead.numel() or w_out.shape[1] != dead.numel():
             raise ValueError(
-                f"ReDo: {dead.numel()} units do not match incoming {tuple(incoming.weight.shape)} "
-                f"and outgoing {tuple(outgoing.weight.shape)} weights"
+                f"ReDo: {dead.numel()} units do not match incoming {tuple(w_in.shape)} "
+                f"and outgoing {tuple(w_out.shape)} weights"
             )
-        fresh = torch.empty(incoming.weight.shape, dtype=torch.float32)
+        fresh = torch.empty(w_in.shape, dtype=torch.float32)
         nn.init.xavier_uniform_(fresh, generator=g)
-        fresh = fresh.to(incoming.weight)[dead]
-        incoming.weight[dead] = fresh
+        fresh = fresh.to(w_in)[dead]
+        rows, cols = (dead,), (slice(None), dead)
+        writes = [(incoming.weight, rows, fresh), (outgoing.weight, cols, 0)]
         if incoming.bias is not None:
-            incoming.bias[dead] = 0
-        outgoing.weight[:, dead] = 0
-        if optimizer is not None:
-            for param, index in (
-                (incoming.weight, (dead,)),
-                (incoming.bias, (dead,)),
-                (outgoing.weight, (slice(None), dead)),
-            ):
-                if param is None:
-                    continue
-                for value in optimizer.state.get(param, {}).values():
-                    if isinstance(value, torch.Tensor) and value.shape == param.shape:
-                        value[index] = 0
-        done = (incoming.weight[dead] == fresh).flatten(1).all(1) & (
-            outgoing.weight[:, dead] == 0
-        ).transpose(0, 1).flatten(1).all(1)
+            writes.append((incoming.bias, rows, 0))
+        for param, index, value in writes:
+            with edited(param) as full:
+                full[index] = value
+            for state in (optimizer.state.get(param, {}) if optimizer is not None else {}).values():
+                if isinstance(state, torch.Tensor) and state.shape == param.shape:
+                    with edited(state) as full:
+                        full[index] = 0
+        # read back from the model's own parameters
+        w_in, w_out = whole(incoming.weight), whole(outgoing.weight)
+        done = (w_in[dead] == fresh).flatten(1).all(1) & (w_out[:, dead] == 0).transpose(
+            0, 1
+        ).flatten(1).all(1)
         return int(done.sum())

@@ -10,6 +10,7 @@ from torch import nn
 
 from .. import _dist
 from .._modules import resolve_modules
+from .._sharding import edited, whole
 from ..contracts import Event
 from ..keys import MetricKey
 from ..probes.base import layer_name
@@ -169,6 +170,12 @@ class ResetDeadCodes(Mitigation):
             )
         return hits[0]
 
+    def _tensor(self, path: str) -> torch.Tensor:
+        """The quantiser's tensor at ``path``, by attribute (FSDP's flattened modules keep
+        their tensors as attributes, not as parameters)."""
+        owner, _, leaf = path.rpartition(".")
+        return getattr(self._quantizer.get_submodule(owner) if owner else self._quantizer, leaf)
+
     def _tensors(self, mod: nn.Module) -> dict[str, torch.Tensor]:
         tensors = dict(mod.named_parameters())
         tensors.update(mod.named_buffers())
@@ -270,7 +277,7 @@ class ResetDeadCodes(Mitigation):
         self._batch, self._valid = flat, valid.to(flat.device)
 
     def _codebooks(self) -> int:
-        cb = self._tensors(self._quantizer)[self.codebook_path]
+        cb = self._tensor(self.codebook_path)
         return cb.shape[0] if cb.ndim == 3 else 1
 
     # ----------------------------------------------------------------- action
@@ -289,43 +296,33 @@ class ResetDeadCodes(Mitigation):
         if readout is None:  # the probe is disabled
             return []
         probe_dead = readout.masks[MetricKey(self.probe, "dead", self.scope)]  # (H, K), every rank
-        tensors = self._tensors(self._quantizer)
-        codebook = tensors[self.codebook_path]
-        cb = codebook.data.view(-1, codebook.shape[-2], self.dim)  # (H', K, D)
+        codebook = self._tensor(self.codebook_path)
+        K = codebook.shape[-2]
         # a codebook shared by all heads: a code is dead when no head uses it
-        dead = probe_dead.all(0, keepdim=True) if cb.shape[0] == 1 else probe_dead
-        dead = dead.to(cb.device)
+        shared = codebook.ndim == 2 or codebook.shape[0] == 1
+        dead = probe_dead.all(0, keepdim=True) if shared else probe_dead
         heads, codes = torch.nonzero(dead, as_tuple=True)
         n = heads.numel()
         if n == 0:
             return []
-        drawn = torch.full((n, self.dim), float("nan"), dtype=cb.dtype, device=cb.device)
-        failure = None
-        if _dist.rank(self.process_group) == 0 and self._batch is not None:
-            try:
-                drawn.copy_(self._draw(cb, heads, codes, view.step))
-            except Exception as exc:  # every rank must still reach the broadcast
-                failure = exc
-        _dist.broadcast_(drawn, 0, self.process_group)
-        if failure is not None:
-            raise failure
-        if not bool(torch.isfinite(drawn).all()):
-            log.warning(
-                "%r: no batch vectors were captured at step %d; nothing reset", self, view.step
-            )
-            return []
-        with torch.no_grad():
+        with edited(codebook) as full:  # the whole codebook (under FSDP2 gathered, written back)
+            cb = full.view(-1, K, self.dim)  # (H', K, D)
+            heads, codes = heads.to(cb.device), codes.to(cb.device)
+            drawn = self._drawn_on_rank_zero(cb, heads, codes, view.step)
+            if drawn is None:
+                return []
             cb[heads, codes] = drawn
-            if self.ema_paths is not None:
-                size, total = (tensors[p] for p in self.ema_paths)
-                size.view(-1, cb.shape[1])[heads, codes] = self.reset_cluster_size
-                total.view(-1, cb.shape[1], self.dim)[heads, codes] = (
+        if self.ema_paths is not None:
+            size, total = (self._tensor(p) for p in self.ema_paths)
+            with torch.no_grad():
+                size.view(-1, K)[heads, codes] = self.reset_cluster_size
+                total.view(-1, K, self.dim)[heads, codes] = (
                     drawn.to(total.dtype) * self.reset_cluster_size
                 )
         # read back from the module's own tensor: a codebook that is not the model's any more
         # (replaced, resharded) must not be reported as reset
-        now = self._tensors(self._quantizer)[self.codebook_path]
-        changed = (now.detach().view(-1, cb.shape[1], self.dim)[heads, codes] == drawn).all(1)
+        now = whole(self._tensor(self.codebook_path)).detach()
+        changed = (now.view(-1, K, self.dim)[heads, codes] == drawn).all(1)
         if not bool(changed.all()):
             raise RuntimeError(
                 f"{self!r}: wrote {n} codes into '{self.codebook_path}' but read back "
@@ -342,6 +339,26 @@ class ResetDeadCodes(Mitigation):
         return [
             Event(self.name, info, count=n, probe=self.probe, replaced=replaced, scope=self.scope)
         ]
+
+    def _drawn_on_rank_zero(self, cb, heads, codes, step: int) -> torch.Tensor | None:
+        """Rank 0 draws the ``(n, D)`` new codes and broadcasts them; ``None`` when it had no
+        batch vectors. Every rank reaches the broadcast, even when rank 0's draw fails."""
+        drawn = torch.full(
+            (heads.numel(), self.dim), float("nan"), dtype=cb.dtype, device=cb.device
+        )
+        failure = None
+        if _dist.rank(self.process_group) == 0 and self._batch is not None:
+            try:
+                drawn.copy_(self._draw(cb, heads, codes, step))
+            except Exception as exc:
+                failure = exc
+        _dist.broadcast_(drawn, 0, self.process_group)
+        if failure is not None:
+            raise failure
+        if not bool(torch.isfinite(drawn).all()):
+            log.warning("%r: no batch vectors were captured at step %d; nothing reset", self, step)
+            return None
+        return drawn
 
     def _draw(self, cb, heads, codes, step: int) -> torch.Tensor:
         """Rank 0's replacement vectors ``(n, D)`` from its captured batch ``(N, H, D)``."""
@@ -374,7 +391,8 @@ class ResetDeadCodes(Mitigation):
         zeroed = []
         for key, value in optimizer.state.get(codebook, {}).items():
             if isinstance(value, torch.Tensor) and value.shape == codebook.shape:
-                value.view(-1, codebook.shape[-2], self.dim)[heads, codes] = 0
+                with edited(value) as full:
+                    full.view(-1, codebook.shape[-2], self.dim)[heads, codes] = 0
                 zeroed.append(key)
         return (
             "zeroed " + ", ".join(sorted(zeroed)) if zeroed else "no state shaped like the codebook"

@@ -11,7 +11,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .. import _dist
-from .._modules import resolve_modules
+from .._modules import named_modules, resolve_modules
+from .._sharding import fsdp_roots, is_fsdp_flattened, is_sharded
 from ..contracts import Event
 from ..hooks import Hook
 from ..keys import MetricKey
@@ -24,9 +25,9 @@ class SigmaReparametrization(nn.Module):
     ``sigma(W) = v' W u`` from one power iteration per forward, under ``no_grad`` (the gradient
     flows through ``W`` only). The right singular vector ``u`` is a buffer initialised from an exact
     SVD and updated in training mode with gradients enabled (so inspecting the weight under
-    ``no_grad``, as the monitor does, does not advance it). ``gamma`` is a learnable scalar
-    initialised to ``sigma(W)``, so the module computes the same function when applied (the PyTorch
-    reference's choice; its JAX speech code starts at 1).
+    ``no_grad``, as the monitor does, does not advance it). ``gamma`` is a learnable 1-element
+    tensor initialised to ``sigma(W)``, so the module computes the same function when applied
+    (the PyTorch reference's choice; its JAX speech code starts at 1).
 
     Args:
         weight: the ``(out, in)`` weight being reparametrised.
@@ -39,7 +40,8 @@ class SigmaReparametrization(nn.Module):
         with torch.no_grad():
             _, s, vh = torch.linalg.svd(weight.detach().double(), full_matrices=False)
         self.register_buffer("u", vh[0].to(weight.dtype))
-        self.gamma = nn.Parameter(s[0].to(weight.dtype).clone())
+        # a 1-element tensor, not a scalar: FSDP shards parameters along their first dimension
+        self.gamma = nn.Parameter(s[:1].to(weight.dtype).clone())
 
     def sigma(self, weight: torch.Tensor) -> torch.Tensor:
         update = self.training and torch.is_grad_enabled()
@@ -59,7 +61,7 @@ def sigma_reparam(module: nn.Module, name: str = "weight") -> nn.Module:
 
     The raw weight stays the same ``Parameter`` object (now at
     ``module.parametrizations.<name>.original``), so an optimizer's state for it stays valid;
-    ``module.parametrizations.<name>[0].gamma`` is the new learnable scalar.
+    ``module.parametrizations.<name>[0].gamma`` is the new learnable gain (shape ``(1,)``).
 
     Args:
         module: a projection: ``nn.Linear`` (weight ``(out, in)``), ``transformers``' ``Conv1D``
@@ -128,7 +130,7 @@ def _attention_weights(
 ) -> list[tuple[str, nn.Module, str]]:
     """(path, module, parameter name) of the projections σReparam applies to under ``root``."""
     out = []
-    for path, mod in root.named_modules(prefix=root_path):
+    for path, mod in named_modules(root, root_path).items():
         if isinstance(mod, nn.MultiheadAttention) and mod._qkv_same_embed_dim:
             out.append((path, mod, "in_proj_weight"))
         elif is_projection(mod):
@@ -239,6 +241,15 @@ class SigmaReparam(Mitigation):
     def _apply_one(self, path: str, mod: nn.Module, pname: str, sync_grads: bool) -> bool:
         if parametrize.is_parametrized(mod, pname):
             return False
+        weight = getattr(mod, pname, None)
+        if is_sharded(weight) or is_fsdp_flattened(weight) or fsdp_roots(self.model):
+            raise RuntimeError(
+                f"{self!r}: '{path}' is already sharded by FSDP, which cannot take the new "
+                "gamma parameter; apply σReparam before sharding: under FSDP2 build the monitor "
+                "(when='start') before fully_shard; under FullyShardedDataParallel call "
+                "collapse_monitor.mitigations.sigma_reparam(module) on the projections before "
+                "wrapping"
+            )
         if self.param_order is None:
             self.param_order = [n for n, _ in self.model.named_parameters()]
         sigma_reparam(mod, pname)
@@ -276,7 +287,7 @@ class SigmaReparam(Mitigation):
             events.append(Event(self.name, info, count=len(self.applied)))
         if self.when == "rule":
             layers = {MetricKey.parse(a.metric).layer for a in view.alerts if a.rule == self.rule}
-            modules = dict(self.model.named_modules())
+            modules = named_modules(self.model)
             chosen = [
                 (q, modules[q])
                 for q in sorted(layer for layer in layers if layer is not None)
@@ -302,7 +313,7 @@ class SigmaReparam(Mitigation):
         ``configure_optimizers`` sees them among the model's parameters)."""
         if self.when != "rule" or not self.applied:
             return
-        modules = dict(self.model.named_modules())
+        modules = named_modules(self.model)
         gammas = []
         for entry in self.applied:
             path, pname = entry.rsplit(":", 1)
@@ -332,7 +343,7 @@ class SigmaReparam(Mitigation):
     def restore_structure(self, state: dict) -> None:
         """Re-apply σReparam to the layers a checkpoint recorded, in the original order (so the
         optimizer's param groups match)."""
-        modules = dict(self.model.named_modules())
+        modules = named_modules(self.model)
         self.param_order = state.get("param_order") or self.param_order
         self.announced = bool(state.get("announced", self.announced))
         self.applied = []

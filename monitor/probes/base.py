@@ -17,6 +17,7 @@ loads it, isolates failures, and swaps windows for validation snapshots. See ``d
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import weakref
 from dataclasses import dataclass, replace
@@ -125,6 +126,7 @@ class Probe(Component):
         self._reduced: Window | None = None
         self._saved_window: Window | None = None
         self._model_inputs: dict = {}  # the model's attention_mask (and cache) of this forward
+        self._model_signature: inspect.Signature | None = None
         self._mask_warned: set[str] = set()
 
     def __repr__(self) -> str:
@@ -232,54 +234,94 @@ class Probe(Component):
         """``(batch, length)`` bool, true for real tokens of the sequences a layer sees.
 
         From ``observe(mask=...)`` ``(B, S)`` (true or 1 for real tokens), else from the model's
-        own ``attention_mask`` input (``transformers`` convention), right-aligned: a layer that
-        sees ``length <= S`` positions sees the last ones (decoding with a key-value cache). The
-        model's mask is used only where it covers the layer: its length is the layer's, or the
-        call used a cache; elsewhere (an encoder-decoder's decoder) the monitor says once that
-        ``observe(mask=)`` is needed, and every token counts.
+        own ``attention_mask`` input (``transformers`` convention; by keyword or by position),
+        right-aligned: a layer that sees ``length <= S`` positions sees the last ones (decoding
+        with a key-value cache). The model's mask is used only where it covers the layer: its
+        length is the layer's, or the call used a cache; elsewhere (an encoder-decoder's decoder)
+        the monitor says once that ``observe(mask=)`` is needed, and every token counts.
 
         Raises:
             ValueError: an ``observe(mask=)`` whose shape does not fit the layer's sequences.
         """
+        mask, given = self._padding_source(path)
+        if mask is None:
+            return None
+        fits = mask.shape[0] == batch and mask.shape[1] >= length
+        if given and (mask.ndim != 2 or not fits):
+            raise self.error(
+                path,
+                f"observe(mask=) of shape {tuple(mask.shape)} for {batch} sequences of "
+                f"{length} tokens: expected ({batch}, >= {length}), true for real tokens",
+            )
+        cached = self._model_inputs.get("cached", False)
+        if not given and not (fits and (mask.shape[1] == length or cached)):
+            self._warn_mask(path, mask, f"{batch} sequences of {length} tokens")
+            return None
+        return to_device(mask[:, mask.shape[1] - length :], device).bool()
+
+    def token_rows(self, path: str, entries: int, device: torch.device) -> torch.Tensor | None:
+        """``(entries,)`` bool for values laid out token by token, ``(B, S, ...)`` or a router's
+        ``(B*S, k)`` choices: true where the token is real (the padding of :meth:`token_mask`,
+        every entry of a token sharing its flag). None without padding, and for a decoding step
+        with a key-value cache (its new tokens are real).
+
+        Raises:
+            ValueError: an ``observe(mask=)`` ``(B, S)`` that does not divide the values into
+                ``B*S`` tokens.
+        """
+        mask, given = self._padding_source(path)
+        if mask is None:
+            return None
+        if entries % mask.numel() == 0:
+            rows = to_device(mask.reshape(-1), device).bool()
+            return rows.repeat_interleave(entries // mask.numel())
+        if given:
+            raise self.error(
+                path,
+                f"observe(mask=) of shape {tuple(mask.shape)} does not divide the {entries} "
+                "values of this module into its tokens",
+            )
+        if not self._model_inputs.get("cached", False):
+            self._warn_mask(path, mask, f"{entries} values")
+        return None
+
+    def _padding_source(self, path: str) -> tuple[torch.Tensor | None, bool]:
+        """The padding mask ``(B, S)`` and whether the user gave it (``observe(mask=)``)."""
         mask = self.keyword("mask", path) if "mask" in self.keywords else None
         if mask is not None:
             mask = torch.as_tensor(mask)
-            if mask.ndim != 2 or mask.shape[0] != batch or mask.shape[1] < length:
+            if mask.ndim != 2:
                 raise self.error(
-                    path,
-                    f"observe(mask=) of shape {tuple(mask.shape)} for {batch} sequences of "
-                    f"{length} tokens: expected ({batch}, >= {length}), true for real tokens",
+                    path, f"observe(mask=) must be (batch, tokens), got {tuple(mask.shape)}"
                 )
-        else:
-            mask = self._model_inputs.get("attention_mask")
-            if mask is None:
-                return None
-            cached = self._model_inputs.get("cached", False)
-            if mask.shape[0] != batch or not (
-                mask.shape[1] == length or (cached and mask.shape[1] > length)
-            ):
-                if path not in self._mask_warned:
-                    self._mask_warned.add(path)
-                    log.warning(
-                        "collapse monitor: %r: the model's attention_mask %s does not cover "
-                        "module '%s' (%d sequences of %d tokens); its padding is not known "
-                        "there: pass observe(mask=...)",
-                        self,
-                        tuple(mask.shape),
-                        path,
-                        batch,
-                        length,
-                    )
-                return None
-        return to_device(mask[:, mask.shape[1] - length :], device).bool()
+            return mask, True
+        return self._model_inputs.get("attention_mask"), False
+
+    def _warn_mask(self, path: str, mask: torch.Tensor, what: str) -> None:
+        if path not in self._mask_warned:
+            self._mask_warned.add(path)
+            log.warning(
+                "collapse monitor: %r: the model's attention_mask %s does not cover module "
+                "'%s' (%s); its padding is not known there: pass observe(mask=...)",
+                self,
+                tuple(mask.shape),
+                path,
+                what,
+            )
 
     def _capture_model_inputs(self, module, args, kwargs) -> None:
         if self._active:
-            self.guarded(self._keep_model_inputs, kwargs)
+            self.guarded(self._keep_model_inputs, args, kwargs)
 
-    def _keep_model_inputs(self, kwargs: dict) -> None:
-        mask = kwargs.get("attention_mask")
-        cached = kwargs.get("past_key_values") is not None
+    def _keep_model_inputs(self, args: tuple, kwargs: dict) -> None:
+        bound = dict(kwargs)
+        if args and self._model_signature is not None:  # model(ids, mask): by position too
+            try:
+                bound = dict(self._model_signature.bind_partial(*args, **kwargs).arguments)
+            except TypeError:
+                pass
+        mask = bound.get("attention_mask")
+        cached = bound.get("past_key_values") is not None
         self._model_inputs = (
             {"attention_mask": mask.detach(), "cached": cached}
             if isinstance(mask, torch.Tensor) and mask.ndim == 2
@@ -302,6 +344,10 @@ class Probe(Component):
         self.window = self._fresh_window()
         self.attach_hooks(found)
         if self.uses_token_mask:
+            try:
+                self._model_signature = inspect.signature(setup.model.forward)
+            except (TypeError, ValueError):  # a builtin or C forward: keywords only
+                self._model_signature = None
             self._hooks.forward_pre(setup.model, self._capture_model_inputs)
 
     def _fresh_window(self) -> Window:

@@ -9,7 +9,7 @@ from ..functional.codebook import dead_codes, fire_rate, usage_from_counts
 from ..pictures import Picture
 from ..reading import Reading, finite_rows, floating, is_index, single_index_tensor
 from ..rules import RuleSpec
-from ..stats import CodeCounts, UsageEMA, Window
+from ..stats import CodeCounts, UsageEMA, Window, to_device
 from .base import Probe
 
 _F64 = torch.float64
@@ -37,7 +37,12 @@ class CodebookUsage(Probe):
         ignore_index: the index that means "no code here": vector-quantize-pytorch writes ``-1``
             for quantizers dropped by ``ResidualVQ(quantize_dropout=True)`` and for positions a
             ``mask=`` leaves out. Such entries are counted in ``skipped``, never as a hit and never
-            as an error (``None``: every index must be a code).
+            as an error (``None``: every index must be a code). Positions a ``mask=`` argument
+            of the module's call leaves out (false), and padded tokens (``observe(mask=)``, or
+            the model's ``attention_mask``: a router's padding), are skipped the same way.
+        one_hot: the module returns one-hot assignments ``(..., K)`` (rows of zeros: no code,
+            e.g. tokens dropped by an expert's capacity); default: only for ``transformers``'
+            ``SwitchTransformersTop1Router``.
         pool: see :class:`~collapse_monitor.probes.Probe` (a glob over the routers of every MoE
             layer reports each layer apart unless ``pool=True``).
 
@@ -72,6 +77,8 @@ class CodebookUsage(Probe):
         hint="indices",
     )
     every_step = True  # O(B*D) per update
+    keywords = {"mask": False}
+    uses_token_mask = True
     unit = "codes"
     rules = (
         RuleSpec(
@@ -95,6 +102,7 @@ class CodebookUsage(Probe):
         warmup_steps: int | None = None,
         dead: str = "ema",
         ignore_index: int | None = -1,
+        one_hot: bool | None = None,
         name: str | None = None,
         extract=None,
         pool: bool = False,
@@ -117,6 +125,8 @@ class CodebookUsage(Probe):
         )
         self.dead = dead
         self.ignore_index = ignore_index
+        self.one_hot = one_hot
+        self._one_hot: dict[str, bool] = {}
 
     def new_window(self) -> Window:
         H, K = self.heads, self.num_codes
@@ -127,18 +137,49 @@ class CodebookUsage(Probe):
         )
 
     # ----------------------------------------------------------------- hot path
+    def on_attach(self, setup, found) -> None:
+        # transformers' Switch router returns a one-hot (tokens, experts) assignment
+        self._one_hot = {
+            path: self.one_hot
+            if self.one_hot is not None
+            else type(mod).__name__ == "SwitchTransformersTop1Router"
+            for path, mod in found
+        }
+
+    def _from_one_hot(self, hot: torch.Tensor, call) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(..., K)`` 0/1 assignments to ``(...)`` indices and whether a row has one."""
+        K = self.num_codes
+        if hot.shape[-1] != K:
+            raise self.error(
+                call.path, f"one-hot assignments must be (..., {K}), got {tuple(hot.shape)}"
+            )
+        total = hot.sum(-1)
+        if hot.device.type == "cpu" and bool(((hot != 0) & (hot != 1)).any() | (total > 1).any()):
+            raise self.error(call.path, "one-hot assignments must hold one 1 per row at most")
+        return hot.argmax(-1), total == 1
+
     def update(self, window, idx, call) -> None:
         H = self.heads
+        assigned = None
+        if self._one_hot[call.path]:  # rows without an assignment (dropped by capacity): skipped
+            idx, assigned = self._from_one_hot(idx, call)
         if H > 1 and (idx.ndim < 1 or idx.shape[-1] != H):
             raise self.error(
                 call.path,
                 f"expected indices of shape (..., {H}) for heads={H}, got {tuple(idx.shape)}",
             )
+        shape = idx.shape
         idx = idx.reshape(-1, H).to(torch.int64)
-        valid = None if self.ignore_index is None else idx != self.ignore_index
+        valid = torch.ones_like(idx, dtype=torch.bool)
+        if assigned is not None:
+            valid &= assigned.reshape(-1, H)
+        if self.ignore_index is not None:
+            valid &= idx != self.ignore_index
+        padding = self._padding(call, shape, idx.shape[0], idx.device)
+        if padding is not None:
+            valid &= padding[:, None]
         if idx.device.type == "cpu":  # checking costs no device sync here
-            bad = (idx < 0) | (idx >= self.num_codes)
-            bad = bad if valid is None else bad & valid
+            bad = ((idx < 0) | (idx >= self.num_codes)) & valid
             if bool(bad.any()):
                 raise self.error(
                     call.path,
@@ -148,6 +189,20 @@ class CodebookUsage(Probe):
                 )
         window["counts"].update(idx, valid)
         window["step"].update(idx, valid)
+
+    def _padding(self, call, shape, rows: int, device) -> torch.Tensor | None:
+        """``(rows,)`` real positions: the ``mask=`` the module was called with
+        (vector-quantize-pytorch's convention, true for real positions; ``LFQ`` does not mark
+        masked positions ``-1`` itself), else the token padding (``observe(mask=)`` or the
+        model's ``attention_mask``: a router's padded tokens)."""
+        mask = (call.kwargs or {}).get("mask")
+        if (
+            isinstance(mask, torch.Tensor)
+            and mask.dtype == torch.bool
+            and tuple(mask.shape) == tuple(shape[: mask.ndim])
+        ):
+            return to_device(mask.reshape(-1), device).repeat_interleave(rows // mask.numel())
+        return self.token_rows(call.path, rows, device)
 
     def end_step(self, window) -> None:
         window["ema"].advance(window["step"], self.ema_decay)
@@ -234,7 +289,8 @@ class LatentUsage(CodebookUsage):
     ``dead_latents`` / ``dead_fraction`` (latents that did not fire in the whole window, the SAE
     convention; ``dead="ema"`` for the EMA rule), ``usage`` (fraction that fired), ``fire_rate``
     (mean active latents per row, L0), ``perplexity`` of the firing distribution, ``samples``
-    (rows), ``skipped`` (rows with NaN or Inf, left out) and a ``usage_hist`` of fires per latent
+    (rows), ``skipped`` (rows with NaN or Inf, and padded tokens: ``observe(mask=)`` or the
+    model's ``attention_mask``, left out) and a ``usage_hist`` of fires per latent
     (:func:`~collapse_monitor.functional.latent_usage`).
 
     Args:
@@ -290,7 +346,10 @@ class LatentUsage(CodebookUsage):
                 call.path, f"expected activations (..., {self.num_codes}), got {tuple(acts.shape)}"
             )
         acts = acts.detach().reshape(-1, self.num_codes)
-        finite = finite_rows(acts)
+        finite = finite_rows(acts)  # rows with NaN or Inf, and padded tokens: skipped
+        padding = self.token_rows(call.path, acts.shape[0], acts.device)
+        if padding is not None:
+            finite &= padding
         fires = (acts > self.threshold) & finite[:, None]
         hits = fires.sum(0, dtype=torch.int64)[None]
         rows = finite.sum(dtype=torch.int64)[None]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from .._modules import named_modules
 from ..contracts import Readout
 from ..functional.units import dormant_from_activity
 from ..pictures import Picture
@@ -32,26 +33,59 @@ def known_layout(module: nn.Module) -> int | None:
     return None
 
 
+# modules that keep the layout of their input (elementwise, dropout, pooling, padding)
+_KEEPS_LAYOUT = (
+    "torch.nn.modules.activation",
+    "torch.nn.modules.dropout",
+    "torch.nn.modules.pooling",
+    "torch.nn.modules.padding",
+    "transformers.activations",
+)
+
+
+def keeps_layout(module: nn.Module) -> bool:
+    return isinstance(module, nn.Identity) or type(module).__module__ in _KEEPS_LAYOUT
+
+
+def _layout_of_block(block: nn.Module) -> int | None:
+    """The one layout of a block's layers, or None when they disagree or a module inside
+    changes the layout (``nn.Flatten``, ``nn.Unflatten``, a reshape of the block's own)."""
+    layouts = set()
+    for m in block.modules():
+        if next(m.children(), None) is not None:
+            continue  # containers: their leaves decide
+        axis = known_layout(m)
+        if axis is None and not keeps_layout(m):
+            return None
+        layouts.add(axis)
+    layouts.discard(None)
+    return layouts.pop() if len(layouts) == 1 else None
+
+
 def unit_axis(model: nn.Module, path: str, module: nn.Module) -> int | None:
-    """The unit axis of a module's output: from its type; for a module without a known layout
-    (an activation), from the nearest layer before it in an ``nn.Sequential``, or from its
-    parent's layers when they all share one layout; None when nothing tells."""
+    """The unit axis of a module's output: from its type; for a module that keeps its input's
+    layout (an activation), from the nearest layer before it in an ``nn.Sequential`` (the search
+    stops, None, at a module that changes the layout: ``nn.Unflatten`` after a linear layer
+    makes channels first), or from its parent's layers when they all share one layout; None
+    when nothing tells."""
     axis = known_layout(module)
-    if axis is not None or not path:
+    if axis is not None or not path or not keeps_layout(module):
         return axis
     parent_path, _, child = path.rpartition(".")
-    parent = model.get_submodule(parent_path)
-    if isinstance(parent, nn.Sequential):
-        names = [n for n, _ in parent.named_children()]
-        for name in reversed(names[: names.index(child)]):
-            layouts = {known_layout(m) for m in parent.get_submodule(name).modules()} - {None}
-            if len(layouts) == 1:
-                return layouts.pop()
-            if layouts:
-                return None
-        return None
-    layouts = {known_layout(m) for m in parent.modules() if m is not parent} - {None}
-    return layouts.pop() if len(layouts) == 1 else None
+    parent = named_modules(model)[parent_path]  # paths are wrapper-free names
+    if not isinstance(parent, nn.Sequential):
+        return _layout_of_block(parent)
+    names = [n for n, _ in parent.named_children()]
+    for name in reversed(names[: names.index(child)]):
+        sibling = parent.get_submodule(name)
+        if next(sibling.children(), None) is None and keeps_layout(sibling):
+            continue
+        return (
+            known_layout(sibling)
+            if known_layout(sibling) is not None
+            else _layout_of_block(sibling)
+        )
+    return None
 
 
 class DormantUnits(Probe):

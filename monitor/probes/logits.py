@@ -35,7 +35,9 @@ class LogitHealth(Probe):
         target_shift: ``s > 0`` pairs ``logits[..., :-s, :]`` with ``targets[..., s:]`` (pass the
             unshifted ``labels`` of a causal LM: ``target_shift=1``).
         nlm: also report ``nlm_cosine``, the cosine between ``-grad W`` and the weight ``W`` of
-            the head (an ``nn.Linear``), read from its gradient on logging steps only.
+            the head (an ``nn.Linear``), read from its gradient on logging steps only. Under
+            DDP/FSDP each rank reads its own gradient (before the gradients are averaged); the
+            metric is the mean of the ranks' cosines, not the cosine of the averaged gradient.
         pool: see :class:`~collapse_monitor.probes.Probe`.
 
     Reports ``softmax_collapse`` (fraction of rows whose shifted exp-sum equals 1 exactly),

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .._modules import resolve_modules
+from .._sharding import is_sharded, whole
 from ..contracts import Readout
 from ..functional.neural_collapse import (
     group_variance_ratio,
@@ -54,8 +55,10 @@ class NeuralCollapse(Probe):
     are excluded and counted. ``ncc_mismatch_lagged`` compares the network's prediction with the
     nearest of the previous window's class means, over rows of the classes that window used
     (so it equals :func:`~collapse_monitor.functional.neural_collapse`'s ``ncc_mismatch`` when
-    two windows see the same data). State: ``16*C*D + 8*D^2`` bytes (float64), on the module's
-    device.
+    two windows see the same data); it needs the classifier's weight in the probed forward,
+    so under FSDP2 a classifier that is not the probed module and is sharded at that moment
+    gives no ``ncc_mismatch_lagged`` (the probed head itself is unsharded in its forward). State:
+    ``16*C*D + 8*D^2`` bytes (float64), on the module's device.
 
     Raises:
         ValueError: (at the hook) labels outside ``[0, C)`` (on an accelerator: at the next log,
@@ -190,6 +193,8 @@ class NeuralCollapse(Probe):
             self._update_ncc(counts, x, y, valid, logits)
 
     def _update_ncc(self, counts, x, y, valid, logits) -> None:
+        if is_sharded(self.classifier.weight):
+            return  # a shard outside its module's forward: gathering it here could hang a rank
         classes, centers, sq, used = self._lag
         k = min(self.ncc_max_rows, x.shape[0])
         # samples of the classes the lagged means cover (ignored rows may hold any label)
@@ -204,6 +209,10 @@ class NeuralCollapse(Probe):
         counts.add("ncc_mismatch", (mismatch & rows).sum())
         counts.add("ncc_total", rows.sum())
 
+    @property
+    def reads_parameters(self) -> bool:
+        return self.classifier is not None
+
     # ----------------------------------------------------------------- readout
     def readout(self, window) -> Readout:
         moments = window["moments"]
@@ -215,7 +224,7 @@ class NeuralCollapse(Probe):
             )
         out = {"classes_used": 0.0}
         if moments.dim:
-            weight = None if self.classifier is None else self.classifier.weight
+            weight = None if self.classifier is None else whole(self.classifier.weight)
             out = metrics_from_class_statistics(
                 moments.count,
                 moments.means(),

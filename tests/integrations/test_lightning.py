@@ -63,7 +63,7 @@ def trainer(tmp_path, name, max_epochs, **kw):
     kw.setdefault("logger", TensorBoardLogger(tmp_path, name=name, version=0))
     return L.Trainer(
         max_epochs=max_epochs,
-        accelerator="cpu",
+        accelerator=kw.pop("accelerator", "cpu"),
         devices=kw.pop("devices", 1),
         enable_progress_bar=False,
         enable_model_summary=False,

@@ -512,3 +512,121 @@ def test_a_model_compiled_before_attach_says_its_hooks_saw_nothing(every, caplog
     assert len(said) == 1 and "compiled before the monitor was attached" in said[0]
     assert metrics["collapse/d/calls"] == 0
     mon.close()
+
+
+# ------------------------------------------------------------------------- from public reports
+def test_a_grouped_query_prefill_as_long_as_the_group_is_not_unpacked():
+    """transformers PR #39412 / #46960: with a mask, a prefill repeats the key heads; only a
+    1-token decoding step packs its query. A 2-token prefill in a g=2 model must keep its heads."""
+    model = tiny("Qwen2", num_hidden_layers=1)
+    ids = torch.randint(0, 64, (3, 2))
+    mask = torch.ones(3, 2, dtype=torch.long)
+    mask[0, 0] = 0
+    got = run(model, [probes.AttentionEntropy("model.layers", queries=None, name="attn")],
+              lambda s: model(ids, attention_mask=mask))  # fmt: skip
+    want = eager_entropy(model, ids, mask, 0)
+    for h in range(4):
+        key = f"collapse/attn/model.layers.0.self_attn/entropy/head_{h}"
+        assert got[key] == pytest.approx(want[h].item(), rel=1e-4), key
+    assert "collapse/attn/model.layers.0.self_attn/entropy/head_4" not in got
+
+
+def test_a_switch_router_one_hot_assignment_is_read_as_experts():
+    """transformers #48293 / PR #48421: SwitchTransformers' top-1 router returns a one-hot
+    (B, T, E) int64; rows of zeros are tokens dropped by an expert's capacity."""
+    import transformers
+
+    cfg = transformers.SwitchTransformersConfig(
+        vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+        num_heads=4, num_experts=8, encoder_sparse_step=1, decoder_sparse_step=1,
+        expert_capacity=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.SwitchTransformersForConditionalGeneration(cfg).eval()
+    path = next(n for n, m in model.named_modules() if type(m).__name__.endswith("Top1Router"))
+    seen = []
+    model.get_submodule(path).register_forward_hook(lambda m, a, o: seen.append(o[0].clone()))
+    ids, dec = torch.randint(0, 64, (4, 16)), torch.randint(0, 64, (4, 5))
+    got = run(model, [probes.CodebookUsage(path, 8, name="router")],
+              lambda s: model(input_ids=ids, decoder_input_ids=dec))  # fmt: skip
+    hot = seen[0].reshape(-1, 8)
+    routed = hot.sum(-1) > 0
+    assert (~routed).any(), "the capacity should drop some tokens"
+    usage, perplexity = usage_by_hand(hot.argmax(-1)[routed].numpy(), 8)
+    assert got["collapse/router/usage"] == usage
+    assert got["collapse/router/perplexity"] == pytest.approx(perplexity, rel=1e-9)
+    assert got["collapse/router/samples"] == routed.sum()
+    assert got["collapse/router/skipped"] == (~routed).sum()
+
+
+def test_a_routers_padded_tokens_are_skipped():
+    """transformers #28505 / PR #28517: padded tokens are routed too (and were left out of the
+    load-balancing loss); the monitor leaves them out of the experts' usage."""
+    model = tiny("Mixtral", num_local_experts=4, num_experts_per_tok=2, num_hidden_layers=1)
+    seen = []
+    model.model.layers[0].mlp.gate.register_forward_hook(lambda m, a, o: seen.append(o[2].clone()))
+    ids = torch.randint(1, 64, (4, 12))
+    mask = torch.ones(4, 12, dtype=torch.long)
+    mask[0, 3:] = mask[1, 5:] = mask[2, 8:] = 0
+    got = run(model, [probes.CodebookUsage("model.layers.0.mlp.gate", 4, name="router")],
+              lambda s: model(ids, attention_mask=mask))  # fmt: skip
+    idx = seen[0].reshape(4, 12, 2)
+    usage, perplexity = usage_by_hand(idx[mask.bool()].numpy(), 4)
+    assert got["collapse/router/samples"] == 2 * mask.sum()
+    assert got["collapse/router/skipped"] == 2 * (mask == 0).sum()
+    assert got["collapse/router/perplexity"] == pytest.approx(perplexity, rel=1e-9)
+
+
+def test_an_lfq_mask_leaves_padded_positions_out():
+    """vector-quantize-pytorch #149 / #188: LFQ(x, mask=) does not write -1 at masked positions;
+    the call's mask says which positions are real."""
+    torch.manual_seed(0)
+    q = LFQ(dim=4, codebook_size=16)
+    model = nn.Module()
+    model.q = q
+    x = torch.randn(4, 12, 4)
+    mask = torch.ones(4, 12, dtype=torch.bool)
+    mask[0, 4:] = mask[1, 6:] = mask[2, 9:] = False
+    x[~mask] = -1.0  # zero-padded features: one constant vector, one code
+    got = run(model, [probes.CodebookUsage("q", 16, name="q")], lambda s: q(x, mask=mask))
+    idx = q(x, mask=mask).indices
+    assert (idx[~mask] >= 0).all()  # LFQ marks nothing
+    usage, perplexity = usage_by_hand(idx[mask].numpy(), 16)
+    assert got["collapse/q/samples"] == mask.sum() and got["collapse/q/skipped"] == (~mask).sum()
+    assert got["collapse/q/perplexity"] == pytest.approx(perplexity, rel=1e-9)
+
+
+def test_an_unflatten_before_the_activation_makes_channels_first():
+    """pytorch #41516: Linear -> Unflatten -> ReLU -> ConvTranspose2d decoders (DCGAN, VAEs):
+    the ReLU's output is (B, C, H, W) although the layer before the Unflatten is linear."""
+    torch.manual_seed(0)
+    C, S = 4, 3
+    model = nn.Sequential(
+        nn.Linear(8, C * S * S), nn.Unflatten(1, (C, S, S)), nn.ReLU(), nn.ConvTranspose2d(C, 2, 2)
+    )  # fmt: skip
+    with torch.no_grad():  # channel 0 is dead
+        model[0].weight[: S * S] = 0.0
+        model[0].bias[: S * S] = -9.0
+    z = torch.randn(64, 8)
+    with pytest.raises(ValueError, match="pass channel_dim="):
+        run(model, [probes.DormantUnits("2", name="d")], lambda s: model(z))
+    got = run(model, [probes.DormantUnits("2", channel_dim=1, name="d")], lambda s: model(z))
+    want = MF.dormant_units(model[2](model[1](model[0](z))).detach(), channel_dim=1)
+    assert got["collapse/d/2/dormant_fraction"] == want["dormant_fraction"] == 0.25
+
+
+def test_a_models_attention_mask_given_by_position_is_the_padding():
+    """transformers #7510: attention_mask is the second parameter so that it can be passed by
+    position, model(ids, mask), as user code does."""
+    model = tiny_bert()
+    ids = torch.randint(0, 64, (3, 9))
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, 5:] = 0
+    layers = "bert.encoder.layer"
+    for call in (lambda: model(ids, attention_mask=mask), lambda: model(ids, mask)):
+        got = run(model, [probes.AttentionEntropy(layers, queries=None, name="attn")],
+                  lambda s, call=call: call())  # fmt: skip
+        want = eager_entropy(model, ids, mask, 0, causal=False)
+        key = f"collapse/attn/{layers}.0.attention.self"
+        assert got[f"{key}/entropy/head_0"] == pytest.approx(want[0].item(), rel=1e-4)
+        assert got[f"{key}/skipped"] == 4 * 4

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from ..._modules import named_modules
 from ...contracts import Readout
 from ...functional.attention import (
     causal_allowed,
@@ -157,7 +158,7 @@ class AttentionEntropy(Probe):
                 if EncoderLayerInputs.matches(sub):
                     covered.update(id(m) for m in EncoderLayerInputs.covers(sub))
         for root_path, root in found:
-            for path, sub in root.named_modules(prefix=root_path):
+            for path, sub in named_modules(root, root_path).items():
                 if id(sub) in seen or id(sub) in covered:
                     continue
                 seen.add(id(sub))

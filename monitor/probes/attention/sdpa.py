@@ -40,9 +40,11 @@ def unpack_gqa(module, q: torch.Tensor, k: torch.Tensor, mask, enable_gqa: bool)
     ``(B, H/g, g, d)`` so that it matches the key heads. Returns ``(q, mask)`` as
     ``(B, H, 1, d)`` and its mask."""
     g = getattr(module, "num_key_value_groups", 1)  # transformers' attention modules
-    if not (isinstance(g, int) and g > 1) or enable_gqa:
+    heads = getattr(getattr(module, "config", None), "num_attention_heads", None)
+    if not (isinstance(g, int) and g > 1) or enable_gqa or not isinstance(heads, int):
         return q, mask
-    if q.shape[1] != k.shape[1] or q.shape[2] != g:
+    # packed: the key-value heads carry the queries (a prefill of g tokens has all its heads)
+    if q.shape[1] != k.shape[1] or q.shape[1] * g != heads or q.shape[2] != g:
         return q, mask
     B, Hk, _, d = q.shape
     q = q.reshape(B, Hk * g, 1, d)

@@ -1,0 +1,344 @@
+"""Hugging Face integration: ``CollapseTrainerCallback`` runs a CollapseMonitor inside a
+``transformers.Trainer``."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable, Optional, Union
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+
+from .. import _dist
+from .._sharding import DEEPSPEED_UNSUPPORTED
+from ..mitigations.base import Mitigation
+from ..monitor import CollapseMonitor
+from ..probes.base import Probe
+from ..rules import Alert, Rule
+from ..sinks import Sink, optional_import
+from .tensorboard import TensorBoardSink
+
+log = logging.getLogger(__name__)
+
+_STATE_FILE = "collapse_monitor.pt"
+_REPORTED = ("tensorboard", "wandb", "mlflow")  # report_to integrations with a sink here
+
+
+def report_to_sink(name: str, output_dir: str) -> Sink | None:
+    """The sink writing where a ``Trainer`` with ``report_to=[name]`` logs, or ``None`` while
+    that integration's run does not exist yet: TensorBoard (the directory
+    ``TENSORBOARD_LOGGING_DIR``, else ``<output_dir>/runs/collapse_monitor``, beside the
+    Trainer's runs), the active W&B run (step ``train/global_step``, as the Trainer's
+    ``WandbCallback``) and the active MLflow run, which the Trainer's callbacks start at
+    ``train()``.
+
+    Raises:
+        ValueError: an integration without a sink here (pass ``report_to=`` and ``sinks=``).
+    """
+    if name == "tensorboard":
+        log_dir = os.getenv("TENSORBOARD_LOGGING_DIR") or os.path.join(
+            output_dir, "runs", "collapse_monitor"
+        )
+        return TensorBoardSink(os.path.expanduser(log_dir))
+    if name == "wandb":
+        from .wandb import WandbSink
+
+        wandb = optional_import("wandb", "WandbSink", "wandb")
+        return None if wandb.run is None else WandbSink(wandb.run, step_key="train/global_step")
+    if name == "mlflow":
+        from .mlflow import MLflowSink
+
+        run = optional_import("mlflow", "MLflowSink", "mlflow").active_run()
+        return None if run is None else MLflowSink(run_id=run.info.run_id)
+    raise ValueError(
+        f"CollapseTrainerCallback has no sink for report_to={name!r} (it has tensorboard, "
+        "wandb and mlflow); pass report_to=[...] with those and sinks=[...] for the others"
+    )
+
+
+class TrainerSink(Sink):
+    """Appends metrics to ``trainer.state.log_history`` (every rank, as the Trainer does) and
+    forwards everything to the sinks of ``report_to`` (each built once its run exists) and the
+    user's, from rank 0 unless a sink says otherwise. A sink that fails is logged and dropped;
+    the others go on."""
+
+    main_process_only = False
+
+    def __init__(self, callback: CollapseTrainerCallback, report_to: list[str]) -> None:
+        self.callback = callback
+        self._pending = list(report_to)  # integrations whose run does not exist yet
+        self._sinks: list[Sink] = list(callback.sinks)
+
+    def _each(self, method: str, *args) -> None:
+        for name in list(self._pending):
+            sink = report_to_sink(name, self.callback.args.output_dir)
+            if sink is not None:
+                self._pending.remove(name)
+                self._sinks.append(sink)
+        zero = _dist.rank() == 0
+        for sink in list(self._sinks):
+            if zero or not sink.main_process_only:
+                try:
+                    getattr(sink, method)(*args)
+                except Exception as exc:
+                    log.error("collapse monitor: sink %r failed and is dropped: %s", sink, exc)
+                    self._sinks.remove(sink)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.callback.state.log_history.append({**metrics, "step": step})
+        self._each("log_metrics", metrics, step)
+
+    def log_histogram(self, tag: str, values, step: int) -> None:
+        self._each("log_histogram", tag, values, step)
+
+    def log_thresholds(self, thresholds: dict[str, list[float]], step: int) -> None:
+        self._each("log_thresholds", thresholds, step)
+
+    def log_image(self, tag: str, image, step: int) -> None:
+        self._each("log_image", tag, image, step)
+
+    def log_alert(self, alert: Alert) -> None:
+        self._each("log_alert", alert)
+
+    def log_event(self, name: str, info: dict, step: int) -> None:
+        self._each("log_event", name, info, step)
+
+    def flush(self) -> None:
+        self._each("flush")
+
+    def close(self) -> None:
+        self._each("close")
+        self._sinks = []
+
+
+class CollapseTrainerCallback(TrainerCallback):
+    """Run a :class:`~collapse_monitor.CollapseMonitor` inside a ``transformers.Trainer``.
+
+    The callback hooks the model's own forward: a training forward (``model.training``) is
+    observed with ``targets`` read from the forward's keyword arguments (``labels``, or the
+    Trainer's ``label_names``), so nothing needs subclassing; the backward pass (and any
+    gradient-checkpointing recompute) is not observed. Steps are the Trainer's optimizer steps
+    (``state.global_step``): with gradient accumulation every micro-batch of a recorded step is
+    observed, and mitigations act only after an optimizer step. The monitor logs every
+    ``logging_steps`` steps (the Trainer's) unless ``log_every_n_steps`` is given.
+
+    Evaluation (``trainer.evaluate``/``predict``) is a snapshot, logged under
+    ``<metric_key_prefix>/collapse/...`` (``eval/collapse/...``) and added to the metrics that
+    ``evaluate()`` returns. Metrics go to ``trainer.state.log_history``, to the integrations of
+    ``report_to`` (see :func:`report_to_sink`) and to ``sinks``. A ``"stop"`` alert sets
+    ``control.should_training_stop`` on every rank. The monitor's state is saved beside each
+    checkpoint (``checkpoint-<step>/collapse_monitor.pt``) and restored when training resumes
+    from a checkpoint in ``output_dir``.
+
+    Args:
+        probes: probe instances; module paths are relative to the model the Trainer trains.
+        targets: the forward keyword holding the labels (default the Trainer's
+            ``label_names[0]``, i.e. ``"labels"``), or ``callable(kwargs) -> targets``.
+        log_every_n_steps: logging cadence in optimizer steps (default ``logging_steps``).
+        report_to: override the Trainer's ``report_to`` for collapse metrics (``[]``: none).
+        sinks: further sinks.
+        context: ``callable(kwargs) -> dict`` of extra ``observe()`` keywords.
+        evaluation: take evaluation snapshots.
+        rules, default_rules, mitigations, on_alert, observe_every_n_steps, pictures, strict:
+            as in :class:`~collapse_monitor.CollapseMonitor`.
+
+    Raises:
+        KeyError: a probe's module path does not exist in the model (at ``Trainer(...)``).
+
+    Example::
+
+        trainer = Trainer(model, args, train_dataset=ds, callbacks=[
+            CollapseTrainerCallback([NeuralCollapse("lm_head", num_classes=50257, target_shift=1)])
+        ])
+    """
+
+    def __init__(
+        self,
+        probes: list[Probe],
+        targets: Union[str, Callable[[dict], Any], None] = None,
+        log_every_n_steps: Optional[int] = None,
+        report_to: Optional[list[str]] = None,
+        sinks: Optional[list[Sink]] = None,
+        context: Optional[Callable[[dict], dict]] = None,
+        evaluation: bool = True,
+        rules: Optional[list[Rule]] = None,
+        default_rules: bool = True,
+        mitigations: Optional[list[Mitigation]] = None,
+        on_alert: Optional[Callable[[Alert], None]] = None,
+        observe_every_n_steps: Optional[int] = None,
+        pictures: Union[bool, list[str]] = False,
+        strict: bool = False,
+    ) -> None:
+        self.probes = list(probes)
+        self.targets = targets
+        self.log_every_n_steps = log_every_n_steps
+        self.report_to = report_to
+        self.sinks = list(sinks or [])
+        self.context = context
+        self.evaluation = evaluation
+        self.kwargs = dict(
+            rules=list(rules or []),
+            default_rules=default_rules,
+            mitigations=list(mitigations or []),
+            on_alert=on_alert,
+            observe_every_n_steps=observe_every_n_steps,
+            pictures=pictures,
+            strict=strict,
+        )
+        self.monitor: CollapseMonitor | None = None
+        self.args = self.state = None
+        self._model: nn.Module | None = None
+        self._handles: list = []
+        self._observing = None
+        self._training = False  # between on_train_begin and on_train_end
+
+    # ----------------------------------------------------------------- lifecycle
+    def _attach(self, args, state, model: nn.Module, log_every: int) -> None:
+        if self.monitor is not None and self._model is model:
+            if self.monitor.log_every_n_steps == log_every:
+                return
+            # the cadence is known at train() (a logging_steps ratio): a monitor built for it
+        self.close()
+        report_to = self.report_to if self.report_to is not None else args.report_to
+        report_to = [report_to] if isinstance(report_to, str) else list(report_to or [])
+        unknown = [n for n in report_to if n not in _REPORTED]
+        if unknown:
+            log.warning(
+                "collapse monitor: no sink for report_to=%s; collapse metrics reach them only "
+                "through trainer.state.log_history (pass sinks=[...] for more)",
+                unknown,
+            )
+        report_to = [n for n in report_to if n in _REPORTED]
+        self.monitor = CollapseMonitor(
+            model,
+            self.probes,
+            sinks=[TrainerSink(self, report_to)],
+            log_every_n_steps=log_every,
+            **self.kwargs,
+        )
+        self._model = model
+        self._handles = [
+            model.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
+            model.register_forward_hook(self._post_forward, always_call=True),
+        ]
+
+    def close(self) -> None:
+        """Remove the hooks and close the monitor (``Trainer`` does not call this)."""
+        self._stop_observing()
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        if self.monitor is not None:
+            self.monitor.close()
+        self.monitor = self._model = None
+
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        # attached at Trainer(...) so that evaluate() before train() is observed too and a
+        # wrong module path fails at once; with model_init the model comes at train()
+        self.args, self.state = args, state
+        deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
+        if args.deepspeed or deepspeed:
+            raise ValueError(DEEPSPEED_UNSUPPORTED)
+        if model is not None:
+            # a logging_steps ratio (< 1) is resolved at train(); until then, 50
+            steps = args.logging_steps if args.logging_steps >= 1 else 50
+            self._attach(args, state, model, self.log_every_n_steps or int(steps))
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.args, self.state = args, state
+        self._attach(args, state, model, self.log_every_n_steps or max(1, state.logging_steps))
+        self._training = True
+        if state.global_step > self.monitor.global_step:
+            self._resume(args, state)
+
+    def _resume(self, args, state) -> None:
+        path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", _STATE_FILE)
+        if os.path.exists(path):
+            saved = torch.load(path, map_location="cpu", weights_only=False)
+            self.monitor.load_state_dict(saved)
+        else:
+            log.warning(
+                "collapse monitor: training resumes at step %d but %s does not exist; the "
+                "monitor starts from empty windows",
+                state.global_step,
+                path,
+            )
+        # the monitor counts the Trainer's optimizer steps
+        self.monitor.global_step = max(self.monitor.global_step, state.global_step)
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.monitor is None:
+            return
+        saved = self.monitor.state_dict()  # a collective: every rank takes part
+        if state.is_world_process_zero:
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            os.makedirs(folder, exist_ok=True)
+            torch.save(saved, os.path.join(folder, _STATE_FILE))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._stop_observing()
+        self._training = False
+        for sink in self.monitor.sinks if self.monitor is not None else ():
+            sink.flush()
+
+    # ----------------------------------------------------------------- observation
+    def _targets(self, kwargs: dict) -> Any:
+        if not any("targets" in p.keywords for p in self.probes):
+            return None
+        if callable(self.targets):
+            return self.targets(kwargs)
+        names = [self.targets] if self.targets else list(self.args.label_names or ["labels"])
+        return kwargs.get(names[0])
+
+    def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._stop_observing()
+        monitor = self.monitor
+        if module.training:
+            if not self._training:
+                return
+            if monitor.snapshot_prefix is not None:
+                # eval-mode forwards outside evaluate()/predict() (e.g. generate() in a
+                # callback) are not an evaluation: dropped, not logged
+                monitor.end_snapshot(discard=True)
+        elif not self.evaluation:
+            return
+        elif monitor.snapshot_prefix is None:
+            monitor.begin_snapshot("eval")
+        extra = self.context(kwargs) if self.context is not None else {}
+        self._observing = monitor.observe(targets=self._targets(kwargs), **extra)
+        self._observing.__enter__()
+
+    def _post_forward(self, module, args, output) -> None:
+        self._stop_observing()
+
+    def _stop_observing(self) -> None:
+        if self._observing is not None:
+            cm, self._observing = self._observing, None
+            cm.__exit__(None, None, None)
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        self._stop_observing()
+        while self.monitor.global_step < state.global_step:
+            self.monitor.step(optimizer=optimizer)
+        # rules see the all-reduced metrics: every rank takes the same decision
+        if self.monitor.should_stop:
+            control.should_training_stop = True
+        return control
+
+    def _end_snapshot(self, metrics: dict | None) -> None:
+        self._stop_observing()
+        if self.monitor is None or self.monitor.snapshot_prefix is None:
+            return
+        # the Trainer names evaluation metrics <metric_key_prefix>_runtime, _loss, ...
+        prefixes = [k[: -len("_runtime")] for k in (metrics or {}) if k.endswith("_runtime")]
+        result = self.monitor.end_snapshot(prefix=prefixes[0] if prefixes else None)
+        if metrics is not None:
+            metrics.update(result)  # evaluate() returns them too
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        self._end_snapshot(metrics)
+
+    def on_predict(self, args, state, control, metrics=None, **kwargs):
+        self._end_snapshot(metrics)

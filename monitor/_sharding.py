@@ -1,0 +1,120 @@
+"""Sharded parameters (FSDP, FSDP2) read and written whole, the way PyTorch's own APIs do it.
+
+FSDP2 (``fully_shard``) keeps each parameter as a ``DTensor`` shard between forwards:
+:func:`whole` gathers it with ``full_tensor()`` and :func:`assign` writes a whole value back
+into the local shard (``distribute_tensor`` of a value every rank holds, no communication).
+FSDP (first generation) frees or flattens its parameters between forwards: the monitor reads
+and writes them inside :func:`whole_parameters`, i.e. ``FullyShardedDataParallel.
+summon_full_params(writeback=True)``, as transformers' ``Trainer`` and Accelerate do when they
+need whole weights. Each of these is a collective: every rank calls it at the same point (the
+monitor does so only at logging steps, where every rank logs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+try:
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:
+    try:  # torch < 2.5 (FSDP2 was torch.distributed._composable.fsdp then)
+        from torch.distributed._tensor import DTensor, distribute_tensor
+    except ImportError:  # a torch built without distributed support: nothing is sharded
+        DTensor = distribute_tensor = None
+
+DEEPSPEED_UNSUPPORTED = (
+    "collapse monitor: DeepSpeed is not supported: ZeRO-3 partitions the parameters the probes "
+    "read, and under every ZeRO stage the optimizer's fp32 master weights would undo a "
+    "mitigation's change at the next step; use DDP, FSDP2 (ModelParallelStrategy / "
+    "fully_shard) or FSDP"
+)
+
+
+def is_sharded(tensor) -> bool:
+    """Whether ``tensor`` is an FSDP2 (``DTensor``) shard."""
+    return DTensor is not None and isinstance(tensor, DTensor)
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole value of a parameter, optimizer state or buffer (a collective for a shard)."""
+    return tensor.full_tensor() if is_sharded(tensor) else tensor
+
+
+@torch.no_grad()
+def assign(tensor: torch.Tensor, value: torch.Tensor) -> None:
+    """Write the whole ``value`` into ``tensor`` (its local shard for a ``DTensor``); every
+    rank passes the same ``value``."""
+    if is_sharded(tensor):
+        mesh, placements = tensor.device_mesh, tensor.placements
+        try:  # every rank slices its own copy (no communication)
+            local = distribute_tensor(value, mesh, placements, src_data_rank=None)
+        except TypeError:  # torch < 2.7: scattered from rank 0, which holds the same value
+            local = distribute_tensor(value, mesh, placements)
+        tensor.to_local().copy_(local.to_local())
+    else:
+        tensor.copy_(value)
+
+
+@contextlib.contextmanager
+def edited(tensor: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Yield the whole value of ``tensor`` to change in place (no autograd); a shard gets the
+    result written back (a collective: every rank makes the same change)."""
+    with torch.no_grad():
+        if not is_sharded(tensor):
+            yield tensor.detach()
+            return
+        full = tensor.full_tensor().detach().clone()
+        yield full
+        assign(tensor, full)
+
+
+def is_fsdp_flattened(tensor) -> bool:
+    """Whether FSDP (first generation) manages ``tensor`` as (a view of) a flat shard; torch
+    marks such parameters with ``_fsdp_flattened``."""
+    return bool(getattr(tensor, "_fsdp_flattened", False))
+
+
+def fsdp_roots(model: nn.Module) -> list[nn.Module]:
+    """The outermost ``FullyShardedDataParallel`` (first generation) modules in ``model``."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    except ImportError:
+        return []
+    return FSDP.fsdp_modules(model, root_only=True)
+
+
+@contextlib.contextmanager
+def whole_parameters(model: nn.Module, writeback: bool = True) -> Iterator[None]:
+    """Inside the block, FSDP (first generation) modules of ``model`` hold whole parameters,
+    written back to their shards at exit (``writeback``). No-op for other models (FSDP2 shards
+    are read and written per tensor with :func:`whole` and :func:`assign`).
+
+    Raises:
+        RuntimeError: ``model`` is wrapped by an FSDP module outside it (its parameters are
+            flattened shards that only that wrapper can gather).
+    """
+    roots = fsdp_roots(model)
+    covered = {id(p) for root in roots for p in root.parameters()}
+    outside = [
+        n for n, p in model.named_parameters() if id(p) not in covered and is_fsdp_flattened(p)
+    ]
+    if outside:
+        raise RuntimeError(
+            f"{type(model).__name__} is wrapped by a FullyShardedDataParallel module outside "
+            f"it (its parameters {outside[:3]} are flattened shards the monitor cannot gather); "
+            "build the CollapseMonitor on the FSDP-wrapped model (module paths stay those of "
+            "the unwrapped model), or call monitor.sharded_by(fsdp_model) after wrapping"
+        )
+    if not roots:
+        yield
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    with contextlib.ExitStack() as stack:
+        for root in roots:
+            stack.enter_context(FSDP.summon_full_params(root, writeback=writeback))
+        yield

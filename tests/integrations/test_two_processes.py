@@ -1,0 +1,71 @@
+"""Accelerate and the Hugging Face ``Trainer`` on 2 CPU processes (torchrun, gloo): the
+documented Accelerate recipe (``examples/accelerate_ddp.py``) and ``CollapseTrainerCallback``
+log, from the main process, the metrics one process computes on the union of the data."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from collapse_monitor import functional as F
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def torchrun(*args, timeout=300):
+    env = {
+        **os.environ,
+        "ACCELERATE_USE_CPU": "1",  # Accelerate's multi-CPU mode (accelerate launch --cpu)
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(ROOT),
+    }
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    subprocess.run([*cmd, *args], check=True, env=env, timeout=timeout, cwd=ROOT)
+
+
+def test_accelerate_recipe_on_two_processes(tmp_path):
+    torchrun("examples/accelerate_ddp.py", "--out", str(tmp_path), "--lr", "0")
+    records = [json.loads(line) for line in (tmp_path / "collapse.jsonl").read_text().splitlines()]
+    logs = {r["step"]: r["metrics"] for r in records if r["type"] == "metrics"}
+    # 128 rows / (2 processes x 8 rows x 2 micro-batches): 4 optimizer steps per epoch
+    assert sorted(logs) == [4, 8]
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        from accelerate_ddp import data, model
+    finally:
+        sys.path.pop(0)
+    net = model()
+    x, y = data().tensors
+    with torch.no_grad():
+        feats = net[:2](x)
+    ref = F.neural_collapse(feats, y, 4, net[2].weight)
+    for metrics in logs.values():  # each window is one epoch: the whole data set
+        assert metrics["collapse/head/samples"] == 128
+        for key in ("nc1", "nc1_quotient", "equiangular", "cdnv", "equinorm_weights"):
+            assert metrics[f"collapse/head/{key}"] == pytest.approx(ref[key], rel=1e-6), key
+
+
+def test_trainer_callback_on_two_processes(tmp_path):
+    from tests.integrations.test_transformers import KEYS, Tokens, gpt2
+    from tests.reference import assert_metrics_close
+    from tests.scripts.hf_trainer_ddp import ROWS
+
+    torchrun("-m", "tests.scripts.hf_trainer_ddp", str(tmp_path))
+    logs = json.loads((tmp_path / "logs.json").read_text())
+    assert [e["step"] for e in logs] == [2, 4]
+    model, data = gpt2(dropout=0.0), Tokens(ROWS)
+    feats = []
+    model.lm_head.register_forward_hook(lambda m, a, o: feats.append(a[0]))
+    with torch.no_grad():
+        model(input_ids=data.ids, attention_mask=data.mask)
+    h, labels = feats[0][:, :-1], data.labels[:, 1:]
+    keep = labels != -100
+    ref = F.neural_collapse(h[keep], labels[keep], 24, model.lm_head.weight)
+    for entry in logs:  # each window is one epoch: every row once, on one rank or the other
+        got = {k.split("/")[-1]: v for k, v in entry.items() if k.startswith("collapse/")}
+        assert got["samples"] == int(keep.sum()) and got["calls"] == 8
+        assert_metrics_close(got, ref, keys=KEYS)
