@@ -2,7 +2,7 @@
 
 Prints Markdown tables; ``--write`` also writes benchmarks/RESULTS.md (machine, torch, date).
 
-    python benchmarks/run.py [--write] [--only overhead,memory,compare,scaling,gpu] [--quick]
+    python benchmarks/run.py [--write] [--only overhead,memory,compare,scaling,gpu,nc_scale] [--quick]
     python benchmarks/run.py --only gpu --write      # on a CUDA machine: section 5
 
 Timings are medians over interleaved A/B blocks in one process; a block at the default cadence
@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 from models import WORKLOADS, Workload  # benchmarks/models.py, beside this script
+from nc_scale import section_nc_scale
 from torch.nn import functional as F
 
 from collapse_monitor import CollapseMonitor, probes
@@ -624,6 +625,7 @@ SECTIONS = {
     "compare": section_compare,
     "scaling": section_scaling,
     "gpu": section_gpu,
+    "nc_scale": lambda quick: section_nc_scale(quick, table),
 }
 
 

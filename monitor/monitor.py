@@ -27,6 +27,11 @@ log = logging.getLogger(__name__)
 
 _STATE_VERSION = 2
 SAMPLE_STRIDE = 25  # the default cadence records one step in 25 at most (4 % of the steps)
+# ... but a class-conditional probe records enough steps for this many expected samples per
+# class in each window (with 4, ~91% of balanced classes reach the 2 samples that NC needs) ...
+SAMPLES_PER_CLASS = 4
+# ... within a budget: at most this fraction of the steps
+MAX_RECORDED_FRACTION = 0.5
 
 # the open monitor of each model, kept here rather than on the model: nothing of the monitor
 # travels with a saved, pickled or copied model
@@ -42,6 +47,19 @@ def sampled_steps_per_window(log_every_n_steps: int) -> int:
     ``min(25, ceil(L / 2))`` (``L = log_every_n_steps``): two at the default ``L = 50``, twenty
     at ``L = 500``, every step for ``L <= 2``."""
     return -(-log_every_n_steps // _sample_stride(log_every_n_steps))
+
+
+def class_sample_stride(log_every_n_steps: int, classes: int, rows_per_step: int) -> int:
+    """The default cadence's stride for a class-conditional probe that sees ``rows_per_step``
+    samples per step: one step in ``stride`` is recorded, enough for ``SAMPLES_PER_CLASS``
+    expected samples per class in a window, within the budget of ``MAX_RECORDED_FRACTION`` of
+    the steps, and never fewer steps than :func:`sampled_steps_per_window`. E.g. 1,000 classes
+    at batch 256, ``L = 50``: one step in 3 (17 per window); 10 classes: one in 25 (2)."""
+    L = log_every_n_steps
+    stride = _sample_stride(L)
+    need = -(-SAMPLES_PER_CLASS * classes // max(rows_per_step, 1))
+    steps = min(need, max(1, int(L * MAX_RECORDED_FRACTION)))
+    return max(1, min(stride, L // steps))
 
 
 def _unique_names(items, what: str) -> None:
@@ -68,7 +86,10 @@ class CollapseMonitor:
             cheap probes (``Probe.every_step``: codebook and latent usage, posterior collapse,
             dormant units) record every step, the others (whose update costs a GEMM or a
             recomputed attention) record :func:`sampled_steps_per_window` steps per window,
-            evenly spaced and ending with the logging step. An integer ``n``: every probe records
+            evenly spaced and ending with the logging step; class-conditional ones
+            (``NeuralCollapse``) record their first step, then as many as
+            :func:`class_sample_stride` says give ~4 samples per class per window (at most half
+            the steps). An integer ``n``: every probe records
             every n-th step only (``1``: every step, the exact whole-window statistics).
             Metrics are exact for the samples recorded; validation snapshots record every batch.
         pictures: ``True`` (every probe that draws), or names of probes: at each log, these
@@ -271,7 +292,13 @@ class CollapseMonitor:
         if probe.every_step:
             return True
         L = self.log_every_n_steps
-        return (L - 1 - self.global_step % L) % _sample_stride(L) == 0
+        if probe.classes is None:
+            stride = _sample_stride(L)
+        elif probe.rows_per_step is None:
+            return True  # its first step tells how many samples a step brings
+        else:
+            stride = class_sample_stride(L, probe.classes, probe.rows_per_step)
+        return (L - 1 - self.global_step % L) % stride == 0
 
     def step(self, optimizer: torch.optim.Optimizer | None = None) -> dict[str, float] | None:
         """Advance one training step; at cadence compute, log, check rules and mitigate.
@@ -417,12 +444,12 @@ class CollapseMonitor:
                 self._thin_warned.add(p.name)
                 log.warning(
                     "collapse monitor: %r recorded %d samples for %d classes in this window (the "
-                    "default cadence records %d of every %d steps for it); its class statistics "
-                    "are thin: pass observe_every_n_steps=1 or log less often",
+                    "default cadence recorded %d of its %d steps, at most half of them); its "
+                    "class statistics are thin: pass observe_every_n_steps=1 or log less often",
                     p,
                     samples,
                     p.classes,
-                    sampled_steps_per_window(L),
+                    p.window_steps,
                     L,
                 )
 

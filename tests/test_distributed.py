@@ -39,18 +39,24 @@ def shard(rank, x, y):
     return x[idx], y[idx]
 
 
+def make_probes():
+    # tiles of 4 classes: the two ranks split the 6 tiles of class pairs between them
+    return [
+        probes.NeuralCollapse("0", C, name="h", tile_size=4),
+        probes.NeuralCollapse("0", C, name="s", pair_sample=PAIRS, ncc_max_rows=0),
+    ]
+
+
+PAIRS = 25  # of the 36 class pairs
+
+
 def worker(rank, init, out_dir):
     with process_group(rank, init):
         x, y = data()
         xs, ys = shard(rank, x, y)
         torch.manual_seed(0)
         head = nn.Linear(D, C)  # same weights on both ranks
-        mon = CollapseMonitor(
-            nn.Sequential(head),
-            [probes.NeuralCollapse("0", C, name="h")],
-            2,
-            observe_every_n_steps=1,
-        )
+        mon = CollapseMonitor(nn.Sequential(head), make_probes(), 2, observe_every_n_steps=1)
         sizes = [0, 17, len(ys) - 17] if rank == 0 else [len(ys) // 3, len(ys) - len(ys) // 3]
         for idx in torch.split(torch.arange(len(ys)), sizes):
             with mon.observe(targets=ys[idx]):
@@ -58,12 +64,7 @@ def worker(rank, init, out_dir):
         logged = mon.compute()
         state = mon.state_dict()  # collective: the reduced window
         mon.close()
-        resumed = CollapseMonitor(
-            nn.Sequential(head),
-            [probes.NeuralCollapse("0", C, name="h")],
-            2,
-            observe_every_n_steps=1,
-        )
+        resumed = CollapseMonitor(nn.Sequential(head), make_probes(), 2, observe_every_n_steps=1)
         resumed.load_state_dict(state)  # every rank loads it; only rank 0 keeps the window
         after_resume = resumed.compute()
         st = ClassMoments(C)
@@ -123,9 +124,24 @@ def test_monitor_metrics_identical_on_both_ranks_and_equal_union(results):
     ref = F.neural_collapse(x, y, C, head.weight)
     a, b = results[0]["metrics"], results[1]["metrics"]
     assert a == b
-    got = {k.split("/")[-1]: v for k, v in a.items()}
+    got = {k.split("/")[-1]: v for k, v in a.items() if k.startswith("collapse/h/")}
     assert_metrics_close(got, ref, keys=KEYS + ["self_duality", "equinorm_weights"])
     assert got["samples"] == len(y)
+
+
+def test_sampled_pairs_are_drawn_alike_on_both_ranks_and_match_the_union(results):
+    x, y = data()
+    counts = torch.bincount(y, minlength=C)
+    means = torch.stack([x[y == c].double().mean(0) for c in range(C)])
+    var = torch.stack([(x[y == c].double() - means[c]).pow(2).sum(1).mean() for c in range(C)])
+    # the probe seeds its draw with the window's sample count (the same on every rank)
+    ref = F.sampled_pairwise_metrics(
+        means - means.mean(0), var, PAIRS, torch.Generator().manual_seed(int(counts.sum()))
+    )
+    got = {k.split("/")[-1]: v for k, v in results[0]["metrics"].items() if "/s/" in k}
+    assert results[0]["metrics"] == results[1]["metrics"]
+    assert "cdnv" not in got and got["pairs_sampled"] == PAIRS
+    assert_metrics_close(got, ref, keys=[k for k in ref if k.endswith("_sampled")], rtol=1e-9)
 
 
 def test_state_dict_under_ddp_is_the_reduced_window_and_resumes_without_double_counting(results):

@@ -7,7 +7,7 @@ from torch import nn
 
 from collapse_monitor import CollapseMonitor, Event, Rule, Sink, mitigations, probes
 from collapse_monitor import functional as F
-from collapse_monitor.monitor import sampled_steps_per_window
+from collapse_monitor.monitor import class_sample_stride, sampled_steps_per_window
 from tests.functional.test_neural_collapse import clustered
 from tests.reference import assert_metrics_close
 
@@ -99,9 +99,12 @@ def test_default_cadence_samples_gemm_probes_and_records_cheap_ones_every_step(L
         lambda *a: seen.append((mon.global_step, mon.records(nc), mon.records(dormant)))
     )
     logged = train(model, mon, 2 * L)
-    assert [s for s, r, _ in seen if r] == recorded + [L + s for s in recorded]
+    # the class-conditional probe also records the run's first step: it learns the batch size
+    first = [0] if 0 not in recorded else []
+    assert [s for s, r, _ in seen if r] == first + recorded + [L + s for s in recorded]
     assert all(r for _, _, r in seen) and len(seen) == 2 * L  # the cheap probe: every step
-    assert [m["collapse/head/samples"] for _, m in logged] == [len(recorded) * 32] * 2
+    samples = [m["collapse/head/samples"] for _, m in logged]
+    assert samples == [(len(first) + len(recorded)) * 32, len(recorded) * 32]
     with mon.snapshot("val") as val:  # validation records every batch for every probe
         for _ in range(3):
             y = torch.randint(0, 4, (32,))
@@ -114,20 +117,50 @@ def test_default_cadence_samples_gemm_probes_and_records_cheap_ones_every_step(L
 
 @pytest.mark.parametrize("every", [None, 1])
 def test_a_thin_sampled_class_window_is_said_once(every, caplog):
-    model = mlp(C=40)  # 2 sampled steps x 32 rows = 64 samples for 40 classes; every step: 320
+    # 400 classes at 32 rows a step: the default cadence records its budget, 5 of 10 steps
+    # (160 samples, plus the first step in the first window); every step: 320, still thin
+    model = mlp(C=400)
     mon = CollapseMonitor(
-        model, [probes.NeuralCollapse("2", 40, name="head")], 10, observe_every_n_steps=every
+        model, [probes.NeuralCollapse("2", 400, name="head")], 10, observe_every_n_steps=every
     )
     with caplog.at_level("WARNING", logger="collapse_monitor"):
-        logged = train(model, mon, 20, C=40)
+        logged = train(model, mon, 20, C=400)
     thin = [r.message for r in caplog.records if "class statistics are thin" in r.message]
     if every is None:
-        assert [m["collapse/head/samples"] for _, m in logged] == [64, 64]
-        assert len(thin) == 1 and "64 samples for 40 classes" in thin[0]
-        assert "records 2 of every 10 steps" in thin[0]
+        assert [m["collapse/head/samples"] for _, m in logged] == [192, 160]
+        assert len(thin) == 1 and "192 samples for 400 classes" in thin[0]
+        assert "recorded 6 of its 10 steps" in thin[0]
     else:
-        assert thin == []
+        assert thin == []  # the user chose the cadence
     mon.close()
+
+
+@pytest.mark.parametrize(
+    "classes, rows, L, stride",
+    [(1000, 256, 50, 3), (10, 256, 50, 25), (10**5, 256, 50, 2), (40, 32, 10, 2), (4, 32, 1, 1)],
+)
+def test_class_sample_stride_aims_at_four_samples_per_class_within_half_the_steps(
+    classes, rows, L, stride
+):
+    assert class_sample_stride(L, classes, rows) == stride
+
+
+def test_default_cadence_gives_a_thousand_class_head_usable_windows():
+    # balanced data, batch 256, log every 50 steps: most classes get the 2 samples NC needs
+    C, D = 1000, 8
+    head = nn.Linear(D, C)
+    mon = CollapseMonitor(nn.Sequential(head), [probes.NeuralCollapse("0", C, name="h")], 50)
+    g = torch.Generator().manual_seed(0)
+    used = []
+    for _ in range(100):
+        y = torch.randint(0, C, (256,), generator=g)
+        with mon.observe(targets=y):
+            head(torch.randn(256, D, generator=g) + y[:, None] % 7)
+        m = mon.step()
+        if m is not None:
+            used.append(m["collapse/h/classes_used"])
+    mon.close()
+    assert min(used) >= 900, used
 
 
 def test_close_removes_every_hook_and_observe_refuses():

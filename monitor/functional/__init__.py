@@ -19,6 +19,9 @@ from .neural_collapse import (
     nearest_class_center,
     nearest_class_center_mismatch,
     neural_collapse,
+    pairwise_metrics,
+    pairwise_sums,
+    sampled_pairwise_metrics,
 )
 from .representation import (
     effective_rank,
@@ -52,9 +55,12 @@ __all__ = [
     "nearest_class_center",
     "nearest_class_center_mismatch",
     "neural_collapse",
+    "pairwise_metrics",
+    "pairwise_sums",
     "posterior_collapse",
     "rankme",
     "representation_rank",
+    "sampled_pairwise_metrics",
     "softmax_collapsed",
     "token_uniformity",
     "token_uniformity_from_sums",

@@ -13,10 +13,56 @@ import torch
 
 _F64 = torch.float64
 _EPS = torch.finfo(_F64).eps
+_Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
 
 
-def _pairwise_class_geometry(centred: torch.Tensor, variances: torch.Tensor, tile: int) -> dict:
-    """Equiangularity, cosine spread and CDNV over all pairs ``c < c'`` by tiled GEMM.
+# the additive pair sums the exact pairwise metrics are made of, in this order
+_PAIR_SUMS = ("abs_dev", "dev_sum", "dev_sq", "pairs", "cdnv_sum", "cdnv_pairs")
+
+
+def _pair_blocks(centred, sq, norms, variances, etf_cos, rows, cols):
+    """The pairwise values of classes ``rows`` x ``cols`` (index ranges): cosine minus the
+    simplex-ETF cosine, and the CDNV ratio with its validity mask (``sq``, ``norms``: the
+    squared and plain norms of ``centred``'s rows)."""
+    gram = centred[rows] @ centred[cols].T
+    # std is shift invariant; accumulating cos - etf_cos (~0 near the ETF) avoids cancellation
+    dev = gram / (norms[rows, None] * norms[None, cols]) - etf_cos
+    dist2 = sq[rows, None] + sq[None, cols] - 2 * gram
+    # pairs whose means coincide to rounding have no defined CDNV: skipped and counted
+    ok = dist2 > 64 * _EPS * (sq[rows, None] + sq[None, cols])
+    ratio = (variances[rows, None] + variances[None, cols]) / (2 * torch.where(ok, dist2, 1.0))
+    return dev, torch.where(ok, ratio, 0.0), ok
+
+
+def pair_tiles(num_classes: int, tile: int, share: tuple[int, int] = (0, 1)):
+    """The tiles ``(i0, j0)`` (``j0 >= i0``) of the class-pair triangle that part ``share =
+    (rank, world)`` computes. Each tile, in row-major order, goes to the part with the fewest
+    pairs so far (lowest rank on ties): ``world`` ranks split the pairwise work evenly, compute
+    every pair exactly once, and all know who does what without a message."""
+    rank, world = share
+    if tile < 1:
+        raise ValueError(f"tile must be >= 1, got {tile}")
+    load = [0] * world
+    for i0 in range(0, num_classes, tile):
+        rows = min(tile, num_classes - i0)
+        for j0 in range(i0, num_classes, tile):
+            cols = min(tile, num_classes - j0)
+            owner = load.index(min(load))
+            load[owner] += rows * (rows - 1) // 2 if i0 == j0 else rows * cols
+            if owner == rank:
+                yield i0, j0
+
+
+def pairwise_sums(
+    centred: torch.Tensor,
+    variances: torch.Tensor,
+    tile: int = 1024,
+    share: tuple[int, int] = (0, 1),
+) -> torch.Tensor:
+    """The additive sums behind equiangularity, cosine spread and CDNV over the class pairs
+    ``c < c'`` of part ``share`` (see :func:`pair_tiles`): ``(6,)`` float64 in the order
+    ``abs_dev, dev_sum, dev_sq, pairs, cdnv_sum, cdnv_pairs``. Parts add up: the sums of all
+    parts of one ``world`` are the sums of ``share=(0, 1)``; :func:`pairwise_metrics` finishes.
 
     Args:
         centred: ``(C, D)`` class means minus the global mean, float64.
@@ -24,40 +70,131 @@ def _pairwise_class_geometry(centred: torch.Tensor, variances: torch.Tensor, til
         tile: rows per tile; memory is ``O(tile^2)`` whatever ``C`` is.
     """
     C = centred.shape[0]
+    etf_cos = -1.0 / (C - 1)
     sq = (centred * centred).sum(1)
     norms = sq.sqrt().clamp_min(torch.finfo(_F64).tiny)
-    etf_cos = -1.0 / (C - 1)
-    # std is shift invariant; accumulating cos - etf_cos (~0 near the ETF) avoids cancellation
-    abs_dev = dev_sum = dev_sq = cdnv_sum = 0.0
-    pairs = cdnv_pairs = 0
-    for i0 in range(0, C, tile):
-        i1 = min(i0 + tile, C)
-        for j0 in range(i0, C, tile):
-            j1 = min(j0 + tile, C)
-            gram = centred[i0:i1] @ centred[j0:j1].T
-            cos = gram / (norms[i0:i1, None] * norms[None, j0:j1])
-            dist2 = sq[i0:i1, None] + sq[None, j0:j1] - 2 * gram
-            if i0 == j0:
-                mask = torch.ones_like(gram, dtype=torch.bool).triu_(1)
-            else:
-                mask = torch.ones_like(gram, dtype=torch.bool)
-            dev = (cos - etf_cos)[mask]
-            abs_dev += dev.abs().sum().item()
-            dev_sum += dev.sum().item()
-            dev_sq += (dev * dev).sum().item()
-            pairs += dev.numel()
-            # pairs whose means coincide to rounding have no defined CDNV: skipped and counted
-            floor = 64 * _EPS * (sq[i0:i1, None] + sq[None, j0:j1])
-            ok = mask & (dist2 > floor)
-            ratio = (variances[i0:i1, None] + variances[None, j0:j1]) / (2 * dist2)
-            cdnv_sum += ratio[ok].sum().item()
-            cdnv_pairs += int(ok.sum().item())
+    sums = torch.zeros(len(_PAIR_SUMS), dtype=_F64, device=centred.device)
+    for i0, j0 in pair_tiles(C, tile, share):
+        rows, cols = slice(i0, min(i0 + tile, C)), slice(j0, min(j0 + tile, C))
+        dev, ratio, ok = _pair_blocks(centred, sq, norms, variances, etf_cos, rows, cols)
+        if i0 == j0:
+            upper = torch.ones_like(ok).triu_(1)
+            dev, ratio, ok = dev[upper], ratio[upper], ok & upper
+        sums += torch.stack(
+            [
+                dev.abs().sum(),
+                dev.sum(),
+                (dev * dev).sum(),
+                torch.tensor(float(dev.numel()), dtype=_F64, device=dev.device),
+                ratio.sum(),
+                ok.sum().to(_F64),
+            ]
+        )
+    return sums
+
+
+def pairwise_metrics(sums: torch.Tensor) -> dict[str, float]:
+    """``equiangular``, ``cos_std``, ``cdnv`` and ``cdnv_pairs_skipped`` from the sums of
+    :func:`pairwise_sums` over all pairs (METRICS.md 1.3, 1.5)."""
+    abs_dev, dev_sum, dev_sq, pairs, cdnv_sum, cdnv_pairs = sums.tolist()
     out = {"equiangular": abs_dev / pairs, "cdnv_pairs_skipped": pairs - cdnv_pairs}
     if pairs > 1:
         out["cos_std"] = math.sqrt(max(dev_sq - dev_sum * dev_sum / pairs, 0.0) / (pairs - 1))
     if cdnv_pairs:
         out["cdnv"] = cdnv_sum / cdnv_pairs
     return out
+
+
+def sampled_pairwise_metrics(
+    centred: torch.Tensor,
+    variances: torch.Tensor,
+    pairs: int,
+    generator: torch.Generator | None = None,
+    chunk: int = 8192,
+) -> dict[str, float]:
+    """Equiangularity, cosine spread and CDNV estimated on random class pairs, with 95%
+    confidence intervals: for a head whose exact readout (``C^2/2`` pairs) is too slow.
+
+    ``pairs`` unordered pairs ``c != c'`` are drawn uniformly with replacement, so each metric's
+    estimate is a mean (``equiangular``, ``cdnv``) or a standard deviation (``cos_std``) of i.i.d.
+    draws from the population of all pairs; the interval is ``estimate +- 1.96 se`` with the
+    sample's standard error (for ``cos_std`` by the delta method on the sample variance:
+    ``se(s) = sqrt((m4 - s^4) / n) / (2 s)``). Cost ``O(pairs * D)``, whatever ``C`` is.
+
+    Args:
+        centred: ``(C, D)`` centred class means, float64; variances: ``(C,)`` ``Var_c``.
+        pairs: pairs to draw, ``>= 2``.
+        generator: for the draw (ranks that draw with equal generators agree).
+        chunk: pairs per block (memory ``2 * chunk * D`` floats).
+
+    Returns:
+        ``equiangular_sampled``, ``cos_std_sampled``, ``cdnv_sampled``, each with
+        ``<key>_ci95`` (the interval's half width), and ``pairs_sampled``.
+
+    Raises:
+        ValueError: ``pairs < 2`` or fewer than two classes.
+
+    Example:
+        >>> import torch
+        >>> from collapse_monitor.functional import sampled_pairwise_metrics
+        >>> etf = torch.eye(4, dtype=torch.float64) - 0.25  # centred means of a simplex ETF
+        >>> got = sampled_pairwise_metrics(etf, torch.ones(4, dtype=torch.float64), 100)
+        >>> round(got["equiangular_sampled"], 12), got["cdnv_sampled"], got["cdnv_sampled_ci95"]
+        (0.0, 0.5, 0.0)
+    """
+    C = centred.shape[0]
+    if pairs < 2 or C < 2:
+        raise ValueError(f"a sampled pairwise readout needs >= 2 pairs of >= 2 classes, got {pairs}, {C}")
+    i = torch.randint(C, (pairs,), generator=generator)
+    j = torch.randint(C - 1, (pairs,), generator=generator)
+    j += j >= i  # uniform over c' != c
+    i, j = i.to(centred.device), j.to(centred.device)
+    sq = (centred * centred).sum(1)
+    norms = sq.sqrt().clamp_min(torch.finfo(_F64).tiny)
+    dev, ratio, ok = [], [], []
+    for s in range(0, pairs, chunk):
+        a, b = i[s : s + chunk], j[s : s + chunk]
+        dot = torch.linalg.vecdot(centred[a], centred[b])
+        dev.append(dot / (norms[a] * norms[b]) + 1.0 / (C - 1))
+        dist2 = sq[a] + sq[b] - 2 * dot
+        good = dist2 > 64 * _EPS * (sq[a] + sq[b])  # as in the exact readout
+        ratio.append((variances[a] + variances[b]) / (2 * torch.where(good, dist2, 1.0)))
+        ok.append(good)
+    dev, ratio, ok = torch.cat(dev), torch.cat(ratio), torch.cat(ok)
+    ratio = ratio[ok]
+    n = float(pairs)
+    out = {"pairs_sampled": n}
+    gap = dev.abs()
+    out["equiangular_sampled"] = gap.mean().item()
+    out["equiangular_sampled_ci95"] = _Z95 * (gap.std() / math.sqrt(n)).item()
+    centred_dev = dev - dev.mean()
+    var = centred_dev.pow(2).sum() / (n - 1)
+    out["cos_std_sampled"] = var.sqrt().item()
+    m4 = centred_dev.pow(4).mean()
+    se = ((m4 - var * var).clamp_min(0.0) / n).sqrt() / (2 * var.sqrt().clamp_min(_EPS))
+    out["cos_std_sampled_ci95"] = _Z95 * se.item()
+    if ratio.numel() > 1:
+        out["cdnv_sampled"] = ratio.mean().item()
+        out["cdnv_sampled_ci95"] = _Z95 * (ratio.std() / math.sqrt(ratio.numel())).item()
+    return out
+
+
+def _combined_pair_sums(centred, variances, tile, share, combine) -> torch.Tensor:
+    """This part's pair sums, combined over the parts. A part that fails still joins the
+    combine (with NaN sums, so every part's metrics are undefined) before raising: one rank's
+    error must not leave the others waiting in the collective."""
+    if combine is None:
+        return pairwise_sums(centred, variances, tile, share)
+    error = None
+    try:
+        sums = pairwise_sums(centred, variances, tile, share)
+    except Exception as exc:  # noqa: BLE001 - re-raised after the collective
+        error = exc
+        sums = torch.full((len(_PAIR_SUMS),), float("nan"), dtype=_F64, device=centred.device)
+    combine(sums)
+    if error is not None:
+        raise error
+    return sums
 
 
 def _coefficient_of_variation(values: torch.Tensor) -> float:
@@ -72,6 +209,10 @@ def metrics_from_class_statistics(
     weight: torch.Tensor | None = None,
     min_class_count: int = 2,
     tile_size: int = 1024,
+    share: tuple[int, int] = (0, 1),
+    combine=None,
+    pair_sample: int | None = None,
+    generator: torch.Generator | None = None,
 ) -> dict[str, float]:
     """NC1-NC3 and CDNV from class statistics.
 
@@ -85,12 +226,20 @@ def metrics_from_class_statistics(
             ``Sigma_W`` pools every class with at least two samples (a singleton has no scatter),
             so with the default of 2 a dropped class's samples are dropped too.
         tile_size: tile for the pairwise metrics (memory ``tile_size^2`` floats).
+        share: ``(rank, world)``: compute only this part of the exact class pairs
+            (:func:`pair_tiles`); ``combine`` must then sum the ``(6,)`` pair sums over the parts
+            in place (an all-reduce), so that each of ``world`` ranks does ``1/world`` of the
+            ``O(C^2 D)`` pairwise work and all get the same metrics.
+        pair_sample: when the used classes have more pairs than this, the pairwise metrics are
+            estimated on ``pair_sample`` random pairs (:func:`sampled_pairwise_metrics`, keys
+            ``*_sampled`` with ``*_sampled_ci95``) instead of computed over all pairs;
+            ``generator`` draws them.
 
     Returns:
         ``classes_used`` always; the other keys only where defined (at least two classes used):
         ``nc1``, ``nc1_rank``, ``nc1_quotient``, ``equinorm_features``, ``equiangular``,
-        ``cos_std``, ``cdnv``, ``cdnv_pairs_skipped``, and with ``weight`` ``equinorm_weights``,
-        ``self_duality``.
+        ``cos_std``, ``cdnv``, ``cdnv_pairs_skipped`` (or their sampled estimates), and with
+        ``weight`` ``equinorm_weights``, ``self_duality``.
     """
     counts = counts.to(means.device)
     used = counts >= max(min_class_count, 1)
@@ -123,7 +272,11 @@ def metrics_from_class_statistics(
         out["nc1_quotient"] = (sigma_w.trace() / trace_b).item()
 
     out["equinorm_features"] = _coefficient_of_variation(centred.norm(dim=1))
-    out.update(_pairwise_class_geometry(centred, class_variances[used].to(_F64), tile_size))
+    variances = class_variances[used].to(_F64)
+    if pair_sample is not None and Cu * (Cu - 1) // 2 > pair_sample:
+        out.update(sampled_pairwise_metrics(centred, variances, pair_sample, generator))
+    else:
+        out.update(pairwise_metrics(_combined_pair_sums(centred, variances, tile_size, share, combine)))
     if weight is not None:
         w = weight.detach().to(device=mu.device, dtype=_F64)[used]
         out["equinorm_weights"] = _coefficient_of_variation(w.norm(dim=1))

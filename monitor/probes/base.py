@@ -89,8 +89,9 @@ class Probe(Component):
     uses_token_mask: ClassVar[bool] = False
     #: default rules, relative to the probe (see :class:`~collapse_monitor.rules.RuleSpec`)
     rules: ClassVar[tuple[RuleSpec, ...]] = ()
-    #: classes of a class-conditional probe: the default cadence warns when a window holds
-    #: fewer than two samples per class
+    #: classes of a class-conditional probe: the default cadence records enough steps for
+    #: about 4 samples per class (from :attr:`rows_per_step`), and warns when a window still
+    #: holds fewer than two samples per class
     classes: int | None = None
 
     def __init__(
@@ -119,7 +120,14 @@ class Probe(Component):
         self.device = torch.device("cpu")
         self.window: Window | None = None
         self.last: Readout | None = None  # the last compute(), identical on every rank
+        # the group of the running compute(): a readout may split its work over the ranks, with
+        # collectives that every rank reaches (its reduced window is the same on every rank)
+        self.readout_group = None
         self.observed_steps = 0  # training steps in which this probe recorded
+        # samples (rows) its calls brought in the last recorded training step: host-known
+        # shapes, so the cadence learns it without a device sync
+        self.rows_per_step: int | None = None
+        self._step_rows = 0
         self.window_steps = 0  # ... in the current window
         self._modules: list[tuple[str, weakref.ref]] = []
         self._hooks = HookSet()
@@ -404,6 +412,7 @@ class Probe(Component):
         """The readout of this window over all ranks; keeps the window. A collective under
         ``torch.distributed``: every rank must call it."""
         self._reduced = reduced = self.window.reduced(group)
+        self.readout_group = group
         out = Readout({self.key("calls"): float(reduced["_calls"]["calls"])})
         for scope in self.scopes:
             part = self.readout(WindowView(reduced, scope))
@@ -428,6 +437,8 @@ class Probe(Component):
         """After a training step in which this probe recorded."""
         self.observed_steps += 1
         self.window_steps += 1
+        if self._step_rows:
+            self.rows_per_step, self._step_rows = self._step_rows, 0
         for scope in self.scopes:
             self.end_step(WindowView(self.window, scope))
 

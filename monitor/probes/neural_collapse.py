@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import _dist
 from .._modules import resolve_modules
 from .._sharding import is_sharded, whole
 from ..contracts import Readout
@@ -47,12 +48,20 @@ class NeuralCollapse(Probe):
         ncc_max_rows: rows per forward call used for the lagged NC4 (the first ones); 0 turns
             NC4 off. Cost per call is ``rows x C x D`` multiply-adds.
         tile_size: tile of the pairwise metrics at log time.
+        pair_sample: when the classes used in a window have more pairs than this, the
+            pairwise metrics (``equiangular``, ``cos_std``, ``cdnv``) are estimated on this many
+            random class pairs, reported as ``*_sampled`` with the half width of a 95% interval
+            ``*_sampled_ci95`` (:func:`~collapse_monitor.functional.sampled_pairwise_metrics`):
+            for heads of ~10^5 classes whose exact readout (``C^2/2`` pairs) is too slow.
+            ``None`` (default): exact.
 
     Accepts features ``(N, D)`` with targets ``(N,)``, or ``(B, T, D)`` with ``(B, T)``.
     Reports ``collapse/<name>/{nc1, nc1_rank, nc1_quotient, equinorm_features,
     equinorm_weights, equiangular, cos_std, self_duality, cdnv, cdnv_pairs_skipped,
-    ncc_mismatch_lagged, classes_used, samples, skipped_nonfinite}``. Rows with NaN/Inf features
-    are excluded and counted. ``ncc_mismatch_lagged`` compares the network's prediction with the
+    ncc_mismatch_lagged, classes_used, samples, skipped_nonfinite}``. Under
+    ``torch.distributed`` each rank computes ``1/world`` of the exact class pairs and the ranks
+    sum them (the readout's ``O(C^2 D)`` time splits; the numbers are those of one process).
+    Rows with NaN/Inf features are excluded and counted. ``ncc_mismatch_lagged`` compares the network's prediction with the
     nearest of the previous window's class means, over rows of the classes that window used
     (so it equals :func:`~collapse_monitor.functional.neural_collapse`'s ``ncc_mismatch`` when
     two windows see the same data); it needs the classifier's weight in the probed forward,
@@ -97,6 +106,7 @@ class NeuralCollapse(Probe):
         min_class_count: int = 2,
         ncc_max_rows: int = 1024,
         tile_size: int = 1024,
+        pair_sample: int | None = None,
         name: str | None = None,
         extract=None,
     ) -> None:
@@ -115,6 +125,9 @@ class NeuralCollapse(Probe):
         self.min_class_count = int(min_class_count)
         self.ncc_max_rows = int(ncc_max_rows) if self.ncc else 0
         self.tile_size = int(tile_size)
+        if pair_sample is not None and int(pair_sample) < 2:
+            raise ValueError(f"pair_sample must be None or >= 2, got {pair_sample}")
+        self.pair_sample = None if pair_sample is None else int(pair_sample)
         self.classifier: nn.Linear | None = None
         # lagged NC4: the classes the last window used, their means and squared norms
         self._lag: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -170,6 +183,8 @@ class NeuralCollapse(Probe):
                 "feature axis last; pool or flatten convolutional maps first, or pass extract=",
             )
         x, y = self.aligned_targets(feats, call, self.target_key, self.target_shift)
+        if not self._recording.snapshot:
+            self._step_rows += x.shape[0]
         logits = self._logits(feats, call)
         counts = window["counts"]
         valid = y != self.ignore_index
@@ -225,6 +240,7 @@ class NeuralCollapse(Probe):
         out = {"classes_used": 0.0}
         if moments.dim:
             weight = None if self.classifier is None else whole(self.classifier.weight)
+            group = self.readout_group
             out = metrics_from_class_statistics(
                 moments.count,
                 moments.means(),
@@ -233,12 +249,23 @@ class NeuralCollapse(Probe):
                 weight,
                 self.min_class_count,
                 self.tile_size,
+                share=(_dist.rank(group), _dist.world_size(group)),
+                combine=lambda sums: _dist.all_reduce_sum_(sums, group),
+                pair_sample=self.pair_sample,
+                generator=self._pair_generator(moments),
             )
         out["samples"] = float(moments.count.sum().item())
         out["skipped_nonfinite"] = float(c["skipped_nonfinite"])
         if c["ncc_total"]:
             out["ncc_mismatch_lagged"] = c["ncc_mismatch"] / c["ncc_total"]
         return Readout({self.key(k): v for k, v in out.items()}, pictures=self._pictures(moments))
+
+    def _pair_generator(self, moments: ClassMoments) -> torch.Generator | None:
+        """The draw of a sampled readout: seeded by the window's (reduced) sample count, so
+        every rank draws the same classes."""
+        if self.pair_sample is None:
+            return None
+        return torch.Generator().manual_seed(int(moments.count.sum()))
 
     def _pictures(self, m: ClassMoments) -> dict[str, Picture]:
         used = m.count >= self.min_class_count

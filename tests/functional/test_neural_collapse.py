@@ -110,3 +110,67 @@ def test_sequence_features_are_flattened():
     flat = F.neural_collapse(x, y, 5)
     seq = F.neural_collapse(x.reshape(6, 10, 4), y.reshape(6, 10), 5)
     assert_metrics_close(seq, flat, rtol=1e-12)
+
+
+def _pair_population(C, D, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    m = torch.randn(C, D, generator=g, dtype=torch.float64)
+    m = m * torch.exp(0.3 * torch.randn(C, 1, generator=g, dtype=torch.float64))  # uneven norms
+    v = torch.exp(torch.randn(C, generator=g, dtype=torch.float64))  # uneven variances
+    return m - m.mean(0), v
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_rank_shares_of_the_pairs_add_up_to_all_pairs_once(world):
+    C = 61
+    m, v = _pair_population(C, 5)
+    whole = F.pairwise_sums(m, v, tile=7)
+    parts = [F.pairwise_sums(m, v, tile=7, share=(r, world)) for r in range(world)]
+    assert whole[3] == C * (C - 1) / 2
+    torch.testing.assert_close(sum(parts), whole, rtol=1e-12, atol=0)
+    # the work splits: no share holds much more than its part of the pairs (+ one tile)
+    assert max(p[3] for p in parts) <= whole[3] / world + 49
+    exact = F.pairwise_metrics(whole)
+    ref = F.neural_collapse(m[torch.arange(C).repeat(2)] , torch.arange(C).repeat(2), C)
+    assert exact["equiangular"] == pytest.approx(ref["equiangular"], rel=1e-12)
+
+
+def test_a_failing_share_joins_the_combine_before_raising():
+    m, v = _pair_population(8, 3)
+    seen = []
+    with pytest.raises(ValueError):
+        F.metrics_from_class_statistics(
+            torch.full((8,), 3), m, torch.eye(3), v, tile_size=0, share=(1, 2),
+            combine=seen.append,
+        )  # fmt: skip
+    assert len(seen) == 1 and torch.isnan(seen[0]).all()
+
+
+def test_sampled_pairs_of_a_simplex_etf_are_exactly_equiangular():
+    M = simplex_etf(30, 40)
+    got = F.sampled_pairwise_metrics(M, torch.ones(30, dtype=torch.float64), 500)
+    assert got["pairs_sampled"] == 500
+    for key in ("equiangular", "cos_std"):
+        assert got[f"{key}_sampled"] < 1e-9 and got[f"{key}_sampled_ci95"] < 1e-9
+    # every pair of an ETF is at the same distance: CDNV is the same for all pairs
+    d2 = (M[0] - M[1]).pow(2).sum().item()
+    assert got["cdnv_sampled"] == pytest.approx(1 / d2, rel=1e-12)
+    assert got["cdnv_sampled_ci95"] < 1e-12
+
+
+def test_sampled_pairs_interval_covers_the_exact_value():
+    m, v = _pair_population(1500, 24)
+    exact = F.pairwise_metrics(F.pairwise_sums(m, v))
+    covered = dict.fromkeys(("equiangular", "cos_std", "cdnv"), 0)
+    for seed in range(40):
+        got = F.sampled_pairwise_metrics(m, v, 3000, torch.Generator().manual_seed(seed))
+        for key in covered:
+            covered[key] += abs(got[f"{key}_sampled"] - exact[key]) <= got[f"{key}_sampled_ci95"]
+    # a 95% interval misses about 2 in 40; 36 is met with probability > 0.95 by a correct one
+    assert all(c >= 36 for c in covered.values()), covered
+
+
+def test_sampled_readout_rejects_too_few_pairs():
+    m, v = _pair_population(5, 2)
+    with pytest.raises(ValueError, match="pairs"):
+        F.sampled_pairwise_metrics(m, v, 1)
