@@ -50,8 +50,9 @@ def sampled_steps_per_window(log_every_n_steps: int) -> int:
 
 
 def class_sample_stride(log_every_n_steps: int, classes: int, rows_per_step: int) -> int:
-    """The default cadence's stride for a class-conditional probe that sees ``rows_per_step``
-    samples per step: one step in ``stride`` is recorded, enough for ``SAMPLES_PER_CLASS``
+    """The default cadence's stride for a class-conditional probe whose window gains
+    ``rows_per_step`` samples per recorded step (over all ranks): one step in ``stride`` is
+    recorded, enough for ``SAMPLES_PER_CLASS``
     expected samples per class in a window, within the budget of ``MAX_RECORDED_FRACTION`` of
     the steps, and never fewer steps than :func:`sampled_steps_per_window`. E.g. 1,000 classes
     at batch 256, ``L = 50``: one step in 3 (17 per window); 10 classes: one in 25 (2)."""
@@ -296,8 +297,9 @@ class CollapseMonitor:
             stride = _sample_stride(L)
         elif probe.rows_per_step is None:
             return True  # its first step tells how many samples a step brings
-        else:
-            stride = class_sample_stride(L, probe.classes, probe.rows_per_step)
+        else:  # every rank records: the window holds world x rows per recorded step
+            rows = probe.rows_per_step * _dist.world_size(self.process_group)
+            stride = class_sample_stride(L, probe.classes, rows)
         return (L - 1 - self.global_step % L) % stride == 0
 
     def step(self, optimizer: torch.optim.Optimizer | None = None) -> dict[str, float] | None:

@@ -418,3 +418,34 @@ def test_mitigations_are_saved_by_name_and_names_are_unique():
     resumed.load_state_dict(state)  # another order: matched by name, not position
     with pytest.raises(KeyError, match=r"no state for mitigations \['other'\]"):
         monitor([mitigations.ReDo(name="other")]).load_state_dict(state)
+
+
+def test_a_resumed_class_cadence_records_the_same_steps():
+    def run(mon, head, steps, g):
+        recorded = []
+        for _ in range(steps):
+            recorded.append(mon.records(mon.probes[0]))
+            y = torch.randint(0, 100, (32,), generator=g)
+            with mon.observe(targets=y):
+                head(torch.randn(32, 8, generator=g))
+            mon.step()
+        return recorded
+
+    head = nn.Linear(8, 100)
+    make = lambda: CollapseMonitor(  # noqa: E731
+        nn.Sequential(head), [probes.NeuralCollapse("0", 100, name="h")], 20
+    )
+    g = torch.Generator().manual_seed(0)
+    whole = make()
+    expected = run(whole, head, 30, g)
+    whole.close()
+    first = make()
+    g = torch.Generator().manual_seed(0)
+    before = run(first, head, 10, g)
+    state = first.state_dict()
+    first.close()
+    resumed = make()
+    resumed.load_state_dict(state)
+    assert before + run(resumed, head, 20, g) == expected
+    assert sum(expected) < 30  # the learned stride skips steps (100 classes, 32 rows: 1 in 2)
+    resumed.close()

@@ -170,11 +170,16 @@ class Probe(Component):
 
     def extra_state(self) -> dict:
         """Probe state that is not a statistic (identical on every rank), for checkpoints."""
-        return {"observed_steps": self.observed_steps, "window_steps": self.window_steps}
+        return {
+            "observed_steps": self.observed_steps,
+            "window_steps": self.window_steps,
+            "rows_per_step": self.rows_per_step,  # a resumed cadence records the same steps
+        }
 
     def load_extra_state(self, state: dict) -> None:
         self.observed_steps = int(state["observed_steps"])
         self.window_steps = int(state["window_steps"])
+        self.rows_per_step = state.get("rows_per_step")
 
     def on_replaced(self, window: WindowView, mask: torch.Tensor) -> None:
         """A mitigation replaced the elements in ``mask`` (codes): forget what was known of them."""

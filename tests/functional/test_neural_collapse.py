@@ -123,16 +123,23 @@ def _pair_population(C, D, seed=1):
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_rank_shares_of_the_pairs_add_up_to_all_pairs_once(world):
     C = 61
-    m, v = _pair_population(C, 5)
+    x, y = clustered(C, 5, 1500, noise=1.0, seed=3)
+    counts = torch.bincount(y, minlength=C)
+    assert counts.min() >= 2
+    means = torch.zeros(C, 5, dtype=torch.float64).index_add_(0, y, x) / counts[:, None]
+    var = torch.zeros(C, dtype=torch.float64).index_add_(0, y, (x - means[y]).pow(2).sum(1))
+    m, v = means - means.mean(0), var / counts
     whole = F.pairwise_sums(m, v, tile=7)
     parts = [F.pairwise_sums(m, v, tile=7, share=(r, world)) for r in range(world)]
     assert whole[3] == C * (C - 1) / 2
     torch.testing.assert_close(sum(parts), whole, rtol=1e-12, atol=0)
     # the work splits: no share holds much more than its part of the pairs (+ one tile)
     assert max(p[3] for p in parts) <= whole[3] / world + 49
-    exact = F.pairwise_metrics(whole)
-    ref = F.neural_collapse(m[torch.arange(C).repeat(2)] , torch.arange(C).repeat(2), C)
-    assert exact["equiangular"] == pytest.approx(ref["equiangular"], rel=1e-12)
+    # the combined shares against the pair-by-pair numpy reference
+    want = nc_reference(x.numpy(), y.numpy(), C)
+    assert_metrics_close(
+        F.pairwise_metrics(sum(parts)), want, rtol=1e-9, keys=["equiangular", "cos_std", "cdnv"]
+    )
 
 
 def test_a_failing_share_joins_the_combine_before_raising():
