@@ -1,5 +1,6 @@
 import multiprocessing
 import os
+import shutil
 import tempfile
 import warnings
 
@@ -7,10 +8,18 @@ import pytest
 import torch
 
 # keep every run's temporary files (inductor caches, spawn files) inside one folder
+_OWN_TMP = "TMPDIR" not in os.environ
 _TMP = os.environ.setdefault("TMPDIR", tempfile.mkdtemp(prefix="collapse-monitor-tests-"))
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(_TMP, "inductor"))
 os.environ.setdefault("MPLBACKEND", "Agg")
 tempfile.tempdir = None  # re-read TMPDIR
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Remove the run's temporary folder after a passing run (a failing run keeps it: the
+    files of a failed test are evidence)."""
+    if _OWN_TMP and exitstatus == 0:
+        shutil.rmtree(_TMP, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

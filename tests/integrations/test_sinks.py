@@ -2,6 +2,8 @@
 
 import json
 import os
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,17 +53,17 @@ def test_json_lines_hold_every_record(tmp_path):
     assert event["name"] == "redo" and event["info"]["count"] == 8
 
 
-def wandb_history(run_dir) -> list[tuple[int, dict]]:
-    """The history rows of an offline W&B run, read from its ``.wandb`` file: a LevelDB-style
-    log (7-byte file header, 32 KiB blocks of records ``<crc u32, length u16, type u8>``) of
-    ``wandb_internal_pb2.Record`` messages."""
+def _wandb_records(path: Path) -> list:
+    """The ``wandb_internal_pb2.Record`` messages of an offline run's ``.wandb`` file: a
+    LevelDB-style log (7-byte file header, 32 KiB blocks of records ``<crc u32, length u16,
+    type u8>``)."""
     import struct
 
     from wandb.proto import wandb_internal_pb2 as pb
 
-    data = next(run_dir.glob("run-*.wandb")).read_bytes()
+    data = path.read_bytes()
     assert data[:4] == b":W&B"
-    pos, block, records, part = 7, 32768, [], b""
+    pos, block, parts, part = 7, 32768, [], b""
     while pos + 7 <= len(data):
         if block - pos % block < 7:  # a block's tail too short for a record header: padding
             pos += block - pos % block
@@ -70,18 +72,37 @@ def wandb_history(run_dir) -> list[tuple[int, dict]]:
         part += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # a full record, or the last part of one
-            records.append(part)
+            parts.append(part)
             part = b""
-    rows = []
-    for raw in records:
+    records = []
+    for raw in parts:
         rec = pb.Record()
         rec.ParseFromString(raw)
-        if rec.WhichOneof("record_type") == "history":
-            items = {
-                i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item
-            }
-            rows.append((rec.history.step.num, items))
-    return rows
+        records.append(rec)
+    return records
+
+
+def wandb_history(run_dir, timeout: float = 60.0) -> list[tuple[int, dict]]:
+    """The history rows of a finished offline W&B run. ``wandb.finish()`` can return before the
+    wandb-core service has written the run's log out, so this waits (up to ``timeout``) for the
+    log's closing ``exit`` record."""
+    path = next(Path(run_dir).glob("run-*.wandb"))
+    deadline = time.monotonic() + timeout
+    while True:
+        records = _wandb_records(path)
+        kinds = [rec.WhichOneof("record_type") for rec in records]
+        if "exit" in kinds or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert "exit" in kinds, f"{path} has no exit record after {timeout} s"
+    return [
+        (
+            rec.history.step.num,
+            {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item},
+        )
+        for rec, kind in zip(records, kinds)
+        if kind == "history"
+    ]
 
 
 def test_wandb_offline_run_holds_the_metrics_and_tables(tmp_path, offline_wandb):
