@@ -52,7 +52,7 @@ def _collective_bytes() -> dict[str, int]:
     return counts
 
 
-def _window(rank: int, world: int, pair_sample: int | None = None):
+def _window(rank: int, world: int, pair_sample: int | None = None, device: str = "cpu"):
     """This rank's share of the rows: class means at random directions, noise around them."""
     model = nn.Sequential(nn.Identity())
     probe = probes.NeuralCollapse("0", C, read="output", name="lm", pair_sample=pair_sample)
@@ -66,8 +66,8 @@ def _window(rank: int, world: int, pair_sample: int | None = None):
     for s in range(0, len(mine), BATCH):
         rows = mine[s : s + BATCH]
         y = labels[rows]
-        with mon.observe(targets=y):
-            model(means[y] + 0.5 * noise[rows])
+        with mon.observe(targets=y.to(device)):
+            model((means[y] + 0.5 * noise[rows]).to(device))
     return mon, probe
 
 
@@ -127,6 +127,34 @@ def _single(pair_sample: int | None = None) -> dict:
         return out
     finally:
         torch.set_num_threads(threads)
+
+
+def gpu_readout(device: str) -> list[str]:
+    """The same window (C = 50,257, D = 768) accumulated and read out on ``device``, against the
+    same readout on this machine's CPU (all its threads): seconds and the largest relative
+    difference of the metrics."""
+    out = []
+    for pair_sample in (None, 131_072):
+        mon, _ = _window(0, 1, pair_sample, device)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        got = mon.compute()
+        torch.cuda.synchronize()
+        took = time.perf_counter() - t
+        mon.close()
+        mon, _ = _window(0, 1, pair_sample)
+        t = time.perf_counter()
+        ref = mon.compute()
+        cpu = time.perf_counter() - t
+        mon.close()
+        mode = "exact" if pair_sample is None else f"pair_sample={pair_sample:,}"
+        out.append(
+            f"- NC readout, C = {C:,}, D = {D}, {mode}: {took:.2f} s on the GPU, {cpu:.1f} s on "
+            f"the CPU ({torch.get_num_threads()} threads); metrics differ by at most "
+            f"{_max_rel(got, ref):.1e} (relative)"
+        )
+        print(out[-1], flush=True)
+    return out
 
 
 def _max_rel(a: dict, b: dict) -> float:

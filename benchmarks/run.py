@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 from models import WORKLOADS, Workload  # benchmarks/models.py, beside this script
-from nc_scale import section_nc_scale
+from nc_scale import gpu_readout, section_nc_scale
 from torch.nn import functional as F
 
 from collapse_monitor import CollapseMonitor, probes
@@ -600,6 +600,7 @@ def section_gpu(quick: bool) -> list[str]:
         )
         print(rows[-1], flush=True)
     where = torch.cuda.get_device_name() if device == "cuda" else f"{device} (dry run)"
+    readout = [] if quick or device != "cuda" else ["", *gpu_readout(device)]
     return [
         title,
         "",
@@ -616,7 +617,7 @@ def section_gpu(quick: bool) -> list[str]:
             "host syncs between logs",
         ],
         rows,
-    )
+    ) + readout
 
 
 SECTIONS = {

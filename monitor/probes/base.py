@@ -409,6 +409,7 @@ class Probe(Component):
         """Place the window on ``device`` (where the value lives), count the call and
         :meth:`update` the window (the module's part of it, for a glob kept per module)."""
         if device is not None:
+            self.device = device  # where the data lives now (the model may have moved)
             self.window.to(device)
         self.window["_calls"].add("calls", 1)
         self.update(WindowView(self.window, self._scope(call.path)), value, call)

@@ -210,6 +210,8 @@ class NeuralCollapse(Probe):
     def _update_ncc(self, counts, x, y, valid, logits) -> None:
         if is_sharded(self.classifier.weight):
             return  # a shard outside its module's forward: gathering it here could hang a rank
+        if self._lag[0].device != x.device:  # built before the model moved (attach, resume)
+            self._lag = tuple(t.to(x.device) for t in self._lag)
         classes, centers, sq, used = self._lag
         k = min(self.ncc_max_rows, x.shape[0])
         # samples of the classes the lagged means cover (ignored rows may hold any label)
