@@ -601,23 +601,27 @@ def section_gpu(quick: bool) -> list[str]:
         print(rows[-1], flush=True)
     where = torch.cuda.get_device_name() if device == "cuda" else f"{device} (dry run)"
     readout = [] if quick or device != "cuda" else ["", *gpu_readout(device)]
-    return [
-        title,
-        "",
-        f"Device: {where}. Ratios as in section 1 (medians of interleaved blocks of one window "
-        "each), timed with CUDA events; host syncs: steps before a log with every probe "
-        'recording, under `set_sync_debug_mode("error")`.',
-        "",
-    ] + table(
+    return (
         [
-            "workload",
-            "unmonitored ms/step",
-            "default cadence",
-            "observe every step",
-            "host syncs between logs",
-        ],
-        rows,
-    ) + readout
+            title,
+            "",
+            f"Device: {where}. Ratios as in section 1 (medians of interleaved blocks of one window "
+            "each), timed with CUDA events; host syncs: steps before a log with every probe "
+            'recording, under `set_sync_debug_mode("error")`.',
+            "",
+        ]
+        + table(
+            [
+                "workload",
+                "unmonitored ms/step",
+                "default cadence",
+                "observe every step",
+                "host syncs between logs",
+            ],
+            rows,
+        )
+        + readout
+    )
 
 
 SECTIONS = {
@@ -650,7 +654,7 @@ def main(argv=None) -> None:
         f"{datetime.date.today().isoformat()}. {gpu}."
     )
     out = Path(__file__).with_name("RESULTS.md")
-    blocks = _read_blocks(out) if args.write and out.exists() else {}
+    blocks = read_results(out) if args.write and out.exists() else {}
     for name in args.only.split(","):
         t = time.perf_counter()
         body = SECTIONS[name](args.quick)
@@ -658,17 +662,23 @@ def main(argv=None) -> None:
         blocks[name] = "\n".join([f"<!-- section: {name} -->", *body, "", took])
         print(blocks[name] + "\n", flush=True)
     if args.write:
-        # sections this script does not make (measurements recorded by hand) are kept, last
-        order = [k for k in SECTIONS if k in blocks] + [k for k in blocks if k not in SECTIONS]
-        text = "\n\n".join(blocks[k] for k in order)
-        out.write_text(
-            "# Benchmark results\n\nProduced by `python benchmarks/run.py --write` (`make bench`); "
-            "`--only memory,compare` reruns those sections and keeps the others. Each section "
-            "ends with the machine it ran on.\n\n" + text + "\n"
-        )
+        write_results(out, blocks)
 
 
-def _read_blocks(path: Path) -> dict[str, str]:
+def write_results(out: Path, blocks: dict[str, str]) -> None:
+    """Write RESULTS.md from its sections; sections this script does not make
+    (benchmarks/detection.py's, measurements recorded by hand) are kept, last."""
+    order = [k for k in SECTIONS if k in blocks] + [k for k in blocks if k not in SECTIONS]
+    text = "\n\n".join(blocks[k] for k in order)
+    out.write_text(
+        "# Benchmark results\n\nProduced by `python benchmarks/run.py --write` (`make bench`); "
+        "`--only memory,compare` reruns those sections and keeps the others; "
+        "`python benchmarks/detection.py --write` writes the detection section. Each section "
+        "ends with the machine it ran on.\n\n" + text + "\n"
+    )
+
+
+def read_results(path: Path) -> dict[str, str]:
     """Sections of an earlier RESULTS.md, by their ``<!-- section: name -->`` markers."""
     parts = path.read_text().split("<!-- section: ")[1:]
     return {p.split(" -->", 1)[0]: ("<!-- section: " + p).rstrip() for p in parts}

@@ -10,6 +10,7 @@ empty directory; 3: no collapse scalars in it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fnmatch
 import json
 import sys
@@ -78,22 +79,16 @@ def health(series: dict[str, list[tuple[int, float]]]) -> list[dict]:
             "rule": None,
         }
         for rule in rules:
-            engine = RuleEngine(
-                [
-                    Rule(
-                        tag,
-                        rule.threshold,
-                        rule.mode,
-                        rule.warmup_steps,
-                        rule.patience,
-                        rule.cooldown,
-                        name=rule.name,
-                    )
-                ]
-            )
+            engine = RuleEngine([dataclasses.replace(rule, metric=tag)])
+            # a rule with requires= reads a sibling metric at the same log
+            sibling = tag.rsplit("/", 1)[0] + "/" + rule.requires[0] if rule.requires else None
+            beside = dict(series.get(sibling, ()))
             fired = []
             for step, value in points:
-                fired += engine.check({tag: value}, step)
+                logged = {tag: value}
+                if step in beside:
+                    logged[sibling] = beside[step]
+                fired += engine.check(logged, step)
             last = points[-1][1]
             holding = last < rule.threshold if rule.mode == "below" else last > rule.threshold
             if fired:

@@ -8,10 +8,17 @@ every log. Modes:
   running maximum since warm-up;
 - ``"rise"``: the value rose by more than ``threshold`` (a fraction) over its running minimum.
 
-The condition must hold on ``patience`` consecutive logs. An alert fires once per episode: the
-condition must clear before the same key can fire again (``repeat=True`` re-fires every
-``patience`` logs while it holds). After an alert the rule is silent for ``cooldown`` steps.
-``warmup_steps`` ignores early logs entirely (running extrema included).
+The condition must hold on ``patience`` consecutive logs, except that a value past ``severe``
+(a second, further bound of a ``below``/``above`` rule) fires at once. An alert fires once per
+episode: the condition must clear before the same key can fire again (``repeat=True`` re-fires
+every ``patience`` logs while it holds). After an alert the rule is silent for ``cooldown`` steps.
+``warmup_steps`` ignores early logs entirely (running extrema included). ``arm=True`` is for a
+metric that starts at its "collapsed" end (every head attends uniformly at initialisation): the
+rule is armed by two consecutive logs where the condition does not hold (a stable healthy value;
+or, with ``warmup_steps``, by the end of the warm-up), and stays silent before it.
+``requires=("negative_mass", "above", 0.1)`` evaluates the rule only at logs where that sibling
+metric (the same key with its last part replaced) meets its own condition: a criterion defined
+for some inputs (SimSiam's ``norm_std`` for signed features) says nothing on others.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from dataclasses import dataclass, field
 from .keys import ROOT, key_pattern
 
 _MODES = ("below", "above", "drop", "rise")
+_ARMING_LOGS = 2  # consecutive logs without the condition that arm an arm=True rule
 
 
 @dataclass(frozen=True)
@@ -59,6 +67,11 @@ class Rule:
         action: ``None`` or ``"stop"`` (ask the training loop to stop: ``monitor.should_stop``).
         name: alert name, used in ``collapse/alerts/<name>``; derived from metric and mode.
         message: extra text appended to the alert message (what to do).
+        severe: a ``below``/``above`` rule's bound beyond ``threshold`` where one log suffices.
+        arm: stay silent until two logs in a row without the condition, or until
+            ``warmup_steps`` have passed when it is set (see the module doc).
+        requires: ``(sibling metric, mode, threshold)``, a ``below``/``above`` condition on the
+            sibling key that must hold for this rule to be evaluated at a log.
     """
 
     metric: str
@@ -71,6 +84,9 @@ class Rule:
     action: str | None = None
     name: str | None = None
     message: str = ""
+    severe: float | None = None
+    arm: bool = False
+    requires: tuple[str, str, float] | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in _MODES:
@@ -86,6 +102,16 @@ class Rule:
             raise ValueError(
                 f"a '{self.mode}' rule needs a positive fraction, got {self.threshold}"
             )
+        if self.severe is not None and not (
+            (self.mode == "below" and self.severe < self.threshold)
+            or (self.mode == "above" and self.severe > self.threshold)
+        ):
+            raise ValueError(
+                f"severe={self.severe} must lie beyond threshold={self.threshold} of a "
+                f"'below' or 'above' rule (mode {self.mode!r})"
+            )
+        if self.requires is not None and self.requires[1] not in ("below", "above"):
+            raise ValueError(f"requires needs a 'below' or 'above' mode, got {self.requires}")
         if self.name is None:
             root = f"{ROOT}/"
             base = self.metric[len(root) :] if self.metric.startswith(root) else self.metric
@@ -117,6 +143,9 @@ class RuleSpec:
     warmup_steps: int = 0
     cooldown: int = 0
     message: str = ""
+    severe: float | None = None
+    arm: bool = False
+    requires: tuple[str, str, float] | None = None
 
     def _rule(self, probe_pattern: str, probe_name: str, per_module: bool) -> Rule:
         return Rule(
@@ -128,6 +157,9 @@ class RuleSpec:
             cooldown=self.cooldown,
             name=f"{probe_name}/{self.name}",
             message=self.message,
+            severe=self.severe,
+            arm=self.arm,
+            requires=self.requires,
         )
 
     def bind(self, probe: str, per_module: bool = False) -> Rule:
@@ -146,6 +178,7 @@ class _KeyState:
     last_alert: int | None = None
     extreme: float | None = None
     latched: bool = False  # fired in the current episode
+    armed: bool = False  # two logs in a row without the condition were seen (arm=True)
 
 
 @dataclass
@@ -176,20 +209,30 @@ class RuleEngine:
     def check(self, metrics: dict[str, float], step: int) -> list[Alert]:
         alerts = []
         for rule in self.rules:
-            if step <= rule.warmup_steps:
+            warming = step <= rule.warmup_steps
+            if warming and not rule.arm:
                 continue
             for key in sorted(k for k in metrics if rule.matches(k)):
                 value = float(metrics[key])
                 if math.isnan(value):
                     continue
+                if rule.requires is not None and not _required(rule.requires, key, metrics):
+                    continue
                 st = self._state[rule.name].setdefault(key, _KeyState())
                 if self._holds(rule, st, value):
-                    st.consecutive += 1
+                    st.consecutive = max(st.consecutive, 0) + 1
                 else:
-                    st.consecutive = 0
+                    st.consecutive = min(st.consecutive, 0) - 1  # negative: healthy logs
                     st.latched = False
+                    # armed by a stable healthy value: two logs in a row without the condition
+                    st.armed = st.armed or st.consecutive <= -_ARMING_LOGS
+                if rule.arm and not (st.armed or (rule.warmup_steps and not warming)):
+                    st.consecutive = min(st.consecutive, 0)
+                    continue
                 cooling = st.last_alert is not None and step - st.last_alert <= rule.cooldown
-                if st.consecutive >= rule.patience and not cooling and not st.latched:
+                severe = rule.severe is not None and _past(rule.mode, value, rule.severe)
+                due = st.consecutive >= rule.patience or (severe and st.consecutive > 0)
+                if due and not cooling and not st.latched:
                     st.consecutive = 0
                     st.last_alert = step
                     st.latched = not rule.repeat
@@ -199,10 +242,8 @@ class RuleEngine:
 
     @staticmethod
     def _holds(rule: Rule, st: _KeyState, value: float) -> bool:
-        if rule.mode == "below":
-            return value < rule.threshold
-        if rule.mode == "above":
-            return value > rule.threshold
+        if rule.mode in ("below", "above"):
+            return _past(rule.mode, value, rule.threshold)
         if st.extreme is None:
             st.extreme = value
             return False
@@ -221,7 +262,9 @@ class RuleEngine:
             ref = "running max" if rule.mode == "drop" else "running min"
             what = f"{value:.6g} {word} by more than {rule.threshold:.0%} from its {ref} {st.extreme:.6g}"
         msg = f"[{rule.name}] step {step}: {key} = {what}"
-        if rule.patience > 1:
+        if rule.severe is not None and _past(rule.mode, value, rule.severe):
+            msg += f" (past the severe bound {rule.severe:.6g})"
+        elif rule.patience > 1:
             msg += f" for {rule.patience} consecutive logs"
         if rule.message:
             msg += f". {rule.message}"
@@ -232,7 +275,8 @@ class RuleEngine:
             "counts": dict(self.counts),
             "keys": {
                 name: {
-                    k: (s.consecutive, s.last_alert, s.extreme, s.latched) for k, s in keys.items()
+                    k: (s.consecutive, s.last_alert, s.extreme, s.latched, s.armed)
+                    for k, s in keys.items()
                 }
                 for name, keys in self._state.items()
             },
@@ -243,3 +287,14 @@ class RuleEngine:
             self.counts[name] = int(state["counts"].get(name, 0))
             keys = state["keys"].get(name, {})
             self._state[name] = {k: _KeyState(*v) for k, v in keys.items()}
+
+
+def _past(mode: str, value: float, bound: float) -> bool:
+    return value < bound if mode == "below" else value > bound
+
+
+def _required(requires: tuple[str, str, float], key: str, metrics: dict[str, float]) -> bool:
+    """The sibling condition of ``key`` (a missing or NaN sibling: not met)."""
+    metric, mode, bound = requires
+    value = metrics.get(key.rsplit("/", 1)[0] + "/" + metric)
+    return value is not None and not math.isnan(value) and _past(mode, float(value), bound)

@@ -361,6 +361,42 @@ def test_sigma_reparam_mid_training_keeps_ddp_replicas_identical(tmp_path):
         assert torch.equal(s0[key], s1[key]), key
 
 
+def simvq_worker(rank, init, out_dir):
+    from torch.nn.parallel import DistributedDataParallel
+
+    from tests.test_simvq import AutoEncoder, rule_monitor
+
+    with process_group(rank, init):
+        torch.manual_seed(0)
+        model = AutoEncoder()
+        ddp = DistributedDataParallel(model)
+        opt = torch.optim.Adam(ddp.parameters(), lr=1e-2)
+        mon = rule_monitor(model)  # applied at the log of step 2, after wrapping
+        g = torch.Generator().manual_seed(rank)
+        for _ in range(5):
+            x = torch.randn(4 + rank, 8, generator=g)  # different data per rank
+            with mon.observe():
+                recon, commit = ddp(x)
+            ((recon - x).pow(2).mean() + commit).backward()
+            opt.step()
+            opt.zero_grad()
+            mon.step(optimizer=opt)
+        torch.save(
+            {k: v.clone() for k, v in model.state_dict().items()},
+            os.path.join(out_dir, f"simvq{rank}.pt"),
+        )
+        del ddp
+
+
+def test_simvq_mid_training_keeps_ddp_replicas_identical(tmp_path):
+    s0, s1 = run_two(simvq_worker, tmp_path, "simvq")
+    w = "vq.codebook.parametrizations.weight.0.weight"
+    assert w in s0 and not torch.equal(s0[w], torch.eye(4))  # applied, then trained
+    assert s0.keys() == s1.keys()
+    for key in s0:
+        assert torch.equal(s0[key], s1[key]), key
+
+
 def health_worker(rank, init, out_dir):
     from collapse_monitor import mitigations
     from tests.probes.test_logit_probes import dead_mlp

@@ -33,7 +33,7 @@ def test_neural_collapse_example_reaches_the_terminal_phase(tmp_path):
     assert (tmp_path / "neural_collapse.png").stat().st_size > 10_000
 
 
-def test_vq_example_collapses_without_reset_and_not_with_it(tmp_path):
+def test_vq_example_collapses_without_a_fix_and_not_with_resets_or_simvq(tmp_path):
     runs = load_example("vq_dead_codes").main(["--out", str(tmp_path), *FAST])
     plain, reset = runs["monitored only"], runs["with ResetDeadCodes"]
     assert plain["usage"] < 0.3 and plain["resets"] == 0
@@ -42,6 +42,11 @@ def test_vq_example_collapses_without_reset_and_not_with_it(tmp_path):
     late = [m["collapse/vq/usage"] for _, m, _ in reset["history"][len(reset["history"]) // 2 :]]
     assert min(late) > 0.9
     assert reset["test_mse"] <= plain["test_mse"]
+    # SimVQ on SimVQ's Gaussian basis: usage high without a single reset, above the same
+    # codebook trained plainly
+    gauss, simvq = runs["Gaussian codebook"], runs["Gaussian codebook, SimVQ"]
+    assert simvq["resets"] == 0 and simvq["usage"] > 0.9 > gauss["usage"] + 0.1
+    assert simvq["test_mse"] <= gauss["test_mse"]
     assert (tmp_path / "vq_dead_codes.png").stat().st_size > 10_000
 
 

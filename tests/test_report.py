@@ -20,8 +20,8 @@ def write_run(log_dir, collapse: bool):
         sinks=[TensorBoardSink(log_dir)],
         observe_every_n_steps=1,
     )
-    for step in range(8):
-        idx = torch.zeros(64, dtype=torch.long) if collapse and step >= 2 else torch.arange(64) % 16
+    for step in range(108):  # past the codebook rules' warm-up (100 steps)
+        idx = torch.zeros(64, dtype=torch.long) if collapse and step >= 98 else torch.arange(64) % 16
         with mon.observe():
             q.vq(torch.zeros(64, 1), idx)
         mon.step()
@@ -48,7 +48,8 @@ def test_report_first_alert_step_replays_the_training_rule(tmp_path, capsys):
     main(["report", str(tmp_path), "--json"])
     (run,) = json.loads(capsys.readouterr().out)["runs"].values()
     usage = next(r for r in run["rows"] if r["metric"] == "usage")
-    assert usage["first_alert"] == 6  # usage below 0.5 on 2 consecutive logs (steps 4 and 6)
+    # usage 1/16 from step 99: past the severe bound, the first log after the warm-up fires
+    assert usage["first_alert"] == 102
 
 
 def test_report_errors_are_clear(tmp_path, capsys):

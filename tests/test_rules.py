@@ -88,3 +88,38 @@ def test_invalid_rules_are_rejected():
         RuleEngine([Rule("x", 1), Rule("x", 2)])
     with pytest.raises(ValueError, match="positive fraction"):
         Rule("x", 0, "drop")
+
+
+def test_a_value_past_the_severe_bound_fires_at_once_one_near_the_threshold_waits():
+    rule = Rule("collapse/p/m", 0.5, "below", patience=2, severe=0.1)
+    assert run(rule, [1, 0.05])[0] == [(20, 0.05)]  # far past: one log suffices
+    assert run(rule, [1, 0.4, 0.3])[0] == [(30, 0.3)]  # near: patience
+    with pytest.raises(ValueError, match="severe"):
+        Rule("collapse/p/m", 0.5, "below", severe=0.6)
+
+
+def test_an_armed_rule_waits_for_a_stable_healthy_value():
+    # starts at its collapsed end (uniform attention at initialisation): silent until two
+    # healthy logs in a row, then it fires on the return of the condition
+    rule = Rule("collapse/p/m", 0.5, "above", arm=True)
+    assert run(rule, [1.0, 1.0, 0.2, 1.0, 0.2, 0.1, 0.9])[0] == [(70, 0.9)]
+    # armed by the end of the warm-up when the metric never was healthy
+    rule = Rule("collapse/p/m", 0.5, "above", arm=True, warmup_steps=30)
+    assert run(rule, [1.0, 1.0, 1.0, 1.0])[0] == [(40, 1.0)]
+
+
+def test_an_armed_rule_resumes_armed():
+    rule = Rule("collapse/p/m", 0.5, "above", arm=True)
+    _, eng = run(rule, [0.1, 0.1])
+    again = RuleEngine([rule])
+    again.load_state_dict(eng.state_dict())
+    assert [a.step for a in again.check({"collapse/p/m": 0.9}, 30)] == [30]
+
+
+def test_a_rule_with_requires_is_evaluated_only_where_its_sibling_condition_holds():
+    rule = Rule("collapse/*/norm_std", 0.5, "below", requires=("negative_mass", "above", 0.1))
+    eng = RuleEngine([rule])
+    relu = {"collapse/a/norm_std": 0.2, "collapse/a/negative_mass": 0.0}
+    signed = {"collapse/b/norm_std": 0.2, "collapse/b/negative_mass": 0.4}
+    assert [a.metric for a in eng.check({**relu, **signed}, 10)] == ["collapse/b/norm_std"]
+    assert eng.check({"collapse/c/norm_std": 0.2}, 20) == []  # no sibling: not evaluated

@@ -123,8 +123,11 @@ def mean_and_covariance(embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.T
 def representation_rank(embeddings: torch.Tensor, reference: torch.Tensor | None = None) -> dict:
     """Dimensional-collapse metrics of a whole set of embeddings ``(N, D)`` (or ``(..., D)``).
 
-    Returns ``erank``, ``rankme``, ``norm_std`` and ``eigenvalues``; with ``reference``
-    embeddings also ``variance_ratio`` (``tr Σ / tr Σ_ref``) and ``frechet_distance``.
+    Returns ``erank``, ``rankme``, ``norm_std`` and ``eigenvalues``; ``negative_mass``, the
+    mean share of ``||z||^2`` in negative coordinates (0 for non-negative features such as
+    ReLU outputs, ~0.5 for centred ones: where SimSiam's ``norm_std`` criterion, defined for
+    projector outputs, applies); with ``reference`` embeddings also ``variance_ratio``
+    (``tr Σ / tr Σ_ref``) and ``frechet_distance``.
     """
     z = _flatten(embeddings, "embeddings")
     n = z.shape[0]
@@ -137,6 +140,7 @@ def representation_rank(embeddings: torch.Tensor, reference: torch.Tensor | None
         "erank": effective_rank(eig),
         "rankme": rankme(sigma),
         "norm_std": u.std(0, unbiased=False).mean().item() * math.sqrt(z.shape[1]),
+        "negative_mass": u.clamp_max(0).pow(2).sum(1).mean().item(),
         "eigenvalues": eig,
     }
     if reference is not None:

@@ -4,6 +4,7 @@ from .base import Mitigation
 from .redo import ReDo
 from .reset_dead_codes import ResetDeadCodes
 from .sigma_reparam import SigmaReparam, SigmaReparametrization, sigma_reparam
+from .simvq import SimVQ, SimVQParametrization, simvq
 
 __all__ = [
     "Mitigation",
@@ -12,4 +13,7 @@ __all__ = [
     "SigmaReparam",
     "SigmaReparametrization",
     "sigma_reparam",
+    "SimVQ",
+    "SimVQParametrization",
+    "simvq",
 ]

@@ -23,6 +23,52 @@ log = logging.getLogger(__name__)
 _CODEBOOK_NAMES = ("embed", "codebook", "embedding", "embeddings", "weight")
 
 
+def find_codebook(
+    mod: nn.Module, name: str | None, num_codes: int | None, owner: str, path: str
+) -> tuple[str, torch.Tensor]:
+    """The codebook of the quantiser ``mod`` (at ``path``), as ``(name relative to mod,
+    tensor)``: ``name`` (an ``nn.Embedding`` submodule, a parameter or a buffer); by default the
+    only ``nn.Embedding`` inside, else the one parameter or buffer named
+    ``embed``/``codebook``/``embedding``/``embeddings`` (or ``weight``, when ``num_codes``
+    is given) shaped ``(K, D)`` or ``(H, K, D)`` with ``K = num_codes``."""
+    tensors = {}
+    for n, t in [*mod.named_parameters(), *mod.named_buffers()]:
+        head, sep, tail = n.partition("parametrizations.")
+        if not sep:
+            tensors[n] = t
+        elif tail.endswith(".original"):  # a parametrized tensor, under its own name
+            tensors[head + tail.removesuffix(".original")] = t
+    if name is not None:
+        subs = dict(mod.named_modules())
+        if name in subs and isinstance(subs[name], nn.Embedding):
+            return name + ".weight", subs[name].weight
+        if name in tensors:
+            return name, tensors[name]
+        raise KeyError(
+            f"{owner}: no nn.Embedding, parameter or buffer '{name}' in '{path}'; it has "
+            f"{sorted(tensors)}"
+        )
+    embeddings = [(n, m) for n, m in mod.named_modules() if isinstance(m, nn.Embedding)]
+    if len(embeddings) == 1:
+        sub, emb = embeddings[0]
+        return (sub + "." if sub else "") + "weight", emb.weight
+    shaped = [
+        n
+        for n, t in tensors.items()
+        if t.ndim in (2, 3) and (num_codes is None or t.shape[-2] == num_codes)
+    ]
+    # a plain "weight" only when the code count tells it from a projection's
+    for wanted in _CODEBOOK_NAMES if num_codes is not None else _CODEBOOK_NAMES[:-1]:
+        named = [n for n in shaped if n.rsplit(".", 1)[-1] == wanted]
+        if len(named) == 1:
+            return named[0], tensors[named[0]]
+    K = "K" if num_codes is None else num_codes
+    raise ValueError(
+        f"{owner}: cannot tell which tensor of '{path}' is the codebook (candidates shaped "
+        f"(..., {K}, D): {shaped}); pass codebook='<name>'"
+    )
+
+
 class ResetDeadCodes(Mitigation):
     """Replace dead codes with encoder outputs of the current batch, identically on every rank.
 
@@ -122,7 +168,9 @@ class ResetDeadCodes(Mitigation):
         probe = self._find_probe(setup.probes)
         self.probe, self.num_codes, self.heads = probe.name, probe.num_codes, probe.heads
         self.scope = None if probe.scopes == [None] else layer_name(self.path)
-        self.codebook_path, codebook = self._find_codebook(mod)
+        self.codebook_path, codebook = find_codebook(
+            mod, self.codebook_name, self.num_codes, f"{self!r}", self.path
+        )
         K, heads = self.num_codes, self.heads
         shape = tuple(codebook.shape)
         if not (len(shape) == 2 and shape[0] == K and heads == 1) and not (
@@ -175,38 +223,6 @@ class ResetDeadCodes(Mitigation):
         their tensors as attributes, not as parameters)."""
         owner, _, leaf = path.rpartition(".")
         return getattr(self._quantizer.get_submodule(owner) if owner else self._quantizer, leaf)
-
-    def _tensors(self, mod: nn.Module) -> dict[str, torch.Tensor]:
-        tensors = dict(mod.named_parameters())
-        tensors.update(mod.named_buffers())
-        return tensors
-
-    def _find_codebook(self, mod: nn.Module) -> tuple[str, torch.Tensor]:
-        tensors = self._tensors(mod)
-        if self.codebook_name is not None:
-            subs = dict(mod.named_modules())
-            if self.codebook_name in subs and isinstance(subs[self.codebook_name], nn.Embedding):
-                return self.codebook_name + ".weight", subs[self.codebook_name].weight
-            if self.codebook_name in tensors:
-                return self.codebook_name, tensors[self.codebook_name]
-            raise KeyError(
-                f"{self!r}: no nn.Embedding, parameter or buffer '{self.codebook_name}' in "
-                f"'{self.path}'; it has {sorted(tensors)}"
-            )
-        embeddings = [(n, m) for n, m in mod.named_modules() if isinstance(m, nn.Embedding)]
-        if len(embeddings) == 1:
-            name, emb = embeddings[0]
-            return (name + "." if name else "") + "weight", emb.weight
-        K = self.num_codes
-        shaped = [n for n, t in tensors.items() if t.ndim in (2, 3) and t.shape[-2] == K]
-        for wanted in _CODEBOOK_NAMES:
-            named = [n for n in shaped if n.rsplit(".", 1)[-1] == wanted]
-            if len(named) == 1:
-                return named[0], tensors[named[0]]
-        raise ValueError(
-            f"{self!r}: cannot tell which tensor of '{self.path}' is the codebook "
-            f"(candidates shaped (..., {K}, D): {shaped}); pass codebook='<name>'"
-        )
 
     def _find_ema_buffers(self, mod: nn.Module) -> tuple[str, str] | None:
         buffers = dict(mod.named_buffers())

@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import fnmatch
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrize
 
-from .. import _dist
-from .._modules import named_modules, resolve_modules
-from .._sharding import fsdp_roots, is_fsdp_flattened, is_sharded
-from ..contracts import Event
-from ..hooks import Hook
-from ..keys import MetricKey
-from .base import Mitigation
+from .._modules import named_modules
+from .reparametrize import Reparametrization, register
 
 
 class SigmaReparametrization(nn.Module):
@@ -89,29 +82,7 @@ def sigma_reparam(module: nn.Module, name: str = "weight") -> nn.Module:
             f"sigma_reparam needs a 2-D weight matrix: {type(module).__name__}.{name} is "
             f"{type(weight).__name__}{shape}; pass name= for the module's projection matrix"
         )
-    if parametrize.is_parametrized(module, name):
-        raise ValueError(f"{type(module).__name__}.{name} is already parametrized")
-    with _no_self_set():
-        parametrize.register_parametrization(module, name, SigmaReparametrization(weight))
-    return module
-
-
-@contextmanager
-def _no_self_set():
-    """``register_parametrization`` calls ``weight.set_(weight)`` (a no-op on the data) when the
-    parametrization has no ``right_inverse``; that replaces the weight's gradient accumulator, so a
-    ``DistributedDataParallel`` wrapper built earlier stops seeing its gradients. Skip the self-set."""
-    original = parametrize._maybe_set
-
-    def maybe_set(dest, src):
-        if dest is not src:
-            original(dest, src)
-
-    parametrize._maybe_set = maybe_set
-    try:
-        yield
-    finally:
-        parametrize._maybe_set = original
+    return register(module, name, SigmaReparametrization(weight))
 
 
 def is_projection(module: nn.Module) -> bool:
@@ -144,7 +115,7 @@ def _attention_weights(
     return out
 
 
-class SigmaReparam(Mitigation):
+class SigmaReparam(Reparametrization):
     """Apply σReparam to the attention projections of selected layers, at start or by a rule.
 
     Args:
@@ -173,6 +144,8 @@ class SigmaReparam(Mitigation):
     """
 
     kind = "sigma_reparam"
+    what = "σReparam"
+    function = "collapse_monitor.mitigations.sigma_reparam"
 
     def __init__(
         self,
@@ -183,180 +156,30 @@ class SigmaReparam(Mitigation):
         optimizer: torch.optim.Optimizer | None = None,
         name: str | None = None,
     ) -> None:
-        super().__init__(name)
-        if when not in ("start", "rule"):
-            raise ValueError(f"when must be 'start' or 'rule', got {when!r}")
-        self.module = module
-        self.when = when
-        self.rule = rule
         self.all_linear = all_linear
-        self.optimizer = optimizer
-        self.applied: list[str] = []  # "<module path>:<parameter name>", in application order
-        self.param_order: list[str] | None = None  # model.named_parameters() before any change
-        self.announced = False  # the application at start is logged as an event at the first log
-        self._pending: list[tuple[nn.Parameter, nn.Parameter]] = []  # (gamma, original weight)
+        super().__init__(module, when, rule, optimizer, name)
 
-    def __repr__(self) -> str:
-        return f"SigmaReparam(module={self.module!r}, when={self.when!r}, name={self.name!r})"
+    def weights(self, root_path: str, root: nn.Module) -> list[tuple[str, nn.Module, str]]:
+        return _attention_weights(root_path, root, self.all_linear)
 
-    def attach(self, setup) -> None:
-        super().attach(setup)
-        self.model, self.process_group = setup.model, setup.process_group
-        self.targets = resolve_modules(self.model, self.module, owner=repr(self))
-        if not any(_attention_weights(p, m, self.all_linear) for p, m in self.targets):
+    def no_weights(self) -> str:
+        return (
+            f"{self!r}: no attention projection (nn.Linear or transformers Conv1D under an "
+            f"'*attn*' path, nn.MultiheadAttention) in {[p for p, _ in self.targets]}; select "
+            "the attention modules or pass all_linear=True"
+        )
+
+    def default_rule(self, setup) -> str:
+        from ..probes.attention import AttentionEntropy
+
+        names = [p.name for p in setup.probes.values() if isinstance(p, AttentionEntropy)]
+        if len(names) != 1:
             raise ValueError(
-                f"{self!r}: no attention projection (nn.Linear or transformers Conv1D under an "
-                f"'*attn*' path, nn.MultiheadAttention) in {[p for p, _ in self.targets]}; select "
-                "the attention modules or pass all_linear=True"
+                f"{self!r}: pass rule=; the monitor has AttentionEntropy probes {names}"
             )
-        if self.when == "rule" and self.rule is None:
-            from ..probes.attention import AttentionEntropy
+        (spec,) = (s for s in AttentionEntropy.rules if s.name == "entropy_collapse")
+        return spec.bind(names[0]).name
 
-            names = [p.name for p in setup.probes.values() if isinstance(p, AttentionEntropy)]
-            if len(names) != 1:
-                raise ValueError(
-                    f"{self!r}: pass rule=; the monitor has AttentionEntropy probes {names}"
-                )
-            (spec,) = (s for s in AttentionEntropy.rules if s.name == "entropy_collapse")
-            self.rule = spec.bind(names[0]).name
-        if self.when == "start":
-            self._apply_to(self.targets, sync_grads=False)
-
-    def _apply_to(self, roots, sync_grads: bool) -> list[str]:
-        """Apply to the projections under ``roots``; the entries read back as parametrized."""
-        found = [
-            w
-            for root_path, root in roots
-            for w in _attention_weights(root_path, root, self.all_linear)
-        ]
-        done = [
-            f"{path}:{pname}"
-            for path, mod, pname in found
-            if self._apply_one(path, mod, pname, sync_grads)
-            and parametrize.is_parametrized(mod, pname)
-        ]
-        self._register(self.optimizer)
-        return done
-
-    def _apply_one(self, path: str, mod: nn.Module, pname: str, sync_grads: bool) -> bool:
-        if parametrize.is_parametrized(mod, pname):
-            return False
-        weight = getattr(mod, pname, None)
-        if is_sharded(weight) or is_fsdp_flattened(weight) or fsdp_roots(self.model):
-            raise RuntimeError(
-                f"{self!r}: '{path}' is already sharded by FSDP, which cannot take the new "
-                "gamma parameter; apply σReparam before sharding: under FSDP2 build the monitor "
-                "(when='start') before fully_shard; under FullyShardedDataParallel call "
-                "collapse_monitor.mitigations.sigma_reparam(module) on the projections before "
-                "wrapping"
-            )
-        if self.param_order is None:
-            self.param_order = [n for n, _ in self.model.named_parameters()]
-        sigma_reparam(mod, pname)
-        gamma = getattr(mod.parametrizations, pname)[0].gamma
-        group = self.process_group
-        if sync_grads and _dist.is_distributed(group):
-            # a DDP wrapper built before this parameter existed does not average its gradient;
-            # the hook stays with the parametrization (it is part of the mitigation)
-            world = _dist.world_size(group)
-            gamma.register_hook(Hook(lambda g: _dist.all_reduce_sum_(g.clone(), group) / world))
-        self._pending.append((gamma, getattr(mod.parametrizations, pname).original))
-        self.applied.append(f"{path}:{pname}")
-        return True
-
-    def _register(self, optimizer) -> None:
-        if optimizer is None or not self._pending:
-            return
-        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        for gamma, weight in self._pending:
-            if id(gamma) in held:
-                continue
-            group = next(
-                (g for g in optimizer.param_groups if any(p is weight for p in g["params"])), None
-            )
-            options = {k: v for k, v in (group or optimizer.defaults).items() if k != "params"}
-            optimizer.add_param_group({"params": [gamma], **options})
-        self._pending.clear()
-
-    def after_log(self, view) -> list[Event]:
-        self.optimizer = view.optimizer or self.optimizer
-        events = []
-        if self.when == "start" and self.applied and not self.announced:
-            self.announced = True
-            info = {"layers": list(self.applied), "when": "start"}
-            events.append(Event(self.name, info, count=len(self.applied)))
-        if self.when == "rule":
-            layers = {MetricKey.parse(a.metric).layer for a in view.alerts if a.rule == self.rule}
-            modules = named_modules(self.model)
-            chosen = [
-                (q, modules[q])
-                for q in sorted(layer for layer in layers if layer is not None)
-                if q in modules and any(q == p or q.startswith(p + ".") for p, _ in self.targets)
-            ]
-            done = self._apply_to(chosen, sync_grads=True) if chosen else []
-            if done:
-                info = {"layers": done, "when": f"rule {self.rule}"}
-                events.append(Event(self.name, info, count=len(done)))
-        self._register(self.optimizer)
-        return events
-
-    def state_dict(self) -> dict:
-        return {
-            "applied": list(self.applied),
-            "param_order": self.param_order,
-            "announced": self.announced,
-        }
-
-    def adopt_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        """Give a freshly built optimizer the param groups of the original run: rule-applied
-        ``gamma`` parameters in groups of their own, in application order (a resumed run's
-        ``configure_optimizers`` sees them among the model's parameters)."""
-        if self.when != "rule" or not self.applied:
-            return
-        modules = named_modules(self.model)
-        gammas = []
-        for entry in self.applied:
-            path, pname = entry.rsplit(":", 1)
-            plist = getattr(modules[path].parametrizations, pname)
-            gammas.append((plist[0].gamma, plist.original))
-        ids = {id(g) for g, _ in gammas}
-        # parametrize moved each weight after its module's other parameters: put every group
-        # back in the order the original run's optimizer had (its state is matched by position)
-        rank = {n: i for i, n in enumerate(self.param_order or [])}
-        position = {
-            id(p): rank.get(
-                n.replace(".parametrizations.", ".").removesuffix(".original"), len(rank)
-            )
-            for n, p in self.model.named_parameters()
-        }
-        for group in optimizer.param_groups:
-            kept = [p for p in group["params"] if id(p) not in ids]
-            group["params"] = sorted(kept, key=lambda p: position.get(id(p), len(rank)))
-        self._pending = gammas
-        self._register(optimizer)
-
-    def on_step(self, optimizer) -> None:
-        if optimizer is not None:
-            self.optimizer = optimizer
-            self._register(optimizer)
-
-    def restore_structure(self, state: dict) -> None:
-        """Re-apply σReparam to the layers a checkpoint recorded, in the original order (so the
-        optimizer's param groups match)."""
-        modules = named_modules(self.model)
-        self.param_order = state.get("param_order") or self.param_order
-        self.announced = bool(state.get("announced", self.announced))
-        self.applied = []
-        for entry in state.get("applied", []):
-            path, pname = entry.rsplit(":", 1)
-            if path not in modules:
-                raise KeyError(
-                    f"{self!r}: checkpoint applied σReparam to '{path}', which no longer exists"
-                )
-            if not self._apply_one(path, modules[path], pname, sync_grads=self.when == "rule"):
-                self.applied.append(entry)
-
-    def load_state_dict(self, state: dict, optimizer=None) -> None:
-        self.optimizer = optimizer or self.optimizer
-        self.restore_structure(state)
-        self._register(self.optimizer)
+    def apply(self, module: nn.Module, name: str) -> list[nn.Parameter]:
+        sigma_reparam(module, name)
+        return [getattr(module.parametrizations, name)[0].gamma]

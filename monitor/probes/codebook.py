@@ -31,8 +31,12 @@ class CodebookUsage(Probe):
         ema_decay: decay ``d`` of the usage EMA, advanced once per observed training step.
         dead_threshold: a code is dead when its EMA usage, in hits per row (a row is one index
             per head), is below this; default ``0.01 / K`` (1% of a uniform share).
-        warmup_steps: observed steps before any code may be called dead (the EMA starts at 0);
-            default ``ceil(1 / (1 - d))``.
+        warmup_steps: observed steps before the EMA decides (it starts at 0); before that a
+            code is dead when the window holds no hit of it (as vector-quantize-pytorch calls
+            codes dead from its first step), after it the EMA also protects codes used rarely
+            but recently. The default rules on ``usage`` and ``perplexity_ratio`` are silent
+            for as many steps (a learned codebook's usage dips and recovers while it catches up
+            with its encoder). Default ``ceil(1 / (1 - d))``.
         dead: ``"ema"`` (default) or ``"window"`` (dead = no hit in the whole window).
         ignore_index: the index that means "no code here": vector-quantize-pytorch writes ``-1``
             for quantizers dropped by ``ResidualVQ(quantize_dropout=True)`` and for positions a
@@ -86,10 +90,21 @@ class CodebookUsage(Probe):
             0.5,
             "below",
             name="usage_below",
+            severe=0.2,
+            # codes chase a moving encoder at first (usage dips and recovers on healthy runs):
+            # silent during the probe's warm-up (default_rules binds the probe's warmup_steps)
+            warmup_steps=100,
             message="under half the codebook is used: consider ResetDeadCodes "
             "(meaningful once the window holds >> K samples)",
         ),
-        RuleSpec("perplexity_ratio", 0.1, "below", name="perplexity_below"),
+        RuleSpec(
+            "perplexity_ratio",
+            0.1,
+            "below",
+            name="perplexity_below",
+            severe=0.02,
+            warmup_steps=100,
+        ),
     )
 
     def __init__(
@@ -211,6 +226,16 @@ class CodebookUsage(Probe):
     def on_replaced(self, window, mask: torch.Tensor) -> None:
         window["ema"].restart(mask.to(window.device))
 
+    def default_rules(self):
+        """The usage rules stay silent for the probe's ``warmup_steps`` (every step is
+        observed, so observed steps are training steps): a router, whose choices do not chase
+        an encoder, can be watched from early on with a short warm-up."""
+        rules = super().default_rules()
+        for rule in rules:
+            if rule.warmup_steps:
+                rule.warmup_steps = self.warmup_steps
+        return rules
+
     # ----------------------------------------------------------------- readout
     def readout(self, window) -> Readout:
         win, ema = window["counts"], window["ema"]
@@ -224,8 +249,8 @@ class CodebookUsage(Probe):
             dead = win.counts == 0
         elif self.observed_steps >= self.warmup_steps:
             dead = dead_codes(ema.hits, ema.rows, self.dead_threshold)
-        else:
-            dead = torch.zeros_like(win.counts, dtype=torch.bool)
+        else:  # the EMA is still warming up: dead by the window's own counts
+            dead = win.counts == 0
         stats = usage_from_counts(win.counts)
         per_head = {
             "perplexity": stats["perplexity"],

@@ -135,10 +135,11 @@ class DormantUnits(Probe):
     rules = (
         RuleSpec(
             "*/dormant_fraction",
-            0.1,
+            0.4,
             "above",
             name="dormant",
-            message="over 10% of the layer's units are dormant: consider ReDo",
+            severe=0.5,
+            message="most of the layer's units are dormant: consider ReDo",
         ),
     )
 

@@ -45,6 +45,12 @@ class LogitHealth(Probe):
     norm), ``nlm_cosine``, ``samples``, ``skipped``
     (:func:`~collapse_monitor.functional.logit_health`).
 
+    Default rule: ``softmax_collapse > 0.01``. ``log_z_mean`` grows on healthy runs too (a
+    confident classifier's log-partition is its top logit; it passed 5 at step 100 of a healthy
+    grokking run exactly as on the collapsing one in benchmarks/detection.py), so no default rule
+    watches it; for z-loss style monitoring of an LM add one by hand, e.g.
+    ``Rule("collapse/logits/log_z_mean", 5.0, "above", patience=2)``.
+
     Example:
         >>> import torch
         >>> from torch import nn
@@ -68,13 +74,6 @@ class LogitHealth(Probe):
             name="softmax_collapse",
             message="softmax collapse: gradients vanish (Prieto et al.); try StableMax CE, weight "
             "decay or z-loss",
-        ),
-        RuleSpec(
-            "log_z_mean",
-            5.0,
-            "above",
-            name="log_z_drift",
-            message="output-logit divergence: consider z-loss (collapse_monitor.losses.z_loss)",
         ),
     )
 

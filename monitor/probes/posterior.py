@@ -106,9 +106,13 @@ class PosteriorCollapse(Probe):
     rules = (
         RuleSpec(
             "active_fraction",
-            0.5,
+            0.6,
             "below",
             name="active_below",
+            # a fresh encoder's means barely vary: units start inactive (and come and go in the
+            # first steps); armed once the run has had half its units active on two logs
+            arm=True,
+            patience=1,
             message="most latent units are inactive: try KL annealing or free bits",
         ),
     )

@@ -60,11 +60,15 @@ class RepresentationRank(Probe):
         "floating-point embeddings (N, D) or (B, T, D)", floating(2), hint="embeddings (N, D)"
     )
     rules = (
+        # SimSiam's criterion is for signed (roughly centred) outputs: non-negative features
+        # (after a ReLU) sit low by construction, so the rule waits for signed embeddings
         RuleSpec(
             "norm_std",
             0.5,
             "below",
             name="norm_std_below",
+            severe=0.25,
+            requires=("negative_mass", "above", 0.1),
             message="embeddings are collapsing to a point (SimSiam criterion)",
         ),
     )
@@ -94,6 +98,8 @@ class RepresentationRank(Probe):
             {
                 "moments": Moments(),
                 "unit": Moments(diagonal=True),
+                # negative parts of z/||z||: how much of each embedding is signed
+                "negative": Moments(diagonal=True),
                 "counts": Counter(("skipped_nonfinite",)),
             }
         )
@@ -131,6 +137,7 @@ class RepresentationRank(Probe):
         window["moments"].update(self.project(z), finite)
         unit = z.to(_F64) / z.to(_F64).norm(dim=1, keepdim=True).clamp_min(1e-12)
         window["unit"].update(unit, finite)
+        window["negative"].update(unit.clamp_max(0), finite)
 
     def _resolved_reference(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         if self.reference is None:
@@ -157,6 +164,9 @@ class RepresentationRank(Probe):
             erank=spec["erank"],
             rankme=spec["rankme"],
             norm_std=R.norm_std_from_moments(n, u.scatter()),
+            negative_mass=float(
+                (window["negative"].scatter() / n + window["negative"].mean() ** 2).sum()
+            ),
         )
         if self._reference_input is not None:
             ref_mean, ref_cov = self._resolved_reference(scatter.device)

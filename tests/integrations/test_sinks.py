@@ -115,7 +115,8 @@ def test_wandb_offline_run_holds_the_metrics_and_tables(tmp_path, offline_wandb)
     for (step, row), (_, metrics) in zip(rows, logged):
         for key, value in metrics.items():
             assert row[key] == pytest.approx(value, rel=1e-9), (step, key)
-        assert row["thresholds/collapse/units/1/dormant_fraction/upper"] == 0.1
+        (dormant,) = probes.DormantUnits.rules  # the declared default threshold, drawn too
+        assert row["thresholds/collapse/units/1/dormant_fraction/upper"] == dormant.threshold
         assert row["collapse/alert_log/_type"] == "table-file"  # the alerts so far
         assert row["collapse/units/1/unit_scores/_type"] == "image-file"
         assert row["collapse/rank/spectrum/_type"] == "histogram"

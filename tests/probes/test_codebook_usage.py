@@ -104,14 +104,15 @@ def test_ema_dead_codes_equal_a_plain_loop_reference():
     assert torch.equal(probe.last.masks[probe.key("dead")][0], torch.from_numpy(dead))
 
 
-def test_no_dead_codes_before_warmup():
-    probe = probes.CodebookUsage("vq", 10, warmup_steps=5)
-    mon, _ = stream(probe, [torch.zeros(4, dtype=torch.long)] * 4)
-    assert mon.compute()["collapse/vq/dead_codes"] == 0
-    with mon.observe():
-        mon.model.vq(torch.zeros(4, 1), torch.zeros(4, dtype=torch.long))
-    mon.step()
-    assert mon.compute()["collapse/vq/dead_codes"] == 9
+def test_dead_codes_by_the_window_during_the_warmup_then_by_the_ema():
+    probe = probes.CodebookUsage("vq", 10, ema_decay=0.5, warmup_steps=5)
+    # window 1 (4 observed steps, inside the warm-up) uses codes 0 and 1; window 2 only code 0
+    batches = [torch.tensor([0, 1])] * 4 + [torch.tensor([0, 0])] * 4
+    _, logs = stream(probe, batches, log_every=4)
+    assert logs[0]["collapse/vq/dead_codes"] == 8  # the window's unused codes 2..9
+    # after the warm-up the EMA decides: code 1, unused in window 2, was used recently
+    assert logs[1]["collapse/vq/dead_codes"] == 8
+    assert not probe.last.masks[probe.key("dead")][0, 1]
 
 
 def test_window_resets_but_ema_persists():
@@ -222,3 +223,20 @@ def test_float_indices_from_extract_are_rejected():
     ):
         with mon.observe():
             model(torch.zeros(4))
+
+
+def test_the_usage_rules_wait_for_the_probes_warmup():
+    # a learned codebook's usage dips while it catches up with its encoder: the default rules
+    # are silent for the probe's warm-up, which a router may shorten
+    model = nn.Sequential()
+    model.add_module("vq", Quantizer())
+    for warmup, first in ((3, 4), (6, 7)):
+        probe = probes.CodebookUsage("vq", 8, warmup_steps=warmup)
+        alerts = []
+        mon = CollapseMonitor(model, [probe], 1, on_alert=alerts.append)
+        for _ in range(8):  # one code of 8 every step: usage 1/8, past the severe bound
+            with mon.observe():
+                model.vq(torch.zeros(4, 1), torch.zeros(4, dtype=torch.long))
+            mon.step()
+        mon.close()
+        assert min(a.step for a in alerts if a.rule.endswith("usage_below")) == first

@@ -39,9 +39,32 @@ def test_representation_rank_streams_the_whole_tensor_values(offset):
     parts = torch.split(Z.float() if offset == 0 else Z, random_split(1200, 9, 2))
     _, got = run(probes.RepresentationRank("m", reference=Rf), parts)
     ref = F.representation_rank(torch.cat(parts), reference=Rf)
-    keys = ["erank", "rankme", "norm_std", "variance_ratio", "frechet_distance"]
+    keys = ["erank", "rankme", "norm_std", "negative_mass", "variance_ratio", "frechet_distance"]
     assert_metrics_close(got, ref, rtol=1e-6, keys=keys)
     assert got["samples"] == 1200
+
+
+def test_the_simsiam_rule_watches_signed_embeddings_not_relu_features():
+    g = torch.Generator().manual_seed(0)
+    relu = torch.relu(torch.randn(512, 32, generator=g))  # healthy, norm_std low by construction
+    point = torch.randn(1, 32, generator=g) + 0.01 * torch.randn(512, 32, generator=g)  # collapsed
+    fired = {}
+    for name, z in (("relu", relu), ("point", point)):
+        model = nn.Sequential(Returns())
+        alerts = []
+        mon = CollapseMonitor(
+            model, [probes.RepresentationRank("0", name=name)], 1, on_alert=alerts.append
+        )
+        with mon.observe():
+            model(z)
+        m = mon.step()
+        mon.close()
+        fired[name] = [a.rule for a in alerts]
+        ref = F.representation_rank(z.double())
+        assert m[f"collapse/{name}/negative_mass"] == pytest.approx(ref["negative_mass"], rel=1e-9)
+    assert ref["negative_mass"] > 0.3 and F.representation_rank(relu)["negative_mass"] == 0
+    # both sit below 0.5; only the signed, collapsed one is SimSiam's collapse (severe: at once)
+    assert fired == {"relu": [], "point": ["point/norm_std_below"]}
 
 
 def test_sequences_and_nonfinite_rows():

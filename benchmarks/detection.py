@@ -1,0 +1,775 @@
+"""Detection benchmark: do the default rules fire before the loss shows a collapse, and never on a
+healthy run?
+
+A zoo of short CPU runs, one per collapse phenomenon, each with a healthy twin that differs only in
+the cause (learning rate, stop-gradient, KL weight, weight decay, load balancing, codebook
+initialisation), over several seeds. Every run is monitored with the probe of its phenomenon and
+the **default rules only**, at ``log_every_n_steps = 10``. Independently of the monitor, every
+``EVAL`` steps the run's ground truth is computed on held-out data in float64 (each scenario's
+``truth`` says how, with the paper's criterion and the onset threshold) and the held-out loss is
+checked by a loss-failure rule. Printed per scenario and seed: the first alert, the ground-truth
+onset, the loss-failure step, the lead of the alert over the loss failure, and any false alarm.
+
+    python benchmarks/detection.py [--seeds 3] [--only attention,codebook] [--write]
+
+``--write`` puts the table in benchmarks/RESULTS.md (section ``detection``). Also compares
+``ResetDeadCodes`` with vector-quantize-pytorch's ``threshold_ema_dead_code=2`` on one VQ
+autoencoder (usage at step 25, reconstruction MSE at step 100), and SimVQ with neither.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from collapse_monitor import CollapseMonitor, mitigations, probes
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+LOG_EVERY = 10  # the monitor's window
+EVAL = 10  # ground truth and held-out loss every EVAL steps
+STALL = 5  # evals without a 1% improvement of the held-out loss: a stalled run
+LOSS_FROM = 50  # the loss-failure rule starts here: every run's first steps are a transient
+EXTRA = ("kl_total", "collapsed_units", "rankme")  # printed beside the ruled metrics
+_F64 = torch.float64
+
+
+@dataclass
+class Scenario:
+    """One run: ``step(mon)`` trains one step (forward under ``mon.observe``) and returns the
+    training loss; ``truth()`` the float64 held-out value of the phenomenon's criterion;
+    ``heldout_loss()`` the loss the failure rule watches."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    probes: list
+    steps: int
+    step: Callable
+    truth: Callable[[], float]
+    heldout_loss: Callable[[], float]
+    mitigations: list = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Phenomenon:
+    name: str
+    build: Callable[[int, bool], Scenario]
+    criterion: str  # the ground truth, in words
+    onset: Callable[[float], bool]  # the truth value says the phenomenon has set in
+    loss_failure: str  # "rise" (10% over its running minimum) or "floor" (within 2% of -1)
+    probe: str  # the probe whose alerts count as detections
+    warmup: int = 0  # steps before which a collapsed value is a transient, not an onset
+
+
+# --------------------------------------------------------------------------- helpers
+def _entropy_norm_f64(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Causal attention's entropy over log(keys visible), mean over heads and the queries that
+    see >= 2 keys; q, k: (B, H, T, dh)."""
+    q, k = q.to(_F64), k.to(_F64)
+    T = q.shape[-2]
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    p = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+    h = -(p * p.clamp_min(1e-300).log()).sum(-1)  # (B, H, T)
+    n = torch.arange(1, T + 1, dtype=_F64)
+    return (h[..., 1:] / n[1:].log()).mean()
+
+
+def _effective_usage(idx: torch.Tensor, K: int) -> float:
+    return torch.bincount(idx.flatten(), minlength=K).gt(0).to(_F64).mean().item()
+
+
+# --------------------------------------------------------------------------- the zoo
+def attention(seed: int, collapse: bool) -> Scenario:
+    """Zhai et al. 2023: Adam at a high learning rate collapses attention onto single keys."""
+    from attention_entropy_collapse import CharTransformer, corpus
+
+    data, vocab = corpus()
+    data = data[:120_000]
+    train, held = data[:100_000], data[100_000:]
+    ctx = 32
+    model = CharTransformer(vocab, d=64, heads=4, layers=2, context=ctx)
+    opt = torch.optim.Adam(model.parameters(), lr=5e-2 if collapse else 1e-3)
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.arange(0, len(held) - ctx - 1, (len(held) - ctx - 1) // 32)[:32]
+    hx = torch.stack([held[s : s + ctx] for s in starts])
+    hy = torch.stack([held[s + 1 : s + ctx + 1] for s in starts])
+
+    def step(mon):
+        s = torch.randint(0, len(train) - ctx - 1, (16,), generator=g)
+        x = torch.stack([train[i : i + ctx] for i in s])
+        y = torch.stack([train[i + 1 : i + ctx + 1] for i in s])
+        with mon.observe():
+            logits = model(x)
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+    def truth():
+        qk = []
+        hooks = [
+            b.attn.register_forward_pre_hook(lambda m, a: qk.append((m, a[0])))
+            for b in model.blocks
+        ]
+        model(hx)
+        for h in hooks:
+            h.remove()
+        values = []
+        for m, x in qk:
+            B, T, D = x.shape
+            q, k, _ = m.qkv(x).view(B, T, 3, m.heads, D // m.heads).permute(2, 0, 3, 1, 4)
+            values.append(_entropy_norm_f64(q, k).item())
+        return min(values)
+
+    def heldout_loss():
+        return F.cross_entropy(model(hx).flatten(0, 1), hy.flatten()).item()
+
+    return Scenario(
+        model,
+        opt,
+        [probes.AttentionEntropy("blocks.*.attn", name="attn")],
+        300,
+        step,
+        truth,
+        heldout_loss,
+    )
+
+
+def codebook(seed: int, collapse: bool) -> Scenario:
+    """van den Oord et al. 2017's VQ-VAE on digits: 512 codes initialised tiny, far from the
+    encoder outputs, are never chosen; the twin has 64 codes initialised on encoder outputs."""
+    from vq_dead_codes import DIM, VQVAE, Quantizer, digits
+
+    x, held = digits(seed)
+    model = VQVAE()  # 512 codes, the original tiny initialisation
+    if not collapse:
+        model.quantizer = Quantizer(64, DIM)
+        with torch.no_grad():
+            z = model.encoder(x).view(-1, DIM)
+            pick = torch.randperm(len(z), generator=torch.Generator().manual_seed(seed))[:64]
+            model.quantizer.codebook.weight.copy_(z[pick])
+    K = model.quantizer.codebook.num_embeddings
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3 if collapse else 1e-3)
+    g = torch.Generator().manual_seed(seed)
+
+    def step(mon):
+        idx = torch.randint(0, len(x), (128,), generator=g)
+        with mon.observe():
+            recon, vq_loss = model(x[idx])
+        return (recon - x[idx]).pow(2).mean() + vq_loss
+
+    def truth():
+        dim = model.quantizer.codebook.embedding_dim
+        z = model.encoder(held).view(-1, dim).to(_F64)
+        idx = torch.cdist(z, model.quantizer.codebook.weight.to(_F64)).argmin(-1)
+        return _effective_usage(idx, K)
+
+    def heldout_loss():
+        return (model(held)[0] - held).pow(2).mean().item()
+
+    return Scenario(
+        model,
+        opt,
+        [probes.CodebookUsage("quantizer", K, name="vq")],
+        300,
+        step,
+        truth,
+        heldout_loss,
+    )
+
+
+class _MoE(nn.Module):
+    """Top-1 mixture of 8 experts (Switch Transformer routing) on digits classification."""
+
+    def __init__(self, experts: int = 8) -> None:
+        super().__init__()
+        self.inp = nn.Linear(64, 64)
+        self.router = nn.Linear(64, experts)
+        self.experts = nn.ModuleList(
+            nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)) for _ in range(experts)
+        )
+        self.head = nn.Linear(64, 10)
+        self.choice = nn.Identity()  # the probed call: its output is the expert index
+
+    def forward(self, x):
+        h = torch.relu(self.inp(x))
+        probs = self.router(h).softmax(-1)
+        top = self.choice(probs.argmax(-1))
+        out = torch.stack([e(h) for e in self.experts], 1)[torch.arange(len(h)), top]
+        gate = probs.gather(1, top[:, None])
+        # Switch Transformer's load-balancing loss: E * sum_e f_e * P_e
+        f = torch.bincount(top, minlength=probs.shape[1]).to(probs.dtype) / len(top)
+        self.balance = probs.shape[1] * (f * probs.mean(0)).sum()
+        return self.head(h + gate * out), top
+
+
+def router(seed: int, collapse: bool) -> Scenario:
+    """Router collapse (Shazeer et al. 2017; Fedus et al. 2022): without the load-balancing loss
+    a top-1 router sends every token to few experts; the twin adds the Switch auxiliary loss."""
+    from neural_collapse import digits
+
+    x, y, hx, hy = digits(seed)
+    model = _MoE()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(seed)
+
+    def step(mon):
+        idx = torch.randint(0, len(x), (128,), generator=g)
+        with mon.observe():
+            logits, _ = model(x[idx])
+        loss = F.cross_entropy(logits, y[idx])
+        return loss if collapse else loss + 0.1 * model.balance
+
+    def truth():
+        _, top = model(hx)
+        return _effective_usage(top, 8)
+
+    def heldout_loss():
+        return F.cross_entropy(model(hx)[0], hy).item()
+
+    return Scenario(
+        model,
+        opt,
+        [probes.CodebookUsage("choice", 8, warmup_steps=10, name="router")],
+        300,
+        step,
+        truth,
+        heldout_loss,
+    )
+
+
+def posterior(seed: int, collapse: bool) -> Scenario:
+    """Bowman et al. 2016: a KL weight ramped too high drives the posterior of most latent
+    units to the prior; the twin ramps to beta = 1."""
+    from vae_posterior_collapse import VAE, digits
+
+    x, held = digits(seed)
+    model = VAE()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(seed)
+    top = 12.0 if collapse else 1.0
+    t = [0]
+
+    def step(mon):
+        t[0] += 1
+        beta = top * min(1.0, t[0] / 300)
+        idx = torch.randint(0, len(x), (128,), generator=g)
+        with mon.observe():
+            recon, mu, logvar = model(x[idx])
+        rec = (recon - x[idx]).pow(2).sum(1).mean() / 0.1
+        kl = (0.5 * (mu.pow(2) + logvar.exp() - logvar - 1)).mean(0)
+        return rec + beta * kl.sum()
+
+    def truth():
+        # Burda et al. 2016: unit j is active when Var_x(E[z_j | x]) > 0.01
+        mu, _ = model.posterior(model.encoder(held))
+        return mu.to(_F64).var(0).gt(0.01).to(_F64).mean().item()
+
+    def heldout_loss():
+        mu, _ = model.posterior(model.encoder(held))
+        return (model.decoder(mu) - held).pow(2).mean().item()
+
+    return Scenario(
+        model,
+        opt,
+        [probes.PosteriorCollapse("posterior", name="vae")],
+        500,
+        step,
+        truth,
+        heldout_loss,
+    )
+
+
+def dimensional(seed: int, collapse: bool) -> Scenario:
+    """Chen & He 2021: SimSiam without the stop-gradient collapses to a constant output."""
+    from simsiam_collapse import SimSiam, augment, load_digits, negative_cosine
+
+    xs = torch.tensor(load_digits().data, dtype=torch.float32) / 16.0
+    perm = torch.randperm(len(xs), generator=torch.Generator().manual_seed(seed))
+    x, held = xs[perm[297:]], xs[perm[:297]]
+    model = SimSiam()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    g = torch.Generator().manual_seed(seed)
+
+    def step(mon):
+        idx = torch.randint(0, len(x), (256,), generator=g)
+        x1, x2 = augment(x[idx], g), augment(x[idx], g)
+        with mon.observe():
+            z1, p1 = model(x1)
+            z2, p2 = model(x2)
+        if not collapse:
+            z1, z2 = z1.detach(), z2.detach()
+        return (negative_cosine(p1, z2) + negative_cosine(p2, z1)) / 2
+
+    def truth():
+        # SimSiam's own criterion: std of l2-normalised outputs times sqrt(d) (1 isotropic, 0
+        # collapsed), on the held-out images
+        model.eval()
+        z = model.projector(model.backbone(held)).to(_F64)
+        model.train()
+        z = F.normalize(z, dim=1)
+        return (z.std(0).mean() * math.sqrt(z.shape[1])).item()
+
+    def heldout_loss():
+        model.eval()
+        g2 = torch.Generator().manual_seed(1)
+        z1, p1 = model(augment(held, g2))
+        z2, p2 = model(augment(held, g2))
+        model.train()
+        return ((negative_cosine(p1, z2) + negative_cosine(p2, z1)) / 2).item()
+
+    return Scenario(
+        model,
+        opt,
+        [probes.RepresentationRank("projector", name="proj")],
+        200,
+        step,
+        truth,
+        heldout_loss,
+    )
+
+
+def softmax(seed: int, collapse: bool) -> Scenario:
+    """Prieto et al. 2025: without weight decay, float32 softmax saturates after memorisation
+    (the gradient of every saturated sample is exactly 0); the twin uses AdamW, decay 1."""
+    from grokking_softmax_collapse import make_model, modular_addition
+
+    (x, y), (hx, hy) = modular_addition(53, 0.4, seed)
+    model = make_model(53, 128)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=1e-2, betas=(0.9, 0.9), weight_decay=0.0 if collapse else 1.0
+    )
+
+    def step(mon):
+        with mon.observe(targets=y):
+            logits = model(x)
+        return F.cross_entropy(logits, y)
+
+    def truth():
+        # the fraction of training samples whose float32 cross-entropy is exactly 0: the
+        # softmax rounds to one-hot and the sample's gradient vanishes (Prieto et al.)
+        ce = F.cross_entropy(model(x).float(), y, reduction="none")
+        return ce.eq(0).to(_F64).mean().item()
+
+    def heldout_loss():
+        # the training loss: under softmax collapse it stalls while the model has not grokked
+        return F.cross_entropy(model(x), y).item()
+
+    return Scenario(
+        model, opt, [probes.LogitHealth("head", name="logits")], 1200, step, truth, heldout_loss
+    )
+
+
+def dormant(seed: int, collapse: bool) -> Scenario:
+    """Sokar et al. 2023 (ReDo): under non-stationary targets (the labels are permuted every
+    50 steps, as in continual learning) ReLU units of a classifier go dormant task after
+    task; the twin learns the same data with fixed labels."""
+    from neural_collapse import digits
+
+    x, y, hx, hy = digits(seed)
+    model = nn.Sequential(
+        nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    g = torch.Generator().manual_seed(seed)
+    perms = torch.stack([torch.randperm(10, generator=g) for _ in range(100)])
+    t = [0]
+
+    def labels(targets):
+        return perms[t[0] // 50][targets] if collapse else targets
+
+    def step(mon):
+        t[0] += 1
+        idx = torch.randint(0, len(x), (128,), generator=g)
+        with mon.observe():
+            logits = model(x[idx])
+        return F.cross_entropy(logits, labels(y[idx]))
+
+    def truth():
+        # ReDo's tau-dormant units (tau = 0.025) of the second layer, on held-out inputs
+        h = model[3](model[2](model[1](model[0](hx)))).to(_F64)
+        score = h.abs().mean(0)
+        score = score / score.mean().clamp_min(1e-300)
+        return score.le(0.025).to(_F64).mean().item()
+
+    def heldout_loss():
+        return F.cross_entropy(model(hx), labels(hy)).item()
+
+    return Scenario(
+        model, opt, [probes.DormantUnits("3", name="dormant")], 600, step, truth, heldout_loss
+    )
+
+
+def neural_collapse(seed: int, collapse: bool) -> Scenario:
+    """Papyan et al. 2020: a classifier in its terminal phase collapses its features to class
+    means, as expected: a healthy run on which no alert is right (it has no collapsing twin)."""
+    from neural_collapse import digits, make_model
+
+    x, y, hx, hy = digits(seed)
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    g = torch.Generator().manual_seed(seed)
+
+    def step(mon):
+        idx = torch.randint(0, len(x), (128,), generator=g)
+        with mon.observe(targets=y[idx]):
+            logits = model(x[idx])
+        return F.cross_entropy(logits, y[idx])
+
+    def heldout_loss():
+        return F.cross_entropy(model(hx), hy).item()
+
+    head = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    return Scenario(
+        model,
+        opt,
+        [probes.NeuralCollapse(head, 10, read="input", name="nc")],
+        300,
+        step,
+        lambda: float("nan"),
+        heldout_loss,
+    )
+
+
+ZOO = {
+    "attention": Phenomenon(
+        "attention",
+        attention,
+        "min over layers of held-out attention entropy / log(keys) < 0.1",
+        lambda v: v < 0.1,
+        "rise",
+        "attn",
+    ),
+    "codebook": Phenomenon(
+        "codebook",
+        codebook,
+        "held-out code usage < 0.25 (after the 100-step warm-up)",
+        lambda v: v < 0.25,
+        "rise",
+        "vq",
+        warmup=100,
+    ),
+    "router": Phenomenon(
+        "router",
+        router,
+        "experts chosen by held-out tokens <= 2 of 8",
+        lambda v: v < 0.3,
+        "rise",
+        "router",
+    ),
+    "posterior": Phenomenon(
+        "posterior",
+        posterior,
+        "held-out active units (Burda) < 0.5",
+        lambda v: v < 0.5,
+        "rise",
+        "vae",
+    ),
+    "dimensional": Phenomenon(
+        "dimensional",
+        dimensional,
+        "held-out std(z/|z|)*sqrt(d) < 0.1",
+        lambda v: v < 0.1,
+        "floor",
+        "proj",
+    ),
+    "softmax": Phenomenon(
+        "softmax",
+        softmax,
+        "training samples whose float32 cross-entropy is exactly 0 (no gradient) > 0.5",
+        lambda v: v > 0.5,
+        "rise",
+        "logits",
+    ),
+    "dormant": Phenomenon(
+        "dormant",
+        dormant,
+        "held-out tau-dormant units of layer 2 > 0.5",
+        lambda v: v > 0.5,
+        "rise",
+        "dormant",
+    ),
+    "neural_collapse": Phenomenon(
+        "neural_collapse",
+        neural_collapse,
+        "none (neural collapse is expected)",
+        lambda v: False,
+        "rise",
+        "nc",
+    ),
+}
+
+
+# --------------------------------------------------------------------------- fixes side by side
+def dead_code_fixes(seed: int, variant: str, steps: int = 100) -> dict:
+    """A VQ autoencoder on digits with vector-quantize-pytorch's ``VectorQuantize`` (EMA
+    codebook of 256): ``"none"``, ``"anchor"`` (its own ``threshold_ema_dead_code=2``, codes
+    replaced at every training step) or ``"reset"``/``"reset5"`` (``ResetDeadCodes`` at every log
+    of a monitor with ``log_every_n_steps`` 10 / 5). Held-out code usage and reconstruction MSE."""
+    from vector_quantize_pytorch import VectorQuantize
+    from vq_dead_codes import DIM, TOKENS, digits
+
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    x, held = digits(seed)
+    model = nn.ModuleDict(
+        {
+            "enc": nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, TOKENS * DIM)),
+            "vq": VectorQuantize(
+                dim=DIM, codebook_size=256, threshold_ema_dead_code=2 if variant == "anchor" else 0
+            ),
+            "dec": nn.Sequential(nn.Linear(TOKENS * DIM, 256), nn.ReLU(), nn.Linear(256, 64)),
+        }
+    )
+
+    def forward(inp):
+        q, idx, commit = model["vq"](model["enc"](inp).view(-1, TOKENS, DIM))
+        return model["dec"](q.flatten(1)), idx, commit
+
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    fixes = [mitigations.ResetDeadCodes("vq")] if variant.startswith("reset") else []
+    every = 5 if variant == "reset5" else LOG_EVERY
+    mon = CollapseMonitor(
+        model, [probes.CodebookUsage("vq", 256, name="vq")], every, mitigations=fixes
+    )
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for s in range(1, steps + 1):
+        idx = torch.randint(0, len(x), (128,), generator=g)
+        with mon.observe():
+            recon, _, commit = forward(x[idx])
+        loss = (recon - x[idx]).pow(2).mean() + commit.sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        mon.step(optimizer=opt)
+        if s in (25, 50, 100):
+            model.eval()
+            with torch.no_grad():
+                recon, codes, _ = forward(held)
+            model.train()
+            out[f"usage@{s}"] = _effective_usage(codes, 256)
+            out[f"mse@{s}"] = (recon - held).pow(2).mean().item()
+    mon.close()
+    return out
+
+
+# --------------------------------------------------------------------------- running
+def _first(steps_values, test) -> int | None:
+    return next((s for s, v in steps_values if test(v)), None)
+
+
+def _onset(truth: list[tuple[int, float]], collapsed, warmup: int) -> int | None:
+    """The first eval where the criterion holds after one where it did not, or after the
+    warm-up (a run that starts collapsed, as every freshly initialised VAE does by Burda's
+    criterion, has not collapsed yet)."""
+    healthy = False
+    for s, v in truth:
+        if not collapsed(v):
+            healthy = healthy or s >= warmup
+        elif healthy or (warmup and s > warmup):
+            return s
+    return None
+
+
+def _loss_failure(losses: list[tuple[int, float]], mode: str) -> int | None:
+    if mode == "floor":
+        return _first(losses, lambda v: v < -0.98)
+    # a rise of 10% over the running minimum, or no 1% improvement over STALL evals, from
+    # LOSS_FROM on (the first steps of every run here are an initialisation transient)
+    best = []
+    for i, (s, v) in enumerate(x for x in losses if x[0] >= LOSS_FROM):
+        if not math.isfinite(v) or (best and v > 1.1 * best[-1] + 1e-3):
+            return s
+        best.append(min(v, best[-1]) if best else v)
+        if i >= STALL and best[-1] > best[i - STALL] - 0.01 * abs(best[i - STALL]):
+            return s
+    return None
+
+
+def run_one(name: str, collapse: bool, seed: int) -> dict:
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    ph = ZOO[name]
+    sc = ph.build(seed, collapse)
+    alerts = []
+    mon = CollapseMonitor(
+        sc.model, sc.probes, LOG_EVERY, mitigations=sc.mitigations, on_alert=alerts.append
+    )
+    with torch.no_grad():
+        truth, losses, watched = [(0, sc.truth())], [(0, sc.heldout_loss())], {}
+    t = time.perf_counter()
+    for s in range(1, sc.steps + 1):
+        loss = sc.step(mon)
+        sc.optimizer.zero_grad()
+        loss.backward()
+        sc.optimizer.step()
+        m = mon.step(optimizer=sc.optimizer)
+        for k, v in (m or {}).items():
+            if any(r.matches(k) for r in mon.rules.rules) or k.endswith(EXTRA):
+                watched.setdefault(k, []).append(v)
+        if s % EVAL == 0:
+            with torch.no_grad():
+                truth.append((s, sc.truth()))
+                losses.append((s, sc.heldout_loss()))
+    mon.close()
+    mine = [a for a in alerts if a.rule.split("/", 1)[0] == ph.probe]
+    return {
+        "name": name,
+        "collapse": collapse,
+        "seed": seed,
+        "first_alert": min((a.step for a in mine), default=None),
+        "rule": min(mine, key=lambda a: a.step).rule if mine else "",
+        "alerts": sorted({a.rule for a in alerts}),
+        "all_first": min((a.step for a in alerts), default=None),
+        "onset": _onset(truth, ph.onset, ph.warmup),
+        "loss_failure": _loss_failure(losses, ph.loss_failure),
+        "truth": [round(v, 3) for _, v in truth],
+        "losses": [round(v, 3) for _, v in losses],
+        "metrics": {k: [round(v, 3) for v in vs] for k, vs in watched.items()},
+        "seconds": time.perf_counter() - t,
+    }
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else str(v)
+
+
+def table(results: list[dict]) -> list[str]:
+    lines = [
+        "| phenomenon | twin | seed | first alert (rule) | truth onset | loss failure | lead | "
+        "false alarm |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        twin = "collapsing" if r["collapse"] else "healthy"
+        if r["name"] == "neural_collapse":
+            twin = "healthy (terminal phase)"
+        lead = (
+            str(r["loss_failure"] - r["first_alert"])
+            if r["collapse"] and r["first_alert"] is not None and r["loss_failure"] is not None
+            else "-"
+        )
+        healthy = not r["collapse"]
+        false = ", ".join(r["alerts"]) if healthy and r["alerts"] else "-"
+        alert = f"{_fmt(r['first_alert'])} ({r['rule']})" if r["rule"] else "-"
+        lines.append(
+            f"| {r['name']} | {twin} | {r['seed']} | {alert} | {_fmt(r['onset'])} | "
+            f"{_fmt(r['loss_failure'])} | {lead} | {false} |"
+        )
+    return lines
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--only", default=",".join(ZOO))
+    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--write", action="store_true")
+    args = parser.parse_args(argv)
+    jobs = [
+        (name, collapse, seed)
+        for name in args.only.split(",")
+        for collapse in ((False,) if name == "neural_collapse" else (True, False))
+        for seed in range(args.seeds)
+    ]
+    t = time.perf_counter()
+    variants = ("none", "anchor", "reset", "reset5")
+    with ProcessPoolExecutor(args.workers) as pool:
+        fixes = pool.map(dead_code_fixes, [0] * len(variants), variants)
+        results = list(pool.map(run_one, *zip(*jobs)))
+        fixes = dict(zip(variants, fixes))
+    lines = [*table(results), "", *summary(results), "", *fix_table(fixes)]
+    print("\n".join(lines))
+    took = time.perf_counter() - t
+    if args.write:
+        write(lines, took, args)
+    return results
+
+
+def summary(results: list[dict]) -> list[str]:
+    sick = [r for r in results if r["collapse"]]
+    false = [r for r in results if not r["collapse"] and r["alerts"]]
+    late = [r for r in sick if r["onset"] is not None and (r["first_alert"] or 1e9) > r["onset"]]
+    missed = [r for r in sick if r["onset"] is not None and r["first_alert"] is None]
+    leads = [
+        r["loss_failure"] - r["first_alert"]
+        for r in sick
+        if r["first_alert"] is not None and r["loss_failure"] is not None
+    ]
+    late_runs = ", ".join(f"{r['name']} seed {r['seed']}" for r in late) or "none"
+    reached = sum(r["onset"] is not None for r in sick)
+    return [
+        f"Healthy runs with an alert: {len(false)} of {len(results) - len(sick)}. Collapsing runs: "
+        f"{len(sick)}, of which {reached} reach the ground-truth onset; alerted after the onset: "
+        f"{len(late)} ({late_runs}); missed: {len(missed)}. Lead over the loss failure, where "
+        f"both exist: {', '.join(map(str, leads)) or 'none'} steps."
+    ]
+
+
+def fix_table(fixes: dict[str, dict]) -> list[str]:
+    names = {
+        "none": "no fix",
+        "anchor": "vector-quantize-pytorch `threshold_ema_dead_code=2` (every step)",
+        "reset": "`ResetDeadCodes` (at every log, every 10 steps)",
+        "reset5": "`ResetDeadCodes`, `log_every_n_steps=5`",
+    }
+    keys = ["usage@25", "usage@50", "usage@100", "mse@100"]
+    fmt = {"mse@100": "{:.4f}"}
+    return [
+        "Dead-code fixes side by side: one VQ autoencoder on digits (vector-quantize-pytorch "
+        "`VectorQuantize`, EMA codebook of 256), seed 0, held-out usage and reconstruction MSE:",
+        "",
+        "| fix | " + " | ".join(keys) + " |",
+        "|---" * (len(keys) + 1) + "|",
+        *(
+            f"| {names[v]} | " + " | ".join(fmt.get(k, "{:.3f}").format(f[k]) for k in keys) + " |"
+            for v, f in fixes.items()
+        ),
+    ]
+
+
+def write(lines: list[str], took: float, args) -> None:
+    import platform
+
+    from run import read_results, write_results
+
+    out = Path(__file__).with_name("RESULTS.md")
+    blocks = read_results(out) if out.exists() else {}
+    crit = [f"- {p.name}: {p.criterion}" for p in ZOO.values()]
+    blocks["detection"] = "\n".join(
+        [
+            "<!-- section: detection -->",
+            "### 7. Detection: default rules on healthy and collapsing twins",
+            "",
+            f"`python benchmarks/detection.py --write` ({args.seeds} seeds; "
+            f"`log_every_n_steps={LOG_EVERY}`, default rules only). Ground truth on held-out "
+            f"data in float64 every {EVAL} steps (onset: the first eval where it holds after a "
+            "healthy one, or after the phenomenon's warm-up); loss failure: the held-out loss "
+            f"10% over its running minimum or no 1% better in {STALL * EVAL} steps, from step "
+            f"{LOSS_FROM} (SimSiam: the loss within 0.02 of its floor -1); lead = loss failure "
+            "- first alert.",
+            "",
+            *crit,
+            "",
+            *lines,
+            "",
+            f"_detection: {took:.0f} s. Machine: {platform.machine()}, {os.cpu_count()} CPUs, "
+            f"{args.workers} worker processes of one torch thread, torch {torch.__version__}._",
+        ]
+    )
+    write_results(out, blocks)
+
+
+if __name__ == "__main__":
+    main()
