@@ -154,7 +154,7 @@ def test_state_dict_under_ddp_is_the_reduced_window_and_resumes_without_double_c
             assert r["resumed"][k] == pytest.approx(v, rel=1e-9, abs=1e-12), k
 
 
-def reset_worker(rank, init, out_dir):
+def reset_worker(rank, init, out_dir, every_step=False):
     from collapse_monitor import mitigations
     from tests.test_reset_dead_codes import VQ, Model, concentrated
 
@@ -166,7 +166,7 @@ def reset_worker(rank, init, out_dir):
             model,
             [probe],
             2,
-            mitigations=[mitigations.ResetDeadCodes("vq")],
+            mitigations=[mitigations.ResetDeadCodes("vq", every_step=every_step)],
             observe_every_n_steps=1,
         )
         for step in range(2):  # each rank sees different, concentrated data
@@ -181,6 +181,17 @@ def reset_worker(rank, init, out_dir):
             },
             os.path.join(out_dir, f"reset{rank}.pt"),
         )
+
+
+def every_step_reset_worker(rank, init, out_dir):
+    reset_worker(rank, init, out_dir, every_step=True)
+
+
+def test_every_step_dead_code_reset_leaves_identical_replicas(tmp_path):
+    r0, r1 = run_two(every_step_reset_worker, tmp_path, "reset")
+    count = r0["metrics"]["collapse/mitigations/reset_dead_codes"]
+    assert count > 0 and r0["metrics"] == r1["metrics"]
+    assert torch.equal(r0["codebook"], r1["codebook"])
 
 
 def test_dead_code_reset_leaves_identical_replicas(tmp_path):

@@ -41,13 +41,14 @@ def test_the_unmonitored_loop_itself_never_synchronises():
     train(None, 2 * LOG_EVERY, sync_debug=True)
 
 
-def test_steps_between_logs_never_synchronise_with_every_probe_and_mitigation():
+@pytest.mark.parametrize("codebook", ["reset", "every_step", "simvq"])
+def test_steps_between_logs_never_synchronise_with_every_probe_and_mitigation(codebook):
     model = Zoo().cuda()
     mon = CollapseMonitor(
         model,
         every_probe(),
         LOG_EVERY,
-        mitigations=every_mitigation(),
+        mitigations=every_mitigation(codebook=codebook),
         observe_every_n_steps=1,  # every probe records every step
     )
     # two windows: the second starts with state made on the device at the first log

@@ -21,7 +21,9 @@ def write_run(log_dir, collapse: bool):
         observe_every_n_steps=1,
     )
     for step in range(108):  # past the codebook rules' warm-up (100 steps)
-        idx = torch.zeros(64, dtype=torch.long) if collapse and step >= 98 else torch.arange(64) % 16
+        idx = (
+            torch.zeros(64, dtype=torch.long) if collapse and step >= 98 else torch.arange(64) % 16
+        )
         with mon.observe():
             q.vq(torch.zeros(64, 1), idx)
         mon.step()

@@ -219,3 +219,59 @@ def test_configuration_errors():
             observe_every_n_steps=1,
         )
     assert not model.vq._forward_hooks
+
+
+def test_every_step_replaces_unused_codes_between_logs_like_vector_quantize_pytorch():
+    torch.manual_seed(0)
+    K, D = 16, 4
+    model = Model(VQ(K, D))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    reset = mitigations.ResetDeadCodes("vq", every_step=True)
+    mon = CollapseMonitor(model, [probes.CodebookUsage("vq", K, name="vq")], 3, mitigations=[reset])
+    total = 0
+    for step in range(3):
+        z = concentrated(64, D, seed=step)  # two clusters: most codes are never chosen
+        before = model.vq.codebook.weight.detach().clone()
+        used = torch.cdist(z, before).argmin(1).unique()
+        logged = run(model, mon, [z], opt)
+        after = model.vq.codebook.weight.detach()
+        replaced = (after[:, None] == z[None]).all(-1).any(1) & (after != before).any(1)
+        if step == 0:  # every code no batch has chosen yet is a row of this batch now
+            dead = torch.ones(K, dtype=torch.bool)
+            dead[used] = False
+            assert torch.equal(replaced, dead)
+        # (later, the usage EMA protects codes replaced a step ago)
+        assert not opt.state[model.vq.codebook.weight]["exp_avg"][replaced].any()
+        total += int(replaced.sum())
+        assert bool(logged) == (step == 2)  # nothing waits for the log
+    assert logged[0]["collapse/mitigations/reset_dead_codes"] == total  # one event at the log
+    with pytest.raises(ValueError, match="every_step"):
+        mitigations.ResetDeadCodes("vq", every_step=True, every_n_steps=3)
+    mon.close()
+
+
+def test_every_step_resets_resume_exactly():
+    import io
+
+    def build():
+        torch.manual_seed(0)
+        model = Model(VQ(16, 4))
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        reset = mitigations.ResetDeadCodes("vq", every_step=True)
+        mon = CollapseMonitor(model, [probes.CodebookUsage("vq", 16)], 3, mitigations=[reset])
+        return model, opt, mon
+
+    zs = [concentrated(64, 4, seed=s) for s in range(6)]
+    model, opt, mon = build()
+    run(model, mon, zs[:4], opt)  # a log at step 3, then one step into the next window
+    buffer = io.BytesIO()
+    torch.save({"m": model.state_dict(), "o": opt.state_dict(), "mon": mon.state_dict()}, buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=False)
+    model2, opt2, mon2 = build()
+    mon2.load_state_dict(state["mon"], optimizer=opt2)
+    model2.load_state_dict(state["m"])
+    opt2.load_state_dict(state["o"])
+    a, b = run(model, mon, zs[4:], opt), run(model2, mon2, zs[4:], opt2)
+    assert torch.equal(model.vq.codebook.weight, model2.vq.codebook.weight)
+    assert a == b and a[0]["collapse/mitigations/reset_dead_codes"] > 0

@@ -73,12 +73,19 @@ def loss_of(out, y):
     return F.cross_entropy(logits, y) + aux
 
 
-def every_mitigation(prefix=""):
+def every_mitigation(prefix="", codebook="reset"):
+    """Every mitigation on the zoo; ``codebook``: ``"reset"`` (ResetDeadCodes at logs),
+    ``"every_step"`` (ResetDeadCodes at every step) or ``"simvq"``."""
     from collapse_monitor import mitigations
 
     p = prefix
+    fix = {
+        "reset": lambda: mitigations.ResetDeadCodes(p + "vq"),
+        "every_step": lambda: mitigations.ResetDeadCodes(p + "vq", every_step=True),
+        "simvq": lambda: mitigations.SimVQ(p + "vq"),
+    }[codebook]
     return [
-        mitigations.ResetDeadCodes(p + "vq"),
+        fix(),
         mitigations.SigmaReparam(p + "attn"),
         mitigations.ReDo(layers={p + "sae_act": (p + "sae", p + "dec")}),
     ]

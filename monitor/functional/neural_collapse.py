@@ -144,7 +144,9 @@ def sampled_pairwise_metrics(
     """
     C = centred.shape[0]
     if pairs < 2 or C < 2:
-        raise ValueError(f"a sampled pairwise readout needs >= 2 pairs of >= 2 classes, got {pairs}, {C}")
+        raise ValueError(
+            f"a sampled pairwise readout needs >= 2 pairs of >= 2 classes, got {pairs}, {C}"
+        )
     i = torch.randint(C, (pairs,), generator=generator)
     j = torch.randint(C - 1, (pairs,), generator=generator)
     j += j >= i  # uniform over c' != c
@@ -276,7 +278,9 @@ def metrics_from_class_statistics(
     if pair_sample is not None and Cu * (Cu - 1) // 2 > pair_sample:
         out.update(sampled_pairwise_metrics(centred, variances, pair_sample, generator))
     else:
-        out.update(pairwise_metrics(_combined_pair_sums(centred, variances, tile_size, share, combine)))
+        out.update(
+            pairwise_metrics(_combined_pair_sums(centred, variances, tile_size, share, combine))
+        )
     if weight is not None:
         w = weight.detach().to(device=mu.device, dtype=_F64)[used]
         out["equinorm_weights"] = _coefficient_of_variation(w.norm(dim=1))

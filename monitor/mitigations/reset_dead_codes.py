@@ -16,6 +16,7 @@ from ..keys import MetricKey
 from ..probes.base import layer_name
 from ..probes.codebook import CodebookUsage
 from ..reading import describe, first_input, is_index, single_index_tensor
+from ..stats import WindowView
 from .base import Mitigation
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,17 @@ class ResetDeadCodes(Mitigation):
             the batch is large enough) or ``"farthest"`` (the batch vectors farthest from every
             code).
         every_n_steps: only act at logs whose step is a multiple of this.
+        every_step: act at every training step instead of at logs, as vector-quantize-pytorch's
+            ``threshold_ema_dead_code`` does: a code is dead when its EMA of hits per step
+            (decay 0.8 from one, its cluster size) is below ``dead_hits``; a replaced code
+            starts at ``dead_hits``, so one that the next batch does not choose is replaced
+            again. Decided and written on the device with no host sync; under
+            ``torch.distributed`` each step all-reduces the ``(H, K)`` hit counts and
+            broadcasts rank 0's ``(H, K, D)`` draws. The replacements since the last log are one
+            event at the log (every write is read back on the device, checked at the log).
+        dead_hits: the ``every_step`` threshold in hits per step; default the module's
+            ``threshold_ema_dead_code`` when positive, else 2 (vector-quantize-pytorch's usual
+            value).
         when_rule: only act at logs where this rule fired.
         vectors: ``vectors(module, args, output) -> (N, D)`` (or ``(N, H, D)``) when the module's
             input is not in codebook space. Not needed for vector-quantize-pytorch's
@@ -125,6 +137,8 @@ class ResetDeadCodes(Mitigation):
         codebook: str | None = None,
         strategy: str = "random",
         every_n_steps: int | None = None,
+        every_step: bool = False,
+        dead_hits: float | None = None,
         when_rule: str | None = None,
         vectors=None,
         ema_cluster_size: str | None = None,
@@ -144,6 +158,10 @@ class ResetDeadCodes(Mitigation):
         self.codebook_name = codebook
         self.strategy = strategy
         self.every_n_steps = every_n_steps
+        self.every_step = every_step
+        self.dead_hits = dead_hits
+        if every_step and (every_n_steps or when_rule):
+            raise ValueError("every_step=True acts at every step: no every_n_steps or when_rule")
         self.when_rule = when_rule
         self.vectors = vectors
         self.ema_names = (ema_cluster_size, ema_embed_sum)
@@ -152,6 +170,12 @@ class ResetDeadCodes(Mitigation):
         self.seed = seed
         self._batch: torch.Tensor | None = None  # (N, H, D) of the logging step
         self._valid: torch.Tensor | None = None  # (N,) rows that hold a real position
+        # every_step: codes replaced since the last log, and whether every write read back
+        self._since_log: torch.Tensor | None = None
+        self._read_back: torch.Tensor | None = None
+        self._generator: torch.Generator | None = None
+        self._cluster_size: torch.Tensor | None = None  # (H, K) hits per step, EMA 0.8
+        self._resumed: tuple[str, torch.Tensor] | None = None  # (device type, generator state)
 
     def __repr__(self) -> str:
         return f"ResetDeadCodes(module={self.module!r}, name={self.name!r})"
@@ -165,7 +189,7 @@ class ResetDeadCodes(Mitigation):
         self.path, mod = found[0]
         self._quantizer = mod
         self.process_group = setup.process_group
-        probe = self._find_probe(setup.probes)
+        probe = self._probe = self._find_probe(setup.probes)
         self.probe, self.num_codes, self.heads = probe.name, probe.num_codes, probe.heads
         self.scope = None if probe.scopes == [None] else layer_name(self.path)
         self.codebook_path, codebook = find_codebook(
@@ -182,9 +206,12 @@ class ResetDeadCodes(Mitigation):
             )
         self.dim = shape[-1]
         self.ema_paths = self._find_ema_buffers(mod)
-        if self.reset_cluster_size is None:
-            threshold = getattr(mod, "threshold_ema_dead_code", 0) or 0
-            self.reset_cluster_size = float(threshold) if threshold > 0 else 1.0
+        threshold = getattr(mod, "threshold_ema_dead_code", 0) or 0
+        if self.dead_hits is None:
+            self.dead_hits = float(threshold) if threshold > 0 else 2.0
+        if self.reset_cluster_size is None:  # as vector-quantize-pytorch: its dead threshold
+            fallback = self.dead_hits if self.every_step else 1.0
+            self.reset_cluster_size = float(threshold) if threshold > 0 else fallback
         if self.every_n_steps and self.every_n_steps % setup.log_every_n_steps:
             raise ValueError(
                 f"{self!r}: every_n_steps={self.every_n_steps} must be a multiple of "
@@ -245,7 +272,9 @@ class ResetDeadCodes(Mitigation):
             self.guarded(self._keep_codebook_input, args, kwargs)
 
     def _logging_step(self) -> bool:
-        return self._recording.logging and not self._recording.snapshot
+        if self._recording.snapshot:
+            return False
+        return self.every_step or self._recording.logging
 
     def _keep_input(self, args, kwargs, output) -> None:
         """Keep the quantiser's input on a logging step (the pool of replacements), with the rows
@@ -299,9 +328,126 @@ class ResetDeadCodes(Mitigation):
     # ----------------------------------------------------------------- action
     def after_log(self, view) -> list[Event]:
         try:
-            return self._reset(view)
+            return self._report_steps() if self.every_step else self._reset(view)
         finally:
             self._batch = self._valid = None
+
+    def on_step(self, optimizer) -> None:
+        if not self.every_step or self._batch is None:
+            return
+        try:
+            self._reset_now(optimizer)
+        finally:
+            self._batch = self._valid = None
+
+    @torch.no_grad()
+    def _reset_now(self, optimizer) -> None:
+        """One step's replacements, decided and written on the device (no host sync)."""
+        group = self.process_group
+        window = WindowView(self._probe.window, self.scope)
+        hits = window["step"].counts.to(torch.float64)  # (H, K), this step's
+        if _dist.is_distributed(group):
+            _dist.all_reduce_sum_(hits, group)
+        if self._cluster_size is None or self._cluster_size.device != hits.device:
+            self._cluster_size = torch.ones_like(hits)  # vector-quantize-pytorch's start
+        size = self._cluster_size.mul_(0.8).add_(hits, alpha=0.2)
+        probe_dead = size < self.dead_hits  # (H, K), the same on every rank
+        codebook = self._tensor(self.codebook_path)
+        K = codebook.shape[-2]
+        with edited(codebook) as full:
+            cb = full.view(-1, K, self.dim)  # (H', K, D)
+            shared = cb.shape[0] == 1
+            dead = (probe_dead.all(0, keepdim=True) if shared else probe_dead).to(cb.device)
+            drawn, dead = self._draw_all(cb, dead)
+            if _dist.is_distributed(group):  # rank 0's draws and validity, for every rank
+                packed = torch.cat([drawn, dead[..., None].to(drawn.dtype)], -1)
+                _dist.broadcast_(packed, 0, group)
+                drawn, dead = packed[..., :-1], packed[..., -1] > 0
+            cb.copy_(torch.where(dead[..., None], drawn, cb))
+        now = whole(self._tensor(self.codebook_path)).detach().view(-1, K, self.dim)
+        ok = torch.where(dead[..., None], now == drawn, True).all()
+        if self.ema_paths is not None:
+            size, total = (self._tensor(p) for p in self.ema_paths)
+            size.view(-1, K).copy_(torch.where(dead, self.reset_cluster_size, size.view(-1, K)))
+            total_ = total.view(-1, K, self.dim)
+            total_.copy_(torch.where(dead[..., None], drawn * self.reset_cluster_size, total_))
+        if isinstance(codebook, nn.Parameter) and optimizer is not None:
+            for value in optimizer.state.get(codebook, {}).values():
+                if isinstance(value, torch.Tensor) and value.shape == codebook.shape:
+                    with edited(value) as full:
+                        rows_ = full.view(-1, K, self.dim)
+                        rows_.copy_(torch.where(dead[..., None], 0, rows_))
+        replaced = dead.expand_as(probe_dead).to(size.device)
+        size.copy_(torch.where(replaced, self.dead_hits, size))
+        window["ema"].restart(replaced)
+        count = dead.sum()
+        if self._since_log is not None:  # (resumed: a host tensor, moved once)
+            count = count + self._since_log.to(count.device)
+            ok = ok & self._read_back.to(ok.device)
+        self._since_log, self._read_back = count, ok
+
+    def _draw_all(self, cb: torch.Tensor, dead: torch.Tensor):
+        """A candidate ``(H', K, D)`` for every code from this rank's batch, drawn on the
+        device, and ``dead`` narrowed to the codes whose candidate is a real position."""
+        batch = self._batch.to(device=cb.device, dtype=cb.dtype)  # (N, Hb, D)
+        valid = self._valid.to(cb.device)
+        if self._generator is None or self._generator.device != cb.device:
+            self._generator = torch.Generator(device=cb.device).manual_seed(self.seed)
+            if self._resumed is not None and self._resumed[0] == cb.device.type:
+                self._generator.set_state(self._resumed[1])  # a checkpoint's draws go on
+            self._resumed = None
+        H, K, N = dead.shape[0], cb.shape[1], batch.shape[0]
+        g, dev = self._generator, cb.device
+        if N >= K:  # without replacement (a random permutation per head), as SoundStream draws
+            pick = torch.rand(H, N, generator=g, device=dev).argsort(1)[:, :K]
+        else:
+            pick = torch.randint(N, (H, K), generator=g, device=dev)
+        heads = torch.arange(H, device=cb.device).clamp_max(batch.shape[1] - 1)
+        drawn = batch[pick, heads[:, None]]  # (H, K, D)
+        if self.cosine:
+            drawn = F.normalize(drawn, dim=-1)
+        return drawn, dead & valid[pick]
+
+    def state_dict(self) -> dict:
+        """The every-step cluster sizes and draw generator (exact resume)."""
+        if self._cluster_size is None:
+            return {}
+        return {
+            "cluster_size": self._cluster_size.detach().cpu().clone(),
+            "generator": (self._generator.device.type, self._generator.get_state()),
+            # the replacements not yet reported (a host sync: checkpoints are rare)
+            "since_log": None if self._since_log is None else int(self._since_log),
+        }
+
+    def load_state_dict(self, state: dict, optimizer=None) -> None:
+        self._cluster_size = self._generator = self._resumed = None
+        self._since_log = self._read_back = None
+        if "cluster_size" in state:
+            self._cluster_size = state["cluster_size"].clone()
+            self._resumed = state["generator"]
+            if state["since_log"] is not None:
+                self._since_log = torch.tensor(state["since_log"])
+                self._read_back = torch.tensor(True)
+
+    def _report_steps(self) -> list[Event]:
+        """The every-step replacements since the last log, as one event (a host sync: at the
+        log)."""
+        if self._since_log is None:
+            return []
+        n, ok = int(self._since_log), bool(self._read_back)
+        self._since_log = self._read_back = None
+        if not ok:
+            raise RuntimeError(
+                f"{self!r}: wrote codes into '{self.codebook_path}' but did not read them back; "
+                "the codebook tensor is not the model's"
+            )
+        if n == 0:
+            return []
+        info = {
+            "codebook": f"{self.path}.{self.codebook_path}",
+            "strategy": "random, at every step",
+        }
+        return [Event(self.name, info, count=n)]
 
     def _reset(self, view) -> list[Event]:
         if self.every_n_steps and view.step % self.every_n_steps:

@@ -97,4 +97,4 @@ class UsageEMA(Statistic):
         """Give the codes in ``mask (H, K)`` a uniform share of the rows: replaced codes are judged
         dead again only once the EMA has forgotten that share."""
         share = (self.rows / self.hits.shape[1])[:, None].expand_as(self.hits)
-        self.hits[mask] = share[mask]
+        self.hits.copy_(torch.where(mask, share, self.hits))  # no host sync (boolean indexing)
