@@ -11,7 +11,9 @@ every log. Modes:
 The condition must hold on ``patience`` consecutive logs, except that a value past ``severe``
 (a second, further bound of a ``below``/``above`` rule) fires at once. An alert fires once per
 episode: the condition must clear before the same key can fire again (``repeat=True`` re-fires
-every ``patience`` logs while it holds). After an alert the rule is silent for ``cooldown`` steps.
+every ``patience`` logs while it holds, at every log while the value is past ``severe``). Logs
+where the metric is NaN or ``requires`` is not met are skipped, not counted. After an alert the
+rule is silent for ``cooldown`` steps.
 ``warmup_steps`` ignores early logs entirely (running extrema included). ``arm=True`` is for a
 metric that starts at its "collapsed" end (every head attends uniformly at initialisation): the
 rule is armed by two consecutive logs where the condition does not hold (a stable healthy value;
@@ -209,8 +211,7 @@ class RuleEngine:
     def check(self, metrics: dict[str, float], step: int) -> list[Alert]:
         alerts = []
         for rule in self.rules:
-            warming = step <= rule.warmup_steps
-            if warming and not rule.arm:
+            if step <= rule.warmup_steps:
                 continue
             for key in sorted(k for k in metrics if rule.matches(k)):
                 value = float(metrics[key])
@@ -226,7 +227,7 @@ class RuleEngine:
                     st.latched = False
                     # armed by a stable healthy value: two logs in a row without the condition
                     st.armed = st.armed or st.consecutive <= -_ARMING_LOGS
-                if rule.arm and not (st.armed or (rule.warmup_steps and not warming)):
+                if rule.arm and not (st.armed or rule.warmup_steps):
                     st.consecutive = min(st.consecutive, 0)
                     continue
                 cooling = st.last_alert is not None and step - st.last_alert <= rule.cooldown

@@ -194,6 +194,35 @@ def test_every_step_dead_code_reset_leaves_identical_replicas(tmp_path):
     assert torch.equal(r0["codebook"], r1["codebook"])
 
 
+def failing_reset_worker(rank, init, out_dir):
+    from collapse_monitor import mitigations
+    from tests.test_reset_dead_codes import VQ, Model, concentrated
+
+    with process_group(rank, init):
+        torch.manual_seed(0)
+        model = Model(VQ(16, 4))
+        reset = mitigations.ResetDeadCodes("vq", every_step=True)
+        mon = CollapseMonitor(model, [probes.CodebookUsage("vq", 16)], 3, mitigations=[reset])
+        keep = reset._keep_input
+
+        def fails_on_rank_1(*args):
+            if rank == 1 and mon.global_step == 1:
+                raise ValueError("rank 1's capture fails")
+            keep(*args)
+
+        reset._keep_input = fails_on_rank_1
+        for step in range(6):  # a failure inside the first window: no rank may hang
+            with mon.observe():
+                model(concentrated(32, 4, seed=10 * rank + step))
+            mon.step()
+        torch.save({"disabled": reset.disabled}, os.path.join(out_dir, f"fail{rank}.pt"))
+
+
+def test_an_every_step_reset_failing_on_one_rank_stops_on_both_without_a_hang(tmp_path):
+    r0, r1 = run_two(failing_reset_worker, tmp_path, "fail")
+    assert r0["disabled"] and r1["disabled"]
+
+
 def test_dead_code_reset_leaves_identical_replicas(tmp_path):
     r0, r1 = run_two(reset_worker, tmp_path, "reset")
     assert r0["metrics"]["collapse/mitigations/reset_dead_codes"] > 0

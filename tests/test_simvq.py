@@ -159,3 +159,26 @@ def test_ema_codebooks_and_missing_codebooks_are_clear_errors():
         )
     with pytest.raises(ValueError, match="cannot tell which tensor"):
         CollapseMonitor(AutoEncoder(), [], mitigations=[mitigations.SimVQ("enc")])
+
+
+def test_the_original_codebook_gets_no_gradient_and_a_repeated_rule_applies_once():
+    torch.manual_seed(0)
+    model = AutoEncoder()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = CollapseMonitor(
+        model,
+        [probes.CodebookUsage("vq", 16, name="vq")],
+        2,
+        default_rules=False,
+        rules=[Rule("collapse/vq/usage", 2.0, "below", repeat=True, name="vq/usage_below")],
+        mitigations=[mitigations.SimVQ("vq", when="rule")],
+        strict=True,
+    )
+    train(model, mon, opt, batches(6))  # the rule fires at every log: SimVQ once, no error
+    assert mon.mitigation_counts["simvq"] == 1
+    x = batches(1, seed=9)[0]
+    recon, commit = model(x)
+    ((recon - x).pow(2).mean() + commit).backward()
+    original = model.vq.codebook.parametrizations.weight.original
+    assert original.grad is not None and not original.grad.any()  # in the graph, times zero
+    mon.close()

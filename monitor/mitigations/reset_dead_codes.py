@@ -42,7 +42,7 @@ def find_codebook(
     if name is not None:
         subs = dict(mod.named_modules())
         if name in subs and isinstance(subs[name], nn.Embedding):
-            return name + ".weight", subs[name].weight
+            return name + ".weight", tensors[name + ".weight"]
         if name in tensors:
             return name, tensors[name]
         raise KeyError(
@@ -51,8 +51,8 @@ def find_codebook(
         )
     embeddings = [(n, m) for n, m in mod.named_modules() if isinstance(m, nn.Embedding)]
     if len(embeddings) == 1:
-        sub, emb = embeddings[0]
-        return (sub + "." if sub else "") + "weight", emb.weight
+        path_ = (embeddings[0][0] + "." if embeddings[0][0] else "") + "weight"
+        return path_, tensors[path_]  # a parametrized weight: its original parameter
     shaped = [
         n
         for n, t in tensors.items()
@@ -160,8 +160,11 @@ class ResetDeadCodes(Mitigation):
         self.every_n_steps = every_n_steps
         self.every_step = every_step
         self.dead_hits = dead_hits
-        if every_step and (every_n_steps or when_rule):
-            raise ValueError("every_step=True acts at every step: no every_n_steps or when_rule")
+        if every_step and (every_n_steps or when_rule or strategy != "random"):
+            raise ValueError(
+                "every_step=True acts at every step with random draws: no every_n_steps, "
+                "when_rule or strategy='farthest'"
+            )
         self.when_rule = when_rule
         self.vectors = vectors
         self.ema_names = (ema_cluster_size, ema_embed_sum)
@@ -176,6 +179,7 @@ class ResetDeadCodes(Mitigation):
         self._generator: torch.Generator | None = None
         self._cluster_size: torch.Tensor | None = None  # (H, K) hits per step, EMA 0.8
         self._resumed: tuple[str, torch.Tensor] | None = None  # (device type, generator state)
+        self._failure: Exception | None = None  # an every-step failure, raised at the log
 
     def __repr__(self) -> str:
         return f"ResetDeadCodes(module={self.module!r}, name={self.name!r})"
@@ -265,11 +269,22 @@ class ResetDeadCodes(Mitigation):
 
     def _capture_call(self, module, args, kwargs, output) -> None:
         if self._active:
-            self.guarded(self._keep_input, args, kwargs, output)
+            self._capture(self._keep_input, args, kwargs, output)
 
     def _capture_codebook_input(self, module, args, kwargs) -> None:
         if self._active:
-            self.guarded(self._keep_codebook_input, args, kwargs)
+            self._capture(self._keep_codebook_input, args, kwargs)
+
+    def _capture(self, keep, *args) -> None:
+        if not self.every_step:
+            self.guarded(keep, *args)
+            return
+        # every step: a failure must not take this rank out of the steps' collectives; it is
+        # raised at the log, on every rank at once
+        try:
+            keep(*args)
+        except Exception as exc:
+            self._failure = self._failure or exc
 
     def _logging_step(self) -> bool:
         if self._recording.snapshot:
@@ -333,8 +348,10 @@ class ResetDeadCodes(Mitigation):
             self._batch = self._valid = None
 
     def on_step(self, optimizer) -> None:
-        if not self.every_step or self._batch is None:
+        if not self.every_step:
             return
+        if self._batch is None and not _dist.is_distributed(self.process_group):
+            return  # (under DDP every rank takes part in every step's collectives)
         try:
             self._reset_now(optimizer)
         finally:
@@ -348,8 +365,10 @@ class ResetDeadCodes(Mitigation):
         hits = window["step"].counts.to(torch.float64)  # (H, K), this step's
         if _dist.is_distributed(group):
             _dist.all_reduce_sum_(hits, group)
-        if self._cluster_size is None or self._cluster_size.device != hits.device:
+        if self._cluster_size is None:
             self._cluster_size = torch.ones_like(hits)  # vector-quantize-pytorch's start
+        elif self._cluster_size.device != hits.device:  # resumed from a checkpoint
+            self._cluster_size = self._cluster_size.to(hits.device)
         size = self._cluster_size.mul_(0.8).add_(hits, alpha=0.2)
         probe_dead = size < self.dead_hits  # (H, K), the same on every rank
         codebook = self._tensor(self.codebook_path)
@@ -358,7 +377,13 @@ class ResetDeadCodes(Mitigation):
             cb = full.view(-1, K, self.dim)  # (H', K, D)
             shared = cb.shape[0] == 1
             dead = (probe_dead.all(0, keepdim=True) if shared else probe_dead).to(cb.device)
-            drawn, dead = self._draw_all(cb, dead)
+            drawn, chosen = torch.zeros_like(cb), torch.zeros_like(dead)
+            if _dist.rank(group) == 0 and self._batch is not None and self._failure is None:
+                try:
+                    drawn, chosen = self._draw_all(cb, dead)
+                except Exception as exc:  # raised at the log (rank 0 still broadcasts)
+                    self._failure = exc
+            dead = chosen
             if _dist.is_distributed(group):  # rank 0's draws and validity, for every rank
                 packed = torch.cat([drawn, dead[..., None].to(drawn.dtype)], -1)
                 _dist.broadcast_(packed, 0, group)
@@ -393,7 +418,7 @@ class ResetDeadCodes(Mitigation):
         valid = self._valid.to(cb.device)
         if self._generator is None or self._generator.device != cb.device:
             self._generator = torch.Generator(device=cb.device).manual_seed(self.seed)
-            if self._resumed is not None and self._resumed[0] == cb.device.type:
+            if self._resumed and self._resumed[0] == cb.device.type:
                 self._generator.set_state(self._resumed[1])  # a checkpoint's draws go on
             self._resumed = None
         H, K, N = dead.shape[0], cb.shape[1], batch.shape[0]
@@ -412,9 +437,10 @@ class ResetDeadCodes(Mitigation):
         """The every-step cluster sizes and draw generator (exact resume)."""
         if self._cluster_size is None:
             return {}
+        g = self._generator  # (only rank 0 draws)
         return {
             "cluster_size": self._cluster_size.detach().cpu().clone(),
-            "generator": (self._generator.device.type, self._generator.get_state()),
+            "generator": None if g is None else (g.device.type, g.get_state()),
             # the replacements not yet reported (a host sync: checkpoints are rare)
             "since_log": None if self._since_log is None else int(self._since_log),
         }
@@ -431,7 +457,15 @@ class ResetDeadCodes(Mitigation):
 
     def _report_steps(self) -> list[Event]:
         """The every-step replacements since the last log, as one event (a host sync: at the
-        log)."""
+        log). A failure on any rank is raised on every rank (all leave the steps' collectives
+        together)."""
+        failed = torch.tensor([float(self._failure is not None)])
+        if _dist.is_distributed(self.process_group):
+            failed = failed.to(_dist.collective_device(self.process_group, failed.device))
+            _dist.all_reduce_sum_(failed, self.process_group)
+        if failed.item():
+            exc, self._failure = self._failure, None
+            raise exc or RuntimeError(f"{self!r}: the every-step reset failed on another rank")
         if self._since_log is None:
             return []
         n, ok = int(self._since_log), bool(self._read_back)

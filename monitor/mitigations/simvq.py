@@ -17,11 +17,12 @@ class SimVQParametrization(nn.Module):
 
     ``C`` (buffer ``frozen``) is the codebook at the switch, frozen; ``W (D, D)`` (``weight``)
     starts at the identity and ``b (D,)`` (``bias``) at zero, so the codebook, and with it the
-    model's function, is unchanged when applied (exactly: ``C I + 0 = C`` in floating point).
+    model's function, is unchanged when applied (exactly: ``C I + 0 = C`` in float32/float64
+    arithmetic; a TF32 or autocast matmul rounds the codebook at the switch).
     Every code is ``c_k W + b``: one gradient step on ``W`` moves the whole codebook, including
     codes no input chose (SimVQ's remedy for codebook collapse). The original parameter stays in
-    the graph with an exactly zero gradient, so a ``DistributedDataParallel`` wrapper built
-    before the switch still finds it used; it no longer affects the model.
+    the graph times zero (value and gradient exactly 0), so a ``DistributedDataParallel`` wrapper
+    built before the switch still finds it used; it no longer affects the model.
 
     Args:
         codebook: the codebook being reparametrised.
@@ -35,7 +36,7 @@ class SimVQParametrization(nn.Module):
         self.bias = nn.Parameter(torch.zeros(D, dtype=codebook.dtype, device=codebook.device))
 
     def forward(self, original: torch.Tensor) -> torch.Tensor:
-        return self.frozen @ self.weight + self.bias + (original - original.detach())
+        return self.frozen @ self.weight + self.bias + original.mul(0)
 
 
 def simvq(module: nn.Module, name: str = "weight") -> nn.Module:
@@ -77,7 +78,7 @@ class SimVQ(Reparametrization):
     codebook rule fires.
 
     At the switch ``C`` is the codebook as it is, ``W = I`` and ``b = 0``: the model computes the
-    same function (checked when the event is logged); from then on the whole codebook moves with
+    same function (exactly, in float32/float64 without TF32); from then on the whole codebook moves with
     ``W`` and ``b``, so codes no input chooses follow the encoder instead of dying. The new
     parameters join the optimizer in a param group of their own with the codebook's
     hyper-parameters.

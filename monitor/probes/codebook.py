@@ -227,9 +227,10 @@ class CodebookUsage(Probe):
         window["ema"].restart(mask.to(window.device))
 
     def default_rules(self):
-        """The usage rules stay silent for the probe's ``warmup_steps`` (every step is
-        observed, so observed steps are training steps): a router, whose choices do not chase
-        an encoder, can be watched from early on with a short warm-up."""
+        """The usage rules stay silent for the probe's ``warmup_steps``, counted in training
+        steps (the probe observes every step unless ``observe_every_n_steps`` says otherwise):
+        a router, whose choices do not chase an encoder, can be watched early with a short
+        warm-up. ``collapse-monitor report`` replays the default warm-up (100)."""
         rules = super().default_rules()
         for rule in rules:
             if rule.warmup_steps:

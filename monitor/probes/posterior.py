@@ -110,7 +110,7 @@ class PosteriorCollapse(Probe):
             "below",
             name="active_below",
             # a fresh encoder's means barely vary: units start inactive (and come and go in the
-            # first steps); armed once the run has had half its units active on two logs
+            # first steps); armed once 60% of the units were active on two logs in a row
             arm=True,
             patience=1,
             message="most latent units are inactive: try KL annealing or free bits",
