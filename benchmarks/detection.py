@@ -42,7 +42,6 @@ LOG_EVERY = 10  # the monitor's window
 EVAL = 10  # ground truth and held-out loss every EVAL steps
 STALL = 5  # evals without a 1% improvement of the held-out loss: a stalled run
 LOSS_FROM = 50  # the loss-failure rule starts here: every run's first steps are a transient
-EXTRA = ("kl_total", "collapsed_units", "rankme")  # printed beside the ruled metrics
 _F64 = torch.float64
 
 
@@ -68,7 +67,7 @@ class Phenomenon:
     build: Callable[[int, bool], Scenario]
     criterion: str  # the ground truth, in words
     onset: Callable[[float], bool]  # the truth value says the phenomenon has set in
-    loss_failure: str  # "rise" (10% over its running minimum) or "floor" (within 2% of -1)
+    loss_failure: str  # "rise" (a rise or a stall: _loss_failure) or "floor" (within 2% of -1)
     probe: str  # the probe whose alerts count as detections
     warmup: int = 0  # steps before which a collapsed value is a transient, not an onset
 
@@ -612,17 +611,13 @@ def run_one(name: str, collapse: bool, seed: int) -> dict:
         sc.model, sc.probes, LOG_EVERY, mitigations=sc.mitigations, on_alert=alerts.append
     )
     with torch.no_grad():
-        truth, losses, watched = [(0, sc.truth())], [(0, sc.heldout_loss())], {}
-    t = time.perf_counter()
+        truth, losses = [(0, sc.truth())], [(0, sc.heldout_loss())]
     for s in range(1, sc.steps + 1):
         loss = sc.step(mon)
         sc.optimizer.zero_grad()
         loss.backward()
         sc.optimizer.step()
-        m = mon.step(optimizer=sc.optimizer)
-        for k, v in (m or {}).items():
-            if any(r.matches(k) for r in mon.rules.rules) or k.endswith(EXTRA):
-                watched.setdefault(k, []).append(v)
+        mon.step(optimizer=sc.optimizer)
         if s % EVAL == 0:
             with torch.no_grad():
                 truth.append((s, sc.truth()))
@@ -636,13 +631,8 @@ def run_one(name: str, collapse: bool, seed: int) -> dict:
         "first_alert": min((a.step for a in mine), default=None),
         "rule": min(mine, key=lambda a: a.step).rule if mine else "",
         "alerts": sorted({a.rule for a in alerts}),
-        "all_first": min((a.step for a in alerts), default=None),
         "onset": _onset(truth, ph.onset, ph.warmup),
         "loss_failure": _loss_failure(losses, ph.loss_failure),
-        "truth": [round(v, 3) for _, v in truth],
-        "losses": [round(v, 3) for _, v in losses],
-        "metrics": {k: [round(v, 3) for v in vs] for k, vs in watched.items()},
-        "seconds": time.perf_counter() - t,
     }
 
 

@@ -286,16 +286,16 @@ class ResetDeadCodes(Mitigation):
         except Exception as exc:
             self._failure = self._failure or exc
 
-    def _logging_step(self) -> bool:
+    def _capturing(self) -> bool:
         if self._recording.snapshot:
             return False
         return self.every_step or self._recording.logging
 
     def _keep_input(self, args, kwargs, output) -> None:
-        """Keep the quantiser's input on a logging step (the pool of replacements), with the rows
+        """Keep the quantiser's input on a step a reset may use (the pool of replacements), with the rows
         that hold a real position: where its ``mask=`` (``(B, N)``, true for real positions) is
         true and, for one codebook, where the indices it returned are not ``-1``."""
-        if not self._logging_step():
+        if not self._capturing():
             return
         vecs = (
             self.vectors(self._quantizer, args, output)
@@ -322,7 +322,7 @@ class ResetDeadCodes(Mitigation):
     def _keep_codebook_input(self, args, kwargs) -> None:
         """vector-quantize-pytorch's codebook input: ``(h, b, n, d)`` (``(b, n, d)`` for one
         head), rows ordered as its own masking orders them."""
-        if not self._logging_step():
+        if not self._capturing():
             return
         x = first_input(args, kwargs).detach()
         x = x if x.ndim == 4 else x[None]
