@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -461,10 +462,11 @@ ZOO = {
     "router": Phenomenon(
         "router",
         router,
-        "experts chosen by held-out tokens <= 2 of 8",
+        "experts chosen by held-out tokens <= 2 of 8 (after the probe's 10-step warm-up)",
         lambda v: v < 0.3,
         "rise",
         "router",
+        warmup=10,
     ),
     "posterior": Phenomenon(
         "posterior",
@@ -510,12 +512,13 @@ ZOO = {
 
 
 # --------------------------------------------------------------------------- fixes side by side
-def dead_code_fixes(seed: int, variant: str, steps: int = 100) -> dict:
+def dead_code_fixes(seed: int, variant: str, draw: int = 0, steps: int = 100) -> dict:
     """A VQ autoencoder on digits with vector-quantize-pytorch's ``VectorQuantize`` (EMA
     codebook of 256): ``"none"``, ``"anchor"`` (its own ``threshold_ema_dead_code=2``, codes
     replaced at every training step), ``"reset"``/``"reset5"`` (``ResetDeadCodes`` at every log
     of a monitor with ``log_every_n_steps`` 10 / 5) or ``"every_step"`` (``ResetDeadCodes(
-    every_step=True)``). Held-out code usage and reconstruction MSE."""
+    every_step=True)``). ``seed`` fixes the data, the initialisation and the batches; ``draw``
+    only which batch vectors replace dead codes. Held-out code usage and reconstruction MSE."""
     from vector_quantize_pytorch import VectorQuantize
     from vq_dead_codes import DIM, TOKENS, digits
 
@@ -537,10 +540,11 @@ def dead_code_fixes(seed: int, variant: str, steps: int = 100) -> dict:
         return model["dec"](q.flatten(1)), idx, commit
 
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    torch.manual_seed(10_000 + draw)  # vector-quantize-pytorch draws from the global generator
     fixes = {
-        "reset": [mitigations.ResetDeadCodes("vq")],
-        "reset5": [mitigations.ResetDeadCodes("vq")],
-        "every_step": [mitigations.ResetDeadCodes("vq", every_step=True)],
+        "reset": [mitigations.ResetDeadCodes("vq", seed=draw)],
+        "reset5": [mitigations.ResetDeadCodes("vq", seed=draw)],
+        "every_step": [mitigations.ResetDeadCodes("vq", every_step=True, seed=draw)],
     }.get(variant, [])
     every = 5 if variant == "reset5" else LOG_EVERY
     mon = CollapseMonitor(
@@ -670,6 +674,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--only", default=",".join(ZOO))
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--draws", type=int, default=16, help="replacement draws per dead-code fix")
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args(argv)
     jobs = [
@@ -680,10 +685,11 @@ def main(argv=None) -> list[dict]:
     ]
     t = time.perf_counter()
     variants = ("none", "anchor", "reset", "reset5", "every_step")
+    runs = [(v, d) for v in variants for d in range(args.draws)]
     with ProcessPoolExecutor(args.workers) as pool:
-        fixes = pool.map(dead_code_fixes, [0] * len(variants), variants)
+        fixes = list(pool.map(dead_code_fixes, [0] * len(runs), *zip(*runs)))
         results = list(pool.map(run_one, *zip(*jobs)))
-        fixes = dict(zip(variants, fixes))
+        fixes = {v: [f for (w, _), f in zip(runs, fixes) if w == v] for v in variants}
     lines = [*table(results), "", *summary(results), "", *fix_table(fixes)]
     print("\n".join(lines))
     took = time.perf_counter() - t
@@ -712,7 +718,7 @@ def summary(results: list[dict]) -> list[str]:
     ]
 
 
-def fix_table(fixes: dict[str, dict]) -> list[str]:
+def fix_table(fixes: dict[str, list[dict]]) -> list[str]:
     names = {
         "none": "no fix",
         "anchor": "vector-quantize-pytorch `threshold_ema_dead_code=2` (every step)",
@@ -721,17 +727,32 @@ def fix_table(fixes: dict[str, dict]) -> list[str]:
         "every_step": "`ResetDeadCodes(every_step=True)` (every step, no host sync)",
     }
     keys = ["usage@25", "usage@50", "usage@100", "mse@100"]
-    fmt = {"mse@100": "{:.5f}"}
+    digits = {"mse@100": 5}
+
+    def cell(runs, k):
+        v = [r[k] for r in runs]
+        return f"{statistics.mean(v):.{digits.get(k, 3)}f} ± {statistics.stdev(v):.{digits.get(k, 3)}f}"
+
+    def gap(k):  # every_step - anchor, with its standard error
+        a, b = ([r[k] for r in fixes[v]] for v in ("anchor", "every_step"))
+        se = math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
+        return f"{k} {statistics.mean(b) - statistics.mean(a):+.{digits.get(k, 3) + 1}f} (standard error {se:.{digits.get(k, 3) + 1}f})"
+
+    draws = len(fixes["anchor"])
     return [
         "Dead-code fixes side by side: one VQ autoencoder on digits (vector-quantize-pytorch "
-        "`VectorQuantize`, EMA codebook of 256), seed 0, held-out usage and reconstruction MSE:",
+        "`VectorQuantize`, EMA codebook of 256), seed 0 (data, initialisation and batches "
+        f"fixed), {draws} draws of the replacement vectors per fix; held-out usage and "
+        "reconstruction MSE, mean ± standard deviation over the draws:",
         "",
         "| fix | " + " | ".join(keys) + " |",
         "|---" * (len(keys) + 1) + "|",
         *(
-            f"| {names[v]} | " + " | ".join(fmt.get(k, "{:.3f}").format(f[k]) for k in keys) + " |"
-            for v, f in fixes.items()
+            f"| {names[v]} | " + " | ".join(cell(runs, k) for k in keys) + " |"
+            for v, runs in fixes.items()
         ),
+        "",
+        f"`every_step` minus the anchor: {gap('usage@25')}; {gap('mse@100')}.",
     ]
 
 

@@ -80,14 +80,15 @@ def health(series: dict[str, list[tuple[int, float]]]) -> list[dict]:
         }
         for rule in rules:
             engine = RuleEngine([dataclasses.replace(rule, metric=tag)])
-            # a rule with requires= reads a sibling metric at the same log
-            sibling = tag.rsplit("/", 1)[0] + "/" + rule.requires[0] if rule.requires else None
-            beside = dict(series.get(sibling, ()))
+            # a rule with requires= or latest= reads sibling metrics at the same log
+            parent = tag.rsplit("/", 1)[0]
+            siblings = [rule.requires[0]] if rule.requires else []
+            siblings += [rule.latest] if rule.latest else []
+            beside = {f"{parent}/{m}": dict(series.get(f"{parent}/{m}", ())) for m in siblings}
             fired = []
             for step, value in points:
                 logged = {tag: value}
-                if step in beside:
-                    logged[sibling] = beside[step]
+                logged.update({k: v[step] for k, v in beside.items() if step in v})
                 fired += engine.check(logged, step)
             last = points[-1][1]
             holding = last < rule.threshold if rule.mode == "below" else last > rule.threshold

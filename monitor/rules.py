@@ -21,6 +21,11 @@ or, with ``warmup_steps``, by the end of the warm-up), and stays silent before i
 ``requires=("negative_mass", "above", 0.1)`` evaluates the rule only at logs where that sibling
 metric (the same key with its last part replaced) meets its own condition: a criterion defined
 for some inputs (SimSiam's ``norm_std`` for signed features) says nothing on others.
+``latest="dormant_fraction_last_step"`` names the sibling holding the same quantity measured on
+the window's last training step: a window averages over its steps, so a collapse that sets in
+inside a window shows in the window value one log late. The rule fires at once when the window
+value and the latest value both hold (the crossing lasted to the window's end), and when the
+latest value is past ``severe`` (the window still averages the healthy steps before it).
 """
 
 from __future__ import annotations
@@ -74,6 +79,8 @@ class Rule:
             ``warmup_steps`` have passed when it is set (see the module doc).
         requires: ``(sibling metric, mode, threshold)``, a ``below``/``above`` condition on the
             sibling key that must hold for this rule to be evaluated at a log.
+        latest: the sibling metric holding this quantity on the window's last step (a
+            ``below``/``above`` rule; see the module doc); logs without it behave as without.
     """
 
     metric: str
@@ -89,6 +96,7 @@ class Rule:
     severe: float | None = None
     arm: bool = False
     requires: tuple[str, str, float] | None = None
+    latest: str | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in _MODES:
@@ -112,6 +120,8 @@ class Rule:
                 f"severe={self.severe} must lie beyond threshold={self.threshold} of a "
                 f"'below' or 'above' rule (mode {self.mode!r})"
             )
+        if self.latest is not None and self.mode not in ("below", "above"):
+            raise ValueError(f"latest needs a 'below' or 'above' rule, got mode {self.mode!r}")
         if self.requires is not None and self.requires[1] not in ("below", "above"):
             raise ValueError(f"requires needs a 'below' or 'above' mode, got {self.requires}")
         if self.name is None:
@@ -148,6 +158,7 @@ class RuleSpec:
     severe: float | None = None
     arm: bool = False
     requires: tuple[str, str, float] | None = None
+    latest: str | None = None
 
     def _rule(self, probe_pattern: str, probe_name: str, per_module: bool) -> Rule:
         return Rule(
@@ -162,6 +173,7 @@ class RuleSpec:
             severe=self.severe,
             arm=self.arm,
             requires=self.requires,
+            latest=self.latest,
         )
 
     def bind(self, probe: str, per_module: bool = False) -> Rule:
@@ -217,10 +229,18 @@ class RuleEngine:
                 value = float(metrics[key])
                 if math.isnan(value):
                     continue
-                if rule.requires is not None and not _required(rule.requires, key, metrics):
+                if rule.requires is not None and not _past(
+                    rule.requires[1], _sibling(key, rule.requires[0], metrics), rule.requires[2]
+                ):
                     continue
                 st = self._state[rule.name].setdefault(key, _KeyState())
-                if self._holds(rule, st, value):
+                holds = self._holds(rule, st, value)
+                latest = _sibling(key, rule.latest, metrics) if rule.latest else math.nan
+                # a collapse inside the window: the latest step is past the severe bound while
+                # the window's mean still holds the healthy steps before it
+                latest_severe = rule.severe is not None and _past(rule.mode, latest, rule.severe)
+                at_once = latest_severe or (holds and _past(rule.mode, latest, rule.threshold))
+                if holds or latest_severe:
                     st.consecutive = max(st.consecutive, 0) + 1
                 else:
                     st.consecutive = min(st.consecutive, 0) - 1  # negative: healthy logs
@@ -231,14 +251,14 @@ class RuleEngine:
                     st.consecutive = min(st.consecutive, 0)
                     continue
                 cooling = st.last_alert is not None and step - st.last_alert <= rule.cooldown
-                severe = rule.severe is not None and _past(rule.mode, value, rule.severe)
-                due = st.consecutive >= rule.patience or (severe and st.consecutive > 0)
+                at_once |= rule.severe is not None and _past(rule.mode, value, rule.severe)
+                due = st.consecutive >= rule.patience or (at_once and st.consecutive > 0)
                 if due and not cooling and not st.latched:
                     st.consecutive = 0
                     st.last_alert = step
                     st.latched = not rule.repeat
                     self.counts[rule.name] += 1
-                    alerts.append(self._alert(rule, key, value, step, st))
+                    alerts.append(self._alert(rule, key, value, step, st, latest))
         return alerts
 
     @staticmethod
@@ -255,9 +275,12 @@ class RuleEngine:
         return value > (1 + rule.threshold) * st.extreme
 
     @staticmethod
-    def _alert(rule: Rule, key: str, value: float, step: int, st: _KeyState) -> Alert:
+    def _alert(
+        rule: Rule, key: str, value: float, step: int, st: _KeyState, latest: float
+    ) -> Alert:
         if rule.mode in ("below", "above"):
-            what = f"{value:.6g} is {rule.mode} {rule.threshold:.6g}"
+            word = rule.mode if _past(rule.mode, value, rule.threshold) else "not yet " + rule.mode
+            what = f"{value:.6g} is {word} {rule.threshold:.6g}"
         else:
             word = "fell" if rule.mode == "drop" else "rose"
             ref = "running max" if rule.mode == "drop" else "running min"
@@ -265,6 +288,10 @@ class RuleEngine:
         msg = f"[{rule.name}] step {step}: {key} = {what}"
         if rule.severe is not None and _past(rule.mode, value, rule.severe):
             msg += f" (past the severe bound {rule.severe:.6g})"
+        elif rule.severe is not None and _past(rule.mode, latest, rule.severe):
+            msg += f", {rule.latest} = {latest:.6g} (past the severe bound {rule.severe:.6g})"
+        elif _past(rule.mode, latest, rule.threshold):
+            msg += f", and {rule.latest} = {latest:.6g} at the window's last step"
         elif rule.patience > 1:
             msg += f" for {rule.patience} consecutive logs"
         if rule.message:
@@ -291,11 +318,10 @@ class RuleEngine:
 
 
 def _past(mode: str, value: float, bound: float) -> bool:
+    """``value`` is beyond ``bound`` (never for NaN)."""
     return value < bound if mode == "below" else value > bound
 
 
-def _required(requires: tuple[str, str, float], key: str, metrics: dict[str, float]) -> bool:
-    """The sibling condition of ``key`` (a missing or NaN sibling: not met)."""
-    metric, mode, bound = requires
-    value = metrics.get(key.rsplit("/", 1)[0] + "/" + metric)
-    return value is not None and not math.isnan(value) and _past(mode, float(value), bound)
+def _sibling(key: str, metric: str, metrics: dict[str, float]) -> float:
+    """The value of ``key``'s sibling ``metric`` (its last part replaced); NaN when missing."""
+    return float(metrics.get(key.rsplit("/", 1)[0] + "/" + metric, math.nan))

@@ -478,6 +478,8 @@ def test_dormant_units_logit_health_and_redo_under_ddp(tmp_path):
     ref = F.logit_health(logits, torch.zeros(len(logits), dtype=torch.long))
     assert r0["metrics"]["collapse/logits/log_z_mean"] == pytest.approx(ref["log_z_mean"], rel=1e-6)
     assert r0["metrics"]["collapse/dormant/1/dormant_fraction"] == 6 / 32
+    # the last step holds 20 rows on rank 0, 50 on rank 1: reported from the reduced 70 (>= 64)
+    assert r0["metrics"]["collapse/dormant/1/dormant_fraction_last_step"] == 6 / 32
 
 
 def hanging_worker(rank, init, out_dir):

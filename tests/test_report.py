@@ -63,3 +63,15 @@ def test_report_errors_are_clear(tmp_path, capsys):
         w.add_scalar("loss", 1.0, 0)
     assert main(["report", str(tmp_path)]) == 3
     assert "no collapse/... scalars" in capsys.readouterr().err
+
+
+def test_report_replays_a_rule_with_its_last_step_sibling():
+    from collapse_monitor.report import health
+
+    window = [(10, 0.2), (20, 0.1), (30, 0.6)]  # the window averages the healthy steps first
+    last = [(10, 0.2), (20, 0.6), (30, 0.6)]  # units died within the second window
+    series = {"collapse/d/3/dormant_fraction": window}
+    (row,) = health(series)
+    assert row["first_alert"] == 30  # without the last step: one log late
+    (row,) = health({**series, "collapse/d/3/dormant_fraction_last_step": last})
+    assert row["first_alert"] == 20 and row["verdict"] == "collapsed"

@@ -250,6 +250,30 @@ def test_every_step_replaces_unused_codes_between_logs_like_vector_quantize_pyto
     mon.close()
 
 
+def test_every_step_on_an_ema_codebook_replaces_exactly_what_vector_quantize_pytorch_would():
+    # vector-quantize-pytorch's rule: a code is dead when the codebook's own EMA cluster size
+    # (decay 0.8, updated in the forward) is below 2, and a replaced code restarts at 2
+    torch.manual_seed(0)
+    K, D = 32, 8
+    vq = VectorQuantize(dim=D, codebook_size=K, threshold_ema_dead_code=0)
+    model = Model(vq)
+    reset = mitigations.ResetDeadCodes("vq", every_step=True, dead_hits=2)
+    mon = CollapseMonitor(model, [probes.CodebookUsage("vq", K)], 10, mitigations=[reset])
+    seen = []  # the codebook after the forward's EMA update, before the monitor's step
+    cb = vq._codebook
+    hook = vq.register_forward_hook(
+        lambda *_: seen.append((cb.cluster_size[0].clone(), cb.embed[0].detach().clone()))
+    )
+    for step in range(6):
+        run(model, mon, [torch.randn(4, 32, D)])  # ~4 hits per code: some just below 2
+        size, embed = seen[-1]
+        replaced = (cb.embed[0] != embed).any(-1)
+        assert torch.equal(replaced, size < 2), step
+        assert (cb.cluster_size[0][replaced] == 2).all() and 0 < int(replaced.sum()) < K
+    hook.remove()
+    mon.close()
+
+
 def test_every_step_resets_resume_exactly():
     import io
 

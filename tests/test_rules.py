@@ -123,3 +123,31 @@ def test_a_rule_with_requires_is_evaluated_only_where_its_sibling_condition_hold
     signed = {"collapse/b/norm_std": 0.2, "collapse/b/negative_mass": 0.4}
     assert [a.metric for a in eng.check({**relu, **signed}, 10)] == ["collapse/b/norm_std"]
     assert eng.check({"collapse/c/norm_std": 0.2}, 20) == []  # no sibling: not evaluated
+
+
+def test_a_rule_with_latest_fires_at_once_when_the_windows_last_step_agrees():
+    rule = Rule("collapse/*/m", 0.5, "below", patience=2, severe=0.1, latest="m_last_step")
+
+    def first_alert(logs):
+        eng = RuleEngine([rule])
+        for i, (window, latest) in enumerate(logs):
+            logged = {"collapse/p/m": window}
+            if latest is not None:
+                logged["collapse/p/m_last_step"] = latest
+            alerts = eng.check(logged, 10 * (i + 1))
+            if alerts:
+                return alerts[0].step, alerts[0].message
+        return None, ""
+
+    # the window holds and so does its last step: the crossing lasted, no second log needed
+    step, message = first_alert([(1.0, 1.0), (0.4, 0.3)])
+    assert step == 20 and "m_last_step = 0.3 at the window's last step" in message
+    # the window holds but its last step has recovered: patience as without latest
+    assert first_alert([(1.0, 1.0), (0.4, 0.8), (0.4, 0.8)])[0] == 30
+    # an abrupt collapse inside the window: its mean still healthy, the last step far past
+    step, message = first_alert([(1.0, 1.0), (0.9, 0.05)])
+    assert step == 20 and "is not yet below 0.5, m_last_step = 0.05 (past the severe" in message
+    assert first_alert([(1.0, 1.0), (0.9, 0.3), (0.9, 0.3)])[0] is None  # near: not enough
+    assert first_alert([(1.0, None), (0.4, None), (0.4, None)])[0] == 30  # no latest: patience
+    with pytest.raises(ValueError, match="latest"):
+        Rule("collapse/p/m", 0.5, "drop", latest="m_last_step")

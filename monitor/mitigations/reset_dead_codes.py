@@ -392,10 +392,11 @@ class ResetDeadCodes(Mitigation):
         now = whole(self._tensor(self.codebook_path)).detach().view(-1, K, self.dim)
         ok = torch.where(dead[..., None], now == drawn, True).all()
         if self.ema_paths is not None:
-            size, total = (self._tensor(p) for p in self.ema_paths)
-            size.view(-1, K).copy_(torch.where(dead, self.reset_cluster_size, size.view(-1, K)))
-            total_ = total.view(-1, K, self.dim)
-            total_.copy_(torch.where(dead[..., None], drawn * self.reset_cluster_size, total_))
+            ema_size, ema_sum = (self._tensor(p) for p in self.ema_paths)
+            ema_size = ema_size.view(-1, K)
+            ema_size.copy_(torch.where(dead, self.reset_cluster_size, ema_size))
+            ema_sum = ema_sum.view(-1, K, self.dim)
+            ema_sum.copy_(torch.where(dead[..., None], drawn * self.reset_cluster_size, ema_sum))
         if isinstance(codebook, nn.Parameter) and optimizer is not None:
             for value in optimizer.state.get(codebook, {}).values():
                 if isinstance(value, torch.Tensor) and value.shape == codebook.shape:

@@ -13,6 +13,9 @@ from ..stats import CodeCounts, UsageEMA, Window, to_device
 from .base import Probe
 
 _F64 = torch.float64
+# samples per code a training step must hold for its own usage to be reported (usage_last_step):
+# uniform usage then hits every code with probability 1 - exp(-10)
+_LATEST_SAMPLES = 10
 
 
 class CodebookUsage(Probe):
@@ -53,8 +56,10 @@ class CodebookUsage(Probe):
     Reports ``perplexity`` (``exp`` of the entropy of the pooled window counts, in ``[1, K]``),
     ``perplexity_ratio`` (``perplexity / K``), ``usage`` (fraction of codes hit in the window),
     ``dead_codes``, ``dead_fraction``, ``samples`` (hits in the window) and ``skipped``
-    (placeholder entries), plus a histogram ``usage_hist`` of hits per code and the mask ``dead``
-    ``(H, K)`` for mitigations.
+    (placeholder entries), ``usage_last_step`` (the usage of the window's last training step
+    alone, mean over heads; reported when that step holds at least ``10 K`` samples per head, so
+    that it is not low by construction: the usage rule's latest value), plus a histogram
+    ``usage_hist`` of hits per code and the mask ``dead`` ``(H, K)`` for mitigations.
     Hot path: one ``index_add_`` per call, no host sync (on the CPU, out-of-range indices raise at
     once; elsewhere they are counted, excluded and raised at the next log).
     State: ``24*H*K + O(H)`` bytes; under DDP the EMA is summed over ranks (it is linear in
@@ -94,6 +99,7 @@ class CodebookUsage(Probe):
             # codes chase a moving encoder at first (usage dips and recovers on healthy runs):
             # silent during the probe's warm-up (default_rules binds the probe's warmup_steps)
             warmup_steps=100,
+            latest="usage_last_step",
             message="under half the codebook is used: consider ResetDeadCodes "
             "(meaningful once the window holds >> K samples)",
         ),
@@ -146,8 +152,14 @@ class CodebookUsage(Probe):
     def new_window(self) -> Window:
         H, K = self.heads, self.num_codes
         return Window(
-            # "step": this training step's counts, folded into the EMA by end_step
-            {"counts": CodeCounts(H, K), "step": CodeCounts(H, K), "ema": UsageEMA(H, K)},
+            # "step": this training step's counts, folded into the EMA by end_step and kept
+            # as "last" (the window's last step, for the rules' latest value)
+            {
+                "counts": CodeCounts(H, K),
+                "step": CodeCounts(H, K),
+                "last": CodeCounts(H, K),
+                "ema": UsageEMA(H, K),
+            },
             persistent=("ema",),
         )
 
@@ -221,6 +233,8 @@ class CodebookUsage(Probe):
 
     def end_step(self, window) -> None:
         window["ema"].advance(window["step"], self.ema_decay)
+        window["last"].reset()
+        window["last"].merge(window["step"])
         window["step"].reset()
 
     def on_replaced(self, window, mask: torch.Tensor) -> None:
@@ -271,6 +285,11 @@ class CodebookUsage(Probe):
             else:
                 for h, v in enumerate(values):
                     metrics[self.key(name, index=f"head_{h}")] = v
+        last = window["last"].counts
+        if bool((last.sum(-1) >= _LATEST_SAMPLES * self.num_codes).all()):
+            # with fewer samples than codes a step's usage is low by construction: left out
+            last_usage = usage_from_counts(last)["usage"]
+            metrics[self.key("usage_last_step")] = float(last_usage.mean())
         if self.heads > 1:
             metrics[self.key(f"dead_{self.unit}")] = float(dead.sum())
             metrics[self.key("dead_fraction")] = float(dead.to(_F64).mean())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .._modules import named_modules
@@ -19,6 +20,11 @@ _CHANNELS_FIRST = (
     nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d,
     nn.InstanceNorm3d, nn.GroupNorm,
 )  # fmt: skip
+# rows the window's last step must hold for its own dormant fraction (the rule's latest value): a
+# unit firing on 10% of inputs is silent on all of 64 rows with probability 0.1%
+_LATEST_ROWS = 64
+_F64 = torch.float64
+
 _CHANNELS_LAST = (nn.Linear, nn.Bilinear, nn.LayerNorm, nn.RMSNorm, nn.Embedding)
 
 
@@ -98,8 +104,10 @@ class DormantUnits(Probe):
     An output of 3 or more dimensions whose unit axis nothing tells is an error that says to
     pass ``channel_dim``. Reports per layer ``<layer>/dormant_fraction`` (score
     ``E|h_i| / mean_k E|h_k| <= tau``), ``<layer>/mean_abs`` (the raw ``E|h|``: a whole-layer
-    shrink is invisible in the relative score) and ``<layer>/skipped`` (rows with NaN or Inf,
-    left out), plus ``dormant_fraction`` over all units
+    shrink is invisible in the relative score), ``<layer>/skipped`` (rows with NaN or Inf,
+    left out) and ``<layer>/dormant_fraction_last_step`` (the window's last training step
+    alone, when it holds >= 64 rows: after a task switch units die within one window, whose
+    score still averages their active steps), plus ``dormant_fraction`` over all units
     (:func:`~collapse_monitor.functional.dormant_units`); the mask ``<layer>/dormant`` for ReDo.
 
     Args:
@@ -139,6 +147,7 @@ class DormantUnits(Probe):
             "above",
             name="dormant",
             severe=0.5,
+            latest="dormant_fraction_last_step",
             message="most of the layer's units are dormant: consider ReDo",
         ),
     )
@@ -164,7 +173,15 @@ class DormantUnits(Probe):
         }  # fmt: skip
 
     def new_window(self) -> Window:
-        return Window({layer_name(p): UnitActivity() for p in self.paths})
+        # per layer: the window's activity, this step's, and the window's last step's (for
+        # the rule's latest value: units can die within one window, after a task switch)
+        return Window(
+            {
+                f"{layer_name(p)}{part}": UnitActivity()
+                for p in self.paths
+                for part in ("", "/step", "/last")
+            }
+        )
 
     def update(self, window, a, call) -> None:
         axis = -1 if a.ndim == 2 else self.axes[call.path]
@@ -177,15 +194,25 @@ class DormantUnits(Probe):
             )
         a = a.detach().movedim(axis, -1)
         a = a.reshape(-1, a.shape[-1])
-        stat = window[layer_name(call.path)]
+        layer = layer_name(call.path)
+        sums = UnitActivity.sums(a, finite_rows(a))
         try:
-            stat.update(a, finite_rows(a))
+            window[layer].add(*sums)
+            window[f"{layer}/step"].add(*sums)
         except ValueError as exc:  # a unit count that changed: say which layer
             raise self.error(call.path, str(exc)) from None
 
+    def end_step(self, window) -> None:
+        for layer, _ in window.items():
+            step, last = window[f"{layer}/step"], window[f"{layer}/last"]
+            last.reset()
+            if step.sizes["H"] is not None:  # the layer ran in this step
+                last.merge(step)
+                step.reset()
+
     def readout(self, window) -> Readout:
         metrics, masks, pictures = {}, {}, {}
-        total = dormant = 0
+        total = dormant = last_total = last_dormant = 0
         for layer, st in window.items():
             metrics[self.key("skipped", layer)] = float(st.skipped)
             if not st.rows.item():
@@ -196,6 +223,12 @@ class DormantUnits(Probe):
             metrics[self.key("mean_abs", layer)] = r["mean_abs"]
             total += r["dormant"].numel()
             dormant += int(r["dormant"].sum())
+            last = window[f"{layer}/last"]
+            if last.rows.item() >= _LATEST_ROWS:
+                now = dormant_from_activity(last.abs_sum, last.rows.item(), self.tau)["dormant"]
+                metrics[self.key("dormant_fraction_last_step", layer)] = now.to(_F64).mean().item()
+                last_total += now.numel()
+                last_dormant += int(now.sum())
             pictures[self.key("unit_scores", layer)] = Picture(
                 "bars",
                 r["score"].sort().values,
@@ -206,4 +239,6 @@ class DormantUnits(Probe):
             )
         if total:
             metrics[self.key("dormant_fraction")] = dormant / total
+        if last_total:
+            metrics[self.key("dormant_fraction_last_step")] = last_dormant / last_total
         return Readout(metrics, pictures=pictures, masks=masks)

@@ -33,12 +33,23 @@ class UnitActivity(Statistic):
     def update(self, activations: torch.Tensor, valid: torch.Tensor | None = None) -> None:
         """Add ``activations (N, H)`` (units last); rows where ``valid (N,)`` is false (NaN or
         Inf) are left out and counted in ``skipped``."""
-        self.fix_sizes(H=activations.shape[1])
+        self.add(*self.sums(activations, valid))
+
+    @staticmethod
+    @torch.no_grad()
+    def sums(
+        activations: torch.Tensor, valid: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | int, torch.Tensor | int]:
+        """``(abs_sum (H,), rows, skipped)`` of ``activations (N, H)``, for :meth:`add` (one
+        pass feeding several statistics)."""
         a = activations.abs().to(_F64)
         if valid is None:
-            self.abs_sum += a.sum(0)
-            self.rows += activations.shape[0]
-            return
-        self.abs_sum += torch.where(valid[:, None], a, 0.0).sum(0)
-        self.rows += valid.sum()
-        self.skipped += (~valid).sum()
+            return a.sum(0), activations.shape[0], 0
+        return torch.where(valid[:, None], a, 0.0).sum(0), valid.sum(), (~valid).sum()
+
+    @torch.no_grad()
+    def add(self, abs_sum: torch.Tensor, rows, skipped) -> None:
+        self.fix_sizes(H=abs_sum.shape[0])
+        self.abs_sum += abs_sum
+        self.rows += rows
+        self.skipped += skipped

@@ -240,3 +240,13 @@ def test_the_usage_rules_wait_for_the_probes_warmup():
             mon.step()
         mon.close()
         assert min(a.step for a in alerts if a.rule.endswith("usage_below")) == first
+
+
+def test_usage_of_the_windows_last_step_when_it_holds_enough_samples():
+    every_code = torch.arange(8).repeat(10)  # 80 indices: 10 per code
+    two_codes = torch.tensor([0, 1]).repeat(40)
+    _, (m,) = stream(probes.CodebookUsage("vq", 8, name="vq"), [every_code, two_codes], 2)
+    assert m["collapse/vq/usage"] == 1.0 and m["collapse/vq/usage_last_step"] == 0.25
+    # fewer than 10 samples per code: a step's usage is low by construction, not reported
+    _, (m,) = stream(probes.CodebookUsage("vq", 8, name="vq"), [every_code, two_codes[:79]], 2)
+    assert "collapse/vq/usage_last_step" not in m

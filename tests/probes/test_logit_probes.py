@@ -143,6 +143,32 @@ def test_dormant_units_match_the_reference_score():
     assert got["collapse/dormant/1/mean_abs"] == pytest.approx(ref["mean_abs"], rel=1e-9)
 
 
+def test_dormant_fraction_of_the_windows_last_step():
+    # units 0-9 of 16 fall silent in the window's last step: the window's score still averages
+    # their active steps, the last step's alone (the rule's latest value) shows them
+    model = nn.Sequential(nn.Identity())
+    g = torch.Generator().manual_seed(0)
+    active = torch.randn(100, 16, generator=g).relu()
+    silent = torch.randn(100, 16, generator=g).relu()
+    silent[:, :10] = 0.0
+    mon = CollapseMonitor(model, [probes.DormantUnits("0", name="d")], 2)
+    for batch in (active, silent):
+        with mon.observe():
+            model(batch)
+        m = mon.step()
+    window = F.dormant_units(torch.cat([active, silent]))["dormant_fraction"]
+    assert m["collapse/d/0/dormant_fraction"] == pytest.approx(window) and window < 0.1
+    assert m["collapse/d/0/dormant_fraction_last_step"] == pytest.approx(10 / 16)
+    assert m["collapse/d/dormant_fraction_last_step"] == pytest.approx(10 / 16)
+    with mon.observe():  # a last step of fewer than 64 rows: not reported
+        model(silent[:63])
+    mon.step()
+    with mon.observe():
+        model(silent[:63])
+    assert "collapse/d/0/dormant_fraction_last_step" not in mon.step()
+    mon.close()
+
+
 def test_redo_revives_dormant_units_without_changing_the_output():
     m = dead_mlp()
     opt = torch.optim.Adam(m.parameters(), lr=1e-3)
