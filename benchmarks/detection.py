@@ -731,11 +731,12 @@ def fix_table(fixes: dict[str, list[dict]]) -> list[str]:
 
     def cell(runs, k):
         v = [r[k] for r in runs]
-        return f"{statistics.mean(v):.{digits.get(k, 3)}f} ± {statistics.stdev(v):.{digits.get(k, 3)}f}"
+        sd = statistics.stdev(v) if len(v) > 1 else 0.0
+        return f"{statistics.mean(v):.{digits.get(k, 3)}f} ± {sd:.{digits.get(k, 3)}f}"
 
     def gap(k):  # every_step - anchor, with its standard error
         a, b = ([r[k] for r in fixes[v]] for v in ("anchor", "every_step"))
-        se = math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
+        se = math.sqrt(sum(statistics.variance(x) / len(x) for x in (a, b) if len(x) > 1))
         return f"{k} {statistics.mean(b) - statistics.mean(a):+.{digits.get(k, 3) + 1}f} (standard error {se:.{digits.get(k, 3) + 1}f})"
 
     draws = len(fixes["anchor"])

@@ -228,7 +228,7 @@ def _formula(p) -> str:
     if isinstance(p, probes.RepresentationRank):
         return "8D^2+8D+O(1)"
     if isinstance(p, probes.CodebookUsage):
-        return "24HK+24H"
+        return "32HK+O(H)"
     return "O(layers x heads)" if isinstance(p, probes.AttentionEntropy) else "O(1)"
 
 

@@ -11,7 +11,8 @@ every log. Modes:
 The condition must hold on ``patience`` consecutive logs, except that a value past ``severe``
 (a second, further bound of a ``below``/``above`` rule) fires at once. An alert fires once per
 episode: the condition must clear before the same key can fire again (``repeat=True`` re-fires
-every ``patience`` logs while it holds, at every log while the value is past ``severe``). Logs
+every ``patience`` logs while it holds, at every log while the value is past ``severe`` or agrees
+with ``latest``). Logs
 where the metric is NaN or ``requires`` is not met are skipped, not counted. After an alert the
 rule is silent for ``cooldown`` steps.
 ``warmup_steps`` ignores early logs entirely (running extrema included). ``arm=True`` is for a
@@ -22,10 +23,11 @@ or, with ``warmup_steps``, by the end of the warm-up), and stays silent before i
 metric (the same key with its last part replaced) meets its own condition: a criterion defined
 for some inputs (SimSiam's ``norm_std`` for signed features) says nothing on others.
 ``latest="dormant_fraction_last_step"`` names the sibling holding the same quantity measured on
-the window's last training step: a window averages over its steps, so a collapse that sets in
+the last training step the probe recorded in the window: a window averages over its steps, so a collapse that sets in
 inside a window shows in the window value one log late. The rule fires at once when the window
 value and the latest value both hold (the crossing lasted to the window's end), and when the
-latest value is past ``severe`` (the window still averages the healthy steps before it).
+latest value is past ``severe`` (the window still averages the healthy steps before it); the
+episode lasts while the latest value stays past the threshold.
 """
 
 from __future__ import annotations
@@ -239,8 +241,10 @@ class RuleEngine:
                 # a collapse inside the window: the latest step is past the severe bound while
                 # the window's mean still holds the healthy steps before it
                 latest_severe = rule.severe is not None and _past(rule.mode, latest, rule.severe)
-                at_once = latest_severe or (holds and _past(rule.mode, latest, rule.threshold))
-                if holds or latest_severe:
+                latest_holds = _past(rule.mode, latest, rule.threshold)
+                at_once = latest_severe or (holds and latest_holds)
+                # an episode lasts while the last step stays past the threshold
+                if holds or latest_severe or (st.latched and latest_holds):
                     st.consecutive = max(st.consecutive, 0) + 1
                 else:
                     st.consecutive = min(st.consecutive, 0) - 1  # negative: healthy logs

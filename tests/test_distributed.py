@@ -154,6 +154,33 @@ def test_state_dict_under_ddp_is_the_reduced_window_and_resumes_without_double_c
             assert r["resumed"][k] == pytest.approx(v, rel=1e-9, abs=1e-12), k
 
 
+def two_windows_worker(rank, init, out_dir):
+    with process_group(rank, init):
+        x, y = data()
+        torch.manual_seed(0)
+        mon = CollapseMonitor(nn.Sequential(nn.Linear(D, C)), make_probes()[:1], 1)
+        logged = []
+        for window, keep in enumerate((y < C - 2, torch.ones_like(y, dtype=torch.bool))):
+            # window 2 holds two classes first seen there, on both ranks (each rank takes its
+            # own shift for them): only those are re-centred before the reduce
+            xs, ys = shard(rank, x[keep] + window, y[keep])
+            with mon.observe(targets=ys):
+                mon.model(xs)
+            logged.append(mon.step())
+        mon.close()
+        torch.save(logged, os.path.join(out_dir, f"windows{rank}.pt"))
+
+
+def test_a_later_window_adds_sums_around_agreed_shifts_and_equals_the_union(tmp_path):
+    r0, r1 = run_two(two_windows_worker, tmp_path, "windows")
+    assert r0 == r1
+    x, y = data()
+    for window, keep in enumerate((y < C - 2, torch.ones_like(y, dtype=torch.bool))):
+        ref = F.neural_collapse(x[keep] + window, y[keep], C)
+        got = {k.split("/")[-1]: v for k, v in r0[window].items() if k.startswith("collapse/h/")}
+        assert_metrics_close(got, ref, keys=KEYS)
+
+
 def reset_worker(rank, init, out_dir, every_step=False):
     from collapse_monitor import mitigations
     from tests.test_reset_dead_codes import VQ, Model, concentrated

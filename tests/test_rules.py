@@ -151,3 +151,15 @@ def test_a_rule_with_latest_fires_at_once_when_the_windows_last_step_agrees():
     assert first_alert([(1.0, None), (0.4, None), (0.4, None)])[0] == 30  # no latest: patience
     with pytest.raises(ValueError, match="latest"):
         Rule("collapse/p/m", 0.5, "drop", latest="m_last_step")
+
+
+def test_a_latest_episode_lasts_while_the_last_step_stays_past_the_threshold():
+    rule = Rule("collapse/p/m", 0.4, "above", patience=2, severe=0.5, latest="m_last_step")
+    eng = RuleEngine([rule])
+    logs = [(0.1, 0.1), (0.3, 0.6), (0.35, 0.45), (0.45, 0.45), (0.1, 0.1), (0.3, 0.6)]
+    fired = [
+        a.step
+        for i, (window, last) in enumerate(logs)
+        for a in eng.check({"collapse/p/m": window, "collapse/p/m_last_step": last}, 10 * i)
+    ]
+    assert fired == [10, 50]  # one alert per episode; a new one after it clears

@@ -229,9 +229,11 @@ def metrics_from_class_statistics(
             so with the default of 2 a dropped class's samples are dropped too.
         tile_size: tile for the pairwise metrics (memory ``tile_size^2`` floats).
         share: ``(rank, world)``: compute only this part of the exact class pairs
-            (:func:`pair_tiles`); ``combine`` must then sum the ``(6,)`` pair sums over the parts
-            in place (an all-reduce), so that each of ``world`` ranks does ``1/world`` of the
-            ``O(C^2 D)`` pairwise work and all get the same metrics.
+            (:func:`pair_tiles`) and of the classes in the between-class Gram matrix;
+            ``combine`` must then sum the ``(6,)`` pair sums and the ``(D, D)`` Gram part over
+            the parts in place (an all-reduce), so that each of ``world`` ranks does
+            ``1/world`` of the ``O(C^2 D)`` pairwise and ``O(C D^2)`` work and all get the same
+            metrics.
         pair_sample: when the used classes have more pairs than this, the pairwise metrics are
             estimated on ``pair_sample`` random pairs (:func:`sampled_pairwise_metrics`, keys
             ``*_sampled`` with ``*_sampled_ci95``) instead of computed over all pairs;
@@ -259,8 +261,13 @@ def metrics_from_class_statistics(
         # eigenpairs of Sigma_B = Mt'Mt / C through whichever Gram matrix is smaller
         if Cu <= D:
             evals, evecs = torch.linalg.eigh(centred @ centred.T / Cu)
-        else:
-            evals, evecs = torch.linalg.eigh(centred.T @ centred / Cu)
+        else:  # O(Cu D^2): each of the share's ranks sums its part of the classes
+            rank, world = share
+            part = centred[Cu * rank // world : Cu * (rank + 1) // world]
+            gram = part.T @ part
+            if world > 1:
+                combine(gram)
+            evals, evecs = torch.linalg.eigh(gram / Cu)
         evals, evecs = evals.flip(0), evecs.flip(1)  # descending
         tol = D * _EPS * evals[0].clamp_min(0)
         keep = (evals > tol) & (torch.arange(evals.numel(), device=evals.device) < min(Cu - 1, D))

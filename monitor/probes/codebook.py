@@ -14,7 +14,8 @@ from .base import Probe
 
 _F64 = torch.float64
 # samples per code a training step must hold for its own usage to be reported (usage_last_step):
-# uniform usage then hits every code with probability 1 - exp(-10)
+# under uniform usage each code is then missed with probability exp(-10), so the step's usage is
+# not low by construction
 _LATEST_SAMPLES = 10
 
 
@@ -56,13 +57,14 @@ class CodebookUsage(Probe):
     Reports ``perplexity`` (``exp`` of the entropy of the pooled window counts, in ``[1, K]``),
     ``perplexity_ratio`` (``perplexity / K``), ``usage`` (fraction of codes hit in the window),
     ``dead_codes``, ``dead_fraction``, ``samples`` (hits in the window) and ``skipped``
-    (placeholder entries), ``usage_last_step`` (the usage of the window's last training step
-    alone, mean over heads; reported when that step holds at least ``10 K`` samples per head, so
-    that it is not low by construction: the usage rule's latest value), plus a histogram
+    (placeholder entries), ``usage_last_step`` (the usage of the last training step the probe
+    recorded in the window, alone; mean over heads; reported when that step holds at least
+    ``10 K`` indices per head, so that it is not low by construction: the usage rule's latest
+    value), plus a histogram
     ``usage_hist`` of hits per code and the mask ``dead`` ``(H, K)`` for mitigations.
     Hot path: one ``index_add_`` per call, no host sync (on the CPU, out-of-range indices raise at
     once; elsewhere they are counted, excluded and raised at the next log).
-    State: ``24*H*K + O(H)`` bytes; under DDP the EMA is summed over ranks (it is linear in
+    State: ``32*H*K + O(H)`` bytes; under DDP the EMA is summed over ranks (it is linear in
     the counts), and a resumed run's ranks other than 0 start it at zero.
 
     Example:
@@ -161,6 +163,7 @@ class CodebookUsage(Probe):
                 "ema": UsageEMA(H, K),
             },
             persistent=("ema",),
+            transient=("last",),
         )
 
     # ----------------------------------------------------------------- hot path
@@ -285,10 +288,10 @@ class CodebookUsage(Probe):
             else:
                 for h, v in enumerate(values):
                     metrics[self.key(name, index=f"head_{h}")] = v
-        last = window["last"].counts
-        if bool((last.sum(-1) >= _LATEST_SAMPLES * self.num_codes).all()):
+        last = window["last"]
+        if bool((last.rows >= _LATEST_SAMPLES * self.num_codes).all()):
             # with fewer samples than codes a step's usage is low by construction: left out
-            last_usage = usage_from_counts(last)["usage"]
+            last_usage = usage_from_counts(last.counts)["usage"]
             metrics[self.key("usage_last_step")] = float(last_usage.mean())
         if self.heads > 1:
             metrics[self.key(f"dead_{self.unit}")] = float(dead.sum())
@@ -332,7 +335,8 @@ class LatentUsage(CodebookUsage):
 
     Reads the module's output activations ``(..., L)`` (``extract=`` otherwise). Reports
     ``dead_latents`` / ``dead_fraction`` (latents that did not fire in the whole window, the SAE
-    convention; ``dead="ema"`` for the EMA rule), ``usage`` (fraction that fired), ``fire_rate``
+    convention; ``dead="ema"`` for the EMA rule), ``usage`` (fraction that fired;
+    ``usage_last_step``: the last recorded step alone, from ``10 L`` rows), ``fire_rate``
     (mean active latents per row, L0), ``perplexity`` of the firing distribution, ``samples``
     (rows), ``skipped`` (rows with NaN or Inf, and padded tokens: ``observe(mask=)`` or the
     model's ``attention_mask``, left out) and a ``usage_hist`` of fires per latent

@@ -21,7 +21,8 @@ _CHANNELS_FIRST = (
     nn.InstanceNorm3d, nn.GroupNorm,
 )  # fmt: skip
 # rows the window's last step must hold for its own dormant fraction (the rule's latest value): a
-# unit firing on 10% of inputs is silent on all of 64 rows with probability 0.1%
+# unit firing on 10% of independent inputs is silent on all of 64 with probability 0.1% (rows
+# of a convolution's output are positions, not independent inputs: the bound is optimistic there)
 _LATEST_ROWS = 64
 _F64 = torch.float64
 
@@ -105,9 +106,11 @@ class DormantUnits(Probe):
     pass ``channel_dim``. Reports per layer ``<layer>/dormant_fraction`` (score
     ``E|h_i| / mean_k E|h_k| <= tau``), ``<layer>/mean_abs`` (the raw ``E|h|``: a whole-layer
     shrink is invisible in the relative score), ``<layer>/skipped`` (rows with NaN or Inf,
-    left out) and ``<layer>/dormant_fraction_last_step`` (the window's last training step
-    alone, when it holds >= 64 rows: after a task switch units die within one window, whose
-    score still averages their active steps), plus ``dormant_fraction`` over all units
+    left out) and ``<layer>/dormant_fraction_last_step`` (the last training step the probe
+    recorded in the window, alone, when it holds >= 64 rows: after a task switch units die
+    within one window, whose score still averages their active steps), plus
+    ``dormant_fraction`` over all units (and ``dormant_fraction_last_step`` when every layer's
+    last step was measured)
     (:func:`~collapse_monitor.functional.dormant_units`); the mask ``<layer>/dormant`` for ReDo.
 
     Args:
@@ -175,12 +178,14 @@ class DormantUnits(Probe):
     def new_window(self) -> Window:
         # per layer: the window's activity, this step's, and the window's last step's (for
         # the rule's latest value: units can die within one window, after a task switch)
+        layers = [layer_name(p) for p in self.paths]
         return Window(
             {
-                f"{layer_name(p)}{part}": UnitActivity()
-                for p in self.paths
+                f"{layer}{part}": UnitActivity()
+                for layer in layers
                 for part in ("", "/step", "/last")
-            }
+            },
+            transient=tuple(f"{layer}{part}" for layer in layers for part in ("/step", "/last")),
         )
 
     def update(self, window, a, call) -> None:
@@ -206,13 +211,14 @@ class DormantUnits(Probe):
         for layer, _ in window.items():
             step, last = window[f"{layer}/step"], window[f"{layer}/last"]
             last.reset()
-            if step.sizes["H"] is not None:  # the layer ran in this step
+            if step.sizes["H"] is not None:  # (not before the layer's first call)
                 last.merge(step)
                 step.reset()
 
     def readout(self, window) -> Readout:
         metrics, masks, pictures = {}, {}, {}
         total = dormant = last_total = last_dormant = 0
+        complete = True  # every layer with rows in the window has its last step measured
         for layer, st in window.items():
             metrics[self.key("skipped", layer)] = float(st.skipped)
             if not st.rows.item():
@@ -224,6 +230,7 @@ class DormantUnits(Probe):
             total += r["dormant"].numel()
             dormant += int(r["dormant"].sum())
             last = window[f"{layer}/last"]
+            complete &= last.rows.item() >= _LATEST_ROWS
             if last.rows.item() >= _LATEST_ROWS:
                 now = dormant_from_activity(last.abs_sum, last.rows.item(), self.tau)["dormant"]
                 metrics[self.key("dormant_fraction_last_step", layer)] = now.to(_F64).mean().item()
@@ -239,6 +246,6 @@ class DormantUnits(Probe):
             )
         if total:
             metrics[self.key("dormant_fraction")] = dormant / total
-        if last_total:
+        if last_total and complete:
             metrics[self.key("dormant_fraction_last_step")] = last_dormant / last_total
         return Readout(metrics, pictures=pictures, masks=masks)

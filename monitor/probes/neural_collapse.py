@@ -243,16 +243,21 @@ class NeuralCollapse(Probe):
         if moments.dim:
             weight = None if self.classifier is None else whole(self.classifier.weight)
             group = self.readout_group
+            share = (_dist.rank(group), _dist.world_size(group))
+
+            def combine(part):
+                _dist.all_reduce_sum_(part, group)
+
             out = metrics_from_class_statistics(
                 moments.count,
                 moments.means(),
-                moments.within_class_scatter(),
+                moments.within_class_scatter(share, combine),
                 moments.class_variances(),
                 weight,
                 self.min_class_count,
                 self.tile_size,
-                share=(_dist.rank(group), _dist.world_size(group)),
-                combine=lambda sums: _dist.all_reduce_sum_(sums, group),
+                share=share,
+                combine=combine,
                 pair_sample=self.pair_sample,
                 generator=self._pair_generator(moments),
             )

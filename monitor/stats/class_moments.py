@@ -18,6 +18,12 @@ from .base import Statistic
 _F64 = torch.float64
 
 
+def _share(n: int, share: tuple[int, int]) -> slice:
+    """Rank ``share[0]``'s contiguous part of ``n`` rows split over ``share[1]`` ranks."""
+    rank, world = share
+    return slice(n * rank // world, n * (rank + 1) // world)
+
+
 class ClassMoments(Statistic):
     """Streaming per-class counts, shifted sums and a pooled shifted second moment.
 
@@ -27,6 +33,8 @@ class ClassMoments(Statistic):
     - ``count``: ``(C,) int64``, samples per class in the window.
     - ``shift``: ``(C, D) float64``, ``K_c``; zero until the class is first seen.
     - ``shift_set``: ``(C,) bool``.
+    - ``shift_agreed``: ``(C,) bool``, shifts that came from a reduced window (identical on every
+      rank): the all-reduce adds their sums as they are and re-centres only the others.
     - ``sum``: ``(C, D) float64``, ``s_c = sum_{i in c} (h_i - K_c)``.
     - ``sq_norm``: ``(C,) float64``, ``q_c = sum_{i in c} ||h_i - K_c||^2`` (CDNV variances).
     - ``second_moment``: ``(D, D) float64``, ``S = sum_i (h_i - K_{y_i})(h_i - K_{y_i})'``;
@@ -59,6 +67,7 @@ class ClassMoments(Statistic):
         self.add_state("count", (C,), torch.int64, reduce=None)
         self.add_state("shift", (C, "D"), _F64, reduce=None)
         self.add_state("shift_set", (C,), torch.bool, reduce=None)
+        self.add_state("shift_agreed", (C,), torch.bool, reduce=None)
         self.add_state("sum", (C, "D"), _F64, reduce=None)
         self.add_state("sq_norm", (C,), _F64, reduce=None)
         self.add_state("second_moment", ("D",) if diagonal else ("D", "D"), _F64, reduce=None)
@@ -125,19 +134,21 @@ class ClassMoments(Statistic):
         self.shift_set |= n_new > 0
 
     # ------------------------------------------------------------------ exact re-centring
-    def rebase(self, new_shift: torch.Tensor) -> None:
-        """Re-express the sums around ``new_shift`` (C, D); exact algebra, O(C D^2)."""
-        n = self.count.to(_F64)
-        delta = self.shift - new_shift
+    def rebase(self, new_shift: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        """Re-express the sums around ``new_shift`` (C, D), or, with ``rows`` (R,) distinct
+        class indices, those classes' sums around ``new_shift`` (R, D); exact algebra,
+        O(R D^2)."""
+        at = slice(None) if rows is None else rows
+        n = self.count[at].to(_F64)
+        s = self.sum[at]
+        delta = self.shift[at] - new_shift
         if self.diagonal:
-            self.second_moment += (delta * (self.sum + n[:, None] * delta) + self.sum * delta).sum(
-                0
-            )
+            self.second_moment += (delta * (s + n[:, None] * delta) + s * delta).sum(0)
         else:
-            self.second_moment += delta.T @ (self.sum + n[:, None] * delta) + self.sum.T @ delta
-        self.sq_norm += 2 * (delta * self.sum).sum(1) + n * (delta * delta).sum(1)
-        self.sum += n[:, None] * delta
-        self.shift = new_shift.clone()
+            self.second_moment += delta.T @ (s + n[:, None] * delta) + s.T @ delta
+        self.sq_norm[at] += 2 * (delta * s).sum(1) + n * (delta * delta).sum(1)
+        self.sum[at] = s + n[:, None] * delta
+        self.shift[at] = new_shift
 
     def merge(self, other: ClassMoments) -> ClassMoments:
         """Add another window's statistics (any shifts) into this one."""
@@ -157,22 +168,37 @@ class ClassMoments(Statistic):
         return self
 
     def _all_reduce_states(self, group) -> None:
-        """The ranks first agree on the global class means (SUM of counts and raw sums), re-centre
-        their sums there (exact), then SUM-reduce ``sum``, ``sq_norm`` and ``second_moment``:
-        one collective per state, no samples exchanged."""
-        n_local = self.count.to(_F64)
-        raw_sum = self.sum + n_local[:, None] * self.shift
+        """SUM-reduce ``count``, ``sum``, ``sq_norm`` and ``second_moment``: one collective per
+        state, no samples exchanged. Sums around agreed shifts (the same on every rank) add as
+        they are; for the classes first seen in this window, whose shifts each rank took from
+        its own batches, the ranks first agree on the global class means (SUM of counts and raw
+        sums of those classes) and re-centre their sums there (exact). After the first window
+        that is no class, and the readout's all-reduce costs no ``O(C D^2)`` work."""
+        todo = torch.nonzero(~self.shift_agreed).squeeze(1)  # the same classes on every rank
+        n_local = self.count[todo]
+        raw_sum = self.sum[todo] + n_local.to(_F64)[:, None] * self.shift[todo]
         _dist.all_reduce_sum_(self.count, group)
-        _dist.all_reduce_sum_(raw_sum, group)
-        n = self.count.to(_F64)
-        seen = n > 0
-        ref = torch.where(seen[:, None], raw_sum / torch.where(seen, n, 1.0)[:, None], self.shift)
-        global_count, self.count = self.count, n_local.to(torch.int64)
-        self.rebase(ref)  # each rank re-centres its own samples
-        self.count = global_count
+        if todo.numel():
+            _dist.all_reduce_sum_(raw_sum, group)
+            n = self.count[todo].to(_F64)
+            seen = n > 0
+            ref = torch.where(
+                seen[:, None], raw_sum / torch.where(seen, n, 1.0)[:, None], self.shift[todo]
+            )
+            global_count, self.count = self.count, self.count.clone()
+            self.count[todo] = n_local
+            self.rebase(ref, todo)  # each rank re-centres its own samples
+            self.count = global_count
         for name in ("sum", "sq_norm", "second_moment"):
             _dist.all_reduce_sum_(getattr(self, name), group)
-        self.shift_set |= seen
+        self.shift_set |= self.count > 0
+        self.shift_agreed = self.shift_set.clone()  # a checkpoint of this state loads agreed
+
+    def load_state_dict(self, state: dict) -> None:
+        states = state["states"]
+        if "shift_agreed" not in states:  # saved before agreed shifts: re-centre all (exact)
+            states = {**states, "shift_agreed": torch.zeros_like(states["shift_set"])}
+        super().load_state_dict({**state, "states": states})
 
     # ------------------------------------------------------------------ readout
     def means(self) -> torch.Tensor:
@@ -183,15 +209,25 @@ class ClassMoments(Statistic):
             seen[:, None], self.shift + self.sum / torch.where(seen, n, 1.0)[:, None], 0.0
         )
 
-    def within_class_scatter(self) -> torch.Tensor:
+    def within_class_scatter(self, share: tuple[int, int] = (0, 1), combine=None) -> torch.Tensor:
         """``sum_c sum_{i in c} (h_i - mu_c)(h_i - mu_c)'`` as ``(D, D)`` float64 (its diagonal
-        ``(D,)`` for a diagonal statistic)."""
+        ``(D,)`` for a diagonal statistic).
+
+        Args:
+            share: ``(rank, world)``: compute the ``O(C D^2)`` class term over this rank's
+                ``1/world`` of the classes only; ``combine`` must then sum it over the ranks in
+                place (an all-reduce of ``D x D``), and every rank gets the whole scatter.
+        """
         n = self.count.to(_F64)
         seen = n > 0
-        scaled = self.sum / torch.where(seen, n, 1.0).sqrt()[:, None]
+        rows = _share(self.num_classes, share)
+        scaled = self.sum[rows] / torch.where(seen[rows], n[rows], 1.0).sqrt()[:, None]
+        between = (scaled * scaled).sum(0) if self.diagonal else scaled.T @ scaled
+        if share[1] > 1:
+            combine(between)
         if self.diagonal:
-            return (self.second_moment - (scaled * scaled).sum(0)).clamp_min(0.0)
-        scatter = self.second_moment - scaled.T @ scaled
+            return (self.second_moment - between).clamp_min(0.0)
+        scatter = self.second_moment - between
         return (scatter + scatter.T) / 2
 
     def class_variances(self) -> torch.Tensor:
@@ -213,6 +249,7 @@ class ClassMoments(Statistic):
         seen = reduced.count > 0
         self.shift = torch.where(seen[:, None], reduced.means(), reduced.shift).to(self.device)
         self.shift_set = reduced.shift_set.to(self.device) | seen.to(self.device)
+        self.shift_agreed = self.shift_set.clone()
         self.reset()
 
 

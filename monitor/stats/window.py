@@ -37,10 +37,12 @@ class Window:
         entries: dict[str, Statistic] | None = None,
         factory: Callable[[str], Statistic] | None = None,
         persistent: tuple[str, ...] = (),
+        transient: tuple[str, ...] = (),
     ) -> None:
         self._entries: dict[str, Statistic] = dict(entries or {})
         self.factory = factory
         self.persistent = tuple(persistent)
+        self.transient = tuple(transient)  # one step's entries: a checkpoint may lack them
         self.device = torch.device("cpu")
         unknown = set(self.persistent) - set(self._entries)
         if unknown:
@@ -112,7 +114,7 @@ class Window:
 
     def clone(self) -> Window:
         new = Window({k: s.clone() for k, s in self._entries.items()}, self.factory)
-        new.persistent, new.device = self.persistent, self.device
+        new.persistent, new.transient, new.device = self.persistent, self.transient, self.device
         return new
 
     def nbytes(self) -> int:
@@ -146,6 +148,9 @@ class Window:
         carried state, such as shifts) but starts every entry empty: under DDP only rank 0
         keeps the saved (reduced) counts, so the next all-reduce counts each sample once."""
         missing = set(self._entries) - set(state["entries"])
+        for key in missing & set(self.transient):  # saved before the entry existed: empty
+            self._entries[key].reset()
+        missing -= set(self.transient)
         if missing:
             raise KeyError(f"saved window has no state for {sorted(missing)}")
         for key, sub in state["entries"].items():

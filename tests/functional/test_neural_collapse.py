@@ -150,7 +150,8 @@ def test_a_failing_share_joins_the_combine_before_raising():
             torch.full((8,), 3), m, torch.eye(3), v, tile_size=0, share=(1, 2),
             combine=seen.append,
         )  # fmt: skip
-    assert len(seen) == 1 and torch.isnan(seen[0]).all()
+    # the between-class Gram part (8 classes > D = 3), then the failing part's NaN pair sums
+    assert len(seen) == 2 and seen[0].shape == (3, 3) and torch.isnan(seen[1]).all()
 
 
 def test_sampled_pairs_of_a_simplex_etf_are_exactly_equiangular():

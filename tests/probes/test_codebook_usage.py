@@ -250,3 +250,16 @@ def test_usage_of_the_windows_last_step_when_it_holds_enough_samples():
     # fewer than 10 samples per code: a step's usage is low by construction, not reported
     _, (m,) = stream(probes.CodebookUsage("vq", 8, name="vq"), [every_code, two_codes[:79]], 2)
     assert "collapse/vq/usage_last_step" not in m
+
+
+def test_a_checkpoint_without_the_last_step_entry_still_loads():
+    # saved before the probe kept its last step: that one-step entry starts empty
+    mon, _ = stream(probes.CodebookUsage("vq", 8, name="vq"), [torch.arange(8).repeat(10)])
+    state = mon.state_dict()
+    del state["probes"]["vq"]["window"]["entries"]["last"]
+    again, _ = stream(probes.CodebookUsage("vq", 8, name="vq"), [])
+    again.load_state_dict(state)
+    assert again.compute()["collapse/vq/samples"] == 80
+    del state["probes"]["vq"]["window"]["entries"]["counts"]  # a real entry missing: an error
+    with pytest.raises(KeyError, match="counts"):
+        again.load_state_dict(state)
