@@ -240,6 +240,7 @@ class NeuralCollapse(Probe):
                 f"[0, {self.num_classes}) in this window (they were excluded)"
             )
         out = {"classes_used": 0.0}
+        means = moments.means() if moments.dim else None  # O(C D): once per readout
         if moments.dim:
             weight = None if self.classifier is None else whole(self.classifier.weight)
             group = self.readout_group
@@ -250,7 +251,7 @@ class NeuralCollapse(Probe):
 
             out = metrics_from_class_statistics(
                 moments.count,
-                moments.means(),
+                means,
                 moments.within_class_scatter(share, combine),
                 moments.class_variances(),
                 weight,
@@ -265,7 +266,8 @@ class NeuralCollapse(Probe):
         out["skipped_nonfinite"] = float(c["skipped_nonfinite"])
         if c["ncc_total"]:
             out["ncc_mismatch_lagged"] = c["ncc_mismatch"] / c["ncc_total"]
-        return Readout({self.key(k): v for k, v in out.items()}, pictures=self._pictures(moments))
+        pictures = self._pictures(moments, means)
+        return Readout({self.key(k): v for k, v in out.items()}, pictures=pictures)
 
     def _pair_generator(self, moments: ClassMoments) -> torch.Generator | None:
         """The draw of a sampled readout: seeded by the window's (reduced) sample count, so
@@ -274,14 +276,15 @@ class NeuralCollapse(Probe):
             return None
         return torch.Generator().manual_seed(int(moments.count.sum()))
 
-    def _pictures(self, m: ClassMoments) -> dict[str, Picture]:
+    def _pictures(self, m: ClassMoments, means: torch.Tensor | None) -> dict[str, Picture]:
         used = m.count >= self.min_class_count
-        if not m.dim or int(used.sum()) < 2:
+        Cu = int(used.sum())
+        if means is None or Cu < 2:
             return {}
-        mu = m.means()[used]
-        Cu, k = mu.shape[0], min(mu.shape[0], 64)
-        centred = mu - mu.mean(0)
-        unit = centred[:k] / centred[:k].norm(dim=1, keepdim=True).clamp_min(1e-300)
+        first = torch.nonzero(used).flatten()[:64]
+        k = first.numel()
+        centred = means[first] - (means * used[:, None]).sum(0) / Cu
+        unit = centred / centred.norm(dim=1, keepdim=True).clamp_min(1e-300)
         etf = -1.0 / (Cu - 1)
         return {
             self.key("class_mean_cosines"): Picture(
