@@ -11,10 +11,9 @@ every log. Modes:
 The condition must hold on ``patience`` consecutive logs, except that a value past ``severe``
 (a second, further bound of a ``below``/``above`` rule) fires at once. An alert fires once per
 episode: the condition must clear before the same key can fire again (``repeat=True`` re-fires
-every ``patience`` logs while it holds, at every log while the value is past ``severe`` or agrees
-with ``latest``). Logs
-where the metric is NaN or ``requires`` is not met are skipped, not counted. After an alert the
-rule is silent for ``cooldown`` steps.
+every ``patience`` logs while it holds, at every log while the value is past ``severe`` or
+agrees with ``latest``). Logs where the metric is NaN or ``requires`` is not met are skipped,
+not counted. After an alert the rule is silent for ``cooldown`` steps.
 ``warmup_steps`` ignores early logs entirely (running extrema included). ``arm=True`` is for a
 metric that starts at its "collapsed" end (every head attends uniformly at initialisation): the
 rule is armed by two consecutive logs where the condition does not hold (a stable healthy value;
@@ -23,11 +22,11 @@ or, with ``warmup_steps``, by the end of the warm-up), and stays silent before i
 metric (the same key with its last part replaced) meets its own condition: a criterion defined
 for some inputs (SimSiam's ``norm_std`` for signed features) says nothing on others.
 ``latest="dormant_fraction_last_step"`` names the sibling holding the same quantity measured on
-the last training step the probe recorded in the window: a window averages over its steps, so a collapse that sets in
-inside a window shows in the window value one log late. The rule fires at once when the window
-value and the latest value both hold (the crossing lasted to the window's end), and when the
-latest value is past ``severe`` (the window still averages the healthy steps before it); the
-episode lasts while the latest value stays past the threshold.
+the last training step the probe recorded in the window: a window averages over its steps, so a
+collapse that sets in inside a window shows in the window value one log late. The rule fires at
+once when the window value and the latest value both hold (the crossing lasted to the window's
+end), and when the latest value is past ``severe`` (the window still averages the healthy steps
+before it); the episode lasts while the latest value stays past the threshold.
 """
 
 from __future__ import annotations
