@@ -185,10 +185,14 @@ class ClassMoments(Statistic):
             ref = torch.where(
                 seen[:, None], raw_sum / torch.where(seen, n, 1.0)[:, None], self.shift[todo]
             )
+            # each rank re-centres its own samples; a class it did not see has zero sums, so
+            # only its shift moves (on a large vocabulary each rank sees part of the classes)
+            mine = n_local > 0
             global_count, self.count = self.count, self.count.clone()
             self.count[todo] = n_local
-            self.rebase(ref, todo)  # each rank re-centres its own samples
+            self.rebase(ref[mine], todo[mine])
             self.count = global_count
+            self.shift[todo] = ref
         for name in ("sum", "sq_norm", "second_moment"):
             _dist.all_reduce_sum_(getattr(self, name), group)
         self.shift_set |= self.count > 0
