@@ -10,11 +10,13 @@ the **default rules only**, at ``log_every_n_steps = 10``. Independently of the 
 checked by a loss-failure rule. Printed per scenario and seed: the first alert, the ground-truth
 onset, the loss-failure step, the lead of the alert over the loss failure, and any false alarm.
 
-    python benchmarks/detection.py [--seeds 3] [--only attention,codebook] [--write]
+    python benchmarks/detection.py [--seeds 3] [--only attention,codebook] [--draws 16]
+        [--fix-seeds 0,1,2] [--write]
 
 ``--write`` puts the table in benchmarks/RESULTS.md (section ``detection``). Also compares
 ``ResetDeadCodes`` with vector-quantize-pytorch's ``threshold_ema_dead_code=2`` on one VQ
-autoencoder (usage at step 25, reconstruction MSE at step 100), and SimVQ with neither.
+autoencoder (usage at step 25, reconstruction MSE at step 100) over ``--draws`` draws of the
+replacement vectors, on each of ``--fix-seeds``.
 """
 
 from __future__ import annotations
@@ -675,6 +677,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--only", default=",".join(ZOO))
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--draws", type=int, default=16, help="replacement draws per dead-code fix")
+    parser.add_argument(
+        "--fix-seeds", default="0,1,2", help="autoencoder seeds of the every-step comparison"
+    )
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args(argv)
     jobs = [
@@ -685,11 +690,20 @@ def main(argv=None) -> list[dict]:
     ]
     t = time.perf_counter()
     variants = ("none", "anchor", "reset", "reset5", "every_step")
-    runs = [(v, d) for v in variants for d in range(args.draws)]
+    # every fix on seed 0; the anchor and the every-step reset on the other seeds too
+    seeds = [int(s) for s in args.fix_seeds.split(",")]
+    runs = [
+        (s, v, d)
+        for s in seeds
+        for v in (variants if s == seeds[0] else ("anchor", "every_step"))
+        for d in range(args.draws)
+    ]
     with ProcessPoolExecutor(args.workers) as pool:
-        fixes = list(pool.map(dead_code_fixes, [0] * len(runs), *zip(*runs)))
+        out = list(pool.map(dead_code_fixes, *zip(*runs)))
         results = list(pool.map(run_one, *zip(*jobs)))
-        fixes = {v: [f for (w, _), f in zip(runs, fixes) if w == v] for v in variants}
+    fixes = {}
+    for (s, v, _), f in zip(runs, out):
+        fixes.setdefault((s, v), []).append(f)
     lines = [*table(results), "", *summary(results), "", *fix_table(fixes)]
     print("\n".join(lines))
     took = time.perf_counter() - t
@@ -718,7 +732,7 @@ def summary(results: list[dict]) -> list[str]:
     ]
 
 
-def fix_table(fixes: dict[str, list[dict]]) -> list[str]:
+def fix_table(fixes: dict[tuple[int, str], list[dict]]) -> list[str]:
     names = {
         "none": "no fix",
         "anchor": "vector-quantize-pytorch `threshold_ema_dead_code=2` (every step)",
@@ -734,26 +748,31 @@ def fix_table(fixes: dict[str, list[dict]]) -> list[str]:
         sd = statistics.stdev(v) if len(v) > 1 else 0.0
         return f"{statistics.mean(v):.{digits.get(k, 3)}f} ± {sd:.{digits.get(k, 3)}f}"
 
-    def gap(k):  # every_step - anchor, with its standard error
-        a, b = ([r[k] for r in fixes[v]] for v in ("anchor", "every_step"))
+    def gap(seed, k):  # every_step - anchor, with its standard error
+        a, b = ([r[k] for r in fixes[seed, v]] for v in ("anchor", "every_step"))
         se = math.sqrt(sum(statistics.variance(x) / len(x) for x in (a, b) if len(x) > 1))
-        return f"{k} {statistics.mean(b) - statistics.mean(a):+.{digits.get(k, 3) + 1}f} (standard error {se:.{digits.get(k, 3) + 1}f})"
+        d = digits.get(k, 3) + 1
+        return f"{k} {statistics.mean(b) - statistics.mean(a):+.{d}f} (standard error {se:.{d}f})"
 
-    draws = len(fixes["anchor"])
+    seeds = sorted({s for s, _ in fixes})
+    draws = len(fixes[seeds[0], "anchor"])
     return [
         "Dead-code fixes side by side: one VQ autoencoder on digits (vector-quantize-pytorch "
-        "`VectorQuantize`, EMA codebook of 256), seed 0 (data, initialisation and batches "
-        f"fixed), {draws} draws of the replacement vectors per fix; held-out usage and "
+        f"`VectorQuantize`, EMA codebook of 256), seed {seeds[0]} (data, initialisation and "
+        f"batches fixed), {draws} draws of the replacement vectors per fix; held-out usage and "
         "reconstruction MSE, mean ± standard deviation over the draws:",
         "",
         "| fix | " + " | ".join(keys) + " |",
         "|---" * (len(keys) + 1) + "|",
         *(
             f"| {names[v]} | " + " | ".join(cell(runs, k) for k in keys) + " |"
-            for v, runs in fixes.items()
+            for (s, v), runs in fixes.items()
+            if s == seeds[0]
         ),
         "",
-        f"`every_step` minus the anchor: {gap('usage@25')}; {gap('mse@100')}.",
+        "`every_step` minus the anchor, per seed:",
+        "",
+        *(f"- seed {s}: {gap(s, 'usage@25')}; {gap(s, 'mse@100')}" for s in seeds),
     ]
 
 
