@@ -154,7 +154,7 @@ def test_state_dict_under_ddp_is_the_reduced_window_and_resumes_without_double_c
             assert r["resumed"][k] == pytest.approx(v, rel=1e-9, abs=1e-12), k
 
 
-def two_windows_worker(rank, init, out_dir):
+def two_windows_worker(rank, init, out_dir, lonely=False):
     with process_group(rank, init):
         x, y = data()
         torch.manual_seed(0)
@@ -164,19 +164,29 @@ def two_windows_worker(rank, init, out_dir):
             # window 2 holds two classes first seen there, on both ranks (each rank takes its
             # own shift for them): only those are re-centred before the reduce
             xs, ys = shard(rank, x[keep] + window, y[keep])
-            with mon.observe(targets=ys):
-                mon.model(xs)
+            if not (lonely and rank == 1 and window == 0):  # lonely: rank 1 sees no batch
+                with mon.observe(targets=ys):
+                    mon.model(xs)
             logged.append(mon.step())
         mon.close()
         torch.save(logged, os.path.join(out_dir, f"windows{rank}.pt"))
 
 
-def test_a_later_window_adds_sums_around_agreed_shifts_and_equals_the_union(tmp_path):
-    r0, r1 = run_two(two_windows_worker, tmp_path, "windows")
+def lonely_two_windows_worker(rank, init, out_dir):
+    two_windows_worker(rank, init, out_dir, lonely=True)
+
+
+@pytest.mark.parametrize("lonely", [False, True])
+def test_a_later_window_adds_sums_around_agreed_shifts_and_equals_the_union(tmp_path, lonely):
+    worker = lonely_two_windows_worker if lonely else two_windows_worker
+    r0, r1 = run_two(worker, tmp_path, "windows")
     assert r0 == r1
     x, y = data()
     for window, keep in enumerate((y < C - 2, torch.ones_like(y, dtype=torch.bool))):
-        ref = F.neural_collapse(x[keep] + window, y[keep], C)
+        xs, ys = x[keep] + window, y[keep]
+        if lonely and window == 0:  # only rank 0's rows
+            xs, ys = shard(0, xs, ys)
+        ref = F.neural_collapse(xs, ys, C)
         got = {k.split("/")[-1]: v for k, v in r0[window].items() if k.startswith("collapse/h/")}
         assert_metrics_close(got, ref, keys=KEYS)
 

@@ -203,6 +203,12 @@ def _coefficient_of_variation(values: torch.Tensor) -> float:
     return (values.std(unbiased=True) / values.mean()).item()
 
 
+def share_rows(n: int, share: tuple[int, int]) -> slice:
+    """Rank ``share[0]``'s contiguous part of ``n`` rows split over ``share[1]`` ranks."""
+    rank, world = share
+    return slice(n * rank // world, n * (rank + 1) // world)
+
+
 def metrics_from_class_statistics(
     counts: torch.Tensor,
     means: torch.Tensor,
@@ -262,10 +268,9 @@ def metrics_from_class_statistics(
         if Cu <= D:
             evals, evecs = torch.linalg.eigh(centred @ centred.T / Cu)
         else:  # O(Cu D^2): each of the share's ranks sums its part of the classes
-            rank, world = share
-            part = centred[Cu * rank // world : Cu * (rank + 1) // world]
+            part = centred[share_rows(Cu, share)]
             gram = part.T @ part
-            if world > 1:
+            if share[1] > 1:
                 combine(gram)
             evals, evecs = torch.linalg.eigh(gram / Cu)
         evals, evecs = evals.flip(0), evecs.flip(1)  # descending

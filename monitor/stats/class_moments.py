@@ -13,15 +13,10 @@ from __future__ import annotations
 import torch
 
 from .. import _dist
+from ..functional.neural_collapse import share_rows
 from .base import Statistic
 
 _F64 = torch.float64
-
-
-def _share(n: int, share: tuple[int, int]) -> slice:
-    """Rank ``share[0]``'s contiguous part of ``n`` rows split over ``share[1]`` ranks."""
-    rank, world = share
-    return slice(n * rank // world, n * (rank + 1) // world)
 
 
 class ClassMoments(Statistic):
@@ -134,12 +129,17 @@ class ClassMoments(Statistic):
         self.shift_set |= n_new > 0
 
     # ------------------------------------------------------------------ exact re-centring
-    def rebase(self, new_shift: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+    def rebase(
+        self,
+        new_shift: torch.Tensor,
+        rows: torch.Tensor | None = None,
+        counts: torch.Tensor | None = None,
+    ) -> None:
         """Re-express the sums around ``new_shift`` (C, D), or, with ``rows`` (R,) distinct
         class indices, those classes' sums around ``new_shift`` (R, D); exact algebra,
-        O(R D^2)."""
+        O(R D^2). ``counts``: the samples behind those sums when not ``count``'s."""
         at = slice(None) if rows is None else rows
-        n = self.count[at].to(_F64)
+        n = (self.count[at] if counts is None else counts).to(_F64)
         s = self.sum[at]
         delta = self.shift[at] - new_shift
         if self.diagonal:
@@ -188,10 +188,7 @@ class ClassMoments(Statistic):
             # each rank re-centres its own samples; a class it did not see has zero sums, so
             # only its shift moves (on a large vocabulary each rank sees part of the classes)
             mine = n_local > 0
-            global_count, self.count = self.count, self.count.clone()
-            self.count[todo] = n_local
-            self.rebase(ref[mine], todo[mine])
-            self.count = global_count
+            self.rebase(ref[mine], todo[mine], n_local[mine])
             self.shift[todo] = ref
         for name in ("sum", "sq_norm", "second_moment"):
             _dist.all_reduce_sum_(getattr(self, name), group)
@@ -224,7 +221,7 @@ class ClassMoments(Statistic):
         """
         n = self.count.to(_F64)
         seen = n > 0
-        rows = _share(self.num_classes, share)
+        rows = share_rows(self.num_classes, share)
         scaled = self.sum[rows] / torch.where(seen[rows], n[rows], 1.0).sqrt()[:, None]
         between = (scaled * scaled).sum(0) if self.diagonal else scaled.T @ scaled
         if share[1] > 1:
@@ -250,6 +247,8 @@ class ClassMoments(Statistic):
                 shifts; defaults to this statistic (single process).
         """
         reduced = self if reduced is None else reduced
+        if reduced.dim is not None:  # a rank that saw nothing: fixed now, or its first update
+            self.fix_sizes(D=reduced.dim)  # would reallocate the agreed shifts as zeros
         seen = reduced.count > 0
         self.shift = torch.where(seen[:, None], reduced.means(), reduced.shift).to(self.device)
         self.shift_set = reduced.shift_set.to(self.device) | seen.to(self.device)

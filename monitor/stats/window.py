@@ -104,6 +104,8 @@ class Window:
                 raise ValueError("a window made on first use cannot be scoped")
             for key, stat in w._entries.items():
                 out.add(f"{scope}/{key}", stat, persistent=key in w.persistent)
+                if key in w.transient:
+                    out.transient += (f"{scope}/{key}",)
         return out
 
     def share_persistent(self, other: Window) -> Window:
