@@ -315,6 +315,8 @@ class CollapseMonitor:
         for p in self.probes:
             if p in self._recorded and not p.disabled:
                 self._guard(p, p.finish_step)
+            elif not p.disabled and self.records(p):  # e.g. this rank had no batch this step
+                self._guard(p, p.missed_step)
         self._recorded.clear()
         self.global_step += 1
         if self.global_step % self.log_every_n_steps:

@@ -156,6 +156,10 @@ class Probe(Component):
     def end_step(self, window: WindowView) -> None:
         """After a training step in which this probe recorded (advance per-step memories)."""
 
+    def end_missed_step(self, window: WindowView) -> None:
+        """After a training step this probe would have recorded in but saw no forward of on
+        this rank (other ranks may have): what stands for "this step" must hold nothing."""
+
     def end_window(self, window: WindowView, reduced: WindowView) -> None:
         """After a log: start the next window (``reduced``: this window over all ranks)."""
         window.reset()
@@ -438,6 +442,11 @@ class Probe(Component):
             self.end_window(WindowView(self.window, scope), WindowView(reduced, scope))
         self.window["_calls"].reset()
         self.window_steps = 0
+
+    def missed_step(self) -> None:
+        """After a training step in which this probe would have recorded but was not observed."""
+        for scope in self.scopes:
+            self.end_missed_step(WindowView(self.window, scope))
 
     def finish_step(self) -> None:
         """After a training step in which this probe recorded."""

@@ -240,6 +240,9 @@ class CodebookUsage(Probe):
         window["last"].merge(window["step"])
         window["step"].reset()
 
+    def end_missed_step(self, window) -> None:
+        window["last"].reset()  # under DDP the other ranks' last step is this step
+
     def on_replaced(self, window, mask: torch.Tensor) -> None:
         window["ema"].restart(mask.to(window.device))
 

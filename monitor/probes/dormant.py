@@ -207,6 +207,10 @@ class DormantUnits(Probe):
         except ValueError as exc:  # a unit count that changed: say which layer
             raise self.error(call.path, str(exc)) from None
 
+    def end_missed_step(self, window) -> None:
+        for layer, _ in window.items():  # under DDP the other ranks' last step is this step
+            window[f"{layer}/last"].reset()
+
     def end_step(self, window) -> None:
         for layer, _ in window.items():
             step, last = window[f"{layer}/step"], window[f"{layer}/last"]
