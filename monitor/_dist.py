@@ -59,3 +59,44 @@ def all_gather_object(obj: Any, group=None) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(out, obj, group=group)
     return out
+
+
+def global_rank(group, rank: int) -> int:
+    """The default group's rank of ``group``'s rank ``rank`` (point-to-point calls take it)."""
+    return rank if group is None else dist.get_global_rank(group, rank)
+
+
+def all_gather_rows(tensor: torch.Tensor, sizes: list[int], group=None) -> list[torch.Tensor]:
+    """Every rank's ``tensor (sizes[r], ...)`` in rank order, the first dimension differing by
+    rank (``sizes``: every rank's, known on every rank): one ``all_gather`` of copies padded to
+    the largest; ``[tensor]`` outside distributed runs."""
+    if not is_distributed(group):
+        return [tensor]
+    most = max(sizes)
+    padded = tensor.new_zeros((most, *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    out = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(out, padded, group=group)
+    return [t[:n] for t, n in zip(out, sizes)]
+
+
+def shift_exchange(tensor: torch.Tensor, hop: int, rows: int, group=None) -> torch.Tensor:
+    """Send ``tensor`` to rank ``rank + hop`` and receive ``(rows, ...)`` from ``rank - hop``
+    (modulo the world), in one batch of point-to-point calls; every rank calls it with the same
+    ``hop``. A side with nothing to move (``numel() == 0``) skips its call, as its peer knows
+    from the sizes given."""
+    me, world = rank(group), world_size(group)
+    out = tensor.new_empty((rows, *tensor.shape[1:]))
+    ops = []
+    if tensor.numel():
+        ops.append(
+            dist.P2POp(
+                dist.isend, tensor.contiguous(), global_rank(group, (me + hop) % world), group
+            )
+        )
+    if out.numel():
+        ops.append(dist.P2POp(dist.irecv, out, global_rank(group, (me - hop) % world), group))
+    if ops:
+        for req in dist.batch_isend_irecv(ops):
+            req.wait()
+    return out

@@ -313,10 +313,14 @@ class CollapseMonitor:
             if not m.disabled:
                 self._guard(m, m.on_step, optimizer)
         for p in self.probes:
+            due = p in self._recorded or self.records(p)
             if p in self._recorded and not p.disabled:
                 self._guard(p, p.finish_step)
-            elif not p.disabled and self.records(p):  # e.g. this rank had no batch this step
+            elif not p.disabled and due:  # e.g. this rank had no batch this step
                 self._guard(p, p.missed_step)
+            if due:  # a collective for some probes: on every rank, disabled or not (until the
+                # ranks agree on it at the log), so that no rank waits for one that stopped
+                self._guard(p, p.exchange, self.process_group)
         self._recorded.clear()
         self.global_step += 1
         if self.global_step % self.log_every_n_steps:

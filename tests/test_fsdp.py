@@ -13,12 +13,12 @@ from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-from collapse_monitor import CollapseMonitor, mitigations
+from collapse_monitor import CollapseMonitor, mitigations, probes
 from collapse_monitor._sharding import whole
 from tests.dist import process_group, run_two
 from tests.probes.test_attention_entropy import SDPAAttention
 from tests.test_reset_dead_codes import VQ
-from tests.zoo import Zoo, batch, every_probe, loss_of
+from tests.zoo import C, Zoo, batch, every_probe, loss_of
 
 ENGINES = ["fsdp2", "fsdp1", "fsdp1_orig_params"]
 STEPS, LOG = 2, 2
@@ -32,8 +32,12 @@ def monitor(model, engine, redo=True):
         chosen.append(mitigations.ReDo(layers={"sae_act": ("sae", "dec")}))
     if engine != "fsdp1":
         chosen.append(mitigations.SigmaReparam("attn"))
+    # and neural collapse on class shards (one process: the same probe unsharded)
+    chosen_probes = every_probe() + [
+        probes.NeuralCollapse("head", C, name="nc_shards", shard_classes=True)
+    ]
     return CollapseMonitor(
-        model, every_probe(), LOG, mitigations=chosen, observe_every_n_steps=1, strict=True
+        model, chosen_probes, LOG, mitigations=chosen, observe_every_n_steps=1, strict=True
     )
 
 

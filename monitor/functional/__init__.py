@@ -13,8 +13,10 @@ from .logits import (
     zero_loss,
 )
 from .neural_collapse import (
+    cross_pairwise_sums,
     group_collapse,
     group_variance_ratio,
+    metrics_from_class_shards,
     metrics_from_class_statistics,
     nearest_class_center,
     nearest_class_center_mismatch,
@@ -44,6 +46,7 @@ __all__ = [
     "entropy_from_sums",
     "fire_rate",
     "frechet_distance",
+    "cross_pairwise_sums",
     "group_collapse",
     "group_variance_ratio",
     "latent_usage",
@@ -51,6 +54,7 @@ __all__ = [
     "logit_health_from_sums",
     "logit_rows",
     "mean_token_uniformity",
+    "metrics_from_class_shards",
     "metrics_from_class_statistics",
     "nearest_class_center",
     "nearest_class_center_mismatch",

@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from .. import _dist
+
 _F64 = torch.float64
 _EPS = torch.finfo(_F64).eps
 _Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
@@ -20,18 +22,44 @@ _Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
 _PAIR_SUMS = ("abs_dev", "dev_sum", "dev_sq", "pairs", "cdnv_sum", "cdnv_pairs")
 
 
-def _pair_blocks(centred, sq, norms, variances, etf_cos, rows, cols):
-    """The pairwise values of classes ``rows`` x ``cols`` (index ranges): cosine minus the
-    simplex-ETF cosine, and the CDNV ratio with its validity mask (``sq``, ``norms``: the
-    squared and plain norms of ``centred``'s rows)."""
-    gram = centred[rows] @ centred[cols].T
-    # std is shift invariant; accumulating cos - etf_cos (~0 near the ETF) avoids cancellation
-    dev = gram / (norms[rows, None] * norms[None, cols]) - etf_cos
-    dist2 = sq[rows, None] + sq[None, cols] - 2 * gram
+def _pair_parts(centred: torch.Tensor, variances: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``(centred, squared norms, norms, variances)`` of some classes: one side of the pairs."""
+    sq = (centred * centred).sum(1)
+    return centred, sq, sq.sqrt().clamp_min(torch.finfo(_F64).tiny), variances
+
+
+def _pair_blocks(a, b, etf_cos):
+    """The pairwise values of the classes of ``a`` x those of ``b`` (each from
+    :func:`_pair_parts`): cosine minus the simplex-ETF cosine, and the CDNV ratio with its
+    validity mask. In-place passes over the tile: the readout's time is these passes and the
+    GEMM."""
+    (ca, sa, na, va), (cb, sb, nb, vb) = a, b
+    gram = ca @ cb.T
+    dist2 = torch.add(sa[:, None], sb[None, :]).sub_(gram, alpha=2)
     # pairs whose means coincide to rounding have no defined CDNV: skipped and counted
-    ok = dist2 > 64 * _EPS * (sq[rows, None] + sq[None, cols])
-    ratio = (variances[rows, None] + variances[None, cols]) / (2 * torch.where(ok, dist2, 1.0))
+    ok = dist2 > torch.add(sa[:, None], sb[None, :]).mul_(64 * _EPS)
+    # std is shift invariant; accumulating cos - etf_cos (~0 near the ETF) avoids cancellation
+    dev = gram.div_(na[:, None]).div_(nb[None, :]).sub_(etf_cos)
+    ratio = torch.add(va[:, None], vb[None, :]).div_(dist2).mul_(0.5)
     return dev, torch.where(ok, ratio, 0.0), ok
+
+
+def _block_sums(dev, ratio, ok) -> torch.Tensor:
+    flat = dev.reshape(-1)
+    return torch.stack(
+        [
+            torch.linalg.vector_norm(flat, 1),
+            flat.sum(),
+            torch.dot(flat, flat),
+            torch.tensor(float(flat.numel()), dtype=_F64, device=dev.device),
+            ratio.sum(),
+            ok.sum().to(_F64),
+        ]
+    )
+
+
+def _slice(parts, rows: slice) -> tuple[torch.Tensor, ...]:
+    return tuple(t[rows] for t in parts)
 
 
 def pair_tiles(num_classes: int, tile: int, share: tuple[int, int] = (0, 1)):
@@ -56,8 +84,9 @@ def pair_tiles(num_classes: int, tile: int, share: tuple[int, int] = (0, 1)):
 def pairwise_sums(
     centred: torch.Tensor,
     variances: torch.Tensor,
-    tile: int = 1024,
+    tile: int = 256,
     share: tuple[int, int] = (0, 1),
+    etf_cos: float | None = None,
 ) -> torch.Tensor:
     """The additive sums behind equiangularity, cosine spread and CDNV over the class pairs
     ``c < c'`` of part ``share`` (see :func:`pair_tiles`): ``(6,)`` float64 in the order
@@ -68,28 +97,34 @@ def pairwise_sums(
         centred: ``(C, D)`` class means minus the global mean, float64.
         variances: ``(C,)`` ``Var_c`` for CDNV.
         tile: rows per tile; memory is ``O(tile^2)`` whatever ``C`` is.
+        etf_cos: the simplex-ETF cosine the deviations are taken from; ``-1/(C-1)`` by
+            default (these classes are all the classes).
     """
     C = centred.shape[0]
-    etf_cos = -1.0 / (C - 1)
-    sq = (centred * centred).sum(1)
-    norms = sq.sqrt().clamp_min(torch.finfo(_F64).tiny)
+    etf_cos = -1.0 / (C - 1) if etf_cos is None else etf_cos
+    parts = _pair_parts(centred, variances)
     sums = torch.zeros(len(_PAIR_SUMS), dtype=_F64, device=centred.device)
     for i0, j0 in pair_tiles(C, tile, share):
         rows, cols = slice(i0, min(i0 + tile, C)), slice(j0, min(j0 + tile, C))
-        dev, ratio, ok = _pair_blocks(centred, sq, norms, variances, etf_cos, rows, cols)
+        dev, ratio, ok = _pair_blocks(_slice(parts, rows), _slice(parts, cols), etf_cos)
         if i0 == j0:
             upper = torch.ones_like(ok).triu_(1)
             dev, ratio, ok = dev[upper], ratio[upper], ok & upper
-        sums += torch.stack(
-            [
-                dev.abs().sum(),
-                dev.sum(),
-                (dev * dev).sum(),
-                torch.tensor(float(dev.numel()), dtype=_F64, device=dev.device),
-                ratio.sum(),
-                ok.sum().to(_F64),
-            ]
-        )
+        sums += _block_sums(dev, ratio, ok)
+    return sums
+
+
+def cross_pairwise_sums(a, b, etf_cos: float, tile: int = 256) -> torch.Tensor:
+    """:func:`pairwise_sums` over every pair of one class of ``a`` and one of ``b`` (two
+    disjoint sets of classes, each ``(centred (n, D), variances (n,))``)."""
+    pa, pb = _pair_parts(*a), _pair_parts(*b)
+    sums = torch.zeros(len(_PAIR_SUMS), dtype=_F64, device=a[0].device)
+    for i0 in range(0, a[0].shape[0], tile):
+        for j0 in range(0, b[0].shape[0], tile):
+            blocks = _pair_blocks(
+                _slice(pa, slice(i0, i0 + tile)), _slice(pb, slice(j0, j0 + tile)), etf_cos
+            )
+            sums += _block_sums(*blocks)
     return sums
 
 
@@ -151,8 +186,7 @@ def sampled_pairwise_metrics(
     j = torch.randint(C - 1, (pairs,), generator=generator)
     j += j >= i  # uniform over c' != c
     i, j = i.to(centred.device), j.to(centred.device)
-    sq = (centred * centred).sum(1)
-    norms = sq.sqrt().clamp_min(torch.finfo(_F64).tiny)
+    _, sq, norms, _ = _pair_parts(centred, variances)
     dev, ratio, ok = [], [], []
     for s in range(0, pairs, chunk):
         a, b = i[s : s + chunk], j[s : s + chunk]
@@ -216,11 +250,12 @@ def metrics_from_class_statistics(
     class_variances: torch.Tensor,
     weight: torch.Tensor | None = None,
     min_class_count: int = 2,
-    tile_size: int = 1024,
+    tile_size: int = 256,
     share: tuple[int, int] = (0, 1),
     combine=None,
     pair_sample: int | None = None,
     generator: torch.Generator | None = None,
+    n_within: float | None = None,
 ) -> dict[str, float]:
     """NC1-NC3 and CDNV from class statistics.
 
@@ -244,6 +279,8 @@ def metrics_from_class_statistics(
             estimated on ``pair_sample`` random pairs (:func:`sampled_pairwise_metrics`, keys
             ``*_sampled`` with ``*_sampled_ci95``) instead of computed over all pairs;
             ``generator`` draws them.
+        n_within: the samples behind ``within_scatter`` (of the classes with at least two),
+            when ``counts`` does not hold every class.
 
     Returns:
         ``classes_used`` always; the other keys only where defined (at least two classes used):
@@ -261,7 +298,8 @@ def metrics_from_class_statistics(
     D = mu.shape[1]
     centred = mu - mu.mean(0)  # global mean = unweighted mean of class means (Papyan)
 
-    n_within = counts[counts >= 2].sum().item()
+    if n_within is None:
+        n_within = counts[counts >= 2].sum().item()
     if n_within > 0:
         sigma_w = within_scatter.to(_F64) / n_within
         # eigenpairs of Sigma_B = Mt'Mt / C through whichever Gram matrix is smaller
@@ -298,6 +336,136 @@ def metrics_from_class_statistics(
         out["equinorm_weights"] = _coefficient_of_variation(w.norm(dim=1))
         out["self_duality"] = (w / w.norm() - centred / centred.norm()).norm().item()
     return out
+
+
+def metrics_from_class_shards(
+    counts: torch.Tensor,
+    means: torch.Tensor,
+    within_scatter: torch.Tensor,
+    class_variances: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    min_class_count: int = 2,
+    tile_size: int = 256,
+    group=None,
+) -> dict[str, float]:
+    """:func:`metrics_from_class_statistics` computed together by the ranks of ``group``, each
+    holding the statistics of its own classes (class-sharded statistics,
+    :class:`~collapse_monitor.stats.ShardedClassMoments`). A collective: every rank calls it and
+    all get the same metrics, those of one process over all classes (to rounding).
+
+    Each rank does ``1/world`` of the work: its classes' ``O(C D^2)`` terms (one ``D x D``
+    all-reduce) and ``1/world`` of the ``O(C^2 D)`` class pairs, for which the ranks send
+    their used classes' centred means to ``world/2`` others (point to point; a ring schedule in
+    which every pair of blocks meets once). When the used classes number at most ``D`` they
+    are gathered instead (at most ``D x D`` values) and the replicated readout splits them.
+
+    Args:
+        counts: ``(R,)`` samples of this rank's classes; means: ``(R, D)``;
+            class_variances: ``(R,)``; weight: ``(R, D)`` their classifier rows or ``None``.
+        within_scatter: ``(D, D)`` this rank's part of the pooled within-class scatter (the
+            parts of all ranks sum to it; summed here with the Gram matrix, one all-reduce).
+        min_class_count, tile_size: as in :func:`metrics_from_class_statistics`.
+        group: the ``torch.distributed`` process group (``None``: the default one).
+
+    Returns:
+        The keys of :func:`metrics_from_class_statistics` and ``samples`` (all ranks' counts).
+    """
+    rank, world = _dist.rank(group), _dist.world_size(group)
+    wire = _dist.collective_device(group, means.device)
+    counts, means = counts.to(wire), means.to(device=wire, dtype=_F64)
+    used = counts >= max(min_class_count, 1)
+    mu, var = means[used], class_variances.to(device=wire, dtype=_F64)[used]
+    w = None if weight is None else weight.detach().to(device=wire, dtype=_F64)[used]
+    D = means.shape[1]
+    head = torch.cat([mu.sum(0), torch.stack([counts.sum(), counts[counts >= 2].sum()]).to(_F64)])
+    sizes = [int(n) for n in _dist.all_gather_rows(used.sum().reshape(1), [1] * world, group)]
+    _dist.all_reduce_sum_(head, group)
+    Cu, samples, n_within = sum(sizes), head[D].item(), head[D + 1].item()
+    if Cu < 2:
+        return {"classes_used": float(Cu), "samples": samples}
+    share, combine = (rank, world), lambda t: _dist.all_reduce_sum_(t, group)
+    scatter = within_scatter.to(device=wire, dtype=_F64).reshape(-1)
+    if Cu <= D:  # small: every rank gets all used classes
+        combine(scatter)
+        rows = torch.cat([mu, var[:, None]] + ([] if w is None else [w]), 1)
+        rows = torch.cat(_dist.all_gather_rows(rows, sizes, group))
+        out = metrics_from_class_statistics(
+            torch.full((Cu,), max(min_class_count, 1), device=wire),
+            rows[:, :D],
+            scatter.reshape(D, D),
+            rows[:, D],
+            None if w is None else rows[:, D + 1 :],
+            min_class_count,
+            tile_size,
+            share,
+            combine,
+            n_within=n_within,
+        )
+        return {**out, "samples": samples}
+    centred = mu - head[:D] / Cu  # global mean = unweighted mean of class means (Papyan)
+    norms = centred.norm(dim=1)
+    sq_c = (centred * centred).sum()
+    gram = torch.cat([(centred.T @ centred).reshape(-1), torch.stack([norms.sum(), sq_c]), scatter])
+    if w is not None:
+        w_norms = w.norm(dim=1)
+        gram = torch.cat([gram, torch.stack([w_norms.sum(), (w * w).sum()])])
+    combine(gram)
+    scatter = gram[D * D + 2 : 2 * D * D + 2].reshape(D, D)
+    out: dict[str, float] = {"classes_used": float(Cu), "samples": samples}
+    if n_within > 0:
+        sigma_w = (scatter + scatter.T) / (2 * n_within)
+        evals, evecs = torch.linalg.eigh(gram[: D * D].reshape(D, D) / Cu)
+        evals, evecs = evals.flip(0), evecs.flip(1)
+        tol = D * _EPS * evals[0].clamp_min(0)
+        keep = (evals > tol) & (torch.arange(D, device=wire) < min(Cu - 1, D))
+        lam, vec = evals[keep], evecs[:, keep]
+        projected = ((sigma_w @ vec) * vec).sum(0)
+        out["nc1"] = ((projected / lam).sum() / Cu).item()
+        out["nc1_rank"] = float(lam.numel())
+        out["nc1_quotient"] = (sigma_w.trace() * Cu / gram[D * D + 1]).item()
+    # second pass: spreads around the global means of the first, and the pairs
+    mean_norm = gram[D * D] / Cu
+    tail = [((norms - mean_norm) ** 2).sum()]
+    if w is not None:
+        w_mean = gram[-2] / Cu
+        dual = w / gram[-1].sqrt() - centred / gram[D * D + 1].sqrt()
+        tail += [((w_norms - w_mean) ** 2).sum(), (dual * dual).sum()]
+    tail = torch.cat([torch.stack(tail), _shard_pair_sums(centred, var, sizes, tile_size, group)])
+    combine(tail)
+    out["equinorm_features"] = (tail[0] / (Cu - 1)).sqrt().item() / mean_norm.item()
+    if w is not None:
+        out["equinorm_weights"] = (tail[1] / (Cu - 1)).sqrt().item() / w_mean.item()
+        out["self_duality"] = tail[2].sqrt().item()
+    out.update(pairwise_metrics(tail[-len(_PAIR_SUMS) :]))
+    return out
+
+
+def _shard_pair_sums(centred, variances, sizes, tile, group) -> torch.Tensor:
+    """This rank's share of the pair sums of all ranks' classes (rows of ``centred``: this
+    rank's; ``sizes``: every rank's count). Its own pairs, then at hop ``h = 1 .. world/2``
+    its classes against those of rank ``rank - h``; at the middle hop of an even world the two
+    ranks of a pair of blocks take half of its pairs each."""
+    rank, world = _dist.rank(group), _dist.world_size(group)
+    etf_cos = -1.0 / (sum(sizes) - 1)
+    sums = pairwise_sums(centred, variances, tile, etf_cos=etf_cos)
+    own = torch.cat([centred, variances[:, None]], 1)
+    for hop in range(1, world // 2 + 1):
+        send, rows = own, sizes[(rank - hop) % world]
+        if 2 * hop == world:
+            # the blocks of ranks a < world/2 and b = a + world/2 meet at both: a takes its
+            # classes against the first half of b's (all b sends), b its second half against
+            # all of a's
+            if rank < hop:
+                rows //= 2
+            else:
+                send = own[: own.shape[0] // 2]
+        theirs = _dist.shift_exchange(send, hop, rows, group)
+        a, b = own, theirs
+        if 2 * hop == world and rank >= hop:
+            a = own[own.shape[0] // 2 :]
+        if a.shape[0] and b.shape[0]:
+            sums += cross_pairwise_sums((a[:, :-1], a[:, -1]), (b[:, :-1], b[:, -1]), etf_cos, tile)
+    return sums
 
 
 def nearest_class_center(
@@ -355,7 +523,7 @@ def neural_collapse(
     weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     min_class_count: int = 2,
-    tile_size: int = 1024,
+    tile_size: int = 256,
 ) -> dict[str, float]:
     """Neural-collapse metrics of a whole data set, in float64 (the reference semantics).
 

@@ -448,6 +448,11 @@ class Probe(Component):
         for scope in self.scopes:
             self.end_missed_step(WindowView(self.window, scope))
 
+    def exchange(self, group=None) -> None:
+        """After every step this probe records, on every rank, whether it recorded, missed the
+        step or is disabled: the point for collectives of the hot path (class-sharded rows).
+        Nothing by default."""
+
     def finish_step(self) -> None:
         """After a training step in which this probe recorded."""
         self.observed_steps += 1

@@ -11,6 +11,7 @@ from .._sharding import is_sharded, whole
 from ..contracts import Readout
 from ..functional.neural_collapse import (
     group_variance_ratio,
+    metrics_from_class_shards,
     metrics_from_class_statistics,
     nearest_class_center,
     nearest_class_center_mismatch,
@@ -18,7 +19,7 @@ from ..functional.neural_collapse import (
 from ..pictures import Picture
 from ..reading import Reading, finite_rows, floating
 from ..rules import RuleSpec
-from ..stats import ClassMoments, Counter, Window
+from ..stats import ClassMoments, Counter, ShardedClassMoments, Window
 from .base import Call, Probe
 
 _F64 = torch.float64
@@ -54,6 +55,17 @@ class NeuralCollapse(Probe):
             ``*_sampled_ci95`` (:func:`~collapse_monitor.functional.sampled_pairwise_metrics`):
             for heads of ~10^5 classes whose exact readout (``C^2/2`` pairs) is too slow.
             ``None`` (default): exact.
+        shard_classes: under ``torch.distributed`` (initialised before the monitor is made),
+            each rank keeps and reads out only ``1/world`` of the classes
+            (:class:`~collapse_monitor.stats.ShardedClassMoments`): state ``16*C*D/world +
+            8*D^2`` bytes per rank, and at the end of every recorded step each rank sends
+            its rows to their classes' owners (an all-to-all of the step's rows; on a GPU one
+            host sync for its sizes). The metrics are those of one process. Every rank saves
+            and loads its own state (``torch.distributed.checkpoint``, or one file per rank;
+            from a checkpoint of rank 0's state only, as Lightning and the Hugging Face
+            ``Trainer`` write, the resumed window is skipped with a warning);
+            ``ncc_mismatch_lagged`` is not reported (it needs every class mean on every rank)
+            and ``pair_sample`` is not available. For language-model heads (``C`` ~ 10^5).
 
     Accepts features ``(N, D)`` with targets ``(N,)``, or ``(B, T, D)`` with ``(B, T)``.
     Reports ``collapse/<name>/{nc1, nc1_rank, nc1_quotient, equinorm_features,
@@ -105,8 +117,9 @@ class NeuralCollapse(Probe):
         target_shift: int = 0,
         min_class_count: int = 2,
         ncc_max_rows: int = 1024,
-        tile_size: int = 1024,
+        tile_size: int = 256,
         pair_sample: int | None = None,
+        shard_classes: bool = False,
         name: str | None = None,
         extract=None,
     ) -> None:
@@ -128,6 +141,10 @@ class NeuralCollapse(Probe):
         if pair_sample is not None and int(pair_sample) < 2:
             raise ValueError(f"pair_sample must be None or >= 2, got {pair_sample}")
         self.pair_sample = None if pair_sample is None else int(pair_sample)
+        if shard_classes and pair_sample is not None:
+            raise ValueError("pair_sample is not available with shard_classes=True")
+        self.shard_classes = bool(shard_classes)
+        self.process_group = None
         self.classifier: nn.Linear | None = None
         # lagged NC4: the classes the last window used, their means and squared norms
         self._lag: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -140,6 +157,7 @@ class NeuralCollapse(Probe):
                 f"{[n for n, _ in found]}"
             )
         mod = found[0][1]
+        self.process_group = setup.process_group
         if self.classifier_path is not None:
             cls = resolve_modules(setup.model, self.classifier_path, owner=repr(self))
             if len(cls) != 1 or not isinstance(cls[0][1], nn.Linear):
@@ -157,7 +175,25 @@ class NeuralCollapse(Probe):
             )
 
     def new_window(self) -> Window:
-        return Window({"moments": ClassMoments(self.num_classes), "counts": Counter(_COUNTERS)})
+        group, C = self.process_group, self.num_classes
+        world = _dist.world_size(group)
+        if self.shard_classes and 1 < world <= C:
+            moments = ShardedClassMoments(C, _dist.rank(group), world)
+        else:
+            moments = ClassMoments(C)
+        return Window({"moments": moments, "counts": Counter(_COUNTERS)})
+
+    @property
+    def sharded(self) -> bool:
+        return isinstance(self.window["moments"], ShardedClassMoments)
+
+    def exchange(self, group=None) -> None:
+        """Class shards: route this step's rows to their classes' owners, and take the same
+        rows per step on every rank (so every rank records the same steps)."""
+        if self.sharded:
+            total = self.window["moments"].flush(group)
+            world = _dist.world_size(group)
+            self.rows_per_step = -(-total // world) if total else None
 
     # ----------------------------------------------------------------- hot path
     def _logits(self, feats: torch.Tensor, call: Call) -> torch.Tensor | None:
@@ -241,14 +277,31 @@ class NeuralCollapse(Probe):
             )
         out = {"classes_used": 0.0}
         means = moments.means() if moments.dim else None  # O(C D): once per readout
-        if moments.dim:
+        group = self.readout_group
+
+        def combine(part):
+            _dist.all_reduce_sum_(part, group)
+
+        if isinstance(moments, ShardedClassMoments) and moments.incomplete:
+            # a resumed rank lost its part of the window: nothing to report (on every rank)
+            means, out = None, {"samples": float("nan")}
+        elif isinstance(moments, ShardedClassMoments) and moments.dim:  # (D agreed by reduce)
+            weight = None
+            if self.classifier is not None:
+                weight = whole(self.classifier.weight)[moments.first :][: moments.num_classes]
+            out = metrics_from_class_shards(
+                moments.count,
+                means,
+                moments.local_scatter(),
+                moments.class_variances(),
+                weight,
+                self.min_class_count,
+                self.tile_size,
+                group,
+            )
+        elif moments.dim:
             weight = None if self.classifier is None else whole(self.classifier.weight)
-            group = self.readout_group
             share = (_dist.rank(group), _dist.world_size(group))
-
-            def combine(part):
-                _dist.all_reduce_sum_(part, group)
-
             out = metrics_from_class_statistics(
                 moments.count,
                 means,
@@ -262,7 +315,7 @@ class NeuralCollapse(Probe):
                 pair_sample=self.pair_sample,
                 generator=self._pair_generator(moments),
             )
-        out["samples"] = float(moments.count.sum().item())
+        out.setdefault("samples", float(moments.count.sum().item()))
         out["skipped_nonfinite"] = float(c["skipped_nonfinite"])
         if c["ncc_total"]:
             out["ncc_mismatch_lagged"] = c["ncc_mismatch"] / c["ncc_total"]
@@ -277,13 +330,22 @@ class NeuralCollapse(Probe):
         return torch.Generator().manual_seed(int(moments.count.sum()))
 
     def _pictures(self, m: ClassMoments, means: torch.Tensor | None) -> dict[str, Picture]:
-        used = m.count >= self.min_class_count
-        Cu = int(used.sum())
-        if means is None or Cu < 2:
+        if means is None:
             return {}
-        first = torch.nonzero(used).flatten()[:64]
-        k = first.numel()
-        centred = means[first] - (means * used[:, None]).sum(0) / Cu
+        mu = means[m.count >= self.min_class_count]
+        total, first, Cu = mu.sum(0), mu[:64], mu.shape[0]
+        if isinstance(m, ShardedClassMoments):  # the first used classes of all ranks
+            group = self.readout_group
+            world = _dist.world_size(group)
+            sizes = _dist.all_gather_rows(torch.tensor([Cu], device=mu.device), [1] * world, group)
+            sizes = [int(n) for n in sizes]
+            _dist.all_reduce_sum_(total, group)
+            first = torch.cat(_dist.all_gather_rows(first, [min(n, 64) for n in sizes], group))
+            first, Cu = first[:64], sum(sizes)
+        if Cu < 2:
+            return {}
+        k = first.shape[0]
+        centred = first - total / Cu
         unit = centred / centred.norm(dim=1, keepdim=True).clamp_min(1e-300)
         etf = -1.0 / (Cu - 1)
         return {
@@ -300,7 +362,7 @@ class NeuralCollapse(Probe):
     def end_window(self, window, reduced) -> None:
         moments = reduced["moments"]
         used = moments.count >= self.min_class_count
-        if moments.dim and int(used.sum()) >= 2:
+        if moments.dim and not self.sharded and int(used.sum()) >= 2:
             self._set_lag(used, moments.means()[used])
         window["moments"].end_window(moments)
         window["counts"].reset()
@@ -373,8 +435,8 @@ class GroupCollapse(NeuralCollapse):
     )
 
     def __init__(self, module: str, num_groups: int, read: str = "output", **kwargs) -> None:
-        if "classifier" in kwargs:
-            raise TypeError("GroupCollapse has no classifier")
+        if "classifier" in kwargs or "shard_classes" in kwargs:
+            raise TypeError("GroupCollapse has no classifier and no class shards")
         super().__init__(module, num_groups, read=read, **kwargs)
 
     def readout(self, window) -> Readout:

@@ -3,7 +3,7 @@
 
 from .attention import HeadEntropy
 from .base import Counter, Statistic, agree_sizes, to_device
-from .class_moments import ClassMoments, Moments
+from .class_moments import ClassMoments, Moments, ShardedClassMoments
 from .counts import CodeCounts, UsageEMA
 from .depth import TokenUniformitySums
 from .logits import LogitSums
@@ -13,6 +13,7 @@ from .window import Window, WindowView
 
 __all__ = [
     "ClassMoments",
+    "ShardedClassMoments",
     "CodeCounts",
     "Counter",
     "HeadEntropy",

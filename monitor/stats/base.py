@@ -135,6 +135,15 @@ class Statistic:
         for name in self._states:
             self._reset_state(name)
 
+    def forget_reduced(self) -> None:
+        """Drop the part of a reduced (all-rank) copy that every rank holds alike, so that only
+        one rank keeps it when a reduced state is loaded (the whole window by default)."""
+        self.reset()
+
+    def flush(self, group=None) -> None:
+        """Settle what waits for a collective (class-sharded rows); a no-op by default. Under
+        ``torch.distributed`` every rank calls it at the same points."""
+
     def to(self, device: torch.device | str) -> Statistic:
         self.device = torch.device(device)
         for name in self._states:

@@ -10,6 +10,9 @@ afterwards, so the cancellation factor is ``||mu_c - K_c||^2 / lambda`` ~ O(1) i
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
 
 from .. import _dist
@@ -17,6 +20,8 @@ from ..functional.neural_collapse import share_rows
 from .base import Statistic
 
 _F64 = torch.float64
+log = logging.getLogger(__name__)
+_WIRE = (torch.bfloat16, torch.float16, torch.float32, torch.float64)  # dtypes rows travel in
 
 
 class ClassMoments(Statistic):
@@ -219,15 +224,18 @@ class ClassMoments(Statistic):
                 ``1/world`` of the classes only; ``combine`` must then sum it over the ranks in
                 place (an all-reduce of ``D x D``), and every rank gets the whole scatter.
         """
+        return self._scatter(share_rows(self.num_classes, share), combine if share[1] > 1 else None)
+
+    def _scatter(self, rows: slice, combine, clamp: bool = True) -> torch.Tensor:
         n = self.count.to(_F64)
         seen = n > 0
-        rows = share_rows(self.num_classes, share)
         scaled = self.sum[rows] / torch.where(seen[rows], n[rows], 1.0).sqrt()[:, None]
         between = (scaled * scaled).sum(0) if self.diagonal else scaled.T @ scaled
-        if share[1] > 1:
+        if combine is not None:
             combine(between)
         if self.diagonal:
-            return (self.second_moment - between).clamp_min(0.0)
+            scatter = self.second_moment - between
+            return scatter.clamp_min(0.0) if clamp else scatter
         scatter = self.second_moment - between
         return (scatter + scatter.T) / 2
 
@@ -254,6 +262,208 @@ class ClassMoments(Statistic):
         self.shift_set = reduced.shift_set.to(self.device) | seen.to(self.device)
         self.shift_agreed = self.shift_set.clone()
         self.reset()
+
+
+class ShardedClassMoments(ClassMoments):
+    """:class:`ClassMoments` of the classes this rank owns: class-sharded statistics under
+    ``torch.distributed``.
+
+    Rank ``r`` of ``world`` owns the contiguous classes ``[C r / world, C (r + 1) / world)``
+    (:func:`~collapse_monitor.functional.neural_collapse.share_rows`) and keeps their counts,
+    shifts and sums, ``16 C D / world`` bytes, and its own part of the pooled second moment
+    ``S`` (``8 D^2``), which a readout sums over the ranks (:meth:`local_scatter`).
+    :meth:`update` only buffers a batch's rows; :meth:`flush` (a collective, at the end of
+    every recorded step and before a reduce) routes each valid row to its class's owner (one
+    ``all_gather`` of row counts, two ``all_to_all_single``) where it is added. Each class then
+    lives on one rank, so the shifts need no agreement and no re-centring; the readout
+    (:func:`~collapse_monitor.functional.metrics_from_class_shards`) is computed by the owners
+    together.
+
+    Rows travel in the features' dtype (promoted when ranks differ; a rank's own rows stay),
+    and the owner accumulates them in float64 like one process does. The buffer holds one
+    step's rows (a validation snapshot's until it ends).
+
+    Args:
+        num_classes: ``C`` (all classes); rank, world: this rank and the group's size.
+
+    Raises:
+        ValueError: (in :meth:`flush`, on every rank alike) ranks with different feature sizes.
+    """
+
+    def __init__(self, num_classes: int, rank: int, world: int, diagonal: bool = False) -> None:
+        if not 0 <= rank < world <= num_classes:
+            raise ValueError(
+                f"class shards need 0 <= rank < world <= num_classes, got {rank}, {world}, "
+                f"{num_classes}"
+            )
+        block = share_rows(int(num_classes), (rank, world))
+        super().__init__(block.stop - block.start, None, diagonal)
+        self.total_classes, self.first, self.shard = int(num_classes), block.start, (rank, world)
+        # stops of every rank's block: a label's owner is the number of stops <= it
+        self._stops = torch.tensor(
+            [share_rows(self.total_classes, (r, world)).stop for r in range(world)]
+        )
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+        # 1 when this window lacks samples another rank's checkpoint held (max over ranks)
+        self.add_state("lost", (1,), torch.int64, reduce=None)
+
+    @property
+    def incomplete(self) -> bool:
+        """The window lacks samples recorded before a resume (a host sync)."""
+        return bool(self.lost.item())
+
+    def reset(self) -> None:
+        super().reset()
+        self._reset_state("lost")
+
+    def update(
+        self, features: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor | None = None
+    ) -> None:
+        """Buffer a batch (global labels in ``[0, C)`` where ``valid``) until :meth:`flush`."""
+        keep = None if valid is None else valid.detach().clone()
+        self._pending.append((features.detach().clone(), labels.detach().clone(), keep))
+
+    @torch.no_grad()
+    def flush(self, group=None) -> int:
+        """Route the buffered rows to their classes' owners and add the rows this rank owns.
+        A collective: every rank calls it, buffered rows or not.
+
+        Returns:
+            the valid rows buffered over all ranks.
+        """
+        world = self.shard[1]
+        if _dist.world_size(group) != world or _dist.rank(group) != self.shard[0]:
+            raise RuntimeError(
+                f"class shards were made for rank {self.shard[0]} of {world}; this process is "
+                f"rank {_dist.rank(group)} of {_dist.world_size(group)}"
+            )
+        pending, self._pending = self._pending, []
+        device = pending[0][0].device if pending else self.device
+        wire = _dist.collective_device(group, device)
+        if pending:
+            dtype = functools.reduce(torch.promote_types, [p[0].dtype for p in pending])
+            dtype = dtype if dtype in _WIRE else _F64
+            x = torch.cat([p[0].reshape(-1, p[0].shape[-1]).to(dtype) for p in pending])
+            y = torch.cat([p[1].reshape(-1) for p in pending]).to(torch.int64)
+            ok = torch.cat(
+                [torch.ones_like(p[1], dtype=torch.bool) if p[2] is None else p[2] for p in pending]
+            ).reshape(-1)
+            owner = torch.where(
+                ok,
+                torch.searchsorted(self._stops.to(y.device), torch.where(ok, y, 0), right=True),
+                world,
+            )
+            dim, code = x.shape[1], _WIRE.index(dtype) + 1
+        else:
+            owner = torch.zeros(0, dtype=torch.int64, device=device)
+            dim, code = self.dim or 0, 0
+        header = torch.bincount(owner, minlength=world + 1)[:world]
+        header = torch.cat([header, torch.tensor([dim, code], device=header.device)])
+        table = torch.stack(_dist.all_gather_rows(header.to(wire), [world + 2] * world, group))
+        table = table.cpu()  # a host sync: the split sizes of the exchange
+        dims = set(table[:, world].tolist()) - {0}
+        if len(dims) > 1:
+            raise ValueError(f"ranks disagree on the feature dimension: {sorted(dims)}")
+        total = int(table[:, :world].sum())
+        if not total:
+            return 0
+        # the features' own dtype (promoted when ranks differ): the owner's float64 upcast
+        # is then that of one process
+        codes = set(table[:, world + 1].tolist()) - {0}
+        dtype = functools.reduce(torch.promote_types, [_WIRE[c - 1] for c in codes])
+        me, D = self.shard[0], dims.pop()
+        sends, receives = table[me, :world].tolist(), table[:, me].tolist()
+        if pending:
+            order = torch.argsort(owner, stable=True)[: sum(sends)]
+            xs, ys = x[order].to(dtype), y[order]
+        else:
+            xs, ys = torch.zeros(0, D, dtype=dtype), torch.zeros(0, dtype=torch.int64)
+        # this rank's own rows stay here; the others travel
+        mine = slice(sum(sends[:me]), sum(sends[: me + 1]))
+        keep_x, keep_y = xs[mine], ys[mine]
+        away = torch.ones(xs.shape[0], dtype=torch.bool, device=xs.device)
+        away[mine] = False
+        sends[me] = receives[me] = 0
+        xs, ys = xs[away].to(wire), ys[away].to(wire)
+        xr = xs.new_empty((sum(receives), D))
+        yr = ys.new_empty(sum(receives))
+        torch.distributed.all_to_all_single(xr, xs, receives, sends, group=group)
+        torch.distributed.all_to_all_single(yr, ys, receives, sends, group=group)
+        x_all = torch.cat([keep_x.to(self.device), xr.to(self.device)])
+        y_all = torch.cat([keep_y.to(self.device), yr.to(self.device)])
+        if y_all.numel():
+            super().update(x_all, y_all - self.first)
+        else:
+            self.fix_sizes(D=D)
+        return total
+
+    def _all_reduce_states(self, group) -> None:
+        """Only whether a rank lost its part: every class lives on its owner, and ``S`` stays
+        each rank's own part until a readout sums :meth:`local_scatter` (after :meth:`flush`,
+        which :meth:`Window.reduced` runs first)."""
+        _dist.all_reduce_max_(self.lost, group)
+
+    def forget_reduced(self) -> None:
+        """Nothing is alike across ranks in a reduced copy: every rank keeps its own state."""
+
+    def local_scatter(self) -> torch.Tensor:
+        """This rank's part of the pooled within-class scatter, ``S_r - sum_{c in r} s_c s_c' /
+        n_c`` ``(D, D)``: the parts of all ranks sum to the scatter of all classes."""
+        return self._scatter(slice(None), None, clamp=False)
+
+    def within_class_scatter(self, share=None, combine=None) -> torch.Tensor:
+        """The pooled within-class scatter of all ranks' classes: ``combine`` must sum
+        :meth:`local_scatter` over the ranks in place (an all-reduce of ``D x D``)."""
+        part = self.local_scatter()
+        if combine is not None:
+            combine(part)
+        return part.clamp_min(0.0) if self.diagonal else part
+
+    def clone(self) -> ShardedClassMoments:
+        new = super().clone()
+        new._pending = list(self._pending)
+        return new
+
+    def merge(self, other: ClassMoments) -> ClassMoments:
+        if not isinstance(other, ShardedClassMoments) or other.shard != self.shard:
+            raise ValueError("class shards merge only with the same rank's shards")
+        self._pending += other._pending
+        return super().merge(other)
+
+    def state_dict(self) -> dict:
+        """This rank's classes (with ``S``, reduced or not) and the rows not yet routed: save
+        every rank's (``torch.distributed.checkpoint``, or one file per rank)."""
+        return {
+            **super().state_dict(),
+            "shard": self.shard,
+            "pending": [tuple(None if t is None else t.cpu() for t in p) for p in self._pending],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` of the same rank and world. A state of another rank's
+        classes (a trainer that saves rank 0's state only: Lightning, the Hugging Face
+        ``Trainer``) or of an unsharded run cannot be used: this rank starts empty and marks
+        the window :attr:`incomplete`, so that its readout is skipped on every rank, and logs
+        a warning; the windows after it are whole."""
+        saved = tuple(state.get("shard", ()))
+        if saved != self.shard:
+            log.warning(
+                "collapse monitor: the saved class-sharded statistics are those of shard %s "
+                "(rank, world), this process owns %s: the current window is dropped (each rank "
+                "must save and load its own state: torch.distributed.checkpoint, or one file "
+                "per rank)",
+                saved or "(none: saved unsharded)",
+                self.shard,
+            )
+            for name in self.state_names:
+                self._reset_state(name)
+            self._pending = []
+            self.lost.fill_(1)
+            return
+        super().load_state_dict(state)
+        self._pending = [
+            tuple(None if t is None else t.to(self.device) for t in p) for p in state["pending"]
+        ]
 
 
 class Moments(ClassMoments):

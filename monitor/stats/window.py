@@ -136,10 +136,19 @@ class Window:
             stat._all_reduce_states(group)
         return self
 
+    def flush(self, group=None) -> None:
+        """Settle every entry's pending collective work (:meth:`Statistic.flush`), in the same
+        order on every rank."""
+        for _, stat in self.items():
+            stat.flush(group)
+
     def reduced(self, group=None) -> Window:
         """This window combined over all ranks: a reduced copy under ``torch.distributed``, the
         window itself otherwise (callers only read it)."""
-        return self.clone().all_reduce(group) if _dist.is_distributed(group) else self
+        if not _dist.is_distributed(group):
+            return self
+        self.flush(group)
+        return self.clone().all_reduce(group)
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict:
@@ -147,8 +156,10 @@ class Window:
 
     def load_state_dict(self, state: dict, keep: bool = True) -> None:
         """Restore :meth:`state_dict`. ``keep=False`` loads sizes (and each statistic's own
-        carried state, such as shifts) but starts every entry empty: under DDP only rank 0
-        keeps the saved (reduced) counts, so the next all-reduce counts each sample once."""
+        carried state, such as shifts) but drops what the ranks' reduce made alike
+        (:meth:`Statistic.forget_reduced`: every entry's window, but a class-sharded
+        statistic's own classes): under DDP only rank 0 keeps the saved (reduced) counts, so
+        the next all-reduce counts each sample once."""
         missing = set(self._entries) - set(state["entries"])
         for key in missing & set(self.transient):  # saved before the entry existed: empty
             self._entries[key].reset()
@@ -160,7 +171,7 @@ class Window:
             stat.load_state_dict(sub)
             stat.to(self.device)
             if not keep:
-                stat.reset()
+                stat.forget_reduced()
 
 
 class WindowView:

@@ -135,6 +135,15 @@ def test_rank_shares_of_the_pairs_add_up_to_all_pairs_once(world):
     torch.testing.assert_close(sum(parts), whole, rtol=1e-12, atol=0)
     # the work splits: no share holds much more than its part of the pairs (+ one tile)
     assert max(p[3] for p in parts) <= whole[3] / world + 49
+    # class shards: the pairs within each of two sets of classes and across them
+    etf = -1.0 / (C - 1)
+    a, b = slice(0, 25), slice(25, C)
+    split = (
+        F.pairwise_sums(m[a], v[a], tile=7, etf_cos=etf)
+        + F.pairwise_sums(m[b], v[b], tile=7, etf_cos=etf)
+        + F.cross_pairwise_sums((m[a], v[a]), (m[b], v[b]), etf, tile=7)
+    )
+    torch.testing.assert_close(split, whole, rtol=1e-12, atol=0)
     # the combined shares against the pair-by-pair numpy reference
     want = nc_reference(x.numpy(), y.numpy(), C)
     assert_metrics_close(
