@@ -196,6 +196,7 @@ class CollapseMonitor:
         self.mitigation_counts: dict[str, float] = {}
         self._recording: list[Component] = []  # inside observe(): who records
         self._recorded: set[Probe] = set()  # probes that recorded in this training step
+        self._stopped: set[Probe] = set()  # probes disabled on every rank (agreed at a log)
         self._failed_sinks: set[int] = set()
         self._thin_warned: set[str] = set()
         self._idle_warned: set[str] = set()
@@ -307,7 +308,8 @@ class CollapseMonitor:
 
         Returns:
             the logged metrics (``{"collapse/<probe>/<metric>": float}``) at a logging step,
-            else ``None``. Only logging steps synchronise with the device.
+            else ``None``. Only logging steps synchronise with the device (and, on a GPU, the
+            recorded steps of a class-sharded probe: ``NeuralCollapse(shard_classes=True)``).
         """
         for m in self.mitigations:
             if not m.disabled:
@@ -318,8 +320,8 @@ class CollapseMonitor:
                 self._guard(p, p.finish_step)
             elif not p.disabled and due:  # e.g. this rank had no batch this step
                 self._guard(p, p.missed_step)
-            if due:  # a collective for some probes: on every rank, disabled or not (until the
-                # ranks agree on it at the log), so that no rank waits for one that stopped
+            if due and p not in self._stopped:  # a collective for some probes: on every rank,
+                # disabled or not, until the ranks agree at a log that it stopped
                 self._guard(p, p.exchange, self.process_group)
         self._recorded.clear()
         self.global_step += 1
@@ -346,6 +348,7 @@ class CollapseMonitor:
         _dist.all_reduce_max_(flags, self.process_group)
         for c, flag in zip(owners, flags.tolist()):
             c.disabled = c.disabled or bool(flag)
+        self._stopped = {c for c in self.probes if c.disabled}
 
     @property
     def error_count(self) -> int:
@@ -655,7 +658,9 @@ class CollapseMonitor:
 
         Under ``torch.distributed`` (``sync=None`` means: when a group is initialised) the
         window statistics are all-reduced first, so this is a collective: call it on every rank
-        (Lightning does), and save rank 0's result.
+        (Lightning does), and save rank 0's result; with class-sharded probes
+        (``NeuralCollapse(shard_classes=True)``) every rank's result holds its own classes:
+        save each rank's (``torch.distributed.checkpoint``, or one file per rank).
         """
         sync = sync is not False
         return {

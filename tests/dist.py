@@ -16,10 +16,11 @@ import torch.multiprocessing as mp
 
 
 @contextmanager
-def process_group(rank, init):
-    """A 2-rank gloo group; a mismatched collective fails after 60 s instead of hanging."""
+def process_group(rank, init, world=2):
+    """A gloo group of ``world`` ranks; a mismatched collective fails after 60 s instead of
+    hanging."""
     dist.init_process_group(
-        "gloo", init_method=init, rank=rank, world_size=2, timeout=timedelta(seconds=60)
+        "gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=60)
     )
     try:
         yield
@@ -43,8 +44,9 @@ def _entry(rank, worker, init, out_dir):
         worker(rank, init, out_dir)
 
 
-def run_two(worker, tmp_path, name, deadline=300.0):
-    """Run ``worker(rank, init, out_dir)`` on 2 processes; load what each saved as ``<name><rank>.pt``.
+def run_two(worker, tmp_path, name, deadline=300.0, world=2):
+    """Run ``worker(rank, init, out_dir)`` on ``world`` processes (2); load what each saved as
+    ``<name><rank>.pt``.
 
     A run still going ``deadline`` seconds after both ranks started (the gloo timeout turns
     mismatched collectives into errors after 60 s, so this is a hang elsewhere) is killed and
@@ -54,12 +56,14 @@ def run_two(worker, tmp_path, name, deadline=300.0):
     """
     init = (tmp_path / "store").as_uri()  # a file store: no port to race for
     args = (worker, init, str(tmp_path))
-    ctx = mp.start_processes(_entry, args=args, nprocs=2, join=False, start_method="spawn")
-    stacks = [tmp_path / f"stacks{r}.txt" for r in range(2)]
+    ctx = mp.start_processes(_entry, args=args, nprocs=world, join=False, start_method="spawn")
+    stacks = [tmp_path / f"stacks{r}.txt" for r in range(world)]
     started = time.monotonic()
     while not all(p.exists() for p in stacks) and time.monotonic() - started < 600:
         if ctx.join(timeout=0.2):  # finished (or failed) before we saw it start
-            return [torch.load(tmp_path / f"{name}{r}.pt", weights_only=False) for r in range(2)]
+            return [
+                torch.load(tmp_path / f"{name}{r}.pt", weights_only=False) for r in range(world)
+            ]
     start = time.monotonic()
     while not ctx.join(timeout=1.0):
         if time.monotonic() - start > deadline:
@@ -75,4 +79,4 @@ def run_two(worker, tmp_path, name, deadline=300.0):
                 for r, p in enumerate(stacks)
             )
             pytest.fail(f"{worker.__name__} still running after {deadline:.0f} s:\n{dumps}")
-    return [torch.load(tmp_path / f"{name}{r}.pt", weights_only=False) for r in range(2)]
+    return [torch.load(tmp_path / f"{name}{r}.pt", weights_only=False) for r in range(world)]

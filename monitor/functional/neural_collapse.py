@@ -45,17 +45,23 @@ def _pair_blocks(a, b, etf_cos):
 
 
 def _block_sums(dev, ratio, ok) -> torch.Tensor:
+    """The pair sums of one tile but the pair count (the caller counts it on the host)."""
     flat = dev.reshape(-1)
     return torch.stack(
         [
             torch.linalg.vector_norm(flat, 1),
             flat.sum(),
             torch.dot(flat, flat),
-            torch.tensor(float(flat.numel()), dtype=_F64, device=dev.device),
             ratio.sum(),
             ok.sum().to(_F64),
         ]
     )
+
+
+def _with_pairs(sums: torch.Tensor, pairs: int) -> torch.Tensor:
+    """:data:`_PAIR_SUMS` from :func:`_block_sums`'s five and the pair count."""
+    count = torch.tensor([float(pairs)], dtype=_F64).to(sums.device)
+    return torch.cat([sums[:3], count, sums[3:]])
 
 
 def _slice(parts, rows: slice) -> tuple[torch.Tensor, ...]:
@@ -103,7 +109,7 @@ def pairwise_sums(
     C = centred.shape[0]
     etf_cos = -1.0 / (C - 1) if etf_cos is None else etf_cos
     parts = _pair_parts(centred, variances)
-    sums = torch.zeros(len(_PAIR_SUMS), dtype=_F64, device=centred.device)
+    sums, pairs = torch.zeros(5, dtype=_F64, device=centred.device), 0
     for i0, j0 in pair_tiles(C, tile, share):
         rows, cols = slice(i0, min(i0 + tile, C)), slice(j0, min(j0 + tile, C))
         dev, ratio, ok = _pair_blocks(_slice(parts, rows), _slice(parts, cols), etf_cos)
@@ -111,21 +117,22 @@ def pairwise_sums(
             upper = torch.ones_like(ok).triu_(1)
             dev, ratio, ok = dev[upper], ratio[upper], ok & upper
         sums += _block_sums(dev, ratio, ok)
-    return sums
+        pairs += dev.numel()
+    return _with_pairs(sums, pairs)
 
 
 def cross_pairwise_sums(a, b, etf_cos: float, tile: int = 256) -> torch.Tensor:
     """:func:`pairwise_sums` over every pair of one class of ``a`` and one of ``b`` (two
     disjoint sets of classes, each ``(centred (n, D), variances (n,))``)."""
     pa, pb = _pair_parts(*a), _pair_parts(*b)
-    sums = torch.zeros(len(_PAIR_SUMS), dtype=_F64, device=a[0].device)
+    sums = torch.zeros(5, dtype=_F64, device=a[0].device)
     for i0 in range(0, a[0].shape[0], tile):
         for j0 in range(0, b[0].shape[0], tile):
             blocks = _pair_blocks(
                 _slice(pa, slice(i0, i0 + tile)), _slice(pb, slice(j0, j0 + tile)), etf_cos
             )
             sums += _block_sums(*blocks)
-    return sums
+    return _with_pairs(sums, a[0].shape[0] * b[0].shape[0])
 
 
 def pairwise_metrics(sums: torch.Tensor) -> dict[str, float]:
@@ -353,11 +360,13 @@ def metrics_from_class_shards(
     :class:`~collapse_monitor.stats.ShardedClassMoments`). A collective: every rank calls it and
     all get the same metrics, those of one process over all classes (to rounding).
 
-    Each rank does ``1/world`` of the work: its classes' ``O(C D^2)`` terms (one ``D x D``
-    all-reduce) and ``1/world`` of the ``O(C^2 D)`` class pairs, for which the ranks send
-    their used classes' centred means to ``world/2`` others (point to point; a ring schedule in
-    which every pair of blocks meets once). When the used classes number at most ``D`` they
-    are gathered instead (at most ``D x D`` values) and the replicated readout splits them.
+    Each rank does ``1/world`` of the work: its classes' ``O(C D^2)`` terms and ``1/world`` of
+    the ``O(C^2 D)`` class pairs, for which the ranks send their used classes' centred means to
+    ``world/2`` others (point to point; a ring schedule in which every pair of blocks meets
+    once). Collectives: an all-gather of the used counts, three all-reduces (the global mean;
+    the Gram matrix with the scatter, ``2 D^2``; the spreads with the pair sums). When the used
+    classes number at most ``D`` they are gathered instead (``Cu x (2D + 1)`` values at most)
+    and the replicated readout splits them.
 
     Args:
         counts: ``(R,)`` samples of this rank's classes; means: ``(R, D)``;
@@ -430,8 +439,11 @@ def metrics_from_class_shards(
         w_mean = gram[-2] / Cu
         dual = w / gram[-1].sqrt() - centred / gram[D * D + 1].sqrt()
         tail += [((w_norms - w_mean) ** 2).sum(), (dual * dual).sum()]
-    tail = torch.cat([torch.stack(tail), _shard_pair_sums(centred, var, sizes, tile_size, group)])
+    pair_sums, error = _shard_pair_sums(centred, var, sizes, tile_size, group)
+    tail = torch.cat([torch.stack(tail), pair_sums])
     combine(tail)
+    if error is not None:  # raised after the collectives: no rank is left waiting
+        raise error
     out["equinorm_features"] = (tail[0] / (Cu - 1)).sqrt().item() / mean_norm.item()
     if w is not None:
         out["equinorm_weights"] = (tail[1] / (Cu - 1)).sqrt().item() / w_mean.item()
@@ -440,14 +452,28 @@ def metrics_from_class_shards(
     return out
 
 
-def _shard_pair_sums(centred, variances, sizes, tile, group) -> torch.Tensor:
+def _shard_pair_sums(centred, variances, sizes, tile, group):
     """This rank's share of the pair sums of all ranks' classes (rows of ``centred``: this
     rank's; ``sizes``: every rank's count). Its own pairs, then at hop ``h = 1 .. world/2``
     its classes against those of rank ``rank - h``; at the middle hop of an even world the two
-    ranks of a pair of blocks take half of its pairs each."""
+    ranks of a pair of blocks take half of its pairs each.
+
+    Returns ``(sums, error)``: a rank whose own work fails (out of memory) still makes every
+    exchange, with NaN sums, and hands the error back to raise after the last collective."""
     rank, world = _dist.rank(group), _dist.world_size(group)
     etf_cos = -1.0 / (sum(sizes) - 1)
-    sums = pairwise_sums(centred, variances, tile, etf_cos=etf_cos)
+    error = None
+
+    def guarded(fn, *args):
+        nonlocal error
+        if error is None:
+            try:
+                return fn(*args)
+            except Exception as exc:  # noqa: BLE001 - re-raised after the collectives
+                error = exc
+        return torch.full((len(_PAIR_SUMS),), float("nan"), dtype=_F64, device=centred.device)
+
+    sums = guarded(pairwise_sums, centred, variances, tile, (0, 1), etf_cos)
     own = torch.cat([centred, variances[:, None]], 1)
     for hop in range(1, world // 2 + 1):
         send, rows = own, sizes[(rank - hop) % world]
@@ -464,8 +490,9 @@ def _shard_pair_sums(centred, variances, sizes, tile, group) -> torch.Tensor:
         if 2 * hop == world and rank >= hop:
             a = own[own.shape[0] // 2 :]
         if a.shape[0] and b.shape[0]:
-            sums += cross_pairwise_sums((a[:, :-1], a[:, -1]), (b[:, :-1], b[:, -1]), etf_cos, tile)
-    return sums
+            pairs = ((a[:, :-1], a[:, -1]), (b[:, :-1], b[:, -1]), etf_cos, tile)
+            sums = sums + guarded(cross_pairwise_sums, *pairs)
+    return sums, error
 
 
 def nearest_class_center(

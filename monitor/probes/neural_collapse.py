@@ -20,7 +20,7 @@ from ..pictures import Picture
 from ..reading import Reading, finite_rows, floating
 from ..rules import RuleSpec
 from ..stats import ClassMoments, Counter, ShardedClassMoments, Window
-from .base import Call, Probe
+from .base import Call, Probe, log
 
 _F64 = torch.float64
 _COUNTERS = ("skipped_nonfinite", "out_of_range", "ncc_mismatch", "ncc_total")
@@ -145,6 +145,8 @@ class NeuralCollapse(Probe):
             raise ValueError("pair_sample is not available with shard_classes=True")
         self.shard_classes = bool(shard_classes)
         self.process_group = None
+        self._shards: tuple[int, int] | None = None  # (rank, world) once attached with shards
+        self._agreed_rows: int | None = None  # rows per step, the same on every rank
         self.classifier: nn.Linear | None = None
         # lagged NC4: the classes the last window used, their means and squared norms
         self._lag: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -157,7 +159,17 @@ class NeuralCollapse(Probe):
                 f"{[n for n, _ in found]}"
             )
         mod = found[0][1]
-        self.process_group = setup.process_group
+        self.process_group = group = setup.process_group
+        world = _dist.world_size(group)
+        if self.shard_classes and world > self.num_classes:
+            log.warning(
+                "%r: %d classes cannot be sharded over %d ranks: statistics are replicated",
+                self,
+                self.num_classes,
+                world,
+            )
+        elif self.shard_classes and world > 1:
+            self._shards = (_dist.rank(group), world)
         if self.classifier_path is not None:
             cls = resolve_modules(setup.model, self.classifier_path, owner=repr(self))
             if len(cls) != 1 or not isinstance(cls[0][1], nn.Linear):
@@ -175,25 +187,29 @@ class NeuralCollapse(Probe):
             )
 
     def new_window(self) -> Window:
-        group, C = self.process_group, self.num_classes
-        world = _dist.world_size(group)
-        if self.shard_classes and 1 < world <= C:
-            moments = ShardedClassMoments(C, _dist.rank(group), world)
+        if self._shards is None:
+            moments = ClassMoments(self.num_classes)
         else:
-            moments = ClassMoments(C)
+            moments = ShardedClassMoments(self.num_classes, *self._shards)
         return Window({"moments": moments, "counts": Counter(_COUNTERS)})
 
     @property
     def sharded(self) -> bool:
-        return isinstance(self.window["moments"], ShardedClassMoments)
+        return self._shards is not None
 
     def exchange(self, group=None) -> None:
         """Class shards: route this step's rows to their classes' owners, and take the same
-        rows per step on every rank (so every rank records the same steps)."""
-        if self.sharded:
-            total = self.window["moments"].flush(group)
-            world = _dist.world_size(group)
-            self.rows_per_step = -(-total // world) if total else None
+        rows per step on every rank (so that every rank records the same steps), also when
+        the routing fails after its first collective."""
+        if not self.sharded:
+            return
+        moments = self.window["moments"]
+        try:
+            moments.flush(group)
+        finally:
+            if moments.routed:  # agreed by the collective: the same on every rank
+                self._agreed_rows = -(-moments.routed // self._shards[1])
+            self.rows_per_step = self._agreed_rows
 
     # ----------------------------------------------------------------- hot path
     def _logits(self, feats: torch.Tensor, call: Call) -> torch.Tensor | None:
@@ -278,13 +294,16 @@ class NeuralCollapse(Probe):
         out = {"classes_used": 0.0}
         means = moments.means() if moments.dim else None  # O(C D): once per readout
         group = self.readout_group
+        lost = isinstance(moments, ShardedClassMoments) and moments.incomplete
+        # before the metrics: with class shards, a rank whose metrics fail raises only after
+        # its last collective
+        pictures = {} if lost else self._pictures(moments, means)
 
         def combine(part):
             _dist.all_reduce_sum_(part, group)
 
-        if isinstance(moments, ShardedClassMoments) and moments.incomplete:
-            # a resumed rank lost its part of the window: nothing to report (on every rank)
-            means, out = None, {"samples": float("nan")}
+        if lost:  # a resumed rank lost its part of the window: nothing to report (any rank)
+            out = {"samples": float("nan")}
         elif isinstance(moments, ShardedClassMoments) and moments.dim:  # (D agreed by reduce)
             weight = None
             if self.classifier is not None:
@@ -319,7 +338,6 @@ class NeuralCollapse(Probe):
         out["skipped_nonfinite"] = float(c["skipped_nonfinite"])
         if c["ncc_total"]:
             out["ncc_mismatch_lagged"] = c["ncc_mismatch"] / c["ncc_total"]
-        pictures = self._pictures(moments, means)
         return Readout({self.key(k): v for k, v in out.items()}, pictures=pictures)
 
     def _pair_generator(self, moments: ClassMoments) -> torch.Generator | None:
@@ -383,7 +401,9 @@ class NeuralCollapse(Probe):
     def load_extra_state(self, state: dict) -> None:
         super().load_extra_state(state)
         self._lag = None
-        if "lag_used" in state:
+        if self.sharded:  # NC4 is not computed on class shards (and its C x D is not kept)
+            self._agreed_rows = self.rows_per_step  # saved after a step: agreed
+        elif "lag_used" in state:
             self._set_lag(state["lag_used"], state["lag_centers"])
 
 

@@ -280,30 +280,33 @@ class ShardedClassMoments(ClassMoments):
     together.
 
     Rows travel in the features' dtype (promoted when ranks differ; a rank's own rows stay),
-    and the owner accumulates them in float64 like one process does. The buffer holds one
-    step's rows (a validation snapshot's until it ends).
+    and the owner accumulates them in float64 like one process does. The buffer holds a copy of
+    every row recorded in the step (all micro-batches; a validation snapshot's rows until it
+    ends): ``rows x D`` in the features' dtype, and about three more while :meth:`flush` runs.
 
     Args:
         num_classes: ``C`` (all classes); rank, world: this rank and the group's size.
 
     Raises:
-        ValueError: (in :meth:`flush`, on every rank alike) ranks with different feature sizes.
+        ValueError: ranks with different feature sizes (in :meth:`flush`, on every rank alike),
+            or a rank's own batches that differ (in :meth:`update`).
     """
 
-    def __init__(self, num_classes: int, rank: int, world: int, diagonal: bool = False) -> None:
+    def __init__(self, num_classes: int, rank: int, world: int) -> None:
         if not 0 <= rank < world <= num_classes:
             raise ValueError(
                 f"class shards need 0 <= rank < world <= num_classes, got {rank}, {world}, "
                 f"{num_classes}"
             )
         block = share_rows(int(num_classes), (rank, world))
-        super().__init__(block.stop - block.start, None, diagonal)
+        super().__init__(block.stop - block.start)
         self.total_classes, self.first, self.shard = int(num_classes), block.start, (rank, world)
         # stops of every rank's block: a label's owner is the number of stops <= it
         self._stops = torch.tensor(
             [share_rows(self.total_classes, (r, world)).stop for r in range(world)]
         )
         self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+        self.routed: int | None = None  # valid rows of all ranks in the last flush
         # 1 when this window lacks samples another rank's checkpoint held (max over ranks)
         self.add_state("lost", (1,), torch.int64, reduce=None)
 
@@ -319,7 +322,16 @@ class ShardedClassMoments(ClassMoments):
     def update(
         self, features: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor | None = None
     ) -> None:
-        """Buffer a batch (global labels in ``[0, C)`` where ``valid``) until :meth:`flush`."""
+        """Buffer a batch (global labels in ``[0, C)`` where ``valid``) until :meth:`flush`.
+
+        Raises:
+            ValueError: ``D`` differs from an earlier batch's (here, before any collective).
+        """
+        dims = {features.shape[-1], *(p[0].shape[-1] for p in self._pending[:1])}
+        if self.dim is not None:
+            dims.add(self.dim)
+        if len(dims) > 1:
+            raise ValueError(f"feature dimension changed: {sorted(dims)}")
         keep = None if valid is None else valid.detach().clone()
         self._pending.append((features.detach().clone(), labels.detach().clone(), keep))
 
@@ -337,7 +349,7 @@ class ShardedClassMoments(ClassMoments):
                 f"class shards were made for rank {self.shard[0]} of {world}; this process is "
                 f"rank {_dist.rank(group)} of {_dist.world_size(group)}"
             )
-        pending, self._pending = self._pending, []
+        pending, self._pending, self.routed = self._pending, [], None
         device = pending[0][0].device if pending else self.device
         wire = _dist.collective_device(group, device)
         if pending:
@@ -348,23 +360,26 @@ class ShardedClassMoments(ClassMoments):
             ok = torch.cat(
                 [torch.ones_like(p[1], dtype=torch.bool) if p[2] is None else p[2] for p in pending]
             ).reshape(-1)
+            if self._stops.device != y.device:
+                self._stops = self._stops.to(y.device)
             owner = torch.where(
-                ok,
-                torch.searchsorted(self._stops.to(y.device), torch.where(ok, y, 0), right=True),
-                world,
+                ok, torch.searchsorted(self._stops, torch.where(ok, y, 0), right=True), world
             )
             dim, code = x.shape[1], _WIRE.index(dtype) + 1
         else:
             owner = torch.zeros(0, dtype=torch.int64, device=device)
             dim, code = self.dim or 0, 0
-        header = torch.bincount(owner, minlength=world + 1)[:world]
-        header = torch.cat([header, torch.tensor([dim, code], device=header.device)])
+        # rows per destination, then D and the dtype (no bincount: it would read the max)
+        header = torch.zeros(world + 3, dtype=torch.int64, device=owner.device)
+        header.index_add_(0, owner, torch.ones_like(owner))
+        header[world], header[world + 1] = dim, code
+        header = header[: world + 2]
         table = torch.stack(_dist.all_gather_rows(header.to(wire), [world + 2] * world, group))
         table = table.cpu()  # a host sync: the split sizes of the exchange
+        total = self.routed = int(table[:, :world].sum())
         dims = set(table[:, world].tolist()) - {0}
         if len(dims) > 1:
             raise ValueError(f"ranks disagree on the feature dimension: {sorted(dims)}")
-        total = int(table[:, :world].sum())
         if not total:
             return 0
         # the features' own dtype (promoted when ranks differ): the owner's float64 upcast
@@ -379,12 +394,10 @@ class ShardedClassMoments(ClassMoments):
         else:
             xs, ys = torch.zeros(0, D, dtype=dtype), torch.zeros(0, dtype=torch.int64)
         # this rank's own rows stay here; the others travel
-        mine = slice(sum(sends[:me]), sum(sends[: me + 1]))
-        keep_x, keep_y = xs[mine], ys[mine]
-        away = torch.ones(xs.shape[0], dtype=torch.bool, device=xs.device)
-        away[mine] = False
+        a, b = sum(sends[:me]), sum(sends[: me + 1])
+        keep_x, keep_y = xs[a:b], ys[a:b]
         sends[me] = receives[me] = 0
-        xs, ys = xs[away].to(wire), ys[away].to(wire)
+        xs, ys = torch.cat([xs[:a], xs[b:]]).to(wire), torch.cat([ys[:a], ys[b:]]).to(wire)
         xr = xs.new_empty((sum(receives), D))
         yr = ys.new_empty(sum(receives))
         torch.distributed.all_to_all_single(xr, xs, receives, sends, group=group)
@@ -417,18 +430,20 @@ class ShardedClassMoments(ClassMoments):
         part = self.local_scatter()
         if combine is not None:
             combine(part)
-        return part.clamp_min(0.0) if self.diagonal else part
+        return part
 
     def clone(self) -> ShardedClassMoments:
         new = super().clone()
         new._pending = list(self._pending)
         return new
 
+    def to(self, device: torch.device | str) -> ShardedClassMoments:
+        super().to(device)
+        self._pending = [tuple(t if t is None else t.to(device) for t in p) for p in self._pending]
+        return self
+
     def merge(self, other: ClassMoments) -> ClassMoments:
-        if not isinstance(other, ShardedClassMoments) or other.shard != self.shard:
-            raise ValueError("class shards merge only with the same rank's shards")
-        self._pending += other._pending
-        return super().merge(other)
+        raise TypeError("class shards do not merge: flush() routes rows to their owners")
 
     def state_dict(self) -> dict:
         """This rank's classes (with ``S``, reduced or not) and the rows not yet routed: save
