@@ -157,15 +157,23 @@ def sampled_pairwise_metrics(
     """Equiangularity, cosine spread and CDNV estimated on random class pairs, with 95%
     confidence intervals: for a head whose exact readout (``C^2/2`` pairs) is too slow.
 
-    ``pairs`` unordered pairs ``c != c'`` are drawn uniformly with replacement, so each metric's
-    estimate is a mean (``equiangular``, ``cdnv``) or a standard deviation (``cos_std``) of i.i.d.
-    draws from the population of all pairs; the interval is ``estimate +- 1.96 se`` with the
-    sample's standard error (for ``cos_std`` by the delta method on the sample variance:
-    ``se(s) = sqrt((m4 - s^4) / n) / (2 s)``). Cost ``O(pairs * D)``, whatever ``C`` is.
+    ``pairs`` unordered pairs ``c != c'`` are drawn uniformly with replacement, so each cosine
+    metric's estimate is a mean (``equiangular``) or a standard deviation (``cos_std``) of i.i.d.
+    draws from the population of all pairs. CDNV's terms ``(Var_c + Var_c') / (2 ||mu_c -
+    mu_c'||^2)`` are dominated by the classes of large spread, so ``pairs`` more pairs are drawn
+    by importance sampling, ``c`` with probability ``Var_c / sum Var`` and ``c'`` uniformly
+    (pair probability ``∝ Var_c + Var_c'``), each term weighted by the uniform probability
+    over this one: the mean stays unbiased and the term is ``mean(Var) / ||mu_c - mu_c'||^2``,
+    without the spread of the variances, so its interval is narrower and keeps its coverage
+    when the variances are uneven. The intervals are ``estimate +- 1.96 se`` with the sample's
+    standard error (for ``cos_std`` by the delta method on the sample variance: ``se(s) =
+    sqrt((m4 - s^4) / n) / (2 s)``; for ``cdnv``, a mean over the pairs with a defined ratio,
+    by the delta method on the ratio of the two means). Cost ``O(pairs * D)``, whatever ``C``
+    is.
 
     Args:
         centred: ``(C, D)`` centred class means, float64; variances: ``(C,)`` ``Var_c``.
-        pairs: pairs to draw, ``>= 2``.
+        pairs: pairs to draw (of each kind), ``>= 2``.
         generator: for the draw (ranks that draw with equal generators agree).
         chunk: pairs per block (memory ``2 * chunk * D`` floats).
 
@@ -189,22 +197,33 @@ def sampled_pairwise_metrics(
         raise ValueError(
             f"a sampled pairwise readout needs >= 2 pairs of >= 2 classes, got {pairs}, {C}"
         )
+    spread = variances.clamp_min(0.0).cpu()
+    total = spread.sum().item()
     i = torch.randint(C, (pairs,), generator=generator)
-    j = torch.randint(C - 1, (pairs,), generator=generator)
+    if total > 0:
+        i = torch.cat([i, torch.multinomial(spread, pairs, True, generator=generator)])
+    else:  # every CDNV term is 0: any draw will do
+        i = torch.cat([i, torch.randint(C, (pairs,), generator=generator)])
+    j = torch.randint(C - 1, (2 * pairs,), generator=generator)
     j += j >= i  # uniform over c' != c
     i, j = i.to(centred.device), j.to(centred.device)
     _, sq, norms, _ = _pair_parts(centred, variances)
-    dev, ratio, ok = [], [], []
-    for s in range(0, pairs, chunk):
-        a, b = i[s : s + chunk], j[s : s + chunk]
-        dot = torch.linalg.vecdot(centred[a], centred[b])
-        dev.append(dot / (norms[a] * norms[b]) + 1.0 / (C - 1))
-        dist2 = sq[a] + sq[b] - 2 * dot
-        good = dist2 > 64 * _EPS * (sq[a] + sq[b])  # as in the exact readout
-        ratio.append((variances[a] + variances[b]) / (2 * torch.where(good, dist2, 1.0)))
-        ok.append(good)
-    dev, ratio, ok = torch.cat(dev), torch.cat(ratio), torch.cat(ok)
-    ratio = ratio[ok]
+    dot = torch.cat(
+        [
+            torch.linalg.vecdot(centred[i[s : s + chunk]], centred[j[s : s + chunk]])
+            for s in range(0, 2 * pairs, chunk)
+        ]
+    )
+    dist2 = sq[i] + sq[j] - 2 * dot
+    ok = dist2 > 64 * _EPS * (sq[i] + sq[j])  # as in the exact readout
+    dev = dot[:pairs] / (norms[i[:pairs]] * norms[j[:pairs]]) + 1.0 / (C - 1)
+    a, b = i[pairs:], j[pairs:]
+    ratio = (variances[a] + variances[b]) / (2 * torch.where(ok[pairs:], dist2[pairs:], 1.0))
+    if total > 0:  # times the uniform pair probability 2 / (C (C - 1)) over the drawn one,
+        # (Var_c + Var_c') / (sum Var (C - 1))
+        spread = spread.to(centred.device)
+        ratio *= 2 * total / C / (spread[a] + spread[b])
+    ratio = torch.where(ok[pairs:], ratio, 0.0)
     n = float(pairs)
     out = {"pairs_sampled": n}
     gap = dev.abs()
@@ -216,9 +235,15 @@ def sampled_pairwise_metrics(
     m4 = centred_dev.pow(4).mean()
     se = ((m4 - var * var).clamp_min(0.0) / n).sqrt() / (2 * var.sqrt().clamp_min(_EPS))
     out["cos_std_sampled_ci95"] = _Z95 * se.item()
-    if ratio.numel() > 1:
-        out["cdnv_sampled"] = ratio.mean().item()
-        out["cdnv_sampled_ci95"] = _Z95 * (ratio.std() / math.sqrt(ratio.numel())).item()
+    # cdnv = (sum of the defined terms / all pairs) / (the fraction of pairs defined)
+    defined = ok[:pairs].to(_F64)
+    share = defined.mean().item()
+    if defined.sum() > 1:
+        num, num_var = ratio.mean().item(), ratio.var().item() / n
+        share_var = defined.var().item() / n
+        out["cdnv_sampled"] = num / share
+        se = math.sqrt(num_var / share**2 + num**2 * share_var / share**4)
+        out["cdnv_sampled_ci95"] = _Z95 * se
     return out
 
 

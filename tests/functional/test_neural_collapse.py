@@ -187,6 +187,28 @@ def test_sampled_pairs_interval_covers_the_exact_value():
     assert all(c >= 36 for c in covered.values()), covered
 
 
+def test_sampled_cdnv_draws_pairs_by_class_spread():
+    # log-variances of standard deviation 2: a few classes carry most of CDNV's terms
+    m, v = _pair_population(1500, 24)
+    v = v.log().mul(2).exp()
+    exact = F.pairwise_metrics(F.pairwise_sums(m, v))["cdnv"]
+    i, j = torch.triu_indices(1500, 1500, 1)
+    terms = (v[i] + v[j]) / (2 * (m[i] - m[j]).pow(2).sum(1))
+    assert terms.mean().item() == pytest.approx(exact, rel=1e-12)
+    uniform_half_width = 1.96 * terms.std().item() / math.sqrt(3000)
+    got = [
+        F.sampled_pairwise_metrics(m, v, 3000, torch.Generator().manual_seed(seed))
+        for seed in range(40)
+    ]
+    est = torch.tensor([g["cdnv_sampled"] for g in got])
+    half = torch.tensor([g["cdnv_sampled_ci95"] for g in got])
+    assert ((est - exact).abs() <= half).sum() >= 36
+    # unbiased (the mean of 40 draws within 3 of its standard errors) and much narrower than
+    # uniform pairs' interval
+    assert abs(est.mean().item() - exact) < 3 * half.mean().item() / 1.96 / math.sqrt(40)
+    assert half.median().item() < uniform_half_width / 4
+
+
 def test_sampled_readout_rejects_too_few_pairs():
     m, v = _pair_population(5, 2)
     with pytest.raises(ValueError, match="pairs"):
