@@ -23,6 +23,14 @@ from .tensorboard import TensorBoardSink
 log = logging.getLogger(__name__)
 
 _STATE_FILE = "collapse_monitor.pt"
+
+
+def _state_file(rank: int) -> str:
+    """The monitor's file in a checkpoint folder: rank 0's, or another rank's own (written
+    only when the monitor holds rank-local state)."""
+    return _STATE_FILE if rank == 0 else f"collapse_monitor.rank{rank}.pt"
+
+
 _REPORTED = ("tensorboard", "wandb", "mlflow")  # report_to integrations with a sink here
 
 
@@ -129,8 +137,9 @@ class CollapseTrainerCallback(TrainerCallback):
     ``evaluate()`` returns. Metrics go to ``trainer.state.log_history``, to the integrations of
     ``report_to`` (see :func:`report_to_sink`) and to ``sinks``. A ``"stop"`` alert sets
     ``control.should_training_stop`` on every rank. The monitor's state is saved beside each
-    checkpoint (``checkpoint-<step>/collapse_monitor.pt``) and restored when training resumes
-    from a checkpoint in ``output_dir``.
+    checkpoint (``checkpoint-<step>/collapse_monitor.pt``; with rank-local state, class-sharded
+    ``NeuralCollapse``, also ``collapse_monitor.rank<r>.pt`` from every other rank) and restored
+    when training resumes from a checkpoint in ``output_dir``.
 
     Args:
         probes: probe instances; module paths are relative to the model the Trainer trains.
@@ -254,7 +263,10 @@ class CollapseTrainerCallback(TrainerCallback):
             self._resume(args, state)
 
     def _resume(self, args, state) -> None:
-        path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", _STATE_FILE)
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        path = os.path.join(folder, _state_file(args.process_index))
+        if not os.path.exists(path):  # a run without rank-local state: rank 0's file
+            path = os.path.join(folder, _STATE_FILE)
         if os.path.exists(path):
             saved = torch.load(path, map_location="cpu", weights_only=False)
             self.monitor.load_state_dict(saved)
@@ -272,10 +284,11 @@ class CollapseTrainerCallback(TrainerCallback):
         if self.monitor is None:
             return
         saved = self.monitor.state_dict()  # a collective: every rank takes part
-        if state.is_world_process_zero:
+        # with class shards every rank holds its own classes: each saves its file
+        if state.is_world_process_zero or self.monitor.rank_local_state:
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             os.makedirs(folder, exist_ok=True)
-            torch.save(saved, os.path.join(folder, _STATE_FILE))
+            torch.save(saved, os.path.join(folder, _state_file(args.process_index)))
 
     def on_train_end(self, args, state, control, **kwargs):
         self._stop_observing()

@@ -351,6 +351,14 @@ class CollapseMonitor:
         self._stopped = {c for c in self.probes if c.disabled}
 
     @property
+    def rank_local_state(self) -> bool:
+        """Whether some probe keeps statistics that only this rank holds (class shards,
+        ``NeuralCollapse(shard_classes=True)`` under ``torch.distributed``): then every rank
+        must save its own :meth:`state_dict` and load it back (a checkpoint of rank 0's alone
+        skips the resumed window, with a warning)."""
+        return any(p.sharded for p in self.probes)
+
+    @property
     def error_count(self) -> int:
         """Errors so far: every probe's, mitigation's, sink's and picture's."""
         return self.errors + sum(c.errors for c in (*self.probes, *self.mitigations))

@@ -89,6 +89,9 @@ class Probe(Component):
     uses_token_mask: ClassVar[bool] = False
     #: default rules, relative to the probe (see :class:`~collapse_monitor.rules.RuleSpec`)
     rules: ClassVar[tuple[RuleSpec, ...]] = ()
+    #: True when this rank's window holds statistics no other rank has (class shards), so
+    #: that every rank must save its own checkpoint
+    sharded: bool = False
     #: classes of a class-conditional probe: the default cadence records enough steps for
     #: about 4 samples per class (from :attr:`rows_per_step`), and warns when a window still
     #: holds fewer than two samples per class

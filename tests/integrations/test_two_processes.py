@@ -49,12 +49,21 @@ def test_accelerate_recipe_on_two_processes(tmp_path):
             assert metrics[f"collapse/head/{key}"] == pytest.approx(ref[key], rel=1e-6), key
 
 
-def test_trainer_callback_on_two_processes(tmp_path):
+@pytest.mark.parametrize("shards", [False, True], ids=["replicated", "class_shards"])
+def test_trainer_callback_on_two_processes(tmp_path, shards):
+    """Each window equals one process on all rows; with class shards also the window resumed
+    from a checkpoint at step 3 (each rank saved its own classes)."""
     from tests.integrations.test_transformers import KEYS, Tokens, gpt2
     from tests.reference import assert_metrics_close
     from tests.scripts.hf_trainer_ddp import ROWS
 
-    torchrun("-m", "tests.scripts.hf_trainer_ddp", str(tmp_path))
+    torchrun("-m", "tests.scripts.hf_trainer_ddp", str(tmp_path), *(["shards"] if shards else []))
+    if shards:  # rank 1's classes travel in their own file
+        folder = tmp_path / "out" / "checkpoint-3"
+        assert {p.name for p in folder.glob("collapse_monitor*")} == {
+            "collapse_monitor.pt",
+            "collapse_monitor.rank1.pt",
+        }
     logs = json.loads((tmp_path / "logs.json").read_text())
     assert [e["step"] for e in logs] == [2, 4]
     model, data = gpt2(dropout=0.0), Tokens(ROWS)
