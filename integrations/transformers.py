@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 from typing import Any, Callable, Optional, Union
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 _STATE_FILE = "collapse_monitor.pt"
 
 
-def _state_file(rank: int) -> str:
+def _state_file(rank: int | str) -> str:
     """The monitor's file in a checkpoint folder: rank 0's, or another rank's own (written
     only when the monitor holds rank-local state)."""
     return _STATE_FILE if rank == 0 else f"collapse_monitor.rank{rank}.pt"
@@ -283,10 +284,14 @@ class CollapseTrainerCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if self.monitor is None:
             return
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if state.is_world_process_zero:  # other ranks' files of an earlier run would be
+            # loaded on resume: removed before the collective, so before this save's are written
+            for old in glob.glob(os.path.join(glob.escape(folder), _state_file("*"))):
+                os.remove(old)
         saved = self.monitor.state_dict()  # a collective: every rank takes part
         # with class shards every rank holds its own classes: each saves its file
         if state.is_world_process_zero or self.monitor.rank_local_state:
-            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             os.makedirs(folder, exist_ok=True)
             torch.save(saved, os.path.join(folder, _state_file(args.process_index)))
 

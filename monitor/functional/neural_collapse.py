@@ -173,7 +173,8 @@ def sampled_pairwise_metrics(
 
     Args:
         centred: ``(C, D)`` centred class means, float64; variances: ``(C,)`` ``Var_c``.
-        pairs: pairs to draw (of each kind), ``>= 2``.
+        pairs: pairs to draw of each kind (uniform, and by spread for CDNV: ``2 * pairs`` in
+            all; ``pairs_sampled`` reports ``pairs``), ``>= 2``.
         generator: for the draw (ranks that draw with equal generators agree).
         chunk: pairs per block (memory ``2 * chunk * D`` floats).
 
@@ -200,9 +201,10 @@ def sampled_pairwise_metrics(
     spread = variances.clamp_min(0.0).cpu()
     total = spread.sum().item()
     i = torch.randint(C, (pairs,), generator=generator)
-    if total > 0:
+    weighted = math.isfinite(total) and total > 0  # else: an infinite or zero CDNV, any draw
+    if weighted:
         i = torch.cat([i, torch.multinomial(spread, pairs, True, generator=generator)])
-    else:  # every CDNV term is 0: any draw will do
+    else:
         i = torch.cat([i, torch.randint(C, (pairs,), generator=generator)])
     j = torch.randint(C - 1, (2 * pairs,), generator=generator)
     j += j >= i  # uniform over c' != c
@@ -219,7 +221,7 @@ def sampled_pairwise_metrics(
     dev = dot[:pairs] / (norms[i[:pairs]] * norms[j[:pairs]]) + 1.0 / (C - 1)
     a, b = i[pairs:], j[pairs:]
     ratio = (variances[a] + variances[b]) / (2 * torch.where(ok[pairs:], dist2[pairs:], 1.0))
-    if total > 0:  # times the uniform pair probability 2 / (C (C - 1)) over the drawn one,
+    if weighted:  # times the uniform pair probability 2 / (C (C - 1)) over the drawn one,
         # (Var_c + Var_c') / (sum Var (C - 1))
         spread = spread.to(centred.device)
         ratio *= 2 * total / C / (spread[a] + spread[b])
@@ -238,7 +240,7 @@ def sampled_pairwise_metrics(
     # cdnv = (sum of the defined terms / all pairs) / (the fraction of pairs defined)
     defined = ok[:pairs].to(_F64)
     share = defined.mean().item()
-    if defined.sum() > 1:
+    if defined.sum() > 1 and ok[pairs:].sum() > 1:  # else no CDNV, not a certain 0
         num, num_var = ratio.mean().item(), ratio.var().item() / n
         share_var = defined.var().item() / n
         out["cdnv_sampled"] = num / share

@@ -456,8 +456,7 @@ class ShardedClassMoments(ClassMoments):
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` of the same rank and world. A state of another rank's
-        classes (a trainer that saves rank 0's state only: Lightning, the Hugging Face
-        ``Trainer``) or of an unsharded run cannot be used: this rank starts empty and marks
+        classes (a trainer that saves rank 0's state only: Lightning) or of an unsharded run cannot be used: this rank starts empty and marks
         the window :attr:`incomplete`, so that its readout is skipped on every rank, and logs
         a warning; the windows after it are whole."""
         saved = tuple(state.get("shard", ()))

@@ -40,6 +40,7 @@ def main(out, mode=None):
     if trainer.is_world_process_zero():
         with open(f"{out}/logs.json", "w") as f:
             json.dump(logs, f)
+    torch.distributed.barrier()  # neither rank tears the group down while the other works
 
 
 if __name__ == "__main__":
