@@ -668,7 +668,8 @@ class CollapseMonitor:
         window statistics are all-reduced first, so this is a collective: call it on every rank
         (Lightning does), and save rank 0's result; with class-sharded probes
         (``NeuralCollapse(shard_classes=True)``) every rank's result holds its own classes:
-        save each rank's (``torch.distributed.checkpoint``, or one file per rank).
+        save each rank's to its own file (``torch.distributed.checkpoint`` keeps one copy of
+        each key, as if replicated: it cannot hold them).
         """
         sync = sync is not False
         return {

@@ -61,9 +61,10 @@ class NeuralCollapse(Probe):
             8*D^2`` bytes per rank, and at the end of every recorded step each rank sends
             its rows to their classes' owners (an all-to-all of the step's rows; on a GPU one
             host sync for its sizes). The metrics are those of one process. Every rank saves
-            and loads its own state (``torch.distributed.checkpoint``, or one file per rank,
-            as the Hugging Face ``Trainer`` callback writes; from a checkpoint of rank 0's
-            state only, as Lightning writes, the resumed window is skipped with a warning);
+            and loads its own state (one file per rank, as the Hugging Face ``Trainer``
+            callback writes; from a checkpoint of one rank's state only, as Lightning or
+            ``torch.distributed.checkpoint`` write, the resumed window is skipped with a
+            warning);
             ``ncc_mismatch_lagged`` is not reported (it needs every class mean on every rank)
             and ``pair_sample`` is not available. For language-model heads (``C`` ~ 10^5).
 

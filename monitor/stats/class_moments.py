@@ -447,7 +447,8 @@ class ShardedClassMoments(ClassMoments):
 
     def state_dict(self) -> dict:
         """This rank's classes (with ``S``, reduced or not) and the rows not yet routed: save
-        every rank's (``torch.distributed.checkpoint``, or one file per rank)."""
+        every rank's to its own file (``torch.distributed.checkpoint`` keeps one rank's copy
+        of each key: it cannot hold shards under the same keys)."""
         return {
             **super().state_dict(),
             "shard": self.shard,
@@ -456,7 +457,9 @@ class ShardedClassMoments(ClassMoments):
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` of the same rank and world. A state of another rank's
-        classes (a trainer that saves rank 0's state only: Lightning) or of an unsharded run cannot be used: this rank starts empty and marks
+        classes (a trainer that saves rank 0's state only: Lightning; or
+        ``torch.distributed.checkpoint``, which keeps one rank's copy) or of an unsharded run
+        cannot be used: this rank starts empty and marks
         the window :attr:`incomplete`, so that its readout is skipped on every rank, and logs
         a warning; the windows after it are whole."""
         saved = tuple(state.get("shard", ()))
@@ -464,8 +467,7 @@ class ShardedClassMoments(ClassMoments):
             log.warning(
                 "collapse monitor: the saved class-sharded statistics are those of shard %s "
                 "(rank, world), this process owns %s: the current window is dropped (each rank "
-                "must save and load its own state: torch.distributed.checkpoint, or one file "
-                "per rank)",
+                "must save and load its own state, one file per rank)",
                 saved or "(none: saved unsharded)",
                 self.shard,
             )
