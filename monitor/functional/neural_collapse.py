@@ -271,6 +271,21 @@ def _coefficient_of_variation(values: torch.Tensor) -> float:
     return (values.std(unbiased=True) / values.mean()).item()
 
 
+def _nc1(evals, evecs, sigma_w, Cu: int, centred=None) -> dict[str, float]:
+    """``nc1`` = tr(Sigma_W Sigma_B^+) / C and ``nc1_rank`` from the eigenpairs (ascending, as
+    ``eigh`` gives them) of ``Sigma_B`` (``D x D``), or of the class Gram matrix
+    ``centred centred' / C`` (``Cu x Cu``, ``Cu <= D``: pass ``centred`` to lift its vectors)."""
+    D = sigma_w.shape[0]
+    evals, evecs = evals.flip(0), evecs.flip(1)  # descending
+    tol = D * _EPS * evals[0].clamp_min(0)
+    keep = (evals > tol) & (torch.arange(evals.numel(), device=evals.device) < min(Cu - 1, D))
+    lam, vec = evals[keep], evecs[:, keep]
+    if centred is not None:
+        vec = centred.T @ vec / (Cu * lam).sqrt()
+    projected = ((sigma_w @ vec) * vec).sum(0)
+    return {"nc1": ((projected / lam).sum() / Cu).item(), "nc1_rank": float(lam.numel())}
+
+
 def share_rows(n: int, share: tuple[int, int]) -> slice:
     """Rank ``share[0]``'s contiguous part of ``n`` rows split over ``share[1]`` ranks."""
     rank, world = share
@@ -345,15 +360,7 @@ def metrics_from_class_statistics(
             if share[1] > 1:
                 combine(gram)
             evals, evecs = torch.linalg.eigh(gram / Cu)
-        evals, evecs = evals.flip(0), evecs.flip(1)  # descending
-        tol = D * _EPS * evals[0].clamp_min(0)
-        keep = (evals > tol) & (torch.arange(evals.numel(), device=evals.device) < min(Cu - 1, D))
-        lam, vec = evals[keep], evecs[:, keep]
-        if Cu <= D:
-            vec = centred.T @ vec / (Cu * lam).sqrt()
-        projected = ((sigma_w @ vec) * vec).sum(0)
-        out["nc1"] = ((projected / lam).sum() / Cu).item()
-        out["nc1_rank"] = float(lam.numel())
+        out.update(_nc1(evals, evecs, sigma_w, Cu, centred if Cu <= D else None))
         trace_b = (centred * centred).sum() / Cu
         out["nc1_quotient"] = (sigma_w.trace() / trace_b).item()
 
@@ -450,14 +457,7 @@ def metrics_from_class_shards(
     out: dict[str, float] = {"classes_used": float(Cu), "samples": samples}
     if n_within > 0:
         sigma_w = (scatter + scatter.T) / (2 * n_within)
-        evals, evecs = torch.linalg.eigh(gram[: D * D].reshape(D, D) / Cu)
-        evals, evecs = evals.flip(0), evecs.flip(1)
-        tol = D * _EPS * evals[0].clamp_min(0)
-        keep = (evals > tol) & (torch.arange(D, device=wire) < min(Cu - 1, D))
-        lam, vec = evals[keep], evecs[:, keep]
-        projected = ((sigma_w @ vec) * vec).sum(0)
-        out["nc1"] = ((projected / lam).sum() / Cu).item()
-        out["nc1_rank"] = float(lam.numel())
+        out.update(_nc1(*torch.linalg.eigh(gram[: D * D].reshape(D, D) / Cu), sigma_w, Cu))
         out["nc1_quotient"] = (sigma_w.trace() * Cu / gram[D * D + 1]).item()
     # second pass: spreads around the global means of the first, and the pairs
     mean_norm = gram[D * D] / Cu
