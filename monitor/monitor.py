@@ -484,7 +484,9 @@ class CollapseMonitor:
                     "observe() (collapse/%s/calls = 0). Likely causes: the model was compiled "
                     "before the monitor was attached (torch.compile ignores hooks added later: "
                     "attach first, or compile after), the path names a module the forward does "
-                    "not call, or the module is skipped (conditional computation)",
+                    "not call, the module is skipped (conditional computation), or the forward "
+                    "ran on a copy of the model (copy.deepcopy, a reloaded pickle: copies are "
+                    "not monitored)",
                     p,
                     p.window_steps,
                     p.paths,
