@@ -14,30 +14,27 @@ from ..sinks import Sink, threshold_tags
 
 
 def scalar_layout(keys, thresholds=()) -> dict:
-    """Custom-scalars layout: a category per probe (and per snapshot prefix), a chart per metric
+    """Custom-scalars layout of the :class:`~collapse_monitor.keys.MetricKey` keys among ``keys``
+    (other tags are left out): a category per probe (and per snapshot prefix), a chart per metric
     (per-head values of one metric share a chart), a chart per alert rule and mitigation, and for
     each key in ``thresholds`` a margin chart drawing the metric between its rule thresholds
     (see :func:`threshold_tags`)."""
     layout: dict[str, dict[str, list]] = {}
-    for key in sorted(keys):
-        try:
-            k = MetricKey.parse(key)
-        except ValueError:
-            continue
+    for k in sorted(k for k in keys if isinstance(k, MetricKey)):
         prefix = f"{k.prefix}/" if k.prefix else ""
         if k.is_probe_metric:
             category = f"{prefix}collapse/{k.probe}"
             chart = f"{k.layer}/{k.metric}" if k.layer else k.metric
-            series = str(MetricKey(k.probe, k.metric, k.layer, prefix=k.prefix))
+            series = k.series
         elif k.metric:  # alert and mitigation counters: a chart per rule or mitigation
-            category, chart, series = f"{prefix}collapse/{k.probe}", k.metric, key
+            category, chart, series = f"{prefix}collapse/{k.probe}", k.metric, k
         else:  # collapse/errors
-            category, chart, series = f"{prefix}collapse", k.probe, key
+            category, chart, series = f"{prefix}collapse", k.probe, k
         charts = layout.setdefault(category, {})
         charts[chart] = ["Multiline", ["^" + re.escape(series) + "(/.*)?$"]]
-        if key in thresholds:
+        if k in thresholds:
             label = chart + (f"/{k.index}" if k.index else "")
-            charts[label + " vs threshold"] = ["Margin", [key, *threshold_tags(key)]]
+            charts[label + " vs threshold"] = ["Margin", [str(k), *threshold_tags(k)]]
     return layout
 
 

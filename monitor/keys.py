@@ -1,4 +1,4 @@
-"""Metric keys: built and parsed here, nowhere else.
+"""Metric keys: built here, and parsed here only from text read back from a file.
 
 A probe's metric is logged as ``[<prefix>/]collapse/<probe>/[<layer>/]<metric>[/<index>]``:
 
@@ -12,17 +12,21 @@ A probe's metric is logged as ``[<prefix>/]collapse/<probe>/[<layer>/]<metric>[/
 
 The monitor's own counters are ``collapse/alerts/<rule>``, ``collapse/mitigations/<name>`` and
 ``collapse/errors``; their names are not probe names.
+
+A :class:`MetricKey` is a ``str`` (its tag), so the metrics the monitor returns and hands to
+sinks are plain ``{tag: value}`` dictionaries to anyone who wants one, while the sinks and
+mitigations read the parts (``key.probe``, ``key.layer``, ...) without parsing the tag.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
 
 ROOT = "collapse"
 RESERVED = ("alerts", "mitigations", "errors")
 _INDEX = re.compile(r"^(head|dim)_\d+$")
 _LOADER = re.compile(r"^dataloader_idx_(\d+)$")
+_FIELDS = ("probe", "metric", "layer", "index", "prefix", "loader")
 
 
 def check_name(name: str, what: str = "probe name") -> str:
@@ -34,51 +38,82 @@ def check_name(name: str, what: str = "probe name") -> str:
     return name
 
 
-@dataclass(frozen=True)
-class MetricKey:
-    """One logged value's key (see the module docstring).
+class MetricKey(str):
+    """One logged value's key (see the module docstring): a ``str`` holding the tag (and shown
+    as one), with the parts it was made of as read-only attributes.
 
     Example:
-        >>> str(MetricKey("attn", "entropy_norm", layer="blocks.0.attn", index="head_2"))
-        'collapse/attn/blocks.0.attn/entropy_norm/head_2'
-        >>> MetricKey.parse("val/collapse/head/nc1")
-        MetricKey(probe='head', metric='nc1', layer=None, index=None, prefix='val', loader=None)
+        >>> key = MetricKey("attn", "entropy_norm", layer="blocks.0.attn", index="head_2")
+        >>> key, key.layer
+        ('collapse/attn/blocks.0.attn/entropy_norm/head_2', 'blocks.0.attn')
+        >>> {key: 1.0}["collapse/attn/blocks.0.attn/entropy_norm/head_2"]
+        1.0
+        >>> MetricKey.parse("val/collapse/head/nc1").fields
+        ('head', 'nc1', None, None, 'val', None)
     """
 
     probe: str
     metric: str
-    layer: str | None = None
-    index: str | None = None
-    prefix: str | None = None
-    loader: int | None = None
+    layer: str | None
+    index: str | None
+    prefix: str | None
+    loader: int | None
 
-    def __post_init__(self) -> None:
-        if self.probe in RESERVED:
-            return  # the monitor's counters: ``metric`` is a rule or mitigation name
-        check_name(self.probe)
-        check_name(self.metric, "metric name")
-        if self.layer is not None:
-            check_name(self.layer, "layer name")
-        if self.index is not None and not _INDEX.match(self.index):
-            raise ValueError(f"index must look like 'head_<h>' or 'dim_<j>', got {self.index!r}")
+    def __new__(
+        cls,
+        probe: str,
+        metric: str,
+        layer: str | None = None,
+        index: str | None = None,
+        prefix: str | None = None,
+        loader: int | None = None,
+    ) -> MetricKey:
+        if probe not in RESERVED:  # (the monitor's counters: ``metric`` is a rule's name)
+            check_name(probe)
+            check_name(metric, "metric name")
+            if layer is not None:
+                check_name(layer, "layer name")
+            if index is not None and not _INDEX.match(index):
+                raise ValueError(f"index must look like 'head_<h>' or 'dim_<j>', got {index!r}")
+        tail = None if loader is None else f"dataloader_idx_{loader}"
+        parts = (prefix, ROOT, probe, layer, metric, index, tail)
+        key = super().__new__(cls, "/".join(p for p in parts if p))
+        for name, value in zip(_FIELDS, (probe, metric, layer, index, prefix, loader)):
+            object.__setattr__(key, name, value)
+        return key
 
-    def __str__(self) -> str:
-        loader = None if self.loader is None else f"dataloader_idx_{self.loader}"
-        parts = [self.prefix, ROOT, self.probe, self.layer, self.metric, self.index, loader]
-        return "/".join(p for p in parts if p)
+    def __setattr__(self, name, value) -> None:
+        raise AttributeError("MetricKey is immutable")
+
+    def __reduce__(self):
+        return MetricKey, self.fields
+
+    @property
+    def fields(self) -> tuple:
+        """``(probe, metric, layer, index, prefix, loader)``."""
+        return tuple(getattr(self, n) for n in _FIELDS)
+
+    def but(self, **changes) -> MetricKey:
+        """This key with some parts changed, e.g. ``key.but(layer="blocks.1")``."""
+        return MetricKey(**{**dict(zip(_FIELDS, self.fields)), **changes})
 
     def with_prefix(self, prefix: str | None, loader: int | None = None) -> MetricKey:
         """This key in an evaluation snapshot: under ``prefix`` and, when given, keyed by the
         evaluation dataloader ``loader`` (both replace the key's own)."""
-        return replace(self, prefix=prefix, loader=loader)
+        return self.but(prefix=prefix, loader=loader)
 
     @property
     def is_probe_metric(self) -> bool:
         return self.probe not in RESERVED
 
+    @property
+    def series(self) -> MetricKey:
+        """The key of the metric this one is an element of (its ``index`` dropped)."""
+        return self.but(index=None, loader=None)
+
     @classmethod
     def parse(cls, text: str) -> MetricKey:
-        """The key of a logged tag; ``ValueError`` for a tag that is not one of ours."""
+        """The key of a tag read back from a file; ``ValueError`` for a tag not of ours."""
         parts = text.split("/")
         prefix = None
         if parts and parts[0] != ROOT:
@@ -104,12 +139,12 @@ def key_pattern(probe_pattern: str, metric_pattern: str) -> str:
     return f"{ROOT}/{probe_pattern}/{metric_pattern}"
 
 
-def alerts_key(rule: str) -> str:
-    return str(MetricKey("alerts", rule))
+def alerts_key(rule: str) -> MetricKey:
+    return MetricKey("alerts", rule)
 
 
-def mitigations_key(name: str) -> str:
-    return str(MetricKey("mitigations", name))
+def mitigations_key(name: str) -> MetricKey:
+    return MetricKey("mitigations", name)
 
 
-ERRORS_KEY = f"{ROOT}/errors"
+ERRORS_KEY = MetricKey("errors", "")

@@ -387,7 +387,7 @@ class CollapseMonitor:
         self, readouts: dict[str, Readout], prefix: str | None = None, loader: int | None = None
     ) -> dict:
         return {
-            str(key.with_prefix(prefix, loader)): float(value)
+            key.with_prefix(prefix, loader): float(value)
             for r in readouts.values()
             for key, value in r.metrics.items()
             if value == value  # NaN: undefined, not logged
@@ -435,7 +435,7 @@ class CollapseMonitor:
                 continue
             try:
                 for key, pic in r.pictures.items():
-                    out[str(key)] = pictures_.render(pic)
+                    out[key] = pictures_.render(pic)
             except Exception as exc:  # a picture never costs the probe its metrics
                 if self.strict:
                     raise
@@ -456,7 +456,7 @@ class CollapseMonitor:
             return
         L = self.log_every_n_steps
         for p in self.probes:
-            samples = metrics.get(str(p.key("samples")))
+            samples = metrics.get(p.key("samples"))
             if p.every_step or p.classes is None or samples is None or p.name in self._thin_warned:
                 continue
             if samples < 2 * p.classes:
@@ -476,7 +476,7 @@ class CollapseMonitor:
         """Say once per probe when it recorded steps in this window but its modules never ran
         inside ``observe()`` (over all ranks)."""
         for p in self.probes:
-            calls = metrics.get(str(p.key("calls")))
+            calls = metrics.get(p.key("calls"))
             if calls == 0 and p.window_steps and p.name not in self._idle_warned:
                 self._idle_warned.add(p.name)
                 log.warning(
@@ -515,7 +515,7 @@ class CollapseMonitor:
         readouts = self._readouts()
         metrics = self._metrics(readouts)
         self._warn_thin_windows(metrics)
-        histograms = {str(k): v for r in readouts.values() for k, v in r.histograms.items()}
+        histograms = {k: v for r in readouts.values() for k, v in r.histograms.items()}
         self._warn_no_calls(metrics)
         pictures = self._pictures(readouts)
         step = self.global_step

@@ -305,8 +305,8 @@ class RuleEngine:
         return {
             "counts": dict(self.counts),
             "keys": {
-                name: {
-                    k: (s.consecutive, s.last_alert, s.extreme, s.latched, s.armed)
+                name: {  # plain tags: the state loads with weights_only=True
+                    str(k): (s.consecutive, s.last_alert, s.extreme, s.latched, s.armed)
                     for k, s in keys.items()
                 }
                 for name, keys in self._state.items()

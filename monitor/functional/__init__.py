@@ -13,10 +13,10 @@ from .logits import (
     zero_loss,
 )
 from .neural_collapse import (
+    class_gram,
     cross_pairwise_sums,
     group_collapse,
     group_variance_ratio,
-    metrics_from_class_shards,
     metrics_from_class_statistics,
     nearest_class_center,
     nearest_class_center_mismatch,
@@ -24,6 +24,7 @@ from .neural_collapse import (
     pairwise_metrics,
     pairwise_sums,
     sampled_pairwise_metrics,
+    used_class_means,
 )
 from .representation import (
     effective_rank,
@@ -46,6 +47,7 @@ __all__ = [
     "entropy_from_sums",
     "fire_rate",
     "frechet_distance",
+    "class_gram",
     "cross_pairwise_sums",
     "group_collapse",
     "group_variance_ratio",
@@ -54,7 +56,6 @@ __all__ = [
     "logit_health_from_sums",
     "logit_rows",
     "mean_token_uniformity",
-    "metrics_from_class_shards",
     "metrics_from_class_statistics",
     "nearest_class_center",
     "nearest_class_center_mismatch",
@@ -70,5 +71,6 @@ __all__ = [
     "token_uniformity_from_sums",
     "training_dtype",
     "usage_from_counts",
+    "used_class_means",
     "zero_loss",
 ]

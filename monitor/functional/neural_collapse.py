@@ -11,8 +11,6 @@ import math
 
 import torch
 
-from .. import _dist
-
 _F64 = torch.float64
 _EPS = torch.finfo(_F64).eps
 _Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
@@ -249,24 +247,6 @@ def sampled_pairwise_metrics(
     return out
 
 
-def _combined_pair_sums(centred, variances, tile, share, combine) -> torch.Tensor:
-    """This part's pair sums, combined over the parts. A part that fails still joins the
-    combine (with NaN sums, so every part's metrics are undefined) before raising: one rank's
-    error must not leave the others waiting in the collective."""
-    if combine is None:
-        return pairwise_sums(centred, variances, tile, share)
-    error = None
-    try:
-        sums = pairwise_sums(centred, variances, tile, share)
-    except Exception as exc:  # noqa: BLE001 - re-raised after the collective
-        error = exc
-        sums = torch.full((len(_PAIR_SUMS),), float("nan"), dtype=_F64, device=centred.device)
-    combine(sums)
-    if error is not None:
-        raise error
-    return sums
-
-
 def _coefficient_of_variation(values: torch.Tensor) -> float:
     return (values.std(unbiased=True) / values.mean()).item()
 
@@ -292,6 +272,24 @@ def share_rows(n: int, share: tuple[int, int]) -> slice:
     return slice(n * rank // world, n * (rank + 1) // world)
 
 
+def used_class_means(
+    counts: torch.Tensor, means: torch.Tensor, min_class_count: int = 2
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The classes with at least ``min_class_count`` samples, ``used (C,) bool``, and their means
+    centred on the global mean, ``centred (Cu, D)`` float64 (the global mean is the unweighted
+    mean of the class means, as in Papyan et al.)."""
+    used = counts.to(means.device) >= max(min_class_count, 1)
+    mu = means[used].to(_F64)
+    return used, mu - mu.mean(0)
+
+
+def class_gram(centred: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
+    """``sum_c m_c m_c'`` ``(D, D)`` over the centred class means ``centred[rows]``: parts over
+    disjoint rows add up to the whole (``Sigma_B = gram / C``)."""
+    part = centred[rows]
+    return part.T @ part
+
+
 def metrics_from_class_statistics(
     counts: torch.Tensor,
     means: torch.Tensor,
@@ -300,11 +298,11 @@ def metrics_from_class_statistics(
     weight: torch.Tensor | None = None,
     min_class_count: int = 2,
     tile_size: int = 256,
-    share: tuple[int, int] = (0, 1),
-    combine=None,
     pair_sample: int | None = None,
     generator: torch.Generator | None = None,
     n_within: float | None = None,
+    gram: torch.Tensor | None = None,
+    pair_sums: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """NC1-NC3 and CDNV from class statistics.
 
@@ -318,18 +316,17 @@ def metrics_from_class_statistics(
             ``Sigma_W`` pools every class with at least two samples (a singleton has no scatter),
             so with the default of 2 a dropped class's samples are dropped too.
         tile_size: tile for the pairwise metrics (memory ``tile_size^2`` floats).
-        share: ``(rank, world)``: compute only this part of the exact class pairs
-            (:func:`pair_tiles`) and of the classes in the between-class Gram matrix;
-            ``combine`` must then sum the ``(6,)`` pair sums and the ``(D, D)`` Gram part over
-            the parts in place (an all-reduce), so that each of ``world`` ranks does
-            ``1/world`` of the ``O(C^2 D)`` pairwise and ``O(C D^2)`` work and all get the same
-            metrics.
         pair_sample: when the used classes have more pairs than this, the pairwise metrics are
             estimated on ``pair_sample`` random pairs (:func:`sampled_pairwise_metrics`, keys
             ``*_sampled`` with ``*_sampled_ci95``) instead of computed over all pairs;
             ``generator`` draws them.
         n_within: the samples behind ``within_scatter`` (of the classes with at least two),
             when ``counts`` does not hold every class.
+        gram: :func:`class_gram` of the used classes' centred means, when already summed (over
+            the parts of several ranks); computed here otherwise (it is needed when the used
+            classes outnumber the dimensions).
+        pair_sums: :func:`pairwise_sums` of the used classes, when already summed; computed
+            here otherwise.
 
     Returns:
         ``classes_used`` always; the other keys only where defined (at least two classes used):
@@ -337,15 +334,12 @@ def metrics_from_class_statistics(
         ``cos_std``, ``cdnv``, ``cdnv_pairs_skipped`` (or their sampled estimates), and with
         ``weight`` ``equinorm_weights``, ``self_duality``.
     """
+    used, centred = used_class_means(counts, means, min_class_count)
     counts = counts.to(means.device)
-    used = counts >= max(min_class_count, 1)
-    Cu = int(used.sum().item())
+    Cu, D = centred.shape
     out: dict[str, float] = {"classes_used": float(Cu)}
     if Cu < 2:
         return out
-    mu = means[used].to(_F64)
-    D = mu.shape[1]
-    centred = mu - mu.mean(0)  # global mean = unweighted mean of class means (Papyan)
 
     if n_within is None:
         n_within = counts[counts >= 2].sum().item()
@@ -354,172 +348,25 @@ def metrics_from_class_statistics(
         # eigenpairs of Sigma_B = Mt'Mt / C through whichever Gram matrix is smaller
         if Cu <= D:
             evals, evecs = torch.linalg.eigh(centred @ centred.T / Cu)
-        else:  # O(Cu D^2): each of the share's ranks sums its part of the classes
-            part = centred[share_rows(Cu, share)]
-            gram = part.T @ part
-            if share[1] > 1:
-                combine(gram)
-            evals, evecs = torch.linalg.eigh(gram / Cu)
+        else:  # O(Cu D^2)
+            evals, evecs = torch.linalg.eigh((class_gram(centred) if gram is None else gram) / Cu)
         out.update(_nc1(evals, evecs, sigma_w, Cu, centred if Cu <= D else None))
         trace_b = (centred * centred).sum() / Cu
         out["nc1_quotient"] = (sigma_w.trace() / trace_b).item()
 
     out["equinorm_features"] = _coefficient_of_variation(centred.norm(dim=1))
-    variances = class_variances[used].to(_F64)
+    variances = class_variances.to(means.device)[used].to(_F64)
     if pair_sample is not None and Cu * (Cu - 1) // 2 > pair_sample:
         out.update(sampled_pairwise_metrics(centred, variances, pair_sample, generator))
     else:
-        out.update(
-            pairwise_metrics(_combined_pair_sums(centred, variances, tile_size, share, combine))
-        )
+        if pair_sums is None:
+            pair_sums = pairwise_sums(centred, variances, tile_size)
+        out.update(pairwise_metrics(pair_sums))
     if weight is not None:
-        w = weight.detach().to(device=mu.device, dtype=_F64)[used]
+        w = weight.detach().to(device=centred.device, dtype=_F64)[used]
         out["equinorm_weights"] = _coefficient_of_variation(w.norm(dim=1))
         out["self_duality"] = (w / w.norm() - centred / centred.norm()).norm().item()
     return out
-
-
-def metrics_from_class_shards(
-    counts: torch.Tensor,
-    means: torch.Tensor,
-    within_scatter: torch.Tensor,
-    class_variances: torch.Tensor,
-    weight: torch.Tensor | None = None,
-    min_class_count: int = 2,
-    tile_size: int = 256,
-    group=None,
-) -> dict[str, float]:
-    """:func:`metrics_from_class_statistics` computed together by the ranks of ``group``, each
-    holding the statistics of its own classes (class-sharded statistics,
-    :class:`~collapse_monitor.stats.ShardedClassMoments`). A collective: every rank calls it and
-    all get the same metrics, those of one process over all classes (to rounding).
-
-    Each rank does ``1/world`` of the work: its classes' ``O(C D^2)`` terms and ``1/world`` of
-    the ``O(C^2 D)`` class pairs, for which the ranks send their used classes' centred means to
-    ``world/2`` others (point to point; a ring schedule in which every pair of blocks meets
-    once). Collectives: an all-gather of the used counts, three all-reduces (the global mean;
-    the Gram matrix with the scatter, ``2 D^2``; the spreads with the pair sums). When the used
-    classes number at most ``D`` they are gathered instead (``Cu x (2D + 1)`` values at most)
-    and the replicated readout splits them.
-
-    Args:
-        counts: ``(R,)`` samples of this rank's classes; means: ``(R, D)``;
-            class_variances: ``(R,)``; weight: ``(R, D)`` their classifier rows or ``None``.
-        within_scatter: ``(D, D)`` this rank's part of the pooled within-class scatter (the
-            parts of all ranks sum to it; summed here with the Gram matrix, one all-reduce).
-        min_class_count, tile_size: as in :func:`metrics_from_class_statistics`.
-        group: the ``torch.distributed`` process group (``None``: the default one).
-
-    Returns:
-        The keys of :func:`metrics_from_class_statistics` and ``samples`` (all ranks' counts).
-    """
-    rank, world = _dist.rank(group), _dist.world_size(group)
-    wire = _dist.collective_device(group, means.device)
-    counts, means = counts.to(wire), means.to(device=wire, dtype=_F64)
-    used = counts >= max(min_class_count, 1)
-    mu, var = means[used], class_variances.to(device=wire, dtype=_F64)[used]
-    w = None if weight is None else weight.detach().to(device=wire, dtype=_F64)[used]
-    D = means.shape[1]
-    head = torch.cat([mu.sum(0), torch.stack([counts.sum(), counts[counts >= 2].sum()]).to(_F64)])
-    sizes = [int(n) for n in _dist.all_gather_rows(used.sum().reshape(1), [1] * world, group)]
-    _dist.all_reduce_sum_(head, group)
-    Cu, samples, n_within = sum(sizes), head[D].item(), head[D + 1].item()
-    if Cu < 2:
-        return {"classes_used": float(Cu), "samples": samples}
-    share, combine = (rank, world), lambda t: _dist.all_reduce_sum_(t, group)
-    scatter = within_scatter.to(device=wire, dtype=_F64).reshape(-1)
-    if Cu <= D:  # small: every rank gets all used classes
-        combine(scatter)
-        rows = torch.cat([mu, var[:, None]] + ([] if w is None else [w]), 1)
-        rows = torch.cat(_dist.all_gather_rows(rows, sizes, group))
-        out = metrics_from_class_statistics(
-            torch.full((Cu,), max(min_class_count, 1), device=wire),
-            rows[:, :D],
-            scatter.reshape(D, D),
-            rows[:, D],
-            None if w is None else rows[:, D + 1 :],
-            min_class_count,
-            tile_size,
-            share,
-            combine,
-            n_within=n_within,
-        )
-        return {**out, "samples": samples}
-    centred = mu - head[:D] / Cu  # global mean = unweighted mean of class means (Papyan)
-    norms = centred.norm(dim=1)
-    sq_c = (centred * centred).sum()
-    gram = torch.cat([(centred.T @ centred).reshape(-1), torch.stack([norms.sum(), sq_c]), scatter])
-    if w is not None:
-        w_norms = w.norm(dim=1)
-        gram = torch.cat([gram, torch.stack([w_norms.sum(), (w * w).sum()])])
-    combine(gram)
-    scatter = gram[D * D + 2 : 2 * D * D + 2].reshape(D, D)
-    out: dict[str, float] = {"classes_used": float(Cu), "samples": samples}
-    if n_within > 0:
-        sigma_w = (scatter + scatter.T) / (2 * n_within)
-        out.update(_nc1(*torch.linalg.eigh(gram[: D * D].reshape(D, D) / Cu), sigma_w, Cu))
-        out["nc1_quotient"] = (sigma_w.trace() * Cu / gram[D * D + 1]).item()
-    # second pass: spreads around the global means of the first, and the pairs
-    mean_norm = gram[D * D] / Cu
-    tail = [((norms - mean_norm) ** 2).sum()]
-    if w is not None:
-        w_mean = gram[-2] / Cu
-        dual = w / gram[-1].sqrt() - centred / gram[D * D + 1].sqrt()
-        tail += [((w_norms - w_mean) ** 2).sum(), (dual * dual).sum()]
-    pair_sums, error = _shard_pair_sums(centred, var, sizes, tile_size, group)
-    tail = torch.cat([torch.stack(tail), pair_sums])
-    combine(tail)
-    if error is not None:  # raised after the collectives: no rank is left waiting
-        raise error
-    out["equinorm_features"] = (tail[0] / (Cu - 1)).sqrt().item() / mean_norm.item()
-    if w is not None:
-        out["equinorm_weights"] = (tail[1] / (Cu - 1)).sqrt().item() / w_mean.item()
-        out["self_duality"] = tail[2].sqrt().item()
-    out.update(pairwise_metrics(tail[-len(_PAIR_SUMS) :]))
-    return out
-
-
-def _shard_pair_sums(centred, variances, sizes, tile, group):
-    """This rank's share of the pair sums of all ranks' classes (rows of ``centred``: this
-    rank's; ``sizes``: every rank's count). Its own pairs, then at hop ``h = 1 .. world/2``
-    its classes against those of rank ``rank - h``; at the middle hop of an even world the two
-    ranks of a pair of blocks take half of its pairs each.
-
-    Returns ``(sums, error)``: a rank whose own work fails (out of memory) still makes every
-    exchange, with NaN sums, and hands the error back to raise after the last collective."""
-    rank, world = _dist.rank(group), _dist.world_size(group)
-    etf_cos = -1.0 / (sum(sizes) - 1)
-    error = None
-
-    def guarded(fn, *args):
-        nonlocal error
-        if error is None:
-            try:
-                return fn(*args)
-            except Exception as exc:  # noqa: BLE001 - re-raised after the collectives
-                error = exc
-        return torch.full((len(_PAIR_SUMS),), float("nan"), dtype=_F64, device=centred.device)
-
-    sums = guarded(pairwise_sums, centred, variances, tile, (0, 1), etf_cos)
-    own = torch.cat([centred, variances[:, None]], 1)
-    for hop in range(1, world // 2 + 1):
-        send, rows = own, sizes[(rank - hop) % world]
-        if 2 * hop == world:
-            # the blocks of ranks a < world/2 and b = a + world/2 meet at both: a takes its
-            # classes against the first half of b's (all b sends), b its second half against
-            # all of a's
-            if rank < hop:
-                rows //= 2
-            else:
-                send = own[: own.shape[0] // 2]
-        theirs = _dist.shift_exchange(send, hop, rows, group)
-        a, b = own, theirs
-        if 2 * hop == world and rank >= hop:
-            a = own[own.shape[0] // 2 :]
-        if a.shape[0] and b.shape[0]:
-            pairs = ((a[:, :-1], a[:, -1]), (b[:, :-1], b[:, -1]), etf_cos, tile)
-            sums = sums + guarded(cross_pairwise_sums, *pairs)
-    return sums, error
 
 
 def nearest_class_center(

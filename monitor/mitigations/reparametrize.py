@@ -16,7 +16,6 @@ from .._modules import named_modules, resolve_modules
 from .._sharding import fsdp_roots, is_fsdp_flattened, is_sharded
 from ..contracts import Event
 from ..hooks import Hook
-from ..keys import MetricKey
 from .base import Mitigation
 
 
@@ -180,7 +179,7 @@ class Reparametrization(Mitigation):
             events.append(Event(self.name, info, count=len(self.applied)))
         if self.when == "rule":
             fired = [a for a in view.alerts if a.rule == self.rule]
-            layers = {MetricKey.parse(a.metric).layer for a in fired}
+            layers = {a.metric.layer for a in fired}
             modules = named_modules(self.model)
             if None in layers:  # a metric of the whole probe: every selected module
                 chosen = list(self.targets) if fired else []

@@ -20,7 +20,7 @@ import functools
 import inspect
 import logging
 import weakref
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -432,7 +432,7 @@ class Probe(Component):
             for field in ("metrics", "histograms", "pictures", "masks"):
                 mine = getattr(part, field)
                 getattr(out, field).update(
-                    mine if scope is None else {replace(k, layer=scope): v for k, v in mine.items()}
+                    mine if scope is None else {k.but(layer=scope): v for k, v in mine.items()}
                 )
         self.last = out
         return out

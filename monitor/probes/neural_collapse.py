@@ -11,8 +11,6 @@ from .._sharding import is_sharded, whole
 from ..contracts import Readout
 from ..functional.neural_collapse import (
     group_variance_ratio,
-    metrics_from_class_shards,
-    metrics_from_class_statistics,
     nearest_class_center,
     nearest_class_center_mismatch,
 )
@@ -20,6 +18,7 @@ from ..pictures import Picture
 from ..reading import Reading, finite_rows, floating
 from ..rules import RuleSpec
 from ..stats import ClassMoments, Counter, ShardedClassMoments, Window
+from ..stats.class_readout import class_moment_metrics
 from .base import Call, Probe, log
 
 _F64 = torch.float64
@@ -294,46 +293,27 @@ class NeuralCollapse(Probe):
             )
         out = {"classes_used": 0.0}
         means = moments.means() if moments.dim else None  # O(C D): once per readout
-        group = self.readout_group
         lost = isinstance(moments, ShardedClassMoments) and moments.incomplete
         # before the metrics: with class shards, a rank whose metrics fail raises only after
         # its last collective
-        pictures = {} if lost else self._pictures(moments, means)
-
-        def combine(part):
-            _dist.all_reduce_sum_(part, group)
-
+        pictures = {} if lost else self._pictures(moments, means, window.group)
         if lost:  # a resumed rank lost its part of the window: nothing to report (any rank)
             out = {"samples": float("nan")}
-        elif isinstance(moments, ShardedClassMoments) and moments.dim:  # (D agreed by reduce)
+        elif moments.dim:  # (D agreed by the reduce)
             weight = None
             if self.classifier is not None:
-                weight = whole(self.classifier.weight)[moments.first :][: moments.num_classes]
-            out = metrics_from_class_shards(
-                moments.count,
+                weight = whole(self.classifier.weight)
+                if isinstance(moments, ShardedClassMoments):  # this rank's classes
+                    weight = weight[moments.first :][: moments.num_classes]
+            out = class_moment_metrics(
+                moments,
                 means,
-                moments.local_scatter(),
-                moments.class_variances(),
                 weight,
                 self.min_class_count,
                 self.tile_size,
-                group,
-            )
-        elif moments.dim:
-            weight = None if self.classifier is None else whole(self.classifier.weight)
-            share = (_dist.rank(group), _dist.world_size(group))
-            out = metrics_from_class_statistics(
-                moments.count,
-                means,
-                moments.within_class_scatter(share, combine),
-                moments.class_variances(),
-                weight,
-                self.min_class_count,
-                self.tile_size,
-                share=share,
-                combine=combine,
-                pair_sample=self.pair_sample,
-                generator=self._pair_generator(moments),
+                self.pair_sample,
+                self._pair_generator(moments),
+                window.group,
             )
         out.setdefault("samples", float(moments.count.sum().item()))
         out["skipped_nonfinite"] = float(c["skipped_nonfinite"])
@@ -348,13 +328,12 @@ class NeuralCollapse(Probe):
             return None
         return torch.Generator().manual_seed(int(moments.count.sum()))
 
-    def _pictures(self, m: ClassMoments, means: torch.Tensor | None) -> dict[str, Picture]:
+    def _pictures(self, m: ClassMoments, means: torch.Tensor | None, group) -> dict[str, Picture]:
         if means is None:
             return {}
         mu = means[m.count >= self.min_class_count]
         total, first, Cu = mu.sum(0), mu[:64], mu.shape[0]
         if isinstance(m, ShardedClassMoments):  # the first used classes of all ranks
-            group = self.readout_group
             world = _dist.world_size(group)
             sizes = _dist.all_gather_rows(torch.tensor([Cu], device=mu.device), [1] * world, group)
             sizes = [int(n) for n in sizes]

@@ -19,7 +19,11 @@ from .. import _dist
 Dim = Union[int, str]
 Sizes = dict[str, Optional[int]]
 
-_REDUCTIONS = ("sum", "max", None)
+# how two ranks' values of a state combine: "sum" and "max" by one collective each; "same":
+# identical on every rank once :meth:`Statistic.align` has run (no collective); "local": this
+# rank's own (class shards), never combined
+_REDUCTIONS = ("sum", "max", "same", "local")
+_COLLECTIVE = ("sum", "max")
 
 
 def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
@@ -61,9 +65,11 @@ class Statistic:
     """Base class: named tensor states declared with a shape, a dtype and a reduction.
 
     ``shape`` entries are ints or size names declared with :meth:`add_size`; a state whose size is
-    still unknown has extent 0 along it. ``reduce`` is ``"sum"``, ``"max"`` (initialised to
-    ``-inf``) or ``None`` for states a subclass reduces itself (overriding
-    :meth:`_all_reduce_states` and :meth:`merge`).
+    still unknown has extent 0 along it. ``reduce`` says how ranks combine the state (as
+    torchmetrics' ``dist_reduce_fx``): ``"sum"``, ``"max"`` (initialised to ``-inf``, 0 for integers),
+    ``"same"`` (made identical on every rank by :meth:`align`, e.g. agreed shifts) or
+    ``"local"`` (this rank's own, never combined: class shards). A statistic with ``"same"`` or
+    ``"local"`` states overrides :meth:`merge` (and :meth:`align` for ``"same"``).
     """
 
     def __init__(self) -> None:
@@ -94,7 +100,9 @@ class Statistic:
         return tuple((self.sizes[d] or 0) if isinstance(d, str) else d for d in shape)
 
     def _fill(self, name: str) -> float:
-        return -float("inf") if self._states[name][2] == "max" else 0
+        _, dtype, reduce = self._states[name]
+        # a floating maximum starts at -inf; an integer one holds non-negative flags or counts
+        return -float("inf") if reduce == "max" and dtype.is_floating_point else 0
 
     def _default(self, name: str) -> torch.Tensor:
         dtype = self._states[name][1]
@@ -137,8 +145,11 @@ class Statistic:
 
     def forget_reduced(self) -> None:
         """Drop the part of a reduced (all-rank) copy that every rank holds alike, so that only
-        one rank keeps it when a reduced state is loaded (the whole window by default)."""
-        self.reset()
+        one rank keeps it when a reduced state is loaded: the states combined by a collective
+        (``"sum"``, ``"max"``); ``"same"`` and ``"local"`` states stay."""
+        for name, (_, _, reduce) in self._states.items():
+            if reduce in _COLLECTIVE:
+                self._reset_state(name)
 
     def flush(self, group=None) -> None:
         """Settle what waits for a collective (class-sharded rows); a no-op by default. Under
@@ -177,24 +188,30 @@ class Statistic:
         return self
 
     def all_reduce(self, group=None) -> Statistic:
-        """Combine this statistic over all ranks in place; afterwards every rank holds the same.
+        """Combine this statistic over all ranks in place; afterwards every rank holds the same
+        (its ``"local"`` states aside).
 
         Sizes are agreed first (a rank that saw nothing takes them from the others)."""
         if _dist.is_distributed(group):
             self.to(_dist.collective_device(group, self.device))
             self.fix_agreed(agree_sizes({"": self.sizes}, group)[""])
-            self._all_reduce_states(group)
+            self.reduce_states(group)
         return self
 
     def fix_agreed(self, sizes: Sizes) -> None:
         self.fix_sizes(**{d: n for d, n in sizes.items() if n is not None})
 
-    def _all_reduce_states(self, group) -> None:
-        """One collective per declared state, with its declared reduction."""
+    def align(self, group) -> None:
+        """Make the ``"same"`` states identical on every rank before the others are reduced (a
+        collective where a statistic needs one: agreeing on class means); nothing by default."""
+
+    def reduce_states(self, group) -> None:
+        """:meth:`align`, then one collective per ``"sum"`` or ``"max"`` state, in declaration
+        order (sizes must be agreed: every rank makes the same calls)."""
+        self.align(group)
         for name, (_, _, reduce) in self._states.items():
-            if reduce is None:
-                raise NotImplementedError(f"{type(self).__name__} must reduce state '{name}'")
-            _dist.all_reduce_(getattr(self, name), reduce, group)
+            if reduce in _COLLECTIVE:
+                _dist.all_reduce_(getattr(self, name), reduce, group)
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict:

@@ -56,6 +56,10 @@ class ClassMoments(Statistic):
         tensor([1., 0.], dtype=torch.float64)
     """
 
+    #: class shards (:class:`ShardedClassMoments`) keep each class on one rank: nothing is
+    #: combined across ranks
+    class_sharded = False
+
     def __init__(self, num_classes: int, dim: int | None = None, diagonal: bool = False) -> None:
         super().__init__()
         if num_classes < 1:
@@ -63,14 +67,15 @@ class ClassMoments(Statistic):
         self.num_classes = C = int(num_classes)
         self.diagonal = diagonal
         self.add_size("D", "feature dimension", dim)
-        # reduced by all_reduce below (re-centred on the global means first), not state by state
-        self.add_state("count", (C,), torch.int64, reduce=None)
-        self.add_state("shift", (C, "D"), _F64, reduce=None)
-        self.add_state("shift_set", (C,), torch.bool, reduce=None)
-        self.add_state("shift_agreed", (C,), torch.bool, reduce=None)
-        self.add_state("sum", (C, "D"), _F64, reduce=None)
-        self.add_state("sq_norm", (C,), _F64, reduce=None)
-        self.add_state("second_moment", ("D",) if diagonal else ("D", "D"), _F64, reduce=None)
+        # sums add over ranks once :meth:`align` has put every rank's around the same shifts
+        summed, agreed = ("local", "local") if self.class_sharded else ("sum", "same")
+        self.add_state("count", (C,), torch.int64, reduce=summed)
+        self.add_state("shift", (C, "D"), _F64, reduce=agreed)
+        self.add_state("shift_set", (C,), torch.bool, reduce=agreed)
+        self.add_state("shift_agreed", (C,), torch.bool, reduce=agreed)
+        self.add_state("sum", (C, "D"), _F64, reduce=summed)
+        self.add_state("sq_norm", (C,), _F64, reduce=summed)
+        self.add_state("second_moment", ("D",) if diagonal else ("D", "D"), _F64, reduce=summed)
 
     @property
     def dim(self) -> int | None:
@@ -172,20 +177,26 @@ class ClassMoments(Statistic):
         self.shift_set |= other.shift_set
         return self
 
-    def _all_reduce_states(self, group) -> None:
-        """SUM-reduce ``count``, ``sum``, ``sq_norm`` and ``second_moment``: one collective per
-        state, no samples exchanged. Sums around agreed shifts (the same on every rank) add as
-        they are; for the classes first seen in this window, whose shifts each rank took from
-        its own batches, the ranks first agree on the global class means (SUM of counts and raw
-        sums of those classes) and re-centre their sums there (exact). After the first window
-        that is no class, and the readout's all-reduce costs no ``O(C D^2)`` work."""
+    def align(self, group) -> None:
+        """Put every rank's sums around the same shifts, so that they add. Sums around agreed
+        shifts (the same on every rank) add as they are; for the classes first seen in this
+        window, whose shifts each rank took from its own batches, the ranks agree on the global
+        class means (one SUM of those classes' counts and raw sums) and re-centre their sums
+        there (exact). After the first window that is no class, and a reduce costs no
+        ``O(C D^2)`` work. Afterwards ``shift``, ``shift_set`` and ``shift_agreed`` are the same
+        on every rank."""
         todo = torch.nonzero(~self.shift_agreed).squeeze(1)  # the same classes on every rank
-        n_local = self.count[todo]
-        raw_sum = self.sum[todo] + n_local.to(_F64)[:, None] * self.shift[todo]
-        _dist.all_reduce_sum_(self.count, group)
         if todo.numel():
-            _dist.all_reduce_sum_(raw_sum, group)
-            n = self.count[todo].to(_F64)
+            n_local = self.count[todo]
+            raw = torch.cat(
+                [
+                    n_local.to(_F64)[:, None],
+                    self.sum[todo] + n_local.to(_F64)[:, None] * self.shift[todo],
+                ],
+                1,
+            )
+            _dist.all_reduce_sum_(raw, group)
+            n, raw_sum = raw[:, 0], raw[:, 1:]
             seen = n > 0
             ref = torch.where(
                 seen[:, None], raw_sum / torch.where(seen, n, 1.0)[:, None], self.shift[todo]
@@ -195,9 +206,7 @@ class ClassMoments(Statistic):
             mine = n_local > 0
             self.rebase(ref[mine], todo[mine], n_local[mine])
             self.shift[todo] = ref
-        for name in ("sum", "sq_norm", "second_moment"):
-            _dist.all_reduce_sum_(getattr(self, name), group)
-        self.shift_set |= self.count > 0
+            self.shift_set[todo] |= seen
         self.shift_agreed = self.shift_set.clone()  # a checkpoint of this state loads agreed
 
     def load_state_dict(self, state: dict) -> None:
@@ -215,29 +224,24 @@ class ClassMoments(Statistic):
             seen[:, None], self.shift + self.sum / torch.where(seen, n, 1.0)[:, None], 0.0
         )
 
-    def within_class_scatter(self, share: tuple[int, int] = (0, 1), combine=None) -> torch.Tensor:
+    def within_class_scatter(self) -> torch.Tensor:
         """``sum_c sum_{i in c} (h_i - mu_c)(h_i - mu_c)'`` as ``(D, D)`` float64 (its diagonal
-        ``(D,)`` for a diagonal statistic).
+        ``(D,)`` for a diagonal statistic), over this statistic's classes."""
+        return self.scatter_from(self.between_class_term())
 
-        Args:
-            share: ``(rank, world)``: compute the ``O(C D^2)`` class term over this rank's
-                ``1/world`` of the classes only; ``combine`` must then sum it over the ranks in
-                place (an all-reduce of ``D x D``), and every rank gets the whole scatter.
-        """
-        return self._scatter(share_rows(self.num_classes, share), combine if share[1] > 1 else None)
-
-    def _scatter(self, rows: slice, combine, clamp: bool = True) -> torch.Tensor:
+    def between_class_term(self, rows: slice = slice(None)) -> torch.Tensor:
+        """``sum_c s_c s_c' / n_c`` over the classes ``rows`` (``(D, D)``, or its diagonal):
+        what the scatter around the class means takes from ``S``. Parts over disjoint rows add
+        up (``O(C D^2)``: a readout may split it over ranks)."""
         n = self.count.to(_F64)
-        seen = n > 0
-        scaled = self.sum[rows] / torch.where(seen[rows], n[rows], 1.0).sqrt()[:, None]
-        between = (scaled * scaled).sum(0) if self.diagonal else scaled.T @ scaled
-        if combine is not None:
-            combine(between)
-        if self.diagonal:
-            scatter = self.second_moment - between
-            return scatter.clamp_min(0.0) if clamp else scatter
+        scaled = self.sum[rows] / torch.where(n[rows] > 0, n[rows], 1.0).sqrt()[:, None]
+        return (scaled * scaled).sum(0) if self.diagonal else scaled.T @ scaled
+
+    def scatter_from(self, between: torch.Tensor) -> torch.Tensor:
+        """The within-class scatter ``S - between`` (:meth:`between_class_term` of all
+        classes), symmetric; a diagonal one clamped at 0 (rounding)."""
         scatter = self.second_moment - between
-        return (scatter + scatter.T) / 2
+        return scatter.clamp_min(0.0) if self.diagonal else (scatter + scatter.T) / 2
 
     def class_variances(self) -> torch.Tensor:
         """``Var_c = (1/n_c) sum_{i in c} ||h_i - mu_c||^2`` as ``(C,)``; 0 for unseen classes."""
@@ -271,12 +275,13 @@ class ShardedClassMoments(ClassMoments):
     Rank ``r`` of ``world`` owns the contiguous classes ``[C r / world, C (r + 1) / world)``
     (:func:`~collapse_monitor.functional.neural_collapse.share_rows`) and keeps their counts,
     shifts and sums, ``16 C D / world`` bytes, and its own part of the pooled second moment
-    ``S`` (``8 D^2``), which a readout sums over the ranks (:meth:`local_scatter`).
+    ``S`` (``8 D^2``): its :meth:`within_class_scatter` is its classes' part of the pooled
+    scatter, which a readout sums over the ranks.
     :meth:`update` only buffers a batch's rows; :meth:`flush` (a collective, at the end of
     every recorded step and before a reduce) routes each valid row to its class's owner (one
     ``all_gather`` of row counts, two ``all_to_all_single``) where it is added. Each class then
     lives on one rank, so the shifts need no agreement and no re-centring; the readout
-    (:func:`~collapse_monitor.functional.metrics_from_class_shards`) is computed by the owners
+    (:func:`~collapse_monitor.stats.class_readout.sharded_class_metrics`) is computed by the owners
     together.
 
     Rows travel in the features' dtype (promoted when ranks differ; a rank's own rows stay),
@@ -291,6 +296,8 @@ class ShardedClassMoments(ClassMoments):
         ValueError: ranks with different feature sizes (in :meth:`flush`, on every rank alike),
             or a rank's own batches that differ (in :meth:`update`).
     """
+
+    class_sharded = True
 
     def __init__(self, num_classes: int, rank: int, world: int) -> None:
         if not 0 <= rank < world <= num_classes:
@@ -308,7 +315,7 @@ class ShardedClassMoments(ClassMoments):
         self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
         self.routed: int | None = None  # valid rows of all ranks in the last flush
         # 1 when this window lacks samples another rank's checkpoint held (max over ranks)
-        self.add_state("lost", (1,), torch.int64, reduce=None)
+        self.add_state("lost", (1,), torch.int64, reduce="max")
 
     @property
     def incomplete(self) -> bool:
@@ -410,27 +417,13 @@ class ShardedClassMoments(ClassMoments):
             self.fix_sizes(D=D)
         return total
 
-    def _all_reduce_states(self, group) -> None:
-        """Only whether a rank lost its part: every class lives on its owner, and ``S`` stays
-        each rank's own part until a readout sums :meth:`local_scatter` (after :meth:`flush`,
-        which :meth:`Window.reduced` runs first)."""
-        _dist.all_reduce_max_(self.lost, group)
-
     def forget_reduced(self) -> None:
-        """Nothing is alike across ranks in a reduced copy: every rank keeps its own state."""
+        """Nothing: every rank keeps its own classes (and ``lost``, set by this very load)."""
 
-    def local_scatter(self) -> torch.Tensor:
-        """This rank's part of the pooled within-class scatter, ``S_r - sum_{c in r} s_c s_c' /
-        n_c`` ``(D, D)``: the parts of all ranks sum to the scatter of all classes."""
-        return self._scatter(slice(None), None, clamp=False)
-
-    def within_class_scatter(self, share=None, combine=None) -> torch.Tensor:
-        """The pooled within-class scatter of all ranks' classes: ``combine`` must sum
-        :meth:`local_scatter` over the ranks in place (an all-reduce of ``D x D``)."""
-        part = self.local_scatter()
-        if combine is not None:
-            combine(part)
-        return part
+    def align(self, group) -> None:
+        """Nothing: each class lives on its owner, around the owner's shifts (``S`` stays each
+        rank's own part until a readout sums the parts; rows reach their owners in
+        :meth:`flush`, which :meth:`Window.reduced` runs first)."""
 
     def clone(self) -> ShardedClassMoments:
         new = super().clone()

@@ -44,6 +44,9 @@ class Window:
         self.persistent = tuple(persistent)
         self.transient = tuple(transient)  # one step's entries: a checkpoint may lack them
         self.device = torch.device("cpu")
+        # the process group a reduced copy was combined over (a readout that splits its work
+        # over the ranks runs its collectives there); None for a window of this rank alone
+        self.group = None
         unknown = set(self.persistent) - set(self._entries)
         if unknown:
             raise KeyError(f"persistent entries {sorted(unknown)} are not in the window")
@@ -133,7 +136,7 @@ class Window:
         for key in sorted(agreed):
             stat = self[key]
             stat.fix_agreed(agreed[key])
-            stat._all_reduce_states(group)
+            stat.reduce_states(group)
         return self
 
     def flush(self, group=None) -> None:
@@ -148,7 +151,9 @@ class Window:
         if not _dist.is_distributed(group):
             return self
         self.flush(group)
-        return self.clone().all_reduce(group)
+        reduced = self.clone().all_reduce(group)
+        reduced.group = group
+        return reduced
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict:
@@ -203,6 +208,11 @@ class WindowView:
     @property
     def device(self) -> torch.device:
         return self.window.device
+
+    @property
+    def group(self):
+        """The process group a reduced window was combined over (see :attr:`Window.group`)."""
+        return self.window.group
 
     def reset(self) -> None:
         """Start this scope's part of the window empty (persistent entries kept)."""

@@ -5,6 +5,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from collapse_monitor import CollapseMonitor, Rule, probes
 from collapse_monitor.integrations.tensorboard import TensorBoardSink, scalar_layout
+from collapse_monitor.keys import MetricKey
 from tests.test_monitor import train
 
 
@@ -47,9 +48,9 @@ def test_scalars_alerts_and_layout_are_written(tmp_path):
 def test_layout_groups_per_head_values_and_val_prefix():
     layout = scalar_layout(
         [
-            "collapse/attn/entropy/head_0",
-            "collapse/attn/entropy/head_1",
-            "val/collapse/attn/max_logit",
+            MetricKey("attn", "entropy", index="head_0"),
+            MetricKey("attn", "entropy", index="head_1"),
+            MetricKey("attn", "max_logit", prefix="val"),
         ]
     )
     assert list(layout["collapse/attn"]) == ["entropy"]
