@@ -47,10 +47,10 @@ def _worker(rank: int, world: int, init: str, out: str, first: bool) -> None:
     try:
         model = nn.Sequential(nn.Identity())
         probe = probes.NeuralCollapse("0", C, read="output", name="lm")
-        mon = CollapseMonitor(model, [probe], 10**9, observe_every_n_steps=1)
+        mon = CollapseMonitor(model, [probe], 1, observe_every_n_steps=1)
         _record(mon, model, rank, world, 0.0)
         if not first:
-            probe.finish_window()  # the first log's reduce and shifts (its readout not timed)
+            mon.step()  # the first log: its reduce and shifts (its readout not timed)
             _record(mon, model, rank, world, 0.01)
         dist.barrier()
         cpu = time.process_time()

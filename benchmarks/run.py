@@ -197,7 +197,7 @@ def section_overhead(quick: bool) -> list[str]:
 
 # ============================================================================ 2. memory
 def state_bytes(obj) -> int:
-    """Bytes of every Statistic and tensor reachable from a probe's window (and the probe)."""
+    """Bytes of every Statistic and tensor reachable from a probe (its own memories)."""
     seen: set[int] = set()
 
     def walk(o, depth=0) -> int:
@@ -214,16 +214,18 @@ def state_bytes(obj) -> int:
             return sum(walk(v, depth + 1) for v in o)
         if hasattr(o, "__dict__") and not isinstance(o, (torch.nn.Module, CollapseMonitor)):
             return sum(
-                walk(v, depth + 1) for k, v in vars(o).items() if k not in ("monitor", "hooked")
+                walk(v, depth + 1)
+                for k, v in vars(o).items()
+                if k not in ("monitor", "hooked", "_driver")
             )
         return 0
 
     return walk(obj)
 
 
-def _formula(p) -> str:
+def _formula(p, mon) -> str:
     if isinstance(p, probes.NeuralCollapse):
-        C, D = p.num_classes, p.window.moments.dim
+        C, D = p.num_classes, mon.statistics(p)["moments"].dim
         return f"16CD+8D^2+8CD(lag)+O(C) = {16 * C * D + 8 * D * D + 8 * C * D:,}"
     if isinstance(p, probes.RepresentationRank):
         return "8D^2+8D+O(1)"
@@ -247,7 +249,13 @@ def section_memory(quick: bool) -> list[str]:
         _runner(w, mon)(LOG_EVERY + 1)  # past the first window: lagged centres exist
         for p in mon.probes:
             rows.append(
-                [w.name.split(",")[0], p.name, type(p).__name__, f"{state_bytes(p):,}", _formula(p)]
+                [
+                    w.name.split(",")[0],
+                    p.name,
+                    type(p).__name__,
+                    f"{state_bytes(p) + mon.statistics(p).nbytes():,}",
+                    _formula(p, mon),
+                ]
             )
         mon.close()
     steps = 2000 if quick else 10_000

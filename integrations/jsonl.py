@@ -6,6 +6,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from .. import distributed
 from ..rules import Alert
 from ..sinks import Sink
 
@@ -40,9 +41,7 @@ class JSONLinesSink(Sink):
         if self._file is None:  # opened on first write: ranks that never write leave no file
             path = self.path
             if not self.main_process_only:
-                from .. import _dist
-
-                path = path.with_name(f"{path.stem}.rank{_dist.rank()}{path.suffix}")
+                path = path.with_name(f"{path.stem}.rank{distributed.rank()}{path.suffix}")
             path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(path, "a")  # noqa: SIM115 (closed in close())
         self._file.write(json.dumps(record, default=str) + "\n")

@@ -5,18 +5,25 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Callable, Optional, Union
 
-import lightning as L
 import torch
-from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
-from lightning.pytorch.strategies import DeepSpeedStrategy
 
-from .._sharding import DEEPSPEED_UNSUPPORTED, fsdp_roots
+from ..config import MonitorConfig
+from ..distributed import is_fsdp_wrapped, refuse_deepspeed
+from ..loop import LoopAdapter, Targets, TrainerLoop
 from ..mitigations.base import Mitigation
-from ..monitor import CollapseMonitor
 from ..probes.base import Probe
 from ..rules import Alert, Rule
-from ..sinks import Sink, threshold_scalars
+from ..sinks import Sink, optional_import, threshold_scalars
 from .tensorboard import TensorBoardSink
+
+L = optional_import("lightning", "CollapseCallback", "lightning")
+from lightning.pytorch.loggers import (  # noqa: E402
+    Logger,
+    MLFlowLogger,
+    TensorBoardLogger,
+    WandbLogger,
+)
+from lightning.pytorch.strategies import DeepSpeedStrategy  # noqa: E402
 
 
 class LightningLoggerSink(Sink):
@@ -124,39 +131,46 @@ def default_targets(batch: Any) -> Any:
     )
 
 
-class CollapseCallback(L.Callback):
+class CollapseCallback(LoopAdapter, L.Callback):
     """Run a :class:`~collapse_monitor.CollapseMonitor` inside a Lightning ``Trainer``.
 
     Metrics go through the trainer's own loggers at ``trainer.global_step``, each in the form it
     accepts (see :class:`LightningLoggerSink`). Steps are optimizer steps: with
     ``accumulate_grad_batches=k`` the monitor records all k micro-batches of a recorded step,
     logs every ``log_every_n_steps`` optimizer steps and acts (mitigations) only after an
-    optimizer step. Training batches are observed from ``on_train_batch_start`` to
-    ``on_before_backward``; with ``validation=True`` every validation loop is a snapshot logged
-    under ``val/collapse/...``, one per dataloader (``.../dataloader_idx_<i>``) when there are
-    several. A model passed to ``fit`` as ``torch.compile(model, fullgraph=True)`` is refused at
-    setup with a clear error; DeepSpeed is refused too. Under ``strategy="fsdp"`` parameters
-    are gathered through the FSDP wrapper (:meth:`~collapse_monitor.CollapseMonitor.sharded_by`).
-    Monitor state is saved in checkpoints and restored on ``fit(ckpt_path=...)``. Under DDP the
-    statistics are all-reduced before metrics are computed and a ``"stop"`` alert is reduced
-    across ranks with ``strategy.reduce_boolean_decision``.
+    optimizer step, with every optimizer of the trainer (a GAN's two). Training batches are
+    observed from ``on_train_batch_start`` to ``on_before_backward``; with ``validation=True``
+    every validation loop is a snapshot logged under ``val/collapse/...``, one per dataloader
+    (``.../dataloader_idx_<i>``) when there are several. A model passed to ``fit`` as
+    ``torch.compile(model, fullgraph=True)`` is refused at setup with a clear error; DeepSpeed
+    is refused too. Under ``strategy="fsdp"`` parameters are gathered through the FSDP wrapper
+    (:meth:`~collapse_monitor.CollapseMonitor.sharded_by`). Monitor state is saved in
+    checkpoints and restored on ``fit(ckpt_path=...)``. Under DDP the statistics are
+    all-reduced before metrics are computed and a ``"stop"`` alert is reduced across ranks
+    with ``strategy.reduce_boolean_decision``.
 
     Args:
         probes: probe instances; module paths are relative to the ``LightningModule``.
         targets: how to read labels from a batch: ``None`` (``batch[1]`` or
             ``batch["labels"|"targets"]``), an int index, a str key, or ``callable(batch)``.
-        log_every_n_steps, rules, default_rules, mitigations, on_alert, observe_every_n_steps,
-        pictures, strict: as in :class:`~collapse_monitor.CollapseMonitor`.
+        log_every_n_steps: the window in optimizer steps; default the trainer's own
+            ``log_every_n_steps`` (50 unless set).
+        rules, default_rules, mitigations, on_alert, observe_every_n_steps, pictures, strict:
+            as in :class:`~collapse_monitor.CollapseMonitor`.
         validation: take validation snapshots.
         context: ``callable(batch) -> dict`` of extra ``observe()`` keywords, e.g.
             ``lambda batch: {"groups": batch["site"]}`` for ``GroupCollapse``.
+
+    Raises:
+        TypeError, ValueError: an argument the monitor refuses (at construction; the message
+            lists the valid choices).
     """
 
     def __init__(
         self,
         probes: list[Probe],
-        targets: Union[Callable[[Any], Any], int, str, None] = None,
-        log_every_n_steps: int = 50,
+        targets: Targets = None,
+        log_every_n_steps: Optional[int] = None,
         rules: Optional[list[Rule]] = None,
         default_rules: bool = True,
         mitigations: Optional[list[Mitigation]] = None,
@@ -167,37 +181,26 @@ class CollapseCallback(L.Callback):
         context: Optional[Callable[[Any], dict]] = None,
         strict: bool = False,
     ) -> None:
-        self.probes = list(probes)
-        self.context = context
-        self.targets = targets
-        self.kwargs = dict(
-            log_every_n_steps=log_every_n_steps,
-            rules=list(rules or []),
-            default_rules=default_rules,
-            mitigations=list(mitigations or []),
-            on_alert=on_alert,
-            observe_every_n_steps=observe_every_n_steps,
-            pictures=pictures,
-            strict=strict,
-        )
+        config = MonitorConfig(
+            probes, log_every_n_steps, mitigations, rules, default_rules, on_alert,
+            observe_every_n_steps, pictures, strict,
+        )  # fmt: skip
+        self.loop = TrainerLoop(config, targets, default_targets, context)
         self.validation = validation
-        self.monitor: CollapseMonitor | None = None
-        self._pending_state: dict | None = None
-        self._observing = None
         self._in_snapshot = False
         self._loader: int | None = None  # the validation dataloader of the open snapshot
         self._loaders = self._done = 0  # validation dataloaders in this loop; snapshots taken
 
     @property
     def state_key(self) -> str:
-        return "CollapseCallback[" + ",".join(p.name for p in self.probes) + "]"
+        return "CollapseCallback[" + ",".join(p.name for p in self.loop.config.probes) + "]"
 
     # ----------------------------------------------------------------- lifecycle
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.monitor is not None:
             return
         if isinstance(trainer.strategy, DeepSpeedStrategy):
-            raise ValueError(DEEPSPEED_UNSUPPORTED)
+            refuse_deepspeed()
         ctx = getattr(pl_module, "_compiler_ctx", None)  # Lightning's record of torch.compile
         if ctx and getattr(ctx.get("dynamo_ctx"), "fullgraph", False):
             raise ValueError(
@@ -206,12 +209,7 @@ class CollapseCallback(L.Callback):
                 "while they record; compile with fullgraph=False (the default): the graph then "
                 "breaks only on the steps the monitor records"
             )
-        self.monitor = CollapseMonitor(
-            pl_module, self.probes, sinks=[LightningLoggerSink(trainer)], **self.kwargs
-        )
-        if self._pending_state is not None:
-            self.monitor.load_state_dict(self._pending_state)
-            self._pending_state = None
+        self.loop.build(pl_module, [LightningLoggerSink(trainer)], trainer.log_every_n_steps)
         self._wrap_module(pl_module)
 
     def _wrap_module(self, pl_module: L.LightningModule) -> None:
@@ -240,53 +238,23 @@ class CollapseCallback(L.Callback):
         ]
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._stop_observing()
         if self.monitor is not None:
-            self._pending_state = self.monitor.state_dict(sync=False)
-            self.monitor.close()
-            self.monitor = None
+            self.loop.close()
             self._unwrap()
 
     def state_dict(self) -> dict:
-        if self.monitor is not None:
-            return self.monitor.state_dict()
-        return self._pending_state or {}
+        return self.loop.state_dict()
 
     def load_state_dict(self, state_dict: dict) -> None:
-        if not state_dict:
-            return
-        if self.monitor is not None:
-            self.monitor.load_state_dict(state_dict)
-        else:
-            self._pending_state = state_dict
+        self.loop.load_state_dict(state_dict)
 
-    # ----------------------------------------------------------------- observation
-    def _targets(self, batch: Any) -> Any:
-        if not any("targets" in p.keywords for p in self.probes):
-            return None
-        if callable(self.targets):
-            return self.targets(batch)
-        if self.targets is None:
-            return default_targets(batch)
-        return batch[self.targets]
-
-    def _start_observing(self, batch: Any) -> None:
-        self._stop_observing()
-        extra = self.context(batch) if self.context is not None else {}
-        self._observing = self.monitor.observe(targets=self._targets(batch), **extra)
-        self._observing.__enter__()
-
-    def _stop_observing(self) -> None:
-        if self._observing is not None:
-            cm, self._observing = self._observing, None
-            cm.__exit__(None, None, None)
-
+    # ----------------------------------------------------------------- training
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._start_observing(batch)
+        self.loop.observe(batch)
 
     def on_before_backward(self, trainer, pl_module, loss) -> None:
         # the backward pass (and any activation-checkpointing recompute) is not observed
-        self._stop_observing()
+        self.loop.stop_observing()
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self._find_wrapper(trainer, pl_module)
@@ -294,25 +262,21 @@ class CollapseCallback(L.Callback):
     def _find_wrapper(self, trainer, pl_module) -> None:
         # strategy="fsdp" wraps the module after setup(): parameters are gathered through it
         holder = trainer.strategy.model
-        if self.monitor is not None and holder is not pl_module and fsdp_roots(holder):
+        if self.monitor is not None and holder is not pl_module and is_fsdp_wrapped(holder):
             self.monitor.sharded_by(holder)
 
     def on_train_start(self, trainer, pl_module) -> None:
-        # the monitor counts optimizer steps, as Lightning does (a run resumed without monitor
-        # state, or a callback added later, starts from the trainer's step)
-        self.monitor.global_step = max(self.monitor.global_step, trainer.global_step)
+        self.loop.start(trainer.global_step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._stop_observing()
         # one monitor step per optimizer step: with accumulate_grad_batches=k, the k
         # micro-batches of a step are all observed (or none) and nothing acts between them
-        optimizer = trainer.optimizers[0] if trainer.optimizers else None
-        while self.monitor.global_step < trainer.global_step:
-            if self.monitor.step(optimizer=optimizer) is not None:
-                stop = trainer.strategy.reduce_boolean_decision(self.monitor.should_stop, all=False)
-                if stop:
-                    trainer.should_stop = True
+        if self.loop.advance_to(trainer.global_step, trainer.optimizers):
+            stop = trainer.strategy.reduce_boolean_decision(self.monitor.should_stop, all=False)
+            if stop:
+                trainer.should_stop = True
 
+    # ----------------------------------------------------------------- validation
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         self._find_wrapper(trainer, pl_module)  # also for a standalone validate()
         self._in_snapshot = (
@@ -328,16 +292,16 @@ class CollapseCallback(L.Callback):
         if self._loader != dataloader_idx:
             self._snapshots_until(dataloader_idx)
             self._begin_snapshot(dataloader_idx)
-        self._start_observing(batch)
+        self.loop.observe(batch)
 
     def on_validation_batch_end(
         self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
     ) -> None:
-        self._stop_observing()
+        self.loop.stop_observing()
 
     def _begin_snapshot(self, loader: int) -> None:
         # keyed ``.../dataloader_idx_<i>`` when there are several (Lightning's convention)
-        self.monitor.begin_snapshot("val", loader=loader if self._loaders > 1 else None)
+        self.loop.begin_evaluation("val", loader=loader if self._loaders > 1 else None)
         self._loader = loader
 
     def _snapshots_until(self, loader: int) -> None:
@@ -345,11 +309,11 @@ class CollapseCallback(L.Callback):
         ``loader`` that this rank got no batch from: every rank ends one snapshot per loader,
         in loader order, so that their collectives match."""
         if self._loader is not None:
-            self.monitor.end_snapshot()
+            self.loop.end_evaluation()
             self._done, self._loader = self._loader + 1, None
         for skipped in range(self._done, loader):
             self._begin_snapshot(skipped)
-            self.monitor.end_snapshot()
+            self.loop.end_evaluation()
             self._loader = None
         self._done = max(self._done, loader)
 
@@ -359,4 +323,4 @@ class CollapseCallback(L.Callback):
             self._snapshots_until(self._loaders)
 
     def on_exception(self, trainer, pl_module, exception) -> None:
-        self._stop_observing()
+        self.loop.stop_observing()

@@ -7,7 +7,7 @@ import re
 
 from torch.utils.tensorboard import SummaryWriter
 
-from .. import _dist
+from .. import distributed
 from ..keys import MetricKey
 from ..rules import Alert
 from ..sinks import Sink, threshold_tags
@@ -64,7 +64,7 @@ class TensorBoardSink(Sink):
         if self._writer is None:
             log_dir = str(self.log_dir)
             if not self.main_process_only:
-                log_dir = f"{log_dir}/rank{_dist.rank()}"
+                log_dir = f"{log_dir}/rank{distributed.rank()}"
             self._writer = SummaryWriter(log_dir=log_dir)
         return self._writer
 

@@ -8,18 +8,19 @@ import logging
 import os
 from typing import Any, Callable, Optional, Union
 
-import torch
 from torch import nn
-from transformers import TrainerCallback
 
-from .. import _dist
-from .._sharding import DEEPSPEED_UNSUPPORTED
-from ..mitigations.base import Mitigation
-from ..monitor import CollapseMonitor
+from ..config import MonitorConfig
+from ..distributed import is_main_process, refuse_deepspeed
+from ..loop import LoopAdapter, TrainerLoop
 from ..probes.base import Probe
-from ..rules import Alert, Rule
+from ..rules import Alert
 from ..sinks import Sink, optional_import
 from .tensorboard import TensorBoardSink
+
+TrainerCallback = optional_import(
+    "transformers", "CollapseTrainerCallback", "transformers"
+).TrainerCallback
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class TrainerSink(Sink):
             if sink is not None:
                 self._pending.remove(name)
                 self._sinks.append(sink)
-        zero = _dist.rank() == 0
+        zero = is_main_process()
         for sink in list(self._sinks):
             if zero or not sink.main_process_only:
                 try:
@@ -122,7 +123,7 @@ class TrainerSink(Sink):
         self._sinks = []
 
 
-class CollapseTrainerCallback(TrainerCallback):
+class CollapseTrainerCallback(LoopAdapter, TrainerCallback):
     """Run a :class:`~collapse_monitor.CollapseMonitor` inside a ``transformers.Trainer``.
 
     The callback hooks the model's own forward: a training forward (``model.training``) is
@@ -140,7 +141,8 @@ class CollapseTrainerCallback(TrainerCallback):
     ``control.should_training_stop`` on every rank. The monitor's state is saved beside each
     checkpoint (``checkpoint-<step>/collapse_monitor.pt``; with rank-local state, class-sharded
     ``NeuralCollapse``, also ``collapse_monitor.rank<r>.pt`` from every other rank) and restored
-    when training resumes from a checkpoint in ``output_dir``.
+    when training resumes from a checkpoint in ``output_dir`` (loaded with
+    ``weights_only=True``: a file that needs more than tensors and plain values is refused).
 
     Args:
         probes: probe instances; module paths are relative to the model the Trainer trains.
@@ -151,10 +153,12 @@ class CollapseTrainerCallback(TrainerCallback):
         sinks: further sinks.
         context: ``callable(kwargs) -> dict`` of extra ``observe()`` keywords.
         evaluation: take evaluation snapshots.
-        rules, default_rules, mitigations, on_alert, observe_every_n_steps, pictures, strict:
-            as in :class:`~collapse_monitor.CollapseMonitor`.
+        **monitor: the monitor's other arguments, as in :class:`~collapse_monitor.CollapseMonitor`
+            (``rules``, ``default_rules``, ``mitigations``, ``on_alert``,
+            ``observe_every_n_steps``, ``pictures``, ``strict``).
 
     Raises:
+        TypeError, ValueError: an argument the monitor refuses (at construction).
         KeyError: a probe's module path does not exist in the model (at ``Trainer(...)``).
 
     Example::
@@ -173,76 +177,45 @@ class CollapseTrainerCallback(TrainerCallback):
         sinks: Optional[list[Sink]] = None,
         context: Optional[Callable[[dict], dict]] = None,
         evaluation: bool = True,
-        rules: Optional[list[Rule]] = None,
-        default_rules: bool = True,
-        mitigations: Optional[list[Mitigation]] = None,
-        on_alert: Optional[Callable[[Alert], None]] = None,
-        observe_every_n_steps: Optional[int] = None,
-        pictures: Union[bool, list[str]] = False,
-        strict: bool = False,
+        **monitor,
     ) -> None:
-        self.probes = list(probes)
-        self.targets = targets
-        self.log_every_n_steps = log_every_n_steps
+        config = MonitorConfig(probes, log_every_n_steps, **monitor)
+        self.loop = TrainerLoop(config, targets, self._default_targets, context)
         self.report_to = report_to
         self.sinks = list(sinks or [])
-        self.context = context
         self.evaluation = evaluation
-        self.kwargs = dict(
-            rules=list(rules or []),
-            default_rules=default_rules,
-            mitigations=list(mitigations or []),
-            on_alert=on_alert,
-            observe_every_n_steps=observe_every_n_steps,
-            pictures=pictures,
-            strict=strict,
-        )
-        self.monitor: CollapseMonitor | None = None
         self.args = self.state = None
-        self._model: nn.Module | None = None
         self._handles: list = []
-        self._observing = None
         self._training = False  # between on_train_begin and on_train_end
 
     # ----------------------------------------------------------------- lifecycle
-    def _attach(self, args, state, model: nn.Module, log_every: int) -> None:
-        if self.monitor is not None and self._model is model:
-            if self.monitor.log_every_n_steps == log_every:
-                return
-            # the cadence is known at train() (a logging_steps ratio): a monitor built for it
-        self.close()
+    def _attach(self, args, model: nn.Module, log_every: int) -> None:
+        previous = self.monitor
         report_to = self.report_to if self.report_to is not None else args.report_to
         report_to = [report_to] if isinstance(report_to, str) else list(report_to or [])
         unknown = [n for n in report_to if n not in _REPORTED]
-        if unknown:
+        if unknown and previous is None:
             log.warning(
                 "collapse monitor: no sink for report_to=%s; collapse metrics reach them only "
                 "through trainer.state.log_history (pass sinks=[...] for more)",
                 unknown,
             )
-        report_to = [n for n in report_to if n in _REPORTED]
-        self.monitor = CollapseMonitor(
-            model,
-            self.probes,
-            sinks=[TrainerSink(self, report_to)],
-            log_every_n_steps=log_every,
-            **self.kwargs,
-        )
-        self._model = model
-        self._handles = [
-            model.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
-            model.register_forward_hook(self._post_forward, always_call=True),
-        ]
+        sink = TrainerSink(self, [n for n in report_to if n in _REPORTED])
+        monitor = self.loop.build(model, [sink], log_every)
+        if monitor is not previous:
+            for h in self._handles:
+                h.remove()
+            self._handles = [
+                model.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
+                model.register_forward_hook(self._post_forward, always_call=True),
+            ]
 
     def close(self) -> None:
         """Remove the hooks and close the monitor (``Trainer`` does not call this)."""
-        self._stop_observing()
         for h in self._handles:
             h.remove()
         self._handles = []
-        if self.monitor is not None:
-            self.monitor.close()
-        self.monitor = self._model = None
+        self.loop.close()
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
         # attached at Trainer(...) so that evaluate() before train() is observed too and a
@@ -250,15 +223,14 @@ class CollapseTrainerCallback(TrainerCallback):
         self.args, self.state = args, state
         deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
         if args.deepspeed or deepspeed:
-            raise ValueError(DEEPSPEED_UNSUPPORTED)
+            refuse_deepspeed()
         if model is not None:
             # a logging_steps ratio (< 1) is resolved at train(); until then, 50
-            steps = args.logging_steps if args.logging_steps >= 1 else 50
-            self._attach(args, state, model, self.log_every_n_steps or int(steps))
+            self._attach(args, model, int(args.logging_steps) if args.logging_steps >= 1 else 50)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.args, self.state = args, state
-        self._attach(args, state, model, self.log_every_n_steps or max(1, state.logging_steps))
+        self._attach(args, model, max(1, state.logging_steps))
         self._training = True
         if state.global_step > self.monitor.global_step:
             self._resume(args, state)
@@ -269,8 +241,7 @@ class CollapseTrainerCallback(TrainerCallback):
         if not os.path.exists(path):  # a run without rank-local state: rank 0's file
             path = os.path.join(folder, _STATE_FILE)
         if os.path.exists(path):
-            saved = torch.load(path, map_location="cpu", weights_only=False)
-            self.monitor.load_state_dict(saved)
+            self.loop.load_state_dict(self.loop.read(path))
         else:
             log.warning(
                 "collapse monitor: training resumes at step %d but %s does not exist; the "
@@ -278,8 +249,7 @@ class CollapseTrainerCallback(TrainerCallback):
                 state.global_step,
                 path,
             )
-        # the monitor counts the Trainer's optimizer steps
-        self.monitor.global_step = max(self.monitor.global_step, state.global_step)
+        self.loop.start(state.global_step)  # the monitor counts the Trainer's optimizer steps
 
     def on_save(self, args, state, control, **kwargs):
         if self.monitor is None:
@@ -289,69 +259,54 @@ class CollapseTrainerCallback(TrainerCallback):
             # loaded on resume: removed before the collective, so before this save's are written
             for old in glob.glob(os.path.join(glob.escape(folder), _state_file("*"))):
                 os.remove(old)
-        saved = self.monitor.state_dict()  # a collective: every rank takes part
+        saved = self.loop.state_dict()  # a collective: every rank takes part
         # with class shards every rank holds its own classes: each saves its file
         if state.is_world_process_zero or self.monitor.rank_local_state:
-            os.makedirs(folder, exist_ok=True)
-            torch.save(saved, os.path.join(folder, _state_file(args.process_index)))
+            self.loop.write(saved, os.path.join(folder, _state_file(args.process_index)))
 
     def on_train_end(self, args, state, control, **kwargs):
-        self._stop_observing()
+        self.loop.stop_observing()
         self._training = False
         for sink in self.monitor.sinks if self.monitor is not None else ():
             sink.flush()
 
     # ----------------------------------------------------------------- observation
-    def _targets(self, kwargs: dict) -> Any:
-        if not any("targets" in p.keywords for p in self.probes):
-            return None
-        if callable(self.targets):
-            return self.targets(kwargs)
-        names = [self.targets] if self.targets else list(self.args.label_names or ["labels"])
+    def _default_targets(self, kwargs: dict) -> Any:
+        names = list(self.args.label_names or ["labels"])
         return kwargs.get(names[0])
 
     def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self._stop_observing()
-        monitor = self.monitor
+        self.loop.stop_observing()
         if module.training:
             if not self._training:
                 return
-            if monitor.snapshot_prefix is not None:
+            if self.loop.evaluating:
                 # eval-mode forwards outside evaluate()/predict() (e.g. generate() in a
                 # callback) are not an evaluation: dropped, not logged
-                monitor.end_snapshot(discard=True)
+                self.loop.discard_evaluation()
         elif not self.evaluation:
             return
-        elif monitor.snapshot_prefix is None:
-            monitor.begin_snapshot("eval")
-        extra = self.context(kwargs) if self.context is not None else {}
-        self._observing = monitor.observe(targets=self._targets(kwargs), **extra)
-        self._observing.__enter__()
+        elif not self.loop.evaluating:
+            self.loop.begin_evaluation("eval")
+        self.loop.observe(kwargs)
 
     def _post_forward(self, module, args, output) -> None:
-        self._stop_observing()
-
-    def _stop_observing(self) -> None:
-        if self._observing is not None:
-            cm, self._observing = self._observing, None
-            cm.__exit__(None, None, None)
+        self.loop.stop_observing()
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
-        self._stop_observing()
-        while self.monitor.global_step < state.global_step:
-            self.monitor.step(optimizer=optimizer)
+        self.loop.advance_to(state.global_step, [] if optimizer is None else [optimizer])
         # rules see the all-reduced metrics: every rank takes the same decision
         if self.monitor.should_stop:
             control.should_training_stop = True
         return control
 
     def _end_snapshot(self, metrics: dict | None) -> None:
-        self._stop_observing()
-        if self.monitor is None or self.monitor.snapshot_prefix is None:
+        self.loop.stop_observing()
+        if not self.loop.evaluating:
             return
         # the Trainer names evaluation metrics <metric_key_prefix>_runtime, _loss, ...
         prefixes = [k[: -len("_runtime")] for k in (metrics or {}) if k.endswith("_runtime")]
-        result = self.monitor.end_snapshot(prefix=prefixes[0] if prefixes else None)
+        result = self.loop.end_evaluation(prefixes[0] if prefixes else None)
         if metrics is not None:
             metrics.update(result)  # evaluate() returns them too
 

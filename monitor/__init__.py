@@ -12,7 +12,7 @@ if __name__ != "collapse_monitor":
     )
 
 from . import functional, losses, mitigations, probes, stats
-from .contracts import Event, LogView, Readout, Recording, Setup
+from .contracts import Event, LogView, ProbeInfo, Readout, Recording, Replaced, Setup, StepView
 from .keys import MetricKey
 from .monitor import CollapseMonitor
 from .rules import Alert, Rule, RuleSpec
@@ -26,12 +26,15 @@ __all__ = [
     "Event",
     "LogView",
     "MetricKey",
+    "ProbeInfo",
     "Readout",
     "Recording",
+    "Replaced",
     "Rule",
     "RuleSpec",
     "Setup",
     "Sink",
+    "StepView",
     "functional",
     "losses",
     "mitigations",

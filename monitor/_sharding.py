@@ -26,13 +26,6 @@ except ImportError:
     except ImportError:  # a torch built without distributed support: nothing is sharded
         DTensor = distribute_tensor = None
 
-DEEPSPEED_UNSUPPORTED = (
-    "collapse monitor: DeepSpeed is not supported: ZeRO-3 partitions the parameters the probes "
-    "read, and under every ZeRO stage the optimizer's fp32 master weights would undo a "
-    "mitigation's change at the next step; use DDP, FSDP2 (ModelParallelStrategy / "
-    "fully_shard) or FSDP"
-)
-
 
 def is_sharded(tensor) -> bool:
     """Whether ``tensor`` is an FSDP2 (``DTensor``) shard."""

@@ -1,12 +1,15 @@
 """What flows between the monitor and the parts it owns. Probes and mitigations never hold the
-monitor: they are handed these small, read-only records.
+monitor, and mitigations never hold a probe: they are handed these small, read-only records.
 
-- :class:`Setup`: what a probe or mitigation sees when it is attached.
+- :class:`Setup`: what a probe or mitigation sees when it is attached (probes as :class:`ProbeInfo`).
 - :class:`Recording`: what a probe's hooks see while the monitor records a forward pass.
 - :class:`Readout`: what a probe returns at a log (metrics, histograms, pictures, masks).
+- :class:`StepView`: what a mitigation that acts at every step sees after each step.
 - :class:`LogView`: what a mitigation sees after a log.
-- :class:`Event`: what a mitigation did; the monitor logs it and routes it to the probe it names.
-- :class:`Component`: the failure bookkeeping shared by probes and mitigations.
+- :class:`Replaced`: what a mitigation replaced of a probe's elements; the monitor routes it to
+  the probe, which forgets them.
+- :class:`Event`: what a mitigation did; the monitor logs it (and routes its :class:`Replaced`).
+- :class:`Component`: the failure bookkeeping of the parts (probe drivers, mitigations).
 """
 
 from __future__ import annotations
@@ -18,13 +21,50 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 from torch import nn
 
+from .keys import layer_name
+
 if TYPE_CHECKING:
     from .keys import MetricKey
     from .pictures import Picture
-    from .probes.base import Probe
     from .rules import Alert
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ProbeInfo:
+    """What a mitigation may know of a probe: a description, not the probe.
+
+    Attributes:
+        name: the probe's name (its keys' ``collapse/<name>/...``).
+        kinds: the names of its class and of the probe classes it derives from, most derived
+            first (``("LatentUsage", "CodebookUsage")``).
+        module: the path or glob it was given; paths: the module paths it resolved to.
+        per_module: a glob whose modules are kept apart: its keys carry the module path as
+            their layer (:meth:`scope`).
+        params: the attributes the probe class lists in ``Probe.described`` (``num_codes``).
+
+    Example:
+        >>> info = ProbeInfo("vq", ("CodebookUsage",), "vq", ("vq",), False, {"num_codes": 8})
+        >>> info.is_a("CodebookUsage"), info.scope("vq"), info.params["num_codes"]
+        (True, None, 8)
+    """
+
+    name: str
+    kinds: tuple[str, ...]
+    module: str
+    paths: tuple[str, ...]
+    per_module: bool
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    def is_a(self, kind: str) -> bool:
+        """Whether the probe is a ``kind`` (its class or a base class of it, by name)."""
+        return kind in self.kinds
+
+    def scope(self, path: str) -> str | None:
+        """The layer under which the probe keeps module ``path``'s statistics and keys (None:
+        the probe's only part)."""
+        return layer_name(path) if self.per_module else None
 
 
 @dataclass(frozen=True)
@@ -33,14 +73,15 @@ class Setup:
 
     Attributes:
         model: the monitored model (module paths are its ``named_modules()`` names).
-        probes: every probe of the monitor, by name (mitigations find theirs here).
+        probes: every probe of the monitor, described (:class:`ProbeInfo`), by name. Filled
+            once the probes are attached: mitigations, attached after them, find theirs here.
         log_every_n_steps: the monitor's window length.
         process_group: the ``torch.distributed`` group the monitor reduces over (None: WORLD).
         strict: errors propagate instead of disabling the component.
     """
 
     model: nn.Module
-    probes: Mapping[str, Probe]
+    probes: Mapping[str, ProbeInfo]
     log_every_n_steps: int
     process_group: Any = None
     strict: bool = False
@@ -84,24 +125,62 @@ class Readout:
 
 
 @dataclass(frozen=True)
+class StepView:
+    """What a mitigation sees after every training step (identical on every rank but for the
+    step values, which are this rank's).
+
+    Attributes:
+        step: the step just taken.
+        optimizers: every optimizer passed to ``monitor.step`` (may be empty).
+        values: ``{probe name: {scope: {name: tensor}}}``, what each probe that recorded this
+            step publishes of it (``Probe.step_values``: a codebook's hits of the step), on the
+            device; valid during the call only.
+    """
+
+    step: int
+    optimizers: tuple[torch.optim.Optimizer, ...]
+    values: Mapping[str, Mapping[str | None, Mapping[str, torch.Tensor]]]
+
+
+@dataclass(frozen=True)
 class LogView:
     """What a mitigation sees after a log (read-only; identical on every rank).
 
     Attributes:
         step: the step just logged.
-        metrics: the logged metrics, ``{"collapse/...": value}``.
+        metrics: the logged metrics, ``{MetricKey: value}``.
         alerts: the alerts that fired at this log.
-        optimizer: the optimizer passed to ``monitor.step`` (may be None).
-        probes: every probe, by name.
+        optimizers: every optimizer passed to ``monitor.step`` (may be empty).
+        probes: every probe, described, by name.
         readouts: each enabled probe's :class:`Readout` of this log, by probe name.
     """
 
     step: int
-    metrics: Mapping[str, float]
+    metrics: Mapping[MetricKey, float]
     alerts: tuple[Alert, ...]
-    optimizer: torch.optim.Optimizer | None
-    probes: Mapping[str, Probe]
+    optimizers: tuple[torch.optim.Optimizer, ...]
+    probes: Mapping[str, ProbeInfo]
     readouts: Mapping[str, Readout]
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """The first optimizer (None without one)."""
+        return self.optimizers[0] if self.optimizers else None
+
+
+@dataclass(frozen=True)
+class Replaced:
+    """Elements of a probe that a mitigation replaced (codes): the probe forgets what it knew
+    of them (a replaced code restarts its usage EMA).
+
+    Attributes:
+        probe: the probe's name; mask: ``(H, K)`` bool of what changed; scope: the module, for
+            a probe that keeps the modules of a glob apart (else None).
+    """
+
+    probe: str
+    mask: torch.Tensor
+    scope: str | None = None
 
 
 @dataclass(frozen=True)
@@ -112,12 +191,7 @@ class Event:
         name: the mitigation's name (``collapse/mitigations/<name>`` counts ``count``).
         info: JSON-able details for the sinks and the log.
         count: how many elements (codes, units, layers) changed.
-        probe: the probe whose memory must follow the change (replaced codes restart their
-            usage EMA), with ``replaced`` the ``(H, K)`` bool mask of what changed and ``scope``
-            the module (for a probe that keeps the modules of a glob apart; else None).
-
-    Raises:
-        ValueError: ``probe`` and ``replaced`` not given together.
+        replaced: what a probe must forget (:class:`Replaced`), or None.
 
     Example:
         >>> Event("reset_dead_codes", {"codebook": "vq.embed"}, count=3).count
@@ -127,13 +201,7 @@ class Event:
     name: str
     info: dict
     count: int = 1
-    probe: str | None = None
-    replaced: torch.Tensor | None = None
-    scope: str | None = None
-
-    def __post_init__(self) -> None:
-        if (self.probe is None) != (self.replaced is None):
-            raise ValueError("an Event names a probe and what was replaced together, or neither")
+    replaced: Replaced | None = None
 
 
 class Component:
@@ -173,6 +241,13 @@ class Component:
                 type(exc).__name__,
                 exc,
             )
+
+    def run(self, fn, *args) -> Any:
+        """``fn(*args)``; an exception goes to :meth:`fail` (the result is then None)."""
+        try:
+            return fn(*args)
+        except Exception as exc:
+            self.fail(exc)
 
     # the monitor hands a Recording at the start of every observed forward pass (kept in
     # ``_recording`` for the hooks), and takes it back after

@@ -50,6 +50,7 @@ class HookSet:
 
     def __init__(self) -> None:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._cleanups: list[Callable[[], None]] = []
 
     def forward(self, module: nn.Module, fn: Callable, always_call: bool = False) -> None:
         """``fn(module, args, kwargs, output)`` after ``module``'s forward."""
@@ -65,10 +66,18 @@ class HookSet:
         """``fn(grad)`` when the gradient of ``tensor`` is computed."""
         self._handles.append(tensor.register_hook(Hook(fn)))
 
+    def on_remove(self, fn: Callable[[], None]) -> None:
+        """``fn()`` when the hooks are removed (undo state the hooks keep, e.g. a mode they
+        entered)."""
+        self._cleanups.append(fn)
+
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        cleanups, self._cleanups = self._cleanups, []
+        for fn in cleanups:
+            fn()
 
     def __len__(self) -> int:
         return len(self._handles)

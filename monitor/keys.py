@@ -133,6 +133,11 @@ class MetricKey(str):
         return cls(probe, rest[-1], layer, index, prefix, loader)
 
 
+def layer_name(path: str) -> str:
+    """A module path as a key's layer: ``"model"`` for the root module (path ``""``)."""
+    return path or "model"
+
+
 def key_pattern(probe_pattern: str, metric_pattern: str) -> str:
     """A glob over the keys of the probes matching ``probe_pattern``, e.g.
     ``key_pattern("*", "*/entropy_norm")`` for the per-layer ``entropy_norm`` of any probe."""

@@ -7,15 +7,25 @@ either way the value is checked the same way, and a value that does not fit rais
 
     <Probe> '<name>' at module '<path>': expected <what> as <where>, got <what it was>;
     pass extract=lambda module, args, output: <what>
+
+Each recorded forward call reaches ``Probe.update`` as a :class:`Call`; the conventions that
+pair a value with the rest of the batch are read here too: the labels that belong to its rows
+(:func:`aligned_targets`, with a causal model's shift) and the padding of its tokens
+(:func:`token_mask`, :func:`token_rows`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
+
+from .stats import to_device
+
+if TYPE_CHECKING:
+    from .contracts import Recording
 
 
 def describe(obj: Any) -> str:
@@ -102,19 +112,193 @@ class Reading:
     find: Callable[[Any], Any] = same
     hint: str = "<tensor>"
 
-    def read(self, probe, path: str, where: str, module, args, kwargs, output) -> Any:
-        """The checked value of one call; ``ValueError`` naming probe, module and what it saw."""
-        if probe.extract is not None:
-            raw = value = probe.extract(module, args, output)
+    def read(self, call: Call, extract=None, where: str = "output") -> Any:
+        """The checked value of one call: ``extract(module, args, output)`` when given, else
+        found in the module's ``where`` (``"input"`` or ``"output"``); ``ValueError`` naming
+        probe, module and what it saw."""
+        if extract is not None:
+            raw = value = extract(call.module, call.args, call.output)
             source = "the value returned by extract"
         else:
-            raw = first_input(args, kwargs) if where == "input" else output
+            raw = first_input(call.args, call.kwargs) if where == "input" else call.output
             value = self.find(raw)
             source = f"the module's {where}"
         if not self.check(value):
-            raise probe.error(
-                path,
+            raise call.error(
                 f"expected {self.expect} as {source}, got {describe(raw)}; "
-                f"pass extract=lambda module, args, output: {self.hint}",
+                f"pass extract=lambda module, args, output: {self.hint}"
             )
         return value
+
+
+class Call:
+    """One forward call a probe records, as ``Probe.update`` receives it.
+
+    Attributes:
+        path: the module's path (a probe that reads several calls per module names them apart:
+            ``blocks.0.attn.sdpa_1``).
+        module: the module (``None`` when the value did not come from a module's hook).
+        args, kwargs, output: the module's inputs and output.
+        recording: the :class:`~collapse_monitor.contracts.Recording` of this forward pass
+            (step, whether it logs, whether it is a validation snapshot, the ``observe()``
+            keywords the probe declared).
+        rows: the samples this call added; set by ``update`` where the cadence needs them
+            (class-conditional probes: ``Sampling.classes``).
+    """
+
+    def __init__(self, context, path: str, module=None, args=(), kwargs=None, output=None):
+        self._context = context  # the probe's reading context (its driver)
+        self.path = path
+        self.module = module
+        self.args = args
+        self.kwargs = kwargs or {}
+        self.output = output
+        self.rows = 0
+
+    @property
+    def recording(self) -> Recording:
+        return self._context.recording
+
+    def keyword(self, name: str) -> Any:
+        """The ``observe(<name>=...)`` value of this forward pass (None when optional and
+        absent, or not declared by the probe).
+
+        Raises:
+            ValueError: a required keyword is missing.
+        """
+        value = self.recording.inputs.get(name)
+        if value is None and self._context.probe.keywords.get(name, False):
+            raise self.error(f"needs {name}: call monitor.observe({name}=...)")
+        return value
+
+    def error(self, what: str) -> ValueError:
+        """A ValueError naming the probe and the module."""
+        return self._context.probe.error(self.path, what)
+
+    def on_gradient(self, tensor: torch.Tensor, fn: Callable[[torch.Tensor], None]) -> None:
+        """Call ``fn(grad)`` when this step's backward reaches ``tensor`` (once per step and
+        tensor; failures are the probe's, like its hooks')."""
+        self._context.on_gradient(tensor, fn)
+
+    @property
+    def model_inputs(self) -> dict:
+        """The model's own ``attention_mask`` of this forward pass and whether it used a
+        key-value cache (``{"attention_mask": (B, S), "cached": bool}``, or empty), for probes
+        that read token padding."""
+        return self._context.model_inputs
+
+
+def feature_rows(values: torch.Tensor, call: Call, what: str = "features") -> None:
+    """Refuse ``values`` that are not ``(N, D)`` or ``(B, T, D)`` with the feature axis last.
+
+    Raises:
+        ValueError: more dimensions (a convolutional map), naming the probe and module.
+    """
+    if values.ndim > 3:
+        raise call.error(
+            f"{what} of shape {tuple(values.shape)}: expected (N, D) or (B, T, D) with the "
+            "feature axis last; pool or flatten convolutional maps first, or pass extract="
+        )
+
+
+def aligned_targets(
+    values: torch.Tensor, call: Call, keyword: str = "targets", shift: int = 0
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rows of ``values (..., D)`` and the ``observe(<keyword>=)`` labels that belong to them.
+
+    ``shift = s > 0`` pairs ``values[..., :-s, :]`` with ``labels[..., s:]`` (the hidden state
+    or logits at position t with the next token's label: pass unshifted ``labels``, as
+    ``transformers`` models take them). Every probe that reads labels aligns them here.
+
+    Returns:
+        ``(values (N, D), labels (N,) int64)`` on the values' device; labels None when the
+        keyword is optional and absent.
+
+    Raises:
+        ValueError: labels that are not integers, or whose shape does not match.
+    """
+    labels = call.keyword(keyword)
+    if labels is not None:
+        labels = torch.as_tensor(labels)
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise call.error(f"{keyword} must be integer class indices, got dtype {labels.dtype}")
+    if shift:
+        if values.ndim < 3:
+            raise call.error(f"a target shift needs (B, T, D) values, got {tuple(values.shape)}")
+        values = values[..., :-shift, :]
+        labels = None if labels is None else labels[..., shift:]
+    rows = values.detach().reshape(-1, values.shape[-1])
+    if labels is None:
+        return rows, None
+    if tuple(labels.shape) != tuple(values.shape[:-1]):
+        raise call.error(
+            f"{keyword} of shape {tuple(labels.shape)} do not match values of shape "
+            f"{tuple(values.shape)} (expected {tuple(values.shape[:-1])})"
+        )
+    return rows, to_device(labels.reshape(-1), rows.device).to(torch.int64)
+
+
+def token_mask(call: Call, batch: int, length: int, device: torch.device) -> torch.Tensor | None:
+    """``(batch, length)`` bool, true for real tokens of the sequences a layer sees.
+
+    From ``observe(mask=...)`` ``(B, S)`` (true or 1 for real tokens), else from the model's
+    own ``attention_mask`` input (``transformers`` convention; by keyword or by position),
+    right-aligned: a layer that sees ``length <= S`` positions sees the last ones (decoding
+    with a key-value cache). The model's mask is used only where it covers the layer: its
+    length is the layer's, or the call used a cache; elsewhere (an encoder-decoder's decoder)
+    the monitor says once that ``observe(mask=)`` is needed, and every token counts.
+
+    Raises:
+        ValueError: an ``observe(mask=)`` whose shape does not fit the layer's sequences.
+    """
+    mask, given = _padding_source(call)
+    if mask is None:
+        return None
+    fits = mask.shape[0] == batch and mask.shape[1] >= length
+    if given and (mask.ndim != 2 or not fits):
+        raise call.error(
+            f"observe(mask=) of shape {tuple(mask.shape)} for {batch} sequences of "
+            f"{length} tokens: expected ({batch}, >= {length}), true for real tokens"
+        )
+    cached = call.model_inputs.get("cached", False)
+    if not given and not (fits and (mask.shape[1] == length or cached)):
+        call._context.warn_mask(call.path, mask, f"{batch} sequences of {length} tokens")
+        return None
+    return to_device(mask[:, mask.shape[1] - length :], device).bool()
+
+
+def token_rows(call: Call, entries: int, device: torch.device) -> torch.Tensor | None:
+    """``(entries,)`` bool for values laid out token by token, ``(B, S, ...)`` or a router's
+    ``(B*S, k)`` choices: true where the token is real (the padding of :func:`token_mask`,
+    every entry of a token sharing its flag). None without padding, and for a decoding step
+    with a key-value cache (its new tokens are real).
+
+    Raises:
+        ValueError: an ``observe(mask=)`` ``(B, S)`` that does not divide the values into
+            ``B*S`` tokens.
+    """
+    mask, given = _padding_source(call)
+    if mask is None:
+        return None
+    if entries % mask.numel() == 0:
+        rows = to_device(mask.reshape(-1), device).bool()
+        return rows.repeat_interleave(entries // mask.numel())
+    if given:
+        raise call.error(
+            f"observe(mask=) of shape {tuple(mask.shape)} does not divide the {entries} "
+            "values of this module into its tokens"
+        )
+    if not call.model_inputs.get("cached", False):
+        call._context.warn_mask(call.path, mask, f"{entries} values")
+    return None
+
+
+def _padding_source(call: Call) -> tuple[torch.Tensor | None, bool]:
+    """The padding mask ``(B, S)`` and whether the user gave it (``observe(mask=)``)."""
+    mask = call.keyword("mask")
+    if mask is not None:
+        mask = torch.as_tensor(mask)
+        if mask.ndim != 2:
+            raise call.error(f"observe(mask=) must be (batch, tokens), got {tuple(mask.shape)}")
+        return mask, True
+    return call.model_inputs.get("attention_mask"), False

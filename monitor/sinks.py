@@ -67,11 +67,12 @@ def threshold_scalars(thresholds: dict[str, list[float]]) -> dict[str, float]:
 
 
 def optional_import(module: str, sink: str, extra: str) -> ModuleType:
-    """Import an optional dependency of a sink, or say how to install it."""
+    """Import an optional dependency of a sink or integration, or say in one line how to
+    install it (``ImportError``)."""
     try:
         return importlib.import_module(module)
-    except ImportError as exc:
+    except ImportError:
         raise ImportError(
             f"{sink} needs the '{module}' package: pip install {module} "
-            f"(or collapse-monitor[{extra}])"
-        ) from exc
+            f"(or pip install 'collapse-monitor[{extra}]')"
+        ) from None

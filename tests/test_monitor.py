@@ -7,7 +7,7 @@ from torch import nn
 
 from collapse_monitor import CollapseMonitor, Event, Rule, Sink, mitigations, probes
 from collapse_monitor import functional as F
-from collapse_monitor.monitor import class_sample_stride, sampled_steps_per_window
+from collapse_monitor.cadence import sampled_steps_per_window
 from tests.functional.test_neural_collapse import clustered
 from tests.reference import assert_metrics_close
 
@@ -135,16 +135,6 @@ def test_a_thin_sampled_class_window_is_said_once(every, caplog):
     mon.close()
 
 
-@pytest.mark.parametrize(
-    "classes, rows, L, stride",
-    [(1000, 256, 50, 3), (10, 256, 50, 25), (10**5, 256, 50, 2), (40, 32, 10, 2), (4, 32, 1, 1)],
-)
-def test_class_sample_stride_aims_at_four_samples_per_class_within_half_the_steps(
-    classes, rows, L, stride
-):
-    assert class_sample_stride(L, classes, rows) == stride
-
-
 def test_default_cadence_gives_a_thousand_class_head_usable_windows():
     # balanced data, batch 256, log every 50 steps: most classes get the 2 samples NC needs
     C, D = 1000, 8
@@ -193,7 +183,7 @@ def test_monitor_keeps_no_autograd_graph():
     gc.collect()
     assert ref() is None, "the monitor kept the input (or its graph) alive"
     p = mon.probes[0]
-    held = [getattr(s, n) for _, s in p.window.items() for n in s.state_names]
+    held = [getattr(s, n) for _, s in mon.statistics(p).items() for n in s.state_names]
     held += [t for t in p.extra_state().values() if isinstance(t, torch.Tensor)]
     assert len(held) > 8
     assert all(t.grad_fn is None and not t.requires_grad for t in held)
@@ -209,12 +199,12 @@ def test_memory_does_not_grow_over_2000_steps():
     train(model, mon, 200)
     gc.collect()
     tensors = sum(issubclass(type(o), torch.Tensor) for o in gc.get_objects())
-    state = mon.probes[0].window.nbytes()
+    state = mon.statistics(mon.probes[0]).nbytes()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     train(model, mon, 1800)
     gc.collect()
     assert sum(issubclass(type(o), torch.Tensor) for o in gc.get_objects()) == tensors
-    assert mon.probes[0].window.nbytes() == state
+    assert mon.statistics(mon.probes[0]).nbytes() == state
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 20_000  # KiB
 
 

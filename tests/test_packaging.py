@@ -22,8 +22,8 @@ def test_the_public_api_imports_from_outside_the_checkout(tmp_path):
         "from collapse_monitor import CollapseMonitor, probes, mitigations, functional\n"
         "from collapse_monitor.integrations.lightning import CollapseCallback\n"
         "from collapse_monitor.integrations.tensorboard import TensorBoardSink\n"
-        "import collapse_monitor.monitor as m, logging\n"
-        "assert m.log.name == 'collapse_monitor.monitor'\n"
+        "import collapse_monitor.outlets as m, logging\n"
+        "assert m.log.name == 'collapse_monitor.outlets'\n"
         "print(CollapseCallback.__module__)",
         tmp_path,
     )

@@ -2,24 +2,28 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
 
-from ..contracts import Component, Event, LogView, Setup
+from ..contracts import Component, Event, LogView, ProbeInfo, Replaced, Setup, StepView
 from ..hooks import HookSet
 from ..keys import check_name
 
 
 class Mitigation(Component):
-    """An action the monitor may take on the model after a log.
+    """An action the monitor may take on the model after a step or a log.
 
-    :meth:`attach` is called once with the monitor's :class:`~collapse_monitor.contracts.Setup`;
-    :meth:`after_log` at every log on every rank with the same (all-reduced) view of the log, so a
-    mitigation that decides from it decides identically everywhere. It returns the
-    :class:`~collapse_monitor.contracts.Event` objects of the changes it made and read back; the
-    monitor logs each to Python ``logging`` and to every sink, and routes it to the probe it
-    names. Mitigations are saved and restored by name.
+    :meth:`attach` is called once with the monitor's :class:`~collapse_monitor.contracts.Setup`
+    (the probes described, never the probes themselves); :meth:`after_log` at every log on every
+    rank with the same (all-reduced) view of the log, so a mitigation that decides from it
+    decides identically everywhere. It returns the :class:`~collapse_monitor.contracts.Event`
+    objects of the changes it made and read back; the monitor logs each to Python ``logging``
+    and to every sink, and routes what it replaced (:class:`~collapse_monitor.contracts.Replaced`)
+    to the probe it names. :meth:`on_step` runs after every training step (keep it cheap: no
+    host sync) and may return :class:`~collapse_monitor.contracts.Replaced` records too.
+    Mitigations are saved and restored by name.
 
     Args:
         name: unique among the monitor's mitigations; default :attr:`kind`. No ``/``.
@@ -39,8 +43,8 @@ class Mitigation(Component):
     def after_log(self, view: LogView) -> list[Event]:
         return []
 
-    def on_step(self, optimizer: torch.optim.Optimizer | None) -> None:
-        """Called by every ``monitor.step()`` (keep it cheap)."""
+    def on_step(self, view: StepView) -> list[Replaced] | None:
+        """After every training step (every rank, the same step)."""
 
     def adopt_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """A freshly built optimizer (a resumed run's): give it the parameters this mitigation
@@ -57,5 +61,45 @@ class Mitigation(Component):
     def state_dict(self) -> dict:
         return {}
 
-    def load_state_dict(self, state: dict, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Restore :meth:`state_dict`; ``optimizer`` for mitigations that add parameters."""
+    def load_state_dict(
+        self, state: dict, optimizers: Sequence[torch.optim.Optimizer] = ()
+    ) -> None:
+        """Restore :meth:`state_dict`; ``optimizers`` for mitigations that add parameters."""
+
+
+def find_probe(
+    setup: Setup, kind: str, owner: str, name: str | None = None, module: str | None = None
+) -> ProbeInfo:
+    """The one probe of ``kind`` a mitigation works with: named ``name``, else the one on
+    ``module`` (its path or one of its resolved paths), else the only one.
+
+    Raises:
+        ValueError: none or several match (the message lists the probes of that kind).
+    """
+    of_kind = [p for p in setup.probes.values() if p.is_a(kind)]
+    if name is not None:
+        hits = [p for p in of_kind if p.name == name]
+    elif module is not None:
+        hits = [p for p in of_kind if module in (p.module, *p.paths)]
+    else:
+        hits = of_kind
+    if len(hits) != 1:
+        which = f" named {name!r}" if name else (f" on {module!r}" if module else "")
+        raise ValueError(
+            f"{owner} needs one {kind} probe{which}; the monitor has {kind} probes "
+            f"{[p.name for p in of_kind]} (all probes: {sorted(setup.probes)})"
+        )
+    return hits[0]
+
+
+def optimizer_states(
+    optimizers: Sequence[torch.optim.Optimizer], param: torch.Tensor
+) -> list[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` of every optimizer state tensor shaped like ``param`` (Adam's
+    ``exp_avg``, ``exp_avg_sq``, SGD's ``momentum_buffer``, ...) in each optimizer holding it."""
+    return [
+        (key, value)
+        for opt in optimizers
+        for key, value in opt.state.get(param, {}).items()
+        if isinstance(value, torch.Tensor) and value.shape == param.shape
+    ]

@@ -8,9 +8,8 @@ from torch import nn
 from .._modules import named_modules
 from .._sharding import edited, whole
 from ..contracts import Event
-from ..probes.base import layer_name
-from ..probes.dormant import DormantUnits
-from .base import Mitigation
+from ..keys import layer_name
+from .base import Mitigation, find_probe, optimizer_states
 
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -76,21 +75,11 @@ class ReDo(Mitigation):
 
     def attach(self, setup) -> None:
         super().attach(setup)
-        found = [
-            p
-            for p in setup.probes.values()
-            if isinstance(p, DormantUnits)
-            and (self.probe_name is None or p.name == self.probe_name)
-        ]
-        if len(found) != 1:
-            which = f" named {self.probe_name!r}" if self.probe_name else ""
-            raise ValueError(
-                f"ReDo needs one DormantUnits probe{which}; the monitor has {sorted(setup.probes)}"
-            )
-        self.probe = found[0].name
+        info = find_probe(setup, "DormantUnits", "ReDo", self.probe_name)
+        self.probe = info.name
         modules = named_modules(setup.model)
         self.pairs = {}
-        for path in found[0].paths:
+        for path in info.paths:
             incoming, outgoing = self.layers.get(path) or _neighbours(setup.model, path)
             self.pairs[layer_name(path)] = (modules[incoming], modules[outgoing])
 
@@ -107,7 +96,7 @@ class ReDo(Mitigation):
                 continue
             incoming, outgoing = self.pairs[layer]
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + view.step * 101 + i)
-            changed = self._recycle(incoming, outgoing, mask, g, view.optimizer)
+            changed = self._recycle(incoming, outgoing, mask, g, view.optimizers)
             if changed:
                 touched[layer] = changed
         if not touched:
@@ -116,7 +105,7 @@ class ReDo(Mitigation):
 
     @torch.no_grad()
     def _recycle(
-        self, incoming: nn.Module, outgoing: nn.Module, mask: torch.Tensor, g, optimizer
+        self, incoming: nn.Module, outgoing: nn.Module, mask: torch.Tensor, g, optimizers
     ) -> int:
         """Recycle the units in ``mask``; returns how many were read back changed.
 
@@ -139,10 +128,9 @@ class ReDo(Mitigation):
         for param, index, value in writes:
             with edited(param) as full:
                 full[index] = value
-            for state in (optimizer.state.get(param, {}) if optimizer is not None else {}).values():
-                if isinstance(state, torch.Tensor) and state.shape == param.shape:
-                    with edited(state) as full:
-                        full[index] = 0
+            for _, state in optimizer_states(optimizers, param):
+                with edited(state) as full:
+                    full[index] = 0
         # read back from the model's own parameters
         w_in, w_out = whole(incoming.weight), whole(outgoing.weight)
         done = (w_in[dead] == fresh).flatten(1).all(1) & (w_out[:, dead] == 0).transpose(

@@ -72,7 +72,7 @@ class Reparametrization(Mitigation):
         self.module = module
         self.when = when
         self.rule = rule
-        self.optimizer = optimizer
+        self.optimizers: tuple = () if optimizer is None else (optimizer,)
         self.applied: list[str] = []  # "<module path>:<parameter name>", in application order
         self.param_order: list[str] | None = None  # model.named_parameters() before any change
         self.announced = False  # the application at start is logged as an event at the first log
@@ -121,7 +121,7 @@ class Reparametrization(Mitigation):
             if self._apply_one(path, mod, pname, sync_grads)
             and parametrize.is_parametrized(mod, pname)
         ]
-        self._register(self.optimizer)
+        self._register(self.optimizers)
         return done
 
     def _apply_one(self, path: str, mod: nn.Module, pname: str, sync_grads: bool) -> bool:
@@ -154,24 +154,30 @@ class Reparametrization(Mitigation):
         plist = getattr(named_modules(self.model)[path].parametrizations, pname)
         return list(plist[0].parameters()), plist.original
 
-    def _register(self, optimizer) -> None:
-        if optimizer is None or not self._pending:
+    def _register(self, optimizers) -> None:
+        """The new parameters join the optimizer that holds their original weight (the first
+        one when none does), in a group with that weight's options."""
+        if not optimizers or not self._pending:
             return
-        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        held = {id(p) for opt in optimizers for g in opt.param_groups for p in g["params"]}
         for new, weight in self._pending:
             new = [p for p in new if id(p) not in held]
             if not new:
                 continue
-            group = next(
-                (g for g in optimizer.param_groups if any(p is weight for p in g["params"])), None
-            )
+            groups = [
+                (opt, g)
+                for opt in optimizers
+                for g in opt.param_groups
+                if any(p is weight for p in g["params"])
+            ]
+            optimizer, group = groups[0] if groups else (optimizers[0], None)
             options = {k: v for k, v in (group or optimizer.defaults).items() if k != "params"}
             optimizer.add_param_group({"params": new, **options})
         self._pending.clear()
 
     # ----------------------------------------------------------------- action
     def after_log(self, view) -> list[Event]:
-        self.optimizer = view.optimizer or self.optimizer
+        self.optimizers = view.optimizers or self.optimizers
         events = []
         if self.when == "start" and self.applied and not self.announced:
             self.announced = True
@@ -194,13 +200,13 @@ class Reparametrization(Mitigation):
             if done:
                 info = {"layers": done, "when": f"rule {self.rule}"}
                 events.append(Event(self.name, info, count=len(done)))
-        self._register(self.optimizer)
+        self._register(self.optimizers)
         return events
 
-    def on_step(self, optimizer) -> None:
-        if optimizer is not None:
-            self.optimizer = optimizer
-            self._register(optimizer)
+    def on_step(self, view) -> None:
+        if view.optimizers:
+            self.optimizers = view.optimizers
+            self._register(self.optimizers)
 
     # ----------------------------------------------------------------- persistence
     def state_dict(self) -> dict:
@@ -231,7 +237,7 @@ class Reparametrization(Mitigation):
             kept = [p for p in group["params"] if id(p) not in ids]
             group["params"] = sorted(kept, key=lambda p: position.get(id(p), len(rank)))
         self._pending = added
-        self._register(optimizer)
+        self._register((optimizer,))
 
     def restore_structure(self, state: dict) -> None:
         """Re-apply to the weights a checkpoint recorded, in the original order (so the
@@ -250,7 +256,7 @@ class Reparametrization(Mitigation):
             if not self._apply_one(path, modules[path], pname, sync_grads=self.when == "rule"):
                 self.applied.append(entry)
 
-    def load_state_dict(self, state: dict, optimizer=None) -> None:
-        self.optimizer = optimizer or self.optimizer
+    def load_state_dict(self, state: dict, optimizers=()) -> None:
+        self.optimizers = tuple(optimizers) or self.optimizers
         self.restore_structure(state)
-        self._register(self.optimizer)
+        self._register(self.optimizers)

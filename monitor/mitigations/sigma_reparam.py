@@ -170,15 +170,12 @@ class SigmaReparam(Reparametrization):
         )
 
     def default_rule(self, setup) -> str:
-        from ..probes.attention import AttentionEntropy
-
-        names = [p.name for p in setup.probes.values() if isinstance(p, AttentionEntropy)]
+        names = [p.name for p in setup.probes.values() if p.is_a("AttentionEntropy")]
         if len(names) != 1:
             raise ValueError(
                 f"{self!r}: pass rule=; the monitor has AttentionEntropy probes {names}"
             )
-        (spec,) = (s for s in AttentionEntropy.rules if s.name == "entropy_collapse")
-        return spec.bind(names[0]).name
+        return f"{names[0]}/entropy_collapse"  # its default rule's name
 
     def apply(self, module: nn.Module, name: str) -> list[nn.Parameter]:
         sigma_reparam(module, name)

@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .codebooks import find_codebook
 from .reparametrize import Reparametrization, register
-from .reset_dead_codes import find_codebook
 
 
 class SimVQParametrization(nn.Module):
@@ -134,12 +134,10 @@ class SimVQ(Reparametrization):
         return [(full, root.get_submodule(owner) if owner else root, pname)]
 
     def default_rule(self, setup) -> str:
-        from ..probes.codebook import CodebookUsage
-
         names = [
             p.name
             for p in setup.probes.values()
-            if isinstance(p, CodebookUsage) and self.module in (p.module, *p.paths)
+            if p.is_a("CodebookUsage") and self.module in (p.module, *p.paths)
         ]
         if len(names) != 1:
             raise ValueError(

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import torch
 
+from ..cadence import EVERY_STEP
 from ..contracts import Readout
 from ..functional.codebook import dead_codes, fire_rate, usage_from_counts
 from ..pictures import Picture
-from ..reading import Reading, finite_rows, floating, is_index, single_index_tensor
+from ..reading import (
+    Reading,
+    finite_rows,
+    floating,
+    is_index,
+    single_index_tensor,
+    token_rows,
+)
 from ..rules import RuleSpec
 from ..stats import CodeCounts, UsageEMA, Window, to_device
 from .base import Probe
@@ -87,8 +95,9 @@ class CodebookUsage(Probe):
         find=single_index_tensor,
         hint="indices",
     )
-    every_step = True  # O(B*D) per update
+    sampling = EVERY_STEP  # O(B*D) per update
     keywords = {"mask": False}
+    described = ("num_codes", "heads")
     uses_token_mask = True
     unit = "codes"
     rules = (
@@ -232,7 +241,11 @@ class CodebookUsage(Probe):
             and tuple(mask.shape) == tuple(shape[: mask.ndim])
         ):
             return to_device(mask.reshape(-1), device).repeat_interleave(rows // mask.numel())
-        return self.token_rows(call.path, rows, device)
+        return token_rows(call, rows, device)
+
+    def step_values(self, window) -> dict[str, torch.Tensor]:
+        """``hits``: this step's hits per code ``(H, K)`` (on this rank)."""
+        return {"hits": window["step"].counts}
 
     def end_step(self, window) -> None:
         window["ema"].advance(window["step"], self.ema_decay)
@@ -268,7 +281,7 @@ class CodebookUsage(Probe):
             )
         if self.dead == "window":
             dead = win.counts == 0
-        elif self.observed_steps >= self.warmup_steps:
+        elif ema.steps >= self.warmup_steps:
             dead = dead_codes(ema.hits, ema.rows, self.dead_threshold)
         else:  # the EMA is still warming up: dead by the window's own counts
             dead = win.counts == 0
@@ -399,7 +412,7 @@ class LatentUsage(CodebookUsage):
             )
         acts = acts.detach().reshape(-1, self.num_codes)
         finite = finite_rows(acts)  # rows with NaN or Inf, and padded tokens: skipped
-        padding = self.token_rows(call.path, acts.shape[0], acts.device)
+        padding = token_rows(call, acts.shape[0], acts.device)
         if padding is not None:
             finite &= padding
         fires = (acts > self.threshold) & finite[:, None]

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .._modules import named_modules
+from ..cadence import EVERY_STEP
 from ..contracts import Readout
 from ..functional.units import dormant_from_activity
 from ..pictures import Picture
@@ -141,7 +142,7 @@ class DormantUnits(Probe):
         find=first_tensor,
         hint="activations",
     )
-    every_step = True  # O(B*D) per update
+    sampling = EVERY_STEP  # O(B*D) per update
     per_layer = True
     rules = (
         RuleSpec(

@@ -8,8 +8,7 @@ from torch import nn
 
 from ..contracts import Readout
 from ..functional.logits import logit_health_from_sums
-from ..hooks import HookSet
-from ..reading import Reading, first_tensor, floating
+from ..reading import Reading, aligned_targets, first_tensor, floating
 from ..rules import RuleSpec
 from ..stats import LogitSums, Window
 from .base import Probe
@@ -99,42 +98,26 @@ class LogitHealth(Probe):
         self.ignore_index = ignore_index
         self.target_shift = int(target_shift)
         self.nlm = nlm
-        self._nlm_hooks = HookSet()  # gradient hooks armed for a logging step's backward
-        self._nlm_armed: set[int] = set()
 
     def new_window(self) -> Window:
         return Window({"sums": LogitSums()})
 
     def update(self, window, z, call) -> None:
-        z, y = self.aligned_targets(z, call, "targets", self.target_shift)
+        z, y = aligned_targets(z, call, "targets", self.target_shift)
         if not z.shape[0]:
             return
         if y is not None:
             y = torch.where(y != self.ignore_index, y, -1)
         window["sums"].update(z, self.softmax_dtype, self.loss, y)
         head = call.module
-        if self.nlm and self._recording.logging and isinstance(head, nn.Linear):
-            if id(head) not in self._nlm_armed and head.weight.requires_grad:
-                self._nlm_armed.add(id(head))
+        if self.nlm and call.recording.logging and isinstance(head, nn.Linear):
+            if head.weight.requires_grad:  # the head's gradient in this step's backward
                 weight = head.weight
-                self._nlm_hooks.tensor(weight, lambda g: self._nlm(window, g, weight))
-
-    def _nlm(self, window, grad, weight) -> None:
-        if not self.disabled:
-            self.guarded(self._add_nlm, window, grad, weight)
+                call.on_gradient(weight, lambda g: self._add_nlm(window, g, weight))
 
     def _add_nlm(self, window, grad, weight) -> None:
         cos = torch.nn.functional.cosine_similarity(-grad.flatten(), weight.flatten(), dim=0)
         window["sums"].add_nlm(cos)
-
-    def end_step(self, window) -> None:
-        # one backward per logging step; also a logging step without backward (evaluation)
-        self._nlm_hooks.remove()
-        self._nlm_armed.clear()
-
-    def detach(self) -> None:
-        super().detach()
-        self._nlm_hooks.remove()
 
     def readout(self, window) -> Readout:
         s = window["sums"]

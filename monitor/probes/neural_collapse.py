@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
 from .. import _dist
 from .._modules import resolve_modules
 from .._sharding import is_sharded, whole
+from ..cadence import per_class
 from ..contracts import Readout
 from ..functional.neural_collapse import (
     group_variance_ratio,
@@ -15,11 +18,13 @@ from ..functional.neural_collapse import (
     nearest_class_center_mismatch,
 )
 from ..pictures import Picture
-from ..reading import Reading, finite_rows, floating
+from ..reading import Call, Reading, aligned_targets, feature_rows, finite_rows, floating
 from ..rules import RuleSpec
 from ..stats import ClassMoments, Counter, ShardedClassMoments, Window
 from ..stats.class_readout import class_moment_metrics
-from .base import Call, Probe, log
+from .base import Probe
+
+log = logging.getLogger(__name__)
 
 _F64 = torch.float64
 _COUNTERS = ("skipped_nonfinite", "out_of_range", "ncc_mismatch", "ncc_total")
@@ -131,7 +136,8 @@ class NeuralCollapse(Probe):
                 "expected target_shift >= 0, min_class_count >= 1, ncc_max_rows >= 0, "
                 f"tile_size >= 1; got {target_shift}, {min_class_count}, {ncc_max_rows}, {tile_size}"
             )
-        self.num_classes = self.classes = int(num_classes)
+        self.num_classes = int(num_classes)
+        self.sampling = per_class(self.num_classes)
         self.classifier_path = classifier
         self.ignore_index = ignore_index
         self.target_shift = int(target_shift)
@@ -144,7 +150,6 @@ class NeuralCollapse(Probe):
         if shard_classes and pair_sample is not None:
             raise ValueError("pair_sample is not available with shard_classes=True")
         self.shard_classes = bool(shard_classes)
-        self.process_group = None
         self._shards: tuple[int, int] | None = None  # (rank, world) once attached with shards
         self._agreed_rows: int | None = None  # rows per step, the same on every rank
         self.classifier: nn.Linear | None = None
@@ -159,7 +164,7 @@ class NeuralCollapse(Probe):
                 f"{[n for n, _ in found]}"
             )
         mod = found[0][1]
-        self.process_group = group = setup.process_group
+        group = setup.process_group
         world = _dist.world_size(group)
         if self.shard_classes and world > self.num_classes:
             log.warning(
@@ -194,22 +199,22 @@ class NeuralCollapse(Probe):
         return Window({"moments": moments, "counts": Counter(_COUNTERS)})
 
     @property
-    def sharded(self) -> bool:
+    def rank_local(self) -> bool:
         return self._shards is not None
 
-    def exchange(self, group=None) -> None:
+    def exchange(self, window, group) -> int | None:
         """Class shards: route this step's rows to their classes' owners, and take the same
         rows per step on every rank (so that every rank records the same steps), also when
         the routing fails after its first collective."""
-        if not self.sharded:
-            return
-        moments = self.window["moments"]
+        if not self.rank_local:
+            return None
+        moments = window["moments"]
         try:
             moments.flush(group)
         finally:
             if moments.routed:  # agreed by the collective: the same on every rank
                 self._agreed_rows = -(-moments.routed // self._shards[1])
-            self.rows_per_step = self._agreed_rows
+        return self._agreed_rows
 
     # ----------------------------------------------------------------- hot path
     def _logits(self, feats: torch.Tensor, call: Call) -> torch.Tensor | None:
@@ -228,15 +233,9 @@ class NeuralCollapse(Probe):
         return out.detach().reshape(-1, out.shape[-1])
 
     def update(self, window, feats, call) -> None:
-        if feats.ndim > 3:
-            raise self.error(
-                call.path,
-                f"features of shape {tuple(feats.shape)}: expected (N, D) or (B, T, D) with the "
-                "feature axis last; pool or flatten convolutional maps first, or pass extract=",
-            )
-        x, y = self.aligned_targets(feats, call, self.target_key, self.target_shift)
-        if not self._recording.snapshot:
-            self._step_rows += x.shape[0]
+        feature_rows(feats, call)
+        x, y = aligned_targets(feats, call, self.target_key, self.target_shift)
+        call.rows = x.shape[0]
         logits = self._logits(feats, call)
         counts = window["counts"]
         valid = y != self.ignore_index
@@ -360,31 +359,29 @@ class NeuralCollapse(Probe):
     def end_window(self, window, reduced) -> None:
         moments = reduced["moments"]
         used = moments.count >= self.min_class_count
-        if moments.dim and not self.sharded and int(used.sum()) >= 2:
-            self._set_lag(used, moments.means()[used])
+        if moments.dim and not self.rank_local and int(used.sum()) >= 2:
+            self._set_lag(used, moments.means()[used], window.device)
         window["moments"].end_window(moments)
         window["counts"].reset()
 
-    def _set_lag(self, used: torch.Tensor, centers: torch.Tensor) -> None:
-        used = used.to(self.device)
-        centers = centers.to(device=self.device, dtype=_F64)
+    def _set_lag(self, used: torch.Tensor, centers: torch.Tensor, device) -> None:
+        used = used.to(device)
+        centers = centers.to(device=device, dtype=_F64)
         classes = torch.nonzero(used).flatten()
         self._lag = (classes, centers, (centers * centers).sum(1), used)
 
     # ----------------------------------------------------------------- persistence
     def extra_state(self) -> dict:
-        state = super().extra_state()
+        state = {"agreed_rows": self._agreed_rows}
         if self._lag is not None:
             state["lag_used"], state["lag_centers"] = self._lag[3].cpu(), self._lag[1].cpu()
         return state
 
     def load_extra_state(self, state: dict) -> None:
-        super().load_extra_state(state)
         self._lag = None
-        if self.sharded:  # NC4 is not computed on class shards (and its C x D is not kept)
-            self._agreed_rows = self.rows_per_step  # saved after a step: agreed
-        elif "lag_used" in state:
-            self._set_lag(state["lag_used"], state["lag_centers"])
+        self._agreed_rows = state.get("agreed_rows")
+        if "lag_used" in state:  # (moved to the features' device by their first update)
+            self._set_lag(state["lag_used"], state["lag_centers"], "cpu")
 
 
 class GroupCollapse(NeuralCollapse):

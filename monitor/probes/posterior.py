@@ -7,6 +7,7 @@ from collections.abc import Mapping
 
 import torch
 
+from ..cadence import EVERY_STEP
 from ..contracts import Readout
 from ..functional import representation as R
 from ..pictures import Picture
@@ -102,7 +103,7 @@ class PosteriorCollapse(Probe):
         find=mu_logvar,
         hint="(mu, logvar)",
     )
-    every_step = True  # O(B*D) per update
+    sampling = EVERY_STEP  # O(B*D) per update
     rules = (
         RuleSpec(
             "active_fraction",

@@ -7,7 +7,7 @@ import torch
 from ..contracts import Readout
 from ..functional import representation as R
 from ..pictures import Picture
-from ..reading import Reading, finite_rows, floating
+from ..reading import Reading, feature_rows, finite_rows, floating
 from ..rules import RuleSpec
 from ..stats import Counter, Moments, Window, WindowView, to_device
 from .base import Probe
@@ -120,16 +120,13 @@ class RepresentationRank(Probe):
         """``(mean (D,), covariance (D, D))`` float64 of the current window over all ranks (a
         collective: call it on every rank): a reference for later runs. ``scope``: the module,
         for a glob kept per module."""
-        m = WindowView(self.window.reduced(group), scope)["moments"]
+        if self._driver is None:
+            raise RuntimeError(f"{self!r} is not attached to a monitor: nothing recorded yet")
+        m = WindowView(self._driver.window.reduced(group), scope)["moments"]
         return m.mean(), m.scatter() / max(m.n - 1, 1)
 
     def update(self, window, z, call) -> None:
-        if z.ndim > 3:
-            raise self.error(
-                call.path,
-                f"embeddings of shape {tuple(z.shape)}: expected (N, D) or (B, T, D) with the "
-                "feature axis last; pool or flatten convolutional maps first, or pass extract=",
-            )
+        feature_rows(z, call, "embeddings")
         z = z.detach().reshape(-1, z.shape[-1])
         finite = finite_rows(z)
         window["counts"].add("skipped_nonfinite", (~finite).sum())

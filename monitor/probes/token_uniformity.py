@@ -7,7 +7,7 @@ import torch
 from ..contracts import Readout
 from ..functional.depth import token_uniformity_from_sums
 from ..pictures import Picture
-from ..reading import Reading, first_tensor
+from ..reading import Reading, first_tensor, token_mask
 from ..rules import RuleSpec
 from ..stats import TokenUniformitySums, Window
 from .base import Probe, layer_name
@@ -62,7 +62,7 @@ class TokenUniformity(Probe):
         return Window({layer_name(p): TokenUniformitySums() for p in self.paths})
 
     def update(self, window, x, call) -> None:
-        mask = self.token_mask(call.path, x.shape[0], x.shape[1], x.device)
+        mask = token_mask(call, x.shape[0], x.shape[1], x.device)
         window[layer_name(call.path)].update(x.detach(), mask)
 
     def readout(self, window) -> Readout:

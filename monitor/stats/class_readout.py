@@ -17,6 +17,7 @@ are all-reduced, and every rank finishes the same readout: the numbers of one pr
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -35,21 +36,10 @@ def _nan_sums(like: torch.Tensor) -> torch.Tensor:
 
 
 def shared_class_metrics(
-    counts: torch.Tensor,
-    means: torch.Tensor,
-    within_scatter: torch.Tensor,
-    class_variances: torch.Tensor,
-    weight: torch.Tensor | None = None,
-    min_class_count: int = 2,
-    tile_size: int = 256,
-    share: Share = (0, 1),
-    combine: Callable[[torch.Tensor], None] | None = None,
-    pair_sample: int | None = None,
-    generator: torch.Generator | None = None,
-    n_within: float | None = None,
+    *args, share: Share = (0, 1), combine: Callable[[torch.Tensor], None] | None = None, **kwargs
 ) -> dict[str, float]:
-    """:func:`~collapse_monitor.functional.metrics_from_class_statistics` (same arguments and
-    keys) with its sums split: part ``share = (rank, world)`` computes ``1/world`` of the
+    """:func:`~collapse_monitor.functional.metrics_from_class_statistics` (the same arguments
+    and keys) with its sums split: part ``share = (rank, world)`` computes ``1/world`` of the
     between-class Gram matrix (when the used classes outnumber the dimensions) and of the exact
     class pairs (:func:`~collapse_monitor.functional.pair_tiles`); ``combine`` sums each
     part over the parts in place (an all-reduce), in that order, so that every part gets the
@@ -57,40 +47,36 @@ def shared_class_metrics(
     part's pairwise metrics are then undefined) and raises after it: no rank is left waiting.
     """
     if combine is None or share[1] == 1:
-        return NC.metrics_from_class_statistics(
-            counts, means, within_scatter, class_variances, weight, min_class_count, tile_size,
-            pair_sample, generator, n_within,
-        )  # fmt: skip
-    used, centred = NC.used_class_means(counts, means, min_class_count)
+        return NC.metrics_from_class_statistics(*args, **kwargs)
+    bound = inspect.signature(NC.metrics_from_class_statistics).bind(*args, **kwargs)
+    bound.apply_defaults()
+    a = bound.arguments
+    counts = a["counts"]
+    used, centred = NC.used_class_means(counts, a["means"], a["min_class_count"])
     Cu, D = centred.shape
-    gram = pair_sums = None
     if Cu >= 2:
-        if n_within is None:
-            n_within = counts[counts >= 2].sum().item()
-        if n_within > 0 and Cu > D:
-            gram = NC.class_gram(centred, NC.share_rows(Cu, share))
-            combine(gram)
+        if a["n_within"] is None:
+            a["n_within"] = counts[counts >= 2].sum().item()
+        if a["n_within"] > 0 and Cu > D:
+            a["gram"] = NC.class_gram(centred, NC.share_rows(Cu, share))
+            combine(a["gram"])
+        pair_sample = a["pair_sample"]
         if pair_sample is None or Cu * (Cu - 1) // 2 <= pair_sample:
-            variances = class_variances.to(centred.device)[used].to(_F64)
+            variances = a["class_variances"].to(centred.device)[used].to(_F64)
             error = None
             try:
-                pair_sums = NC.pairwise_sums(centred, variances, tile_size, share)
+                a["pair_sums"] = NC.pairwise_sums(centred, variances, a["tile_size"], share)
             except Exception as exc:  # noqa: BLE001 - re-raised after the collective
-                error, pair_sums = exc, _nan_sums(centred)
-            combine(pair_sums)
+                error, a["pair_sums"] = exc, _nan_sums(centred)
+            combine(a["pair_sums"])
             if error is not None:
                 raise error
-    return NC.metrics_from_class_statistics(
-        counts, means, within_scatter, class_variances, weight, min_class_count, tile_size,
-        pair_sample, generator, n_within, gram, pair_sums,
-    )  # fmt: skip
+    return NC.metrics_from_class_statistics(**a)
 
 
 def sharded_class_metrics(
-    counts: torch.Tensor,
+    moments: ShardedClassMoments,
     means: torch.Tensor,
-    within_scatter: torch.Tensor,
-    class_variances: torch.Tensor,
     weight: torch.Tensor | None = None,
     min_class_count: int = 2,
     tile_size: int = 256,
@@ -110,10 +96,10 @@ def sharded_class_metrics(
     and :func:`shared_class_metrics` splits them.
 
     Args:
-        counts: ``(R,)`` samples of this rank's classes; means: ``(R, D)``;
-            class_variances: ``(R,)``; weight: ``(R, D)`` their classifier rows or ``None``.
-        within_scatter: ``(D, D)`` this rank's part of the pooled within-class scatter (the
-            parts of all ranks sum to it; summed here with the Gram matrix, one all-reduce).
+        moments: this rank's class statistics (``R`` classes): its counts, class variances
+            and part of the pooled within-class scatter (the parts of all ranks sum to it;
+            summed here with the Gram matrix, one all-reduce).
+        means: ``(R, D)`` their class means; weight: ``(R, D)`` their classifier rows or None.
         min_class_count, tile_size: as in
             :func:`~collapse_monitor.functional.metrics_from_class_statistics`.
         group: the ``torch.distributed`` process group (``None``: the default one).
@@ -123,9 +109,9 @@ def sharded_class_metrics(
     """
     rank, world = _dist.rank(group), _dist.world_size(group)
     wire = _dist.collective_device(group, means.device)
-    counts, means = counts.to(wire), means.to(device=wire, dtype=_F64)
+    counts, means = moments.count.to(wire), means.to(device=wire, dtype=_F64)
     used = counts >= max(min_class_count, 1)
-    mu, var = means[used], class_variances.to(device=wire, dtype=_F64)[used]
+    mu, var = means[used], moments.class_variances().to(device=wire, dtype=_F64)[used]
     w = None if weight is None else weight.detach().to(device=wire, dtype=_F64)[used]
     D = means.shape[1]
     head = torch.cat([mu.sum(0), torch.stack([counts.sum(), counts[counts >= 2].sum()]).to(_F64)])
@@ -138,7 +124,7 @@ def sharded_class_metrics(
     def combine(t: torch.Tensor) -> None:
         _dist.all_reduce_sum_(t, group)
 
-    scatter = within_scatter.to(device=wire, dtype=_F64).reshape(-1)
+    scatter = moments.within_class_scatter().to(device=wire, dtype=_F64).reshape(-1)
     if Cu <= D:  # small: every rank gets all used classes
         combine(scatter)
         rows = torch.cat([mu, var[:, None]] + ([] if w is None else [w]), 1)
@@ -151,9 +137,9 @@ def sharded_class_metrics(
             None if w is None else rows[:, D + 1 :],
             min_class_count,
             tile_size,
-            (rank, world),
-            combine,
             n_within=n_within,
+            share=(rank, world),
+            combine=combine,
         )
         return {**out, "samples": samples}
     centred = mu - head[:D] / Cu  # global mean = unweighted mean of class means (Papyan)
@@ -258,16 +244,7 @@ def class_moment_metrics(
     ``group``: a collective under ``torch.distributed`` (every rank calls it, all get the same
     metrics). ``weight``: the classifier rows of the moments' classes (``None``: none)."""
     if isinstance(moments, ShardedClassMoments):
-        return sharded_class_metrics(
-            moments.count,
-            means,
-            moments.within_class_scatter(),
-            moments.class_variances(),
-            weight,
-            min_class_count,
-            tile_size,
-            group,
-        )
+        return sharded_class_metrics(moments, means, weight, min_class_count, tile_size, group)
     share = (_dist.rank(group), _dist.world_size(group))
 
     def combine(t: torch.Tensor) -> None:  # (a no-op in one process)
@@ -281,8 +258,8 @@ def class_moment_metrics(
         weight,
         min_class_count,
         tile_size,
-        share,
-        combine,
         pair_sample,
         generator,
+        share=share,
+        combine=combine,
     )

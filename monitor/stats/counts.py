@@ -69,7 +69,8 @@ class UsageEMA(Statistic):
     advanced once per training step from that step's counts (``pending_*``).
 
     Both are linear in the per-step counts, so their sum over ranks is the EMA of the global
-    counts exactly; their ratio is the smoothed usage in hits per index.
+    counts exactly; their ratio is the smoothed usage in hits per index. ``steps`` counts the
+    steps advanced (the EMA's age; the most of any rank).
 
     Example:
         >>> import torch
@@ -85,12 +86,14 @@ class UsageEMA(Statistic):
         super().__init__()
         self.add_state("hits", (heads, num_codes), _F64)
         self.add_state("rows", (heads,), _F64)
+        self.add_state("steps", (), torch.int64, reduce="max")
 
     @torch.no_grad()
     def advance(self, step: CodeCounts, decay: float) -> None:
         """``ema = decay * ema + (1 - decay) * counts of this step``."""
         self.hits.mul_(decay).add_(step.counts, alpha=1 - decay)
         self.rows.mul_(decay).add_(step.rows, alpha=1 - decay)
+        self.steps += 1
 
     @torch.no_grad()
     def restart(self, mask: torch.Tensor) -> None:

@@ -101,18 +101,18 @@ def test_ema_dead_codes_equal_a_plain_loop_reference():
     dead = ema / rows < thr
     assert dead[8:].all() and not dead[:8].any()
     assert m["collapse/vq/dead_codes"] == dead.sum()
-    assert torch.equal(probe.last.masks[probe.key("dead")][0], torch.from_numpy(dead))
+    assert torch.equal(mon.last_readout(probe).masks[probe.key("dead")][0], torch.from_numpy(dead))
 
 
 def test_dead_codes_by_the_window_during_the_warmup_then_by_the_ema():
     probe = probes.CodebookUsage("vq", 10, ema_decay=0.5, warmup_steps=5)
     # window 1 (4 observed steps, inside the warm-up) uses codes 0 and 1; window 2 only code 0
     batches = [torch.tensor([0, 1])] * 4 + [torch.tensor([0, 0])] * 4
-    _, logs = stream(probe, batches, log_every=4)
+    mon, logs = stream(probe, batches, log_every=4)
     assert logs[0]["collapse/vq/dead_codes"] == 8  # the window's unused codes 2..9
     # after the warm-up the EMA decides: code 1, unused in window 2, was used recently
     assert logs[1]["collapse/vq/dead_codes"] == 8
-    assert not probe.last.masks[probe.key("dead")][0, 1]
+    assert not mon.last_readout(probe).masks[probe.key("dead")][0, 1]
 
 
 def test_window_resets_but_ema_persists():

@@ -140,6 +140,7 @@ class AttentionEntropy(Probe):
         self._generator: torch.Generator | None = None
         self._sdpa: SDPACalls | None = None
         self._ever_seen = False
+        self._steps = 0  # training steps recorded (to say when no attention was ever seen)
         self._roots = ""
 
     def new_window(self) -> Window:
@@ -150,12 +151,15 @@ class AttentionEntropy(Probe):
         self._generator = torch.Generator().manual_seed(self.seed)
         self._roots = ", ".join(f"'{p}' ({type(m).__name__})" for p, m in found)
 
-    def attach_hooks(self, found) -> None:
+    def attach_hooks(self, found, recorder) -> None:
         if self.extract is not None:
-            super().attach_hooks(found)
+            super().attach_hooks(found, recorder)
             return
-        self._sdpa = SDPACalls(self)
-        sources = [EncoderLayerInputs(self, self._sdpa), MultiheadAttentionInputs(self, self._sdpa)]
+        self._sdpa = SDPACalls(recorder, self.module)
+        sources = [
+            EncoderLayerInputs(recorder, self._sdpa),
+            MultiheadAttentionInputs(recorder, self._sdpa),
+        ]
         seen, covered = set(), set()
         for _, root in found:
             for sub in root.modules():
@@ -167,12 +171,8 @@ class AttentionEntropy(Probe):
                     continue
                 seen.add(id(sub))
                 source = next((s for s in sources if s.matches(sub)), self._sdpa)
-                source.attach(path, sub, self._hooks)
-
-    def detach(self) -> None:
-        super().detach()
-        if self._sdpa is not None:
-            self._sdpa.detach()
+                source.attach(path, sub, recorder.hooks)
+        recorder.hooks.on_remove(self._sdpa.detach)
 
     # ----------------------------------------------------------------- hot path
     def update(self, window, value, call) -> None:
@@ -264,9 +264,9 @@ class AttentionEntropy(Probe):
             metrics[self.key("skipped", layer)] = float(st.skipped)
         if layer_means:
             metrics[self.key("min_entropy_norm")] = min(layer_means)
-        if not metrics and self.observed_steps and not self._ever_seen:
+        if not metrics and self._steps and not self._ever_seen:
             raise ValueError(
-                f"AttentionEntropy '{self.name}': no attention was seen in {self.observed_steps} "
+                f"AttentionEntropy '{self.name}': no attention was seen in {self._steps} "
                 f"observed steps inside {self._roots}: no scaled_dot_product_attention "
                 "call, nn.MultiheadAttention or nn.TransformerEncoderLayer; select the attention "
                 "modules or pass extract="
@@ -293,13 +293,20 @@ class AttentionEntropy(Probe):
         }
 
     # ----------------------------------------------------------------- persistence
+    def end_step(self, window) -> None:
+        self._steps += 1
+
     def extra_state(self) -> dict:
-        return {**super().extra_state(), "generator": self._generator.get_state()}
+        return {
+            "generator": self._generator.get_state(),
+            "steps": self._steps,
+            "ever_seen": self._ever_seen,
+        }
 
     def load_extra_state(self, state: dict) -> None:
-        super().load_extra_state(state)
         self._generator.set_state(state["generator"])
-        self._ever_seen = self._ever_seen or bool(len(self.window))
+        self._steps = int(state["steps"])
+        self._ever_seen = self._ever_seen or bool(state["ever_seen"])
 
 
 def _rows(mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

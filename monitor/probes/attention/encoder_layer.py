@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..base import Call
 from .mha import MultiheadAttentionInputs, mha_scores
 from .scores import bind
 
@@ -38,5 +37,6 @@ class EncoderLayerInputs(MultiheadAttentionInputs):
             "attn_mask": a.get("src_mask"),
             "is_causal": a.get("is_causal", False),
         }
-        scores = mha_scores(self.probe, attn_path, layer.self_attn, inputs)
-        self.probe.record(scores, Call(attn_path, layer.self_attn, args, kwargs), scores.q.device)
+        call = self.recorder.call(attn_path, layer.self_attn, args, kwargs)
+        scores = mha_scores(call, layer.self_attn, inputs)
+        self.recorder.record(scores, call, scores.q.device)

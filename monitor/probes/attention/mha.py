@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import Call
+from ...reading import Call
 from .scores import Scores, bind
 
 _ARGS = (
@@ -42,17 +42,16 @@ def _padding(mask: torch.Tensor | None, shape) -> torch.Tensor | None:
 
 
 def mha_scores(
-    probe, path: str, mha: nn.MultiheadAttention, a: dict, queries: torch.Tensor | None = None
+    call: Call, mha: nn.MultiheadAttention, a: dict, queries: torch.Tensor | None = None
 ) -> Scores:
     """The q, k and masks of one ``nn.MultiheadAttention`` call, from its bound arguments;
     ``queries (B, L)``: real query positions when the caller knows them."""
     if mha.bias_k is not None or mha.add_zero_attn:
-        raise probe.error(path, "add_bias_kv and add_zero_attn are not supported; pass extract=")
+        raise call.error("add_bias_kv and add_zero_attn are not supported; pass extract=")
     query, key = a["query"], a["key"]
     if query.is_nested or key.is_nested:
-        raise probe.error(
-            path,
-            "nested-tensor inputs are not supported (TransformerEncoder(enable_nested_tensor=False))",
+        raise call.error(
+            "nested-tensor inputs are not supported (TransformerEncoder(enable_nested_tensor=False))"
         )
     self_attention = query is key
     if query.ndim == 2:
@@ -98,8 +97,8 @@ class MultiheadAttentionInputs:
     """Hooks ``nn.MultiheadAttention`` modules (not those inside an encoder layer), and the
     decoder layers whose target padding their queries follow."""
 
-    def __init__(self, probe, sdpa) -> None:
-        self.probe, self.sdpa = probe, sdpa
+    def __init__(self, recorder, sdpa) -> None:
+        self.recorder, self.sdpa = recorder, sdpa
         self.decoder_padding: list[torch.Tensor | None] = []  # of the decoder layers running
 
     @staticmethod
@@ -116,7 +115,7 @@ class MultiheadAttentionInputs:
         hooks.forward(module, self._leave, always_call=True)
 
     def _enter(self, path, module, args, kwargs) -> None:
-        if self.probe._active:
+        if self.recorder.active:
             self._begin(path, module, args, kwargs)
 
     def _leave(self, module, args, kwargs, output) -> None:
@@ -126,14 +125,14 @@ class MultiheadAttentionInputs:
     @torch.compiler.disable
     def _begin(self, path, module, args, kwargs) -> None:
         self.sdpa.suppress += 1  # its internal SDPA call is this same attention
-        self.probe.guarded(self._record, path, module, args, kwargs)
+        self.recorder.guarded(self._record, path, module, args, kwargs)
 
     @torch.compiler.disable
     def _end(self) -> None:
         self.sdpa.suppress -= 1
 
     def _enter_decoder(self, module, args, kwargs) -> None:
-        if self.probe._active:
+        if self.recorder.active:
             self._push_decoder(args, kwargs)
 
     def _leave_decoder(self, module, args, kwargs, output) -> None:
@@ -156,5 +155,6 @@ class MultiheadAttentionInputs:
             batch_first = module.batch_first or query.ndim == 2
             B, L = (query.shape[0], query.shape[1]) if batch_first else query.shape[1::-1]
             queries = _padding(self.decoder_padding[-1], (B, L) if query.ndim == 3 else (1, L))
-        scores = mha_scores(self.probe, path, module, a, queries)
-        self.probe.record(scores, Call(path, module, args, kwargs), scores.q.device)
+        call = self.recorder.call(path, module, args, kwargs)
+        scores = mha_scores(call, module, a, queries)
+        self.recorder.record(scores, call, scores.q.device)

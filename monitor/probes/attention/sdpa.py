@@ -5,7 +5,7 @@ Calls are caught with a ``TorchFunctionMode`` that is entered only while a hooke
 runs inside ``observe()``; the layer is the innermost hooked module whose forward made the call
 (a module that makes several calls gets ``<path>.sdpa_<k>`` for the k-th after the first).
 Query padding comes from ``observe(mask=)`` or the model's ``attention_mask`` input
-(:meth:`~collapse_monitor.probes.Probe.token_mask`). ``transformers``' grouped-query decoding
+(:func:`~collapse_monitor.reading.token_mask`). ``transformers``' grouped-query decoding
 step, which packs the query heads of a key-value head into query rows (``pack_gqa``), is unpacked
 back into heads.
 """
@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from ..base import Call, layer_name
+from ...reading import token_mask
+from ..base import layer_name
 from .scores import Scores, bind
 
 _ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -68,8 +69,9 @@ class _Mode(TorchFunctionMode):
 class SDPACalls:
     """Tracks which hooked module is running and hands its SDPA calls to the probe."""
 
-    def __init__(self, probe) -> None:
-        self.probe = probe
+    def __init__(self, recorder, root: str) -> None:
+        self.recorder = recorder
+        self.root = root  # the probe's module path: the layer of calls outside hooked modules
         self.mode = _Mode(self)
         self.stack: list[tuple[str, object]] = []  # hooked modules whose forward is running
         self.inside = False  # the stack is not empty (a plain bool for torch.compile to test)
@@ -81,7 +83,7 @@ class SDPACalls:
         hooks.forward(module, functools.partial(self._leave, path), always_call=True)
 
     def _enter(self, path, module, args, kwargs) -> None:
-        if self.probe._active:
+        if self.recorder.active:
             self._push(path, module)
 
     def _leave(self, path, module, args, kwargs, output) -> None:
@@ -108,20 +110,19 @@ class SDPACalls:
             self._pop(self.stack[-1][0])
 
     def seen(self, args, kwargs) -> None:
-        if not self.suppress and self.probe._active:
-            self.probe.guarded(self._record, args, kwargs)
+        if not self.suppress and self.recorder.active:
+            self.recorder.guarded(self._record, args, kwargs)
 
     def _record(self, args, kwargs) -> None:
         a = bind(_ARGS, args, kwargs)
-        path, module = self.stack[-1] if self.stack else (self.probe.module, None)
+        path, module = self.stack[-1] if self.stack else (self.root, None)
         k = self.calls.get(path, 0)
         self.calls[path] = k + 1
         layer = layer_name(path) if k == 0 else f"{layer_name(path)}.sdpa_{k}"
+        call = self.recorder.call(layer, module)
         q, key = a["query"], a["key"]
         if not isinstance(q, torch.Tensor) or q.ndim < 2:
-            raise self.probe.error(
-                layer, f"unexpected scaled_dot_product_attention query {type(q).__name__}"
-            )
+            raise call.error(f"unexpected scaled_dot_product_attention query {type(q).__name__}")
         q, key = to_bhld(q.detach()), to_bhld(key.detach())
         mask = a.get("attn_mask")
         q, mask = unpack_gqa(module, q, key, mask, bool(a.get("enable_gqa")))
@@ -134,6 +135,6 @@ class SDPACalls:
             else:
                 additive = mask
         scale = a.get("scale") or 1.0 / math.sqrt(q.shape[-1])
-        queries = self.probe.token_mask(path, q.shape[0], q.shape[2], q.device)
+        queries = token_mask(self.recorder.call(path, module), q.shape[0], q.shape[2], q.device)
         scores = Scores(q, key, scale, bool(a.get("is_causal")), allowed, additive, queries)
-        self.probe.record(scores, Call(layer, module), q.device)
+        self.recorder.record(scores, call, q.device)

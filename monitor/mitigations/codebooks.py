@@ -1,0 +1,54 @@
+"""Finding a quantiser's codebook among its parameters and buffers (dead-code resets, SimVQ)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+_CODEBOOK_NAMES = ("embed", "codebook", "embedding", "embeddings", "weight")
+
+
+def find_codebook(
+    mod: nn.Module, name: str | None, num_codes: int | None, owner: str, path: str
+) -> tuple[str, torch.Tensor]:
+    """The codebook of the quantiser ``mod`` (at ``path``), as ``(name relative to mod,
+    tensor)``: ``name`` (an ``nn.Embedding`` submodule, a parameter or a buffer); by default the
+    only ``nn.Embedding`` inside, else the one parameter or buffer named
+    ``embed``/``codebook``/``embedding``/``embeddings`` (or ``weight``, when ``num_codes``
+    is given) shaped ``(K, D)`` or ``(H, K, D)`` with ``K = num_codes``."""
+    tensors = {}
+    for n, t in [*mod.named_parameters(), *mod.named_buffers()]:
+        head, sep, tail = n.partition("parametrizations.")
+        if not sep:
+            tensors[n] = t
+        elif tail.endswith(".original"):  # a parametrized tensor, under its own name
+            tensors[head + tail.removesuffix(".original")] = t
+    if name is not None:
+        subs = dict(mod.named_modules())
+        if name in subs and isinstance(subs[name], nn.Embedding):
+            return name + ".weight", tensors[name + ".weight"]
+        if name in tensors:
+            return name, tensors[name]
+        raise KeyError(
+            f"{owner}: no nn.Embedding, parameter or buffer '{name}' in '{path}'; it has "
+            f"{sorted(tensors)}"
+        )
+    embeddings = [(n, m) for n, m in mod.named_modules() if isinstance(m, nn.Embedding)]
+    if len(embeddings) == 1:
+        path_ = (embeddings[0][0] + "." if embeddings[0][0] else "") + "weight"
+        return path_, tensors[path_]  # a parametrized weight: its original parameter
+    shaped = [
+        n
+        for n, t in tensors.items()
+        if t.ndim in (2, 3) and (num_codes is None or t.shape[-2] == num_codes)
+    ]
+    # a plain "weight" only when the code count tells it from a projection's
+    for wanted in _CODEBOOK_NAMES if num_codes is not None else _CODEBOOK_NAMES[:-1]:
+        named = [n for n in shaped if n.rsplit(".", 1)[-1] == wanted]
+        if len(named) == 1:
+            return named[0], tensors[named[0]]
+    K = "K" if num_codes is None else num_codes
+    raise ValueError(
+        f"{owner}: cannot tell which tensor of '{path}' is the codebook (candidates shaped "
+        f"(..., {K}, D): {shaped}); pass codebook='<name>'"
+    )

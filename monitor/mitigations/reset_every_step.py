@@ -1,0 +1,172 @@
+"""The every-step form of dead-code replacement: vector-quantize-pytorch's
+``threshold_ema_dead_code`` rule, decided and written on the device with no host sync."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import _dist
+from .._sharding import edited, whole
+from ..contracts import Event, Replaced, StepView
+from .base import optimizer_states
+
+
+class EveryStepResets:
+    """What ``ResetDeadCodes(..., every_step=True)`` does at every training step: the codes
+    whose EMA of hits per step (decay 0.8 from one, their cluster size) is below ``dead_hits``
+    are replaced with vectors of this step's batch, as vector-quantize-pytorch's
+    ``threshold_ema_dead_code`` does; a replaced code starts at ``dead_hits``. The step's hits
+    are what the ``CodebookUsage`` probe publishes of the step (``StepView.values``), and the
+    usage EMA of the replaced codes restarts through the ``Replaced`` record returned (the
+    monitor routes it to the probe). Under ``torch.distributed`` each step all-reduces the
+    ``(H, K)`` hits and broadcasts rank 0's ``(H, K, D)`` draws; every rank takes part in every
+    step. A failure on any rank is raised at the next log on every rank at once.
+
+    Args:
+        mitigation: the ``ResetDeadCodes`` whose codebook, batch and settings these are.
+    """
+
+    def __init__(self, mitigation) -> None:
+        self.m = mitigation
+        # codes replaced since the last log, and whether every write read back
+        self._since_log: torch.Tensor | None = None
+        self._read_back: torch.Tensor | None = None
+        self._generator: torch.Generator | None = None
+        self._cluster_size: torch.Tensor | None = None  # (H, K) hits per step, EMA 0.8
+        self._resumed: tuple[str, torch.Tensor] | None = None  # (device type, generator state)
+        self._failure: Exception | None = None  # a failure of the steps, raised at the log
+
+    def failed(self, exc: Exception) -> None:
+        """A failure while capturing a batch (raised at the next log, on every rank)."""
+        self._failure = self._failure or exc
+
+    @torch.no_grad()
+    def on_step(self, view: StepView) -> list[Replaced]:
+        """One step's replacements, decided and written on the device (no host sync)."""
+        group = self.m.process_group
+        codebook = self.m._tensor(self.m.codebook_path)
+        H, K = self.m.heads, codebook.shape[-2]
+        hits = view.values.get(self.m.probe, {}).get(self.m.scope, {}).get("hits")
+        if hits is None:  # this rank recorded nothing of this step
+            hits = torch.zeros(H, K, dtype=torch.int64, device=codebook.device)
+        hits = hits.to(torch.float64)  # (H, K), this step's
+        if _dist.is_distributed(group):
+            hits = hits.to(_dist.collective_device(group, hits.device))
+            _dist.all_reduce_sum_(hits, group)
+        if self._cluster_size is None:
+            self._cluster_size = torch.ones_like(hits)  # vector-quantize-pytorch's start
+        elif self._cluster_size.device != hits.device:  # resumed from a checkpoint
+            self._cluster_size = self._cluster_size.to(hits.device)
+        size = self._cluster_size.mul_(0.8).add_(hits, alpha=0.2)
+        probe_dead = size < self.m.dead_hits  # (H, K), the same on every rank
+        with edited(codebook) as full:
+            cb = full.view(-1, K, self.m.dim)  # (H', K, D)
+            shared = cb.shape[0] == 1
+            dead = (probe_dead.all(0, keepdim=True) if shared else probe_dead).to(cb.device)
+            drawn, chosen = torch.zeros_like(cb), torch.zeros_like(dead)
+            if _dist.rank(group) == 0 and self.m._batch is not None and self._failure is None:
+                try:
+                    drawn, chosen = self._draw_all(cb, dead)
+                except Exception as exc:  # raised at the log (rank 0 still broadcasts)
+                    self._failure = exc
+            dead = chosen
+            if _dist.is_distributed(group):  # rank 0's draws and validity, for every rank
+                packed = torch.cat([drawn, dead[..., None].to(drawn.dtype)], -1)
+                _dist.broadcast_(packed, 0, group)
+                drawn, dead = packed[..., :-1], packed[..., -1] > 0
+            cb.copy_(torch.where(dead[..., None], drawn, cb))
+        now = whole(self.m._tensor(self.m.codebook_path)).detach().view(-1, K, self.m.dim)
+        ok = torch.where(dead[..., None], now == drawn, True).all()
+        if self.m.ema_paths is not None:
+            ema_size, ema_sum = (self.m._tensor(p) for p in self.m.ema_paths)
+            ema_size = ema_size.view(-1, K)
+            ema_size.copy_(torch.where(dead, self.m.reset_cluster_size, ema_size))
+            ema_sum = ema_sum.view(-1, K, self.m.dim)
+            ema_sum.copy_(torch.where(dead[..., None], drawn * self.m.reset_cluster_size, ema_sum))
+        if isinstance(codebook, nn.Parameter):
+            for _, value in optimizer_states(view.optimizers, codebook):
+                with edited(value) as full:
+                    rows_ = full.view(-1, K, self.m.dim)
+                    rows_.copy_(torch.where(dead[..., None], 0, rows_))
+        replaced = dead.expand_as(probe_dead).to(size.device)
+        size.copy_(torch.where(replaced, self.m.dead_hits, size))
+        count = dead.sum()
+        if self._since_log is not None:  # (resumed: a host tensor, moved once)
+            count = count + self._since_log.to(count.device)
+            ok = ok & self._read_back.to(ok.device)
+        self._since_log, self._read_back = count, ok
+        return [Replaced(self.m.probe, replaced, self.m.scope)]
+
+    def _draw_all(self, cb: torch.Tensor, dead: torch.Tensor):
+        """A candidate ``(H', K, D)`` for every code from this rank's batch, drawn on the
+        device, and ``dead`` narrowed to the codes whose candidate is a real position."""
+        batch = self.m._batch.to(device=cb.device, dtype=cb.dtype)  # (N, Hb, D)
+        valid = self.m._valid.to(cb.device)
+        if self._generator is None or self._generator.device != cb.device:
+            self._generator = torch.Generator(device=cb.device).manual_seed(self.m.seed)
+            if self._resumed and self._resumed[0] == cb.device.type:
+                self._generator.set_state(self._resumed[1])  # a checkpoint's draws go on
+            self._resumed = None
+        H, K, N = dead.shape[0], cb.shape[1], batch.shape[0]
+        g, dev = self._generator, cb.device
+        if N >= K:  # without replacement (a random permutation per head), as SoundStream draws
+            pick = torch.rand(H, N, generator=g, device=dev).argsort(1)[:, :K]
+        else:
+            pick = torch.randint(N, (H, K), generator=g, device=dev)
+        heads = torch.arange(H, device=cb.device).clamp_max(batch.shape[1] - 1)
+        drawn = batch[pick, heads[:, None]]  # (H, K, D)
+        if self.m.cosine:
+            drawn = F.normalize(drawn, dim=-1)
+        return drawn, dead & valid[pick]
+
+    def report(self) -> list[Event]:
+        """The replacements since the last log, as one event (a host sync: at the log). A
+        failure on any rank is raised on every rank (all leave the steps' collectives
+        together)."""
+        failed = torch.tensor([float(self._failure is not None)])
+        if _dist.is_distributed(self.m.process_group):
+            failed = failed.to(_dist.collective_device(self.m.process_group, failed.device))
+            _dist.all_reduce_sum_(failed, self.m.process_group)
+        if failed.item():
+            exc, self._failure = self._failure, None
+            raise exc or RuntimeError(f"{self.m!r}: the every-step reset failed on another rank")
+        if self._since_log is None:
+            return []
+        n, ok = int(self._since_log), bool(self._read_back)
+        self._since_log = self._read_back = None
+        if not ok:
+            raise RuntimeError(
+                f"{self.m!r}: wrote codes into '{self.m.codebook_path}' but did not read them back; "
+                "the codebook tensor is not the model's"
+            )
+        if n == 0:
+            return []
+        info = {
+            "codebook": f"{self.m.path}.{self.m.codebook_path}",
+            "strategy": "random, at every step",
+        }
+        return [Event(self.m.name, info, count=n)]
+
+    def state_dict(self) -> dict:
+        """The cluster sizes and draw generator (exact resume)."""
+        if self._cluster_size is None:
+            return {}
+        g = self._generator  # (only rank 0 draws)
+        return {
+            "cluster_size": self._cluster_size.detach().cpu().clone(),
+            "generator": None if g is None else (g.device.type, g.get_state()),
+            # the replacements not yet reported (a host sync: checkpoints are rare)
+            "since_log": None if self._since_log is None else int(self._since_log),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self._cluster_size = self._generator = self._resumed = None
+        self._since_log = self._read_back = None
+        if "cluster_size" in state:
+            self._cluster_size = state["cluster_size"].clone()
+            self._resumed = state["generator"]
+            if state["since_log"] is not None:
+                self._since_log = torch.tensor(state["since_log"])
+                self._read_back = torch.tensor(True)

@@ -1,0 +1,71 @@
+"""What the monitor says once per run in the log: its settings or the run look wrong.
+
+- keywords passed to ``observe()`` that no probe reads (a typo);
+- a class-conditional probe whose sampled windows stay thin (the cadence's promise failed);
+- a probe that recorded steps but whose modules never ran inside ``observe()``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+
+from .cadence import Cadence
+from .keys import MetricKey
+from .probes.driver import ProbeDriver
+
+log = logging.getLogger(__name__)
+
+
+class Notices:
+    """The once-per-run warnings of one monitor.
+
+    Args:
+        keywords: the ``observe()`` keywords its probes read.
+    """
+
+    def __init__(self, keywords: Iterable[str]) -> None:
+        self.keywords = set(keywords)
+        self._said: set[tuple[str, str]] = set()
+
+    def _once(self, kind: str, who: str) -> bool:
+        new = (kind, who) not in self._said
+        self._said.add((kind, who))
+        return new
+
+    def unread_keywords(self, given: Iterable[str]) -> None:
+        unknown = sorted(k for k in set(given) - self.keywords if self._once("keyword", k))
+        if unknown:  # a shared training loop may pass more than these probes read
+            log.warning(
+                "collapse monitor: observe() got keywords no probe reads: %s (ignored); the "
+                "probes read %s",
+                unknown,
+                sorted(self.keywords),
+            )
+
+    def after_log(
+        self, drivers: Iterable[ProbeDriver], metrics: Mapping[MetricKey, float], cadence: Cadence
+    ) -> None:
+        for d in drivers:
+            probe = d.probe
+            samples = metrics.get(probe.key("samples"))
+            thin = None if samples is None else cadence.thin_window(
+                probe.sampling, samples, d.window_steps
+            )  # fmt: skip
+            if thin and self._once("thin", d.name):
+                log.warning("collapse monitor: %r %s", probe, thin)
+            calls = metrics.get(probe.key("calls"))
+            if calls == 0 and d.window_steps and self._once("idle", d.name):
+                log.warning(
+                    "collapse monitor: %r recorded %d steps but its modules %s never ran inside "
+                    "observe() (collapse/%s/calls = 0). Likely causes: the model was compiled "
+                    "before the monitor was attached (torch.compile ignores hooks added later: "
+                    "attach first, or compile after), the path names a module the forward does "
+                    "not call, the module is skipped (conditional computation), or the forward "
+                    "ran on a copy of the model (copy.deepcopy, a reloaded pickle: copies are "
+                    "not monitored)",
+                    probe,
+                    d.window_steps,
+                    probe.paths,
+                    d.name,
+                )

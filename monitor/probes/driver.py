@@ -1,0 +1,339 @@
+"""The monitor's side of a probe: hooks, recording, the window's life, reduce, state, failures.
+
+A :class:`ProbeDriver` runs one :class:`~collapse_monitor.probes.Probe` for the monitor. It
+resolves the probe's modules, hooks them, reads and checks each recorded call's value, keeps the
+probe's window (on the data's device, per module for a glob), counts calls and steps, reduces the
+window across ranks for a readout, swaps windows for validation snapshots, saves and loads, and
+isolates the probe's failures. The probe author never sees it; a probe that hooks otherwise
+than one forward hook per module gets the small :class:`Recorder` face of it.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import weakref
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._modules import resolve_modules
+from ..contracts import Component, Readout, Recording, Setup
+from ..hooks import HookSet
+from ..reading import Call
+from ..stats import Counter, Window, WindowView
+from .base import Probe, layer_name
+
+log = logging.getLogger(__name__)
+
+
+class Recorder:
+    """What a probe that hooks its own way (:meth:`Probe.attach_hooks`) is handed.
+
+    Attributes:
+        hooks: the :class:`~collapse_monitor.hooks.HookSet` its hooks go in (removed at
+            ``close()``).
+        active: a plain bool, true while the monitor records for this probe (hooks test it
+            first: outside ``observe()`` they do nothing).
+    """
+
+    hooks: HookSet
+    active: bool
+
+    def read_forward(self, path: str, module: nn.Module) -> None:
+        """The default: a forward hook on ``module`` whose value :attr:`Probe.reads` reads."""
+        raise NotImplementedError
+
+    def call(self, path: str, module=None, args=(), kwargs=None, output=None) -> Call:
+        """A :class:`~collapse_monitor.reading.Call` for a value found while recording."""
+        raise NotImplementedError
+
+    def record(self, value: Any, call: Call, device: torch.device | None) -> None:
+        """Hand ``value`` of ``call`` to ``Probe.update`` (window placed on ``device``)."""
+        raise NotImplementedError
+
+    def guarded(self, fn, *args) -> Any:
+        """Run ``fn(*args)`` from a hook: an error disables the probe instead of training."""
+        raise NotImplementedError
+
+
+class ProbeDriver(Component, Recorder):
+    """Runs one probe for the monitor (see the module docstring).
+
+    Attributes:
+        probe: the probe.
+        window: its statistics of the current window.
+        observed_steps, window_steps: training steps it recorded, in all and in this window.
+        rows_per_step: the samples its last recorded training step brought (host-known, for a
+            class-conditional cadence), or None before one.
+    """
+
+    def __init__(self, probe: Probe) -> None:
+        if not isinstance(probe, Probe):
+            raise TypeError(f"probes must be Probe instances, got {type(probe).__name__}")
+        super().__init__(probe.name)
+        self.probe = probe
+        self.hooks = HookSet()
+        self.scopes: list[str | None] = [None]  # one window part per module of a glob
+        self.window: Window | None = None
+        self.device = torch.device("cpu")
+        self.observed_steps = 0
+        self.window_steps = 0
+        self.rows_per_step: int | None = None
+        self.last: Readout | None = None  # the last readout, identical on every rank
+        self._step_rows = 0
+        self._modules: list[tuple[str, weakref.ref]] = []
+        self._reduced: Window | None = None
+        self._saved_window: Window | None = None
+        self.model_inputs: dict = {}  # the model's attention_mask (and cache) of this forward
+        self._model_signature: inspect.Signature | None = None
+        self._mask_warned: set[str] = set()
+        self._step_hooks = HookSet()  # gradient hooks of this step (Call.on_gradient)
+        self._armed: set[int] = set()
+
+    def __repr__(self) -> str:
+        return repr(self.probe)
+
+    @property
+    def recording(self) -> Recording:
+        return self._recording
+
+    # ----------------------------------------------------------------- attach
+    def attach(self, setup: Setup) -> None:
+        probe = self.probe
+        self.strict = setup.strict
+        found = resolve_modules(setup.model, probe.module, owner=repr(probe))
+        self._modules = [(path, weakref.ref(mod)) for path, mod in found]
+        probe.paths = [path for path, _ in found]
+        if len(found) > 1 and not (probe.pool or probe.per_layer):
+            self.scopes = [layer_name(p) for p in probe.paths]
+        self.device = _device_of(mod for _, mod in found)
+        probe._driver = self
+        probe.on_attach(setup, found)
+        self.window = self._fresh_window()
+        probe.attach_hooks(found, self)
+        if probe.uses_token_mask:
+            try:
+                self._model_signature = inspect.signature(setup.model.forward)
+            except (TypeError, ValueError):  # a builtin or C forward: keywords only
+                self._model_signature = None
+            self.hooks.forward_pre(setup.model, self._capture_model_inputs)
+
+    def _fresh_window(self) -> Window:
+        if self.scopes == [None]:
+            window = self.probe.new_window()
+        else:
+            window = Window.scoped({s: self.probe.new_window() for s in self.scopes})
+        return window.add("_calls", Counter(("calls",))).to(self.device)
+
+    def view(self, scope: str | None = None, window: Window | None = None) -> WindowView:
+        """One module's part of the window (``None``: the probe's only part)."""
+        return WindowView(self.window if window is None else window, scope)
+
+    def _scope(self, path: str) -> str | None:
+        return None if self.scopes == [None] else layer_name(path)
+
+    def detach(self) -> None:
+        self.hooks.remove()
+        self._step_hooks.remove()
+        self.end_recording()
+
+    def end_recording(self) -> None:
+        super().end_recording()
+        self.model_inputs = {}
+
+    def check_modules(self, named: dict[str, nn.Module]) -> None:
+        """Raise if a module this probe hooks is no longer the one at its path.
+
+        Args:
+            named: ``dict(model.named_modules())`` of the model now.
+        """
+        for path, ref in self._modules:
+            if named.get(path) is not ref():
+                raise ValueError(
+                    f"{type(self.probe).__name__} '{self.name}': module '{path}' is no longer part "
+                    "of the model (it was replaced or removed after the monitor was built); its "
+                    "hooks see nothing. Build the monitor again on the changed model"
+                )
+
+    # ----------------------------------------------------------------- recording
+    @property
+    def active(self) -> bool:
+        return self._active
+
+    def read_forward(self, path: str, module: nn.Module) -> None:
+        self.hooks.forward(module, functools.partial(self._on_forward, path))
+
+    def _on_forward(self, path, module, args, kwargs, output) -> None:
+        if self._active:
+            self.guarded(self._read_and_record, Call(self, path, module, args, kwargs, output))
+
+    def _read_and_record(self, call: Call) -> None:
+        probe = self.probe
+        value = probe.reads.read(call, probe.extract, probe.read)
+        self.record(value, call, _device_of_value(value))
+
+    def call(self, path: str, module=None, args=(), kwargs=None, output=None) -> Call:
+        return Call(self, path, module, args, kwargs, output)
+
+    def record(self, value: Any, call: Call, device: torch.device | None) -> None:
+        """Place the window on ``device`` (where the value lives), count the call and
+        ``update`` the window (the module's part of it, for a glob kept per module)."""
+        if device is not None:
+            self.device = device  # where the data lives now (the model may have moved)
+            self.window.to(device)
+        self.window["_calls"].add("calls", 1)
+        self.probe.update(self.view(self._scope(call.path)), value, call)
+        if not self._recording.snapshot:
+            self._step_rows += call.rows
+
+    def on_gradient(self, tensor: torch.Tensor, fn) -> None:
+        if id(tensor) not in self._armed:
+            self._armed.add(id(tensor))
+            self._step_hooks.tensor(tensor, functools.partial(self._on_gradient, fn))
+
+    def _on_gradient(self, fn, grad) -> None:
+        if not self.disabled:
+            self.guarded(fn, grad)
+
+    def warn_mask(self, path: str, mask: torch.Tensor, what: str) -> None:
+        if path not in self._mask_warned:
+            self._mask_warned.add(path)
+            log.warning(
+                "collapse monitor: %r: the model's attention_mask %s does not cover module "
+                "'%s' (%s); its padding is not known there: pass observe(mask=...)",
+                self.probe,
+                tuple(mask.shape),
+                path,
+                what,
+            )
+
+    def _capture_model_inputs(self, module, args, kwargs) -> None:
+        if self._active:
+            self.guarded(self._keep_model_inputs, args, kwargs)
+
+    def _keep_model_inputs(self, args: tuple, kwargs: dict) -> None:
+        bound = dict(kwargs)
+        if args and self._model_signature is not None:  # model(ids, mask): by position too
+            try:
+                bound = dict(self._model_signature.bind_partial(*args, **kwargs).arguments)
+            except TypeError:
+                pass
+        mask = bound.get("attention_mask")
+        cached = bound.get("past_key_values") is not None
+        self.model_inputs = (
+            {"attention_mask": mask.detach(), "cached": cached}
+            if isinstance(mask, torch.Tensor) and mask.ndim == 2
+            else {}
+        )
+
+    # ----------------------------------------------------------------- steps and windows
+    def _end_of_step(self) -> None:
+        self._step_hooks.remove()  # one backward per step
+        self._armed.clear()
+
+    def finish_step(self) -> None:
+        """After a training step in which this probe recorded."""
+        self.observed_steps += 1
+        self.window_steps += 1
+        if self._step_rows:
+            self.rows_per_step, self._step_rows = self._step_rows, 0
+        self._end_of_step()
+        for scope in self.scopes:
+            self.probe.end_step(self.view(scope))
+
+    def missed_step(self) -> None:
+        """After a training step in which this probe would have recorded but was not observed."""
+        self._end_of_step()
+        for scope in self.scopes:
+            self.probe.end_missed_step(self.view(scope))
+
+    def exchange(self, group=None) -> None:
+        """After every step this probe records, on every rank, whether it recorded, missed the
+        step or is disabled: the probe's collectives of the hot path."""
+        agreed = self.probe.exchange(self.window, group)
+        if agreed is not None:
+            self.rows_per_step = agreed
+
+    def step_values(self) -> dict[str | None, dict[str, torch.Tensor]]:
+        """The probe's :meth:`Probe.step_values` of this step, per module scope."""
+        return {scope: self.probe.step_values(self.view(scope)) for scope in self.scopes}
+
+    def compute(self, group=None) -> Readout:
+        """The readout of this window over all ranks; keeps the window. A collective under
+        ``torch.distributed``: every rank must call it."""
+        self._reduced = reduced = self.window.reduced(group)
+        out = Readout({self.probe.key("calls"): float(reduced["_calls"]["calls"])})
+        for scope in self.scopes:
+            part = self.probe.readout(self.view(scope, reduced))
+            for field in ("metrics", "histograms", "pictures", "masks"):
+                mine = getattr(part, field)
+                getattr(out, field).update(
+                    mine if scope is None else {k.but(layer=scope): v for k, v in mine.items()}
+                )
+        self.last = out
+        return out
+
+    def finish_window(self, group=None) -> None:
+        """Start the next window after a log."""
+        reduced = self._reduced if self._reduced is not None else self.window.reduced(group)
+        self._reduced = None
+        for scope in self.scopes:
+            self.probe.end_window(self.view(scope), self.view(scope, reduced))
+        self.window["_calls"].reset()
+        self.window_steps = 0
+
+    def replaced(self, scope: str | None, mask: torch.Tensor) -> None:
+        """A mitigation replaced what ``mask`` marks in the module ``scope`` (None: the probe's
+        only window part)."""
+        self.probe.on_replaced(self.view(scope), mask)
+
+    # ----------------------------------------------------------------- snapshots
+    def begin_snapshot(self) -> None:
+        """Record into a fresh window (sharing persistent memories) until :meth:`end_snapshot`."""
+        self._saved_window = self.window
+        self.window = self._fresh_window().share_persistent(self.window)
+
+    def end_snapshot(self) -> None:
+        self.window, self._saved_window = self._saved_window, None
+        self._reduced = None
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self, group=None, sync: bool = True) -> dict:
+        """Window statistics (all-reduced over ``group`` when ``sync``: a collective) and extra
+        state. During a validation snapshot, the training window is saved."""
+        window = self._saved_window if self._saved_window is not None else self.window
+        window = window.reduced(group) if sync else window
+        extra = {
+            "observed_steps": self.observed_steps,
+            "window_steps": self.window_steps,
+            "rows_per_step": self.rows_per_step,  # a resumed cadence records the same steps
+            **self.probe.extra_state(),
+        }
+        return {"window": window.state_dict(), "extra": extra}
+
+    def load_state_dict(self, state: dict, keep_window: bool = True) -> None:
+        self.window.load_state_dict(state["window"], keep=keep_window)
+        extra = state["extra"]
+        self.observed_steps = int(extra["observed_steps"])
+        self.window_steps = int(extra["window_steps"])
+        self.rows_per_step = extra.get("rows_per_step")
+        self.probe.load_extra_state(extra)
+
+
+def _device_of(modules) -> torch.device:
+    """Where a module's statistics should live: its first parameter's (or buffer's) device."""
+    for mod in modules:
+        for t in (*mod.parameters(), *mod.buffers()):
+            return t.device
+    return torch.device("cpu")
+
+
+def _device_of_value(value: Any) -> torch.device | None:
+    if isinstance(value, torch.Tensor):
+        return value.device
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        return value[0].device
+    return None

@@ -1,0 +1,173 @@
+"""The probes of one monitor, run together: recording, the end of every step, readouts, state.
+
+:class:`ProbeSet` holds one :class:`~collapse_monitor.probes.driver.ProbeDriver` per probe and
+does what concerns them all: which of them record a forward pass (asking the cadence), the end of
+each training step (per-step memories, the hot path's collectives), the readouts at a log over
+all ranks (after the ranks agree which probes are still enabled, so that every rank reaches the
+same collectives), the start of the next window, snapshots, and their state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from contextlib import nullcontext
+from types import MappingProxyType
+
+import torch
+
+from .. import _dist
+from .._modules import named_modules
+from .._sharding import whole_parameters
+from ..cadence import Cadence
+from ..contracts import ProbeInfo, Readout, Recording, Replaced, Setup
+from .base import Probe
+from .driver import ProbeDriver
+
+
+class ProbeSet:
+    """The probes of one monitor (see the module docstring).
+
+    Args:
+        probes: :class:`Probe` instances (names unique).
+        process_group: the group the readouts reduce over (None: WORLD).
+    """
+
+    def __init__(self, probes: Iterable[Probe], process_group=None) -> None:
+        self.drivers = [ProbeDriver(p) for p in probes]
+        self.by_name = {d.name: d for d in self.drivers}
+        self.process_group = process_group
+        self._recorded: set[ProbeDriver] = set()  # recorded in this training step
+        self._stopped: set[ProbeDriver] = set()  # disabled on every rank (agreed at a log)
+
+    def attach(self, setup: Setup) -> Mapping[str, ProbeInfo]:
+        """Attach every probe; their descriptions, for the mitigations."""
+        for d in self.drivers:
+            d.attach(setup)
+        return MappingProxyType({d.name: _info(d) for d in self.drivers})
+
+    def detach(self) -> None:
+        for d in self.drivers:
+            d.detach()
+
+    # ----------------------------------------------------------------- recording
+    def begin_recording(
+        self, cadence: Cadence, step: int, snapshot: bool, inputs: dict
+    ) -> list[ProbeDriver]:
+        """Hand a :class:`Recording` to the probes that record this forward pass (every probe
+        in a snapshot, else as the cadence says); those of a training step are remembered
+        until :meth:`end_step`."""
+        logging = not snapshot and cadence.logs_after(step)  # (the same for every probe)
+        recorders = [
+            d
+            for d in self.drivers
+            if snapshot or cadence.records(d.probe.sampling, step, d.rows_per_step)
+        ]
+        for d in recorders:
+            mine = {k: v for k, v in inputs.items() if k in d.probe.keywords and v is not None}
+            d.begin_recording(Recording(step, logging, snapshot, mine))
+        if not snapshot:  # snapshots do not advance per-step state such as usage EMAs
+            self._recorded.update(recorders)
+        return recorders
+
+    def step_values(self) -> dict[str, dict]:
+        """What the probes that recorded this step publish of it (``Probe.step_values``)."""
+        return {d.name: d.step_values() for d in self._recorded if not d.disabled}
+
+    def end_step(self, cadence: Cadence, step: int) -> None:
+        """After training step ``step``: per-step memories of the probes that recorded it (or
+        would have, and saw nothing on this rank), then their collectives of the step, on
+        every rank until the ranks agree at a log that a probe stopped."""
+        for d in self.drivers:
+            due = d in self._recorded or cadence.records(d.probe.sampling, step, d.rows_per_step)
+            if d in self._recorded and not d.disabled:
+                d.run(d.finish_step)
+            elif not d.disabled and due:  # e.g. this rank had no batch this step
+                d.run(d.missed_step)
+            if due and d not in self._stopped:
+                d.run(d.exchange, self.process_group)
+        self._recorded.clear()
+
+    def route(self, replaced: Replaced) -> None:
+        """A mitigation replaced elements of a probe: it forgets them."""
+        d = self.by_name.get(replaced.probe)
+        if d is not None and not d.disabled:
+            d.run(d.replaced, replaced.scope, replaced.mask)
+
+    # ----------------------------------------------------------------- logs
+    def agree_on_disabled(self, others: Iterable = ()) -> None:
+        """Disable on every rank what failed on any rank (before any collective); ``others``:
+        further parts with a ``disabled`` flag (the mitigations)."""
+        owners = [*self.drivers, *others]
+        group = self.process_group
+        if not _dist.is_distributed(group) or not owners:
+            return
+        flags = torch.tensor(
+            [float(c.disabled) for c in owners], device=_dist.collective_device(group)
+        )
+        _dist.all_reduce_max_(flags, group)
+        for c, flag in zip(owners, flags.tolist()):
+            c.disabled = c.disabled or bool(flag)
+        self._stopped = {d for d in self.drivers if d.disabled}
+
+    def readouts(self, model: torch.nn.Module, holder: torch.nn.Module) -> dict[str, Readout]:
+        """Each enabled probe's readout of its window over all ranks (a collective: call it on
+        every rank, after :meth:`agree_on_disabled`); the windows are kept."""
+        named = named_modules(model)
+        for d in self.drivers:
+            if not d.disabled:
+                d.run(d.check_modules, named)
+        readouts = {}
+        # FSDP (first generation): gathered only for a readout that reads weights (NC's
+        # classifier); every rank takes the same decision (disabled flags were agreed)
+        gather = any(d.probe.reads_parameters and not d.disabled for d in self.drivers)
+        with whole_parameters(holder, writeback=False) if gather else nullcontext():
+            for d in self.drivers:
+                if not d.disabled:
+                    r = d.run(d.compute, self.process_group)
+                    if r is not None:
+                        readouts[d.name] = r
+        return readouts
+
+    def finish_windows(self) -> None:
+        for d in self.drivers:
+            if not d.disabled:
+                d.run(d.finish_window, self.process_group)
+
+    def begin_snapshot(self) -> None:
+        for d in self.drivers:
+            d.begin_snapshot()
+
+    def end_snapshot(self) -> None:
+        for d in self.drivers:
+            d.end_snapshot()
+
+    # ----------------------------------------------------------------- state
+    @property
+    def rank_local(self) -> bool:
+        return any(d.probe.rank_local for d in self.drivers)
+
+    @property
+    def errors(self) -> int:
+        return sum(d.errors for d in self.drivers)
+
+    def state_dict(self, sync: bool) -> dict:
+        return {d.name: d.state_dict(self.process_group, sync=sync) for d in self.drivers}
+
+    def load_state_dict(self, states: dict, keep_window: bool) -> None:
+        for d in self.drivers:
+            d.load_state_dict(states[d.name], keep_window=keep_window)
+
+
+def _info(d: ProbeDriver) -> ProbeInfo:
+    probe = d.probe
+    kinds = tuple(
+        c.__name__ for c in type(probe).__mro__ if issubclass(c, Probe) and c is not Probe
+    )
+    return ProbeInfo(
+        probe.name,
+        kinds,
+        probe.module,
+        tuple(probe.paths),
+        d.scopes != [None],
+        MappingProxyType(probe.describe()),
+    )
