@@ -10,11 +10,15 @@ PY := $(VENV)/bin/python
 
 setup: $(VENV)/.installed
 
+# The torch installed first (or the venv's own) is pinned by a constraints file while the rest
+# installs: a package that asks for another torch fails instead of pulling a multi-GB build.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	@if [ -n "$(TORCH)" ]; then $(PY) -m pip install "$(TORCH)"; fi
-	$(PY) -m pip install -e ".[dev,examples]"
+	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/constraints.txt
+	$(PY) -m pip install -c $(VENV)/constraints.txt -e ".[dev,examples]"
+	$(PY) -c "import torch; print('torch', torch.__version__)"
 	touch $@
 
 demo: setup

@@ -128,7 +128,7 @@ def _worker(rank: int, world: int, init: str, out: str, shard: bool) -> None:
                 "steps_cpu": steps_cpu,
                 "bytes": sent,
                 "checkpoint_bytes": checkpoint,
-                "state_bytes": mon.statistics(probe).nbytes(),
+                "state_bytes": mon.driver(probe).window.nbytes(),
                 "saved_bytes": sum(
                     t.numel() * t.element_size()
                     for e in state["probes"]["lm"]["window"]["entries"].values()

@@ -225,7 +225,7 @@ def state_bytes(obj) -> int:
 
 def _formula(p, mon) -> str:
     if isinstance(p, probes.NeuralCollapse):
-        C, D = p.num_classes, mon.statistics(p)["moments"].dim
+        C, D = p.num_classes, mon.driver(p).window["moments"].dim
         return f"16CD+8D^2+8CD(lag)+O(C) = {16 * C * D + 8 * D * D + 8 * C * D:,}"
     if isinstance(p, probes.RepresentationRank):
         return "8D^2+8D+O(1)"
@@ -253,7 +253,7 @@ def section_memory(quick: bool) -> list[str]:
                     w.name.split(",")[0],
                     p.name,
                     type(p).__name__,
-                    f"{state_bytes(p) + mon.statistics(p).nbytes():,}",
+                    f"{state_bytes(p) + mon.driver(p).window.nbytes():,}",
                     _formula(p, mon),
                 ]
             )

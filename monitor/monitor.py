@@ -34,21 +34,19 @@ from .config import MonitorConfig, OnAlert
 from .contracts import LogView, Readout, Recording, Setup, StepView
 from .keys import ERRORS_KEY, MetricKey, alerts_key
 from .mitigations.base import Mitigation
-from .mitigations.runner import MitigationRunner
+from .mitigations.runner import MitigationRunner, Optimizers, as_optimizers
 from .notices import Notices
 from .outlets import Outlets
 from .probes.base import Probe
-from .probes.probeset import ProbeSet
+from .probes.driver import ProbeDriver
+from .probes.probeset import ProbeSet, metrics_of
 from .rules import Rule, RuleEngine
 from .sinks import Sink
 from .snapshots import Snapshots
-from .stats import Window
 
 # the open monitor of each model, kept here rather than on the model: nothing of the monitor
 # travels with a saved, pickled or copied model
 _MONITORS: weakref.WeakKeyDictionary[nn.Module, weakref.ref] = weakref.WeakKeyDictionary()
-
-Optimizers = Any  # an optimizer, a sequence of them, or None
 
 
 class CollapseMonitor:
@@ -193,11 +191,6 @@ class CollapseMonitor:
         return self._mitigations.counts
 
     @property
-    def errors(self) -> int:
-        """Errors of the outlets (sinks, pictures, alert callbacks)."""
-        return self.outlets.errors
-
-    @property
     def error_count(self) -> int:
         """Errors so far: every probe's, mitigation's, sink's and picture's."""
         parts = self._probes.errors + sum(m.errors for m in self.mitigations)
@@ -211,26 +204,18 @@ class CollapseMonitor:
         skips the resumed window, with a warning)."""
         return self._probes.rank_local
 
-    def statistics(self, probe: str | Probe) -> Window:
-        """The statistics of ``probe``'s current window (by name or instance; read them only:
-        for tests and debugging)."""
-        return self._probes.by_name[getattr(probe, "name", probe)].window
-
-    def last_readout(self, probe: str | Probe) -> Readout | None:
-        """``probe``'s last readout (a log's or :meth:`compute`'s): metrics, histograms,
-        pictures and the masks mitigations act on; None before one."""
-        return self._probes.by_name[getattr(probe, "name", probe)].last
-
-    def steps_recorded(self, probe: str | Probe) -> int:
-        """Training steps ``probe`` recorded since the run began."""
-        return self._probes.by_name[getattr(probe, "name", probe)].observed_steps
+    def driver(self, probe: str | Probe) -> ProbeDriver:
+        """The monitor's side of ``probe`` (by name or instance), for tests and debugging: its
+        ``window`` of statistics, ``last`` readout (masks included), ``observed_steps``. Read it
+        only."""
+        return self._probes.by_name[getattr(probe, "name", probe)]
 
     def records(self, probe: Probe) -> bool:
         """Whether ``probe`` records in a forward pass observed now (at this step)."""
         if self._snapshots.prefix is not None:
             return True
-        driver = self._probes.by_name[probe.name]
-        return self.cadence.records(probe.sampling, self.global_step, driver.rows_per_step)
+        rows = self.driver(probe).rows_per_step
+        return self.cadence.records(probe.sampling, self.global_step, rows)
 
     # ----------------------------------------------------------------- recording
     @contextmanager
@@ -282,7 +267,7 @@ class CollapseMonitor:
             logging steps synchronise with the device (and, on a GPU, the recorded steps of a
             class-sharded probe: ``NeuralCollapse(shard_classes=True)``).
         """
-        optimizers = _optimizers(optimizer)
+        optimizers = as_optimizers(optimizer)
         step = self.global_step
         self._mitigations.after_step(StepView(step, optimizers, self._probes.step_values()))
         self._probes.end_step(self.cadence, step)
@@ -300,13 +285,13 @@ class CollapseMonitor:
     def compute(self) -> dict[MetricKey, float]:
         """Metrics of the current window (all-reduced across ranks); the window is kept. Under
         ``torch.distributed`` a collective: call it on every rank."""
-        metrics = _metrics(self._readouts())
+        metrics = metrics_of(self._readouts())
         metrics[ERRORS_KEY] = float(self.error_count)
         return metrics
 
     def _log(self, optimizers: tuple) -> dict[MetricKey, float]:
         readouts = self._readouts()
-        metrics = _metrics(readouts)
+        metrics = metrics_of(readouts)
         self.notices.after_log(self._probes.drivers, metrics, self.cadence)
         step = self.global_step
         alerts = self.rules.check(metrics, step)
@@ -359,7 +344,7 @@ class CollapseMonitor:
             self._snapshots.close()
             return {}
         with self._snapshots.ending(prefix) as (prefix, loader):
-            metrics = _metrics(self._readouts(), prefix, loader)
+            metrics = metrics_of(self._readouts(), prefix, loader)
         self.outlets.each_sink("log_metrics", metrics, self.global_step)
         self.outlets.each_sink("flush")
         return metrics
@@ -470,30 +455,5 @@ class CollapseMonitor:
         self._probes.load_state_dict(saved["probes"], keep_window=keep)
         self.rules.load_state_dict(saved["rules"])
         self._mitigations.load_state_dict(
-            saved["mitigations"], saved["mitigation_counts"], _optimizers(optimizer)
+            saved["mitigations"], saved["mitigation_counts"], as_optimizers(optimizer)
         )
-
-
-def _optimizers(optimizer: Optimizers) -> tuple:
-    if optimizer is None:
-        return ()
-    if isinstance(optimizer, torch.optim.Optimizer):
-        return (optimizer,)
-    optimizers = tuple(optimizer)
-    for opt in optimizers:
-        if not isinstance(opt, torch.optim.Optimizer):
-            raise TypeError(
-                f"optimizer must be a torch.optim.Optimizer or a list of them, got {opt!r}"
-            )
-    return optimizers
-
-
-def _metrics(
-    readouts: dict[str, Readout], prefix: str | None = None, loader: int | None = None
-) -> dict[MetricKey, float]:
-    return {
-        key.with_prefix(prefix, loader): float(value)
-        for r in readouts.values()
-        for key, value in r.metrics.items()
-        if value == value  # NaN: undefined, not logged
-    }

@@ -25,7 +25,10 @@ import torch
 from .stats import to_device
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from .contracts import Recording
+    from .hooks import HookSet
 
 
 def describe(obj: Any) -> str:
@@ -186,6 +189,36 @@ class Call:
         key-value cache (``{"attention_mask": (B, S), "cached": bool}``, or empty), for probes
         that read token padding."""
         return self._context.model_inputs
+
+
+class Recorder:
+    """What a probe that hooks its own way (:meth:`Probe.attach_hooks`) is handed.
+
+    Attributes:
+        hooks: the :class:`~collapse_monitor.hooks.HookSet` its hooks go in (removed at
+            ``close()``).
+        active: a plain bool, true while the monitor records for this probe (hooks test it
+            first: outside ``observe()`` they do nothing).
+    """
+
+    hooks: HookSet
+    active: bool
+
+    def read_forward(self, path: str, module: nn.Module) -> None:
+        """The default: a forward hook on ``module`` whose value :attr:`Probe.reads` reads."""
+        raise NotImplementedError
+
+    def call(self, path: str, module=None, args=(), kwargs=None, output=None) -> Call:
+        """A :class:`~collapse_monitor.reading.Call` for a value found while recording."""
+        raise NotImplementedError
+
+    def record(self, value: Any, call: Call, device: torch.device | None) -> None:
+        """Hand ``value`` of ``call`` to ``Probe.update`` (window placed on ``device``)."""
+        raise NotImplementedError
+
+    def guarded(self, fn, *args) -> Any:
+        """Run ``fn(*args)`` from a hook: an error disables the probe instead of training."""
+        raise NotImplementedError
 
 
 def feature_rows(values: torch.Tensor, call: Call, what: str = "features") -> None:

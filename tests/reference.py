@@ -1,5 +1,6 @@
-"""An independent numpy implementation of the neural-collapse metrics, written from METRICS.md
-section 1 with explicit loops over classes and pairs (small C only)."""
+"""An independent numpy implementation of the neural-collapse metrics, written from their
+definitions (docs/metrics.md#neuralcollapse) with explicit loops over classes and pairs (small C
+only)."""
 
 import numpy as np
 

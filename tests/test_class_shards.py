@@ -93,7 +93,7 @@ def worker(rank, init, out_dir):
         torch.manual_seed(0)
         head = nn.Linear(D, C)
         mon = monitor(head)
-        moments = mon.statistics(mon.probes[0])["moments"]
+        moments = mon.driver(mon.probes[0]).window["moments"]
         sharded_bytes, full_bytes = moments.nbytes(), None
         logs = run(mon, range(6), rank)
         state = mon.state_dict()  # mid-window: each rank saves its own class shard
@@ -148,7 +148,7 @@ def worker(rank, init, out_dir):
             out = default.step()
             if out is not None:
                 cadence.append(out)
-        recorded = default.steps_recorded(default.probes[0])
+        recorded = default.driver(default.probes[0]).observed_steps
         default.close()
         torch.save(
             {

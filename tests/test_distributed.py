@@ -214,7 +214,7 @@ def reset_worker(rank, init, out_dir, every_step=False):
             {
                 "codebook": model.vq.codebook.weight.detach(),
                 "metrics": metrics,
-                "dead": mon.last_readout(probe).masks[probe.key("dead")],
+                "dead": mon.driver(probe).last.masks[probe.key("dead")],
             },
             os.path.join(out_dir, f"reset{rank}.pt"),
         )

@@ -153,6 +153,5 @@ def test_docs_do_not_mention_the_internal_specification():
     assert offenders == {}
 
 
-@pytest.mark.xfail(strict=False, reason="README updated by the refactor")
 def test_readme_does_not_mention_the_internal_specification():
     assert _mentions(ROOT / "README.md") == []

@@ -183,7 +183,7 @@ def test_monitor_keeps_no_autograd_graph():
     gc.collect()
     assert ref() is None, "the monitor kept the input (or its graph) alive"
     p = mon.probes[0]
-    held = [getattr(s, n) for _, s in mon.statistics(p).items() for n in s.state_names]
+    held = [getattr(s, n) for _, s in mon.driver(p).window.items() for n in s.state_names]
     held += [t for t in p.extra_state().values() if isinstance(t, torch.Tensor)]
     assert len(held) > 8
     assert all(t.grad_fn is None and not t.requires_grad for t in held)
@@ -199,12 +199,12 @@ def test_memory_does_not_grow_over_2000_steps():
     train(model, mon, 200)
     gc.collect()
     tensors = sum(issubclass(type(o), torch.Tensor) for o in gc.get_objects())
-    state = mon.statistics(mon.probes[0]).nbytes()
+    state = mon.driver(mon.probes[0]).window.nbytes()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     train(model, mon, 1800)
     gc.collect()
     assert sum(issubclass(type(o), torch.Tensor) for o in gc.get_objects()) == tensors
-    assert mon.statistics(mon.probes[0]).nbytes() == state
+    assert mon.driver(mon.probes[0]).window.nbytes() == state
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 20_000  # KiB
 
 

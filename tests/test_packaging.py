@@ -1,5 +1,6 @@
 """The installed package is ``collapse_monitor``; the repository's folder names never leak."""
 
+import re
 import shutil
 import subprocess
 import sys
@@ -66,3 +67,29 @@ def test_the_wheel_holds_one_top_level_package(tmp_path):
         assert f"collapse_monitor/{module}" in names
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "collapse_monitor.report:main" in zipfile.ZipFile(wheel).read(entry).decode()
+    # torch, numpy and TensorBoard (the default sink) come with it; trainers and trackers are extras
+    metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA")))
+    requires = [
+        line.split(":", 1)[1].strip()
+        for line in metadata.decode().splitlines()
+        if line.startswith("Requires-Dist:")
+    ]
+    base = {re.split(r"[<>=;\[ ]", r)[0] for r in requires if "extra ==" not in r}
+    assert base == {"torch", "numpy", "tensorboard"}
+    for extra, package in [("lightning", "lightning"), ("transformers", "transformers")]:
+        assert any(r.startswith(package) and f'extra == "{extra}"' in r for r in requires)
+
+
+@pytest.mark.parametrize("package", ["lightning", "transformers", "wandb"])
+def test_an_integration_without_its_package_says_which_extra_to_install(package, tmp_path):
+    use = {
+        "lightning": "import collapse_monitor.integrations.lightning",
+        "transformers": "import collapse_monitor.integrations.transformers",
+        "wandb": "from collapse_monitor.integrations.wandb import WandbSink; WandbSink()",
+    }[package]
+    code = f"import sys; sys.modules[{package!r}] = None\n{use}"
+    proc = python(code, tmp_path)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: ") and f"collapse-monitor[{package}]" in last
+    assert "During handling" not in proc.stderr  # one error, not a chain

@@ -96,7 +96,7 @@ def test_mixed_precision_statistics_match_float32_within_input_precision(dtype):
     x, y, groups = batch(0)
     with torch.autocast("cpu", dtype=dtype), mon.observe(targets=y, groups=groups):
         model(x)
-    stats = mon.statistics(mon.probes[0])["moments"]
+    stats = mon.driver(mon.probes[0]).window["moments"]
     assert stats.second_moment.dtype == torch.float64 and stats.sum.dtype == torch.float64
 
 

@@ -90,7 +90,7 @@ def test_learned_codebook_reset_rows_and_adam_moments():
     assert st["step"] == state["step"] + 1  # the step count is kept
     # the replaced codes restart their usage memory: the next readout no longer calls them dead
     mon.compute()
-    assert not mon.last_readout(probe).masks[probe.key("dead")][0][changed].any()
+    assert not mon.driver(probe).last.masks[probe.key("dead")][0][changed].any()
 
 
 def test_vector_quantize_pytorch_ema_codebook_is_probed_and_reset():

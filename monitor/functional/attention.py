@@ -1,5 +1,5 @@
 """Attention entropy (Zhai et al. 2023), entropic overload (Jha & Reagen 2025) and attention-logit
-growth (Wortsman et al. 2023): METRICS.md section 3."""
+growth (Wortsman et al. 2023): docs/metrics.md#attentionentropy."""
 
 from __future__ import annotations
 

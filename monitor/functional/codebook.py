@@ -1,4 +1,4 @@
-"""Codebook usage (METRICS.md section 2): perplexity and utilisation from pooled counts."""
+"""Codebook usage (docs/metrics.md#codebookusage): perplexity and utilisation from pooled counts."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def usage_from_counts(counts: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def dead_codes(ema_hits: torch.Tensor, ema_rows: torch.Tensor, threshold: float) -> torch.Tensor:
     """``(H, K)`` bool: codes whose smoothed usage, in hits per index of their head
-    (``ema_hits / ema_rows``), is below ``threshold`` (METRICS.md 2: EMA usage below threshold)."""
+    (``ema_hits / ema_rows``), is below ``threshold`` (docs/metrics.md#codebookusage: EMA usage below threshold)."""
     return ema_hits < threshold * ema_rows[:, None]
 
 

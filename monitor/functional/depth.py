@@ -1,5 +1,5 @@
-"""Token uniformity across depth: rank collapse (Dong et al. 2021; Noci et al. 2022), METRICS.md
-section 7. Whole-tensor references and the readout the probe shares."""
+"""Token uniformity across depth: rank collapse (Dong et al. 2021; Noci et al. 2022),
+docs/metrics.md#tokenuniformity. Whole-tensor references and the readout the probe shares."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ _F64 = torch.float64
 def token_uniformity(
     x: torch.Tensor, mask: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per sequence: mean token cosine ``rho`` and Frobenius residual ``r_F`` (METRICS.md 7).
+    """Per sequence: mean token cosine ``rho`` and Frobenius residual ``r_F`` (docs/metrics.md#tokenuniformity).
 
     ``rho = (||sum_i u_i||^2 - T) / (T (T - 1))`` with ``u_i = x_i/||x_i||`` (1 when all tokens point
     the same way); ``r_F = sqrt(1 - T ||xbar||^2 / sum_i ||x_i||^2)`` (0 when all tokens are equal).

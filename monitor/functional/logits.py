@@ -1,5 +1,5 @@
 """Softmax collapse and output-logit health (Prieto et al. 2025; Wortsman et al. 2023):
-METRICS.md sections 3.2 and 6. Whole-tensor references and the readout the probe shares."""
+docs/metrics.md#logithealth. Whole-tensor references and the readout the probe shares."""
 
 from __future__ import annotations
 

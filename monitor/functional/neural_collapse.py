@@ -1,4 +1,4 @@
-"""Neural-collapse metrics (Papyan, Han & Donoho 2020; Galanti et al. 2022), METRICS.md section 1.
+"""Neural-collapse metrics (Papyan, Han & Donoho 2020; Galanti et al. 2022), docs/metrics.md#neuralcollapse.
 
 ``neural_collapse`` is the whole-tensor, float64, two-pass reference. ``metrics_from_class_statistics``
 is the readout shared with the streaming probe: it turns class counts, class means and the pooled
@@ -135,7 +135,7 @@ def cross_pairwise_sums(a, b, etf_cos: float, tile: int = 256) -> torch.Tensor:
 
 def pairwise_metrics(sums: torch.Tensor) -> dict[str, float]:
     """``equiangular``, ``cos_std``, ``cdnv`` and ``cdnv_pairs_skipped`` from the sums of
-    :func:`pairwise_sums` over all pairs (METRICS.md 1.3, 1.5)."""
+    :func:`pairwise_sums` over all pairs (docs/metrics.md#neuralcollapse)."""
     abs_dev, dev_sum, dev_sq, pairs, cdnv_sum, cdnv_pairs = sums.tolist()
     out = {"equiangular": abs_dev / pairs, "cdnv_pairs_skipped": pairs - cdnv_pairs}
     if pairs > 1:

@@ -1,6 +1,7 @@
 """Dimensional collapse (RankMe, effective rank, SimSiam std), posterior collapse and Fréchet
-distance: METRICS.md sections 4, 5 and 9. Whole-tensor references in float64, plus the readouts
-shared with the streaming probes (functions of counts, means and scatter matrices)."""
+distance (docs/metrics.md#representationrank, #posteriorcollapse). Whole-tensor references in
+float64, plus the readouts shared with the streaming probes (functions of counts, means and
+scatter matrices)."""
 
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ def spectrum_metrics(count: int, mean: torch.Tensor, scatter: torch.Tensor) -> d
     eig = _above_noise(torch.linalg.eigvalsh(cov).flip(0))
     raw = scatter.to(_F64) + count * torch.outer(mean, mean)
     # eigenvalues of Z'Z below D*eps*max are rounding noise; RankMe weights by their square roots
-    # (sqrt(D*eps) of the largest), which would inflate it (METRICS.md 5(d))
+    # (sqrt(D*eps) of the largest), which would inflate it (docs/metrics.md#representationrank)
     sigma = _above_noise(torch.linalg.eigvalsh((raw + raw.T) / 2).flip(0)).sqrt()
     sigma = sigma[: min(count, sigma.numel())]
     return {
@@ -100,7 +101,7 @@ def frechet_distance(mean1, cov1, mean2, cov2) -> float:
 
 
 def variance_ratio(cov: torch.Tensor, reference_cov: torch.Tensor) -> float:
-    """``tr Σ / tr Σ_ref``: total variance against a reference's (METRICS.md 9; < 1 shrinking)."""
+    """``tr Σ / tr Σ_ref``: total variance against a reference's (docs/metrics.md#representationrank; < 1 shrinking)."""
     return (cov.trace() / reference_cov.trace()).item()
 
 

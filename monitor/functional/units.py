@@ -1,4 +1,4 @@
-"""τ-dormant units (Sokar et al. 2023; Dopamine's NeuronRecycler), METRICS.md section 8.
+"""τ-dormant units (Sokar et al. 2023; Dopamine's NeuronRecycler), docs/metrics.md#dormantunits.
 Whole-tensor reference and the readout the probe shares."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""ReDo: recycle dormant units (Sokar et al. 2023; dopamine's NeuronRecycler), METRICS.md 8."""
+"""ReDo: recycle dormant units (Sokar et al. 2023; dopamine's NeuronRecycler), docs/metrics.md#dormantunits."""
 
 from __future__ import annotations
 

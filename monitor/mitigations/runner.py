@@ -10,8 +10,9 @@ the monitor.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
+from typing import Union
 
 import torch
 
@@ -19,6 +20,28 @@ from .._sharding import whole_parameters
 from ..contracts import Event, LogView, Replaced, Setup, StepView
 from ..keys import MetricKey, mitigations_key
 from .base import Mitigation
+
+#: what ``monitor.step(optimizer=)`` takes: an optimizer, a sequence of them, or None
+Optimizers = Union[torch.optim.Optimizer, Sequence[torch.optim.Optimizer], None]
+
+
+def as_optimizers(optimizer: Optimizers) -> tuple[torch.optim.Optimizer, ...]:
+    """``optimizer`` as a tuple of optimizers.
+
+    Raises:
+        TypeError: something that is not an optimizer.
+    """
+    if optimizer is None:
+        return ()
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return (optimizer,)
+    optimizers = tuple(optimizer)
+    for opt in optimizers:
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise TypeError(
+                f"optimizer must be a torch.optim.Optimizer or a list of them, got {opt!r}"
+            )
+    return optimizers
 
 
 class MitigationRunner:

@@ -1,4 +1,4 @@
-"""σReparam (Zhai et al. 2023, apple/ml-sigma-reparam), METRICS.md 3.3."""
+"""σReparam (Zhai et al. 2023, apple/ml-sigma-reparam), docs/metrics.md#attentionentropy."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ probe never sees it. The overridable methods are listed in ``docs/writing_a_prob
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -24,13 +24,9 @@ from torch import nn
 from ..cadence import SAMPLED, Sampling
 from ..contracts import Readout, Setup
 from ..keys import MetricKey, check_name, layer_name
-from ..reading import Call, Reading
+from ..reading import Call, Reading, Recorder
 from ..rules import Rule, RuleSpec
 from ..stats import Window, WindowView
-
-if TYPE_CHECKING:
-    from .driver import ProbeDriver, Recorder
-
 
 __all__ = ["Probe", "layer_name"]
 
@@ -109,7 +105,7 @@ class Probe:
         self.pool = bool(pool)
         #: the module paths resolved at attach (before :meth:`new_window`)
         self.paths: list[str] = []
-        self._driver: ProbeDriver | None = None  # set by the monitor at attach
+        self._driver = None  # its ProbeDriver, set by the monitor at attach
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(module={self.module!r}, name={self.name!r})"

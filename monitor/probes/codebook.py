@@ -1,4 +1,4 @@
-"""Codebook collapse (METRICS.md section 2): code usage of VQ layers, MoE routers, SAE latents."""
+"""Codebook collapse (docs/metrics.md#codebookusage): code usage of VQ layers, MoE routers, SAE latents."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""τ-dormant units per layer (Sokar et al. 2023), METRICS.md section 8."""
+"""τ-dormant units per layer (Sokar et al. 2023), docs/metrics.md#dormantunits."""
 
 from __future__ import annotations
 

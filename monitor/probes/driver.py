@@ -22,41 +22,11 @@ from torch import nn
 from .._modules import resolve_modules
 from ..contracts import Component, Readout, Recording, Setup
 from ..hooks import HookSet
-from ..reading import Call
+from ..reading import Call, Recorder
 from ..stats import Counter, Window, WindowView
 from .base import Probe, layer_name
 
 log = logging.getLogger(__name__)
-
-
-class Recorder:
-    """What a probe that hooks its own way (:meth:`Probe.attach_hooks`) is handed.
-
-    Attributes:
-        hooks: the :class:`~collapse_monitor.hooks.HookSet` its hooks go in (removed at
-            ``close()``).
-        active: a plain bool, true while the monitor records for this probe (hooks test it
-            first: outside ``observe()`` they do nothing).
-    """
-
-    hooks: HookSet
-    active: bool
-
-    def read_forward(self, path: str, module: nn.Module) -> None:
-        """The default: a forward hook on ``module`` whose value :attr:`Probe.reads` reads."""
-        raise NotImplementedError
-
-    def call(self, path: str, module=None, args=(), kwargs=None, output=None) -> Call:
-        """A :class:`~collapse_monitor.reading.Call` for a value found while recording."""
-        raise NotImplementedError
-
-    def record(self, value: Any, call: Call, device: torch.device | None) -> None:
-        """Hand ``value`` of ``call`` to ``Probe.update`` (window placed on ``device``)."""
-        raise NotImplementedError
-
-    def guarded(self, fn, *args) -> Any:
-        """Run ``fn(*args)`` from a hook: an error disables the probe instead of training."""
-        raise NotImplementedError
 
 
 class ProbeDriver(Component, Recorder):

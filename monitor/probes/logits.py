@@ -1,5 +1,5 @@
 """Output-logit health: softmax collapse (Prieto et al. 2025) and logit divergence (Wortsman et
-al. 2023), METRICS.md sections 3.2 and 6."""
+al. 2023), docs/metrics.md#logithealth."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Neural-collapse probe (Papyan, Han & Donoho 2020), METRICS.md section 1."""
+"""Neural-collapse probe (Papyan, Han & Donoho 2020), docs/metrics.md#neuralcollapse."""
 
 from __future__ import annotations
 

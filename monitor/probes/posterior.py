@@ -1,4 +1,4 @@
-"""Posterior collapse of a VAE encoder (METRICS.md section 4)."""
+"""Posterior collapse of a VAE encoder (docs/metrics.md#posteriorcollapse)."""
 
 from __future__ import annotations
 

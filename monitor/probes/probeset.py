@@ -20,6 +20,7 @@ from .._modules import named_modules
 from .._sharding import whole_parameters
 from ..cadence import Cadence
 from ..contracts import ProbeInfo, Readout, Recording, Replaced, Setup
+from ..keys import MetricKey
 from .base import Probe
 from .driver import ProbeDriver
 
@@ -156,6 +157,19 @@ class ProbeSet:
     def load_state_dict(self, states: dict, keep_window: bool) -> None:
         for d in self.drivers:
             d.load_state_dict(states[d.name], keep_window=keep_window)
+
+
+def metrics_of(
+    readouts: Mapping[str, Readout], prefix: str | None = None, loader: int | None = None
+) -> dict[MetricKey, float]:
+    """The defined metrics of ``readouts`` (NaN: undefined, not logged), under ``prefix`` and
+    ``loader`` for an evaluation snapshot."""
+    return {
+        key.with_prefix(prefix, loader): float(value)
+        for r in readouts.values()
+        for key, value in r.metrics.items()
+        if value == value
+    }
 
 
 def _info(d: ProbeDriver) -> ProbeInfo:

@@ -1,4 +1,4 @@
-"""Dimensional collapse of embeddings (RankMe, effective rank, SimSiam's std), METRICS.md 5, 9."""
+"""Dimensional collapse of embeddings (RankMe, effective rank, SimSiam's std), docs/metrics.md#representationrank."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ class RepresentationRank(Probe):
             a factor ``1 ± ε`` once ``k ≳ r/ε²``. ``norm_std`` is always exact (O(D) state).
         reference: ``(N_ref, D)`` reference embeddings, or a ``(mean, covariance)`` pair from
             :meth:`frozen`: adds ``variance_ratio`` (``tr Σ / tr Σ_ref``) and
-            ``frechet_distance`` (METRICS.md section 9). Sketched along with the embeddings.
+            ``frechet_distance`` (docs/metrics.md#representationrank). Sketched along with the embeddings.
         pool: see :class:`~collapse_monitor.probes.Probe`.
 
     Reports ``erank`` (Roy & Vetterli, centred covariance), ``rankme`` (uncentred singular values

@@ -1,4 +1,4 @@
-"""Rank collapse across depth (Dong et al. 2021; Noci et al. 2022), METRICS.md section 7."""
+"""Rank collapse across depth (Dong et al. 2021; Noci et al. 2022), docs/metrics.md#tokenuniformity."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Per-head attention entropy sums of one attention layer (METRICS.md section 3)."""
+"""Per-head attention entropy sums of one attention layer (docs/metrics.md#attentionentropy)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ class HeadEntropy(Statistic):
     """Per-head sums of one layer: queries, entropy (nats), normalised entropy and the queries
     where it is defined (``n_i >= 2`` allowed keys); the largest ``|attention logit|`` seen.
 
-    ``H`` (heads) is fixed by the first update. METRICS.md 3.1 (Zhai et al. 2023).
+    ``H`` (heads) is fixed by the first update. docs/metrics.md#attentionentropy (Zhai et al. 2023).
 
     Example:
         >>> import torch

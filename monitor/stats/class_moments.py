@@ -1,4 +1,4 @@
-"""Per-class feature moments for neural-collapse metrics (METRICS.md 0.2, 1.1, 1.5).
+"""Per-class feature moments for neural-collapse metrics (docs/metrics.md#neuralcollapse).
 
 Power sums are accumulated around a per-class shift ``K_c`` so that the readout
 ``Sigma_W = (S - sum_c s_c s_c' / n_c) / N`` does not cancel catastrophically when the within-class

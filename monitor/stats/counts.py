@@ -1,5 +1,5 @@
 """Code usage counts for vector quantisers, MoE routers and sparse-autoencoder latents
-(METRICS.md section 2): window hit counts and an exponential moving average of them."""
+(docs/metrics.md#codebookusage): window hit counts and an exponential moving average of them."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Token uniformity of one block's hidden states (rank collapse with depth, METRICS.md 7)."""
+"""Token uniformity of one block's hidden states (rank collapse with depth, docs/metrics.md#tokenuniformity)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ _F64 = torch.float64
 
 class TokenUniformitySums(Statistic):
     """Sums over sequences with at least two tokens of ``rho`` (mean token cosine) and ``r_F``
-    (residual after removing the token mean); METRICS.md 7.
+    (residual after removing the token mean); docs/metrics.md#tokenuniformity.
 
     Example:
         >>> import torch

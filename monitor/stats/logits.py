@@ -1,4 +1,4 @@
-"""Output-logit statistics: softmax collapse and logit growth (METRICS.md sections 3.2 and 6)."""
+"""Output-logit statistics: softmax collapse and logit growth (docs/metrics.md#logithealth)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Per-latent-dimension sums of a diagonal-Gaussian posterior (posterior collapse, METRICS.md 4)."""
+"""Per-latent-dimension sums of a diagonal-Gaussian posterior (posterior collapse, docs/metrics.md#posteriorcollapse)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ _F64 = torch.float64
 class PosteriorSums(Statistic):
     """``sum_x KL_j(x)`` per latent dimension ``(d,)`` (nats), the counts of inputs whose
     variance looks passive (``sigma^2 > 1 - passive_delta``) or active (``< active_delta``), and
-    the rows skipped (NaN or Inf). ``d`` is fixed by the first update (METRICS.md 4).
+    the rows skipped (NaN or Inf). ``d`` is fixed by the first update (docs/metrics.md#posteriorcollapse).
 
     Example:
         >>> import torch

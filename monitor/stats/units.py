@@ -1,4 +1,4 @@
-"""Mean absolute activation per unit of one layer (dormant units, METRICS.md 8)."""
+"""Mean absolute activation per unit of one layer (dormant units, docs/metrics.md#dormantunits)."""
 
 from __future__ import annotations
 

@@ -77,7 +77,7 @@ def test_class_mean_cosines_of_a_simplex_etf_are_the_etf_value():
     with mon.observe(targets=torch.arange(C).repeat(3)):
         model[0].double()(feats)
     mon.compute()
-    pic = mon.last_readout(nc).pictures[nc.key("class_mean_cosines")]
+    pic = mon.driver(nc).last.pictures[nc.key("class_mean_cosines")]
     off = ~torch.eye(C, dtype=torch.bool)
     assert torch.allclose(
         pic.values[off], torch.full((C * C - C,), -1 / (C - 1), dtype=torch.float64)
@@ -142,7 +142,7 @@ model = Zoo()
 mon = CollapseMonitor(model, every_probe(), 2, sinks=[TensorBoardSink(sys.argv[1])], pictures=True)
 train_zoo(mon, model, 6)
 mon.close()
-print("errors", mon.errors)
+print("errors", mon.outlets.errors)
 """
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     out = subprocess.run(

@@ -101,7 +101,7 @@ def test_ema_dead_codes_equal_a_plain_loop_reference():
     dead = ema / rows < thr
     assert dead[8:].all() and not dead[:8].any()
     assert m["collapse/vq/dead_codes"] == dead.sum()
-    assert torch.equal(mon.last_readout(probe).masks[probe.key("dead")][0], torch.from_numpy(dead))
+    assert torch.equal(mon.driver(probe).last.masks[probe.key("dead")][0], torch.from_numpy(dead))
 
 
 def test_dead_codes_by_the_window_during_the_warmup_then_by_the_ema():
@@ -112,7 +112,7 @@ def test_dead_codes_by_the_window_during_the_warmup_then_by_the_ema():
     assert logs[0]["collapse/vq/dead_codes"] == 8  # the window's unused codes 2..9
     # after the warm-up the EMA decides: code 1, unused in window 2, was used recently
     assert logs[1]["collapse/vq/dead_codes"] == 8
-    assert not mon.last_readout(probe).masks[probe.key("dead")][0, 1]
+    assert not mon.driver(probe).last.masks[probe.key("dead")][0, 1]
 
 
 def test_window_resets_but_ema_persists():

@@ -88,7 +88,7 @@ def test_sketch_is_the_documented_projection_and_close_to_exact():
     exact = F.representation_rank(Z)
     assert got["erank"] == pytest.approx(exact["erank"], rel=0.15)
     assert got["norm_std"] == pytest.approx(exact["norm_std"], rel=1e-9)  # never sketched
-    assert mon.statistics(mon.probes[0])["moments"].second_moment.shape == (64, 64)
+    assert mon.driver(mon.probes[0]).window["moments"].second_moment.shape == (64, 64)
 
 
 def test_frozen_reference_from_another_window():
@@ -139,7 +139,7 @@ def test_posterior_collapse_streams_the_whole_tensor_values(make):
     )
     for j in smallest:
         assert got[f"kl/dim_{j}"] == pytest.approx(ref["kl_per_dim"][j].item(), rel=1e-9)
-    histograms = {k.metric: v for k, v in mon.last_readout(mon.probes[0]).histograms.items()}
+    histograms = {k.metric: v for k, v in mon.driver(mon.probes[0]).last.histograms.items()}
     assert torch.allclose(histograms["kl"], ref["kl_per_dim"], rtol=1e-9)
 
 

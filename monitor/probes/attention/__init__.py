@@ -1,4 +1,4 @@
-"""Attention entropy probe (METRICS.md section 3). The attention reaches the probe from one of
+"""Attention entropy probe (docs/metrics.md#attentionentropy). The attention reaches the probe from one of
 three sources, each an adapter in its own file (``sdpa.py``, ``mha.py``, ``encoder_layer.py``),
 or as explicit probabilities through ``extract=``."""
 
