@@ -155,8 +155,8 @@ class CollapseCallback(LoopAdapter, L.Callback):
             ``batch["labels"|"targets"]``), an int index, a str key, or ``callable(batch)``.
         log_every_n_steps: the window in optimizer steps; default the trainer's own
             ``log_every_n_steps`` (50 unless set).
-        rules, default_rules, mitigations, on_alert, observe_every_n_steps, pictures, strict:
-            as in :class:`~collapse_monitor.CollapseMonitor`.
+        rules, default_rules, mitigations, on_alert, observe_every_n_steps, pictures, strict,
+        pictures_every_n_logs: as in :class:`~collapse_monitor.CollapseMonitor`.
         validation: take validation snapshots.
         context: ``callable(batch) -> dict`` of extra ``observe()`` keywords, e.g.
             ``lambda batch: {"groups": batch["site"]}`` for ``GroupCollapse``.
@@ -180,10 +180,11 @@ class CollapseCallback(LoopAdapter, L.Callback):
         validation: bool = True,
         context: Optional[Callable[[Any], dict]] = None,
         strict: bool = False,
+        pictures_every_n_logs: int = 1,
     ) -> None:
         config = MonitorConfig(
             probes, log_every_n_steps, mitigations, rules, default_rules, on_alert,
-            observe_every_n_steps, pictures, strict,
+            observe_every_n_steps, pictures, strict, pictures_every_n_logs,
         )  # fmt: skip
         self.loop = TrainerLoop(config, targets, default_targets, context)
         self.validation = validation

@@ -39,6 +39,7 @@ class MonitorConfig:
         observe_every_n_steps: ``None`` (each probe's own sampling) or ``n >= 1``.
         pictures: ``True``, ``False`` or names of probes.
         strict: raise every error of a probe, sink or mitigation.
+        pictures_every_n_logs: draw pictures at every n-th log only.
 
     Raises:
         TypeError: an argument of the wrong type (the message says which types are valid).
@@ -61,6 +62,7 @@ class MonitorConfig:
     observe_every_n_steps: int | None = None
     pictures: bool | Sequence[str] = False
     strict: bool = False
+    pictures_every_n_logs: int = 1
     alert_callbacks: list[Callable[[Alert], None]] = field(init=False)
     picture_probes: list[str] = field(init=False)
 
@@ -70,6 +72,10 @@ class MonitorConfig:
         self.rules = _instances(self.rules or [], Rule, "rules")
         _unique([p.name for p in self.probes], "probe")
         _unique([m.name for m in self.mitigations], "mitigation")
+        if not isinstance(self.pictures_every_n_logs, int) or self.pictures_every_n_logs < 1:
+            raise ValueError(
+                f"pictures_every_n_logs must be an integer >= 1, got {self.pictures_every_n_logs}"
+            )
         for name in ("log_every_n_steps", "observe_every_n_steps"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):

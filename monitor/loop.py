@@ -12,6 +12,7 @@ monitor's state (``weights_only=True``).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Union
@@ -103,11 +104,8 @@ class TrainerLoop:
         if mon is not None and mon.model is model and mon.log_every_n_steps == every:
             return mon
         self.close(keep_state=mon is not None and mon.model is model)
-        c = self.config
-        self.monitor = CollapseMonitor(
-            model, c.probes, every, sinks, c.mitigations, c.rules, c.default_rules,
-            c.alert_callbacks, c.observe_every_n_steps, c.picture_probes, process_group, c.strict,
-        )  # fmt: skip
+        config = dataclasses.replace(self.config, log_every_n_steps=every)
+        self.monitor = CollapseMonitor.from_config(model, config, sinks, process_group)
         if self._pending is not None:
             self.monitor.load_state_dict(self._pending)
             self._pending = None

@@ -62,21 +62,17 @@ class CollapseMonitor:
         rules: extra :class:`~collapse_monitor.Rule` objects.
         default_rules: also use each probe's default rules (listed in ``docs/metrics.md``).
         on_alert: callables ``f(alert)`` called for every alert.
-        observe_every_n_steps: which training steps are recorded. ``None`` (default): each
-            probe as its ``sampling`` says (:mod:`collapse_monitor.cadence`): the cheap probes
-            (codebook and latent usage, posterior collapse, dormant units) record every step,
-            the others (whose update costs a GEMM or a recomputed attention) record
-            :func:`~collapse_monitor.cadence.sampled_steps_per_window` steps per window, evenly
-            spaced and ending with the logging step; class-conditional ones (``NeuralCollapse``)
-            record their first step, then as many as
-            :func:`~collapse_monitor.cadence.class_sample_stride` says give ~4 samples per class
-            per window (at most half the steps). An integer ``n``: every probe records every
-            n-th step only (``1``: every step, the exact whole-window statistics). Metrics are
-            exact for the samples recorded; validation snapshots record every batch.
+        observe_every_n_steps: ``None`` (default): each probe records the steps its
+            ``sampling`` asks of the cadence (:mod:`collapse_monitor.cadence`: every step for
+            the cheap probes, two a window for GEMM-cost ones, ~4 samples per class for
+            ``NeuralCollapse``); ``n``: every probe records every n-th step only (``1``: the
+            exact whole-window statistics). Validation snapshots record every batch.
         pictures: ``True`` (every probe that draws), or names of probes: at each log, these
             probes' pictures (class-mean cosine heatmap, code usage, attention entropy per layer
             and head, KL per latent dimension, eigen-spectrum) go to the sinks as images. Needs
             matplotlib; without it the monitor says so once and logs no pictures.
+        pictures_every_n_logs: draw the pictures at every n-th log only (a render costs ~0.1
+            s of CPU).
         process_group: ``torch.distributed`` group for the all-reductions (default: WORLD).
         strict: raise every error of a probe, sink or mitigation (for tests). By default such an
             error never reaches the training loop: it is logged once with the owner's name,
@@ -124,25 +120,45 @@ class CollapseMonitor:
         pictures: bool | Iterable[str] = False,
         process_group=None,
         strict: bool = False,
+        pictures_every_n_logs: int = 1,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         config = MonitorConfig(
             probes, log_every_n_steps, mitigations, rules, default_rules, on_alert,
-            observe_every_n_steps, pictures, strict,
+            observe_every_n_steps, pictures, strict, pictures_every_n_logs,
         )  # fmt: skip
+        self._build(model, config, sinks, process_group)
+
+    @classmethod
+    def from_config(
+        cls, model: nn.Module, config: MonitorConfig, sinks: Iterable[Sink] = (), process_group=None
+    ) -> CollapseMonitor:
+        """A monitor of ``model`` as a (validated) :class:`~collapse_monitor.config.MonitorConfig`
+        says (a trainer callback's)."""
+        monitor = cls.__new__(cls)
+        monitor._build(model, config, sinks, process_group)
+        return monitor
+
+    def _build(self, model, config: MonitorConfig, sinks, process_group) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if config.log_every_n_steps is None:
             raise ValueError("log_every_n_steps must be an integer >= 1, got None")
         self.model = model
         self.config = config
         self.process_group = process_group
-        self.strict = strict
+        self.strict = strict = config.strict
         self.cadence = Cadence(
-            config.log_every_n_steps, observe_every_n_steps, _dist.world_size(process_group)
+            config.log_every_n_steps, config.observe_every_n_steps, _dist.world_size(process_group)
         )
         self._probes = ProbeSet(config.probes, process_group)
         self._mitigations = MitigationRunner(config.mitigations, self._probes.route)
-        self.outlets = Outlets(sinks, config.picture_probes, config.alert_callbacks, strict)
+        self.outlets = Outlets(
+            sinks,
+            config.picture_probes,
+            config.alert_callbacks,
+            strict,
+            config.pictures_every_n_logs,
+        )
         self._snapshots = Snapshots(self._probes)
         self.notices = Notices(config.keywords())
         self.global_step = 0
@@ -150,20 +166,15 @@ class CollapseMonitor:
         self._recording: list = []  # inside observe(): the parts that record
         self._sharded_by: nn.Module | None = None  # an FSDP module wrapped around the model later
         self._closed = False
-        other = _MONITORS.get(model)
-        if other is not None and other() is not None and not other()._closed:
-            raise RuntimeError(
-                f"{type(model).__name__} already has a CollapseMonitor; two monitors would hook the "
-                "same modules twice. Pass all probes to one monitor, or close() the other first"
-            )
-        _MONITORS[model] = weakref.ref(self)
+        _claim(model, self)
         setup = Setup(model, {}, config.log_every_n_steps, process_group, strict)
         try:
             with whole_parameters(model):  # FSDP: attach reads parameters' shapes
                 self.probe_info = self._probes.attach(setup)
                 self._mitigations.attach(dataclasses.replace(setup, probes=self.probe_info))
             # after attach: a glob over several modules binds its rules to each module's keys
-            bound = [r for p in config.probes for r in p.default_rules()] if default_rules else []
+            defaults = config.default_rules
+            bound = [r for p in config.probes for r in p.default_rules()] if defaults else []
             self.rules = RuleEngine(bound + list(config.rules))
         except Exception:
             self.close()
@@ -457,3 +468,18 @@ class CollapseMonitor:
         self._mitigations.load_state_dict(
             saved["mitigations"], saved["mitigation_counts"], as_optimizers(optimizer)
         )
+
+
+def _claim(model: nn.Module, monitor: CollapseMonitor) -> None:
+    """Register ``monitor`` as ``model``'s one open monitor.
+
+    Raises:
+        RuntimeError: the model already has an open monitor.
+    """
+    other = _MONITORS.get(model)
+    if other is not None and other() is not None and not other()._closed:
+        raise RuntimeError(
+            f"{type(model).__name__} already has a CollapseMonitor; two monitors would hook the "
+            "same modules twice. Pass all probes to one monitor, or close() the other first"
+        )
+    _MONITORS[model] = weakref.ref(monitor)

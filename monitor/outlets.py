@@ -32,6 +32,7 @@ class Outlets:
         pictures: names of the probes whose pictures are drawn.
         on_alert: callables ``f(alert)``.
         strict: raise the first error instead of switching the outlet off (tests).
+        pictures_every_n_logs: draw the pictures at every n-th log only.
     """
 
     def __init__(
@@ -40,6 +41,7 @@ class Outlets:
         pictures: Iterable[str] = (),
         on_alert: Iterable[Callable[[Alert], None]] = (),
         strict: bool = False,
+        pictures_every_n_logs: int = 1,
     ) -> None:
         self.sinks = list(sinks)
         for sink in self.sinks:
@@ -48,6 +50,8 @@ class Outlets:
         self.on_alert = list(on_alert)
         self.picture_probes = set(pictures)
         self.strict = strict
+        self.pictures_every_n_logs = pictures_every_n_logs
+        self._logs = 0  # training logs so far (pictures at every n-th)
         self.errors = 0
         self._off: set[int] = set()  # outlets switched off after an error (by id)
 
@@ -92,8 +96,10 @@ class Outlets:
         for r in readouts.values():
             for tag, values in r.histograms.items():
                 self.each_sink("log_histogram", tag, values, step)
-        for tag, image in self._pictures(readouts).items():
-            self.each_sink("log_image", tag, image, step)
+        self._logs += 1
+        if (self._logs - 1) % self.pictures_every_n_logs == 0:
+            for tag, image in self._pictures(readouts).items():
+                self.each_sink("log_image", tag, image, step)
         for alert in alerts:
             self.alert(alert)
         for event in events:

@@ -193,7 +193,7 @@ def test_a_later_window_adds_sums_around_agreed_shifts_and_equals_the_union(tmp_
 
 def reset_worker(rank, init, out_dir, every_step=False):
     from collapse_monitor import mitigations
-    from tests.test_reset_dead_codes import VQ, Model, concentrated
+    from tests.mitigations.test_reset_dead_codes import VQ, Model, concentrated
 
     with process_group(rank, init):
         torch.manual_seed(0)  # same initial codebook on both ranks
@@ -233,7 +233,7 @@ def test_every_step_dead_code_reset_leaves_identical_replicas(tmp_path):
 
 def failing_reset_worker(rank, init, out_dir):
     from collapse_monitor import mitigations
-    from tests.test_reset_dead_codes import VQ, Model, concentrated
+    from tests.mitigations.test_reset_dead_codes import VQ, Model, concentrated
 
     with process_group(rank, init):
         torch.manual_seed(0)
@@ -265,7 +265,7 @@ def test_dead_code_reset_leaves_identical_replicas(tmp_path):
     assert r0["metrics"]["collapse/mitigations/reset_dead_codes"] > 0
     assert r0["metrics"] == r1["metrics"]
     assert torch.equal(r0["codebook"], r1["codebook"])
-    from tests.test_reset_dead_codes import VQ
+    from tests.mitigations.test_reset_dead_codes import VQ
 
     torch.manual_seed(0)
     initial = VQ(16, 4).codebook.weight.detach()
@@ -405,7 +405,7 @@ def test_attention_entropy_under_ddp_equals_one_process(tmp_path):
 def sigma_worker(rank, init, out_dir):
     from torch.nn.parallel import DistributedDataParallel
 
-    from tests.test_sigma_reparam import blocks, rule_monitor
+    from tests.mitigations.test_sigma_reparam import blocks, rule_monitor
 
     with process_group(rank, init):
         model = blocks()
@@ -441,7 +441,7 @@ def test_sigma_reparam_mid_training_keeps_ddp_replicas_identical(tmp_path):
 def simvq_worker(rank, init, out_dir):
     from torch.nn.parallel import DistributedDataParallel
 
-    from tests.test_simvq import AutoEncoder, rule_monitor
+    from tests.mitigations.test_simvq import AutoEncoder, rule_monitor
 
     with process_group(rank, init):
         torch.manual_seed(0)

@@ -16,8 +16,8 @@ from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from collapse_monitor import CollapseMonitor, mitigations, probes
 from collapse_monitor._sharding import whole
 from tests.dist import process_group, run_two
+from tests.mitigations.test_reset_dead_codes import VQ
 from tests.probes.test_attention_entropy import SDPAAttention
-from tests.test_reset_dead_codes import VQ
 from tests.zoo import C, Zoo, batch, every_probe, loss_of
 
 ENGINES = ["fsdp2", "fsdp1", "fsdp1_orig_params"]

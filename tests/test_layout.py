@@ -82,7 +82,7 @@ def test_integrations_use_the_public_api_and_parse_no_key():
 
 @pytest.mark.parametrize("path", ["monitor/monitor.py", "monitor/probes/base.py"])
 def test_the_coordinator_and_the_probe_template_read_in_minutes(path):
-    assert len((ROOT / path).read_text().splitlines()) <= 470
+    assert len((ROOT / path).read_text().splitlines()) <= 500
 
 
 def test_a_probe_author_sees_exactly_what_writing_a_probe_lists():

@@ -146,7 +146,7 @@ def test_two_monitors_on_one_model_are_refused():
 def test_memory_stays_flat_over_10000_observed_steps():
     import resource
 
-    from tests.test_reset_dead_codes import VQ
+    from tests.mitigations.test_reset_dead_codes import VQ
 
     torch.manual_seed(0)
     model = nn.Sequential()

@@ -5,8 +5,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from collapse_monitor import probes
+from tests.mitigations.test_reset_dead_codes import VQ
 from tests.probes.test_attention_entropy import SDPAAttention
-from tests.test_reset_dead_codes import VQ
 
 C, T, D, K = 4, 6, 16, 8
 

@@ -177,7 +177,9 @@ class Statistic:
     def merge(self, other: Statistic) -> Statistic:
         """Add ``other`` (the same statistic over other samples) into this one."""
         self.fix_sizes(**{d: n for d, n in other.sizes.items() if n is not None})
-        for name, (_, _, reduce) in self._states.items():
+        for name, (shape, _, reduce) in self._states.items():
+            if any(isinstance(d, str) and other.sizes[d] is None for d in shape):
+                continue  # sized by data ``other`` never saw: it holds nothing here
             mine, theirs = getattr(self, name), getattr(other, name).to(self.device)
             if reduce == "max":
                 torch.maximum(mine, theirs, out=mine)

@@ -47,6 +47,8 @@ class LogitSums(Statistic):
         Rows with NaN or Inf are counted in ``skipped`` and left out. ``softmax_dtype``: the
         training softmax's dtype in which "exactly 1" is tested (see
         :func:`~collapse_monitor.functional.logits.training_dtype`)."""
+        if not logits.shape[0]:  # (a host-known shape: no sync)
+            return
         finite = torch.isfinite(logits).all(1)
         self.skipped += (~finite).sum()
         z = torch.where(finite[:, None], logits, 0.0)

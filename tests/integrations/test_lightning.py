@@ -178,7 +178,7 @@ def test_default_targets_and_errors():
 class AttentionModule(L.LightningModule):
     def __init__(self):
         super().__init__()
-        from tests.test_sigma_reparam import blocks
+        from tests.mitigations.test_sigma_reparam import blocks
 
         self.net = blocks()
 

@@ -55,6 +55,23 @@ def test_every_drawing_probe_writes_a_real_image_to_tensorboard(tmp_path):
         assert img.std() > 10  # not blank: axes, text and data drawn
 
 
+def test_pictures_at_every_nth_log_only(tmp_path):
+    model = Zoo()
+    mon = CollapseMonitor(
+        model,
+        every_probe(),
+        2,
+        sinks=[TensorBoardSink(tmp_path)],
+        pictures=["nc"],
+        pictures_every_n_logs=2,
+    )
+    train_zoo(mon, model, 8)  # logs at steps 2, 4, 6, 8: pictures at the first and third
+    mon.close()
+    acc = read_events(tmp_path)
+    assert [e.step for e in acc.Images("collapse/nc/class_mean_cosines")] == [2, 6]
+    assert [e.step for e in acc.Scalars("collapse/nc/nc1")] == [2, 4, 6, 8]
+
+
 def test_pictures_opt_in_by_probe_name_and_unknown_names_are_refused(tmp_path):
     model = Zoo()
     with pytest.raises(ValueError, match="do not exist: \\['nope'\\]"):

@@ -69,7 +69,7 @@ def test_shared_writer_is_not_closed(tmp_path):
 
 def test_codebook_usage_histogram_and_reset_events_are_written(tmp_path):
     from collapse_monitor import mitigations
-    from tests.test_reset_dead_codes import VQ, Model, concentrated
+    from tests.mitigations.test_reset_dead_codes import VQ, Model, concentrated
 
     model = Model(VQ(16, 4))
     mon = CollapseMonitor(

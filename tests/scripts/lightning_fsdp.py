@@ -49,8 +49,8 @@ class SaveWholeState(SaveRankState):
 def fit(out, name, devices, batch_size, accelerator="cpu"):
     from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
+    from tests.mitigations.test_reset_dead_codes import VQ
     from tests.probes.test_attention_entropy import SDPAAttention
-    from tests.test_reset_dead_codes import VQ
 
     torch.set_num_threads(1)
     cb = CollapseCallback(

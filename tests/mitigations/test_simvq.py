@@ -7,7 +7,7 @@ from torch.nn.utils import parametrize
 from vector_quantize_pytorch import VectorQuantize
 
 from collapse_monitor import CollapseMonitor, Rule, mitigations, probes
-from tests.test_reset_dead_codes import VQ
+from tests.mitigations.test_reset_dead_codes import VQ
 
 
 class AutoEncoder(nn.Module):

@@ -1,0 +1,39 @@
+"""TokenUniformitySums: rho and r_F of each sequence, summed."""
+
+import torch
+
+from collapse_monitor.stats import TokenUniformitySums
+from tests.stats.battery import run_battery
+
+
+def batches():
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for b in (2, 1, 3):
+        h = torch.randn(b, 5, 4, generator=g)
+        mask = torch.ones(b, 5, dtype=torch.bool)
+        mask[0, 3:] = False  # padding
+        out.append((h, mask))
+    return out
+
+
+def test_sums_equal_a_loop_over_sequences():
+    data = batches()
+    st = TokenUniformitySums()
+    for h, mask in data:
+        st.update(h, mask)
+    rho = r_f = 0.0
+    for h, mask in data:
+        for x, m in zip(h.double(), mask):
+            x = x[m]
+            unit = x / x.norm(dim=1, keepdim=True)
+            cos = unit @ unit.T
+            n = len(x)
+            rho += float((cos.sum() - n) / (n * (n - 1)))
+            r_f += float((x - x.mean(0)).norm() / x.norm())
+    assert float(st.sequences) == 6
+    assert abs(float(st.rho) - rho) < 1e-12 and abs(float(st.r_f) - r_f) < 1e-12
+
+
+def test_battery():
+    run_battery(TokenUniformitySums, batches(), lambda st, b: st.update(*b))
