@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from collapse_monitor.report import main as report
+from collapse_monitor.cli import main as report
 
 EXAMPLES = [
     "neural_collapse",

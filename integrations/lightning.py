@@ -27,83 +27,86 @@ from lightning.pytorch.strategies import DeepSpeedStrategy  # noqa: E402
 
 
 class LightningLoggerSink(Sink):
-    """Logs through every logger of a ``Trainer`` at the trainer's ``global_step``, each in the
-    form it accepts: metrics to every logger (``logger.log_metrics``); alerts, mitigation
-    events, histograms, pictures and threshold lines to TensorBoard (text, histograms, images,
-    custom-scalars layout), W&B (tables, ``wandb.Histogram``, ``wandb.Image``) and MLflow (text
-    and JSON artifacts, ``log_image``); thresholds as scalars to the others (CSV), whose alerts
-    and events go to Python ``logging`` (as for every logger). Lightning's loggers write from
-    rank 0 themselves, so this sink runs on every rank.
+    """Logs through one logger of a ``Trainer`` at the trainer's ``global_step``, in the form it
+    accepts: metrics with ``logger.log_metrics``; alerts, mitigation events, histograms,
+    pictures and threshold lines to TensorBoard (text, histograms, images, custom-scalars
+    layout), W&B (tables, ``wandb.Histogram``, ``wandb.Image``) and MLflow (text and JSON
+    artifacts, ``log_image``; per-head keys as ``.../metric.head_0``, which its file store can
+    hold beside ``.../metric``); thresholds as scalars to the others (CSV), whose alerts and
+    events go to Python ``logging`` (as for every logger). One sink per logger: each is an
+    outlet of its own, so a logger that fails never silences the others. Lightning's loggers
+    write from rank 0 themselves, so this sink runs on every rank.
+
+    Args:
+        trainer: the trainer (its ``global_step`` and whether this is rank 0).
+        logger: one of its loggers.
     """
 
     main_process_only = False
 
-    def __init__(self, trainer: L.Trainer) -> None:
-        self.trainer = trainer
-        self._extras: dict[int, Sink | None] = {}
+    def __init__(self, trainer: L.Trainer, logger: Logger) -> None:
+        self.trainer, self.logger = trainer, logger
+        self._extra: Sink | None = None
+        self._made = False
 
-    @staticmethod
-    def _extra_for(logger) -> Sink | None:
-        if isinstance(logger, TensorBoardLogger):
-            return TensorBoardSink(logger.experiment)
-        if isinstance(logger, WandbLogger):
-            from .wandb import WandbSink
+    @property
+    def name(self) -> str:
+        return type(self.logger).__name__
 
-            return WandbSink(run=logger.experiment, step_key="trainer/global_step")
-        if isinstance(logger, MLFlowLogger):
-            from .mlflow import MLflowSink
+    @property
+    def extra(self) -> Sink | None:
+        """The sink that writes what ``log_metrics`` cannot (rank 0 only)."""
+        if not self._made and self.trainer.is_global_zero:
+            self._made, logger = True, self.logger
+            if isinstance(logger, TensorBoardLogger):
+                self._extra = TensorBoardSink(logger.experiment)
+            elif isinstance(logger, WandbLogger):
+                from .wandb import WandbSink
 
-            return MLflowSink(run_id=logger.run_id, client=logger.experiment)
-        return None
+                self._extra = WandbSink(run=logger.experiment, step_key="trainer/global_step")
+            elif isinstance(logger, MLFlowLogger):
+                from .mlflow import MLflowSink
 
-    def _pairs(self) -> list[tuple[Logger, Sink | None]]:
-        """Each logger with the sink that writes what its ``log_metrics`` cannot (rank 0)."""
-        if not self.trainer.is_global_zero:
-            return []
-        out = []
-        for logger in self.trainer.loggers:
-            if id(logger) not in self._extras:
-                self._extras[id(logger)] = self._extra_for(logger)
-            out.append((logger, self._extras[id(logger)]))
-        return out
+                self._extra = MLflowSink(run_id=logger.run_id, client=logger.experiment)
+        return self._extra
 
     @property
     def _step(self) -> int:
         return self.trainer.global_step
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        for logger in self.trainer.loggers:
-            logger.log_metrics(metrics, step=self._step)
-        for _, extra in self._pairs():
-            if isinstance(extra, TensorBoardSink):
-                extra.write_layout(metrics)
+        if isinstance(self.logger, MLFlowLogger):
+            from .mlflow import metric_name
+
+            metrics = {metric_name(k): v for k, v in metrics.items()}
+        self.logger.log_metrics(metrics, step=self._step)
+        if isinstance(self.extra, TensorBoardSink):
+            self.extra.write_layout(metrics)
 
     def log_thresholds(self, thresholds: dict[str, list[float]], step: int) -> None:
-        for logger, extra in self._pairs():
-            if extra is not None:
-                extra.log_thresholds(thresholds, self._step)
-            elif thresholds:
-                logger.log_metrics(threshold_scalars(thresholds), step=self._step)
+        if self.extra is not None:
+            self.extra.log_thresholds(thresholds, self._step)
+        elif thresholds and self.trainer.is_global_zero:
+            self.logger.log_metrics(threshold_scalars(thresholds), step=self._step)
 
-    def _extras_do(self, method: str, *args) -> None:
-        for _, extra in self._pairs():
-            if extra is not None:
-                getattr(extra, method)(*args)
+    def _extra_do(self, method: str, *args) -> None:
+        if self.extra is not None:
+            getattr(self.extra, method)(*args)
 
     def log_histogram(self, tag: str, values, step: int) -> None:
-        self._extras_do("log_histogram", tag, values, self._step)
+        self._extra_do("log_histogram", tag, values, self._step)
 
     def log_image(self, tag: str, image, step: int) -> None:
-        self._extras_do("log_image", tag, image, self._step)
+        self._extra_do("log_image", tag, image, self._step)
 
     def log_alert(self, alert: Alert) -> None:
-        self._extras_do("log_alert", alert)
+        self._extra_do("log_alert", alert)
 
     def log_event(self, name: str, info: dict, step: int) -> None:
-        self._extras_do("log_event", name, info, self._step)
+        self._extra_do("log_event", name, info, self._step)
 
     def flush(self) -> None:
-        self._extras_do("flush")
+        self._extra_do("flush")
 
 
 def _optimizers_in(out: Any) -> list:
@@ -135,7 +138,7 @@ class CollapseCallback(LoopAdapter, L.Callback):
     """Run a :class:`~collapse_monitor.CollapseMonitor` inside a Lightning ``Trainer``.
 
     Metrics go through the trainer's own loggers at ``trainer.global_step``, each in the form it
-    accepts (see :class:`LightningLoggerSink`). Steps are optimizer steps: with
+    accepts and each an outlet of its own (see :class:`LightningLoggerSink`). Steps are optimizer steps: with
     ``accumulate_grad_batches=k`` the monitor records all k micro-batches of a recorded step,
     logs every ``log_every_n_steps`` optimizer steps and acts (mitigations) only after an
     optimizer step, with every optimizer of the trainer (a GAN's two). Training batches are
@@ -210,7 +213,8 @@ class CollapseCallback(LoopAdapter, L.Callback):
                 "while they record; compile with fullgraph=False (the default): the graph then "
                 "breaks only on the steps the monitor records"
             )
-        self.loop.build(pl_module, [LightningLoggerSink(trainer)], trainer.log_every_n_steps)
+        sinks = [LightningLoggerSink(trainer, logger) for logger in trainer.loggers]
+        self.loop.build(pl_module, sinks, trainer.log_every_n_steps)
         self._wrap_module(pl_module)
 
     def _wrap_module(self, pl_module: L.LightningModule) -> None:

@@ -6,6 +6,7 @@ import json
 import re
 import time
 
+from ..keys import MetricKey
 from ..rules import Alert
 from ..sinks import Sink, optional_import, threshold_scalars
 
@@ -14,7 +15,13 @@ _INVALID = re.compile(r"[^A-Za-z0-9_\-. :/]")  # MLflow's allowed key characters
 
 
 def metric_name(key: str) -> str:
-    """``key`` with the characters MLflow refuses (a glob's ``*``, brackets) replaced by ``_``."""
+    """``key`` as an MLflow metric name: the characters MLflow refuses (a glob's ``*``,
+    brackets) replaced by ``_``, and a per-head or per-dimension element of a metric written
+    ``.../entropy_norm.head_0``: MLflow's file store keeps each metric as a file named by its
+    key, where ``.../entropy_norm`` could not be a file and a folder at once."""
+    if isinstance(key, MetricKey) and key.index:
+        loader = "" if key.loader is None else f"/dataloader_idx_{key.loader}"
+        key = f"{key.series}.{key.index}{loader}"
     return _INVALID.sub("_", key)
 
 

@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional, Union
 from torch import nn
 
 from ..config import MonitorConfig
-from ..distributed import is_main_process, refuse_deepspeed
+from ..distributed import refuse_deepspeed
 from ..loop import LoopAdapter, TrainerLoop
 from ..probes.base import Probe
 from ..rules import Alert
@@ -68,59 +68,65 @@ def report_to_sink(name: str, output_dir: str) -> Sink | None:
     )
 
 
-class TrainerSink(Sink):
-    """Appends metrics to ``trainer.state.log_history`` (every rank, as the Trainer does) and
-    forwards everything to the sinks of ``report_to`` (each built once its run exists) and the
-    user's, from rank 0 unless a sink says otherwise. A sink that fails is logged and dropped;
-    the others go on."""
+class LogHistorySink(Sink):
+    """Appends metrics to ``trainer.state.log_history`` (every rank, as the Trainer does)."""
 
     main_process_only = False
 
-    def __init__(self, callback: CollapseTrainerCallback, report_to: list[str]) -> None:
+    def __init__(self, callback: CollapseTrainerCallback) -> None:
         self.callback = callback
-        self._pending = list(report_to)  # integrations whose run does not exist yet
-        self._sinks: list[Sink] = list(callback.sinks)
 
-    def _each(self, method: str, *args) -> None:
-        for name in list(self._pending):
-            sink = report_to_sink(name, self.callback.args.output_dir)
-            if sink is not None:
-                self._pending.remove(name)
-                self._sinks.append(sink)
-        zero = is_main_process()
-        for sink in list(self._sinks):
-            if zero or not sink.main_process_only:
-                try:
-                    getattr(sink, method)(*args)
-                except Exception as exc:
-                    log.error("collapse monitor: sink %r failed and is dropped: %s", sink, exc)
-                    self._sinks.remove(sink)
+    @property
+    def name(self) -> str:
+        return "log_history"
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self.callback.state.log_history.append({**metrics, "step": step})
-        self._each("log_metrics", metrics, step)
 
-    def log_histogram(self, tag: str, values, step: int) -> None:
-        self._each("log_histogram", tag, values, step)
 
-    def log_thresholds(self, thresholds: dict[str, list[float]], step: int) -> None:
-        self._each("log_thresholds", thresholds, step)
+class ReportToSink(Sink):
+    """The sink of one ``report_to`` integration (:func:`report_to_sink`), made once its run
+    exists (W&B's and MLflow's start at ``train()``); until then calls are dropped. Rank 0."""
 
-    def log_image(self, tag: str, image, step: int) -> None:
-        self._each("log_image", tag, image, step)
+    def __init__(self, integration: str, callback: CollapseTrainerCallback) -> None:
+        self.integration, self.callback = integration, callback
+        self.sink: Sink | None = None
+
+    @property
+    def name(self) -> str:
+        return f"report_to_{self.integration}"
+
+    def _do(self, method: str, *args) -> None:
+        if self.sink is None:
+            self.sink = report_to_sink(self.integration, self.callback.args.output_dir)
+        if self.sink is not None:
+            getattr(self.sink, method)(*args)
+
+    def log_metrics(self, metrics, step) -> None:
+        self._do("log_metrics", metrics, step)
+
+    def log_histogram(self, tag, values, step) -> None:
+        self._do("log_histogram", tag, values, step)
+
+    def log_thresholds(self, thresholds, step) -> None:
+        self._do("log_thresholds", thresholds, step)
+
+    def log_image(self, tag, image, step) -> None:
+        self._do("log_image", tag, image, step)
 
     def log_alert(self, alert: Alert) -> None:
-        self._each("log_alert", alert)
+        self._do("log_alert", alert)
 
-    def log_event(self, name: str, info: dict, step: int) -> None:
-        self._each("log_event", name, info, step)
+    def log_event(self, name, info, step) -> None:
+        self._do("log_event", name, info, step)
 
     def flush(self) -> None:
-        self._each("flush")
+        if self.sink is not None:
+            self.sink.flush()
 
     def close(self) -> None:
-        self._each("close")
-        self._sinks = []
+        if self.sink is not None:
+            self.sink.close()
 
 
 class CollapseTrainerCallback(LoopAdapter, TrainerCallback):
@@ -137,7 +143,8 @@ class CollapseTrainerCallback(LoopAdapter, TrainerCallback):
     Evaluation (``trainer.evaluate``/``predict``) is a snapshot, logged under
     ``<metric_key_prefix>/collapse/...`` (``eval/collapse/...``) and added to the metrics that
     ``evaluate()`` returns. Metrics go to ``trainer.state.log_history``, to the integrations of
-    ``report_to`` (see :func:`report_to_sink`) and to ``sinks``. A ``"stop"`` alert sets
+    ``report_to`` (see :func:`report_to_sink`) and to ``sinks``, each an outlet of its own (one
+    that fails is counted in ``collapse/outlet_errors/<name>`` and the others go on). A ``"stop"`` alert sets
     ``control.should_training_stop`` on every rank. The monitor's state is saved beside each
     checkpoint (``checkpoint-<step>/collapse_monitor.pt``; with rank-local state, class-sharded
     ``NeuralCollapse``, also ``collapse_monitor.rank<r>.pt`` from every other rank) and restored
@@ -200,8 +207,9 @@ class CollapseTrainerCallback(LoopAdapter, TrainerCallback):
                 "through trainer.state.log_history (pass sinks=[...] for more)",
                 unknown,
             )
-        sink = TrainerSink(self, [n for n in report_to if n in _REPORTED])
-        monitor = self.loop.build(model, [sink], log_every)
+        sinks = [LogHistorySink(self)]
+        sinks += [ReportToSink(n, self) for n in report_to if n in _REPORTED]
+        monitor = self.loop.build(model, sinks + self.sinks, log_every)
         if monitor is not previous:
             for h in self._handles:
                 h.remove()
@@ -267,8 +275,8 @@ class CollapseTrainerCallback(LoopAdapter, TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         self.loop.stop_observing()
         self._training = False
-        for sink in self.monitor.sinks if self.monitor is not None else ():
-            sink.flush()
+        if self.monitor is not None:
+            self.monitor.outlets.each_sink("flush")
 
     # ----------------------------------------------------------------- observation
     def _default_targets(self, kwargs: dict) -> Any:

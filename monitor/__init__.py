@@ -11,12 +11,41 @@ if __name__ != "collapse_monitor":
         "'monitor' folder). Install it (pip install -e .) and `import collapse_monitor`"
     )
 
-from . import functional, losses, mitigations, probes, stats
-from .contracts import Event, LogView, ProbeInfo, Readout, Recording, Replaced, Setup, StepView
-from .keys import MetricKey
-from .monitor import CollapseMonitor
-from .rules import Alert, Rule, RuleSpec
-from .sinks import Sink
+import importlib
+
+# imported on first use (PEP 562): ``import collapse_monitor`` (the report command) does not
+# import torch
+_LAZY = {
+    "CollapseMonitor": ".monitor",
+    "Alert": ".rules",
+    "Rule": ".rules",
+    "RuleSpec": ".rules",
+    "Sink": ".sinks",
+    "MetricKey": ".keys",
+    **{
+        name: ".contracts"
+        for name in (
+            "Event",
+            "LogView",
+            "ProbeInfo",
+            "Readout",
+            "Recording",
+            "Replaced",
+            "Setup",
+            "StepView",
+        )
+    },
+}
+_SUBPACKAGES = ("functional", "losses", "mitigations", "probes", "stats")
+
+
+def __getattr__(name: str):
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f".{name}", __name__)
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module 'collapse_monitor' has no attribute {name!r}")
+
 
 __version__ = "0.2.0"
 

@@ -30,9 +30,10 @@ def collective_device(group=None, default: torch.device | str = "cpu") -> torch.
 
 
 def all_reduce_(tensor: torch.Tensor, op: str = "sum", group=None) -> torch.Tensor:
-    """In-place ``"sum"`` or ``"max"`` all-reduce; a no-op outside distributed runs."""
+    """In-place ``"sum"``, ``"max"`` or ``"min"`` all-reduce; a no-op outside distributed runs."""
     if is_distributed(group):
-        reduce_op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
+        ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+        reduce_op = ops[op]
         dist.all_reduce(tensor, op=reduce_op, group=group)
     return tensor
 

@@ -116,12 +116,15 @@ class Readout:
         masks: ``{MetricKey: bool tensor}`` of per-element decisions mitigations act on (dead
             codes ``(H, K)``, dormant units ``(H,)``). None of these may be views of the
             window's states (the window is reset in place after the log).
+        incomplete: the window lacks samples it should hold (a resumed rank lost its part): its
+            missing metrics say nothing of the run (the probe is not ``silent``).
     """
 
     metrics: dict[MetricKey, float] = field(default_factory=dict)
     histograms: dict[MetricKey, torch.Tensor] = field(default_factory=dict)
     pictures: dict[MetricKey, Picture] = field(default_factory=dict)
     masks: dict[MetricKey, torch.Tensor] = field(default_factory=dict)
+    incomplete: bool = False
 
 
 @dataclass(frozen=True)
@@ -260,12 +263,20 @@ class Component:
         self._active = False
 
     @torch.compiler.disable
-    def guarded(self, fn, *args) -> Any:
-        """Run ``fn(*args)`` from a hook; an exception goes to :meth:`fail`. Never traced by
-        ``torch.compile``: the monitor's bookkeeping stays out of the user's graph (a graph break
-        while recording, nothing otherwise)."""
+    def guarded(self, fn, *args, in_backward: bool = False) -> Any:
+        """Run ``fn(*args)`` from a hook; an exception goes to :meth:`fail`.
+
+        Never traced by ``torch.compile``: the monitor's bookkeeping stays out of the user's
+        graph (a graph break while recording, nothing otherwise). Runs without autograd and
+        outside inference mode, so that statistics first made inside an ``inference_mode``
+        forward are ordinary tensors a later training step can update. Skipped while the
+        autograd engine runs a backward pass (a forward recomputed there by activation
+        checkpointing is not a new sample), unless ``in_backward`` (gradient hooks)."""
+        if not in_backward and torch._C._current_graph_task_id() != -1:
+            return None
         try:
-            with torch.no_grad(), torch.profiler.record_function(self._profile_label):
+            label = torch.profiler.record_function(self._profile_label)
+            with torch.no_grad(), torch.inference_mode(False), label:
                 return fn(*args)
         except Exception as exc:
             self.fail(exc)

@@ -10,8 +10,11 @@ A probe's metric is logged as ``[<prefix>/]collapse/<probe>/[<layer>/]<metric>[/
 - ``loader``: with several validation dataloaders, ``.../dataloader_idx_<i>`` at the end
   (Lightning's convention).
 
-The monitor's own counters are ``collapse/alerts/<rule>``, ``collapse/mitigations/<name>`` and
-``collapse/errors``; their names are not probe names.
+The monitor's own counters are ``collapse/alerts/<rule>``, ``collapse/mitigations/<name>``,
+``collapse/errors`` and ``collapse/outlet_errors/<outlet>``; their names are not probe names.
+No key is a path prefix of another one the same monitor logs, but a per-head or per-dimension
+element of a metric (``.../entropy_norm/head_0`` below ``.../entropy_norm``); sinks whose
+stores are folders (MLflow's file store) write those as ``.../entropy_norm.head_0``.
 
 A :class:`MetricKey` is a ``str`` (its tag), so the metrics the monitor returns and hands to
 sinks are plain ``{tag: value}`` dictionaries to anyone who wants one, while the sinks and
@@ -23,7 +26,7 @@ from __future__ import annotations
 import re
 
 ROOT = "collapse"
-RESERVED = ("alerts", "mitigations", "errors")
+RESERVED = ("alerts", "mitigations", "errors", "outlet_errors")
 _INDEX = re.compile(r"^(head|dim)_\d+$")
 _LOADER = re.compile(r"^dataloader_idx_(\d+)$")
 _FIELDS = ("probe", "metric", "layer", "index", "prefix", "loader")
@@ -150,6 +153,10 @@ def alerts_key(rule: str) -> MetricKey:
 
 def mitigations_key(name: str) -> MetricKey:
     return MetricKey("mitigations", name)
+
+
+def outlet_errors_key(outlet: str) -> MetricKey:
+    return MetricKey("outlet_errors", outlet)
 
 
 ERRORS_KEY = MetricKey("errors", "")

@@ -323,6 +323,7 @@ class CollapseMonitor:
         metrics.update(self._mitigations.metrics())
         self._probes.finish_windows()
         metrics[ERRORS_KEY] = float(self.error_count)
+        metrics.update(self.outlets.error_metrics())
         self.outlets.log(step, metrics, self.rules.thresholds(metrics), readouts, alerts, events)
         return metrics
 
@@ -456,14 +457,19 @@ class CollapseMonitor:
         Mitigations that changed the model's structure (``SigmaReparam``) re-apply it here, and add
         their parameters to ``optimizer``: load the monitor before the model and the optimizer.
 
+        A state is checked whole before anything is loaded (its version and parts, each probe's
+        identity: kind, module, where it reads, parameters; every statistic's shape): a state
+        that does not fit is refused with a message naming the probe, and nothing changes.
+
         Raises:
-            ValueError: a state of another version; KeyError: a probe or mitigation without state.
+            ValueError: a state of another version, or another probe's; KeyError: a probe or
+                mitigation without state, or state of ones this monitor does not have.
         """
         state.check(saved, self.probes, self.mitigations)
         keep = not saved["reduced"] or _dist.rank(self.process_group) == 0
+        self._probes.load_state_dict(saved["probes"], keep_window=keep)
         self.global_step = int(saved["global_step"])
         self.should_stop = bool(saved["should_stop"])
-        self._probes.load_state_dict(saved["probes"], keep_window=keep)
         self.rules.load_state_dict(saved["rules"])
         self._mitigations.load_state_dict(
             saved["mitigations"], saved["mitigation_counts"], as_optimizers(optimizer)

@@ -1,8 +1,9 @@
 """Where a log goes: the sinks, the pictures and the alert callbacks, each behind its own guard.
 
 Every outlet fails alone: an exception in one sink (a tracker that refuses a key, a full disk)
-or one ``on_alert`` callable is logged once with its name, counted in ``collapse/errors``, and
-that outlet is switched off; the others receive the log. A probe whose pictures fail loses its
+or one ``on_alert`` callable is logged once with its name, counted in ``collapse/errors`` and
+``collapse/outlet_errors/<name>``, and that outlet is switched off; the others receive the
+log. A probe whose pictures fail loses its
 pictures only. Under ``torch.distributed`` a sink with ``main_process_only`` is written by rank 0
 only.
 """
@@ -17,7 +18,7 @@ import numpy as np
 from . import _dist
 from . import pictures as pictures_
 from .contracts import Event, Readout
-from .keys import MetricKey
+from .keys import MetricKey, outlet_errors_key
 from .rules import Alert
 from .sinks import Sink
 
@@ -43,10 +44,11 @@ class Outlets:
         strict: bool = False,
         pictures_every_n_logs: int = 1,
     ) -> None:
-        self.sinks = list(sinks)
-        for sink in self.sinks:
-            if not isinstance(sink, Sink):
-                raise TypeError(f"sinks must be Sink instances, got {type(sink).__name__}")
+        self.sinks: list[Sink] = []
+        self.names: dict[int, str] = {}  # each outlet's name, unique (by id)
+        self.failures: dict[str, int] = {}  # errors per outlet name
+        for sink in sinks:
+            self.add(sink)
         self.on_alert = list(on_alert)
         self.picture_probes = set(pictures)
         self.strict = strict
@@ -54,6 +56,23 @@ class Outlets:
         self._logs = 0  # training logs so far (pictures at every n-th)
         self.errors = 0
         self._off: set[int] = set()  # outlets switched off after an error (by id)
+
+    def add(self, sink: Sink) -> None:
+        """One more sink (a tracker whose run exists only once training began)."""
+        if not isinstance(sink, Sink):
+            raise TypeError(f"sinks must be Sink instances, got {type(sink).__name__}")
+        self.sinks.append(sink)
+        self._name(sink, sink.name)
+
+    def _name(self, outlet, base: str) -> str:
+        if id(outlet) not in self.names:
+            taken = set(self.names.values())
+            name, k = base, 1
+            while name in taken:
+                k += 1
+                name = f"{base}_{k}"
+            self.names[id(outlet)] = name
+        return self.names[id(outlet)]
 
     def _guard(self, outlet, what: str, fn, *args) -> None:
         if id(outlet) in self._off:
@@ -63,15 +82,23 @@ class Outlets:
         except Exception as exc:
             if self.strict:
                 raise
+            name = self._name(outlet, getattr(outlet, "__name__", type(outlet).__name__))
             self.errors += 1
+            self.failures[name] = self.failures.get(name, 0) + 1
             self._off.add(id(outlet))
             log.error(
-                "collapse monitor: %s %r failed and is switched off: %s: %s",
+                "collapse monitor: %s %r failed and is switched off (the other outlets go "
+                "on; collapse/outlet_errors/%s counts it): %s: %s",
                 what,
-                outlet,
+                name,
+                name,
                 type(exc).__name__,
                 exc,
             )
+
+    def error_metrics(self) -> dict[MetricKey, float]:
+        """``collapse/outlet_errors/<name>`` of every outlet that failed."""
+        return {outlet_errors_key(n): float(c) for n, c in self.failures.items()}
 
     def each_sink(self, method: str, *args) -> None:
         """``sink.<method>(*args)`` on every sink this rank writes, each guarded."""

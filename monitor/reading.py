@@ -178,6 +178,17 @@ class Call:
         """A ValueError naming the probe and the module."""
         return self._context.probe.error(self.path, what)
 
+    def bad_rows(self, bad: torch.Tensor, describe: Callable[[], str]) -> None:
+        """``bad``: rows of this call the probe skips for bad input (a label out of range). A
+        strict monitor raises ``describe()`` (a host sync: tests and debugging); otherwise the
+        probe counts them in one of its ``bad_input`` metrics and goes on.
+
+        Raises:
+            ValueError: under ``strict``, when any row is bad (naming probe and module).
+        """
+        if self._context.strict and bool(bad.any()):
+            raise self.error(describe())
+
     def on_gradient(self, tensor: torch.Tensor, fn: Callable[[torch.Tensor], None]) -> None:
         """Call ``fn(grad)`` when this step's backward reaches ``tensor`` (once per step and
         tensor; failures are the probe's, like its hooks')."""
@@ -219,6 +230,36 @@ class Recorder:
     def guarded(self, fn, *args) -> Any:
         """Run ``fn(*args)`` from a hook: an error disables the probe instead of training."""
         raise NotImplementedError
+
+
+def nonfinite(value: Any, sample: int = 1024) -> torch.Tensor | None:
+    """A 0-d bool tensor, true when most of ``sample`` evenly strided elements of one of the
+    floating-point tensors of ``value`` (a tensor, a tuple, list or dict of them, or an object
+    whose ``checked()`` names them) are NaN or Inf: a run that diverged has them everywhere (a
+    few bad rows are the probes' own business: skipped and counted). ``None`` when ``value``
+    holds no floating-point tensor. No host sync.
+    """
+    flags = [
+        (~torch.isfinite(t.detach().reshape(-1)[:: max(1, t.numel() // sample)])).float().mean()
+        > 0.5
+        for t in _floating(value)
+        if t.numel()
+    ]
+    if not flags:
+        return None
+    return flags[0] if len(flags) == 1 else torch.stack(flags).any()
+
+
+def _floating(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value] if value.is_floating_point() else []
+    if isinstance(value, Mapping):
+        value = list(value.values())
+    elif hasattr(value, "checked"):
+        value = value.checked()
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _floating(v)]
+    return []
 
 
 def feature_rows(values: torch.Tensor, call: Call, what: str = "features") -> None:

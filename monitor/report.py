@@ -3,39 +3,81 @@ its TensorBoard event files (any logger that wrote ``collapse/...`` scalars, Lig
 
 Verdicts replay the probes' own default rules (the ones training used) over the logged values:
 ``collapsed`` when a rule holds at the latest log, ``warning`` when it fired earlier but no longer
-holds, ``healthy`` otherwise. Exit code 0: nothing collapsed; 1: something collapsed; 2: no such or
-empty directory; 3: no collapse scalars in it.
+holds, ``diverged`` for a probe that saw NaN or Inf (or fell silent), ``stale`` for a metric whose
+last value is older than the run's last log (never called healthy), ``healthy`` otherwise. A
+damaged event file (truncated, or a record whose checksum fails) is named in a warning with the
+point where reading stopped. Exit codes (see :mod:`collapse_monitor.cli`): 0 healthy; 1 collapsed
+or diverged; 2 a usage or I/O error.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import fnmatch
 import json
+import struct
 import sys
 from pathlib import Path
 
 from .keys import ERRORS_KEY, ROOT, MetricKey
 from .probes import PROBE_TYPES
+from .probes.base import HEALTH_RULES
 from .rules import Rule, RuleEngine
 
 
 def default_rule_templates() -> list[Rule]:
     """Every probe class's declared default rules, for any probe name (the rules training uses)."""
-    return [spec.template() for cls in PROBE_TYPES for spec in cls.rules]
+    specs = [spec for cls in PROBE_TYPES for spec in cls.rules] + list(HEALTH_RULES)
+    return [spec.template() for spec in specs]
 
 
-def read_scalars(run_dir: Path) -> dict[str, dict[str, list[tuple[int, float]]]]:
+def damage(path: Path) -> str | None:
+    """Where reading ``path`` (a TensorBoard event file: records of a length, its checksum,
+    the data and its checksum) stops before its end, or None when every record is whole."""
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+
+    data = path.read_bytes()
+    offset = records = 0
+    while offset < len(data):
+        head = data[offset : offset + 12]
+        if len(head) < 12:
+            return f"truncated at byte {offset} of {len(data)} (after {records} records)"
+        length = struct.unpack("<Q", head[:8])[0]
+        if struct.unpack("<I", head[8:])[0] != masked_crc32c(head[:8]):
+            return (
+                f"a corrupt record length at byte {offset} of {len(data)} (after {records} records)"
+            )
+        end = offset + 12 + length + 4
+        if end > len(data):
+            return f"truncated at byte {offset} of {len(data)} (after {records} records)"
+        body, crc = data[offset + 12 : end - 4], struct.unpack("<I", data[end - 4 : end])[0]
+        if crc != masked_crc32c(body):
+            return f"a corrupt record at byte {offset} of {len(data)} (after {records} records)"
+        offset, records = end, records + 1
+    return None
+
+
+def read_scalars(
+    run_dir: Path, events: list[Path] | None = None
+) -> dict[str, dict[str, list[tuple[int, float]]]]:
     """``{run: {tag: [(step, value), ...]}}`` of every ``collapse/...`` scalar under ``run_dir``;
-    a run is a directory holding event files (its path relative to ``run_dir``)."""
+    a run is a directory holding event files (its path relative to ``run_dir``). A damaged file
+    is said in a warning (stderr) naming it and where reading stopped; what it holds before that
+    point is read."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     runs: dict[str, dict[str, dict[int, float]]] = {}
-    for events in sorted(run_dir.rglob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+    for path in events or sorted(run_dir.rglob("events.out.tfevents.*")):
+        problem = damage(path)
+        if problem:
+            print(
+                f"collapse-monitor: warning: {path} is damaged: {problem}; the values after "
+                "that point are missing",
+                file=sys.stderr,
+            )
+        acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
         acc.Reload()
-        run = str(events.parent.relative_to(run_dir))
+        run = str(path.parent.relative_to(run_dir))
         for tag in acc.Tags().get("scalars", []):
             if tag.startswith(f"{ROOT}/"):
                 runs.setdefault(run, {}).setdefault(tag, {}).update(
@@ -56,10 +98,16 @@ def _trend(values: list[float]) -> str:
     return "rising" if last > first else "falling"
 
 
+_HEALTH = {spec.name for spec in HEALTH_RULES}  # rules whose firing means the run diverged
+
+
 def health(series: dict[str, list[tuple[int, float]]]) -> list[dict]:
-    """One row per metric that a default rule watches (and NC1), with verdict and alert steps."""
+    """One row per metric that a default rule watches (and NC1), with verdict and alert steps;
+    a row whose last value is older than the run's last log is ``stale`` (never healthy), one
+    of a probe that saw NaN or Inf (or fell silent) is ``diverged``."""
     rows = []
     templates = default_rule_templates()
+    last_log = max((points[-1][0] for points in series.values()), default=0)
     for tag, points in sorted(series.items()):
         key = MetricKey.parse(tag)
         if not key.is_probe_metric:
@@ -95,7 +143,14 @@ def health(series: dict[str, list[tuple[int, float]]]) -> list[dict]:
             if fired:
                 row["first_alert"] = row["first_alert"] or fired[0].step
                 row["rule"] = f"{key.metric} {rule.mode} {rule.threshold:g}"
-                row["verdict"] = "collapsed" if holding else "warning"
+                if rule.name.split("/")[-1] in _HEALTH:
+                    row["verdict"] = "diverged"
+                else:
+                    row["verdict"] = "collapsed" if holding else "warning"
+        if row["step"] < last_log:  # a value older than the run's last log
+            row["trend"] = f"stale since {row['step']}"
+            if row["verdict"] == "healthy":
+                row["verdict"] = "stale"
         rows.append(row)
     return rows
 
@@ -175,49 +230,43 @@ def dashboard(series, rows: list[dict], png: Path) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="collapse-monitor", description="Collapse-monitor tools")
-    sub = parser.add_subparsers(dest="command", required=True)
-    rep = sub.add_parser("report", help="health table of a run from its TensorBoard event files")
-    rep.add_argument("run_dir", type=Path)
-    rep.add_argument("--png", type=Path, help="also write a dashboard figure")
-    rep.add_argument("--json", action="store_true", help="print machine-readable JSON")
-    args = parser.parse_args(argv)
-    if not args.run_dir.is_dir():
-        print(f"collapse-monitor: no such directory: {args.run_dir}", file=sys.stderr)
-        return 2
-    if not any(args.run_dir.rglob("events.out.tfevents.*")):
-        print(f"collapse-monitor: no TensorBoard event files under {args.run_dir}", file=sys.stderr)
-        return 2
-    runs = read_scalars(args.run_dir)
+def report(run_dir: Path, events: list[Path], png: Path | None, as_json: bool) -> int:
+    """Print the health table of every run under ``run_dir`` (and draw ``png``); the exit code
+    (0 healthy, 1 collapsed or diverged, 2 no collapse scalars)."""
+    runs = read_scalars(run_dir, events)
     if not runs:
         print(
-            f"collapse-monitor: the event files under {args.run_dir} hold no collapse/... scalars "
+            f"collapse-monitor: the event files under {run_dir} hold no collapse/... scalars "
             "(was a CollapseMonitor with a TensorBoard sink, or CollapseCallback, attached?)",
             file=sys.stderr,
         )
-        return 3
-    report, collapsed = {}, False
+        return 2
+    out, failed = {}, False
     for run, series in runs.items():
         rows, applied = health(series), mitigations(series)
-        collapsed |= any(r["verdict"] == "collapsed" for r in rows)
-        report[run] = {
+        verdicts = {r["verdict"] for r in rows}
+        status = next(
+            (v for v in ("diverged", "collapsed", "stale", "warning") if v in verdicts), "healthy"
+        )
+        failed |= status in ("diverged", "collapsed")
+        out[run] = {
+            "status": status,
             "rows": rows,
             "mitigations": applied,
             "errors": series.get(ERRORS_KEY, [(0, 0.0)])[-1][1],
         }
-        if not args.json:
-            print(f"== {run}" if len(runs) > 1 else f"== {args.run_dir}")
+        if not as_json:
+            print(f"== {run} ({status})" if len(runs) > 1 else f"== {run_dir} ({status})")
             print(format_table(rows, applied) + "\n")
-        if args.png:
-            png = (
-                args.png
+        if png:
+            path = (
+                png
                 if len(runs) == 1
-                else args.png.with_name(f"{args.png.stem}_{run.replace('/', '_')}{args.png.suffix}")
+                else png.with_name(f"{png.stem}_{run.replace('/', '_')}{png.suffix}")
             )
-            dashboard(series, rows, png)
-            if not args.json:
-                print(f"dashboard: {png}\n")
-    if args.json:
-        print(json.dumps({"runs": report}, indent=2))
-    return 1 if collapsed else 0
+            dashboard(series, rows, path)
+            if not as_json:
+                print(f"dashboard: {path}\n")
+    if as_json:
+        print(json.dumps({"runs": out}, indent=2))
+    return 1 if failed else 0

@@ -82,6 +82,8 @@ class Rule:
             sibling key that must hold for this rule to be evaluated at a log.
         latest: the sibling metric holding this quantity on the window's last step (a
             ``below``/``above`` rule; see the module doc); logs without it behave as without.
+        detail: a sibling metric whose value the alert's message shows (e.g. the step at which
+            a probe first saw NaN).
     """
 
     metric: str
@@ -98,6 +100,7 @@ class Rule:
     arm: bool = False
     requires: tuple[str, str, float] | None = None
     latest: str | None = None
+    detail: str | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in _MODES:
@@ -160,6 +163,7 @@ class RuleSpec:
     arm: bool = False
     requires: tuple[str, str, float] | None = None
     latest: str | None = None
+    detail: str | None = None
 
     def _rule(self, probe_pattern: str, probe_name: str, per_module: bool) -> Rule:
         return Rule(
@@ -175,6 +179,7 @@ class RuleSpec:
             arm=self.arm,
             requires=self.requires,
             latest=self.latest,
+            detail=self.detail,
         )
 
     def bind(self, probe: str, per_module: bool = False) -> Rule:
@@ -261,7 +266,8 @@ class RuleEngine:
                     st.last_alert = step
                     st.latched = not rule.repeat
                     self.counts[rule.name] += 1
-                    alerts.append(self._alert(rule, key, value, step, st, latest))
+                    detail = _sibling(key, rule.detail, metrics) if rule.detail else math.nan
+                    alerts.append(self._alert(rule, key, value, step, st, latest, detail))
         return alerts
 
     @staticmethod
@@ -279,7 +285,7 @@ class RuleEngine:
 
     @staticmethod
     def _alert(
-        rule: Rule, key: str, value: float, step: int, st: _KeyState, latest: float
+        rule: Rule, key: str, value: float, step: int, st: _KeyState, latest: float, detail: float
     ) -> Alert:
         if rule.mode in ("below", "above"):
             word = rule.mode if _past(rule.mode, value, rule.threshold) else "not yet " + rule.mode
@@ -297,6 +303,8 @@ class RuleEngine:
             msg += f", and {rule.latest} = {latest:.6g} at the window's last step"
         elif rule.patience > 1:
             msg += f" for {rule.patience} consecutive logs"
+        if detail == detail:  # (not NaN)
+            msg += f", {rule.detail} = {detail:.6g}"
         if rule.message:
             msg += f". {rule.message}"
         return Alert(step, rule.name, key, value, rule.threshold, rule.mode, msg, rule.action)

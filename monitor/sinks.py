@@ -11,6 +11,10 @@ from .rules import Alert
 class Sink:
     """Receives metrics and alerts at logging cadence. Subclass and override what you need.
 
+    Every sink is an outlet of its own: an exception in it is logged once with its
+    :attr:`name`, counted (``collapse/errors`` and ``collapse/outlet_errors/<name>``) and that
+    sink is switched off; the other sinks go on.
+
     Under ``torch.distributed`` every rank computes the same metrics; a sink with
     ``main_process_only = True`` (the default) is written by rank 0 only, so a run has one copy
     (in the manner of Accelerate's trackers). Set it False for a sink that writes a file per
@@ -25,6 +29,11 @@ class Sink:
     """
 
     main_process_only: bool = True
+
+    @property
+    def name(self) -> str:
+        """The outlet's name in messages and in ``collapse/outlet_errors/<name>``."""
+        return type(self).__name__
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """``metrics``: ``{"collapse/<probe>/<metric>": value}`` at training step ``step``."""

@@ -201,9 +201,9 @@ def test_every_mitigation_changed_the_sharded_parameters(sharded, engine):
     assert int(recycled.sum()) == counts["redo"]
     assert torch.equal(params["sae.weight"][recycled], want["sae.weight"][recycled])
     assert (params["dec.weight"][:, recycled] == 0).all()
-    # ResetDeadCodes: as many codes as one process resets, each a vector of rank 0's batch
+    # ResetDeadCodes: as many codes as one process resets, each a vector of the ranks' batches
     codebook = params["vq.codebook.weight"]
-    pool = r0["vq_inputs"].reshape(-1, codebook.shape[1])
+    pool = torch.cat([r["vq_inputs"].reshape(-1, codebook.shape[1]) for r in (r0, r1)])
     hits = (codebook[:, None, :] == pool[None]).all(-1).any(1)
     assert int(hits.sum()) == counts["reset_dead_codes"]
     if engine == "fsdp2":  # FSDP (first generation)'s flat optimizer state is not reset

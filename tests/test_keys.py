@@ -5,6 +5,7 @@ import torch
 
 from collapse_monitor import CollapseMonitor, MetricKey, probes
 from collapse_monitor.probes import PROBE_TYPES
+from collapse_monitor.probes.base import HEALTH_RULES
 from collapse_monitor.report import default_rule_templates
 from tests.zoo import Zoo, batch, every_mitigation, every_probe, loss_of
 
@@ -48,9 +49,13 @@ def test_a_glob_module_path_as_name_binds_rules_to_that_probe_only():
     model = torch.nn.Module()
     model.blocks = torch.nn.ModuleList([torch.nn.ReLU(), torch.nn.ReLU()])
     probe = probes.DormantUnits("blocks.*")  # name "blocks.*": the glob is a literal name
-    (rule,) = probe.default_rules()
+    rule, *health = probe.default_rules()
     assert rule.matches("collapse/blocks.*/blocks.0/dormant_fraction")
     assert not rule.matches("collapse/blocks.x/blocks.0/dormant_fraction")
+    assert [r.metric for r in health] == [
+        "collapse/blocks.[*]/nonfinite",
+        "collapse/blocks.[*]/silent",
+    ]
 
 
 def test_the_report_reads_the_declared_rules_of_every_probe_type():
@@ -59,6 +64,7 @@ def test_the_report_reads_the_declared_rules_of_every_probe_type():
         c for c in exported if c is not probes.Probe and c is not probes.Call
     }
     templates = default_rule_templates()
-    assert len(templates) == sum(len(cls.rules) for cls in PROBE_TYPES) > 8
+    declared = sum(len(cls.rules) for cls in PROBE_TYPES) + len(HEALTH_RULES)
+    assert len(templates) == declared > 8
     usage = next(r for r in templates if r.name == "*/usage_below")
     assert usage.matches("collapse/any_name/usage") and usage.threshold == 0.5

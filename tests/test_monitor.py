@@ -367,7 +367,9 @@ def test_a_failing_sink_is_disabled_and_training_goes_on(caplog):
 
 def test_a_probe_that_raises_is_logged_once_counted_and_disabled(caplog):
     model = mlp()
-    bad = probes.NeuralCollapse("1", 3, read="output", name="bad")  # labels go up to 3
+    # an extract that returns integers: every call fails (labels out of range are bad rows,
+    # skipped and counted: tests/test_faults.py)
+    bad = probes.NeuralCollapse("1", 3, read="output", name="bad", extract=lambda m, a, o: o.long())
     mon = CollapseMonitor(
         model, [probes.NeuralCollapse("2", 4, name="head"), bad], 2, observe_every_n_steps=1
     )
@@ -377,7 +379,7 @@ def test_a_probe_that_raises_is_logged_once_counted_and_disabled(caplog):
     assert (
         len(messages) == 1
         and "NeuralCollapse 'bad'" in messages[0]
-        and "out of range" in messages[0]
+        and "expected floating-point features" in messages[0]
     )
     assert bad.disabled and not mon.probes[0].disabled
     assert logged[-1][1]["collapse/errors"] == 1.0

@@ -66,7 +66,7 @@ def test_the_wheel_holds_one_top_level_package(tmp_path):
     for module in ("integrations/lightning.py", "probes/attention/sdpa.py", "stats/window.py"):
         assert f"collapse_monitor/{module}" in names
     entry = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "collapse_monitor.report:main" in zipfile.ZipFile(wheel).read(entry).decode()
+    assert "collapse_monitor.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
     # torch, numpy and TensorBoard (the default sink) come with it; trainers and trackers are extras
     metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA")))
     requires = [

@@ -92,6 +92,11 @@ def find_probe(
     return hits[0]
 
 
+def held(optimizers: Sequence[torch.optim.Optimizer], param: torch.Tensor) -> bool:
+    """Whether one of ``optimizers`` updates ``param``."""
+    return any(p is param for opt in optimizers for g in opt.param_groups for p in g["params"])
+
+
 def optimizer_states(
     optimizers: Sequence[torch.optim.Optimizer], param: torch.Tensor
 ) -> list[tuple[str, torch.Tensor]]:

@@ -15,7 +15,7 @@ from .._sharding import edited, whole
 from ..contracts import Event, Replaced
 from ..keys import MetricKey
 from ..reading import describe, first_input, is_index, single_index_tensor
-from .base import Mitigation, find_probe, optimizer_states
+from .base import Mitigation, find_probe, held, optimizer_states
 from .codebooks import find_codebook
 from .reset_every_step import EveryStepResets
 
@@ -342,15 +342,18 @@ class ResetDeadCodes(Mitigation):
         return [Event(self.name, info, count=n, replaced=replaced)]
 
     def _drawn_on_rank_zero(self, cb, heads, codes, step: int) -> torch.Tensor | None:
-        """Rank 0 draws the ``(n, D)`` new codes and broadcasts them; ``None`` when it had no
-        batch vectors. Every rank reaches the broadcast, even when rank 0's draw fails."""
+        """The ``(n, D)`` new codes, drawn by rank 0 from the valid rows of every rank's
+        batch (in rank order: the batch one process would have seen) and broadcast; ``None``
+        when no rank captured a row. Every rank reaches every collective, even when rank 0's
+        draw fails."""
+        pool = self._pooled_rows(cb)
         drawn = torch.full(
             (heads.numel(), self.dim), float("nan"), dtype=cb.dtype, device=cb.device
         )
         failure = None
-        if _dist.rank(self.process_group) == 0 and self._batch is not None:
+        if _dist.rank(self.process_group) == 0 and pool.shape[0]:
             try:
-                drawn.copy_(self._draw(cb, heads, codes, step))
+                drawn.copy_(self._draw(cb, pool, heads, codes, step))
             except Exception as exc:
                 failure = exc
         _dist.broadcast_(drawn, 0, self.process_group)
@@ -361,12 +364,27 @@ class ResetDeadCodes(Mitigation):
             return None
         return drawn
 
-    def _draw(self, cb, heads, codes, step: int) -> torch.Tensor:
-        """Rank 0's replacement vectors ``(n, D)`` from its captured batch ``(N, H, D)``."""
-        # only rows that hold a real position (selected here, at the log, not in the hook)
-        batch = self._batch[self._valid].to(device=cb.device, dtype=cb.dtype)
-        if not batch.shape[0]:
-            raise ValueError(f"{self!r}: the captured batch holds no valid (unmasked) row")
+    def _pooled_rows(self, cb) -> torch.Tensor:
+        """``(N, H, D)``: the valid rows of the captured batch, of every rank in rank order
+        under ``torch.distributed`` (one all-gather of the counts, one of the rows)."""
+        heads = self.heads if cb.shape[0] > 1 else 1
+        rows = cb.new_zeros((0, heads, self.dim))
+        if self._batch is not None:  # only rows holding a real position
+            rows = self._batch[self._valid].to(device=cb.device, dtype=cb.dtype)
+        group = self.process_group
+        if not _dist.is_distributed(group):
+            return rows
+        wire = _dist.collective_device(group, rows.device)
+        width = torch.tensor([rows.shape[0], rows.shape[1]], device=wire)
+        sizes = _dist.all_gather_rows(width, [2] * _dist.world_size(group), group)
+        counts = [int(s[0]) for s in sizes]
+        width = max(int(s[1]) for s in sizes)
+        if rows.shape[1] != width:  # a rank that captured nothing: its empty rows' width
+            rows = rows.new_zeros((rows.shape[0], width, self.dim))
+        return torch.cat(_dist.all_gather_rows(rows.to(wire), counts, group)).to(cb.device)
+
+    def _draw(self, cb, batch, heads, codes, step: int) -> torch.Tensor:
+        """The replacement vectors ``(n, D)`` from the pooled rows ``batch (N, H, D)``."""
         g = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + step)
         out = torch.empty(heads.numel(), self.dim, dtype=cb.dtype, device=cb.device)
         for h in heads.unique().tolist():  # a loop over heads (few), never over codes
@@ -404,6 +422,14 @@ class ResetDeadCodes(Mitigation):
             return "buffer (no optimizer state)"
         if not optimizers:
             return "not given: pass optimizer= to monitor.step() to zero its moments"
+        if not held(optimizers, codebook):
+            log.warning(
+                "%r: the codebook is in none of the %d optimizers given to monitor.step(); its "
+                "moments (if another optimizer keeps them) were not reset",
+                self,
+                len(optimizers),
+            )
+            return f"in none of the {len(optimizers)} optimizers given"
         states = optimizer_states(optimizers, codebook)
         for _, value in states:
             with edited(value) as full:

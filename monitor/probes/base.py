@@ -28,7 +28,30 @@ from ..reading import Call, Reading, Recorder
 from ..rules import Rule, RuleSpec
 from ..stats import Window, WindowView
 
-__all__ = ["Probe", "layer_name"]
+__all__ = ["HEALTH_RULES", "Probe", "layer_name"]
+
+#: the rules of every probe, on what its driver reports of each window
+HEALTH_RULES = (
+    RuleSpec(
+        "nonfinite",
+        0.5,
+        "above",
+        name="diverged",
+        patience=1,
+        detail="first_nonfinite_step",
+        message="NaN or Inf reached the probe in most of its calls: the run diverged (look at "
+        "the loss, the learning rate and the data at that step)",
+    ),
+    RuleSpec(
+        "silent",
+        0.5,
+        "above",
+        name="silent",
+        patience=1,
+        message="the probe ran but reported none of its metrics, as it did before: its inputs "
+        "are no longer usable (NaN or Inf rows, labels out of range); its last values are stale",
+    ),
+)
 
 
 class Probe:
@@ -81,6 +104,12 @@ class Probe:
     reads_parameters: bool = False
     #: what a mitigation may read of the probe at attach (see :meth:`describe`)
     described: ClassVar[tuple[str, ...]] = ()
+    #: the metrics that say the probe's inputs were usable: a probe that reported one at an
+    #: earlier log and none in a window where it ran is ``silent`` (an alert)
+    headline: ClassVar[tuple[str, ...]] = ()
+    #: metrics counting rows skipped for bad input (labels out of range): said once in the log;
+    #: under ``strict`` the call that held them raises (``Call.bad_rows``)
+    bad_input: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -181,9 +210,11 @@ class Probe:
         """Restore :meth:`extra_state`."""
 
     def default_rules(self) -> list[Rule]:
-        """The probe's :attr:`rules`, bound to its keys (per module for a glob kept apart)."""
+        """The probe's :attr:`rules`, bound to its keys (per module for a glob kept apart),
+        and the rules every probe has (:data:`HEALTH_RULES`: divergence, silence)."""
         per_module = len(self.paths) > 1 and not (self.pool or self.per_layer)
-        return [spec.bind(self.name, per_module=per_module) for spec in self.rules]
+        own = [spec.bind(self.name, per_module=per_module) for spec in self.rules]
+        return own + [spec.bind(self.name) for spec in HEALTH_RULES]
 
     def describe(self) -> dict[str, Any]:
         """What a mitigation may know of this probe: the attributes in :attr:`described`."""

@@ -89,6 +89,9 @@ class CodebookUsage(Probe):
         >>> mon.close()
     """
 
+    headline = ("usage",)
+    bad_input = ("out_of_range",)
+
     reads = Reading(
         "a single integer tensor of code indices",
         is_index,
@@ -217,15 +220,15 @@ class CodebookUsage(Probe):
         padding = self._padding(call, shape, idx.shape[0], idx.device)
         if padding is not None:
             valid &= padding[:, None]
-        if idx.device.type == "cpu":  # checking costs no device sync here
-            bad = ((idx < 0) | (idx >= self.num_codes)) & valid
-            if bool(bad.any()):
-                raise self.error(
-                    call.path,
-                    f"code indices out of range [0, {self.num_codes}): {int(bad.sum())} "
-                    f"entries, min {int(idx[bad].min())}, max {int(idx[bad].max())} "
-                    f"(ignore_index={self.ignore_index})",
-                )
+        bad = ((idx < 0) | (idx >= self.num_codes)) & valid  # counted by CodeCounts
+        call.bad_rows(
+            bad,
+            lambda: (
+                f"code indices out of range [0, {self.num_codes}): {int(bad.sum())} "
+                f"entries, min {int(idx[bad].min())}, max {int(idx[bad].max())} "
+                f"(ignore_index={self.ignore_index})"
+            ),
+        )
         window["counts"].update(idx, valid)
         window["step"].update(idx, valid)
 
@@ -273,12 +276,6 @@ class CodebookUsage(Probe):
     # ----------------------------------------------------------------- readout
     def readout(self, window) -> Readout:
         win, ema = window["counts"], window["ema"]
-        oor = int(win.out_of_range.sum())
-        if oor:  # only off the CPU: there out-of-range indices raise at once
-            raise ValueError(
-                f"{type(self).__name__} '{self.name}': {oor} code indices outside "
-                f"[0, {self.num_codes}) in this window (they were excluded)"
-            )
         if self.dead == "window":
             dead = win.counts == 0
         elif ema.steps >= self.warmup_steps:
@@ -294,6 +291,7 @@ class CodebookUsage(Probe):
             "dead_fraction": dead.to(_F64).mean(-1),
             "samples": stats["samples"],
             "skipped": win.skipped.to(_F64),
+            "out_of_range": win.out_of_range.to(_F64),
             **self._extra_metrics(win),
         }
         metrics = {}

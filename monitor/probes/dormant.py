@@ -136,6 +136,8 @@ class DormantUnits(Probe):
         >>> mon.close()
     """
 
+    headline = ("dormant_fraction",)
+
     reads = Reading(
         "floating-point activations (N, ..., H) or (N, C, ...)",
         floating(2),

@@ -22,8 +22,8 @@ from torch import nn
 from .._modules import resolve_modules
 from ..contracts import Component, Readout, Recording, Setup
 from ..hooks import HookSet
-from ..reading import Call, Recorder
-from ..stats import Counter, Window, WindowView
+from ..reading import Call, Recorder, nonfinite
+from ..stats import CallCounts, Window, WindowView
 from .base import Probe, layer_name
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,9 @@ class ProbeDriver(Component, Recorder):
         self.window_steps = 0
         self.rows_per_step: int | None = None
         self.last: Readout | None = None  # the last readout, identical on every rank
+        # whether a training window's readout held a headline metric (then a window without
+        # one is "silent"), and whether the last readout did
+        self._spoke = self._speaks = False
         self._step_rows = 0
         self._modules: list[tuple[str, weakref.ref]] = []
         self._reduced: Window | None = None
@@ -60,6 +63,7 @@ class ProbeDriver(Component, Recorder):
         self.model_inputs: dict = {}  # the model's attention_mask (and cache) of this forward
         self._model_signature: inspect.Signature | None = None
         self._mask_warned: set[str] = set()
+        self._said_bad: set[str] = set()
         self._step_hooks = HookSet()  # gradient hooks of this step (Call.on_gradient)
         self._armed: set[int] = set()
 
@@ -96,7 +100,7 @@ class ProbeDriver(Component, Recorder):
             window = self.probe.new_window()
         else:
             window = Window.scoped({s: self.probe.new_window() for s in self.scopes})
-        return window.add("_calls", Counter(("calls",))).to(self.device)
+        return window.add("_calls", CallCounts()).to(self.device)
 
     def view(self, scope: str | None = None, window: Window | None = None) -> WindowView:
         """One module's part of the window (``None``: the probe's only part)."""
@@ -154,7 +158,7 @@ class ProbeDriver(Component, Recorder):
         if device is not None:
             self.device = device  # where the data lives now (the model may have moved)
             self.window.to(device)
-        self.window["_calls"].add("calls", 1)
+        self.window["_calls"].add(self._recording.step, nonfinite(value))
         self.probe.update(self.view(self._scope(call.path)), value, call)
         if not self._recording.snapshot:
             self._step_rows += call.rows
@@ -166,7 +170,7 @@ class ProbeDriver(Component, Recorder):
 
     def _on_gradient(self, fn, grad) -> None:
         if not self.disabled:
-            self.guarded(fn, grad)
+            self.guarded(fn, grad, in_backward=True)
 
     def warn_mask(self, path: str, mask: torch.Tensor, what: str) -> None:
         if path not in self._mask_warned:
@@ -235,16 +239,50 @@ class ProbeDriver(Component, Recorder):
         """The readout of this window over all ranks; keeps the window. A collective under
         ``torch.distributed``: every rank must call it."""
         self._reduced = reduced = self.window.reduced(group)
-        out = Readout({self.probe.key("calls"): float(reduced["_calls"]["calls"])})
+        out = Readout()
         for scope in self.scopes:
             part = self.probe.readout(self.view(scope, reduced))
+            out.incomplete |= part.incomplete
             for field in ("metrics", "histograms", "pictures", "masks"):
                 mine = getattr(part, field)
                 getattr(out, field).update(
                     mine if scope is None else {k.but(layer=scope): v for k, v in mine.items()}
                 )
+        out.metrics.update(self._health(reduced["_calls"], out))
+        self._say_bad_input(out)
         self.last = out
         return out
+
+    def _say_bad_input(self, out: Readout) -> None:
+        """Say once per metric when a probe skipped rows for bad input in this window."""
+        for k, v in out.metrics.items():
+            if k.metric in self.probe.bad_input and v > 0 and k.metric not in self._said_bad:
+                self._said_bad.add(k.metric)
+                log.warning(
+                    "collapse monitor: %r skipped %d rows of bad input in this window (%s, "
+                    "counted in %s; the rest were recorded). Check the labels or indices it "
+                    "reads; strict=True raises at the call",
+                    self.probe,
+                    v,
+                    k.metric,
+                    k,
+                )
+
+    def _health(self, counts: CallCounts, out: Readout) -> dict:
+        """The probe's calls, the share of them whose input held NaN or Inf (with the first
+        step that did), and ``silent``: 1 when the probe ran in this window but reported none
+        of its headline metrics although it did at an earlier log (its inputs stopped being
+        usable)."""
+        key, calls = self.probe.key, int(counts.calls)
+        health = {key("calls"): float(calls)}
+        if int(counts.nonfinite):
+            health[key("nonfinite")] = int(counts.nonfinite) / calls
+            health[key("first_nonfinite_step")] = float(counts.first_nonfinite)
+        headline = self.probe.headline
+        self._speaks = any(k.metric in headline and v == v for k, v in out.metrics.items())
+        if calls and self._spoke and not out.incomplete:
+            health[key("silent")] = float(not self._speaks)
+        return health
 
     def finish_window(self, group=None) -> None:
         """Start the next window after a log."""
@@ -254,6 +292,7 @@ class ProbeDriver(Component, Recorder):
             self.probe.end_window(self.view(scope), self.view(scope, reduced))
         self.window["_calls"].reset()
         self.window_steps = 0
+        self._spoke |= self._speaks
 
     def replaced(self, scope: str | None, mask: torch.Tensor) -> None:
         """A mitigation replaced what ``mask`` marks in the module ``scope`` (None: the probe's
@@ -277,16 +316,60 @@ class ProbeDriver(Component, Recorder):
         window = self._saved_window if self._saved_window is not None else self.window
         window = window.reduced(group) if sync else window
         extra = {
+            "spoke": self._spoke,
             "observed_steps": self.observed_steps,
             "window_steps": self.window_steps,
             "rows_per_step": self.rows_per_step,  # a resumed cadence records the same steps
             **self.probe.extra_state(),
         }
-        return {"window": window.state_dict(), "extra": extra}
+        return {"identity": self.identity(), "window": window.state_dict(), "extra": extra}
 
-    def load_state_dict(self, state: dict, keep_window: bool = True) -> None:
-        self.window.load_state_dict(state["window"], keep=keep_window)
+    def identity(self) -> dict:
+        """What the probe is, for a checkpoint to be refused by another probe of the same name:
+        its class, module path and resolved paths, where it reads, its described parameters."""
+        p = self.probe
+        return {
+            "kind": type(p).__name__,
+            "module": p.module,
+            "paths": list(p.paths),
+            "read": p.read,
+            **p.describe(),
+        }
+
+    def stage(self, state: dict, keep_window: bool = True) -> Window:
+        """``state``'s window, checked against this probe and loaded into a fresh window:
+        nothing of the probe changes (:meth:`apply` swaps it in).
+
+        Raises:
+            ValueError: the state is another probe's (the message names what differs), or a
+                statistic's shape differs; KeyError: a statistic is missing.
+        """
+        mine, saved = self.identity(), state.get("identity")
+        if saved != mine:
+            diff = [
+                f"{k}: {(saved or {}).get(k)!r} in the checkpoint, {mine.get(k)!r} here"
+                for k in sorted(set(mine) | set(saved or {}))
+                if (saved or {}).get(k) != mine.get(k)
+            ]
+            raise ValueError(
+                f"{self.probe!r}: the checkpoint's state is not this probe's ({'; '.join(diff)}); "
+                "nothing was loaded"
+            )
+        window = self._fresh_window()
+        try:
+            window.load_state_dict(state["window"], keep=keep_window)
+        except (KeyError, ValueError) as exc:
+            raise type(exc)(f"{self.probe!r}: {exc}; nothing was loaded") from None
+        return window
+
+    def apply(self, state: dict, window: Window) -> None:
+        """Take a :meth:`stage` d window and ``state``'s other parts."""
+        if self._saved_window is not None:  # (a snapshot is open: the training window)
+            self._saved_window = window
+        else:
+            self.window = window
         extra = state["extra"]
+        self._spoke = bool(extra["spoke"])
         self.observed_steps = int(extra["observed_steps"])
         self.window_steps = int(extra["window_steps"])
         self.rows_per_step = extra.get("rows_per_step")

@@ -63,6 +63,8 @@ class LogitHealth(Probe):
         >>> mon.close()
     """
 
+    headline = ("softmax_collapse", "log_z_mean")
+
     reads = Reading("floating-point logits (..., C)", floating(1), find=first_tensor, hint="logits")
     keywords = {"targets": False}
     rules = (

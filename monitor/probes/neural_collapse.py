@@ -105,6 +105,10 @@ class NeuralCollapse(Probe):
         >>> mon.close()
     """
 
+    headline = ("nc1",)
+    described = ("num_classes",)
+    bad_input = ("out_of_range",)
+
     reads = Reading(
         "floating-point features (N, D) or (B, T, D)", floating(2), hint="features (N, D)"
     )
@@ -243,16 +247,14 @@ class NeuralCollapse(Probe):
         counts.add("skipped_nonfinite", (valid & ~finite).sum())
         valid &= finite
         bad = valid & ((y < 0) | (y >= self.num_classes))
-        if x.device.type == "cpu":  # checking costs no device sync here
-            if bad.any():
-                yb = y[bad]
-                raise self.error(
-                    call.path,
-                    f"labels out of range [0, {self.num_classes}): {int(bad.sum())} labels, "
-                    f"min {int(yb.min())}, max {int(yb.max())} (ignore_index={self.ignore_index})",
-                )
-        else:  # counted on the device, raised at the next log
-            counts.add("out_of_range", bad.sum())
+        call.bad_rows(
+            bad,
+            lambda: (
+                f"labels out of range [0, {self.num_classes}): {int(bad.sum())} labels, "
+                f"min {int(y[bad].min())}, max {int(y[bad].max())} (ignore_index={self.ignore_index})"
+            ),
+        )
+        counts.add("out_of_range", bad.sum())  # skipped and counted: bad rows, not a bad probe
         valid &= ~bad
         window["moments"].update(x, y, valid)
         if self._lag is not None and self.classifier is not None and self.ncc_max_rows:
@@ -285,20 +287,15 @@ class NeuralCollapse(Probe):
     def readout(self, window) -> Readout:
         moments = window["moments"]
         c = window["counts"].as_dict()
-        if c["out_of_range"]:
-            raise ValueError(
-                f"{type(self).__name__} '{self.name}': {c['out_of_range']} labels outside "
-                f"[0, {self.num_classes}) in this window (they were excluded)"
-            )
         out = {"classes_used": 0.0}
         means = moments.means() if moments.dim else None  # O(C D): once per readout
         lost = isinstance(moments, ShardedClassMoments) and moments.incomplete
         # before the metrics: with class shards, a rank whose metrics fail raises only after
         # its last collective
-        pictures = {} if lost else self._pictures(moments, means, window.group)
         if lost:  # a resumed rank lost its part of the window: nothing to report (any rank)
-            out = {"samples": float("nan")}
-        elif moments.dim:  # (D agreed by the reduce)
+            return Readout(incomplete=True)
+        pictures = self._pictures(moments, means, window.group)
+        if moments.dim:  # (D agreed by the reduce)
             weight = None
             if self.classifier is not None:
                 weight = whole(self.classifier.weight)
@@ -316,6 +313,7 @@ class NeuralCollapse(Probe):
             )
         out.setdefault("samples", float(moments.count.sum().item()))
         out["skipped_nonfinite"] = float(c["skipped_nonfinite"])
+        out["out_of_range"] = float(c["out_of_range"])
         if c["ncc_total"]:
             out["ncc_mismatch_lagged"] = c["ncc_mismatch"] / c["ncc_total"]
         return Readout({self.key(k): v for k, v in out.items()}, pictures=pictures)
@@ -417,6 +415,8 @@ class GroupCollapse(NeuralCollapse):
         1.0
         >>> mon.close()
     """
+
+    headline = ("group_variance_ratio",)
 
     keywords = {"groups": True}
     target_key = "groups"

@@ -96,6 +96,8 @@ class PosteriorCollapse(Probe):
         >>> mon.close()
     """
 
+    headline = ("kl_total", "active_fraction")
+
     reads = Reading(
         "(mu, logvar): two floating tensors of one shape, a dict with 'mu' and 'logvar', or a "
         "torch.distributions.Normal",

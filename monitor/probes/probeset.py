@@ -155,8 +155,10 @@ class ProbeSet:
         return {d.name: d.state_dict(self.process_group, sync=sync) for d in self.drivers}
 
     def load_state_dict(self, states: dict, keep_window: bool) -> None:
-        for d in self.drivers:
-            d.load_state_dict(states[d.name], keep_window=keep_window)
+        """Every probe's state, checked and staged first, then applied: all or nothing."""
+        staged = [(d, d.stage(states[d.name], keep_window)) for d in self.drivers]
+        for d, window in staged:
+            d.apply(states[d.name], window)
 
 
 def metrics_of(

@@ -56,6 +56,8 @@ class RepresentationRank(Probe):
         >>> mon.close()
     """
 
+    headline = ("erank", "norm_std")
+
     reads = Reading(
         "floating-point embeddings (N, D) or (B, T, D)", floating(2), hint="embeddings (N, D)"
     )

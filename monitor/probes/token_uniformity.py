@@ -42,6 +42,8 @@ class TokenUniformity(Probe):
         >>> mon.close()
     """
 
+    headline = ("rho",)
+
     reads = Reading(
         "floating-point hidden states (B, T, D)", _is_hidden, find=first_tensor, hint="hidden"
     )

@@ -3,6 +3,7 @@
 
 from .attention import HeadEntropy
 from .base import Counter, Statistic, agree_sizes, to_device
+from .calls import CallCounts
 from .class_moments import ClassMoments, Moments, ShardedClassMoments
 from .counts import CodeCounts, UsageEMA
 from .depth import TokenUniformitySums
@@ -12,6 +13,7 @@ from .units import UnitActivity
 from .window import Window, WindowView
 
 __all__ = [
+    "CallCounts",
     "ClassMoments",
     "ShardedClassMoments",
     "CodeCounts",

@@ -19,11 +19,11 @@ from .. import _dist
 Dim = Union[int, str]
 Sizes = dict[str, Optional[int]]
 
-# how two ranks' values of a state combine: "sum" and "max" by one collective each; "same":
-# identical on every rank once :meth:`Statistic.align` has run (no collective); "local": this
-# rank's own (class shards), never combined
-_REDUCTIONS = ("sum", "max", "same", "local")
-_COLLECTIVE = ("sum", "max")
+# how two ranks' values of a state combine: "sum", "max" and "min" by one collective each;
+# "same": identical on every rank once :meth:`Statistic.align` has run (no collective);
+# "local": this rank's own (class shards), never combined
+_REDUCTIONS = ("sum", "max", "min", "same", "local")
+_COLLECTIVE = ("sum", "max", "min")
 
 
 def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
@@ -66,7 +66,8 @@ class Statistic:
 
     ``shape`` entries are ints or size names declared with :meth:`add_size`; a state whose size is
     still unknown has extent 0 along it. ``reduce`` says how ranks combine the state (as
-    torchmetrics' ``dist_reduce_fx``): ``"sum"``, ``"max"`` (initialised to ``-inf``, 0 for integers),
+    torchmetrics' ``dist_reduce_fx``): ``"sum"``, ``"max"`` (initialised to ``-inf``, 0 for
+    integers), ``"min"`` (initialised to the dtype's largest value),
     ``"same"`` (made identical on every rank by :meth:`align`, e.g. agreed shifts) or
     ``"local"`` (this rank's own, never combined: class shards). A statistic with ``"same"`` or
     ``"local"`` states overrides :meth:`merge` (and :meth:`align` for ``"same"``).
@@ -101,7 +102,10 @@ class Statistic:
 
     def _fill(self, name: str) -> float:
         _, dtype, reduce = self._states[name]
-        # a floating maximum starts at -inf; an integer one holds non-negative flags or counts
+        # a floating maximum starts at -inf (an integer one holds non-negative flags or
+        # counts: 0); a minimum starts at the largest value of its dtype
+        if reduce == "min":
+            return float("inf") if dtype.is_floating_point else torch.iinfo(dtype).max
         return -float("inf") if reduce == "max" and dtype.is_floating_point else 0
 
     def _default(self, name: str) -> torch.Tensor:
@@ -183,6 +187,8 @@ class Statistic:
             mine, theirs = getattr(self, name), getattr(other, name).to(self.device)
             if reduce == "max":
                 torch.maximum(mine, theirs, out=mine)
+            elif reduce == "min":
+                torch.minimum(mine, theirs, out=mine)
             elif reduce == "sum":
                 mine.add_(theirs)
             else:

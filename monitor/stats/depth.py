@@ -32,13 +32,15 @@ class TokenUniformitySums(Statistic):
     @torch.no_grad()
     def update(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Add hidden states ``(B, T, D)``; ``mask (B, T)`` true for real tokens. Sequences with
-        NaN or Inf in a real token are counted in ``skipped`` and left out."""
+        NaN or Inf in a real token, or whose real tokens are all zero (no direction: ``r_F``
+        undefined), are counted in ``skipped`` and left out; those with fewer than two real
+        tokens are left out (nothing to compare)."""
         real = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
         real = real if mask is None else mask.bool()
         bad = (~torch.isfinite(hidden).all(-1) & real).any(1)
-        self.skipped += bad.sum()
         rho, r_f = token_uniformity(torch.where(bad[:, None, None], 0.0, hidden), mask)
-        ok = torch.isfinite(rho) & ~bad
+        ok = torch.isfinite(rho) & torch.isfinite(r_f) & ~bad
+        self.skipped += (~ok & (real.sum(1) >= 2)).sum()
         self.sequences += ok.sum()
         self.rho += torch.where(ok, rho, 0.0).sum()
         self.r_f += torch.where(ok, r_f, 0.0).sum()

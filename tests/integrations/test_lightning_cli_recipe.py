@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from collapse_monitor.report import main as report
+from collapse_monitor.cli import main as report
 from tests.integrations.test_lightning import scalars
 from tests.integrations.test_tensorboard import read_events
 from tests.test_examples import load_example

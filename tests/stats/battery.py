@@ -49,13 +49,16 @@ def run_battery(make: Callable[[], Statistic], batches: Sequence[tuple], update:
     copy = whole.clone()
     update(copy, batches[0])
     assert_states_equal(fed(make, batches, update), whole, rtol=0)
-    # reset: the declared defaults (0; -inf for a floating maximum), sizes kept
+    # reset: the declared defaults (0; -inf for a floating maximum, the largest value for a
+    # minimum), sizes kept
     sizes = dict(whole.sizes)
     whole.reset()
     assert whole.sizes == sizes
     for name, (_, dtype, reduce) in whole._states.items():
         value = getattr(whole, name)
         fill = -float("inf") if reduce == "max" and dtype.is_floating_point else 0
+        if reduce == "min":
+            fill = float("inf") if dtype.is_floating_point else torch.iinfo(dtype).max
         assert (value == fill).all(), name
     # forgetting a reduced copy clears what the collectives combined, and nothing else
     reduced = fed(make, batches, update)

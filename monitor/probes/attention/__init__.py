@@ -88,6 +88,8 @@ class AttentionEntropy(Probe):
         >>> mon.close()
     """
 
+    headline = ("entropy_norm",)
+
     reads = Reading(
         "attention probabilities (B, H, Lq, Lk), or (probs, allowed)",
         _is_probabilities,

@@ -29,6 +29,10 @@ class Scores:
     additive: torch.Tensor | None = None
     queries: torch.Tensor | None = None
 
+    def checked(self) -> tuple[torch.Tensor, ...]:
+        """What holds NaN or Inf when the run diverged (not the masks: -inf marks a key)."""
+        return (self.q, self.k)
+
 
 @dataclass
 class Probabilities:
@@ -36,6 +40,9 @@ class Probabilities:
 
     probs: torch.Tensor
     allowed: torch.Tensor | None = None
+
+    def checked(self) -> tuple[torch.Tensor, ...]:
+        return (self.probs,)
 
 
 def bind(names: tuple[str, ...], args: tuple, kwargs: dict) -> dict:
