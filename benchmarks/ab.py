@@ -8,6 +8,7 @@ round by round so that a drift of the machine falls on both. A commit is exporte
 folder put first on ``PYTHONPATH``; each child says which copy it imported.
 
     python benchmarks/ab.py --against 2b87854 [--after HEAD] [--rounds 3] [--workloads mlp,cnn]
+    python benchmarks/ab.py --against 2b87854 --fixed-cost   # benchmarks/fixed_cost.py instead
 """
 
 from __future__ import annotations
@@ -38,6 +39,17 @@ for name, blocks in {plan!r}.items():
 print("RESULT " + json.dumps(out))
 """
 
+FIXED = """
+import json, sys
+sys.path.insert(0, {here!r})
+import collapse_monitor
+from fixed_cost import main
+out = {{"file": collapse_monitor.__file__}}
+for name, r in main().items():
+    out[name + "_extra_us"], out[name + "_ratio"] = r["extra_us"], r["ratio"]
+print("RESULT " + json.dumps(out))
+"""
+
 
 def install(rev: str, into: Path) -> Path:
     """``rev``'s package installed into ``into/site``."""
@@ -58,11 +70,12 @@ def install(rev: str, into: Path) -> Path:
     return site
 
 
-def measure(plan: dict, site: Path | None) -> dict:
+def measure(plan: dict | None, site: Path | None) -> dict:
+    """Section 1's ratios of the workloads in ``plan`` (None: ``fixed_cost.py``'s numbers)."""
     env = dict(os.environ)
     if site is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(site), env.get("PYTHONPATH", "")])
-    code = CHILD.format(here=str(HERE), plan=plan)
+    code = (CHILD if plan else FIXED).format(here=str(HERE), plan=plan)
     proc = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     )
@@ -76,8 +89,11 @@ def main(argv=None) -> None:
     parser.add_argument("--after", default=None, help="the later commit (default: this tree)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workloads", default=",".join(BLOCKS))
+    parser.add_argument(
+        "--fixed-cost", action="store_true", help="time benchmarks/fixed_cost.py instead"
+    )
     args = parser.parse_args(argv)
-    plan = {w: BLOCKS[w] for w in args.workloads.split(",")}
+    plan = None if args.fixed_cost else {w: BLOCKS[w] for w in args.workloads.split(",")}
     with tempfile.TemporaryDirectory() as tmp:
         sites = {"before": install(args.against, Path(tmp) / "before")}
         sites["after"] = install(args.after, Path(tmp) / "after") if args.after else None
@@ -98,7 +114,7 @@ def main(argv=None) -> None:
 
     after = short(args.after) if args.after else "this tree"
     print(f"\n| workload | {short(args.against)} (before) | {after} (after) |\n|---|---|---|")
-    for name in plan:
+    for name in (k for k in runs["before"][0] if k != "file"):
         before = [r[name] for r in runs["before"]]
         after = [r[name] for r in runs["after"]]
         print(

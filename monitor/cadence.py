@@ -12,6 +12,7 @@ from the logging step, so that every window ends with a recorded step.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 SAMPLE_STRIDE = 25  # the default cadence records one step in 25 at most (4 % of the steps)
@@ -63,8 +64,12 @@ def sampled_steps_per_window(log_every_n_steps: int) -> int:
     return -(-log_every_n_steps // sample_stride(log_every_n_steps))
 
 
+@functools.lru_cache(maxsize=256)  # asked twice a step with the same few arguments
 def class_sample_stride(
-    log_every_n_steps: int, classes: int, rows_per_step: int, samples_per_class: int = 4
+    log_every_n_steps: int,
+    classes: int,
+    rows_per_step: int,
+    samples_per_class: int = SAMPLES_PER_CLASS,
 ) -> int:
     """The default cadence's stride for a class-conditional probe whose window gains
     ``rows_per_step`` samples per recorded step (over all ranks): one step in ``stride`` is

@@ -23,21 +23,6 @@ def rank(group=None) -> int:
     return _dist.rank(group)
 
 
-def world_size(group=None) -> int:
-    """The number of ranks of ``group`` (1 outside a distributed run)."""
-    return _dist.world_size(group)
-
-
-def is_distributed(group=None) -> bool:
-    """Whether a process group of more than one rank is initialised."""
-    return _dist.is_distributed(group)
-
-
-def is_main_process(group=None) -> bool:
-    """Whether this is rank 0 (the one that writes a run's single copy)."""
-    return _dist.rank(group) == 0
-
-
 def is_fsdp_wrapped(model: nn.Module) -> bool:
     """Whether ``model`` holds ``FullyShardedDataParallel`` (first generation) modules, whose
     parameters the monitor must gather through them (``CollapseMonitor.sharded_by``)."""

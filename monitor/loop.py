@@ -1,6 +1,7 @@
 """What every trainer callback does with a monitor, written once.
 
-The Lightning, Hugging Face and TRL callbacks are thin adapters: each tells a
+The Lightning and Hugging Face callbacks are thin adapters (a TRL one would be another): each
+tells a
 :class:`TrainerLoop` where the model is, which forwards to observe (with the batch or the
 forward's keywords they see), when the trainer took an optimizer step, when an evaluation begins
 and ends, and where checkpoints go. The loop builds the monitor from a validated
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Union
 
 import torch
@@ -135,6 +136,8 @@ class TrainerLoop:
             return self.targets(source)
         if self.targets is None:
             return None if self.default_targets is None else self.default_targets(source)
+        if isinstance(source, Mapping):  # a forward without them (predict() on unlabelled data)
+            return source.get(self.targets)
         return source[self.targets]
 
     def observe(self, source: Any) -> None:

@@ -204,8 +204,7 @@ class CollapseMonitor:
     @property
     def error_count(self) -> int:
         """Errors so far: every probe's, mitigation's, sink's and picture's."""
-        parts = self._probes.errors + sum(m.errors for m in self.mitigations)
-        return self.outlets.errors + parts
+        return self.outlets.errors + self._probes.errors + sum(m.errors for m in self.mitigations)
 
     @property
     def rank_local_state(self) -> bool:
@@ -219,7 +218,7 @@ class CollapseMonitor:
         """The monitor's side of ``probe`` (by name or instance), for tests and debugging: its
         ``window`` of statistics, ``last`` readout (masks included), ``observed_steps``. Read it
         only."""
-        return self._probes.by_name[getattr(probe, "name", probe)]
+        return self._probes.by_name[probe.name if isinstance(probe, Probe) else probe]
 
     def records(self, probe: Probe) -> bool:
         """Whether ``probe`` records in a forward pass observed now (at this step)."""
@@ -280,7 +279,8 @@ class CollapseMonitor:
         """
         optimizers = as_optimizers(optimizer)
         step = self.global_step
-        self._mitigations.after_step(StepView(step, optimizers, self._probes.step_values()))
+        if self.mitigations:  # (what the probes publish of a step is only for them)
+            self._mitigations.after_step(StepView(step, optimizers, self._probes.step_values()))
         self._probes.end_step(self.cadence, step)
         self.global_step += 1
         if not self.cadence.logs_after(step):
@@ -324,7 +324,9 @@ class CollapseMonitor:
         self._probes.finish_windows()
         metrics[ERRORS_KEY] = float(self.error_count)
         metrics.update(self.outlets.error_metrics())
-        self.outlets.log(step, metrics, self.rules.thresholds(metrics), readouts, alerts, events)
+        thresholds = self.rules.thresholds(metrics)
+        index = step // self.log_every_n_steps - 1  # (logs fall on multiples of L)
+        self.outlets.log(step, metrics, thresholds, readouts, alerts, events, index)
         return metrics
 
     # ----------------------------------------------------------------- snapshots
@@ -401,13 +403,15 @@ class CollapseMonitor:
         self._probes.detach()
         self._mitigations.detach()
         self._recording = []
-        if not self._closed:
-            self.outlets.close()
-            ref = _MONITORS.get(self.model)
-            if ref is not None and ref() is self:
-                del _MONITORS[self.model]
         self._sharded_by = None
-        self._closed = True
+        if not self._closed:
+            self._closed = True
+            try:
+                self.outlets.close()
+            finally:  # (under strict, a sink's error still frees the model)
+                ref = _MONITORS.get(self.model)
+                if ref is not None and ref() is self:
+                    del _MONITORS[self.model]
 
     def __enter__(self) -> CollapseMonitor:
         return self
@@ -457,9 +461,9 @@ class CollapseMonitor:
         Mitigations that changed the model's structure (``SigmaReparam``) re-apply it here, and add
         their parameters to ``optimizer``: load the monitor before the model and the optimizer.
 
-        A state is checked whole before anything is loaded (its version and parts, each probe's
-        identity: kind, module, where it reads, parameters; every statistic's shape): a state
-        that does not fit is refused with a message naming the probe, and nothing changes.
+        A state is checked whole first (version, parts, each probe's identity and statistics'
+        shapes): one that does not fit is refused naming the probe, and nothing changes; the
+        other parts are applied only after the mitigations' states loaded.
 
         Raises:
             ValueError: a state of another version, or another probe's; KeyError: a probe or
@@ -467,13 +471,16 @@ class CollapseMonitor:
         """
         state.check(saved, self.probes, self.mitigations)
         keep = not saved["reduced"] or _dist.rank(self.process_group) == 0
-        self._probes.load_state_dict(saved["probes"], keep_window=keep)
-        self.global_step = int(saved["global_step"])
-        self.should_stop = bool(saved["should_stop"])
-        self.rules.load_state_dict(saved["rules"])
+        apply_probes = self._probes.stage(saved["probes"], keep_window=keep)
+        rules = RuleEngine(self.rules.rules)  # (a copy: a malformed part changes nothing)
+        rules.load_state_dict(saved["rules"])
+        step, stop = int(saved["global_step"]), bool(saved["should_stop"])
+        # every other part is read by now: a mitigation's state that fails changes none of them
         self._mitigations.load_state_dict(
             saved["mitigations"], saved["mitigation_counts"], as_optimizers(optimizer)
         )
+        apply_probes()
+        self.rules, self.global_step, self.should_stop = rules, step, stop
 
 
 def _claim(model: nn.Module, monitor: CollapseMonitor) -> None:

@@ -10,6 +10,7 @@ only.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterable, Mapping
 
@@ -50,10 +51,11 @@ class Outlets:
         for sink in sinks:
             self.add(sink)
         self.on_alert = list(on_alert)
+        for fn in self.on_alert:  # a function by its name, any other callable by its type's
+            self._name(fn, getattr(fn, "__name__", type(fn).__name__))
         self.picture_probes = set(pictures)
         self.strict = strict
         self.pictures_every_n_logs = pictures_every_n_logs
-        self._logs = 0  # training logs so far (pictures at every n-th)
         self.errors = 0
         self._off: set[int] = set()  # outlets switched off after an error (by id)
 
@@ -82,7 +84,7 @@ class Outlets:
         except Exception as exc:
             if self.strict:
                 raise
-            name = self._name(outlet, getattr(outlet, "__name__", type(outlet).__name__))
+            name = self.names[id(outlet)]
             self.errors += 1
             self.failures[name] = self.failures.get(name, 0) + 1
             self._off.add(id(outlet))
@@ -116,15 +118,16 @@ class Outlets:
         readouts: Mapping[str, Readout],
         alerts: Iterable[Alert],
         events: Iterable[Event],
+        index: int = 0,
     ) -> None:
-        """Everything of one training log, to every outlet."""
+        """Everything of one training log, to every outlet; ``index``: the log's number in the
+        run (0 first; from the step, so that a resumed run draws pictures at the same logs)."""
         self.each_sink("log_metrics", metrics, step)
         self.each_sink("log_thresholds", thresholds, step)
         for r in readouts.values():
             for tag, values in r.histograms.items():
                 self.each_sink("log_histogram", tag, values, step)
-        self._logs += 1
-        if (self._logs - 1) % self.pictures_every_n_logs == 0:
+        if index % self.pictures_every_n_logs == 0:
             for tag, image in self._pictures(readouts).items():
                 self.each_sink("log_image", tag, image, step)
         for alert in alerts:
@@ -174,5 +177,10 @@ class Outlets:
         return out
 
     def close(self) -> None:
+        """Close every sink, each alone: one that fails (again) never keeps another open."""
         for sink in self.sinks:
-            sink.close()
+            if id(sink) in self._off:  # failed before and said so: closed quietly, if it can be
+                with contextlib.suppress(Exception):
+                    sink.close()
+            else:
+                self._guard(sink, "sink", sink.close)

@@ -234,8 +234,8 @@ class Recorder:
 
 def nonfinite(value: Any, sample: int = 1024) -> torch.Tensor | None:
     """A 0-d bool tensor, true when most of ``sample`` evenly strided elements of one of the
-    floating-point tensors of ``value`` (a tensor, a tuple, list or dict of them, or an object
-    whose ``checked()`` names them) are NaN or Inf: a run that diverged has them everywhere (a
+    floating-point tensors of ``value`` (a tensor, a tuple, list or dict of them, or a
+    :class:`Checked` naming them) are NaN or Inf: a run that diverged has them everywhere (a
     few bad rows are the probes' own business: skipped and counted). ``None`` when ``value``
     holds no floating-point tensor. No host sync.
     """
@@ -250,12 +250,20 @@ def nonfinite(value: Any, sample: int = 1024) -> torch.Tensor | None:
     return flags[0] if len(flags) == 1 else torch.stack(flags).any()
 
 
+class Checked:
+    """A value a probe reads that is not a tensor, tuple or dict (attention's q and k, say):
+    :meth:`checked` names the tensors in which a diverged run shows NaN or Inf."""
+
+    def checked(self) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+
 def _floating(value: Any) -> list[torch.Tensor]:
     if isinstance(value, torch.Tensor):
         return [value] if value.is_floating_point() else []
     if isinstance(value, Mapping):
         value = list(value.values())
-    elif hasattr(value, "checked"):
+    elif isinstance(value, Checked):
         value = value.checked()
     if isinstance(value, (tuple, list)):
         return [t for v in value for t in _floating(v)]

@@ -41,7 +41,7 @@ def damage(path: Path) -> str | None:
     while offset < len(data):
         head = data[offset : offset + 12]
         if len(head) < 12:
-            return f"truncated at byte {offset} of {len(data)} (after {records} records)"
+            return _truncated(offset, len(data), records)
         length = struct.unpack("<Q", head[:8])[0]
         if struct.unpack("<I", head[8:])[0] != masked_crc32c(head[:8]):
             return (
@@ -49,12 +49,19 @@ def damage(path: Path) -> str | None:
             )
         end = offset + 12 + length + 4
         if end > len(data):
-            return f"truncated at byte {offset} of {len(data)} (after {records} records)"
+            return _truncated(offset, len(data), records)
         body, crc = data[offset + 12 : end - 4], struct.unpack("<I", data[end - 4 : end])[0]
         if crc != masked_crc32c(body):
             return f"a corrupt record at byte {offset} of {len(data)} (after {records} records)"
         offset, records = end, records + 1
     return None
+
+
+def _truncated(offset: int, size: int, records: int) -> str:
+    return (
+        f"truncated at byte {offset} of {size} (after {records} records; a run still "
+        "writing it may just be mid-record)"
+    )
 
 
 def read_scalars(
@@ -102,7 +109,8 @@ _HEALTH = {spec.name for spec in HEALTH_RULES}  # rules whose firing means the r
 
 
 def health(series: dict[str, list[tuple[int, float]]]) -> list[dict]:
-    """One row per metric that a default rule watches (and NC1), with verdict and alert steps;
+    """One row per metric that a default rule watches (and NC1; a health rule's metric only
+    where it fired), with verdict and alert steps;
     a row whose last value is older than the run's last log is ``stale`` (never healthy), one
     of a probe that saw NaN or Inf (or fell silent) is ``diverged``."""
     rows = []
@@ -147,6 +155,8 @@ def health(series: dict[str, list[tuple[int, float]]]) -> list[dict]:
                     row["verdict"] = "diverged"
                 else:
                     row["verdict"] = "collapsed" if holding else "warning"
+        if row["verdict"] == "healthy" and any(r.name.split("/")[-1] in _HEALTH for r in rules):
+            continue  # a health rule that never fired says nothing (nonfinite: logged only then)
         if row["step"] < last_log:  # a value older than the run's last log
             row["trend"] = f"stale since {row['step']}"
             if row["verdict"] == "healthy":

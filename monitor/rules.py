@@ -35,7 +35,7 @@ import fnmatch
 import glob
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from .keys import ROOT, key_pattern
 
@@ -166,21 +166,11 @@ class RuleSpec:
     detail: str | None = None
 
     def _rule(self, probe_pattern: str, probe_name: str, per_module: bool) -> Rule:
-        return Rule(
-            key_pattern(probe_pattern, f"*/{self.metric}" if per_module else self.metric),
-            self.threshold,
-            self.mode,
-            warmup_steps=self.warmup_steps,
-            patience=self.patience,
-            cooldown=self.cooldown,
-            name=f"{probe_name}/{self.name}",
-            message=self.message,
-            severe=self.severe,
-            arm=self.arm,
-            requires=self.requires,
-            latest=self.latest,
-            detail=self.detail,
-        )
+        same = {f.name: getattr(self, f.name) for f in fields(self)}  # every field is Rule's too
+        metric = f"*/{self.metric}" if per_module else self.metric
+        same["metric"] = key_pattern(probe_pattern, metric)
+        same["name"] = f"{probe_name}/{self.name}"
+        return Rule(**same)
 
     def bind(self, probe: str, per_module: bool = False) -> Rule:
         """This rule on the probe named ``probe`` (glob characters in the name match literally);
@@ -322,10 +312,13 @@ class RuleEngine:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        for name in self.counts:
-            self.counts[name] = int(state["counts"].get(name, 0))
-            keys = state["keys"].get(name, {})
-            self._state[name] = {k: _KeyState(*v) for k, v in keys.items()}
+        """Restore :meth:`state_dict`: read whole first, so a malformed state changes nothing."""
+        counts = {name: int(state["counts"].get(name, 0)) for name in self.counts}
+        keys = {
+            name: {k: _KeyState(*v) for k, v in state["keys"].get(name, {}).items()}
+            for name in self.counts
+        }
+        self.counts, self._state = counts, keys
 
 
 def _past(mode: str, value: float, bound: float) -> bool:

@@ -77,10 +77,14 @@ def threshold_scalars(thresholds: dict[str, list[float]]) -> dict[str, float]:
 
 def optional_import(module: str, sink: str, extra: str) -> ModuleType:
     """Import an optional dependency of a sink or integration, or say in one line how to
-    install it (``ImportError``)."""
+    install it (``ImportError``); a package that is installed but fails to import raises its
+    own error."""
     try:
         return importlib.import_module(module)
-    except ImportError:
+    except ImportError as exc:
+        missing = exc.name is not None and (module + ".").startswith(exc.name + ".")
+        if not missing:  # the package is there, but something it imports is broken
+            raise
         raise ImportError(
             f"{sink} needs the '{module}' package: pip install {module} "
             f"(or pip install 'collapse-monitor[{extra}]')"

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from collapse_monitor import CollapseMonitor, Sink, mitigations, probes
 from collapse_monitor.cli import main as report
+from collapse_monitor.config import MonitorConfig
 from collapse_monitor.integrations.jsonl import JSONLinesSink
 from collapse_monitor.integrations.lightning import CollapseCallback
 from collapse_monitor.integrations.mlflow import MLflowSink, metric_name
@@ -98,6 +99,40 @@ def test_a_probe_whose_rows_all_turn_bad_falls_silent_with_an_alert():
     logged = train(model, mon, 2)
     assert logged[-1][1]["collapse/head/silent"] == 1.0
     assert [a.rule for a in alerts] == ["head/diverged", "head/silent"]
+
+
+def test_a_thin_window_after_healthy_ones_is_not_silent():
+    # a window whose labels fall in one class keeps its samples but defines no NC1: thin, not
+    # a probe whose inputs stopped being usable
+    model = mlp()
+    alerts = []
+    mon = CollapseMonitor(
+        model, [probes.NeuralCollapse("2", 4, name="head")], 2, on_alert=alerts.append
+    )
+    train(model, mon, 4)
+    for _ in range(2):
+        with mon.observe(targets=torch.zeros(32, dtype=torch.int64)):
+            model(torch.randn(32, 8))
+        logged = mon.step()
+    assert "collapse/head/nc1" not in logged and logged["collapse/head/samples"] > 0
+    assert logged["collapse/head/silent"] == 0.0 and alerts == []
+
+
+def test_the_report_does_not_call_a_run_stale_for_a_nonfinite_blip(tmp_path, capsys):
+    # nonfinite is logged only in windows that saw NaN: its last value being older than the
+    # last log means none since, not a stale health row
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(tmp_path) as w:
+        for step in (10, 20, 30):
+            w.add_scalar("collapse/head/nc1", 1.0, step)
+            w.add_scalar("collapse/head/calls", 10.0, step)
+        w.add_scalar("collapse/head/nonfinite", 0.1, 10)
+    assert report(["report", str(tmp_path), "--json"]) == 0
+    (run,) = json.loads(capsys.readouterr().out)["runs"].values()
+    assert run["status"] == "healthy"
+    assert [r["metric"] for r in run["rows"]] == ["nc1"]  # health rows only when they fired
+    assert run["rows"][0]["verdict"] == "healthy"
 
 
 # ------------------------------------------------------------------------------ outlets
@@ -282,6 +317,74 @@ def test_a_state_with_probes_this_monitor_does_not_have_is_refused():
     saved["probes"]["b"] = saved["probes"]["a"]
     with pytest.raises(KeyError, match=r"state for probes \['b'\] that this monitor does not"):
         mon.load_state_dict(saved)
+
+
+def test_a_failing_mitigation_state_changes_no_other_part():
+    from tests.mitigations.test_reset_dead_codes import VQ, Model, run
+
+    model = Model(VQ(16, 4))
+
+    def build():
+        reset = mitigations.ResetDeadCodes("vq", every_step=True)
+        return CollapseMonitor(model, [probes.CodebookUsage("vq", 16)], 2, mitigations=[reset])
+
+    first = build()
+    run(model, first, [concentrated(64, 4, seed=s) for s in range(3)])
+    saved = first.state_dict()
+    first.close()
+    other = build()
+    del saved["mitigations"]["reset_dead_codes"]["generator"]  # a damaged part
+    with pytest.raises(KeyError, match="generator"):
+        other.load_state_dict(saved)
+    assert other.global_step == 0 and other.driver("vq").observed_steps == 0
+    assert other.rules.counts == dict.fromkeys(other.rules.counts, 0)
+    other.close()
+
+
+class FailsAlways(Sink):
+    def log_metrics(self, metrics, step):
+        raise OSError("No space left on device")
+
+    def close(self):
+        raise OSError("No space left on device")
+
+
+class FailsOnClose(Sink):
+    def close(self):
+        raise OSError("disk gone")
+
+
+def test_sinks_that_fail_on_close_leave_the_others_closed_and_the_model_free(tmp_path):
+    model = mlp()
+    jsonl = JSONLinesSink(tmp_path / "run.jsonl")
+    sinks = [FailsAlways(), FailsOnClose(), jsonl]
+    mon = CollapseMonitor(model, [probes.NeuralCollapse("2", 4, name="head")], 2, sinks=sinks)
+    train(model, mon, 2)
+    mon.close()
+    assert jsonl._file is None or jsonl._file.closed
+    assert mon.outlets.failures == {"FailsAlways": 1, "FailsOnClose": 1}
+    CollapseMonitor(model, [probes.NeuralCollapse("2", 4, name="head")], 2).close()
+
+
+def test_an_evaluation_without_labels_is_skipped_not_a_failure(caplog):
+    # predict() on unlabelled data: the class-conditional probe skips it (said once), and
+    # training goes on with the probe
+    model = mlp()
+    mon = CollapseMonitor(model, [probes.NeuralCollapse("2", 4, name="head")], 2)
+    train(model, mon, 2)
+    with caplog.at_level("WARNING", logger="collapse_monitor"):
+        for _ in range(2):
+            mon.begin_snapshot("predict")
+            with mon.observe():
+                model(torch.randn(16, 8))
+            assert "predict/collapse/head/nc1" not in mon.end_snapshot()
+    said = [r.message for r in caplog.records if "without targets" in r.message]
+    assert len(said) == 1
+    logged = train(model, mon, 2)
+    assert "collapse/head/nc1" in logged[-1][1] and mon.error_count == 0
+    # the Hugging Face callback's source, a forward's keywords, without the labels
+    loop = TrainerLoop(MonitorConfig([probes.NeuralCollapse("2", 4)]), targets="labels")
+    assert loop.read_targets({"input_ids": torch.zeros(2, 3)}) is None
 
 
 # ------------------------------------------------------------------------------ bad rows

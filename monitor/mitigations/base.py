@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import weakref
 from collections.abc import Sequence
 from typing import ClassVar
 
@@ -10,6 +12,8 @@ import torch
 from ..contracts import Component, Event, LogView, ProbeInfo, Replaced, Setup, StepView
 from ..hooks import HookSet
 from ..keys import check_name
+
+log = logging.getLogger(__name__)
 
 
 class Mitigation(Component):
@@ -95,6 +99,26 @@ def find_probe(
 def held(optimizers: Sequence[torch.optim.Optimizer], param: torch.Tensor) -> bool:
     """Whether one of ``optimizers`` updates ``param``."""
     return any(p is param for opt in optimizers for g in opt.param_groups for p in g["params"])
+
+
+_SAID_UNHELD: weakref.WeakSet = weakref.WeakSet()  # parameters already said to be in none
+
+
+def unheld(who, optimizers: Sequence[torch.optim.Optimizer], param: torch.Tensor) -> bool:
+    """Whether optimizers were given and ``param`` is in none of them (its moments, if
+    another optimizer keeps them, cannot be reset); said once per parameter in the log."""
+    if not optimizers or held(optimizers, param):
+        return False
+    if param not in _SAID_UNHELD:
+        _SAID_UNHELD.add(param)
+        log.warning(
+            "%r: a parameter %s it changed is in none of the %d optimizers given to "
+            "monitor.step(); its moments (if another optimizer keeps them) were not reset",
+            who,
+            tuple(param.shape),
+            len(optimizers),
+        )
+    return True
 
 
 def optimizer_states(

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import nn
 
@@ -11,10 +9,9 @@ from .._modules import named_modules
 from .._sharding import edited, whole
 from ..contracts import Event
 from ..keys import layer_name
-from .base import Mitigation, find_probe, held, optimizer_states
+from .base import Mitigation, find_probe, optimizer_states, unheld
 
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-log = logging.getLogger(__name__)
 
 
 def _neighbours(model: nn.Module, path: str) -> tuple[str, str]:
@@ -131,14 +128,7 @@ class ReDo(Mitigation):
         for param, index, value in writes:
             with edited(param) as full:
                 full[index] = value
-            if optimizers and not held(optimizers, param):
-                log.warning(
-                    "%r: a recycled parameter %s is in none of the %d optimizers given to "
-                    "monitor.step(); its moments (if another optimizer keeps them) stay",
-                    self,
-                    tuple(param.shape),
-                    len(optimizers),
-                )
+            unheld(self, optimizers, param)
             for _, state in optimizer_states(optimizers, param):
                 with edited(state) as full:
                     full[index] = 0

@@ -15,7 +15,7 @@ from .._sharding import edited, whole
 from ..contracts import Event, Replaced
 from ..keys import MetricKey
 from ..reading import describe, first_input, is_index, single_index_tensor
-from .base import Mitigation, find_probe, held, optimizer_states
+from .base import Mitigation, find_probe, optimizer_states, unheld
 from .codebooks import find_codebook
 from .reset_every_step import EveryStepResets
 
@@ -60,9 +60,10 @@ class ResetDeadCodes(Mitigation):
             ``threshold_ema_dead_code`` does: a code is dead when its EMA of hits per step
             (decay 0.8 from one, its cluster size) is below ``dead_hits``; a replaced code
             starts at ``dead_hits``, so one that the next batch does not choose is replaced
-            again. Decided and written on the device with no host sync; under
-            ``torch.distributed`` each step all-reduces the ``(H, K)`` hit counts and
-            broadcasts rank 0's ``(H, K, D)`` draws. The replacements since the last log are one
+            again; a step the probe does not record (``observe_every_n_steps > 1``, or the
+            probe switched off) leaves the EMA as it was. Decided on the device, no host
+            sync; under ``torch.distributed`` each step all-reduces the ``(H, K)`` hit counts
+            and broadcasts rank 0's ``(H, K, D)`` draws (from its own batch). The replacements since the last log are one
             event at the log (every write is read back on the device, checked at the log).
             (:class:`~collapse_monitor.mitigations.reset_every_step.EveryStepResets`).
         dead_hits: the ``every_step`` threshold in hits per step; default the module's
@@ -422,13 +423,7 @@ class ResetDeadCodes(Mitigation):
             return "buffer (no optimizer state)"
         if not optimizers:
             return "not given: pass optimizer= to monitor.step() to zero its moments"
-        if not held(optimizers, codebook):
-            log.warning(
-                "%r: the codebook is in none of the %d optimizers given to monitor.step(); its "
-                "moments (if another optimizer keeps them) were not reset",
-                self,
-                len(optimizers),
-            )
+        if unheld(self, optimizers, codebook):
             return f"in none of the {len(optimizers)} optimizers given"
         states = optimizer_states(optimizers, codebook)
         for _, value in states:

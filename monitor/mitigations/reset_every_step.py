@@ -49,18 +49,27 @@ class EveryStepResets:
         codebook = self.m._tensor(self.m.codebook_path)
         H, K = self.m.heads, codebook.shape[-2]
         hits = view.values.get(self.m.probe, {}).get(self.m.scope, {}).get("hits")
-        if hits is None:  # this rank recorded nothing of this step
-            hits = torch.zeros(H, K, dtype=torch.int64, device=codebook.device)
-        hits = hits.to(torch.float64)  # (H, K), this step's
-        if _dist.is_distributed(group):
-            hits = hits.to(_dist.collective_device(group, hits.device))
-            _dist.all_reduce_sum_(hits, group)
+        distributed = _dist.is_distributed(group)
+        if hits is None and not distributed:
+            # the probe recorded nothing of this step (it records every n-th step, or is
+            # off): the EMA waits, as it would for a step that never happened
+            return []
+        # (H, K) hits of this step and, last, whether this rank's probe recorded it
+        seen = torch.zeros(H * K + 1, dtype=torch.float64, device=codebook.device)
+        if hits is not None:
+            seen[:-1] = hits.reshape(-1).to(seen.device)
+            seen[-1] = 1
+        if distributed:
+            seen = seen.to(_dist.collective_device(group, seen.device))
+            _dist.all_reduce_sum_(seen, group)
+        hits, recorded = seen[:-1].view(H, K), seen[-1] > 0  # (a device tensor: no sync)
         if self._cluster_size is None:
             self._cluster_size = torch.ones_like(hits)  # vector-quantize-pytorch's start
         elif self._cluster_size.device != hits.device:  # resumed from a checkpoint
             self._cluster_size = self._cluster_size.to(hits.device)
-        size = self._cluster_size.mul_(0.8).add_(hits, alpha=0.2)
-        probe_dead = size < self.m.dead_hits  # (H, K), the same on every rank
+        size = self._cluster_size
+        size.copy_(torch.where(recorded, size.mul(0.8).add_(hits, alpha=0.2), size))
+        probe_dead = (size < self.m.dead_hits) & recorded  # (H, K), the same on every rank
         with edited(codebook) as full:
             cb = full.view(-1, K, self.m.dim)  # (H', K, D)
             shared = cb.shape[0] == 1

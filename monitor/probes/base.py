@@ -28,7 +28,7 @@ from ..reading import Call, Reading, Recorder
 from ..rules import Rule, RuleSpec
 from ..stats import Window, WindowView
 
-__all__ = ["HEALTH_RULES", "Probe", "layer_name"]
+__all__ = ["HEALTH_RULES", "Probe", "kept_apart", "layer_name"]
 
 #: the rules of every probe, on what its driver reports of each window
 HEALTH_RULES = (
@@ -212,8 +212,7 @@ class Probe:
     def default_rules(self) -> list[Rule]:
         """The probe's :attr:`rules`, bound to its keys (per module for a glob kept apart),
         and the rules every probe has (:data:`HEALTH_RULES`: divergence, silence)."""
-        per_module = len(self.paths) > 1 and not (self.pool or self.per_layer)
-        own = [spec.bind(self.name, per_module=per_module) for spec in self.rules]
+        own = [spec.bind(self.name, per_module=kept_apart(self)) for spec in self.rules]
         return own + [spec.bind(self.name) for spec in HEALTH_RULES]
 
     def describe(self) -> dict[str, Any]:
@@ -228,3 +227,9 @@ class Probe:
     def error(self, path: str, what: str) -> ValueError:
         """A ValueError naming the probe and the module."""
         return ValueError(f"{type(self).__name__} '{self.name}' at module '{path}': {what}")
+
+
+def kept_apart(probe: Probe) -> bool:
+    """Whether ``probe`` reports each module its glob matched apart (several modules, neither
+    pooled nor one per-layer statistic)."""
+    return len(probe.paths) > 1 and not (probe.pool or probe.per_layer)

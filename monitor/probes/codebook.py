@@ -64,14 +64,15 @@ class CodebookUsage(Probe):
 
     Reports ``perplexity`` (``exp`` of the entropy of the pooled window counts, in ``[1, K]``),
     ``perplexity_ratio`` (``perplexity / K``), ``usage`` (fraction of codes hit in the window),
-    ``dead_codes``, ``dead_fraction``, ``samples`` (hits in the window) and ``skipped``
-    (placeholder entries), ``usage_last_step`` (the usage of the last training step the probe
+    ``dead_codes``, ``dead_fraction``, ``samples`` (hits in the window), ``skipped``
+    (placeholder entries) and ``out_of_range`` (indices outside ``[0, K)``, left out),
+    ``usage_last_step`` (the usage of the last training step the probe
     recorded in the window, alone; mean over heads; reported when that step holds at least
     ``10 K`` indices per head, so that it is not low by construction: the usage rule's latest
     value), plus a histogram
     ``usage_hist`` of hits per code and the mask ``dead`` ``(H, K)`` for mitigations.
-    Hot path: one ``index_add_`` per call, no host sync (on the CPU, out-of-range indices raise at
-    once; elsewhere they are counted, excluded and raised at the next log).
+    Hot path: one ``index_add_`` per call, no host sync (out-of-range indices are left out and
+    counted; a ``strict`` monitor raises at the call).
     State: ``32*H*K + O(H)`` bytes; under DDP the EMA is summed over ranks (it is linear in
     the counts), and a resumed run's ranks other than 0 start it at zero.
 
@@ -312,6 +313,7 @@ class CodebookUsage(Probe):
             metrics[self.key("dead_fraction")] = float(dead.to(_F64).mean())
             metrics[self.key("usage")] = float(stats["usage"].mean())
             metrics[self.key("skipped")] = float(win.skipped.sum())
+            metrics[self.key("out_of_range")] = float(win.out_of_range.sum())
         counts = win.counts.clone()  # the window is reset in place after the log
         if self.heads == 1:
             histograms = {self.key("usage_hist"): counts[0]}

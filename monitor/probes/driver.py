@@ -24,7 +24,7 @@ from ..contracts import Component, Readout, Recording, Setup
 from ..hooks import HookSet
 from ..reading import Call, Recorder, nonfinite
 from ..stats import CallCounts, Window, WindowView
-from .base import Probe, layer_name
+from .base import Probe, kept_apart, layer_name
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class ProbeDriver(Component, Recorder):
         found = resolve_modules(setup.model, probe.module, owner=repr(probe))
         self._modules = [(path, weakref.ref(mod)) for path, mod in found]
         probe.paths = [path for path, _ in found]
-        if len(found) > 1 and not (probe.pool or probe.per_layer):
+        if kept_apart(probe):
             self.scopes = [layer_name(p) for p in probe.paths]
         self.device = _device_of(mod for _, mod in found)
         probe._driver = self
@@ -212,8 +212,11 @@ class ProbeDriver(Component, Recorder):
         """After a training step in which this probe recorded."""
         self.observed_steps += 1
         self.window_steps += 1
-        if self._step_rows:
-            self.rows_per_step, self._step_rows = self._step_rows, 0
+        if self._step_rows and not self.probe.rank_local:
+            # (a rank-local probe takes only the rows every rank agreed on, in exchange: ranks
+            # that failed together then keep recording the same steps until a log stops them)
+            self.rows_per_step = self._step_rows
+        self._step_rows = 0
         self._end_of_step()
         for scope in self.scopes:
             self.probe.end_step(self.view(scope))
@@ -269,10 +272,11 @@ class ProbeDriver(Component, Recorder):
                 )
 
     def _health(self, counts: CallCounts, out: Readout) -> dict:
-        """The probe's calls, the share of them whose input held NaN or Inf (with the first
-        step that did), and ``silent``: 1 when the probe ran in this window but reported none
-        of its headline metrics although it did at an earlier log (its inputs stopped being
-        usable)."""
+        """The probe's calls, the share of them whose input was mostly NaN or Inf (with the
+        first step that was), and ``silent``: 1 when the probe ran in this window but reported
+        none of its headline metrics although it did at an earlier log, and kept no sample
+        (its inputs stopped being usable; a probe that reports ``samples`` and kept some only
+        had a thin window)."""
         key, calls = self.probe.key, int(counts.calls)
         health = {key("calls"): float(calls)}
         if int(counts.nonfinite):
@@ -280,8 +284,9 @@ class ProbeDriver(Component, Recorder):
             health[key("first_nonfinite_step")] = float(counts.first_nonfinite)
         headline = self.probe.headline
         self._speaks = any(k.metric in headline and v == v for k, v in out.metrics.items())
+        kept = any(k.metric == "samples" and v > 0 for k, v in out.metrics.items())
         if calls and self._spoke and not out.incomplete:
-            health[key("silent")] = float(not self._speaks)
+            health[key("silent")] = float(not (self._speaks or kept))
         return health
 
     def finish_window(self, group=None) -> None:
@@ -355,6 +360,12 @@ class ProbeDriver(Component, Recorder):
                 f"{self.probe!r}: the checkpoint's state is not this probe's ({'; '.join(diff)}); "
                 "nothing was loaded"
             )
+        # the extra state a probe keeps now, it must find on load (keys kept only sometimes,
+        # NC's lagged centres, are optional)
+        needed = {"spoke", "observed_steps", "window_steps", *self.probe.extra_state()}
+        missing = sorted(needed - set(state.get("extra", {})))
+        if missing:
+            raise KeyError(f"{self.probe!r}: the checkpoint lacks {missing}; nothing was loaded")
         window = self._fresh_window()
         try:
             window.load_state_dict(state["window"], keep=keep_window)

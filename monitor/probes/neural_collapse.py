@@ -87,9 +87,9 @@ class NeuralCollapse(Probe):
     ``16*C*D + 8*D^2`` bytes (float64), on the module's device.
 
     Raises:
-        ValueError: (at the hook) labels outside ``[0, C)`` (on an accelerator: at the next log,
-            where checking costs no extra sync), targets that do not match the features, or a
-            feature dimension that changes.
+        ValueError: (at the hook) targets that do not match the features, or a feature
+            dimension that changes; labels outside ``[0, C)`` only under a ``strict`` monitor
+            (otherwise their rows are left out and counted in ``out_of_range``).
 
     Example:
         >>> import torch
@@ -208,16 +208,13 @@ class NeuralCollapse(Probe):
 
     def exchange(self, window, group) -> int | None:
         """Class shards: route this step's rows to their classes' owners, and take the same
-        rows per step on every rank (so that every rank records the same steps), also when
-        the routing fails after its first collective."""
+        rows per step on every rank (so that every rank records the same steps)."""
         if not self.rank_local:
             return None
         moments = window["moments"]
-        try:
-            moments.flush(group)
-        finally:
-            if moments.routed:  # agreed by the collective: the same on every rank
-                self._agreed_rows = -(-moments.routed // self._shards[1])
+        moments.flush(group)
+        if moments.routed:  # agreed by the collective: the same on every rank
+            self._agreed_rows = -(-moments.routed // self._shards[1])
         return self._agreed_rows
 
     # ----------------------------------------------------------------- hot path

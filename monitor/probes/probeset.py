@@ -9,7 +9,8 @@ same collectives), the start of the next window, snapshots, and their state.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import logging
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
 from types import MappingProxyType
 
@@ -23,6 +24,8 @@ from ..contracts import ProbeInfo, Readout, Recording, Replaced, Setup
 from ..keys import MetricKey
 from .base import Probe
 from .driver import ProbeDriver
+
+log = logging.getLogger(__name__)
 
 
 class ProbeSet:
@@ -39,6 +42,7 @@ class ProbeSet:
         self.process_group = process_group
         self._recorded: set[ProbeDriver] = set()  # recorded in this training step
         self._stopped: set[ProbeDriver] = set()  # disabled on every rank (agreed at a log)
+        self._unlabelled: set[str] = set()  # probes that said they skip unlabelled evaluations
 
     def attach(self, setup: Setup) -> Mapping[str, ProbeInfo]:
         """Attach every probe; their descriptions, for the mitigations."""
@@ -63,8 +67,19 @@ class ProbeSet:
             for d in self.drivers
             if snapshot or cadence.records(d.probe.sampling, step, d.rows_per_step)
         ]
-        for d in recorders:
+        for d in list(recorders):
             mine = {k: v for k, v in inputs.items() if k in d.probe.keywords and v is not None}
+            missing = [k for k, required in d.probe.keywords.items() if required and k not in mine]
+            if snapshot and missing:  # an evaluation without labels (predict()): not a sample
+                recorders.remove(d)
+                if d.name not in self._unlabelled:
+                    self._unlabelled.add(d.name)
+                    log.warning(
+                        "collapse monitor: %r skips evaluation forwards without %s",
+                        d.probe,
+                        " and ".join(missing),
+                    )
+                continue
             d.begin_recording(Recording(step, logging, snapshot, mine))
         if not snapshot:  # snapshots do not advance per-step state such as usage EMAs
             self._recorded.update(recorders)
@@ -154,11 +169,20 @@ class ProbeSet:
     def state_dict(self, sync: bool) -> dict:
         return {d.name: d.state_dict(self.process_group, sync=sync) for d in self.drivers}
 
-    def load_state_dict(self, states: dict, keep_window: bool) -> None:
-        """Every probe's state, checked and staged first, then applied: all or nothing."""
+    def stage(self, states: dict, keep_window: bool) -> Callable[[], None]:
+        """Every probe's state checked and loaded into fresh windows; nothing of the probes
+        changes until the returned function applies them all.
+
+        Raises:
+            ValueError, KeyError: as :meth:`ProbeDriver.stage`, naming the probe.
+        """
         staged = [(d, d.stage(states[d.name], keep_window)) for d in self.drivers]
-        for d, window in staged:
-            d.apply(states[d.name], window)
+
+        def apply() -> None:
+            for d, window in staged:
+                d.apply(states[d.name], window)
+
+        return apply
 
 
 def metrics_of(

@@ -150,7 +150,7 @@ class Statistic:
     def forget_reduced(self) -> None:
         """Drop the part of a reduced (all-rank) copy that every rank holds alike, so that only
         one rank keeps it when a reduced state is loaded: the states combined by a collective
-        (``"sum"``, ``"max"``); ``"same"`` and ``"local"`` states stay."""
+        (``"sum"``, ``"max"``, ``"min"``); ``"same"`` and ``"local"`` states stay."""
         for name, (_, _, reduce) in self._states.items():
             if reduce in _COLLECTIVE:
                 self._reset_state(name)
@@ -214,8 +214,8 @@ class Statistic:
         collective where a statistic needs one: agreeing on class means); nothing by default."""
 
     def reduce_states(self, group) -> None:
-        """:meth:`align`, then one collective per ``"sum"`` or ``"max"`` state, in declaration
-        order (sizes must be agreed: every rank makes the same calls)."""
+        """:meth:`align`, then one collective per ``"sum"``, ``"max"`` or ``"min"`` state, in
+        declaration order (sizes must be agreed: every rank makes the same calls)."""
         self.align(group)
         for name, (_, _, reduce) in self._states.items():
             if reduce in _COLLECTIVE:

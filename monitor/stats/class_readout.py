@@ -43,8 +43,9 @@ def shared_class_metrics(
     between-class Gram matrix (when the used classes outnumber the dimensions) and of the exact
     class pairs (:func:`~collapse_monitor.functional.pair_tiles`); ``combine`` sums each
     part over the parts in place (an all-reduce), in that order, so that every part gets the
-    same metrics. A part whose pair sums fail still joins the combine (with NaN sums: every
-    part's pairwise metrics are then undefined) and raises after it: no rank is left waiting.
+    same metrics. A part whose Gram matrix or pair sums fail still joins the combine (with
+    NaN: every part's metrics from them are then undefined) and raises after it: no rank is
+    left waiting.
     """
     if combine is None or share[1] == 1:
         return NC.metrics_from_class_statistics(*args, **kwargs)
@@ -58,20 +59,35 @@ def shared_class_metrics(
         if a["n_within"] is None:
             a["n_within"] = counts[counts >= 2].sum().item()
         if a["n_within"] > 0 and Cu > D:
-            a["gram"] = NC.class_gram(centred, NC.share_rows(Cu, share))
-            combine(a["gram"])
+            a["gram"] = _joined(
+                combine,
+                lambda: NC.class_gram(centred, NC.share_rows(Cu, share)),
+                lambda: torch.full((D, D), float("nan"), dtype=_F64, device=centred.device),
+            )
         pair_sample = a["pair_sample"]
         if pair_sample is None or Cu * (Cu - 1) // 2 <= pair_sample:
             variances = a["class_variances"].to(centred.device)[used].to(_F64)
-            error = None
-            try:
-                a["pair_sums"] = NC.pairwise_sums(centred, variances, a["tile_size"], share)
-            except Exception as exc:  # noqa: BLE001 - re-raised after the collective
-                error, a["pair_sums"] = exc, _nan_sums(centred)
-            combine(a["pair_sums"])
-            if error is not None:
-                raise error
+            a["pair_sums"] = _joined(
+                combine,
+                lambda: NC.pairwise_sums(centred, variances, a["tile_size"], share),
+                lambda: _nan_sums(centred),
+            )
     return NC.metrics_from_class_statistics(**a)
+
+
+def _joined(combine: Callable[[torch.Tensor], None], compute, failed):
+    """``compute()`` combined over the parts. A part where it fails still joins the combine
+    (with ``failed()``, NaN: every part's result is then undefined) and raises after it, so
+    no rank is left waiting."""
+    error = None
+    try:
+        value = compute()
+    except Exception as exc:  # noqa: BLE001 - re-raised after the collective
+        error, value = exc, failed()
+    combine(value)
+    if error is not None:
+        raise error
+    return value
 
 
 def sharded_class_metrics(

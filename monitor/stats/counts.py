@@ -15,8 +15,7 @@ class CodeCounts(Statistic):
 
     States: ``counts (H, K) int64``, ``rows (H,) int64`` (indices counted per head),
     ``skipped (H,) int64`` (placeholder or masked positions: nothing there, not a sample) and
-    ``out_of_range (H,) int64`` (indices outside ``[0, K)`` seen on an accelerator, where
-    checking them at once would synchronise; raised at the next log).
+    ``out_of_range (H,) int64`` (indices outside ``[0, K)``: left out, counted).
 
     Example:
         >>> import torch
@@ -40,7 +39,7 @@ class CodeCounts(Statistic):
         """Count ``indices (N, H)`` int64; entries where ``valid (N, H)`` is false are skipped.
 
         Indices outside ``[0, K)`` among the valid ones are excluded and counted in
-        ``out_of_range`` (callers on the CPU check them first and raise).
+        ``out_of_range``.
         """
         H, K = self.heads, self.num_codes
         valid = torch.ones_like(indices, dtype=torch.bool) if valid is None else valid

@@ -250,6 +250,27 @@ def test_every_step_replaces_unused_codes_between_logs_like_vector_quantize_pyto
     mon.close()
 
 
+def test_every_step_resets_wait_on_the_steps_their_probe_does_not_record():
+    # observe_every_n_steps=2: the probe records every other step; its hits EMA must not decay,
+    # nor codes be replaced, on the steps between (as if those steps never happened)
+    torch.manual_seed(0)
+    K, D = 16, 4
+    model = Model(VQ(K, D))
+    probe = probes.CodebookUsage("vq", K)
+    reset = mitigations.ResetDeadCodes("vq", every_step=True)
+    mon = CollapseMonitor(model, [probe], 4, mitigations=[reset], observe_every_n_steps=2)
+    changed = []
+    for step in range(8):
+        recorded = mon.records(probe)
+        before = model.vq.codebook.weight.detach().clone()
+        run(model, mon, [concentrated(64, D, seed=step)])
+        changed.append((recorded, bool((model.vq.codebook.weight != before).any())))
+    assert [r for r, _ in changed] == [True, False] * 4
+    assert changed[0] == (True, True)  # the first recorded step replaces the unused codes
+    assert not any(c for r, c in changed if not r)
+    mon.close()
+
+
 def test_every_step_on_an_ema_codebook_replaces_exactly_what_vector_quantize_pytorch_would():
     # vector-quantize-pytorch's rule: a code is dead when the codebook's own EMA cluster size
     # (decay 0.8, updated in the forward) is below 2, and a replaced code restarts at 2

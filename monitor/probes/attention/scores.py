@@ -6,9 +6,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ...reading import Checked
+
 
 @dataclass
-class Scores:
+class Scores(Checked):
     """The attention logits ``softmax(q k' * scale + mask)`` of one call, to be recomputed.
 
     Attributes:
@@ -35,7 +37,7 @@ class Scores:
 
 
 @dataclass
-class Probabilities:
+class Probabilities(Checked):
     """Explicit attention probabilities ``(B, H, Lq, Lk)`` and the keys allowed (or None)."""
 
     probs: torch.Tensor
