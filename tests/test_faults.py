@@ -33,26 +33,12 @@ from tests.integrations.test_tensorboard import read_events
 from tests.mitigations.test_reset_dead_codes import concentrated
 from tests.mitigations.test_simvq import AutoEncoder
 from tests.test_monitor import mlp, train
-from tests.zoo import Zoo, batch, every_probe, loss_of
+from tests.zoo import Zoo, batch, every_probe, loss_of, zoo_steps
 
 
 def train_zoo(model, mon, steps, nan_at=None):
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
-    logged = []
-    for step in range(steps):
-        if step == nan_at:
-            with torch.no_grad():
-                model.enc.weight[0, 0] = float("nan")
-        x, y, groups = batch(step)
-        with mon.observe(targets=y, groups=groups):
-            loss = loss_of(model(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        metrics = mon.step(optimizer=opt)
-        if metrics is not None:
-            logged.append((mon.global_step, metrics))
-    return logged
+    return list(zoo_steps(model, mon, opt, 0, steps, nan_at).items())
 
 
 # ------------------------------------------------------------------------------ divergence

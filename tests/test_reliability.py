@@ -9,7 +9,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from collapse_monitor import CollapseMonitor, probes
-from tests.zoo import Zoo, batch, every_probe, loss_of
+from tests.checkpoints import saved_and_loaded
+from tests.zoo import Zoo, batch, every_probe, loss_of, zoo_steps
 
 
 def run(model, forward=None, steps=3, log_every=3, **kw):
@@ -182,7 +183,6 @@ def test_memory_stays_flat_over_10000_observed_steps():
 
 
 def test_resume_with_every_probe_and_mitigation_logs_what_an_uninterrupted_run_logs():
-    import io
 
     from collapse_monitor import Rule
     from tests.zoo import every_mitigation
@@ -202,36 +202,19 @@ def test_resume_with_every_probe_and_mitigation_logs_what_an_uninterrupted_run_l
         )
         return model, mon, torch.optim.Adam(model.parameters(), lr=1e-2)
 
-    def steps(model, mon, opt, begin, end):
-        logs = {}
-        for step in range(begin, end):
-            x, y, groups = batch(step)
-            with mon.observe(targets=y, groups=groups):
-                loss = loss_of(model(x), y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            metrics = mon.step(optimizer=opt)
-            if metrics:
-                logs[mon.global_step] = metrics
-        return logs
-
     model, mon, opt = build()
-    whole = steps(model, mon, opt, 0, 9)
+    whole = zoo_steps(model, mon, opt, 0, 9)
     model, mon, opt = build()
-    first = steps(model, mon, opt, 0, 5)  # stops inside the window of steps 4-6
-    buffer = io.BytesIO()
-    torch.save(
-        {"model": model.state_dict(), "opt": opt.state_dict(), "monitor": mon.state_dict()}, buffer
+    first = zoo_steps(model, mon, opt, 0, 5)  # stops inside the window of steps 4-6
+    state = saved_and_loaded(
+        model=model.state_dict(), opt=opt.state_dict(), monitor=mon.state_dict()
     )
     mon.close()
-    buffer.seek(0)
-    state = torch.load(buffer, weights_only=False)
     model, mon, opt = build()
     mon.load_state_dict(state["monitor"], optimizer=opt)
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["opt"])
-    rest = steps(model, mon, opt, 5, 9)
+    rest = zoo_steps(model, mon, opt, 5, 9)
     assert sorted({**first, **rest}) == sorted(whole) == [3, 6, 9]
     assert (
         whole[9]["collapse/mitigations/reset_dead_codes"] > 0

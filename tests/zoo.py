@@ -73,6 +73,26 @@ def loss_of(out, y):
     return F.cross_entropy(logits, y) + aux
 
 
+def zoo_steps(model, mon, opt, begin, end, nan_at=None):
+    """Train steps ``begin..end-1`` on :func:`batch`; ``{global step: metrics}`` of the logs.
+    ``nan_at``: the step before which one encoder weight becomes NaN (a diverging run)."""
+    logs = {}
+    for step in range(begin, end):
+        if step == nan_at:
+            with torch.no_grad():
+                model.enc.weight[0, 0] = float("nan")
+        x, y, groups = batch(step)
+        with mon.observe(targets=y, groups=groups):
+            loss = loss_of(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        metrics = mon.step(optimizer=opt)
+        if metrics is not None:
+            logs[mon.global_step] = metrics
+    return logs
+
+
 def every_mitigation(prefix="", codebook="reset"):
     """Every mitigation on the zoo; ``codebook``: ``"reset"`` (ResetDeadCodes at logs),
     ``"every_step"`` (ResetDeadCodes at every step) or ``"simvq"``."""

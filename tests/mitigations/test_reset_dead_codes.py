@@ -4,6 +4,7 @@ from torch import nn
 from vector_quantize_pytorch import VectorQuantize
 
 from collapse_monitor import CollapseMonitor, Rule, mitigations, probes
+from tests.checkpoints import saved_and_loaded
 from tests.test_monitor import Recorder
 
 
@@ -296,7 +297,6 @@ def test_every_step_on_an_ema_codebook_replaces_exactly_what_vector_quantize_pyt
 
 
 def test_every_step_resets_resume_exactly():
-    import io
 
     def build():
         torch.manual_seed(0)
@@ -309,10 +309,7 @@ def test_every_step_resets_resume_exactly():
     zs = [concentrated(64, 4, seed=s) for s in range(6)]
     model, opt, mon = build()
     run(model, mon, zs[:4], opt)  # a log at step 3, then one step into the next window
-    buffer = io.BytesIO()
-    torch.save({"m": model.state_dict(), "o": opt.state_dict(), "mon": mon.state_dict()}, buffer)
-    buffer.seek(0)
-    state = torch.load(buffer, weights_only=False)
+    state = saved_and_loaded(m=model.state_dict(), o=opt.state_dict(), mon=mon.state_dict())
     model2, opt2, mon2 = build()
     mon2.load_state_dict(state["mon"], optimizer=opt2)
     model2.load_state_dict(state["m"])

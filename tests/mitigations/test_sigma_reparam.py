@@ -1,11 +1,10 @@
-import io
-
 import pytest
 import torch
 from torch import nn
 
 from collapse_monitor import CollapseMonitor, Rule, mitigations, probes
 from collapse_monitor.mitigations import sigma_reparam
+from tests.checkpoints import saved_and_loaded
 from tests.probes.test_attention_entropy import SDPAAttention
 from tests.test_monitor import Recorder
 
@@ -151,12 +150,9 @@ def test_rule_mode_applies_to_the_layer_that_fired_and_resumes_exactly():
         model[1].attn.q
     )
     assert len(opt.param_groups) == 3  # two gammas, one group each
-    buffer = io.BytesIO()  # a real checkpoint: nothing shared with the running objects
-    torch.save(
-        {"model": model.state_dict(), "opt": opt.state_dict(), "monitor": mon.state_dict()}, buffer
+    state = saved_and_loaded(
+        model=model.state_dict(), opt=opt.state_dict(), monitor=mon.state_dict()
     )
-    buffer.seek(0)
-    state = torch.load(buffer, weights_only=False)
 
     resumed = blocks()
     opt2 = torch.optim.Adam(resumed.parameters(), lr=1e-2)

@@ -1,5 +1,3 @@
-import io
-
 import pytest
 import torch
 from torch import nn
@@ -7,6 +5,7 @@ from torch.nn.utils import parametrize
 from vector_quantize_pytorch import VectorQuantize
 
 from collapse_monitor import CollapseMonitor, Rule, mitigations, probes
+from tests.checkpoints import saved_and_loaded
 from tests.mitigations.test_reset_dead_codes import VQ
 
 
@@ -84,12 +83,9 @@ def test_rule_mode_applies_at_the_log_without_changing_the_function_and_resumes_
     assert torch.equal(simvq.weight, torch.eye(4)) and torch.equal(simvq.bias, torch.zeros(4))
     assert torch.equal(simvq.frozen, model.vq.codebook.parametrizations.weight.original)
     train(model, mon, opt, xs[2:4])
-    buffer = io.BytesIO()
-    torch.save(
-        {"model": model.state_dict(), "opt": opt.state_dict(), "monitor": mon.state_dict()}, buffer
+    state = saved_and_loaded(
+        model=model.state_dict(), opt=opt.state_dict(), monitor=mon.state_dict()
     )
-    buffer.seek(0)
-    state = torch.load(buffer, weights_only=False)
     resumed = AutoEncoder()
     opt2 = torch.optim.Adam(resumed.parameters(), lr=1e-2)
     mon2 = rule_monitor(resumed)
