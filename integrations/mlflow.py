@@ -32,8 +32,10 @@ class MLflowSink(Sink):
 
     Args:
         run_id: an existing run; default a new run in ``experiment`` (created on first write).
-        tracking_uri: where MLflow stores runs (``file:./mlruns``, a server URL); default
-            MLflow's own (``MLFLOW_TRACKING_URI``).
+        tracking_uri: where MLflow stores runs (a server URL, ``sqlite:///mlflow.db`` with
+            ``sqlalchemy`` installed, or ``file:./mlruns``: MLflow 3 refuses a file store
+            unless ``MLFLOW_ALLOW_FILE_STORE=true`` is set); default MLflow's own
+            (``MLFLOW_TRACKING_URI``).
         experiment: experiment name for a new run (default MLflow's default experiment).
         client: an ``MlflowClient`` (Lightning's ``MLFlowLogger.experiment``) instead of a new one.
         all_ranks: log from every rank instead of rank 0 only.

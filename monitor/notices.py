@@ -49,8 +49,13 @@ class Notices:
         for d in drivers:
             probe = d.probe
             samples = metrics.get(probe.key("samples"))
+            # rows that arrived but were skipped (NaN, labels out of range) are not the
+            # cadence's fault: the health rules and the bad-input notice speak of those
+            skipped = sum(
+                metrics.get(probe.key(m), 0.0) for m in ("skipped_nonfinite", *probe.bad_input)
+            )
             thin = None if samples is None else cadence.thin_window(
-                probe.sampling, samples, d.window_steps
+                probe.sampling, samples + skipped, d.window_steps
             )  # fmt: skip
             if thin and self._once("thin", d.name):
                 log.warning("collapse monitor: %r %s", probe, thin)

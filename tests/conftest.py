@@ -29,6 +29,21 @@ def _seed():
 
 
 @pytest.fixture(autouse=True)
+def _fresh_rendezvous_port():
+    """Lightning's ``ddp_spawn`` writes the port it picked into this process's ``MASTER_PORT``,
+    and every later spawn reads it back: a port a finished run's ranks may still hold. Each
+    test starts with the environment it was given."""
+    keys = ("MASTER_ADDR", "MASTER_PORT")
+    saved = {k: os.environ.get(k) for k in keys}
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(autouse=True)
 def _no_leftover_processes():
     """Kill child processes a failed or timed-out test left behind.
 

@@ -87,6 +87,23 @@ def test_a_probe_whose_rows_all_turn_bad_falls_silent_with_an_alert():
     assert [a.rule for a in alerts] == ["head/diverged", "head/silent"]
 
 
+def test_nan_rows_under_the_default_cadence_are_not_called_a_thin_window(caplog):
+    # every row skipped as NaN: the health rules speak, not the cadence's thin-window advice
+    model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 5))
+    alerts = []
+    mon = CollapseMonitor(
+        model, [probes.NeuralCollapse("2", 5, name="head")], 10, on_alert=alerts.append
+    )
+    with caplog.at_level("WARNING", logger="collapse_monitor"):
+        train(model, mon, 30, D=20, C=5)
+        with torch.no_grad():
+            model[0].weight[0, 0] = float("nan")
+        train(model, mon, 10, D=20, C=5)
+    assert not [r for r in caplog.records if "thin" in r.message]
+    assert {a.rule for a in alerts} == {"head/diverged", "head/silent"}
+    mon.close()
+
+
 def test_a_thin_window_after_healthy_ones_is_not_silent():
     # a window whose labels fall in one class keeps its samples but defines no NC1: thin, not
     # a probe whose inputs stopped being usable
