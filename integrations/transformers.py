@@ -171,7 +171,7 @@ class CollapseTrainerCallback(LoopAdapter, TrainerCallback):
     Example::
 
         trainer = Trainer(model, args, train_dataset=ds, callbacks=[
-            CollapseTrainerCallback([NeuralCollapse("lm_head", num_classes=50257, target_shift=1)])
+            CollapseTrainerCallback([NeuralCollapse("lm_head", num_classes=50257)])
         ])
     """
 

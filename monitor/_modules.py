@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import sys
 
 from torch import nn
 
@@ -57,3 +58,37 @@ def resolve_modules(model: nn.Module, pattern: str, owner: str = "") -> list[tup
         f"{who}no module named or matching '{pattern}' in {type(model).__name__}; "
         f"closest names: {close}"
     )
+
+
+# causal LMs of transformers' auto mapping whose loss does not shift the labels
+_UNSHIFTED_LMS = frozenset({"XLNetLMHeadModel", "XLMWithLMHeadModel"})
+
+
+def _causal_lm_names() -> frozenset[str]:
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError:  # an older or partial transformers: the naming convention alone
+        return frozenset()
+    return frozenset(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+
+
+def causal_lm(model: nn.Module, path: str) -> str | None:
+    """The class name of the ``transformers`` causal language model holding the module ``path``
+    (one of the names :func:`named_modules` gives), or None. Such a model (``*ForCausalLM``,
+    ``GPT2LMHeadModel``, ...) takes unshifted ``labels`` and shifts them inside its loss: the
+    logits or hidden state at position t belong to the label at t + 1."""
+    if "transformers" not in sys.modules:  # no transformers model can be in it
+        return None
+    import transformers
+
+    named = named_modules(model)
+    names = _causal_lm_names()
+    parts = path.split(".") if path else []
+    for i in range(len(parts), -1, -1):  # the innermost first
+        module = named.get(".".join(parts[:i]))
+        if not isinstance(module, transformers.PreTrainedModel):
+            continue
+        cls = type(module).__name__
+        if cls not in _UNSHIFTED_LMS and (cls in names or cls.endswith("ForCausalLM")):
+            return cls
+    return None

@@ -283,6 +283,25 @@ def feature_rows(values: torch.Tensor, call: Call, what: str = "features") -> No
         )
 
 
+def label_shift(model, paths: list[str], given: int | None, owner: str) -> int:
+    """The shift ``s`` with which a probe on ``paths`` pairs values with ``observe(targets=)``
+    labels (see :func:`aligned_targets`): ``given`` when set; else 1 for modules inside a
+    ``transformers`` causal LM (it takes unshifted ``labels`` and shifts them inside its loss,
+    :func:`~collapse_monitor._modules.causal_lm`), 0 elsewhere.
+
+    Raises:
+        ValueError: the paths lie in models that shift differently.
+    """
+    from ._modules import causal_lm
+
+    if given is not None:
+        return int(given)
+    shifts = {p: int(causal_lm(model, p) is not None) for p in paths}
+    if len(set(shifts.values())) > 1:
+        raise ValueError(f"{owner}: modules {shifts} align labels differently; pass target_shift=")
+    return next(iter(shifts.values()), 0)
+
+
 def aligned_targets(
     values: torch.Tensor, call: Call, keyword: str = "targets", shift: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -3,6 +3,8 @@ growth (Wortsman et al. 2023): docs/metrics.md#attentionentropy."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 _F64 = torch.float64
@@ -15,6 +17,54 @@ def causal_allowed(
     ``scaled_dot_product_attention(is_causal=True)``); rows ``queries`` only when given."""
     rows = torch.arange(q_len, device=device) if queries is None else queries
     return torch.arange(k_len, device=device)[None, :] <= rows[:, None]
+
+
+def attendable(
+    scores: torch.Tensor | None, bias: torch.Tensor, allowed: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Keys an additive attention bias leaves attendable, whatever its convention.
+
+    Code masks keys with ``-inf``, ``finfo.min``, ``-1e9`` or ``-1e4`` (BERT's
+    ``(1 - mask) * -10000.0``). A key is masked here when its bias makes its probability
+    negligible: the bias lies so far below the row's largest bias that, whatever the scores
+    ``q k' * scale`` of the row, the key's probability is below ``tiny`` times another key's,
+    ``tiny`` the smallest normal number of the computation's dtype (float32 or wider, as
+    attention kernels accumulate): ``b_j < max_k b_k - (max s - min s) - log(1 / tiny)``, i.e.
+    87 nats below in float32 plus the spread of the scores. A learned bias (ALiBi, T5's relative
+    positions) stays far above that and masks nothing.
+
+    Args:
+        scores: ``(..., Lk)`` the logits without the bias, or None (spread 0: a padding mask
+            with no scores, e.g. ``key_padding_mask``).
+        bias: additive bias broadcastable to ``scores``.
+        allowed: bool broadcastable to them: keys already allowed (causal, boolean masks).
+
+    Returns:
+        bool, the broadcast shape: keys that are attendable.
+    """
+    wide = (
+        torch.float64
+        if bias.dtype == _F64 or (scores is not None and scores.dtype == _F64)
+        else torch.float32
+    )
+    b = bias.to(wide)
+    shape = torch.broadcast_shapes(
+        b.shape,
+        *(() if scores is None else (scores.shape,)),
+        *(() if allowed is None else (allowed.shape,)),
+    )
+    ok = (b > torch.finfo(bias.dtype).min / 2).expand(shape)  # -inf, finfo.min
+    if allowed is not None:
+        ok = ok & allowed
+    b = b.expand(shape)
+    top = torch.where(ok, b, -float("inf")).amax(-1, keepdim=True)
+    margin = torch.full_like(top, -math.log(torch.finfo(wide).tiny))
+    if scores is not None:
+        s = scores.to(wide).expand(shape)
+        hi = torch.where(ok, s, -float("inf")).amax(-1, keepdim=True)
+        lo = torch.where(ok, s, float("inf")).amin(-1, keepdim=True)
+        margin = margin + torch.where(hi >= lo, hi - lo, 0.0)
+    return ok & (b >= top - margin)
 
 
 def entropy_from_logits(
@@ -131,6 +181,7 @@ def normalised(H: torch.Tensor, n: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 
 __all__ = [
+    "attendable",
     "attention_entropy",
     "entropy_from_sums",
     "causal_allowed",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import math
+
 import torch
 from torch import nn
 
@@ -10,6 +13,8 @@ from .._sharding import edited, whole
 from ..contracts import Event
 from ..keys import layer_name
 from .base import Mitigation, find_probe, optimizer_states, unheld
+
+log = logging.getLogger(__name__)
 
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -35,10 +40,77 @@ def _neighbours(model: nn.Module, path: str) -> tuple[str, str]:
     return prefix + names[before[-1]], prefix + names[after[0]]
 
 
+def _check_default_init(path: str, layer: nn.Module) -> None:
+    """``init="layer"`` needs PyTorch's default initialisation: refuse a class with its own, and
+    warn when the weights' spread is not that of ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` (a model
+    that re-initialised its layers; checked when the monitor is attached, before training)."""
+    if type(layer).reset_parameters not in _DEFAULT_RESETS:
+        raise ValueError(
+            f"ReDo: '{path}' ({type(layer).__name__}) has its own reset_parameters; pass init= "
+            "with its initial distribution"
+        )
+    w = whole(layer.weight).detach()
+    if w.numel() < 256:  # too few weights to tell
+        return
+    want = 1.0 / math.sqrt(3 * _fan_in(w.shape))  # the std of U(-b, b), b = 1/sqrt(fan_in)
+    got = w.float().std().item()
+    if not 0.8 <= got / want <= 1.25:
+        log.warning(
+            "ReDo: the weights of '%s' have std %.3g where PyTorch's default initialisation gives "
+            "%.3g: the model initialises them otherwise, and recycled units will be drawn from "
+            "the default; pass init= with the model's initialiser",
+            path,
+            got,
+            want,
+        )
+
+
+def _default_init(weight: torch.Tensor, bias: torch.Tensor | None, generator) -> None:
+    """PyTorch's own ``reset_parameters`` of ``nn.Linear`` and ``nn.ConvNd``: weight
+    ``kaiming_uniform_(a=sqrt(5))``, i.e. ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, and the bias
+    from the same uniform distribution."""
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
+    if bias is not None:
+        bound = 1.0 / math.sqrt(_fan_in(weight.shape))
+        nn.init.uniform_(bias, -bound, bound, generator=generator)
+
+
+def _xavier_init(weight: torch.Tensor, bias: torch.Tensor | None, generator) -> None:
+    """dopamine's ``NeuronRecycler``: Xavier uniform weights, zero bias."""
+    nn.init.xavier_uniform_(weight, generator=generator)
+    if bias is not None:
+        bias.zero_()
+
+
+def _fan_in(shape) -> int:
+    return int(shape[1]) * math.prod(int(k) for k in shape[2:])
+
+
+_INITS = {"layer": _default_init, "xavier": _xavier_init}
+_DEFAULT_RESETS = (nn.Linear.reset_parameters, nn.modules.conv._ConvNd.reset_parameters)
+
+
 class ReDo(Mitigation):
-    """Re-initialise dormant units: incoming weights re-drawn (Xavier uniform, bias 0), outgoing
-    weights zeroed (so the network's output is unchanged at the reset), and the optimizer state of
-    the touched rows and columns zeroed (Adam moments; the step count is kept).
+    """Recycle dormant units (ReDo, Sokar et al. 2023, Algorithm 1: "Reinitialize input weights
+    of neuron i; Set outgoing weights of neuron i to 0"): the incoming weights and bias of each
+    dormant unit are re-drawn from the layer's initial distribution, its outgoing weights are
+    zeroed, and the optimizer state of the touched rows and columns is zeroed (Adam moments; the
+    step count is kept).
+
+    **The initial distribution.** ``init="layer"`` (default) draws from the distribution PyTorch
+    initialises the layer with (``nn.Linear``/``nn.ConvNd.reset_parameters``: weight and bias
+    ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, ``fan_in`` the incoming layer's inputs times its
+    kernel size). A layer whose class initialises otherwise needs ``init=``, and at attach the
+    monitor warns when a layer's weights do not look drawn from it (a model initialised by its own
+    ``_init_weights``, e.g. ``normal(0, 0.02)``): pass that initialiser,
+    ``init=lambda weight, bias, generator: ...`` (fill both in place from ``generator``).
+    ``init="xavier"`` is dopamine's ``NeuronRecycler`` (Xavier uniform, zero bias: the
+    initialiser of its DQN networks).
+
+    **What changes at a reset.** The network's output loses the recycled units' contribution
+    through their outgoing weights: nothing for units that never fired (``tau = 0``), a small
+    change for units whose score was positive but ``<= tau`` (their activations are not zero).
+    The re-drawn units then receive gradients again; their own outputs start from the new draw.
 
     Acts at logs where the ``DormantUnits`` probe reports dormant units (its all-reduced masks, so
     the same units on every rank); the new weights come from a generator seeded with ``seed`` and the
@@ -49,9 +121,15 @@ class ReDo(Mitigation):
         probe: name of the ``DormantUnits`` probe (default: the only one).
         layers: ``{probed module: (incoming layer, outgoing layer)}``; default for modules inside an
             ``nn.Sequential``: the nearest Linear/Conv before and after.
+        init: ``"layer"``, ``"xavier"`` or ``init(weight, bias, generator)`` filling the re-drawn
+            ``(out, in, *kernel)`` weight and ``(out,)`` bias (or None) in place, in float32.
         every_n_steps: only act at logs whose step is a multiple of this (ReDo's reset period).
         seed: seed of the re-drawn weights (combined with the step).
         name: see :class:`Mitigation`.
+
+    Raises:
+        ValueError: at attach, ``init="layer"`` on a layer whose class has its own
+            ``reset_parameters``, or an unknown ``init``.
     """
 
     kind = "redo"
@@ -60,13 +138,17 @@ class ReDo(Mitigation):
         self,
         probe: str | None = None,
         layers: dict | None = None,
+        init="layer",
         every_n_steps: int | None = None,
         seed: int = 0,
         name: str | None = None,
     ) -> None:
         super().__init__(name)
+        if not callable(init) and init not in _INITS:
+            raise ValueError(f"ReDo init must be 'layer', 'xavier' or a callable, got {init!r}")
         self.probe_name = probe
         self.layers = dict(layers or {})
+        self.init = _INITS[init] if isinstance(init, str) else init
         self.every_n_steps = every_n_steps
         self.seed = seed
 
@@ -82,6 +164,8 @@ class ReDo(Mitigation):
         for path in info.paths:
             incoming, outgoing = self.layers.get(path) or _neighbours(setup.model, path)
             self.pairs[layer_name(path)] = (modules[incoming], modules[outgoing])
+            if self.init is _default_init:
+                _check_default_init(incoming, modules[incoming])
 
     def after_log(self, view) -> list[Event]:
         if self.every_n_steps and view.step % self.every_n_steps:
@@ -119,12 +203,13 @@ class ReDo(Mitigation):
                 f"and outgoing {tuple(w_out.shape)} weights"
             )
         fresh = torch.empty(w_in.shape, dtype=torch.float32)
-        nn.init.xavier_uniform_(fresh, generator=g)
+        fresh_bias = None if incoming.bias is None else torch.empty(w_in.shape[0])
+        self.init(fresh, fresh_bias, g)
         fresh = fresh.to(w_in)[dead]
         rows, cols = (dead,), (slice(None), dead)
         writes = [(incoming.weight, rows, fresh), (outgoing.weight, cols, 0)]
-        if incoming.bias is not None:
-            writes.append((incoming.bias, rows, 0))
+        if fresh_bias is not None:
+            writes.append((incoming.bias, rows, fresh_bias.to(w_in)[dead]))
         for param, index, value in writes:
             with edited(param) as full:
                 full[index] = value
@@ -137,4 +222,6 @@ class ReDo(Mitigation):
         done = (w_in[dead] == fresh).flatten(1).all(1) & (w_out[:, dead] == 0).transpose(
             0, 1
         ).flatten(1).all(1)
+        if fresh_bias is not None:
+            done &= whole(incoming.bias)[dead] == fresh_bias.to(w_in)[dead]
         return int(done.sum())

@@ -8,7 +8,7 @@ from torch import nn
 
 from ..contracts import Readout
 from ..functional.logits import logit_health_from_sums
-from ..reading import Reading, aligned_targets, first_tensor, floating
+from ..reading import Reading, aligned_targets, first_tensor, floating, label_shift
 from ..rules import RuleSpec
 from ..stats import LogitSums, Window
 from .base import Probe
@@ -31,8 +31,9 @@ class LogitHealth(Probe):
             ``zero_loss_fraction`` then test that StableMax saturates (probability exactly 1 in
             float64).
         ignore_index: target value that is skipped (padding).
-        target_shift: ``s > 0`` pairs ``logits[..., :-s, :]`` with ``targets[..., s:]`` (pass the
-            unshifted ``labels`` of a causal LM: ``target_shift=1``).
+        target_shift: ``s > 0`` pairs ``logits[..., :-s, :]`` with ``targets[..., s:]``;
+            default: 1 inside a ``transformers`` causal LM (which takes unshifted ``labels``),
+            else 0 (:func:`~collapse_monitor.reading.label_shift`).
         nlm: also report ``nlm_cosine``, the cosine between ``-grad W`` and the weight ``W`` of
             the head (an ``nn.Linear``), read from its gradient on logging steps only. Under
             DDP/FSDP each rank reads its own gradient (before the gradients are averaged); the
@@ -83,7 +84,7 @@ class LogitHealth(Probe):
         module: str,
         softmax_dtype: torch.dtype | None = None,
         ignore_index: int = -100,
-        target_shift: int = 0,
+        target_shift: int | None = None,
         nlm: bool = True,
         loss: str = "softmax",
         name: str | None = None,
@@ -93,19 +94,24 @@ class LogitHealth(Probe):
         super().__init__(module, name, extract, pool=pool)
         if loss not in ("softmax", "stablemax"):
             raise ValueError(f"loss must be 'softmax' or 'stablemax', got {loss!r}")
-        if target_shift < 0:
+        if (target_shift or 0) < 0:
             raise ValueError(f"target_shift must be >= 0, got {target_shift}")
         self.loss = loss
         self.softmax_dtype = softmax_dtype
         self.ignore_index = ignore_index
-        self.target_shift = int(target_shift)
+        self.target_shift = target_shift
+        self.label_shift = 0  # resolved at attach
         self.nlm = nlm
+
+    def on_attach(self, setup, found) -> None:
+        paths = [p for p, _ in found]
+        self.label_shift = label_shift(setup.model, paths, self.target_shift, repr(self))
 
     def new_window(self) -> Window:
         return Window({"sums": LogitSums()})
 
     def update(self, window, z, call) -> None:
-        z, y = aligned_targets(z, call, "targets", self.target_shift)
+        z, y = aligned_targets(z, call, "targets", self.label_shift)
         if not z.shape[0]:
             return
         if y is not None:

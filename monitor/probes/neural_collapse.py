@@ -18,7 +18,15 @@ from ..functional.neural_collapse import (
     nearest_class_center_mismatch,
 )
 from ..pictures import Picture
-from ..reading import Call, Reading, aligned_targets, feature_rows, finite_rows, floating
+from ..reading import (
+    Call,
+    Reading,
+    aligned_targets,
+    feature_rows,
+    finite_rows,
+    floating,
+    label_shift,
+)
 from ..rules import RuleSpec
 from ..stats import ClassMoments, Counter, ShardedClassMoments, Window
 from ..stats.class_readout import class_moment_metrics
@@ -47,8 +55,9 @@ class NeuralCollapse(Probe):
             not reported.
         ignore_index: target value that is skipped (padding in language models).
         target_shift: ``s > 0`` pairs ``features[..., :-s, :]`` with ``targets[..., s:]``
-            (hidden state at position t, next-token label; pass unshifted ``labels``); see
-            :meth:`~collapse_monitor.probes.Probe.aligned_targets`.
+            (hidden state at position t, next-token label); default: 1 inside a
+            ``transformers`` causal LM (which takes unshifted ``labels``), else 0
+            (:func:`~collapse_monitor.reading.label_shift`).
         min_class_count: classes with fewer samples in a window are left out (and counted).
         ncc_max_rows: rows per forward call used for the lagged NC4 (the first ones); 0 turns
             NC4 off. Cost per call is ``rows x C x D`` multiply-adds.
@@ -123,7 +132,7 @@ class NeuralCollapse(Probe):
         read: str = "input",
         classifier: str | None = None,
         ignore_index: int = -100,
-        target_shift: int = 0,
+        target_shift: int | None = None,
         min_class_count: int = 2,
         ncc_max_rows: int = 1024,
         tile_size: int = 256,
@@ -135,7 +144,7 @@ class NeuralCollapse(Probe):
         super().__init__(module, name, extract, read)
         if int(num_classes) < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-        if target_shift < 0 or min_class_count < 1 or ncc_max_rows < 0 or tile_size < 1:
+        if (target_shift or 0) < 0 or min_class_count < 1 or ncc_max_rows < 0 or tile_size < 1:
             raise ValueError(
                 "expected target_shift >= 0, min_class_count >= 1, ncc_max_rows >= 0, "
                 f"tile_size >= 1; got {target_shift}, {min_class_count}, {ncc_max_rows}, {tile_size}"
@@ -144,7 +153,8 @@ class NeuralCollapse(Probe):
         self.sampling = per_class(self.num_classes)
         self.classifier_path = classifier
         self.ignore_index = ignore_index
-        self.target_shift = int(target_shift)
+        self.target_shift = target_shift
+        self.label_shift = 0  # resolved at attach
         self.min_class_count = int(min_class_count)
         self.ncc_max_rows = int(ncc_max_rows) if self.ncc else 0
         self.tile_size = int(tile_size)
@@ -168,6 +178,7 @@ class NeuralCollapse(Probe):
                 f"{[n for n, _ in found]}"
             )
         mod = found[0][1]
+        self.label_shift = label_shift(setup.model, [found[0][0]], self.target_shift, repr(self))
         group = setup.process_group
         world = _dist.world_size(group)
         if self.shard_classes and world > self.num_classes:
@@ -230,12 +241,12 @@ class NeuralCollapse(Probe):
             and out.shape[:-1] == feats.shape[:-1]
         ):
             return None
-        out = out[..., : out.shape[-2] - self.target_shift, :] if self.target_shift else out
+        out = out[..., : out.shape[-2] - self.label_shift, :] if self.label_shift else out
         return out.detach().reshape(-1, out.shape[-1])
 
     def update(self, window, feats, call) -> None:
         feature_rows(feats, call)
-        x, y = aligned_targets(feats, call, self.target_key, self.target_shift)
+        x, y = aligned_targets(feats, call, self.target_key, self.label_shift)
         call.rows = x.shape[0]
         logits = self._logits(feats, call)
         counts = window["counts"]

@@ -48,7 +48,22 @@ class ProbeSet:
         """Attach every probe; their descriptions, for the mitigations."""
         for d in self.drivers:
             d.attach(setup)
+        self._check_label_alignment()
         return MappingProxyType({d.name: _info(d) for d in self.drivers})
+
+    def _check_label_alignment(self) -> None:
+        """Probes on one module must pair its values with the same labels (one target shift)."""
+        shifts: dict[str, dict[str, int]] = {}
+        for d in self.drivers:
+            if hasattr(d.probe, "label_shift"):
+                for path in d.probe.paths:
+                    shifts.setdefault(path, {})[d.name] = d.probe.label_shift
+        for path, by_probe in shifts.items():
+            if len(set(by_probe.values())) > 1:
+                raise ValueError(
+                    f"probes on '{path}' would align their labels differently (target shift "
+                    f"per probe: {by_probe}); give them the same target_shift"
+                )
 
     def detach(self) -> None:
         for d in self.drivers:

@@ -493,6 +493,62 @@ def test_probes_on_one_lm_head_align_unshifted_labels_alike():
     assert got["collapse/nc/nc1"] == pytest.approx(ref["nc1"], rel=1e-6)
 
 
+@pytest.mark.parametrize("arch", ["Llama", "GPT2"])
+def test_a_causal_lm_shifts_its_labels_for_every_probe_on_its_head(arch):
+    """transformers' causal LMs take unshifted labels (labels = input_ids) and shift them inside
+    their loss: LogitHealth and NeuralCollapse on the head do the same with no argument, and
+    agree with the model's own loss computed by hand."""
+    pytest.importorskip("transformers")
+    if arch == "GPT2":
+        import transformers
+
+        cfg = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=12, n_positions=16)
+        torch.manual_seed(0)
+        model, head = transformers.GPT2LMHeadModel(cfg).eval(), "lm_head"
+    else:
+        model, head = tiny("Llama", vocab_size=12, num_hidden_layers=1), "lm_head"
+    ids = torch.randint(0, 12, (4, 9))
+    labels = ids.clone()
+    labels[0, :3] = -100  # a prompt left out of the loss
+    feats = {}
+    model.get_submodule(head).register_forward_pre_hook(lambda m, a: feats.update(h=a[0]))
+    probes_ = [
+        probes.NeuralCollapse(head, 12, ncc_max_rows=0, name="nc"),
+        probes.LogitHealth(head, nlm=False, name="logits"),
+    ]
+    got = run(model, probes_, {"forward": lambda s: model(ids), "observe": {"targets": labels}})
+    with torch.no_grad():
+        out = model(ids, labels=labels)
+    # by hand: position t's logits against the label at t + 1
+    logits, y = out.logits[:, :-1].reshape(-1, 12), labels[:, 1:].reshape(-1)
+    keep = y != -100
+    loss = torch.nn.functional.cross_entropy(logits[keep].double(), y[keep])
+    assert loss.item() == pytest.approx(out.loss.item(), rel=1e-5)  # the model's own alignment
+    assert got["collapse/logits/samples"] == logits.shape[0]
+    want = MF.logit_health(logits[keep], y[keep])
+    assert got["collapse/logits/zero_loss_fraction"] == want["zero_loss_fraction"]
+    h = feats["h"][:, :-1].reshape(-1, feats["h"].shape[-1])
+    ref = MF.neural_collapse(h[keep].detach(), y[keep], 12)
+    assert got["collapse/nc/samples"] == int(keep.sum())
+    assert got["collapse/nc/nc1"] == pytest.approx(ref["nc1"], rel=1e-6)
+    # told otherwise, one of them would pair the labels differently: refused
+    probes_ = [
+        probes.NeuralCollapse(head, 12, name="nc"),
+        probes.LogitHealth(head, target_shift=0, name="logits"),
+    ]
+    with pytest.raises(ValueError, match="align their labels differently.*'logits': 0"):
+        CollapseMonitor(model, probes_, 1)
+
+
+def test_outside_a_causal_lm_labels_are_not_shifted():
+    pytest.importorskip("transformers")
+    model = tiny_bert()  # a masked LM: labels are per position
+    ids = torch.randint(0, 64, (2, 7))
+    got = run(model, [probes.LogitHealth("cls.predictions.decoder", nlm=False, name="logits")],
+              {"forward": lambda s: model(ids), "observe": {"targets": ids}})  # fmt: skip
+    assert got["collapse/logits/samples"] == 14
+
+
 @pytest.mark.parametrize("every", [None, 1])
 def test_a_model_compiled_before_attach_says_its_hooks_saw_nothing(every, caplog):
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))

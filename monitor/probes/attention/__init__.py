@@ -9,6 +9,7 @@ import torch
 from ..._modules import named_modules
 from ...contracts import Readout
 from ...functional.attention import (
+    attendable,
     causal_allowed,
     entropy_from_logits,
     entropy_from_probs,
@@ -40,7 +41,8 @@ class AttentionEntropy(Probe):
 
     1. calls of ``torch.nn.functional.scaled_dot_product_attention`` (nanoGPT-style blocks,
        ``transformers`` models with the SDPA implementation); causal, boolean and additive masks
-       and GQA are honoured (additive values below half the dtype's minimum count as masked). The
+       and GQA are honoured (an additive bias masks a key when it makes it negligible:
+       :func:`~collapse_monitor.functional.attention.attendable`). The
        layer is the innermost module whose forward made the call;
     2. ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` (whose fast path skips Python):
        q and k are recomputed from the module's inputs and projection weights, with
@@ -208,10 +210,11 @@ class AttentionEntropy(Probe):
             return
         if k.shape[1] != H:  # grouped-query attention: each key head serves H / Hk query heads
             k = k.repeat_interleave(H // k.shape[1], dim=1)
-        kt = k.float().transpose(-1, -2)
+        wide = _F64 if q.dtype == _F64 else torch.float32  # what the kernels accumulate in
+        kt = k.to(wide).transpose(-1, -2)
         S = k.shape[2]
         for rows in self._sample(L, q.device):
-            logits = (q[:, :, rows].float() @ kt) * s.scale
+            logits = (q[:, :, rows].to(wide) @ kt) * s.scale
             ok = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=q.device)
             if s.queries is not None:  # padded query rows: nothing there
                 ok = ok & s.queries[:, rows].to(q.device)[:, None, :, None]
@@ -219,10 +222,10 @@ class AttentionEntropy(Probe):
                 ok = ok & causal_allowed(L, S, q.device, rows)
             if s.allowed is not None:
                 ok = ok & _rows(s.allowed, rows)
-            if s.additive is not None:
-                add = _rows(s.additive, rows).float()
-                logits = logits + add
-                ok = ok & (add > torch.finfo(add.dtype).min / 2)
+            if s.additive is not None:  # a key whose bias leaves it negligible is masked
+                add = _rows(s.additive, rows)
+                ok = attendable(logits, add, ok)
+                logits = logits + add.to(wide)
             H_i, n = entropy_from_logits(logits, ok)
             max_logit = torch.where(ok.expand_as(logits), logits.abs(), 0.0).amax()
             self._add(window, layer, H_i, n, max_logit)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...functional.attention import attendable
 from ...reading import Call
 from .scores import Scores, bind
 
@@ -34,11 +35,12 @@ _DECODER_ARGS = ("tgt", "memory", "tgt_mask", "memory_mask", "tgt_key_padding_ma
 
 
 def _padding(mask: torch.Tensor | None, shape) -> torch.Tensor | None:
-    """A key padding mask (True or -inf = padded) as ``(B, L)`` bool, true for real positions."""
+    """A key padding mask (True, or a bias that masks: -inf, -1e4, ...) as ``(B, L)`` bool,
+    true for real positions."""
     if mask is None:
         return None
     mask = mask.detach().reshape(shape)
-    return ~mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    return ~mask if mask.dtype == torch.bool else attendable(None, mask)
 
 
 def mha_scores(

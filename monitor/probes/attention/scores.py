@@ -18,8 +18,8 @@ class Scores(Checked):
         scale: the logit scale (``1/sqrt(d)`` by default).
         causal: key ``j`` allowed for query ``i`` iff ``j <= i`` (top-left aligned).
         allowed: bool broadcastable to ``(B, H, Lq, Lk)``, true where a key may be attended.
-        additive: float broadcastable to ``(B, H, Lq, Lk)``, added to the logits; values below
-            half the dtype's minimum count as masked.
+        additive: float broadcastable to ``(B, H, Lq, Lk)``, added to the logits; a key it makes
+            negligible is masked (:func:`~collapse_monitor.functional.attention.attendable`).
         queries: ``(B, Lq)`` bool, true for real query positions (padding: false); None: all.
     """
 
