@@ -333,7 +333,7 @@ def dimensional(seed: int, collapse: bool) -> Scenario:
     return Scenario(
         model,
         opt,
-        [probes.RepresentationRank("projector", name="proj")],
+        [probes.RepresentationRank("projector", ssl=True, name="proj")],
         200,
         step,
         truth,

@@ -73,7 +73,7 @@ def train(stop_gradient: bool, args, out: Path) -> dict:
     sink = TensorBoardSink(out)
     mon = CollapseMonitor(
         model,
-        [probes.RepresentationRank("projector", name="proj")],
+        [probes.RepresentationRank("projector", ssl=True, name="proj")],
         log_every_n_steps=args.log_every,
         sinks=[sink],
         pictures=not args.no_pictures,

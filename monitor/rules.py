@@ -79,7 +79,8 @@ class Rule:
         arm: stay silent until two logs in a row without the condition, or until
             ``warmup_steps`` have passed when it is set (see the module doc).
         requires: ``(sibling metric, mode, threshold)``, a ``below``/``above`` condition on the
-            sibling key that must hold for this rule to be evaluated at a log.
+            sibling key that must hold for this rule to be evaluated at a log (a tuple of such
+            conditions: all must hold).
         latest: the sibling metric holding this quantity on the window's last step (a
             ``below``/``above`` rule; see the module doc); logs without it behave as without.
         detail: a sibling metric whose value the alert's message shows (e.g. the step at which
@@ -98,7 +99,7 @@ class Rule:
     message: str = ""
     severe: float | None = None
     arm: bool = False
-    requires: tuple[str, str, float] | None = None
+    requires: tuple | None = None
     latest: str | None = None
     detail: str | None = None
 
@@ -126,8 +127,11 @@ class Rule:
             )
         if self.latest is not None and self.mode not in ("below", "above"):
             raise ValueError(f"latest needs a 'below' or 'above' rule, got mode {self.mode!r}")
-        if self.requires is not None and self.requires[1] not in ("below", "above"):
-            raise ValueError(f"requires needs a 'below' or 'above' mode, got {self.requires}")
+        if self.requires is not None and isinstance(self.requires[0], str):
+            self.requires = (tuple(self.requires),)  # one condition
+        for cond in self.requires or ():
+            if cond[1] not in ("below", "above"):
+                raise ValueError(f"requires needs 'below' or 'above' modes, got {self.requires}")
         if self.name is None:
             root = f"{ROOT}/"
             base = self.metric[len(root) :] if self.metric.startswith(root) else self.metric
@@ -161,7 +165,7 @@ class RuleSpec:
     message: str = ""
     severe: float | None = None
     arm: bool = False
-    requires: tuple[str, str, float] | None = None
+    requires: tuple | None = None
     latest: str | None = None
     detail: str | None = None
 
@@ -225,8 +229,9 @@ class RuleEngine:
                 value = float(metrics[key])
                 if math.isnan(value):
                     continue
-                if rule.requires is not None and not _past(
-                    rule.requires[1], _sibling(key, rule.requires[0], metrics), rule.requires[2]
+                if not all(
+                    _past(mode, _sibling(key, sibling, metrics), bound)
+                    for sibling, mode, bound in rule.requires or ()
                 ):
                     continue
                 st = self._state[rule.name].setdefault(key, _KeyState())

@@ -71,7 +71,10 @@ class ResetDeadCodes(Mitigation):
             value).
         when_rule: only act at logs where this rule fired.
         vectors: ``vectors(module, args, output) -> (N, D)`` (or ``(N, H, D)``) when the module's
-            input is not in codebook space. Not needed for vector-quantize-pytorch's
+            input is not in codebook space. A 4-D input is a feature map with the codes along
+            axis 1 or -1, as the quantiser's ``accept_image_fmap``/``channel_last`` say, else
+            the one axis of length ``D``; when both have length ``D`` and the quantiser does not
+            say, ``vectors=`` is required (an error at the first capture). Not needed for vector-quantize-pytorch's
             ``VectorQuantize``: the input of its codebook module is read, already projected
             (``codebook_dim``), split into heads and l2-normalised for cosine codebooks.
         reset_cluster_size: EMA cluster size given to a replaced code; default the module's
@@ -235,11 +238,10 @@ class ResetDeadCodes(Mitigation):
         true and, for one codebook, where the indices it returned are not ``-1``."""
         if not self._capturing():
             return
-        vecs = (
-            self.vectors(self._quantizer, args, output)
-            if self.vectors
-            else first_input(args, kwargs)
-        )
+        if self.vectors:
+            vecs = self.vectors(self._quantizer, args, output)
+        else:
+            vecs = self._channels_last(first_input(args, kwargs))
         if not isinstance(vecs, torch.Tensor) or vecs.shape[-1] != self.dim:
             raise ValueError(
                 f"{self!r}: expected the input of '{self.path}' to be (..., {self.dim}) vectors "
@@ -256,6 +258,33 @@ class ResetDeadCodes(Mitigation):
         if heads == 1 and is_index(idx) and idx.numel() == batch.shape[0]:
             valid &= idx.reshape(-1).to(batch.device) != -1
         self._batch, self._valid = batch, valid
+
+    def _channels_last(self, vecs):
+        """The quantiser's input with the code-space axis last. A 4-D input is a feature map
+        whose code axis is 1 (channels first, as ``taming``'s quantisers and
+        ``VectorQuantize(accept_image_fmap=True)`` take it) or -1; the quantiser's own
+        ``accept_image_fmap`` / ``channel_last`` say which, else the one axis of length ``D``.
+
+        Raises:
+            ValueError: both axes have length ``D`` and the quantiser does not say (pass
+                ``vectors=``): rows along the wrong axis would not be code-space vectors.
+        """
+        if not isinstance(vecs, torch.Tensor) or vecs.ndim != 4:
+            return vecs
+        mod, D = self._quantizer, self.dim
+        if getattr(mod, "accept_image_fmap", None) is not None:
+            first = bool(mod.accept_image_fmap)
+        elif isinstance(getattr(mod, "channel_last", None), bool):
+            first = not mod.channel_last
+        elif vecs.shape[1] == D and vecs.shape[-1] == D:
+            raise ValueError(
+                f"{self!r}: the input of '{self.path}' is {tuple(vecs.shape)}: both axis 1 and "
+                f"axis -1 have the code dimension {D}, and the quantiser does not say which holds "
+                "the codes; pass vectors=lambda module, args, output: (N, D) code-space vectors"
+            )
+        else:
+            first = vecs.shape[1] == D and vecs.shape[-1] != D
+        return vecs.movedim(1, -1) if first else vecs
 
     def _keep_codebook_input(self, args, kwargs) -> None:
         """vector-quantize-pytorch's codebook input: ``(h, b, n, d)`` (``(b, n, d)`` for one

@@ -33,6 +33,10 @@ class RepresentationRank(Probe):
         reference: ``(N_ref, D)`` reference embeddings, or a ``(mean, covariance)`` pair from
             :meth:`frozen`: adds ``variance_ratio`` (``tr Σ / tr Σ_ref``) and
             ``frechet_distance`` (docs/metrics.md#representationrank). Sketched along with the embeddings.
+        ssl: the embeddings are the outputs of a self-supervised projector (SimSiam, BYOL, ...):
+            SimSiam's absolute bound ``norm_std < 0.5`` applies (rule ``norm_std_below``; the
+            probe reports ``ssl_embedding = 1``). On any signed embeddings the rule
+            ``norm_std_drop`` fires when ``norm_std`` falls below a tenth of its highest value.
         pool: see :class:`~collapse_monitor.probes.Probe`.
 
     Reports ``erank`` (Roy & Vetterli, centred covariance), ``rankme`` (uncentred singular values
@@ -62,16 +66,29 @@ class RepresentationRank(Probe):
         "floating-point embeddings (N, D) or (B, T, D)", floating(2), hint="embeddings (N, D)"
     )
     rules = (
-        # SimSiam's criterion is for signed (roughly centred) outputs: non-negative features
-        # (after a ReLU) sit low by construction, so the rule waits for signed embeddings
+        # SimSiam's criterion is for the signed (roughly centred) outputs of an SSL projector:
+        # non-negative features (after a ReLU) sit low by construction, and a classifier's hidden
+        # layer clusters by class (0.4 at step 550 of a healthy MLP), so the absolute bound
+        # waits for embeddings marked ssl=True (the probe then reports ssl_embedding = 1)
         RuleSpec(
             "norm_std",
             0.5,
             "below",
             name="norm_std_below",
             severe=0.25,
-            requires=("negative_mass", "above", 0.1),
+            requires=(("negative_mass", "above", 0.1), ("ssl_embedding", "above", 0.5)),
             message="embeddings are collapsing to a point (SimSiam criterion)",
+        ),
+        # on any signed embeddings: armed by the run's own values, a fall below a tenth of the
+        # highest norm_std seen is a collapse to a point whatever the layer
+        RuleSpec(
+            "norm_std",
+            0.9,
+            "drop",
+            name="norm_std_drop",
+            requires=("negative_mass", "above", 0.1),
+            message="embeddings collapsed to a point: norm_std fell below a tenth of its own "
+            "earlier level",
         ),
     )
 
@@ -81,6 +98,7 @@ class RepresentationRank(Probe):
         read: str = "output",
         sketch_dim: int = 4096,
         reference=None,
+        ssl: bool = False,
         seed: int = 0,
         name: str | None = None,
         extract=None,
@@ -91,6 +109,7 @@ class RepresentationRank(Probe):
             raise ValueError(f"sketch_dim must be >= 1, got {sketch_dim}")
         self.sketch_dim = int(sketch_dim)
         self.seed = seed
+        self.ssl = bool(ssl)
         self._reference_input = reference
         self.reference: tuple[torch.Tensor, torch.Tensor] | None = None
         self.sketch: torch.Tensor | None = None  # P, made when D > sketch_dim is first seen
@@ -155,6 +174,8 @@ class RepresentationRank(Probe):
             "samples": float(n),
             "skipped_nonfinite": float(window["counts"]["skipped_nonfinite"]),
         }
+        if self.ssl:
+            out["ssl_embedding"] = 1.0
         if n < 2:
             return Readout({self.key(k): v for k, v in out.items()})
         scatter = m.scatter()

@@ -317,3 +317,46 @@ def test_every_step_resets_resume_exactly():
     a, b = run(model, mon, zs[4:], opt), run(model2, mon2, zs[4:], opt2)
     assert torch.equal(model.vq.codebook.weight, model2.vq.codebook.weight)
     assert a == b and a[0]["collapse/mitigations/reset_dead_codes"] > 0
+
+
+class ChannelsFirstVQ(VQ):
+    """A VQGAN-style quantiser: a (B, D, H, W) latent, codes along the channels."""
+
+    def forward(self, z):
+        flat = z.permute(0, 2, 3, 1)
+        q, idx, loss = super().forward(flat)
+        return q.permute(0, 3, 1, 2), idx, loss
+
+
+@pytest.mark.parametrize("width", [5, 4])
+def test_a_channels_first_latent_gives_code_space_vectors_or_is_refused(width):
+    """With width = D = 4 the rows along the width are no code-space vectors: the layout is
+    ambiguous and refused (vectors= says it); otherwise the channel axis is read as codes."""
+    torch.manual_seed(0)
+    K, D = 16, 4
+    model = Model(ChannelsFirstVQ(K, D))
+    mon = CollapseMonitor(
+        model,
+        [probes.CodebookUsage("vq", K, warmup_steps=0)],
+        1,
+        mitigations=[mitigations.ResetDeadCodes("vq")],
+        strict=True,
+    )
+    z = concentrated(2 * 3 * width, D).view(2, 3, width, D).permute(0, 3, 1, 2)  # (B, D, H, W)
+    if width == D:
+        with pytest.raises(ValueError, match="both axis 1 and axis -1 have the code dimension"):
+            with mon.observe():
+                model(z)
+        mon.close()
+        return
+    before = model.vq.codebook.weight.detach().clone()
+    with mon.observe():
+        model(z)
+    mon.step()
+    weight = model.vq.codebook.weight.detach()
+    changed = (weight != before).any(1)
+    vectors = z.permute(0, 2, 3, 1).reshape(-1, D)
+    assert changed.sum() > 0
+    for row in weight[changed]:
+        assert (vectors == row).all(1).any()  # a latent position's channel vector
+    mon.close()

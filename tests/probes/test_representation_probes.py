@@ -53,7 +53,7 @@ def test_the_simsiam_rule_watches_signed_embeddings_not_relu_features():
         model = nn.Sequential(Returns())
         alerts = []
         mon = CollapseMonitor(
-            model, [probes.RepresentationRank("0", name=name)], 1, on_alert=alerts.append
+            model, [probes.RepresentationRank("0", ssl=True, name=name)], 1, on_alert=alerts.append
         )
         with mon.observe():
             model(z)
@@ -65,6 +65,38 @@ def test_the_simsiam_rule_watches_signed_embeddings_not_relu_features():
     assert ref["negative_mass"] > 0.3 and F.representation_rank(relu)["negative_mass"] == 0
     # both sit below 0.5; only the signed, collapsed one is SimSiam's collapse (severe: at once)
     assert fired == {"relu": [], "point": ["point/norm_std_below"]}
+
+
+def test_a_classifiers_hidden_layer_is_not_an_ssl_embedding():
+    """A healthy MLP on uniform random data: its second Linear's output is signed but sits at
+    norm_std 0.4-0.55 from the start (the common offset of ReLU inputs). Unmarked, SimSiam's
+    bound does not apply; the drop rule (a tenth of its own level) stays silent. Marked ssl=True,
+    the same numbers are SimSiam's collapse criterion."""
+    fired = {}
+    for ssl in (False, True):
+        torch.manual_seed(0)
+        m = nn.Sequential(
+            nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)
+        )
+        x, y = torch.rand(512, 32), torch.randint(0, 10, (512,))
+        opt = torch.optim.Adam(m.parameters(), 1e-3)
+        alerts = []
+        probe = probes.RepresentationRank("2", ssl=ssl, name="hidden")
+        mon = CollapseMonitor(m, [probe], 50, on_alert=alerts.append)
+        g, out = torch.Generator().manual_seed(0), None
+        for _ in range(300):
+            idx = torch.randint(0, 512, (64,), generator=g)
+            with mon.observe():
+                loss = nn.functional.cross_entropy(m(x[idx]), y[idx])
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            out = mon.step() or out
+        mon.close()
+        assert out["collapse/hidden/norm_std"] < 0.5 < loss.item()
+        assert out["collapse/hidden/negative_mass"] > 0.1
+        fired[ssl] = {a.rule for a in alerts}
+    assert fired == {False: set(), True: {"hidden/norm_std_below"}}
 
 
 def test_sequences_and_nonfinite_rows():
