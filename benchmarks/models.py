@@ -169,7 +169,7 @@ def vqvae() -> Workload:
         (x, None),
         loss,
         lambda: [probes.CodebookUsage("quantizer", 512, name="vq")],
-        lambda: [mitigations.ResetDeadCodes("quantizer", probe="vq")],
+        lambda: [mitigations.ResetDeadCodes("quantizer", probe="vq", every_step=False)],
     )
 
 

@@ -18,7 +18,11 @@ def monitored(reparam=None):
     """The zoo, monitored; ``reparam``: also σReparam (``"sigma"``) or SimVQ on the codebook
     instead of ResetDeadCodes (``"simvq"``)."""
     model = Zoo()
-    codebook = mitigations.SimVQ("vq") if reparam == "simvq" else mitigations.ResetDeadCodes("vq")
+    codebook = (
+        mitigations.SimVQ("vq")
+        if reparam == "simvq"
+        else mitigations.ResetDeadCodes("vq", every_step=False)
+    )
     mits = [codebook, mitigations.ReDo(layers={"sae_act": ("sae", "dec")})]
     mits += [mitigations.SigmaReparam("attn")] if reparam == "sigma" else []
     mon = CollapseMonitor(

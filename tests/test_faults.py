@@ -542,7 +542,7 @@ def _reset_run(rank=None, steps=8, engine="ddp"):
         model,
         [probes.CodebookUsage("vq", 16, ema_decay=0.5, warmup_steps=2, name="vq")],
         2,
-        mitigations=[mitigations.ResetDeadCodes("vq")],
+        mitigations=[mitigations.ResetDeadCodes("vq", every_step=False)],
         observe_every_n_steps=1,
     )
     forward = model

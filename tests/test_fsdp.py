@@ -27,7 +27,7 @@ STEPS, LOG = 2, 2
 def monitor(model, engine, redo=True):
     """Every probe, ResetDeadCodes, ReDo and (where the monitor is built before sharding)
     σReparam, which adds parameters and so must come before FSDP wraps the model."""
-    chosen = [mitigations.ResetDeadCodes("vq")]
+    chosen = [mitigations.ResetDeadCodes("vq", every_step=False)]
     if redo:
         chosen.append(mitigations.ReDo(layers={"sae_act": ("sae", "dec")}))
     if engine != "fsdp1":

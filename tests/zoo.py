@@ -100,7 +100,7 @@ def every_mitigation(prefix="", codebook="reset"):
 
     p = prefix
     fix = {
-        "reset": lambda: mitigations.ResetDeadCodes(p + "vq"),
+        "reset": lambda: mitigations.ResetDeadCodes(p + "vq", every_step=False),
         "every_step": lambda: mitigations.ResetDeadCodes(p + "vq", every_step=True),
         "simvq": lambda: mitigations.SimVQ(p + "vq"),
     }[codebook]

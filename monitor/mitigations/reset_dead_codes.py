@@ -25,6 +25,13 @@ log = logging.getLogger(__name__)
 class ResetDeadCodes(Mitigation):
     """Replace dead codes with encoder outputs of the current batch, identically on every rank.
 
+    By default at every training step, with vector-quantize-pytorch's ``threshold_ema_dead_code``
+    rule (``every_step``, below): on a VQ autoencoder it matches that anchor (training usage over
+    steps 26-50, reconstruction MSE over steps 76-100: benchmarks/RESULTS.md section 7), which
+    the form acting at logs does not (its usage EMA, decay 0.99, takes hundreds of steps to call a
+    code dead). Giving ``every_n_steps``, ``when_rule`` or ``strategy="farthest"`` (or
+    ``every_step=False``) selects the form acting at logs:
+
     At a log where the :class:`~collapse_monitor.probes.CodebookUsage` probe of ``module`` reports
     dead codes (its EMA usage below threshold, all-reduced, so the same on every rank), each dead
     code is overwritten with a vector of the current batch's input to ``module``, drawn only from
@@ -56,15 +63,17 @@ class ResetDeadCodes(Mitigation):
             the batch is large enough) or ``"farthest"`` (the batch vectors farthest from every
             code).
         every_n_steps: only act at logs whose step is a multiple of this.
-        every_step: act at every training step instead of at logs, as vector-quantize-pytorch's
-            ``threshold_ema_dead_code`` does: a code is dead when its EMA of hits per step
-            (decay 0.8 from one, its cluster size) is below ``dead_hits``; a replaced code
-            starts at ``dead_hits``, so one that the next batch does not choose is replaced
-            again; a step the probe does not record (``observe_every_n_steps > 1``, or the
-            probe switched off) leaves the EMA as it was. Decided on the device, no host
+        every_step: act at every training step (default, unless ``every_n_steps``,
+            ``when_rule`` or ``strategy="farthest"`` is given) instead of at logs, as
+            vector-quantize-pytorch's ``threshold_ema_dead_code`` does: a code is dead when its
+            EMA of hits per step (decay 0.8 from one, its cluster size) is below ``dead_hits``;
+            a replaced code starts at ``dead_hits``, so one that the next batch does not choose
+            is replaced again; a step the probe does not record (``observe_every_n_steps > 1``,
+            or the probe switched off) leaves the EMA as it was. Decided on the device, no host
             sync; under ``torch.distributed`` each step all-reduces the ``(H, K)`` hit counts
-            and broadcasts rank 0's ``(H, K, D)`` draws (from its own batch). The replacements since the last log are one
-            event at the log (every write is read back on the device, checked at the log).
+            and broadcasts rank 0's ``(H, K, D)`` draws (from its own batch; the cost per step
+            is in benchmarks/RESULTS.md). The replacements since the last log are one event at
+            the log (every write is read back on the device, checked at the log).
             (:class:`~collapse_monitor.mitigations.reset_every_step.EveryStepResets`).
         dead_hits: the ``every_step`` threshold in hits per step; default the module's
             ``threshold_ema_dead_code`` when positive, else 2 (vector-quantize-pytorch's usual
@@ -95,7 +104,7 @@ class ResetDeadCodes(Mitigation):
         codebook: str | None = None,
         strategy: str = "random",
         every_n_steps: int | None = None,
-        every_step: bool = False,
+        every_step: bool | None = None,
         dead_hits: float | None = None,
         when_rule: str | None = None,
         vectors=None,
@@ -111,7 +120,10 @@ class ResetDeadCodes(Mitigation):
             raise ValueError(f"strategy must be 'random' or 'farthest', got {strategy!r}")
         if every_n_steps is not None and every_n_steps < 1:
             raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
-        if every_step and (every_n_steps or when_rule or strategy != "random"):
+        at_logs = bool(every_n_steps or when_rule or strategy != "random")
+        if every_step is None:
+            every_step = not at_logs
+        if every_step and at_logs:
             raise ValueError(
                 "every_step=True acts at every step with random draws: no every_n_steps, "
                 "when_rule or strategy='farthest'"

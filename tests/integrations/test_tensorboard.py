@@ -77,7 +77,7 @@ def test_codebook_usage_histogram_and_reset_events_are_written(tmp_path):
         [probes.CodebookUsage("vq", 16, ema_decay=0.5, warmup_steps=1)],
         2,
         sinks=[TensorBoardSink(tmp_path)],
-        mitigations=[mitigations.ResetDeadCodes("vq")],
+        mitigations=[mitigations.ResetDeadCodes("vq", every_step=False)],
         observe_every_n_steps=1,
     )
     for step in range(2):

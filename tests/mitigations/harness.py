@@ -124,7 +124,7 @@ CASES = [
         "reset_dead_codes",
         AutoEncoder,
         lambda: [probes.CodebookUsage("vq", 16, ema_decay=0.5, warmup_steps=2)],
-        lambda: mitigations.ResetDeadCodes("vq"),
+        lambda: mitigations.ResetDeadCodes("vq", every_step=False),
         lambda step, rank: concentrated(48, 8, seed=100 * rank + step),
         _ae_loss,
         writes={"vq.codebook.weight": 0},

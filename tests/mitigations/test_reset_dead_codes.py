@@ -63,7 +63,7 @@ def test_learned_codebook_reset_rows_and_adam_moments():
         [probe],
         4,
         sinks=[sink],
-        mitigations=[mitigations.ResetDeadCodes("vq")],
+        mitigations=[mitigations.ResetDeadCodes("vq", every_step=False)],
         observe_every_n_steps=1,
     )
     batches = [concentrated(64, D, seed=i) for i in range(4)]
@@ -100,7 +100,7 @@ def test_vector_quantize_pytorch_ema_codebook_is_probed_and_reset():
     vq = VectorQuantize(dim=D, codebook_size=K, decay=0.8)
     model = Model(vq)
     probe = probes.CodebookUsage("vq", K, ema_decay=0.5, warmup_steps=2)  # no extract=
-    reset = mitigations.ResetDeadCodes("vq")
+    reset = mitigations.ResetDeadCodes("vq", every_step=False)
     mon = CollapseMonitor(model, [probe], 3, mitigations=[reset], observe_every_n_steps=1)
     assert reset.codebook_path == "_codebook.embed"
     assert reset.ema_paths == ("_codebook.cluster_size", "_codebook.embed_avg")
@@ -194,7 +194,7 @@ def test_configuration_errors():
         CollapseMonitor(
             model,
             [probes.CodebookUsage("vq", 8)],
-            mitigations=[mitigations.ResetDeadCodes("vq")],
+            mitigations=[mitigations.ResetDeadCodes("vq", every_step=False)],
             observe_every_n_steps=1,
         )
     mon = CollapseMonitor(
@@ -227,7 +227,7 @@ def test_every_step_replaces_unused_codes_between_logs_like_vector_quantize_pyto
     K, D = 16, 4
     model = Model(VQ(K, D))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    reset = mitigations.ResetDeadCodes("vq", every_step=True)
+    reset = mitigations.ResetDeadCodes("vq")  # the default: every step
     mon = CollapseMonitor(model, [probes.CodebookUsage("vq", K, name="vq")], 3, mitigations=[reset])
     total = 0
     for step in range(3):
@@ -249,6 +249,14 @@ def test_every_step_replaces_unused_codes_between_logs_like_vector_quantize_pyto
     with pytest.raises(ValueError, match="every_step"):
         mitigations.ResetDeadCodes("vq", every_step=True, every_n_steps=3)
     mon.close()
+
+
+def test_options_that_need_a_log_select_the_form_acting_at_logs():
+    assert mitigations.ResetDeadCodes("vq").every_step
+    for kw in ({"every_n_steps": 4}, {"when_rule": "vq/usage_below"}, {"strategy": "farthest"}):
+        assert not mitigations.ResetDeadCodes("vq", **kw).every_step
+        with pytest.raises(ValueError, match="every_step=True acts at every step"):
+            mitigations.ResetDeadCodes("vq", every_step=True, **kw)
 
 
 def test_every_step_resets_wait_on_the_steps_their_probe_does_not_record():
@@ -339,7 +347,7 @@ def test_a_channels_first_latent_gives_code_space_vectors_or_is_refused(width):
         model,
         [probes.CodebookUsage("vq", K, warmup_steps=0)],
         1,
-        mitigations=[mitigations.ResetDeadCodes("vq")],
+        mitigations=[mitigations.ResetDeadCodes("vq", every_step=False)],
         strict=True,
     )
     z = concentrated(2 * 3 * width, D).view(2, 3, width, D).permute(0, 3, 1, 2)  # (B, D, H, W)

@@ -113,7 +113,7 @@ def test_reset_dead_codes_on_a_cosine_codebook_gives_unit_codes_from_unmasked_ro
     x = 10 * F.normalize(direction + 0.05 * torch.randn(8, 16, 8), dim=-1)  # norm 10, one cluster
     x[~mask] = -1e3 * direction  # padding: must never become a code
     probe = probes.CodebookUsage("vq", 64, ema_decay=0.5, warmup_steps=1, name="vq")
-    reset = mitigations.ResetDeadCodes("vq")
+    reset = mitigations.ResetDeadCodes("vq", every_step=False)
     mon = CollapseMonitor(
         model, [probe], 2, mitigations=[reset], strict=True, observe_every_n_steps=1
     )
@@ -142,7 +142,7 @@ def test_reset_dead_codes_draws_in_the_projected_codebook_space():
     x = torch.randn(4, 16, 16) * 0.1 + 3.0
     probe = probes.CodebookUsage("vq", 32, ema_decay=0.5, warmup_steps=1, name="vq")
     mon = CollapseMonitor(
-        model, [probe], 2, mitigations=[mitigations.ResetDeadCodes("vq")], strict=True,
+        model, [probe], 2, mitigations=[mitigations.ResetDeadCodes("vq", every_step=False)], strict=True,
         observe_every_n_steps=1,
     )  # fmt: skip
     for _ in range(2):
