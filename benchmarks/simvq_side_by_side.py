@@ -73,13 +73,14 @@ def authors_quantizer(path: str) -> type:
 def train(variant: str, seed: int, authors_path: str | None = None, steps: int = STEPS) -> float:
     """The final usage of one run: ``variant`` is ``authors``, ``ours``, ``ours_codebook`` or
     ``plain``."""
-    torch.manual_seed(seed)
     x, _ = digits(seed)
+    torch.manual_seed(seed)  # the same encoder and decoder for every variant
+    model = AutoEncoder(nn.Identity(), variant == "authors")
+    torch.manual_seed(seed + 1)
     if variant == "authors":
-        quantizer = authors_quantizer(authors_path)(CODES, DIM, beta=0.25, legacy=False)
+        model.quantizer = authors_quantizer(authors_path)(CODES, DIM, beta=0.25, legacy=False)
     else:
-        quantizer = Quantizer(CODES, DIM, init="gaussian")
-    model = AutoEncoder(quantizer, variant == "authors")
+        model.quantizer = Quantizer(CODES, DIM, init="gaussian")
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     fixes = {
         "ours": [mitigations.SimVQ("quantizer", optimizer=opt, seed=seed)],

@@ -60,8 +60,32 @@ def resolve_modules(model: nn.Module, pattern: str, owner: str = "") -> list[tup
     )
 
 
-# causal LMs of transformers' auto mapping whose loss does not shift the labels
-_UNSHIFTED_LMS = frozenset({"XLNetLMHeadModel", "XLMWithLMHeadModel"})
+# causal LMs of transformers' auto mapping whose loss takes the labels as they are (no shift
+# inside: the decoders of encoder-decoder models, XLNet, XLM, ...), read from their forward's
+# source in transformers 5.25; tests/probes/test_conventions.py re-reads the installed version
+_UNSHIFTED_LMS = frozenset(
+    {
+        "BartForCausalLM",
+        "BigBirdPegasusForCausalLM",
+        "BlenderbotForCausalLM",
+        "BlenderbotSmallForCausalLM",
+        "CpmAntForCausalLM",
+        "Gemma4AssistantForCausalLM",
+        "Gemma4UnifiedAssistantForCausalLM",
+        "MBartForCausalLM",
+        "MarianForCausalLM",
+        "MusicgenForCausalLM",
+        "MusicgenMelodyForCausalLM",
+        "MvpForCausalLM",
+        "PLBartForCausalLM",
+        "PegasusForCausalLM",
+        "ProphetNetForCausalLM",
+        "TrOCRForCausalLM",
+        "WhisperForCausalLM",
+        "XLMWithLMHeadModel",
+        "XLNetLMHeadModel",
+    }
+)
 
 
 def _causal_lm_names() -> frozenset[str]:
@@ -89,6 +113,8 @@ def causal_lm(model: nn.Module, path: str) -> str | None:
         if not isinstance(module, transformers.PreTrainedModel):
             continue
         cls = type(module).__name__
-        if cls not in _UNSHIFTED_LMS and (cls in names or cls.endswith("ForCausalLM")):
+        if cls in _UNSHIFTED_LMS:
+            return None
+        if cls in names or cls.endswith("ForCausalLM"):
             return cls
     return None

@@ -283,11 +283,14 @@ def feature_rows(values: torch.Tensor, call: Call, what: str = "features") -> No
         )
 
 
-def label_shift(model, paths: list[str], given: int | None, owner: str) -> int:
-    """The shift ``s`` with which a probe on ``paths`` pairs values with ``observe(targets=)``
-    labels (see :func:`aligned_targets`): ``given`` when set; else 1 for modules inside a
-    ``transformers`` causal LM (it takes unshifted ``labels`` and shifts them inside its loss,
-    :func:`~collapse_monitor._modules.causal_lm`), 0 elsewhere.
+def label_shift(
+    model, paths: list[str], given: int | None, owner: str, keyword: str = "targets"
+) -> int:
+    """The shift ``s`` with which a probe on ``paths`` pairs values with ``observe(<keyword>=)``
+    labels (see :func:`aligned_targets`): ``given`` when set; else, for the model's labels
+    (``keyword="targets"``), 1 for modules inside a ``transformers`` causal LM that shifts them
+    inside its loss (:func:`~collapse_monitor._modules.causal_lm`), 0 elsewhere; other keywords
+    (``groups``) are the user's own and are not shifted.
 
     Raises:
         ValueError: the paths lie in models that shift differently.
@@ -296,6 +299,8 @@ def label_shift(model, paths: list[str], given: int | None, owner: str) -> int:
 
     if given is not None:
         return int(given)
+    if keyword != "targets":
+        return 0
     shifts = {p: int(causal_lm(model, p) is not None) for p in paths}
     if len(set(shifts.values())) > 1:
         raise ValueError(f"{owner}: modules {shifts} align labels differently; pass target_shift=")

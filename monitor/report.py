@@ -106,6 +106,20 @@ def _trend(values: list[float]) -> str:
 
 
 _HEALTH = {spec.name for spec in HEALTH_RULES}  # rules whose firing means the run diverged
+_GRAVITY = {"healthy": 0, "warning": 1, "collapsed": 2, "diverged": 3}
+
+
+def _holding(rule: Rule, values: list[float]) -> bool:
+    """Whether the last value still meets ``rule``'s condition (a drop/rise against the run's
+    extremum)."""
+    last = values[-1]
+    if rule.mode == "below":
+        return last < rule.threshold
+    if rule.mode == "above":
+        return last > rule.threshold
+    if rule.mode == "drop":
+        return last < (1 - rule.threshold) * max(values)
+    return last > (1 + rule.threshold) * min(values)
 
 
 def health(series: dict[str, list[tuple[int, float]]]) -> list[dict]:
@@ -138,7 +152,7 @@ def health(series: dict[str, list[tuple[int, float]]]) -> list[dict]:
             engine = RuleEngine([dataclasses.replace(rule, metric=tag)])
             # a rule with requires= or latest= reads sibling metrics at the same log
             parent = tag.rsplit("/", 1)[0]
-            siblings = [rule.requires[0]] if rule.requires else []
+            siblings = [cond[0] for cond in rule.requires or ()]
             siblings += [rule.latest] if rule.latest else []
             beside = {f"{parent}/{m}": dict(series.get(f"{parent}/{m}", ())) for m in siblings}
             fired = []
@@ -146,15 +160,20 @@ def health(series: dict[str, list[tuple[int, float]]]) -> list[dict]:
                 logged = {tag: value}
                 logged.update({k: v[step] for k, v in beside.items() if step in v})
                 fired += engine.check(logged, step)
-            last = points[-1][1]
-            holding = last < rule.threshold if rule.mode == "below" else last > rule.threshold
             if fired:
-                row["first_alert"] = row["first_alert"] or fired[0].step
-                row["rule"] = f"{key.metric} {rule.mode} {rule.threshold:g}"
-                if rule.name.split("/")[-1] in _HEALTH:
-                    row["verdict"] = "diverged"
-                else:
-                    row["verdict"] = "collapsed" if holding else "warning"
+                verdict = (
+                    "diverged"
+                    if rule.name.split("/")[-1] in _HEALTH
+                    else "collapsed"
+                    if _holding(rule, [v for _, v in points])
+                    else "warning"
+                )
+                # several rules on one metric: the earliest alert, the gravest verdict
+                if row["first_alert"] is None or fired[0].step < row["first_alert"]:
+                    row["first_alert"] = fired[0].step
+                if _GRAVITY[verdict] > _GRAVITY[row["verdict"]]:
+                    row["verdict"] = verdict
+                    row["rule"] = f"{key.metric} {rule.mode} {rule.threshold:g}"
         if row["verdict"] == "healthy" and any(r.name.split("/")[-1] in _HEALTH for r in rules):
             continue  # a health rule that never fired says nothing (nonfinite: logged only then)
         if row["step"] < last_log:  # a value older than the run's last log

@@ -20,7 +20,7 @@ def write_run(log_dir, collapse: bool):
         sinks=[TensorBoardSink(log_dir)],
         observe_every_n_steps=1,
     )
-    for step in range(108):  # past the codebook rules' warm-up (100 steps)
+    for step in range(108):
         idx = (
             torch.zeros(64, dtype=torch.long) if collapse and step >= 98 else torch.arange(64) % 16
         )
@@ -50,8 +50,8 @@ def test_report_first_alert_step_replays_the_training_rule(tmp_path, capsys):
     main(["report", str(tmp_path), "--json"])
     (run,) = json.loads(capsys.readouterr().out)["runs"].values()
     usage = next(r for r in run["rows"] if r["metric"] == "usage")
-    # usage 1/16 from step 99: past the severe bound, the first log after the warm-up fires
-    assert usage["first_alert"] == 102
+    # usage 1/16 from step 99: past the severe bound, the first log of a collapsed window fires
+    assert usage["first_alert"] == 100
 
 
 def test_report_errors_are_clear(tmp_path, capsys):
@@ -75,3 +75,29 @@ def test_report_replays_a_rule_with_its_last_step_sibling():
     assert row["first_alert"] == 30  # without the last step: one log late
     (row,) = health({**series, "collapse/d/3/dormant_fraction_last_step": last})
     assert row["first_alert"] == 20 and row["verdict"] == "collapsed"
+
+
+def test_a_collapsed_ssl_run_is_collapsed_by_both_of_its_rules(tmp_path, capsys):
+    """norm_std_below and the drop rule both fire on one metric: the report keeps the earliest
+    alert and the gravest verdict (a drop that still holds is a collapse, not a warning)."""
+    model = nn.Sequential(nn.Identity())
+    mon = CollapseMonitor(
+        model,
+        [probes.RepresentationRank("0", ssl=True, name="proj")],
+        2,
+        sinks=[TensorBoardSink(tmp_path)],
+    )
+    g = torch.Generator().manual_seed(0)
+    point = torch.randn(1, 16, generator=g)
+    for step in range(20):
+        z = torch.randn(64, 16, generator=g)
+        if step >= 10:  # collapsed to a signed point
+            z = point + 1e-3 * z
+        with mon.observe():
+            model(z)
+        mon.step()
+    mon.close()
+    assert main(["report", str(tmp_path), "--json"]) == 1
+    (run,) = json.loads(capsys.readouterr().out)["runs"].values()
+    row = next(r for r in run["rows"] if r["metric"] == "norm_std")
+    assert row["verdict"] == "collapsed" and row["first_alert"] == 12

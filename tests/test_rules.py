@@ -163,3 +163,28 @@ def test_a_latest_episode_lasts_while_the_last_step_stays_past_the_threshold():
         for a in eng.check({"collapse/p/m": window, "collapse/p/m_last_step": last}, 10 * i)
     ]
     assert fired == [10, 50]  # one alert per episode; a new one after it clears
+
+
+def test_several_requires_must_all_hold():
+    rule = Rule(
+        "collapse/p/m",
+        0.5,
+        "below",
+        patience=2,
+        requires=(("a", "above", 0.1), ("b", "above", 0.5)),
+    )
+    eng = RuleEngine([rule])
+    logs = [
+        {"a": 0.2, "b": 1.0},  # both hold: counted
+        {"a": 0.2},  # b missing: skipped
+        {"a": 0.0, "b": 1.0},  # a fails: skipped
+        {"a": 0.2, "b": 1.0},  # counted: the second log in a row that holds
+    ]
+    fired = []
+    for i, sib in enumerate(logs, 1):
+        metrics = {"collapse/p/m": 0.1, **{f"collapse/p/{k}": v for k, v in sib.items()}}
+        fired += [a.step for a in eng.check(metrics, i)]
+    assert fired == [4]
+    assert Rule("collapse/p/m", 0.5, requires=("a", "above", 0.1)).requires == (
+        ("a", "above", 0.1),
+    )

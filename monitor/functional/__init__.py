@@ -2,7 +2,14 @@
 sufficient statistics) that the streaming probes share with them."""
 
 from .attention import attention_entropy, entropy_from_logits, entropy_from_probs, entropy_from_sums
-from .codebook import codebook_usage, dead_codes, fire_rate, latent_usage, usage_from_counts
+from .codebook import (
+    codebook_usage,
+    dead_codes,
+    fire_rate,
+    latent_usage,
+    uniform_usage,
+    usage_from_counts,
+)
 from .depth import mean_token_uniformity, token_uniformity, token_uniformity_from_sums
 from .logits import (
     logit_health,
@@ -70,6 +77,7 @@ __all__ = [
     "token_uniformity",
     "token_uniformity_from_sums",
     "training_dtype",
+    "uniform_usage",
     "usage_from_counts",
     "used_class_means",
     "zero_loss",

@@ -30,8 +30,11 @@ def attendable(
     ``q k' * scale`` of the row, the key's probability is below ``tiny`` times another key's,
     ``tiny`` the smallest normal number of the computation's dtype (float32 or wider, as
     attention kernels accumulate): ``b_j < max_k b_k - (max s - min s) - log(1 / tiny)``, i.e.
-    87 nats below in float32 plus the spread of the scores. A learned bias (ALiBi, T5's relative
-    positions) stays far above that and masks nothing.
+    87 nats below in float32 plus the spread of the scores. A learned bias within that margin
+    (T5's relative positions, ALiBi over short distances) masks nothing; ALiBi keys farther back
+    than ``87 / slope`` tokens carry under ``1e-38`` of the weight and are counted as masked
+    (they leave ``n_i``, so a long-context ALiBi head's ``entropy_norm`` is over the keys it
+    can still reach).
 
     Args:
         scores: ``(..., Lk)`` the logits without the bias, or None (spread 0: a padding mask

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 _F64 = torch.float64
@@ -16,7 +18,8 @@ def usage_from_counts(counts: torch.Tensor) -> dict[str, torch.Tensor]:
     Returns:
         ``perplexity`` ``(H,)``: ``exp(H)`` with ``H = log T - (1/T) sum_j n_j log n_j``
         (``0 log 0 = 0``; no epsilon), in ``[1, K]``; ``usage`` ``(H,)``: fraction of codes with at
-        least one hit; ``samples`` ``(H,)``: ``T``. A codebook with no hits has perplexity NaN.
+        least one hit; ``samples`` ``(H,)``: ``T``; ``usage_uniform`` ``(H,)``:
+        :func:`uniform_usage` of ``T``. A codebook with no hits has perplexity NaN.
     """
     n = counts.to(_F64)
     total = n.sum(-1)
@@ -26,7 +29,24 @@ def usage_from_counts(counts: torch.Tensor) -> dict[str, torch.Tensor]:
         "perplexity": torch.exp(entropy),
         "usage": (n > 0).to(_F64).mean(-1),
         "samples": total,
+        "usage_uniform": uniform_usage(total, n.shape[-1]),
     }
+
+
+def uniform_usage(samples: torch.Tensor, num_codes: int) -> torch.Tensor:
+    """The expected usage of a uniform codebook after ``samples`` assignments:
+    ``1 - (1 - 1/K)^T`` (about ``1 - exp(-T/K)``), the most a window of ``T`` assignments can
+    show. A usage threshold says something only where this is well above it.
+
+    Args:
+        samples: ``T``, assignments per codebook (any shape).
+        num_codes: ``K``.
+
+    Returns:
+        float64, the shape of ``samples``.
+    """
+    T = samples.to(_F64)
+    return -torch.expm1(T * math.log1p(-1.0 / num_codes)) if num_codes > 1 else (T > 0).to(_F64)
 
 
 def dead_codes(ema_hits: torch.Tensor, ema_rows: torch.Tensor, threshold: float) -> torch.Tensor:

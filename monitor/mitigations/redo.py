@@ -128,8 +128,8 @@ class ReDo(Mitigation):
         name: see :class:`Mitigation`.
 
     Raises:
-        ValueError: at attach, ``init="layer"`` on a layer whose class has its own
-            ``reset_parameters``, or an unknown ``init``.
+        ValueError: an unknown ``init``; at attach, ``init="layer"`` on a layer whose class has
+            its own ``reset_parameters``.
     """
 
     kind = "redo"
@@ -203,7 +203,9 @@ class ReDo(Mitigation):
                 f"and outgoing {tuple(w_out.shape)} weights"
             )
         fresh = torch.empty(w_in.shape, dtype=torch.float32)
-        fresh_bias = None if incoming.bias is None else torch.empty(w_in.shape[0])
+        fresh_bias = (
+            None if incoming.bias is None else torch.empty(w_in.shape[0], dtype=torch.float32)
+        )
         self.init(fresh, fresh_bias, g)
         fresh = fresh.to(w_in)[dead]
         rows, cols = (dead,), (slice(None), dead)

@@ -80,10 +80,10 @@ class ResetDeadCodes(Mitigation):
             value).
         when_rule: only act at logs where this rule fired.
         vectors: ``vectors(module, args, output) -> (N, D)`` (or ``(N, H, D)``) when the module's
-            input is not in codebook space. A 4-D input is a feature map with the codes along
-            axis 1 or -1, as the quantiser's ``accept_image_fmap``/``channel_last`` say, else
-            the one axis of length ``D``; when both have length ``D`` and the quantiser does not
-            say, ``vectors=`` is required (an error at the first capture). Not needed for vector-quantize-pytorch's
+            input is not in codebook space. A 3-D or 4-D input has the codes along axis 1 or -1,
+            as the quantiser's ``accept_image_fmap``/``channel_last`` say, else the one axis of
+            length ``D``; when both have length ``D`` and the quantiser does not say,
+            ``vectors=`` is required (an error at the first capture). Not needed for vector-quantize-pytorch's
             ``VectorQuantize``: the input of its codebook module is read, already projected
             (``codebook_dim``), split into heads and l2-normalised for cosine codebooks.
         reset_cluster_size: EMA cluster size given to a replaced code; default the module's
@@ -272,16 +272,17 @@ class ResetDeadCodes(Mitigation):
         self._batch, self._valid = batch, valid
 
     def _channels_last(self, vecs):
-        """The quantiser's input with the code-space axis last. A 4-D input is a feature map
-        whose code axis is 1 (channels first, as ``taming``'s quantisers and
-        ``VectorQuantize(accept_image_fmap=True)`` take it) or -1; the quantiser's own
-        ``accept_image_fmap`` / ``channel_last`` say which, else the one axis of length ``D``.
+        """The quantiser's input with the code-space axis last. A 3-D or 4-D input is a sequence
+        or feature map whose code axis is 1 (channels first, as ``taming``'s quantisers,
+        SoundStream-style codecs and ``VectorQuantize(accept_image_fmap=True)`` take it) or -1;
+        the quantiser's own ``accept_image_fmap`` / ``channel_last`` say which, else the one
+        axis of length ``D``.
 
         Raises:
             ValueError: both axes have length ``D`` and the quantiser does not say (pass
                 ``vectors=``): rows along the wrong axis would not be code-space vectors.
         """
-        if not isinstance(vecs, torch.Tensor) or vecs.ndim != 4:
+        if not isinstance(vecs, torch.Tensor) or vecs.ndim not in (3, 4):
             return vecs
         mod, D = self._quantizer, self.dim
         if getattr(mod, "accept_image_fmap", None) is not None:

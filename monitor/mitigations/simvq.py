@@ -4,6 +4,7 @@ learned linear layer, so every code moves with every gradient step."""
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -11,6 +12,8 @@ from torch import nn
 
 from .codebooks import find_codebook
 from .reparametrize import Reparametrization, register
+
+log = logging.getLogger(__name__)
 
 
 class SimVQParametrization(nn.Module):
@@ -194,5 +197,7 @@ class SimVQ(Reparametrization):
         return f"{names[0]}/usage_below"
 
     def apply(self, module: nn.Module, name: str) -> list[nn.Parameter]:
+        if self.basis == "paper":  # a new codebook: say so (basis="codebook" keeps it)
+            log.info("%r: the codebook starts from SimVQ's random basis (basis='paper')", self)
         simvq(module, name, self.basis, self.seed)
         return list(getattr(module.parametrizations, name)[0].parameters())

@@ -97,6 +97,10 @@ class Probe:
     uses_token_mask: ClassVar[bool] = False
     #: default rules, relative to the probe (see :class:`~collapse_monitor.rules.RuleSpec`)
     rules: ClassVar[tuple[RuleSpec, ...]] = ()
+    #: probes that pair values with ``observe(<target_key>=)`` labels: the shift they pair them
+    #: with, set at attach (:func:`~collapse_monitor.reading.label_shift`); None: no labels
+    label_shift: int | None = None
+    target_key: ClassVar[str] = "targets"
     #: True when this rank's window holds statistics no other rank has (class shards), so
     #: that every rank must save its own checkpoint
     rank_local: bool = False

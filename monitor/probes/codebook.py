@@ -21,10 +21,10 @@ from ..stats import CodeCounts, UsageEMA, Window, to_device
 from .base import Probe
 
 _F64 = torch.float64
-# samples per code a training step must hold for its own usage to be reported (usage_last_step):
-# under uniform usage each code is then missed with probability exp(-10), so the step's usage is
-# not low by construction
-_LATEST_SAMPLES = 10
+# the usage a uniform codebook would show with a training step's assignments must reach this
+# for the step's own usage to be reported (usage_last_step): T >= 4.6 K, so that the step's
+# usage is not low by construction (a uniform codebook misses under 1% of its codes)
+_LATEST_UNIFORM = 0.99
 
 
 class CodebookUsage(Probe):
@@ -46,9 +46,9 @@ class CodebookUsage(Probe):
         warmup_steps: observed steps before the EMA decides (it starts at 0); before that a
             code is dead when the window holds no hit of it (as vector-quantize-pytorch calls
             codes dead from its first step), after it the EMA also protects codes used rarely
-            but recently. The default rules on ``usage`` and ``perplexity_ratio`` are silent
-            for as many steps (a learned codebook's usage dips and recovers while it catches up
-            with its encoder). Default ``ceil(1 / (1 - d))``.
+            but recently. Default ``ceil(1 / (1 - d))``. (The default rules on ``usage`` and
+            ``perplexity_ratio`` have no warm-up: they judge every window that holds enough
+            assignments, ``usage_uniform > 0.9``.)
         dead: ``"ema"`` (default) or ``"window"`` (dead = no hit in the whole window).
         ignore_index: the index that means "no code here": vector-quantize-pytorch writes ``-1``
             for quantizers dropped by ``ResidualVQ(quantize_dropout=True)`` and for positions a
@@ -64,12 +64,14 @@ class CodebookUsage(Probe):
 
     Reports ``perplexity`` (``exp`` of the entropy of the pooled window counts, in ``[1, K]``),
     ``perplexity_ratio`` (``perplexity / K``), ``usage`` (fraction of codes hit in the window),
-    ``dead_codes``, ``dead_fraction``, ``samples`` (hits in the window), ``skipped``
+    ``usage_uniform`` (the usage a uniform codebook would show with the window's assignments,
+    ``1 - (1 - 1/K)^T`` for ``T`` of them: a window is too thin to judge usage while this is
+    low), ``dead_codes``, ``dead_fraction``, ``samples`` (hits in the window), ``skipped``
     (placeholder entries) and ``out_of_range`` (indices outside ``[0, K)``, left out),
     ``usage_last_step`` (the usage of the last training step the probe
-    recorded in the window, alone; mean over heads; reported when that step holds at least
-    ``10 K`` indices per head, so that it is not low by construction: the usage rule's latest
-    value), plus a histogram
+    recorded in the window, alone; mean over heads; reported when that step holds enough
+    indices that a uniform codebook would show 99% of its codes, ``T >= 4.6 K`` per head, so
+    that it is not low by construction: the usage rule's latest value), plus a histogram
     ``usage_hist`` of hits per code and the mask ``dead`` ``(H, K)`` for mitigations.
     Hot path: one ``index_add_`` per call, no host sync (out-of-range indices are left out and
     counted; a ``strict`` monitor raises at the call).
@@ -105,18 +107,18 @@ class CodebookUsage(Probe):
     uses_token_mask = True
     unit = "codes"
     rules = (
+        # judged from the first log on, wherever the window holds enough assignments that a
+        # healthy (uniform) codebook would show nearly all its codes: usage_uniform > 0.9, i.e.
+        # T >= 2.3 K (a collapse at initialisation, the classic failure, alerts at once)
         RuleSpec(
             "usage",
             0.5,
             "below",
             name="usage_below",
             severe=0.2,
-            # codes chase a moving encoder at first (usage dips and recovers on healthy runs):
-            # silent during the probe's warm-up (default_rules binds the probe's warmup_steps)
-            warmup_steps=100,
+            requires=("usage_uniform", "above", 0.9),
             latest="usage_last_step",
-            message="under half the codebook is used: consider ResetDeadCodes "
-            "(meaningful once the window holds >> K samples)",
+            message="under half the codebook is used: consider ResetDeadCodes or SimVQ",
         ),
         RuleSpec(
             "perplexity_ratio",
@@ -124,7 +126,7 @@ class CodebookUsage(Probe):
             "below",
             name="perplexity_below",
             severe=0.02,
-            warmup_steps=100,
+            requires=("usage_uniform", "above", 0.9),
         ),
     )
 
@@ -263,17 +265,6 @@ class CodebookUsage(Probe):
     def on_replaced(self, window, mask: torch.Tensor) -> None:
         window["ema"].restart(mask.to(window.device))
 
-    def default_rules(self):
-        """The usage rules stay silent for the probe's ``warmup_steps``, counted in training
-        steps (the probe observes every step unless ``observe_every_n_steps`` says otherwise):
-        a router, whose choices do not chase an encoder, can be watched early with a short
-        warm-up. ``collapse-monitor report`` replays the default warm-up (100)."""
-        rules = super().default_rules()
-        for rule in rules:
-            if rule.warmup_steps:
-                rule.warmup_steps = self.warmup_steps
-        return rules
-
     # ----------------------------------------------------------------- readout
     def readout(self, window) -> Readout:
         win, ema = window["counts"], window["ema"]
@@ -288,6 +279,7 @@ class CodebookUsage(Probe):
             "perplexity": stats["perplexity"],
             "perplexity_ratio": stats["perplexity"] / self.num_codes,
             "usage": stats["usage"],
+            "usage_uniform": stats["usage_uniform"],
             f"dead_{self.unit}": dead.sum(-1).to(_F64),
             "dead_fraction": dead.to(_F64).mean(-1),
             "samples": stats["samples"],
@@ -303,15 +295,15 @@ class CodebookUsage(Probe):
             else:
                 for h, v in enumerate(values):
                     metrics[self.key(name, index=f"head_{h}")] = v
-        last = window["last"]
-        if bool((last.rows >= _LATEST_SAMPLES * self.num_codes).all()):
-            # with fewer samples than codes a step's usage is low by construction: left out
-            last_usage = usage_from_counts(last.counts)["usage"]
-            metrics[self.key("usage_last_step")] = float(last_usage.mean())
+        last = usage_from_counts(window["last"].counts)
+        if bool((last["usage_uniform"] >= _LATEST_UNIFORM).all()):
+            # with few samples per code a step's usage is low by construction: left out
+            metrics[self.key("usage_last_step")] = float(last["usage"].mean())
         if self.heads > 1:
             metrics[self.key(f"dead_{self.unit}")] = float(dead.sum())
             metrics[self.key("dead_fraction")] = float(dead.to(_F64).mean())
             metrics[self.key("usage")] = float(stats["usage"].mean())
+            metrics[self.key("usage_uniform")] = float(per_head["usage_uniform"].mean())
             metrics[self.key("skipped")] = float(win.skipped.sum())
             metrics[self.key("out_of_range")] = float(win.out_of_range.sum())
         counts = win.counts.clone()  # the window is reset in place after the log
@@ -352,7 +344,8 @@ class LatentUsage(CodebookUsage):
     Reads the module's output activations ``(..., L)`` (``extract=`` otherwise). Reports
     ``dead_latents`` / ``dead_fraction`` (latents that did not fire in the whole window, the SAE
     convention; ``dead="ema"`` for the EMA rule), ``usage`` (fraction that fired;
-    ``usage_last_step``: the last recorded step alone, from ``10 L`` rows), ``fire_rate``
+    ``usage_last_step``: the last recorded step alone, from ``4.6 L`` fires; ``usage_uniform``:
+    the usage the window's fires would show spread uniformly), ``fire_rate``
     (mean active latents per row, L0), ``perplexity`` of the firing distribution, ``samples``
     (rows), ``skipped`` (rows with NaN or Inf, and padded tokens: ``observe(mask=)`` or the
     model's ``attention_mask``, left out) and a ``usage_hist`` of fires per latent

@@ -68,6 +68,7 @@ class LogitHealth(Probe):
 
     reads = Reading("floating-point logits (..., C)", floating(1), find=first_tensor, hint="logits")
     keywords = {"targets": False}
+    described = ("label_shift",)  # a checkpoint whose labels were paired otherwise is refused
     rules = (
         RuleSpec(
             "softmax_collapse",

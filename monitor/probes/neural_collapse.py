@@ -115,7 +115,8 @@ class NeuralCollapse(Probe):
     """
 
     headline = ("nc1",)
-    described = ("num_classes",)
+    # label_shift: a checkpoint whose labels were paired otherwise is another probe
+    described = ("num_classes", "label_shift")
     bad_input = ("out_of_range",)
 
     reads = Reading(
@@ -154,7 +155,7 @@ class NeuralCollapse(Probe):
         self.classifier_path = classifier
         self.ignore_index = ignore_index
         self.target_shift = target_shift
-        self.label_shift = 0  # resolved at attach
+        self.label_shift = 0  # resolved at attach (a causal LM's labels: 1)
         self.min_class_count = int(min_class_count)
         self.ncc_max_rows = int(ncc_max_rows) if self.ncc else 0
         self.tile_size = int(tile_size)
@@ -178,7 +179,9 @@ class NeuralCollapse(Probe):
                 f"{[n for n, _ in found]}"
             )
         mod = found[0][1]
-        self.label_shift = label_shift(setup.model, [found[0][0]], self.target_shift, repr(self))
+        self.label_shift = label_shift(
+            setup.model, [found[0][0]], self.target_shift, repr(self), self.target_key
+        )
         group = setup.process_group
         world = _dist.world_size(group)
         if self.shard_classes and world > self.num_classes:

@@ -52,17 +52,18 @@ class ProbeSet:
         return MappingProxyType({d.name: _info(d) for d in self.drivers})
 
     def _check_label_alignment(self) -> None:
-        """Probes on one module must pair its values with the same labels (one target shift)."""
-        shifts: dict[str, dict[str, int]] = {}
+        """Probes on one module that read the same labels must pair them alike (one shift)."""
+        shifts: dict[tuple[str, str], dict[str, int]] = {}
         for d in self.drivers:
-            if hasattr(d.probe, "label_shift"):
+            if d.probe.label_shift is not None:
                 for path in d.probe.paths:
-                    shifts.setdefault(path, {})[d.name] = d.probe.label_shift
-        for path, by_probe in shifts.items():
+                    where = (path, d.probe.target_key)
+                    shifts.setdefault(where, {})[d.name] = d.probe.label_shift
+        for (path, key), by_probe in shifts.items():
             if len(set(by_probe.values())) > 1:
                 raise ValueError(
-                    f"probes on '{path}' would align their labels differently (target shift "
-                    f"per probe: {by_probe}); give them the same target_shift"
+                    f"probes on '{path}' would align their '{key}' labels differently (target "
+                    f"shift per probe: {by_probe}); give them the same target_shift"
                 )
 
     def detach(self) -> None:

@@ -59,8 +59,21 @@ class InterleavedData(L.LightningDataModule):
         return DataLoader(ds, batch_size=self.batch_size, sampler=sampler)
 
 
+class JoinedTeardown(L.Callback):
+    """Under ``ddp_spawn``, leave the process group together at the end of fit (a barrier, then
+    ``destroy_process_group`` on every rank): a rank that exits while its peer still tears down
+    gloo can abort the peer (``terminate called without an active exception``)."""
+
+    def teardown(self, trainer, pl_module, stage):
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
+
 def trainer(tmp_path, name, max_epochs, **kw):
     kw.setdefault("logger", TensorBoardLogger(tmp_path, name=name, version=0))
+    if kw.get("strategy") == "ddp_spawn":
+        kw["callbacks"] = [*kw.get("callbacks", []), JoinedTeardown()]
     return L.Trainer(
         max_epochs=max_epochs,
         accelerator=kw.pop("accelerator", "cpu"),

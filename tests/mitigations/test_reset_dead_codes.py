@@ -368,3 +368,45 @@ def test_a_channels_first_latent_gives_code_space_vectors_or_is_refused(width):
     for row in weight[changed]:
         assert (vectors == row).all(1).any()  # a latent position's channel vector
     mon.close()
+
+
+class DeclaredChannelsFirstVQ(ChannelsFirstVQ):
+    accept_image_fmap = True  # as vector-quantize-pytorch's VectorQuantize says it
+
+
+class SequenceChannelsFirstVQ(VQ):
+    """A codec-style quantiser on (B, D, T) sequences."""
+
+    def forward(self, z):
+        q, idx, loss = super().forward(z.transpose(1, 2))
+        return q.transpose(1, 2), idx, loss
+
+
+@pytest.mark.parametrize("case", ["declared_4d_width_eq_d", "sequence_3d"])
+def test_the_code_axis_is_read_from_the_quantiser_or_its_one_d_long_axis(case):
+    torch.manual_seed(0)
+    K, D = 16, 4
+    if case == "declared_4d_width_eq_d":  # ambiguous by shape, said by the quantiser
+        quantizer, z = DeclaredChannelsFirstVQ(K, D), concentrated(24, D).view(2, 3, 4, D)
+        z, vectors = z.permute(0, 3, 1, 2), z.reshape(-1, D)
+    else:
+        quantizer, z = SequenceChannelsFirstVQ(K, D), concentrated(14, D).view(2, 7, D)
+        z, vectors = z.transpose(1, 2), z.reshape(-1, D)
+    model = Model(quantizer)
+    mon = CollapseMonitor(
+        model,
+        [probes.CodebookUsage("vq", K, warmup_steps=0)],
+        1,
+        mitigations=[mitigations.ResetDeadCodes("vq")],
+        strict=True,
+    )
+    before = model.vq.codebook.weight.detach().clone()
+    with mon.observe():
+        model(z)
+    mon.step()
+    weight = model.vq.codebook.weight.detach()
+    changed = (weight != before).any(1)
+    assert changed.sum() > 0
+    for row in weight[changed]:
+        assert (vectors == row).all(1).any()
+    mon.close()

@@ -225,21 +225,27 @@ def test_float_indices_from_extract_are_rejected():
             model(torch.zeros(4))
 
 
-def test_the_usage_rules_wait_for_the_probes_warmup():
-    # a learned codebook's usage dips while it catches up with its encoder: the default rules
-    # are silent for the probe's warm-up, which a router may shorten
+@pytest.mark.parametrize("per_step, first", [(4, None), (20, 1)])
+def test_the_usage_rules_judge_a_window_from_the_first_log_once_it_holds_enough(per_step, first):
+    """No warm-up: a codebook collapsed from initialisation alerts at the first log, where the
+    window holds enough assignments that a uniform codebook would show >= 90% of its codes
+    (usage_uniform = 1 - (7/8)^T: 0.41 for T = 4, 0.93 for T = 20); a thinner window says
+    nothing (a handful of assignments leaves most codes unseen whatever the codebook)."""
     model = nn.Sequential()
     model.add_module("vq", Quantizer())
-    for warmup, first in ((3, 4), (6, 7)):
-        probe = probes.CodebookUsage("vq", 8, warmup_steps=warmup)
-        alerts = []
-        mon = CollapseMonitor(model, [probe], 1, on_alert=alerts.append)
-        for _ in range(8):  # one code of 8 every step: usage 1/8, past the severe bound
-            with mon.observe():
-                model.vq(torch.zeros(4, 1), torch.zeros(4, dtype=torch.long))
-            mon.step()
-        mon.close()
-        assert min(a.step for a in alerts if a.rule.endswith("usage_below")) == first
+    alerts = []
+    mon = CollapseMonitor(
+        model, [probes.CodebookUsage("vq", 8, name="vq")], 1, on_alert=alerts.append
+    )
+    for _ in range(4):  # one code of 8 every step: usage 1/8, past the severe bound
+        with mon.observe():
+            model.vq(torch.zeros(per_step, 1), torch.zeros(per_step, dtype=torch.long))
+        m = mon.step()
+    mon.close()
+    assert m["collapse/vq/usage_uniform"] == pytest.approx(1 - (7 / 8) ** per_step, rel=1e-12)
+    assert m["collapse/vq/usage_uniform"] == F.uniform_usage(torch.tensor(per_step), 8).item()
+    fired = [a.step for a in alerts if a.rule == "vq/usage_below"]
+    assert (min(fired) if fired else None) == first
 
 
 def test_usage_of_the_windows_last_step_when_it_holds_enough_samples():
@@ -247,8 +253,11 @@ def test_usage_of_the_windows_last_step_when_it_holds_enough_samples():
     two_codes = torch.tensor([0, 1]).repeat(40)
     _, (m,) = stream(probes.CodebookUsage("vq", 8, name="vq"), [every_code, two_codes], 2)
     assert m["collapse/vq/usage"] == 1.0 and m["collapse/vq/usage_last_step"] == 0.25
-    # fewer than 10 samples per code: a step's usage is low by construction, not reported
-    _, (m,) = stream(probes.CodebookUsage("vq", 8, name="vq"), [every_code, two_codes[:79]], 2)
+    # a step of T assignments is reported once a uniform codebook would show 99% of its codes:
+    # 1 - (7/8)^T >= 0.99 from T = 35; below, its usage is low by construction
+    _, (m,) = stream(probes.CodebookUsage("vq", 8, name="vq"), [every_code, two_codes[:35]], 2)
+    assert m["collapse/vq/usage_last_step"] == 0.25
+    _, (m,) = stream(probes.CodebookUsage("vq", 8, name="vq"), [every_code, two_codes[:34]], 2)
     assert "collapse/vq/usage_last_step" not in m
 
 

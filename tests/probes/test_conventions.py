@@ -536,8 +536,59 @@ def test_a_causal_lm_shifts_its_labels_for_every_probe_on_its_head(arch):
         probes.NeuralCollapse(head, 12, name="nc"),
         probes.LogitHealth(head, target_shift=0, name="logits"),
     ]
-    with pytest.raises(ValueError, match="align their labels differently.*'logits': 0"):
+    with pytest.raises(ValueError, match="align their 'targets' labels differently.*'logits': 0"):
         CollapseMonitor(model, probes_, 1)
+
+
+def test_every_causal_lm_of_the_installed_transformers_is_read_as_its_loss_shifts():
+    """Re-reads each auto-mapped causal LM's forward (docstring left out): one that calls the
+    shared loss function or slices its logits/labels shifts inside; one that passes its labels
+    to a plain cross-entropy does not (Bart's and Whisper's decoders, XLNet, ...)."""
+    import ast
+    import inspect
+    import textwrap
+
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from collapse_monitor._modules import _UNSHIFTED_LMS
+
+    checked = 0
+    for name in sorted(set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())):
+        cls = getattr(transformers, name, None)
+        if cls is None:
+            continue
+        fn = ast.parse(textwrap.dedent(inspect.getsource(cls.forward))).body[0]
+        if isinstance(fn.body[0], ast.Expr) and isinstance(fn.body[0].value, ast.Constant):
+            fn.body = fn.body[1:]
+        code = ast.unparse(fn)
+        shifts = any(s in code for s in ("loss_function", "shift_labels", "shift_logits", ":-1"))
+        assert (name not in _UNSHIFTED_LMS) == shifts, name
+        checked += 1
+    assert checked > 150
+
+
+def test_a_decoder_whose_loss_does_not_shift_is_read_unshifted():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BartConfig(
+        vocab_size=12, d_model=16, decoder_layers=1, decoder_attention_heads=2,
+        decoder_ffn_dim=16, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=16,
+        max_position_embeddings=16,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.BartForCausalLM(cfg).eval()
+    ids = torch.randint(0, 12, (2, 7))
+    got = run(model, [probes.LogitHealth("lm_head", nlm=False, name="logits")],
+              {"forward": lambda s: model(ids), "observe": {"targets": ids}})  # fmt: skip
+    assert got["collapse/logits/samples"] == 14  # every position: Bart's loss pairs t with t
+
+
+def test_groups_are_the_users_own_and_are_not_shifted_beside_shifted_labels():
+    pytest.importorskip("transformers")
+    model = tiny("Llama", vocab_size=12, num_hidden_layers=1)
+    nc, gc = probes.NeuralCollapse("lm_head", 12, name="nc"), probes.GroupCollapse("lm_head", 3)
+    CollapseMonitor(model, [nc, gc], 1).close()  # one module, different labels: both allowed
+    assert (nc.label_shift, gc.label_shift) == (1, 0)
 
 
 def test_outside_a_causal_lm_labels_are_not_shifted():
