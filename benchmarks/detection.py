@@ -102,23 +102,28 @@ def _effective_usage(idx: torch.Tensor, K: int) -> float:
 
 
 # --------------------------------------------------------------------------- the zoo
-def attention(seed: int, collapse: bool) -> Scenario:
-    """Zhai et al. 2023: Adam at a high learning rate collapses attention onto single keys."""
+def attention(
+    seed: int, collapse: bool, lrs=(5e-2, 1e-3), adamw: bool = False, width=(64, 4, 2), batch=16
+) -> Scenario:
+    """Zhai et al. 2023: Adam at a high learning rate collapses attention onto single keys
+    (``lrs``: collapsing and healthy learning rates; ``width``: d, heads, layers)."""
     from attention_entropy_collapse import CharTransformer, corpus
 
     data, vocab = corpus()
     data = data[:120_000]
     train, held = data[:100_000], data[100_000:]
     ctx = 32
-    model = CharTransformer(vocab, d=64, heads=4, layers=2, context=ctx)
-    opt = torch.optim.Adam(model.parameters(), lr=5e-2 if collapse else 1e-3)
+    d, heads, layers = width
+    model = CharTransformer(vocab, d=d, heads=heads, layers=layers, context=ctx)
+    Opt = torch.optim.AdamW if adamw else torch.optim.Adam
+    opt = Opt(model.parameters(), lr=lrs[0] if collapse else lrs[1])
     g = torch.Generator().manual_seed(seed)
     starts = torch.arange(0, len(held) - ctx - 1, (len(held) - ctx - 1) // 32)[:32]
     hx = torch.stack([held[s : s + ctx] for s in starts])
     hy = torch.stack([held[s + 1 : s + ctx + 1] for s in starts])
 
     def step(mon):
-        s = torch.randint(0, len(train) - ctx - 1, (16,), generator=g)
+        s = torch.randint(0, len(train) - ctx - 1, (batch,), generator=g)
         x = torch.stack([train[i : i + ctx] for i in s])
         y = torch.stack([train[i + 1 : i + ctx + 1] for i in s])
         with mon.observe():
@@ -340,27 +345,53 @@ def router(seed: int, collapse: bool, experts: int = 8, batch: int = 128, sgd: b
     )
 
 
+def attention_adamw(seed: int, collapse: bool) -> Scenario:
+    """Held out: AdamW 3e-2 against 3e-4, a wider transformer (d 96, 6 heads, 3 layers), batch 24."""
+    return attention(seed, collapse, lrs=(3e-2, 3e-4), adamw=True, width=(96, 6, 3), batch=24)
+
+
+def posterior_fast(seed: int, collapse: bool) -> Scenario:
+    """Held out: the KL weight ramped to 8 against 0.5, Adam 2e-3, batch 64."""
+    return posterior(seed, collapse, tops=(8.0, 0.5), lr=2e-3, batch=64)
+
+
+def dimensional_small(seed: int, collapse: bool) -> Scenario:
+    """Held out: SimSiam with batches of 128 and SGD 0.03."""
+    return dimensional(seed, collapse, lr=0.03, batch=128)
+
+
+def softmax_p47(seed: int, collapse: bool) -> Scenario:
+    """Held out: addition mod 47 from half the table, AdamW 5e-3."""
+    return softmax(seed, collapse, p=47, frac=0.5, lr=5e-3)
+
+
+def dormant_adam(seed: int, collapse: bool) -> Scenario:
+    """Held out: labels permuted every 40 steps, Adam 1e-3."""
+    return dormant(seed, collapse, every=40, adam=True)
+
+
 def router_sgd(seed: int, collapse: bool) -> Scenario:
     """Held out: 16 experts, SGD (learning rate 0.05, momentum 0.9), batch 64."""
     return router(seed, collapse, experts=16, batch=64, sgd=True)
 
 
-def posterior(seed: int, collapse: bool) -> Scenario:
+def posterior(seed: int, collapse: bool, tops=(12.0, 1.0), lr=1e-3, batch=128) -> Scenario:
     """Bowman et al. 2016: a KL weight ramped too high drives the posterior of most latent
-    units to the prior; the twin ramps to beta = 1."""
+    units to the prior; the twin ramps to beta = 1 (``tops``: the collapsing and healthy
+    final KL weights)."""
     from vae_posterior_collapse import VAE, digits
 
     x, held = digits(seed)
     model = VAE()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
-    top = 12.0 if collapse else 1.0
+    top = tops[0] if collapse else tops[1]
     t = [0]
 
     def step(mon):
         t[0] += 1
         beta = top * min(1.0, t[0] / 300)
-        idx = torch.randint(0, len(x), (128,), generator=g)
+        idx = torch.randint(0, len(x), (batch,), generator=g)
         with mon.observe():
             recon, mu, logvar = model(x[idx])
         rec = (recon - x[idx]).pow(2).sum(1).mean() / 0.1
@@ -387,7 +418,7 @@ def posterior(seed: int, collapse: bool) -> Scenario:
     )
 
 
-def dimensional(seed: int, collapse: bool) -> Scenario:
+def dimensional(seed: int, collapse: bool, lr: float = 0.05, batch: int = 256) -> Scenario:
     """Chen & He 2021: SimSiam without the stop-gradient collapses to a constant output."""
     from simsiam_collapse import SimSiam, augment, load_digits, negative_cosine
 
@@ -395,11 +426,11 @@ def dimensional(seed: int, collapse: bool) -> Scenario:
     perm = torch.randperm(len(xs), generator=torch.Generator().manual_seed(seed))
     x, held = xs[perm[297:]], xs[perm[:297]]
     model = SimSiam()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
     g = torch.Generator().manual_seed(seed)
 
     def step(mon):
-        idx = torch.randint(0, len(x), (256,), generator=g)
+        idx = torch.randint(0, len(x), (batch,), generator=g)
         x1, x2 = augment(x[idx], g), augment(x[idx], g)
         with mon.observe():
             z1, p1 = model(x1)
@@ -436,15 +467,15 @@ def dimensional(seed: int, collapse: bool) -> Scenario:
     )
 
 
-def softmax(seed: int, collapse: bool) -> Scenario:
+def softmax(seed: int, collapse: bool, p: int = 53, frac: float = 0.4, lr: float = 1e-2):
     """Prieto et al. 2025: without weight decay, float32 softmax saturates after memorisation
     (the gradient of every saturated sample is exactly 0); the twin uses AdamW, decay 1."""
     from grokking_softmax_collapse import make_model, modular_addition
 
-    (x, y), (hx, hy) = modular_addition(53, 0.4, seed)
-    model = make_model(53, 128)
+    (x, y), (hx, hy) = modular_addition(p, frac, seed)
+    model = make_model(p, 128)
     opt = torch.optim.AdamW(
-        model.parameters(), lr=1e-2, betas=(0.9, 0.9), weight_decay=0.0 if collapse else 1.0
+        model.parameters(), lr=lr, betas=(0.9, 0.9), weight_decay=0.0 if collapse else 1.0
     )
 
     def step(mon):
@@ -467,7 +498,7 @@ def softmax(seed: int, collapse: bool) -> Scenario:
     )
 
 
-def dormant(seed: int, collapse: bool) -> Scenario:
+def dormant(seed: int, collapse: bool, every: int = 50, adam: bool = False) -> Scenario:
     """Sokar et al. 2023 (ReDo): under non-stationary targets (the labels are permuted every
     50 steps, as in continual learning) ReLU units of a classifier go dormant task after
     task; the twin learns the same data with fixed labels."""
@@ -477,13 +508,16 @@ def dormant(seed: int, collapse: bool) -> Scenario:
     model = nn.Sequential(
         nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
     )
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    if adam:
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     g = torch.Generator().manual_seed(seed)
     perms = torch.stack([torch.randperm(10, generator=g) for _ in range(100)])
     t = [0]
 
     def labels(targets):
-        return perms[t[0] // 50][targets] if collapse else targets
+        return perms[t[0] // every][targets] if collapse else targets
 
     def step(mon):
         t[0] += 1
@@ -603,6 +637,51 @@ ZOO = {
         "rise",
         "router",
         at_start=True,
+        half="held-out",
+    ),
+    "attention_adamw": Phenomenon(
+        "attention_adamw",
+        attention_adamw,
+        "min over layers of held-out attention entropy / log(keys) < 0.1",
+        lambda v: v < 0.1,
+        "rise",
+        "attn",
+        half="held-out",
+    ),
+    "posterior_fast": Phenomenon(
+        "posterior_fast",
+        posterior_fast,
+        "held-out active units (Burda) < 0.5",
+        lambda v: v < 0.5,
+        "rise",
+        "vae",
+        half="held-out",
+    ),
+    "dimensional_small": Phenomenon(
+        "dimensional_small",
+        dimensional_small,
+        "held-out std(z/|z|)*sqrt(d) < 0.1",
+        lambda v: v < 0.1,
+        "floor",
+        "proj",
+        half="held-out",
+    ),
+    "softmax_p47": Phenomenon(
+        "softmax_p47",
+        softmax_p47,
+        "training samples whose float32 cross-entropy is exactly 0 (no gradient) > 0.5",
+        lambda v: v > 0.5,
+        "rise",
+        "logits",
+        half="held-out",
+    ),
+    "dormant_adam": Phenomenon(
+        "dormant_adam",
+        dormant_adam,
+        "held-out tau-dormant units of layer 2 > 0.5",
+        lambda v: v > 0.5,
+        "rise",
+        "dormant",
         half="held-out",
     ),
     "posterior": Phenomenon(
@@ -862,8 +941,8 @@ def main(argv=None) -> list[dict]:
         "",
         *summary(halves[0]),
         "",
-        "Held-out half (runs built after the rules were set, other codebook sizes, batch sizes, "
-        "optimizers, a channels-first layout and a late collapse):",
+        "Held-out half (runs built after the rules were set: other codebook sizes, batch sizes, "
+        "learning rates, optimizers and widths, a channels-first layout, a late collapse):",
         "",
         *table(halves[1]),
         "",
