@@ -24,6 +24,7 @@ steps 25, 50, 100, the training window's usage over steps 26-50 and MSE over ste
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import statistics
@@ -593,96 +594,11 @@ ZOO = {
     "router": Phenomenon(
         "router",
         router,
-        "experts chosen by held-out tokens <= 2 of 8 (from initialisation on)",
+        "share of experts chosen by held-out tokens < 0.3 (from initialisation on)",
         lambda v: v < 0.3,
         "rise",
         "router",
         at_start=True,
-    ),
-    "codebook_conv": Phenomenon(
-        "codebook_conv",
-        codebook_conv,
-        "held-out code usage < 0.25 (from initialisation on)",
-        lambda v: v < 0.25,
-        "rise",
-        "vq",
-        at_start=True,
-        half="held-out",
-    ),
-    "codebook_adamw": Phenomenon(
-        "codebook_adamw",
-        codebook_adamw,
-        "held-out code usage < 0.25 (from initialisation on)",
-        lambda v: v < 0.25,
-        "rise",
-        "vq",
-        at_start=True,
-        half="held-out",
-    ),
-    "codebook_late": Phenomenon(
-        "codebook_late",
-        codebook_late,
-        "held-out code usage < 0.25 (from initialisation on)",
-        lambda v: v < 0.25,
-        "rise",
-        "vq",
-        at_start=True,
-        half="held-out",
-    ),
-    "router_sgd": Phenomenon(
-        "router_sgd",
-        router_sgd,
-        "experts chosen by held-out tokens < 30% of 16 (from initialisation on)",
-        lambda v: v < 0.3,
-        "rise",
-        "router",
-        at_start=True,
-        half="held-out",
-    ),
-    "attention_adamw": Phenomenon(
-        "attention_adamw",
-        attention_adamw,
-        "min over layers of held-out attention entropy / log(keys) < 0.1",
-        lambda v: v < 0.1,
-        "rise",
-        "attn",
-        half="held-out",
-    ),
-    "posterior_fast": Phenomenon(
-        "posterior_fast",
-        posterior_fast,
-        "held-out active units (Burda) < 0.5",
-        lambda v: v < 0.5,
-        "rise",
-        "vae",
-        half="held-out",
-    ),
-    "dimensional_small": Phenomenon(
-        "dimensional_small",
-        dimensional_small,
-        "held-out std(z/|z|)*sqrt(d) < 0.1",
-        lambda v: v < 0.1,
-        "floor",
-        "proj",
-        half="held-out",
-    ),
-    "softmax_p47": Phenomenon(
-        "softmax_p47",
-        softmax_p47,
-        "training samples whose float32 cross-entropy is exactly 0 (no gradient) > 0.5",
-        lambda v: v > 0.5,
-        "rise",
-        "logits",
-        half="held-out",
-    ),
-    "dormant_adam": Phenomenon(
-        "dormant_adam",
-        dormant_adam,
-        "held-out tau-dormant units of layer 2 > 0.5",
-        lambda v: v > 0.5,
-        "rise",
-        "dormant",
-        half="held-out",
     ),
     "posterior": Phenomenon(
         "posterior",
@@ -725,6 +641,27 @@ ZOO = {
         "nc",
     ),
 }
+
+
+def _held_out(base: str, build: Callable[[int, bool], Scenario]) -> Phenomenon:
+    """A held-out scenario of ``base``'s phenomenon: same criterion, probe and loss rule."""
+    return dataclasses.replace(ZOO[base], name=build.__name__, build=build, half="held-out")
+
+
+ZOO.update(
+    (build.__name__, _held_out(base, build))
+    for base, build in (
+        ("codebook", codebook_conv),
+        ("codebook", codebook_adamw),
+        ("codebook", codebook_late),
+        ("router", router_sgd),
+        ("attention", attention_adamw),
+        ("posterior", posterior_fast),
+        ("dimensional", dimensional_small),
+        ("softmax", softmax_p47),
+        ("dormant", dormant_adam),
+    )
+)
 
 
 # --------------------------------------------------------------------------- fixes side by side
@@ -1023,18 +960,13 @@ def fix_table(fixes: dict[tuple[int, str], list[dict]]) -> list[str]:
 
 
 def write(lines: list[str], took: float, args) -> None:
-    import platform
+    from run import write_section
 
-    from run import read_results, write_results
-
-    out = Path(__file__).with_name("RESULTS.md")
-    blocks = read_results(out) if out.exists() else {}
     crit = [f"- {p.name}: {p.criterion}" for p in ZOO.values()]
-    blocks["detection"] = "\n".join(
+    write_section(
+        "detection",
+        "7. Detection: default rules on healthy and collapsing twins",
         [
-            "<!-- section: detection -->",
-            "### 7. Detection: default rules on healthy and collapsing twins",
-            "",
             f"`python benchmarks/detection.py --write` ({args.seeds} seeds; "
             f"`log_every_n_steps={LOG_EVERY}`, default rules only). Ground truth on held-out "
             f"data in float64 every {EVAL} steps (onset: the first eval where it holds after a "
@@ -1046,12 +978,10 @@ def write(lines: list[str], took: float, args) -> None:
             *crit,
             "",
             *lines,
-            "",
-            f"_detection: {took:.0f} s. Machine: {platform.machine()}, {os.cpu_count()} CPUs, "
-            f"{args.workers} worker processes of one torch thread, torch {torch.__version__}._",
-        ]
+        ],
+        took,
+        f"{args.workers} worker processes of one torch thread",
     )
-    write_results(out, blocks)
 
 
 if __name__ == "__main__":

@@ -108,31 +108,23 @@ def main(argv=None) -> list[str]:
             lines.append(f"| {K} x {D} | {label} | {ms:.2f} | {ms - base:+.2f} ms |")
     print("\n".join(lines))
     if args.write:
-        import platform
-
         sys.path.insert(0, str(Path(__file__).parent))
-        from run import read_results, write_results
+        from run import write_section
 
-        path = Path(__file__).with_name("RESULTS.md")
-        blocks = read_results(path) if path.exists() else {}
-        blocks["reset_ddp"] = "\n".join(
+        write_section(
+            "reset_ddp",
+            "9. ResetDeadCodes per training step under DDP",
             [
-                "<!-- section: reset_ddp -->",
-                "### 9. ResetDeadCodes per training step under DDP",
-                "",
                 "`python benchmarks/reset_ddp_cost.py --write`: 2 gloo processes on the CPU, "
                 "DDP, vector-quantize-pytorch `VectorQuantize` (EMA codebook), batches of 128 "
                 f"images x 8 code vectors, `log_every_n_steps=50`; {STEPS} timed steps per "
                 f"variant after {WARMUP}, {ROUNDS} alternating rounds:",
                 "",
                 *lines,
-                "",
-                f"_reset_ddp: {time.perf_counter() - t:.0f} s. Machine: {platform.machine()}, "
-                f"{os.cpu_count()} CPUs, one torch thread per process, torch "
-                f"{torch.__version__}._",
-            ]
+            ],
+            time.perf_counter() - t,
+            "one torch thread per process",
         )
-        write_results(path, blocks)
     return lines
 
 

@@ -681,9 +681,23 @@ def write_results(out: Path, blocks: dict[str, str]) -> None:
     out.write_text(
         "# Benchmark results\n\nProduced by `python benchmarks/run.py --write` (`make bench`); "
         "`--only memory,compare` reruns those sections and keeps the others; "
-        "`python benchmarks/detection.py --write` writes the detection section. Each section "
+        "`python benchmarks/detection.py --write` writes the detection section (and "
+        "`simvq_side_by_side.py`, `reset_ddp_cost.py` theirs). Each section "
         "ends with the machine it ran on.\n\n" + text + "\n"
     )
+
+
+def write_section(key: str, title: str, lines: list[str], took: float, how: str) -> None:
+    """Put one section, ``### title`` then ``lines``, into RESULTS.md (the others are kept),
+    ending with the seconds it took and the machine (``how``: processes and threads)."""
+    out = Path(__file__).with_name("RESULTS.md")
+    blocks = read_results(out) if out.exists() else {}
+    footer = (
+        f"_{key}: {took:.0f} s. Machine: {platform.machine()}, {os.cpu_count()} CPUs, {how}, "
+        f"torch {torch.__version__}._"
+    )
+    blocks[key] = "\n".join([f"<!-- section: {key} -->", f"### {title}", "", *lines, "", footer])
+    write_results(out, blocks)
 
 
 def read_results(path: Path) -> dict[str, str]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 import statistics
 import sys
 import time
@@ -138,29 +137,22 @@ def main(argv=None) -> dict:
     ]
     print("\n".join(lines))
     if args.write:
-        import platform
+        from run import write_section
 
-        from run import read_results, write_results
-
-        out = Path(__file__).with_name("RESULTS.md")
-        blocks = read_results(out) if out.exists() else {}
-        blocks["simvq"] = "\n".join(
+        write_section(
+            "simvq",
+            "8. SimVQ side by side with the authors' code",
             [
-                "<!-- section: simvq -->",
-                "### 8. SimVQ side by side with the authors' code",
-                "",
                 "`python benchmarks/simvq_side_by_side.py --authors PATH/quantize.py --write` "
                 "(youngsheen/SimVQ at d8bd94d, `taming/modules/vqvae/quantize.py`). Final codebook "
                 f"usage (codes chosen by the training set's {1500 * TOKENS} vectors, of {CODES}) "
                 f"after {STEPS} steps; the same autoencoder, data, seed and batches per column:",
                 "",
                 *lines,
-                "",
-                f"_simvq: {time.perf_counter() - t:.0f} s. Machine: {platform.machine()}, "
-                f"{os.cpu_count()} CPUs, one torch thread, torch {torch.__version__}._",
-            ]
+            ],
+            time.perf_counter() - t,
+            "one torch thread",
         )
-        write_results(out, blocks)
     return usage
 
 

@@ -336,38 +336,45 @@ class ChannelsFirstVQ(VQ):
         return q.permute(0, 3, 1, 2), idx, loss
 
 
+def replaced_once(quantizer, z):
+    """One logged step of the default ResetDeadCodes on ``quantizer``'s input ``z``: the
+    codebook rows it replaced."""
+    K = quantizer.codebook.num_embeddings
+    model = Model(quantizer)
+    mon = CollapseMonitor(
+        model,
+        [probes.CodebookUsage("vq", K, warmup_steps=0)],
+        1,
+        mitigations=[mitigations.ResetDeadCodes("vq")],
+        strict=True,
+    )
+    before = model.vq.codebook.weight.detach().clone()
+    try:
+        with mon.observe():
+            model(z)
+        mon.step()
+    finally:
+        mon.close()
+    weight = model.vq.codebook.weight.detach()
+    return weight[(weight != before).any(1)]
+
+
 @pytest.mark.parametrize("width", [5, 4])
 def test_a_channels_first_latent_gives_code_space_vectors_or_is_refused(width):
     """With width = D = 4 the rows along the width are no code-space vectors: the layout is
     ambiguous and refused (vectors= says it); otherwise the channel axis is read as codes."""
     torch.manual_seed(0)
     K, D = 16, 4
-    model = Model(ChannelsFirstVQ(K, D))
-    mon = CollapseMonitor(
-        model,
-        [probes.CodebookUsage("vq", K, warmup_steps=0)],
-        1,
-        mitigations=[mitigations.ResetDeadCodes("vq", every_step=False)],
-        strict=True,
-    )
     z = concentrated(2 * 3 * width, D).view(2, 3, width, D).permute(0, 3, 1, 2)  # (B, D, H, W)
     if width == D:
         with pytest.raises(ValueError, match="both axis 1 and axis -1 have the code dimension"):
-            with mon.observe():
-                model(z)
-        mon.close()
+            replaced_once(ChannelsFirstVQ(K, D), z)
         return
-    before = model.vq.codebook.weight.detach().clone()
-    with mon.observe():
-        model(z)
-    mon.step()
-    weight = model.vq.codebook.weight.detach()
-    changed = (weight != before).any(1)
+    rows = replaced_once(ChannelsFirstVQ(K, D), z)
     vectors = z.permute(0, 2, 3, 1).reshape(-1, D)
-    assert changed.sum() > 0
-    for row in weight[changed]:
+    assert len(rows) > 0
+    for row in rows:
         assert (vectors == row).all(1).any()  # a latent position's channel vector
-    mon.close()
 
 
 class DeclaredChannelsFirstVQ(ChannelsFirstVQ):
@@ -392,21 +399,7 @@ def test_the_code_axis_is_read_from_the_quantiser_or_its_one_d_long_axis(case):
     else:
         quantizer, z = SequenceChannelsFirstVQ(K, D), concentrated(14, D).view(2, 7, D)
         z, vectors = z.transpose(1, 2), z.reshape(-1, D)
-    model = Model(quantizer)
-    mon = CollapseMonitor(
-        model,
-        [probes.CodebookUsage("vq", K, warmup_steps=0)],
-        1,
-        mitigations=[mitigations.ResetDeadCodes("vq")],
-        strict=True,
-    )
-    before = model.vq.codebook.weight.detach().clone()
-    with mon.observe():
-        model(z)
-    mon.step()
-    weight = model.vq.codebook.weight.detach()
-    changed = (weight != before).any(1)
-    assert changed.sum() > 0
-    for row in weight[changed]:
+    rows = replaced_once(quantizer, z)
+    assert len(rows) > 0
+    for row in rows:
         assert (vectors == row).all(1).any()
-    mon.close()
