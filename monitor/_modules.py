@@ -60,16 +60,26 @@ def resolve_modules(model: nn.Module, pattern: str, owner: str = "") -> list[tup
     )
 
 
-# causal LMs of transformers' auto mapping whose loss takes the labels as they are (no shift
-# inside: the decoders of encoder-decoder models, XLNet, XLM, ...), read from their forward's
-# source in transformers 5.25; tests/probes/test_conventions.py re-reads the installed version
+# models of transformers' causal-LM and image-text-to-text auto mappings whose loss takes the
+# labels as they are (no shift inside: the decoders of encoder-decoder models, XLNet, XLM, ...),
+# or that take none, read from their forward's source in transformers 5.25;
+# tests/probes/test_conventions.py re-reads the installed version
 _UNSHIFTED_LMS = frozenset(
     {
         "BartForCausalLM",
         "BigBirdPegasusForCausalLM",
         "BlenderbotForCausalLM",
         "BlenderbotSmallForCausalLM",
+        "BlipForConditionalGeneration",
         "CpmAntForCausalLM",
+        "DiffusionGemmaForBlockDiffusion",
+        "Kosmos2ForConditionalGeneration",
+        "Kosmos2_5ForConditionalGeneration",
+        "PI05ForConditionalGeneration",
+        "PI0ForConditionalGeneration",
+        "Pix2StructForConditionalGeneration",
+        "UdopForConditionalGeneration",
+        "VisionEncoderDecoderModel",
         "Gemma4AssistantForCausalLM",
         "Gemma4UnifiedAssistantForCausalLM",
         "MBartForCausalLM",
@@ -88,25 +98,33 @@ _UNSHIFTED_LMS = frozenset(
 )
 
 
-def _causal_lm_names() -> frozenset[str]:
-    try:
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    except ImportError:  # an older or partial transformers: the naming convention alone
-        return frozenset()
-    return frozenset(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+def causal_lm_names() -> frozenset[str]:
+    """Class names of ``transformers``' causal LMs and image-text-to-text models (vision-language
+    LMs such as Llava, which shift the labels of their text as a causal LM does)."""
+    from transformers.models.auto import modeling_auto
+
+    names: set[str] = set()
+    for mapping in (
+        "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+        "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES",
+    ):
+        for value in getattr(modeling_auto, mapping, {}).values():
+            names.update(value if isinstance(value, (tuple, list)) else (value,))
+    return frozenset(names)
 
 
 def causal_lm(model: nn.Module, path: str) -> str | None:
     """The class name of the ``transformers`` causal language model holding the module ``path``
     (one of the names :func:`named_modules` gives), or None. Such a model (``*ForCausalLM``,
-    ``GPT2LMHeadModel``, ...) takes unshifted ``labels`` and shifts them inside its loss: the
-    logits or hidden state at position t belong to the label at t + 1."""
+    ``GPT2LMHeadModel``, a vision-language LM such as ``LlavaForConditionalGeneration``, ...)
+    takes unshifted ``labels`` and shifts them inside its loss: the logits or hidden state at
+    position t belong to the label at t + 1."""
     if "transformers" not in sys.modules:  # no transformers model can be in it
         return None
     import transformers
 
     named = named_modules(model)
-    names = _causal_lm_names()
+    names = causal_lm_names()
     parts = path.split(".") if path else []
     for i in range(len(parts), -1, -1):  # the innermost first
         module = named.get(".".join(parts[:i]))

@@ -101,3 +101,22 @@ def test_a_collapsed_ssl_run_is_collapsed_by_both_of_its_rules(tmp_path, capsys)
     (run,) = json.loads(capsys.readouterr().out)["runs"].values()
     row = next(r for r in run["rows"] if r["metric"] == "norm_std")
     assert row["verdict"] == "collapsed" and row["first_alert"] == 12
+
+
+def test_a_rule_is_replayed_only_on_its_own_probes_metrics():
+    """CodebookUsage and LatentUsage both log usage, dead_fraction and perplexity_ratio; the
+    report replays each class's rules only where that class's own metric is logged beside."""
+    from collapse_monitor.report import health
+
+    def verdicts(series):
+        return {r["metric"]: r["verdict"] for r in health(series)}
+
+    common = {"usage": 0.6, "dead_fraction": 0.57, "perplexity_ratio": 0.05, "usage_uniform": 1.0}
+    codes = {f"collapse/vq/{k}": [(10, v), (20, v)] for k, v in {**common, "dead_codes": 9}.items()}
+    latents = {
+        f"collapse/sae/{k}": [(10, v), (20, v)] for k, v in {**common, "dead_latents": 9}.items()
+    }
+    got = verdicts(codes)
+    assert got["perplexity_ratio"] == "collapsed" and got.get("dead_fraction") != "collapsed"
+    got = verdicts(latents)
+    assert got["dead_fraction"] == "collapsed" and got.get("perplexity_ratio") != "collapsed"

@@ -25,11 +25,12 @@ log = logging.getLogger(__name__)
 class ResetDeadCodes(Mitigation):
     """Replace dead codes with encoder outputs of the current batch, identically on every rank.
 
-    By default at every training step, with vector-quantize-pytorch's ``threshold_ema_dead_code``
-    rule (``every_step``, below): on a VQ autoencoder it matches that anchor (training usage over
-    steps 26-50, reconstruction MSE over steps 76-100: benchmarks/RESULTS.md section 7), which
-    the form acting at logs does not (its usage EMA, decay 0.99, takes hundreds of steps to call a
-    code dead). Giving ``every_n_steps``, ``when_rule`` or ``strategy="farthest"`` (or
+    By default at every training step, as vector-quantize-pytorch's ``threshold_ema_dead_code``
+    does, with a dead rule that adapts to the batch (``every_step``, ``dead_hits`` below): on a
+    VQ autoencoder it matches that anchor (training usage over steps 26-50, reconstruction MSE
+    over steps 76-100: benchmarks/RESULTS.md section 7), which the form acting at logs does not
+    (its usage EMA, decay 0.99, takes hundreds of steps to call a code dead), and it leaves a
+    healthy codebook alone. Giving ``every_n_steps``, ``when_rule`` or ``strategy="farthest"`` (or
     ``every_step=False``) selects the form acting at logs:
 
     At a log where the :class:`~collapse_monitor.probes.CodebookUsage` probe of ``module`` reports
@@ -65,19 +66,22 @@ class ResetDeadCodes(Mitigation):
         every_n_steps: only act at logs whose step is a multiple of this.
         every_step: act at every training step (default, unless ``every_n_steps``,
             ``when_rule`` or ``strategy="farthest"`` is given) instead of at logs, as
-            vector-quantize-pytorch's ``threshold_ema_dead_code`` does: a code is dead when its
-            EMA of hits per step (decay 0.8 from one, its cluster size) is below ``dead_hits``;
-            a replaced code starts at ``dead_hits``, so one that the next batch does not choose
-            is replaced again; a step the probe does not record (``observe_every_n_steps > 1``,
-            or the probe switched off) leaves the EMA as it was. Decided on the device, no host
+            vector-quantize-pytorch's ``threshold_ema_dead_code`` does: a code is dead when no
+            assignment chose it in the last ``ceil(10 K / T)`` steps (see ``dead_hits``); a step
+            the probe does not record (``observe_every_n_steps > 1``, or the probe switched
+            off) leaves the count as it was. Decided on the device, no host
             sync; under ``torch.distributed`` each step all-reduces the ``(H, K)`` hit counts
             and broadcasts rank 0's ``(H, K, D)`` draws (from its own batch; the cost per step
             is in benchmarks/RESULTS.md). The replacements since the last log are one event at
             the log (every write is read back on the device, checked at the log).
             (:class:`~collapse_monitor.mitigations.reset_every_step.EveryStepResets`).
-        dead_hits: the ``every_step`` threshold in hits per step; default the module's
-            ``threshold_ema_dead_code`` when positive, else 2 (vector-quantize-pytorch's usual
-            value).
+        dead_hits: use vector-quantize-pytorch's rule at every step, with this threshold in hits
+            per step (its usual value is 2); default the module's ``threshold_ema_dead_code``
+            when positive. Otherwise a code is dead when no assignment chose it in the last
+            ``ceil(10 K / T)`` recorded steps (``T`` assignments per step): a code in use is
+            missed that long with probability ``e^-10`` whatever the batch size, where a fixed 2
+            hits per step replaced 252 of the 256 codes of a healthy, fully used codebook fed
+            ``2 K`` assignments per step, in its first step.
         when_rule: only act at logs where this rule fired.
         vectors: ``vectors(module, args, output) -> (N, D)`` (or ``(N, H, D)``) when the module's
             input is not in codebook space. A 3-D or 4-D input has the codes along axis 1 or -1,
@@ -176,10 +180,10 @@ class ResetDeadCodes(Mitigation):
         self.dim = shape[-1]
         self.ema_paths = self._find_ema_buffers(mod)
         threshold = getattr(mod, "threshold_ema_dead_code", 0) or 0
-        if self.dead_hits is None:
-            self.dead_hits = float(threshold) if threshold > 0 else 2.0
+        if self.dead_hits is None and threshold > 0:  # the module's own rule
+            self.dead_hits = float(threshold)
         if self.reset_cluster_size is None:  # as vector-quantize-pytorch: its dead threshold
-            fallback = self.dead_hits if self.every_step else 1.0
+            fallback = self.dead_hits if self.every_step and self.dead_hits else 1.0
             self.reset_cluster_size = float(threshold) if threshold > 0 else fallback
         if self.every_n_steps and self.every_n_steps % setup.log_every_n_steps:
             raise ValueError(

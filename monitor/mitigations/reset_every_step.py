@@ -15,9 +15,11 @@ from .base import optimizer_states
 
 class EveryStepResets:
     """What ``ResetDeadCodes(..., every_step=True)`` does at every training step: the codes
-    whose EMA of hits per step (decay 0.8 from one, their cluster size) is below ``dead_hits``
-    are replaced with vectors of this step's batch, as vector-quantize-pytorch's
-    ``threshold_ema_dead_code`` does; a replaced code starts at ``dead_hits``. The step's hits
+    that no assignment chose in the last ``ceil(10 K / T)`` recorded steps (``T`` assignments
+    per step: a code of a uniform share expects 10 hits in that time) are replaced with vectors
+    of this step's batch; with ``dead_hits``, those whose EMA of hits per step (decay 0.8 from
+    one, their cluster size) is below it, as vector-quantize-pytorch's
+    ``threshold_ema_dead_code`` does (a replaced code starts at ``dead_hits``). The step's hits
     are what the ``CodebookUsage`` probe publishes of the step (``StepView.values``), and the
     usage EMA of the replaced codes restarts through the ``Replaced`` record returned (the
     monitor routes it to the probe). Under ``torch.distributed`` each step all-reduces the
@@ -34,7 +36,8 @@ class EveryStepResets:
         self._since_log: torch.Tensor | None = None
         self._read_back: torch.Tensor | None = None
         self._generator: torch.Generator | None = None
-        self._cluster_size: torch.Tensor | None = None  # (H, K) hits per step, EMA 0.8
+        # (H, K): steps since each code's last hit, or (dead_hits) its hits per step, EMA 0.8
+        self._cluster_size: torch.Tensor | None = None
         self._resumed: tuple[str, torch.Tensor] | None = None  # (device type, generator state)
         self._failure: Exception | None = None  # a failure of the steps, raised at the log
 
@@ -63,13 +66,18 @@ class EveryStepResets:
             seen = seen.to(_dist.collective_device(group, seen.device))
             _dist.all_reduce_sum_(seen, group)
         hits, recorded = seen[:-1].view(H, K), seen[-1] > 0  # (a device tensor: no sync)
-        if self._cluster_size is None:
-            self._cluster_size = torch.ones_like(hits)  # vector-quantize-pytorch's start
-        elif self._cluster_size.device != hits.device:  # resumed from a checkpoint
-            self._cluster_size = self._cluster_size.to(hits.device)
-        size = self._cluster_size
-        size.copy_(torch.where(recorded, size.mul(0.8).add_(hits, alpha=0.2), size))
-        probe_dead = (size < self.m.dead_hits) & recorded  # (H, K), the same on every rank
+        memory = self._memory(hits)
+        if self.m.dead_hits is None:
+            # steps since the code's last hit, against the steps in which a code of a uniform
+            # share expects 10 hits: a code in use is missed that long with probability e^-10,
+            # whatever the batch size (a fixed 2 hits per step is below what a batch of 2 K
+            # gives a used code a third of the time)
+            memory.copy_(torch.where(recorded, torch.where(hits > 0, 0.0, memory + 1), memory))
+            patience = torch.ceil(10 * K / hits.sum(-1, keepdim=True).clamp_min(1))
+            probe_dead = (memory >= patience) & recorded  # (H, K), the same on every rank
+        else:  # vector-quantize-pytorch's rule: an EMA of hits per step below dead_hits
+            memory.copy_(torch.where(recorded, memory.mul(0.8).add_(hits, alpha=0.2), memory))
+            probe_dead = (memory < self.m.dead_hits) & recorded
         with edited(codebook) as full:
             cb = full.view(-1, K, self.m.dim)  # (H', K, D)
             shared = cb.shape[0] == 1
@@ -99,14 +107,25 @@ class EveryStepResets:
                 with edited(value) as full:
                     rows_ = full.view(-1, K, self.m.dim)
                     rows_.copy_(torch.where(dead[..., None], 0, rows_))
-        replaced = dead.expand_as(probe_dead).to(size.device)
-        size.copy_(torch.where(replaced, self.m.dead_hits, size))
+        replaced = dead.expand_as(probe_dead).to(memory.device)
+        fresh = 0.0 if self.m.dead_hits is None else self.m.dead_hits  # a replaced code's start
+        memory.copy_(torch.where(replaced, fresh, memory))
         count = dead.sum()
         if self._since_log is not None:  # (resumed: a host tensor, moved once)
             count = count + self._since_log.to(count.device)
             ok = ok & self._read_back.to(ok.device)
         self._since_log, self._read_back = count, ok
         return [Replaced(self.m.probe, replaced, self.m.scope)]
+
+    def _memory(self, hits: torch.Tensor) -> torch.Tensor:
+        """``(H, K)`` float64 on the hits' device: steps since each code's last hit (the default
+        rule) or its EMA of hits per step (``dead_hits``), vector-quantize-pytorch's start 1."""
+        if self._cluster_size is None:
+            start = 0.0 if self.m.dead_hits is None else 1.0
+            self._cluster_size = torch.full_like(hits, start)
+        elif self._cluster_size.device != hits.device:  # resumed from a checkpoint
+            self._cluster_size = self._cluster_size.to(hits.device)
+        return self._cluster_size
 
     def _draw_all(self, cb: torch.Tensor, dead: torch.Tensor):
         """A candidate ``(H', K, D)`` for every code from this rank's batch, drawn on the

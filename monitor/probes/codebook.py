@@ -116,7 +116,9 @@ class CodebookUsage(Probe):
             "below",
             name="usage_below",
             severe=0.2,
-            requires=("usage_uniform", "above", 0.9),
+            # dead_codes: logged only by this class (collapse-monitor report replays rules by
+            # metric name, and LatentUsage logs usage too)
+            requires=(("usage_uniform", "above", 0.9), ("dead_codes", "above", -1.0)),
             latest="usage_last_step",
             message="under half the codebook is used: consider ResetDeadCodes or SimVQ",
         ),
@@ -126,7 +128,7 @@ class CodebookUsage(Probe):
             "below",
             name="perplexity_below",
             severe=0.02,
-            requires=("usage_uniform", "above", 0.9),
+            requires=(("usage_uniform", "above", 0.9), ("dead_codes", "above", -1.0)),
         ),
     )
 
@@ -379,6 +381,7 @@ class LatentUsage(CodebookUsage):
             0.5,
             "above",
             name="dead_above",
+            requires=("dead_latents", "above", -1.0),  # this class's runs only (report replays)
             message="most latents are dead: resample them (re-initialise their encoder rows)",
         ),
     )

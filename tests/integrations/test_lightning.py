@@ -1,3 +1,4 @@
+import gc
 import os
 
 import lightning as L
@@ -60,13 +61,16 @@ class InterleavedData(L.LightningDataModule):
 
 
 class JoinedTeardown(L.Callback):
-    """Under ``ddp_spawn``, leave the process group together at the end of fit (a barrier, then
-    ``destroy_process_group`` on every rank): a rank that exits while its peer still tears down
-    gloo can abort the peer (``terminate called without an active exception``)."""
+    """Under ``ddp_spawn``, leave the process group together at the end of fit, as
+    tests/dist.py does: a barrier, the DDP wrapper's Reducer freed (Lightning unwrapped the model
+    before this hook) while the group lives, then ``destroy_process_group`` on every rank. A
+    worker left to tear gloo down at interpreter exit aborted once in a few dozen runs
+    (``terminate called without an active exception``)."""
 
     def teardown(self, trainer, pl_module, stage):
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
+            gc.collect()
             torch.distributed.destroy_process_group()
 
 

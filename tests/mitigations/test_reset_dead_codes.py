@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -227,7 +229,7 @@ def test_every_step_replaces_unused_codes_between_logs_like_vector_quantize_pyto
     K, D = 16, 4
     model = Model(VQ(K, D))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    reset = mitigations.ResetDeadCodes("vq")  # the default: every step
+    reset = mitigations.ResetDeadCodes("vq", dead_hits=2)  # every step, the vqp rule
     mon = CollapseMonitor(model, [probes.CodebookUsage("vq", K, name="vq")], 3, mitigations=[reset])
     total = 0
     for step in range(3):
@@ -251,6 +253,37 @@ def test_every_step_replaces_unused_codes_between_logs_like_vector_quantize_pyto
     mon.close()
 
 
+@pytest.mark.parametrize("batch", [16, 64, 256])
+def test_the_default_replaces_codes_unused_for_ten_uniform_shares_and_never_a_used_one(batch):
+    """Default rule: dead after ceil(10 K / T) recorded steps without a hit. A healthy codebook
+    (every code on one of the data's cluster centres) keeps every code whatever the batch
+    (batch = K gets 1 hit per code per step, where a fixed 2 hits per step called most codes
+    dead); codes far from the data are replaced exactly when their time is up."""
+    torch.manual_seed(0)
+    K, D = 16, 4
+    centres = torch.randn(K, D) * 3
+    model = Model(VQ(K, D))
+    with torch.no_grad():
+        model.vq.codebook.weight.copy_(centres)
+        model.vq.codebook.weight[:4] += 100.0  # four codes no input will ever choose
+    reset = mitigations.ResetDeadCodes("vq")
+    mon = CollapseMonitor(model, [probes.CodebookUsage("vq", K)], 10**6, mitigations=[reset])
+    patience = math.ceil(10 * K / batch)
+    g = torch.Generator().manual_seed(1)
+    for step in range(1, 40):
+        before = model.vq.codebook.weight.detach().clone()
+        z = centres[torch.randint(4, K, (batch,), generator=g)]  # the far codes' centres unused
+        z = z + 0.1 * torch.randn(batch, D, generator=g)
+        run(model, mon, [z])
+        changed = (model.vq.codebook.weight != before).any(1)
+        assert not changed[4:].any(), step  # a used code is never replaced
+        if step == patience:  # the far codes are replaced exactly when their time is up
+            assert changed[:4].all()
+        elif step < patience:
+            assert not changed.any()
+    mon.close()
+
+
 def test_options_that_need_a_log_select_the_form_acting_at_logs():
     assert mitigations.ResetDeadCodes("vq").every_step
     for kw in ({"every_n_steps": 4}, {"when_rule": "vq/usage_below"}, {"strategy": "farthest"}):
@@ -266,7 +299,7 @@ def test_every_step_resets_wait_on_the_steps_their_probe_does_not_record():
     K, D = 16, 4
     model = Model(VQ(K, D))
     probe = probes.CodebookUsage("vq", K)
-    reset = mitigations.ResetDeadCodes("vq", every_step=True)
+    reset = mitigations.ResetDeadCodes("vq", dead_hits=2)
     mon = CollapseMonitor(model, [probe], 4, mitigations=[reset], observe_every_n_steps=2)
     changed = []
     for step in range(8):
@@ -345,7 +378,7 @@ def replaced_once(quantizer, z):
         model,
         [probes.CodebookUsage("vq", K, warmup_steps=0)],
         1,
-        mitigations=[mitigations.ResetDeadCodes("vq")],
+        mitigations=[mitigations.ResetDeadCodes("vq", dead_hits=2)],  # dead at the first step
         strict=True,
     )
     before = model.vq.codebook.weight.detach().clone()
