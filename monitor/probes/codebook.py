@@ -66,7 +66,8 @@ class CodebookUsage(Probe):
     ``perplexity_ratio`` (``perplexity / K``), ``usage`` (fraction of codes hit in the window),
     ``usage_uniform`` (the usage a uniform codebook would show with the window's assignments,
     ``1 - (1 - 1/K)^T`` for ``T`` of them: a window is too thin to judge usage while this is
-    low), ``dead_codes``, ``dead_fraction``, ``samples`` (hits in the window), ``skipped``
+    low), ``usage_ratio`` (``usage / usage_uniform``), ``dead_codes``, ``dead_fraction``,
+    ``samples`` (hits in the window), ``skipped``
     (placeholder entries) and ``out_of_range`` (indices outside ``[0, K)``, left out),
     ``usage_last_step`` (the usage of the last training step the probe
     recorded in the window, alone; mean over heads; reported when that step holds enough
@@ -121,6 +122,16 @@ class CodebookUsage(Probe):
             requires=(("usage_uniform", "above", 0.9), ("dead_codes", "above", -1.0)),
             latest="usage_last_step",
             message="under half the codebook is used: consider ResetDeadCodes or SimVQ",
+        ),
+        # a window too thin for the usage rule can still show a total collapse: a tenth of the
+        # codes a uniform codebook would show there (one code of 512 in 1,200 assignments)
+        RuleSpec(
+            "usage_ratio",
+            0.1,
+            "below",
+            name="usage_collapsed",
+            requires=(("usage_uniform", "above", 0.5), ("dead_codes", "above", -1.0)),
+            message="a tenth of the codes a uniform codebook would use in this window: collapsed",
         ),
         RuleSpec(
             "perplexity_ratio",
@@ -282,6 +293,7 @@ class CodebookUsage(Probe):
             "perplexity_ratio": stats["perplexity"] / self.num_codes,
             "usage": stats["usage"],
             "usage_uniform": stats["usage_uniform"],
+            "usage_ratio": stats["usage"] / stats["usage_uniform"],
             f"dead_{self.unit}": dead.sum(-1).to(_F64),
             "dead_fraction": dead.to(_F64).mean(-1),
             "samples": stats["samples"],
@@ -306,6 +318,7 @@ class CodebookUsage(Probe):
             metrics[self.key("dead_fraction")] = float(dead.to(_F64).mean())
             metrics[self.key("usage")] = float(stats["usage"].mean())
             metrics[self.key("usage_uniform")] = float(per_head["usage_uniform"].mean())
+            metrics[self.key("usage_ratio")] = float(per_head["usage_ratio"].mean())
             metrics[self.key("skipped")] = float(win.skipped.sum())
             metrics[self.key("out_of_range")] = float(win.out_of_range.sum())
         counts = win.counts.clone()  # the window is reset in place after the log

@@ -248,6 +248,36 @@ def test_the_usage_rules_judge_a_window_from_the_first_log_once_it_holds_enough(
     assert (min(fired) if fired else None) == first
 
 
+def test_a_total_collapse_in_windows_too_thin_for_the_usage_rule_still_alerts():
+    """512 codes, 640 assignments per window: usage is not judged (usage_uniform 0.71), but
+    one code where a uniform codebook would show 71% is a tenth of that and alerts; the same
+    thin windows of a uniform stream do not."""
+    K, n = 512, 64
+    fired = {}
+    g = torch.Generator().manual_seed(0)
+    for name, make in (
+        ("collapsed", lambda: torch.zeros(n, dtype=torch.long)),
+        ("uniform", lambda: torch.randint(0, K, (n,), generator=g)),
+    ):
+        model = nn.Sequential()
+        model.add_module("vq", Quantizer())
+        alerts = []
+        mon = CollapseMonitor(
+            model, [probes.CodebookUsage("vq", K, name="vq")], 10, on_alert=alerts.append
+        )
+        m = None
+        for _ in range(40):
+            with mon.observe():
+                model.vq(torch.zeros(n, 1), make())
+            m = mon.step() or m
+        mon.close()
+        fired[name] = sorted({a.rule for a in alerts})
+    assert m["collapse/vq/usage_ratio"] == pytest.approx(
+        m["collapse/vq/usage"] / m["collapse/vq/usage_uniform"]
+    )
+    assert fired == {"collapsed": ["vq/usage_collapsed"], "uniform": []}
+
+
 def test_usage_of_the_windows_last_step_when_it_holds_enough_samples():
     every_code = torch.arange(8).repeat(10)  # 80 indices: 10 per code
     two_codes = torch.tensor([0, 1]).repeat(40)
