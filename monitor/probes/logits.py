@@ -8,7 +8,7 @@ from torch import nn
 
 from ..contracts import Readout
 from ..functional.logits import logit_health_from_sums
-from ..reading import Reading, aligned_targets, first_tensor, floating, label_shift
+from ..reading import Reading, aligned_targets, first_tensor, floating, label_shift, token_mask
 from ..rules import RuleSpec
 from ..stats import LogitSums, Window
 from .base import Probe
@@ -20,7 +20,9 @@ class LogitHealth(Probe):
     Reads the logits ``(..., C)`` at the module's output (the first tensor of a tuple output;
     ``extract=`` otherwise); targets from ``observe(targets=...)`` are optional
     (``zero_loss_fraction``; ``ignore_index`` skipped; ``target_shift`` aligns next-token labels
-    as :class:`NeuralCollapse` does). Rows with NaN or Inf are counted in ``skipped`` and left out.
+    as :class:`NeuralCollapse` does). Rows with NaN or Inf, and padded positions
+    (``observe(mask=)`` or the model's ``attention_mask``), are counted in ``skipped`` and left
+    out.
 
     Args:
         module: the module whose output are the logits (the LM or classifier head).
@@ -68,6 +70,7 @@ class LogitHealth(Probe):
 
     reads = Reading("floating-point logits (..., C)", floating(1), find=first_tensor, hint="logits")
     keywords = {"targets": False}
+    uses_token_mask = True
     described = ("label_shift",)  # a checkpoint whose labels were paired otherwise is refused
     rules = (
         RuleSpec(
@@ -112,12 +115,17 @@ class LogitHealth(Probe):
         return Window({"sums": LogitSums()})
 
     def update(self, window, z, call) -> None:
+        real = None
+        if z.ndim == 3:  # (B, T, C): the padding of its tokens, aligned as the logits are
+            real = token_mask(call, z.shape[0], z.shape[1], z.device)
+            if real is not None:
+                real = real[:, : z.shape[1] - self.label_shift].reshape(-1)
         z, y = aligned_targets(z, call, "targets", self.label_shift)
         if not z.shape[0]:
             return
         if y is not None:
             y = torch.where(y != self.ignore_index, y, -1)
-        window["sums"].update(z, self.softmax_dtype, self.loss, y)
+        window["sums"].update(z, self.softmax_dtype, self.loss, y, real)
         head = call.module
         if self.nlm and call.recording.logging and isinstance(head, nn.Linear):
             if head.weight.requires_grad:  # the head's gradient in this step's backward

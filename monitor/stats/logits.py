@@ -41,15 +41,19 @@ class LogitSums(Statistic):
         softmax_dtype: torch.dtype | None = None,
         loss: str = "softmax",
         targets: torch.Tensor | None = None,
+        real: torch.Tensor | None = None,
     ) -> None:
-        """Add logit rows ``(N, C)``; ``targets (N,)`` with ``-1`` where there is no target.
+        """Add logit rows ``(N, C)``; ``targets (N,)`` with ``-1`` where there is no target;
+        ``real (N,)`` bool, false for padded positions (None: all real).
 
-        Rows with NaN or Inf are counted in ``skipped`` and left out. ``softmax_dtype``: the
+        Rows with NaN or Inf, and padded rows, are counted in ``skipped`` and left out. ``softmax_dtype``: the
         training softmax's dtype in which "exactly 1" is tested (see
         :func:`~collapse_monitor.functional.logits.training_dtype`)."""
         if not logits.shape[0]:  # (a host-known shape: no sync)
             return
         finite = torch.isfinite(logits).all(1)
+        if real is not None:
+            finite = finite & real
         self.skipped += (~finite).sum()
         z = torch.where(finite[:, None], logits, 0.0)
         r = L.logit_rows(z, softmax_dtype, loss, targets)

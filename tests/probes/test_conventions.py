@@ -614,6 +614,26 @@ def test_groups_are_the_users_own_and_are_not_shifted_beside_shifted_labels():
     assert (nc.label_shift, gc.label_shift) == (1, 0)
 
 
+def test_logit_health_leaves_padded_positions_out():
+    """A causal LM with left padding: the padded positions' logits are skipped (a new-user run
+    found them counted in samples and softmax_collapse), aligned with the shifted labels."""
+    pytest.importorskip("transformers")
+    model = tiny("Llama", vocab_size=12, num_hidden_layers=1)
+    ids = torch.randint(0, 12, (3, 8))
+    mask = torch.ones(3, 8, dtype=torch.long)
+    mask[0, :5] = 0  # left padding
+    mask[1, :2] = 0
+    got = run(model, [probes.LogitHealth("lm_head", nlm=False, name="logits")],
+              lambda s: model(ids, attention_mask=mask))  # fmt: skip
+    real = mask[:, :-1].bool()  # the logits at t pair with the label at t + 1
+    assert got["collapse/logits/samples"] == int(real.sum()) == 14
+    assert got["collapse/logits/skipped"] == 21 - 14
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask).logits[:, :-1][real]
+    want = MF.logit_health(logits)
+    assert got["collapse/logits/log_z_mean"] == pytest.approx(want["log_z_mean"], rel=1e-6)
+
+
 def test_outside_a_causal_lm_labels_are_not_shifted():
     pytest.importorskip("transformers")
     model = tiny_bert()  # a masked LM: labels are per position
