@@ -75,7 +75,6 @@ class Phenomenon:
     onset: Callable[[float], bool]  # the truth value says the phenomenon has set in
     loss_failure: str  # "rise" (a rise or a stall: _loss_failure) or "floor" (within 2% of -1)
     probe: str  # the probe whose alerts count as detections
-    warmup: int = 0  # steps before which a collapsed value is a transient, not an onset
     # the phenomenon may be there from initialisation (a codebook never used): the onset is the
     # first eval from the first log on where the truth holds, healthy before or not
     at_start: bool = False
@@ -739,20 +738,17 @@ def _first(steps_values, test) -> int | None:
     return next((s for s, v in steps_values if test(v)), None)
 
 
-def _onset(
-    truth: list[tuple[int, float]], collapsed, warmup: int, at_start: bool = False
-) -> int | None:
-    """The first eval where the criterion holds after one where it did not, or after the
-    warm-up (a run that starts collapsed, as every freshly initialised VAE does by Burda's
-    criterion, has not collapsed yet); with ``at_start``, the first eval from the first log on
-    where it holds."""
+def _onset(truth: list[tuple[int, float]], collapsed, at_start: bool = False) -> int | None:
+    """The first eval where the criterion holds after one where it did not (a run that starts
+    collapsed, as every freshly initialised VAE does by Burda's criterion, has not collapsed
+    yet); with ``at_start``, the first eval from the first log on where it holds."""
     if at_start:
         return _first([(s, v) for s, v in truth if s >= LOG_EVERY], collapsed)
     healthy = False
     for s, v in truth:
         if not collapsed(v):
-            healthy = healthy or s >= warmup
-        elif healthy or (warmup and s > warmup):
+            healthy = True
+        elif healthy:
             return s
     return None
 
@@ -803,7 +799,7 @@ def run_one(name: str, collapse: bool, seed: int) -> dict:
         "first_alert": min((a.step for a in mine), default=None),
         "rule": min(mine, key=lambda a: a.step).rule if mine else "",
         "alerts": sorted({a.rule for a in alerts}),
-        "onset": _onset(truth, ph.onset, ph.warmup, ph.at_start),
+        "onset": _onset(truth, ph.onset, ph.at_start),
         "loss_failure": _loss_failure(losses, ph.loss_failure),
     }
 
@@ -970,7 +966,8 @@ def write(lines: list[str], took: float, args) -> None:
             f"`python benchmarks/detection.py --write` ({args.seeds} seeds; "
             f"`log_every_n_steps={LOG_EVERY}`, default rules only). Ground truth on held-out "
             f"data in float64 every {EVAL} steps (onset: the first eval where it holds after a "
-            "healthy one, or after the phenomenon's warm-up); loss failure: the held-out loss "
+            "healthy one, or from the first log on for a phenomenon present from "
+            "initialisation); loss failure: the held-out loss "
             f"10% over its running minimum or no 1% better in {STALL * EVAL} steps, from step "
             f"{LOSS_FROM} (SimSiam: the loss within 0.02 of its floor -1); lead = loss failure "
             "- first alert.",

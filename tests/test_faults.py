@@ -632,3 +632,29 @@ def test_usage_and_io_errors_exit_2_before_anything_heavy_is_imported(tmp_path, 
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.stdout.split() == ["2", "False"] and "no such directory" in proc.stderr
+
+
+def test_a_quantiser_fed_nan_is_diverged_not_only_collapsed():
+    """CodebookUsage reads integer indices, in which NaN never shows: vector-quantize-pytorch
+    maps NaN inputs to one code, which read alone is a plausible codebook collapse. The call's
+    own tensors (the quantiser's input and output) tell the run diverged."""
+    from vector_quantize_pytorch import VectorQuantize
+
+    torch.manual_seed(0)
+    enc, vq = nn.Linear(16, 32), VectorQuantize(dim=8, codebook_size=64)
+    model = nn.ModuleDict({"enc": enc, "vq": vq})
+    alerts = []
+    mon = CollapseMonitor(
+        model, [probes.CodebookUsage("vq", 64, name="vq")], 5, on_alert=alerts.append
+    )
+    for step in range(20):
+        if step == 7:
+            with torch.no_grad():
+                enc.weight[0, 0] = float("nan")
+        with mon.observe():
+            vq(enc(torch.randn(32, 16)).view(-1, 4, 8))
+        mon.step()
+    mon.close()
+    diverged = [a for a in alerts if a.rule == "vq/diverged"]
+    assert [a.step for a in diverged] == [10]
+    assert "first_nonfinite_step = 7" in diverged[0].message  # the step the weight went NaN

@@ -14,7 +14,7 @@ from .._modules import resolve_modules
 from .._sharding import edited, whole
 from ..contracts import Event, Replaced
 from ..keys import MetricKey
-from ..reading import describe, first_input, is_index, single_index_tensor
+from ..reading import describe, finite_rows, first_input, is_index, single_index_tensor
 from .base import Mitigation, find_probe, optimizer_states, unheld
 from .codebooks import find_codebook
 from .reset_every_step import EveryStepResets
@@ -273,7 +273,7 @@ class ResetDeadCodes(Mitigation):
         idx = single_index_tensor(output)
         if heads == 1 and is_index(idx) and idx.numel() == batch.shape[0]:
             valid &= idx.reshape(-1).to(batch.device) != -1
-        self._batch, self._valid = batch, valid
+        self._batch, self._valid = batch, valid & finite_rows(batch)
 
     def _channels_last(self, vecs):
         """The quantiser's input with the code-space axis last. A 3-D or 4-D input is a sequence
@@ -318,7 +318,7 @@ class ResetDeadCodes(Mitigation):
         if isinstance(mask, torch.Tensor):
             b, n = mask.shape
             valid = mask.bool()[:, None, :].expand(b, rows // (b * n), n).reshape(-1)
-        self._batch, self._valid = flat, valid.to(flat.device)
+        self._batch, self._valid = flat, valid.to(flat.device) & finite_rows(flat)
 
     def _codebooks(self) -> int:
         cb = self._tensor(self.codebook_path)

@@ -37,7 +37,7 @@ class EveryStepResets:
         self._read_back: torch.Tensor | None = None
         self._generator: torch.Generator | None = None
         # (H, K): steps since each code's last hit, or (dead_hits) its hits per step, EMA 0.8
-        self._cluster_size: torch.Tensor | None = None
+        self._memory: torch.Tensor | None = None
         self._resumed: tuple[str, torch.Tensor] | None = None  # (device type, generator state)
         self._failure: Exception | None = None  # a failure of the steps, raised at the log
 
@@ -66,7 +66,7 @@ class EveryStepResets:
             seen = seen.to(_dist.collective_device(group, seen.device))
             _dist.all_reduce_sum_(seen, group)
         hits, recorded = seen[:-1].view(H, K), seen[-1] > 0  # (a device tensor: no sync)
-        memory = self._memory(hits)
+        memory = self._memory_for(hits)
         if self.m.dead_hits is None:
             # steps since the code's last hit, against the steps in which a code of a uniform
             # share expects 10 hits: a code in use is missed that long with probability e^-10,
@@ -117,15 +117,21 @@ class EveryStepResets:
         self._since_log, self._read_back = count, ok
         return [Replaced(self.m.probe, replaced, self.m.scope)]
 
-    def _memory(self, hits: torch.Tensor) -> torch.Tensor:
+    @property
+    def _state_key(self) -> str:
+        """What the memory holds, the name it is saved under: a checkpoint of the other rule is
+        refused rather than read as this one's."""
+        return "steps_since_hit" if self.m.dead_hits is None else "cluster_size"
+
+    def _memory_for(self, hits: torch.Tensor) -> torch.Tensor:
         """``(H, K)`` float64 on the hits' device: steps since each code's last hit (the default
         rule) or its EMA of hits per step (``dead_hits``), vector-quantize-pytorch's start 1."""
-        if self._cluster_size is None:
+        if self._memory is None:
             start = 0.0 if self.m.dead_hits is None else 1.0
-            self._cluster_size = torch.full_like(hits, start)
-        elif self._cluster_size.device != hits.device:  # resumed from a checkpoint
-            self._cluster_size = self._cluster_size.to(hits.device)
-        return self._cluster_size
+            self._memory = torch.full_like(hits, start)
+        elif self._memory.device != hits.device:  # resumed from a checkpoint
+            self._memory = self._memory.to(hits.device)
+        return self._memory
 
     def _draw_all(self, cb: torch.Tensor, dead: torch.Tensor):
         """A candidate ``(H', K, D)`` for every code from this rank's batch, drawn on the
@@ -178,22 +184,28 @@ class EveryStepResets:
         return [Event(self.m.name, info, count=n)]
 
     def state_dict(self) -> dict:
-        """The cluster sizes and draw generator (exact resume)."""
-        if self._cluster_size is None:
+        """The dead rule's memory and the draw generator (exact resume)."""
+        if self._memory is None:
             return {}
         g = self._generator  # (only rank 0 draws)
         return {
-            "cluster_size": self._cluster_size.detach().cpu().clone(),
+            self._state_key: self._memory.detach().cpu().clone(),
             "generator": None if g is None else (g.device.type, g.get_state()),
             # the replacements not yet reported (a host sync: checkpoints are rare)
             "since_log": None if self._since_log is None else int(self._since_log),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self._cluster_size = self._generator = self._resumed = None
+        other = {"steps_since_hit", "cluster_size"} - {self._state_key}
+        if other & set(state):
+            raise ValueError(
+                f"{self.m!r}: the checkpoint holds the memory of the other dead rule "
+                f"({other.pop()}); this one is '{self._state_key}' (dead_hits={self.m.dead_hits})"
+            )
+        self._memory = self._generator = self._resumed = None
         self._since_log = self._read_back = None
-        if "cluster_size" in state:
-            self._cluster_size = state["cluster_size"].clone()
+        if self._state_key in state:
+            self._memory = state[self._state_key].clone()
             self._resumed = state["generator"]
             if state["since_log"] is not None:
                 self._since_log = torch.tensor(state["since_log"])

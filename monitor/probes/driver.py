@@ -22,7 +22,7 @@ from torch import nn
 from .._modules import resolve_modules
 from ..contracts import Component, Readout, Recording, Setup
 from ..hooks import HookSet
-from ..reading import Call, Recorder, nonfinite
+from ..reading import Call, Recorder, first_input, nonfinite
 from ..stats import CallCounts, Window, WindowView
 from .base import Probe, kept_apart, layer_name
 
@@ -158,7 +158,13 @@ class ProbeDriver(Component, Recorder):
         if device is not None:
             self.device = device  # where the data lives now (the model may have moved)
             self.window.to(device)
-        self.window["_calls"].add(self._recording.step, nonfinite(value))
+        flag = nonfinite(value)
+        if flag is None:  # integer values (code indices): the module's own floating-point
+            # output (a quantiser's quantized vectors), else its input, shows a NaN run
+            flag = nonfinite(call.output)
+            if flag is None:
+                flag = nonfinite(first_input(call.args, call.kwargs))
+        self.window["_calls"].add(self._recording.step, flag)
         self.probe.update(self.view(self._scope(call.path)), value, call)
         if not self._recording.snapshot:
             self._step_rows += call.rows

@@ -436,3 +436,54 @@ def test_the_code_axis_is_read_from_the_quantiser_or_its_one_d_long_axis(case):
     assert len(rows) > 0
     for row in rows:
         assert (vectors == row).all(1).any()
+
+
+def test_a_checkpoint_of_the_other_dead_rule_is_refused():
+    """The default rule counts steps since a hit, dead_hits=2 keeps an EMA of hits: each other's
+    memory would be read as a plausible wrong number, so it is refused."""
+    torch.manual_seed(0)
+    states = {}
+    for name, kw in (("ema", {"dead_hits": 2}), ("since", {})):
+        model = Model(VQ(16, 4))
+        mon = CollapseMonitor(
+            model,
+            [probes.CodebookUsage("vq", 16)],
+            2,
+            mitigations=[mitigations.ResetDeadCodes("vq", **kw)],
+        )
+        run(model, mon, [concentrated(64, 4, seed=s) for s in range(2)])
+        states[name] = mon.state_dict()
+        mon.close()
+    model = Model(VQ(16, 4))
+    mon = CollapseMonitor(
+        model, [probes.CodebookUsage("vq", 16)], 2, mitigations=[mitigations.ResetDeadCodes("vq")]
+    )
+    loaded = saved_and_loaded(**states)
+    mon.load_state_dict(loaded["since"])
+    with pytest.raises(ValueError, match="other dead rule"):
+        mon.load_state_dict(loaded["ema"])
+    mon.close()
+
+
+@pytest.mark.parametrize("every_step", [True, False])
+def test_rows_with_nan_are_never_drawn_into_the_codebook(every_step):
+    """A few NaN encoder rows (skipped by the probe) must not become codes."""
+    torch.manual_seed(0)
+    K, D = 16, 4
+    model = Model(VQ(K, D))
+    reset = (
+        mitigations.ResetDeadCodes("vq", dead_hits=2)
+        if every_step
+        else (mitigations.ResetDeadCodes("vq", every_step=False))
+    )
+    mon = CollapseMonitor(
+        model, [probes.CodebookUsage("vq", K, warmup_steps=0)], 1, mitigations=[reset]
+    )
+    for seed in range(3):
+        z = concentrated(64, D, seed=seed)
+        z[:48] = float("nan")  # most rows: a draw would meet them
+        run(model, mon, [z])
+    weight = model.vq.codebook.weight.detach()
+    assert torch.isfinite(weight).all()
+    assert mon.mitigation_counts["reset_dead_codes"] > 0  # codes were replaced, from real rows
+    mon.close()
