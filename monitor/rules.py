@@ -22,7 +22,8 @@ or, with ``warmup_steps``, by the end of the warm-up), and stays silent before i
 metric (the same key with its last part replaced) meets its own condition: a criterion defined
 for some inputs (SimSiam's ``norm_std`` for signed features) says nothing on others.
 ``latest="dormant_fraction_last_step"`` names the sibling holding the same quantity measured on
-the last training step the probe recorded in the window: a window averages over its steps, so a
+the last training step the probe recorded in the window (or on the fewest latest steps that make
+a sample: ``CodebookUsage``'s ``usage_recent``): a window averages over its steps, so a
 collapse that sets in inside a window shows in the window value one log late. The rule fires at
 once when the window value and the latest value both hold (the crossing lasted to the window's
 end), and when the latest value is past ``severe`` (the window still averages the healthy steps
@@ -81,7 +82,7 @@ class Rule:
         requires: ``(sibling metric, mode, threshold)``, a ``below``/``above`` condition on the
             sibling key that must hold for this rule to be evaluated at a log (a tuple of such
             conditions: all must hold).
-        latest: the sibling metric holding this quantity on the window's last step (a
+        latest: the sibling metric holding this quantity at the window's end (a
             ``below``/``above`` rule; see the module doc); logs without it behave as without.
         detail: a sibling metric whose value the alert's message shows (e.g. the step at which
             a probe first saw NaN).
@@ -295,7 +296,7 @@ class RuleEngine:
         elif rule.severe is not None and _past(rule.mode, latest, rule.severe):
             msg += f", {rule.latest} = {latest:.6g} (past the severe bound {rule.severe:.6g})"
         elif _past(rule.mode, latest, rule.threshold):
-            msg += f", and {rule.latest} = {latest:.6g} at the window's last step"
+            msg += f", and {rule.latest} = {latest:.6g} at the window's end"
         elif rule.patience > 1:
             msg += f" for {rule.patience} consecutive logs"
         if detail == detail:  # (not NaN)

@@ -545,7 +545,7 @@ def test_the_last_step_is_the_windows_last_step_on_every_rank(tmp_path):
     r0, r1 = run_two(last_step_worker, tmp_path, "last")
     assert r0 == r1
     assert r0["collapse/d/act/dormant_fraction_last_step"] == pytest.approx(10 / 16)
-    assert r0["collapse/vq/usage_last_step"] == 0.25
+    assert (r0["collapse/vq/usage_recent"], r0["collapse/vq/usage_recent_steps"]) == (0.25, 1)
 
 
 def hanging_worker(rank, init, out_dir):

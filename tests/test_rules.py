@@ -141,7 +141,7 @@ def test_a_rule_with_latest_fires_at_once_when_the_windows_last_step_agrees():
 
     # the window holds and so does its last step: the crossing lasted, no second log needed
     step, message = first_alert([(1.0, 1.0), (0.4, 0.3)])
-    assert step == 20 and "m_last_step = 0.3 at the window's last step" in message
+    assert step == 20 and "m_last_step = 0.3 at the window's end" in message
     # the window holds but its last step has recovered: patience as without latest
     assert first_alert([(1.0, 1.0), (0.4, 0.8), (0.4, 0.8)])[0] == 30
     # an abrupt collapse inside the window: its mean still healthy, the last step far past

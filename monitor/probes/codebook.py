@@ -17,14 +17,14 @@ from ..reading import (
     token_rows,
 )
 from ..rules import RuleSpec
-from ..stats import CodeCounts, UsageEMA, Window, to_device
+from ..stats import CodeCounts, RecentHits, UsageEMA, Window, to_device
 from .base import Probe
 
 _F64 = torch.float64
-# the usage a uniform codebook would show with a training step's assignments must reach this
-# for the step's own usage to be reported (usage_last_step): T >= 4.6 K, so that the step's
-# usage is not low by construction (a uniform codebook misses under 1% of its codes)
-_LATEST_UNIFORM = 0.99
+# usage_recent is the usage of the fewest latest steps whose assignments would show a uniform
+# codebook 99% of its codes (T >= 4.6 K): a sample in which it is not low by construction
+_RECENT_UNIFORM = 0.99
+_RECENT_STEPS = 128  # the most steps it reaches back (memory: 8 * H * 128 bytes)
 
 
 class CodebookUsage(Probe):
@@ -69,15 +69,16 @@ class CodebookUsage(Probe):
     low), ``usage_ratio`` (``usage / usage_uniform``), ``dead_codes``, ``dead_fraction``,
     ``samples`` (hits in the window), ``skipped``
     (placeholder entries) and ``out_of_range`` (indices outside ``[0, K)``, left out),
-    ``usage_last_step`` (the usage of the last training step the probe
-    recorded in the window, alone; mean over heads; reported when that step holds enough
-    indices that a uniform codebook would show 99% of its codes, ``T >= 4.6 K`` per head, so
-    that it is not low by construction: the usage rule's latest value), plus a histogram
+    ``usage_recent`` (the usage of the latest training steps alone, mean over heads: the fewest
+    latest steps, up to 128 and across logs, whose indices would show a uniform codebook 99%
+    of its codes, ``T >= 4.6 K`` per head, so that it is not low by construction; their number
+    is ``usage_recent_steps``; not reported before that many indices were seen: the usage
+    rule's latest value), plus a histogram
     ``usage_hist`` of hits per code and the mask ``dead`` ``(H, K)`` for mitigations.
     Hot path: one ``index_add_`` per call, no host sync (out-of-range indices are left out and
     counted; a ``strict`` monitor raises at the call).
-    State: ``32*H*K + O(H)`` bytes; under DDP the EMA is summed over ranks (it is linear in
-    the counts), and a resumed run's ranks other than 0 start it at zero.
+    State: ``40*H*K + 1024*H + O(H)`` bytes; under DDP the EMA is summed over ranks (it is linear
+    in the counts), and a resumed run's ranks other than 0 start it at zero.
 
     Example:
         >>> import torch
@@ -120,7 +121,9 @@ class CodebookUsage(Probe):
             # dead_codes: logged only by this class (collapse-monitor report replays rules by
             # metric name, and LatentUsage logs usage too)
             requires=(("usage_uniform", "above", 0.9), ("dead_codes", "above", -1.0)),
-            latest="usage_last_step",
+            # the latest steps' usage (a collapse inside the window: the window's usage still
+            # holds the healthy steps before it)
+            latest="usage_recent",
             message="under half the codebook is used: consider ResetDeadCodes or SimVQ",
         ),
         # a window too thin for the usage rule can still show a total collapse: a tenth of the
@@ -182,16 +185,16 @@ class CodebookUsage(Probe):
     def new_window(self) -> Window:
         H, K = self.heads, self.num_codes
         return Window(
-            # "step": this training step's counts, folded into the EMA by end_step and kept
-            # as "last" (the window's last step, for the rules' latest value)
+            # "step": this training step's counts, folded into the EMA and into "recent" (the
+            # latest steps, for the rules' latest value; kept across logs) by end_step
             {
                 "counts": CodeCounts(H, K),
                 "step": CodeCounts(H, K),
-                "last": CodeCounts(H, K),
+                "recent": RecentHits(H, K, _RECENT_STEPS),
                 "ema": UsageEMA(H, K),
             },
             persistent=("ema",),
-            transient=("last",),
+            transient=("recent",),  # (a checkpoint of an earlier version has none)
         )
 
     # ----------------------------------------------------------------- hot path
@@ -268,12 +271,14 @@ class CodebookUsage(Probe):
 
     def end_step(self, window) -> None:
         window["ema"].advance(window["step"], self.ema_decay)
-        window["last"].reset()
-        window["last"].merge(window["step"])
+        window["recent"].advance(window["step"])
         window["step"].reset()
 
     def end_missed_step(self, window) -> None:
-        window["last"].reset()  # under DDP the other ranks' last step is this step
+        window["recent"].advance(None)  # under DDP the other ranks' step is this step
+
+    def end_window(self, window, reduced) -> None:
+        window.reset(keep=("recent",))  # the latest steps reach back across logs
 
     def on_replaced(self, window, mask: torch.Tensor) -> None:
         window["ema"].restart(mask.to(window.device))
@@ -309,10 +314,7 @@ class CodebookUsage(Probe):
             else:
                 for h, v in enumerate(values):
                     metrics[self.key(name, index=f"head_{h}")] = v
-        last = usage_from_counts(window["last"].counts)
-        if bool((last["usage_uniform"] >= _LATEST_UNIFORM).all()):
-            # with few samples per code a step's usage is low by construction: left out
-            metrics[self.key("usage_last_step")] = float(last["usage"].mean())
+        metrics.update(self._recent(window["recent"]))
         if self.heads > 1:
             metrics[self.key(f"dead_{self.unit}")] = float(dead.sum())
             metrics[self.key("dead_fraction")] = float(dead.to(_F64).mean())
@@ -329,6 +331,20 @@ class CodebookUsage(Probe):
                 self.key("usage_hist", index=f"head_{h}"): counts[h] for h in range(self.heads)
             }
         return Readout(metrics, histograms, self._pictures(counts), {self.key("dead"): dead})
+
+    def _recent(self, recent: RecentHits) -> dict[str, float]:
+        """``usage_recent`` over the fewest latest steps whose indices would show a uniform
+        codebook 99% of its codes (with fewer, the usage is low by construction: none)."""
+        rows = recent.rows_back().cumsum(-1).to(_F64)  # (H, n): indices in the latest 1..n steps
+        uniform = 1.0 - (1.0 - 1.0 / self.num_codes) ** rows
+        enough = (uniform >= _RECENT_UNIFORM).all(0).nonzero()
+        if not len(enough):
+            return {}
+        steps = int(enough[0]) + 1
+        return {
+            self.key("usage_recent"): float(recent.usage(steps).mean()),
+            self.key("usage_recent_steps"): float(steps),
+        }
 
     def _extra_metrics(self, win: CodeCounts) -> dict[str, torch.Tensor]:
         return {}
@@ -359,7 +375,7 @@ class LatentUsage(CodebookUsage):
     Reads the module's output activations ``(..., L)`` (``extract=`` otherwise). Reports
     ``dead_latents`` / ``dead_fraction`` (latents that did not fire in the whole window, the SAE
     convention; ``dead="ema"`` for the EMA rule), ``usage`` (fraction that fired;
-    ``usage_last_step``: the last recorded step alone, from ``4.6 L`` fires; ``usage_uniform``:
+    ``usage_recent``: the latest steps alone, from ``4.6 L`` fires; ``usage_uniform``:
     the usage the window's fires would show spread uniformly), ``fire_rate``
     (mean active latents per row, L0), ``perplexity`` of the firing distribution, ``samples``
     (rows), ``skipped`` (rows with NaN or Inf, and padded tokens: ``observe(mask=)`` or the

@@ -5,7 +5,7 @@ from .attention import HeadEntropy
 from .base import Counter, Statistic, agree_sizes, to_device
 from .calls import CallCounts
 from .class_moments import ClassMoments, Moments, ShardedClassMoments
-from .counts import CodeCounts, UsageEMA
+from .counts import CodeCounts, RecentHits, UsageEMA
 from .depth import TokenUniformitySums
 from .logits import LogitSums
 from .posterior import PosteriorSums
@@ -17,6 +17,7 @@ __all__ = [
     "ClassMoments",
     "ShardedClassMoments",
     "CodeCounts",
+    "RecentHits",
     "Counter",
     "HeadEntropy",
     "LogitSums",

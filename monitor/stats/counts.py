@@ -63,6 +63,58 @@ class CodeCounts(Statistic):
         self.skipped += skipped
 
 
+class RecentHits(Statistic):
+    """When each code was last hit and how many indices each of the latest ``R`` steps held:
+    the usage of any trailing run of up to ``R`` steps, in ``O(H*(K+R))`` memory.
+
+    States: ``step () int64`` (steps passed, recorded or not: equal on every rank, as every rank
+    passes every step), ``last_hit (H, K) int64`` (the step of each code's latest hit, 0: none;
+    combined over ranks by ``max``) and ``rows (H, R) int64`` (indices per step, a ring indexed by
+    ``step % R``; summed over ranks). Updates are tensor operations: no host sync.
+
+    Example:
+        >>> import torch
+        >>> from collapse_monitor.stats import CodeCounts, RecentHits
+        >>> step, recent = CodeCounts(1, 4), RecentHits(1, 4, steps=8)
+        >>> step.update(torch.tensor([[0], [1]])); recent.advance(step); step.reset()
+        >>> step.update(torch.tensor([[1], [1]])); recent.advance(step)
+        >>> recent.usage(steps=1), recent.usage(steps=2)
+        (tensor([0.2500], dtype=torch.float64), tensor([0.5000], dtype=torch.float64))
+    """
+
+    def __init__(self, heads: int, num_codes: int, steps: int) -> None:
+        super().__init__()
+        self.capacity = int(steps)
+        self.add_state("step", (), torch.int64, reduce="same")
+        self.add_state("last_hit", (heads, num_codes), torch.int64, reduce="max")
+        self.add_state("rows", (heads, self.capacity), torch.int64)
+
+    @torch.no_grad()
+    def advance(self, step: CodeCounts | None) -> None:
+        """One step passed; ``step``: its counts (``None``: nothing recorded on this rank)."""
+        self.step += 1
+        slot = (self.step % self.capacity).view(1)
+        if step is None:
+            self.rows.index_fill_(1, slot, 0)
+            return
+        self.rows.index_copy_(1, slot, step.rows[:, None])
+        torch.where(step.counts > 0, self.step, self.last_hit, out=self.last_hit)
+
+    def rows_back(self) -> torch.Tensor:
+        """``(H, n)`` indices of the latest ``n = min(step, R)`` steps, newest first."""
+        S = int(self.step)
+        n = min(S, self.capacity)
+        slots = (S - torch.arange(n)) % self.capacity
+        return self.rows.cpu()[:, slots]
+
+    def usage(self, steps: int) -> torch.Tensor:
+        """``(H,)`` float64: the fraction of codes hit in the latest ``steps`` steps."""
+        return (self.last_hit > int(self.step) - steps).to(_F64).mean(-1)
+
+    def align(self, group) -> None:
+        pass  # ``step`` is equal on every rank by construction
+
+
 class UsageEMA(Statistic):
     """Exponential moving averages of hits per code ``(H, K)`` and of indices per head ``(H,)``,
     advanced once per training step from that step's counts (``pending_*``).

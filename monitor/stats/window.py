@@ -214,8 +214,9 @@ class WindowView:
         """The process group a reduced window was combined over (see :attr:`Window.group`)."""
         return self.window.group
 
-    def reset(self) -> None:
-        """Start this scope's part of the window empty (persistent entries kept)."""
+    def reset(self, keep: tuple[str, ...] = ()) -> None:
+        """Start this scope's part of the window empty (persistent entries and ``keep``, entries
+        that outlive a log but not shared with snapshots, kept)."""
         for key, stat in self.items():
-            if self.prefix + key not in self.window.persistent:
+            if self.prefix + key not in self.window.persistent and key not in keep:
                 stat.reset()

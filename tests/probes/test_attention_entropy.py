@@ -293,3 +293,39 @@ def test_collapsed_attention_with_huge_logits_keeps_entropy_accurate():
     )
     assert (H >= 0).all()
     assert torch.allclose(H.double(), ref, atol=1e-6)
+
+
+def test_a_collapse_inside_the_window_alerts_at_that_log_from_its_last_step():
+    # probabilities given explicitly: 2 steps at entropy_norm ~0.38, then 8 at ~0.08. The
+    # window's mean (0.138) is below 0.15 but above the severe 0.1: alone it needs a second
+    # log; the last step (0.08, float64 by hand) shows the crossing lasted to the window's end
+    def rows(top):
+        p = torch.full((1, 2, 4, 16), (1 - top) / 15, dtype=torch.float64)
+        p[..., 0] = top
+        return p
+
+    def norm(p):
+        return float(-(p * p.log()).sum(-1).mean() / math.log(16))
+
+    m = nn.Sequential()
+    m.add_module("attn", nn.Identity())
+    alerts = []
+    mon = CollapseMonitor(
+        m,
+        [probes.AttentionEntropy("attn", extract=lambda mod, a, out: out, name="attn")],
+        10,
+        observe_every_n_steps=1,
+        on_alert=alerts.append,
+    )
+    mid, sharp = rows(0.8), rows(0.97)
+    for p in [mid] * 2 + [sharp] * 8:
+        with mon.observe():
+            m.attn(p)
+        metrics = mon.step()
+    mon.close()
+    window = (2 * norm(mid) + 8 * norm(sharp)) / 10
+    assert 0.1 < window < 0.15
+    assert metrics["collapse/attn/attn/entropy_norm"] == pytest.approx(window, rel=1e-9)
+    last = metrics["collapse/attn/attn/entropy_norm_last_step"]
+    assert last == pytest.approx(norm(sharp), rel=1e-9)
+    assert [(a.step, a.rule) for a in alerts] == [(10, "attn/entropy_collapse")]

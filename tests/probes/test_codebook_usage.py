@@ -278,37 +278,84 @@ def test_a_total_collapse_in_windows_too_thin_for_the_usage_rule_still_alerts():
     assert fired == {"collapsed": ["vq/usage_collapsed"], "uniform": []}
 
 
-def test_usage_of_the_windows_last_step_when_it_holds_enough_samples():
+def test_usage_of_the_latest_steps_that_hold_enough_samples():
     every_code = torch.arange(8).repeat(10)  # 80 indices: 10 per code
     two_codes = torch.tensor([0, 1]).repeat(40)
     _, (m,) = stream(probes.CodebookUsage("vq", 8, name="vq"), [every_code, two_codes], 2)
-    assert m["collapse/vq/usage"] == 1.0 and m["collapse/vq/usage_last_step"] == 0.25
-    # a step of T assignments is reported once a uniform codebook would show 99% of its codes:
-    # 1 - (7/8)^T >= 0.99 from T = 35; below, its usage is low by construction
+    assert m["collapse/vq/usage"] == 1.0 and m["collapse/vq/usage_recent"] == 0.25
+    assert m["collapse/vq/usage_recent_steps"] == 1
+    # the latest steps reach back until a uniform codebook would show 99% of its codes:
+    # 1 - (7/8)^T >= 0.99 from T = 35; with fewer the usage is low by construction
     _, (m,) = stream(probes.CodebookUsage("vq", 8, name="vq"), [every_code, two_codes[:35]], 2)
-    assert m["collapse/vq/usage_last_step"] == 0.25
+    assert (m["collapse/vq/usage_recent"], m["collapse/vq/usage_recent_steps"]) == (0.25, 1)
     _, (m,) = stream(probes.CodebookUsage("vq", 8, name="vq"), [every_code, two_codes[:34]], 2)
-    assert "collapse/vq/usage_last_step" not in m
+    assert (m["collapse/vq/usage_recent"], m["collapse/vq/usage_recent_steps"]) == (1.0, 2)
+    _, (m,) = stream(probes.CodebookUsage("vq", 8, name="vq"), [two_codes[:34]], 1)
+    assert "collapse/vq/usage_recent" not in m  # 34 indices in all: too few to judge
 
 
-def test_a_checkpoint_without_the_last_step_entry_still_loads():
-    # saved before the probe kept its last step: that one-step entry starts empty
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_recent_usage_across_logs_equals_a_by_hand_union_of_the_latest_steps(seed):
+    # thin, uneven steps (several calls each), most codes dying part-way, logs every 3 steps:
+    # the latest steps span logs; expected from the raw indices, independently
+    K, g = 32, torch.Generator().manual_seed(seed)
+    steps = []
+    for s in range(40):
+        live = K if s < 15 else 6
+        n = int(torch.randint(4, 40, (), generator=g))
+        steps.append(torch.randint(0, live, (n,), generator=g))
+    q = nn.Sequential()
+    q.add_module("vq", Quantizer())
+    mon = CollapseMonitor(q, [probes.CodebookUsage("vq", K, name="vq")], 3)
+    seen = 0
+    for s, idx in enumerate(steps, 1):
+        for part in idx.split(random_split(len(idx), 3, seed * 100 + s)):
+            with mon.observe():
+                q.vq(torch.zeros(len(part), 1), part)
+        m = mon.step()
+        if not m:
+            continue
+        n = next(
+            (n for n in range(1, min(s, 128) + 1)
+             if 1 - (1 - 1 / K) ** sum(len(t) for t in steps[s - n : s]) >= 0.99),
+            None,
+        )  # fmt: skip
+        if n is None:
+            assert "collapse/vq/usage_recent" not in m
+            continue
+        seen += 1
+        hit = torch.cat(steps[s - n : s]).unique().numel() / K
+        assert m["collapse/vq/usage_recent_steps"] == n
+        assert m["collapse/vq/usage_recent"] == pytest.approx(hit, rel=1e-12)
+    mon.close()
+    assert seen >= 10
+
+
+def test_a_codebook_collapse_inside_the_first_window_alerts_at_its_first_log():
+    # 64 codes, 64 indices a step: every code for 4 steps, then 4 codes. The window's usage
+    # (all 64) hides it; the latest 5 steps (320 indices, where a uniform codebook shows 99%)
+    # show 4 of 64 at the first log
+    steps = [torch.arange(64)] * 4 + [torch.arange(4).repeat(16)] * 6
+    alerts, m = [], None
+    q = nn.Sequential()
+    q.add_module("vq", Quantizer())
+    mon = CollapseMonitor(
+        q, [probes.CodebookUsage("vq", 64, name="vq")], 10, on_alert=alerts.append
+    )
+    for idx in steps:
+        with mon.observe():
+            q.vq(torch.zeros(len(idx), 1), idx)
+        m = mon.step() or m
+    mon.close()
+    assert m["collapse/vq/usage"] == 1.0 and m["collapse/vq/usage_recent"] == 4 / 64
+    assert [(a.step, a.rule) for a in alerts] == [(10, "vq/usage_below")]
+    assert "usage_recent = 0.0625" in alerts[0].message
+
+
+def test_a_checkpoint_without_the_recent_steps_entry_still_loads():
+    # saved before the probe kept its latest steps: that entry starts empty
     mon, _ = stream(probes.CodebookUsage("vq", 8, name="vq"), [torch.arange(8).repeat(10)])
     state = mon.state_dict()
-    del state["probes"]["vq"]["window"]["entries"]["last"]
+    del state["probes"]["vq"]["window"]["entries"]["recent"]
     again, _ = stream(probes.CodebookUsage("vq", 8, name="vq"), [])
     again.load_state_dict(state)
-    assert again.compute()["collapse/vq/samples"] == 80
-    del state["probes"]["vq"]["window"]["entries"]["counts"]  # a real entry missing: an error
-    with pytest.raises(KeyError, match="counts"):
-        again.load_state_dict(state)
-    # a glob kept per module: one window part per quantiser
-    q = nn.Sequential()
-    q.add_module("vq1", Quantizer())
-    q.add_module("vq2", Quantizer())
-    mon = CollapseMonitor(q, [probes.CodebookUsage("vq*", 8, name="vq")], 10)
-    state = mon.state_dict()
-    entries = state["probes"]["vq"]["window"]["entries"]
-    for key in [k for k in entries if k.endswith("/last")]:
-        del entries[key]
-    mon.load_state_dict(state)

@@ -62,7 +62,9 @@ class AttentionEntropy(Probe):
 
     Reports per layer ``<layer>/entropy/head_<h>`` (nats), ``<layer>/entropy_norm/head_<h>``
     (``H_i / log n_i`` over queries with ``n_i >= 2`` allowed keys), ``<layer>/entropy_norm`` (mean
-    over heads), ``<layer>/entropy_norm_min``, ``<layer>/overload_fraction`` (heads with
+    over heads), ``<layer>/entropy_norm_min``, ``<layer>/entropy_norm_last_step`` (the mean over
+    heads on the last training step recorded in the window alone: the rule's latest value, a
+    collapse inside the window), ``<layer>/overload_fraction`` (heads with
     ``entropy_norm >= overload_threshold``), ``<layer>/max_logit`` (max ``|s_ij|`` seen) and
     ``<layer>/skipped`` (query rows times heads left out: padding, no allowed key, NaN or Inf),
     and ``min_entropy_norm`` over layers
@@ -107,6 +109,8 @@ class AttentionEntropy(Probe):
             "below",
             name="entropy_collapse",
             severe=0.1,
+            # a collapse inside the window: the window still averages the healthier steps
+            latest="entropy_norm_last_step",
             message="attention entropy collapse (Zhai et al.): consider SigmaReparam or a lower "
             "learning rate",
         ),
@@ -148,6 +152,8 @@ class AttentionEntropy(Probe):
         self._roots = ""
 
     def new_window(self) -> Window:
+        # per layer "<layer>": the window's sums; "<layer>/step" this step's, kept as
+        # "<layer>/last" at the step's end (the rule's latest value)
         return Window(factory=lambda layer: HeadEntropy())
 
     # ----------------------------------------------------------------- wiring
@@ -243,6 +249,7 @@ class AttentionEntropy(Probe):
             max_logit = torch.where(torch.isfinite(max_logit), max_logit, -float("inf"))
         try:
             stat.update(H_i, n, max_logit, skipped)
+            window[f"{layer}/step"].update(H_i, n)
         except ValueError as exc:  # a head count that changed: say which layer
             raise self.error(layer, str(exc)) from None
 
@@ -267,6 +274,10 @@ class AttentionEntropy(Probe):
             if torch.isfinite(st.max_logit):
                 metrics[self.key("max_logit", layer)] = st.max_logit.item()
             metrics[self.key("skipped", layer)] = float(st.skipped)
+            last = window[f"{layer}/last"] if f"{layer}/last" in window else None
+            if last is not None and last.sizes["H"] and bool((last.queries_norm > 0).all()):
+                norm = (last.entropy_norm / last.queries_norm).mean()
+                metrics[self.key("entropy_norm_last_step", layer)] = norm.item()
         if layer_means:
             metrics[self.key("min_entropy_norm")] = min(layer_means)
         if not metrics and self._steps and not self._ever_seen:
@@ -300,6 +311,18 @@ class AttentionEntropy(Probe):
     # ----------------------------------------------------------------- persistence
     def end_step(self, window) -> None:
         self._steps += 1
+        self._end_step(window, keep=True)
+
+    def end_missed_step(self, window) -> None:
+        self._end_step(window, keep=False)  # under DDP the other ranks' last step is this step
+
+    def _end_step(self, window, keep: bool) -> None:
+        for layer, _ in window.items():
+            step, last = window[f"{layer}/step"], window[f"{layer}/last"]
+            last.reset()
+            if keep and step.sizes["H"] is not None:
+                last.merge(step)
+            step.reset()
 
     def extra_state(self) -> dict:
         return {
