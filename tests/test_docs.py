@@ -24,6 +24,7 @@ REFERENCES = {
     "PosteriorCollapse": functional.posterior_collapse,
     "LogitHealth": functional.logit_health,
     "TokenUniformity": functional.mean_token_uniformity,
+    "TokenEntropy": functional.token_entropy_metrics,
     "DormantUnits": functional.dormant_units,
 }
 OPTIONAL = ("transformers", "vector_quantize_pytorch")  # dev extras some examples build models of

@@ -40,11 +40,15 @@ from .representation import (
     rankme,
     representation_rank,
 )
+from .token_entropy import chunked_entropy, token_entropy, token_entropy_metrics
 from .units import dormant_from_activity, dormant_units
 
 __all__ = [
     "attention_entropy",
+    "chunked_entropy",
+    "class_gram",
     "codebook_usage",
+    "cross_pairwise_sums",
     "dead_codes",
     "dormant_from_activity",
     "dormant_units",
@@ -54,8 +58,6 @@ __all__ = [
     "entropy_from_sums",
     "fire_rate",
     "frechet_distance",
-    "class_gram",
-    "cross_pairwise_sums",
     "group_collapse",
     "group_variance_ratio",
     "latent_usage",
@@ -74,6 +76,8 @@ __all__ = [
     "representation_rank",
     "sampled_pairwise_metrics",
     "softmax_collapsed",
+    "token_entropy",
+    "token_entropy_metrics",
     "token_uniformity",
     "token_uniformity_from_sums",
     "training_dtype",

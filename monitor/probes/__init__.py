@@ -8,6 +8,7 @@ from .logits import LogitHealth
 from .neural_collapse import GroupCollapse, NeuralCollapse
 from .posterior import PosteriorCollapse
 from .representation import RepresentationRank
+from .token_entropy import TokenEntropy
 from .token_uniformity import TokenUniformity
 
 #: every probe class of the library (the report command replays their declared default rules)
@@ -20,6 +21,7 @@ PROBE_TYPES = (
     RepresentationRank,
     PosteriorCollapse,
     LogitHealth,
+    TokenEntropy,
     TokenUniformity,
     DormantUnits,
 )
@@ -37,5 +39,6 @@ __all__ = [
     "PosteriorCollapse",
     "Probe",
     "RepresentationRank",
+    "TokenEntropy",
     "TokenUniformity",
 ]

@@ -7,7 +7,7 @@ from .calls import CallCounts
 from .class_moments import ClassMoments, Moments, ShardedClassMoments
 from .counts import CodeCounts, RecentHits, UsageEMA
 from .depth import TokenUniformitySums
-from .logits import LogitSums
+from .logits import LogitSums, TokenEntropySums
 from .posterior import PosteriorSums
 from .units import UnitActivity
 from .window import Window, WindowView
@@ -21,6 +21,7 @@ __all__ = [
     "Counter",
     "HeadEntropy",
     "LogitSums",
+    "TokenEntropySums",
     "Moments",
     "PosteriorSums",
     "Statistic",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..functional import logits as L
+from ..functional.token_entropy import HIST_BINS, histogram_bins
 from .base import Statistic
 
 _F64 = torch.float64
@@ -75,3 +76,53 @@ class LogitSums(Statistic):
         """Add one cosine between ``-grad W`` and ``W`` (Prieto et al.'s NLM direction)."""
         self.nlm_cos += cosine.to(_F64)
         self.nlm_count += 1
+
+
+class TokenEntropySums(Statistic):
+    """Sums over a window's language-model tokens for :class:`~collapse_monitor.probes.TokenEntropy`:
+    the tokens that count, the sum of their entropies (nats) and its sampling variance, the
+    tokens below / above the two entropy bounds, a histogram of entropies in 0.01-nat bins,
+    the rows computed and the rows skipped (NaN or Inf logits). Every count is weighted by
+    ``n / k`` (``k`` rows sampled of ``n`` that count in a call), so each sum is an unbiased
+    estimate of the sum over every token; with every row computed, ``n / k = 1`` (exact).
+
+    Example:
+        >>> import torch
+        >>> from collapse_monitor.stats import TokenEntropySums
+        >>> s = TokenEntropySums()
+        >>> s.add(torch.tensor([0.0, 0.5]), torch.tensor([2.0, 2.0]), torch.tensor(0.0))
+        >>> float(s.tokens), float(s.total)
+        (4.0, 1.0)
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        for name in ("tokens", "total", "variance", "dof", "certain", "high", "sampled"):
+            self.add_state(name, (), _F64)
+        self.add_state("hist", (HIST_BINS,), _F64)
+        self.add_state("skipped", (), torch.int64)
+
+    @torch.no_grad()
+    def add(
+        self,
+        entropy: torch.Tensor,
+        weight: torch.Tensor,
+        variance: torch.Tensor,
+        dof: torch.Tensor | float = 0.0,
+        certain: float = 0.01,
+        high: float = 0.672,
+        skipped: torch.Tensor | int = 0,
+    ) -> None:
+        """Add computed rows: ``entropy (k,)`` nats (finite), ``weight (k,)`` the tokens each
+        stands for (0: a row that does not count), ``variance`` of this call's weighted sum
+        under the sampling and its degrees of freedom ``dof``."""
+        h, w = entropy.to(_F64), weight.to(_F64)
+        self.tokens += w.sum()
+        self.total += (w * h).sum()
+        self.variance += variance.to(_F64)
+        self.dof += dof
+        self.certain += (w * (h < certain)).sum()
+        self.high += (w * (h > high)).sum()
+        self.sampled += (w > 0).sum()
+        self.hist.index_add_(0, histogram_bins(h), w)
+        self.skipped += skipped

@@ -1,0 +1,166 @@
+"""Predictive entropy of a language model's next-token distribution (docs/metrics.md#tokenentropy):
+the float64 whole-tensor reference, the chunked kernel the probe runs, and the readout they share.
+
+The entropy of ``softmax(z)`` over a vocabulary of ``V`` is ``H = logsumexp(z) - sum_j p_j z_j``
+nats (0: one certain token, ``log V``: uniform), as TRL's ``entropy_from_logits`` and torchtitan
+compute it. Policy-entropy collapse in RL post-training is this mean falling towards 0 (Cui et al.
+2025, "The Entropy Mechanism of Reinforcement Learning for Reasoning Language Models").
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+_F64 = torch.float64
+#: the histogram behind the quantiles: bins of this width (nats) from 0 to HIST_BINS * width
+#: (16 nats: a uniform distribution over 8.9 M tokens); a quantile is exact to one bin
+HIST_WIDTH = 0.01
+HIST_BINS = 1600
+
+
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats of each row's softmax, in float64: the reference.
+
+    Args:
+        logits: ``(..., V)`` of any floating dtype; ``-inf`` entries are tokens with probability 0.
+
+    Returns:
+        ``(...)`` float64 ``logsumexp(z) - sum_j softmax(z)_j z_j``.
+    """
+    z = logits.to(_F64)
+    lse = z.logsumexp(-1, keepdim=True)
+    p = (z - lse).exp()
+    return lse[..., 0] - torch.where(p > 0, p * z, 0.0).sum(-1)
+
+
+def chunked_entropy(rows: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
+    """:func:`token_entropy` of ``rows (N, V)`` in at least float32, ``chunk`` vocabulary entries at
+    a time (an online log-sum-exp), so that memory is ``N * chunk``, not ``N * V``.
+
+    With ``m`` the running maximum, ``s = sum exp(z - m)`` and ``t = sum exp(z - m) (z - m)``:
+    ``H = log s - t / s``; a new maximum ``m'`` rescales both (``s e^(m - m')`` and
+    ``(t + s (m - m')) e^(m - m')``). Returns ``(N,)`` in the compute dtype.
+    """
+    wide = torch.promote_types(rows.dtype, torch.float32)
+    N = rows.shape[0]
+    m = torch.full((N,), -math.inf, dtype=wide, device=rows.device)
+    s = torch.zeros(N, dtype=wide, device=rows.device)
+    t = torch.zeros(N, dtype=wide, device=rows.device)
+    for part in rows.split(chunk, dim=-1):
+        z = part.to(wide)
+        new = torch.maximum(m, z.amax(-1))
+        safe = torch.where(torch.isfinite(new), new, 0.0)  # rows of -inf only so far
+        scale = torch.where(torch.isfinite(m), (m - safe).exp(), 0.0)
+        t = (t + s * torch.where(torch.isfinite(m), m - safe, 0.0)) * scale
+        s = s * scale
+        e = (z - safe[:, None]).exp()
+        s = s + e.sum(-1)
+        t = t + torch.where(e > 0, e * (z - safe[:, None]), 0.0).sum(-1)
+        m = new
+    return s.log() - t / s
+
+
+def t_quantile_975(dof: float) -> float:
+    """Student's t 0.975 quantile with ``dof`` degrees of freedom (Cornish-Fisher expansion to
+    ``1/dof^3``: 2.0395 at 31; within 2e-4 from 10 on, 3e-3 at 5); 1.96 at ``dof = inf``."""
+    z = 1.959963984540054
+    if not dof > 0 or math.isinf(dof):
+        return z
+    g = (
+        (z**3 + z) / 4,
+        (5 * z**5 + 16 * z**3 + 3 * z) / 96,
+        (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384,
+    )
+    return z + sum(c / dof ** (i + 1) for i, c in enumerate(g))
+
+
+def entropy_from_sums(
+    tokens: float,
+    total: float,
+    variance: float,
+    hist: torch.Tensor,
+    certain: float,
+    high: float,
+    sampled: float,
+    skipped: float,
+    dof: float = math.inf,
+    quantiles: tuple[float, ...] = (0.1, 0.5, 0.9),
+) -> dict[str, float]:
+    """The window's metrics from its sums (shared by the probe and :func:`token_entropy_metrics`).
+
+    Args:
+        tokens: the tokens that count (estimated from the sampled rows' weights; exact when every
+            row is computed).
+        total: the weighted sum of their entropies (nats).
+        variance: the variance of ``total`` under the row sampling (0 when exact).
+        hist: ``(HIST_BINS,)`` weighted counts of entropies per bin.
+        certain, high: the weighted counts below / above the two entropy bounds.
+        sampled: rows whose (finite) entropy was computed; skipped: rows with NaN or Inf
+            logits.
+        dof: the degrees of freedom of ``variance`` (the sampled rows less one per call): the
+            interval uses Student's t quantile.
+
+    Returns:
+        ``entropy_mean`` and its 95% half-width ``entropy_mean_ci95``, ``entropy_q<10·q>``,
+        ``certain_fraction``, ``high_fraction``, ``tokens``, ``sampled``, ``skipped``; NaN where
+        no token counted.
+    """
+    out = {"tokens": float(tokens), "sampled": float(sampled), "skipped": float(skipped)}
+    if not tokens > 0:
+        nan = math.nan
+        out.update(entropy_mean=nan, entropy_mean_ci95=nan, certain_fraction=nan, high_fraction=nan)
+        out.update({f"entropy_q{round(q * 100)}": nan for q in quantiles})
+        return out
+    out["entropy_mean"] = total / tokens
+    out["entropy_mean_ci95"] = t_quantile_975(dof) * math.sqrt(max(variance, 0.0)) / tokens
+    out["certain_fraction"] = certain / tokens
+    out["high_fraction"] = high / tokens
+    cum = hist.to(_F64).cumsum(0)
+    for q in quantiles:
+        # the bin where the cumulative weight reaches q, interpolated linearly inside it
+        target = q * float(cum[-1])
+        b = int(
+            torch.searchsorted(cum, torch.tensor([target], dtype=_F64))[0].clamp(max=len(cum) - 1)
+        )
+        below = float(cum[b - 1]) if b else 0.0
+        inside = float(cum[b]) - below
+        frac = (target - below) / inside if inside > 0 else 0.0
+        out[f"entropy_q{round(q * 100)}"] = (b + frac) * HIST_WIDTH
+    return out
+
+
+def histogram_bins(entropy: torch.Tensor) -> torch.Tensor:
+    """The histogram bin of each entropy (nats), clamped to the last bin."""
+    return (entropy / HIST_WIDTH).floor().clamp(0, HIST_BINS - 1).to(torch.int64)
+
+
+def token_entropy_metrics(
+    logits: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    certain: float = 0.01,
+    high: float = 0.672,
+) -> dict[str, float]:
+    """Every :class:`~collapse_monitor.probes.TokenEntropy` metric of ``logits (..., V)`` over the
+    rows where ``mask (...)`` is true, in float64 on the whole tensor (the reference).
+
+    ``entropy_mean`` is exact; the quantiles are read from the same 0.01-nat histogram as the
+    probe's. Rows with NaN or Inf logits are left out and counted in ``skipped``."""
+    z = logits.reshape(-1, logits.shape[-1])
+    keep = torch.ones(z.shape[0], dtype=torch.bool) if mask is None else mask.reshape(-1).bool()
+    h = token_entropy(z)
+    finite = torch.isfinite(h)
+    use = keep & finite
+    h = h[use]
+    hist = torch.bincount(histogram_bins(h), minlength=HIST_BINS).to(_F64)
+    return entropy_from_sums(
+        float(use.sum()),
+        float(h.sum()),
+        0.0,
+        hist,
+        float((h < certain).sum()),
+        float((h > high).sum()),
+        float(use.sum()),
+        float((keep & ~finite).sum()),
+    )

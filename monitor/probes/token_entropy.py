@@ -1,0 +1,197 @@
+"""Predictive entropy of a language model's next-token distribution (docs/metrics.md#tokenentropy):
+the policy entropy whose collapse stalls RL post-training."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..contracts import Readout
+from ..functional.token_entropy import chunked_entropy, entropy_from_sums
+from ..reading import Reading, first_tensor, floating, label_shift, token_mask
+from ..stats import TokenEntropySums, Window, to_device
+from .base import Probe
+
+_F64 = torch.float64
+
+
+class TokenEntropy(Probe):
+    """Per-token entropy of a language model's predictive distribution, over the tokens that count.
+
+    ``H = logsumexp(z) - sum_j softmax(z)_j z_j`` (nats) of each position's logits ``z`` (``V``
+    entries), computed in at least float32 from any logits dtype, ``chunk`` vocabulary entries at a
+    time (memory ``rows * chunk``, never ``rows * V``). The same quantity as TRL's
+    ``entropy_from_logits`` and torchtitan's trainer entropy; its fall towards 0 is policy-entropy
+    collapse (Cui et al. 2025).
+
+    The tokens that count: positions whose next-token label is not ``ignore_index``
+    (``observe(targets=labels)``, aligned with the model's label shift as :class:`LogitHealth`
+    does; labels longer than the logits, as with ``logits_to_keep``, are right-aligned), that are
+    not padding (the model's ``attention_mask``: the position and the token it predicts are both
+    real), and, with ``observe(mask=)``, whose predicted token is marked (a completion mask,
+    aligned as the labels are). Without any of these, every position counts.
+
+    Cheap by default: ``tokens`` rows that count are drawn per forward call, uniformly without
+    replacement, and each stands for ``n / k`` tokens (``k`` drawn of ``n``): the window's sums are
+    unbiased estimates of the sums over every token, and ``entropy_mean_ci95`` is the 95%
+    half-width of the mean from the calls' sampling variances ``n^2 (1 - k/n) s^2 / k`` (Student's
+    t quantile, with the sampled rows less one per call as degrees of freedom).
+    ``tokens=None`` computes every row (exact).
+
+    Args:
+        module: the module whose output are the logits ``(B, T, V)`` or ``(N, V)`` (the LM head;
+            the first tensor of a tuple output; ``extract=`` otherwise).
+        tokens: rows drawn per call (default 64), or ``None`` for every row.
+        certain: entropy (nats) below which a token counts as near-certain (default 0.01).
+        high: entropy (nats) above which a token counts as high-entropy (default 0.672, the 80th
+            percentile of token entropy in the chains of thought measured by Wang et al. 2025,
+            "Beyond the 80/20 Rule").
+        ignore_index: the label that marks a position that does not count.
+        target_shift: as :class:`LogitHealth`'s (default: the model's, 1 inside a
+            ``transformers`` causal LM).
+        chunk: vocabulary entries computed at a time.
+        seed: of the row sampling.
+
+    Reports ``entropy_mean`` (nats) with ``entropy_mean_ci95`` (0 when exact),
+    ``entropy_q10``/``q50``/``q90`` (from a histogram of 0.01-nat bins: exact to one bin),
+    ``certain_fraction``, ``high_fraction``, ``tokens`` (counted; an estimate when sampled),
+    ``sampled`` (rows computed) and ``skipped`` (sampled rows with NaN or Inf logits, left out)
+    (:func:`~collapse_monitor.functional.token_entropy_metrics`). No default rule: a healthy
+    fine-tuning run lowers the entropy too; the rules of the post-training zoo are to come.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from collapse_monitor import CollapseMonitor, probes
+        >>> model = nn.Sequential(nn.Identity())  # stands for the LM head
+        >>> mon = CollapseMonitor(model, [probes.TokenEntropy("0", tokens=None, name="ent")], 1)
+        >>> with mon.observe(targets=torch.tensor([[5, 1, -100]])):  # 3 positions, 1 ignored
+        ...     _ = model(torch.zeros(1, 3, 4))  # uniform over 4 tokens: log 4 nats
+        >>> m = mon.step()
+        >>> round(m["collapse/ent/entropy_mean"], 6), m["collapse/ent/tokens"]
+        (1.386294, 2.0)
+        >>> mon.close()
+    """
+
+    headline = ("entropy_mean",)
+
+    reads = Reading("floating-point logits (..., V)", floating(1), find=first_tensor, hint="logits")
+    keywords = {"targets": False, "mask": False}
+    uses_token_mask = True
+    described = ("label_shift",)
+
+    def __init__(
+        self,
+        module: str,
+        tokens: int | None = 64,
+        certain: float = 0.01,
+        high: float = 0.672,
+        ignore_index: int = -100,
+        target_shift: int | None = None,
+        chunk: int = 16384,
+        seed: int = 0,
+        name: str | None = None,
+        extract=None,
+        pool: bool = False,
+    ) -> None:
+        super().__init__(module, name, extract, pool=pool)
+        if tokens is not None and int(tokens) < 1:
+            raise ValueError(f"tokens must be >= 1 or None, got {tokens}")
+        if (target_shift or 0) < 0 or int(chunk) < 1:
+            raise ValueError(f"target_shift >= 0 and chunk >= 1, got {target_shift}, {chunk}")
+        self.tokens = None if tokens is None else int(tokens)
+        self.certain, self.high = float(certain), float(high)
+        self.ignore_index = ignore_index
+        self.target_shift = target_shift
+        self.chunk = int(chunk)
+        self.seed = seed
+        self.label_shift = 0  # resolved at attach
+        self._generator: torch.Generator | None = None  # made at attach (does not pickle)
+
+    def on_attach(self, setup, found) -> None:
+        self.label_shift = label_shift(
+            setup.model, [p for p, _ in found], self.target_shift, repr(self)
+        )
+        self._generator = torch.Generator().manual_seed(self.seed)
+
+    def new_window(self) -> Window:
+        return Window({"sums": TokenEntropySums()})
+
+    # ----------------------------------------------------------------- hot path
+    def _counts(self, z: torch.Tensor, call) -> torch.Tensor:
+        """``(N,)`` bool over the rows of the (shifted) logits: the positions that count."""
+        s = self.label_shift
+        seq = z.ndim == 3
+        if s and not seq:
+            raise call.error(f"a label shift needs (B, T, V) logits, got {tuple(z.shape)}")
+        lead = z.shape[:-1]
+        shifted = (lead[0], lead[1] - s) if seq else lead
+        counts = torch.ones(shifted, dtype=torch.bool, device=z.device)
+        labels = call.keyword("targets")
+        if labels is not None:
+            labels = torch.as_tensor(labels)
+            if labels.is_floating_point() or labels.dtype == torch.bool:
+                raise call.error(f"targets must be integer token ids, got dtype {labels.dtype}")
+            if seq and labels.ndim == 2 and labels.shape[1] > lead[1]:
+                labels = labels[:, labels.shape[1] - lead[1] :]  # logits of the last positions
+            labels = labels[..., s:] if s else labels
+            if tuple(labels.shape) != tuple(shifted):
+                raise call.error(
+                    f"targets of shape {tuple(labels.shape)} do not match logits of shape "
+                    f"{tuple(z.shape)} (shift {s}: expected {tuple(shifted)})"
+                )
+            counts &= to_device(labels, z.device) != self.ignore_index
+        if seq:
+            real = token_mask(call, lead[0], lead[1], z.device)
+            if real is not None:
+                if call.keyword("mask") is not None:  # marks the predicted tokens
+                    counts &= real[:, s:]
+                else:  # padding: the position and the token it predicts are both real
+                    counts &= real[:, : lead[1] - s] & real[:, s:]
+        return counts.reshape(-1)
+
+    def update(self, window, z, call) -> None:
+        s = self.label_shift
+        counts = self._counts(z, call)
+        rows = (z[:, : z.shape[1] - s] if s else z).detach().reshape(-1, z.shape[-1])
+        N = rows.shape[0]
+        if not N:
+            return
+        n = counts.sum().to(_F64)
+        if self.tokens is None or self.tokens >= N:
+            drawn, use, k = rows, counts, n
+        else:  # a uniform draw of k rows among those that count, without a host sync
+            keys = to_device(torch.rand(N, generator=self._generator), z.device)
+            idx = torch.where(counts, keys, 2.0).topk(self.tokens, largest=False).indices
+            drawn, use = rows[idx], counts[idx]
+            k = use.sum().to(_F64)  # min(tokens, n): the drawn rows that count
+        h = chunked_entropy(drawn, self.chunk).to(_F64)
+        finite = torch.isfinite(h)
+        skipped = (use & ~finite).sum()
+        use = use & finite
+        h = torch.where(use, h, 0.0)
+        weight = torch.where(use, n / k.clamp_min(1.0), 0.0)
+        # simple random sampling of k of n: Var(n * mean) = n^2 (1 - k/n) s^2 / k
+        kk = use.sum().to(_F64)
+        mean = h.sum() / kk.clamp_min(1.0)
+        s2 = torch.where(use, (h - mean) ** 2, 0.0).sum() / (kk - 1).clamp_min(1.0)
+        variance = n * n * (1 - k / n.clamp_min(1.0)) * s2 / k.clamp_min(1.0)
+        dof = torch.where(k < n, (kk - 1).clamp_min(0.0), 0.0)  # exact: no sampling variance
+        window["sums"].add(h, weight, variance, dof, self.certain, self.high, skipped)
+
+    # ----------------------------------------------------------------- readout
+    def readout(self, window) -> Readout:
+        st = window["sums"]
+        out = entropy_from_sums(
+            st.tokens.item(),
+            st.total.item(),
+            st.variance.item(),
+            st.hist.cpu(),
+            st.certain.item(),
+            st.high.item(),
+            st.sampled.item(),
+            st.skipped.item(),
+            st.dof.item() or math.inf,
+        )
+        return Readout({self.key(k): v for k, v in out.items()})

@@ -1,0 +1,189 @@
+"""TokenEntropy: streamed = the float64 whole-tensor reference, masks as language models write
+them, and the sampled mode's estimate and interval."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from collapse_monitor import CollapseMonitor, probes
+from collapse_monitor import functional as MF
+from tests.probes.test_conventions import run, tiny
+from tests.stats.test_class_moments import random_split
+
+
+def head_model():
+    m = nn.Sequential()
+    m.add_module("head", nn.Identity())  # stands for the LM head: its input is its output
+    return m
+
+
+def stream(probe, batches, log_every=10**6):
+    """Feed ``(logits, targets, mask)`` calls, several per step; returns the last log."""
+    model = head_model()
+    mon = CollapseMonitor(model, [probe], log_every, strict=True, observe_every_n_steps=1)
+    out = None
+    for step in batches:
+        for z, y, mask in step:
+            kw = {k: v for k, v in (("targets", y), ("mask", mask)) if v is not None}
+            with mon.observe(**kw):
+                model.head(z)
+        out = mon.step() or out
+    out = out or mon.compute()
+    mon.close()
+    return out
+
+
+def test_chunked_entropy_equals_the_reference_for_any_chunk():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(7, 1000, generator=g, dtype=torch.float64) * 4
+    z[0, 10:] = -math.inf  # 10 tokens possible
+    z[1] = 0.0  # uniform: log V
+    ref = MF.token_entropy(z)
+    assert ref[1] == pytest.approx(math.log(1000), rel=1e-12)
+    assert ref[0] == pytest.approx(MF.token_entropy(z[0, :10]).item(), rel=1e-12)
+    for chunk in (1, 7, 333, 1000, 5000):
+        assert torch.allclose(MF.chunked_entropy(z, chunk), ref, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(MF.chunked_entropy(z.float(), 64).double(), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_exact_mode_streamed_equals_the_whole_tensor_reference(seed, dtype):
+    # uneven calls split at random over 3 steps, ignored labels, a batch where nothing counts
+    g = torch.Generator().manual_seed(seed)
+    V, B, T = 300, 6, 11
+    z = (torch.randn(B, T, V, generator=g) * torch.rand(B, T, 1, generator=g) * 12).to(dtype)
+    y = torch.randint(0, V, (B, T), generator=g)
+    y[torch.rand(B, T, generator=g) < 0.3] = -100
+    y[2] = -100
+    sizes = random_split(B, 4, seed)
+    parts = list(zip(z.split(sizes), y.split(sizes)))
+    steps = [[(a, b, None) for a, b in parts[:2]], [(a, b, None) for a, b in parts[2:3]],
+             [(a, b, None) for a, b in parts[3:]]]  # fmt: skip
+    got = stream(probes.TokenEntropy("head", tokens=None, chunk=64, name="e"), steps)
+    want = MF.token_entropy_metrics(z, y != -100)
+    assert got["collapse/e/tokens"] == want["tokens"] == int((y != -100).sum())
+    assert got["collapse/e/entropy_mean"] == pytest.approx(want["entropy_mean"], rel=1e-6)
+    assert got["collapse/e/entropy_mean_ci95"] == 0.0
+    for key in ("certain_fraction", "high_fraction"):
+        assert got[f"collapse/e/{key}"] == pytest.approx(want[key], rel=1e-6, abs=1e-12)
+    for q in (10, 50, 90):  # the same 0.01-nat histogram: within a bin of each other
+        assert abs(got[f"collapse/e/entropy_q{q}"] - want[f"entropy_q{q}"]) <= 0.01
+    # and the reference's quantiles are the order statistics (the q N-th smallest) to one bin
+    h = MF.token_entropy(z)[y != -100].sort().values
+    for q in (0.1, 0.5, 0.9):
+        order = h[math.ceil(q * len(h)) - 1].item()
+        assert abs(want[f"entropy_q{round(q * 100)}"] - order) <= 0.01 + 1e-9
+
+
+def test_known_answers_uniform_certain_and_bad_rows():
+    z = torch.zeros(1, 4, 50)
+    z[0, 1, 3] = 100.0  # certain
+    z[0, 2, 0] = float("nan")  # a diverged row: skipped, counted
+    got = stream(probes.TokenEntropy("head", tokens=None, name="e"), [[(z, None, None)]])
+    assert got["collapse/e/tokens"] == 3 and got["collapse/e/skipped"] == 1
+    assert got["collapse/e/entropy_mean"] == pytest.approx(2 * math.log(50) / 3, rel=1e-6)
+    assert got["collapse/e/certain_fraction"] == pytest.approx(1 / 3)
+    assert got["collapse/e/high_fraction"] == pytest.approx(2 / 3)
+
+
+def test_sampled_mode_is_unbiased_and_its_interval_covers_the_exact_mean():
+    # 3 steps of 4 calls, 40-120 tokens each, 8 drawn per call; 200 seeds of the draw
+    g = torch.Generator().manual_seed(0)
+    steps = []
+    for _ in range(3):
+        calls = []
+        for _ in range(4):
+            n = int(torch.randint(40, 120, (), generator=g))
+            z = torch.randn(1, n, 64, generator=g) * torch.rand(1, n, 1, generator=g) * 8
+            y = torch.randint(0, 64, (1, n), generator=g)
+            y[0, : n // 4] = -100  # a prompt
+            calls.append((z, y, None))
+        steps.append(calls)
+    exact = stream(probes.TokenEntropy("head", tokens=None, name="e"), steps)
+    mean, tokens = exact["collapse/e/entropy_mean"], exact["collapse/e/tokens"]
+    estimates, covered = [], 0
+    for seed in range(200):
+        got = stream(probes.TokenEntropy("head", tokens=8, seed=seed, name="e"), steps)
+        assert got["collapse/e/tokens"] == pytest.approx(tokens)  # n / k weights: exact counts
+        assert got["collapse/e/sampled"] == 8 * 12
+        est, ci = got["collapse/e/entropy_mean"], got["collapse/e/entropy_mean_ci95"]
+        estimates.append(est)
+        covered += abs(est - mean) <= ci
+    avg = sum(estimates) / len(estimates)
+    sd = math.sqrt(sum((e - avg) ** 2 for e in estimates) / (len(estimates) - 1))
+    assert abs(avg - mean) < 3 * sd / math.sqrt(len(estimates))  # unbiased
+    assert 0.9 <= covered / 200 <= 0.99  # a calibrated 95% interval
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_a_causal_lm_counts_completion_tokens_with_either_padding(side):
+    # Llama from a config, labels = input_ids with the prompt at -100 and padding at -100:
+    # no argument; by hand: logits at t against the label at t + 1, both positions real
+    pytest.importorskip("transformers")
+    model = tiny("Llama", vocab_size=40, num_hidden_layers=1)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 40, (3, 10), generator=g)
+    mask = torch.ones(3, 10, dtype=torch.long)
+    labels = ids.clone()
+    for b, (pad, prompt) in enumerate([(4, 2), (0, 3), (2, 5)]):
+        padded = slice(0, pad) if side == "left" else slice(10 - pad, 10)
+        mask[b, padded] = 0
+        labels[b, padded] = -100
+        start = pad if side == "left" else 0
+        labels[b, start : start + prompt] = -100
+    feed = {
+        "forward": lambda s: model(ids, attention_mask=mask),
+        "observe": {"targets": labels},
+    }
+    got = run(model, [probes.TokenEntropy("lm_head", tokens=None, name="e")], feed)
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask).logits[:, :-1]
+    keep = (labels[:, 1:] != -100) & mask[:, :-1].bool() & mask[:, 1:].bool()
+    want = MF.token_entropy_metrics(logits, keep)
+    assert got["collapse/e/tokens"] == want["tokens"] == int(keep.sum())
+    assert got["collapse/e/entropy_mean"] == pytest.approx(want["entropy_mean"], rel=1e-6)
+
+
+def test_logits_to_keep_and_a_completion_mask():
+    # logits of the last 4 positions only (logits_to_keep): full-length labels right-aligned;
+    # observe(mask=) marks the predicted tokens that count (a completion mask)
+    pytest.importorskip("transformers")
+    model = tiny("Llama", vocab_size=40, num_hidden_layers=1)
+    ids = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(2))
+    labels = ids.clone()
+    labels[1, -1] = -100
+    completion = torch.zeros(2, 9, dtype=torch.bool)
+    completion[:, 6:] = True  # the completion: the last 3 tokens
+    feed = {
+        "forward": lambda s: model(ids, logits_to_keep=4),
+        "observe": {"targets": labels, "mask": completion},
+    }
+    got = run(model, [probes.TokenEntropy("lm_head", tokens=None, name="e")], feed)
+    with torch.no_grad():
+        full = model(ids).logits
+    # positions 5..7 predict tokens 6..8 (position 8 predicts nothing)
+    keep = completion[:, 6:] & (labels[:, 6:] != -100)
+    want = MF.token_entropy_metrics(full[:, 5:8], keep)
+    assert got["collapse/e/tokens"] == want["tokens"] == 5
+    assert got["collapse/e/entropy_mean"] == pytest.approx(want["entropy_mean"], rel=1e-5)
+
+
+def test_equal_to_trls_entropy_from_logits():
+    trl_utils = pytest.importorskip("trl.trainer.utils")
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(2, 16, 500, generator=g) * 5
+    got = stream(probes.TokenEntropy("head", tokens=None, name="e"), [[(z, None, None)]])
+    theirs = trl_utils.entropy_from_logits(z).double().mean().item()
+    assert got["collapse/e/entropy_mean"] == pytest.approx(theirs, rel=1e-6)
+
+
+def test_the_interval_uses_students_t_quantile():
+    stats = pytest.importorskip("scipy.stats")
+    from collapse_monitor.functional.token_entropy import t_quantile_975
+
+    for dof, tol in ((5, 3e-3), (10, 2e-4), (31, 2e-5), (500, 1e-8)):
+        assert t_quantile_975(dof) == pytest.approx(stats.t.ppf(0.975, dof), abs=tol)
+    assert t_quantile_975(math.inf) == pytest.approx(stats.norm.ppf(0.975), abs=1e-12)
