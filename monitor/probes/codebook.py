@@ -73,7 +73,8 @@ class CodebookUsage(Probe):
     latest steps, up to 128 and across logs, whose indices would show a uniform codebook 99%
     of its codes, ``T >= 4.6 K`` per head, so that it is not low by construction; their number
     is ``usage_recent_steps``; not reported before that many indices were seen: the usage
-    rule's latest value), plus a histogram
+    rule's latest value) and ``codes_used_recent`` (the codes hit in those steps: 1 is total
+    collapse at any ``K``, the ``single_code`` rule), plus a histogram
     ``usage_hist`` of hits per code and the mask ``dead`` ``(H, K)`` for mitigations.
     Hot path: one ``index_add_`` per call, no host sync (out-of-range indices are left out and
     counted; a ``strict`` monitor raises at the call).
@@ -135,6 +136,17 @@ class CodebookUsage(Probe):
             name="usage_collapsed",
             requires=(("usage_uniform", "above", 0.5), ("dead_codes", "above", -1.0)),
             message="a tenth of the codes a uniform codebook would use in this window: collapsed",
+        ),
+        # every recent assignment on one code is total collapse at any K (with K = 4 experts,
+        # usage cannot fall below the severe 0.2 of usage_below: one expert is 0.25)
+        RuleSpec(
+            "codes_used_recent",
+            1.5,
+            "below",
+            name="single_code",
+            patience=1,
+            message="every recent assignment went to a single code: the codebook or router "
+            "has collapsed",
         ),
         RuleSpec(
             "perplexity_ratio",
@@ -341,9 +353,12 @@ class CodebookUsage(Probe):
         if not len(enough):
             return {}
         steps = int(enough[0]) + 1
+        usage = float(recent.usage(steps).mean())
         return {
-            self.key("usage_recent"): float(recent.usage(steps).mean()),
+            self.key("usage_recent"): usage,
             self.key("usage_recent_steps"): float(steps),
+            # codes hit in those steps (per head, mean over heads)
+            self.key(f"{self.unit}_used_recent"): usage * self.num_codes,
         }
 
     def _extra_metrics(self, win: CodeCounts) -> dict[str, torch.Tensor]:

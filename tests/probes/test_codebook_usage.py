@@ -275,7 +275,8 @@ def test_a_total_collapse_in_windows_too_thin_for_the_usage_rule_still_alerts():
     assert m["collapse/vq/usage_ratio"] == pytest.approx(
         m["collapse/vq/usage"] / m["collapse/vq/usage_uniform"]
     )
-    assert fired == {"collapsed": ["vq/usage_collapsed"], "uniform": []}
+    # (by step 40 the latest 37 steps hold the 2,357 assignments that make a sample: one code)
+    assert fired == {"collapsed": ["vq/single_code", "vq/usage_collapsed"], "uniform": []}
 
 
 def test_usage_of_the_latest_steps_that_hold_enough_samples():
@@ -359,3 +360,28 @@ def test_a_checkpoint_without_the_recent_steps_entry_still_loads():
     del state["probes"]["vq"]["window"]["entries"]["recent"]
     again, _ = stream(probes.CodebookUsage("vq", 8, name="vq"), [])
     again.load_state_dict(state)
+
+
+def test_a_router_of_four_experts_on_one_expert_alerts_at_that_log():
+    # usage 0.25 can never pass usage_below's severe 0.2: single_code reads the recent steps
+    def alerts_for(steps):
+        alerts = []
+        q = nn.Sequential()
+        q.add_module("vq", Quantizer())
+        mon = CollapseMonitor(
+            q, [probes.CodebookUsage("vq", 4, name="r")], 10, on_alert=alerts.append
+        )
+        for idx in steps:
+            with mon.observe():
+                q.vq(torch.zeros(len(idx), 1), idx)
+            m = mon.step() or None
+        mon.close()
+        return m, sorted((a.step, a.rule) for a in alerts)
+
+    healthy = [torch.arange(4).repeat(8)] * 10
+    m, fired = alerts_for(healthy[:6] + [torch.full((32,), 2)] * 4)
+    assert m["collapse/r/usage"] == 1.0 and m["collapse/r/codes_used_recent"] == 1.0
+    assert fired == [(10, "r/single_code")]
+    m, fired = alerts_for(healthy[:6] + [torch.tensor([1, 2]).repeat(16)] * 4)
+    assert m["collapse/r/codes_used_recent"] == 2.0 and fired == []
+    assert alerts_for(healthy)[1] == []
