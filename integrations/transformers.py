@@ -8,6 +8,7 @@ import logging
 import os
 from typing import Any, Callable, Optional, Union
 
+import torch
 from torch import nn
 
 from ..config import MonitorConfig
@@ -287,6 +288,11 @@ class CollapseTrainerCallback(LoopAdapter, TrainerCallback):
         self.loop.stop_observing()
         if module.training:
             if not self._training:
+                return
+            if not torch.is_grad_enabled():
+                # a training-mode forward without gradients is no training forward: generate()
+                # (TRL's rollouts) or a scoring pass (old or reference log-probabilities); its
+                # statistics would mix the rollout's with the trained policy's
                 return
             if self.loop.evaluating:
                 # eval-mode forwards outside evaluate()/predict() (e.g. generate() in a

@@ -350,8 +350,9 @@ def token_mask(call: Call, batch: int, length: int, device: torch.device) -> tor
     From ``observe(mask=...)`` ``(B, S)`` (true or 1 for real tokens), else from the model's
     own ``attention_mask`` input (``transformers`` convention; by keyword or by position),
     right-aligned: a layer that sees ``length <= S`` positions sees the last ones (decoding
-    with a key-value cache). The model's mask is used only where it covers the layer: its
-    length is the layer's, or the call used a cache; elsewhere (an encoder-decoder's decoder)
+    with a key-value cache, or an LM head under ``logits_to_keep``). The model's mask is used
+    only where it covers the layer: its length is the layer's, the call used a cache, or it
+    kept the logits of the last ``length`` positions; elsewhere (an encoder-decoder's decoder)
     the monitor says once that ``observe(mask=)`` is needed, and every token counts.
 
     Raises:
@@ -367,7 +368,9 @@ def token_mask(call: Call, batch: int, length: int, device: torch.device) -> tor
             f"{length} tokens: expected ({batch}, >= {length}), true for real tokens"
         )
     cached = call.model_inputs.get("cached", False)
-    if not given and not (fits and (mask.shape[1] == length or cached)):
+    kept = call.model_inputs.get("kept")  # logits of the last `kept` positions (logits_to_keep)
+    kept = isinstance(kept, int) and not isinstance(kept, bool) and kept == length
+    if not given and not (fits and (mask.shape[1] == length or cached or kept)):
         call._context.warn_mask(call.path, mask, f"{batch} sequences of {length} tokens")
         return None
     return to_device(mask[:, mask.shape[1] - length :], device).bool()

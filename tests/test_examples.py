@@ -91,10 +91,12 @@ def readme_snippets():
     return [b for b in blocks if any(s in b for s in starts)]
 
 
-@pytest.mark.parametrize("index", range(3))
+@pytest.mark.parametrize("index", range(4))
 def test_readme_quick_starts_run(index, tmp_path):
     snippets = readme_snippets()
-    assert len(snippets) == 3, "README should hold the PyTorch, Lightning and Trainer quick starts"
+    assert len(snippets) == 4, (
+        "README should hold the PyTorch, Lightning, Trainer and TRL quick starts"
+    )
     code = snippets[index]
     assert sum(bool(line.strip()) for line in code.splitlines()) <= 20
     proc = subprocess.run(

@@ -35,21 +35,41 @@ def token_entropy(logits: torch.Tensor) -> torch.Tensor:
     return lse[..., 0] - torch.where(p > 0, p * z, 0.0).sum(-1)
 
 
-def chunked_entropy(rows: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
+def chunked_entropy(
+    rows: torch.Tensor,
+    chunk: int = 16384,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
     """:func:`token_entropy` of ``rows (N, V)`` in at least float32, ``chunk`` vocabulary entries at
-    a time (an online log-sum-exp), so that memory is ``N * chunk``, not ``N * V``.
+    a time (an online log-sum-exp), so that memory is ``N * chunk``, not ``N * V``. With
+    ``weight (V, D)`` (and ``bias (V,)``), ``rows`` are an LM head's inputs ``(N, D)`` and each
+    chunk's logits are made from them (``rows W' + b``): the full logits never exist. Logits are
+    divided by ``temperature``.
 
     With ``m`` the running maximum, ``s = sum exp(z - m)`` and ``t = sum exp(z - m) (z - m)``:
     ``H = log s - t / s``; a new maximum ``m'`` rescales both (``s e^(m - m')`` and
     ``(t + s (m - m')) e^(m - m')``). Returns ``(N,)`` in the compute dtype.
     """
     wide = torch.promote_types(rows.dtype, torch.float32)
+    if weight is not None:
+        wide = torch.promote_types(wide, weight.dtype)
+        rows = rows.to(wide)
     N = rows.shape[0]
     m = torch.full((N,), -math.inf, dtype=wide, device=rows.device)
     s = torch.zeros(N, dtype=wide, device=rows.device)
     t = torch.zeros(N, dtype=wide, device=rows.device)
-    for part in rows.split(chunk, dim=-1):
-        z = part.to(wide)
+    V = rows.shape[-1] if weight is None else weight.shape[0]
+    for lo in range(0, V, chunk):
+        if weight is None:
+            z = rows[:, lo : lo + chunk].to(wide)
+        else:
+            z = rows @ weight[lo : lo + chunk].to(wide).T
+            if bias is not None:
+                z = z + bias[lo : lo + chunk].to(wide)
+        if temperature != 1.0:
+            z = z / temperature
         new = torch.maximum(m, z.amax(-1))
         safe = torch.where(torch.isfinite(new), new, 0.0)  # rows of -inf only so far
         scale = torch.where(torch.isfinite(m), (m - safe).exp(), 0.0)

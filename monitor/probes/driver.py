@@ -203,8 +203,10 @@ class ProbeDriver(Component, Recorder):
                 pass
         mask = bound.get("attention_mask")
         cached = bound.get("past_key_values") is not None
+        # transformers' logits_to_keep = k: the head sees the last k positions (0: all)
+        kept = bound.get("logits_to_keep")
         self.model_inputs = (
-            {"attention_mask": mask.detach(), "cached": cached}
+            {"attention_mask": mask.detach(), "cached": cached, "kept": kept}
             if isinstance(mask, torch.Tensor) and mask.ndim == 2
             else {}
         )

@@ -4,8 +4,10 @@ the policy entropy whose collapse stalls RL post-training."""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
+from torch import nn
 
 from ..contracts import Readout
 from ..functional.token_entropy import chunked_entropy, entropy_from_sums
@@ -14,6 +16,24 @@ from ..stats import TokenEntropySums, Window, to_device
 from .base import Probe
 
 _F64 = torch.float64
+# configuration fields of transformers models whose logits are not the head's plain output: the
+# hidden-state path would compute other logits than the model's (refused, never guessed)
+_LOGIT_TRANSFORMS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "output_multiplier",
+    "lm_head_multiplier",
+    "logits_scaling",
+)
+
+
+def _states_or_logits(value):
+    """A model output's ``last_hidden_state`` (a backbone) or ``logits``; else its first tensor."""
+    if isinstance(value, Mapping):
+        for key in ("last_hidden_state", "logits"):
+            if isinstance(value.get(key), torch.Tensor):
+                return value[key]
+    return first_tensor(value)
 
 
 class TokenEntropy(Probe):
@@ -39,9 +59,22 @@ class TokenEntropy(Probe):
     t quantile, with the sampled rows less one per call as degrees of freedom).
     ``tokens=None`` computes every row (exact).
 
+    Without materialised logits (TRL's fused LM head, fused linear-cross-entropy kernels):
+    ``TokenEntropy("model", head="lm_head")`` reads the hidden states the head would read (the
+    backbone's ``last_hidden_state``) and makes the drawn rows' logits from the head's weight and
+    bias (tied embeddings included), ``chunk`` vocabulary rows at a time. A model whose logits are
+    scaled or soft-capped after the head (``final_logit_softcapping``, ``logit_scale``, ...) is
+    refused on that path.
+
     Args:
         module: the module whose output are the logits ``(B, T, V)`` or ``(N, V)`` (the LM head;
-            the first tensor of a tuple output; ``extract=`` otherwise).
+            the first tensor of a tuple output, a model output's ``logits``; ``extract=``
+            otherwise), or with ``head``, the hidden states ``(B, T, D)`` the head reads (a
+            backbone's ``last_hidden_state``).
+        head: the path of the ``nn.Linear`` LM head whose weight makes the logits from
+            ``module``'s hidden states (the hidden-state path); None: ``module`` gives logits.
+        temperature: the logits are divided by it (a sampler's temperature: GRPO's policy
+            entropy is that of ``z / T``).
         tokens: rows drawn per call (default 64), or ``None`` for every row.
         certain: entropy (nats) below which a token counts as near-certain (default 0.01).
         high: entropy (nats) above which a token counts as high-entropy (default 0.672, the 80th
@@ -76,7 +109,12 @@ class TokenEntropy(Probe):
 
     headline = ("entropy_mean",)
 
-    reads = Reading("floating-point logits (..., V)", floating(1), find=first_tensor, hint="logits")
+    reads = Reading(
+        "floating-point logits (..., V), or hidden states (B, T, D) with head=",
+        floating(1),
+        find=_states_or_logits,
+        hint="logits",
+    )
     keywords = {"targets": False, "mask": False}
     uses_token_mask = True
     described = ("label_shift",)
@@ -91,6 +129,8 @@ class TokenEntropy(Probe):
         target_shift: int | None = None,
         chunk: int = 16384,
         seed: int = 0,
+        head: str | None = None,
+        temperature: float = 1.0,
         name: str | None = None,
         extract=None,
         pool: bool = False,
@@ -104,8 +144,13 @@ class TokenEntropy(Probe):
         self.certain, self.high = float(certain), float(high)
         self.ignore_index = ignore_index
         self.target_shift = target_shift
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
         self.chunk = int(chunk)
         self.seed = seed
+        self.head = head
+        self.temperature = float(temperature)
+        self._head: nn.Linear | None = None  # found at attach
         self.label_shift = 0  # resolved at attach
         self._generator: torch.Generator | None = None  # made at attach (does not pickle)
 
@@ -114,6 +159,33 @@ class TokenEntropy(Probe):
             setup.model, [p for p, _ in found], self.target_shift, repr(self)
         )
         self._generator = torch.Generator().manual_seed(self.seed)
+        if self.head is not None:
+            self._head = self._find_head(setup.model)
+
+    def _find_head(self, model: nn.Module) -> nn.Linear:
+        try:
+            head = model.get_submodule(self.head)
+        except AttributeError:
+            raise ValueError(f"{self!r}: no module '{self.head}' (head=) in the model") from None
+        if not isinstance(head, nn.Linear):
+            raise ValueError(
+                f"{self!r}: head='{self.head}' is a {type(head).__name__}; the hidden-state path "
+                "needs the nn.Linear that makes the logits"
+            )
+        for mod in model.modules():
+            config = getattr(mod, "config", None)
+            text = config.get_text_config() if hasattr(config, "get_text_config") else config
+            scaled = {
+                f: getattr(text, f)
+                for f in _LOGIT_TRANSFORMS
+                if getattr(text, f, None) not in (None, 1, 1.0)
+            }
+            if scaled:
+                raise ValueError(
+                    f"{self!r}: the model transforms its logits after the head ({scaled}); "
+                    "the hidden-state path would compute other logits: probe the logits"
+                )
+        return head
 
     def new_window(self) -> Window:
         return Window({"sums": TokenEntropySums()})
@@ -155,6 +227,20 @@ class TokenEntropy(Probe):
         s = self.label_shift
         counts = self._counts(z, call)
         rows = (z[:, : z.shape[1] - s] if s else z).detach().reshape(-1, z.shape[-1])
+        weight = bias = None
+        if self._head is not None:
+            weight, bias = self._head.weight.detach(), self._head.bias
+            if type(weight) is not torch.Tensor and not isinstance(weight, nn.Parameter):
+                raise call.error(
+                    f"head '{self.head}' holds a {type(weight).__name__} weight (sharded): the "
+                    "hidden-state path needs the whole weight"
+                )
+            if weight.shape[1] != rows.shape[1]:
+                raise call.error(
+                    f"hidden states of width {rows.shape[1]} for head '{self.head}' of input "
+                    f"width {weight.shape[1]}"
+                )
+            bias = None if bias is None else bias.detach()
         N = rows.shape[0]
         if not N:
             return
@@ -166,7 +252,7 @@ class TokenEntropy(Probe):
             idx = torch.where(counts, keys, 2.0).topk(self.tokens, largest=False).indices
             drawn, use = rows[idx], counts[idx]
             k = use.sum().to(_F64)  # min(tokens, n): the drawn rows that count
-        h = chunked_entropy(drawn, self.chunk).to(_F64)
+        h = chunked_entropy(drawn, self.chunk, weight, bias, self.temperature).to(_F64)
         finite = torch.isfinite(h)
         skipped = (use & ~finite).sum()
         use = use & finite

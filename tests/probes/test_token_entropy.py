@@ -187,3 +187,62 @@ def test_the_interval_uses_students_t_quantile():
     for dof, tol in ((5, 3e-3), (10, 2e-4), (31, 2e-5), (500, 1e-8)):
         assert t_quantile_975(dof) == pytest.approx(stats.t.ppf(0.975, dof), abs=tol)
     assert t_quantile_975(math.inf) == pytest.approx(stats.norm.ppf(0.975), abs=1e-12)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("tokens", [None, 5])
+def test_the_hidden_state_path_equals_the_logits_path(tied, tokens):
+    # the backbone's hidden states and the head's weight (tied to the embeddings or not), with
+    # left padding and a prompt at -100; sampled: the same seed draws the same rows
+    pytest.importorskip("transformers")
+    model = tiny("Llama", vocab_size=50, num_hidden_layers=1, tie_word_embeddings=tied)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    ids = torch.randint(0, 50, (3, 9), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[0, :3] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :5] = -100
+    feed = {"forward": lambda s: model(ids, attention_mask=mask), "observe": {"targets": labels}}
+    pair = [
+        probes.TokenEntropy("lm_head", tokens=tokens, temperature=0.7, name="logits"),
+        probes.TokenEntropy("model", head="lm_head", tokens=tokens, temperature=0.7, name="h"),
+    ]
+    got = run(model, pair, feed)
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask).logits[:, :-1] / 0.7
+    keep = (labels[:, 1:] != -100) & mask[:, :-1].bool() & mask[:, 1:].bool()
+    for key in ("tokens", "sampled", "entropy_mean", "entropy_mean_ci95", "certain_fraction"):
+        assert got[f"collapse/h/{key}"] == pytest.approx(got[f"collapse/logits/{key}"], rel=1e-5)
+    if tokens is None:
+        want = MF.token_entropy_metrics(logits, keep)
+        assert got["collapse/h/entropy_mean"] == pytest.approx(want["entropy_mean"], rel=1e-5)
+
+
+def test_the_hidden_state_path_refuses_logits_transformed_after_the_head():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.Gemma2Config(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+    )  # fmt: skip
+    model = transformers.Gemma2ForCausalLM(cfg)
+    assert cfg.final_logit_softcapping
+    with pytest.raises(ValueError, match="final_logit_softcapping.*probe the logits"):
+        CollapseMonitor(model, [probes.TokenEntropy("model", head="lm_head")], 1)
+    CollapseMonitor(model, [probes.TokenEntropy("lm_head")], 1).close()  # the logits: fine
+
+
+def test_logits_to_keep_reads_the_models_padding_right_aligned():
+    pytest.importorskip("transformers")
+    model = tiny("Llama", vocab_size=40, num_hidden_layers=1)
+    ids = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[0, :3] = 0  # left padding
+    mask[1, 7:] = 0  # right padding inside the kept positions
+    feed = {"forward": lambda s: model(ids, attention_mask=mask, logits_to_keep=4)}
+    got = run(model, [probes.TokenEntropy("lm_head", tokens=None, name="e")], feed)
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask).logits
+    keep = mask[:, 5:8].bool() & mask[:, 6:9].bool()  # positions 5..7 predict tokens 6..8
+    want = MF.token_entropy_metrics(full[:, 5:8], keep)
+    assert got["collapse/e/tokens"] == want["tokens"] == 3 + 1
+    assert got["collapse/e/entropy_mean"] == pytest.approx(want["entropy_mean"], rel=1e-5)

@@ -1,0 +1,111 @@
+"""TRL trainers with the monitor's Trainer callback: TokenEntropy against TRL's own entropy."""
+
+import math
+
+import pytest
+import torch
+
+from collapse_monitor import probes
+
+trl = pytest.importorskip("trl")
+transformers = pytest.importorskip("transformers")
+datasets = pytest.importorskip("datasets")
+
+from collapse_monitor.integrations.transformers import CollapseTrainerCallback  # noqa: E402
+
+CHARS = "abcdefghij"
+
+
+def char_tokenizer():
+    """A character tokenizer built in code (no download): pad 0, eos 1, then the letters."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "</s>": 1, **{c: i + 2 for i, c in enumerate(CHARS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", padding_side="left"
+    )
+
+
+def tiny_lm(vocab):
+    cfg = transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        pad_token_id=0, eos_token_id=1, bos_token_id=1,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def logged(trainer, key):
+    return {e["step"]: e[key] for e in trainer.state.log_history if key in e}
+
+
+def test_grpo_token_entropy_equals_trls_entropy_over_the_completion_tokens(tmp_path):
+    # prompts of different lengths, left-padded; TRL never materialises the logits (a fused
+    # head): the probe reads the backbone's hidden states with head="lm_head". Rollouts
+    # (generate(), no gradient) are not training forwards and are left out
+    tok = char_tokenizer()
+    prompts = ["ab", "abcdef", "a", "cdefghij"] * 4
+    ds = datasets.Dataset.from_dict({"prompt": prompts})
+
+    def reward(completions, **kw):  # more 'a's is better
+        return [float(c.count("a")) for c in completions]
+
+    args = trl.GRPOConfig(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
+        max_completion_length=6, max_steps=3, logging_steps=1, learning_rate=1e-3,
+        report_to=[], use_cpu=True, save_strategy="no", temperature=1.0, beta=0.0, seed=0,
+    )  # fmt: skip
+    callback = CollapseTrainerCallback(
+        [probes.TokenEntropy("model", head="lm_head", tokens=None, name="entropy")]
+    )
+    trainer = trl.GRPOTrainer(
+        model=tiny_lm(len(CHARS) + 2), reward_funcs=reward, args=args, train_dataset=ds,
+        processing_class=tok, callbacks=[callback],
+    )  # fmt: skip
+    trainer.train()
+    callback.close()
+    theirs = logged(trainer, "entropy")
+    ours = logged(trainer, "collapse/entropy/entropy_mean")
+    assert sorted(ours) == sorted(theirs) == [1, 2, 3]
+    for step in theirs:
+        assert ours[step] == pytest.approx(theirs[step], rel=1e-5), step
+    assert all(0 < v < math.log(len(CHARS) + 2) + 1e-6 for v in ours.values())
+
+
+def test_sft_token_entropy_equals_trls_entropy_over_the_completion_tokens(tmp_path, caplog):
+    # prompt-completion pairs: the loss (and TRL's entropy) covers the completion tokens only;
+    # the probe reads the labels the trainer passes (prompt and padding at -100). TRL's fused
+    # head never calls lm_head: a probe there sees nothing and says so; the hidden states with
+    # the head's weight give TRL's number
+    tok = char_tokenizer()
+    tok.padding_side = "right"
+    pairs = [("ab", "cde"), ("abcdef", "g"), ("a", "bcdefgh"), ("cdefghij", "aa")] * 4
+    ds = datasets.Dataset.from_dict(
+        {"prompt": [p for p, _ in pairs], "completion": [c for _, c in pairs]}
+    )
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3, logging_steps=1,
+        learning_rate=1e-3, report_to=[], use_cpu=True, save_strategy="no", seed=0,
+    )  # fmt: skip
+    callback = CollapseTrainerCallback(
+        [
+            probes.TokenEntropy("model", head="lm_head", tokens=None, name="entropy"),
+            probes.TokenEntropy("lm_head", tokens=None, name="logits"),
+        ]
+    )
+    trainer = trl.SFTTrainer(
+        model=tiny_lm(len(CHARS) + 2), args=args, train_dataset=ds, processing_class=tok,
+        callbacks=[callback],
+    )  # fmt: skip
+    trainer.train()
+    callback.close()
+    theirs = logged(trainer, "entropy")
+    ours = logged(trainer, "collapse/entropy/entropy_mean")
+    assert sorted(ours) == sorted(theirs) == [1, 2, 3]
+    for step in theirs:
+        assert ours[step] == pytest.approx(theirs[step], rel=1e-5), step
+    assert not logged(trainer, "collapse/logits/entropy_mean")
+    assert "name='logits') recorded" in caplog.text and "never ran" in caplog.text
