@@ -1,5 +1,6 @@
 """TRL trainers with the monitor's Trainer callback: TokenEntropy against TRL's own entropy."""
 
+import json
 import math
 
 import pytest
@@ -38,6 +39,16 @@ def tiny_lm(vocab):
     return transformers.LlamaForCausalLM(cfg)
 
 
+def prompts_and_reward():
+    """Prompts of different lengths (left-padded in a batch) and a reward for 'a's."""
+    ds = datasets.Dataset.from_dict({"prompt": ["ab", "abcdef", "a", "cdefghij"] * 4})
+
+    def reward(completions, **kw):  # more 'a's is better
+        return [float(c.count("a")) for c in completions]
+
+    return ds, reward
+
+
 def logged(trainer, key):
     return {e["step"]: e[key] for e in trainer.state.log_history if key in e}
 
@@ -47,12 +58,7 @@ def test_grpo_token_entropy_equals_trls_entropy_over_the_completion_tokens(tmp_p
     # head): the probe reads the backbone's hidden states with head="lm_head". Rollouts
     # (generate(), no gradient) are not training forwards and are left out
     tok = char_tokenizer()
-    prompts = ["ab", "abcdef", "a", "cdefghij"] * 4
-    ds = datasets.Dataset.from_dict({"prompt": prompts})
-
-    def reward(completions, **kw):  # more 'a's is better
-        return [float(c.count("a")) for c in completions]
-
+    ds, reward = prompts_and_reward()
     args = trl.GRPOConfig(
         output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
         max_completion_length=6, max_steps=3, logging_steps=1, learning_rate=1e-3,
@@ -109,3 +115,30 @@ def test_sft_token_entropy_equals_trls_entropy_over_the_completion_tokens(tmp_pa
         assert ours[step] == pytest.approx(theirs[step], rel=1e-5), step
     assert not logged(trainer, "collapse/logits/entropy_mean")
     assert "name='logits') recorded" in caplog.text and "never ran" in caplog.text
+
+
+def test_grpo_on_two_processes_with_a_resume_in_a_window(tmp_path):
+    """torchrun, 2 gloo processes: each logged window is the token mean over both ranks'
+    completion tokens of its steps (a float64 reference recorded in every rank's training
+    forward); the window of steps 3-4 spans a checkpoint at step 3 and a resume."""
+    from tests.integrations.test_two_processes import torchrun
+
+    torchrun("-m", "tests.scripts.trl_grpo_ddp", str(tmp_path), timeout=600)
+    first, second = (json.loads((tmp_path / f"run{i}.json").read_text()) for i in (0, 1))
+
+    def window(steps, *runs):
+        total = count = 0
+        for run in runs:
+            for rank in run["ranks"]:
+                for step in steps:
+                    if str(step) in rank:
+                        total += rank[str(step)][0]
+                        count += rank[str(step)][1]
+        return total / count
+
+    # (the resumed run's log history starts with the checkpoint's: step 2 again)
+    assert list(first["logs"]) == ["2"] and list(second["logs"]) == ["2", "4"]
+    assert first["logs"]["2"] == pytest.approx(window([1, 2], first), rel=1e-5)
+    # the resumed run's window holds step 3 (saved with the checkpoint) and step 4
+    assert second["logs"]["4"] == pytest.approx(window([3, 4], first, second), rel=1e-5)
+    assert second["logs"]["4"] != pytest.approx(window([4], second), rel=1e-5)
