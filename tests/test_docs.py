@@ -25,6 +25,7 @@ REFERENCES = {
     "LogitHealth": functional.logit_health,
     "TokenUniformity": functional.mean_token_uniformity,
     "TokenEntropy": functional.token_entropy_metrics,
+    "GenerationDiversity": functional.generation_diversity,
     "DormantUnits": functional.dormant_units,
 }
 OPTIONAL = ("transformers", "vector_quantize_pytorch")  # dev extras some examples build models of

@@ -11,6 +11,7 @@ from .codebook import (
     usage_from_counts,
 )
 from .depth import mean_token_uniformity, token_uniformity, token_uniformity_from_sums
+from .diversity import generation_diversity
 from .logits import (
     logit_health,
     logit_health_from_sums,
@@ -53,6 +54,7 @@ __all__ = [
     "dormant_from_activity",
     "dormant_units",
     "effective_rank",
+    "generation_diversity",
     "entropy_from_logits",
     "entropy_from_probs",
     "entropy_from_sums",

@@ -3,6 +3,7 @@
 from .attention import AttentionEntropy
 from .base import Call, Probe
 from .codebook import CodebookUsage, LatentUsage
+from .diversity import GenerationDiversity
 from .dormant import DormantUnits
 from .logits import LogitHealth
 from .neural_collapse import GroupCollapse, NeuralCollapse
@@ -22,6 +23,7 @@ PROBE_TYPES = (
     PosteriorCollapse,
     LogitHealth,
     TokenEntropy,
+    GenerationDiversity,
     TokenUniformity,
     DormantUnits,
 )
@@ -32,6 +34,7 @@ __all__ = [
     "Call",
     "CodebookUsage",
     "DormantUnits",
+    "GenerationDiversity",
     "GroupCollapse",
     "LatentUsage",
     "LogitHealth",

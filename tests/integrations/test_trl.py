@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from collapse_monitor import probes
+from collapse_monitor import functional, probes
 
 trl = pytest.importorskip("trl")
 transformers = pytest.importorskip("transformers")
@@ -65,10 +65,21 @@ def test_grpo_token_entropy_equals_trls_entropy_over_the_completion_tokens(tmp_p
         report_to=[], use_cpu=True, save_strategy="no", temperature=1.0, beta=0.0, seed=0,
     )  # fmt: skip
     callback = CollapseTrainerCallback(
-        [probes.TokenEntropy("model", head="lm_head", tokens=None, name="entropy")]
+        [
+            probes.TokenEntropy("model", head="lm_head", tokens=None, name="entropy"),
+            probes.GenerationDiversity("", group_size=4, name="diversity"),
+        ]
     )
+    model = tiny_lm(len(CHARS) + 2)
+    seen = []  # the completions each training forward scores (gradients on), by hand
+
+    def capture(module, args, kwargs):
+        if module.training and torch.is_grad_enabled():
+            seen.append((kwargs["input_ids"], kwargs["labels"]))
+
+    model.register_forward_pre_hook(capture, with_kwargs=True)
     trainer = trl.GRPOTrainer(
-        model=tiny_lm(len(CHARS) + 2), reward_funcs=reward, args=args, train_dataset=ds,
+        model=model, reward_funcs=reward, args=args, train_dataset=ds,
         processing_class=tok, callbacks=[callback],
     )  # fmt: skip
     trainer.train()
@@ -79,6 +90,13 @@ def test_grpo_token_entropy_equals_trls_entropy_over_the_completion_tokens(tmp_p
     for step in theirs:
         assert ours[step] == pytest.approx(theirs[step], rel=1e-5), step
     assert all(0 < v < math.log(len(CHARS) + 2) + 1e-6 for v in ours.values())
+    # one group of 4 completions per step; their diversity from the raw ids and labels
+    assert len(seen) == 3
+    for step, (ids, labels) in enumerate(seen, 1):
+        want = functional.generation_diversity(ids, labels != -100, torch.arange(4) // 4)
+        for key in ("distinct_1", "distinct_2", "pairwise_overlap", "identical_fraction"):
+            got = logged(trainer, f"collapse/diversity/{key}")[step]
+            assert got == pytest.approx(want[key], rel=1e-12, nan_ok=True), (step, key)
 
 
 def test_sft_token_entropy_equals_trls_entropy_over_the_completion_tokens(tmp_path, caplog):

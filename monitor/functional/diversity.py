@@ -1,0 +1,143 @@
+"""Diversity of the completions sampled for one prompt (docs/metrics.md#generationdiversity):
+the reference (plain sets, one group at a time) and the fixed-size tensor kernel the probe runs.
+
+Within a group of ``G`` completions of one prompt (GRPO's ``num_generations``):
+``distinct_n`` = distinct n-grams / all n-grams of the group (Li et al. 2016's distinct-n, taken
+within the group), ``pairwise_overlap`` = the mean over pairs of the Jaccard index of their
+2-gram sets, ``identical_fraction`` = the share of pairs whose completions are the same token
+sequence. A collapsed policy samples one completion G times: distinct-n ``1/G``, overlap 1,
+identical 1.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+
+_F64 = torch.float64
+NGRAMS = (1, 2)
+
+
+def _completions(ids: torch.Tensor, mask: torch.Tensor) -> list[tuple[int, ...]]:
+    return [tuple(r[m].tolist()) for r, m in zip(ids, mask.bool())]
+
+
+def _ngrams(seq: tuple[int, ...], n: int) -> list[tuple[int, ...]]:
+    return [seq[i : i + n] for i in range(len(seq) - n + 1)]
+
+
+def generation_diversity(
+    ids: torch.Tensor, mask: torch.Tensor, groups: torch.Tensor
+) -> dict[str, float]:
+    """The reference: every metric over the groups of ``ids (B, T)``, counting the tokens where
+    ``mask (B, T)`` is true (completion tokens, in order), rows grouped by ``groups (B,)``.
+
+    Returns the mean over groups of ``distinct_1``, ``distinct_2`` (groups with an n-gram),
+    ``pairwise_overlap`` (pairs with a 2-gram), ``identical_fraction`` (all pairs), and
+    ``groups``, ``completions``; NaN where nothing defines a mean.
+    """
+    seqs = _completions(ids, mask)
+    by_group: dict[int, list[tuple[int, ...]]] = {}
+    for g, seq in zip(groups.tolist(), seqs):
+        by_group.setdefault(g, []).append(seq)
+    sums = {f"distinct_{n}": [] for n in NGRAMS}
+    overlaps, identical = [], []
+    for members in by_group.values():
+        for n in NGRAMS:
+            grams = [x for s in members for x in _ngrams(s, n)]
+            if grams:
+                sums[f"distinct_{n}"].append(len(set(grams)) / len(grams))
+        pairs = list(itertools.combinations(members, 2))
+        for a, b in pairs:
+            sa, sb = set(_ngrams(a, 2)), set(_ngrams(b, 2))
+            if sa | sb:
+                overlaps.append(len(sa & sb) / len(sa | sb))
+        if pairs:
+            identical.append(sum(a == b for a, b in pairs) / len(pairs))
+
+    def mean(v):
+        return sum(v) / len(v) if v else math.nan
+
+    out = {k: mean(v) for k, v in sums.items()}
+    out["pairwise_overlap"] = mean(overlaps)
+    out["identical_fraction"] = mean(identical)
+    out["groups"] = float(len(by_group))
+    out["completions"] = float(len(seqs))
+    return out
+
+
+def _codes(ids: torch.Tensor, mask: torch.Tensor, n: int, base: int) -> torch.Tensor:
+    """``(R, T)`` int64: each completion's n-grams as exact integer codes, packed to the front
+    in order, ``-1`` where there is none (fewer than n completion tokens left)."""
+    R, T = ids.shape
+    order = torch.argsort((~mask.bool()).to(torch.int8), dim=1, stable=True)  # tokens first
+    tok = ids.gather(1, order).to(torch.int64)
+    length = mask.bool().sum(1, keepdim=True)
+    pos = torch.arange(T, device=ids.device)[None]
+    code = torch.zeros(R, T, dtype=torch.int64, device=ids.device)
+    for k in range(n):
+        shifted = torch.roll(tok, -k, dims=1)
+        code = code * base + shifted
+    valid = pos + n <= length
+    return torch.where(valid, code, -1)
+
+
+def _distinct(codes: torch.Tensor) -> torch.Tensor:
+    """``(R,)`` the number of distinct non-negative values in each row."""
+    s = codes.sort(dim=1).values
+    new = torch.ones_like(s, dtype=torch.bool)
+    new[:, 1:] = s[:, 1:] != s[:, :-1]
+    return (new & (s >= 0)).sum(1)
+
+
+def group_sums(
+    ids: torch.Tensor, mask: torch.Tensor, group_size: int, base: int
+) -> dict[str, torch.Tensor]:
+    """The probe's kernel: sums over the groups of ``group_size`` consecutive rows of ``ids``
+    (``B`` a multiple of it), with fixed-size tensor operations only (no host sync): per
+    metric the sum of per-group values and the number of groups (or pairs) that define it.
+    N-grams are exact integer codes in base ``base`` (the vocabulary size)."""
+    B, T = ids.shape
+    G = group_size
+    ngroups = B // G
+    out: dict[str, torch.Tensor] = {}
+    for n in NGRAMS:
+        codes = _codes(ids, mask, n, base)  # (B, T)
+        total = (codes >= 0).reshape(ngroups, G * T).sum(1)
+        distinct = _distinct(codes.reshape(ngroups, G * T))
+        has = total > 0
+        ratio = distinct.to(_F64) / total.clamp_min(1).to(_F64)
+        out[f"distinct_{n}"] = torch.where(has, ratio, 0.0).sum()
+        out[f"distinct_{n}_count"] = has.sum().to(_F64)
+        if n == 2:
+            # 2-gram sets per row, deduplicated: |A|, and |A u B| of each pair by one sort
+            rows = codes.reshape(ngroups, G, T)
+            size = _distinct(codes).reshape(ngroups, G)
+            i, j = torch.triu_indices(G, G, 1, device=ids.device)
+            union = _distinct(torch.cat([rows[:, i], rows[:, j]], dim=2).reshape(-1, 2 * T))
+            union = union.reshape(ngroups, -1)
+            inter = size[:, i] + size[:, j] - union
+            ok = union > 0
+            jaccard = inter.to(_F64) / union.clamp_min(1).to(_F64)
+            out["pairwise_overlap"] = torch.where(ok, jaccard, 0.0).sum()
+            out["pairwise_overlap_count"] = ok.sum().to(_F64)
+    # identical completions: the same length and the same tokens in order
+    order = torch.argsort((~mask.bool()).to(torch.int8), dim=1, stable=True)
+    tok = torch.where(
+        torch.arange(T, device=ids.device)[None] < mask.bool().sum(1, keepdim=True),
+        ids.gather(1, order).to(torch.int64),
+        -1,
+    ).reshape(ngroups, G, T)
+    i, j = torch.triu_indices(G, G, 1, device=ids.device)
+    same = (tok[:, i] == tok[:, j]).all(-1).to(_F64)  # (groups, pairs)
+    if len(i):
+        out["identical_fraction"] = same.mean(1).sum()
+        out["identical_fraction_count"] = torch.tensor(float(ngroups), dtype=_F64)
+    else:
+        out["identical_fraction"] = torch.zeros((), dtype=_F64)
+        out["identical_fraction_count"] = torch.zeros((), dtype=_F64)
+    out["groups"] = torch.tensor(float(ngroups), dtype=_F64)
+    out["completions"] = torch.tensor(float(B), dtype=_F64)
+    return out

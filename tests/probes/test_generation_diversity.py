@@ -1,0 +1,85 @@
+"""GenerationDiversity: the streamed window equals the set-based reference over its groups."""
+
+import pytest
+import torch
+from torch import nn
+
+from collapse_monitor import CollapseMonitor, probes
+from collapse_monitor import functional as MF
+
+KEYS = ("distinct_1", "distinct_2", "pairwise_overlap", "identical_fraction", "groups")
+
+
+def lm():
+    m = nn.Sequential()
+    m.add_module("lm", nn.Identity())  # stands for a model called with token ids
+    return m
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_streamed_equals_the_reference_over_every_group(seed):
+    # 3 steps of 1-2 calls of whole groups, completions of random lengths (labels -100 on
+    # prompts and padding), some groups collapsed onto one completion
+    g = torch.Generator().manual_seed(seed)
+    G, V = 4, 7
+    calls, all_ids, all_labels = [], [], []
+    for step in range(3):
+        step_calls = []
+        for _ in range(int(torch.randint(1, 3, (), generator=g))):
+            n = int(torch.randint(1, 4, (), generator=g))
+            ids = torch.randint(0, V, (n * G, 12), generator=g)
+            labels = ids.clone()
+            for r in range(n * G):
+                start = int(torch.randint(0, 6, (), generator=g))
+                stop = int(torch.randint(start, 13, (), generator=g))
+                labels[r, :start] = -100
+                labels[r, stop:] = -100
+            if step == 1:  # one collapsed group: the same completion 4 times
+                ids[:G], labels[:G] = ids[0], labels[0]
+            step_calls.append((ids, labels))
+            all_ids.append(ids)
+            all_labels.append(labels)
+        calls.append(step_calls)
+    model = lm()
+    probe = probes.GenerationDiversity("lm", group_size=G, vocab_size=V, name="div")
+    mon = CollapseMonitor(model, [probe], 3, strict=True)
+    out = None
+    for step_calls in calls:
+        for ids, labels in step_calls:
+            with mon.observe(targets=labels):
+                model.lm(ids)
+        out = mon.step() or out
+    mon.close()
+    ids, labels = torch.cat(all_ids), torch.cat(all_labels)
+    want = MF.generation_diversity(ids, labels != -100, torch.arange(len(ids)) // G)
+    for key in KEYS:
+        assert out[f"collapse/div/{key}"] == pytest.approx(want[key], rel=1e-12), key
+
+
+def test_known_answers_collapsed_and_all_different():
+    model = lm()
+    probe = probes.GenerationDiversity("lm", group_size=3, vocab_size=100, name="div")
+    mon = CollapseMonitor(model, [probe], 1)
+    same = torch.tensor([[5, 6, 7, 8]] * 3)
+    with mon.observe():
+        model.lm(same)
+    m = mon.step()
+    assert m["collapse/div/identical_fraction"] == 1.0 and m["collapse/div/pairwise_overlap"] == 1
+    assert m["collapse/div/distinct_1"] == pytest.approx(1 / 3)
+    apart = torch.arange(12).view(3, 4)
+    with mon.observe():
+        model.lm(apart)
+    m = mon.step()
+    assert m["collapse/div/identical_fraction"] == 0.0 and m["collapse/div/pairwise_overlap"] == 0
+    assert m["collapse/div/distinct_2"] == 1.0
+    mon.close()
+
+
+def test_a_group_split_between_calls_is_refused():
+    model = lm()
+    probe = probes.GenerationDiversity("lm", group_size=4, vocab_size=10)
+    mon = CollapseMonitor(model, [probe], 1, strict=True)
+    with pytest.raises(ValueError, match="6 rows are not groups of 4"):
+        with mon.observe():
+            model.lm(torch.zeros(6, 3, dtype=torch.long))
+    mon.close()
