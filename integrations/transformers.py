@@ -188,13 +188,46 @@ class CollapseTrainerCallback(LoopAdapter, TrainerCallback):
         **monitor,
     ) -> None:
         config = MonitorConfig(probes, log_every_n_steps, **monitor)
-        self.loop = TrainerLoop(config, targets, self._default_targets, context)
+        self._user_context = context
+        self._loss_inputs: dict = {}  # see observe_loss_inputs
+        self.loop = TrainerLoop(config, targets, self._default_targets, self._context)
         self.report_to = report_to
         self.sinks = list(sinks or [])
         self.evaluation = evaluation
         self.args = self.state = None
         self._handles: list = []
         self._training = False  # between on_train_begin and on_train_end
+
+    def observe_loss_inputs(self, trainer, **keywords: str) -> None:
+        """Pass entries of the inputs ``trainer.compute_loss`` receives to the forwards it makes,
+        as ``observe()`` keywords: ``cb.observe_loss_inputs(trainer, advantages="advantages")``
+        gives ``TokenEntropy`` and ``GenerationDiversity`` the per-sequence advantages of TRL's
+        ``GRPOTrainer`` (which reach its loss step but not the model's forward).
+
+        It wraps the trainer's ``compute_loss`` on this instance (TRL offers no callback that
+        sees a step's inputs; a subclass would be more to ask): entries absent from a step's
+        inputs are not passed.
+
+        Raises:
+            TypeError: a keyword value that is not the name of an input.
+        """
+        for key, name in keywords.items():
+            if not isinstance(name, str):
+                raise TypeError(f"{key}= must name an entry of the inputs, got {name!r}")
+        original = trainer.compute_loss
+
+        def compute_loss(model, inputs, *args, **kwargs):
+            self._loss_inputs = {k: inputs[n] for k, n in keywords.items() if n in inputs}
+            try:
+                return original(model, inputs, *args, **kwargs)
+            finally:
+                self._loss_inputs = {}
+
+        trainer.compute_loss = compute_loss
+
+    def _context(self, kwargs: dict) -> dict:
+        extra = self._user_context(kwargs) if self._user_context is not None else {}
+        return {**extra, **self._loss_inputs}
 
     # ----------------------------------------------------------------- lifecycle
     def _attach(self, args, model: nn.Module, log_every: int) -> None:

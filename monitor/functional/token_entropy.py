@@ -41,12 +41,14 @@ def chunked_entropy(
     weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
-) -> torch.Tensor:
+    target: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """:func:`token_entropy` of ``rows (N, V)`` in at least float32, ``chunk`` vocabulary entries at
     a time (an online log-sum-exp), so that memory is ``N * chunk``, not ``N * V``. With
     ``weight (V, D)`` (and ``bias (V,)``), ``rows`` are an LM head's inputs ``(N, D)`` and each
     chunk's logits are made from them (``rows W' + b``): the full logits never exist. Logits are
-    divided by ``temperature``.
+    divided by ``temperature``. With ``target (N,)`` token ids, also returns each row's
+    log-probability of its target, ``z_target - logsumexp(z)``: ``(entropy, log_prob)``.
 
     With ``m`` the running maximum, ``s = sum exp(z - m)`` and ``t = sum exp(z - m) (z - m)``:
     ``H = log s - t / s``; a new maximum ``m'`` rescales both (``s e^(m - m')`` and
@@ -60,6 +62,7 @@ def chunked_entropy(
     m = torch.full((N,), -math.inf, dtype=wide, device=rows.device)
     s = torch.zeros(N, dtype=wide, device=rows.device)
     t = torch.zeros(N, dtype=wide, device=rows.device)
+    picked = torch.zeros(N, dtype=wide, device=rows.device)  # the target's logit
     V = rows.shape[-1] if weight is None else weight.shape[0]
     for lo in range(0, V, chunk):
         if weight is None:
@@ -70,6 +73,10 @@ def chunked_entropy(
                 z = z + bias[lo : lo + chunk].to(wide)
         if temperature != 1.0:
             z = z / temperature
+        if target is not None:
+            inside = (target >= lo) & (target < lo + z.shape[1])
+            col = (target - lo).clamp(0, z.shape[1] - 1)[:, None]
+            picked = picked + torch.where(inside, z.gather(1, col)[:, 0], 0.0)
         new = torch.maximum(m, z.amax(-1))
         safe = torch.where(torch.isfinite(new), new, 0.0)  # rows of -inf only so far
         scale = torch.where(torch.isfinite(m), (m - safe).exp(), 0.0)
@@ -79,7 +86,10 @@ def chunked_entropy(
         s = s + e.sum(-1)
         t = t + torch.where(e > 0, e * (z - safe[:, None]), 0.0).sum(-1)
         m = new
-    return s.log() - t / s
+    entropy = s.log() - t / s
+    if target is None:
+        return entropy
+    return entropy, picked - (m + s.log())
 
 
 def t_quantile_975(dof: float) -> float:
@@ -107,6 +117,8 @@ def entropy_from_sums(
     skipped: float,
     dof: float = math.inf,
     quantiles: tuple[float, ...] = (0.1, 0.5, 0.9),
+    logprob: tuple[float, float] | None = None,
+    advantage: tuple[float, float, float, float] | None = None,
 ) -> dict[str, float]:
     """The window's metrics from its sums (shared by the probe and :func:`token_entropy_metrics`).
 
@@ -121,6 +133,8 @@ def entropy_from_sums(
             logits.
         dof: the degrees of freedom of ``variance`` (the sampled rows less one per call): the
             interval uses Student's t quantile.
+        logprob: ``(weight, weighted sum)`` of the target tokens' log-probabilities.
+        advantage: ``(weight, sum lp, sum A, sum lp A)`` over tokens with an advantage.
 
     Returns:
         ``entropy_mean`` and its 95% half-width ``entropy_mean_ci95``, ``entropy_q<10·q>``,
@@ -128,6 +142,11 @@ def entropy_from_sums(
         no token counted.
     """
     out = {"tokens": float(tokens), "sampled": float(sampled), "skipped": float(skipped)}
+    if logprob is not None and logprob[0] > 0:
+        out["logprob_mean"] = logprob[1] / logprob[0]
+    if advantage is not None and advantage[0] > 0:
+        n, lp, a, lpa = advantage
+        out["logprob_advantage_cov"] = lpa / n - (lp / n) * (a / n)
     if not tokens > 0:
         nan = math.nan
         out.update(entropy_mean=nan, entropy_mean_ci95=nan, certain_fraction=nan, high_fraction=nan)
@@ -161,12 +180,18 @@ def token_entropy_metrics(
     mask: torch.Tensor | None = None,
     certain: float = 0.01,
     high: float = 0.672,
+    targets: torch.Tensor | None = None,
+    advantages: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Every :class:`~collapse_monitor.probes.TokenEntropy` metric of ``logits (..., V)`` over the
     rows where ``mask (...)`` is true, in float64 on the whole tensor (the reference).
 
     ``entropy_mean`` is exact; the quantiles are read from the same 0.01-nat histogram as the
-    probe's. Rows with NaN or Inf logits are left out and counted in ``skipped``."""
+    probe's. Rows with NaN or Inf logits are left out and counted in ``skipped``. With
+    ``targets (...)`` (the token each row predicts), also ``logprob_mean`` (the mean of
+    ``log softmax(z)[target]``); with ``advantages (...)`` too, ``logprob_advantage_cov``, the
+    covariance over the tokens of that log-probability with the token's advantage (Cui et al.
+    2025: the entropy change under policy gradient is driven by minus this covariance)."""
     z = logits.reshape(-1, logits.shape[-1])
     keep = torch.ones(z.shape[0], dtype=torch.bool) if mask is None else mask.reshape(-1).bool()
     h = token_entropy(z)
@@ -174,7 +199,17 @@ def token_entropy_metrics(
     use = keep & finite
     h = h[use]
     hist = torch.bincount(histogram_bins(h), minlength=HIST_BINS).to(_F64)
-    return entropy_from_sums(
+    extra = {}
+    if targets is not None:
+        lp = torch.log_softmax(z.to(_F64), -1).gather(1, targets.reshape(-1, 1).clamp_min(0))[:, 0]
+        lp = lp[use]
+        extra["logprob_mean"] = float(lp.mean()) if len(lp) else math.nan
+        if advantages is not None:
+            a = advantages.reshape(-1).to(_F64)[use]
+            extra["logprob_advantage_cov"] = (
+                float(((lp - lp.mean()) * (a - a.mean())).mean()) if len(lp) else math.nan
+            )
+    return extra | entropy_from_sums(
         float(use.sum()),
         float(h.sum()),
         0.0,

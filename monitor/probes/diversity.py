@@ -13,7 +13,12 @@ from ..stats import Statistic, Window, to_device
 from .base import Probe
 
 _F64 = torch.float64
-_METRICS = (*(f"distinct_{n}" for n in NGRAMS), "pairwise_overlap", "identical_fraction")
+_METRICS = (
+    *(f"distinct_{n}" for n in NGRAMS),
+    "pairwise_overlap",
+    "identical_fraction",
+    "zero_advantage_fraction",
+)
 
 
 class DiversitySums(Statistic):
@@ -46,8 +51,10 @@ class GenerationDiversity(Probe):
 
     Per group: ``distinct_1``, ``distinct_2`` (distinct n-grams over all n-grams of the group's
     completions, Li et al. 2016), ``pairwise_overlap`` (mean Jaccard index of the 2-gram sets of
-    each pair), ``identical_fraction`` (pairs with the same token sequence); each reported as its
-    mean over the window's groups, with ``groups`` and ``completions``
+    each pair), ``identical_fraction`` (pairs with the same token sequence); with
+    ``observe(advantages=)`` (per sequence or per token), ``zero_advantage_fraction``, the share of
+    groups whose advantages are all exactly 0 (equal rewards: the group gives no gradient); each
+    reported as its mean over the window's groups, with ``groups`` and ``completions``
     (:func:`~collapse_monitor.functional.generation_diversity`). N-grams are exact integer codes
     (no hashing); the update is fixed-size tensor work with no host sync; memory does not grow with
     the run. No default rule yet.
@@ -85,7 +92,7 @@ class GenerationDiversity(Probe):
         hint="input_ids",
     )
     sampling = EVERY_STEP
-    keywords = {"targets": False, "mask": False}
+    keywords = {"targets": False, "mask": False, "advantages": False}
     uses_token_mask = True
 
     def __init__(
@@ -132,7 +139,29 @@ class GenerationDiversity(Probe):
         else:
             mask = token_mask(call, B, T, ids.device)
             mask = torch.ones(B, T, dtype=torch.bool, device=ids.device) if mask is None else mask
-        window["sums"].add(group_sums(ids, mask, self.group_size, int(self.vocab_size)))
+        sums = group_sums(ids, mask, self.group_size, int(self.vocab_size))
+        sums.update(self._zero_advantage(call, mask))
+        window["sums"].add(sums)
+
+    def _zero_advantage(self, call, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Groups whose advantages are all exactly 0 (equal rewards: no gradient), from
+        ``observe(advantages=)`` per sequence ``(B,)`` or per token ``(B, T)``."""
+        adv = call.keyword("advantages")
+        zero = torch.zeros((), dtype=_F64, device=mask.device)
+        if adv is None:
+            return {"zero_advantage_fraction": zero, "zero_advantage_fraction_count": zero}
+        adv = to_device(torch.as_tensor(adv), mask.device)
+        B, T = mask.shape
+        if adv.ndim == 2 and adv.shape[1] > T:
+            adv = adv[:, adv.shape[1] - T :]
+        if adv.shape not in ((B,), (B, T)):
+            raise call.error(f"advantages of shape {tuple(adv.shape)}: expected ({B},) or {(B, T)}")
+        flat = adv != 0 if adv.ndim == 1 else ((adv != 0) & mask).any(1)
+        groups = flat.reshape(-1, self.group_size).any(1)  # a group with any non-zero advantage
+        return {
+            "zero_advantage_fraction": (~groups).sum().to(_F64),
+            "zero_advantage_fraction_count": torch.tensor(float(len(groups)), dtype=_F64),
+        }
 
     def readout(self, window) -> Readout:
         st = window["sums"]

@@ -10,6 +10,7 @@ than one forward hook per module gets the small :class:`Recorder` face of it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -27,6 +28,18 @@ from ..stats import CallCounts, Window, WindowView
 from .base import Probe, kept_apart, layer_name
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _outside_autocast(device: torch.device | None):
+    """Autocast switched off for the CPU and ``device`` where the caller's forward enabled it: a
+    probe recomputes in the precision it chose (float32 attention rows, a head's logits), not in
+    the forward's bfloat16 or float16."""
+    with contextlib.ExitStack() as stack:
+        for kind in {"cpu", device.type if device is not None else "cpu"}:
+            if torch.is_autocast_enabled(kind):
+                stack.enter_context(torch.autocast(kind, enabled=False))
+        yield
 
 
 class ProbeDriver(Component, Recorder):
@@ -165,7 +178,8 @@ class ProbeDriver(Component, Recorder):
             if flag is None:
                 flag = nonfinite(first_input(call.args, call.kwargs))
         self.window["_calls"].add(self._recording.step, flag)
-        self.probe.update(self.view(self._scope(call.path)), value, call)
+        with _outside_autocast(device):  # the forward's autocast would round a probe's matmuls
+            self.probe.update(self.view(self._scope(call.path)), value, call)
         if not self._recording.snapshot:
             self._step_rows += call.rows
 

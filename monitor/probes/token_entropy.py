@@ -89,7 +89,12 @@ class TokenEntropy(Probe):
     Reports ``entropy_mean`` (nats) with ``entropy_mean_ci95`` (0 when exact),
     ``entropy_q10``/``q50``/``q90`` (from a histogram of 0.01-nat bins: exact to one bin),
     ``certain_fraction``, ``high_fraction``, ``tokens`` (counted; an estimate when sampled),
-    ``sampled`` (rows computed) and ``skipped`` (sampled rows with NaN or Inf logits, left out)
+    ``sampled`` (rows computed) and ``skipped`` (sampled rows with NaN or Inf logits, left out);
+    with labels, ``logprob_mean`` (the mean log-probability of the tokens that follow); with
+    ``observe(advantages=)`` too (one per sequence ``(B,)`` or per token ``(B, T)``),
+    ``logprob_advantage_cov``: the covariance over the tokens of that log-probability with the
+    token's advantage, whose sign and size drive the entropy's change under policy-gradient
+    training (Cui et al. 2025: positive covariance lowers the entropy)
     (:func:`~collapse_monitor.functional.token_entropy_metrics`). No default rule: a healthy
     fine-tuning run lowers the entropy too; the rules of the post-training zoo are to come.
 
@@ -115,7 +120,7 @@ class TokenEntropy(Probe):
         find=_states_or_logits,
         hint="logits",
     )
-    keywords = {"targets": False, "mask": False}
+    keywords = {"targets": False, "mask": False, "advantages": False}
     uses_token_mask = True
     described = ("label_shift",)
 
@@ -191,8 +196,10 @@ class TokenEntropy(Probe):
         return Window({"sums": TokenEntropySums()})
 
     # ----------------------------------------------------------------- hot path
-    def _counts(self, z: torch.Tensor, call) -> torch.Tensor:
-        """``(N,)`` bool over the rows of the (shifted) logits: the positions that count."""
+    def _counts(self, z: torch.Tensor, call):
+        """Over the rows of the (shifted) logits: ``(N,)`` bool, the positions that count; the
+        token each predicts ``(N,)`` (None without labels); its advantage ``(N,)`` float64 (None
+        without ``observe(advantages=)``)."""
         s = self.label_shift
         seq = z.ndim == 3
         if s and not seq:
@@ -213,7 +220,9 @@ class TokenEntropy(Probe):
                     f"targets of shape {tuple(labels.shape)} do not match logits of shape "
                     f"{tuple(z.shape)} (shift {s}: expected {tuple(shifted)})"
                 )
-            counts &= to_device(labels, z.device) != self.ignore_index
+            labels = to_device(labels, z.device)
+            counts &= labels != self.ignore_index
+        adv = self._advantages(call, lead, shifted, s, z.device)
         if seq:
             real = token_mask(call, lead[0], lead[1], z.device)
             if real is not None:
@@ -221,11 +230,31 @@ class TokenEntropy(Probe):
                     counts &= real[:, s:]
                 else:  # padding: the position and the token it predicts are both real
                     counts &= real[:, : lead[1] - s] & real[:, s:]
-        return counts.reshape(-1)
+        flat = None if labels is None else labels.reshape(-1).to(torch.int64)
+        return counts.reshape(-1), flat, None if adv is None else adv.reshape(-1)
+
+    def _advantages(self, call, lead, shifted, s: int, device):
+        """``observe(advantages=)`` per sequence ``(B,)`` or per token ``(B, T)`` (aligned as the
+        labels are), as ``shifted``-shaped float64."""
+        adv = call.keyword("advantages")
+        if adv is None:
+            return None
+        adv = to_device(torch.as_tensor(adv), device).to(_F64)
+        if len(lead) == 2 and adv.ndim == 1 and adv.shape[0] == lead[0]:
+            return adv[:, None].expand(shifted)
+        if len(lead) == 2 and adv.ndim == 2 and adv.shape[1] > lead[1]:
+            adv = adv[:, adv.shape[1] - lead[1] :]
+        adv = adv[..., s:] if s else adv
+        if tuple(adv.shape) != tuple(shifted):
+            raise call.error(
+                f"advantages of shape {tuple(adv.shape)}: expected one per sequence "
+                f"({lead[0]},) or per token {tuple(shifted)} (after the shift {s})"
+            )
+        return adv
 
     def update(self, window, z, call) -> None:
         s = self.label_shift
-        counts = self._counts(z, call)
+        counts, targets, adv = self._counts(z, call)
         rows = (z[:, : z.shape[1] - s] if s else z).detach().reshape(-1, z.shape[-1])
         weight = bias = None
         if self._head is not None:
@@ -246,25 +275,38 @@ class TokenEntropy(Probe):
             return
         n = counts.sum().to(_F64)
         if self.tokens is None or self.tokens >= N:
+            idx = None
             drawn, use, k = rows, counts, n
         else:  # a uniform draw of k rows among those that count, without a host sync
             keys = to_device(torch.rand(N, generator=self._generator), z.device)
             idx = torch.where(counts, keys, 2.0).topk(self.tokens, largest=False).indices
             drawn, use = rows[idx], counts[idx]
             k = use.sum().to(_F64)  # min(tokens, n): the drawn rows that count
-        h = chunked_entropy(drawn, self.chunk, weight, bias, self.temperature).to(_F64)
+        if targets is not None:
+            picked = targets if idx is None else targets[idx]
+            h, lp = chunked_entropy(
+                drawn, self.chunk, weight, bias, self.temperature, picked.clamp_min(0)
+            )
+            h, lp = h.to(_F64), lp.to(_F64)
+        else:
+            h = chunked_entropy(drawn, self.chunk, weight, bias, self.temperature).to(_F64)
+            lp = None
         finite = torch.isfinite(h)
         skipped = (use & ~finite).sum()
         use = use & finite
         h = torch.where(use, h, 0.0)
-        weight = torch.where(use, n / k.clamp_min(1.0), 0.0)
+        w = torch.where(use, n / k.clamp_min(1.0), 0.0)  # the tokens each computed row stands for
         # simple random sampling of k of n: Var(n * mean) = n^2 (1 - k/n) s^2 / k
         kk = use.sum().to(_F64)
         mean = h.sum() / kk.clamp_min(1.0)
         s2 = torch.where(use, (h - mean) ** 2, 0.0).sum() / (kk - 1).clamp_min(1.0)
         variance = n * n * (1 - k / n.clamp_min(1.0)) * s2 / k.clamp_min(1.0)
         dof = torch.where(k < n, (kk - 1).clamp_min(0.0), 0.0)  # exact: no sampling variance
-        window["sums"].add(h, weight, variance, dof, self.certain, self.high, skipped)
+        sums = window["sums"]
+        sums.add(h, w, variance, dof, self.certain, self.high, skipped)
+        if lp is not None:
+            a = None if adv is None else (adv if idx is None else adv[idx])
+            sums.add_logprob(torch.where(use, lp, 0.0), w, a)
 
     # ----------------------------------------------------------------- readout
     def readout(self, window) -> Readout:
@@ -279,5 +321,7 @@ class TokenEntropy(Probe):
             st.sampled.item(),
             st.skipped.item(),
             st.dof.item() or math.inf,
+            logprob=(st.lp_weight.item(), st.lp_sum.item()),
+            advantage=(st.adv_weight.item(), st.adv_lp.item(), st.adv_a.item(), st.adv_lpa.item()),
         )
         return Readout({self.key(k): v for k, v in out.items()})

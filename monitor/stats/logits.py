@@ -97,7 +97,10 @@ class TokenEntropySums(Statistic):
 
     def __init__(self) -> None:
         super().__init__()
-        for name in ("tokens", "total", "variance", "dof", "certain", "high", "sampled"):
+        for name in (
+            *("tokens", "total", "variance", "dof", "certain", "high", "sampled"),
+            *("lp_weight", "lp_sum", "adv_weight", "adv_lp", "adv_a", "adv_lpa"),
+        ):
             self.add_state(name, (), _F64)
         self.add_state("hist", (HIST_BINS,), _F64)
         self.add_state("skipped", (), torch.int64)
@@ -126,3 +129,19 @@ class TokenEntropySums(Statistic):
         self.sampled += (w > 0).sum()
         self.hist.index_add_(0, histogram_bins(h), w)
         self.skipped += skipped
+
+    @torch.no_grad()
+    def add_logprob(
+        self, logprob: torch.Tensor, weight: torch.Tensor, advantage: torch.Tensor | None
+    ) -> None:
+        """Add the computed rows' log-probabilities of their target tokens ``(k,)`` (weights as
+        in :meth:`add`) and, with ``advantage (k,)``, the sums of the covariance's terms."""
+        lp, w = logprob.to(_F64), weight.to(_F64)
+        self.lp_weight += w.sum()
+        self.lp_sum += (w * lp).sum()
+        if advantage is not None:
+            a = advantage.to(_F64)
+            self.adv_weight += w.sum()
+            self.adv_lp += (w * lp).sum()
+            self.adv_a += (w * a).sum()
+            self.adv_lpa += (w * lp * a).sum()

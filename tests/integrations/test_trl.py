@@ -71,17 +71,32 @@ def test_grpo_token_entropy_equals_trls_entropy_over_the_completion_tokens(tmp_p
         ]
     )
     model = tiny_lm(len(CHARS) + 2)
-    seen = []  # the completions each training forward scores (gradients on), by hand
+    seen, logits = [], []  # what each training forward (gradients on) scores, by hand
 
     def capture(module, args, kwargs):
         if module.training and torch.is_grad_enabled():
             seen.append((kwargs["input_ids"], kwargs["labels"]))
 
+    def states(module, args, output):
+        if module.training and torch.is_grad_enabled():  # float64 logits at that step's weights
+            h = output.last_hidden_state.detach().double()
+            logits.append(h @ model.lm_head.weight.detach().double().T)
+
     model.register_forward_pre_hook(capture, with_kwargs=True)
+    model.model.register_forward_hook(states)
     trainer = trl.GRPOTrainer(
         model=model, reward_funcs=reward, args=args, train_dataset=ds,
         processing_class=tok, callbacks=[callback],
     )  # fmt: skip
+    callback.observe_loss_inputs(trainer, advantages="advantages")
+    advantages = []
+    inner = trainer.compute_loss  # by hand, what each loss step receives
+
+    def record(model, inputs, *a, **kw):
+        advantages.append(inputs["advantages"].detach().clone())
+        return inner(model, inputs, *a, **kw)
+
+    trainer.compute_loss = record
     trainer.train()
     callback.close()
     theirs = logged(trainer, "entropy")
@@ -91,12 +106,25 @@ def test_grpo_token_entropy_equals_trls_entropy_over_the_completion_tokens(tmp_p
         assert ours[step] == pytest.approx(theirs[step], rel=1e-5), step
     assert all(0 < v < math.log(len(CHARS) + 2) + 1e-6 for v in ours.values())
     # one group of 4 completions per step; their diversity from the raw ids and labels
-    assert len(seen) == 3
-    for step, (ids, labels) in enumerate(seen, 1):
+    assert len(seen) == len(advantages) == 3
+    zero_std = logged(trainer, "frac_reward_zero_std")  # TRL's own count of gradient-less groups
+    for step, ((ids, labels), adv, z) in enumerate(zip(seen, advantages, logits), 1):
         want = functional.generation_diversity(ids, labels != -100, torch.arange(4) // 4)
         for key in ("distinct_1", "distinct_2", "pairwise_overlap", "identical_fraction"):
             got = logged(trainer, f"collapse/diversity/{key}")[step]
             assert got == pytest.approx(want[key], rel=1e-12, nan_ok=True), (step, key)
+        zero = logged(trainer, "collapse/diversity/zero_advantage_fraction")[step]
+        assert zero == float((adv == 0).all()) == zero_std[step]
+        # Cui et al.'s covariance of the sampled tokens' log-probabilities with the advantages
+        y = labels[:, 1:]
+        want = functional.token_entropy_metrics(
+            z[:, :-1], y != -100, targets=y, advantages=adv[:, None].expand_as(y)
+        )
+        cov = logged(trainer, "collapse/entropy/logprob_advantage_cov")[step]
+        assert cov == pytest.approx(want["logprob_advantage_cov"], abs=1e-6)
+        assert logged(trainer, "collapse/entropy/logprob_mean")[step] == pytest.approx(
+            want["logprob_mean"], rel=1e-5
+        )
 
 
 def test_sft_token_entropy_equals_trls_entropy_over_the_completion_tokens(tmp_path, caplog):

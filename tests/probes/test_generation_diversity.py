@@ -83,3 +83,23 @@ def test_a_group_split_between_calls_is_refused():
         with mon.observe():
             model.lm(torch.zeros(6, 3, dtype=torch.long))
     mon.close()
+
+
+def test_zero_advantage_fraction_counts_groups_without_a_gradient():
+    model = lm()
+    probe = probes.GenerationDiversity("lm", group_size=2, vocab_size=10, name="div")
+    mon = CollapseMonitor(model, [probe], 2, strict=True)
+    ids = torch.arange(16).remainder(10).view(4, 4)
+    with mon.observe(advantages=torch.tensor([0.0, 0.0, 1.0, -1.0])):  # one of 2 groups
+        model.lm(ids)
+    mon.step()
+    per_token = torch.zeros(4, 4)
+    per_token[3, 2] = 0.5  # group 2 has a gradient; group 1 none
+    labels = ids.clone()
+    labels[:, :2] = -100
+    per_token[0, 0] = 9.0  # on a prompt token: does not count
+    with mon.observe(targets=labels, advantages=per_token):
+        model.lm(ids)
+    m = mon.step()
+    mon.close()
+    assert m["collapse/div/zero_advantage_fraction"] == 0.5 and m["collapse/div/groups"] == 4

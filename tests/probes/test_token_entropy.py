@@ -246,3 +246,68 @@ def test_logits_to_keep_reads_the_models_padding_right_aligned():
     want = MF.token_entropy_metrics(full[:, 5:8], keep)
     assert got["collapse/e/tokens"] == want["tokens"] == 3 + 1
     assert got["collapse/e/entropy_mean"] == pytest.approx(want["entropy_mean"], rel=1e-5)
+
+
+@pytest.mark.parametrize("per", ["sequence", "token"])
+def test_logprob_and_its_covariance_with_the_advantage_equal_the_reference(per):
+    # Cui et al.'s covariance of the sampled token's log-probability with its advantage, over
+    # the tokens that count, across uneven calls and steps, in a causal LM (labels shifted)
+    pytest.importorskip("transformers")
+    model = tiny("Llama", vocab_size=30, num_hidden_layers=1)
+    g = torch.Generator().manual_seed(6)
+    calls = []
+    for b in (3, 2, 4):
+        ids = torch.randint(0, 30, (b, 8), generator=g)
+        labels = ids.clone()
+        labels[:, :3] = -100
+        adv = torch.randn(b, generator=g) if per == "sequence" else torch.randn(b, 8, generator=g)
+        calls.append((ids, labels, adv))
+    mon = CollapseMonitor(
+        model, [probes.TokenEntropy("lm_head", tokens=None, name="e")], 10**6,
+        strict=True, observe_every_n_steps=1,
+    )  # fmt: skip
+    for i, (ids, labels, adv) in enumerate(calls):
+        with mon.observe(targets=labels, advantages=adv):
+            model(ids)
+        if i != 1:
+            mon.step()
+    got = mon.compute()
+    mon.close()
+    zs, keeps, ys, advs = [], [], [], []
+    with torch.no_grad():
+        for ids, labels, adv in calls:
+            zs.append(model(ids).logits[:, :-1].reshape(-1, 30))
+            y = labels[:, 1:]
+            keeps.append((y != -100).reshape(-1))
+            ys.append(y.reshape(-1))
+            a = adv[:, None].expand(-1, 7) if per == "sequence" else adv[:, 1:]
+            advs.append(a.reshape(-1))
+    want = MF.token_entropy_metrics(
+        torch.cat(zs), torch.cat(keeps), targets=torch.cat(ys), advantages=torch.cat(advs)
+    )
+    for key in ("entropy_mean", "logprob_mean"):
+        assert got[f"collapse/e/{key}"] == pytest.approx(want[key], rel=1e-5), key
+    # log-probabilities are computed in float32 (about 1e-7 each): the covariance to 1e-6
+    cov = got["collapse/e/logprob_advantage_cov"]
+    assert cov == pytest.approx(want["logprob_advantage_cov"], abs=1e-6)
+    assert abs(want["logprob_advantage_cov"]) > 1e-4  # not zero by construction
+
+
+def test_a_bfloat16_autocast_forward_does_not_round_the_probes_own_computation():
+    # TRL runs its forward under the accelerator's autocast; the probe's head matmul must not
+    # inherit it: the same hidden states give the float64 answer to float32 precision
+    pytest.importorskip("transformers")
+    model = tiny("Llama", vocab_size=40, num_hidden_layers=1)
+    ids = torch.randint(0, 40, (3, 9), generator=torch.Generator().manual_seed(7))
+    states = []
+    model.model.register_forward_hook(lambda m, a, o: states.append(o.last_hidden_state))
+    probe = probes.TokenEntropy("model", head="lm_head", tokens=None, name="e")
+    mon = CollapseMonitor(model, [probe], 1, strict=True)
+    with mon.observe(targets=ids), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(ids)
+    got = mon.step()
+    mon.close()
+    z = states[0].detach().double()[:, :-1] @ model.lm_head.weight.detach().double().T
+    want = MF.token_entropy_metrics(z, targets=ids[:, 1:])
+    for key in ("entropy_mean", "logprob_mean"):
+        assert got[f"collapse/e/{key}"] == pytest.approx(want[key], rel=2e-6), key
