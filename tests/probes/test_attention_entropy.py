@@ -329,3 +329,21 @@ def test_a_collapse_inside_the_window_alerts_at_that_log_from_its_last_step():
     last = metrics["collapse/attn/attn/entropy_norm_last_step"]
     assert last == pytest.approx(norm(sharp), rel=1e-9)
     assert [(a.step, a.rule) for a in alerts] == [(10, "attn/entropy_collapse")]
+
+
+def test_a_bfloat16_autocast_forward_does_not_round_the_recomputed_scores():
+    # the probe recomputes q k' in float32 from the q and k the model used, also when the
+    # model's forward runs under autocast (which would make that matmul bfloat16)
+    torch.manual_seed(0)
+    m = nn.Sequential()
+    m.add_module("attn", SDPAAttention())
+    x = torch.randn(2, 16, 32) * 4
+    mon = watch(m)
+    with mon.observe(), torch.autocast("cpu", dtype=torch.bfloat16):
+        m.attn(x)
+        q, k, _ = m.attn.qk(x)  # the bfloat16 q and k the call used
+    ent, _, _ = layer_metrics(mon)
+    mon.close()
+    s = q.double() @ k.double().transpose(-1, -2) / math.sqrt(q.shape[-1])
+    ref = MF.attention_entropy(s.softmax(-1))
+    assert torch.allclose(ent, ref["entropy"], rtol=1e-5)
