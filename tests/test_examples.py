@@ -75,6 +75,17 @@ def test_attention_example_collapses_without_sigma_reparam(tmp_path):
     assert (tmp_path / "attention_entropy_collapse.png").exists()
 
 
+def test_grpo_example_alerts_on_entropy_collapse_and_not_with_the_bonus(tmp_path):
+    pytest.importorskip("trl")
+    runs = load_example("grpo_entropy_collapse").main(["--out", str(tmp_path)])
+    collapsed, bonus = runs["no bonus"], runs["entropy bonus 0.2"]
+    assert min(collapsed["entropy"].values()) < 0.05 and max(collapsed["identical"].values()) > 0.9
+    assert max(collapsed["zero_adv"].values()) > 0.5
+    assert [rule for _, rule in collapsed["alerts"]] == ["entropy_collapse"]
+    assert min(bonus["entropy"].values()) > 1.0 and bonus["alerts"] == []
+    assert (tmp_path / "grpo_entropy_collapse.png").exists()
+
+
 def test_grokking_example_softmax_collapses_and_stablemax_does_not(tmp_path):
     runs = load_example("grokking_softmax_collapse").main(["--out", str(tmp_path)])
     soft, stable = runs["softmax"], runs["stablemax"]
