@@ -217,11 +217,13 @@ class CollapseTrainerCallback(LoopAdapter, TrainerCallback):
         original = trainer.compute_loss
 
         def compute_loss(model, inputs, *args, **kwargs):
-            self._loss_inputs = {k: inputs[n] for k, n in keywords.items() if n in inputs}
+            before = self._loss_inputs  # (a second call's wrapper adds to the first's)
+            found = {k: inputs[n] for k, n in keywords.items() if n in inputs}
+            self._loss_inputs = {**before, **found}
             try:
                 return original(model, inputs, *args, **kwargs)
             finally:
-                self._loss_inputs = {}
+                self._loss_inputs = before
 
         trainer.compute_loss = compute_loss
 

@@ -314,7 +314,8 @@ def aligned_targets(
 
     ``shift = s > 0`` pairs ``values[..., :-s, :]`` with ``labels[..., s:]`` (the hidden state
     or logits at position t with the next token's label: pass unshifted ``labels``, as
-    ``transformers`` models take them). Every probe that reads labels aligns them here.
+    ``transformers`` models take them). (``TokenEntropy`` aligns its labels, masks and advantages
+    itself: it also right-aligns them to logits of the last positions, ``logits_to_keep``.)
 
     Returns:
         ``(values (N, D), labels (N,) int64)`` on the values' device; labels None when the

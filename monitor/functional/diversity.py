@@ -92,22 +92,41 @@ def _distinct(codes: torch.Tensor) -> torch.Tensor:
     return (new & (s >= 0)).sum(1)
 
 
+def group_keys(ids: torch.Tensor, completion: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` int64: a key of each row's tokens before its first completion token (the prompt,
+    with its left padding; the padding after a shorter completion is not part of it): the
+    completions of one prompt share it. A polynomial hash with int64 wrap-around (a collision
+    of two prompts in one batch is negligible)."""
+    powers = torch.full((ids.shape[1],), 1_000_003, dtype=torch.int64, device=ids.device)
+    powers = torch.cumprod(powers, 0)  # wraps around: still a fixed, distinct weight per place
+    before = completion.bool().to(torch.int64).cumsum(1) == 0
+    prompt = torch.where(before, ids.to(torch.int64) + 1, 0)
+    return (prompt * powers).sum(1)
+
+
 def group_sums(
-    ids: torch.Tensor, mask: torch.Tensor, group_size: int, base: int
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    group_size: int,
+    base: int,
+    valid: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The probe's kernel: sums over the groups of ``group_size`` consecutive rows of ``ids``
     (``B`` a multiple of it), with fixed-size tensor operations only (no host sync): per
     metric the sum of per-group values and the number of groups (or pairs) that define it.
-    N-grams are exact integer codes in base ``base`` (the vocabulary size)."""
+    N-grams are exact integer codes in base ``base`` (the vocabulary size). ``valid (groups,)``:
+    the groups that count (others are left out of every sum)."""
     B, T = ids.shape
     G = group_size
     ngroups = B // G
+    if valid is None:
+        valid = torch.ones(ngroups, dtype=torch.bool, device=ids.device)
     out: dict[str, torch.Tensor] = {}
     for n in NGRAMS:
         codes = _codes(ids, mask, n, base)  # (B, T)
         total = (codes >= 0).reshape(ngroups, G * T).sum(1)
         distinct = _distinct(codes.reshape(ngroups, G * T))
-        has = total > 0
+        has = (total > 0) & valid
         ratio = distinct.to(_F64) / total.clamp_min(1).to(_F64)
         out[f"distinct_{n}"] = torch.where(has, ratio, 0.0).sum()
         out[f"distinct_{n}_count"] = has.sum().to(_F64)
@@ -119,7 +138,7 @@ def group_sums(
             union = _distinct(torch.cat([rows[:, i], rows[:, j]], dim=2).reshape(-1, 2 * T))
             union = union.reshape(ngroups, -1)
             inter = size[:, i] + size[:, j] - union
-            ok = union > 0
+            ok = (union > 0) & valid[:, None]
             jaccard = inter.to(_F64) / union.clamp_min(1).to(_F64)
             out["pairwise_overlap"] = torch.where(ok, jaccard, 0.0).sum()
             out["pairwise_overlap_count"] = ok.sum().to(_F64)
@@ -132,12 +151,9 @@ def group_sums(
     ).reshape(ngroups, G, T)
     i, j = torch.triu_indices(G, G, 1, device=ids.device)
     same = (tok[:, i] == tok[:, j]).all(-1).to(_F64)  # (groups, pairs)
-    if len(i):
-        out["identical_fraction"] = same.mean(1).sum()
-        out["identical_fraction_count"] = torch.tensor(float(ngroups), dtype=_F64)
-    else:
-        out["identical_fraction"] = torch.zeros((), dtype=_F64)
-        out["identical_fraction_count"] = torch.zeros((), dtype=_F64)
-    out["groups"] = torch.tensor(float(ngroups), dtype=_F64)
-    out["completions"] = torch.tensor(float(B), dtype=_F64)
+    counted = valid.to(_F64)
+    out["identical_fraction"] = (same.mean(1) * counted).sum()
+    out["identical_fraction_count"] = counted.sum()
+    out["groups"] = counted.sum()
+    out["completions"] = counted.sum() * G
     return out

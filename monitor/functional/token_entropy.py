@@ -63,6 +63,7 @@ def chunked_entropy(
     s = torch.zeros(N, dtype=wide, device=rows.device)
     t = torch.zeros(N, dtype=wide, device=rows.device)
     picked = torch.zeros(N, dtype=wide, device=rows.device)  # the target's logit
+    found = torch.zeros(N, dtype=torch.bool, device=rows.device)
     V = rows.shape[-1] if weight is None else weight.shape[0]
     for lo in range(0, V, chunk):
         if weight is None:
@@ -77,6 +78,7 @@ def chunked_entropy(
             inside = (target >= lo) & (target < lo + z.shape[1])
             col = (target - lo).clamp(0, z.shape[1] - 1)[:, None]
             picked = picked + torch.where(inside, z.gather(1, col)[:, 0], 0.0)
+            found |= inside
         new = torch.maximum(m, z.amax(-1))
         safe = torch.where(torch.isfinite(new), new, 0.0)  # rows of -inf only so far
         scale = torch.where(torch.isfinite(m), (m - safe).exp(), 0.0)
@@ -89,7 +91,8 @@ def chunked_entropy(
     entropy = s.log() - t / s
     if target is None:
         return entropy
-    return entropy, picked - (m + s.log())
+    # a target outside the vocabulary has no probability: NaN (its row is skipped)
+    return entropy, torch.where(found, picked - (m + s.log()), math.nan)
 
 
 def t_quantile_975(dof: float) -> float:
@@ -116,6 +119,7 @@ def entropy_from_sums(
     sampled: float,
     skipped: float,
     dof: float = math.inf,
+    unknown: bool = False,
     quantiles: tuple[float, ...] = (0.1, 0.5, 0.9),
     logprob: tuple[float, float] | None = None,
     advantage: tuple[float, float, float, float] | None = None,
@@ -132,7 +136,8 @@ def entropy_from_sums(
         sampled: rows whose (finite) entropy was computed; skipped: rows with NaN or Inf
             logits.
         dof: the degrees of freedom of ``variance`` (the sampled rows less one per call): the
-            interval uses Student's t quantile.
+            interval uses Student's t quantile. ``unknown``: a sampled part of the window whose
+            variance cannot be estimated (one row drawn): the interval is NaN.
         logprob: ``(weight, weighted sum)`` of the target tokens' log-probabilities.
         advantage: ``(weight, sum lp, sum A, sum lp A)`` over tokens with an advantage.
 
@@ -153,7 +158,8 @@ def entropy_from_sums(
         out.update({f"entropy_q{round(q * 100)}": nan for q in quantiles})
         return out
     out["entropy_mean"] = total / tokens
-    out["entropy_mean_ci95"] = t_quantile_975(dof) * math.sqrt(max(variance, 0.0)) / tokens
+    half = t_quantile_975(dof) * math.sqrt(max(variance, 0.0)) / tokens
+    out["entropy_mean_ci95"] = math.nan if unknown else half
     out["certain_fraction"] = certain / tokens
     out["high_fraction"] = high / tokens
     cum = hist.to(_F64).cumsum(0)

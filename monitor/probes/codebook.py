@@ -78,7 +78,7 @@ class CodebookUsage(Probe):
     ``usage_hist`` of hits per code and the mask ``dead`` ``(H, K)`` for mitigations.
     Hot path: one ``index_add_`` per call, no host sync (out-of-range indices are left out and
     counted; a ``strict`` monitor raises at the call).
-    State: ``40*H*K + 1024*H + O(H)`` bytes; under DDP the EMA is summed over ranks (it is linear
+    State: ``32*H*K + 1024*H + O(H)`` bytes; under DDP the EMA is summed over ranks (it is linear
     in the counts), and a resumed run's ranks other than 0 start it at zero.
 
     Example:
@@ -390,7 +390,7 @@ class LatentUsage(CodebookUsage):
     Reads the module's output activations ``(..., L)`` (``extract=`` otherwise). Reports
     ``dead_latents`` / ``dead_fraction`` (latents that did not fire in the whole window, the SAE
     convention; ``dead="ema"`` for the EMA rule), ``usage`` (fraction that fired;
-    ``usage_recent``: the latest steps alone, from ``4.6 L`` fires; ``usage_uniform``:
+    ``usage_recent``: the latest steps alone, from ``4.6 L`` rows; ``usage_uniform``:
     the usage the window's fires would show spread uniformly), ``fire_rate``
     (mean active latents per row, L0), ``perplexity`` of the firing distribution, ``samples``
     (rows), ``skipped`` (rows with NaN or Inf, and padded tokens: ``observe(mask=)`` or the

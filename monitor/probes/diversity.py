@@ -7,7 +7,7 @@ import torch
 
 from ..cadence import EVERY_STEP
 from ..contracts import Readout
-from ..functional.diversity import NGRAMS, group_sums
+from ..functional.diversity import NGRAMS, group_keys, group_sums
 from ..reading import Reading, is_index, token_mask
 from ..stats import Statistic, Window, to_device
 from .base import Probe
@@ -19,6 +19,8 @@ _METRICS = (
     "identical_fraction",
     "zero_advantage_fraction",
 )
+# an advantage this small is zero: a group's equal rewards standardised in float32 leave ~1e-8
+_ZERO = 1e-6
 
 
 class DiversitySums(Statistic):
@@ -32,6 +34,7 @@ class DiversitySums(Statistic):
             self.add_state(f"{name}_count", (), _F64)
         self.add_state("groups", (), _F64)
         self.add_state("completions", (), _F64)
+        self.add_state("mixed_groups", (), _F64)
 
     @torch.no_grad()
     def add(self, sums: dict[str, torch.Tensor]) -> None:
@@ -43,17 +46,21 @@ class GenerationDiversity(Probe):
     """Diversity within groups of completions sampled from one prompt (GRPO's ``num_generations``).
 
     Reads the token ids ``(B, T)`` a model is called with (its first input: ``input_ids``), in the
-    training forward that scores the completions; rows ``g * G .. g * G + G - 1`` are the ``G``
-    completions of one prompt (TRL repeats each prompt ``G`` times in a row). The completion
-    tokens: positions whose label is not ``ignore_index`` (``observe(targets=labels)``; TRL's GRPO
-    passes its completion labels), else ``observe(mask=)``, else the model's ``attention_mask``
-    (the prompt then counts too).
+    training forward that scores the completions. The completion tokens: positions whose label is
+    not ``ignore_index`` (``observe(targets=labels)``; TRL's GRPO passes its completion labels),
+    else ``observe(mask=)``, else the model's ``attention_mask`` (the prompt then counts too).
+    The groups: ``observe(groups=)`` ``(B,)`` ids when given; else, with ``group_by="prompt"``
+    (default), rows whose tokens outside the completion are the same (one prompt: TRL shuffles a
+    step's rows, so a prompt's completions are not in a row); with ``group_by="order"``, rows
+    ``g * G .. g * G + G - 1``. Rows are sorted by group and cut in groups of ``G``; a group
+    that mixes prompts (a prompt with a number of rows that is not a multiple of ``G``) is
+    left out and counted in ``mixed_groups``.
 
     Per group: ``distinct_1``, ``distinct_2`` (distinct n-grams over all n-grams of the group's
     completions, Li et al. 2016), ``pairwise_overlap`` (mean Jaccard index of the 2-gram sets of
     each pair), ``identical_fraction`` (pairs with the same token sequence); with
     ``observe(advantages=)`` (per sequence or per token), ``zero_advantage_fraction``, the share of
-    groups whose advantages are all exactly 0 (equal rewards: the group gives no gradient); each
+    groups whose advantages are all 0 (``|A| <= 1e-6``: equal rewards, no gradient); each
     reported as its mean over the window's groups, with ``groups`` and ``completions``
     (:func:`~collapse_monitor.functional.generation_diversity`). N-grams are exact integer codes
     (no hashing); the update is fixed-size tensor work with no host sync; memory does not grow with
@@ -62,6 +69,7 @@ class GenerationDiversity(Probe):
     Args:
         module: the model whose forward receives the token ids (``""``: the monitored model).
         group_size: ``G``, completions per prompt; a call's rows must be a multiple of it.
+        group_by: ``"prompt"`` or ``"order"`` (see above), when no ``observe(groups=)``.
         vocab_size: the token ids' range (default: the model's ``config.vocab_size``).
         ignore_index: the label of positions that are not completion tokens.
 
@@ -92,13 +100,14 @@ class GenerationDiversity(Probe):
         hint="input_ids",
     )
     sampling = EVERY_STEP
-    keywords = {"targets": False, "mask": False, "advantages": False}
+    keywords = {"targets": False, "mask": False, "advantages": False, "groups": False}
     uses_token_mask = True
 
     def __init__(
         self,
         module: str = "",
         group_size: int = 2,
+        group_by: str = "prompt",
         vocab_size: int | None = None,
         ignore_index: int = -100,
         name: str | None = None,
@@ -107,7 +116,10 @@ class GenerationDiversity(Probe):
         super().__init__(module, name, extract, read="input")
         if int(group_size) < 2:
             raise ValueError(f"group_size must be >= 2, got {group_size}")
+        if group_by not in ("prompt", "order"):
+            raise ValueError(f"group_by must be 'prompt' or 'order', got {group_by!r}")
         self.group_size = int(group_size)
+        self.group_by = group_by
         self.vocab_size = vocab_size
         self.ignore_index = ignore_index
         self.label_shift = 0  # labels mark the completion tokens at their own positions
@@ -139,14 +151,36 @@ class GenerationDiversity(Probe):
         else:
             mask = token_mask(call, B, T, ids.device)
             mask = torch.ones(B, T, dtype=torch.bool, device=ids.device) if mask is None else mask
-        sums = group_sums(ids, mask, self.group_size, int(self.vocab_size))
-        sums.update(self._zero_advantage(call, mask))
+        keys = self._keys(call, ids, mask)
+        valid = None
+        adv = call.keyword("advantages")
+        if keys is not None:  # rows sorted by group, cut in groups of G that must share a key
+            order = torch.argsort(keys, stable=True)
+            ids, mask, keys = ids[order], mask[order], keys[order]
+            groups = keys.reshape(-1, self.group_size)
+            valid = (groups == groups[:, :1]).all(1)
+            if adv is not None:
+                adv = to_device(torch.as_tensor(adv), ids.device)[order]
+        sums = group_sums(ids, mask, self.group_size, int(self.vocab_size), valid)
+        sums.update(self._zero_advantage(call, adv, mask, valid))
+        sums["mixed_groups"] = (
+            torch.zeros((), dtype=_F64) if valid is None else (~valid).sum().to(_F64)
+        )
         window["sums"].add(sums)
 
-    def _zero_advantage(self, call, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Groups whose advantages are all exactly 0 (equal rewards: no gradient), from
-        ``observe(advantages=)`` per sequence ``(B,)`` or per token ``(B, T)``."""
-        adv = call.keyword("advantages")
+    def _keys(self, call, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+        given = call.keyword("groups")
+        if given is not None:
+            given = to_device(torch.as_tensor(given), ids.device).to(torch.int64)
+            if tuple(given.shape) != (ids.shape[0],):
+                raise call.error(f"groups of shape {tuple(given.shape)}: one id per row expected")
+            return given
+        return group_keys(ids, mask) if self.group_by == "prompt" else None
+
+    def _zero_advantage(self, call, adv, mask: torch.Tensor, valid) -> dict[str, torch.Tensor]:
+        """Groups whose advantages are all 0 (equal rewards: no gradient), from
+        ``observe(advantages=)`` per sequence ``(B,)`` or per token ``(B, T)`` (rows in the
+        order of ``mask``)."""
         zero = torch.zeros((), dtype=_F64, device=mask.device)
         if adv is None:
             return {"zero_advantage_fraction": zero, "zero_advantage_fraction_count": zero}
@@ -156,11 +190,13 @@ class GenerationDiversity(Probe):
             adv = adv[:, adv.shape[1] - T :]
         if adv.shape not in ((B,), (B, T)):
             raise call.error(f"advantages of shape {tuple(adv.shape)}: expected ({B},) or {(B, T)}")
-        flat = adv != 0 if adv.ndim == 1 else ((adv != 0) & mask).any(1)
+        moving = adv.abs() > _ZERO
+        flat = moving if adv.ndim == 1 else (moving & mask).any(1)
         groups = flat.reshape(-1, self.group_size).any(1)  # a group with any non-zero advantage
+        counted = torch.ones_like(groups) if valid is None else valid
         return {
-            "zero_advantage_fraction": (~groups).sum().to(_F64),
-            "zero_advantage_fraction_count": torch.tensor(float(len(groups)), dtype=_F64),
+            "zero_advantage_fraction": (~groups & counted).sum().to(_F64),
+            "zero_advantage_fraction_count": counted.sum().to(_F64),
         }
 
     def readout(self, window) -> Readout:
@@ -172,4 +208,5 @@ class GenerationDiversity(Probe):
             for name in _METRICS
         }
         out["groups"], out["completions"] = st.groups.item(), st.completions.item()
+        out["mixed_groups"] = st.mixed_groups.item()
         return Readout({self.key(k): v for k, v in out.items()})

@@ -30,6 +30,13 @@ from .base import Probe, kept_apart, layer_name
 log = logging.getLogger(__name__)
 
 
+def _autocast_on(kind: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(kind)
+    except TypeError:  # torch < 2.4 asks per device type through two functions
+        return torch.is_autocast_cpu_enabled() if kind == "cpu" else torch.is_autocast_enabled()
+
+
 @contextlib.contextmanager
 def _outside_autocast(device: torch.device | None):
     """Autocast switched off for the CPU and ``device`` where the caller's forward enabled it: a
@@ -37,7 +44,7 @@ def _outside_autocast(device: torch.device | None):
     the forward's bfloat16 or float16."""
     with contextlib.ExitStack() as stack:
         for kind in {"cpu", device.type if device is not None else "cpu"}:
-            if torch.is_autocast_enabled(kind):
+            if _autocast_on(kind):
                 stack.enter_context(torch.autocast(kind, enabled=False))
         yield
 

@@ -24,16 +24,26 @@ _LOGIT_TRANSFORMS = (
     "output_multiplier",
     "lm_head_multiplier",
     "logits_scaling",
+    "dim_model_base",  # MiniCPM scales the hidden states before the head
+    "mup_width_multiplier",  # Phi-3-small
 )
 
 
 def _states_or_logits(value):
-    """A model output's ``last_hidden_state`` (a backbone) or ``logits``; else its first tensor."""
+    """A model output's ``logits``, else its ``last_hidden_state`` (a backbone: for ``head=``);
+    else its first tensor."""
     if isinstance(value, Mapping):
-        for key in ("last_hidden_state", "logits"):
+        for key in ("logits", "last_hidden_state"):
             if isinstance(value.get(key), torch.Tensor):
                 return value[key]
     return first_tensor(value)
+
+
+def _output_kind(output) -> str | None:
+    """A model output's ``"logits"`` or ``"hidden"`` (a backbone's); None for a plain tensor."""
+    if not isinstance(output, Mapping):
+        return None
+    return "logits" if isinstance(output.get("logits"), torch.Tensor) else "hidden"
 
 
 class TokenEntropy(Probe):
@@ -104,7 +114,7 @@ class TokenEntropy(Probe):
         >>> from collapse_monitor import CollapseMonitor, probes
         >>> model = nn.Sequential(nn.Identity())  # stands for the LM head
         >>> mon = CollapseMonitor(model, [probes.TokenEntropy("0", tokens=None, name="ent")], 1)
-        >>> with mon.observe(targets=torch.tensor([[5, 1, -100]])):  # 3 positions, 1 ignored
+        >>> with mon.observe(targets=torch.tensor([[3, 1, -100]])):  # 3 positions, 1 ignored
         ...     _ = model(torch.zeros(1, 3, 4))  # uniform over 4 tokens: log 4 nats
         >>> m = mon.step()
         >>> round(m["collapse/ent/entropy_mean"], 6), m["collapse/ent/tokens"]
@@ -163,7 +173,10 @@ class TokenEntropy(Probe):
         self.label_shift = label_shift(
             setup.model, [p for p, _ in found], self.target_shift, repr(self)
         )
-        self._generator = torch.Generator().manual_seed(self.seed)
+        # each rank draws its own rows (one seed on every rank would draw the same positions)
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        self._rank = rank
+        self._generator = torch.Generator().manual_seed(self.seed + 1_000_003 * rank)
         if self.head is not None:
             self._head = self._find_head(setup.model)
 
@@ -253,16 +266,22 @@ class TokenEntropy(Probe):
         return adv
 
     def update(self, window, z, call) -> None:
+        kind = None if self.extract is not None else _output_kind(call.output)
+        if kind == "hidden" and self._head is None:
+            raise call.error("a model output without logits: pass head= (the LM head's path)")
+        if kind == "logits" and self._head is not None:
+            raise call.error("logits with head=: probe them without head=, or the backbone with it")
         s = self.label_shift
         counts, targets, adv = self._counts(z, call)
         rows = (z[:, : z.shape[1] - s] if s else z).detach().reshape(-1, z.shape[-1])
         weight = bias = None
         if self._head is not None:
             weight, bias = self._head.weight.detach(), self._head.bias
-            if type(weight) is not torch.Tensor and not isinstance(weight, nn.Parameter):
+            if type(weight) is not torch.Tensor or weight.ndim != 2 or not weight.numel():
                 raise call.error(
-                    f"head '{self.head}' holds a {type(weight).__name__} weight (sharded): the "
-                    "hidden-state path needs the whole weight"
+                    f"head '{self.head}' holds a {type(weight).__name__} weight of shape "
+                    f"{tuple(weight.shape)} (sharded or partitioned): the hidden-state path needs "
+                    "the whole (V, D) weight"
                 )
             if weight.shape[1] != rows.shape[1]:
                 raise call.error(
@@ -292,6 +311,8 @@ class TokenEntropy(Probe):
             h = chunked_entropy(drawn, self.chunk, weight, bias, self.temperature).to(_F64)
             lp = None
         finite = torch.isfinite(h)
+        if lp is not None:  # (a label outside the vocabulary has no log-probability)
+            finite &= torch.isfinite(lp)
         skipped = (use & ~finite).sum()
         use = use & finite
         h = torch.where(use, h, 0.0)
@@ -302,11 +323,23 @@ class TokenEntropy(Probe):
         s2 = torch.where(use, (h - mean) ** 2, 0.0).sum() / (kk - 1).clamp_min(1.0)
         variance = n * n * (1 - k / n.clamp_min(1.0)) * s2 / k.clamp_min(1.0)
         dof = torch.where(k < n, (kk - 1).clamp_min(0.0), 0.0)  # exact: no sampling variance
+        unknown = (k < n) & (kk < 2)  # sampled, but one row cannot show a variance
         sums = window["sums"]
-        sums.add(h, w, variance, dof, self.certain, self.high, skipped)
+        sums.add(h, w, variance, dof, self.certain, self.high, skipped, unknown)
         if lp is not None:
             a = None if adv is None else (adv if idx is None else adv[idx])
+            a = None if a is None else torch.where(use, a, 0.0)  # (NaN at padding: left out)
             sums.add_logprob(torch.where(use, lp, 0.0), w, a)
+
+    # ----------------------------------------------------------------- persistence
+    def extra_state(self) -> dict:
+        return {"generator": self._generator.get_state(), "seed": self.seed}
+
+    def load_extra_state(self, state: dict) -> None:
+        # the saved draws are rank 0's: that rank continues them exactly, the others keep their
+        # own stream (rows drawn apart from rank 0's)
+        if self._rank == 0:
+            self._generator.set_state(state["generator"])
 
     # ----------------------------------------------------------------- readout
     def readout(self, window) -> Readout:
@@ -321,6 +354,7 @@ class TokenEntropy(Probe):
             st.sampled.item(),
             st.skipped.item(),
             st.dof.item() or math.inf,
+            unknown=bool(st.unknown.item()),
             logprob=(st.lp_weight.item(), st.lp_sum.item()),
             advantage=(st.adv_weight.item(), st.adv_lp.item(), st.adv_a.item(), st.adv_lpa.item()),
         )

@@ -114,6 +114,12 @@ class RecentHits(Statistic):
     def align(self, group) -> None:
         pass  # ``step`` is equal on every rank by construction
 
+    def merge(self, other: RecentHits) -> RecentHits:
+        """Another rank's part of the same steps (``step`` equal): latest hits and counts."""
+        torch.maximum(self.last_hit, other.last_hit.to(self.device), out=self.last_hit)
+        self.rows += other.rows.to(self.device)
+        return self
+
 
 class UsageEMA(Statistic):
     """Exponential moving averages of hits per code ``(H, K)`` and of indices per head ``(H,)``,

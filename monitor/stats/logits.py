@@ -98,7 +98,7 @@ class TokenEntropySums(Statistic):
     def __init__(self) -> None:
         super().__init__()
         for name in (
-            *("tokens", "total", "variance", "dof", "certain", "high", "sampled"),
+            *("tokens", "total", "variance", "dof", "unknown", "certain", "high", "sampled"),
             *("lp_weight", "lp_sum", "adv_weight", "adv_lp", "adv_a", "adv_lpa"),
         ):
             self.add_state(name, (), _F64)
@@ -115,15 +115,18 @@ class TokenEntropySums(Statistic):
         certain: float = 0.01,
         high: float = 0.672,
         skipped: torch.Tensor | int = 0,
+        unknown: torch.Tensor | bool = False,
     ) -> None:
         """Add computed rows: ``entropy (k,)`` nats (finite), ``weight (k,)`` the tokens each
         stands for (0: a row that does not count), ``variance`` of this call's weighted sum
-        under the sampling and its degrees of freedom ``dof``."""
+        under the sampling and its degrees of freedom ``dof``; ``unknown``: a sampled call whose
+        variance cannot be estimated (one row)."""
         h, w = entropy.to(_F64), weight.to(_F64)
         self.tokens += w.sum()
         self.total += (w * h).sum()
         self.variance += variance.to(_F64)
         self.dof += dof
+        self.unknown += unknown
         self.certain += (w * (h < certain)).sum()
         self.high += (w * (h > high)).sum()
         self.sampled += (w > 0).sum()

@@ -60,7 +60,7 @@ def test_grpo_token_entropy_equals_trls_entropy_over_the_completion_tokens(tmp_p
     tok = char_tokenizer()
     ds, reward = prompts_and_reward()
     args = trl.GRPOConfig(
-        output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
+        output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4,
         max_completion_length=6, max_steps=3, logging_steps=1, learning_rate=1e-3,
         report_to=[], use_cpu=True, save_strategy="no", temperature=1.0, beta=0.0, seed=0,
     )  # fmt: skip
@@ -93,7 +93,12 @@ def test_grpo_token_entropy_equals_trls_entropy_over_the_completion_tokens(tmp_p
     inner = trainer.compute_loss  # by hand, what each loss step receives
 
     def record(model, inputs, *a, **kw):
-        advantages.append(inputs["advantages"].detach().clone())
+        # the rows of a step arrive shuffled: each row's prompt, by hand, says its group
+        prompts = [
+            tuple(r[m.bool()].tolist()) for r, m in zip(inputs["prompt_ids"], inputs["prompt_mask"])
+        ]
+        group = torch.tensor([sorted(set(prompts)).index(p) for p in prompts])
+        advantages.append((inputs["advantages"].detach().clone(), group))
         return inner(model, inputs, *a, **kw)
 
     trainer.compute_loss = record
@@ -105,16 +110,18 @@ def test_grpo_token_entropy_equals_trls_entropy_over_the_completion_tokens(tmp_p
     for step in theirs:
         assert ours[step] == pytest.approx(theirs[step], rel=1e-5), step
     assert all(0 < v < math.log(len(CHARS) + 2) + 1e-6 for v in ours.values())
-    # one group of 4 completions per step; their diversity from the raw ids and labels
+    # two prompts' groups of 4 completions per step; their diversity from the raw ids and labels
     assert len(seen) == len(advantages) == 3
     zero_std = logged(trainer, "frac_reward_zero_std")  # TRL's own count of gradient-less groups
-    for step, ((ids, labels), adv, z) in enumerate(zip(seen, advantages, logits), 1):
-        want = functional.generation_diversity(ids, labels != -100, torch.arange(4) // 4)
+    for step, ((ids, labels), (adv, group), z) in enumerate(zip(seen, advantages, logits), 1):
+        want = functional.generation_diversity(ids, labels != -100, group)
         for key in ("distinct_1", "distinct_2", "pairwise_overlap", "identical_fraction"):
             got = logged(trainer, f"collapse/diversity/{key}")[step]
             assert got == pytest.approx(want[key], rel=1e-12, nan_ok=True), (step, key)
         zero = logged(trainer, "collapse/diversity/zero_advantage_fraction")[step]
-        assert zero == float((adv == 0).all()) == zero_std[step]
+        still = [float((adv[group == k].abs() <= 1e-6).all()) for k in range(2)]
+        assert zero == sum(still) / 2 == zero_std[step]
+        assert logged(trainer, "collapse/diversity/groups")[step] == 2
         # Cui et al.'s covariance of the sampled tokens' log-probabilities with the advantages
         y = labels[:, 1:]
         want = functional.token_entropy_metrics(

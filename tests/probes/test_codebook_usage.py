@@ -360,6 +360,20 @@ def test_a_checkpoint_without_the_recent_steps_entry_still_loads():
     del state["probes"]["vq"]["window"]["entries"]["recent"]
     again, _ = stream(probes.CodebookUsage("vq", 8, name="vq"), [])
     again.load_state_dict(state)
+    assert again.compute()["collapse/vq/samples"] == 80
+    del state["probes"]["vq"]["window"]["entries"]["counts"]  # a real entry missing: an error
+    with pytest.raises(KeyError, match="counts"):
+        again.load_state_dict(state)
+    # a glob kept per module: one window part per quantiser
+    q = nn.Sequential()
+    q.add_module("vq1", Quantizer())
+    q.add_module("vq2", Quantizer())
+    mon = CollapseMonitor(q, [probes.CodebookUsage("vq*", 8, name="vq")], 10)
+    state = mon.state_dict()
+    entries = state["probes"]["vq"]["window"]["entries"]
+    for key in [k for k in entries if k.endswith("/recent")]:
+        del entries[key]
+    mon.load_state_dict(state)
 
 
 def test_a_router_of_four_experts_on_one_expert_alerts_at_that_log():

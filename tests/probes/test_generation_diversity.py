@@ -41,7 +41,9 @@ def test_streamed_equals_the_reference_over_every_group(seed):
             all_labels.append(labels)
         calls.append(step_calls)
     model = lm()
-    probe = probes.GenerationDiversity("lm", group_size=G, vocab_size=V, name="div")
+    probe = probes.GenerationDiversity(
+        "lm", group_size=G, group_by="order", vocab_size=V, name="div"
+    )
     mon = CollapseMonitor(model, [probe], 3, strict=True)
     out = None
     for step_calls in calls:
@@ -87,7 +89,9 @@ def test_a_group_split_between_calls_is_refused():
 
 def test_zero_advantage_fraction_counts_groups_without_a_gradient():
     model = lm()
-    probe = probes.GenerationDiversity("lm", group_size=2, vocab_size=10, name="div")
+    probe = probes.GenerationDiversity(
+        "lm", group_size=2, group_by="order", vocab_size=10, name="div"
+    )
     mon = CollapseMonitor(model, [probe], 2, strict=True)
     ids = torch.arange(16).remainder(10).view(4, 4)
     with mon.observe(advantages=torch.tensor([0.0, 0.0, 1.0, -1.0])):  # one of 2 groups
@@ -103,3 +107,55 @@ def test_zero_advantage_fraction_counts_groups_without_a_gradient():
     m = mon.step()
     mon.close()
     assert m["collapse/div/zero_advantage_fraction"] == 0.5 and m["collapse/div/groups"] == 4
+
+
+def test_completions_of_one_prompt_are_grouped_wherever_their_rows_are():
+    # TRL shuffles a step's rows: 3 prompts (left-padded, of different lengths) x 4 completions,
+    # shuffled; grouped by their prompt tokens, equal to the reference grouped by prompt; and
+    # observe(groups=) gives the same
+    g = torch.Generator().manual_seed(3)
+    G, V, T = 4, 9, 12
+    rows, labels, prompt_of = [], [], []
+    for p, length in enumerate((2, 5, 3)):
+        prompt = torch.randint(2, V, (length,), generator=g)
+        for _ in range(G):
+            ids = torch.zeros(T, dtype=torch.long)
+            ids[T - 6 - length : T - 6] = prompt  # left padding with 0
+            ids[T - 6 :] = torch.randint(2, V, (6,), generator=g)
+            lab = ids.clone()
+            lab[: T - 6] = -100
+            rows.append(ids)
+            labels.append(lab)
+            prompt_of.append(p)
+    perm = torch.randperm(len(rows), generator=g)
+    ids, lab = torch.stack(rows)[perm], torch.stack(labels)[perm]
+    groups = torch.tensor(prompt_of)[perm]
+    want = MF.generation_diversity(ids, lab != -100, groups)
+    for observe in ({"targets": lab}, {"targets": lab, "groups": groups * 7 + 1}):
+        model = lm()
+        probe = probes.GenerationDiversity("lm", group_size=G, vocab_size=V, name="div")
+        mon = CollapseMonitor(model, [probe], 1, strict=True)
+        with mon.observe(**observe):
+            model.lm(ids)
+        got = mon.step()
+        mon.close()
+        for key in KEYS:
+            assert got[f"collapse/div/{key}"] == pytest.approx(want[key], rel=1e-12), key
+        assert got["collapse/div/mixed_groups"] == 0
+
+
+def test_a_group_that_mixes_prompts_is_left_out_and_counted():
+    # 5 completions of one prompt and 3 of another, G = 4: sorted by prompt, the second group
+    # holds both prompts
+    ids = torch.tensor([[1, 5, 6]] * 5 + [[2, 7, 8]] * 3)
+    labels = ids.clone()
+    labels[:, 0] = -100
+    model = lm()
+    probe = probes.GenerationDiversity("lm", group_size=4, vocab_size=10, name="div")
+    mon = CollapseMonitor(model, [probe], 1, strict=True)
+    with mon.observe(targets=labels):
+        model.lm(ids)
+    m = mon.step()
+    mon.close()
+    assert m["collapse/div/groups"] == 1 and m["collapse/div/mixed_groups"] == 1
+    assert m["collapse/div/identical_fraction"] == 1.0

@@ -311,3 +311,28 @@ def test_a_bfloat16_autocast_forward_does_not_round_the_probes_own_computation()
     want = MF.token_entropy_metrics(z, targets=ids[:, 1:])
     for key in ("entropy_mean", "logprob_mean"):
         assert got[f"collapse/e/{key}"] == pytest.approx(want[key], rel=2e-6), key
+
+
+def test_hidden_states_need_head_and_labels_outside_the_vocabulary_are_skipped():
+    pytest.importorskip("transformers")
+    model = tiny("Llama", vocab_size=20, num_hidden_layers=1)
+    ids = torch.randint(0, 20, (2, 6), generator=torch.Generator().manual_seed(8))
+    with pytest.raises(ValueError, match="without logits: pass head="):
+        run(model, [probes.TokenEntropy("model", tokens=None)], lambda s: model(ids))
+    labels = ids.clone()
+    labels[0, 3] = 25  # not a token of this vocabulary: no log-probability, skipped
+    got = run(
+        model,
+        [probes.TokenEntropy("lm_head", tokens=None, name="e")],
+        {"forward": lambda s: model(ids), "observe": {"targets": labels}},
+    )
+    assert got["collapse/e/skipped"] == 1 and got["collapse/e/tokens"] == 2 * 5 - 1
+    assert math.isfinite(got["collapse/e/logprob_mean"])
+
+
+def test_one_sampled_row_gives_no_interval():
+    z = torch.randn(1, 20, 30, generator=torch.Generator().manual_seed(9))
+    got = stream(probes.TokenEntropy("head", tokens=1, name="e"), [[(z, None, None)]])
+    # NaN: not logged (0 would read as an exact mean)
+    assert got["collapse/e/sampled"] == 1
+    assert math.isnan(got.get("collapse/e/entropy_mean_ci95", math.nan))
