@@ -336,3 +336,34 @@ def test_one_sampled_row_gives_no_interval():
     # NaN: not logged (0 would read as an exact mean)
     assert got["collapse/e/sampled"] == 1
     assert math.isnan(got.get("collapse/e/entropy_mean_ci95", math.nan))
+
+
+def test_a_resumed_run_draws_the_rows_an_uninterrupted_run_draws():
+    g = torch.Generator().manual_seed(10)
+    calls = [torch.randn(2, 30, 40, generator=g) * 3 for _ in range(4)]
+
+    def fresh():
+        model = head_model()
+        probe = probes.TokenEntropy("head", tokens=7, seed=3, name="e")
+        return model, CollapseMonitor(model, [probe], 2, observe_every_n_steps=1)
+
+    def feed(model, mon, zs):
+        out = []
+        for z in zs:
+            with mon.observe():
+                model.head(z)
+            out.append(mon.step())
+        return out
+
+    model, mon = fresh()
+    whole = feed(model, mon, calls)
+    mon.close()
+    model, mon = fresh()
+    feed(model, mon, calls[:2])
+    state = mon.state_dict()
+    mon.close()
+    model, mon = fresh()
+    mon.load_state_dict(state)
+    resumed = feed(model, mon, calls[2:])
+    mon.close()
+    assert resumed[-1]["collapse/e/entropy_mean"] == whole[-1]["collapse/e/entropy_mean"]
