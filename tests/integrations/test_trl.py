@@ -13,20 +13,11 @@ transformers = pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")
 
 from collapse_monitor.integrations.transformers import CollapseTrainerCallback  # noqa: E402
+from tests.test_examples import load_example  # noqa: E402
 
-CHARS = "abcdefghij"
-
-
-def char_tokenizer():
-    """A character tokenizer built in code (no download): pad 0, eos 1, then the letters."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {"<pad>": 0, "</s>": 1, **{c: i + 2 for i, c in enumerate(CHARS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", padding_side="left"
-    )
+# the example's character tokenizer (built in code: no download)
+_EXAMPLE = load_example("grpo_entropy_collapse")
+CHARS, char_tokenizer = _EXAMPLE.CHARS, _EXAMPLE.tokenizer
 
 
 def tiny_lm(vocab):
@@ -47,6 +38,15 @@ def prompts_and_reward():
         return [float(c.count("a")) for c in completions]
 
     return ds, reward
+
+
+def assert_equals_trls_entropy(trainer):
+    theirs = logged(trainer, "entropy")
+    ours = logged(trainer, "collapse/entropy/entropy_mean")
+    assert sorted(ours) == sorted(theirs) == [1, 2, 3]
+    for step in theirs:
+        assert ours[step] == pytest.approx(theirs[step], rel=1e-5), step
+    return ours
 
 
 def logged(trainer, key):
@@ -104,11 +104,7 @@ def test_grpo_token_entropy_equals_trls_entropy_over_the_completion_tokens(tmp_p
     trainer.compute_loss = record
     trainer.train()
     callback.close()
-    theirs = logged(trainer, "entropy")
-    ours = logged(trainer, "collapse/entropy/entropy_mean")
-    assert sorted(ours) == sorted(theirs) == [1, 2, 3]
-    for step in theirs:
-        assert ours[step] == pytest.approx(theirs[step], rel=1e-5), step
+    ours = assert_equals_trls_entropy(trainer)
     assert all(0 < v < math.log(len(CHARS) + 2) + 1e-6 for v in ours.values())
     # two prompts' groups of 4 completions per step; their diversity from the raw ids and labels
     assert len(seen) == len(advantages) == 3
@@ -161,11 +157,7 @@ def test_sft_token_entropy_equals_trls_entropy_over_the_completion_tokens(tmp_pa
     )  # fmt: skip
     trainer.train()
     callback.close()
-    theirs = logged(trainer, "entropy")
-    ours = logged(trainer, "collapse/entropy/entropy_mean")
-    assert sorted(ours) == sorted(theirs) == [1, 2, 3]
-    for step in theirs:
-        assert ours[step] == pytest.approx(theirs[step], rel=1e-5), step
+    assert_equals_trls_entropy(trainer)
     assert not logged(trainer, "collapse/logits/entropy_mean")
     assert "name='logits') recorded" in caplog.text and "never ran" in caplog.text
 

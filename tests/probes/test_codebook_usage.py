@@ -332,24 +332,30 @@ def test_recent_usage_across_logs_equals_a_by_hand_union_of_the_latest_steps(see
     assert seen >= 10
 
 
-def test_a_codebook_collapse_inside_the_first_window_alerts_at_its_first_log():
-    # 64 codes, 64 indices a step: every code for 4 steps, then 4 codes. The window's usage
-    # (all 64) hides it; the latest 5 steps (320 indices, where a uniform codebook shows 99%)
-    # show 4 of 64 at the first log
-    steps = [torch.arange(64)] * 4 + [torch.arange(4).repeat(16)] * 6
+def alerts_of(num_codes, steps, name="vq"):
+    """The last log and the alerts (step, rule) of a codebook fed ``steps``, logged every 10."""
     alerts, m = [], None
     q = nn.Sequential()
     q.add_module("vq", Quantizer())
     mon = CollapseMonitor(
-        q, [probes.CodebookUsage("vq", 64, name="vq")], 10, on_alert=alerts.append
+        q, [probes.CodebookUsage("vq", num_codes, name=name)], 10, on_alert=alerts.append
     )
     for idx in steps:
         with mon.observe():
             q.vq(torch.zeros(len(idx), 1), idx)
         m = mon.step() or m
     mon.close()
+    return m, sorted((a.step, a.rule) for a in alerts), alerts
+
+
+def test_a_codebook_collapse_inside_the_first_window_alerts_at_its_first_log():
+    # 64 codes, 64 indices a step: every code for 4 steps, then 4 codes. The window's usage
+    # (all 64) hides it; the latest 5 steps (320 indices, where a uniform codebook shows 99%)
+    # show 4 of 64 at the first log
+    steps = [torch.arange(64)] * 4 + [torch.arange(4).repeat(16)] * 6
+    m, fired, alerts = alerts_of(64, steps)
     assert m["collapse/vq/usage"] == 1.0 and m["collapse/vq/usage_recent"] == 4 / 64
-    assert [(a.step, a.rule) for a in alerts] == [(10, "vq/usage_below")]
+    assert fired == [(10, "vq/usage_below")]
     assert "usage_recent = 0.0625" in alerts[0].message
 
 
@@ -379,18 +385,7 @@ def test_a_checkpoint_without_the_recent_steps_entry_still_loads():
 def test_a_router_of_four_experts_on_one_expert_alerts_at_that_log():
     # usage 0.25 can never pass usage_below's severe 0.2: single_code reads the recent steps
     def alerts_for(steps):
-        alerts = []
-        q = nn.Sequential()
-        q.add_module("vq", Quantizer())
-        mon = CollapseMonitor(
-            q, [probes.CodebookUsage("vq", 4, name="r")], 10, on_alert=alerts.append
-        )
-        for idx in steps:
-            with mon.observe():
-                q.vq(torch.zeros(len(idx), 1), idx)
-            m = mon.step() or None
-        mon.close()
-        return m, sorted((a.step, a.rule) for a in alerts)
+        return alerts_of(4, steps, name="r")[:2]
 
     healthy = [torch.arange(4).repeat(8)] * 10
     m, fired = alerts_for(healthy[:6] + [torch.full((32,), 2)] * 4)
