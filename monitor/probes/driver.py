@@ -226,11 +226,9 @@ class ProbeDriver(Component, Recorder):
         cached = bound.get("past_key_values") is not None
         # transformers' logits_to_keep = k: the head sees the last k positions (0: all)
         kept = bound.get("logits_to_keep")
-        self.model_inputs = (
-            {"attention_mask": mask.detach(), "cached": cached, "kept": kept}
-            if isinstance(mask, torch.Tensor) and mask.ndim == 2
-            else {}
-        )
+        self.model_inputs = {"kept": kept}
+        if isinstance(mask, torch.Tensor) and mask.ndim == 2:
+            self.model_inputs.update(attention_mask=mask.detach(), cached=cached)
 
     # ----------------------------------------------------------------- steps and windows
     def _end_of_step(self) -> None:

@@ -39,6 +39,12 @@ def _states_or_logits(value):
     return first_tensor(value)
 
 
+def _kept(call, length: int) -> bool:
+    """The model kept the logits of its last ``length`` positions (``logits_to_keep``): longer
+    labels are right-aligned to them (otherwise a length mismatch is an error, never a guess)."""
+    return call.model_inputs.get("kept") == length
+
+
 def _output_kind(output) -> str | None:
     """A model output's ``"logits"`` or ``"hidden"`` (a backbone's); None for a plain tensor."""
     if not isinstance(output, Mapping):
@@ -57,7 +63,8 @@ class TokenEntropy(Probe):
 
     The tokens that count: positions whose next-token label is not ``ignore_index``
     (``observe(targets=labels)``, aligned with the model's label shift as :class:`LogitHealth`
-    does; labels longer than the logits, as with ``logits_to_keep``, are right-aligned), that are
+    does; labels longer than the logits of a call with ``logits_to_keep`` are right-aligned to
+    them, other lengths are an error), that are
     not padding (the model's ``attention_mask``: the position and the token it predicts are both
     real), and, with ``observe(mask=)``, whose predicted token is marked (a completion mask,
     aligned as the labels are). Without any of these, every position counts.
@@ -225,7 +232,7 @@ class TokenEntropy(Probe):
             labels = torch.as_tensor(labels)
             if labels.is_floating_point() or labels.dtype == torch.bool:
                 raise call.error(f"targets must be integer token ids, got dtype {labels.dtype}")
-            if seq and labels.ndim == 2 and labels.shape[1] > lead[1]:
+            if seq and labels.ndim == 2 and labels.shape[1] > lead[1] and _kept(call, lead[1]):
                 labels = labels[:, labels.shape[1] - lead[1] :]  # logits of the last positions
             labels = labels[..., s:] if s else labels
             if tuple(labels.shape) != tuple(shifted):
@@ -255,7 +262,7 @@ class TokenEntropy(Probe):
         adv = to_device(torch.as_tensor(adv), device).to(_F64)
         if len(lead) == 2 and adv.ndim == 1 and adv.shape[0] == lead[0]:
             return adv[:, None].expand(shifted)
-        if len(lead) == 2 and adv.ndim == 2 and adv.shape[1] > lead[1]:
+        if len(lead) == 2 and adv.ndim == 2 and adv.shape[1] > lead[1] and _kept(call, lead[1]):
             adv = adv[:, adv.shape[1] - lead[1] :]
         adv = adv[..., s:] if s else adv
         if tuple(adv.shape) != tuple(shifted):

@@ -367,3 +367,9 @@ def test_a_resumed_run_draws_the_rows_an_uninterrupted_run_draws():
     resumed = feed(model, mon, calls[2:])
     mon.close()
     assert resumed[-1]["collapse/e/entropy_mean"] == whole[-1]["collapse/e/entropy_mean"]
+
+
+def test_labels_longer_than_the_logits_without_logits_to_keep_are_refused():
+    z = torch.randn(2, 4, 10)
+    with pytest.raises(ValueError, match=r"targets of shape \(2, 6\) do not match"):
+        stream(probes.TokenEntropy("head", tokens=None), [[(z, torch.zeros(2, 6).long(), None)]])
