@@ -354,12 +354,13 @@ class CodebookUsage(Probe):
             return {}
         steps = int(enough[0]) + 1
         usage = float(recent.usage(steps).mean())
-        return {
+        out = {
             self.key("usage_recent"): usage,
             self.key("usage_recent_steps"): float(steps),
-            # codes hit in those steps (per head, mean over heads)
-            self.key(f"{self.unit}_used_recent"): usage * self.num_codes,
         }
+        if self.num_codes > 1:  # codes hit in those steps (per head, mean over heads)
+            out[self.key(f"{self.unit}_used_recent")] = usage * self.num_codes
+        return out
 
     def _extra_metrics(self, win: CodeCounts) -> dict[str, torch.Tensor]:
         return {}
