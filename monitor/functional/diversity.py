@@ -68,20 +68,25 @@ def generation_diversity(
     return out
 
 
-def _codes(ids: torch.Tensor, mask: torch.Tensor, n: int, base: int) -> torch.Tensor:
-    """``(R, T)`` int64: each completion's n-grams as exact integer codes, packed to the front
-    in order, ``-1`` where there is none (fewer than n completion tokens left)."""
-    R, T = ids.shape
+def _packed(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``(R, T)`` int64: each row's completion tokens packed to the front in order, ``-1`` after
+    them (the unigram codes)."""
     order = torch.argsort((~mask.bool()).to(torch.int8), dim=1, stable=True)  # tokens first
-    tok = ids.gather(1, order).to(torch.int64)
-    length = mask.bool().sum(1, keepdim=True)
-    pos = torch.arange(T, device=ids.device)[None]
-    code = torch.zeros(R, T, dtype=torch.int64, device=ids.device)
-    for k in range(n):
-        shifted = torch.roll(tok, -k, dims=1)
-        code = code * base + shifted
-    valid = pos + n <= length
-    return torch.where(valid, code, -1)
+    pos = torch.arange(ids.shape[1], device=ids.device)[None]
+    inside = pos < mask.bool().sum(1, keepdim=True)
+    return torch.where(inside, ids.gather(1, order).to(torch.int64), -1)
+
+
+def _codes(tok: torch.Tensor, n: int, base: int) -> torch.Tensor:
+    """``(R, T)`` int64: the n-grams of packed tokens (:func:`_packed`) as exact integer codes in
+    base ``base``, ``-1`` where there is none (fewer than n tokens left)."""
+    code = tok.clamp_min(0)
+    for k in range(1, n):
+        code = code * base + torch.roll(tok, -k, dims=1).clamp_min(0)
+    # valid where the n-gram's last token is a token (packing puts the -1s at the end)
+    last = torch.roll(tok, -(n - 1), dims=1)
+    pos = torch.arange(tok.shape[1], device=tok.device)[None]
+    return torch.where((last >= 0) & (pos + n <= tok.shape[1]), code, -1)
 
 
 def _distinct(codes: torch.Tensor) -> torch.Tensor:
@@ -122,8 +127,10 @@ def group_sums(
     if valid is None:
         valid = torch.ones(ngroups, dtype=torch.bool, device=ids.device)
     out: dict[str, torch.Tensor] = {}
+    tok = _packed(ids, mask)
+    i, j = torch.triu_indices(G, G, 1, device=ids.device)  # the pairs of a group
     for n in NGRAMS:
-        codes = _codes(ids, mask, n, base)  # (B, T)
+        codes = _codes(tok, n, base)  # (B, T)
         total = (codes >= 0).reshape(ngroups, G * T).sum(1)
         distinct = _distinct(codes.reshape(ngroups, G * T))
         has = (total > 0) & valid
@@ -134,7 +141,6 @@ def group_sums(
             # 2-gram sets per row, deduplicated: |A|, and |A u B| of each pair by one sort
             rows = codes.reshape(ngroups, G, T)
             size = _distinct(codes).reshape(ngroups, G)
-            i, j = torch.triu_indices(G, G, 1, device=ids.device)
             union = _distinct(torch.cat([rows[:, i], rows[:, j]], dim=2).reshape(-1, 2 * T))
             union = union.reshape(ngroups, -1)
             inter = size[:, i] + size[:, j] - union
@@ -142,14 +148,8 @@ def group_sums(
             jaccard = inter.to(_F64) / union.clamp_min(1).to(_F64)
             out["pairwise_overlap"] = torch.where(ok, jaccard, 0.0).sum()
             out["pairwise_overlap_count"] = ok.sum().to(_F64)
-    # identical completions: the same length and the same tokens in order
-    order = torch.argsort((~mask.bool()).to(torch.int8), dim=1, stable=True)
-    tok = torch.where(
-        torch.arange(T, device=ids.device)[None] < mask.bool().sum(1, keepdim=True),
-        ids.gather(1, order).to(torch.int64),
-        -1,
-    ).reshape(ngroups, G, T)
-    i, j = torch.triu_indices(G, G, 1, device=ids.device)
+    # identical completions: the same packed tokens (the same length, the same tokens in order)
+    tok = tok.reshape(ngroups, G, T)
     same = (tok[:, i] == tok[:, j]).all(-1).to(_F64)  # (groups, pairs)
     counted = valid.to(_F64)
     out["identical_fraction"] = (same.mean(1) * counted).sum()

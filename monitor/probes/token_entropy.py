@@ -340,7 +340,7 @@ class TokenEntropy(Probe):
 
     # ----------------------------------------------------------------- persistence
     def extra_state(self) -> dict:
-        return {"generator": self._generator.get_state(), "seed": self.seed}
+        return {"generator": self._generator.get_state()}
 
     def load_extra_state(self, state: dict) -> None:
         # the saved draws are rank 0's: that rank continues them exactly, the others keep their
