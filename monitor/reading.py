@@ -345,6 +345,13 @@ def aligned_targets(
     return rows, to_device(labels.reshape(-1), rows.device).to(torch.int64)
 
 
+def keeps_last(call: Call, length: int) -> bool:
+    """Whether the model was called with ``logits_to_keep = length`` (``transformers``): its head
+    sees the last ``length`` positions, so a model-length mask or labels right-align to them."""
+    kept = call.model_inputs.get("kept")
+    return isinstance(kept, int) and not isinstance(kept, bool) and kept == length
+
+
 def token_mask(call: Call, batch: int, length: int, device: torch.device) -> torch.Tensor | None:
     """``(batch, length)`` bool, true for real tokens of the sequences a layer sees.
 
@@ -369,8 +376,7 @@ def token_mask(call: Call, batch: int, length: int, device: torch.device) -> tor
             f"{length} tokens: expected ({batch}, >= {length}), true for real tokens"
         )
     cached = call.model_inputs.get("cached", False)
-    kept = call.model_inputs.get("kept")  # logits of the last `kept` positions (logits_to_keep)
-    kept = isinstance(kept, int) and not isinstance(kept, bool) and kept == length
+    kept = keeps_last(call, length)
     if not given and not (fits and (mask.shape[1] == length or cached or kept)):
         call._context.warn_mask(call.path, mask, f"{batch} sequences of {length} tokens")
         return None

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..contracts import Readout
 from ..functional.token_entropy import chunked_entropy, entropy_from_sums
-from ..reading import Reading, first_tensor, floating, label_shift, token_mask
+from ..reading import Reading, first_tensor, floating, keeps_last, label_shift, token_mask
 from ..stats import TokenEntropySums, Window, to_device
 from .base import Probe
 
@@ -37,12 +37,6 @@ def _states_or_logits(value):
             if isinstance(value.get(key), torch.Tensor):
                 return value[key]
     return first_tensor(value)
-
-
-def _kept(call, length: int) -> bool:
-    """The model kept the logits of its last ``length`` positions (``logits_to_keep``): longer
-    labels are right-aligned to them (otherwise a length mismatch is an error, never a guess)."""
-    return call.model_inputs.get("kept") == length
 
 
 def _output_kind(output) -> str | None:
@@ -232,7 +226,7 @@ class TokenEntropy(Probe):
             labels = torch.as_tensor(labels)
             if labels.is_floating_point() or labels.dtype == torch.bool:
                 raise call.error(f"targets must be integer token ids, got dtype {labels.dtype}")
-            if seq and labels.ndim == 2 and labels.shape[1] > lead[1] and _kept(call, lead[1]):
+            if seq and labels.ndim == 2 and labels.shape[1] > lead[1] and keeps_last(call, lead[1]):
                 labels = labels[:, labels.shape[1] - lead[1] :]  # logits of the last positions
             labels = labels[..., s:] if s else labels
             if tuple(labels.shape) != tuple(shifted):
@@ -262,7 +256,12 @@ class TokenEntropy(Probe):
         adv = to_device(torch.as_tensor(adv), device).to(_F64)
         if len(lead) == 2 and adv.ndim == 1 and adv.shape[0] == lead[0]:
             return adv[:, None].expand(shifted)
-        if len(lead) == 2 and adv.ndim == 2 and adv.shape[1] > lead[1] and _kept(call, lead[1]):
+        if (
+            len(lead) == 2
+            and adv.ndim == 2
+            and adv.shape[1] > lead[1]
+            and keeps_last(call, lead[1])
+        ):
             adv = adv[:, adv.shape[1] - lead[1] :]
         adv = adv[..., s:] if s else adv
         if tuple(adv.shape) != tuple(shifted):
