@@ -561,3 +561,62 @@ def test_a_hung_rank_fails_within_the_deadline_with_its_stack_and_is_killed(tmp_
     assert time.monotonic() - start < 300  # spawning, 5 s, the stacks: not the 600 s timeout
     assert "in hanging_worker" in str(failed.value)  # rank 0's Python stack
     assert not mp.active_children()
+
+
+def _lm_calls(rank: int):
+    """Each rank's (logits, labels, ids) per step; rank 1 has no batch at step 1."""
+    g = torch.Generator().manual_seed(100 + rank)
+    calls = []
+    for step in range(3):
+        if rank == 1 and step == 1:
+            calls.append(None)
+            continue
+        z = torch.randn(4, 6, 11, generator=g) * 3
+        labels = torch.randint(0, 11, (4, 6), generator=g)
+        labels[:, :2] = -100
+        ids = torch.randint(0, 11, (4, 6), generator=g)
+        ids[:, :2] = ids[0, :2]  # one prompt, 4 completions
+        calls.append((z, labels, ids))
+    return calls
+
+
+def lm_worker(rank, init, out_dir):
+    with process_group(rank, init):
+        model = nn.ModuleDict({"head": nn.Identity(), "lm": nn.Identity()})
+        mon = CollapseMonitor(
+            model,
+            [
+                probes.TokenEntropy("head", tokens=None, name="e"),
+                probes.GenerationDiversity("lm", group_size=4, vocab_size=11, name="div"),
+            ],
+            3,
+            observe_every_n_steps=1,  # (TokenEntropy is a sampled probe: every step here)
+        )
+        metrics = None
+        for call in _lm_calls(rank):
+            if call is not None:
+                z, labels, ids = call
+                with mon.observe(targets=labels):
+                    model["head"](z)
+                    model["lm"](ids)
+            metrics = mon.step() or metrics
+        mon.close()
+        torch.save(metrics, os.path.join(out_dir, f"lm{rank}.pt"))
+
+
+def test_token_entropy_and_diversity_on_two_ranks_equal_one_process(tmp_path):
+    # rank 1 sees no batch at step 1 and still takes part; the window equals the references
+    # over both ranks' calls
+    r0, r1 = run_two(lm_worker, tmp_path, "lm")
+    assert r0 == r1
+    calls = [c for rank in (0, 1) for c in _lm_calls(rank) if c is not None]
+    z = torch.cat([c[0] for c in calls])
+    labels = torch.cat([c[1] for c in calls])
+    ids = torch.cat([c[2] for c in calls])
+    want = F.token_entropy_metrics(z, labels != -100)
+    assert r0["collapse/e/tokens"] == want["tokens"] == 5 * 16
+    assert r0["collapse/e/entropy_mean"] == pytest.approx(want["entropy_mean"], rel=1e-6)
+    div = F.generation_diversity(ids, labels != -100, torch.arange(len(ids)) // 4)
+    assert r0["collapse/div/groups"] == div["groups"] == 5
+    for key in ("distinct_1", "distinct_2", "pairwise_overlap", "identical_fraction"):
+        assert r0[f"collapse/div/{key}"] == pytest.approx(div[key], rel=1e-12), key
