@@ -147,6 +147,7 @@ class Call:
             keywords the probe declared).
         rows: the samples this call added; set by ``update`` where the cadence needs them
             (class-conditional probes: ``Sampling.classes``).
+        nonfinite: set by :meth:`nonfinite_rows` (a 0-d bool tensor), or None.
     """
 
     def __init__(self, context, path: str, module=None, args=(), kwargs=None, output=None):
@@ -157,6 +158,7 @@ class Call:
         self.kwargs = kwargs or {}
         self.output = output
         self.rows = 0
+        self.nonfinite: torch.Tensor | None = None
 
     @property
     def recording(self) -> Recording:
@@ -188,6 +190,14 @@ class Call:
         """
         if self._context.strict and bool(bad.any()):
             raise self.error(describe())
+
+    def nonfinite_rows(self, bad: torch.Tensor, among: torch.Tensor | None = None) -> None:
+        """``bad (N,)``: rows of this call whose values hold NaN or Inf (of the rows ``among``
+        that count; None: all). Most of them bad marks the call diverged, as most NaN elements
+        would: one NaN column of an LM head leaves every logit row without a softmax while only
+        ``1/V`` of the elements are NaN. No host sync."""
+        count = bad.numel() if among is None else among.sum()
+        self.nonfinite = bad.sum() * 2 > count
 
     def on_gradient(self, tensor: torch.Tensor, fn: Callable[[torch.Tensor], None]) -> None:
         """Call ``fn(grad)`` when this step's backward reaches ``tensor`` (once per step and

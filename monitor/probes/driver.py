@@ -184,9 +184,13 @@ class ProbeDriver(Component, Recorder):
             flag = nonfinite(call.output)
             if flag is None:
                 flag = nonfinite(first_input(call.args, call.kwargs))
-        self.window["_calls"].add(self._recording.step, flag)
-        with _outside_autocast(device):  # the forward's autocast would round a probe's matmuls
-            self.probe.update(self.view(self._scope(call.path)), value, call)
+        try:
+            with _outside_autocast(device):  # the forward's autocast would round its matmuls
+                self.probe.update(self.view(self._scope(call.path)), value, call)
+        finally:  # counted also when the update fails
+            if call.nonfinite is not None:  # the probe's rows say what the elements may not
+                flag = call.nonfinite if flag is None else flag | call.nonfinite
+            self.window["_calls"].add(self._recording.step, flag)
         if not self._recording.snapshot:
             self._step_rows += call.rows
 

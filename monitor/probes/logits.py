@@ -125,7 +125,9 @@ class LogitHealth(Probe):
             return
         if y is not None:
             y = torch.where(y != self.ignore_index, y, -1)
-        window["sums"].update(z, self.softmax_dtype, self.loss, y, real)
+        bad = window["sums"].update(z, self.softmax_dtype, self.loss, y, real)
+        if bad is not None:  # (one NaN column of the head leaves every row without a softmax)
+            call.nonfinite_rows(bad if real is None else bad & real, real)
         head = call.module
         if self.nlm and call.recording.logging and isinstance(head, nn.Linear):
             if head.weight.requires_grad:  # the head's gradient in this step's backward

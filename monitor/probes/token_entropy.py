@@ -320,6 +320,7 @@ class TokenEntropy(Probe):
         if lp is not None:  # (a label outside the vocabulary has no log-probability)
             finite &= torch.isfinite(lp)
         skipped = (use & ~finite).sum()
+        call.nonfinite_rows(use & ~finite, use)
         use = use & finite
         h = torch.where(use, h, 0.0)
         w = torch.where(use, n / k.clamp_min(1.0), 0.0)  # the tokens each computed row stands for

@@ -43,18 +43,18 @@ class LogitSums(Statistic):
         loss: str = "softmax",
         targets: torch.Tensor | None = None,
         real: torch.Tensor | None = None,
-    ) -> None:
+    ) -> torch.Tensor | None:
         """Add logit rows ``(N, C)``; ``targets (N,)`` with ``-1`` where there is no target;
-        ``real (N,)`` bool, false for padded positions (None: all real).
+        ``real (N,)`` bool, false for padded positions (None: all real). Returns the rows with
+        NaN or Inf ``(N,)`` bool (None for no rows).
 
         Rows with NaN or Inf, and padded rows, are counted in ``skipped`` and left out. ``softmax_dtype``: the
         training softmax's dtype in which "exactly 1" is tested (see
         :func:`~collapse_monitor.functional.logits.training_dtype`)."""
         if not logits.shape[0]:  # (a host-known shape: no sync)
-            return
-        finite = torch.isfinite(logits).all(1)
-        if real is not None:
-            finite = finite & real
+            return None
+        bad = ~torch.isfinite(logits).all(1)
+        finite = ~bad if real is None else ~bad & real
         self.skipped += (~finite).sum()
         z = torch.where(finite[:, None], logits, 0.0)
         r = L.logit_rows(z, softmax_dtype, loss, targets)
@@ -71,6 +71,7 @@ class LogitSums(Statistic):
         )
         row_max = z.to(_F64).amax(-1)
         torch.maximum(self.logit_max, torch.where(finite, row_max, low).max(), out=self.logit_max)
+        return bad
 
     def add_nlm(self, cosine: torch.Tensor) -> None:
         """Add one cosine between ``-grad W`` and ``W`` (Prieto et al.'s NLM direction)."""

@@ -373,3 +373,28 @@ def test_labels_longer_than_the_logits_without_logits_to_keep_are_refused():
     z = torch.randn(2, 4, 10)
     with pytest.raises(ValueError, match=r"targets of shape \(2, 6\) do not match"):
         stream(probes.TokenEntropy("head", tokens=None), [[(z, torch.zeros(2, 6).long(), None)]])
+
+
+@pytest.mark.parametrize("path", ["logits", "hidden", "logit_health"])
+def test_one_nan_in_the_head_weight_is_a_diverged_run(path):
+    # one NaN entry of the LM head makes one vocabulary column NaN: every row loses its softmax
+    # while 1/V of the elements are NaN; from the first step on, the run is called diverged
+    pytest.importorskip("transformers")
+    model = tiny("Llama", vocab_size=50, num_hidden_layers=1)
+    with torch.no_grad():
+        model.lm_head.weight[7, 3] = float("nan")
+    probe = {
+        "logits": probes.TokenEntropy("lm_head", name="p"),
+        "hidden": probes.TokenEntropy("model", head="lm_head", name="p"),
+        "logit_health": probes.LogitHealth("lm_head", nlm=False, name="p"),
+    }[path]
+    alerts = []
+    mon = CollapseMonitor(model, [probe], 2, observe_every_n_steps=1, on_alert=alerts.append)
+    ids = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(11))
+    for _ in range(2):
+        with mon.observe(targets=ids):
+            model(ids)
+        m = mon.step() or None
+    mon.close()
+    assert [a.rule for a in alerts] == ["p/diverged"]
+    assert "collapse/p/entropy_mean" not in m and "collapse/p/log_z_mean" not in m
