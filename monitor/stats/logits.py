@@ -20,7 +20,8 @@ class LogitSums(Statistic):
         >>> import torch
         >>> from collapse_monitor.stats import LogitSums
         >>> s = LogitSums()
-        >>> s.update(torch.tensor([[0.0, 200.0], [0.0, 0.0]]), torch.float32)
+        >>> s.update(torch.tensor([[0.0, 200.0], [0.0, 0.0]]), torch.float32)  # rows with NaN or Inf
+        tensor([False, False])
         >>> int(s.rows), int(s.collapsed)
         (2, 1)
     """
