@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import post_training
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -957,7 +958,7 @@ def table(results: list[dict]) -> list[str]:
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--only", default=",".join(ZOO))
+    parser.add_argument("--only", default=",".join([*ZOO, *post_training.PAIRS]))
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--draws", type=int, default=16, help="replacement draws per dead-code fix")
     parser.add_argument(
@@ -965,10 +966,19 @@ def main(argv=None) -> list[dict]:
     )
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args(argv)
+    names = args.only.split(",")
     jobs = [
         (name, collapse, seed)
-        for name in args.only.split(",")
+        for name in names
+        if name in ZOO
         for collapse in ((False,) if name == "neural_collapse" else (True, False))
+        for seed in range(args.seeds)
+    ]
+    grpo = [
+        (name, collapse, seed)
+        for name in names
+        if name in post_training.PAIRS
+        for collapse in (True, False)
         for seed in range(args.seeds)
     ]
     t = time.perf_counter()
@@ -983,7 +993,8 @@ def main(argv=None) -> list[dict]:
     ]
     with ProcessPoolExecutor(args.workers) as pool:
         out = list(pool.map(dead_code_fixes, *zip(*runs)))
-        results = list(pool.map(run_one, *zip(*jobs)))
+        results = list(pool.map(run_one, *zip(*jobs))) if jobs else []
+        tuned = list(pool.map(post_training.run, *zip(*grpo))) if grpo else []
     fixes = {}
     for (s, v, _), f in zip(runs, out):
         fixes.setdefault((s, v), []).append(f)
@@ -1005,6 +1016,22 @@ def main(argv=None) -> list[dict]:
         *summary(halves[1]),
         "",
         *fix_table(fixes),
+        "",
+        "Post-training: policy-entropy collapse in GRPO (`TokenEntropy` and "
+        "`GenerationDiversity`, default rules, `log_every_n_steps=5`; see "
+        "benchmarks/post_training.py). Calibration half (the rule was set on these twins and on "
+        "runs at other learning rates and bonuses):",
+        "",
+        *post_training.table([r for r in tuned if r["half"] == "calibration"]),
+        "",
+        *post_training.summary([r for r in tuned if r["half"] == "calibration"]),
+        "",
+        "Held-out half (other letters, group sizes, lengths, depths and learning rates, a KL "
+        "anchor; built after the rule was fixed and run once):",
+        "",
+        *post_training.table([r for r in tuned if r["half"] == "held-out"]),
+        "",
+        *post_training.summary([r for r in tuned if r["half"] == "held-out"]),
     ]
     print("\n".join(lines))
     took = time.perf_counter() - t
@@ -1082,6 +1109,7 @@ def write(lines: list[str], took: float, args) -> None:
     from run import write_section
 
     crit = [f"- {p.name}: {p.criterion}" for p in ZOO.values()]
+    crit += [f"- {name} (GRPO): {pair.describe()}" for name, pair in post_training.PAIRS.items()]
     write_section(
         "detection",
         "7. Detection: default rules on healthy and collapsing twins",

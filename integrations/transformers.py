@@ -15,6 +15,7 @@ from ..config import MonitorConfig
 from ..distributed import refuse_deepspeed
 from ..loop import LoopAdapter, TrainerLoop
 from ..probes.base import Probe
+from ..reading import kv_cache
 from ..rules import Alert
 from ..sinks import Sink, optional_import
 from .tensorboard import TensorBoardSink
@@ -136,7 +137,10 @@ class CollapseTrainerCallback(LoopAdapter, TrainerCallback):
     The callback hooks the model's own forward: a training forward (``model.training``) is
     observed with ``targets`` read from the forward's keyword arguments (``labels``, or the
     Trainer's ``label_names``), so nothing needs subclassing; the backward pass (and any
-    gradient-checkpointing recompute) is not observed. Steps are the Trainer's optimizer steps
+    gradient-checkpointing recompute) is not observed. A training-mode forward without
+    gradients is no training forward: one with a key-value cache (``generate()``, TRL's
+    rollouts) reaches only the probes made with ``rollout=True``, one without (TRL's old or
+    reference log-probabilities) no probe. Steps are the Trainer's optimizer steps
     (``state.global_step``): with gradient accumulation every micro-batch of a recorded step is
     observed, and mitigations act only after an optimizer step. The monitor logs every
     ``logging_steps`` steps (the Trainer's) unless ``log_every_n_steps`` is given.
@@ -197,6 +201,7 @@ class CollapseTrainerCallback(LoopAdapter, TrainerCallback):
         self.args = self.state = None
         self._handles: list = []
         self._training = False  # between on_train_begin and on_train_end
+        self._rollouts = any(p.rollout for p in config.probes)  # generation forwards observed
 
     def observe_loss_inputs(self, trainer, **keywords: str) -> None:
         """Pass entries of the inputs ``trainer.compute_loss`` receives to the forwards it makes,
@@ -250,7 +255,9 @@ class CollapseTrainerCallback(LoopAdapter, TrainerCallback):
             for h in self._handles:
                 h.remove()
             self._handles = [
-                model.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
+                # first: the monitor's own pre-hooks (the model's inputs: its attention_mask,
+                # logits_to_keep) read only forwards this one decided to observe
+                model.register_forward_pre_hook(self._pre_forward, with_kwargs=True, prepend=True),
                 model.register_forward_hook(self._post_forward, always_call=True),
             ]
 
@@ -326,8 +333,11 @@ class CollapseTrainerCallback(LoopAdapter, TrainerCallback):
                 return
             if not torch.is_grad_enabled():
                 # a training-mode forward without gradients is no training forward: generate()
-                # (TRL's rollouts) or a scoring pass (old or reference log-probabilities); its
-                # statistics would mix the rollout's with the trained policy's
+                # (TRL's rollouts, known by their key-value cache) is for the rollout probes
+                # alone; a scoring pass (old or reference log-probabilities) for none: mixed in,
+                # either would blur the trained policy's statistics
+                if self._rollouts and kv_cache(kwargs):
+                    self.loop.observe(kwargs, rollout=True)
                 return
             if self.loop.evaluating:
                 # eval-mode forwards outside evaluate()/predict() (e.g. generate() in a

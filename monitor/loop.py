@@ -140,12 +140,16 @@ class TrainerLoop:
             return source.get(self.targets)
         return source[self.targets]
 
-    def observe(self, source: Any) -> None:
+    def observe(self, source: Any, rollout: bool = False) -> None:
         """Record the forward passes from now until :meth:`stop_observing` (a batch's, or one
-        forward's), with the labels and keywords ``source`` holds."""
+        forward's), with the labels and keywords ``source`` holds; ``rollout``: a generation
+        forward, for the rollout probes only (no labels, no keywords)."""
         self.stop_observing()
-        extra = self.context(source) if self.context is not None else {}
-        self._observing = self.monitor.observe(targets=self.read_targets(source), **extra)
+        if rollout:
+            self._observing = self.monitor.observe(rollout=True)
+        else:
+            extra = self.context(source) if self.context is not None else {}
+            self._observing = self.monitor.observe(targets=self.read_targets(source), **extra)
         self._observing.__enter__()
 
     def stop_observing(self) -> None:

@@ -229,17 +229,18 @@ class CollapseMonitor:
 
     # ----------------------------------------------------------------- recording
     @contextmanager
-    def observe(self, targets: Any = None, **inputs) -> Iterator[CollapseMonitor]:
+    def observe(self, targets: Any = None, *, rollout=False, **inputs) -> Iterator[CollapseMonitor]:
         """Record the forward passes run inside this block.
 
         Args:
             targets: class labels for class-conditional probes, shaped like the probed
                 features without their last dimension (``(N,)`` or ``(B, T)``).
+            rollout: the block generates (``model.generate()``): only the probes made with
+                ``rollout=True`` record it (no mitigation), and they record nothing else.
             **inputs: other per-batch inputs that probes declare (``groups=`` for
                 ``GroupCollapse``, ``mask=`` for ``TokenUniformity``).
 
         A keyword that no probe reads is ignored, with a warning the first time (a typo shows).
-
         Raises:
             RuntimeError: the monitor is closed, or ``observe()`` blocks are nested.
         """
@@ -251,12 +252,13 @@ class CollapseMonitor:
         snapshot = self._snapshots.prefix is not None
         step = self.global_step
         recorders = self._probes.begin_recording(
-            self.cadence, step, snapshot, {"targets": targets, **inputs}
+            self.cadence, step, snapshot, {"targets": targets, **inputs}, rollout
         )
         logging = not snapshot and self.cadence.logs_after(step)
-        for m in self.mitigations:
+        mitigations = [] if rollout else self.mitigations
+        for m in mitigations:
             m.begin_recording(Recording(step, logging, snapshot))
-        self._recording = [*recorders, *self.mitigations]
+        self._recording = [*recorders, *mitigations]
         try:
             yield self
         finally:

@@ -206,9 +206,10 @@ class Call:
 
     @property
     def model_inputs(self) -> dict:
-        """The model's own ``attention_mask`` of this forward pass and whether it used a
-        key-value cache (``{"attention_mask": (B, S), "cached": bool}``, or empty), for probes
-        that read token padding."""
+        """What the model's own forward keywords say of this pass, for probes that read token
+        padding: ``attention_mask`` ``(B, S)`` (when given), ``cached`` (a key-value cache: a
+        generation step), ``kept`` (``logits_to_keep``) and ``last_ids`` ``(B,)`` (each
+        sequence's last input token); empty for a model without them."""
         return self._context.model_inputs
 
 
@@ -353,6 +354,12 @@ def aligned_targets(
             f"{tuple(values.shape)} (expected {tuple(values.shape[:-1])})"
         )
     return rows, to_device(labels.reshape(-1), rows.device).to(torch.int64)
+
+
+def kv_cache(inputs: Mapping[str, Any]) -> bool:
+    """Whether a model's forward keywords carry a key-value cache (``transformers``:
+    ``past_key_values``, ``cache`` from 5.x): a generation step, its tokens the latest."""
+    return any(inputs.get(k) is not None for k in ("cache", "past_key_values"))
 
 
 def keeps_last(call: Call, length: int) -> bool:

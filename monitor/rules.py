@@ -230,13 +230,15 @@ class RuleEngine:
                 value = float(metrics[key])
                 if math.isnan(value):
                     continue
+                st = self._state[rule.name].setdefault(key, _KeyState())
+                # a drop or rise is measured from the metric's extremum over every log, also
+                # those where the rule's requirement does not hold
+                holds = self._holds(rule, st, value)
                 if not all(
                     _past(mode, _sibling(key, sibling, metrics), bound)
                     for sibling, mode, bound in rule.requires or ()
                 ):
                     continue
-                st = self._state[rule.name].setdefault(key, _KeyState())
-                holds = self._holds(rule, st, value)
                 latest = _sibling(key, rule.latest, metrics) if rule.latest else math.nan
                 # a collapse inside the window: the latest step is past the severe bound while
                 # the window's mean still holds the healthy steps before it

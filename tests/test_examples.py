@@ -81,7 +81,7 @@ def test_grpo_example_alerts_on_entropy_collapse_and_not_with_the_bonus(tmp_path
     collapsed, bonus = runs["no bonus"], runs["entropy bonus 0.2"]
     assert min(collapsed["entropy"].values()) < 0.05 and max(collapsed["identical"].values()) > 0.9
     assert max(collapsed["zero_adv"].values()) > 0.5
-    assert [rule for _, rule in collapsed["alerts"]] == ["entropy_collapse"]
+    assert [rule for _, rule in collapsed["alerts"]] == ["entropy/policy_entropy_collapse"]
     assert min(bonus["entropy"].values()) > 1.0 and bonus["alerts"] == []
     assert (tmp_path / "grpo_entropy_collapse.png").exists()
 

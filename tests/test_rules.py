@@ -188,3 +188,13 @@ def test_several_requires_must_all_hold():
     assert Rule("collapse/p/m", 0.5, requires=("a", "above", 0.1)).requires == (
         ("a", "above", 0.1),
     )
+
+
+def test_a_drop_measures_from_every_logs_extremum_also_where_its_requirement_fails():
+    # TokenEntropy's policy_entropy_collapse: below a fifth of the highest value so far, once
+    # the value is under an absolute bound; the highest value comes from logs above that bound
+    rule = Rule("collapse/p/m", 0.8, "drop", requires=("m", "below", 0.2))
+    assert run(rule, [2.5, 1.0, 0.45, 0.15])[0] == [(40, 0.15)]  # under 0.2 and 0.5
+    # a policy that starts low (0.3) and stays near it: under 0.2 but not a fifth of 0.3
+    assert run(rule, [0.3, 0.25, 0.19, 0.18])[0] == []
+    assert run(rule, [0.3, 0.25, 0.19, 0.05])[0] == [(40, 0.05)]

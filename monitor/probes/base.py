@@ -95,6 +95,13 @@ class Probe:
     #: probes that read token padding (:func:`~collapse_monitor.reading.token_mask`):
     #: ``observe(mask=)``, or the model's own ``attention_mask`` input
     uses_token_mask: ClassVar[bool] = False
+    #: True: the probe records only generation forwards (``monitor.observe(rollout=True)``,
+    #: a sampler's steps); False: only the others (training and evaluation forwards)
+    rollout: bool = False
+    #: probes of a model's training tokens that leave out generation forwards met inside a
+    #: training ``observe()`` (a key-value cache and no gradients: ``generate()``), with a
+    #: warning; needs :attr:`uses_token_mask` (the model's inputs are read)
+    skips_generation: ClassVar[bool] = False
     #: default rules, relative to the probe (see :class:`~collapse_monitor.rules.RuleSpec`)
     rules: ClassVar[tuple[RuleSpec, ...]] = ()
     #: probes that pair values with ``observe(<target_key>=)`` labels: the shift they pair them

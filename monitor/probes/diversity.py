@@ -102,6 +102,7 @@ class GenerationDiversity(Probe):
     sampling = EVERY_STEP
     keywords = {"targets": False, "mask": False, "advantages": False, "groups": False}
     uses_token_mask = True
+    skips_generation = True
 
     def __init__(
         self,

@@ -23,7 +23,7 @@ from torch import nn
 from .._modules import resolve_modules
 from ..contracts import Component, Readout, Recording, Setup
 from ..hooks import HookSet
-from ..reading import Call, Recorder, first_input, nonfinite
+from ..reading import Call, Recorder, first_input, kv_cache, nonfinite
 from ..stats import CallCounts, Window, WindowView
 from .base import Probe, kept_apart, layer_name
 
@@ -83,6 +83,7 @@ class ProbeDriver(Component, Recorder):
         self.model_inputs: dict = {}  # the model's attention_mask (and cache) of this forward
         self._model_signature: inspect.Signature | None = None
         self._mask_warned: set[str] = set()
+        self._generation_said = False  # said once that generation forwards are left out
         self._said_bad: set[str] = set()
         self._step_hooks = HookSet()  # gradient hooks of this step (Call.on_gradient)
         self._armed: set[int] = set()
@@ -166,6 +167,18 @@ class ProbeDriver(Component, Recorder):
 
     def _read_and_record(self, call: Call) -> None:
         probe = self.probe
+        if probe.skips_generation and not probe.rollout and self.model_inputs.get("generating"):
+            # a generation step inside a training observe() (an RL loop's generate()): its
+            # positions are the prompt's and the sampler's, not the trained policy's tokens
+            if not self._generation_said:
+                self._generation_said = True
+                log.warning(
+                    "collapse monitor: %r leaves out generation forwards (a key-value cache, no "
+                    "gradients); a rollout=True probe inside monitor.observe(rollout=True) "
+                    "watches them",
+                    probe,
+                )
+            return
         value = probe.reads.read(call, probe.extract, probe.read)
         self.record(value, call, _device_of_value(value))
 
@@ -216,10 +229,10 @@ class ProbeDriver(Component, Recorder):
             )
 
     def _capture_model_inputs(self, module, args, kwargs) -> None:
-        if self._active:
-            self.guarded(self._keep_model_inputs, args, kwargs)
+        if self._active:  # (the forward's grad mode: guarded() runs without autograd)
+            self.guarded(self._keep_model_inputs, args, kwargs, torch.is_grad_enabled())
 
-    def _keep_model_inputs(self, args: tuple, kwargs: dict) -> None:
+    def _keep_model_inputs(self, args: tuple, kwargs: dict, grad: bool) -> None:
         bound = dict(kwargs)
         if args and self._model_signature is not None:  # model(ids, mask): by position too
             try:
@@ -227,12 +240,15 @@ class ProbeDriver(Component, Recorder):
             except TypeError:
                 pass
         mask = bound.get("attention_mask")
-        cached = bound.get("past_key_values") is not None
+        cached = kv_cache(bound)
         # transformers' logits_to_keep = k: the head sees the last k positions (0: all)
         kept = bound.get("logits_to_keep")
-        self.model_inputs = {"kept": kept}
+        self.model_inputs = {"kept": kept, "cached": cached, "generating": cached and not grad}
+        ids = bound.get("input_ids")
+        if isinstance(ids, torch.Tensor) and ids.ndim == 2 and ids.shape[1]:
+            self.model_inputs["last_ids"] = ids[:, -1].detach()  # a generation step's last token
         if isinstance(mask, torch.Tensor) and mask.ndim == 2:
-            self.model_inputs.update(attention_mask=mask.detach(), cached=cached)
+            self.model_inputs["attention_mask"] = mask.detach()
 
     # ----------------------------------------------------------------- steps and windows
     def _end_of_step(self) -> None:

@@ -72,16 +72,18 @@ class ProbeSet:
 
     # ----------------------------------------------------------------- recording
     def begin_recording(
-        self, cadence: Cadence, step: int, snapshot: bool, inputs: dict
+        self, cadence: Cadence, step: int, snapshot: bool, inputs: dict, rollout: bool = False
     ) -> list[ProbeDriver]:
         """Hand a :class:`Recording` to the probes that record this forward pass (every probe
-        in a snapshot, else as the cadence says); those of a training step are remembered
-        until :meth:`end_step`."""
+        in a snapshot, else as the cadence says; of a generation forward, ``rollout``, only the
+        rollout probes, else only the others); those of a training step are remembered until
+        :meth:`end_step`."""
         logging = not snapshot and cadence.logs_after(step)  # (the same for every probe)
         recorders = [
             d
             for d in self.drivers
-            if snapshot or cadence.records(d.probe.sampling, step, d.rows_per_step)
+            if d.probe.rollout == rollout
+            and (snapshot or cadence.records(d.probe.sampling, step, d.rows_per_step))
         ]
         for d in list(recorders):
             mine = {k: v for k, v in inputs.items() if k in d.probe.keywords and v is not None}

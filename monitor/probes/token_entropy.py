@@ -4,7 +4,7 @@ the policy entropy whose collapse stalls RL post-training."""
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -12,6 +12,7 @@ from torch import nn
 from ..contracts import Readout
 from ..functional.token_entropy import chunked_entropy, entropy_from_sums
 from ..reading import Reading, first_tensor, floating, keeps_last, label_shift, token_mask
+from ..rules import RuleSpec
 from ..stats import TokenEntropySums, Window, to_device
 from .base import Probe
 
@@ -37,6 +38,17 @@ def _states_or_logits(value):
             if isinstance(value.get(key), torch.Tensor):
                 return value[key]
     return first_tensor(value)
+
+
+def _end_ids(model: nn.Module) -> set[int] | None:
+    """The end-of-sequence and padding ids of a ``transformers`` model (its generation
+    configuration's, else its configuration's); None when it names none."""
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+        for field in ("eos_token_id", "pad_token_id"):
+            value = getattr(source, field, None)
+            ids.update([value] if isinstance(value, int) else value or ())
+    return ids or None
 
 
 def _output_kind(output) -> str | None:
@@ -86,6 +98,16 @@ class TokenEntropy(Probe):
             ``module``'s hidden states (the hidden-state path); None: ``module`` gives logits.
         temperature: the logits are divided by it (a sampler's temperature: GRPO's policy
             entropy is that of ``z / T``).
+        rollout: watch generation instead of training: the probe records only
+            ``monitor.observe(rollout=True)`` blocks (``generate()``; with
+            ``CollapseTrainerCallback``, TRL's rollouts) and nothing else, and at each of their
+            forwards only the last position of each sequence (the distribution the next token
+            is drawn from), leaving out padded positions and sequences whose last input token
+            is in ``end_ids`` (they have ended). Labels, masks and advantages are not read.
+        end_ids: the token ids that end a sequence or pad an ended one (default: the model's
+            ``generation_config``/``config`` ``eos_token_id`` and ``pad_token_id``; ``()``:
+            every row samples). Raises ``ValueError`` at attach when ``rollout=True`` and none
+            is known.
         tokens: rows drawn per call (default 64), or ``None`` for every row.
         certain: entropy (nats) below which a token counts as near-certain (default 0.01).
         high: entropy (nats) above which a token counts as high-entropy (default 0.672, the 80th
@@ -106,8 +128,11 @@ class TokenEntropy(Probe):
     ``logprob_advantage_cov``: the covariance over the tokens of that log-probability with the
     token's advantage, whose sign and size drive the entropy's change under policy-gradient
     training (Cui et al. 2025: positive covariance lowers the entropy)
-    (:func:`~collapse_monitor.functional.token_entropy_metrics`). No default rule: a healthy
-    fine-tuning run lowers the entropy too; the rules of the post-training zoo are to come.
+    (:func:`~collapse_monitor.functional.token_entropy_metrics`).
+
+    Default rule ``policy_entropy_collapse``: ``entropy_mean`` below 0.2 nats and below a fifth of its
+    highest window so far (one log). A healthy fine-tuning run lowers the entropy too; the
+    rule waits for a near-deterministic policy on both the run's own scale and an absolute one.
 
     Example:
         >>> import torch
@@ -124,6 +149,26 @@ class TokenEntropy(Probe):
     """
 
     headline = ("entropy_mean",)
+    # entropy collapse (Cui et al. 2025): the policy near-deterministic, judged on the run's own
+    # scale and an absolute one. Below 0.2 nats (the target entropy of Skywork-OR1's adaptive
+    # entropy control, TRL's entropy_target) and below a fifth of the highest window mean so far:
+    # a pretrained policy that starts near 0.3 nats and stays there, and a model trained from
+    # scratch that settles at 0.4 nats after log V, are both left alone. Set on the post-training
+    # zoo of benchmarks/detection.py; one log suffices (the mean of a window's tokens is precise)
+    rules = (
+        RuleSpec(
+            "entropy_mean",
+            0.8,
+            "drop",
+            name="policy_entropy_collapse",
+            patience=1,
+            requires=("entropy_mean", "below", 0.2),
+            message="the policy is near-deterministic (policy-entropy collapse): exploration and "
+            "the reward's growth stop. Standard fixes: an entropy bonus or adaptive entropy "
+            "control (TRL: entropy_coef, use_adaptive_entropy), a KL anchor (beta), a higher "
+            "clip bound (epsilon_high, DAPO's clip-higher) or a lower learning rate",
+        ),
+    )
 
     reads = Reading(
         "floating-point logits (..., V), or hidden states (B, T, D) with head=",
@@ -133,6 +178,7 @@ class TokenEntropy(Probe):
     )
     keywords = {"targets": False, "mask": False, "advantages": False}
     uses_token_mask = True
+    skips_generation = True
     described = ("label_shift",)
 
     def __init__(
@@ -147,6 +193,8 @@ class TokenEntropy(Probe):
         seed: int = 0,
         head: str | None = None,
         temperature: float = 1.0,
+        rollout: bool = False,
+        end_ids: Sequence[int] | None = None,
         name: str | None = None,
         extract=None,
         pool: bool = False,
@@ -166,6 +214,9 @@ class TokenEntropy(Probe):
         self.seed = seed
         self.head = head
         self.temperature = float(temperature)
+        self.rollout = bool(rollout)
+        self.end_ids = None if end_ids is None else tuple(int(i) for i in end_ids)
+        self._end: torch.Tensor | None = None  # the ids that end a sequence, read at attach
         self._head: nn.Linear | None = None  # found at attach
         self.label_shift = 0  # resolved at attach
         self._generator: torch.Generator | None = None  # made at attach (does not pickle)
@@ -180,6 +231,16 @@ class TokenEntropy(Probe):
         self._generator = torch.Generator().manual_seed(self.seed + 1_000_003 * rank)
         if self.head is not None:
             self._head = self._find_head(setup.model)
+        if self.rollout:
+            ends = self.end_ids if self.end_ids is not None else _end_ids(setup.model)
+            if ends is None:
+                raise ValueError(
+                    f"{self!r}: rollout=True needs the ids that end a sequence (its "
+                    "end-of-sequence and padding ids), and the model has no generation_config or "
+                    "config that names them: pass end_ids=[...] (end_ids=() when every row "
+                    "of every step samples)"
+                )
+            self._end = torch.tensor(sorted(set(ends)), dtype=torch.int64)
 
     def _find_head(self, model: nn.Module) -> nn.Linear:
         try:
@@ -271,6 +332,23 @@ class TokenEntropy(Probe):
             )
         return adv
 
+    def _sampled_rows(self, z: torch.Tensor, call):
+        """A generation step: the last position of each sequence, the distribution the next
+        token is drawn from ``(B, V)`` (or its hidden state), and ``(B,)`` bool, the rows that
+        still generate: the position is real and the sequence's last token does not end it."""
+        if z.ndim != 3:
+            raise call.error(f"rollout=True needs (B, T, V) logits or states, got {tuple(z.shape)}")
+        B, T = z.shape[:2]
+        counts = torch.ones(B, dtype=torch.bool, device=z.device)
+        real = token_mask(call, B, T, z.device)
+        if real is not None:
+            counts &= real[:, -1]
+        last = call.model_inputs.get("last_ids")
+        if last is not None and last.shape == (B,) and self._end.numel():
+            # a finished sequence is fed its end token, then padding: its rows are not sampled
+            counts &= ~torch.isin(to_device(last, z.device), to_device(self._end, z.device))
+        return z[:, -1].detach(), counts
+
     def update(self, window, z, call) -> None:
         kind = None if self.extract is not None else _output_kind(call.output)
         if kind == "hidden" and self._head is None:
@@ -278,8 +356,12 @@ class TokenEntropy(Probe):
         if kind == "logits" and self._head is not None:
             raise call.error("logits with head=: probe them without head=, or the backbone with it")
         s = self.label_shift
-        counts, targets, adv = self._counts(z, call)
-        rows = (z[:, : z.shape[1] - s] if s else z).detach().reshape(-1, z.shape[-1])
+        if self.rollout:
+            rows, counts = self._sampled_rows(z, call)
+            targets = adv = None
+        else:
+            counts, targets, adv = self._counts(z, call)
+            rows = (z[:, : z.shape[1] - s] if s else z).detach().reshape(-1, z.shape[-1])
         weight = bias = None
         if self._head is not None:
             weight, bias = self._head.weight.detach(), self._head.bias

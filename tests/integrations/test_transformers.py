@@ -169,6 +169,41 @@ def test_gpt2_trainer_logs_neural_collapse_of_the_shifted_labels(tmp_path):
     assert logged == pytest.approx(nc1, rel=1e-6)
 
 
+def test_the_models_attention_mask_reaches_the_probes_inside_the_trainer(tmp_path):
+    """Without labels the padding comes from the model's own attention_mask: read at each
+    observed forward (the callback decides to observe before the monitor reads the inputs).
+    By hand: the float64 entropy of the head's logits at the positions that are real and
+    predict a real token, of the last window's steps."""
+    model = gpt2(dropout=0.0)
+    capture = Capture(model, model.lm_head)
+    masks, logits = [], []  # of each training forward, at that step's weights
+    model.register_forward_pre_hook(
+        lambda m, a, kw: masks.append(kw["attention_mask"]) if m.training else None,
+        with_kwargs=True,
+    )
+    model.lm_head.register_forward_hook(
+        lambda m, a, out: (
+            logits.append(a[0].double() @ m.weight.detach().double().T) if m.training else None
+        )
+    )
+    probe = probes.TokenEntropy("lm_head", tokens=None, name="entropy")
+    cb = CollapseTrainerCallback([probe], targets=lambda kwargs: None, observe_every_n_steps=1)
+    trainer = Trainer(
+        model, arguments(tmp_path), train_dataset=Tokens(64), callbacks=[CountSteps(capture), cb]
+    )
+    trainer.train()
+    assert len(capture.rows) == len(masks) == 8
+    window = [(z, m) for (s, _, _), z, m in zip(capture.rows, logits, masks) if s in {2, 3}]
+    z = torch.cat([z[:, :-1] for z, _ in window])
+    real = torch.cat([m.bool() for _, m in window])
+    keep = real[:, :-1] & real[:, 1:]
+    assert not keep.all()  # some padding to leave out
+    want = F.token_entropy_metrics(z, keep)
+    assert collapse_logs(trainer, "collapse/entropy/tokens")[4] == want["tokens"]
+    got = collapse_logs(trainer, "collapse/entropy/entropy_mean")[4]
+    assert got == pytest.approx(want["entropy_mean"], rel=1e-6)
+
+
 class ByHand(Trainer):
     """The same run driven by hand: the user wraps compute_loss in observe()."""
 

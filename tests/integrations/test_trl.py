@@ -130,6 +130,63 @@ def test_grpo_token_entropy_equals_trls_entropy_over_the_completion_tokens(tmp_p
         )
 
 
+def test_grpo_rollout_entropy_apart_from_the_trained_policys(tmp_path):
+    # one run, two keys: the policy that sampled the completions (generate()'s steps, known by
+    # their key-value cache; at the sampler's temperature) and the policy being trained (the
+    # loss forwards; TRL's own entropy). By hand: every step's generated completions scored by
+    # a float64 copy of the weights that sampled them, over each completion up to its end token
+    tok = char_tokenizer()
+    ds, reward = prompts_and_reward()
+    args = trl.GRPOConfig(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4,
+        max_completion_length=6, max_steps=3, logging_steps=1, learning_rate=1e-3,
+        report_to=[], use_cpu=True, save_strategy="no", temperature=0.7, beta=0.0, seed=0,
+        generation_kwargs={"suppress_tokens": [tok.pad_token_id]},  # padding: never sampled
+    )  # fmt: skip
+    callback = CollapseTrainerCallback(
+        [
+            probes.TokenEntropy(
+                "model", head="lm_head", tokens=None, temperature=0.7, name="entropy"
+            ),
+            probes.TokenEntropy(
+                "model", head="lm_head", tokens=None, temperature=0.7, rollout=True, name="rollout"
+            ),
+        ]
+    )
+    model = tiny_lm(len(CHARS) + 2)
+    trainer = trl.GRPOTrainer(
+        model=model, reward_funcs=reward, args=args, train_dataset=ds,
+        processing_class=tok, callbacks=[callback],
+    )  # fmt: skip
+    sampled = []
+    inner = trainer._generate_and_score_completions
+
+    def score(inputs):
+        out = inner(inputs)
+        copy = transformers.LlamaForCausalLM(model.config)
+        copy.load_state_dict(model.state_dict())
+        ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
+        mask = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
+        with torch.no_grad():  # positions from the mask, as generate() numbers them
+            z = copy.double()(ids, attention_mask=mask, position_ids=mask.cumsum(1).sub(1).clamp(0))
+        P = out["prompt_ids"].shape[1]
+        sampled.append(functional.token_entropy_metrics(
+            z.logits[:, P - 1 : -1] / 0.7, out["completion_mask"].bool()
+        ))  # fmt: skip
+        return out
+
+    trainer._generate_and_score_completions = score
+    trainer.train()
+    callback.close()
+    assert_equals_trls_entropy(trainer)
+    got = logged(trainer, "collapse/rollout/entropy_mean")
+    tokens = logged(trainer, "collapse/rollout/tokens")
+    assert len(sampled) == 3 and sorted(got) == [1, 2, 3]
+    for step, want in enumerate(sampled, 1):
+        assert tokens[step] == want["tokens"]
+        assert got[step] == pytest.approx(want["entropy_mean"], rel=2e-5)
+
+
 def test_sft_token_entropy_equals_trls_entropy_over_the_completion_tokens(tmp_path, caplog):
     # prompt-completion pairs: the loss (and TRL's entropy) covers the completion tokens only;
     # the probe reads the labels the trainer passes (prompt and padding at -100). TRL's fused
@@ -162,28 +219,36 @@ def test_sft_token_entropy_equals_trls_entropy_over_the_completion_tokens(tmp_pa
     assert "name='logits') recorded" in caplog.text and "never ran" in caplog.text
 
 
-def test_grpo_on_two_processes_with_a_resume_in_a_window(tmp_path):
+@pytest.mark.parametrize("kind", ["grpo", "sft"])
+def test_two_processes_with_a_resume_in_a_window(kind, tmp_path):
     """torchrun, 2 gloo processes: each logged window is the token mean over both ranks'
     completion tokens of its steps (a float64 reference recorded in every rank's training
-    forward); the window of steps 3-4 spans a checkpoint at step 3 and a resume."""
+    forward; with GRPO, the rollout probe's against every rank's completions rescored by the
+    weights that sampled them); the window of steps 3-4 spans a checkpoint at step 3 and a
+    resume."""
     from tests.integrations.test_two_processes import torchrun
 
-    torchrun("-m", "tests.scripts.trl_grpo_ddp", str(tmp_path), timeout=600)
+    torchrun("-m", "tests.scripts.trl_grpo_ddp", str(tmp_path), kind, timeout=600)
     first, second = (json.loads((tmp_path / f"run{i}.json").read_text()) for i in (0, 1))
 
-    def window(steps, *runs):
+    def window(which, steps, *runs):
         total = count = 0
         for run in runs:
             for rank in run["ranks"]:
                 for step in steps:
-                    if str(step) in rank:
-                        total += rank[str(step)][0]
-                        count += rank[str(step)][1]
+                    if str(step) in rank[which]:
+                        total += rank[which][str(step)][0]
+                        count += rank[which][str(step)][1]
         return total / count
 
-    # (the resumed run's log history starts with the checkpoint's: step 2 again)
-    assert list(first["logs"]) == ["2"] and list(second["logs"]) == ["2", "4"]
-    assert first["logs"]["2"] == pytest.approx(window([1, 2], first), rel=1e-5)
-    # the resumed run's window holds step 3 (saved with the checkpoint) and step 4
-    assert second["logs"]["4"] == pytest.approx(window([3, 4], first, second), rel=1e-5)
-    assert second["logs"]["4"] != pytest.approx(window([4], second), rel=1e-5)
+    for which, key in enumerate(["entropy", "rollout"][: 2 if kind == "grpo" else 1]):
+        logs = [run["logs"][f"collapse/{key}/entropy_mean"] for run in (first, second)]
+        # (the resumed run's log history starts with the checkpoint's: step 2 again)
+        assert list(logs[0]) == ["2"] and list(logs[1]) == ["2", "4"], key
+        assert logs[0]["2"] == pytest.approx(window(which, [1, 2], first), rel=1e-5), key
+        # the resumed run's window holds step 3 (saved with the checkpoint) and step 4
+        both = window(which, [3, 4], first, second)
+        assert logs[1]["4"] == pytest.approx(both, rel=1e-5), key
+        assert logs[1]["4"] != pytest.approx(window(which, [4], second), rel=1e-5), key
+    if kind == "sft":
+        assert not first["logs"]["collapse/rollout/entropy_mean"]

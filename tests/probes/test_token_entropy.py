@@ -398,3 +398,69 @@ def test_one_nan_in_the_head_weight_is_a_diverged_run(path):
     mon.close()
     assert [a.rule for a in alerts] == ["p/diverged"]
     assert "collapse/p/entropy_mean" not in m and "collapse/p/log_z_mean" not in m
+
+
+@pytest.mark.parametrize("path", ["logits", "hidden"])
+def test_rollout_entropy_is_the_sampling_distributions_up_to_each_end(path, caplog):
+    # generate() from left-padded prompts of different lengths: the rollout probe reads each
+    # step's last position (the distribution the next token is drawn from, at the sampler's
+    # temperature), never the rows of a sequence that has ended; the training probe next to it
+    # records nothing of generation, and the rollout probe nothing of a training forward.
+    # By hand: generate()'s own per-step logits, up to and including each sequence's end token
+    pytest.importorskip("transformers")
+    V, eos, pad = 30, 1, 0
+    model = tiny("Llama", vocab_size=V, num_hidden_layers=1, eos_token_id=eos, pad_token_id=pad)
+    with torch.no_grad():  # an end token likely enough that some sequences end early
+        model.lm_head.weight[eos] *= 0
+        model.lm_head.weight[eos, 0] = 1.5
+    ids = torch.randint(2, V, (4, 6), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones(4, 6, dtype=torch.long)
+    for b, pads in enumerate([0, 2, 4, 1]):
+        ids[b, :pads], mask[b, :pads] = pad, 0
+    kw = {"head": "lm_head"} if path == "hidden" else {}
+    where = "model" if path == "hidden" else "lm_head"
+    rollout = probes.TokenEntropy(where, tokens=None, temperature=0.7, rollout=True, **kw)
+    trained = probes.TokenEntropy(where, tokens=None, name="trained", **kw)
+    mon = CollapseMonitor(model, [rollout, trained], 1, strict=True)
+    torch.manual_seed(3)
+    with mon.observe(rollout=True), torch.no_grad():
+        out = model.generate(
+            ids, attention_mask=mask, do_sample=True, temperature=0.7, top_k=0, max_new_tokens=8,
+            suppress_tokens=[pad], output_logits=True, return_dict_in_generate=True,
+        )  # fmt: skip
+    got = mon.step()
+    z = torch.stack(out.logits, 1).double() / 0.7  # raw logits of every step (B, steps, V)
+    new = out.sequences[:, 6:]
+    alive = torch.ones_like(new, dtype=torch.bool)
+    alive[:, 1:] = (new[:, :-1] != eos).cumprod(1).bool()
+    assert 0 < (new == eos).any(1).sum() < 4  # some ended early, some did not
+    want = MF.token_entropy_metrics(z, alive)
+    assert got[f"collapse/{rollout.name}/tokens"] == want["tokens"] == int(alive.sum())
+    got_mean = got[f"collapse/{rollout.name}/entropy_mean"]
+    assert got_mean == pytest.approx(want["entropy_mean"], rel=1e-5)
+    assert "collapse/trained/entropy_mean" not in got
+    with mon.observe():  # a training forward: the trained policy's probe only
+        model(ids, attention_mask=mask)
+    got = mon.step()
+    assert got["collapse/trained/tokens"] > 0 and got[f"collapse/{rollout.name}/tokens"] == 0
+    assert f"collapse/{rollout.name}/entropy_mean" not in got
+    with mon.observe(), torch.no_grad():  # generation inside a training block: left out, said
+        model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=3)
+    assert mon.step()["collapse/trained/tokens"] == 0
+    assert "leaves out generation forwards" in caplog.text
+    mon.close()
+
+
+def test_rollout_needs_the_ids_that_end_a_sequence():
+    with pytest.raises(ValueError, match="end_ids"):
+        CollapseMonitor(head_model(), [probes.TokenEntropy("head", rollout=True)], 1)
+    model = head_model()  # end_ids=(): every row of every step samples
+    probe = probes.TokenEntropy("head", tokens=None, rollout=True, end_ids=(), name="e")
+    mon = CollapseMonitor(model, [probe], 1)
+    z = torch.randn(2, 3, 5, dtype=torch.float64)
+    with mon.observe(rollout=True):
+        model.head(z)
+    got = mon.step()
+    want = MF.token_entropy_metrics(z[:, -1], torch.ones(2, dtype=torch.bool))
+    assert got["collapse/e/entropy_mean"] == pytest.approx(want["entropy_mean"], rel=1e-9)
+    mon.close()

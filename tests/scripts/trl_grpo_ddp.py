@@ -1,17 +1,22 @@
-"""TRL's ``GRPOTrainer`` with ``CollapseTrainerCallback`` on 2 CPU processes (DDP, gloo):
-``ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 -m tests.scripts.trl_grpo_ddp <out>``.
+"""TRL's ``GRPOTrainer`` or ``SFTTrainer`` with ``CollapseTrainerCallback`` on 2 CPU processes
+(DDP, gloo): ``ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 -m tests.scripts.trl_grpo_ddp
+<out> grpo|sft``.
 
 ``TokenEntropy`` logs every 2 steps; the run stops at step 3 (a checkpoint) and resumes from it to
 step 4. Independently of the monitor, every rank records each step's float64 entropy sum and
 token count over its completion tokens, from the backbone's hidden states and the head's weight
-in the training forward (gradients on); rank 0 writes both, per run, to ``<out>/run<i>.json``."""
+in the training forward (gradients on); with GRPO also those of the rollouts (a rollout probe):
+each step's generated completions rescored by a float64 copy of the weights that sampled them.
+Rank 0 writes both, per run, to ``<out>/run<i>.json``."""
 
 import gc
 import json
 import sys
 from pathlib import Path
 
+import datasets
 import torch
+import transformers
 import trl
 from transformers import TrainerCallback
 
@@ -20,7 +25,7 @@ from collapse_monitor import probes
 from collapse_monitor.integrations.transformers import CollapseTrainerCallback
 from tests.integrations.test_trl import CHARS, char_tokenizer, prompts_and_reward, tiny_lm
 
-KEY = "collapse/entropy/entropy_mean"
+KEYS = ("collapse/entropy/entropy_mean", "collapse/rollout/entropy_mean")
 
 
 class Reference(TrainerCallback):
@@ -49,30 +54,71 @@ class Reference(TrainerCallback):
         self.now = [0.0, 0]
 
 
-def train(out: Path, index: int, max_steps: int, resume: bool):
+def rescore(trainer, model, steps: dict) -> None:
+    """Each step's generated completions, up to their end token, rescored in float64 by a copy
+    of the weights that sampled them: this rank's entropy sum and token count, by step."""
+    inner = trainer._generate_and_score_completions
+
+    def score(inputs):
+        out = inner(inputs)
+        copy = transformers.LlamaForCausalLM(model.config)
+        copy.load_state_dict(model.state_dict())
+        ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
+        mask = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
+        with torch.no_grad():
+            z = copy.double()(ids, attention_mask=mask, position_ids=mask.cumsum(1).sub(1).clamp(0))
+        ent = F.token_entropy(z.logits[:, out["prompt_ids"].shape[1] - 1 : -1])
+        keep = out["completion_mask"].bool()
+        steps[trainer.state.global_step + 1] = [float(ent[keep].sum()), int(keep.sum())]
+        return out
+
+    trainer._generate_and_score_completions = score
+
+
+def train(out: Path, index: int, max_steps: int, resume: bool, kind: str):
     tok = char_tokenizer()
-    data, reward = prompts_and_reward()
     model = tiny_lm(len(CHARS) + 2)
     reference = Reference(model)
-    callback = CollapseTrainerCallback(
-        [probes.TokenEntropy("model", head="lm_head", tokens=None, name="entropy")],
-        log_every_n_steps=2,
-    )
-    args = trl.GRPOConfig(
-        output_dir=str(out / "out"), per_device_train_batch_size=4, num_generations=4,
-        max_completion_length=6, max_steps=max_steps, logging_steps=1, learning_rate=1e-3,
-        report_to=[], use_cpu=True, save_strategy="steps", save_steps=3, temperature=1.0,
-        beta=0.0, seed=0, disable_tqdm=True,
+    entropy = [probes.TokenEntropy("model", head="lm_head", tokens=None, name="entropy")]
+    common = dict(
+        output_dir=str(out / "out"), per_device_train_batch_size=4, max_steps=max_steps,
+        logging_steps=1, learning_rate=1e-3, report_to=[], use_cpu=True, save_strategy="steps",
+        save_steps=3, seed=0, disable_tqdm=True,
     )  # fmt: skip
-    trainer = trl.GRPOTrainer(
-        model=model, reward_funcs=reward, args=args, train_dataset=data, processing_class=tok,
-        callbacks=[callback, reference],
-    )  # fmt: skip
+    rollouts: dict = {}
+    if kind == "grpo":
+        data, reward = prompts_and_reward()
+        entropy.append(
+            probes.TokenEntropy("model", head="lm_head", tokens=None, rollout=True, name="rollout")
+        )
+        callback = CollapseTrainerCallback(entropy, log_every_n_steps=2)
+        args = trl.GRPOConfig(
+            num_generations=4, max_completion_length=6, temperature=1.0, beta=0.0,
+            generation_kwargs={"suppress_tokens": [tok.pad_token_id]}, **common,
+        )  # fmt: skip
+        trainer = trl.GRPOTrainer(
+            model=model, reward_funcs=reward, args=args, train_dataset=data,
+            processing_class=tok, callbacks=[callback, reference],
+        )  # fmt: skip
+        rescore(trainer, model, rollouts)
+    else:  # prompt-completion pairs, right-padded: the loss covers the completions only
+        tok.padding_side = "right"
+        pairs = [("ab", "cde"), ("abcdef", "g"), ("a", "bcdefgh"), ("cdefghij", "aa")] * 8
+        data = datasets.Dataset.from_dict(
+            {"prompt": [p for p, _ in pairs], "completion": [c for _, c in pairs]}
+        )
+        callback = CollapseTrainerCallback(entropy, log_every_n_steps=2)
+        trainer = trl.SFTTrainer(
+            model=model, args=trl.SFTConfig(**common), train_dataset=data, processing_class=tok,
+            callbacks=[callback, reference],
+        )  # fmt: skip
     trainer.train(resume_from_checkpoint=resume or None)
     every = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(every, reference.steps)
+    torch.distributed.all_gather_object(every, [reference.steps, rollouts])
     if trainer.is_world_process_zero():
-        logs = {e["step"]: e[KEY] for e in trainer.state.log_history if KEY in e}
+        logs = {
+            key: {e["step"]: e[key] for e in trainer.state.log_history if key in e} for key in KEYS
+        }
         with open(out / f"run{index}.json", "w") as f:
             json.dump({"logs": logs, "ranks": every}, f)
     torch.distributed.barrier()
@@ -81,11 +127,11 @@ def train(out: Path, index: int, max_steps: int, resume: bool):
     gc.collect()
 
 
-def main(out):
+def main(out, kind):
     torch.set_num_threads(1)
     out = Path(out)
-    train(out, 0, max_steps=3, resume=False)
-    train(out, 1, max_steps=4, resume=True)
+    train(out, 0, max_steps=3, resume=False, kind=kind)
+    train(out, 1, max_steps=4, resume=True, kind=kind)
     torch.distributed.barrier()  # neither rank tears the group down while the other works
     torch.distributed.destroy_process_group()
 
