@@ -967,6 +967,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args(argv)
     names = args.only.split(",")
+    unknown = sorted(set(names) - set(ZOO) - set(post_training.PAIRS))
+    if unknown:
+        parser.error(f"--only: unknown {unknown}; choose from {[*ZOO, *post_training.PAIRS]}")
     jobs = [
         (name, collapse, seed)
         for name in names

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))  # the example's character tokenizer
 LOG_EVERY = 5
 ONSET = 0.1  # nats
 HELD_OUT_PROMPTS = 64
@@ -73,7 +74,6 @@ def run(name: str, collapse: bool, seed: int) -> dict:
     """One GRPO run of ``PAIRS[name]``: its alerts, ground truth and rewards."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.set_num_threads(1)
-    sys.path.insert(0, str(ROOT / "examples"))
     import datasets
     import transformers
     import trl

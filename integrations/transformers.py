@@ -283,6 +283,12 @@ class CollapseTrainerCallback(LoopAdapter, TrainerCallback):
         self.args, self.state = args, state
         self._attach(args, model, max(1, state.logging_steps))
         self._training = True
+        # the sampler ends sequences at the tokenizer's end token too (TRL adds it to its own
+        # generation config, not the model's)
+        eos = getattr(kwargs.get("processing_class"), "eos_token_id", None)
+        for probe in self.probes if isinstance(eos, int) else ():
+            if probe.rollout and getattr(probe, "end_ids", 0) is None:  # (TokenEntropy's)
+                probe.also_ends([eos])
         if state.global_step > self.monitor.global_step:
             self._resume(args, state)
 

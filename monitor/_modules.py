@@ -17,26 +17,44 @@ _DATA_PARALLEL = (nn.parallel.DistributedDataParallel, nn.DataParallel)
 
 def named_modules(model: nn.Module, prefix: str = "") -> dict[str, nn.Module]:
     """``model.named_modules()`` under the names the unwrapped model gives them: the segments
-    that FSDP, activation checkpointing, ``torch.compile`` and DDP insert are dropped, and a name
+    that FSDP, activation checkpointing, ``torch.compile``, DDP and PEFT (``base_model.model``)
+    insert are dropped, and a name
     a wrapper shares with the module it wraps names the wrapped module. ``prefix`` is the
     model's own name."""
     out: dict[str, nn.Module] = {}
     seen: set[int] = set()
+
+    peft_wrappers = _peft_wrappers()
 
     def visit(module: nn.Module, name: str) -> None:
         if id(module) in seen:  # a module shared by two parents is listed once, as torch does
             return
         seen.add(id(module))
         out[name] = module  # a wrapper's inner module, visited next, takes over its name
-        wrapper = isinstance(module, _DATA_PARALLEL)
+        inner = "module" if isinstance(module, _DATA_PARALLEL) else None
+        for cls, attr in peft_wrappers:
+            if isinstance(module, cls):
+                inner = attr
         for attr, child in module.named_children():
-            if attr in _WRAPPER_ATTRIBUTES or (wrapper and attr == "module"):
+            if attr in _WRAPPER_ATTRIBUTES or attr == inner:
                 visit(child, name)
             else:
                 visit(child, f"{name}.{attr}" if name else attr)
 
     visit(model, prefix)
     return out
+
+
+def _peft_wrappers() -> list[tuple[type, str]]:
+    """PEFT's wrapper classes and the attribute that holds what they wrap: a ``PeftModel``'s
+    ``base_model`` (the tuner), a tuner's ``model`` (the user's model). Empty unless ``peft`` was
+    imported (a model cannot be wrapped by it otherwise)."""
+    if "peft" not in sys.modules:
+        return []
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTuner
+
+    return [(PeftModel, "base_model"), (BaseTuner, "model")]
 
 
 def resolve_modules(model: nn.Module, pattern: str, owner: str = "") -> list[tuple[str, nn.Module]]:

@@ -229,18 +229,20 @@ class CollapseMonitor:
 
     # ----------------------------------------------------------------- recording
     @contextmanager
-    def observe(self, targets: Any = None, *, rollout=False, **inputs) -> Iterator[CollapseMonitor]:
+    def observe(
+        self, targets: Any = None, *, rollout: bool = False, **inputs
+    ) -> Iterator[CollapseMonitor]:
         """Record the forward passes run inside this block.
 
         Args:
             targets: class labels for class-conditional probes, shaped like the probed
                 features without their last dimension (``(N,)`` or ``(B, T)``).
-            rollout: the block generates (``model.generate()``): only the probes made with
-                ``rollout=True`` record it (no mitigation), and they record nothing else.
+            rollout: the block generates: only ``rollout=True`` probes record it (and nothing else).
             **inputs: other per-batch inputs that probes declare (``groups=`` for
                 ``GroupCollapse``, ``mask=`` for ``TokenUniformity``).
 
         A keyword that no probe reads is ignored, with a warning the first time (a typo shows).
+
         Raises:
             RuntimeError: the monitor is closed, or ``observe()`` blocks are nested.
         """
@@ -249,14 +251,12 @@ class CollapseMonitor:
         if self._recording:
             raise RuntimeError("observe() blocks cannot be nested")
         self.notices.unread_keywords(inputs)
-        snapshot = self._snapshots.prefix is not None
-        step = self.global_step
+        snapshot, step = self._snapshots.prefix is not None, self.global_step
         recorders = self._probes.begin_recording(
             self.cadence, step, snapshot, {"targets": targets, **inputs}, rollout
         )
         logging = not snapshot and self.cadence.logs_after(step)
-        mitigations = [] if rollout else self.mitigations
-        for m in mitigations:
+        for m in (mitigations := [] if rollout else self.mitigations):  # (training forwards)
             m.begin_recording(Recording(step, logging, snapshot))
         self._recording = [*recorders, *mitigations]
         try:

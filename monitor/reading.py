@@ -207,9 +207,10 @@ class Call:
     @property
     def model_inputs(self) -> dict:
         """What the model's own forward keywords say of this pass, for probes that read token
-        padding: ``attention_mask`` ``(B, S)`` (when given), ``cached`` (a key-value cache: a
-        generation step), ``kept`` (``logits_to_keep``) and ``last_ids`` ``(B,)`` (each
-        sequence's last input token); empty for a model without them."""
+        padding: ``attention_mask`` ``(B, S)`` (when given), ``cached`` (a key-value cache),
+        ``generating`` (a cache and no gradients: ``generate()``), ``kept``
+        (``logits_to_keep``) and ``last_ids`` ``(B,)`` (each sequence's last input token);
+        empty for a model without them."""
         return self._context.model_inputs
 
 

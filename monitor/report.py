@@ -118,8 +118,10 @@ def _holding(rule: Rule, values: list[float]) -> bool:
     if rule.mode == "above":
         return last > rule.threshold
     if rule.mode == "drop":
-        return last < (1 - rule.threshold) * max(values)
-    return last > (1 + rule.threshold) * min(values)
+        past = rule.bound is None or last < rule.bound
+        return last < (1 - rule.threshold) * max(values) and past
+    past = rule.bound is None or last > rule.bound
+    return last > (1 + rule.threshold) * min(values) and past
 
 
 def health(series: dict[str, list[tuple[int, float]]]) -> list[dict]:

@@ -8,6 +8,10 @@ every log. Modes:
   running maximum since warm-up;
 - ``"rise"``: the value rose by more than ``threshold`` (a fraction) over its running minimum.
 
+A ``drop``/``rise`` rule with ``bound`` also needs the value past that absolute level (below it
+for a drop, above for a rise): a fall to a fifth of the run's own level that ends below 0.2
+nats, whatever the level the run started from.
+
 The condition must hold on ``patience`` consecutive logs, except that a value past ``severe``
 (a second, further bound of a ``below``/``above`` rule) fires at once. An alert fires once per
 episode: the condition must clear before the same key can fire again (``repeat=True`` re-fires
@@ -86,6 +90,8 @@ class Rule:
             ``below``/``above`` rule; see the module doc); logs without it behave as without.
         detail: a sibling metric whose value the alert's message shows (e.g. the step at which
             a probe first saw NaN).
+        bound: a ``drop``/``rise`` rule's absolute level, which the value must also be past
+            (below for a drop, above for a rise).
     """
 
     metric: str
@@ -103,6 +109,7 @@ class Rule:
     requires: tuple | None = None
     latest: str | None = None
     detail: str | None = None
+    bound: float | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in _MODES:
@@ -126,6 +133,8 @@ class Rule:
                 f"severe={self.severe} must lie beyond threshold={self.threshold} of a "
                 f"'below' or 'above' rule (mode {self.mode!r})"
             )
+        if self.bound is not None and self.mode not in ("drop", "rise"):
+            raise ValueError(f"bound needs a 'drop' or 'rise' rule, got mode {self.mode!r}")
         if self.latest is not None and self.mode not in ("below", "above"):
             raise ValueError(f"latest needs a 'below' or 'above' rule, got mode {self.mode!r}")
         if self.requires is not None and isinstance(self.requires[0], str):
@@ -169,6 +178,7 @@ class RuleSpec:
     requires: tuple | None = None
     latest: str | None = None
     detail: str | None = None
+    bound: float | None = None
 
     def _rule(self, probe_pattern: str, probe_name: str, per_module: bool) -> Rule:
         same = {f.name: getattr(self, f.name) for f in fields(self)}  # every field is Rule's too
@@ -230,15 +240,13 @@ class RuleEngine:
                 value = float(metrics[key])
                 if math.isnan(value):
                     continue
-                st = self._state[rule.name].setdefault(key, _KeyState())
-                # a drop or rise is measured from the metric's extremum over every log, also
-                # those where the rule's requirement does not hold
-                holds = self._holds(rule, st, value)
                 if not all(
                     _past(mode, _sibling(key, sibling, metrics), bound)
                     for sibling, mode, bound in rule.requires or ()
                 ):
                     continue
+                st = self._state[rule.name].setdefault(key, _KeyState())
+                holds = self._holds(rule, st, value)
                 latest = _sibling(key, rule.latest, metrics) if rule.latest else math.nan
                 # a collapse inside the window: the latest step is past the severe bound while
                 # the window's mean still holds the healthy steps before it
@@ -277,9 +285,11 @@ class RuleEngine:
             return False
         if rule.mode == "drop":
             st.extreme = max(st.extreme, value)
-            return value < (1 - rule.threshold) * st.extreme
+            past = rule.bound is None or value < rule.bound
+            return value < (1 - rule.threshold) * st.extreme and past
         st.extreme = min(st.extreme, value)
-        return value > (1 + rule.threshold) * st.extreme
+        past = rule.bound is None or value > rule.bound
+        return value > (1 + rule.threshold) * st.extreme and past
 
     @staticmethod
     def _alert(
@@ -292,6 +302,8 @@ class RuleEngine:
             word = "fell" if rule.mode == "drop" else "rose"
             ref = "running max" if rule.mode == "drop" else "running min"
             what = f"{value:.6g} {word} by more than {rule.threshold:.0%} from its {ref} {st.extreme:.6g}"
+            if rule.bound is not None:
+                what += f", {'below' if rule.mode == 'drop' else 'above'} {rule.bound:.6g}"
         msg = f"[{rule.name}] step {step}: {key} = {what}"
         if rule.severe is not None and _past(rule.mode, value, rule.severe):
             msg += f" (past the severe bound {rule.severe:.6g})"

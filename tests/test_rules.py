@@ -190,11 +190,20 @@ def test_several_requires_must_all_hold():
     )
 
 
-def test_a_drop_measures_from_every_logs_extremum_also_where_its_requirement_fails():
-    # TokenEntropy's policy_entropy_collapse: below a fifth of the highest value so far, once
-    # the value is under an absolute bound; the highest value comes from logs above that bound
-    rule = Rule("collapse/p/m", 0.8, "drop", requires=("m", "below", 0.2))
-    assert run(rule, [2.5, 1.0, 0.45, 0.15])[0] == [(40, 0.15)]  # under 0.2 and 0.5
+def test_a_drop_with_a_bound_needs_both_and_a_recovery_ends_its_episode():
+    # TokenEntropy's policy_entropy_collapse: below a fifth of the highest value so far and
+    # below an absolute 0.2; the highest value may come from any log
+    rule = Rule("collapse/p/m", 0.8, "drop", bound=0.2)
+    assert run(rule, [2.5, 1.0, 0.45, 0.15])[0] == [(40, 0.15)]  # 0.45: a fifth, not under 0.2
     # a policy that starts low (0.3) and stays near it: under 0.2 but not a fifth of 0.3
     assert run(rule, [0.3, 0.25, 0.19, 0.18])[0] == []
     assert run(rule, [0.3, 0.25, 0.19, 0.05])[0] == [(40, 0.05)]
+    # a run that recovers and collapses again: two episodes, two alerts
+    fired, _ = run(rule, [2.5, 0.15, 1.0, 1.2, 0.1, 0.05])
+    assert fired == [(20, 0.15), (50, 0.1)]
+    eng = RuleEngine([rule])
+    eng.check({"collapse/p/m": 2.5}, 10)
+    (alert,) = eng.check({"collapse/p/m": 0.1}, 20)
+    assert "fell by more than 80% from its running max 2.5, below 0.2" in alert.message
+    with pytest.raises(ValueError, match="bound"):
+        Rule("collapse/p/m", 0.5, "below", bound=0.2)

@@ -10,6 +10,7 @@ compute it. Policy-entropy collapse in RL post-training is this mean falling tow
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -42,13 +43,16 @@ def chunked_entropy(
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
     target: torch.Tensor | None = None,
+    low_rank: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """:func:`token_entropy` of ``rows (N, V)`` in at least float32, ``chunk`` vocabulary entries at
     a time (an online log-sum-exp), so that memory is ``N * chunk``, not ``N * V``. With
     ``weight (V, D)`` (and ``bias (V,)``), ``rows`` are an LM head's inputs ``(N, D)`` and each
     chunk's logits are made from them (``rows W' + b``): the full logits never exist. Logits are
-    divided by ``temperature``. With ``target (N,)`` token ids, also returns each row's
-    log-probability of its target, ``z_target - logsumexp(z)``: ``(entropy, log_prob)``.
+    divided by ``temperature``. ``low_rank``: pairs ``(U (D, r), B (V, r))`` whose ``(rows U) B'``
+    the logits add (a LoRA-adapted head, never made whole). With ``target (N,)`` token ids, also
+    returns each row's log-probability of its target, ``z_target - logsumexp(z)``:
+    ``(entropy, log_prob)``.
 
     With ``m`` the running maximum, ``s = sum exp(z - m)`` and ``t = sum exp(z - m) (z - m)``:
     ``H = log s - t / s``; a new maximum ``m'`` rescales both (``s e^(m - m')`` and
@@ -65,6 +69,7 @@ def chunked_entropy(
     picked = torch.zeros(N, dtype=wide, device=rows.device)  # the target's logit
     found = torch.zeros(N, dtype=torch.bool, device=rows.device)
     V = rows.shape[-1] if weight is None else weight.shape[0]
+    reduced = [(rows @ U.to(wide), B) for U, B in low_rank]  # (N, r) each, once
     for lo in range(0, V, chunk):
         if weight is None:
             z = rows[:, lo : lo + chunk].to(wide)
@@ -72,6 +77,8 @@ def chunked_entropy(
             z = rows @ weight[lo : lo + chunk].to(wide).T
             if bias is not None:
                 z = z + bias[lo : lo + chunk].to(wide)
+            for xu, B in reduced:
+                z = z + xu @ B[lo : lo + chunk].to(wide).T
         if temperature != 1.0:
             z = z / temperature
         if target is not None:

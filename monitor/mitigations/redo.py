@@ -8,6 +8,7 @@ import math
 import torch
 from torch import nn
 
+from .._adapters import refuse_adapted
 from .._modules import named_modules
 from .._sharding import edited, whole
 from ..contracts import Event
@@ -163,6 +164,7 @@ class ReDo(Mitigation):
         self.pairs = {}
         for path in info.paths:
             incoming, outgoing = self.layers.get(path) or _neighbours(setup.model, path)
+            refuse_adapted(modules, (incoming, outgoing), repr(self))
             self.pairs[layer_name(path)] = (modules[incoming], modules[outgoing])
             if self.init is _default_init:
                 _check_default_init(incoming, modules[incoming])

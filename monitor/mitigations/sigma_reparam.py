@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._adapters import refuse_adapted
 from .._modules import named_modules
 from .reparametrize import Reparametrization, register
 
@@ -160,7 +161,10 @@ class SigmaReparam(Reparametrization):
         super().__init__(module, when, rule, optimizer, name)
 
     def weights(self, root_path: str, root: nn.Module) -> list[tuple[str, nn.Module, str]]:
-        return _attention_weights(root_path, root, self.all_linear)
+        found = _attention_weights(root_path, root, self.all_linear)
+        named = named_modules(root, root_path)
+        refuse_adapted(named, [path for path, _, _ in found], repr(self))
+        return found
 
     def no_weights(self) -> str:
         return (

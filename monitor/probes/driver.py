@@ -109,6 +109,10 @@ class ProbeDriver(Component, Recorder):
         probe.on_attach(setup, found)
         self.window = self._fresh_window()
         probe.attach_hooks(found, self)
+        if probe.skips_generation and not probe.uses_token_mask:
+            raise TypeError(
+                f"{probe!r}: skips_generation needs uses_token_mask (the model's inputs)"
+            )
         if probe.uses_token_mask:
             try:
                 self._model_signature = inspect.signature(setup.model.forward)
@@ -244,6 +248,10 @@ class ProbeDriver(Component, Recorder):
         # transformers' logits_to_keep = k: the head sees the last k positions (0: all)
         kept = bound.get("logits_to_keep")
         self.model_inputs = {"kept": kept, "cached": cached, "generating": cached and not grad}
+        cache = bound.get("cache")
+        cache = bound.get("past_key_values") if cache is None else cache
+        if hasattr(cache, "get_seq_length"):  # positions already cached: 0 starts a generation
+            self.model_inputs["past_length"] = int(cache.get_seq_length())
         ids = bound.get("input_ids")
         if isinstance(ids, torch.Tensor) and ids.ndim == 2 and ids.shape[1]:
             self.model_inputs["last_ids"] = ids[:, -1].detach()  # a generation step's last token
@@ -385,6 +393,7 @@ class ProbeDriver(Component, Recorder):
             "module": p.module,
             "paths": list(p.paths),
             "read": p.read,
+            **({"rollout": True} if p.rollout else {}),  # (another policy's window)
             **p.describe(),
         }
 

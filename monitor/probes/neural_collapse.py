@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from .. import _dist
+from .._adapters import effective_weight, is_linear, linear_parts
 from .._modules import resolve_modules
-from .._sharding import is_sharded, whole
+from .._sharding import is_sharded
 from ..cadence import per_class
 from ..contracts import Readout
 from ..functional.neural_collapse import (
@@ -167,7 +168,8 @@ class NeuralCollapse(Probe):
         self.shard_classes = bool(shard_classes)
         self._shards: tuple[int, int] | None = None  # (rank, world) once attached with shards
         self._agreed_rows: int | None = None  # rows per step, the same on every rank
-        self.classifier: nn.Linear | None = None
+        self.classifier: nn.Module | None = None  # an nn.Linear or a PEFT LoRA Linear
+        self._applied: tuple | None = None  # (parameter versions, W, b) of the classifier
         # lagged NC4: the classes the last window used, their means and squared norms
         self._lag: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
@@ -195,14 +197,16 @@ class NeuralCollapse(Probe):
             self._shards = (_dist.rank(group), world)
         if self.classifier_path is not None:
             cls = resolve_modules(setup.model, self.classifier_path, owner=repr(self))
-            if len(cls) != 1 or not isinstance(cls[0][1], nn.Linear):
+            if len(cls) != 1 or not is_linear(cls[0][1]):
                 raise TypeError(
-                    f"{self!r}: classifier '{self.classifier_path}' must be one nn.Linear, "
-                    f"got {[(n, type(m).__name__) for n, m in cls]}"
+                    f"{self!r}: classifier '{self.classifier_path}' must be one nn.Linear (or "
+                    f"PEFT LoRA Linear), got {[(n, type(m).__name__) for n, m in cls]}"
                 )
             self.classifier = cls[0][1]
-        elif self.read == "input" and isinstance(mod, nn.Linear) and self.ncc:
+        elif self.read == "input" and is_linear(mod) and self.ncc:
             self.classifier = mod
+        if self.classifier is not None:  # (an adapter whose map it cannot read: refused now)
+            linear_parts(self.classifier, f"{self!r}: classifier")
         if self.classifier is not None and self.classifier.out_features != self.num_classes:
             raise ValueError(
                 f"{self!r}: classifier weight has shape {tuple(self.classifier.weight.shape)} "
@@ -282,13 +286,20 @@ class NeuralCollapse(Probe):
         rows = valid[:k] & used[torch.where(valid[:k], y[:k], 0)]
         xs = torch.where(rows[:, None], x[:k], 0)
         if logits is None:
-            mismatch = nearest_class_center_mismatch(
-                xs, centers, classes, self.classifier.weight, self.classifier.bias
-            )
+            mismatch = nearest_class_center_mismatch(xs, centers, classes, *self._weights())
         else:
             mismatch = nearest_class_center(xs, centers, classes, sq) != logits[:k].argmax(1)
         counts.add("ncc_mismatch", (mismatch & rows).sum())
         counts.add("ncc_total", rows.sum())
+
+    def _weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The classifier's ``(W (C, D), b)`` as the model applies it (a LoRA layer's
+        ``W0 + scaling B A``) in a forward, made again only after its parameters changed (an
+        unsharded classifier: no collective)."""
+        key = tuple((id(p), p._version) for p in self.classifier.parameters())
+        if self._applied is None or self._applied[0] != key:
+            self._applied = (key, *effective_weight(self.classifier, f"{self!r}: classifier"))
+        return self._applied[1], self._applied[2]
 
     @property
     def reads_parameters(self) -> bool:
@@ -308,8 +319,8 @@ class NeuralCollapse(Probe):
         pictures = self._pictures(moments, means, window.group)
         if moments.dim:  # (D agreed by the reduce)
             weight = None
-            if self.classifier is not None:
-                weight = whole(self.classifier.weight)
+            if self.classifier is not None:  # (a collective for shards: every rank, every log)
+                weight = effective_weight(self.classifier, f"{self!r}: classifier")[0]
                 if isinstance(moments, ShardedClassMoments):  # this rank's classes
                     weight = weight[moments.first :][: moments.num_classes]
             out = class_moment_metrics(

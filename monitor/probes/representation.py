@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from ..contracts import Readout
 from ..functional import representation as R
 from ..pictures import Picture
-from ..reading import Reading, feature_rows, finite_rows, floating
+from ..reading import Reading, feature_rows, finite_rows, floating, token_mask
 from ..rules import RuleSpec
 from ..stats import Counter, Moments, Window, WindowView, to_device
 from .base import Probe
@@ -15,11 +17,16 @@ from .base import Probe
 _F64 = torch.float64
 
 
+def _has_states(value) -> bool:
+    """A ``transformers`` model output with ``last_hidden_state`` (a backbone's)."""
+    return isinstance(value, Mapping) and isinstance(value.get("last_hidden_state"), torch.Tensor)
+
+
 class RepresentationRank(Probe):
     """Dimensional collapse of embeddings: effective rank, RankMe and SimSiam's normalised std.
 
-    Embeddings are the module's output (``read="input"`` for its input), ``(N, D)`` or
-    ``(B, T, D)`` (flattened). Per window the probe keeps the count, mean and centred second moment
+    Embeddings are the module's output (``read="input"`` for its input; a ``transformers``
+    backbone's ``last_hidden_state``), ``(N, D)`` or ``(B, T, D)`` (flattened). Per window the probe keeps the count, mean and centred second moment
     (shifted float64, exact under DDP) and the per-coordinate moments of ``z/||z||``.
 
     Args:
@@ -38,6 +45,15 @@ class RepresentationRank(Probe):
             probe reports ``ssl_embedding = 1``). On any signed embeddings the rule
             ``norm_std_drop`` fires when ``norm_std`` falls below a tenth of its highest value.
         pool: see :class:`~collapse_monitor.probes.Probe`.
+        per_sequence: the rows are sequences, not tokens: each ``(B, T, D)`` call gives ``B``
+            embeddings, the float64 mean of each sequence's tokens that count (those whose
+            label is not ``ignore_index`` with ``observe(targets=labels)``, aligned token by
+            token as transformers passes ``labels = input_ids``; not padding, from
+            ``observe(mask=)`` or the model's ``attention_mask``; every token otherwise). A
+            sequence without one is left out. On a language model's last hidden states these are
+            the completions' embeddings: their effective rank falls as a policy's completions
+            become alike. Raises ``ValueError`` at the call for other shapes.
+        ignore_index: the label of a token that does not count (``per_sequence``).
 
     Reports ``erank`` (Roy & Vetterli, centred covariance), ``rankme`` (uncentred singular values
     from the streamed ``Z'Z``), ``norm_std`` (≈1 healthy, →0 collapsed), ``samples``,
@@ -63,7 +79,10 @@ class RepresentationRank(Probe):
     headline = ("erank", "norm_std")
 
     reads = Reading(
-        "floating-point embeddings (N, D) or (B, T, D)", floating(2), hint="embeddings (N, D)"
+        "floating-point embeddings (N, D) or (B, T, D)",
+        floating(2),
+        find=lambda v: v["last_hidden_state"] if _has_states(v) else v,  # a backbone's output
+        hint="embeddings (N, D)",
     )
     rules = (
         # SimSiam's criterion is for the signed (roughly centred) outputs of an SSL projector:
@@ -103,10 +122,17 @@ class RepresentationRank(Probe):
         name: str | None = None,
         extract=None,
         pool: bool = False,
+        per_sequence: bool = False,
+        ignore_index: int = -100,
     ) -> None:
         super().__init__(module, name, extract, read, pool)
         if sketch_dim < 1:
             raise ValueError(f"sketch_dim must be >= 1, got {sketch_dim}")
+        self.per_sequence = bool(per_sequence)
+        self.ignore_index = ignore_index
+        if self.per_sequence:  # which tokens of a sequence count: labels and padding
+            self.keywords = {"targets": False, "mask": False}
+            self.uses_token_mask = True
         self.sketch_dim = int(sketch_dim)
         self.seed = seed
         self.ssl = bool(ssl)
@@ -146,7 +172,33 @@ class RepresentationRank(Probe):
         m = WindowView(self._driver.window.reduced(group), scope)["moments"]
         return m.mean(), m.scatter() / max(m.n - 1, 1)
 
+    def _sequence_means(self, z: torch.Tensor, call) -> torch.Tensor:
+        """``(B, T, D)`` token states to ``(B', D)`` float64 means over each sequence's
+        tokens that count (``per_sequence``; sequences without one left out)."""
+        if z.ndim != 3:
+            raise call.error(
+                f"per_sequence=True needs (B, T, D) token states, got {tuple(z.shape)}"
+            )
+        B, T = z.shape[:2]
+        keep = token_mask(call, B, T, z.device)
+        keep = torch.ones(B, T, dtype=torch.bool, device=z.device) if keep is None else keep
+        labels = call.keyword("targets")
+        if labels is not None:
+            labels = torch.as_tensor(labels)
+            if tuple(labels.shape[:2]) != (B, T) or labels.ndim != 2:
+                raise call.error(
+                    f"targets of shape {tuple(labels.shape)} for {B} sequences of {T} tokens: "
+                    f"expected ({B}, {T}), one label per token"
+                )
+            keep = keep & (to_device(labels, z.device) != self.ignore_index)
+        w = keep.to(_F64)
+        n = w.sum(1)
+        means = (z.detach().to(_F64) * w[..., None]).sum(1) / n.clamp_min(1.0)[:, None]
+        return means[n > 0]
+
     def update(self, window, z, call) -> None:
+        if self.per_sequence:
+            z = self._sequence_means(z, call)
         feature_rows(z, call, "embeddings")
         z = z.detach().reshape(-1, z.shape[-1])
         finite = finite_rows(z)

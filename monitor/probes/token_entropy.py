@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from .._adapters import is_linear, linear_parts
 from ..contracts import Readout
 from ..functional.token_entropy import chunked_entropy, entropy_from_sums
 from ..reading import Reading, first_tensor, floating, keeps_last, label_shift, token_mask
@@ -41,13 +42,12 @@ def _states_or_logits(value):
 
 
 def _end_ids(model: nn.Module) -> set[int] | None:
-    """The end-of-sequence and padding ids of a ``transformers`` model (its generation
-    configuration's, else its configuration's); None when it names none."""
+    """The end-of-sequence ids of a ``transformers`` model (its generation configuration's and
+    its configuration's); None when it names none."""
     ids: set[int] = set()
     for source in (getattr(model, "generation_config", None), getattr(model, "config", None)):
-        for field in ("eos_token_id", "pad_token_id"):
-            value = getattr(source, field, None)
-            ids.update([value] if isinstance(value, int) else value or ())
+        value = getattr(source, "eos_token_id", None)
+        ids.update([value] if isinstance(value, int) else value or ())
     return ids or None
 
 
@@ -102,12 +102,13 @@ class TokenEntropy(Probe):
             ``monitor.observe(rollout=True)`` blocks (``generate()``; with
             ``CollapseTrainerCallback``, TRL's rollouts) and nothing else, and at each of their
             forwards only the last position of each sequence (the distribution the next token
-            is drawn from), leaving out padded positions and sequences whose last input token
-            is in ``end_ids`` (they have ended). Labels, masks and advantages are not read.
-        end_ids: the token ids that end a sequence or pad an ended one (default: the model's
-            ``generation_config``/``config`` ``eos_token_id`` and ``pad_token_id``; ``()``:
-            every row samples). Raises ``ValueError`` at attach when ``rollout=True`` and none
-            is known.
+            is drawn from), leaving out padded positions and each sequence from the step it is
+            fed one of ``end_ids`` on, to the end of that ``generate()`` call (known by its
+            key-value cache starting empty). Labels and advantages are not read.
+        end_ids: the token ids that end a sequence (default: the model's ``generation_config``
+            and ``config`` ``eos_token_id``, and with ``CollapseTrainerCallback`` the
+            tokenizer's; ``()``: every row of every step samples). Raises ``ValueError`` at
+            attach when ``rollout=True`` and none is known.
         tokens: rows drawn per call (default 64), or ``None`` for every row.
         certain: entropy (nats) below which a token counts as near-certain (default 0.01).
         high: entropy (nats) above which a token counts as high-entropy (default 0.672, the 80th
@@ -162,7 +163,7 @@ class TokenEntropy(Probe):
             "drop",
             name="policy_entropy_collapse",
             patience=1,
-            requires=("entropy_mean", "below", 0.2),
+            bound=0.2,
             message="the policy is near-deterministic (policy-entropy collapse): exploration and "
             "the reward's growth stop. Standard fixes: an entropy bonus or adaptive entropy "
             "control (TRL: entropy_coef, use_adaptive_entropy), a KL anchor (beta), a higher "
@@ -217,6 +218,7 @@ class TokenEntropy(Probe):
         self.rollout = bool(rollout)
         self.end_ids = None if end_ids is None else tuple(int(i) for i in end_ids)
         self._end: torch.Tensor | None = None  # the ids that end a sequence, read at attach
+        self._ended: torch.Tensor | None = None  # (B,) the sequences of this generate() ended
         self._head: nn.Linear | None = None  # found at attach
         self.label_shift = 0  # resolved at attach
         self._generator: torch.Generator | None = None  # made at attach (does not pickle)
@@ -235,23 +237,29 @@ class TokenEntropy(Probe):
             ends = self.end_ids if self.end_ids is not None else _end_ids(setup.model)
             if ends is None:
                 raise ValueError(
-                    f"{self!r}: rollout=True needs the ids that end a sequence (its "
-                    "end-of-sequence and padding ids), and the model has no generation_config or "
-                    "config that names them: pass end_ids=[...] (end_ids=() when every row "
-                    "of every step samples)"
+                    f"{self!r}: rollout=True needs the ids that end a sequence, and the model "
+                    "has no generation_config or config that names an eos_token_id: pass "
+                    "end_ids=[...] (end_ids=() when every row of every step samples)"
                 )
-            self._end = torch.tensor(sorted(set(ends)), dtype=torch.int64)
+            self.also_ends(ends)
+
+    def also_ends(self, ids) -> None:
+        """Count ``ids`` among the tokens that end a sequence (``rollout=True``): a sampler's
+        own (TRL's tokenizer's), beside the model's."""
+        known = set() if self._end is None else set(self._end.tolist())
+        self._end = torch.tensor(sorted(known | {int(i) for i in ids}), dtype=torch.int64)
 
     def _find_head(self, model: nn.Module) -> nn.Linear:
         try:
             head = model.get_submodule(self.head)
         except AttributeError:
             raise ValueError(f"{self!r}: no module '{self.head}' (head=) in the model") from None
-        if not isinstance(head, nn.Linear):
+        if not is_linear(head):
             raise ValueError(
                 f"{self!r}: head='{self.head}' is a {type(head).__name__}; the hidden-state path "
-                "needs the nn.Linear that makes the logits"
+                "needs the nn.Linear (or PEFT LoRA Linear) that makes the logits"
             )
+        linear_parts(head, f"{self!r}: head '{self.head}'")  # (an adapter it cannot read)
         for mod in model.modules():
             config = getattr(mod, "config", None)
             text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -335,7 +343,11 @@ class TokenEntropy(Probe):
     def _sampled_rows(self, z: torch.Tensor, call):
         """A generation step: the last position of each sequence, the distribution the next
         token is drawn from ``(B, V)`` (or its hidden state), and ``(B,)`` bool, the rows that
-        still generate: the position is real and the sequence's last token does not end it."""
+        still generate: the position is real and the sequence has not been fed an end token in
+        this ``generate()`` call (afterwards it is fed padding, or anything).
+
+        A call starts where the key-value cache is empty (or, without its length, at a
+        forward of more than one position), or where the batch changes."""
         if z.ndim != 3:
             raise call.error(f"rollout=True needs (B, T, V) logits or states, got {tuple(z.shape)}")
         B, T = z.shape[:2]
@@ -343,11 +355,16 @@ class TokenEntropy(Probe):
         real = token_mask(call, B, T, z.device)
         if real is not None:
             counts &= real[:, -1]
+        past = call.model_inputs.get("past_length")
+        ended = self._ended
+        if ended is None or ended.shape[0] != B or past == 0 or (past is None and T > 1):
+            ended = torch.zeros(B, dtype=torch.bool, device=z.device)  # a new generate() call
         last = call.model_inputs.get("last_ids")
         if last is not None and last.shape == (B,) and self._end.numel():
-            # a finished sequence is fed its end token, then padding: its rows are not sampled
-            counts &= ~torch.isin(to_device(last, z.device), to_device(self._end, z.device))
-        return z[:, -1].detach(), counts
+            self._end = to_device(self._end, z.device)
+            ended = to_device(ended, z.device) | torch.isin(to_device(last, z.device), self._end)
+        self._ended = ended
+        return z[:, -1].detach(), counts & ~ended
 
     def update(self, window, z, call) -> None:
         kind = None if self.extract is not None else _output_kind(call.output)
@@ -363,9 +380,11 @@ class TokenEntropy(Probe):
             counts, targets, adv = self._counts(z, call)
             rows = (z[:, : z.shape[1] - s] if s else z).detach().reshape(-1, z.shape[-1])
         weight = bias = None
-        if self._head is not None:
-            weight, bias = self._head.weight.detach(), self._head.bias
-            if type(weight) is not torch.Tensor or weight.ndim != 2 or not weight.numel():
+        low_rank = []
+        if self._head is not None:  # (a LoRA head: its base weight and low-rank terms)
+            weight, bias, low_rank = linear_parts(self._head, f"head '{self.head}'")
+            parts = [weight, *(t for pair in low_rank for t in pair)]
+            if any(type(t) is not torch.Tensor for t in parts) or not weight.numel():
                 raise call.error(
                     f"head '{self.head}' holds a {type(weight).__name__} weight of shape "
                     f"{tuple(weight.shape)} (sharded or partitioned): the hidden-state path needs "
@@ -376,7 +395,6 @@ class TokenEntropy(Probe):
                     f"hidden states of width {rows.shape[1]} for head '{self.head}' of input "
                     f"width {weight.shape[1]}"
                 )
-            bias = None if bias is None else bias.detach()
         N = rows.shape[0]
         if not N:
             return
@@ -392,11 +410,13 @@ class TokenEntropy(Probe):
         if targets is not None:
             picked = targets if idx is None else targets[idx]
             h, lp = chunked_entropy(
-                drawn, self.chunk, weight, bias, self.temperature, picked.clamp_min(0)
+                drawn, self.chunk, weight, bias, self.temperature, picked.clamp_min(0), low_rank
             )
             h, lp = h.to(_F64), lp.to(_F64)
         else:
-            h = chunked_entropy(drawn, self.chunk, weight, bias, self.temperature).to(_F64)
+            h = chunked_entropy(
+                drawn, self.chunk, weight, bias, self.temperature, low_rank=low_rank
+            ).to(_F64)
             lp = None
         finite = torch.isfinite(h)
         if lp is not None:  # (a label outside the vocabulary has no log-probability)

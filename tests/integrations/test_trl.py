@@ -49,6 +49,32 @@ def assert_equals_trls_entropy(trainer):
     return ours
 
 
+def rescore_rollouts(trainer, model, temperature=1.0) -> dict:
+    """By hand, as the run goes: each step's generated completions scored by a float64 copy of
+    the weights that sampled them (positions from the mask, as generate() numbers them), the
+    entropy of ``z / temperature`` over each completion up to its end token: ``{step: [sum,
+    tokens]}``."""
+    steps = {}
+    inner = trainer._generate_and_score_completions
+
+    def score(inputs):
+        out = inner(inputs)
+        copy = transformers.LlamaForCausalLM(model.config)
+        copy.load_state_dict(model.state_dict())
+        ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
+        mask = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
+        with torch.no_grad():
+            z = copy.double()(ids, attention_mask=mask, position_ids=mask.cumsum(1).sub(1).clamp(0))
+        P = out["prompt_ids"].shape[1]
+        ent = functional.token_entropy(z.logits[:, P - 1 : -1] / temperature)
+        keep = out["completion_mask"].bool()
+        steps[trainer.state.global_step + 1] = [float(ent[keep].sum()), int(keep.sum())]
+        return out
+
+    trainer._generate_and_score_completions = score
+    return steps
+
+
 def logged(trainer, key):
     return {e["step"]: e[key] for e in trainer.state.log_history if key in e}
 
@@ -68,10 +94,12 @@ def test_grpo_token_entropy_equals_trls_entropy_over_the_completion_tokens(tmp_p
         [
             probes.TokenEntropy("model", head="lm_head", tokens=None, name="entropy"),
             probes.GenerationDiversity("", group_size=4, name="diversity"),
+            # the completions' embeddings: each one's mean last hidden state
+            probes.RepresentationRank("model", per_sequence=True, name="completions"),
         ]
     )
     model = tiny_lm(len(CHARS) + 2)
-    seen, logits = [], []  # what each training forward (gradients on) scores, by hand
+    seen, logits, hidden = [], [], []  # what each training forward (gradients on) scores
 
     def capture(module, args, kwargs):
         if module.training and torch.is_grad_enabled():
@@ -81,6 +109,7 @@ def test_grpo_token_entropy_equals_trls_entropy_over_the_completion_tokens(tmp_p
         if module.training and torch.is_grad_enabled():  # float64 logits at that step's weights
             h = output.last_hidden_state.detach().double()
             logits.append(h @ model.lm_head.weight.detach().double().T)
+            hidden.append(h)
 
     model.register_forward_pre_hook(capture, with_kwargs=True)
     model.model.register_forward_hook(states)
@@ -118,6 +147,12 @@ def test_grpo_token_entropy_equals_trls_entropy_over_the_completion_tokens(tmp_p
         still = [float((adv[group == k].abs() <= 1e-6).all()) for k in range(2)]
         assert zero == sum(still) / 2 == zero_std[step]
         assert logged(trainer, "collapse/diversity/groups")[step] == 2
+        # the completions' embeddings: means over the completion tokens, by hand
+        h, keep = hidden[step - 1], labels != -100
+        means = torch.stack([h[b][keep[b]].mean(0) for b in range(len(h))])
+        erank = functional.representation_rank(means)["erank"]
+        assert logged(trainer, "collapse/completions/erank")[step] == pytest.approx(erank, rel=1e-9)
+        assert logged(trainer, "collapse/completions/samples")[step] == 8
         # Cui et al.'s covariance of the sampled tokens' log-probabilities with the advantages
         y = labels[:, 1:]
         want = functional.token_entropy_metrics(
@@ -141,7 +176,6 @@ def test_grpo_rollout_entropy_apart_from_the_trained_policys(tmp_path):
         output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4,
         max_completion_length=6, max_steps=3, logging_steps=1, learning_rate=1e-3,
         report_to=[], use_cpu=True, save_strategy="no", temperature=0.7, beta=0.0, seed=0,
-        generation_kwargs={"suppress_tokens": [tok.pad_token_id]},  # padding: never sampled
     )  # fmt: skip
     callback = CollapseTrainerCallback(
         [
@@ -158,33 +192,16 @@ def test_grpo_rollout_entropy_apart_from_the_trained_policys(tmp_path):
         model=model, reward_funcs=reward, args=args, train_dataset=ds,
         processing_class=tok, callbacks=[callback],
     )  # fmt: skip
-    sampled = []
-    inner = trainer._generate_and_score_completions
-
-    def score(inputs):
-        out = inner(inputs)
-        copy = transformers.LlamaForCausalLM(model.config)
-        copy.load_state_dict(model.state_dict())
-        ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
-        mask = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
-        with torch.no_grad():  # positions from the mask, as generate() numbers them
-            z = copy.double()(ids, attention_mask=mask, position_ids=mask.cumsum(1).sub(1).clamp(0))
-        P = out["prompt_ids"].shape[1]
-        sampled.append(functional.token_entropy_metrics(
-            z.logits[:, P - 1 : -1] / 0.7, out["completion_mask"].bool()
-        ))  # fmt: skip
-        return out
-
-    trainer._generate_and_score_completions = score
+    sampled = rescore_rollouts(trainer, model, temperature=0.7)
     trainer.train()
     callback.close()
     assert_equals_trls_entropy(trainer)
     got = logged(trainer, "collapse/rollout/entropy_mean")
     tokens = logged(trainer, "collapse/rollout/tokens")
-    assert len(sampled) == 3 and sorted(got) == [1, 2, 3]
-    for step, want in enumerate(sampled, 1):
-        assert tokens[step] == want["tokens"]
-        assert got[step] == pytest.approx(want["entropy_mean"], rel=2e-5)
+    assert sorted(sampled) == sorted(got) == [1, 2, 3]
+    for step, (total, count) in sampled.items():
+        assert tokens[step] == count
+        assert got[step] == pytest.approx(total / count, rel=2e-5)
 
 
 def test_sft_token_entropy_equals_trls_entropy_over_the_completion_tokens(tmp_path, caplog):
@@ -250,5 +267,6 @@ def test_two_processes_with_a_resume_in_a_window(kind, tmp_path):
         both = window(which, [3, 4], first, second)
         assert logs[1]["4"] == pytest.approx(both, rel=1e-5), key
         assert logs[1]["4"] != pytest.approx(window(which, [4], second), rel=1e-5), key
-    if kind == "sft":
-        assert not first["logs"]["collapse/rollout/entropy_mean"]
+    if kind == "sft":  # no generation: the rollout probe saw nothing of the training forwards
+        for run in (first, second):
+            assert set(run["logs"]["collapse/rollout/tokens"].values()) == {0.0}

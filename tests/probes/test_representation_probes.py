@@ -109,6 +109,36 @@ def test_sequences_and_nonfinite_rows():
     assert_metrics_close(got, F.representation_rank(rows[ok]), keys=["erank", "rankme", "norm_std"])
 
 
+def test_per_sequence_embeddings_are_the_means_of_the_tokens_that_count():
+    # uneven calls; labels at -100 (a prompt) and padding (observe(mask=)) leave tokens out, a
+    # sequence with none is left out. By hand: the float64 mean of each sequence's kept tokens
+    g = torch.Generator().manual_seed(7)
+    calls, rows = [], []
+    for B in (3, 5, 2):
+        Z = torch.randn(B, 9, 6, generator=g) @ torch.randn(6, 6, generator=g)
+        labels = torch.randint(0, 50, (B, 9), generator=g)
+        labels[:, :3] = -100  # the prompt
+        mask = torch.rand(B, 9, generator=g) > 0.2
+        mask[0] = False  # a sequence that is all padding
+        calls.append((Z, labels, mask))
+        keep = (labels != -100) & mask
+        rows += [Z[b].double()[keep[b]].mean(0) for b in range(B) if keep[b].any()]
+    model = nn.Sequential()
+    model.add_module("m", Returns())
+    probe = probes.RepresentationRank("m", per_sequence=True, name="seq")
+    mon = CollapseMonitor(model, [probe], 10**9, strict=True, observe_every_n_steps=1)
+    for Z, labels, mask in calls:
+        with mon.observe(targets=labels, mask=mask):
+            model(Z)
+    got = {k.split("/")[-1]: v for k, v in mon.compute().items()}
+    assert got["samples"] == len(rows) == 7
+    ref = F.representation_rank(torch.stack(rows))
+    assert_metrics_close(got, ref, rtol=1e-9, keys=["erank", "rankme", "norm_std"])
+    with pytest.raises(ValueError, match="per_sequence=True needs"), mon.observe():
+        model(torch.randn(4, 6))
+    mon.close()
+
+
 def test_sketch_is_the_documented_projection_and_close_to_exact():
     g = torch.Generator().manual_seed(0)
     basis = torch.randn(5, 256, generator=g, dtype=torch.float64)

@@ -426,7 +426,7 @@ def test_rollout_entropy_is_the_sampling_distributions_up_to_each_end(path, capl
     with mon.observe(rollout=True), torch.no_grad():
         out = model.generate(
             ids, attention_mask=mask, do_sample=True, temperature=0.7, top_k=0, max_new_tokens=8,
-            suppress_tokens=[pad], output_logits=True, return_dict_in_generate=True,
+            output_logits=True, return_dict_in_generate=True,
         )  # fmt: skip
     got = mon.step()
     z = torch.stack(out.logits, 1).double() / 0.7  # raw logits of every step (B, steps, V)

@@ -16,16 +16,25 @@ from pathlib import Path
 
 import datasets
 import torch
-import transformers
 import trl
 from transformers import TrainerCallback
 
 from collapse_monitor import functional as F
 from collapse_monitor import probes
 from collapse_monitor.integrations.transformers import CollapseTrainerCallback
-from tests.integrations.test_trl import CHARS, char_tokenizer, prompts_and_reward, tiny_lm
+from tests.integrations.test_trl import (
+    CHARS,
+    char_tokenizer,
+    prompts_and_reward,
+    rescore_rollouts,
+    tiny_lm,
+)
 
-KEYS = ("collapse/entropy/entropy_mean", "collapse/rollout/entropy_mean")
+KEYS = (
+    "collapse/entropy/entropy_mean",
+    "collapse/rollout/entropy_mean",
+    "collapse/rollout/tokens",
+)
 
 
 class Reference(TrainerCallback):
@@ -54,32 +63,14 @@ class Reference(TrainerCallback):
         self.now = [0.0, 0]
 
 
-def rescore(trainer, model, steps: dict) -> None:
-    """Each step's generated completions, up to their end token, rescored in float64 by a copy
-    of the weights that sampled them: this rank's entropy sum and token count, by step."""
-    inner = trainer._generate_and_score_completions
-
-    def score(inputs):
-        out = inner(inputs)
-        copy = transformers.LlamaForCausalLM(model.config)
-        copy.load_state_dict(model.state_dict())
-        ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
-        mask = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
-        with torch.no_grad():
-            z = copy.double()(ids, attention_mask=mask, position_ids=mask.cumsum(1).sub(1).clamp(0))
-        ent = F.token_entropy(z.logits[:, out["prompt_ids"].shape[1] - 1 : -1])
-        keep = out["completion_mask"].bool()
-        steps[trainer.state.global_step + 1] = [float(ent[keep].sum()), int(keep.sum())]
-        return out
-
-    trainer._generate_and_score_completions = score
-
-
 def train(out: Path, index: int, max_steps: int, resume: bool, kind: str):
     tok = char_tokenizer()
     model = tiny_lm(len(CHARS) + 2)
     reference = Reference(model)
-    entropy = [probes.TokenEntropy("model", head="lm_head", tokens=None, name="entropy")]
+    entropy = [
+        probes.TokenEntropy("model", head="lm_head", tokens=None, name="entropy"),
+        probes.TokenEntropy("model", head="lm_head", tokens=None, rollout=True, name="rollout"),
+    ]
     common = dict(
         output_dir=str(out / "out"), per_device_train_batch_size=4, max_steps=max_steps,
         logging_steps=1, learning_rate=1e-3, report_to=[], use_cpu=True, save_strategy="steps",
@@ -88,19 +79,15 @@ def train(out: Path, index: int, max_steps: int, resume: bool, kind: str):
     rollouts: dict = {}
     if kind == "grpo":
         data, reward = prompts_and_reward()
-        entropy.append(
-            probes.TokenEntropy("model", head="lm_head", tokens=None, rollout=True, name="rollout")
-        )
         callback = CollapseTrainerCallback(entropy, log_every_n_steps=2)
         args = trl.GRPOConfig(
-            num_generations=4, max_completion_length=6, temperature=1.0, beta=0.0,
-            generation_kwargs={"suppress_tokens": [tok.pad_token_id]}, **common,
+            num_generations=4, max_completion_length=6, temperature=1.0, beta=0.0, **common,
         )  # fmt: skip
         trainer = trl.GRPOTrainer(
             model=model, reward_funcs=reward, args=args, train_dataset=data,
             processing_class=tok, callbacks=[callback, reference],
         )  # fmt: skip
-        rescore(trainer, model, rollouts)
+        rollouts = rescore_rollouts(trainer, model)
     else:  # prompt-completion pairs, right-padded: the loss covers the completions only
         tok.padding_side = "right"
         pairs = [("ab", "cde"), ("abcdef", "g"), ("a", "bcdefgh"), ("cdefghij", "aa")] * 8

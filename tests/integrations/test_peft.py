@@ -1,0 +1,118 @@
+"""PEFT LoRA adapters: the user's module paths and keys through PEFT's wrappers, the map an
+adapted layer applies (``W0 + scaling B A``) where a probe reads a weight, and mitigations that
+refuse to rewrite part of an adapted layer."""
+
+import pytest
+import torch
+
+from collapse_monitor import CollapseMonitor, mitigations, probes
+from collapse_monitor import functional as F
+from tests.probes.test_conventions import tiny
+
+peft = pytest.importorskip("peft")
+
+V = 40
+
+
+def lora(targets, seed=1, **config):
+    """A tiny Llama with LoRA on ``targets``; its B factors drawn (PEFT starts them at 0, an
+    adapter that changes nothing)."""
+    model = peft.get_peft_model(
+        tiny("Llama", vocab_size=V, num_hidden_layers=1),
+        peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, **config),
+    )
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model
+
+
+def applied(layer):
+    """By hand: the weight a LoRA layer applies."""
+    delta = layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+    return (layer.base_layer.weight + layer.scaling["default"] * delta).detach().double()
+
+
+def test_paths_and_keys_are_the_users_through_peft_wrappers():
+    # the same probes and paths on the model and on the model under PEFT (adapters at 0 change
+    # nothing): the same keys and values
+    ids = torch.randint(0, V, (3, 7), generator=torch.Generator().manual_seed(0))
+
+    def metrics(model):
+        watched = [
+            probes.TokenEntropy("lm_head", tokens=None, name="entropy"),
+            probes.AttentionEntropy("model.layers.0.self_attn", queries=None, name="attn"),
+            probes.RepresentationRank("model.layers.0.self_attn.q_proj", name="q"),
+        ]
+        mon = CollapseMonitor(model, watched, 1, strict=True)
+        with mon.observe(targets=ids), torch.no_grad():
+            model(input_ids=ids)
+        out = mon.step()
+        mon.close()
+        return out
+
+    plain = metrics(tiny("Llama", vocab_size=V, num_hidden_layers=1))
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    wrapped = metrics(peft.get_peft_model(tiny("Llama", vocab_size=V, num_hidden_layers=1), config))
+    assert sorted(plain) == sorted(wrapped)
+    for key in plain:
+        assert wrapped[key] == pytest.approx(plain[key], rel=1e-6, nan_ok=True), key
+
+
+def test_token_entropys_hidden_state_path_applies_the_adapted_head():
+    # TokenEntropy from the backbone's hidden states with head= a LoRA-adapted lm_head (never
+    # made whole: its low-rank term added per chunk) equals the logits the model returns
+    model = lora(["lm_head", "q_proj"])
+    ids = torch.randint(0, V, (3, 9), generator=torch.Generator().manual_seed(2))
+    pair = [
+        probes.TokenEntropy("lm_head", tokens=None, name="logits"),
+        probes.TokenEntropy("model", head="lm_head", tokens=None, chunk=7, name="h"),
+    ]
+    mon = CollapseMonitor(model, pair, 1, strict=True)
+    with mon.observe(targets=ids), torch.no_grad():
+        logits = model(input_ids=ids).logits
+    got = mon.step()
+    mon.close()
+    want = F.token_entropy_metrics(logits[:, :-1].double(), torch.ones(3, 8, dtype=torch.bool))
+    assert got["collapse/h/entropy_mean"] == pytest.approx(want["entropy_mean"], rel=1e-5)
+    assert got["collapse/logits/entropy_mean"] == pytest.approx(want["entropy_mean"], rel=1e-5)
+    # and the adapter matters: the base weight alone gives another entropy
+    h = model.base_model.model.model(input_ids=ids).last_hidden_state[:, :-1].detach().double()
+    base = F.token_entropy(h @ model.base_model.model.lm_head.base_layer.weight.double().T)
+    assert base.mean().item() != pytest.approx(want["entropy_mean"], rel=1e-3)
+
+
+def test_neural_collapse_reads_the_weight_the_adapted_classifier_applies():
+    # NC at an adapted lm_head's input: the classifier metrics use W0 + scaling B A (by hand)
+    model = lora(["lm_head"])
+    ids = torch.randint(0, V, (6, 10), generator=torch.Generator().manual_seed(3))
+    nc = probes.NeuralCollapse("lm_head", V, ncc_max_rows=0, name="nc")
+    mon = CollapseMonitor(model, [nc], 1, strict=True)
+    with mon.observe(targets=ids), torch.no_grad():
+        model(input_ids=ids)
+    got = mon.step()
+    mon.close()
+    head = model.base_model.model.lm_head
+    with torch.no_grad():
+        h = model.base_model.model.model(input_ids=ids).last_hidden_state[:, :-1]
+    want = F.neural_collapse(h.reshape(-1, 32).double(), ids[:, 1:].reshape(-1), V, applied(head))
+    for key in ("self_duality", "equinorm_weights"):
+        assert got[f"collapse/nc/{key}"] == pytest.approx(want[key], rel=1e-6), key
+
+
+def test_adapters_whose_map_is_not_low_rank_and_rewrites_of_adapted_layers_are_refused():
+    dora = lora(["lm_head"], use_dora=True)
+    with pytest.raises(ValueError, match="use_dora"):
+        CollapseMonitor(dora, [probes.TokenEntropy("model", head="lm_head")], 1)
+    with pytest.raises(ValueError, match="use_dora"):
+        CollapseMonitor(dora, [probes.NeuralCollapse("lm_head", V)], 1)
+    model = lora(["q_proj", "up_proj"])
+    with pytest.raises(ValueError, match="PEFT adapter layer 'model.layers.0.self_attn.q_proj'"):
+        CollapseMonitor(model, [], 1, mitigations=[mitigations.SigmaReparam("model.layers.0")])
+    redo = mitigations.ReDo(layers={"model.layers.0.mlp.act_fn": ("model.layers.0.mlp.up_proj",
+                                                                 "model.layers.0.mlp.down_proj")})  # fmt: skip
+    dormant = probes.DormantUnits("model.layers.0.mlp.act_fn")
+    with pytest.raises(ValueError, match="PEFT adapter layer 'model.layers.0.mlp.up_proj'"):
+        CollapseMonitor(model, [dormant], 1, mitigations=[redo])
