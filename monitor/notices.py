@@ -60,7 +60,9 @@ class Notices:
             if thin and self._once("thin", d.name):
                 log.warning("collapse monitor: %r %s", probe, thin)
             calls = metrics.get(probe.key("calls"))
-            if calls == 0 and d.window_steps and self._once("idle", d.name):
+            # (a probe that left generation forwards out has said so: its modules ran)
+            idle = calls == 0 and d.window_steps and not d.skipped_generation
+            if idle and self._once("idle", d.name):
                 log.warning(
                     "collapse monitor: %r recorded %d steps but its modules %s never ran inside "
                     "observe() (collapse/%s/calls = 0). Likely causes: the model was compiled "

@@ -209,7 +209,8 @@ class Call:
         """What the model's own forward keywords say of this pass, for probes that read token
         padding: ``attention_mask`` ``(B, S)`` (when given), ``cached`` (a key-value cache),
         ``generating`` (a cache and no gradients: ``generate()``), ``kept``
-        (``logits_to_keep``) and ``last_ids`` ``(B,)`` (each sequence's last input token);
+        (``logits_to_keep``), ``last_ids`` ``(B,)`` (each sequence's last input token),
+        ``length`` (input positions) and ``past_length`` (positions already in the cache);
         empty for a model without them."""
         return self._context.model_inputs
 

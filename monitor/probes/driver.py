@@ -83,7 +83,7 @@ class ProbeDriver(Component, Recorder):
         self.model_inputs: dict = {}  # the model's attention_mask (and cache) of this forward
         self._model_signature: inspect.Signature | None = None
         self._mask_warned: set[str] = set()
-        self._generation_said = False  # said once that generation forwards are left out
+        self.skipped_generation = False  # left generation forwards out (and said so once)
         self._said_bad: set[str] = set()
         self._step_hooks = HookSet()  # gradient hooks of this step (Call.on_gradient)
         self._armed: set[int] = set()
@@ -174,8 +174,8 @@ class ProbeDriver(Component, Recorder):
         if probe.skips_generation and not probe.rollout and self.model_inputs.get("generating"):
             # a generation step inside a training observe() (an RL loop's generate()): its
             # positions are the prompt's and the sampler's, not the trained policy's tokens
-            if not self._generation_said:
-                self._generation_said = True
+            if not self.skipped_generation:
+                self.skipped_generation = True
                 log.warning(
                     "collapse monitor: %r leaves out generation forwards (a key-value cache, no "
                     "gradients); a rollout=True probe inside monitor.observe(rollout=True) "
@@ -255,6 +255,7 @@ class ProbeDriver(Component, Recorder):
         ids = bound.get("input_ids")
         if isinstance(ids, torch.Tensor) and ids.ndim == 2 and ids.shape[1]:
             self.model_inputs["last_ids"] = ids[:, -1].detach()  # a generation step's last token
+            self.model_inputs["length"] = ids.shape[1]
         if isinstance(mask, torch.Tensor) and mask.ndim == 2:
             self.model_inputs["attention_mask"] = mask.detach()
 

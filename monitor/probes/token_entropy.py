@@ -41,14 +41,14 @@ def _states_or_logits(value):
     return first_tensor(value)
 
 
-def _end_ids(model: nn.Module) -> set[int] | None:
-    """The end-of-sequence ids of a ``transformers`` model (its generation configuration's and
-    its configuration's); None when it names none."""
+def _config_ids(model: nn.Module, field: str) -> set[int]:
+    """The ids a ``transformers`` model names in ``field`` (``eos_token_id``, ``pad_token_id``)
+    of its generation configuration and its configuration."""
     ids: set[int] = set()
     for source in (getattr(model, "generation_config", None), getattr(model, "config", None)):
-        value = getattr(source, "eos_token_id", None)
+        value = getattr(source, field, None)
         ids.update([value] if isinstance(value, int) else value or ())
-    return ids or None
+    return ids
 
 
 def _output_kind(output) -> str | None:
@@ -104,11 +104,14 @@ class TokenEntropy(Probe):
             forwards only the last position of each sequence (the distribution the next token
             is drawn from), leaving out padded positions and each sequence from the step it is
             fed one of ``end_ids`` on, to the end of that ``generate()`` call (known by its
-            key-value cache starting empty). Labels and advantages are not read.
-        end_ids: the token ids that end a sequence (default: the model's ``generation_config``
-            and ``config`` ``eos_token_id``, and with ``CollapseTrainerCallback`` the
-            tokenizer's; ``()``: every row of every step samples). Raises ``ValueError`` at
-            attach when ``rollout=True`` and none is known.
+            key-value cache starting empty, or without one a sequence that did not grow by one
+            position; the prompt's own last token never ends it). Labels and advantages are
+            not read.
+        end_ids: every token id the sampler stops on (default: the model's
+            ``generation_config`` and ``config`` ``eos_token_id``, and with
+            ``CollapseTrainerCallback`` the tokenizer's; pass them when ``generate()`` gets its
+            own; ``()``: every row of every step samples). A rollout forward without any raises
+            ``ValueError``.
         tokens: rows drawn per call (default 64), or ``None`` for every row.
         certain: entropy (nats) below which a token counts as near-certain (default 0.01).
         high: entropy (nats) above which a token counts as high-entropy (default 0.672, the 80th
@@ -217,8 +220,9 @@ class TokenEntropy(Probe):
         self.temperature = float(temperature)
         self.rollout = bool(rollout)
         self.end_ids = None if end_ids is None else tuple(int(i) for i in end_ids)
-        self._end: torch.Tensor | None = None  # the ids that end a sequence, read at attach
+        self._end = torch.zeros(0, dtype=torch.int64)  # the ids that end a sequence (attach)
         self._ended: torch.Tensor | None = None  # (B,) the sequences of this generate() ended
+        self._length: int | None = None  # positions of the last forward without a cache
         self._head: nn.Linear | None = None  # found at attach
         self.label_shift = 0  # resolved at attach
         self._generator: torch.Generator | None = None  # made at attach (does not pickle)
@@ -234,20 +238,13 @@ class TokenEntropy(Probe):
         if self.head is not None:
             self._head = self._find_head(setup.model)
         if self.rollout:
-            ends = self.end_ids if self.end_ids is not None else _end_ids(setup.model)
-            if ends is None:
-                raise ValueError(
-                    f"{self!r}: rollout=True needs the ids that end a sequence, and the model "
-                    "has no generation_config or config that names an eos_token_id: pass "
-                    "end_ids=[...] (end_ids=() when every row of every step samples)"
-                )
-            self.also_ends(ends)
+            ends = self.end_ids
+            self.also_ends(_config_ids(setup.model, "eos_token_id") if ends is None else ends)
 
     def also_ends(self, ids) -> None:
         """Count ``ids`` among the tokens that end a sequence (``rollout=True``): a sampler's
-        own (TRL's tokenizer's), beside the model's."""
-        known = set() if self._end is None else set(self._end.tolist())
-        self._end = torch.tensor(sorted(known | {int(i) for i in ids}), dtype=torch.int64)
+        own (the trainer's tokenizer's), beside the model's."""
+        self._end = torch.tensor(sorted({*self._end.tolist(), *map(int, ids)}), dtype=torch.int64)
 
     def _find_head(self, model: nn.Module) -> nn.Linear:
         try:
@@ -346,8 +343,8 @@ class TokenEntropy(Probe):
         still generate: the position is real and the sequence has not been fed an end token in
         this ``generate()`` call (afterwards it is fed padding, or anything).
 
-        A call starts where the key-value cache is empty (or, without its length, at a
-        forward of more than one position), or where the batch changes."""
+        A call starts where the key-value cache is empty (without a cache, ``use_cache=False``,
+        where the sequence did not grow by one position), or where the batch changes."""
         if z.ndim != 3:
             raise call.error(f"rollout=True needs (B, T, V) logits or states, got {tuple(z.shape)}")
         B, T = z.shape[:2]
@@ -355,13 +352,24 @@ class TokenEntropy(Probe):
         real = token_mask(call, B, T, z.device)
         if real is not None:
             counts &= real[:, -1]
-        past = call.model_inputs.get("past_length")
-        ended = self._ended
-        if ended is None or ended.shape[0] != B or past == 0 or (past is None and T > 1):
-            ended = torch.zeros(B, dtype=torch.bool, device=z.device)  # a new generate() call
+        if not self._end.numel() and self.end_ids is None:
+            raise call.error(
+                "rollout=True needs the ids that end a sequence, and neither the model's "
+                "generation_config nor its config names an eos_token_id: pass end_ids=[...] "
+                "(every id the sampler stops on; end_ids=() when every row of every step samples)"
+            )
         last = call.model_inputs.get("last_ids")
-        if last is not None and last.shape == (B,) and self._end.numel():
-            self._end = to_device(self._end, z.device)
+        self._end = to_device(self._end, z.device)
+        past = call.model_inputs.get("past_length")
+        # a new generate() call: the cache is empty, or without one the sequence did not grow
+        # by one position
+        length = call.model_inputs.get("length", T)  # the model's input, not the kept logits
+        start = past == 0 if past is not None else self._length != length - 1
+        self._length = length if past is None else None
+        ended = self._ended
+        if start or ended is None or ended.shape[0] != B:
+            ended = torch.zeros_like(counts)  # (the prompt's last token is never an end)
+        elif last is not None and last.shape == (B,):  # fed an end token: ended for the call
             ended = to_device(ended, z.device) | torch.isin(to_device(last, z.device), self._end)
         self._ended = ended
         return z[:, -1].detach(), counts & ~ended

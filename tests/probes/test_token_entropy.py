@@ -400,8 +400,8 @@ def test_one_nan_in_the_head_weight_is_a_diverged_run(path):
     assert "collapse/p/entropy_mean" not in m and "collapse/p/log_z_mean" not in m
 
 
-@pytest.mark.parametrize("path", ["logits", "hidden"])
-def test_rollout_entropy_is_the_sampling_distributions_up_to_each_end(path, caplog):
+@pytest.mark.parametrize("path,cache", [("logits", True), ("hidden", True), ("logits", False)])
+def test_rollout_entropy_is_the_sampling_distributions_up_to_each_end(path, cache, caplog):
     # generate() from left-padded prompts of different lengths: the rollout probe reads each
     # step's last position (the distribution the next token is drawn from, at the sampler's
     # temperature), never the rows of a sequence that has ended; the training probe next to it
@@ -417,6 +417,7 @@ def test_rollout_entropy_is_the_sampling_distributions_up_to_each_end(path, capl
     mask = torch.ones(4, 6, dtype=torch.long)
     for b, pads in enumerate([0, 2, 4, 1]):
         ids[b, :pads], mask[b, :pads] = pad, 0
+    ids[3, -1] = eos  # a prompt that ends with the end token: its sampling starts there
     kw = {"head": "lm_head"} if path == "hidden" else {}
     where = "model" if path == "hidden" else "lm_head"
     rollout = probes.TokenEntropy(where, tokens=None, temperature=0.7, rollout=True, **kw)
@@ -426,7 +427,7 @@ def test_rollout_entropy_is_the_sampling_distributions_up_to_each_end(path, capl
     with mon.observe(rollout=True), torch.no_grad():
         out = model.generate(
             ids, attention_mask=mask, do_sample=True, temperature=0.7, top_k=0, max_new_tokens=8,
-            output_logits=True, return_dict_in_generate=True,
+            output_logits=True, return_dict_in_generate=True, use_cache=cache,
         )  # fmt: skip
     got = mon.step()
     z = torch.stack(out.logits, 1).double() / 0.7  # raw logits of every step (B, steps, V)
@@ -447,13 +448,16 @@ def test_rollout_entropy_is_the_sampling_distributions_up_to_each_end(path, capl
     with mon.observe(), torch.no_grad():  # generation inside a training block: left out, said
         model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=3)
     assert mon.step()["collapse/trained/tokens"] == 0
-    assert "leaves out generation forwards" in caplog.text
+    assert "leaves out generation forwards" in caplog.text and "never ran" not in caplog.text
     mon.close()
 
 
 def test_rollout_needs_the_ids_that_end_a_sequence():
-    with pytest.raises(ValueError, match="end_ids"):
-        CollapseMonitor(head_model(), [probes.TokenEntropy("head", rollout=True)], 1)
+    model = head_model()  # no config names an end token (a trainer may add its tokenizer's)
+    mon = CollapseMonitor(model, [probes.TokenEntropy("head", rollout=True)], 1, strict=True)
+    with pytest.raises(ValueError, match="end_ids"), mon.observe(rollout=True):
+        model.head(torch.randn(2, 3, 5))
+    mon.close()
     model = head_model()  # end_ids=(): every row of every step samples
     probe = probes.TokenEntropy("head", tokens=None, rollout=True, end_ids=(), name="e")
     mon = CollapseMonitor(model, [probe], 1)
