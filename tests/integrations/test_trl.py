@@ -75,6 +75,15 @@ def rescore_rollouts(trainer, model, temperature=1.0) -> dict:
     return steps
 
 
+def grpo_config(tmp_path, temperature):
+    """3 steps of 2 prompts' groups of 4 completions of up to 6 tokens, a log at each."""
+    return trl.GRPOConfig(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4,
+        max_completion_length=6, max_steps=3, logging_steps=1, learning_rate=1e-3,
+        report_to=[], use_cpu=True, save_strategy="no", temperature=temperature, beta=0.0, seed=0,
+    )  # fmt: skip
+
+
 def logged(trainer, key):
     return {e["step"]: e[key] for e in trainer.state.log_history if key in e}
 
@@ -85,11 +94,7 @@ def test_grpo_token_entropy_equals_trls_entropy_over_the_completion_tokens(tmp_p
     # (generate(), no gradient) are not training forwards and are left out
     tok = char_tokenizer()
     ds, reward = prompts_and_reward()
-    args = trl.GRPOConfig(
-        output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4,
-        max_completion_length=6, max_steps=3, logging_steps=1, learning_rate=1e-3,
-        report_to=[], use_cpu=True, save_strategy="no", temperature=1.0, beta=0.0, seed=0,
-    )  # fmt: skip
+    args = grpo_config(tmp_path, temperature=1.0)
     callback = CollapseTrainerCallback(
         [
             probes.TokenEntropy("model", head="lm_head", tokens=None, name="entropy"),
@@ -172,11 +177,7 @@ def test_grpo_rollout_entropy_apart_from_the_trained_policys(tmp_path):
     # a float64 copy of the weights that sampled them, over each completion up to its end token
     tok = char_tokenizer()
     ds, reward = prompts_and_reward()
-    args = trl.GRPOConfig(
-        output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4,
-        max_completion_length=6, max_steps=3, logging_steps=1, learning_rate=1e-3,
-        report_to=[], use_cpu=True, save_strategy="no", temperature=0.7, beta=0.0, seed=0,
-    )  # fmt: skip
+    args = grpo_config(tmp_path, temperature=0.7)
     callback = CollapseTrainerCallback(
         [
             probes.TokenEntropy(
