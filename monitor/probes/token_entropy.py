@@ -41,12 +41,12 @@ def _states_or_logits(value):
     return first_tensor(value)
 
 
-def _config_ids(model: nn.Module, field: str) -> set[int]:
-    """The ids a ``transformers`` model names in ``field`` (``eos_token_id``, ``pad_token_id``)
-    of its generation configuration and its configuration."""
+def _eos_ids(model: nn.Module) -> set[int]:
+    """The end-of-sequence ids a ``transformers`` model names in its generation configuration
+    and its configuration."""
     ids: set[int] = set()
     for source in (getattr(model, "generation_config", None), getattr(model, "config", None)):
-        value = getattr(source, field, None)
+        value = getattr(source, "eos_token_id", None)
         ids.update([value] if isinstance(value, int) else value or ())
     return ids
 
@@ -239,7 +239,7 @@ class TokenEntropy(Probe):
             self._head = self._find_head(setup.model)
         if self.rollout:
             ends = self.end_ids
-            self.also_ends(_config_ids(setup.model, "eos_token_id") if ends is None else ends)
+            self.also_ends(_eos_ids(setup.model) if ends is None else ends)
 
     def also_ends(self, ids) -> None:
         """Count ``ids`` among the tokens that end a sequence (``rollout=True``): a sampler's
