@@ -2,7 +2,8 @@
 
 - keywords passed to ``observe()`` that no probe reads (a typo);
 - a class-conditional probe whose sampled windows stay thin (the cadence's promise failed);
-- a probe that recorded steps but whose modules never ran inside ``observe()``.
+- a probe that recorded steps but whose modules never ran inside ``observe()``;
+- a rollout probe that saw no generation forward.
 """
 
 from __future__ import annotations
@@ -60,6 +61,13 @@ class Notices:
             if thin and self._once("thin", d.name):
                 log.warning("collapse monitor: %r %s", probe, thin)
             calls = metrics.get(probe.key("calls"))
+            if probe.rollout and calls == 0 and self._once("no_rollout", d.name):
+                log.warning(
+                    "collapse monitor: %r saw no generation forward by this log: generate() runs "
+                    "outside monitor.observe(rollout=True), elsewhere (vLLM), or, under the "
+                    "Trainer callback, without a key-value cache (use_cache=False)",
+                    probe,
+                )
             # (a probe that left generation forwards out has said so: its modules ran)
             idle = calls == 0 and d.window_steps and not d.skipped_generation
             if idle and self._once("idle", d.name):

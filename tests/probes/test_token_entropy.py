@@ -445,6 +445,7 @@ def test_rollout_entropy_is_the_sampling_distributions_up_to_each_end(path, cach
     got = mon.step()
     assert got["collapse/trained/tokens"] > 0 and got[f"collapse/{rollout.name}/tokens"] == 0
     assert f"collapse/{rollout.name}/entropy_mean" not in got
+    assert "saw no generation forward" in caplog.text  # said once, for the rollout probe
     with mon.observe(), torch.no_grad():  # generation inside a training block: left out, said
         model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=3)
     assert mon.step()["collapse/trained/tokens"] == 0
