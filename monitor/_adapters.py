@@ -20,6 +20,31 @@ def lora_layer(module: nn.Module) -> bool:
     return isinstance(module, Linear)
 
 
+def tuner_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a PEFT adapter layer of any kind (LoRA, IA3, VeRA, ...)."""
+    if "peft" not in sys.modules:
+        return False
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return isinstance(module, BaseTunerLayer)
+
+
+def applied(module: nn.Module) -> nn.Module:
+    """The module a PEFT ``ModulesToSaveWrapper`` runs now (its trained copy of the active
+    adapter, or the original while adapters are disabled); any other module itself."""
+    if "peft" not in sys.modules:
+        return module
+    from peft.utils.other import ModulesToSaveWrapper
+
+    if not isinstance(module, ModulesToSaveWrapper):
+        return module
+    active = module.active_adapter
+    active = active[0] if isinstance(active, (list, tuple)) else active
+    if module.disable_adapters or active not in module.modules_to_save:
+        return module.original_module
+    return module.modules_to_save[active]
+
+
 def refuse_adapted(named: dict[str, nn.Module], paths, who: str) -> None:
     """Raise when a module of ``paths`` is a PEFT adapter layer or lies inside one (its
     ``base_layer``, ``lora_A``, ...): a mitigation that rewrites such a weight would change a part
@@ -49,8 +74,10 @@ def refuse_adapted(named: dict[str, nn.Module], paths, who: str) -> None:
 
 
 def is_linear(module: nn.Module) -> bool:
-    """An ``nn.Linear`` or a PEFT LoRA ``Linear`` around one."""
-    return isinstance(module, nn.Linear) or lora_layer(module)
+    """An ``nn.Linear``, a PEFT LoRA ``Linear`` around one, or a PEFT adapter layer (refused
+    by :func:`linear_parts` with a message, never silently passed over)."""
+    module = applied(module)
+    return isinstance(module, nn.Linear) or tuner_layer(module)
 
 
 def linear_parts(
@@ -70,10 +97,15 @@ def linear_parts(
     def read(t: torch.Tensor) -> torch.Tensor:
         return (whole(t) if gather else t).detach()
 
+    module = applied(module)
     if isinstance(module, nn.Linear):
         return read(module.weight), None if module.bias is None else read(module.bias), []
     if not lora_layer(module) or not isinstance(module.base_layer, nn.Linear):
-        raise ValueError(f"{what} is a {type(module).__name__}: expected an nn.Linear")
+        kind = f"{type(module).__module__}.{type(module).__name__}"
+        raise ValueError(
+            f"{what} is a {kind}: expected an nn.Linear or a PEFT LoRA layer around one (other "
+            "adapters and layers are not read as they apply: probe the layer's output)"
+        )
     base = module.base_layer
     weight, bias = read(base.weight), None if base.bias is None else read(base.bias)
     terms = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .._adapters import tuner_layer
 from .._modules import named_modules
 from ..cadence import EVERY_STEP
 from ..contracts import Readout
@@ -59,9 +60,13 @@ def _layout_of_block(block: nn.Module) -> int | None:
     """The one layout of a block's layers, or None when they disagree or a module inside
     changes the layout (``nn.Flatten``, ``nn.Unflatten``, a reshape of the block's own)."""
     layouts = set()
+    adapters = [m for m in block.modules() if tuner_layer(m)]
+    inside = {id(c) for a in adapters for c in a.modules() if c is not a}
     for m in block.modules():
-        if next(m.children(), None) is not None:
-            continue  # containers: their leaves decide
+        if tuner_layer(m):  # a PEFT adapter layer maps as its base layer does
+            m = m.get_base_layer()
+        elif id(m) in inside or next(m.children(), None) is not None:
+            continue  # an adapter's parts; containers: their leaves decide
         axis = known_layout(m)
         if axis is None and not keeps_layout(m):
             return None

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .. import _dist
-from .._adapters import effective_weight, is_linear, linear_parts
+from .._adapters import applied, effective_weight, is_linear, linear_parts
 from .._modules import resolve_modules
 from .._sharding import is_sharded
 from ..cadence import per_class
@@ -206,12 +206,12 @@ class NeuralCollapse(Probe):
         elif self.read == "input" and is_linear(mod) and self.ncc:
             self.classifier = mod
         if self.classifier is not None:  # (an adapter whose map it cannot read: refused now)
-            linear_parts(self.classifier, f"{self!r}: classifier")
-        if self.classifier is not None and self.classifier.out_features != self.num_classes:
-            raise ValueError(
-                f"{self!r}: classifier weight has shape {tuple(self.classifier.weight.shape)} "
-                f"but num_classes={self.num_classes}"
-            )
+            shape = tuple(linear_parts(self.classifier, f"{self!r}: classifier")[0].shape)
+            if shape[0] != self.num_classes:
+                raise ValueError(
+                    f"{self!r}: classifier weight has shape {shape} but "
+                    f"num_classes={self.num_classes}"
+                )
 
     def new_window(self) -> Window:
         if self._shards is None:
@@ -296,7 +296,11 @@ class NeuralCollapse(Probe):
         """The classifier's ``(W (C, D), b)`` as the model applies it (a LoRA layer's
         ``W0 + scaling B A``) in a forward, made again only after its parameters changed (an
         unsharded classifier: no collective)."""
-        key = tuple((id(p), p._version) for p in self.classifier.parameters())
+        now = applied(self.classifier)  # (a switched adapter, a disabled one)
+        adapters = (
+            getattr(now, k, None) for k in ("active_adapters", "merged", "disable_adapters")
+        )
+        key = (id(now), *map(str, adapters), *((id(p), p._version) for p in now.parameters()))
         if self._applied is None or self._applied[0] != key:
             self._applied = (key, *effective_weight(self.classifier, f"{self!r}: classifier"))
         return self._applied[1], self._applied[2]

@@ -116,3 +116,55 @@ def test_adapters_whose_map_is_not_low_rank_and_rewrites_of_adapted_layers_are_r
     dormant = probes.DormantUnits("model.layers.0.mlp.act_fn")
     with pytest.raises(ValueError, match="PEFT adapter layer 'model.layers.0.mlp.up_proj'"):
         CollapseMonitor(model, [dormant], 1, mitigations=[redo])
+
+
+def test_dormant_units_read_adapted_mlp_layers_as_their_base_layers():
+    # LoRA on every linear layer of the MLP: the unit axis of the activation is still read
+    # from the block's layers (no channel_dim); adapters at 0 give the plain model's numbers
+    ids = torch.randint(0, V, (3, 7), generator=torch.Generator().manual_seed(4))
+
+    def dormant(model):
+        mon = CollapseMonitor(
+            model, [probes.DormantUnits("model.layers.0.mlp.act_fn", name="d")], 1, strict=True
+        )
+        with mon.observe(), torch.no_grad():
+            model(input_ids=ids)
+        out = mon.step()
+        mon.close()
+        return out
+
+    plain = dormant(tiny("Llama", vocab_size=V, num_hidden_layers=1))
+    config = peft.LoraConfig(r=4, target_modules="all-linear")
+    adapted = dormant(peft.get_peft_model(tiny("Llama", vocab_size=V, num_hidden_layers=1), config))
+    assert adapted == pytest.approx(plain, rel=1e-6)
+
+
+def test_a_trained_copy_of_the_head_and_other_adapters_are_read_or_refused_never_dropped():
+    # modules_to_save: the head is the trained copy PEFT runs; IA3 on the head is refused with
+    # a message (its classifier metrics would otherwise vanish)
+    model = peft.get_peft_model(
+        tiny("Llama", vocab_size=V, num_hidden_layers=1),
+        peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]),
+    )
+    copy = model.base_model.model.lm_head.modules_to_save["default"]
+    with torch.no_grad():
+        copy.weight.mul_(3.0)  # the copy differs from the original
+    ids = torch.randint(0, V, (2, 8), generator=torch.Generator().manual_seed(5))
+    pair = [
+        probes.TokenEntropy("lm_head", tokens=None, name="logits"),
+        probes.TokenEntropy("model", head="lm_head", tokens=None, name="h"),
+    ]
+    mon = CollapseMonitor(model, pair, 1, strict=True)
+    with mon.observe(targets=ids), torch.no_grad():
+        model(input_ids=ids)
+    got = mon.step()
+    mon.close()
+    assert got["collapse/h/entropy_mean"] == pytest.approx(
+        got["collapse/logits/entropy_mean"], rel=1e-5
+    )
+    ia3 = peft.get_peft_model(
+        tiny("Llama", vocab_size=V, num_hidden_layers=1),
+        peft.IA3Config(target_modules=["lm_head"], feedforward_modules=[]),
+    )
+    with pytest.raises(ValueError, match="not read as they apply"):
+        CollapseMonitor(ia3, [probes.NeuralCollapse("lm_head", V)], 1)
