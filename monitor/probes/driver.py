@@ -153,8 +153,9 @@ class ProbeDriver(Component, Recorder):
             if named.get(path) is not ref():
                 raise ValueError(
                     f"{type(self.probe).__name__} '{self.name}': module '{path}' is no longer part "
-                    "of the model (it was replaced or removed after the monitor was built); its "
-                    "hooks see nothing. Build the monitor again on the changed model"
+                    "of the model (it was replaced, wrapped or removed after the monitor was "
+                    "built, e.g. by peft.get_peft_model); its hooks stay on the old module. Build "
+                    "the monitor again on the changed model"
                 )
 
     # ----------------------------------------------------------------- recording
