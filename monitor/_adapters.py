@@ -58,11 +58,7 @@ def refuse_adapted(named: dict[str, nn.Module], paths, who: str) -> None:
     Raises:
         ValueError: naming the first adapted module found.
     """
-    if "peft" not in sys.modules:
-        return
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    adapted = [n for n, m in named.items() if isinstance(m, BaseTunerLayer)]
+    adapted = [n for n, m in named.items() if tuner_layer(m)]
     for path in paths:
         inside = [a for a in adapted if path == a or path.startswith(a + ".")]
         if inside:
