@@ -111,7 +111,7 @@ def run(name: str, collapse: bool, seed: int) -> dict:
             pad_token_id=0,
             eos_token_id=1,
             bos_token_id=1,
-        )  # fmt: skip
+        )
     )
     truth: dict[int, float] = {}
 
