@@ -137,6 +137,8 @@ class TokenEntropy(Probe):
     Default rule ``policy_entropy_collapse``: ``entropy_mean`` below 0.2 nats and below a fifth of its
     highest window so far (one log). A healthy fine-tuning run lowers the entropy too; the
     rule waits for a near-deterministic policy on both the run's own scale and an absolute one.
+    It is meant for sampled text (RL post-training): a model trained on a task whose every
+    next token is determined is near-deterministic by design (pass ``default_rules=False``).
 
     Example:
         >>> import torch
