@@ -159,3 +159,22 @@ def test_a_group_that_mixes_prompts_is_left_out_and_counted():
     mon.close()
     assert m["collapse/div/groups"] == 1 and m["collapse/div/mixed_groups"] == 1
     assert m["collapse/div/identical_fraction"] == 1.0
+
+
+def test_generate_inside_a_training_observe_is_left_out(caplog):
+    # generate()'s steps (a key-value cache, no gradients) are not completions to group: the
+    # probe leaves them out and says so; the training forward after them is counted
+    pytest.importorskip("transformers")
+    from tests.probes.test_conventions import tiny
+
+    model = tiny("Llama", vocab_size=30, num_hidden_layers=1)
+    mon = CollapseMonitor(model, [probes.GenerationDiversity("", group_size=2, name="d")], 1)
+    ids = torch.randint(2, 30, (4, 5), generator=torch.Generator().manual_seed(0))
+    with mon.observe(), torch.no_grad():
+        model.generate(ids, do_sample=False, max_new_tokens=3, pad_token_id=0)
+    assert mon.step()["collapse/d/groups"] == 0
+    assert "leaves out generation forwards" in caplog.text
+    with mon.observe():
+        model(ids)
+    assert mon.step()["collapse/d/groups"] == 2
+    mon.close()
