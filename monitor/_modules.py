@@ -59,11 +59,16 @@ def _peft_wrappers() -> list[tuple[type, str]]:
 
 def resolve_modules(model: nn.Module, pattern: str, owner: str = "") -> list[tuple[str, nn.Module]]:
     """Modules whose name (see :func:`named_modules`) equals ``pattern`` or matches it as a glob.
+    On a PEFT model a path written with PEFT's prefix (``base_model.model.lm_head``) names the
+    same module as the model's own path (``lm_head``), which it is reported under.
 
     Raises:
         KeyError: nothing matches; the message lists the closest existing names.
     """
     named = named_modules(model)
+    peft_prefix = "base_model.model."
+    if pattern.startswith(peft_prefix) and any(isinstance(model, c) for c, _ in _peft_wrappers()):
+        pattern = pattern[len(peft_prefix) :]
     if pattern in named:
         return [(pattern, named[pattern])]
     hits = [(n, m) for n, m in named.items() if n and fnmatch.fnmatchcase(n, pattern)]

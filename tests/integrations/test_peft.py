@@ -59,6 +59,12 @@ def test_paths_and_keys_are_the_users_through_peft_wrappers():
     assert sorted(plain) == sorted(wrapped)
     for key in plain:
         assert wrapped[key] == pytest.approx(plain[key], rel=1e-6, nan_ok=True), key
+    # PEFT's own prefix names the same module, reported under the model's own path
+    model = peft.get_peft_model(tiny("Llama", vocab_size=V, num_hidden_layers=1), config)
+    probe = probes.TokenEntropy("base_model.model.lm_head", tokens=None, name="e")
+    mon = CollapseMonitor(model, [probe], 1, strict=True)
+    assert probe.paths == ["lm_head"]
+    mon.close()
 
 
 def test_token_entropys_hidden_state_path_applies_the_adapted_head():
