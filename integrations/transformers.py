@@ -342,7 +342,7 @@ class CollapseTrainerCallback(LoopAdapter, TrainerCallback):
                 # (TRL's rollouts, known by their key-value cache) is for the rollout probes
                 # alone; a scoring pass (old or reference log-probabilities) for none: mixed in,
                 # either would blur the trained policy's statistics
-                if self._rollouts and kv_cache(kwargs):
+                if self._rollouts and kv_cache(kwargs) is not None:
                     self.loop.observe(kwargs, rollout=True)
                 return
             if self.loop.evaluating:

@@ -358,10 +358,11 @@ def aligned_targets(
     return rows, to_device(labels.reshape(-1), rows.device).to(torch.int64)
 
 
-def kv_cache(inputs: Mapping[str, Any]) -> bool:
-    """Whether a model's forward keywords carry a key-value cache (``transformers``:
-    ``past_key_values``, ``cache`` from 5.x): a generation step, its tokens the latest."""
-    return any(inputs.get(k) is not None for k in ("cache", "past_key_values"))
+def kv_cache(inputs: Mapping[str, Any]) -> Any:
+    """The key-value cache a model's forward keywords carry (``transformers``: ``cache`` from
+    5.x, ``past_key_values`` before), or None: with one, a generation step."""
+    cache = inputs.get("cache")
+    return inputs.get("past_key_values") if cache is None else cache
 
 
 def keeps_last(call: Call, length: int) -> bool:

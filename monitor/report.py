@@ -112,16 +112,7 @@ _GRAVITY = {"healthy": 0, "warning": 1, "collapsed": 2, "diverged": 3}
 def _holding(rule: Rule, values: list[float]) -> bool:
     """Whether the last value still meets ``rule``'s condition (a drop/rise against the run's
     extremum)."""
-    last = values[-1]
-    if rule.mode == "below":
-        return last < rule.threshold
-    if rule.mode == "above":
-        return last > rule.threshold
-    if rule.mode == "drop":
-        past = rule.bound is None or last < rule.bound
-        return last < (1 - rule.threshold) * max(values) and past
-    past = rule.bound is None or last > rule.bound
-    return last > (1 + rule.threshold) * min(values) and past
+    return rule.holds(values[-1], (max if rule.mode == "drop" else min)(values))
 
 
 def health(series: dict[str, list[tuple[int, float]]]) -> list[dict]:

@@ -147,6 +147,17 @@ class Rule:
             base = self.metric[len(root) :] if self.metric.startswith(root) else self.metric
             self.name = re.sub(r"[^A-Za-z0-9_./-]+", "any", base) + f"_{self.mode}"
 
+    def holds(self, value: float, extreme: float) -> bool:
+        """Whether ``value`` meets the condition, a ``drop``/``rise`` measured from ``extreme``
+        (the running maximum or minimum, ``value`` included)."""
+        if self.mode in ("below", "above"):
+            return _past(self.mode, value, self.threshold)
+        side, scale = (
+            ("below", 1 - self.threshold) if self.mode == "drop" else ("above", 1 + self.threshold)
+        )
+        past = self.bound is None or _past(side, value, self.bound)
+        return past and _past(side, value, scale * extreme)
+
     def matches(self, key: str) -> bool:
         return key == self.metric or fnmatch.fnmatchcase(key, self.metric)
 
@@ -279,17 +290,12 @@ class RuleEngine:
     @staticmethod
     def _holds(rule: Rule, st: _KeyState, value: float) -> bool:
         if rule.mode in ("below", "above"):
-            return _past(rule.mode, value, rule.threshold)
+            return rule.holds(value, value)
         if st.extreme is None:
             st.extreme = value
             return False
-        if rule.mode == "drop":
-            st.extreme = max(st.extreme, value)
-            past = rule.bound is None or value < rule.bound
-            return value < (1 - rule.threshold) * st.extreme and past
-        st.extreme = min(st.extreme, value)
-        past = rule.bound is None or value > rule.bound
-        return value > (1 + rule.threshold) * st.extreme and past
+        st.extreme = (max if rule.mode == "drop" else min)(st.extreme, value)
+        return rule.holds(value, st.extreme)
 
     @staticmethod
     def _alert(

@@ -23,7 +23,7 @@ from torch import nn
 from .._modules import resolve_modules
 from ..contracts import Component, Readout, Recording, Setup
 from ..hooks import HookSet
-from ..reading import Call, Recorder, first_input, nonfinite
+from ..reading import Call, Recorder, first_input, kv_cache, nonfinite
 from ..stats import CallCounts, Window, WindowView
 from .base import Probe, kept_apart, layer_name
 
@@ -245,13 +245,12 @@ class ProbeDriver(Component, Recorder):
             except TypeError:
                 pass
         mask = bound.get("attention_mask")
-        cache = bound.get("cache")  # (transformers 5.x; past_key_values before)
-        cache = bound.get("past_key_values") if cache is None else cache
-        cached = cache is not None
+        cache = kv_cache(bound)
+        generating = cache is not None and not grad
         # transformers' logits_to_keep = k: the head sees the last k positions (0: all)
         kept = bound.get("logits_to_keep")
-        self.model_inputs = {"kept": kept, "cached": cached, "generating": cached and not grad}
-        if hasattr(cache, "get_seq_length"):  # positions already cached: 0 starts a generation
+        self.model_inputs = {"kept": kept, "cached": cache is not None, "generating": generating}
+        if generating and hasattr(cache, "get_seq_length"):  # cached positions: 0 starts a call
             self.model_inputs["past_length"] = int(cache.get_seq_length())
         ids = bound.get("input_ids")
         if isinstance(ids, torch.Tensor) and ids.ndim == 2 and ids.shape[1]:
