@@ -148,7 +148,8 @@ class CollapseCallback(LoopAdapter, L.Callback):
     ``torch.compile(model, fullgraph=True)`` is refused at setup with a clear error; DeepSpeed
     is refused too. Under ``strategy="fsdp"`` parameters are gathered through the FSDP wrapper
     (:meth:`~collapse_monitor.CollapseMonitor.sharded_by`). Monitor state is saved in
-    checkpoints and restored on ``fit(ckpt_path=...)``. Under DDP the statistics are
+    checkpoints and restored on ``fit(ckpt_path=...)`` (with class shards every rank's classes
+    are gathered into the state Lightning saves from rank 0). Under DDP the statistics are
     all-reduced before metrics are computed and a ``"stop"`` alert is reduced across ranks
     with ``strategy.reduce_boolean_decision``.
 
@@ -248,7 +249,8 @@ class CollapseCallback(LoopAdapter, L.Callback):
             self._unwrap()
 
     def state_dict(self) -> dict:
-        return self.loop.state_dict()
+        # Lightning writes rank 0's callback state only: class shards of every rank go into it
+        return self.loop.state_dict(gather=True)
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.loop.load_state_dict(state_dict)

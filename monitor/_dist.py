@@ -53,6 +53,15 @@ def broadcast_(tensor: torch.Tensor, src: int = 0, group=None) -> torch.Tensor:
     return tensor
 
 
+def broadcast_object(obj: Any, src: int = 0, group=None) -> Any:
+    """``src``'s ``obj`` (picklable) on every rank; ``obj`` outside distributed runs."""
+    if not is_distributed(group):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=global_rank(group, src), group=group)
+    return box[0]
+
+
 def all_gather_object(obj: Any, group=None) -> list[Any]:
     """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` outside distributed runs."""
     if not is_distributed(group):

@@ -28,7 +28,7 @@ except ImportError:
 
 
 def is_sharded(tensor) -> bool:
-    """Whether ``tensor`` is an FSDP2 (``DTensor``) shard."""
+    """Whether ``tensor`` is a ``DTensor``: an FSDP2 shard, or a tensor-parallel placement."""
     return DTensor is not None and isinstance(tensor, DTensor)
 
 
@@ -111,3 +111,41 @@ def whole_parameters(model: nn.Module, writeback: bool = True) -> Iterator[None]
         for root in roots:
             stack.enter_context(FSDP.summon_full_params(root, writeback=writeback))
         yield
+
+
+def refuse_tensor_parallel(named: dict[str, nn.Module]) -> None:
+    """Raise when DTensor tensor parallelism (``parallelize_module`` with ``ColwiseParallel``,
+    ``RowwiseParallel``, ``SequenceParallel``, ...) has distributed a module of the model.
+
+    Under tensor parallelism each rank holds a slice of the heads, of the vocabulary, of the
+    hidden features or of the sequence, while the ranks of one tensor-parallel group see the same
+    batch. The probes read what their rank holds and all-reduce it as if every rank saw other
+    samples of the same quantities: per-head keys would mean different global heads on different
+    ranks, vocabulary shards would give a partial softmax, a replicated batch would count once per
+    rank. Until each layout is read exactly, the monitor refuses it instead of logging numbers
+    that look right. Every TP style goes through ``distribute_module``, which marks the module.
+
+    Args:
+        named: the model's modules by name (:func:`~collapse_monitor._modules.named_modules`).
+
+    Raises:
+        ValueError: naming the distributed modules and their parameters' placements.
+    """
+    found = [(n, m) for n, m in named.items() if getattr(m, "_distribute_module_applied", False)]
+    if not found:
+        return
+    path, module = found[0]
+    placed = [
+        f"{name} {tuple(p.placements)} on mesh {mesh.mesh_dim_names or tuple(mesh.shape)}"
+        for name, p in module.named_parameters(recurse=False)
+        if is_sharded(p) and (mesh := p.device_mesh) is not None
+    ]
+    where = f"'{path}'" + (f" ({'; '.join(placed)})" if placed else "")
+    more = f" and {len(found) - 1} more module(s) were" if len(found) > 1 else " was"
+    raise ValueError(
+        f"CollapseMonitor: tensor parallelism is not supported: {where}{more} distributed by "
+        "DTensor (parallelize_module). Each rank holds a slice of its heads, vocabulary, features or "
+        "sequence, and the monitor would all-reduce those slices as if they were the same "
+        "quantities, a wrong number that looks right. Monitor the model under data parallelism "
+        "or FSDP2 alone (fully_shard), or a tensor-parallel-free copy of it"
+    )

@@ -185,11 +185,12 @@ class TrainerLoop:
         return self.monitor is not None and self.monitor.snapshot_prefix is not None
 
     # ----------------------------------------------------------------- state
-    def state_dict(self) -> dict:
-        """The monitor's state (a collective under ``torch.distributed``: every rank calls it),
-        or the state kept for the next monitor."""
+    def state_dict(self, gather: bool = False) -> dict:
+        """The monitor's state (a collective under ``torch.distributed``: every rank calls it;
+        ``gather``: see :meth:`CollapseMonitor.state_dict`), or the state kept for the next
+        monitor."""
         if self.monitor is not None:
-            return self.monitor.state_dict()
+            return self.monitor.state_dict(gather=gather)
         return self._pending or {}
 
     def load_state_dict(self, state: dict) -> None:

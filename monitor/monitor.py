@@ -208,10 +208,9 @@ class CollapseMonitor:
 
     @property
     def rank_local_state(self) -> bool:
-        """Whether some probe keeps statistics that only this rank holds (class shards,
-        ``NeuralCollapse(shard_classes=True)`` under ``torch.distributed``): then every rank
-        must save its own :meth:`state_dict` and load it back (a checkpoint of rank 0's alone
-        skips the resumed window, with a warning)."""
+        """Whether some probe keeps statistics only this rank holds (class shards under
+        ``torch.distributed``): every rank saves its own :meth:`state_dict`, or a gathered one
+        (``gather=True``); rank 0's alone skips the resumed window, with a warning."""
         return self._probes.rank_local
 
     def driver(self, probe: str | Probe) -> ProbeDriver:
@@ -292,8 +291,8 @@ class CollapseMonitor:
 
     # ----------------------------------------------------------------- logs
     def _readouts(self) -> dict[str, Readout]:
-        self._probes.agree_on_disabled(self.mitigations)
-        return self._probes.readouts(self.model, self._holder)
+        self._probes.agree_on_disabled(self.model, self.mitigations)
+        return self._probes.readouts(self._holder)
 
     def compute(self) -> dict[MetricKey, float]:
         """Metrics of the current window (all-reduced across ranks); the window is kept. Under
@@ -422,18 +421,19 @@ class CollapseMonitor:
         self.close()
 
     # ----------------------------------------------------------------- state
-    def state_dict(self, sync: bool | None = None) -> dict:
+    def state_dict(self, sync: bool | None = None, gather: bool = False) -> dict:
         """Everything a resumed run needs: step, window statistics, rule and mitigation state
         (tensors and plain values only).
 
         Under ``torch.distributed`` (``sync=None`` means: when a group is initialised) the
         window statistics are all-reduced first, so this is a collective: call it on every rank
-        (Lightning does), and save rank 0's result; with class-sharded probes
+        (Lightning does), and save rank 0's result; with class shards
         (``NeuralCollapse(shard_classes=True)``) every rank's result holds its own classes:
-        save each rank's to its own file.
+        save each rank's, or ``gather`` all into each (:func:`~collapse_monitor.state.gathered`).
+        For ``torch.distributed.checkpoint``: :meth:`stateful`.
         """
         sync = sync is not False
-        return state.pack(
+        saved = state.pack(
             # a reduced state holds every rank's samples: only one rank may keep them on load
             reduced=sync and _dist.is_distributed(self.process_group),
             global_step=self.global_step,
@@ -443,11 +443,18 @@ class CollapseMonitor:
             mitigation_counts=dict(self._mitigations.counts),
             mitigations=self._mitigations.state_dict(),
         )
+        gather = gather and self.rank_local_state
+        return state.gathered(saved, self.process_group) if gather else saved
+
+    def stateful(self, optimizer: Optimizers = None) -> state.DistributedCheckpoint:
+        """This monitor as a ``torch.distributed.checkpoint`` ``Stateful``:
+        ``dcp.save({..., "monitor": monitor.stateful()})``, the same to ``dcp.load``."""
+        return state.DistributedCheckpoint(self, optimizer)
 
     def restore_structure(self, saved: dict) -> None:
         """Re-apply what mitigations changed in the model's structure (σReparam) from a saved
         state, before the model's own weights are loaded."""
-        state.check(saved, self.probes, self.mitigations)
+        saved = state.checked(saved, self.probes, self.mitigations, self.process_group)
         self._mitigations.restore_structure(saved["mitigations"])
 
     def adopt_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
@@ -455,23 +462,20 @@ class CollapseMonitor:
         self._mitigations.adopt_optimizer(optimizer)
 
     def load_state_dict(self, saved: dict, optimizer: Optimizers = None) -> None:
-        """Restore :meth:`state_dict`. Under distributed runs every rank loads the same (reduced)
-        state; ranks other than 0 keep its shifts and lagged centres but start their window
-        empty, so the next all-reduce counts each sample once. A state saved without reducing
-        (``sync=False``: each rank its own) is kept whole on every rank.
-
-        Mitigations that changed the model's structure (``SigmaReparam``) re-apply it here, and add
-        their parameters to ``optimizer``: load the monitor before the model and the optimizer.
-
-        A state is checked whole first (version, parts, each probe's identity and statistics'
-        shapes): one that does not fit is refused naming the probe, and nothing changes; the
-        other parts are applied only after the mitigations' states loaded.
+        """Restore :meth:`state_dict` (or this rank's part of a gathered one). Under distributed
+        runs every rank loads the same reduced state; ranks other than 0 keep its shifts and
+        lagged centres but start their window empty (each sample counts once); a state saved
+        with ``sync=False`` is kept whole on every rank. Mitigations that changed the model's
+        structure (σReparam) re-apply it here and add their parameters to ``optimizer``: load
+        the monitor before the model and the optimizer. The state is checked whole first (each
+        probe's identity, statistics' shapes): one that does not fit is refused naming the
+        probe, and nothing changes.
 
         Raises:
             ValueError: a state of another version, or another probe's; KeyError: a probe or
                 mitigation without state, or state of ones this monitor does not have.
         """
-        state.check(saved, self.probes, self.mitigations)
+        saved = state.checked(saved, self.probes, self.mitigations, self.process_group)
         keep = not saved["reduced"] or _dist.rank(self.process_group) == 0
         apply_probes = self._probes.stage(saved["probes"], keep_window=keep)
         rules = RuleEngine(self.rules.rules)  # (a copy: a malformed part changes nothing)
@@ -486,11 +490,7 @@ class CollapseMonitor:
 
 
 def _claim(model: nn.Module, monitor: CollapseMonitor) -> None:
-    """Register ``monitor`` as ``model``'s one open monitor.
-
-    Raises:
-        RuntimeError: the model already has an open monitor.
-    """
+    """Register ``monitor`` as ``model``'s one open monitor (``RuntimeError`` if it has one)."""
     other = _MONITORS.get(model)
     if other is not None and other() is not None and not other()._closed:
         raise RuntimeError(

@@ -7,7 +7,12 @@ The state holds only tensors and plain Python values, so it loads with
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
+
+import torch
+
+from . import _dist
 
 VERSION = 4
 PARTS = (
@@ -29,13 +34,15 @@ def pack(**parts) -> dict:
     return state
 
 
-def check(state: dict, probes: Sequence, mitigations: Sequence) -> None:
-    """Refuse a state of another version, or whose parts are not this monitor's: a probe or
-    mitigation without state, or state of one this monitor does not have.
+def checked(state: dict, probes: Sequence, mitigations: Sequence, group=None) -> dict:
+    """The state for this rank (its part of a :func:`gathered` one), after refusing a state of
+    another version, or whose parts are not this monitor's: a probe or mitigation without state,
+    or state of one this monitor does not have.
 
     Raises:
         ValueError: another version; KeyError: parts missing or unknown.
     """
+    state = for_rank(state, _dist.rank(group))
     if not isinstance(state, dict) or state.get("version") != VERSION:
         version = state.get("version") if isinstance(state, dict) else type(state).__name__
         raise ValueError(
@@ -59,3 +66,125 @@ def check(state: dict, probes: Sequence, mitigations: Sequence) -> None:
                 f"checkpoint has state for {what} {extra} that this monitor does not have (it "
                 f"has {sorted(names)}); remove them from the state to resume without them"
             )
+    return state
+
+
+def gathered(state: dict, group=None) -> dict:
+    """Every rank's ``state`` (a collective), in one checkpoint any rank can write:
+    ``{"version": VERSION, "ranks": [state of rank 0, state of rank 1, ...]}``, on the CPU.
+
+    For a monitor with rank-local state (class shards) whose trainer saves rank 0's copy only
+    (Lightning) or one copy of each key (``torch.distributed.checkpoint``): each rank finds its
+    own part on load (:func:`for_rank`). Every rank holds every rank's part (all classes'
+    statistics, in host memory) until it is saved.
+
+    Example:
+        >>> state = gathered({"version": VERSION, "global_step": 3})  # one process
+        >>> for_rank(state, 0)["global_step"]
+        3
+    """
+    cpu = _to_cpu(state)  # (a CUDA tensor would unpickle onto its own device on every rank)
+    return {"version": VERSION, "ranks": _dist.all_gather_object(cpu, group)}
+
+
+def for_rank(state: dict, rank: int) -> dict:
+    """``rank``'s part of a :func:`gathered` state (rank 0's when the saved run had fewer ranks
+    than this one: a class shard of other classes is then dropped with a warning, or refused by
+    a probe without shards); any other state as it is."""
+    if isinstance(state, dict) and set(state) == {"version", "ranks"}:
+        ranks = state["ranks"]
+        return ranks[rank] if rank < len(ranks) else ranks[0]
+    return state
+
+
+def to_bytes(state: dict) -> bytes:
+    """``state`` serialised by ``torch.save``: one value of any size under one key, as
+    ``torch.distributed.checkpoint`` needs for statistics whose shapes a fresh monitor does
+    not know yet."""
+    buffer = io.BytesIO()
+    torch.save(_to_cpu(state), buffer)
+    return buffer.getvalue()
+
+
+def from_bytes(blob: bytes) -> dict:
+    """A :func:`to_bytes` state, loaded with ``weights_only=True`` (tensors and plain values
+    only; anything else is refused, never run).
+
+    Raises:
+        TypeError: ``blob`` is not bytes.
+    """
+    if not isinstance(blob, (bytes, bytearray)):
+        raise TypeError(f"not a saved CollapseMonitor state: {type(blob).__name__}")
+    return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+
+
+def _to_cpu(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
+
+
+class DistributedCheckpoint:
+    """A monitor as a ``torch.distributed.checkpoint`` ``Stateful``
+    (:meth:`CollapseMonitor.stateful`).
+
+    The state is one ``bytes`` value under one key: DCP loads tensors in place into a template
+    of the same shapes, which a fresh monitor's lazily sized statistics cannot give. Every rank
+    hands over rank 0's state (window statistics reduced over the ranks; with class shards,
+    every rank's classes gathered into it: :func:`gathered`), so that the one copy DCP keeps of
+    a key is the same whichever rank's it takes, and a resume behaves as one from a trainer that
+    saves rank 0's state. It loads exactly at the same world size; at another, the replicated
+    statistics load, and a class-sharded window is dropped with a warning (or refused whole by
+    a probe without shards: one process). DCP itself unpickles non-tensor values unrestricted
+    (as it does an optimizer's ``param_groups``); the monitor then reads its bytes with
+    ``weights_only=True``.
+
+    Args:
+        monitor: the :class:`~collapse_monitor.CollapseMonitor`.
+        optimizer: passed to its ``load_state_dict`` (mitigations that add parameters).
+
+    Example:
+        >>> import tempfile, torch
+        >>> import torch.distributed.checkpoint as dcp
+        >>> from collapse_monitor import CollapseMonitor, probes
+        >>> def run():
+        ...     model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+        ...     return CollapseMonitor(model, [probes.RepresentationRank("0", name="r")], 10)
+        >>> monitor, path = run(), tempfile.mkdtemp()
+        >>> with monitor.observe():
+        ...     _ = monitor.model(torch.randn(8, 4))
+        >>> monitor.step()
+        >>> _ = dcp.save({"monitor": monitor.stateful()}, checkpoint_id=path, no_dist=True)
+        >>> fresh = run()
+        >>> dcp.load({"monitor": fresh.stateful()}, checkpoint_id=path, no_dist=True)
+        >>> fresh.global_step
+        1
+        >>> monitor.close(), fresh.close()
+        (None, None)
+    """
+
+    KEY = "collapse_monitor"
+
+    def __init__(self, monitor, optimizer=None) -> None:
+        self.monitor, self.optimizer = monitor, optimizer
+
+    def state_dict(self) -> dict:
+        """``{"collapse_monitor": bytes}``, rank 0's state on every rank (a collective: every
+        rank calls it, as DCP does for save and for load)."""
+        saved = self.monitor.state_dict(gather=True)
+        group = self.monitor.process_group
+        blob = to_bytes(saved) if _dist.rank(group) == 0 else None
+        return {self.KEY: _dist.broadcast_object(blob, 0, group)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load what :meth:`state_dict` saved (see :meth:`CollapseMonitor.load_state_dict`).
+
+        Raises:
+            TypeError: the value is not bytes; ValueError, KeyError: as
+                :meth:`CollapseMonitor.load_state_dict` (nothing of the monitor changes).
+        """
+        self.monitor.load_state_dict(from_bytes(state_dict[self.KEY]), self.optimizer)

@@ -66,3 +66,52 @@ def test_lightning_fsdp_strategy_gathers_through_the_wrapper(tmp_path):
     fit(str(tmp_path), "fsdp", 1, 10, accelerator="cuda")
     state = torch.load(tmp_path / "fsdp0.pt", weights_only=False)
     assert state["mitigations"]["reset_dead_codes"] > 0
+
+
+def test_flex_attention_trained_on_the_gpu_equals_the_float64_reference():
+    """FlexAttention has a backward only on the GPU: a training step through
+    ``torch.compile(flex_attention)`` with a sliding-window mask and an ALiBi bias, observed,
+    gives the float64 reference of tests/probes/test_attention_flex.py."""
+    from torch import nn
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    from collapse_monitor import probes
+    from tests.probes.test_attention_flex import (
+        DENSE_MASK,
+        DENSE_SCORE,
+        SLOPES,
+        SDPAAttention,
+        T,
+        reference,
+        sliding,
+    )
+
+    slopes = SLOPES.cuda()
+
+    def alibi(score, b, h, q, kv):  # (the bias on the device of the scores)
+        return score - slopes[h] * (q - kv)
+
+    compiled = torch.compile(flex_attention)
+
+    class Block(SDPAAttention):
+        def forward(self, x):
+            q, k, v = self.qk(x)
+            return compiled(q, k, v, alibi, self.block_mask).transpose(1, 2).flatten(2)
+
+    torch.manual_seed(0)
+    m = nn.Sequential()
+    m.add_module("attn", Block().cuda())
+    m.attn.block_mask = create_block_mask(sliding, None, None, T, T, "cuda", BLOCK_SIZE=16)
+    attn = probes.AttentionEntropy("attn", queries=None, name="attn")
+    mon = CollapseMonitor(m, [attn], 10**6, observe_every_n_steps=1)
+    x = torch.randn(2, T, 32, device="cuda")
+    with mon.observe():
+        m(x).pow(2).mean().backward()
+    got = mon.compute()
+    mon.close()
+    q, k, _ = m.attn.qk(x)
+    want = reference(
+        q.cpu(), k.cpu(), DENSE_MASK["sliding"].expand(2, 4, T, T), DENSE_SCORE["alibi"]
+    )
+    ent = torch.tensor([got[f"collapse/attn/attn/entropy/head_{h}"] for h in range(4)])
+    torch.testing.assert_close(ent.double(), want["entropy"], rtol=1e-4, atol=1e-5)

@@ -41,6 +41,9 @@ class Mitigation(Component):
         super().__init__(check_name(name or self.kind, "mitigation name"))
         self._hooks = HookSet()
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
     def attach(self, setup: Setup) -> None:
         self.strict = setup.strict
 

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .._modules import resolve_modules
+from .._sharding import is_sharded
 from ..contracts import Component, Readout, Recording, Setup
 from ..hooks import HookSet
 from ..reading import Call, Recorder, first_input, kv_cache, nonfinite
@@ -192,7 +193,18 @@ class ProbeDriver(Component, Recorder):
 
     def record(self, value: Any, call: Call, device: torch.device | None) -> None:
         """Place the window on ``device`` (where the value lives), count the call and
-        ``update`` the window (the module's part of it, for a glob kept per module)."""
+        ``update`` the window (the module's part of it, for a glob kept per module).
+
+        Raises:
+            ValueError: ``value`` is a ``DTensor`` (tensor parallelism, not supported).
+        """
+        if is_sharded(value):
+            raise ValueError(
+                f"{self.probe!r} read a DTensor at '{call.path}' (placements "
+                f"{tuple(value.placements)}): tensor parallelism is not supported (a sharded "
+                "placement holds part of the tensor on each rank, which the monitor would "
+                "reduce as samples of the whole)"
+            )
         if device is not None:
             self.device = device  # where the data lives now (the model may have moved)
             self.window.to(device)

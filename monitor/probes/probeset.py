@@ -18,7 +18,7 @@ import torch
 
 from .. import _dist
 from .._modules import named_modules
-from .._sharding import whole_parameters
+from .._sharding import refuse_tensor_parallel, whole_parameters
 from ..cadence import Cadence
 from ..contracts import ProbeInfo, Readout, Recording, Replaced, Setup
 from ..keys import MetricKey
@@ -45,7 +45,13 @@ class ProbeSet:
         self._unlabelled: set[str] = set()  # probes that said they skip unlabelled evaluations
 
     def attach(self, setup: Setup) -> Mapping[str, ProbeInfo]:
-        """Attach every probe; their descriptions, for the mitigations."""
+        """Attach every probe; their descriptions, for the mitigations.
+
+        Raises:
+            ValueError: a model under tensor parallelism
+                (:func:`~collapse_monitor._sharding.refuse_tensor_parallel`).
+        """
+        refuse_tensor_parallel(named_modules(setup.model))
         for d in self.drivers:
             d.attach(setup)
         self._check_label_alignment()
@@ -128,10 +134,22 @@ class ProbeSet:
             d.run(d.replaced, replaced.scope, replaced.mask)
 
     # ----------------------------------------------------------------- logs
-    def agree_on_disabled(self, others: Iterable = ()) -> None:
-        """Disable on every rank what failed on any rank (before any collective); ``others``:
-        further parts with a ``disabled`` flag (the mitigations)."""
+    def agree_on_disabled(self, model: torch.nn.Module, others: Iterable = ()) -> None:
+        """Check that the probes' modules are still those of ``model`` and that no tensor
+        parallelism came since (a failed check disables the part), then disable on every rank
+        what failed on any rank (before any collective); ``others``: further parts with a
+        ``disabled`` flag and a ``fail`` (the mitigations)."""
         owners = [*self.drivers, *others]
+        named = named_modules(model)
+        for d in self.drivers:
+            if not d.disabled:
+                d.run(d.check_modules, named)
+        try:  # (the structure of the model is the same on every rank)
+            refuse_tensor_parallel(named)
+        except ValueError as exc:
+            for c in owners:
+                if not c.disabled:
+                    c.fail(exc)
         group = self.process_group
         if not _dist.is_distributed(group) or not owners:
             return
@@ -143,13 +161,9 @@ class ProbeSet:
             c.disabled = c.disabled or bool(flag)
         self._stopped = {d for d in self.drivers if d.disabled}
 
-    def readouts(self, model: torch.nn.Module, holder: torch.nn.Module) -> dict[str, Readout]:
+    def readouts(self, holder: torch.nn.Module) -> dict[str, Readout]:
         """Each enabled probe's readout of its window over all ranks (a collective: call it on
         every rank, after :meth:`agree_on_disabled`); the windows are kept."""
-        named = named_modules(model)
-        for d in self.drivers:
-            if not d.disabled:
-                d.run(d.check_modules, named)
         readouts = {}
         # FSDP (first generation): gathered only for a readout that reads weights (NC's
         # classifier); every rank takes the same decision (disabled flags were agreed)

@@ -210,6 +210,19 @@ class ClassMoments(Statistic):
         self.shift_agreed = self.shift_set.clone()  # a checkpoint of this state loads agreed
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`.
+
+        Raises:
+            ValueError: a state of class shards (:class:`ShardedClassMoments`: one rank's
+                classes), which these statistics of all classes cannot use.
+        """
+        if "shard" in state and not self.class_sharded:
+            rank, world = state["shard"]
+            raise ValueError(
+                f"the checkpoint holds class shards (the classes of rank {rank} of {world}), "
+                "this probe keeps all classes (shard_classes=False, or one process): resume "
+                f"with shard_classes=True on {world} ranks"
+            )
         states = state["states"]
         if "shift_agreed" not in states:  # saved before agreed shifts: re-centre all (exact)
             states = {**states, "shift_agreed": torch.zeros_like(states["shift_set"])}
@@ -440,8 +453,7 @@ class ShardedClassMoments(ClassMoments):
 
     def state_dict(self) -> dict:
         """This rank's classes (with ``S``, reduced or not) and the rows not yet routed: save
-        every rank's to its own file (``torch.distributed.checkpoint`` keeps one rank's copy
-        of each key: it cannot hold shards under the same keys)."""
+        every rank's (its own file, or all in one: :func:`~collapse_monitor.state.gathered`)."""
         return {
             **super().state_dict(),
             "shard": self.shard,
@@ -450,8 +462,7 @@ class ShardedClassMoments(ClassMoments):
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` of the same rank and world. A state of another rank's
-        classes (a trainer that saves rank 0's state only: Lightning; or
-        ``torch.distributed.checkpoint``, which keeps one rank's copy) or of an unsharded run
+        classes (rank 0's alone, or a run of another world size) or of an unsharded run
         cannot be used: this rank starts empty and marks
         the window :attr:`incomplete`, so that its readout is skipped on every rank, and logs
         a warning; the windows after it are whole."""
@@ -460,7 +471,8 @@ class ShardedClassMoments(ClassMoments):
             log.warning(
                 "collapse monitor: the saved class-sharded statistics are those of shard %s "
                 "(rank, world), this process owns %s: the current window is dropped (each rank "
-                "must save and load its own state, one file per rank)",
+                "must load its own state: one file per rank, or a gathered state at the same "
+                "world size)",
                 saved or "(none: saved unsharded)",
                 self.shard,
             )

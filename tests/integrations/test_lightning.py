@@ -360,3 +360,28 @@ def test_targets_reach_every_probe_that_reads_them(tmp_path):
     )
     got = scalars(tmp_path / "logits" / "version_0", "collapse/head/zero_loss_fraction")
     assert sorted(got) == [4] and got[4] == 0.0
+
+
+def test_ddp_spawn_resume_with_class_shards_logs_the_uninterrupted_window(tmp_path):
+    """Lightning writes rank 0's callback state only: every rank's classes are gathered into
+    it, so the window a checkpoint cuts resumes exactly on both ranks (it was skipped before)."""
+
+    def shards():
+        nc = probes.NeuralCollapse("head", C, shard_classes=True, name="nc")
+        return CollapseCallback(probes=[nc], log_every_n_steps=3, observe_every_n_steps=1)
+
+    kw = {"strategy": "ddp_spawn", "devices": 2, "use_distributed_sampler": False}
+    # the uninterrupted run, checkpointed after its first epoch (step 4: inside a window)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, filename="{epoch}")
+    whole = trainer(
+        tmp_path, "whole", 2, enable_checkpointing=True, callbacks=[shards(), ckpt], **kw
+    )
+    whole.fit(Classifier(), datamodule=InterleavedData(8))  # 4 steps per epoch
+    resumed = trainer(tmp_path, "resumed", 2, callbacks=[shards()], **kw)
+    path = str(tmp_path / "ckpt" / "epoch=0.ckpt")
+    resumed.fit(Classifier(), datamodule=InterleavedData(8), ckpt_path=path)
+    for tag in ("collapse/nc/nc1", "collapse/nc/samples", "collapse/nc/classes_used"):
+        a = scalars(tmp_path / "whole" / "version_0", tag)
+        b = scalars(tmp_path / "resumed" / "version_0", tag)
+        assert sorted(a) == [3, 6] and sorted(b) == [6], tag
+        assert b[6] == pytest.approx(a[6], rel=1e-6), tag

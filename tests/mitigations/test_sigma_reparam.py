@@ -173,3 +173,32 @@ def test_bad_selection_names_what_it_found():
         CollapseMonitor(
             model, [], mitigations=[mitigations.SigmaReparam("mlp")], observe_every_n_steps=1
         )
+
+
+def test_rule_mode_resumes_exactly_from_a_distributed_checkpoint(tmp_path):
+    """torch.distributed.checkpoint loads into a template of the model's parameters: the
+    monitor is loaded first (its own dcp.load), which re-applies σReparam, so the model's
+    template then holds the gammas the checkpoint has."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    xs = [torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    model = blocks()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    mon = rule_monitor(model)
+    train_steps(model, mon, opt, xs[:4])  # σReparam on block 0 since the log of step 2
+    model_sd, opt_sd = get_state_dict(model, opt)
+    state = {"model": model_sd, "opt": opt_sd, "monitor": mon.stateful()}
+    dcp.save(state, checkpoint_id=tmp_path, no_dist=True)
+
+    resumed = blocks()
+    opt2 = torch.optim.Adam(resumed.parameters(), lr=1e-2)
+    mon2 = rule_monitor(resumed)
+    dcp.load({"monitor": mon2.stateful(opt2)}, checkpoint_id=tmp_path, no_dist=True)
+    model_sd, opt_sd = get_state_dict(resumed, opt2)  # the template, gammas included
+    dcp.load({"model": model_sd, "opt": opt_sd}, checkpoint_id=tmp_path, no_dist=True)
+    set_state_dict(resumed, opt2, model_state_dict=model_sd, optim_state_dict=opt_sd)
+    train_steps(model, mon, opt, xs[4:])
+    train_steps(resumed, mon2, opt2, xs[4:])
+    for (name, a), (_, b) in zip(model.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name

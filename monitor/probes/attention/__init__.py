@@ -232,8 +232,13 @@ class AttentionEntropy(Probe):
                 add = _rows(s.additive, rows)
                 ok = attendable(logits, add, ok)
                 logits = logits + add.to(wide)
+            scaled = logits  # max_logit: |q k' * scale| (a soft-cap would hide its growth)
+            if s.flex is not None:  # FlexAttention: its mask, then its score modification
+                ok = ok & s.flex.allowed(logits, rows)
+                logits = s.flex.scores(logits, rows)
+                ok = ok & ~torch.isneginf(logits)  # a score_mod that masks with -inf
             H_i, n = entropy_from_logits(logits, ok)
-            max_logit = torch.where(ok.expand_as(logits), logits.abs(), 0.0).amax()
+            max_logit = torch.where(ok.expand_as(scaled), scaled.abs(), 0.0).amax()
             self._add(window, layer, H_i, n, max_logit)
 
     def _add(self, window, layer, H_i, n, max_logit) -> None:

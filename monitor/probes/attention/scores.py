@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ...reading import Checked
+
+if TYPE_CHECKING:
+    from .flex import FlexCall
 
 
 @dataclass
@@ -21,6 +25,8 @@ class Scores(Checked):
         additive: float broadcastable to ``(B, H, Lq, Lk)``, added to the logits; a key it makes
             negligible is masked (:func:`~collapse_monitor.functional.attention.attendable`).
         queries: ``(B, Lq)`` bool, true for real query positions (padding: false); None: all.
+        flex: a ``flex_attention`` call's ``score_mod`` and block mask
+            (:class:`~collapse_monitor.probes.attention.flex.FlexCall`), applied to the rows.
     """
 
     q: torch.Tensor
@@ -30,6 +36,7 @@ class Scores(Checked):
     allowed: torch.Tensor | None = None
     additive: torch.Tensor | None = None
     queries: torch.Tensor | None = None
+    flex: FlexCall | None = None
 
     def checked(self) -> tuple[torch.Tensor, ...]:
         """What holds NaN or Inf when the run diverged (not the masks: -inf marks a key)."""

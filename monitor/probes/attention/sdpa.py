@@ -1,5 +1,6 @@
 """Attention source 1: calls of ``torch.nn.functional.scaled_dot_product_attention`` made inside
-the probe's modules (nanoGPT-style blocks, ``transformers`` models with the SDPA implementation).
+the probe's modules (nanoGPT-style blocks, ``transformers`` models with the SDPA implementation),
+and of ``flex_attention`` (its ``score_mod`` and block mask: :mod:`.flex`).
 
 Calls are caught with a ``TorchFunctionMode`` that is entered only while a hooked module's forward
 runs inside ``observe()``; the layer is the innermost hooked module whose forward made the call
@@ -21,9 +22,22 @@ from torch.overrides import TorchFunctionMode
 
 from ...reading import token_mask
 from ..base import layer_name
+from .flex import FLEX_ATTENTION, FlexCall
 from .scores import Scores, bind
 
 _ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+# the flex_attention operator's arguments (torch.nn.attention.flex_attention calls it so)
+_FLEX_ARGS = (
+    "query",
+    "key",
+    "value",
+    "score_mod",
+    "block_mask",
+    "scale",
+    "kernel_options",
+    "score_mod_other_buffers",
+    "mask_mod_other_buffers",
+)
 
 
 def to_bhld(x: torch.Tensor) -> torch.Tensor:
@@ -63,6 +77,11 @@ class _Mode(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
             self.source.seen(args, kwargs)
+        elif FLEX_ATTENTION is not None and func is FLEX_ATTENTION:
+            # flex_attention runs its operator inside its own torch.compile(fullgraph=True),
+            # which traces this mode: appending to a list is a side effect dynamo replays after
+            # the graph (a call into the monitor would break the graph); read when a module ends
+            self.source.flex_calls.append((self.source.stack[-1], args, kwargs))
         return func(*args, **kwargs)
 
 
@@ -77,6 +96,8 @@ class SDPACalls:
         self.inside = False  # the stack is not empty (a plain bool for torch.compile to test)
         self.calls: dict[str, int] = {}  # SDPA calls per module in the current forward
         self.suppress = 0  # inside modules another source handles from their inputs
+        # flex_attention calls not yet read, with the innermost hooked module that made each
+        self.flex_calls: list[tuple[tuple, tuple, dict]] = []
 
     def attach(self, path: str, module, hooks) -> None:
         hooks.forward_pre(module, functools.partial(self._enter, path))
@@ -100,6 +121,9 @@ class SDPACalls:
     @torch.compiler.disable
     def _pop(self, path) -> None:
         if self.stack and self.stack[-1][0] == path:  # only what this module pushed
+            calls, self.flex_calls = self.flex_calls, []
+            for where, args, kwargs in calls:
+                self._seen(where, True, args, kwargs)
             self.calls.pop(self.stack.pop()[0], None)
             if not self.stack:
                 self.inside = False
@@ -110,31 +134,43 @@ class SDPACalls:
             self._pop(self.stack[-1][0])
 
     def seen(self, args, kwargs) -> None:
-        if not self.suppress and self.recorder.active:
-            self.recorder.guarded(self._record, args, kwargs)
+        self._seen(self.stack[-1] if self.stack else (self.root, None), False, args, kwargs)
 
-    def _record(self, args, kwargs) -> None:
-        a = bind(_ARGS, args, kwargs)
-        path, module = self.stack[-1] if self.stack else (self.root, None)
+    def _seen(self, where, flex: bool, args, kwargs) -> None:
+        if not self.suppress and self.recorder.active:
+            self.recorder.guarded(self._record, where, flex, args, kwargs)
+
+    def _record(self, where, flex: bool, args, kwargs) -> None:
+        a = bind(_FLEX_ARGS if flex else _ARGS, args, kwargs)
+        path, module = where
         k = self.calls.get(path, 0)
         self.calls[path] = k + 1
         layer = layer_name(path) if k == 0 else f"{layer_name(path)}.sdpa_{k}"
         call = self.recorder.call(layer, module)
         q, key = a["query"], a["key"]
         if not isinstance(q, torch.Tensor) or q.ndim < 2:
-            raise call.error(f"unexpected scaled_dot_product_attention query {type(q).__name__}")
+            what = "flex_attention" if flex else "scaled_dot_product_attention"
+            raise call.error(f"unexpected {what} query {type(q).__name__}")
         q, key = to_bhld(q.detach()), to_bhld(key.detach())
-        mask = a.get("attn_mask")
-        q, mask = unpack_gqa(module, q, key, mask, bool(a.get("enable_gqa")))
-        allowed = additive = None
-        if isinstance(mask, torch.Tensor):
-            mask = mask.detach()
-            mask = mask if mask.ndim >= 2 else mask[None]
-            if mask.dtype == torch.bool:
-                allowed = mask
-            else:
-                additive = mask
-        scale = a.get("scale") or 1.0 / math.sqrt(q.shape[-1])
+        if flex:  # (B, H, L, d) always; GQA keys have fewer heads (the probe repeats them)
+            scale = float(a["scale"])
+            parts = {
+                "flex": FlexCall(
+                    a["score_mod"],
+                    a["block_mask"],
+                    a.get("score_mod_other_buffers", ()),
+                    a.get("mask_mod_other_buffers", ()),
+                )
+            }
+        else:
+            mask = a.get("attn_mask")
+            q, mask = unpack_gqa(module, q, key, mask, bool(a.get("enable_gqa")))
+            parts = {"causal": bool(a.get("is_causal"))}
+            if isinstance(mask, torch.Tensor):
+                mask = mask.detach()
+                mask = mask if mask.ndim >= 2 else mask[None]
+                parts["allowed" if mask.dtype == torch.bool else "additive"] = mask
+            scale = a.get("scale") or 1.0 / math.sqrt(q.shape[-1])
         queries = token_mask(self.recorder.call(path, module), q.shape[0], q.shape[2], q.device)
-        scores = Scores(q, key, scale, bool(a.get("is_causal")), allowed, additive, queries)
+        scores = Scores(q, key, scale, queries=queries, **parts)
         self.recorder.record(scores, call, q.device)
