@@ -2,7 +2,7 @@
 
 Prints Markdown tables; ``--write`` also writes benchmarks/RESULTS.md (machine, torch, date).
 
-    python benchmarks/run.py [--write] [--only overhead,memory,compare,scaling,gpu,nc_scale] [--quick]
+    python benchmarks/run.py [--write] [--only overhead,memory,compare,scaling,gpu,nc_scale,proxies] [--quick]
     python benchmarks/run.py --only gpu --write      # on a CUDA machine: section 5
 
 Timings are medians over interleaved A/B blocks in one process; a block at the default cadence
@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from models import WORKLOADS, Workload  # benchmarks/models.py, beside this script
 from nc_scale import gpu_readout, section_nc_scale
+from proxies import section as section_proxies
 from torch.nn import functional as F
 
 from collapse_monitor import CollapseMonitor, probes
@@ -639,6 +640,7 @@ SECTIONS = {
     "scaling": section_scaling,
     "gpu": section_gpu,
     "nc_scale": lambda quick: section_nc_scale(quick, table),
+    "proxies": lambda quick: section_proxies(quick, table),
 }
 
 

@@ -84,7 +84,8 @@ class CollapseMonitor:
         TypeError: a probe, mitigation, rule or sink of the wrong type.
         ValueError: repeated probe or mitigation names; ``pictures`` naming unknown probes;
             a cadence below 1.
-        KeyError: a module path that matches nothing (the message lists the closest names).
+        KeyError: a module path that matches nothing (on no rank, under ``torch.distributed``:
+            a pipeline stage's modules live on some ranks; a collective), with the closest names.
         RuntimeError: the model already has an open monitor.
 
     Use ``with monitor.observe(targets=y): out = model(x)`` around the forward pass and
@@ -476,8 +477,7 @@ class CollapseMonitor:
                 mitigation without state, or state of ones this monitor does not have.
         """
         saved = state.checked(saved, self.probes, self.mitigations, self.process_group)
-        keep = not saved["reduced"] or _dist.rank(self.process_group) == 0
-        apply_probes = self._probes.stage(saved["probes"], keep_window=keep)
+        apply_probes = self._probes.stage(saved["probes"], reduced=bool(saved["reduced"]))
         rules = RuleEngine(self.rules.rules)  # (a copy: a malformed part changes nothing)
         rules.load_state_dict(saved["rules"])
         step, stop = int(saved["global_step"]), bool(saved["should_stop"])

@@ -16,6 +16,7 @@ pair a value with the rest of the batch are read here too: the labels that belon
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
@@ -243,6 +244,22 @@ class Recorder:
     def guarded(self, fn, *args) -> Any:
         """Run ``fn(*args)`` from a hook: an error disables the probe instead of training."""
         raise NotImplementedError
+
+
+def pipeline_placeholder_forward() -> bool:
+    """Whether the running forward is ``torch.distributed.pipelining``'s metadata inference: the
+    first schedule step of a stage without static shapes runs its module once more, on the
+    first micro-batch (stage 0) or on placeholder tensors (later stages), to learn its outputs'
+    shapes. Its rows are no data of the run. Read from the call stack (the stage marks nothing
+    on the module), and only once pipelining is imported."""
+    if "torch.distributed.pipelining.stage" not in sys.modules:
+        return False
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "_forward_metadata_inference":
+            return True
+        frame = frame.f_back
+    return False
 
 
 def nonfinite(value: Any, sample: int = 1024) -> torch.Tensor | None:

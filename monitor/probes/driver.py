@@ -24,7 +24,14 @@ from .._modules import resolve_modules
 from .._sharding import is_sharded
 from ..contracts import Component, Readout, Recording, Setup
 from ..hooks import HookSet
-from ..reading import Call, Recorder, first_input, kv_cache, nonfinite
+from ..reading import (
+    Call,
+    Recorder,
+    first_input,
+    kv_cache,
+    nonfinite,
+    pipeline_placeholder_forward,
+)
 from ..stats import CallCounts, Window, WindowView
 from .base import Probe, kept_apart, layer_name
 
@@ -88,6 +95,8 @@ class ProbeDriver(Component, Recorder):
         self._said_bad: set[str] = set()
         self._step_hooks = HookSet()  # gradient hooks of this step (Call.on_gradient)
         self._armed: set[int] = set()
+        # the ranks holding the module, when only some do (pipeline stages; None: all)
+        self.group = None
 
     def __repr__(self) -> str:
         return repr(self.probe)
@@ -97,10 +106,22 @@ class ProbeDriver(Component, Recorder):
         return self._recording
 
     # ----------------------------------------------------------------- attach
-    def attach(self, setup: Setup) -> None:
+    def attach(self, setup: Setup, elsewhere_ok: bool = False) -> tuple[str, ...] | None:
+        """Find the probe's modules and hook them. Returns their paths; with ``elsewhere_ok``
+        (a distributed run, where another rank may hold them: a pipeline stage) a path that
+        matches nothing returns None instead of raising.
+
+        Raises:
+            KeyError: nothing matches the probe's path (without ``elsewhere_ok``).
+        """
         probe = self.probe
         self.strict = setup.strict
-        found = resolve_modules(setup.model, probe.module, owner=repr(probe))
+        try:
+            found = resolve_modules(setup.model, probe.module, owner=repr(probe))
+        except KeyError:
+            if elsewhere_ok:
+                return None
+            raise
         self._modules = [(path, weakref.ref(mod)) for path, mod in found]
         probe.paths = [path for path, _ in found]
         if kept_apart(probe):
@@ -120,6 +141,7 @@ class ProbeDriver(Component, Recorder):
             except (TypeError, ValueError):  # a builtin or C forward: keywords only
                 self._model_signature = None
             self.hooks.forward_pre(setup.model, self._capture_model_inputs)
+        return tuple(probe.paths)
 
     def _fresh_window(self) -> Window:
         if self.scopes == [None]:
@@ -198,6 +220,8 @@ class ProbeDriver(Component, Recorder):
         Raises:
             ValueError: ``value`` is a ``DTensor`` (tensor parallelism, not supported).
         """
+        if pipeline_placeholder_forward():  # (no data: the stage's shape inference)
+            return
         if is_sharded(value):
             raise ValueError(
                 f"{self.probe!r} read a DTensor at '{call.path}' (placements "

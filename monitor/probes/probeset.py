@@ -17,7 +17,7 @@ from types import MappingProxyType
 import torch
 
 from .. import _dist
-from .._modules import named_modules
+from .._modules import named_modules, resolve_modules
 from .._sharding import refuse_tensor_parallel, whole_parameters
 from ..cadence import Cadence
 from ..contracts import ProbeInfo, Readout, Recording, Replaced, Setup
@@ -40,6 +40,10 @@ class ProbeSet:
         self.drivers = [ProbeDriver(p) for p in probes]
         self.by_name = {d.name: d for d in self.drivers}
         self.process_group = process_group
+        # every probe, also those whose modules live on other ranks only (pipeline stages):
+        # the disabled flags and the shared metrics are agreed over this list
+        self.everywhere = list(self.drivers)
+        self.stage_local = False  # some probe's module lives on some ranks only
         self._recorded: set[ProbeDriver] = set()  # recorded in this training step
         self._stopped: set[ProbeDriver] = set()  # disabled on every rank (agreed at a log)
         self._unlabelled: set[str] = set()  # probes that said they skip unlabelled evaluations
@@ -52,10 +56,55 @@ class ProbeSet:
                 (:func:`~collapse_monitor._sharding.refuse_tensor_parallel`).
         """
         refuse_tensor_parallel(named_modules(setup.model))
-        for d in self.drivers:
-            d.attach(setup)
+        distributed = _dist.is_distributed(self.process_group)
+        here = [d.attach(setup, elsewhere_ok=distributed) for d in self.drivers]
+        if distributed:
+            self._place(here, setup)
         self._check_label_alignment()
         return MappingProxyType({d.name: _info(d) for d in self.drivers})
+
+    def _place(self, here: list, setup: Setup) -> None:
+        """Agree over the ranks which hold each probe's modules (a collective; ``here``: the
+        paths each probe found on this rank, or None). A probe whose modules live on some ranks
+        only (a pipeline stage) reduces over a group of those ranks, and its metrics reach the
+        other ranks at each log. The same on every rank: an error for a module on no rank, or
+        for a glob that matches different modules on different ranks.
+
+        Raises:
+            KeyError: a probe's modules are on no rank; ValueError: a glob matching different
+                modules on different ranks, or stage-local probes under a ``process_group``
+                other than WORLD (a group of its ranks could not be made).
+        """
+        group = self.process_group
+        world = _dist.world_size(group)
+        found = _dist.all_gather_object(here, group)
+        owners = []
+        for i, d in enumerate(self.drivers):
+            paths = {r: found[r][i] for r in range(world) if found[r][i] is not None}
+            if not paths:  # the message of this rank's search
+                resolve_modules(setup.model, d.probe.module, owner=repr(d.probe))
+            if len(set(paths.values())) > 1:
+                raise ValueError(
+                    f"{d.probe!r} matches different modules on different ranks (pipeline "
+                    f"stages?): {paths}; give each stage's modules a probe of their own"
+                )
+            owners.append(tuple(paths))
+        if all(len(ranks) == world for ranks in owners):
+            return
+        if group is not None:
+            raise ValueError(
+                "probes whose modules live on some ranks only (pipeline stages) need the monitor "
+                "on the default process group (process_group=None)"
+            )
+        groups: dict[tuple[int, ...], object] = {}
+        for d, ranks in zip(self.drivers, owners):
+            if len(ranks) < world:  # every rank makes the same groups in the same order
+                if ranks not in groups:
+                    groups[ranks] = torch.distributed.new_group(list(ranks))
+                d.group = groups[ranks]
+        self.stage_local = True
+        self.drivers = [d for d, h in zip(self.drivers, here) if h is not None]
+        self.by_name = {d.name: d for d in self.drivers}
 
     def _check_label_alignment(self) -> None:
         """Probes on one module that read the same labels must pair them alike (one shift)."""
@@ -124,7 +173,7 @@ class ProbeSet:
             elif not d.disabled and due:  # e.g. this rank had no batch this step
                 d.run(d.missed_step)
             if due and d not in self._stopped:
-                d.run(d.exchange, self.process_group)
+                d.run(d.exchange, self._group(d))
         self._recorded.clear()
 
     def route(self, replaced: Replaced) -> None:
@@ -139,7 +188,7 @@ class ProbeSet:
         parallelism came since (a failed check disables the part), then disable on every rank
         what failed on any rank (before any collective); ``others``: further parts with a
         ``disabled`` flag and a ``fail`` (the mitigations)."""
-        owners = [*self.drivers, *others]
+        owners = [*self.everywhere, *others]
         named = named_modules(model)
         for d in self.drivers:
             if not d.disabled:
@@ -171,15 +220,30 @@ class ProbeSet:
         with whole_parameters(holder, writeback=False) if gather else nullcontext():
             for d in self.drivers:
                 if not d.disabled:
-                    r = d.run(d.compute, self.process_group)
+                    r = d.run(d.compute, self._group(d))
                     if r is not None:
                         readouts[d.name] = r
-        return readouts
+        return self._shared(readouts) if self.stage_local else readouts
+
+    def _shared(self, readouts: dict[str, Readout]) -> dict[str, Readout]:
+        """Add the metrics of the probes whose modules live on other ranks (a collective),
+        received from those ranks; in the order of the probes."""
+        mine = {n: {k: float(v) for k, v in r.metrics.items()} for n, r in readouts.items()}
+        received: dict[str, Readout] = {}
+        for part in _dist.all_gather_object(mine, self.process_group):
+            for name, metrics in part.items():
+                received.setdefault(name, Readout(metrics=metrics))
+        received.update(readouts)  # (this rank's own: with their masks and pictures)
+        return {d.name: received[d.name] for d in self.everywhere if d.name in received}
+
+    def _group(self, d: ProbeDriver):
+        """The group ``d`` reduces over: the ranks that hold its module."""
+        return self.process_group if d.group is None else d.group
 
     def finish_windows(self) -> None:
         for d in self.drivers:
             if not d.disabled:
-                d.run(d.finish_window, self.process_group)
+                d.run(d.finish_window, self._group(d))
 
     def begin_snapshot(self) -> None:
         for d in self.drivers:
@@ -192,23 +256,28 @@ class ProbeSet:
     # ----------------------------------------------------------------- state
     @property
     def rank_local(self) -> bool:
-        return any(d.probe.rank_local for d in self.drivers)
+        return self.stage_local or any(d.probe.rank_local for d in self.drivers)
 
     @property
     def errors(self) -> int:
         return sum(d.errors for d in self.drivers)
 
     def state_dict(self, sync: bool) -> dict:
-        return {d.name: d.state_dict(self.process_group, sync=sync) for d in self.drivers}
+        return {d.name: d.state_dict(self._group(d), sync=sync) for d in self.drivers}
 
-    def stage(self, states: dict, keep_window: bool) -> Callable[[], None]:
+    def stage(self, states: dict, reduced: bool) -> Callable[[], None]:
         """Every probe's state checked and loaded into fresh windows; nothing of the probes
-        changes until the returned function applies them all.
+        changes until the returned function applies them all. A ``reduced`` state holds every
+        rank's samples: only the first rank of each probe's group keeps its window (the others
+        keep its shifts and lagged centres and start empty), so that each sample counts once.
 
         Raises:
             ValueError, KeyError: as :meth:`ProbeDriver.stage`, naming the probe.
         """
-        staged = [(d, d.stage(states[d.name], keep_window)) for d in self.drivers]
+        staged = [
+            (d, d.stage(states[d.name], not reduced or _dist.rank(self._group(d)) == 0))
+            for d in self.drivers
+        ]
 
         def apply() -> None:
             for d, window in staged:

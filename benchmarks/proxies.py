@@ -1,0 +1,173 @@
+"""What the monitor costs on a step, measured the same way on any machine (issue 30, point 4):
+its host time and the ATen ops it dispatches, on a step it does not record and on a step each
+probe records, for the four workloads of section 1.
+
+- ATen ops: ``torch.profiler`` counts the ``aten::`` calls of one whole training step, monitored
+  minus unmonitored (the same model, batch and optimizer): deterministic on a given PyTorch.
+- Host time: every hook the monitor registers is a :class:`collapse_monitor.hooks.Hook`; its
+  calls are timed (``perf_counter`` around each, the timer's own cost measured on an empty hook
+  and subtracted), plus ``observe()`` entered and left and ``step()``. Median over steps.
+
+An unrecorded step is one of ``observe_every_n_steps=1000`` (steps 1..999 record nothing); a
+recorded step is one of ``observe_every_n_steps=1`` that does not log (``log_every_n_steps``
+10^6), after a first recorded step (allocations).
+
+    python benchmarks/run.py --only proxies [--write]
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from models import WORKLOADS  # benchmarks/models.py, beside run.py
+
+from collapse_monitor import CollapseMonitor
+from collapse_monitor.hooks import Hook
+
+_CLOCK = {"s": 0.0}
+_call = Hook.__call__
+
+
+def _timed_call(self, *args):
+    t = time.perf_counter()
+    try:
+        return _call(self, *args)
+    finally:
+        _CLOCK["s"] += time.perf_counter() - t
+
+
+def _timer_cost(reps: int = 20000) -> float:
+    """Seconds the timing wrapper adds to one hook call (an empty hook, timed vs not)."""
+    hook = Hook(lambda *a: None)
+    t = time.perf_counter()
+    for _ in range(reps):
+        hook(0)
+    plain = time.perf_counter() - t
+    Hook.__call__ = _timed_call
+    try:
+        t = time.perf_counter()
+        for _ in range(reps):
+            hook(0)
+        timed = time.perf_counter() - t
+    finally:
+        Hook.__call__ = _call
+    return max(timed - plain, 0.0) / reps
+
+
+class _Counted:
+    """Hook calls counted (to subtract the timer's cost per call)."""
+
+    calls = 0
+
+
+def _counting_call(self, *args):
+    _Counted.calls += 1
+    return _timed_call(self, *args)
+
+
+def _step_fn(w, mon):
+    opt = torch.optim.Adam(w.model.parameters(), lr=w.lr)
+    x, y = w.batch
+
+    def step() -> float:
+        """One training step; returns the monitor's host seconds in it."""
+        own = 0.0
+        if mon is None:
+            loss = w.loss(w.model, x, y)
+        else:
+            t = time.perf_counter()
+            with mon.observe(targets=y) as _:
+                own += time.perf_counter() - t
+                loss = w.loss(w.model, x, y)
+                t = time.perf_counter()
+            own += time.perf_counter() - t
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if mon is not None:
+            t = time.perf_counter()
+            mon.step(opt)
+            own += time.perf_counter() - t
+        return own
+
+    return step
+
+
+def _aten_ops(step) -> int:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
+
+
+def measure(name: str, probe: str | None, every: int, steps: int) -> dict:
+    """ATen ops and host microseconds per step of ``name``'s workload with its probes (only
+    ``probe`` when given), observing every ``every``-th step."""
+    torch.manual_seed(0)
+    w = WORKLOADS[name]()
+    chosen = [p for p in w.make_probes() if probe is None or p.name == probe]
+    mitigations = w.make_mitigations() if probe is None else []
+    plain = _step_fn(w, None)
+    mon = CollapseMonitor(
+        w.model, chosen, 10**6, mitigations=mitigations, observe_every_n_steps=every
+    )
+    watched = _step_fn(w, mon)
+    watched(), plain()  # step 0 (recorded in both modes) and allocations
+    ops = _aten_ops(watched) - _aten_ops(plain)
+    cost = _timer_cost()
+    host = []
+    Hook.__call__ = _counting_call
+    try:
+        for _ in range(steps):
+            _CLOCK["s"], _Counted.calls = 0.0, 0
+            own = watched()
+            host.append(own + _CLOCK["s"] - cost * _Counted.calls)
+    finally:
+        Hook.__call__ = _call
+    hooks = sum(len(d.hooks) for d in mon._probes.drivers) + sum(
+        len(m._hooks) for m in mon.mitigations
+    )
+    mon.close()
+    return {"ops": ops, "us": statistics.median(host) * 1e6, "hooks": hooks}
+
+
+def section(quick: bool, table) -> list[str]:
+    steps = 3 if quick else 10
+    rows, per_probe = [], []
+    for name, make in WORKLOADS.items():
+        w = make()
+        idle = measure(name, None, 1000, steps)
+        rows.append([w.name, idle["hooks"], f"{idle['us']:.1f}", idle["ops"]])
+        for p in w.make_probes():
+            rec = measure(name, p.name, 1, steps)
+            per_probe.append(
+                [
+                    w.name.split(",")[0],
+                    f"{type(p).__name__} `{p.name}`",
+                    f"{rec['us']:.0f}",
+                    rec["ops"],
+                ]
+            )
+    return [
+        "### 12. What the monitor dispatches and costs on the host per step (every machine)",
+        "",
+        "Method: `benchmarks/proxies.py` (ATen ops of a whole step, monitored minus "
+        "unmonitored, from `torch.profiler`; host time of the monitor's hooks, `observe()` "
+        "and `step()`, timer cost subtracted; median of "
+        f"{steps} steps). Unrecorded: `observe_every_n_steps=1000`, steps 1-999.",
+        "",
+        *table(
+            [
+                "workload (its probes and mitigations)",
+                "hooks",
+                "unrecorded step: host us",
+                "ATen ops",
+            ],
+            rows,
+        ),
+        "",
+        "Recorded, non-logging step, one probe at a time (`observe_every_n_steps=1`):",
+        "",
+        *table(["workload", "probe", "host us", "ATen ops"], per_probe),
+    ]

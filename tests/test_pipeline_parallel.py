@@ -1,0 +1,146 @@
+"""Pipeline parallelism (``torch.distributed.pipelining``, GPipe over 2 gloo processes, 2
+micro-batches per step): each rank holds one stage, built as torchtitan does (a copy of the
+model without the other stage's layers), and one monitor of its stage whose probes name modules
+of either stage. Every rank logs every probe's metrics, equal to one process on the whole
+batches; the stage's shape-inference forward on placeholder tensors is not recorded; a resumed
+run (a gathered state) continues the window exactly; a probe on no stage, or a glob matching
+different modules on different stages, is refused on both ranks alike."""
+
+import copy
+import os
+
+import pytest
+import torch
+from torch import nn
+from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+
+from collapse_monitor import CollapseMonitor, probes
+from tests.dist import process_group, run_two
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleDict(
+            {str(i): nn.Sequential(nn.Linear(16, 16), nn.ReLU()) for i in range(4)}
+        )
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        for layer in self.layers.values():
+            x = layer(x)
+        return x if self.head is None else self.head(x)
+
+
+def stage(net, s):
+    part = copy.deepcopy(net)
+    for i in list(part.layers):
+        if (int(i) < 2) != (s == 0):
+            del part.layers[i]
+    if s == 0:
+        part.head = None
+    return part
+
+
+def watched(**kw):
+    return [
+        probes.RepresentationRank("layers.0", name="first"),  # stage 0
+        probes.DormantUnits("layers.3.1", name="dormant"),  # stage 1
+        probes.LogitHealth("head", name="logits", nlm=False),  # stage 1
+    ]
+
+
+def data(step):
+    g = torch.Generator().manual_seed(step)
+    return torch.randn(8, 16, generator=g), torch.randint(0, 10, (8,), generator=g)
+
+
+def train(mon, schedule, rank, steps):
+    logs = []
+    for s in steps:
+        x, y = data(s)
+        with mon.observe():
+            if rank == 0:
+                schedule.step(x)
+            else:
+                schedule.step(target=y, losses=[])
+        out = mon.step()
+        if out is not None:
+            logs.append(out)
+    return logs
+
+
+def worker(rank, init, out_dir):
+    with process_group(rank, init):
+        torch.set_num_threads(1)
+        part = stage(Net(), rank)
+        refused = []
+        for bad in ("layers.9", "layers.*"):  # on no stage; different modules per stage
+            try:
+                CollapseMonitor(part, [probes.RepresentationRank(bad, name="bad")], 2).close()
+            except (KeyError, ValueError) as exc:
+                refused.append(str(exc))
+        mon = CollapseMonitor(part, watched(), 2, observe_every_n_steps=1)
+        loss = lambda out, y: nn.functional.cross_entropy(out, y)  # noqa: E731
+        schedule = ScheduleGPipe(PipelineStage(part, rank, 2, torch.device("cpu")), 2, loss)
+        logs = train(mon, schedule, rank, range(3))  # the first step infers shapes
+        state = mon.state_dict(gather=True)  # mid-window
+        logs += train(mon, schedule, rank, range(3, 4))
+        mon.close()
+        resumed = CollapseMonitor(part, watched(), 2, observe_every_n_steps=1)
+        resumed.load_state_dict(state)
+        after = train(resumed, schedule, rank, range(3, 4))
+        resumed.close()
+        out = {"logs": logs, "resumed": after, "refused": refused}
+        torch.save(out, os.path.join(out_dir, f"pp{rank}.pt"))
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    return run_two(worker, tmp_path_factory.mktemp("pp"), "pp")
+
+
+def one_process():
+    """The same model, whole batches (no optimizer step: the weights stay as they are)."""
+    net = Net()
+    mon = CollapseMonitor(net, watched(), 2, observe_every_n_steps=1)
+    logs = []
+    for s in range(4):
+        x, y = data(s)
+        with mon.observe():
+            nn.functional.cross_entropy(net(x), y).backward()
+        out = mon.step()
+        if out is not None:
+            logs.append(out)
+    mon.close()
+    return logs
+
+
+def test_every_rank_logs_every_stage_probe_as_one_process(ranks):
+    want = one_process()
+    for r in ranks:
+        assert len(r["logs"]) == 2
+        for got, expected in zip(r["logs"], want):
+            keys = [k for k in expected if not k.endswith("/calls")]
+            assert {k.split("/")[1] for k in keys} >= {"first", "dormant", "logits"}
+            assert set(keys) <= set(got)
+            for k in keys:
+                assert got[k] == pytest.approx(expected[k], rel=1e-6, abs=1e-9), k
+            # two micro-batches: two forward calls a step, each counted
+            assert got["collapse/first/calls"] == 2 * expected["collapse/first/calls"]
+    assert ranks[0]["logs"] == ranks[1]["logs"]
+
+
+def test_a_gathered_state_resumes_each_stage_exactly(ranks):
+    for r in ranks:
+        assert r["resumed"] == [r["logs"][1]]
+
+
+def test_a_probe_on_no_stage_or_on_different_modules_per_stage_is_refused_alike(ranks):
+    for r in ranks:
+        missing, different = r["refused"]
+        assert "no module named or matching 'layers.9'" in missing
+        assert "matches different modules on different ranks" in different
+        assert "0: ('layers.0', 'layers.0.0'" in different
+    assert ranks[0]["refused"][1] == ranks[1]["refused"][1]
