@@ -113,9 +113,36 @@ def whole_parameters(model: nn.Module, writeback: bool = True) -> Iterator[None]
         yield
 
 
+def _fsdp2_params(named: dict[str, nn.Module]) -> tuple[set[int], bool]:
+    """The parameters FSDP2 (``fully_shard``) manages, by ``id``, and whether one of them was a
+    ``DTensor`` already when it was sharded (tensor parallelism under FSDP2). Read from FSDP2's
+    parameter groups (``FSDPParam.is_dtensor``, private); without them every parameter under an
+    ``FSDPModule`` counts as managed and the second answer is False."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return set(), False
+    managed, tp = set(), False
+    for module in named.values():
+        if not isinstance(module, FSDPModule):
+            continue
+        state = getattr(module, "_get_fsdp_state", lambda: None)()
+        params = getattr(getattr(state, "_fsdp_param_group", None), "fsdp_params", None)
+        if params is None:
+            managed.update(id(p) for p in module.parameters())
+            continue
+        for fp in params:
+            managed.add(id(fp.sharded_param))
+            tp = tp or bool(getattr(fp, "is_dtensor", False))
+    return managed, tp
+
+
 def refuse_tensor_parallel(named: dict[str, nn.Module]) -> None:
-    """Raise when DTensor tensor parallelism (``parallelize_module`` with ``ColwiseParallel``,
-    ``RowwiseParallel``, ``SequenceParallel``, ...) has distributed a module of the model.
+    """Raise when tensor parallelism has placed a module's parameters or activations:
+    ``parallelize_module`` (``ColwiseParallel``, ``RowwiseParallel``, ``SequenceParallel``, ...,
+    all through ``distribute_module``, which marks the module), parameters that are sharded
+    ``DTensor`` s FSDP2 does not manage (``transformers``' ``tp_plan``), or FSDP2 over such
+    parameters.
 
     Under tensor parallelism each rank holds a slice of the heads, of the vocabulary, of the
     hidden features or of the sequence, while the ranks of one tensor-parallel group see the same
@@ -123,29 +150,50 @@ def refuse_tensor_parallel(named: dict[str, nn.Module]) -> None:
     samples of the same quantities: per-head keys would mean different global heads on different
     ranks, vocabulary shards would give a partial softmax, a replicated batch would count once per
     rank. Until each layout is read exactly, the monitor refuses it instead of logging numbers
-    that look right. Every TP style goes through ``distribute_module``, which marks the module.
+    that look right.
 
     Args:
         named: the model's modules by name (:func:`~collapse_monitor._modules.named_modules`).
 
     Raises:
-        ValueError: naming the distributed modules and their parameters' placements.
+        ValueError: naming a module and its parameters' placements.
     """
-    found = [(n, m) for n, m in named.items() if getattr(m, "_distribute_module_applied", False)]
-    if not found:
+    managed, under_fsdp2 = _fsdp2_params(named)
+
+    def placed(module: nn.Module, flagged: bool) -> list[str]:
+        # a module distribute_module marked: every DTensor parameter; else the sharded ones
+        # FSDP2 does not manage (FSDP2's own are Shard(0) DTensors between forwards)
+        return [
+            f"{name} {tuple(p.placements)} on mesh {mesh.mesh_dim_names or tuple(mesh.shape)}"
+            for name, p in module.named_parameters(recurse=False)
+            if is_sharded(p)
+            and (mesh := p.device_mesh) is not None
+            and (
+                flagged
+                or (id(p) not in managed and not all(x.is_replicate() for x in p.placements))
+            )
+        ]
+
+    found = []
+    for path, module in named.items():
+        flagged = bool(getattr(module, "_distribute_module_applied", False))
+        where = placed(module, flagged)
+        if flagged or where:
+            found.append((path, where))
+    if not found and not under_fsdp2:
         return
-    path, module = found[0]
-    placed = [
-        f"{name} {tuple(p.placements)} on mesh {mesh.mesh_dim_names or tuple(mesh.shape)}"
-        for name, p in module.named_parameters(recurse=False)
-        if is_sharded(p) and (mesh := p.device_mesh) is not None
-    ]
-    where = f"'{path}'" + (f" ({'; '.join(placed)})" if placed else "")
-    more = f" and {len(found) - 1} more module(s) were" if len(found) > 1 else " was"
+    if found:
+        path, where = found[0]
+        what = f"'{path or '(the model)'}'" + (f" ({'; '.join(where)})" if where else "")
+        more = f" and {len(found) - 1} more" if len(found) > 1 else ""
+        what = f"{what}{more}"
+    else:
+        what = "parameters that were DTensors when FSDP2 (fully_shard) sharded them"
     raise ValueError(
-        f"CollapseMonitor: tensor parallelism is not supported: {where}{more} distributed by "
-        "DTensor (parallelize_module). Each rank holds a slice of its heads, vocabulary, features or "
-        "sequence, and the monitor would all-reduce those slices as if they were the same "
-        "quantities, a wrong number that looks right. Monitor the model under data parallelism "
-        "or FSDP2 alone (fully_shard), or a tensor-parallel-free copy of it"
+        f"CollapseMonitor: tensor parallelism is not supported: {what} (DTensor placements "
+        "from parallelize_module, a tp_plan, ...). Each rank holds a slice of the heads, "
+        "vocabulary, features or sequence, and the monitor would all-reduce those slices as if "
+        "they were the same quantities, a wrong number that looks right. Monitor the model "
+        "under data parallelism or FSDP2 alone (fully_shard), or a tensor-parallel-free copy "
+        "of it"
     )

@@ -141,7 +141,9 @@ class DistributedCheckpoint:
     statistics load, and a class-sharded window is dropped with a warning (or refused whole by
     a probe without shards: one process). DCP itself unpickles non-tensor values unrestricted
     (as it does an optimizer's ``param_groups``); the monitor then reads its bytes with
-    ``weights_only=True``.
+    ``weights_only=True``. To resume without some of the saved probes, load the value yourself
+    (``dcp.load({"monitor": {"collapse_monitor": b""}}, ...)``), read it with
+    :func:`from_bytes`, remove them from its ``"probes"`` and call ``load_state_dict``.
 
     Args:
         monitor: the :class:`~collapse_monitor.CollapseMonitor`.

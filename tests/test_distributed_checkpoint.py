@@ -13,6 +13,7 @@ from torch import nn
 
 from collapse_monitor import CollapseMonitor, probes
 from tests.dist import process_group, run_two
+from tests.probes.test_attention_entropy import SDPAAttention
 
 C, D = 12, 5
 
@@ -74,11 +75,38 @@ def worker(rank, init, out_dir):
         from_rank0 = run(fresh, range(6, 8), [rank])
         fresh.close()
 
+        # sampled query rows, sequences of another length on each rank: every rank resumes
+        # its own random draws (each rank's generator is in the state rank 0 writes)
+        attn = nn.Sequential()
+        attn.add_module("attn", SDPAAttention())
+        sampled = [probes.AttentionEntropy("attn", queries=3, name="attn")]
+        xs = [
+            torch.randn(2, 9 + 3 * rank, 32, generator=torch.Generator().manual_seed(s))
+            for s in range(8)
+        ]
+
+        def attend(mon, steps):
+            for s in steps:
+                with mon.observe():
+                    attn(xs[s])
+                logged = mon.step()
+            return logged  # the last step's: a log (step 8)
+
+        mon = CollapseMonitor(attn, sampled, 4)
+        attend(mon, range(6))
+        dcp.save({"monitor": mon.stateful()}, checkpoint_id=ckpt + "_attn")
+        want_attn = attend(mon, range(6, 8))
+        mon.close()
+        mon = CollapseMonitor(attn, sampled, 4)
+        dcp.load({"monitor": mon.stateful()}, checkpoint_id=ckpt + "_attn")
+        got_attn = attend(mon, range(6, 8))
+        mon.close()
+
         plain = monitor(net, shards=False)  # replicated statistics only
         run(plain, range(6), [rank])
         dcp.save({"monitor": plain.stateful()}, checkpoint_id=ckpt + "_plain")
         plain.close()
-        out = {"want": want, "dcp": from_dcp, "rank0": from_rank0}
+        out = {"want": want, "dcp": from_dcp, "rank0": from_rank0, "attn": (want_attn, got_attn)}
         torch.save(out, os.path.join(out_dir, f"ckpt{rank}.pt"))
 
 
@@ -99,6 +127,14 @@ def test_dcp_and_a_gathered_rank_0_state_resume_the_window_exactly(ran):
             assert got.keys() == want.keys()
             assert all(got[k] == pytest.approx(want[k], rel=1e-12) for k in want)
     assert ranks[0]["want"] == ranks[1]["want"]
+
+
+def test_each_rank_resumes_its_own_random_draws(ran):
+    _, ranks = ran
+    for r in ranks:
+        want, got = r["attn"]
+        assert "collapse/attn/attn/entropy/head_0" in want and got.keys() == want.keys()
+        assert all(got[k] == pytest.approx(want[k], rel=1e-12) for k in want)
 
 
 def test_dcp_writes_the_replicated_state_once(ran):

@@ -6,7 +6,8 @@ and sees the same batch as the others; the monitor would all-reduce the slices a
 the same quantities. Measured before the refusal (2 ranks): per-head entropies off by 0.19 and
 0.42 nats, a vocabulary-parallel head's ``log_z_mean`` 36.9 against 59.9, no error counted. Each
 case here checks the layout that gave such numbers is refused with the module and its placement
-named: at construction, at the first log for a model parallelised after the monitor was built,
+named: at construction (also for a DTensor weight placed without parallelize_module, as
+transformers' ``tp_plan`` does, and under FSDP2), at the first log for a model parallelised after the monitor was built,
 in the forward for a DTensor activation, and for TP composed with FSDP2 on a 2-D mesh.
 """
 
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import Shard
+from torch.distributed.tensor import Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     RowwiseParallel,
@@ -119,6 +120,17 @@ def worker(rank, init, out_dir):
         with pytest.raises(ValueError) as exc:
             CollapseMonitor(model, watched(), 1)
         out["tp_fsdp2"] = str(exc.value)
+        # a DTensor weight placed without parallelize_module (as transformers' tp_plan does),
+        # alone, then sharded by FSDP2
+        for fsdp in (False, True):
+            model = Block()
+            w = model.head.weight.detach()
+            model.head.weight = nn.Parameter(distribute_tensor(w, mesh["tp"], [Shard(0)]))
+            if fsdp:
+                fully_shard(model, mesh=mesh["dp"])
+            with pytest.raises(ValueError) as exc:
+                CollapseMonitor(model, watched(), 1)
+            out[f"by_hand_{fsdp}"] = str(exc.value)
         torch.save(out, os.path.join(out_dir, f"tp{rank}.pt"))
 
 
@@ -128,7 +140,8 @@ def test_tensor_parallel_layouts_are_refused_with_the_module_and_its_placement(t
             "tensor parallelism is not supported: 'q' (weight (Shard(dim=0),) on mesh ('tp',)"
             in (out["construction"])
         )
-        assert "and 3 more module(s)" in out["construction"]  # k, v, o
+        assert "'q' (weight (Shard(dim=0),) on mesh ('tp',); bias" in out["construction"]
+        assert " and 3 more (DTensor placements" in out["construction"]  # k, v, o
         after = out["after"]
         assert after["collapse/errors"] == 4.0  # three probes and the mitigation
         assert not [k for k in after if k.startswith(("collapse/attention", "collapse/logits"))]
@@ -137,5 +150,8 @@ def test_tensor_parallel_layouts_are_refused_with_the_module_and_its_placement(t
         assert out["acted"] == 0
         assert "read a DTensor at 'head' (placements (Shard(dim=2),))" in out["dtensor"]
         # FSDP2 around TP: the placements on the 2-D mesh are named
+        by_hand = "not supported: 'head' (weight (Shard(dim=0),) on mesh ('tp',)) (DTensor"
+        assert by_hand in out["by_hand_False"]
+        assert "parameters that were DTensors when FSDP2" in out["by_hand_True"]
         placed = "'q' (weight (_StridedShard(dim=0, sf=2), Shard(dim=0)) on mesh ('dp', 'tp')"
         assert placed in out["tp_fsdp2"]

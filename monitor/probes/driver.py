@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import _dist
 from .._modules import resolve_modules
 from .._sharding import is_sharded
 from ..contracts import Component, Readout, Recording, Setup
@@ -225,9 +226,8 @@ class ProbeDriver(Component, Recorder):
         if is_sharded(value):
             raise ValueError(
                 f"{self.probe!r} read a DTensor at '{call.path}' (placements "
-                f"{tuple(value.placements)}): tensor parallelism is not supported (a sharded "
-                "placement holds part of the tensor on each rank, which the monitor would "
-                "reduce as samples of the whole)"
+                f"{tuple(value.placements)}): DTensor activations (tensor parallelism) are not "
+                "supported; the monitor reads plain tensors"
             )
         if device is not None:
             self.device = device  # where the data lives now (the model may have moved)
@@ -409,7 +409,9 @@ class ProbeDriver(Component, Recorder):
     # ----------------------------------------------------------------- state
     def state_dict(self, group=None, sync: bool = True) -> dict:
         """Window statistics (all-reduced over ``group`` when ``sync``: a collective) and extra
-        state. During a validation snapshot, the training window is saved."""
+        state; a probe's random ``generator`` is each rank's (``generators``, gathered when
+        ``sync``), so that every rank resumes its own draws from any rank's copy. During a
+        validation snapshot, the training window is saved."""
         window = self._saved_window if self._saved_window is not None else self.window
         window = window.reduced(group) if sync else window
         extra = {
@@ -419,6 +421,8 @@ class ProbeDriver(Component, Recorder):
             "rows_per_step": self.rows_per_step,  # a resumed cadence records the same steps
             **self.probe.extra_state(),
         }
+        if sync and "generator" in extra and _dist.is_distributed(group):
+            extra["generators"] = _dist.all_gather_object(extra["generator"], group)
         return {"identity": self.identity(), "window": window.state_dict(), "extra": extra}
 
     def identity(self) -> dict:
@@ -466,13 +470,18 @@ class ProbeDriver(Component, Recorder):
             raise type(exc)(f"{self.probe!r}: {exc}; nothing was loaded") from None
         return window
 
-    def apply(self, state: dict, window: Window) -> None:
-        """Take a :meth:`stage` d window and ``state``'s other parts."""
+    def apply(self, state: dict, window: Window, rank: int = 0) -> None:
+        """Take a :meth:`stage` d window and ``state``'s other parts (``rank``: this rank in the
+        probe's group, whose random draws it resumes)."""
         if self._saved_window is not None:  # (a snapshot is open: the training window)
             self._saved_window = window
         else:
             self.window = window
         extra = state["extra"]
+        own = extra.get("generators")
+        if own is not None:  # this rank's draws (a run with fewer ranks: rank 0's, as saved)
+            extra = {**extra, "generator": own[rank] if rank < len(own) else extra["generator"]}
+            extra["generator_rank"] = rank if rank < len(own) else 0
         self._spoke = bool(extra["spoke"])
         self.observed_steps = int(extra["observed_steps"])
         self.window_steps = int(extra["window_steps"])

@@ -281,7 +281,7 @@ class ProbeSet:
 
         def apply() -> None:
             for d, window in staged:
-                d.apply(states[d.name], window)
+                d.apply(states[d.name], window, _dist.rank(self._group(d)))
 
         return apply
 

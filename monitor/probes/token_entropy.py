@@ -455,9 +455,9 @@ class TokenEntropy(Probe):
         return {"generator": self._generator.get_state()}
 
     def load_extra_state(self, state: dict) -> None:
-        # the saved draws are rank 0's: that rank continues them exactly, the others keep their
-        # own stream (rows drawn apart from rank 0's)
-        if self._rank == 0:
+        # the saved draws are this rank's when the state holds every rank's; else rank 0's,
+        # which only rank 0 continues (the others keep their own stream, drawn apart from it)
+        if self._rank == state.get("generator_rank", 0):
             self._generator.set_state(state["generator"])
 
     # ----------------------------------------------------------------- readout

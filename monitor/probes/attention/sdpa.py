@@ -145,7 +145,8 @@ class SDPACalls:
         path, module = where
         k = self.calls.get(path, 0)
         self.calls[path] = k + 1
-        layer = layer_name(path) if k == 0 else f"{layer_name(path)}.sdpa_{k}"
+        kind = "flex" if flex else "sdpa"  # (the k-th call of a module after its first)
+        layer = layer_name(path) if k == 0 else f"{layer_name(path)}.{kind}_{k}"
         call = self.recorder.call(layer, module)
         q, key = a["query"], a["key"]
         if not isinstance(q, torch.Tensor) or q.ndim < 2:
