@@ -15,7 +15,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 
 from collapse_monitor import CollapseMonitor, probes
 from collapse_monitor import functional as MF
-from tests.probes.test_attention_entropy import SDPAAttention, layer_metrics, watch
+from tests.probes.test_attention_entropy import SDPAAttention, layer_metrics
 
 B, T, WINDOW = 2, 32, 6
 DOCS = torch.tensor([0] * 10 + [1] * 14 + [2] * 8)  # three packed documents
@@ -93,6 +93,26 @@ CASES = {
 }
 
 
+def observed(score_mod, block, x, kv_heads=None, mask=None, **probe):
+    """Per-head (entropy, entropy_norm) the probe logs for one call of a FlexAttention block
+    on ``x`` (made after ``torch.manual_seed``), and the block's q and k."""
+    m = nn.Sequential()
+    m.add_module("attn", FlexAttention(score_mod, block, kv_heads=kv_heads))
+    probe = {"queries": None, **probe}
+    attn = probes.AttentionEntropy("attn", name="attn", **probe)
+    mon = CollapseMonitor(m, [attn], 10**6, observe_every_n_steps=1)
+    with mon.observe(**({} if mask is None else {"mask": mask})):
+        m(x)
+    ent, norm, _ = layer_metrics(mon)
+    mon.close()
+    q, k, _ = m.attn.qk(x)
+    return ent, norm, q, k
+
+
+def assert_equals(ent, want):
+    torch.testing.assert_close(ent, want, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_flex_attention_equals_a_float64_reference(case):
     mask_name, score_name, extra = CASES[case]
@@ -104,21 +124,14 @@ def test_flex_attention_equals_a_float64_reference(case):
     score_mod = {"alibi": alibi, "softcap": softcap, "masked_by_score": masked_by_score}.get(
         score_name
     )
-    m = nn.Sequential()
-    m.add_module("attn", FlexAttention(score_mod, block, kv_heads=2 if "gqa" in case else None))
     x = torch.randn(B, T, 32)
-    mon = watch(m)
-    with mon.observe():
-        m(x)
-    ent, norm, got = layer_metrics(mon)
-    mon.close()
-    q, k, _ = m.attn.qk(x)
+    ent, norm, q, k = observed(score_mod, block, x, kv_heads=2 if "gqa" in case else None)
     allowed = DENSE_MASK.get(mask_name, torch.ones(T, T, dtype=torch.bool))
     if extra == "causal":
         allowed = _q >= _k
     want = reference(q, k, allowed.expand(B, 4, T, T), DENSE_SCORE.get(score_name))
-    torch.testing.assert_close(ent, want["entropy"], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(norm, want["entropy_norm"], rtol=1e-5, atol=1e-6)
+    assert_equals(ent, want["entropy"])
+    assert_equals(norm, want["entropy_norm"])
 
 
 def test_a_block_sparse_mask_given_by_its_blocks_alone():
@@ -132,52 +145,29 @@ def test_a_block_sparse_mask_given_by_its_blocks_alone():
         kv_indices[0, 0, i, 1] = i
         kv_num[0, 0, i] = 2
     block = BlockMask.from_kv_blocks(kv_num, kv_indices, BLOCK_SIZE=8, seq_lengths=(T, T))
-    m = nn.Sequential()
-    m.add_module("attn", FlexAttention(None, block))
-    x = torch.randn(B, T, 32)
-    mon = watch(m)
-    with mon.observe():
-        m(x)
-    ent, _, _ = layer_metrics(mon)
-    mon.close()
+    ent, _, q, k = observed(None, block, torch.randn(B, T, 32))
     qb, kb = _q // 8, _k // 8
-    allowed = (kb == 0) | (kb == qb)
-    q, k, _ = m.attn.qk(x)
-    want = reference(q, k, allowed.expand(B, 4, T, T))
-    torch.testing.assert_close(ent, want["entropy"], rtol=1e-5, atol=1e-6)
+    assert_equals(ent, reference(q, k, ((kb == 0) | (kb == qb)).expand(B, 4, T, T))["entropy"])
 
 
 def test_padded_queries_and_sampled_rows():
     """``observe(mask=)`` leaves padded query rows out; with ``queries=8`` the probe's sample
     of rows gives the reference's entropy over the same rows."""
-    torch.manual_seed(2)
     block = create_block_mask(document, None, None, T, T, "cpu", BLOCK_SIZE=8)
-    m = nn.Sequential()
-    m.add_module("attn", FlexAttention(alibi, block))
-    x = torch.randn(B, T, 32)
+    x = torch.randn(B, T, 32, generator=torch.Generator().manual_seed(2))
     keep = torch.ones(B, T, dtype=torch.bool)
     keep[1, 20:] = False
-    mon = watch(m)
-    with mon.observe(mask=keep):
-        m(x)
-    ent, _, _ = layer_metrics(mon)
-    mon.close()
-    q, k, _ = m.attn.qk(x)
     allowed = DENSE_MASK["document"].expand(B, 4, T, T)
-    want = reference(q, k, allowed, DENSE_SCORE["alibi"], queries=keep)
-    torch.testing.assert_close(ent, want["entropy"], rtol=1e-5, atol=1e-6)
+    torch.manual_seed(2)
+    ent, _, q, k = observed(alibi, block, x, mask=keep)
+    assert_equals(ent, reference(q, k, allowed, DENSE_SCORE["alibi"], queries=keep)["entropy"])
     # sampled rows: the probe draws them from its generator (seeded), as here
-    sampled = probes.AttentionEntropy("attn", queries=8, seed=3, name="attn")
-    mon = CollapseMonitor(m, [sampled], 10**6, observe_every_n_steps=1)
-    with mon.observe():
-        m(x)
-    ent, _, _ = layer_metrics(mon)
-    mon.close()
+    torch.manual_seed(2)
+    ent, _, q, k = observed(alibi, block, x, queries=8, seed=3)
     rows = torch.randperm(T, generator=torch.Generator().manual_seed(3))[:8].sort().values
     queries = torch.zeros(B, T, dtype=torch.bool)
     queries[:, rows] = True
-    want = reference(q, k, allowed, DENSE_SCORE["alibi"], queries=queries)
-    torch.testing.assert_close(ent, want["entropy"], rtol=1e-5, atol=1e-6)
+    assert_equals(ent, reference(q, k, allowed, DENSE_SCORE["alibi"], queries=queries)["entropy"])
 
 
 def test_transformers_flex_attention_equals_its_sdpa_implementation():
