@@ -113,28 +113,33 @@ def whole_parameters(model: nn.Module, writeback: bool = True) -> Iterator[None]
         yield
 
 
-def _fsdp2_params(named: dict[str, nn.Module]) -> tuple[set[int], bool]:
-    """The parameters FSDP2 (``fully_shard``) manages, by ``id``, and whether one of them was a
-    ``DTensor`` already when it was sharded (tensor parallelism under FSDP2). Read from FSDP2's
-    parameter groups (``FSDPParam.is_dtensor``, private); without them every parameter under an
-    ``FSDPModule`` counts as managed and the second answer is False."""
+def _fsdp2_params(named: dict[str, nn.Module]) -> tuple[set[int], set[int], bool]:
+    """What FSDP2 (``fully_shard``) does with the parameters, from its parameter groups
+    (``FSDPParam``, private): the ids of those it manages, of those it shards over a whole SPMD
+    mesh (``dp_mesh_dims``: replicated ``DTensor`` s, data parallelism), and whether one was a
+    ``DTensor`` already when it was sharded (tensor parallelism under FSDP2). Without readable
+    groups every parameter under an ``FSDPModule`` counts as managed."""
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:
-        return set(), False
-    managed, tp = set(), False
+        return set(), set(), False
+    managed, spmd, tp = set(), set(), False
     for module in named.values():
         if not isinstance(module, FSDPModule):
             continue
-        state = getattr(module, "_get_fsdp_state", lambda: None)()
-        params = getattr(getattr(state, "_fsdp_param_group", None), "fsdp_params", None)
-        if params is None:
+        try:
+            groups = module._get_fsdp_state()._fsdp_param_groups
+            params = [fp for g in groups for fp in g.fsdp_params]
+        except Exception:  # (private: another torch)
             managed.update(id(p) for p in module.parameters())
             continue
         for fp in params:
             managed.add(id(fp.sharded_param))
-            tp = tp or bool(getattr(fp, "is_dtensor", False))
-    return managed, tp
+            if getattr(fp.mesh_info, "is_spmd_mesh", False):
+                spmd.add(id(fp.sharded_param))
+            elif getattr(fp, "is_dtensor", False):
+                tp = True
+    return managed, spmd, tp
 
 
 def refuse_tensor_parallel(named: dict[str, nn.Module]) -> None:
@@ -158,7 +163,7 @@ def refuse_tensor_parallel(named: dict[str, nn.Module]) -> None:
     Raises:
         ValueError: naming a module and its parameters' placements.
     """
-    managed, under_fsdp2 = _fsdp2_params(named)
+    managed, spmd, under_fsdp2 = _fsdp2_params(named)
 
     def placed(module: nn.Module, flagged: bool) -> list[str]:
         # a module distribute_module marked: every DTensor parameter; else the sharded ones
@@ -176,7 +181,12 @@ def refuse_tensor_parallel(named: dict[str, nn.Module]) -> None:
 
     found = []
     for path, module in named.items():
-        flagged = bool(getattr(module, "_distribute_module_applied", False))
+        # distribute_module marks a module; FSDP2 over a whole SPMD mesh asks for it (data
+        # parallelism: every parameter replicated, then sharded by FSDP2)
+        own = [id(p) for p in module.parameters(recurse=False)]
+        flagged = bool(getattr(module, "_distribute_module_applied", False)) and not (
+            own and all(i in spmd for i in own)
+        )
         where = placed(module, flagged)
         if flagged or where:
             found.append((path, where))

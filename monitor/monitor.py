@@ -17,10 +17,10 @@ sends everything to the outlets.
 
 from __future__ import annotations
 
-import dataclasses
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from types import MappingProxyType
 from typing import Any
 
@@ -83,7 +83,7 @@ class CollapseMonitor:
     Raises:
         TypeError: a probe, mitigation, rule or sink of the wrong type.
         ValueError: repeated probe or mitigation names; ``pictures`` naming unknown probes;
-            a cadence below 1.
+            a cadence below 1; tensor parallelism; a glob matching other modules on each rank.
         KeyError: a module path that matches nothing (on no rank, under ``torch.distributed``:
             a pipeline stage's modules live on some ranks; a collective), with the closest names.
         RuntimeError: the model already has an open monitor.
@@ -171,8 +171,8 @@ class CollapseMonitor:
         setup = Setup(model, {}, config.log_every_n_steps, process_group, strict)
         try:
             with whole_parameters(model):  # FSDP: attach reads parameters' shapes
-                self.probe_info = self._probes.attach(setup)
-                self._mitigations.attach(dataclasses.replace(setup, probes=self.probe_info))
+                self.probe_info = info = self._probes.attach(setup)
+                self._probes.agreed(self._mitigations.attach, replace(setup, probes=info))
             # after attach: a glob over several modules binds its rules to each module's keys
             defaults = config.default_rules
             bound = [r for p in config.probes for r in p.default_rules()] if defaults else []
@@ -433,7 +433,7 @@ class CollapseMonitor:
         save each rank's, or ``gather`` all into each (:func:`~collapse_monitor.state.gathered`).
         For ``torch.distributed.checkpoint``: :meth:`stateful`.
         """
-        sync = sync is not False
+        sync, gather = sync is not False, gather and self.rank_local_state
         saved = state.pack(
             # a reduced state holds every rank's samples: only one rank may keep them on load
             reduced=sync and _dist.is_distributed(self.process_group),
@@ -444,7 +444,6 @@ class CollapseMonitor:
             mitigation_counts=dict(self._mitigations.counts),
             mitigations=self._mitigations.state_dict(),
         )
-        gather = gather and self.rank_local_state
         return state.gathered(saved, self.process_group) if gather else saved
 
     def stateful(self, optimizer: Optimizers = None) -> state.DistributedCheckpoint:
@@ -464,13 +463,13 @@ class CollapseMonitor:
 
     def load_state_dict(self, saved: dict, optimizer: Optimizers = None) -> None:
         """Restore :meth:`state_dict` (or this rank's part of a gathered one). Under distributed
-        runs every rank loads the same reduced state; ranks other than 0 keep its shifts and
-        lagged centres but start their window empty (each sample counts once); a state saved
+        runs every rank loads the same reduced state; all but a probe's first rank keep its shifts
+        and lagged centres but start their window empty (each sample counted once); a state saved
         with ``sync=False`` is kept whole on every rank. Mitigations that changed the model's
-        structure (σReparam) re-apply it here and add their parameters to ``optimizer``: load
-        the monitor before the model and the optimizer. The state is checked whole first (each
-        probe's identity, statistics' shapes): one that does not fit is refused naming the
-        probe, and nothing changes.
+        structure (σReparam) re-apply it here and add their parameters to ``optimizer``: load the
+        monitor before the model and the optimizer. The state is checked whole first (each probe's
+        identity, statistics' shapes): one that does not fit is refused naming the probe, and
+        nothing changes.
 
         Raises:
             ValueError: a state of another version, or another probe's; KeyError: a probe or

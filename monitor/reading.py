@@ -255,8 +255,8 @@ def pipeline_placeholder_forward() -> bool:
     if "torch.distributed.pipelining.stage" not in sys.modules:
         return False
     frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code.co_name == "_forward_metadata_inference":
+    while frame is not None:  # (torch < 2.10 named it _shape_inference, on meta tensors)
+        if frame.f_code.co_name in ("_forward_metadata_inference", "_shape_inference"):
             return True
         frame = frame.f_back
     return False

@@ -84,17 +84,25 @@ def gathered(state: dict, group=None) -> dict:
         3
     """
     cpu = _to_cpu(state)  # (a CUDA tensor would unpickle onto its own device on every rank)
-    return {"version": VERSION, "ranks": _dist.all_gather_object(cpu, group)}
+    ranks = _dist.all_gather_object(cpu, group)
+    for part in ranks:  # each part holds its rank's own draws: not every rank's again (W^2)
+        for probe in part.get("probes", {}).values():
+            probe["extra"].pop("generators", None)
+    return {"version": VERSION, "ranks": ranks}
 
 
 def for_rank(state: dict, rank: int) -> dict:
     """``rank``'s part of a :func:`gathered` state (rank 0's when the saved run had fewer ranks
     than this one: a class shard of other classes is then dropped with a warning, or refused by
     a probe without shards); any other state as it is."""
-    if isinstance(state, dict) and set(state) == {"version", "ranks"}:
-        ranks = state["ranks"]
-        return ranks[rank] if rank < len(ranks) else ranks[0]
-    return state
+    if not (isinstance(state, dict) and set(state) == {"version", "ranks"}):
+        return state
+    ranks = state["ranks"]
+    if rank >= len(ranks):
+        return ranks[0]
+    for probe in ranks[rank].get("probes", {}).values():  # this rank's own random draws
+        probe["extra"]["generator_mine"] = True
+    return ranks[rank]
 
 
 def to_bytes(state: dict) -> bytes:

@@ -131,6 +131,16 @@ def worker(rank, init, out_dir):
             with pytest.raises(ValueError) as exc:
                 CollapseMonitor(model, watched(), 1)
             out[f"by_hand_{fsdp}"] = str(exc.value)
+        # data parallelism alone is not refused: HSDP on the 2-D mesh, and FSDP2 that keeps the
+        # parameters whole after the forward (DTensors between steps, plain inside forwards)
+        out["accepted"] = []
+        for kw in ({"mesh": mesh}, {"mesh": mesh["dp"], "reshard_after_forward": False}):
+            model = Block()
+            fully_shard(model, **kw)
+            mon = CollapseMonitor(model, watched(), 1)
+            logged = step(model, mon)
+            out["accepted"].append((logged["collapse/errors"], "collapse/rank/erank" in logged))
+            mon.close()
         torch.save(out, os.path.join(out_dir, f"tp{rank}.pt"))
 
 
@@ -155,3 +165,4 @@ def test_tensor_parallel_layouts_are_refused_with_the_module_and_its_placement(t
         assert "parameters that were DTensors when FSDP2" in out["by_hand_True"]
         placed = "'q' (weight (_StridedShard(dim=0, sf=2), Shard(dim=0)) on mesh ('dp', 'tp')"
         assert placed in out["tp_fsdp2"]
+        assert out["accepted"] == [(0.0, True), (0.0, True)]

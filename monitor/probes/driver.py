@@ -409,8 +409,8 @@ class ProbeDriver(Component, Recorder):
     # ----------------------------------------------------------------- state
     def state_dict(self, group=None, sync: bool = True) -> dict:
         """Window statistics (all-reduced over ``group`` when ``sync``: a collective) and extra
-        state; a probe's random ``generator`` is each rank's (``generators``, gathered when
-        ``sync``), so that every rank resumes its own draws from any rank's copy. During a
+        state; with ``sync``, a probe's random ``generator`` of every rank (``generators``,
+        gathered), so that each rank resumes its own draws from one rank's copy. During a
         validation snapshot, the training window is saved."""
         window = self._saved_window if self._saved_window is not None else self.window
         window = window.reduced(group) if sync else window
@@ -470,18 +470,24 @@ class ProbeDriver(Component, Recorder):
             raise type(exc)(f"{self.probe!r}: {exc}; nothing was loaded") from None
         return window
 
-    def apply(self, state: dict, window: Window, rank: int = 0) -> None:
-        """Take a :meth:`stage` d window and ``state``'s other parts (``rank``: this rank in the
-        probe's group, whose random draws it resumes)."""
+    def apply(self, state: dict, window: Window, rank: int = 0, reduced: bool = False) -> None:
+        """Take a :meth:`stage` d window and ``state``'s other parts. ``rank``: this rank in the
+        probe's group; ``reduced``: the state is one rank's for all (else this rank's own). The
+        probe's extra state says whether its ``generator`` is this rank's
+        (``generator_mine``): then it resumes those draws."""
         if self._saved_window is not None:  # (a snapshot is open: the training window)
             self._saved_window = window
         else:
             self.window = window
         extra = state["extra"]
-        own = extra.get("generators")
-        if own is not None:  # this rank's draws (a run with fewer ranks: rank 0's, as saved)
-            extra = {**extra, "generator": own[rank] if rank < len(own) else extra["generator"]}
-            extra["generator_rank"] = rank if rank < len(own) else 0
+        every = extra.get("generators")
+        if every is not None and rank < len(every):
+            extra = {**extra, "generator": every[rank], "generator_mine": True}
+        elif "generator" in extra:  # a rank's own state (gathered, or not reduced), or rank 0's
+            extra = {
+                **extra,
+                "generator_mine": extra.get("generator_mine", not reduced or rank == 0),
+            }
         self._spoke = bool(extra["spoke"])
         self.observed_steps = int(extra["observed_steps"])
         self.window_steps = int(extra["window_steps"])

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
 from types import MappingProxyType
+from typing import Any
 
 import torch
 
@@ -49,26 +50,59 @@ class ProbeSet:
         self._unlabelled: set[str] = set()  # probes that said they skip unlabelled evaluations
 
     def attach(self, setup: Setup) -> Mapping[str, ProbeInfo]:
-        """Attach every probe; their descriptions, for the mitigations.
+        """Attach every probe; their descriptions, for the mitigations. Under
+        ``torch.distributed`` a collective (:meth:`_place`), after which an error of any rank
+        is raised on every rank.
 
         Raises:
             ValueError: a model under tensor parallelism
-                (:func:`~collapse_monitor._sharding.refuse_tensor_parallel`).
+                (:func:`~collapse_monitor._sharding.refuse_tensor_parallel`), a glob matching
+                different modules on different ranks, probes' other checks; KeyError: a path
+                that matches nothing (on no rank).
         """
-        refuse_tensor_parallel(named_modules(setup.model))
         distributed = _dist.is_distributed(self.process_group)
-        here = [d.attach(setup, elsewhere_ok=distributed) for d in self.drivers]
+
+        def local() -> list:
+            refuse_tensor_parallel(named_modules(setup.model))
+            return [d.attach(setup, elsewhere_ok=distributed) for d in self.drivers]
+
+        here = self.agreed(local) if distributed else local()
         if distributed:
             self._place(here, setup)
-        self._check_label_alignment()
+        self.agreed(self._check_label_alignment)
         return MappingProxyType({d.name: _info(d) for d in self.drivers})
+
+    def agreed(self, fn: Callable, *args) -> Any:
+        """``fn(*args)`` on every rank, then the first rank's error (if any rank failed) raised
+        on every rank alike, so that no rank goes on to a collective the others left (a
+        collective under ``torch.distributed``)."""
+        try:
+            result, error = fn(*args), None
+        except Exception as exc:  # (any: re-raised here, after the other ranks heard of it)
+            result, error = None, exc
+        if not _dist.is_distributed(self.process_group):
+            if error is not None:
+                raise error
+            return result
+        errors = _dist.all_gather_object(
+            None if error is None else (type(error).__name__, str(error)), self.process_group
+        )
+        if error is not None:
+            raise error
+        failed = next((e for e in errors if e is not None), None)
+        if failed is not None:
+            kinds = {e.__name__: e for e in (KeyError, TypeError, ValueError)}
+            kind = kinds.get(failed[0], RuntimeError)
+            raise kind(f"on another rank: {failed[1]}")
+        return result
 
     def _place(self, here: list, setup: Setup) -> None:
         """Agree over the ranks which hold each probe's modules (a collective; ``here``: the
         paths each probe found on this rank, or None). A probe whose modules live on some ranks
         only (a pipeline stage) reduces over a group of those ranks, and its metrics reach the
-        other ranks at each log. The same on every rank: an error for a module on no rank, or
-        for a glob that matches different modules on different ranks.
+        other ranks at each log; a rank without them knows its paths (its keys and rules are
+        the owners'). The same on every rank: an error for a module on no rank, or for a glob
+        that matches different modules on different ranks.
 
         Raises:
             KeyError: a probe's modules are on no rank; ValueError: a glob matching different
@@ -81,7 +115,7 @@ class ProbeSet:
         owners = []
         for i, d in enumerate(self.drivers):
             paths = {r: found[r][i] for r in range(world) if found[r][i] is not None}
-            if not paths:  # the message of this rank's search
+            if not paths:  # on no rank: this rank's message (its closest names)
                 resolve_modules(setup.model, d.probe.module, owner=repr(d.probe))
             if len(set(paths.values())) > 1:
                 raise ValueError(
@@ -89,19 +123,17 @@ class ProbeSet:
                     f"stages?): {paths}; give each stage's modules a probe of their own"
                 )
             owners.append(tuple(paths))
+            d.probe.paths = list(next(iter(paths.values())))  # (a rank without them too)
         if all(len(ranks) == world for ranks in owners):
             return
-        if group is not None:
+        if group not in (None, torch.distributed.group.WORLD):
             raise ValueError(
                 "probes whose modules live on some ranks only (pipeline stages) need the monitor "
                 "on the default process group (process_group=None)"
             )
-        groups: dict[tuple[int, ...], object] = {}
         for d, ranks in zip(self.drivers, owners):
             if len(ranks) < world:  # every rank makes the same groups in the same order
-                if ranks not in groups:
-                    groups[ranks] = torch.distributed.new_group(list(ranks))
-                d.group = groups[ranks]
+                d.group = _group_of(ranks)
         self.stage_local = True
         self.drivers = [d for d, h in zip(self.drivers, here) if h is not None]
         self.by_name = {d.name: d for d in self.drivers}
@@ -193,7 +225,7 @@ class ProbeSet:
         for d in self.drivers:
             if not d.disabled:
                 d.run(d.check_modules, named)
-        try:  # (the structure of the model is the same on every rank)
+        try:  # (agreed below: a part disabled on one rank is disabled on all)
             refuse_tensor_parallel(named)
         except ValueError as exc:
             for c in owners:
@@ -215,7 +247,8 @@ class ProbeSet:
         every rank, after :meth:`agree_on_disabled`); the windows are kept."""
         readouts = {}
         # FSDP (first generation): gathered only for a readout that reads weights (NC's
-        # classifier); every rank takes the same decision (disabled flags were agreed)
+        # classifier); every rank of a probe's group takes the same decision (disabled flags
+        # were agreed)
         gather = any(d.probe.reads_parameters and not d.disabled for d in self.drivers)
         with whole_parameters(holder, writeback=False) if gather else nullcontext():
             for d in self.drivers:
@@ -228,7 +261,11 @@ class ProbeSet:
     def _shared(self, readouts: dict[str, Readout]) -> dict[str, Readout]:
         """Add the metrics of the probes whose modules live on other ranks (a collective),
         received from those ranks; in the order of the probes."""
-        mine = {n: {k: float(v) for k, v in r.metrics.items()} for n, r in readouts.items()}
+        mine = {  # (each stage-local probe's metrics, from the first of its ranks)
+            n: {k: float(v) for k, v in r.metrics.items()}
+            for n, r in readouts.items()
+            if (d := self.by_name[n]).group is not None and _dist.rank(d.group) == 0
+        }
         received: dict[str, Readout] = {}
         for part in _dist.all_gather_object(mine, self.process_group):
             for name, metrics in part.items():
@@ -281,9 +318,21 @@ class ProbeSet:
 
         def apply() -> None:
             for d, window in staged:
-                d.apply(states[d.name], window, _dist.rank(self._group(d)))
+                d.apply(states[d.name], window, _dist.rank(self._group(d)), reduced)
 
         return apply
+
+
+_GROUPS: dict[tuple, object] = {}
+
+
+def _group_of(ranks: tuple[int, ...]):
+    """A process group of ``ranks`` (a collective of every rank), made once per default group:
+    a monitor built again (a trainer's ``validate``) takes the same one, leaking none."""
+    key = (id(torch.distributed.group.WORLD), ranks)
+    if key not in _GROUPS:
+        _GROUPS[key] = torch.distributed.new_group(list(ranks))
+    return _GROUPS[key]
 
 
 def metrics_of(

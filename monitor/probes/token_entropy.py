@@ -455,9 +455,9 @@ class TokenEntropy(Probe):
         return {"generator": self._generator.get_state()}
 
     def load_extra_state(self, state: dict) -> None:
-        # the saved draws are this rank's when the state holds every rank's; else rank 0's,
-        # which only rank 0 continues (the others keep their own stream, drawn apart from it)
-        if self._rank == state.get("generator_rank", 0):
+        # only this rank's own draws continue; another rank's (rank 0's state loaded by all)
+        # would draw the same rows on every rank: the others keep their own stream
+        if state.get("generator_mine", self._rank == 0):
             self._generator.set_state(state["generator"])
 
     # ----------------------------------------------------------------- readout
