@@ -2,7 +2,8 @@
 micro-batches per step): each rank holds one stage, built as torchtitan does (a copy of the
 model without the other stage's layers), and one monitor of its stage whose probes name modules
 of either stage. Every rank logs every probe's metrics, equal to one process on the whole
-batches; the stage's shape-inference forward on placeholder tensors is not recorded; a resumed
+batches (also with 2 data-parallel replicas of each stage, on 4 processes); the stage's
+shape-inference forward on placeholder tensors is not recorded; a resumed
 run (a gathered state) continues the window exactly; a probe on no stage, or a glob matching
 different modules on different stages, is refused on both ranks alike."""
 
@@ -51,15 +52,15 @@ def watched(**kw):
     ]
 
 
-def data(step):
-    g = torch.Generator().manual_seed(step)
+def data(step, replica=0):
+    g = torch.Generator().manual_seed(step + 100 * replica)
     return torch.randn(8, 16, generator=g), torch.randint(0, 10, (8,), generator=g)
 
 
-def train(mon, schedule, rank, steps):
+def train(mon, schedule, rank, steps, replica=0):
     logs = []
     for s in steps:
-        x, y = data(s)
+        x, y = data(s, replica)
         with mon.observe():
             if rank == 0:
                 schedule.step(x)
@@ -96,18 +97,35 @@ def worker(rank, init, out_dir):
         torch.save(out, os.path.join(out_dir, f"pp{rank}.pt"))
 
 
+def worker_pp_dp(rank, init, out_dir):
+    """2 stages x 2 data-parallel replicas: replica ``rank // 2`` runs stage ``rank % 2``; each
+    probe reduces over the 2 ranks of its stage."""
+    with process_group(rank, init, world=4):
+        torch.set_num_threads(1)
+        replica, s = divmod(rank, 2)
+        pipes = [torch.distributed.new_group([2 * d, 2 * d + 1]) for d in range(2)]
+        part = stage(Net(), s)
+        mon = CollapseMonitor(part, watched(), 2, observe_every_n_steps=1)
+        loss = lambda out, y: nn.functional.cross_entropy(out, y)  # noqa: E731
+        pipe = PipelineStage(part, s, 2, torch.device("cpu"), group=pipes[replica])
+        logs = train(mon, ScheduleGPipe(pipe, 2, loss), s, range(4), replica)
+        mon.close()
+        torch.save({"logs": logs}, os.path.join(out_dir, f"ppdp{rank}.pt"))
+
+
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     return run_two(worker, tmp_path_factory.mktemp("pp"), "pp")
 
 
-def one_process():
-    """The same model, whole batches (no optimizer step: the weights stay as they are)."""
+def one_process(replicas=1):
+    """The same model, whole batches of every replica (no optimizer step: the weights stay as
+    they are)."""
     net = Net()
     mon = CollapseMonitor(net, watched(), 2, observe_every_n_steps=1)
     logs = []
     for s in range(4):
-        x, y = data(s)
+        x, y = (torch.cat(t) for t in zip(*[data(s, r) for r in range(replicas)]))
         with mon.observe():
             nn.functional.cross_entropy(net(x), y).backward()
         out = mon.step()
@@ -130,6 +148,18 @@ def test_every_rank_logs_every_stage_probe_as_one_process(ranks):
             # two micro-batches: two forward calls a step, each counted
             assert got["collapse/first/calls"] == 2 * expected["collapse/first/calls"]
     assert ranks[0]["logs"] == ranks[1]["logs"]
+
+
+def test_stages_times_data_parallel_replicas_equal_one_process(tmp_path):
+    want = one_process(replicas=2)
+    outs = run_two(worker_pp_dp, tmp_path, "ppdp", world=4)
+    for r in outs:
+        for got, expected in zip(r["logs"], want):
+            keys = [k for k in expected if not k.endswith("/calls")]
+            assert set(keys) <= set(got)
+            for k in keys:
+                assert got[k] == pytest.approx(expected[k], rel=1e-6, abs=1e-9), k
+    assert all(r["logs"] == outs[0]["logs"] for r in outs)
 
 
 def test_a_gathered_state_resumes_each_stage_exactly(ranks):
