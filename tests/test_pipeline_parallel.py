@@ -15,8 +15,15 @@ import torch
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
 
-from collapse_monitor import CollapseMonitor, probes
+from collapse_monitor import CollapseMonitor, Sink, probes
 from tests.dist import process_group, run_two
+
+
+class Argmax(nn.Module):
+    """The predicted classes, as codes (a probe with a histogram on the last stage)."""
+
+    def forward(self, logits):
+        return logits.argmax(-1)
 
 
 class Net(nn.Module):
@@ -27,11 +34,16 @@ class Net(nn.Module):
             {str(i): nn.Sequential(nn.Linear(16, 16), nn.ReLU()) for i in range(4)}
         )
         self.head = nn.Linear(16, 10)
+        self.pick = Argmax()
 
     def forward(self, x):
         for layer in self.layers.values():
             x = layer(x)
-        return x if self.head is None else self.head(x)
+        if self.head is None:
+            return x
+        out = self.head(x)
+        self.pick(out.detach())
+        return out
 
 
 def stage(net, s):
@@ -40,7 +52,7 @@ def stage(net, s):
         if (int(i) < 2) != (s == 0):
             del part.layers[i]
     if s == 0:
-        part.head = None
+        part.head = part.pick = None
     return part
 
 
@@ -49,7 +61,23 @@ def watched(**kw):
         probes.RepresentationRank("layers.0", name="first"),  # stage 0
         probes.DormantUnits("layers.3.1", name="dormant"),  # stage 1
         probes.LogitHealth("head", name="logits", nlm=False),  # stage 1
+        probes.CodebookUsage("pick", 10, name="codes"),  # stage 1, with a histogram
     ]
+
+
+class Histograms(Sink):
+    """The histogram tags every rank's sinks receive."""
+
+    main_process_only = False
+
+    def __init__(self):
+        self.tags = set()
+
+    def log_metrics(self, metrics, step):
+        pass
+
+    def log_histogram(self, tag, values, step):
+        self.tags.add(tag)
 
 
 def data(step, replica=0):
@@ -82,7 +110,8 @@ def worker(rank, init, out_dir):
                 CollapseMonitor(part, [probes.RepresentationRank(bad, name="bad")], 2).close()
             except (KeyError, ValueError) as exc:
                 refused.append(str(exc))
-        mon = CollapseMonitor(part, watched(), 2, observe_every_n_steps=1)
+        sink = Histograms()
+        mon = CollapseMonitor(part, watched(), 2, sinks=[sink], observe_every_n_steps=1)
         loss = lambda out, y: nn.functional.cross_entropy(out, y)  # noqa: E731
         schedule = ScheduleGPipe(PipelineStage(part, rank, 2, torch.device("cpu")), 2, loss)
         logs = train(mon, schedule, rank, range(3))  # the first step infers shapes
@@ -93,7 +122,7 @@ def worker(rank, init, out_dir):
         resumed.load_state_dict(state)
         after = train(resumed, schedule, rank, range(3, 4))
         resumed.close()
-        out = {"logs": logs, "resumed": after, "refused": refused}
+        out = {"logs": logs, "resumed": after, "refused": refused, "histograms": sink.tags}
         torch.save(out, os.path.join(out_dir, f"pp{rank}.pt"))
 
 
@@ -141,13 +170,15 @@ def test_every_rank_logs_every_stage_probe_as_one_process(ranks):
         assert len(r["logs"]) == 2
         for got, expected in zip(r["logs"], want):
             keys = [k for k in expected if not k.endswith("/calls")]
-            assert {k.split("/")[1] for k in keys} >= {"first", "dormant", "logits"}
+            assert {k.split("/")[1] for k in keys} >= {"first", "dormant", "logits", "codes"}
             assert set(keys) <= set(got)
             for k in keys:
                 assert got[k] == pytest.approx(expected[k], rel=1e-6, abs=1e-9), k
             # two micro-batches: two forward calls a step, each counted
             assert got["collapse/first/calls"] == 2 * expected["collapse/first/calls"]
     assert ranks[0]["logs"] == ranks[1]["logs"]
+    for r in ranks:  # a stage's histograms reach the other stage's sinks too
+        assert "collapse/codes/usage_hist" in r["histograms"]
 
 
 def test_stages_times_data_parallel_replicas_equal_one_process(tmp_path):

@@ -259,17 +259,21 @@ class ProbeSet:
         return self._shared(readouts) if self.stage_local else readouts
 
     def _shared(self, readouts: dict[str, Readout]) -> dict[str, Readout]:
-        """Add the metrics of the probes whose modules live on other ranks (a collective),
-        received from those ranks; in the order of the probes."""
-        mine = {  # (each stage-local probe's metrics, from the first of its ranks)
-            n: {k: float(v) for k, v in r.metrics.items()}
+        """Add the metrics and histograms of the probes whose modules live on other ranks (a
+        collective), sent by the first of their ranks; in the order of the probes. (Not their
+        pictures: rendered where the probe runs, they would cost every log.)"""
+        mine = {
+            n: (
+                {k: float(v) for k, v in r.metrics.items()},
+                {k: v.detach().cpu() for k, v in r.histograms.items()},
+            )
             for n, r in readouts.items()
             if (d := self.by_name[n]).group is not None and _dist.rank(d.group) == 0
         }
         received: dict[str, Readout] = {}
         for part in _dist.all_gather_object(mine, self.process_group):
-            for name, metrics in part.items():
-                received.setdefault(name, Readout(metrics=metrics))
+            for name, (metrics, histograms) in part.items():
+                received.setdefault(name, Readout(metrics=metrics, histograms=histograms))
         received.update(readouts)  # (this rank's own: with their masks and pictures)
         return {d.name: received[d.name] for d in self.everywhere if d.name in received}
 
