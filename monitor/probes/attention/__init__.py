@@ -180,8 +180,12 @@ class AttentionEntropy(Probe):
                 if id(sub) in seen or id(sub) in covered:
                     continue
                 seen.add(id(sub))
-                source = next((s for s in sources if s.matches(sub)), self._sdpa)
-                source.attach(path, sub, recorder.hooks)
+                source = next((s for s in sources if s.matches(sub)), None)
+                if source is None and type(sub).__module__.startswith("torch.nn.modules."):
+                    # PyTorch's own layers (Linear, LayerNorm, Dropout, containers) never call
+                    # SDPA or flex_attention: no hooks there, fewer calls on every forward
+                    continue
+                (source or self._sdpa).attach(path, sub, recorder.hooks)
         recorder.hooks.on_remove(self._sdpa.detach)
 
     # ----------------------------------------------------------------- hot path
