@@ -3,8 +3,10 @@ the probe's modules (nanoGPT-style blocks, ``transformers`` models with the SDPA
 and of ``flex_attention`` (its ``score_mod`` and block mask: :mod:`.flex`).
 
 Calls are caught with a ``TorchFunctionMode`` that is entered only while a hooked module's forward
-runs inside ``observe()``; the layer is the innermost hooked module whose forward made the call
-(a module that makes several calls gets ``<path>.sdpa_<k>`` for the k-th after the first).
+runs inside ``observe()``; the layer is the innermost hooked module (PyTorch's own layers are
+not hooked: they make no such calls) whose forward made the call
+(a module that makes several calls gets ``<path>.sdpa_<k>``, or ``.flex_<k>``, for the k-th after
+the first).
 Query padding comes from ``observe(mask=)`` or the model's ``attention_mask`` input
 (:func:`~collapse_monitor.reading.token_mask`). ``transformers``' grouped-query decoding
 step, which packs the query heads of a key-value head into query rows (``pack_gqa``), is unpacked
