@@ -57,6 +57,25 @@ def _peft_wrappers() -> list[tuple[type, str]]:
     return [(PeftModel, "base_model"), (BaseTuner, "model")]
 
 
+def _without_peft_prefix(model: nn.Module, pattern: str, named: dict[str, nn.Module]) -> str:
+    """``pattern`` without PEFT's ``base_model.model.`` after a ``PeftModel``: at the start for
+    the model itself, or after the path of one held deeper (a trainer module's ``self.model``)."""
+    wrappers = tuple(c for c, _ in _peft_wrappers())
+    prefix = "base_model.model."
+    if not wrappers or prefix not in pattern:
+        return pattern
+    if pattern.startswith(prefix) and isinstance(model, wrappers):
+        return pattern[len(prefix) :]
+    # (under the wrappers' own name the user's model is listed, their segments being dropped)
+    wrapped = {id(w.get_base_model()) for w in model.modules() if isinstance(w, wrappers[0])}
+    at = pattern.find("." + prefix)
+    while at != -1:
+        if id(named.get(pattern[:at])) in wrapped:
+            return pattern[: at + 1] + pattern[at + 1 + len(prefix) :]
+        at = pattern.find("." + prefix, at + 1)
+    return pattern
+
+
 def resolve_modules(model: nn.Module, pattern: str, owner: str = "") -> list[tuple[str, nn.Module]]:
     """Modules whose name (see :func:`named_modules`) equals ``pattern`` or matches it as a glob.
     On a PEFT model a path written with PEFT's prefix (``base_model.model.lm_head``) names the
@@ -66,9 +85,7 @@ def resolve_modules(model: nn.Module, pattern: str, owner: str = "") -> list[tup
         KeyError: nothing matches; the message lists the closest existing names.
     """
     named = named_modules(model)
-    peft_prefix = "base_model.model."
-    if pattern.startswith(peft_prefix) and any(isinstance(model, c) for c, _ in _peft_wrappers()):
-        pattern = pattern[len(peft_prefix) :]
+    pattern = _without_peft_prefix(model, pattern, named)
     if pattern in named:
         return [(pattern, named[pattern])]
     hits = [(n, m) for n, m in named.items() if n and fnmatch.fnmatchcase(n, pattern)]

@@ -65,6 +65,14 @@ def test_paths_and_keys_are_the_users_through_peft_wrappers():
     mon = CollapseMonitor(model, [probe], 1, strict=True)
     assert probe.paths == ["lm_head"]
     mon.close()
+    # ... also for a PEFT model held by another module (a LightningModule's self.model)
+    holder = torch.nn.Module()
+    holder.model = model
+    for path in ("model.base_model.model.lm_head", "model.lm_head"):
+        probe = probes.TokenEntropy(path, tokens=None, name="e")
+        mon = CollapseMonitor(holder, [probe], 1, strict=True)
+        assert probe.paths == ["model.lm_head"]
+        mon.close()
 
 
 def test_token_entropys_hidden_state_path_applies_the_adapted_head():
