@@ -658,3 +658,32 @@ def test_a_quantiser_fed_nan_is_diverged_not_only_collapsed():
     diverged = [a for a in alerts if a.rule == "vq/diverged"]
     assert [a.step for a in diverged] == [10]
     assert "first_nonfinite_step = 7" in diverged[0].message  # the step the weight went NaN
+
+
+def test_one_nan_weight_marks_every_downstream_probe_diverged_from_the_first_step():
+    """A NaN in one weight makes one feature NaN in every row: a small part of the elements,
+    but no row left to use. Every probe downstream counts the call as diverged from step 0
+    (found by a user check: RepresentationRank, DormantUnits and NeuralCollapse only did once
+    NaN had spread to most elements, a window later)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10)
+    )
+    with torch.no_grad():
+        net[2].weight[0, 0] = float("nan")
+    watched = [
+        probes.RepresentationRank("2", name="rank"),
+        probes.DormantUnits("3", name="dormant"),
+        probes.NeuralCollapse("4", 10, name="nc"),
+    ]
+    mon = CollapseMonitor(net, watched, 2, observe_every_n_steps=1)
+    for _ in range(2):
+        y = torch.randint(0, 10, (8,))
+        with mon.observe(targets=y), torch.no_grad():
+            net(torch.randn(8, 16))
+        logged = mon.step()
+    mon.close()
+    for name in ("rank", "dormant", "nc"):
+        assert logged[f"collapse/{name}/nonfinite"] == 1.0, name
+        assert logged[f"collapse/{name}/first_nonfinite_step"] == 0.0, name
+        assert logged[f"collapse/alerts/{name}/diverged"] == 1.0, name

@@ -208,7 +208,9 @@ class DormantUnits(Probe):
         a = a.detach().movedim(axis, -1)
         a = a.reshape(-1, a.shape[-1])
         layer = layer_name(call.path)
-        sums = UnitActivity.sums(a, finite_rows(a))
+        finite = finite_rows(a)
+        call.nonfinite_rows(~finite)  # (one NaN unit spoils every row: the run diverged)
+        sums = UnitActivity.sums(a, finite)
         try:
             window[layer].add(*sums)
             window[f"{layer}/step"].add(*sums)

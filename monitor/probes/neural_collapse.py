@@ -259,6 +259,7 @@ class NeuralCollapse(Probe):
         counts = window["counts"]
         valid = y != self.ignore_index
         finite = finite_rows(x)
+        call.nonfinite_rows(valid & ~finite, valid)  # (one NaN feature spoils every row)
         counts.add("skipped_nonfinite", (valid & ~finite).sum())
         valid &= finite
         bad = valid & ((y < 0) | (y >= self.num_classes))

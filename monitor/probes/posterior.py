@@ -174,6 +174,7 @@ class PosteriorCollapse(Probe):
         d = math.prod(pair[0].shape[pair[0].ndim - k :])
         mu, logvar = (t.detach().reshape(-1, d) for t in pair)
         finite = finite_rows(mu) & finite_rows(logvar)
+        call.nonfinite_rows(~finite)  # (one NaN latent spoils every row: the run diverged)
         mu = torch.where(finite[:, None], mu, 0.0)
         logvar = torch.where(finite[:, None], logvar, 0.0)
         window["mu"].update(mu, finite)

@@ -202,6 +202,7 @@ class RepresentationRank(Probe):
         feature_rows(z, call, "embeddings")
         z = z.detach().reshape(-1, z.shape[-1])
         finite = finite_rows(z)
+        call.nonfinite_rows(~finite)  # (one NaN feature spoils every row: the run diverged)
         window["counts"].add("skipped_nonfinite", (~finite).sum())
         z = torch.where(finite[:, None], z, 0.0)
         window["moments"].update(self.project(z), finite)
