@@ -2,7 +2,7 @@
 
 Prints Markdown tables; ``--write`` also writes benchmarks/RESULTS.md (machine, torch, date).
 
-    python benchmarks/run.py [--write] [--only overhead,memory,compare,scaling,gpu,nc_scale,proxies] [--quick]
+    python benchmarks/run.py [--write] [--only overhead,memory,compare,scaling,gpu,nc_scale,proxies,precision] [--quick]
     python benchmarks/run.py --only gpu --write      # on a CUDA machine: section 5
 
 Timings are medians over interleaved A/B blocks in one process; a block at the default cadence
@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from models import WORKLOADS, Workload  # benchmarks/models.py, beside this script
 from nc_scale import gpu_readout, section_nc_scale
+from precision import section as section_precision
 from proxies import section as section_proxies
 from torch.nn import functional as F
 
@@ -610,6 +611,8 @@ def section_gpu(quick: bool) -> list[str]:
         print(rows[-1], flush=True)
     where = torch.cuda.get_device_name() if device == "cuda" else f"{device} (dry run)"
     readout = [] if quick or device != "cuda" else ["", *gpu_readout(device)]
+    if device == "cuda":  # the float32 Gram where it matters (section 14 is the CPU's)
+        readout += ["", *section_precision(quick, table, device)[2:]]
     return (
         [
             title,
@@ -641,6 +644,7 @@ SECTIONS = {
     "gpu": section_gpu,
     "nc_scale": lambda quick: section_nc_scale(quick, table),
     "proxies": lambda quick: section_proxies(quick, table),
+    "precision": lambda quick: section_precision(quick, table),
 }
 
 

@@ -115,3 +115,30 @@ def test_flex_attention_trained_on_the_gpu_equals_the_float64_reference():
     )
     ent = torch.tensor([got[f"collapse/attn/attn/entropy/head_{h}"] for h in range(4)])
     torch.testing.assert_close(ent.double(), want["entropy"], rtol=1e-4, atol=1e-5)
+
+
+def test_float32_gram_on_the_gpu_is_ieee_even_with_tf32_allowed():
+    """The float32 path (the default on GPUs with slow float64) equals the float64 reference
+    with TF32 allowed globally: the monitor's GEMMs turn it off for themselves."""
+    from collapse_monitor import functional as F
+    from collapse_monitor.functional._precision import matmul_dtype
+    from collapse_monitor.stats import ClassMoments
+    from tests.functional.test_neural_collapse import clustered
+    from tests.reference import assert_metrics_close
+    from tests.stats.test_class_moments import KEYS, readout
+
+    cap = torch.cuda.get_device_capability()
+    fast = cap in {(6, 0), (7, 0), (8, 0), (9, 0), (10, 0)}
+    assert matmul_dtype(None, torch.device("cuda")) == (torch.float64 if fast else torch.float32)
+    x, y = clustered(20, 256, 8000, noise=1e-3, offset=1e3)
+    x = x.float()
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # TF32 for float32 GEMMs
+    try:
+        st = ClassMoments(20, matmul_dtype=torch.float32)
+        for i in range(0, 8000, 1000):
+            st.update(x[i : i + 1000].cuda(), y[i : i + 1000].cuda())
+        got = readout(st.to("cpu"))
+    finally:
+        torch.set_float32_matmul_precision(saved)
+    assert_metrics_close(got, F.neural_collapse(x, y, 20), rtol=1e-6, keys=KEYS)

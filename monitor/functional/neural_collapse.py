@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from ._precision import matmul64
+
 _F64 = torch.float64
 _EPS = torch.finfo(_F64).eps
 _Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
@@ -374,14 +376,25 @@ def nearest_class_center(
     centers: torch.Tensor,
     center_classes: torch.Tensor,
     center_sq: torch.Tensor | None = None,
+    matmul_dtype: torch.dtype = _F64,
 ) -> torch.Tensor:
     """The class of the nearest centre (Euclidean) of each row: ``(N,)`` from ``features (N, D)``,
     ``centers (K, D)`` of classes ``center_classes (K,)``; ``center_sq (K,)`` their squared norms
-    when known. Ties go to the lowest index. Float64."""
-    centers = centers.to(_F64)
+    when known. Ties go to the lowest index. Float64, the GEMM in ``matmul_dtype``: in float32
+    rows and centres are first moved by the centres' mean (the distances' order is unchanged,
+    the common offset no longer costs digits), and a row whose two nearest centres are closer
+    than the rounding of ``|x - m| |c - m|`` may pick either."""
+    x, centers = features.to(_F64), centers.to(_F64)
+    if matmul_dtype != _F64:
+        mean = centers.mean(0)
+        x, centers, center_sq = x - mean, centers - mean, None
+    return _nearest(x, centers, center_classes, center_sq, matmul_dtype)
+
+
+def _nearest(x, centers, center_classes, center_sq, matmul_dtype) -> torch.Tensor:
     if center_sq is None:
         center_sq = (centers * centers).sum(1)
-    return center_classes[(center_sq - 2 * features.to(_F64) @ centers.T).argmin(1)]
+    return center_classes[(center_sq - 2 * matmul64(x, centers.T, matmul_dtype)).argmin(1)]
 
 
 def nearest_class_center_mismatch(
@@ -391,6 +404,7 @@ def nearest_class_center_mismatch(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     chunk: int = 4096,
+    matmul_dtype: torch.dtype = _F64,
 ) -> torch.Tensor:
     """Per-sample NC4 disagreement between the network and the nearest class centre.
 
@@ -399,6 +413,8 @@ def nearest_class_center_mismatch(
         centers: ``(K, D)`` class centres, ``center_classes``: ``(K,)`` their class ids.
         weight, bias: classifier ``(C, D)`` and ``(C,)``; the network predicts
             ``argmax(W h + b)`` (with bias, as in Papyan's code).
+        matmul_dtype: the GEMMs' dtype, as for :func:`nearest_class_center` (in float32 the
+            logits are ``W (h - m)`` plus ``W m + b`` in float64).
 
     Returns:
         ``(N,)`` bool, true where the two decisions differ. Ties go to the lowest index.
@@ -407,13 +423,17 @@ def nearest_class_center_mismatch(
     centers = centers.to(_F64)
     w = weight.detach().to(_F64)
     b = None if bias is None else bias.detach().to(_F64)
+    if matmul_dtype != _F64:  # move rows and centres by the centres' mean (see above)
+        mean = centers.mean(0)
+        x, centers = x - mean, centers - mean
+        b = w @ mean if b is None else b + w @ mean
     center_sq = (centers * centers).sum(1)
     out = []
     for s in range(0, x.shape[0], chunk):
         xs = x[s : s + chunk]
-        ncc = nearest_class_center(xs, centers, center_classes, center_sq)
-        logits = xs @ w.T if b is None else torch.addmm(b, xs, w.T)
-        out.append(ncc != logits.argmax(1))
+        ncc = _nearest(xs, centers, center_classes, center_sq, matmul_dtype)
+        logits = matmul64(xs, w.T, matmul_dtype)
+        out.append(ncc != (logits if b is None else logits + b).argmax(1))
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
 
 

@@ -13,6 +13,7 @@ from .._modules import resolve_modules
 from .._sharding import is_sharded
 from ..cadence import per_class
 from ..contracts import Readout
+from ..functional import _precision
 from ..functional.neural_collapse import (
     group_variance_ratio,
     nearest_class_center,
@@ -81,6 +82,11 @@ class NeuralCollapse(Probe):
             warning);
             ``ncc_mismatch_lagged`` is not reported (it needs every class mean on every rank)
             and ``pair_sample`` is not available. For language-model heads (``C`` ~ 10^5).
+        matmul_dtype: the dtype of the GEMMs of a recorded step (the features' Gram, NC4's
+            distances): ``None`` (default) float64 on the CPU and on GPUs with fast float64
+            (P100, V100, A100, H100, H200, B200), IEEE float32 on the others, where float64
+            runs at 1/32 to 1/64 of the float32 rate. The statistics stay float64 either way
+            (docs/metrics.md#precision: the bound float32 keeps).
 
     Accepts features ``(N, D)`` with targets ``(N,)``, or ``(B, T, D)`` with ``(B, T)``.
     Reports ``collapse/<name>/{nc1, nc1_rank, nc1_quotient, equinorm_features,
@@ -140,10 +146,12 @@ class NeuralCollapse(Probe):
         tile_size: int = 256,
         pair_sample: int | None = None,
         shard_classes: bool = False,
+        matmul_dtype: torch.dtype | None = None,
         name: str | None = None,
         extract=None,
     ) -> None:
         super().__init__(module, name, extract, read)
+        self.matmul_dtype = _precision.check(matmul_dtype)
         if int(num_classes) < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
         if (target_shift or 0) < 0 or min_class_count < 1 or ncc_max_rows < 0 or tile_size < 1:
@@ -215,9 +223,9 @@ class NeuralCollapse(Probe):
 
     def new_window(self) -> Window:
         if self._shards is None:
-            moments = ClassMoments(self.num_classes)
+            moments = ClassMoments(self.num_classes, matmul_dtype=self.matmul_dtype)
         else:
-            moments = ShardedClassMoments(self.num_classes, *self._shards)
+            moments = ShardedClassMoments(self.num_classes, *self._shards, self.matmul_dtype)
         return Window({"moments": moments, "counts": Counter(_COUNTERS)})
 
     @property
@@ -286,10 +294,13 @@ class NeuralCollapse(Probe):
         # samples of the classes the lagged means cover (ignored rows may hold any label)
         rows = valid[:k] & used[torch.where(valid[:k], y[:k], 0)]
         xs = torch.where(rows[:, None], x[:k], 0)
+        dtype = _precision.matmul_dtype(self.matmul_dtype, x.device)
         if logits is None:
-            mismatch = nearest_class_center_mismatch(xs, centers, classes, *self._weights())
+            w, b = self._weights()
+            mismatch = nearest_class_center_mismatch(xs, centers, classes, w, b, matmul_dtype=dtype)
         else:
-            mismatch = nearest_class_center(xs, centers, classes, sq) != logits[:k].argmax(1)
+            ncc = nearest_class_center(xs, centers, classes, sq, dtype)
+            mismatch = ncc != logits[:k].argmax(1)
         counts.add("ncc_mismatch", (mismatch & rows).sum())
         counts.add("ncc_total", rows.sum())
 

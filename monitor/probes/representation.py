@@ -7,6 +7,7 @@ from collections.abc import Mapping
 import torch
 
 from ..contracts import Readout
+from ..functional import _precision
 from ..functional import representation as R
 from ..pictures import Picture
 from ..reading import Reading, feature_rows, finite_rows, floating, token_mask
@@ -54,6 +55,9 @@ class RepresentationRank(Probe):
             the completions' embeddings: their effective rank falls as a policy's completions
             become alike. Raises ``ValueError`` at the call for other shapes.
         ignore_index: the label of a token that does not count (``per_sequence``).
+        matmul_dtype: the dtype of the GEMMs of a recorded step (the Gram, the sketch):
+            ``None`` (default) float64 on the CPU and on GPUs with fast float64, IEEE float32
+            on the others; the statistics stay float64 (docs/metrics.md#precision).
 
     Reports ``erank`` (Roy & Vetterli, centred covariance), ``rankme`` (uncentred singular values
     from the streamed ``Z'Z``), ``norm_std`` (≈1 healthy, →0 collapsed), ``samples``,
@@ -124,8 +128,10 @@ class RepresentationRank(Probe):
         pool: bool = False,
         per_sequence: bool = False,
         ignore_index: int = -100,
+        matmul_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(module, name, extract, read, pool)
+        self.matmul_dtype = _precision.check(matmul_dtype)
         if sketch_dim < 1:
             raise ValueError(f"sketch_dim must be >= 1, got {sketch_dim}")
         self.per_sequence = bool(per_sequence)
@@ -143,7 +149,7 @@ class RepresentationRank(Probe):
     def new_window(self) -> Window:
         return Window(
             {
-                "moments": Moments(),
+                "moments": Moments(matmul_dtype=self.matmul_dtype),
                 "unit": Moments(diagonal=True),
                 # negative parts of z/||z||: how much of each embedding is signed
                 "negative": Moments(diagonal=True),
@@ -161,7 +167,9 @@ class RepresentationRank(Probe):
             self.sketch = torch.randn(D, self.sketch_dim, generator=g, dtype=_F64)
             self.sketch /= self.sketch_dim**0.5
         self.sketch = to_device(self.sketch, z.device)
-        return z.to(_F64) @ self.sketch
+        return _precision.matmul64(
+            z, self.sketch, _precision.matmul_dtype(self.matmul_dtype, z.device)
+        )
 
     def frozen(self, group=None, scope: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(mean (D,), covariance (D, D))`` float64 of the current window over all ranks (a

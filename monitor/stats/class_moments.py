@@ -16,6 +16,7 @@ import logging
 import torch
 
 from .. import _dist
+from ..functional import _precision
 from ..functional.neural_collapse import share_rows
 from .base import Statistic
 
@@ -44,6 +45,10 @@ class ClassMoments(Statistic):
     samples and steps. ``update`` is vectorised (``index_add_`` and one GEMM), never loops over
     classes and never synchronises with the host.
 
+    ``matmul_dtype``: the dtype of each batch's GEMM ``Z'Z``; ``None`` picks float64 on the CPU
+    and on data-centre GPUs, IEEE float32 on GPUs whose float64 is slow (its rounding bound:
+    ``collapse_monitor.functional._precision.add_gram_``). Either way the window's states are float64.
+
     Example:
         >>> import torch
         >>> from collapse_monitor.stats import ClassMoments
@@ -60,12 +65,19 @@ class ClassMoments(Statistic):
     #: combined across ranks
     class_sharded = False
 
-    def __init__(self, num_classes: int, dim: int | None = None, diagonal: bool = False) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        dim: int | None = None,
+        diagonal: bool = False,
+        matmul_dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes = C = int(num_classes)
         self.diagonal = diagonal
+        self.matmul_dtype = _precision.check(matmul_dtype)
         self.add_size("D", "feature dimension", dim)
         # sums add over ranks once :meth:`align` has put every rank's around the same shifts
         summed, agreed = ("local", "local") if self.class_sharded else ("sum", "same")
@@ -126,7 +138,8 @@ class ClassMoments(Statistic):
             # Full GEMM on purpose: upper-triangle blocks (half the multiply-adds) measured no
             # faster with MKL on 2 cores, and numpy's OpenBLAS syrk, 1.8x faster alone, tripled
             # an MLP's step time inside training (two BLAS thread pools fighting for the cores).
-            self.second_moment.addmm_(z.T, z)
+            dtype = _precision.matmul_dtype(self.matmul_dtype, z.device)
+            _precision.add_gram_(self.second_moment, z, dtype)
 
     def _set_new_shifts(self, x: torch.Tensor, y: torch.Tensor, new: torch.Tensor) -> None:
         """Classes seen for the first time get their batch mean as shift. Every row writes a
@@ -303,7 +316,8 @@ class ShardedClassMoments(ClassMoments):
     ends): ``rows x D`` in the features' dtype, and about three more while :meth:`flush` runs.
 
     Args:
-        num_classes: ``C`` (all classes); rank, world: this rank and the group's size.
+        num_classes: ``C`` (all classes); rank, world: this rank and the group's size;
+        matmul_dtype: as for :class:`ClassMoments`.
 
     Raises:
         ValueError: ranks with different feature sizes (in :meth:`flush`, on every rank alike),
@@ -312,14 +326,16 @@ class ShardedClassMoments(ClassMoments):
 
     class_sharded = True
 
-    def __init__(self, num_classes: int, rank: int, world: int) -> None:
+    def __init__(
+        self, num_classes: int, rank: int, world: int, matmul_dtype: torch.dtype | None = None
+    ) -> None:
         if not 0 <= rank < world <= num_classes:
             raise ValueError(
                 f"class shards need 0 <= rank < world <= num_classes, got {rank}, {world}, "
                 f"{num_classes}"
             )
         block = share_rows(int(num_classes), (rank, world))
-        super().__init__(block.stop - block.start)
+        super().__init__(block.stop - block.start, matmul_dtype=matmul_dtype)
         self.total_classes, self.first, self.shard = int(num_classes), block.start, (rank, world)
         # stops of every rank's block: a label's owner is the number of stops <= it
         self._stops = torch.tensor(
@@ -495,6 +511,7 @@ class Moments(ClassMoments):
     Args:
         dim: ``D``, or ``None`` to take it from the first update.
         diagonal: keep only the per-coordinate second moment (``8*D`` bytes instead of ``8*D^2``).
+        matmul_dtype: as for :class:`ClassMoments`.
 
     Example:
         >>> import torch
@@ -506,8 +523,13 @@ class Moments(ClassMoments):
                 [0., 0.]], dtype=torch.float64))
     """
 
-    def __init__(self, dim: int | None = None, diagonal: bool = False) -> None:
-        super().__init__(1, dim, diagonal)
+    def __init__(
+        self,
+        dim: int | None = None,
+        diagonal: bool = False,
+        matmul_dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(1, dim, diagonal, matmul_dtype)
 
     def update(self, features: torch.Tensor, valid: torch.Tensor | None = None) -> None:  # type: ignore[override]
         """Add ``features (N, D)``; rows where ``valid (N,)`` is false are ignored."""
