@@ -160,7 +160,7 @@ class CollapseCallback(LoopAdapter, L.Callback):
         log_every_n_steps: the window in optimizer steps; default the trainer's own
             ``log_every_n_steps`` (50 unless set).
         rules, default_rules, mitigations, on_alert, observe_every_n_steps, pictures, strict,
-        pictures_every_n_logs: as in :class:`~collapse_monitor.CollapseMonitor`.
+        pictures_every_n_logs, overhead_budget: as in :class:`~collapse_monitor.CollapseMonitor`.
         validation: take validation snapshots.
         context: ``callable(batch) -> dict`` of extra ``observe()`` keywords, e.g.
             ``lambda batch: {"groups": batch["site"]}`` for ``GroupCollapse``.
@@ -185,10 +185,11 @@ class CollapseCallback(LoopAdapter, L.Callback):
         context: Optional[Callable[[Any], dict]] = None,
         strict: bool = False,
         pictures_every_n_logs: int = 1,
+        overhead_budget: Optional[float] = None,
     ) -> None:
         config = MonitorConfig(
             probes, log_every_n_steps, mitigations, rules, default_rules, on_alert,
-            observe_every_n_steps, pictures, strict, pictures_every_n_logs,
+            observe_every_n_steps, pictures, strict, pictures_every_n_logs, overhead_budget,
         )  # fmt: skip
         self.loop = TrainerLoop(config, targets, default_targets, context)
         self.validation = validation

@@ -130,10 +130,14 @@ class Cadence:
         """Whether the monitor logs after training step ``step`` (0-based)."""
         return self._steps_to_log(step) == 0
 
-    def records(self, sampling: Sampling, step: int, rows_per_step: int | None = None) -> bool:
+    def records(
+        self, sampling: Sampling, step: int, rows_per_step: int | None = None, slower: int = 1
+    ) -> bool:
         """Whether a probe of ``sampling`` records training step ``step``; ``rows_per_step``:
         the samples its recorded steps brought on this rank (a class-conditional probe records
-        every step until it knows them)."""
+        every step until it knows them); ``slower``: its stride times this, at most one step
+        per window (an overhead budget's, :mod:`collapse_monitor.budget`; not for every-step
+        probes)."""
         n = self.observe_every_n_steps
         if n is not None:
             return step % n == 0
@@ -147,7 +151,7 @@ class Cadence:
         else:
             rows = rows_per_step * self.world
             stride = class_sample_stride(L, sampling.classes, rows, sampling.samples_per_class)
-        return self._steps_to_log(step) % stride == 0
+        return self._steps_to_log(step) % min(stride * slower, L) == 0
 
     def thin_window(self, sampling: Sampling, samples: float, steps: int) -> str | None:
         """Why a class-conditional probe's window of ``samples`` over ``steps`` recorded steps

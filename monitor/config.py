@@ -40,10 +40,13 @@ class MonitorConfig:
         pictures: ``True``, ``False`` or names of probes.
         strict: raise every error of a probe, sink or mitigation.
         pictures_every_n_logs: draw pictures at every n-th log only.
+        overhead_budget: ``None`` or a share of the step time in ``(0, 1)``
+            (:mod:`collapse_monitor.budget`); with the default cadence only.
 
     Raises:
         TypeError: an argument of the wrong type (the message says which types are valid).
-        ValueError: repeated names, a cadence below 1, pictures naming unknown probes.
+        ValueError: repeated names, a cadence below 1, pictures naming unknown probes, an
+            overhead budget outside (0, 1) or with observe_every_n_steps.
 
     Example:
         >>> from collapse_monitor import probes
@@ -63,6 +66,7 @@ class MonitorConfig:
     pictures: bool | Sequence[str] = False
     strict: bool = False
     pictures_every_n_logs: int = 1
+    overhead_budget: float | None = None
     alert_callbacks: list[Callable[[Alert], None]] = field(init=False)
     picture_probes: list[str] = field(init=False)
 
@@ -76,6 +80,16 @@ class MonitorConfig:
             raise ValueError(
                 f"pictures_every_n_logs must be an integer >= 1, got {self.pictures_every_n_logs}"
             )
+        if self.overhead_budget is not None:
+            if isinstance(self.overhead_budget, bool) or not 0 < self.overhead_budget < 1:
+                raise ValueError(
+                    f"overhead_budget must be None or in (0, 1), got {self.overhead_budget!r}"
+                )
+            if self.observe_every_n_steps is not None:
+                raise ValueError(
+                    "overhead_budget thins the default cadence; observe_every_n_steps="
+                    f"{self.observe_every_n_steps} fixes the recorded steps: pass one of them"
+                )
         for name in ("log_every_n_steps", "observe_every_n_steps"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):

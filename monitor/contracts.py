@@ -229,6 +229,7 @@ class Component:
         # a plain bool for the hooks to test: torch.compile guards on its value (two variants)
         self._active = False
         self._profile_label = f"collapse_monitor.{name}"  # torch.profiler, per hook call
+        self.meter = None  # its time, while an overhead budget measures (collapse_monitor.budget)
 
     def fail(self, exc: Exception) -> None:
         """Raise ``exc`` under ``strict``; else count it and disable this component."""
@@ -274,9 +275,13 @@ class Component:
         checkpointing is not a new sample), unless ``in_backward`` (gradient hooks)."""
         if not in_backward and torch._C._current_graph_task_id() != -1:
             return None
+        token = None if self.meter is None else self.meter.start()
         try:
             label = torch.profiler.record_function(self._profile_label)
             with torch.no_grad(), torch.inference_mode(False), label:
                 return fn(*args)
         except Exception as exc:
             self.fail(exc)
+        finally:
+            if token is not None:
+                self.meter.stop(token)

@@ -160,3 +160,4 @@ def outlet_errors_key(outlet: str) -> MetricKey:
 
 
 ERRORS_KEY = MetricKey("errors", "")
+OVERHEAD_KEY = MetricKey("monitor", "overhead")  # an overhead budget's measure

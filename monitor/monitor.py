@@ -73,6 +73,8 @@ class CollapseMonitor:
             matplotlib; without it the monitor says so once and logs no pictures.
         pictures_every_n_logs: draw the pictures at every n-th log only (a render costs ~0.1
             s of CPU).
+        overhead_budget: e.g. ``0.01``: the share of the step time the monitor may take; it
+            records its costly probes on fewer steps to keep it (:mod:`collapse_monitor.budget`).
         process_group: ``torch.distributed`` group for the all-reductions (default: WORLD).
         strict: raise every error of a probe, sink or mitigation (for tests). By default such an
             error never reaches the training loop: it is logged once with the owner's name,
@@ -122,10 +124,11 @@ class CollapseMonitor:
         process_group=None,
         strict: bool = False,
         pictures_every_n_logs: int = 1,
+        overhead_budget: float | None = None,
     ) -> None:
         config = MonitorConfig(
             probes, log_every_n_steps, mitigations, rules, default_rules, on_alert,
-            observe_every_n_steps, pictures, strict, pictures_every_n_logs,
+            observe_every_n_steps, pictures, strict, pictures_every_n_logs, overhead_budget,
         )  # fmt: skip
         self._build(model, config, sinks, process_group)
 
@@ -151,7 +154,7 @@ class CollapseMonitor:
         self.cadence = Cadence(
             config.log_every_n_steps, config.observe_every_n_steps, _dist.world_size(process_group)
         )
-        self._probes = ProbeSet(config.probes, process_group)
+        self._probes = ProbeSet(config.probes, process_group, config.overhead_budget)
         self._mitigations = MitigationRunner(config.mitigations, self._probes.route)
         self.outlets = Outlets(
             sinks,
@@ -162,8 +165,7 @@ class CollapseMonitor:
         )
         self._snapshots = Snapshots(self._probes)
         self.notices = Notices(config.keywords())
-        self.global_step = 0
-        self.should_stop = False
+        self.global_step, self.should_stop = 0, False
         self._recording: list = []  # inside observe(): the parts that record
         self._sharded_by: nn.Module | None = None  # an FSDP module wrapped around the model later
         self._closed = False
@@ -224,8 +226,8 @@ class CollapseMonitor:
         """Whether ``probe`` records in a forward pass observed now (at this step)."""
         if self._snapshots.prefix is not None:
             return True
-        rows = self.driver(probe).rows_per_step
-        return self.cadence.records(probe.sampling, self.global_step, rows)
+        d = self.driver(probe)
+        return self.cadence.records(probe.sampling, self.global_step, d.rows_per_step, d.slower)
 
     # ----------------------------------------------------------------- recording
     @contextmanager
@@ -323,7 +325,7 @@ class CollapseMonitor:
         )
         events = self._mitigations.after_log(view, self._holder)
         metrics.update(self._mitigations.metrics())
-        self._probes.finish_windows()
+        metrics.update(self._probes.finish_windows())  # (with a budget: its overhead)
         metrics[ERRORS_KEY] = float(self.error_count)
         metrics.update(self.outlets.error_metrics())
         thresholds = self.rules.thresholds(metrics)
@@ -404,8 +406,7 @@ class CollapseMonitor:
         """Remove every hook and close the sinks; the model is left as it was (mitigations aside)."""
         self._probes.detach()
         self._mitigations.detach()
-        self._recording = []
-        self._sharded_by = None
+        self._recording, self._sharded_by = [], None
         if not self._closed:
             self._closed = True
             try:

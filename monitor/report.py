@@ -19,7 +19,7 @@ import struct
 import sys
 from pathlib import Path
 
-from .keys import ERRORS_KEY, ROOT, MetricKey
+from .keys import ERRORS_KEY, OVERHEAD_KEY, ROOT, MetricKey
 from .probes import PROBE_TYPES
 from .probes.base import HEALTH_RULES
 from .rules import Rule, RuleEngine
@@ -277,9 +277,17 @@ def report(run_dir: Path, events: list[Path], png: Path | None, as_json: bool) -
             "mitigations": applied,
             "errors": series.get(ERRORS_KEY, [(0, 0.0)])[-1][1],
         }
+        cost = series.get(OVERHEAD_KEY)  # (logged by an overhead budget)
+        if cost:
+            out[run]["overhead"] = {"last": cost[-1][1], "max": max(v for _, v in cost)}
         if not as_json:
             print(f"== {run} ({status})" if len(runs) > 1 else f"== {run_dir} ({status})")
             print(format_table(rows, applied) + "\n")
+            if cost:
+                print(
+                    f"monitor overhead: {cost[-1][1]:.2%} of the step time in the last window "
+                    f"(at most {max(v for _, v in cost):.2%})\n"
+                )
         if png:
             path = (
                 png

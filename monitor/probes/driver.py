@@ -98,6 +98,7 @@ class ProbeDriver(Component, Recorder):
         self._armed: set[int] = set()
         # the ranks holding the module, when only some do (pipeline stages; None: all)
         self.group = None
+        self.slower = 1  # its cadence stride times this (an overhead budget's, agreed by ranks)
 
     def __repr__(self) -> str:
         return repr(self.probe)
@@ -371,6 +372,8 @@ class ProbeDriver(Component, Recorder):
         had a thin window)."""
         key, calls = self.probe.key, int(counts.calls)
         health = {key("calls"): float(calls)}
+        if self.meter is not None:  # an overhead budget may thin the windows: say how much
+            health[key("recorded_steps")] = float(self.window_steps)
         if int(counts.nonfinite):
             health[key("nonfinite")] = int(counts.nonfinite) / calls
             health[key("first_nonfinite_step")] = float(counts.first_nonfinite)
@@ -419,6 +422,7 @@ class ProbeDriver(Component, Recorder):
             "observed_steps": self.observed_steps,
             "window_steps": self.window_steps,
             "rows_per_step": self.rows_per_step,  # a resumed cadence records the same steps
+            "slower": self.slower,  # (and so does a budget's)
             **self.probe.extra_state(),
         }
         if sync and "generator" in extra and _dist.is_distributed(group):
@@ -492,6 +496,7 @@ class ProbeDriver(Component, Recorder):
         self.observed_steps = int(extra["observed_steps"])
         self.window_steps = int(extra["window_steps"])
         self.rows_per_step = extra.get("rows_per_step")
+        self.slower = int(extra.get("slower", 1))
         self.probe.load_extra_state(extra)
 
 

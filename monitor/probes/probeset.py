@@ -20,6 +20,7 @@ import torch
 from .. import _dist
 from .._modules import named_modules, resolve_modules
 from .._sharding import refuse_tensor_parallel, whole_parameters
+from ..budget import Budget, Meter
 from ..cadence import Cadence
 from ..contracts import ProbeInfo, Readout, Recording, Replaced, Setup
 from ..keys import MetricKey
@@ -35,10 +36,17 @@ class ProbeSet:
     Args:
         probes: :class:`Probe` instances (names unique).
         process_group: the group the readouts reduce over (None: WORLD).
+        overhead_budget: see :mod:`collapse_monitor.budget` (None: none).
     """
 
-    def __init__(self, probes: Iterable[Probe], process_group=None) -> None:
+    def __init__(
+        self, probes: Iterable[Probe], process_group=None, overhead_budget: float | None = None
+    ) -> None:
         self.drivers = [ProbeDriver(p) for p in probes]
+        self.budget = None if overhead_budget is None else Budget(overhead_budget)
+        if self.budget is not None:
+            for d in self.drivers:
+                d.meter = Meter()
         self.by_name = {d.name: d for d in self.drivers}
         self.process_group = process_group
         # every probe, also those whose modules live on other ranks only (pipeline stages):
@@ -170,7 +178,7 @@ class ProbeSet:
             d
             for d in self.drivers
             if d.probe.rollout == rollout
-            and (snapshot or cadence.records(d.probe.sampling, step, d.rows_per_step))
+            and (snapshot or cadence.records(d.probe.sampling, step, d.rows_per_step, d.slower))
         ]
         for d in list(recorders):
             mine = {k: v for k, v in inputs.items() if k in d.probe.keywords and v is not None}
@@ -198,14 +206,22 @@ class ProbeSet:
         """After training step ``step``: per-step memories of the probes that recorded it (or
         would have, and saw nothing on this rank), then their collectives of the step, on
         every rank until the ranks agree at a log that a probe stopped."""
+        if self.budget is not None:
+            self.budget.tick()
         for d in self.drivers:
-            due = d in self._recorded or cadence.records(d.probe.sampling, step, d.rows_per_step)
-            if d in self._recorded and not d.disabled:
+            recorded = d in self._recorded
+            due = recorded or cadence.records(d.probe.sampling, step, d.rows_per_step, d.slower)
+            if not due:
+                continue
+            token = None if d.meter is None else d.meter.start()  # (the step's work: its cost)
+            if recorded and not d.disabled:
                 d.run(d.finish_step)
-            elif not d.disabled and due:  # e.g. this rank had no batch this step
+            elif not d.disabled:  # e.g. this rank had no batch this step
                 d.run(d.missed_step)
-            if due and d not in self._stopped:
+            if d not in self._stopped:
                 d.run(d.exchange, self._group(d))
+            if token is not None:
+                d.meter.stop(token)
         self._recorded.clear()
 
     def route(self, replaced: Replaced) -> None:
@@ -245,6 +261,8 @@ class ProbeSet:
     def readouts(self, holder: torch.nn.Module) -> dict[str, Readout]:
         """Each enabled probe's readout of its window over all ranks (a collective: call it on
         every rank, after :meth:`agree_on_disabled`); the windows are kept."""
+        if self.budget is not None:
+            self.budget.log_began()
         readouts = {}
         # FSDP (first generation): gathered only for a readout that reads weights (NC's
         # classifier); every rank of a probe's group takes the same decision (disabled flags
@@ -281,10 +299,18 @@ class ProbeSet:
         """The group ``d`` reduces over: the ranks that hold its module."""
         return self.process_group if d.group is None else d.group
 
-    def finish_windows(self) -> None:
+    def finish_windows(self) -> dict[MetricKey, float]:
+        """After a log: the next windows; with an overhead budget, the cost the monitor measured
+        (its metrics) and the strides of the next window (a collective)."""
+        if self.budget is not None:  # (while the windows still count their steps)
+            self.budget.settle(self.drivers, self.everywhere, self.process_group)
         for d in self.drivers:
             if not d.disabled:
                 d.run(d.finish_window, self._group(d))
+        if self.budget is None:
+            return {}
+        self.budget.log_ended()
+        return self.budget.metrics()
 
     def begin_snapshot(self) -> None:
         for d in self.drivers:

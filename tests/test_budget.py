@@ -1,0 +1,220 @@
+"""The overhead budget (``CollapseMonitor(..., overhead_budget=...)``): measured, kept by thinning
+the costly probes' steps, agreed by the ranks, resumed; never the every-step probes.
+
+The decisions rest on measured time, so each test makes them certain: a monitor that costs far
+more than the budget (toy models, whose step is tiny beside the readout: thinned to one step
+per window whatever the machine) or far less (no thinning)."""
+
+import re
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from collapse_monitor import CollapseMonitor, probes
+from collapse_monitor import functional as F
+from tests.dist import process_group, run_two
+
+C, D, L = 10, 64, 10
+
+
+def batch(step, rows=64):
+    g = torch.Generator().manual_seed(step)
+    y = torch.randint(0, C, (rows,), generator=g)
+    means = torch.randn(C, D, generator=torch.Generator().manual_seed(99)) * 2
+    return means[y] + torch.randn(rows, D, generator=g), y
+
+
+def run(mon, net, steps, first=0):
+    logs = []
+    for s in range(first, first + steps):
+        x, y = batch(s)
+        with mon.observe(targets=y):
+            net(x)
+        out = mon.step()
+        if out:
+            logs.append(out)
+    return logs
+
+
+def heavy():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Identity(), nn.Linear(D, C))
+    ps = [
+        probes.NeuralCollapse("1", C, name="head"),
+        probes.RepresentationRank("0", name="rank"),
+        probes.DormantUnits("0", name="dormant"),
+    ]
+    return net, ps
+
+
+def test_a_monitor_over_its_budget_records_one_step_per_window_exactly():
+    net, ps = heavy()
+    mon = CollapseMonitor(net, ps, L, overhead_budget=0.01)
+    logs = run(mon, net, 4 * L)
+    first, later = logs[0], logs[1:]
+    assert first["collapse/monitor/overhead"] > 0.01  # measured: a toy step is tiny
+    # the cadence's own first window, then the floor: the logging step only
+    assert first["collapse/rank/recorded_steps"] == 2
+    for m in later:
+        assert m["collapse/rank/recorded_steps"] == m["collapse/head/recorded_steps"] == 1
+        assert m["collapse/dormant/recorded_steps"] == L  # every-step probes are never thinned
+        assert m["collapse/monitor/overhead"] > 0
+    # the window is exact for the step it recorded: the last one
+    last = 4 * L - 1
+    x, y = batch(last)
+    ref = F.neural_collapse(x, y, C, net[1].weight, net[1].bias)
+    for k in ("nc1", "nc1_quotient", "equiangular", "cdnv"):
+        assert logs[-1][f"collapse/head/{k}"] == pytest.approx(ref[k], rel=1e-6)
+    assert logs[-1]["collapse/rank/erank"] == pytest.approx(
+        F.representation_rank(x)["erank"], rel=1e-6
+    )
+    mon.close()
+
+
+class Slow(nn.Module):
+    """A layer whose forward costs tens of milliseconds: the monitor's share is then small."""
+
+    def forward(self, x):
+        a = torch.randn(384, 384, generator=torch.Generator().manual_seed(0))
+        for _ in range(20):
+            a = torch.tanh(a @ a)
+        return x + 0 * a.sum()
+
+
+def test_a_monitor_within_its_budget_keeps_the_cadence():
+    torch.manual_seed(0)
+    net = nn.Sequential(Slow(), nn.Linear(D, C))
+    mon = CollapseMonitor(
+        net, [probes.RepresentationRank("0", name="rank")], L, overhead_budget=0.9
+    )
+    logs = run(mon, net, 3 * L)
+    for m in logs:
+        assert m["collapse/rank/recorded_steps"] == 2
+        assert 0 < m["collapse/monitor/overhead"] < 0.9
+    assert mon.driver("rank").slower == 1
+    mon.close()
+
+
+def test_the_thinned_estimate_stays_within_its_interval_of_the_every_step_value():
+    """Token entropy of i.i.d. logits: the thinned window (one step) estimates the every-step
+    window's mean within the two windows' 95% intervals."""
+    V = 40
+
+    def logits(step):
+        g = torch.Generator().manual_seed(step)
+        return torch.randn(8, 32, V, generator=g) * 2
+
+    head = nn.Identity()
+    runs = {}
+    for budget in (0.01, None):
+        kw = {"overhead_budget": budget} if budget else {"observe_every_n_steps": 1}
+        mon = CollapseMonitor(head, [probes.TokenEntropy("", name="ent")], L, **kw)
+        for s in range(3 * L):
+            with mon.observe():
+                head(logits(s))
+            out = mon.step()
+        runs[budget] = out
+        mon.close()
+    thin, full = runs[0.01], runs[None]
+    assert thin["collapse/ent/recorded_steps"] == 1
+    gap = abs(thin["collapse/ent/entropy_mean"] - full["collapse/ent/entropy_mean"])
+    assert gap <= thin["collapse/ent/entropy_mean_ci95"] + full["collapse/ent/entropy_mean_ci95"]
+
+
+def test_a_resumed_run_keeps_the_thinned_strides():
+    net, ps = heavy()
+    mon = CollapseMonitor(net, ps, L, overhead_budget=0.01)
+    run(mon, net, 2 * L)
+    saved = mon.state_dict()
+    slower = {d.name: d.slower for d in mon._probes.drivers}
+    mon.close()
+    net2, ps2 = heavy()
+    mon2 = CollapseMonitor(net2, ps2, L, overhead_budget=0.01)
+    mon2.load_state_dict(saved)
+    assert {d.name: d.slower for d in mon2._probes.drivers} == slower
+    assert slower["head"] > 1 and slower["rank"] > 1 and slower["dormant"] == 1
+    logs = run(mon2, net2, L, first=2 * L)
+    assert logs[0]["collapse/rank/recorded_steps"] == 1
+    mon2.close()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"overhead_budget": 0.0}, r"overhead_budget must be None or in \(0, 1\)"),
+        ({"overhead_budget": 1.5}, r"overhead_budget must be None or in \(0, 1\)"),
+        ({"overhead_budget": 0.01, "observe_every_n_steps": 1}, "pass one of them"),
+    ],
+)
+def test_configuration_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CollapseMonitor(nn.Linear(2, 2), [probes.RepresentationRank("", name="r")], 5, **kwargs)
+
+
+def test_without_a_budget_nothing_is_measured_or_logged():
+    net, ps = heavy()
+    mon = CollapseMonitor(net, ps, L)
+    logs = run(mon, net, L)
+    assert not [k for k in logs[0] if "overhead" in k or "recorded_steps" in k]
+    assert all(d.meter is None for d in mon._probes.drivers)
+    mon.close()
+
+
+# ----------------------------------------------------------------- two ranks
+def _slow_on_rank0(module, args, output):
+    if torch.distributed.get_rank() == 0:
+        time.sleep(0.05)  # rank 0's probe costs far more than its budget; rank 1's does not
+    return output
+
+
+def _ranks(rank, init, out_dir):
+    torch.set_num_threads(1)
+    with process_group(rank, init):
+        torch.manual_seed(0)
+        net = nn.Sequential(Slow(), nn.Linear(D, C))
+        probe = probes.RepresentationRank("0", name="rank", extract=_slow_on_rank0)
+        mon = CollapseMonitor(net, [probe], L, overhead_budget=0.05)
+        logs = []
+        for s in range(3 * L):
+            x, y = batch(2 * s + rank)
+            with mon.observe(targets=y):
+                net(x)
+            out = mon.step()
+            if out:
+                logs.append({k: float(v) for k, v in out.items()})
+        torch.save(
+            {"logs": logs, "slower": mon.driver("rank").slower}, f"{out_dir}/budget{rank}.pt"
+        )
+        mon.close()
+
+
+def test_ranks_agree_on_the_thinned_steps(tmp_path):
+    r0, r1 = run_two(_ranks, tmp_path, "budget")
+    assert r0["slower"] == r1["slower"] > 1  # rank 1 alone would not thin: it takes rank 0's
+    for a, b in zip(r0["logs"][1:], r1["logs"][1:]):
+        assert a["collapse/rank/recorded_steps"] == b["collapse/rank/recorded_steps"] == 1
+        assert a["collapse/rank/erank"] == b["collapse/rank/erank"]  # the same steps reduced
+
+
+def test_the_report_shows_the_overhead_the_tensorboard_files_hold(tmp_path, capsys):
+    import json
+
+    from collapse_monitor.cli import main
+    from collapse_monitor.integrations.tensorboard import TensorBoardSink
+
+    net, ps = heavy()
+    mon = CollapseMonitor(
+        net, ps, L, overhead_budget=0.01, sinks=[TensorBoardSink(tmp_path / "run")]
+    )
+    logs = run(mon, net, 3 * L)
+    mon.close()
+    measured = [m["collapse/monitor/overhead"] for m in logs]
+    main(["report", str(tmp_path / "run")])
+    shown = re.search(r"monitor overhead: ([\d.]+)% of the step time", capsys.readouterr().out)
+    assert float(shown.group(1)) == pytest.approx(100 * measured[-1], abs=0.006)  # (2 decimals)
+    main(["report", str(tmp_path / "run"), "--json"])
+    (got,) = json.loads(capsys.readouterr().out)["runs"].values()
+    assert got["overhead"]["last"] == pytest.approx(measured[-1], rel=1e-6)  # (float32 files)
+    assert got["overhead"]["max"] == pytest.approx(max(measured), rel=1e-6)
