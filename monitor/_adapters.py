@@ -29,6 +29,13 @@ def tuner_layer(module: nn.Module) -> bool:
     return isinstance(module, BaseTunerLayer)
 
 
+def adapted_path(path: str, named: dict[str, nn.Module]) -> str:
+    """The user's name of a layer a PEFT adapter wraps: ``"<layer>.base_layer"`` is
+    ``"<layer>"`` when ``"<layer>"`` is the adapter (the model runs the layer through it)."""
+    parent, _, leaf = path.rpartition(".")
+    return parent if leaf == "base_layer" and tuner_layer(named.get(parent)) else path
+
+
 def applied(module: nn.Module) -> nn.Module:
     """The module a PEFT ``ModulesToSaveWrapper`` runs now (its trained copy of the active
     adapter, or the original while adapters are disabled); any other module itself."""

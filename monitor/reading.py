@@ -149,6 +149,8 @@ class Call:
         rows: the samples this call added; set by ``update`` where the cadence needs them
             (class-conditional probes: ``Sampling.classes``).
         nonfinite: set by :meth:`nonfinite_rows` (a 0-d bool tensor), or None.
+        padding: ``(B, L)`` bool, true for real tokens, when the value came as a nested tensor
+            (:func:`unnested`): the padding its sequences' lengths say, before any other mask.
     """
 
     def __init__(self, context, path: str, module=None, args=(), kwargs=None, output=None):
@@ -160,6 +162,7 @@ class Call:
         self.output = output
         self.rows = 0
         self.nonfinite: torch.Tensor | None = None
+        self.padding: torch.Tensor | None = None
 
     @property
     def recording(self) -> Recording:
@@ -389,6 +392,15 @@ def keeps_last(call: Call, length: int) -> bool:
     return isinstance(kept, int) and not isinstance(kept, bool) and kept == length
 
 
+def unnested(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A nested batch of sequences ``(B, L_b, ...)`` (``nn.TransformerEncoder``'s fast path in
+    eval mode drops the padding so) as a zero-padded ``(B, L, ...)`` and a ``(B, L)`` bool mask,
+    true for the real positions."""
+    lengths = torch.tensor([t.shape[0] for t in x.unbind()], device=x.device)
+    padded = torch.nested.to_padded_tensor(x, 0.0)
+    return padded, torch.arange(padded.shape[1], device=x.device)[None, :] < lengths[:, None]
+
+
 def token_mask(call: Call, batch: int, length: int, device: torch.device) -> torch.Tensor | None:
     """``(batch, length)`` bool, true for real tokens of the sequences a layer sees.
 
@@ -398,7 +410,9 @@ def token_mask(call: Call, batch: int, length: int, device: torch.device) -> tor
     with a key-value cache, or an LM head under ``logits_to_keep``). The model's mask is used
     only where it covers the layer: its length is the layer's, the call used a cache, or it
     kept the logits of the last ``length`` positions; elsewhere (an encoder-decoder's decoder)
-    the monitor says once that ``observe(mask=)`` is needed, and every token counts.
+    the monitor says once that ``observe(mask=)`` is needed, and every token counts. Under
+    ``logits_to_keep = length``, an ``observe(mask=)`` of ``length - 1`` columns is a mask of
+    the last ``length - 1`` tokens (TRL's ``completion_mask`` beside ``logits_to_keep = C + 1``).
 
     Raises:
         ValueError: an ``observe(mask=)`` whose shape does not fit the layer's sequences.
@@ -406,6 +420,11 @@ def token_mask(call: Call, batch: int, length: int, device: torch.device) -> tor
     mask, given = _padding_source(call)
     if mask is None:
         return None
+    kept = keeps_last(call, length)
+    if given and kept and mask.ndim == 2 and tuple(mask.shape) == (batch, length - 1):
+        # TRL's completion_mask (B, C) beside logits_to_keep = C + 1: the C completion tokens
+        # are the last ones; the one position before them (the prompt's last) is not counted
+        mask = torch.cat([torch.zeros_like(mask[:, :1]), mask], 1)
     fits = mask.shape[0] == batch and mask.shape[1] >= length
     if given and (mask.ndim != 2 or not fits):
         raise call.error(
@@ -413,7 +432,6 @@ def token_mask(call: Call, batch: int, length: int, device: torch.device) -> tor
             f"{length} tokens: expected ({batch}, >= {length}), true for real tokens"
         )
     cached = call.model_inputs.get("cached", False)
-    kept = keeps_last(call, length)
     if not given and not (fits and (mask.shape[1] == length or cached or kept)):
         call._context.warn_mask(call.path, mask, f"{batch} sequences of {length} tokens")
         return None
@@ -447,7 +465,10 @@ def token_rows(call: Call, entries: int, device: torch.device) -> torch.Tensor |
 
 
 def _padding_source(call: Call) -> tuple[torch.Tensor | None, bool]:
-    """The padding mask ``(B, S)`` and whether the user gave it (``observe(mask=)``)."""
+    """The padding mask ``(B, S)`` and whether the user gave it (``observe(mask=)``; a nested
+    value's own counts as given)."""
+    if call.padding is not None:
+        return call.padding, True
     mask = call.keyword("mask")
     if mask is not None:
         mask = torch.as_tensor(mask)

@@ -32,6 +32,7 @@ from ..reading import (
     kv_cache,
     nonfinite,
     pipeline_placeholder_forward,
+    unnested,
 )
 from ..stats import CallCounts, Window, WindowView
 from .base import Probe, kept_apart, layer_name
@@ -230,6 +231,11 @@ class ProbeDriver(Component, Recorder):
                 f"{tuple(value.placements)}): DTensor activations (tensor parallelism) are not "
                 "supported; the monitor reads plain tensors"
             )
+        if isinstance(value, torch.Tensor) and value.is_nested:
+            if not self.probe.uses_token_mask:  # (its padding would count as samples)
+                self._say_nested(call)
+                return
+            value, call.padding = unnested(value)
         if device is not None:
             self.device = device  # where the data lives now (the model may have moved)
             self.window.to(device)
@@ -248,6 +254,17 @@ class ProbeDriver(Component, Recorder):
             self.window["_calls"].add(self._recording.step, flag)
         if not self._recording.snapshot:
             self._step_rows += call.rows
+
+    def _say_nested(self, call: Call) -> None:
+        if "nested" not in self._said_bad:
+            self._said_bad.add("nested")
+            log.warning(
+                "collapse monitor: %r leaves out the nested tensors of '%s' (the fast path of "
+                "nn.TransformerEncoder in eval mode drops the padding so; this probe reads no "
+                "padding mask): build it with enable_nested_tensor=False to watch them",
+                self.probe,
+                call.path,
+            )
 
     def on_gradient(self, tensor: torch.Tensor, fn) -> None:
         if id(tensor) not in self._armed:

@@ -2,6 +2,8 @@
 adapted layer applies (``W0 + scaling B A``) where a probe reads a weight, and mitigations that
 refuse to rewrite part of an adapted layer."""
 
+import copy
+
 import pytest
 import torch
 
@@ -182,3 +184,55 @@ def test_a_trained_copy_of_the_head_and_other_adapters_are_read_or_refused_never
     )
     with pytest.raises(ValueError, match="not read as they apply"):
         CollapseMonitor(ia3, [probes.NeuralCollapse("lm_head", V)], 1)
+
+
+@pytest.mark.parametrize("inside", ["mha", "encoder_layer"])
+def test_attention_through_a_lora_multihead_attention_is_the_adapted_attention(inside):
+    """PEFT's LoRA ``nn.MultiheadAttention`` adds its delta to ``in_proj_weight`` only while its
+    forward runs: the entropy is that of the merged weights, reported once under the user's path
+    (not the base layer's, not the base weights'), also inside an ``nn.TransformerEncoderLayer``."""
+    from torch import nn
+
+    E, B, L = 16, 3, 6
+    torch.manual_seed(0)
+    if inside == "mha":
+        layer = nn.MultiheadAttention(E, 2, batch_first=True)
+        path, key = "attn", "attn"
+    else:
+        layer = nn.TransformerEncoderLayer(E, 2, 32, 0.0, batch_first=True)
+        path, key = "attn", "attn.self_attn"
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn, self.head = layer, nn.Linear(E, 3)
+
+        def forward(self, x, kpm):
+            if inside == "mha":
+                x = self.attn(x, x, x, key_padding_mask=kpm, need_weights=False)[0]
+            else:
+                x = self.attn(x, src_key_padding_mask=kpm)
+            return self.head(x)
+
+    target = ["attn"] if inside == "mha" else ["self_attn"]
+    model = peft.get_peft_model(
+        Net(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=target, init_lora_weights=False)
+    )
+    merged = copy.deepcopy(model).merge_and_unload()  # the map the adapted model applies
+    mha = merged.attn if inside == "mha" else merged.attn.self_attn
+    x = torch.randn(B, L, E)
+    kpm = torch.arange(L)[None, :] >= torch.tensor([6, 4, 2])[:, None]
+    mon = CollapseMonitor(
+        model, [probes.AttentionEntropy(path, queries=None, name="a")], 1, strict=True
+    )
+    with mon.observe():
+        model(x, kpm)
+    got = mon.step()
+    mon.close()
+    layers = {k.split("/")[2] for k in got if "/entropy/head_" in k}
+    assert layers == {key}
+    with torch.no_grad():
+        _, w = mha(x, x, x, key_padding_mask=kpm, average_attn_weights=False)
+    ref = F.attention_entropy(w.double(), (~kpm)[:, None, None, :], queries=~kpm)["entropy"]
+    for h in range(2):
+        assert got[f"collapse/a/{key}/entropy/head_{h}"] == pytest.approx(float(ref[h]), rel=1e-5)

@@ -158,6 +158,53 @@ def test_transformer_encoder_layer_including_the_fast_path(norm_first):
         assert torch.allclose(norm, ref["entropy_norm"], rtol=1e-4)
 
 
+def test_a_transformer_encoders_nested_fast_path_in_a_snapshot(caplog):
+    """``nn.TransformerEncoder`` (``enable_nested_tensor=True``, the default) in eval mode hands
+    its layers nested tensors without the padding: attention and token uniformity read them
+    padded again (equal to the references over the real tokens); a probe that reads no padding
+    mask leaves them out with a warning; none is disabled and training windows go on."""
+    torch.manual_seed(0)
+    B, T, E = 3, 6, 16
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(E, 2, 32, 0.0, batch_first=True), 2)
+    m = nn.Sequential()
+    m.add_module("enc", enc)
+    kpm = torch.arange(T)[None, :] >= torch.tensor([6, 4, 3])[:, None]
+    x = torch.randn(B, T, E)
+    mon = CollapseMonitor(
+        m,
+        [
+            probes.AttentionEntropy("enc", queries=None, name="attn"),
+            probes.TokenUniformity("enc.layers.0", name="tu"),
+            probes.RepresentationRank("enc.layers.0", name="rank"),
+        ],
+        10**6,
+        observe_every_n_steps=1,
+    )
+    enc.eval()
+    with torch.no_grad(), mon.snapshot("val") as val:
+        with mon.observe(mask=~kpm):
+            enc(x, src_key_padding_mask=kpm)
+    assert "nested tensors" in caplog.text and mon.error_count == 0
+    layer = enc.layers[0]
+    _, w = layer.self_attn(x, x, x, key_padding_mask=kpm, average_attn_weights=False)
+    ref = MF.attention_entropy(w.detach(), (~kpm)[:, None, None, :], queries=~kpm)
+    got = [val[f"val/collapse/attn/enc.layers.0.self_attn/entropy/head_{h}"] for h in range(2)]
+    assert torch.allclose(torch.tensor(got, dtype=torch.float64), ref["entropy"], rtol=1e-5)
+    with torch.no_grad():
+        h = layer(x, src_key_padding_mask=kpm)
+    r_f = MF.token_uniformity(h, ~kpm)[1].mean().item()
+    assert val["val/collapse/tu/enc.layers.0/r_f"] == pytest.approx(r_f, rel=1e-6)
+    # left out (it reads no mask that would drop the padding): no call, no sample
+    assert val["val/collapse/rank/calls"] == val["val/collapse/rank/samples"] == 0
+    enc.train()  # the training windows after it still record every probe
+    with mon.observe(targets=None, mask=~kpm):
+        enc(x, src_key_padding_mask=kpm)
+    out = mon.compute()
+    assert "collapse/tu/enc.layers.0/r_f" in out and "collapse/rank/erank" in out
+    assert "collapse/attn/enc.layers.1.self_attn/entropy/head_0" in out
+    mon.close()
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_transformers_models_with_sdpa_match_eager_attentions(arch):
     transformers = pytest.importorskip("transformers")

@@ -171,6 +171,29 @@ def test_logits_to_keep_and_a_completion_mask():
     assert got["collapse/e/entropy_mean"] == pytest.approx(want["entropy_mean"], rel=1e-5)
 
 
+def test_trls_completion_mask_beside_logits_to_keep_of_one_more_position():
+    """TRL's GRPO: ``logits_to_keep = C + 1`` and ``completion_mask`` ``(B, C)`` over the C
+    completion tokens (left-padded prompts, EOS inside the mask): the C positions that predict
+    them count, the last (past the sequence) does not."""
+    pytest.importorskip("transformers")
+    model = tiny("Llama", vocab_size=40, num_hidden_layers=1)
+    B, P, C = 3, 5, 4
+    ids = torch.randint(2, 40, (B, P + C), generator=torch.Generator().manual_seed(5))
+    attention = torch.ones(B, P + C, dtype=torch.long)
+    attention[1, :2] = attention[2, :3] = 0  # left padding of the prompts
+    completion = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]])
+    feed = {
+        "forward": lambda s: model(ids, attention_mask=attention, logits_to_keep=C + 1),
+        "observe": {"mask": completion},
+    }
+    got = run(model, [probes.TokenEntropy("lm_head", tokens=None, name="e")], feed)
+    with torch.no_grad():
+        logits = model(ids, attention_mask=attention, logits_to_keep=C + 1).logits[:, :-1]
+    want = MF.token_entropy_metrics(logits, completion.bool())
+    assert got["collapse/e/tokens"] == want["tokens"] == 7
+    assert got["collapse/e/entropy_mean"] == pytest.approx(want["entropy_mean"], rel=1e-6)
+
+
 def test_equal_to_trls_entropy_from_logits():
     trl_utils = pytest.importorskip("trl.trainer.utils")
     g = torch.Generator().manual_seed(3)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from ..._adapters import adapted_path
 from ..._modules import named_modules
 from ...contracts import Readout
 from ...functional.attention import (
@@ -176,7 +177,8 @@ class AttentionEntropy(Probe):
                 if EncoderLayerInputs.matches(sub):
                     covered.update(id(m) for m in EncoderLayerInputs.covers(sub))
         for root_path, root in found:
-            for path, sub in named_modules(root, root_path).items():
+            named = named_modules(root, root_path)
+            for path, sub in named.items():
                 if id(sub) in seen or id(sub) in covered:
                     continue
                 seen.add(id(sub))
@@ -185,7 +187,8 @@ class AttentionEntropy(Probe):
                     # PyTorch's own layers (Linear, LayerNorm, Dropout, containers) never call
                     # SDPA or flex_attention: no hooks there, fewer calls on every forward
                     continue
-                (source or self._sdpa).attach(path, sub, recorder.hooks)
+                # a layer inside a PEFT adapter is keyed by the adapter's (the user's) path
+                (source or self._sdpa).attach(adapted_path(path, named), sub, recorder.hooks)
         recorder.hooks.on_remove(self._sdpa.detach)
 
     # ----------------------------------------------------------------- hot path
@@ -294,7 +297,9 @@ class AttentionEntropy(Probe):
                 f"AttentionEntropy '{self.name}': no attention was seen in {self._steps} "
                 f"observed steps inside {self._roots}: no scaled_dot_product_attention "
                 "call, nn.MultiheadAttention or nn.TransformerEncoderLayer; select the attention "
-                "modules or pass extract="
+                "modules or pass extract= (a transformers model loaded with "
+                "attn_implementation='eager' computes attention with plain matmuls: load it "
+                "with 'sdpa' or 'flex_attention')"
             )
         return Readout(metrics, pictures=self._pictures(norms))
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...functional.attention import attendable
-from ...reading import Call
+from ...reading import Call, unnested
 from .scores import Scores, bind
 
 _ARGS = (
@@ -51,11 +51,15 @@ def mha_scores(
     if mha.bias_k is not None or mha.add_zero_attn:
         raise call.error("add_bias_kv and add_zero_attn are not supported; pass extract=")
     query, key = a["query"], a["key"]
-    if query.is_nested or key.is_nested:
-        raise call.error(
-            "nested-tensor inputs are not supported (TransformerEncoder(enable_nested_tensor=False))"
-        )
     self_attention = query is key
+    if query.is_nested or key.is_nested:
+        if not self_attention or a.get("key_padding_mask") is not None:
+            raise call.error(
+                "nested-tensor inputs are read for self-attention without a key_padding_mask "
+                "only (else: TransformerEncoder(enable_nested_tensor=False))"
+            )
+        query, real = unnested(query)
+        key, a = query, {**a, "key_padding_mask": ~real}
     if query.ndim == 2:
         query, key = query[None], key[None]
     elif not mha.batch_first:
