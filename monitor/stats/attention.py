@@ -44,14 +44,29 @@ class HeadEntropy(Statistic):
         """Add row entropies ``entropy (B, H, ...)`` (nats) with their allowed-key counts
         ``keys`` (same shape); rows with no allowed key are ignored. ``skipped``: query rows
         left out before (padding, NaN or Inf)."""
-        self.fix_sizes(H=entropy.shape[1])
+        self.add(self.sums(entropy, keys), max_logit, skipped)
+
+    @staticmethod
+    def sums(entropy: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """``(4, H)`` float64: per head the rows with an allowed key, their entropies' sum, the
+        rows with at least two, and the sum of ``H_i / log n_i`` over those (one reduction)."""
+        e = entropy.to(_F64)
+        h, ok = normalised(e, keys)
+        valid = keys >= 1
+        parts = torch.stack([valid.to(_F64), torch.where(valid, e, 0.0), ok.to(_F64), h])
+        return parts.sum([d + 1 for d in range(entropy.ndim) if d != 1])
+
+    @torch.no_grad()
+    def add(
+        self,
+        sums: torch.Tensor,
+        max_logit: torch.Tensor | None = None,
+        skipped: torch.Tensor | int = 0,
+    ) -> None:
+        """Add :meth:`sums` (the same sums can go to several statistics)."""
+        self.fix_sizes(H=sums.shape[1])
         self.skipped += skipped
-        valid = (keys >= 1).to(_F64)
-        h, norm_ok = normalised(entropy.to(_F64), keys)
-        dims = [d for d in range(entropy.ndim) if d != 1]
-        self.queries += valid.sum(dims)
-        self.entropy += (entropy.to(_F64) * valid).sum(dims)
-        self.queries_norm += norm_ok.to(_F64).sum(dims)
-        self.entropy_norm += h.sum(dims)
+        mine = [self.queries, self.entropy, self.queries_norm, self.entropy_norm]
+        torch._foreach_add_(mine, list(sums.unbind(0)))  # (one fused kernel on a GPU)
         if max_logit is not None:
             torch.maximum(self.max_logit, max_logit.to(_F64), out=self.max_logit)

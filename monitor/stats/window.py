@@ -88,6 +88,12 @@ class Window:
             if persistent or key not in self.persistent:
                 stat.reset()
 
+    def swap(self, a: str, b: str) -> None:
+        """Exchange two entries (made first if need be): a step's statistic becomes the last
+        step's without a copy."""
+        first, second = self[a], self[b]
+        self._entries[a], self._entries[b] = second, first
+
     def add(self, key: str, stat: Statistic, persistent: bool = False) -> Window:
         """Add an entry (on this window's device)."""
         if key in self._entries:
@@ -193,6 +199,10 @@ class WindowView:
 
     def __contains__(self, key: str) -> bool:
         return self.prefix + key in self.window
+
+    def swap(self, a: str, b: str) -> None:
+        """:meth:`Window.swap` of this scope's entries."""
+        self.window.swap(self.prefix + a, self.prefix + b)
 
     def items(self) -> list[tuple[str, Statistic]]:
         n = len(self.prefix)

@@ -259,9 +259,10 @@ class AttentionEntropy(Probe):
         H_i = torch.where(finite, H_i, 0.0)
         if max_logit is not None:
             max_logit = torch.where(torch.isfinite(max_logit), max_logit, -float("inf"))
+        sums = HeadEntropy.sums(H_i, n)  # (once, for the window and for the step)
         try:
-            stat.update(H_i, n, max_logit, skipped)
-            window[f"{layer}/step"].update(H_i, n)
+            stat.add(sums, max_logit, skipped)
+            window[f"{layer}/step"].add(sums)
         except ValueError as exc:  # a head count that changed: say which layer
             raise self.error(layer, str(exc)) from None
 
@@ -332,11 +333,12 @@ class AttentionEntropy(Probe):
 
     def _end_step(self, window, keep: bool) -> None:
         for layer, _ in window.items():
-            step, last = window[f"{layer}/step"], window[f"{layer}/last"]
-            last.reset()
-            if keep and step.sizes["H"] is not None:
-                last.merge(step)
-            step.reset()
+            step, last = f"{layer}/step", f"{layer}/last"
+            if keep and window[step].sizes["H"] is not None:
+                window.swap(step, last)  # this step's sums are the last step's now
+            else:
+                window[last].reset()
+            window[step].reset()
 
     def extra_state(self) -> dict:
         return {
