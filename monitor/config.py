@@ -81,7 +81,13 @@ class MonitorConfig:
                 f"pictures_every_n_logs must be an integer >= 1, got {self.pictures_every_n_logs}"
             )
         if self.overhead_budget is not None:
-            if isinstance(self.overhead_budget, bool) or not 0 < self.overhead_budget < 1:
+            if isinstance(self.overhead_budget, bool) or not isinstance(
+                self.overhead_budget, (int, float)
+            ):
+                raise TypeError(
+                    f"overhead_budget must be a float or None, got {self.overhead_budget!r}"
+                )
+            if not 0 < self.overhead_budget < 1:
                 raise ValueError(
                     f"overhead_budget must be None or in (0, 1), got {self.overhead_budget!r}"
                 )

@@ -275,7 +275,9 @@ class Component:
         checkpointing is not a new sample), unless ``in_backward`` (gradient hooks)."""
         if not in_backward and torch._C._current_graph_task_id() != -1:
             return None
-        token = None if self.meter is None else self.meter.start()
+        # (a validation snapshot's forwards are not the training steps' cost)
+        metered = self.meter is not None and not (self._recording and self._recording.snapshot)
+        token = self.meter.start() if metered else None
         try:
             label = torch.profiler.record_function(self._profile_label)
             with torch.no_grad(), torch.inference_mode(False), label:

@@ -326,11 +326,11 @@ class CollapseMonitor:
         events = self._mitigations.after_log(view, self._holder)
         metrics.update(self._mitigations.metrics())
         metrics.update(self._probes.finish_windows())  # (with a budget: its overhead)
-        metrics[ERRORS_KEY] = float(self.error_count)
-        metrics.update(self.outlets.error_metrics())
+        metrics.update({ERRORS_KEY: float(self.error_count), **self.outlets.error_metrics()})
         thresholds = self.rules.thresholds(metrics)
         index = step // self.log_every_n_steps - 1  # (logs fall on multiples of L)
         self.outlets.log(step, metrics, thresholds, readouts, alerts, events, index)
+        self._probes.log_done()  # (with an overhead budget: the log's time ends here)
         return metrics
 
     # ----------------------------------------------------------------- snapshots

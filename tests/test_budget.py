@@ -123,7 +123,7 @@ def test_the_thinned_estimate_stays_within_its_interval_of_the_every_step_value(
     assert gap <= thin["collapse/ent/entropy_mean_ci95"] + full["collapse/ent/entropy_mean_ci95"]
 
 
-def test_a_resumed_run_keeps_the_thinned_strides():
+def test_a_resumed_run_keeps_the_thinned_strides_and_one_without_a_budget_drops_them():
     net, ps = heavy()
     mon = CollapseMonitor(net, ps, L, overhead_budget=0.01)
     run(mon, net, 2 * L)
@@ -138,6 +138,63 @@ def test_a_resumed_run_keeps_the_thinned_strides():
     logs = run(mon2, net2, L, first=2 * L)
     assert logs[0]["collapse/rank/recorded_steps"] == 1
     mon2.close()
+    net3, ps3 = heavy()
+    mon3 = CollapseMonitor(net3, ps3, L)  # no budget: the cadence's own strides again
+    mon3.load_state_dict(saved)
+    assert all(d.slower == 1 for d in mon3._probes.drivers)
+    mon3.close()
+
+
+class _Meter:
+    def __init__(self, seconds):
+        self.seconds = seconds
+
+    def take(self):
+        return self.seconds
+
+
+def _driver(name, seconds, steps, slower=1, classes=None, rows=None):
+    from types import SimpleNamespace
+
+    from collapse_monitor.cadence import SAMPLED, per_class
+
+    sampling = SAMPLED if classes is None else per_class(classes)
+    return SimpleNamespace(
+        name=name,
+        meter=_Meter(seconds),
+        window_steps=steps,
+        slower=slower,
+        rows_per_step=rows,
+        probe=SimpleNamespace(sampling=sampling),
+    )
+
+
+def test_the_control_thins_when_over_and_records_more_again_when_well_under():
+    """The controller alone, on given costs (no clock): over the budget the strides grow in
+    proportion, never below one step per window or the steps a class-conditional probe's
+    classes need; well under it they shrink back to the cadence's."""
+    from collapse_monitor.budget import Budget
+
+    b = Budget(0.01)
+    cheap, costly = _driver("cheap", 0.0001, 2), _driver("costly", 0.05, 2)
+    classes = _driver("nc", 0.05, 10, classes=1000, rows=512)  # needs 4000 / 512 -> 8 steps
+    drivers = [cheap, costly, classes]
+    b.window_seconds = 10.0  # 0.1 s of probes in 10 s: just over a budget of 1%
+    b.settle(drivers, drivers)
+    assert b.overhead == pytest.approx(0.01001)
+    assert costly.slower == cheap.slower == 2  # (whole strides: the next is half the steps)
+    assert classes.slower == 1  # 5 of 10 steps would be fewer than the 8 its classes need
+    b.window_seconds, costly.meter, classes.meter = 1.0, _Meter(0.5), _Meter(0.5)
+    costly.window_steps = 1  # (its stride doubled)
+    b.settle(drivers, drivers)  # far over: the floors
+    assert costly.slower == 2 and classes.slower == 1  # one step; the class probe's 10
+    cadence = {"cheap": 2, "costly": 2, "nc": 10}
+    for _ in range(3):  # 0.003% now: back to the cadence, at most twice the steps per log
+        b.window_seconds = 100.0
+        for d in drivers:
+            d.meter, d.window_steps = _Meter(0.001), max(1, cadence[d.name] // d.slower)
+        b.settle(drivers, drivers)
+    assert [d.slower for d in drivers] == [1, 1, 1]
 
 
 @pytest.mark.parametrize(
@@ -146,10 +203,11 @@ def test_a_resumed_run_keeps_the_thinned_strides():
         ({"overhead_budget": 0.0}, r"overhead_budget must be None or in \(0, 1\)"),
         ({"overhead_budget": 1.5}, r"overhead_budget must be None or in \(0, 1\)"),
         ({"overhead_budget": 0.01, "observe_every_n_steps": 1}, "pass one of them"),
+        ({"overhead_budget": "1%"}, "overhead_budget must be a float or None"),
     ],
 )
 def test_configuration_errors(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((ValueError, TypeError), match=match):
         CollapseMonitor(nn.Linear(2, 2), [probes.RepresentationRank("", name="r")], 5, **kwargs)
 
 
@@ -165,7 +223,7 @@ def test_without_a_budget_nothing_is_measured_or_logged():
 # ----------------------------------------------------------------- two ranks
 def _slow_on_rank0(module, args, output):
     if torch.distributed.get_rank() == 0:
-        time.sleep(0.05)  # rank 0's probe costs far more than its budget; rank 1's does not
+        time.sleep(0.2)  # rank 0's probe costs far more than its budget; rank 1's does not
     return output
 
 

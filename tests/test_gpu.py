@@ -121,14 +121,13 @@ def test_float32_gram_on_the_gpu_is_ieee_even_with_tf32_allowed():
     """The float32 path (the default on GPUs with slow float64) equals the float64 reference
     with TF32 allowed globally: the monitor's GEMMs turn it off for themselves."""
     from collapse_monitor import functional as F
-    from collapse_monitor.functional._precision import matmul_dtype
+    from collapse_monitor.functional._precision import FAST_FLOAT64, matmul_dtype
     from collapse_monitor.stats import ClassMoments
     from tests.functional.test_neural_collapse import clustered
     from tests.reference import assert_metrics_close
     from tests.stats.test_class_moments import KEYS, readout
 
-    cap = torch.cuda.get_device_capability()
-    fast = cap in {(6, 0), (7, 0), (8, 0), (9, 0), (10, 0)}
+    fast = torch.cuda.get_device_capability() in FAST_FLOAT64  # (the lent H100/H200: fast)
     assert matmul_dtype(None, torch.device("cuda")) == (torch.float64 if fast else torch.float32)
     x, y = clustered(20, 256, 8000, noise=1e-3, offset=1e3)
     x = x.float()

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from ._precision import matmul64
+from . import _precision
 
 _F64 = torch.float64
 _EPS = torch.finfo(_F64).eps
@@ -380,11 +380,16 @@ def nearest_class_center(
 ) -> torch.Tensor:
     """The class of the nearest centre (Euclidean) of each row: ``(N,)`` from ``features (N, D)``,
     ``centers (K, D)`` of classes ``center_classes (K,)``; ``center_sq (K,)`` their squared norms
-    when known. Ties go to the lowest index. Float64, the GEMM in ``matmul_dtype``: in float32
-    rows and centres are first moved by the centres' mean (the distances' order is unchanged,
-    the common offset no longer costs digits), and a row whose two nearest centres are closer
-    than the rounding of ``|x - m| |c - m|`` may pick either."""
+    when known. Ties go to the lowest index. Float64, the GEMM in ``matmul_dtype`` (``None``:
+    the device's default, :mod:`~collapse_monitor.functional._precision`): in float32 rows and
+    centres are first moved by the centres' mean (the distances' order is unchanged, the common
+    offset no longer costs digits), and a row whose two nearest centres are closer than the
+    rounding of ``|x - m| |c - m|`` may pick either. Rows must be finite.
+
+    Raises:
+        ValueError: a ``matmul_dtype`` other than None, float32 or float64."""
     x, centers = features.to(_F64), centers.to(_F64)
+    matmul_dtype = _precision.matmul_dtype(matmul_dtype, x.device)
     if matmul_dtype != _F64:
         mean = centers.mean(0)
         x, centers, center_sq = x - mean, centers - mean, None
@@ -394,7 +399,9 @@ def nearest_class_center(
 def _nearest(x, centers, center_classes, center_sq, matmul_dtype) -> torch.Tensor:
     if center_sq is None:
         center_sq = (centers * centers).sum(1)
-    return center_classes[(center_sq - 2 * matmul64(x, centers.T, matmul_dtype)).argmin(1)]
+    return center_classes[
+        (center_sq - 2 * _precision.matmul64(x, centers.T, matmul_dtype)).argmin(1)
+    ]
 
 
 def nearest_class_center_mismatch(
@@ -414,7 +421,7 @@ def nearest_class_center_mismatch(
         weight, bias: classifier ``(C, D)`` and ``(C,)``; the network predicts
             ``argmax(W h + b)`` (with bias, as in Papyan's code).
         matmul_dtype: the GEMMs' dtype, as for :func:`nearest_class_center` (in float32 the
-            logits are ``W (h - m)`` plus ``W m + b`` in float64).
+            logits are ``W (h - m)`` plus ``W m + b`` in float64); rows must be finite.
 
     Returns:
         ``(N,)`` bool, true where the two decisions differ. Ties go to the lowest index.
@@ -423,6 +430,7 @@ def nearest_class_center_mismatch(
     centers = centers.to(_F64)
     w = weight.detach().to(_F64)
     b = None if bias is None else bias.detach().to(_F64)
+    matmul_dtype = _precision.matmul_dtype(matmul_dtype, x.device)
     if matmul_dtype != _F64:  # move rows and centres by the centres' mean (see above)
         mean = centers.mean(0)
         x, centers = x - mean, centers - mean
@@ -432,7 +440,7 @@ def nearest_class_center_mismatch(
     for s in range(0, x.shape[0], chunk):
         xs = x[s : s + chunk]
         ncc = _nearest(xs, centers, center_classes, center_sq, matmul_dtype)
-        logits = matmul64(xs, w.T, matmul_dtype)
+        logits = _precision.matmul64(xs, w.T, matmul_dtype)
         out.append(ncc != (logits if b is None else logits + b).argmax(1))
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
 

@@ -236,6 +236,12 @@ class ProbeDriver(Component, Recorder):
                 self._say_nested(call)
                 return
             value, call.padding = unnested(value)
+            given = call.recording.inputs.get("mask")
+            if given is not None and not torch.equal(
+                torch.as_tensor(given).bool().sum(1).cpu(), call.padding.sum(1).cpu()
+            ):  # (a mask of other tokens than the padding cannot be placed in the packed rows)
+                self._say_nested(call)
+                return
         if device is not None:
             self.device = device  # where the data lives now (the model may have moved)
             self.window.to(device)
@@ -261,7 +267,8 @@ class ProbeDriver(Component, Recorder):
             log.warning(
                 "collapse monitor: %r leaves out the nested tensors of '%s' (the fast path of "
                 "nn.TransformerEncoder in eval mode drops the padding so; this probe reads no "
-                "padding mask): build it with enable_nested_tensor=False to watch them",
+                "padding mask, or observe(mask=) marks other tokens than the padding): build "
+                "it with enable_nested_tensor=False to watch them",
                 self.probe,
                 call.path,
             )
@@ -513,7 +520,8 @@ class ProbeDriver(Component, Recorder):
         self.observed_steps = int(extra["observed_steps"])
         self.window_steps = int(extra["window_steps"])
         self.rows_per_step = extra.get("rows_per_step")
-        self.slower = int(extra.get("slower", 1))
+        # (a budget's thinning, only where a budget keeps measuring: else it would stay)
+        self.slower = int(extra.get("slower", 1)) if self.meter is not None else 1
         self.probe.load_extra_state(extra)
 
 

@@ -151,7 +151,7 @@ class NeuralCollapse(Probe):
         extract=None,
     ) -> None:
         super().__init__(module, name, extract, read)
-        self.matmul_dtype = _precision.check(matmul_dtype)
+        self.matmul_dtype = _precision.check_matmul_dtype(matmul_dtype)
         if int(num_classes) < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
         if (target_shift or 0) < 0 or min_class_count < 1 or ncc_max_rows < 0 or tile_size < 1:
@@ -431,7 +431,8 @@ class GroupCollapse(NeuralCollapse):
         module: path of the module whose output (``read="output"``, default) or input are the
             features.
         num_groups: ``G``.
-        Other arguments as in :class:`NeuralCollapse` (no classifier, no NC4).
+        Other arguments as in :class:`NeuralCollapse` (no classifier, no NC4; ``matmul_dtype``
+            too).
 
     Reports ``group_variance_ratio`` = ``tr(S_B)/tr(S_T)``
     (:func:`~collapse_monitor.functional.group_variance_ratio`: the fraction of the total feature

@@ -307,18 +307,24 @@ class ProbeSet:
         for d in self.drivers:
             if not d.disabled:
                 d.run(d.finish_window, self._group(d))
-        if self.budget is None:
-            return {}
-        self.budget.log_ended()
-        return self.budget.metrics()
+        return {} if self.budget is None else self.budget.metrics()
+
+    def log_done(self) -> None:
+        """The log has reached the outlets: its time (an overhead budget's) ends here."""
+        if self.budget is not None:
+            self.budget.log_ended()
 
     def begin_snapshot(self) -> None:
+        if self.budget is not None:
+            self.budget.pause()
         for d in self.drivers:
             d.begin_snapshot()
 
     def end_snapshot(self) -> None:
         for d in self.drivers:
             d.end_snapshot()
+        if self.budget is not None:
+            self.budget.resume()
 
     # ----------------------------------------------------------------- state
     @property

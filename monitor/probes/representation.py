@@ -131,7 +131,7 @@ class RepresentationRank(Probe):
         matmul_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(module, name, extract, read, pool)
-        self.matmul_dtype = _precision.check(matmul_dtype)
+        self.matmul_dtype = _precision.check_matmul_dtype(matmul_dtype)
         if sketch_dim < 1:
             raise ValueError(f"sketch_dim must be >= 1, got {sketch_dim}")
         self.per_sequence = bool(per_sequence)

@@ -77,7 +77,7 @@ class ClassMoments(Statistic):
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes = C = int(num_classes)
         self.diagonal = diagonal
-        self.matmul_dtype = _precision.check(matmul_dtype)
+        self.matmul_dtype = _precision.check_matmul_dtype(matmul_dtype)
         self.add_size("D", "feature dimension", dim)
         # sums add over ranks once :meth:`align` has put every rank's around the same shifts
         summed, agreed = ("local", "local") if self.class_sharded else ("sum", "same")

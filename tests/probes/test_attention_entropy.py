@@ -196,6 +196,11 @@ def test_a_transformer_encoders_nested_fast_path_in_a_snapshot(caplog):
     assert val["val/collapse/tu/enc.layers.0/r_f"] == pytest.approx(r_f, rel=1e-6)
     # left out (it reads no mask that would drop the padding): no call, no sample
     assert val["val/collapse/rank/calls"] == val["val/collapse/rank/samples"] == 0
+    other = ~kpm & (torch.arange(T) > 0)  # other tokens than the padding: cannot be placed
+    with torch.no_grad(), mon.snapshot("val") as val2:
+        with mon.observe(mask=other):
+            enc(x, src_key_padding_mask=kpm)
+    assert val2["val/collapse/tu/calls"] == 0 and mon.error_count == 0
     enc.train()  # the training windows after it still record every probe
     with mon.observe(targets=None, mask=~kpm):
         enc(x, src_key_padding_mask=kpm)

@@ -139,35 +139,45 @@ def test_the_default_and_its_errors():
 
 
 def _settings():
+    from collapse_monitor.functional._precision import _settings as of_both_apis
+
     b = torch.backends
-    return (
-        torch.get_float32_matmul_precision(),
-        b.cuda.matmul.fp32_precision,
-        b.mkldnn.matmul.fp32_precision,
-        b.cudnn.conv.fp32_precision,
-    )
+    return (*of_both_apis(), b.cudnn.conv.fp32_precision)
 
 
-@pytest.mark.parametrize("legacy", ["highest", "high", "medium"])
-def test_tf32_off_sets_both_apis_and_puts_the_users_settings_back(legacy):
+def _cublas_tf32():
+    return torch._C._get_cublas_allow_tf32()  # cuBLAS' own read: raises on disagreeing APIs
+
+
+@pytest.mark.parametrize(
+    "setup",
+    [
+        lambda: torch.set_float32_matmul_precision("high"),  # legacy API
+        lambda: torch.set_float32_matmul_precision("medium"),
+        lambda: setattr(torch.backends, "fp32_precision", "tf32"),  # new (transformers)
+        lambda: setattr(torch.backends.cuda.matmul, "fp32_precision", "tf32"),
+        lambda: None,  # the default: IEEE already
+    ],
+)
+def test_tf32_off_sets_both_apis_and_puts_the_users_settings_back(setup):
     """cuBLAS raises when the legacy and the new TF32 settings disagree: inside the block both
-    say IEEE; after it, the user's settings are back exactly."""
+    say IEEE, whichever API the user set; after it, the user's settings are back exactly."""
     from collapse_monitor.functional._precision import tf32_off
 
     saved = _settings()
     try:
-        torch.set_float32_matmul_precision(legacy)
+        setup()
         before = _settings()
         with tf32_off():
             assert torch.get_float32_matmul_precision() == "highest"
-            assert torch.backends.cuda.matmul.fp32_precision in ("ieee", "none")
-            assert not torch._C._get_cublas_allow_tf32()  # cuBLAS' own (checking) read
+            assert not _cublas_tf32()
+            assert torch.backends.mkldnn.matmul.fp32_precision in ("ieee", "none")
         assert _settings() == before
-        assert torch._C._get_cublas_allow_tf32() == (legacy != "highest")
     finally:
         torch.set_float32_matmul_precision(saved[0])
-        torch.backends.cuda.matmul.fp32_precision = saved[1]
-        torch.backends.mkldnn.matmul.fp32_precision = saved[2]
+        torch.backends.fp32_precision = saved[1]
+        torch.backends.cuda.matmul.fp32_precision = saved[2]
+        torch.backends.mkldnn.matmul.fp32_precision = saved[3]
         assert _settings() == saved
 
 
