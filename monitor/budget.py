@@ -111,6 +111,8 @@ class Budget:
         self._last_step: float | None = None
         self._log_began: float | None = None
         self._paused: float | None = None
+        self._whole = False  # a window timed from its first step (not the first window)
+        self._said = False
 
     def tick(self) -> None:
         """At each ``step()``: the wall time since the previous one joins the window."""
@@ -164,12 +166,23 @@ class Budget:
         spent = {d.name: d.meter.take() for d in drivers}
         cost = self.log_seconds + sum(spent.values())
         window, self.window_seconds = self.window_seconds, 0.0
-        self.overhead = cost / window if window > 0 else None
+        # the first window's clock starts at its first step() (after step 0's work): no share
+        whole, self._whole = self._whole, True
+        self.overhead = cost / window if window > 0 and whole else None
         thinned = [d for d in drivers if not d.probe.sampling.every_step and d.window_steps]
         fixed = cost - sum(spent[d.name] for d in thinned)
         movable = cost - fixed
         over = self.overhead is not None and self.overhead > self.fraction
         under = self.overhead is not None and self.overhead < self.fraction / 2
+        if over and fixed > self.fraction * window and not self._said:
+            self._said = True
+            log.warning(
+                "collapse monitor: the overhead budget of %.1f%% cannot be kept: the logs and "
+                "the probes that record every step alone take %.1f%% of the step time (thinning "
+                "the others cannot lower that); log less often or watch fewer modules",
+                100 * self.fraction,
+                100 * fixed / window,
+            )
         if movable <= 0 or not (over or under):
             return {}
         # the share of the movable cost the budget leaves (0: the fewest steps allowed)

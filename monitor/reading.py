@@ -411,8 +411,9 @@ def token_mask(call: Call, batch: int, length: int, device: torch.device) -> tor
     only where it covers the layer: its length is the layer's, the call used a cache, or it
     kept the logits of the last ``length`` positions; elsewhere (an encoder-decoder's decoder)
     the monitor says once that ``observe(mask=)`` is needed, and every token counts. Under
-    ``logits_to_keep = length``, an ``observe(mask=)`` of ``length - 1`` columns is a mask of
-    the last ``length - 1`` tokens (TRL's ``completion_mask`` beside ``logits_to_keep = C + 1``).
+    ``logits_to_keep = C + 1``, an ``observe(mask=)`` of ``C`` columns is a mask of the last
+    ``C`` tokens (TRL's ``completion_mask``), whether the layer sees ``C + 1`` positions (the
+    head) or the whole sequence (the backbone).
 
     Raises:
         ValueError: an ``observe(mask=)`` whose shape does not fit the layer's sequences.
@@ -420,11 +421,13 @@ def token_mask(call: Call, batch: int, length: int, device: torch.device) -> tor
     mask, given = _padding_source(call)
     if mask is None:
         return None
+    kept, width = call.model_inputs.get("kept"), mask.shape[-1]
+    if given and mask.ndim == 2 and mask.shape[0] == batch and kept == width + 1 < length + 1:
+        # TRL's completion_mask (B, C) beside logits_to_keep = C + 1: a mask of the last C
+        # tokens, those before them (the prompt) not counted; for the head's C + 1 positions
+        # as for the backbone's whole sequence
+        mask = torch.cat([mask.new_zeros(batch, length - width), mask], 1)
     kept = keeps_last(call, length)
-    if given and kept and mask.ndim == 2 and tuple(mask.shape) == (batch, length - 1):
-        # TRL's completion_mask (B, C) beside logits_to_keep = C + 1: the C completion tokens
-        # are the last ones; the one position before them (the prompt's last) is not counted
-        mask = torch.cat([torch.zeros_like(mask[:, :1]), mask], 1)
     fits = mask.shape[0] == batch and mask.shape[1] >= length
     if given and (mask.ndim != 2 or not fits):
         raise call.error(

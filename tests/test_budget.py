@@ -49,20 +49,21 @@ def heavy():
     return net, ps
 
 
-def test_a_monitor_over_its_budget_records_one_step_per_window_exactly():
+def test_a_monitor_over_its_budget_records_one_step_per_window_exactly(caplog):
     net, ps = heavy()
     mon = CollapseMonitor(net, ps, L, overhead_budget=0.01)
-    logs = run(mon, net, 4 * L)
-    first, later = logs[0], logs[1:]
-    assert first["collapse/monitor/overhead"] > 0.01  # measured: a toy step is tiny
-    # the cadence's own first window, then the floor: the logging step only
-    assert first["collapse/rank/recorded_steps"] == 2
-    for m in later:
+    logs = run(mon, net, 5 * L)
+    # the first window is timed from its first step(): no share yet, the cadence's own steps
+    assert "collapse/monitor/overhead" not in logs[0]
+    assert logs[0]["collapse/rank/recorded_steps"] == logs[1]["collapse/rank/recorded_steps"] == 2
+    assert 0.01 < logs[1]["collapse/monitor/overhead"] < 1  # measured: a toy step is tiny
+    for m in logs[2:]:  # then the floor: the logging step only
         assert m["collapse/rank/recorded_steps"] == m["collapse/head/recorded_steps"] == 1
         assert m["collapse/dormant/recorded_steps"] == L  # every-step probes are never thinned
-        assert m["collapse/monitor/overhead"] > 0
+        assert 0 < m["collapse/monitor/overhead"] < 1
+    assert "cannot be kept" in caplog.text  # the logs alone exceed 1% of a toy's steps
     # the window is exact for the step it recorded: the last one
-    last = 4 * L - 1
+    last = 5 * L - 1
     x, y = batch(last)
     ref = F.neural_collapse(x, y, C, net[1].weight, net[1].bias)
     for k in ("nc1", "nc1_quotient", "equiangular", "cdnv"):
@@ -92,6 +93,7 @@ def test_a_monitor_within_its_budget_keeps_the_cadence():
     logs = run(mon, net, 3 * L)
     for m in logs:
         assert m["collapse/rank/recorded_steps"] == 2
+    for m in logs[1:]:
         assert 0 < m["collapse/monitor/overhead"] < 0.9
     assert mon.driver("rank").slower == 1
     mon.close()
@@ -179,6 +181,8 @@ def test_the_control_thins_when_over_and_records_more_again_when_well_under():
     cheap, costly = _driver("cheap", 0.0001, 2), _driver("costly", 0.05, 2)
     classes = _driver("nc", 0.05, 10, classes=1000, rows=512)  # needs 4000 / 512 -> 8 steps
     drivers = [cheap, costly, classes]
+    b.settle(drivers, drivers)  # the first window (timed from its first step): no share
+    assert b.overhead is None and [d.slower for d in drivers] == [1, 1, 1]
     b.window_seconds = 10.0  # 0.1 s of probes in 10 s: just over a budget of 1%
     b.settle(drivers, drivers)
     assert b.overhead == pytest.approx(0.01001)
@@ -235,7 +239,7 @@ def _ranks(rank, init, out_dir):
         probe = probes.RepresentationRank("0", name="rank", extract=_slow_on_rank0)
         mon = CollapseMonitor(net, [probe], L, overhead_budget=0.05)
         logs = []
-        for s in range(3 * L):
+        for s in range(4 * L):
             x, y = batch(2 * s + rank)
             with mon.observe(targets=y):
                 net(x)
@@ -251,7 +255,7 @@ def _ranks(rank, init, out_dir):
 def test_ranks_agree_on_the_thinned_steps(tmp_path):
     r0, r1 = run_two(_ranks, tmp_path, "budget")
     assert r0["slower"] == r1["slower"] > 1  # rank 1 alone would not thin: it takes rank 0's
-    for a, b in zip(r0["logs"][1:], r1["logs"][1:]):
+    for a, b in zip(r0["logs"][2:], r1["logs"][2:]):
         assert a["collapse/rank/recorded_steps"] == b["collapse/rank/recorded_steps"] == 1
         assert a["collapse/rank/erank"] == b["collapse/rank/erank"]  # the same steps reduced
 
@@ -268,7 +272,7 @@ def test_the_report_shows_the_overhead_the_tensorboard_files_hold(tmp_path, caps
     )
     logs = run(mon, net, 3 * L)
     mon.close()
-    measured = [m["collapse/monitor/overhead"] for m in logs]
+    measured = [m["collapse/monitor/overhead"] for m in logs[1:]]
     main(["report", str(tmp_path / "run")])
     shown = re.search(r"monitor overhead: ([\d.]+)% of the step time", capsys.readouterr().out)
     assert float(shown.group(1)) == pytest.approx(100 * measured[-1], abs=0.006)  # (2 decimals)

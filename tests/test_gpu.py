@@ -57,6 +57,20 @@ def test_steps_between_logs_never_synchronise_with_every_probe_and_mitigation(co
     mon.close()
 
 
+def test_an_overhead_budget_measures_device_time_without_synchronising_between_logs():
+    """The budget's CUDA events are recorded, not waited for, between logs; at a log it reads
+    them (the device time of the probes' kernels) and logs the overhead."""
+    model = Zoo().cuda()
+    mon = CollapseMonitor(model, every_probe(), LOG_EVERY, overhead_budget=0.01)
+    logged = train(mon, 3 * LOG_EVERY, sync_debug=True)
+    assert logged.count(True) == 3
+    out = mon.compute()
+    assert out  # (compute() after the windows: the monitor still reads out)
+    budget = mon._probes.budget
+    assert budget.overhead is not None and budget.overhead > 0
+    mon.close()
+
+
 def test_lightning_fsdp_strategy_gathers_through_the_wrapper(tmp_path):
     """Lightning's strategy="fsdp" (first generation, CUDA only) wraps the module after the
     callback's setup: the callback points the monitor at the wrapper (``sharded_by``), so every

@@ -34,7 +34,9 @@ def check_matmul_dtype(dtype: torch.dtype | None) -> torch.dtype | None:
         ValueError: any other value.
     """
     if dtype not in CHOICES:
-        raise ValueError(f"matmul_dtype must be None, torch.float32 or torch.float64, got {dtype}")
+        raise ValueError(
+            f"matmul_dtype must be None, torch.float32 or torch.float64, got {dtype!r}"
+        )
     return dtype
 
 

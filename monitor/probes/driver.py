@@ -396,7 +396,7 @@ class ProbeDriver(Component, Recorder):
         had a thin window)."""
         key, calls = self.probe.key, int(counts.calls)
         health = {key("calls"): float(calls)}
-        if self.meter is not None:  # an overhead budget may thin the windows: say how much
+        if self.meter is not None and self._saved_window is None:  # (a training window's)
             health[key("recorded_steps")] = float(self.window_steps)
         if int(counts.nonfinite):
             health[key("nonfinite")] = int(counts.nonfinite) / calls

@@ -27,7 +27,8 @@ class RepresentationRank(Probe):
     """Dimensional collapse of embeddings: effective rank, RankMe and SimSiam's normalised std.
 
     Embeddings are the module's output (``read="input"`` for its input; a ``transformers``
-    backbone's ``last_hidden_state``), ``(N, D)`` or ``(B, T, D)`` (flattened). Per window the probe keeps the count, mean and centred second moment
+    backbone's ``last_hidden_state``), ``(N, D)`` or ``(B, T, D)`` (flattened; padded tokens, from
+    ``observe(mask=)`` or the model's ``attention_mask``, left out). Per window the probe keeps the count, mean and centred second moment
     (shifted float64, exact under DDP) and the per-coordinate moments of ``z/||z||``.
 
     Args:
@@ -81,6 +82,9 @@ class RepresentationRank(Probe):
     """
 
     headline = ("erank", "norm_std")
+    # token states (B, T, D): padding from observe(mask=) or the model's attention_mask
+    keywords = {"mask": False}
+    uses_token_mask = True
 
     reads = Reading(
         "floating-point embeddings (N, D) or (B, T, D)",
@@ -138,7 +142,6 @@ class RepresentationRank(Probe):
         self.ignore_index = ignore_index
         if self.per_sequence:  # which tokens of a sequence count: labels and padding
             self.keywords = {"targets": False, "mask": False}
-            self.uses_token_mask = True
         self.sketch_dim = int(sketch_dim)
         self.seed = seed
         self.ssl = bool(ssl)
@@ -205,18 +208,24 @@ class RepresentationRank(Probe):
         return means[n > 0]
 
     def update(self, window, z, call) -> None:
+        real = None
         if self.per_sequence:
             z = self._sequence_means(z, call)
+        elif z.ndim == 3:  # token states: padded positions are not embeddings
+            real = token_mask(call, z.shape[0], z.shape[1], z.device)
         feature_rows(z, call, "embeddings")
         z = z.detach().reshape(-1, z.shape[-1])
         finite = finite_rows(z)
-        call.nonfinite_rows(~finite)  # (one NaN feature spoils every row: the run diverged)
-        window["counts"].add("skipped_nonfinite", (~finite).sum())
-        z = torch.where(finite[:, None], z, 0.0)
-        window["moments"].update(self.project(z), finite)
+        real = None if real is None else real.reshape(-1)
+        bad = ~finite if real is None else real & ~finite
+        call.nonfinite_rows(bad, real)  # (one NaN feature spoils every row: the run diverged)
+        window["counts"].add("skipped_nonfinite", bad.sum())
+        keep = finite if real is None else finite & real  # (padding: not a sample)
+        z = torch.where(keep[:, None], z, 0.0)
+        window["moments"].update(self.project(z), keep)
         unit = z.to(_F64) / z.to(_F64).norm(dim=1, keepdim=True).clamp_min(1e-12)
-        window["unit"].update(unit, finite)
-        window["negative"].update(unit.clamp_max(0), finite)
+        window["unit"].update(unit, keep)
+        window["negative"].update(unit.clamp_max(0), keep)
 
     def _resolved_reference(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         if self.reference is None:

@@ -161,8 +161,9 @@ def test_transformer_encoder_layer_including_the_fast_path(norm_first):
 def test_a_transformer_encoders_nested_fast_path_in_a_snapshot(caplog):
     """``nn.TransformerEncoder`` (``enable_nested_tensor=True``, the default) in eval mode hands
     its layers nested tensors without the padding: attention and token uniformity read them
-    padded again (equal to the references over the real tokens); a probe that reads no padding
-    mask leaves them out with a warning; none is disabled and training windows go on."""
+    padded again (equal to the references over the real tokens), and so do the probes that read
+    token padding; a mask of other tokens than the padding cannot be placed in the packed rows:
+    left out with a warning; none is disabled and training windows go on."""
     torch.manual_seed(0)
     B, T, E = 3, 6, 16
     enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(E, 2, 32, 0.0, batch_first=True), 2)
@@ -184,7 +185,7 @@ def test_a_transformer_encoders_nested_fast_path_in_a_snapshot(caplog):
     with torch.no_grad(), mon.snapshot("val") as val:
         with mon.observe(mask=~kpm):
             enc(x, src_key_padding_mask=kpm)
-    assert "nested tensors" in caplog.text and mon.error_count == 0
+    assert mon.error_count == 0
     layer = enc.layers[0]
     _, w = layer.self_attn(x, x, x, key_padding_mask=kpm, average_attn_weights=False)
     ref = MF.attention_entropy(w.detach(), (~kpm)[:, None, None, :], queries=~kpm)
@@ -194,13 +195,15 @@ def test_a_transformer_encoders_nested_fast_path_in_a_snapshot(caplog):
         h = layer(x, src_key_padding_mask=kpm)
     r_f = MF.token_uniformity(h, ~kpm)[1].mean().item()
     assert val["val/collapse/tu/enc.layers.0/r_f"] == pytest.approx(r_f, rel=1e-6)
-    # left out (it reads no mask that would drop the padding): no call, no sample
-    assert val["val/collapse/rank/calls"] == val["val/collapse/rank/samples"] == 0
+    rank = MF.representation_rank(h[~kpm])  # the real tokens' embeddings
+    assert val["val/collapse/rank/samples"] == int((~kpm).sum())
+    assert val["val/collapse/rank/erank"] == pytest.approx(rank["erank"], rel=1e-6)
     other = ~kpm & (torch.arange(T) > 0)  # other tokens than the padding: cannot be placed
     with torch.no_grad(), mon.snapshot("val") as val2:
         with mon.observe(mask=other):
             enc(x, src_key_padding_mask=kpm)
-    assert val2["val/collapse/tu/calls"] == 0 and mon.error_count == 0
+    assert val2["val/collapse/tu/calls"] == val2["val/collapse/rank/calls"] == 0
+    assert "nested tensors" in caplog.text and mon.error_count == 0
     enc.train()  # the training windows after it still record every probe
     with mon.observe(targets=None, mask=~kpm):
         enc(x, src_key_padding_mask=kpm)

@@ -109,6 +109,29 @@ def test_sequences_and_nonfinite_rows():
     assert_metrics_close(got, F.representation_rank(rows[ok]), keys=["erank", "rankme", "norm_std"])
 
 
+def test_padded_token_states_are_not_embeddings():
+    """Token states ``(B, T, D)`` of a padded batch: the padding (``observe(mask=)``, or a
+    transformers model's own ``attention_mask``) is left out, not counted as samples."""
+    from tests.probes.test_conventions import tiny
+
+    pytest.importorskip("transformers")
+    model = tiny("Llama", num_hidden_layers=1)
+    ids = torch.randint(0, 64, (3, 8), generator=torch.Generator().manual_seed(3))
+    attention = torch.ones(3, 8, dtype=torch.long)
+    attention[1, :3] = attention[2, :5] = 0  # left padding
+    probe = probes.RepresentationRank("model.norm", name="emb")
+    mon = CollapseMonitor(model, [probe], 10**6, strict=True, observe_every_n_steps=1)
+    with mon.observe():
+        model(ids, attention_mask=attention)
+    got = {k.split("/")[-1]: v for k, v in mon.compute().items()}
+    mon.close()
+    with torch.no_grad():
+        states = model.model(ids, attention_mask=attention).last_hidden_state
+    real = states[attention.bool()]
+    assert got["samples"] == real.shape[0] == 16 and got["skipped_nonfinite"] == 0
+    assert_metrics_close(got, F.representation_rank(real), keys=["erank", "rankme", "norm_std"])
+
+
 def test_per_sequence_embeddings_are_the_means_of_the_tokens_that_count():
     # uneven calls; labels at -100 (a prompt) and padding (observe(mask=)) leave tokens out, a
     # sequence with none is left out. By hand: the float64 mean of each sequence's kept tokens

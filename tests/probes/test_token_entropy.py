@@ -171,10 +171,12 @@ def test_logits_to_keep_and_a_completion_mask():
     assert got["collapse/e/entropy_mean"] == pytest.approx(want["entropy_mean"], rel=1e-5)
 
 
-def test_trls_completion_mask_beside_logits_to_keep_of_one_more_position():
+@pytest.mark.parametrize("path", ["logits", "hidden"])
+def test_trls_completion_mask_beside_logits_to_keep_of_one_more_position(path):
     """TRL's GRPO: ``logits_to_keep = C + 1`` and ``completion_mask`` ``(B, C)`` over the C
     completion tokens (left-padded prompts, EOS inside the mask): the C positions that predict
-    them count, the last (past the sequence) does not."""
+    them count, the last (past the sequence) does not; on the head's logits and on the
+    backbone's hidden states (TRL's fused head: the whole sequence)."""
     pytest.importorskip("transformers")
     model = tiny("Llama", vocab_size=40, num_hidden_layers=1)
     B, P, C = 3, 5, 4
@@ -186,7 +188,12 @@ def test_trls_completion_mask_beside_logits_to_keep_of_one_more_position():
         "forward": lambda s: model(ids, attention_mask=attention, logits_to_keep=C + 1),
         "observe": {"mask": completion},
     }
-    got = run(model, [probes.TokenEntropy("lm_head", tokens=None, name="e")], feed)
+    probe = (
+        probes.TokenEntropy("lm_head", tokens=None, name="e")
+        if path == "logits"
+        else probes.TokenEntropy("model", head="lm_head", tokens=None, name="e")
+    )
+    got = run(model, [probe], feed)
     with torch.no_grad():
         logits = model(ids, attention_mask=attention, logits_to_keep=C + 1).logits[:, :-1]
     want = MF.token_entropy_metrics(logits, completion.bool())
