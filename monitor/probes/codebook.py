@@ -260,8 +260,7 @@ class CodebookUsage(Probe):
                 f"(ignore_index={self.ignore_index})"
             ),
         )
-        window["counts"].update(idx, valid)
-        window["step"].update(idx, valid)
+        window["counts"].update(idx, valid, also=window["step"])
 
     def _padding(self, call, shape, rows: int, device) -> torch.Tensor | None:
         """``(rows,)`` real positions: the ``mask=`` the module was called with

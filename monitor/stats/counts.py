@@ -35,11 +35,17 @@ class CodeCounts(Statistic):
         self.add_state("out_of_range", (self.heads,), torch.int64)
 
     @torch.no_grad()
-    def update(self, indices: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+    def update(
+        self,
+        indices: torch.Tensor,
+        valid: torch.Tensor | None = None,
+        also: CodeCounts | None = None,
+    ) -> None:
         """Count ``indices (N, H)`` int64; entries where ``valid (N, H)`` is false are skipped.
 
         Indices outside ``[0, K)`` among the valid ones are excluded and counted in
-        ``out_of_range``.
+        ``out_of_range``. ``also``: another statistic of the same codebooks that counts the
+        same indices (a step's beside the window's), at the cost of its additions only.
         """
         H, K = self.heads, self.num_codes
         valid = torch.ones_like(indices, dtype=torch.bool) if valid is None else valid
@@ -48,10 +54,12 @@ class CodeCounts(Statistic):
         flat = (torch.where(ok, indices, 0) + torch.arange(H, device=indices.device) * K).reshape(
             -1
         )
-        self.counts.view(-1).index_add_(0, flat, ok.reshape(-1).to(torch.int64))
-        self.rows += ok.sum(0)
-        self.skipped += (~valid).sum(0)
-        self.out_of_range += (valid & ~inside).sum(0)
+        hits = ok.reshape(-1).to(torch.int64)
+        # rows, skipped and out of range per head: one reduction
+        per_head = torch.stack([ok, ~valid, valid & ~inside]).sum(1)
+        for stat in (self,) if also is None else (self, also):
+            stat.counts.view(-1).index_add_(0, flat, hits)
+            torch._foreach_add_([stat.rows, stat.skipped, stat.out_of_range], list(per_head))
 
     def add_counts(
         self, hits: torch.Tensor, rows: torch.Tensor, skipped: torch.Tensor | int = 0
