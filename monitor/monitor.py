@@ -71,8 +71,7 @@ class CollapseMonitor:
             probes' pictures (class-mean cosine heatmap, code usage, attention entropy per layer
             and head, KL per latent dimension, eigen-spectrum) go to the sinks as images. Needs
             matplotlib; without it the monitor says so once and logs no pictures.
-        pictures_every_n_logs: draw the pictures at every n-th log only (a render costs ~0.1
-            s of CPU).
+        pictures_every_n_logs: draw the pictures at every n-th log only (a render: ~0.1 s CPU).
         overhead_budget: e.g. ``0.01``: the share of the step time the monitor may take; it
             records its costly probes on fewer steps to keep it (:mod:`collapse_monitor.budget`).
         process_group: ``torch.distributed`` group for the all-reductions (default: WORLD).
@@ -154,15 +153,12 @@ class CollapseMonitor:
         self.cadence = Cadence(
             config.log_every_n_steps, config.observe_every_n_steps, _dist.world_size(process_group)
         )
-        self._probes = ProbeSet(config.probes, process_group, config.overhead_budget)
-        self._mitigations = MitigationRunner(config.mitigations, self._probes.route)
-        self.outlets = Outlets(
-            sinks,
-            config.picture_probes,
-            config.alert_callbacks,
-            strict,
-            config.pictures_every_n_logs,
+        self._probes = ProbeSet(
+            config.probes, process_group, config.overhead_budget, config.picture_probes
         )
+        self._mitigations = MitigationRunner(config.mitigations, self._probes.route)
+        pictures, every = config.picture_probes, config.pictures_every_n_logs
+        self.outlets = Outlets(sinks, pictures, config.alert_callbacks, strict, every)
         self._snapshots = Snapshots(self._probes)
         self.notices = Notices(config.keywords())
         self.global_step, self.should_stop = 0, False

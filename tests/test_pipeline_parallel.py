@@ -66,7 +66,7 @@ def watched(**kw):
 
 
 class Histograms(Sink):
-    """The histogram tags every rank's sinks receive."""
+    """The histogram and image tags every rank's sinks receive."""
 
     main_process_only = False
 
@@ -77,6 +77,9 @@ class Histograms(Sink):
         pass
 
     def log_histogram(self, tag, values, step):
+        self.tags.add(tag)
+
+    def log_image(self, tag, image, step):
         self.tags.add(tag)
 
 
@@ -111,7 +114,9 @@ def worker(rank, init, out_dir):
             except (KeyError, ValueError) as exc:
                 refused.append(str(exc))
         sink = Histograms()
-        mon = CollapseMonitor(part, watched(), 2, sinks=[sink], observe_every_n_steps=1)
+        mon = CollapseMonitor(
+            part, watched(), 2, sinks=[sink], observe_every_n_steps=1, pictures=["codes"]
+        )
         loss = lambda out, y: nn.functional.cross_entropy(out, y)  # noqa: E731
         schedule = ScheduleGPipe(PipelineStage(part, rank, 2, torch.device("cpu")), 2, loss)
         logs = train(mon, schedule, rank, range(3))  # the first step infers shapes
@@ -177,8 +182,8 @@ def test_every_rank_logs_every_stage_probe_as_one_process(ranks):
             # two micro-batches: two forward calls a step, each counted
             assert got["collapse/first/calls"] == 2 * expected["collapse/first/calls"]
     assert ranks[0]["logs"] == ranks[1]["logs"]
-    for r in ranks:  # a stage's histograms reach the other stage's sinks too
-        assert "collapse/codes/usage_hist" in r["histograms"]
+    for r in ranks:  # a stage's histograms and pictures reach the other stage's sinks too
+        assert {"collapse/codes/usage_hist", "collapse/codes/usage_sorted"} <= r["histograms"]
 
 
 def test_stages_times_data_parallel_replicas_equal_one_process(tmp_path):

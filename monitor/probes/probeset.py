@@ -9,6 +9,7 @@ same collectives), the start of the next window, snapshots, and their state.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
@@ -37,12 +38,19 @@ class ProbeSet:
         probes: :class:`Probe` instances (names unique).
         process_group: the group the readouts reduce over (None: WORLD).
         overhead_budget: see :mod:`collapse_monitor.budget` (None: none).
+        pictures: names of the probes whose pictures are drawn: a stage-local probe's travel to
+            every rank with its metrics.
     """
 
     def __init__(
-        self, probes: Iterable[Probe], process_group=None, overhead_budget: float | None = None
+        self,
+        probes: Iterable[Probe],
+        process_group=None,
+        overhead_budget: float | None = None,
+        pictures: Iterable[str] = (),
     ) -> None:
         self.drivers = [ProbeDriver(p) for p in probes]
+        self.pictures = set(pictures)  # probes whose pictures the sinks draw (every rank's)
         self.budget = None if overhead_budget is None else Budget(overhead_budget)
         if self.budget is not None:
             for d in self.drivers:
@@ -277,21 +285,28 @@ class ProbeSet:
         return self._shared(readouts) if self.stage_local else readouts
 
     def _shared(self, readouts: dict[str, Readout]) -> dict[str, Readout]:
-        """Add the metrics and histograms of the probes whose modules live on other ranks (a
-        collective), sent by the first of their ranks; in the order of the probes. (Not their
-        pictures: rendered where the probe runs, they would cost every log.)"""
+        """Add the metrics, histograms and (of the probes whose pictures are drawn) pictures'
+        data of the probes whose modules live on other ranks (a collective), sent by the first
+        of their ranks; in the order of the probes. Pictures travel as their numbers (at most
+        64 x 64 of them), to be rendered where a sink receives them."""
         mine = {
             n: (
                 {k: float(v) for k, v in r.metrics.items()},
                 {k: v.detach().cpu() for k, v in r.histograms.items()},
+                {
+                    k: dataclasses.replace(p, values=p.values.detach().cpu())
+                    for k, p in (r.pictures.items() if n in self.pictures else ())
+                },
             )
             for n, r in readouts.items()
             if (d := self.by_name[n]).group is not None and _dist.rank(d.group) == 0
         }
         received: dict[str, Readout] = {}
         for part in _dist.all_gather_object(mine, self.process_group):
-            for name, (metrics, histograms) in part.items():
-                received.setdefault(name, Readout(metrics=metrics, histograms=histograms))
+            for name, (metrics, histograms, pictures) in part.items():
+                received.setdefault(
+                    name, Readout(metrics, histograms=histograms, pictures=pictures)
+                )
         received.update(readouts)  # (this rank's own: with their masks and pictures)
         return {d.name: received[d.name] for d in self.everywhere if d.name in received}
 
