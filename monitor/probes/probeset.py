@@ -287,8 +287,9 @@ class ProbeSet:
     def _shared(self, readouts: dict[str, Readout]) -> dict[str, Readout]:
         """Add the metrics, histograms and (of the probes whose pictures are drawn) pictures'
         data of the probes whose modules live on other ranks (a collective), sent by the first
-        of their ranks; in the order of the probes. Pictures travel as their numbers (at most
-        64 x 64 of them), to be rendered where a sink receives them."""
+        of their ranks; in the order of the probes. Pictures travel as their numbers (64 x 64
+        class-mean cosines, one value per code, unit, eigenvalue or layer and head), to be
+        rendered where a sink receives them."""
         mine = {
             n: (
                 {k: float(v) for k, v in r.metrics.items()},
