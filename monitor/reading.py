@@ -265,6 +265,21 @@ def pipeline_placeholder_forward() -> bool:
     return False
 
 
+def pipeline_chunk() -> int | None:
+    """The micro-batch a ``torch.distributed.pipelining`` stage is running now (its
+    ``forward_one_chunk``'s ``fwd_chunk_id``), or None outside a schedule. Read from the call
+    stack, only once pipelining is imported (and only where a probe's labels do not fit its
+    values: the whole batch's labels beside one micro-batch's)."""
+    if "torch.distributed.pipelining.stage" not in sys.modules:
+        return None
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "forward_one_chunk" and "fwd_chunk_id" in frame.f_locals:
+            return int(frame.f_locals["fwd_chunk_id"])
+        frame = frame.f_back
+    return None
+
+
 def nonfinite(value: Any, sample: int = 1024) -> torch.Tensor | None:
     """A 0-d bool tensor, true when most of ``sample`` evenly strided elements of one of the
     floating-point tensors of ``value`` (a tensor, a tuple, list or dict of them, or a
@@ -354,6 +369,11 @@ def aligned_targets(
         ``(values (N, D), labels (N,) int64)`` on the values' device; labels None when the
         keyword is optional and absent.
 
+    Inside a ``torch.distributed.pipelining`` schedule, labels of the whole batch beside one
+    micro-batch's values are that micro-batch's rows: micro-batch ``k`` starts after the rows of
+    micro-batches ``0 .. k-1`` this module saw in the step (``k`` times its own rows when it did
+    not see them all: an even split).
+
     Raises:
         ValueError: labels that are not integers, or whose shape does not match.
     """
@@ -370,6 +390,15 @@ def aligned_targets(
     rows = values.detach().reshape(-1, values.shape[-1])
     if labels is None:
         return rows, None
+    batch = values.shape[0] if values.ndim > 1 else 0
+    if (
+        labels.ndim == values.ndim - 1 >= 1
+        and labels.shape[0] > batch
+        and tuple(labels.shape[1:]) == tuple(values.shape[1:-1])
+        and (chunk := pipeline_chunk()) is not None
+    ):  # a pipeline stage's micro-batch: its rows of the whole batch's labels
+        start = call._context.microbatch_start(call.path, chunk, batch)
+        labels = labels[start : start + batch]
     if tuple(labels.shape) != tuple(values.shape[:-1]):
         raise call.error(
             f"{keyword} of shape {tuple(labels.shape)} do not match values of shape "

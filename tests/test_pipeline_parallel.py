@@ -2,7 +2,8 @@
 micro-batches per step): each rank holds one stage, built as torchtitan does (a copy of the
 model without the other stage's layers), and one monitor of its stage whose probes name modules
 of either stage. Every rank logs every probe's metrics, equal to one process on the whole
-batches (also with 2 data-parallel replicas of each stage, on 4 processes); the stage's
+batches, class-conditional probes with the whole batch's labels included (also with 2
+data-parallel replicas of each stage, on 4 processes); the stage's
 shape-inference forward on placeholder tensors is not recorded; a resumed
 run (a gathered state) continues the window exactly; a probe on no stage, or a glob matching
 different modules on different stages, is refused on both ranks alike."""
@@ -62,6 +63,8 @@ def watched(**kw):
         probes.DormantUnits("layers.3.1", name="dormant"),  # stage 1
         probes.LogitHealth("head", name="logits", nlm=False),  # stage 1
         probes.CodebookUsage("pick", 10, name="codes"),  # stage 1, with a histogram
+        # stage 1, class-conditional: the whole batch's labels beside each micro-batch
+        probes.NeuralCollapse("head", 10, name="nc", min_class_count=1),
     ]
 
 
@@ -92,7 +95,7 @@ def train(mon, schedule, rank, steps, replica=0):
     logs = []
     for s in steps:
         x, y = data(s, replica)
-        with mon.observe():
+        with mon.observe(targets=y):
             if rank == 0:
                 schedule.step(x)
             else:
@@ -160,7 +163,7 @@ def one_process(replicas=1):
     logs = []
     for s in range(4):
         x, y = (torch.cat(t) for t in zip(*[data(s, r) for r in range(replicas)]))
-        with mon.observe():
+        with mon.observe(targets=y):
             nn.functional.cross_entropy(net(x), y).backward()
         out = mon.step()
         if out is not None:
@@ -175,7 +178,7 @@ def test_every_rank_logs_every_stage_probe_as_one_process(ranks):
         assert len(r["logs"]) == 2
         for got, expected in zip(r["logs"], want):
             keys = [k for k in expected if not k.endswith("/calls")]
-            assert {k.split("/")[1] for k in keys} >= {"first", "dormant", "logits", "codes"}
+            assert {k.split("/")[1] for k in keys} >= {"first", "dormant", "logits", "codes", "nc"}
             assert set(keys) <= set(got)
             for k in keys:
                 assert got[k] == pytest.approx(expected[k], rel=1e-6, abs=1e-9), k

@@ -97,6 +97,7 @@ class ProbeDriver(Component, Recorder):
         self._said_bad: set[str] = set()
         self._step_hooks = HookSet()  # gradient hooks of this step (Call.on_gradient)
         self._armed: set[int] = set()
+        self._microbatches: dict[str, dict[int, int]] = {}  # path: {micro-batch: rows} this step
         # the ranks holding the module, when only some do (pipeline stages; None: all)
         self.group = None
         self.slower = 1  # its cadence stride times this (an overhead budget's, agreed by ranks)
@@ -321,9 +322,19 @@ class ProbeDriver(Component, Recorder):
             self.model_inputs["attention_mask"] = mask.detach()
 
     # ----------------------------------------------------------------- steps and windows
+    def microbatch_start(self, path: str, chunk: int, rows: int) -> int:
+        """The first row of pipeline micro-batch ``chunk`` (``rows`` of them) in the step's
+        whole batch, at module ``path`` (see :func:`~collapse_monitor.reading.aligned_targets`)."""
+        seen = self._microbatches.setdefault(path, {})
+        seen[chunk] = rows
+        if all(k in seen for k in range(chunk)):
+            return sum(seen[k] for k in range(chunk))
+        return chunk * rows
+
     def _end_of_step(self) -> None:
         self._step_hooks.remove()  # one backward per step
         self._armed.clear()
+        self._microbatches.clear()
 
     def finish_step(self) -> None:
         """After a training step in which this probe recorded."""

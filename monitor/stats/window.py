@@ -153,8 +153,11 @@ class Window:
 
     def reduced(self, group=None) -> Window:
         """This window combined over all ranks: a reduced copy under ``torch.distributed``, the
-        window itself otherwise (callers only read it)."""
+        window itself otherwise (callers only read it). Either way its :attr:`group` is
+        ``group``: a readout that splits its work splits it over ``group`` (one rank: none),
+        never over the default group (a pipeline stage held by one rank)."""
         if not _dist.is_distributed(group):
+            self.group = group
             return self
         self.flush(group)
         reduced = self.clone().all_reduce(group)
