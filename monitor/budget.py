@@ -66,7 +66,7 @@ class Meter:
 
     def start(self) -> tuple[float, torch.cuda.Event | None]:
         event = None
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
+        if torch.cuda.is_initialized():  # (work on a GPU: time it there too)
             event = torch.cuda.Event(enable_timing=True)
             event.record()
         return time.perf_counter(), event
@@ -124,7 +124,7 @@ class Budget:
     def log_began(self) -> None:
         """A log starts; on a GPU after the steps' queued kernels ran (the log waits for them
         anyway), so that they are not counted as the log's."""
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
+        if torch.cuda.is_initialized():
             torch.cuda.synchronize()
         self._log_began = time.perf_counter()
 

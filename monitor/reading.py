@@ -249,35 +249,33 @@ class Recorder:
         raise NotImplementedError
 
 
+def _stage_frame(*names: str):
+    """The innermost frame of a ``torch.distributed.pipelining`` stage's method among ``names``
+    on the call stack (the stage marks nothing on the module), or None; only once pipelining is
+    imported."""
+    if "torch.distributed.pipelining.stage" not in sys.modules:
+        return None
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_code.co_name not in names:
+        frame = frame.f_back
+    return frame
+
+
 def pipeline_placeholder_forward() -> bool:
     """Whether the running forward is ``torch.distributed.pipelining``'s metadata inference: the
     first schedule step of a stage without static shapes runs its module once more, on the
     first micro-batch (stage 0) or on placeholder tensors (later stages), to learn its outputs'
-    shapes. Its rows are no data of the run. Read from the call stack (the stage marks nothing
-    on the module), and only once pipelining is imported."""
-    if "torch.distributed.pipelining.stage" not in sys.modules:
-        return False
-    frame = sys._getframe(1)
-    while frame is not None:  # (torch < 2.10 named it _shape_inference, on meta tensors)
-        if frame.f_code.co_name in ("_forward_metadata_inference", "_shape_inference"):
-            return True
-        frame = frame.f_back
-    return False
+    shapes. Its rows are no data of the run. (torch < 2.10 named it ``_shape_inference``.)"""
+    return _stage_frame("_forward_metadata_inference", "_shape_inference") is not None
 
 
 def pipeline_chunk() -> int | None:
     """The micro-batch a ``torch.distributed.pipelining`` stage is running now (its
-    ``forward_one_chunk``'s ``fwd_chunk_id``), or None outside a schedule. Read from the call
-    stack, only once pipelining is imported (and only where a probe's labels do not fit its
-    values: the whole batch's labels beside one micro-batch's)."""
-    if "torch.distributed.pipelining.stage" not in sys.modules:
-        return None
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code.co_name == "forward_one_chunk" and "fwd_chunk_id" in frame.f_locals:
-            return int(frame.f_locals["fwd_chunk_id"])
-        frame = frame.f_back
-    return None
+    ``forward_one_chunk``'s ``fwd_chunk_id``), or None outside a schedule (read only where a
+    probe's labels do not fit its values: the whole batch's labels beside one micro-batch's)."""
+    frame = _stage_frame("forward_one_chunk")
+    chunk = None if frame is None else frame.f_locals.get("fwd_chunk_id")
+    return None if chunk is None else int(chunk)
 
 
 def nonfinite(value: Any, sample: int = 1024) -> torch.Tensor | None:
@@ -450,8 +448,9 @@ def token_mask(call: Call, batch: int, length: int, device: torch.device) -> tor
     mask, given = _padding_source(call)
     if mask is None:
         return None
-    kept, width = call.model_inputs.get("kept"), mask.shape[-1]
-    if given and mask.ndim == 2 and mask.shape[0] == batch and kept == width + 1 < length + 1:
+    width = mask.shape[-1]
+    fitted = given and mask.ndim == 2 and mask.shape[0] == batch and width < length
+    if fitted and keeps_last(call, width + 1):
         # TRL's completion_mask (B, C) beside logits_to_keep = C + 1: a mask of the last C
         # tokens, those before them (the prompt) not counted; for the head's C + 1 positions
         # as for the backbone's whole sequence
