@@ -111,6 +111,7 @@ class Budget:
         self._last_step: float | None = None
         self._log_began: float | None = None
         self._paused: float | None = None
+        self.recorded: dict[MetricKey, float] = {}  # the steps each probe's window held
         self._whole = False  # a window timed from its first step (not the first window)
         self._said = False
 
@@ -152,14 +153,27 @@ class Budget:
         except Exception as exc:  # (the collective below must still be reached)
             log.warning("collapse monitor: the overhead budget could not measure: %s", exc)
             wanted = {}
-        agreed = torch.tensor([wanted.get(d.name, d.slower) for d in everywhere], dtype=torch.int64)
+        # one MAX over the ranks: the strides, the steps each window held (a rank without a
+        # batch recorded fewer) and the overhead (the costliest rank's), the same on every rank
+        steps = {d.name: d.window_steps for d in drivers}
+        share = -1.0 if self.overhead is None else self.overhead
+        agreed = torch.tensor(
+            [wanted.get(d.name, d.slower) for d in everywhere]
+            + [steps.get(d.name, 0) for d in everywhere]
+            + [share],
+            dtype=torch.float64,
+        )
         if _dist.is_distributed(group):
             agreed = agreed.to(_dist.collective_device(group, agreed.device))
             torch.distributed.all_reduce(agreed, torch.distributed.ReduceOp.MAX, group=group)
-        mine = {d.name for d in drivers}
-        for d, slower in zip(everywhere, agreed.tolist()):
-            if d.name in mine:
-                d.slower = slower
+        values, n = agreed.tolist(), len(everywhere)
+        self.overhead = None if values[-1] < 0 else values[-1]
+        self.recorded = {
+            d.probe.key("recorded_steps"): values[n + i] for i, d in enumerate(everywhere)
+        }
+        for d, slower in zip(everywhere, values[:n]):
+            if d.name in steps:
+                d.slower = int(slower)
 
     def _wanted(self, drivers, world: int) -> dict[str, int]:
         """This rank's wish for each thinnable probe's ``slower``, from the window's costs."""
@@ -214,4 +228,6 @@ class Budget:
             self._log_began = None
 
     def metrics(self) -> dict[MetricKey, float]:
-        return {} if self.overhead is None else {OVERHEAD_KEY: self.overhead}
+        """The last window's: each probe's ``recorded_steps`` and the overhead (not the first
+        window's), the same on every rank."""
+        return {**self.recorded, **({} if self.overhead is None else {OVERHEAD_KEY: self.overhead})}

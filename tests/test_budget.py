@@ -167,7 +167,7 @@ def _driver(name, seconds, steps, slower=1, classes=None, rows=None):
         window_steps=steps,
         slower=slower,
         rows_per_step=rows,
-        probe=SimpleNamespace(sampling=sampling),
+        probe=SimpleNamespace(sampling=sampling, key=lambda metric: f"collapse/{name}/{metric}"),
     )
 
 
@@ -241,8 +241,9 @@ def _ranks(rank, init, out_dir):
         logs = []
         for s in range(4 * L):
             x, y = batch(2 * s + rank)
-            with mon.observe(targets=y):
-                net(x)
+            if not (rank == 1 and s == 4):  # rank 1 has no batch at a recorded step
+                with mon.observe(targets=y):
+                    net(x)
             out = mon.step()
             if out:
                 logs.append({k: float(v) for k, v in out.items()})
@@ -255,6 +256,12 @@ def _ranks(rank, init, out_dir):
 def test_ranks_agree_on_the_thinned_steps(tmp_path):
     r0, r1 = run_two(_ranks, tmp_path, "budget")
     assert r0["slower"] == r1["slower"] > 1  # rank 1 alone would not thin: it takes rank 0's
+    # the steps a window held and the overhead (the costliest rank's) are the same on both
+    # ranks, also where rank 1 had no batch (step 4, recorded in the first window)
+    assert r0["logs"][0]["collapse/rank/recorded_steps"] == 2
+    for a, b in zip(r0["logs"], r1["logs"]):
+        assert a["collapse/rank/recorded_steps"] == b["collapse/rank/recorded_steps"]
+        assert a.get("collapse/monitor/overhead") == b.get("collapse/monitor/overhead")
     for a, b in zip(r0["logs"][2:], r1["logs"][2:]):
         assert a["collapse/rank/recorded_steps"] == b["collapse/rank/recorded_steps"] == 1
         assert a["collapse/rank/erank"] == b["collapse/rank/erank"]  # the same steps reduced

@@ -407,8 +407,6 @@ class ProbeDriver(Component, Recorder):
         had a thin window)."""
         key, calls = self.probe.key, int(counts.calls)
         health = {key("calls"): float(calls)}
-        if self.meter is not None and self._saved_window is None:  # (a training window's)
-            health[key("recorded_steps")] = float(self.window_steps)
         if int(counts.nonfinite):
             health[key("nonfinite")] = int(counts.nonfinite) / calls
             health[key("first_nonfinite_step")] = float(counts.first_nonfinite)
