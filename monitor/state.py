@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from . import _dist
+from .stats.class_moments import whole_classes
 
 VERSION = 4
 PARTS = (
@@ -42,7 +43,7 @@ def checked(state: dict, probes: Sequence, mitigations: Sequence, group=None) ->
     Raises:
         ValueError: another version; KeyError: parts missing or unknown.
     """
-    state = for_rank(state, _dist.rank(group))
+    state = for_rank(state, _dist.rank(group), _dist.world_size(group))
     if not isinstance(state, dict) or state.get("version") != VERSION:
         version = state.get("version") if isinstance(state, dict) else type(state).__name__
         raise ValueError(
@@ -91,18 +92,40 @@ def gathered(state: dict, group=None) -> dict:
     return {"version": VERSION, "ranks": ranks}
 
 
-def for_rank(state: dict, rank: int) -> dict:
-    """``rank``'s part of a :func:`gathered` state (rank 0's when the saved run had fewer ranks
-    than this one: a class shard of other classes is then dropped with a warning, or refused by
-    a probe without shards); any other state as it is."""
+def for_rank(state: dict, rank: int, world: int | None = None) -> dict:
+    """``rank``'s part of a :func:`gathered` state; any other state as it is.
+
+    Saved by a run of another ``world`` size, class-sharded statistics
+    (:class:`~collapse_monitor.stats.ShardedClassMoments`) are re-sharded: every rank's classes
+    are joined into one state of all classes (:func:`~collapse_monitor.stats.class_moments.
+    whole_classes`), from which each statistic takes its own classes on load. The other parts
+    are rank ``rank``'s (rank 0's for a rank the saved run did not have)."""
     if not (isinstance(state, dict) and set(state) == {"version", "ranks"}):
         return state
     ranks = state["ranks"]
-    if rank >= len(ranks):
-        return ranks[0]
-    for probe in ranks[rank].get("probes", {}).values():  # this rank's own random draws
-        probe["extra"]["generator_mine"] = True
-    return ranks[rank]
+    if rank < len(ranks):
+        mine = ranks[rank]
+        for probe in mine.get("probes", {}).values():  # this rank's own random draws
+            probe["extra"]["generator_mine"] = True
+    else:
+        mine = ranks[0]
+    if world is not None and world != len(ranks) and isinstance(mine.get("probes"), dict):
+        probes = {n: _whole(p, [r["probes"][n] for r in ranks]) for n, p in mine["probes"].items()}
+        mine = {**mine, "probes": probes}
+    return mine
+
+
+def _whole(node, parts: list):
+    """``node`` with each class-sharded statistic's state replaced by all classes' (``parts``:
+    the same node in every rank's state, in rank order)."""
+    if not isinstance(node, dict):
+        return node
+    if "shard" in node:
+        return whole_classes(parts)
+    return {
+        k: _whole(v, [p[k] for p in parts]) if all(k in p for p in parts) else v
+        for k, v in node.items()
+    }
 
 
 def to_bytes(state: dict) -> bytes:
@@ -145,9 +168,9 @@ class DistributedCheckpoint:
     hands over rank 0's state (window statistics reduced over the ranks; with class shards,
     every rank's classes gathered into it: :func:`gathered`), so that the one copy DCP keeps of
     a key is the same whichever rank's it takes, and a resume behaves as one from a trainer that
-    saves rank 0's state. It loads exactly at the same world size; at another, the replicated
-    statistics load, and a class-sharded window is dropped with a warning (or refused whole by
-    a probe without shards: one process). DCP itself unpickles non-tensor values unrestricted
+    saves rank 0's state. It loads exactly at any world size: class-sharded statistics are
+    re-sharded on load (:func:`for_rank`; one process, or more classes than ranks: all classes
+    on each rank). DCP itself unpickles non-tensor values unrestricted
     (as it does an optimizer's ``param_groups``); the monitor then reads its bytes with
     ``weights_only=True``. To resume without some of the saved probes, load the value yourself
     (``dcp.load({"monitor": {"collapse_monitor": b""}}, ...)``), read it with

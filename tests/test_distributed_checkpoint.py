@@ -1,9 +1,11 @@
 """The monitor in ``torch.distributed.checkpoint`` (DCP) and in a trainer that saves rank 0's
 state only, on 2 gloo processes: saved mid-window, loaded into a fresh monitor, the next log
 equals the uninterrupted run's (to rounding), replicated and class-sharded statistics alike;
-the state is written once; loaded into one process, the replicated statistics resume exactly,
-and a class-sharded state is refused whole with the reason."""
+the state is written once; loaded into one process or into 3 ranks, the class shards are
+re-sharded and the window resumes as exactly; one rank's own class shards (not every rank's)
+are refused in one process with the reason."""
 
+import functools
 import os
 
 import pytest
@@ -59,6 +61,7 @@ def worker(rank, init, out_dir):
         run(mon, range(6), [rank])  # a log at step 4, then half a window
         dcp.save({"monitor": mon.stateful()}, checkpoint_id=ckpt)
         gathered = mon.state_dict(gather=True)  # what Lightning's callback saves (rank 0's)
+        own = mon.state_dict()  # each rank's own classes
         want = run(mon, range(6, 8), [rank])
         mon.close()
 
@@ -69,6 +72,7 @@ def worker(rank, init, out_dir):
 
         if rank == 0:
             torch.save(gathered, os.path.join(out_dir, "rank0.pt"))
+            torch.save(own, os.path.join(out_dir, "rank0_own.pt"))
         torch.distributed.barrier()
         fresh = monitor(net)
         fresh.load_state_dict(torch.load(os.path.join(out_dir, "rank0.pt"), weights_only=True))
@@ -102,10 +106,6 @@ def worker(rank, init, out_dir):
         got_attn = attend(mon, range(6, 8))
         mon.close()
 
-        plain = monitor(net, shards=False)  # replicated statistics only
-        run(plain, range(6), [rank])
-        dcp.save({"monitor": plain.stateful()}, checkpoint_id=ckpt + "_plain")
-        plain.close()
         out = {"want": want, "dcp": from_dcp, "rank0": from_rank0, "attn": (want_attn, got_attn)}
         torch.save(out, os.path.join(out_dir, f"ckpt{rank}.pt"))
 
@@ -144,19 +144,62 @@ def test_dcp_writes_the_replicated_state_once(ran):
     assert len(metadata.storage_data) == 1
 
 
-def test_dcp_loads_into_one_process_exactly_or_refuses_class_shards_whole(ran):
+def rows_of_both_ranks(step, part):
+    """Step ``step``'s rows of the 2-rank run, ``part = (rank, world)``'s share of them."""
+    x, y = (torch.cat(t) for t in zip(batch(step, 0), batch(step, 1)))
+    share = slice(len(y) * part[0] // part[1], len(y) * (part[0] + 1) // part[1])
+    return x[share], y[share]
+
+
+def loader(rank, init, out_dir, ckpt):
+    with process_group(rank, init, world=3):
+        torch.set_num_threads(1)
+        mon = monitor(model())
+        dcp.load({"monitor": mon.stateful()}, checkpoint_id=ckpt)
+        for s in range(6, 8):
+            x, y = rows_of_both_ranks(s, (rank, 3))
+            with mon.observe(targets=y):
+                mon.model(x)
+            logged = mon.step()
+        mon.close()
+        torch.save(logged, os.path.join(out_dir, f"loaded{rank}.pt"))
+
+
+def assert_resumed(got, want):
+    # (float32 features of other batches of the same rows round apart; ``calls`` counts
+    # forward calls: 2 per step on 2 ranks)
+    keys = [k for k in want if "calls" not in k]
+    assert {k.split("/")[1] for k in keys} >= {"nc", "shards", "rank"}
+    assert got.keys() == want.keys()
+    assert all(got[k] == pytest.approx(want[k], rel=1e-6) for k in keys)
+
+
+def test_dcp_loads_into_one_process_exactly_with_the_class_shards_joined(ran):
     tmp, ranks = ran
-    mon = monitor(model(), shards=False)
-    dcp.load({"monitor": mon.stateful()}, checkpoint_id=str(tmp / "dcp_plain"), no_dist=True)
-    (got,) = run(mon, range(6, 8), [0, 1])  # both ranks' batches, in one process
-    mon.close()
-    (want,) = ranks[0]["want"]
-    # (float32 features of one batch of both ranks' rows round apart from two batches';
-    # ``calls`` counts forward calls, here 2 per step on 2 ranks, then 1)
-    replicated = [k for k in want if k.split("/")[1] in ("nc", "rank") and "calls" not in k]
-    assert replicated and all(got[k] == pytest.approx(want[k], rel=1e-6) for k in replicated)
     mon = monitor(model())
+    dcp.load({"monitor": mon.stateful()}, checkpoint_id=str(tmp / "dcp"), no_dist=True)
+    for s in range(6, 8):
+        x, y = rows_of_both_ranks(s, (0, 1))
+        with mon.observe(targets=y):
+            mon.model(x)
+        got = mon.step()
+    mon.close()
+    assert_resumed(got, ranks[0]["want"][0])
+
+
+def test_dcp_of_2_ranks_loads_into_3_with_the_class_shards_re_split(ran, tmp_path):
+    tmp, ranks = ran
+    loaded = run_two(functools.partial(loader, ckpt=str(tmp / "dcp")), tmp_path, "loaded", world=3)
+    for got in loaded:
+        assert_resumed(got, ranks[0]["want"][0])
+        assert got["collapse/shards/samples"] == 4 * (9 + 13)
+
+
+def test_one_ranks_own_class_shards_are_refused_whole_in_one_process(ran):
+    tmp, _ = ran
+    mon = monitor(model())
+    own = torch.load(tmp / "rank0_own.pt", weights_only=True)
     with pytest.raises(ValueError, match=r"holds class shards \(the classes of rank 0 of 2\)"):
-        dcp.load({"monitor": mon.stateful()}, checkpoint_id=str(tmp / "dcp"), no_dist=True)
+        mon.load_state_dict(own)
     assert mon.global_step == 0  # nothing loaded
     mon.close()

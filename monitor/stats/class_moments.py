@@ -22,6 +22,8 @@ from .base import Statistic
 
 _F64 = torch.float64
 log = logging.getLogger(__name__)
+_BY_CLASS = ("count", "shift", "shift_set", "shift_agreed", "sum", "sq_norm")  # (C, ...) states
+_ALL = (0, 1)  # the "shard" of a state that holds all classes (:func:`whole_classes`)
 _WIRE = (torch.bfloat16, torch.float16, torch.float32, torch.float64)  # dtypes rows travel in
 
 
@@ -230,16 +232,35 @@ class ClassMoments(Statistic):
                 classes), which these statistics of all classes cannot use.
         """
         if "shard" in state and not self.class_sharded:
+            if tuple(state["shard"]) == _ALL:
+                return self._load_whole(state)
             rank, world = state["shard"]
             raise ValueError(
                 f"the checkpoint holds class shards (the classes of rank {rank} of {world}), "
                 "this probe keeps all classes (shard_classes=False, or one process): resume "
-                f"with shard_classes=True on {world} ranks"
+                f"with shard_classes=True on {world} ranks, or from a state of every rank "
+                "(a gathered one: monitor.state_dict(gather=True), or monitor.stateful())"
             )
         states = state["states"]
         if "shift_agreed" not in states:  # saved before agreed shifts: re-centre all (exact)
             states = {**states, "shift_agreed": torch.zeros_like(states["shift_set"])}
         super().load_state_dict({**state, "states": states})
+
+    def _load_whole(self, state: dict) -> None:
+        """All classes of a class-sharded run (:func:`whole_classes`): its states, then the rows
+        its ranks had not routed yet (every rank loads the same, so the shifts agree)."""
+        states = dict(state["states"])
+        lost = bool(states.pop("lost").item())
+        states["shift_agreed"] = states["shift_set"].clone()
+        super().load_state_dict({"sizes": state["sizes"], "states": states})
+        if lost:
+            log.warning(
+                "collapse monitor: the saved class-sharded window lacks samples an earlier resume "
+                "dropped: the current window starts empty"
+            )
+            self.reset()
+        for x, y, valid in state["pending"]:
+            self.update(x, y, valid)
 
     # ------------------------------------------------------------------ readout
     def means(self) -> torch.Tensor:
@@ -483,7 +504,9 @@ class ShardedClassMoments(ClassMoments):
         the window :attr:`incomplete`, so that its readout is skipped on every rank, and logs
         a warning; the windows after it are whole."""
         saved = tuple(state.get("shard", ()))
-        if saved != self.shard:
+        if saved == _ALL and self.shard != _ALL:
+            state = self._own_classes(state)
+        elif saved != self.shard:
             log.warning(
                 "collapse monitor: the saved class-sharded statistics are those of shard %s "
                 "(rank, world), this process owns %s: the current window is dropped (each rank "
@@ -501,6 +524,17 @@ class ShardedClassMoments(ClassMoments):
         self._pending = [
             tuple(None if t is None else t.to(self.device) for t in p) for p in state["pending"]
         ]
+
+    def _own_classes(self, state: dict) -> dict:
+        """This rank's part of all classes' state (:func:`whole_classes`): its classes' rows;
+        the pooled second moment and the rows not routed yet go to rank 0 (a readout sums the
+        ranks' second moments; :meth:`flush` routes the rows to their owners)."""
+        rows = slice(self.first, self.first + self.num_classes)
+        first = self.shard[0] == 0
+        states = {n: t[rows] for n, t in state["states"].items() if n in _BY_CLASS}
+        moment, lost = state["states"]["second_moment"], state["states"]["lost"]
+        states.update(second_moment=moment if first else torch.zeros_like(moment), lost=lost)
+        return {**state, "states": states, "pending": state["pending"] if first else []}
 
 
 class Moments(ClassMoments):
@@ -548,3 +582,33 @@ class Moments(ClassMoments):
     def scatter(self) -> torch.Tensor:
         """``sum_i (z_i - mean)(z_i - mean)'``: ``(D, D)``, or its diagonal ``(D,)``."""
         return self.within_class_scatter()
+
+
+def whole_classes(parts: list[dict]) -> dict:
+    """All classes' state from every rank's :meth:`ShardedClassMoments.state_dict` (in rank
+    order): counts, shifts and sums of each rank's classes joined in class order, the ranks'
+    parts of the pooled second moment summed, their rows not routed yet together, ``lost`` if
+    any rank lost samples. It is the state of rank 0 of 1 (``"shard": (0, 1)``), which a
+    :class:`ShardedClassMoments` of any world size takes its classes from, and a
+    :class:`ClassMoments` (one process, or replicated) loads whole: a class-sharded checkpoint
+    re-sharded, exactly, to another world size.
+
+    Raises:
+        ValueError: ``parts`` are not the shards ``(0, W) .. (W-1, W)`` of one run, or their
+            feature dimensions differ.
+    """
+    world = len(parts)
+    shards = [tuple(p["shard"]) for p in parts]
+    if shards != [(r, world) for r in range(world)]:
+        raise ValueError(f"not the class shards of one run of {world} ranks: {shards}")
+    # (every rank fixes D at the first flush that routed rows anywhere: all or none have it)
+    dims = [p["sizes"]["D"] for p in parts]
+    if len(set(dims)) > 1:
+        raise ValueError(f"class shards of different feature dimensions: {dims}")
+    states = {
+        n: torch.cat([p["states"][n] for p in parts]) for n in _BY_CLASS if n in parts[0]["states"]
+    }
+    states["second_moment"] = sum(p["states"]["second_moment"] for p in parts)
+    states["lost"] = torch.stack([p["states"]["lost"] for p in parts]).amax(0)
+    pending = [rows for p in parts for rows in p["pending"]]
+    return {"sizes": dict(parts[0]["sizes"]), "states": states, "shard": _ALL, "pending": pending}
