@@ -21,6 +21,7 @@ from ..stats import CodeCounts, RecentHits, UsageEMA, Window, to_device
 from .base import Probe
 
 _F64 = torch.float64
+_NAN = float("nan")
 # usage_recent is the usage of the fewest latest steps whose assignments would show a uniform
 # codebook 99% of its codes (T >= 4.6 K): a sample in which it is not low by construction
 _RECENT_UNIFORM = 0.99
@@ -297,21 +298,24 @@ class CodebookUsage(Probe):
     # ----------------------------------------------------------------- readout
     def readout(self, window) -> Readout:
         win, ema = window["counts"], window["ema"]
-        if self.dead == "window":
+        # a head with no index in the window (a quantizer ResidualVQ's quantize_dropout left
+        # out on every step) shows nothing: not a usage of 0 or every code dead
+        seen = win.counts.sum(-1) > 0
+        if self.dead == "window" or ema.steps < self.warmup_steps:  # (or the EMA warms up)
             dead = win.counts == 0
-        elif ema.steps >= self.warmup_steps:
+        else:
             dead = dead_codes(ema.hits, ema.rows, self.dead_threshold)
-        else:  # the EMA is still warming up: dead by the window's own counts
-            dead = win.counts == 0
+        dead &= seen[:, None]
         stats = usage_from_counts(win.counts)
+        unseen = torch.where(seen, 0.0, torch.nan)  # (H,): NaN is not logged
         per_head = {
             "perplexity": stats["perplexity"],
             "perplexity_ratio": stats["perplexity"] / self.num_codes,
-            "usage": stats["usage"],
-            "usage_uniform": stats["usage_uniform"],
+            "usage": stats["usage"] + unseen,
+            "usage_uniform": stats["usage_uniform"] + unseen,
             "usage_ratio": stats["usage"] / stats["usage_uniform"],
-            f"dead_{self.unit}": dead.sum(-1).to(_F64),
-            "dead_fraction": dead.to(_F64).mean(-1),
+            f"dead_{self.unit}": dead.sum(-1).to(_F64) + unseen,
+            "dead_fraction": dead.to(_F64).mean(-1) + unseen,
             "samples": stats["samples"],
             "skipped": win.skipped.to(_F64),
             "out_of_range": win.out_of_range.to(_F64),
@@ -326,12 +330,10 @@ class CodebookUsage(Probe):
                 for h, v in enumerate(values):
                     metrics[self.key(name, index=f"head_{h}")] = v
         metrics.update(self._recent(window["recent"]))
-        if self.heads > 1:
-            metrics[self.key(f"dead_{self.unit}")] = float(dead.sum())
-            metrics[self.key("dead_fraction")] = float(dead.to(_F64).mean())
-            metrics[self.key("usage")] = float(stats["usage"].mean())
-            metrics[self.key("usage_uniform")] = float(per_head["usage_uniform"].mean())
-            metrics[self.key("usage_ratio")] = float(per_head["usage_ratio"].mean())
+        if self.heads > 1:  # over the heads the window saw (NaN: none)
+            metrics[self.key(f"dead_{self.unit}")] = float(dead.sum()) if seen.any() else _NAN
+            for name in ("dead_fraction", "usage", "usage_uniform", "usage_ratio"):
+                metrics[self.key(name)] = float(per_head[name].nanmean())
             metrics[self.key("skipped")] = float(win.skipped.sum())
             metrics[self.key("out_of_range")] = float(win.out_of_range.sum())
         counts = win.counts.clone()  # the window is reset in place after the log

@@ -69,6 +69,59 @@ def test_residual_vq_quantize_dropout_placeholders_are_skipped_not_errors(shared
     mon.close()
 
 
+class Masks(mitigations.Mitigation):
+    """The masks a mitigation receives at each log."""
+
+    def __init__(self):
+        super().__init__("masks")
+        self.seen = []
+
+    def after_log(self, view):
+        self.seen.append(view.readouts["rvq"].masks)
+        return []
+
+
+def test_a_quantizer_dropout_left_out_for_a_whole_window_shows_nothing():
+    """A head with no index in the window is not a usage of 0 with every code dead (that read
+    0.48 mean usage on a healthy ResidualVQ): its usage metrics are not logged, the means are
+    over the heads the window saw, and no code of it goes to ResetDeadCodes as dead."""
+    torch.manual_seed(0)
+    rvq = ResidualVQ(dim=8, num_quantizers=4, codebook_size=16, quantize_dropout=True).train()
+    model = nn.Module()
+    model.rvq = rvq
+    seen = []
+    rvq.register_forward_hook(lambda m, a, o: seen.append(o[1].detach().clone()))
+    probe = probes.CodebookUsage("rvq", 16, heads=4, name="rvq", dead="window")
+    masks = Masks()
+    mon = CollapseMonitor(
+        model, [probe], 2, strict=True, observe_every_n_steps=1, mitigations=[masks]
+    )
+    checked = 0
+    for step in range(40):
+        with mon.observe():
+            rvq(torch.randn(6, 10, 8))
+        metrics = mon.step()
+        if metrics is None:
+            continue
+        idx = torch.cat(seen).reshape(-1, 4).numpy()
+        seen.clear()
+        used = [(idx[:, h] >= 0).any() for h in range(4)]
+        if all(used):
+            continue
+        checked += 1
+        usages = [usage_by_hand(idx[:, h][idx[:, h] >= 0], 16)[0] for h in range(4) if used[h]]
+        assert metrics["collapse/rvq/usage"] == pytest.approx(np.mean(usages))
+        (mask,) = masks.seen[-1].values()
+        for h in range(4):
+            assert (f"collapse/rvq/usage/head_{h}" in metrics) == used[h]
+            assert (f"collapse/rvq/dead_fraction/head_{h}" in metrics) == used[h]
+            assert metrics[f"collapse/rvq/samples/head_{h}"] == (idx[:, h] >= 0).sum()
+            if not used[h]:
+                assert not mask[h].any()
+    assert checked >= 3
+    mon.close()
+
+
 def test_vector_quantize_mask_positions_are_skipped():
     torch.manual_seed(0)
     vq = VectorQuantize(dim=8, codebook_size=32)
