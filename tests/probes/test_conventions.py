@@ -97,7 +97,7 @@ def test_a_quantizer_dropout_left_out_for_a_whole_window_shows_nothing():
         model, [probe], 2, strict=True, observe_every_n_steps=1, mitigations=[masks]
     )
     checked = 0
-    for step in range(40):
+    for _ in range(40):
         with mon.observe():
             rvq(torch.randn(6, 10, 8))
         metrics = mon.step()
