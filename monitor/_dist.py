@@ -47,9 +47,9 @@ def all_reduce_max_(tensor: torch.Tensor, group=None) -> torch.Tensor:
 
 
 def broadcast_(tensor: torch.Tensor, src: int = 0, group=None) -> torch.Tensor:
-    """In-place broadcast from ``src``; a no-op outside distributed runs."""
-    if is_distributed(group):
-        dist.broadcast(tensor, src=src, group=group)
+    """In-place broadcast from ``group``'s rank ``src``; a no-op outside distributed runs."""
+    if is_distributed(group):  # (``src``: the group's rank, as ``rank(group)`` numbers it)
+        dist.broadcast(tensor, src=global_rank(group, src), group=group)
     return tensor
 
 
@@ -110,3 +110,16 @@ def shift_exchange(tensor: torch.Tensor, hop: int, rows: int, group=None) -> tor
         for req in dist.batch_isend_irecv(ops):
             req.wait()
     return out
+
+
+_GROUPS: dict[tuple, object] = {}
+
+
+def subgroup(ranks: tuple[int, ...]):
+    """A process group of the default group's ``ranks`` (a collective of every rank, in the
+    same order on all), made once per default group: a monitor built again (a trainer's
+    ``validate``) takes the same one, leaking none."""
+    key = (id(dist.group.WORLD), ranks)
+    if key not in _GROUPS:
+        _GROUPS[key] = dist.new_group(list(ranks))
+    return _GROUPS[key]

@@ -86,7 +86,8 @@ class CollapseMonitor:
         ValueError: repeated probe or mitigation names; ``pictures`` naming unknown probes;
             a cadence below 1; tensor parallelism; a glob matching other modules on each rank.
         KeyError: a module path that matches nothing (on no rank, under ``torch.distributed``:
-            a pipeline stage's modules live on some ranks; a collective), with the closest names.
+            a pipeline stage's modules, probes' and mitigations', live on some ranks; a
+            collective), with the closest names.
         RuntimeError: the model already has an open monitor.
 
     Use ``with monitor.observe(targets=y): out = model(x)`` around the forward pass and

@@ -10,13 +10,14 @@ different modules on different stages, is refused on both ranks alike."""
 
 import copy
 import os
+import re
 
 import pytest
 import torch
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
 
-from collapse_monitor import CollapseMonitor, Sink, probes
+from collapse_monitor import CollapseMonitor, Sink, mitigations, probes
 from tests.dist import process_group, run_two
 
 
@@ -27,6 +28,18 @@ class Argmax(nn.Module):
         return logits.argmax(-1)
 
 
+class VQ(nn.Module):
+    """A learned codebook (nn.Embedding + argmin) beside the head: its indices are probed and
+    its dead codes reset, and nothing downstream reads it."""
+
+    def __init__(self):
+        super().__init__()
+        self.codebook = nn.Embedding(8, 16)
+
+    def forward(self, z):
+        return torch.cdist(z, self.codebook.weight).argmin(-1)
+
+
 class Net(nn.Module):
     def __init__(self):
         super().__init__()
@@ -34,8 +47,11 @@ class Net(nn.Module):
         self.layers = nn.ModuleDict(
             {str(i): nn.Sequential(nn.Linear(16, 16), nn.ReLU()) for i in range(4)}
         )
+        with torch.no_grad():  # 4 units of the last layer never fire: ReDo's to recycle
+            self.layers["3"][0].bias[:4] = -50.0
         self.head = nn.Linear(16, 10)
         self.pick = Argmax()
+        self.vq = VQ()
 
     def forward(self, x):
         for layer in self.layers.values():
@@ -44,6 +60,7 @@ class Net(nn.Module):
             return x
         out = self.head(x)
         self.pick(out.detach())
+        self.vq(x.detach())
         return out
 
 
@@ -53,7 +70,7 @@ def stage(net, s):
         if (int(i) < 2) != (s == 0):
             del part.layers[i]
     if s == 0:
-        part.head = part.pick = None
+        part.head = part.pick = part.vq = None
     return part
 
 
@@ -65,7 +82,16 @@ def watched(**kw):
         probes.CodebookUsage("pick", 10, name="codes"),  # stage 1, with a histogram
         # stage 1, class-conditional: the whole batch's labels beside each micro-batch
         probes.NeuralCollapse("head", 10, name="nc", min_class_count=1),
+        probes.CodebookUsage("vq", 8, name="vq"),  # stage 1
     ]
+
+
+def monitor(part, **kw):
+    """The probes of both stages, and mitigations of stage 1: ReDo of the dormant units (no
+    collective) and ResetDeadCodes at each log (its draws broadcast over its stage's ranks)."""
+    redo = mitigations.ReDo("dormant", layers={"layers.3.1": ("layers.3.0", "head")})
+    fixes = [redo, mitigations.ResetDeadCodes("vq", every_n_steps=2)]
+    return CollapseMonitor(part, watched(), 2, observe_every_n_steps=1, mitigations=fixes, **kw)
 
 
 class Histograms(Sink):
@@ -117,20 +143,21 @@ def worker(rank, init, out_dir):
             except (KeyError, ValueError) as exc:
                 refused.append(str(exc))
         sink = Histograms()
-        mon = CollapseMonitor(
-            part, watched(), 2, sinks=[sink], observe_every_n_steps=1, pictures=["codes"]
-        )
+        mon = monitor(part, sinks=[sink], pictures=["codes"])
         loss = lambda out, y: nn.functional.cross_entropy(out, y)  # noqa: E731
         schedule = ScheduleGPipe(PipelineStage(part, rank, 2, torch.device("cpu")), 2, loss)
         logs = train(mon, schedule, rank, range(3))  # the first step infers shapes
         state = mon.state_dict(gather=True)  # mid-window
+        weights = copy.deepcopy(part.state_dict())  # (the mitigations change them at step 4)
         logs += train(mon, schedule, rank, range(3, 4))
         mon.close()
-        resumed = CollapseMonitor(part, watched(), 2, observe_every_n_steps=1)
+        out = {"logs": logs, "refused": refused, "histograms": sink.tags}
+        out["weights"] = copy.deepcopy(part.state_dict())
+        part.load_state_dict(weights)
+        resumed = monitor(part)
         resumed.load_state_dict(state)
-        after = train(resumed, schedule, rank, range(3, 4))
+        out["resumed"] = train(resumed, schedule, rank, range(3, 4))
         resumed.close()
-        out = {"logs": logs, "resumed": after, "refused": refused, "histograms": sink.tags}
         torch.save(out, os.path.join(out_dir, f"pp{rank}.pt"))
 
 
@@ -142,12 +169,13 @@ def worker_pp_dp(rank, init, out_dir):
         replica, s = divmod(rank, 2)
         pipes = [torch.distributed.new_group([2 * d, 2 * d + 1]) for d in range(2)]
         part = stage(Net(), s)
-        mon = CollapseMonitor(part, watched(), 2, observe_every_n_steps=1)
+        mon = monitor(part)
         loss = lambda out, y: nn.functional.cross_entropy(out, y)  # noqa: E731
         pipe = PipelineStage(part, s, 2, torch.device("cpu"), group=pipes[replica])
         logs = train(mon, ScheduleGPipe(pipe, 2, loss), s, range(4), replica)
         mon.close()
-        torch.save({"logs": logs}, os.path.join(out_dir, f"ppdp{rank}.pt"))
+        weights = {k: v.clone() for k, v in part.state_dict().items()}
+        torch.save({"logs": logs, "weights": weights}, os.path.join(out_dir, f"ppdp{rank}.pt"))
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +187,7 @@ def one_process(replicas=1):
     """The same model, whole batches of every replica (no optimizer step: the weights stay as
     they are)."""
     net = Net()
-    mon = CollapseMonitor(net, watched(), 2, observe_every_n_steps=1)
+    mon = monitor(net)
     logs = []
     for s in range(4):
         x, y = (torch.cat(t) for t in zip(*[data(s, r) for r in range(replicas)]))
@@ -169,15 +197,22 @@ def one_process(replicas=1):
         if out is not None:
             logs.append(out)
     mon.close()
-    return logs
+    return logs, net
+
+
+def compared(expected):
+    """The keys a pipeline equals one process on: all but the forward calls, and the usage and
+    resets of the codebook after its first reset (the codes are drawn from the rows of the last
+    micro-batch there, of the whole batch here)."""
+    return [k for k in expected if not k.endswith("/calls") and not re.search("vq|dead_codes", k)]
 
 
 def test_every_rank_logs_every_stage_probe_as_one_process(ranks):
-    want = one_process()
+    want, _ = one_process()
     for r in ranks:
         assert len(r["logs"]) == 2
         for got, expected in zip(r["logs"], want):
-            keys = [k for k in expected if not k.endswith("/calls")]
+            keys = compared(expected)
             assert {k.split("/")[1] for k in keys} >= {"first", "dormant", "logits", "codes", "nc"}
             assert set(keys) <= set(got)
             for k in keys:
@@ -190,15 +225,38 @@ def test_every_rank_logs_every_stage_probe_as_one_process(ranks):
 
 
 def test_stages_times_data_parallel_replicas_equal_one_process(tmp_path):
-    want = one_process(replicas=2)
+    want, _ = one_process(replicas=2)
     outs = run_two(worker_pp_dp, tmp_path, "ppdp", world=4)
     for r in outs:
         for got, expected in zip(r["logs"], want):
-            keys = [k for k in expected if not k.endswith("/calls")]
+            keys = compared(expected)
             assert set(keys) <= set(got)
             for k in keys:
                 assert got[k] == pytest.approx(expected[k], rel=1e-6, abs=1e-9), k
     assert all(r["logs"] == outs[0]["logs"] for r in outs)
+    # stage 1's replicas (ranks 1 and 3) reset the same codes to the same rows: drawn by the
+    # stage's first rank and broadcast over the stage's group (global rank 1 is its rank 0)
+    before = Net().vq.codebook.weight
+    (key,) = [k for k in outs[1]["weights"] if k.startswith("vq.")]
+    after = [outs[r]["weights"][key] for r in (1, 3)]
+    assert torch.equal(after[0], after[1])
+    reset = int((after[0] != before).any(1).sum())  # (a code may be reset at both logs)
+    totals = [log["collapse/mitigations/reset_dead_codes"] for log in outs[0]["logs"]]
+    assert 0 < totals[0] <= reset <= totals[1]
+
+
+def test_a_stages_mitigations_act_there_as_in_one_process_and_every_rank_counts_them(ranks):
+    (first, _), (want, net) = ranks[0]["logs"], one_process()
+    # the 4 units that never fire, and those whose score is below ReDo's threshold
+    assert first["collapse/mitigations/redo"] == want[0]["collapse/mitigations/redo"] >= 4
+    # the first log's dead codes: as in one process (the windows before any reset agree)
+    resets = first["collapse/mitigations/reset_dead_codes"]
+    assert resets == want[0]["collapse/mitigations/reset_dead_codes"] > 0
+    assert ranks[1]["logs"] == ranks[0]["logs"]  # the counts on both ranks
+    whole = net.state_dict()
+    for key in ("layers.3.0.weight", "layers.3.0.bias", "head.weight"):  # ReDo's read back
+        assert torch.equal(ranks[1]["weights"][key], whole[key]), key
+    assert not torch.equal(whole["layers.3.0.weight"], Net().state_dict()["layers.3.0.weight"])
 
 
 def test_a_gathered_state_resumes_each_stage_exactly(ranks):

@@ -16,6 +16,7 @@ from typing import Union
 
 import torch
 
+from .. import _dist
 from .._sharding import whole_parameters
 from ..contracts import Event, LogView, Replaced, Setup, StepView
 from ..keys import MetricKey, mitigations_key
@@ -56,39 +57,99 @@ class MitigationRunner:
         self.mitigations = list(mitigations)
         self.route = route
         self.counts: dict[str, float] = {}
+        self.process_group = None
+        # mitigations whose modules live on some ranks only (a pipeline stage): their ranks
+        self.owners: dict[str, tuple[int, ...]] = {}
+        self.here = self.mitigations  # those whose modules this rank holds
 
     def attach(self, setup: Setup) -> None:
+        """Attach every mitigation. Under ``torch.distributed`` a collective: one whose modules
+        live on some ranks only (its modules or probe found there: a pipeline stage) acts on
+        those ranks, its collectives over a group of them, and its events reach every rank.
+
+        Raises:
+            the first error of a mitigation attached on no rank, or any error other than a
+            ``KeyError`` or ``ValueError`` (a module or probe not found) on some rank; on every
+            rank alike. ValueError: stage-local mitigations under a ``process_group`` other
+            than WORLD.
+        """
+        self.process_group = group = setup.process_group
+        if not _dist.is_distributed(group):
+            for m in self.mitigations:
+                m.attach(setup)
+            return
+        failed = []
         for m in self.mitigations:
-            m.attach(setup)
+            try:
+                m.attach(setup)
+                failed.append(None)
+            except Exception as exc:  # (raised below, on every rank alike)
+                failed.append(exc)
+        said = [None if e is None else (type(e).__name__, str(e)) for e in failed]
+        everyone = _dist.all_gather_object(said, group)
+        for i, m in enumerate(self.mitigations):
+            owners = tuple(r for r, e in enumerate(everyone) if e[i] is None)
+            errors = [r[i] for r in everyone if r[i] is not None]
+            if not errors:
+                continue
+            if not owners or any(e[0] not in ("KeyError", "ValueError") for e in errors):
+                if failed[i] is not None:
+                    raise failed[i]
+                kind = {"KeyError": KeyError, "ValueError": ValueError}.get(errors[0][0])
+                raise (kind or RuntimeError)(f"on another rank: {errors[0][1]}")
+            if group not in (None, torch.distributed.group.WORLD):
+                raise ValueError(
+                    f"{m!r}: mitigations whose modules live on some ranks only (pipeline "
+                    "stages) need the monitor on the default process group (process_group=None)"
+                )
+            self.owners[m.name] = owners
+        for m in self.mitigations:  # (every rank makes the same groups, in the same order)
+            if m.name in self.owners:
+                m.process_group = _dist.subgroup(self.owners[m.name])
+        self.here = [m for m, e in zip(self.mitigations, failed) if e is None]
 
     def detach(self) -> None:
-        for m in self.mitigations:
+        for m in self.here:
             m.detach()
 
     @property
     def reads_parameters(self) -> bool:
-        return any(m.reads_parameters and not m.disabled for m in self.mitigations)
+        return any(m.reads_parameters and not m.disabled for m in self.here)
 
     def after_step(self, view: StepView) -> None:
         """Every enabled mitigation's every-step action; what it replaced goes to its probe."""
-        for m in self.mitigations:
+        for m in self.here:
             if not m.disabled:
                 for replaced in m.run(m.on_step, view) or []:
                     self.route(replaced)
 
     def after_log(self, view: LogView, holder: torch.nn.Module) -> list[Event]:
         """Every enabled mitigation acts on this log (the same view on every rank); the events
-        it returns are counted and what they replaced is routed to the probes."""
+        it returns are counted and what they replaced is routed to the probes. A stage's
+        mitigations' events reach the other ranks (one collective per log)."""
         events = []
         # FSDP (first generation): whole parameters, written back after
         with whole_parameters(holder) if self.reads_parameters else nullcontext():
-            for m in self.mitigations:
+            for m in self.here:
                 if not m.disabled:
                     events += m.run(m.after_log, view) or []
+        if self.owners:
+            events = self._shared(events)
         for event in events:
             self.counts[event.name] = self.counts.get(event.name, 0.0) + event.count
             if event.replaced is not None:
                 self.route(event.replaced)
+        return events
+
+    def _shared(self, events: list[Event]) -> list[Event]:
+        """This rank's events, and the events of each stage's mitigations from the first rank
+        of their stage (what they replaced stays with their probe, on their stage)."""
+        theirs = [(e.name, e.info, e.count) for e in events if e.name in self.owners]
+        everyone = _dist.all_gather_object(theirs, self.process_group)
+        here = {m.name for m in self.here}
+        for name, owners in self.owners.items():
+            if name not in here:
+                events += [Event(*e) for e in everyone[owners[0]] if e[0] == name]
         return events
 
     def metrics(self) -> dict[MetricKey, float]:
@@ -97,18 +158,19 @@ class MitigationRunner:
 
     # ----------------------------------------------------------------- resume
     def restore_structure(self, states: dict) -> None:
-        for m in self.mitigations:
+        for m in self.here:
             m.restore_structure(states[m.name])
 
     def adopt_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        for m in self.mitigations:
+        for m in self.here:
             m.adopt_optimizer(optimizer)
 
     def state_dict(self) -> dict:
-        """Each mitigation's state, by name."""
-        return {m.name: m.state_dict() for m in self.mitigations}
+        """Each mitigation's state, by name (``{}`` for a stage's on the other ranks)."""
+        here = set(map(id, self.here))
+        return {m.name: m.state_dict() if id(m) in here else {} for m in self.mitigations}
 
     def load_state_dict(self, states: dict, counts: dict, optimizers: tuple) -> None:
         self.counts = dict(counts)
-        for m in self.mitigations:
+        for m in self.here:
             m.load_state_dict(states[m.name], optimizers=optimizers)

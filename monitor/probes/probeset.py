@@ -149,7 +149,7 @@ class ProbeSet:
             )
         for d, ranks in zip(self.drivers, owners):
             if len(ranks) < world:  # every rank makes the same groups in the same order
-                d.group = _group_of(ranks)
+                d.group = _dist.subgroup(ranks)
         self.stage_local = True
         self.drivers = [d for d, h in zip(self.drivers, here) if h is not None]
         self.by_name = {d.name: d for d in self.drivers}
@@ -373,18 +373,6 @@ class ProbeSet:
                 d.apply(states[d.name], window, _dist.rank(self._group(d)), reduced)
 
         return apply
-
-
-_GROUPS: dict[tuple, object] = {}
-
-
-def _group_of(ranks: tuple[int, ...]):
-    """A process group of ``ranks`` (a collective of every rank), made once per default group:
-    a monitor built again (a trainer's ``validate``) takes the same one, leaking none."""
-    key = (id(torch.distributed.group.WORLD), ranks)
-    if key not in _GROUPS:
-        _GROUPS[key] = torch.distributed.new_group(list(ranks))
-    return _GROUPS[key]
 
 
 def metrics_of(
