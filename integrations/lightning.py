@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 
 from ..config import MonitorConfig
-from ..distributed import is_fsdp_wrapped, refuse_deepspeed
+from ..distributed import is_fsdp_wrapped
 from ..loop import LoopAdapter, Targets, TrainerLoop
 from ..mitigations.base import Mitigation
 from ..probes.base import Probe
@@ -24,6 +24,13 @@ from lightning.pytorch.loggers import (  # noqa: E402
     WandbLogger,
 )
 from lightning.pytorch.strategies import DeepSpeedStrategy  # noqa: E402
+
+LIGHTNING_DEEPSPEED = (
+    "CollapseCallback: Lightning's DeepSpeedStrategy is not supported: it runs on CUDA only and "
+    "has not been tried with the monitor (the probes work under DeepSpeed in a plain loop and "
+    "under the Hugging Face Trainer, at every ZeRO stage); use DDP, FSDP or "
+    "ModelParallelStrategy (FSDP2)"
+)
 
 
 class LightningLoggerSink(Sink):
@@ -206,7 +213,7 @@ class CollapseCallback(LoopAdapter, L.Callback):
         if self.monitor is not None:
             return
         if isinstance(trainer.strategy, DeepSpeedStrategy):
-            refuse_deepspeed()
+            raise ValueError(LIGHTNING_DEEPSPEED)
         ctx = getattr(pl_module, "_compiler_ctx", None)  # Lightning's record of torch.compile
         if ctx and getattr(ctx.get("dynamo_ctx"), "fullgraph", False):
             raise ValueError(

@@ -273,8 +273,8 @@ class CollapseTrainerCallback(LoopAdapter, TrainerCallback):
         # wrong module path fails at once; with model_init the model comes at train()
         self.args, self.state = args, state
         deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
-        if args.deepspeed or deepspeed:
-            refuse_deepspeed()
+        if args.deepspeed or deepspeed:  # (probes work at every ZeRO stage)
+            refuse_deepspeed(self.loop.config.mitigations)
         if model is not None:
             # a logging_steps ratio (< 1) is resolved at train(); until then, 50
             self._attach(args, model, int(args.logging_steps) if args.logging_steps >= 1 else 50)

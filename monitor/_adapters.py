@@ -90,7 +90,8 @@ def linear_parts(
     the layer maps ``x`` to ``x W' + b + sum (x U) B'``: an ``nn.Linear``'s weight and bias, or
     a LoRA layer's base weight and one low-rank term per active, unmerged adapter
     (``U = scaling A'``; dropout is the identity in expectation). ``gather``: FSDP2 shards made
-    whole (a collective); else they are returned as they are.
+    whole (a collective), and DeepSpeed ZeRO-3 partitions gathered; else they are returned as
+    they are (a ZeRO-3 partition outside its forward is empty: its ``ds_shape`` is kept).
 
     Raises:
         ValueError: a layer whose map is not of that form (DoRA and other LoRA variants,
@@ -98,7 +99,10 @@ def linear_parts(
     """
 
     def read(t: torch.Tensor) -> torch.Tensor:
-        return (whole(t) if gather else t).detach()
+        out = (whole(t) if gather else t).detach()
+        if hasattr(t, "ds_shape") and not gather:  # a ZeRO-3 partition: its whole shape
+            out.ds_shape = t.ds_shape
+        return out
 
     module = applied(module)
     if isinstance(module, nn.Linear):

@@ -17,14 +17,14 @@ _DATA_PARALLEL = (nn.parallel.DistributedDataParallel, nn.DataParallel)
 
 def named_modules(model: nn.Module, prefix: str = "") -> dict[str, nn.Module]:
     """``model.named_modules()`` under the names the unwrapped model gives them: the segments
-    that FSDP, activation checkpointing, ``torch.compile``, DDP and PEFT (``base_model.model``)
-    insert are dropped, and a name
+    that FSDP, activation checkpointing, ``torch.compile``, DDP, DeepSpeed's engine and PEFT
+    (``base_model.model``) insert are dropped, and a name
     a wrapper shares with the module it wraps names the wrapped module. ``prefix`` is the
     model's own name."""
     out: dict[str, nn.Module] = {}
     seen: set[int] = set()
 
-    peft_wrappers = _peft_wrappers()
+    peft_wrappers = _peft_wrappers() + _deepspeed_engine()
 
     def visit(module: nn.Module, name: str) -> None:
         if id(module) in seen:  # a module shared by two parents is listed once, as torch does
@@ -55,6 +55,16 @@ def _peft_wrappers() -> list[tuple[type, str]]:
     from peft.tuners.tuners_utils import BaseTuner
 
     return [(PeftModel, "base_model"), (BaseTuner, "model")]
+
+
+def _deepspeed_engine() -> list[tuple[type, str]]:
+    """DeepSpeed's engine, whose ``module`` is the user's model (a data-parallel wrapper);
+    empty unless ``deepspeed`` was imported."""
+    if "deepspeed" not in sys.modules:
+        return []
+    from deepspeed import DeepSpeedEngine
+
+    return [(DeepSpeedEngine, "module")]
 
 
 def _without_peft_prefix(model: nn.Module, pattern: str, named: dict[str, nn.Module]) -> str:

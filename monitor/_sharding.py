@@ -32,9 +32,28 @@ def is_sharded(tensor) -> bool:
     return DTensor is not None and isinstance(tensor, DTensor)
 
 
+def is_partitioned(tensor) -> bool:
+    """Whether DeepSpeed ZeRO-3 partitions the parameter ``tensor`` (outside its module's
+    forward its data is empty; ``ds_shape`` is its shape)."""
+    return hasattr(tensor, "ds_id")
+
+
+def shape_of(tensor: torch.Tensor) -> tuple[int, ...]:
+    """The whole shape of a parameter (a ZeRO-3 partition's ``ds_shape``; a ``DTensor``'s own)."""
+    return tuple(getattr(tensor, "ds_shape", tensor.shape))
+
+
 def whole(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole value of a parameter, optimizer state or buffer (a collective for a shard)."""
-    return tensor.full_tensor() if is_sharded(tensor) else tensor
+    """The whole value of a parameter, optimizer state or buffer (a collective for an FSDP2 shard
+    or a ZeRO-3 partition: every rank calls it)."""
+    if is_sharded(tensor):
+        return tensor.full_tensor()
+    if is_partitioned(tensor):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):  # (read only)
+            return tensor.detach().clone()
+    return tensor
 
 
 @torch.no_grad()

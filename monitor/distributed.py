@@ -10,11 +10,12 @@ from torch import nn
 
 from . import _dist, _sharding
 
-DEEPSPEED_UNSUPPORTED = (
-    "collapse monitor: DeepSpeed is not supported: ZeRO-3 partitions the parameters the probes "
-    "read, and under every ZeRO stage the optimizer's fp32 master weights would undo a "
-    "mitigation's change at the next step; use DDP, FSDP2 (ModelParallelStrategy / "
-    "fully_shard) or FSDP"
+DEEPSPEED_MITIGATIONS = (
+    "collapse monitor: mitigations are not supported under DeepSpeed: its optimizer keeps the "
+    "fp32 master weights (partitioned under ZeRO 1-3) that the next step writes back over a "
+    "changed parameter, and a write through GatheredParameters reaches the module only. The "
+    "probes work at every ZeRO stage (ZeRO-3 weights gathered at the readout): drop the "
+    "mitigations, or train with DDP, FSDP2 (fully_shard) or FSDP"
 )
 
 
@@ -29,10 +30,25 @@ def is_fsdp_wrapped(model: nn.Module) -> bool:
     return bool(_sharding.fsdp_roots(model))
 
 
-def refuse_deepspeed() -> None:
-    """Raise the monitor's refusal of DeepSpeed (see :data:`DEEPSPEED_UNSUPPORTED`).
+def refuse_deepspeed(mitigations) -> None:
+    """Raise the monitor's refusal of mitigations under DeepSpeed
+    (:data:`DEEPSPEED_MITIGATIONS`) when there are any.
 
     Raises:
-        ValueError: always.
+        ValueError: ``mitigations`` is not empty.
     """
-    raise ValueError(DEEPSPEED_UNSUPPORTED)
+    if mitigations:
+        raise ValueError(DEEPSPEED_MITIGATIONS)
+
+
+def is_deepspeed_optimizer(optimizer) -> bool:
+    """Whether ``optimizer`` is one of DeepSpeed's (its engine's ``optimizer``)."""
+    return type(optimizer).__module__.startswith("deepspeed.")
+
+
+def uses_deepspeed(model: nn.Module) -> bool:
+    """Whether DeepSpeed trains ``model``: it is (or holds) a ``DeepSpeedEngine``, or ZeRO-3
+    partitions its parameters."""
+    return any(_sharding.is_partitioned(p) for p in model.parameters()) or any(
+        type(m).__module__.startswith("deepspeed.") for m in model.modules()
+    )

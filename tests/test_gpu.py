@@ -155,3 +155,47 @@ def test_float32_gram_on_the_gpu_is_ieee_even_with_tf32_allowed():
     finally:
         torch.set_float32_matmul_precision(saved)
     assert_metrics_close(got, F.neural_collapse(x, y, 20), rtol=1e-6, keys=KEYS)
+
+
+def test_deepspeed_zero3_on_the_gpu_equals_the_plain_model(monkeypatch):
+    """DeepSpeed ZeRO-3 on the GPU (one process, NCCL, every parameter partitioned): the probes
+    of tests/test_deepspeed.py log what the plain model logs on the same batches (a learning
+    rate of 0), NeuralCollapse's classifier gathered at the readout."""
+    deepspeed = pytest.importorskip("deepspeed")
+    from torch import nn
+
+    from tests.test_deepspeed import Net, config, data, watched
+
+    def run(model, forward, step):
+        mon = CollapseMonitor(model, watched(), 2, observe_every_n_steps=1)
+        logs = []
+        for s in range(4):
+            x, y = (t.cuda() for t in data(s, 0))
+            with mon.observe(targets=y):
+                loss = nn.functional.cross_entropy(forward(x), y)
+            step(loss)
+            logged = mon.step()
+            if logged is not None:
+                logs.append(logged)
+        mon.close()
+        return logs
+
+    net = Net().cuda()
+    want = run(net, net, lambda loss: loss.backward())
+    env = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+    for k, v in {**env, "MASTER_PORT": "29533"}.items():
+        monkeypatch.setenv(k, v)
+    deepspeed.init_distributed(dist_backend="nccl")
+    try:
+        net = Net().cuda()
+        opt = torch.optim.AdamW(net.parameters(), lr=0.0)
+        engine, *_ = deepspeed.initialize(model=net, optimizer=opt, config=config(3))
+        assert hasattr(net.head.weight, "ds_id")
+        got = run(engine, engine, lambda loss: (engine.backward(loss), engine.step()))
+        engine.destroy()
+    finally:
+        torch.distributed.destroy_process_group()
+    for g, w in zip(got, want):
+        assert g.keys() == w.keys()
+        for k in w:
+            assert g[k] == pytest.approx(w[k], rel=1e-5, abs=1e-7), k

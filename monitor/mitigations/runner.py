@@ -19,6 +19,7 @@ import torch
 from .. import _dist
 from .._sharding import whole_parameters
 from ..contracts import Event, LogView, Replaced, Setup, StepView
+from ..distributed import DEEPSPEED_MITIGATIONS, is_deepspeed_optimizer, uses_deepspeed
 from ..keys import MetricKey, mitigations_key
 from .base import Mitigation
 
@@ -27,18 +28,18 @@ Optimizers = Union[torch.optim.Optimizer, Sequence[torch.optim.Optimizer], None]
 
 
 def as_optimizers(optimizer: Optimizers) -> tuple[torch.optim.Optimizer, ...]:
-    """``optimizer`` as a tuple of optimizers.
+    """``optimizer`` as a tuple of optimizers (DeepSpeed's too: mitigations refuse them).
 
     Raises:
         TypeError: something that is not an optimizer.
     """
     if optimizer is None:
         return ()
-    if isinstance(optimizer, torch.optim.Optimizer):
+    if isinstance(optimizer, torch.optim.Optimizer) or is_deepspeed_optimizer(optimizer):
         return (optimizer,)
     optimizers = tuple(optimizer)
     for opt in optimizers:
-        if not isinstance(opt, torch.optim.Optimizer):
+        if not isinstance(opt, torch.optim.Optimizer) and not is_deepspeed_optimizer(opt):
             raise TypeError(
                 f"optimizer must be a torch.optim.Optimizer or a list of them, got {opt!r}"
             )
@@ -71,9 +72,12 @@ class MitigationRunner:
             the first error of a mitigation attached on no rank, or any error other than a
             ``KeyError`` or ``ValueError`` (a module or probe not found) on some rank; on every
             rank alike. ValueError: stage-local mitigations under a ``process_group`` other
-            than WORLD.
+            than WORLD; a model trained by DeepSpeed
+            (:data:`~collapse_monitor.distributed.DEEPSPEED_MITIGATIONS`).
         """
         self.process_group = group = setup.process_group
+        if self.mitigations and uses_deepspeed(setup.model):
+            raise ValueError(DEEPSPEED_MITIGATIONS)
         if not _dist.is_distributed(group):
             for m in self.mitigations:
                 m.attach(setup)
@@ -117,7 +121,13 @@ class MitigationRunner:
         return any(m.reads_parameters and not m.disabled for m in self.here)
 
     def after_step(self, view: StepView) -> None:
-        """Every enabled mitigation's every-step action; what it replaced goes to its probe."""
+        """Every enabled mitigation's every-step action; what it replaced goes to its probe.
+
+        Raises:
+            ValueError: an optimizer of DeepSpeed's (mitigations refused, as at attach).
+        """
+        if self.here and any(map(is_deepspeed_optimizer, view.optimizers)):
+            raise ValueError(DEEPSPEED_MITIGATIONS)
         for m in self.here:
             if not m.disabled:
                 for replaced in m.run(m.on_step, view) or []:

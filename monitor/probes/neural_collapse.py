@@ -10,7 +10,7 @@ from torch import nn
 from .. import _dist
 from .._adapters import applied, effective_weight, is_linear, linear_parts
 from .._modules import resolve_modules
-from .._sharding import is_sharded
+from .._sharding import is_sharded, shape_of
 from ..cadence import per_class
 from ..contracts import Readout
 from ..functional import _precision
@@ -214,7 +214,7 @@ class NeuralCollapse(Probe):
         elif self.read == "input" and is_linear(mod) and self.ncc:
             self.classifier = mod
         if self.classifier is not None:  # (an adapter whose map it cannot read: refused now)
-            shape = tuple(linear_parts(self.classifier, f"{self!r}: classifier")[0].shape)
+            shape = shape_of(linear_parts(self.classifier, f"{self!r}: classifier")[0])
             if shape[0] != self.num_classes:
                 raise ValueError(
                     f"{self!r}: classifier weight has shape {shape} but "

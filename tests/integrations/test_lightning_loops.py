@@ -190,14 +190,14 @@ def test_fullgraph_compilation_is_refused_with_what_to_do(tmp_path):
 
 
 def test_deepspeed_is_refused_with_a_clear_error():
-    """DeepSpeed (not installed here) would hide the weights (ZeRO-3) or undo mitigations (fp32
-    master weights): refused at setup. The strategy object is built without its constructor,
-    which needs the deepspeed package; the callback only looks at its type."""
+    """Lightning's DeepSpeedStrategy runs on CUDA only (untried): refused at setup. The strategy
+    object is built without its constructor, which needs an accelerator; the callback only
+    looks at its type."""
     from types import SimpleNamespace
 
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
     strategy = DeepSpeedStrategy.__new__(DeepSpeedStrategy)
     cb = CollapseCallback([probes.NeuralCollapse("head", 4)])
-    with pytest.raises(ValueError, match="DeepSpeed is not supported"):
+    with pytest.raises(ValueError, match="DeepSpeedStrategy is not supported"):
         cb.setup(SimpleNamespace(strategy=strategy), Counted(), "fit")

@@ -20,7 +20,7 @@ from transformers import (  # noqa: E402
     TrainingArguments,
 )
 
-from collapse_monitor import CollapseMonitor, Rule, probes  # noqa: E402
+from collapse_monitor import CollapseMonitor, Rule, mitigations, probes  # noqa: E402
 from collapse_monitor import functional as F  # noqa: E402
 from collapse_monitor.integrations.transformers import CollapseTrainerCallback  # noqa: E402
 from tests.integrations.test_tensorboard import read_events  # noqa: E402
@@ -323,14 +323,20 @@ def test_wrong_module_path_fails_at_trainer_construction(tmp_path):
         Trainer(bert(), arguments(tmp_path), train_dataset=Tokens(8, num_labels=3), callbacks=[cb])
 
 
-def test_deepspeed_is_refused_with_a_clear_error(tmp_path):
-    """The check runs at Trainer(...) (on_init_end); deepspeed is not installed here, so the
-    callback is given the arguments a DeepSpeed run would carry."""
+def test_mitigations_under_deepspeed_are_refused_with_a_clear_error(tmp_path):
+    """The check runs at Trainer(...) (on_init_end), given the arguments a DeepSpeed run
+    carries; the probes alone are accepted (they run under DeepSpeed on two processes:
+    tests/integrations/test_two_processes.py)."""
     args = arguments(tmp_path)
     args.deepspeed = {"zero_optimization": {"stage": 3}}
-    cb = CollapseTrainerCallback([probes.NeuralCollapse("classifier", 3)])
-    with pytest.raises(ValueError, match="DeepSpeed is not supported"):
+    nc = probes.NeuralCollapse("classifier", 3)
+    fix = mitigations.SigmaReparam("classifier", when="start")
+    cb = CollapseTrainerCallback([nc], mitigations=[fix])
+    with pytest.raises(ValueError, match="mitigations are not supported under DeepSpeed"):
         cb.on_init_end(args, None, None, model=bert())
+    cb = CollapseTrainerCallback([nc])
+    cb.on_init_end(args, None, None, model=bert())
+    cb.close()
 
 
 def test_metrics_reach_the_trainers_wandb_and_mlflow_runs(tmp_path, monkeypatch, offline_wandb):

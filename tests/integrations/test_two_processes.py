@@ -16,13 +16,12 @@ from collapse_monitor import functional as F
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def torchrun(*args, timeout=300):
-    env = {
-        **os.environ,
-        "ACCELERATE_USE_CPU": "1",  # Accelerate's multi-CPU mode (accelerate launch --cpu)
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(ROOT),
-    }
+def torchrun(*args, timeout=300, deepspeed=False):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    if deepspeed:  # DeepSpeed's CPU accelerator (Accelerate's CPU mode would leave it out)
+        env["DS_ACCELERATOR"] = "cpu"
+    else:  # Accelerate's multi-CPU mode (accelerate launch --cpu)
+        env["ACCELERATE_USE_CPU"] = "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     subprocess.run([*cmd, *args], check=True, env=env, timeout=timeout, cwd=ROOT)
 
@@ -49,10 +48,14 @@ def test_accelerate_recipe_on_two_processes(tmp_path):
             assert metrics[f"collapse/head/{key}"] == pytest.approx(ref[key], rel=1e-6), key
 
 
-@pytest.mark.parametrize("shards", [False, True], ids=["replicated", "class_shards"])
-def test_trainer_callback_on_two_processes(tmp_path, shards):
+@pytest.mark.parametrize("mode", [None, "shards", "zero3"], ids=["ddp", "class_shards", "zero3"])
+def test_trainer_callback_on_two_processes(tmp_path, mode):
     """Each window equals one process on all rows; with class shards also the window resumed
-    from a checkpoint at step 3 (each rank saved its own classes)."""
+    from a checkpoint at step 3 (each rank saved its own classes); under DeepSpeed ZeRO-3 too
+    (the head's partitioned weight gathered at the readout)."""
+    if mode == "zero3":
+        pytest.importorskip("deepspeed")
+    shards = mode == "shards"
     from tests.integrations.test_transformers import KEYS, Tokens, gpt2
     from tests.reference import assert_metrics_close
     from tests.scripts.hf_trainer_ddp import ROWS
@@ -61,7 +64,8 @@ def test_trainer_callback_on_two_processes(tmp_path, shards):
     if shards:  # an earlier run's file of a rank this run does not have: removed at the save
         folder.mkdir(parents=True)
         (folder / "collapse_monitor.rank7.pt").write_bytes(b"stale")
-    torchrun("-m", "tests.scripts.hf_trainer_ddp", str(tmp_path), *(["shards"] if shards else []))
+    run = ["-m", "tests.scripts.hf_trainer_ddp", str(tmp_path), *([mode] if mode else [])]
+    torchrun(*run, deepspeed=mode == "zero3")
     if shards:  # rank 1's classes travel in their own file
         assert {p.name for p in folder.glob("collapse_monitor*")} == {
             "collapse_monitor.pt",

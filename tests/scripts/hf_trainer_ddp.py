@@ -1,11 +1,13 @@
 """``transformers.Trainer`` with ``CollapseTrainerCallback`` on 2 CPU processes (DDP, gloo):
 ``ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 -m tests.scripts.hf_trainer_ddp <out>
-[shards]``. A tiny GPT-2 without dropout and a learning rate of 0: each logged window (one
+[shards|zero3]``. A tiny GPT-2 without dropout and a learning rate of 0: each logged window (one
 epoch) is a fixed function of the whole data set, which the test computes in one process.
 With ``shards``, the head's classes are sharded over the ranks and the run stops at step 3
-(a checkpoint) and resumes from it to step 4."""
+(a checkpoint) and resumes from it to step 4; with ``zero3`` DeepSpeed ZeRO-3 trains the model
+(``DS_ACCELERATOR=cpu``)."""
 
 import gc
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -32,7 +34,21 @@ def train(out, shards=False, resume=False, **kw):
 
 def main(out, mode=None):
     torch.set_num_threads(1)
-    if mode == "shards":
+    if mode == "zero3":  # DeepSpeed ZeRO-3, every parameter partitioned
+        # DeepSpeed's fallback to torch.distributed where its shared-memory all-reduce op is
+        # not built (as off Linux): no 60 s compile of that op in every test run
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+        zero = {"stage": 3, "stage3_param_persistence_threshold": 0}
+        sizes = (
+            "train_micro_batch_size_per_gpu",
+            "train_batch_size",
+            "gradient_accumulation_steps",
+        )
+        batch = dict.fromkeys(sizes, "auto")
+        logs, trainer = train(out, max_steps=4, deepspeed={"zero_optimization": zero, **batch})
+        head = trainer.model_wrapped.module.lm_head.weight  # (the engine's model)
+        assert trainer.is_deepspeed_enabled and hasattr(head, "ds_id")
+    elif mode == "shards":
         first, _ = train(out, True, max_steps=3, save_strategy="steps", save_steps=3)
         logs, trainer = train(out, True, resume=True, max_steps=4)
         logs = first + [e for e in logs if e["step"] > 3]
