@@ -71,11 +71,71 @@ def assign(tensor: torch.Tensor, value: torch.Tensor) -> None:
         tensor.copy_(value)
 
 
+def has_master(param) -> bool:
+    """Whether DeepSpeed's optimizer keeps an fp32 master copy of ``param`` that its public API
+    reads and writes (``safe_get_full_fp32_param``: ZeRO 1-3, and its bf16 optimizer)."""
+    return hasattr(param, "ds_id") or hasattr(param, "_hp_mapping")
+
+
+class MasterState:
+    """An optimizer state of a parameter DeepSpeed's optimizer holds (``key``: Adam's
+    ``exp_avg`` ...), read and written whole through DeepSpeed's public API by :func:`edited`."""
+
+    def __init__(self, param: torch.Tensor, key: str) -> None:
+        self.param, self.key = param, key
+
+
+def master_states(param: torch.Tensor, optimizer) -> list[tuple[str, MasterState]]:
+    """``(key, MasterState)`` of each parameter-shaped state (``exp_avg`` ...) of the torch
+    optimizer inside DeepSpeed's ``optimizer`` (none before its first step). The keys come from
+    its partitions' states, the same on every rank: asking DeepSpeed for a key it lacks raises
+    on the ranks holding a fragment and leaves the others in a collective."""
+    states = getattr(getattr(optimizer, "optimizer", None), "state", {})
+    keys = {k for st in states.values() for k, v in st.items() if torch.is_tensor(v) and v.dim()}
+    return [(key, MasterState(param, key)) for key in sorted(keys)]
+
+
+def _write_master(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Write ``value`` into a DeepSpeed-held parameter: its fp32 master copy (which the next
+    step would otherwise write back over the change) and the module's own copy; the master is
+    read back (collectives: every rank writes the same value)."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+    safe_set_full_fp32_param(param, value.float())
+    if not torch.equal(safe_get_full_fp32_param(param).cpu(), value.float().cpu()):
+        raise RuntimeError(
+            f"DeepSpeed's fp32 master copy of a parameter {shape_of(param)} did not take the "
+            "change (read back)"
+        )
+    if is_partitioned(param):  # every rank writes the same: rank 0's is partitioned again
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            param.data.copy_(value)
+    else:
+        param.data.copy_(value)
+
+
 @contextlib.contextmanager
-def edited(tensor: torch.Tensor) -> Iterator[torch.Tensor]:
+def edited(tensor) -> Iterator[torch.Tensor]:
     """Yield the whole value of ``tensor`` to change in place (no autograd); a shard gets the
-    result written back (a collective: every rank makes the same change)."""
+    result written back, a DeepSpeed-held parameter or :class:`MasterState` through
+    DeepSpeed's API (collectives: every rank makes the same change)."""
     with torch.no_grad():
+        if isinstance(tensor, MasterState):
+            from deepspeed.utils import (
+                safe_get_full_optimizer_state,
+                safe_set_full_optimizer_state,
+            )
+
+            full = safe_get_full_optimizer_state(tensor.param, tensor.key).clone()
+            yield full
+            safe_set_full_optimizer_state(tensor.param, full, tensor.key)
+            return
+        if has_master(tensor):
+            full = whole(tensor).detach().clone()
+            yield full
+            _write_master(tensor, full)
+            return
         if not is_sharded(tensor):
             yield tensor.detach()
             return

@@ -11,12 +11,13 @@ from torch import nn
 from . import _dist, _sharding
 
 DEEPSPEED_MITIGATIONS = (
-    "collapse monitor: mitigations are not supported under DeepSpeed: its optimizer keeps the "
-    "fp32 master weights (partitioned under ZeRO 1-3) that the next step writes back over a "
-    "changed parameter, and a write through GatheredParameters reaches the module only. The "
-    "probes work at every ZeRO stage (ZeRO-3 weights gathered at the readout): drop the "
-    "mitigations, or train with DDP, FSDP2 (fully_shard) or FSDP"
+    "collapse monitor: under DeepSpeed only ReDo and ResetDeadCodes act, at ZeRO 1-3 (and "
+    "ZeRO-0 in fp32): they write the fp32 master copy and the optimizer state through "
+    "DeepSpeed's safe_set_full_fp32_param / safe_set_full_optimizer_state, which the next step "
+    "would otherwise write back over the change. Refused here: {what}"
 )
+#: DeepSpeed's optimizers whose fp32 master copies its public API reads and writes
+DEEPSPEED_MASTERS = ("DeepSpeedZeroOptimizer", "DeepSpeedZeroOptimizer_Stage3", "BF16_Optimizer")
 
 
 def rank(group=None) -> int:
@@ -30,15 +31,23 @@ def is_fsdp_wrapped(model: nn.Module) -> bool:
     return bool(_sharding.fsdp_roots(model))
 
 
-def refuse_deepspeed(mitigations) -> None:
-    """Raise the monitor's refusal of mitigations under DeepSpeed
-    (:data:`DEEPSPEED_MITIGATIONS`) when there are any.
+def refuse_deepspeed(mitigations, optimizers=()) -> None:
+    """Raise the monitor's refusal (:data:`DEEPSPEED_MITIGATIONS`) of mitigations that cannot
+    act under DeepSpeed: those that add parameters (σReparam, SimVQ), and every one beside a
+    DeepSpeed optimizer without a public master copy (ZeRO-0 in fp16/bf16).
 
     Raises:
-        ValueError: ``mitigations`` is not empty.
+        ValueError: such a mitigation.
     """
-    if mitigations:
-        raise ValueError(DEEPSPEED_MITIGATIONS)
+    for opt in optimizers:
+        if is_deepspeed_optimizer(opt) and type(opt).__name__ not in DEEPSPEED_MASTERS:
+            if mitigations:
+                what = f"{type(opt).__name__} keeps fp32 copies its API does not write"
+                raise ValueError(DEEPSPEED_MITIGATIONS.format(what=what))
+    others = [m for m in mitigations if not getattr(m, "through_deepspeed", False)]
+    if others:
+        what = f"{others} (they add parameters the engine's optimizer does not hold)"
+        raise ValueError(DEEPSPEED_MITIGATIONS.format(what=what))
 
 
 def is_deepspeed_optimizer(optimizer) -> bool:

@@ -1,9 +1,12 @@
 """DeepSpeed (ZeRO stages 0-3) in a plain loop, on 2 gloo CPU processes: every probe the monitor
 is built with logs what one process logs on the union of the ranks' batches (a learning rate
 of 0 keeps the weights; ZeRO-3 partitions them between forwards, so NeuralCollapse's classifier
-is gathered through DeepSpeed's ``GatheredParameters`` at the readout). Mitigations are refused
-under DeepSpeed, with the reason."""
+is gathered through DeepSpeed's ``GatheredParameters`` at the readout). ReDo and
+ResetDeadCodes write DeepSpeed's fp32 master copies and optimizer states through its public API
+(the change survives its next step, as in one process); σReparam, which adds parameters, is
+refused with the reason."""
 
+import functools
 import importlib.util
 import os
 
@@ -22,19 +25,37 @@ pytestmark = pytest.mark.skipif(
 STAGES = (0, 1, 2, 3)
 
 
-class Net(nn.Module):
+class VQ(nn.Module):
+    """A learned codebook (argmin) beside the model: its indices are probed and its dead codes
+    reset. It adds a zero to the loss, so that it is in the backward pass, as ZeRO-3 wants of
+    every module whose parameters a forward gathered."""
+
     def __init__(self):
+        super().__init__()
+        self.codebook = nn.Parameter(torch.randn(8, 16))
+
+    def forward(self, z):
+        return torch.cdist(z, self.codebook).argmin(-1), 0.0 * self.codebook.sum()
+
+
+class Net(nn.Module):
+    def __init__(self, dormant=False):
         super().__init__()
         torch.manual_seed(0)
         self.embed = nn.Linear(6, 16)
         self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
         self.hidden = nn.Sequential(nn.Linear(16, 16), nn.ReLU())
         self.head = nn.Linear(16, 5)
+        self.vq = VQ()
+        if dormant:  # 3 units that never fire: ReDo's to recycle
+            with torch.no_grad():
+                self.hidden[0].bias[:3] = -50.0
 
     def forward(self, x):
         h = self.embed(x)
         h = h + self.attn(h, h, h, need_weights=False)[0]
-        return self.head(self.hidden(h).mean(1))
+        _, zero = self.vq(h.detach().reshape(-1, 16))
+        return self.head(self.hidden(h).mean(1)) + zero
 
 
 def watched():
@@ -44,7 +65,21 @@ def watched():
         probes.DormantUnits("hidden.1", name="dormant"),
         probes.NeuralCollapse("head", 5, name="nc", min_class_count=1),
         probes.LogitHealth("head", name="logits"),
+        probes.CodebookUsage("vq", 8, name="vq"),
     ]
+
+
+def fixed():
+    return [probes.DormantUnits("hidden.1", name="dormant"), probes.CodebookUsage("vq", 8)]
+
+
+def fixes():
+    """ReDo of the dormant units, ResetDeadCodes of the side codebook at each log."""
+    redo = mitigations.ReDo("dormant", layers={"hidden.1": ("hidden.0", "head")})
+    return [redo, mitigations.ResetDeadCodes("vq", every_n_steps=2)]
+
+
+MITIGATED = ("hidden.0.weight", "hidden.0.bias", "head.weight", "vq.codebook")
 
 
 def data(step, rank):
@@ -59,44 +94,73 @@ def config(stage):
     return {"train_micro_batch_size_per_gpu": 6, "zero_optimization": zero}
 
 
+def train(mon, forward, backward, rank, steps, optimizer, after_log=lambda: None):
+    """``steps`` steps on rank ``rank``'s batches (every rank's, ``rank=None``); the logs."""
+    logs = []
+    for s in range(steps):
+        x, y = data(s, rank) if rank is not None else map(torch.cat, zip(data(s, 0), data(s, 1)))
+        with mon.observe(targets=y):
+            loss = nn.functional.cross_entropy(forward(x), y)
+        backward(loss)
+        logged = mon.step(optimizer)
+        if logged is not None:
+            logs.append(logged)
+            after_log()
+    mon.close()
+    return logs
+
+
+def read_moments(into, params, optimizer):
+    """Adam's ``exp_avg`` of the mitigated parameters, whole (a collective: every rank reads)."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    for name in MITIGATED:
+        got = safe_get_full_optimizer_state(params[name], "exp_avg")
+        if got is None:  # ZeRO-0 in fp32: the torch optimizer's own
+            got = optimizer.state[params[name]]["exp_avg"]
+        into[name] = got.clone()
+
+
 def worker(rank, init, out_dir):
     os.environ.update(DS_ACCELERATOR="cpu", LOCAL_RANK=str(rank))
     import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from collapse_monitor._sharding import whole
 
     # DeepSpeed's fallback to plain torch.distributed where its shared-memory all-reduce op
     # is not built (as off Linux): no 60 s compile of that op in every test run
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+    def engine_of(net):
+        opt = torch.optim.AdamW(net.parameters(), lr=0.0, weight_decay=0.0)
+        return deepspeed.initialize(model=net, optimizer=opt, config=config(stage))[0]
+
+    def step(engine):
+        return lambda loss: (engine.backward(loss), engine.step())
+
     with process_group(rank, init):
         torch.set_num_threads(1)
         deepspeed.init_distributed(dist_backend="gloo")
         out = {}
         for stage in STAGES:
             net = Net()
-            opt = torch.optim.AdamW(net.parameters(), lr=0.0)
-            engine, *_ = deepspeed.initialize(model=net, optimizer=opt, config=config(stage))
+            engine = engine_of(net)
             mon = CollapseMonitor(engine, watched(), 2, observe_every_n_steps=1)
-            logs = []
-            for s in range(4):
-                x, y = data(s, rank)
-                with mon.observe(targets=y):
-                    loss = nn.functional.cross_entropy(engine(x), y)
-                engine.backward(loss)
-                engine.step()
-                logged = mon.step(engine.optimizer)  # (DeepSpeed's own at stages 1-3)
-                if logged is not None:
-                    logs.append(logged)
-            mon.close()
-            redo = mitigations.ReDo("dormant", layers={"hidden.1": ("hidden.0", "head")})
+            logs = train(mon, engine, step(engine), rank, 4, engine.optimizer)
+            # σReparam adds parameters the engine's optimizer does not hold: refused on the
+            # engine, and on the model where ZeRO-3 partitions it
+            sigma = mitigations.SigmaReparam("attn", when="rule")
             refused = []
-            for built_on in (engine, net):  # the engine, or the model (ZeRO-3 partitions it)
+            for built_on in (engine, net):
                 try:
-                    CollapseMonitor(built_on, watched(), 2, mitigations=[redo]).close()
+                    CollapseMonitor(built_on, watched(), 2, mitigations=[sigma]).close()
                 except ValueError as exc:
                     refused.append(str(exc))
             # on the bare model at ZeRO 0-2 (nothing partitioned), at DeepSpeed's optimizer
             stepped = None
             if stage < 3:
-                bare = CollapseMonitor(net, watched(), 2, mitigations=[redo])
+                bare = CollapseMonitor(net, watched(), 2, mitigations=[sigma])
                 x, y = data(0, rank)
                 with bare.observe(targets=y):
                     engine(x)
@@ -105,8 +169,28 @@ def worker(rank, init, out_dir):
                 except ValueError as exc:
                     stepped = str(exc)
                 bare.close()
-            out[stage] = {"logs": logs, "refused": refused, "stepped": stepped}
             engine.destroy()
+
+            # ReDo and ResetDeadCodes act through DeepSpeed's master copies
+            net = Net(dormant=True)
+            engine = engine_of(net)
+            params, moments = dict(net.named_parameters()), {}
+            read = functools.partial(read_moments, moments, params, engine.optimizer)
+            mon = CollapseMonitor(engine, fixed(), 2, observe_every_n_steps=1, mitigations=fixes())
+            fixed_logs = train(mon, engine, step(engine), rank, 3, engine.optimizer, read)
+            # after one more step of DeepSpeed's optimizer (lr 0): the module and the master
+            weights = {n: whole(params[n]).clone() for n in MITIGATED}
+            masters = {n: safe_get_full_fp32_param(params[n]) for n in MITIGATED}
+            engine.destroy()
+            out[stage] = {
+                "logs": logs,
+                "refused": refused,
+                "stepped": stepped,
+                "fixed": fixed_logs,
+                "moments": moments,
+                "weights": weights,
+                "masters": masters,
+            }
         torch.save(out, os.path.join(out_dir, f"ds{rank}.pt"))
 
 
@@ -118,16 +202,27 @@ def ranks(tmp_path_factory):
 def one_process():
     net = Net()
     mon = CollapseMonitor(net, watched(), 2, observe_every_n_steps=1)
-    logs = []
-    for s in range(4):
-        x, y = (torch.cat(t) for t in zip(data(s, 0), data(s, 1)))
-        with mon.observe(targets=y):
-            nn.functional.cross_entropy(net(x), y).backward()
-        logged = mon.step()
-        if logged is not None:
-            logs.append(logged)
-    mon.close()
-    return logs
+    return train(mon, net, lambda loss: loss.backward(), None, 4, None)
+
+
+def one_process_fixed():
+    """The mitigated run in one process on every rank's rows: its logs, the Adam moments
+    right after the log, the weights at the end."""
+    net = Net(dormant=True)
+    opt = torch.optim.AdamW(net.parameters(), lr=0.0, weight_decay=0.0)
+    params, moments = dict(net.named_parameters()), {}
+
+    def read_moments():
+        moments.update({n: opt.state[params[n]]["exp_avg"].clone() for n in MITIGATED})
+
+    def step(loss):
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    mon = CollapseMonitor(net, fixed(), 2, observe_every_n_steps=1, mitigations=fixes())
+    logs = train(mon, net, step, None, 3, opt, read_moments)
+    return logs, moments, {n: params[n].detach().clone() for n in MITIGATED}
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -148,18 +243,39 @@ def test_every_probe_at_every_zero_stage_equals_one_process(ranks, stage):
 
 
 @pytest.mark.parametrize("stage", STAGES)
-def test_mitigations_are_refused_with_the_reason(ranks, stage):
+def test_redo_and_reset_dead_codes_write_deepspeeds_master_copies_as_one_process(ranks, stage):
+    """The changes equal one process's, in the module and in DeepSpeed's fp32 master copy,
+    after DeepSpeed's optimizer stepped again (it would have written an unchanged master copy
+    back over them); the reset rows' Adam moments are zero, as in one process."""
+    (log,), moments, weights = one_process_fixed()
+    assert log["collapse/mitigations/redo"] >= 3  # the 3 units that never fire, at least
+    assert log["collapse/mitigations/reset_dead_codes"] > 0
+    for r in ranks:
+        got = r[stage]
+        assert len(got["fixed"]) == 1
+        for k in ("collapse/mitigations/redo", "collapse/mitigations/reset_dead_codes"):
+            assert got["fixed"][0][k] == log[k]
+        for n in MITIGATED:
+            torch.testing.assert_close(got["weights"][n], weights[n], rtol=1e-6, atol=1e-7)
+            if stage:  # (ZeRO-0 in fp32: the torch optimizer, no master copy)
+                torch.testing.assert_close(got["masters"][n], weights[n], rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(got["moments"][n], moments[n], rtol=1e-5, atol=1e-8)
+    assert not torch.equal(weights["hidden.0.weight"], Net(True).hidden[0].weight.detach())
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_mitigations_that_add_parameters_are_refused_with_the_reason(ranks, stage):
     for r in ranks:
         refused = r[stage]["refused"]
         assert len(refused) == (2 if stage == 3 else 1)  # (the bare model: ZeRO-3 only)
-        assert all("mitigations are not supported under DeepSpeed" in m for m in refused)
+        assert all("they add parameters" in m for m in refused)
 
 
-def test_a_monitor_on_the_bare_model_refuses_mitigations_at_deepspeeds_optimizer(ranks):
+def test_a_monitor_on_the_bare_model_refuses_them_at_deepspeeds_optimizer(ranks):
     """At ZeRO 1-2 the bare model looks like any other: DeepSpeed's optimizer passed to
-    ``step`` is where mitigations are refused. At ZeRO-0 (fp32) the engine's optimizer is the
-    torch one, with no master copy: a mitigation's change stays."""
+    ``step`` is where σReparam is refused. At ZeRO-0 (fp32) the engine's optimizer is the
+    torch one, with no master copy."""
     for r in ranks:
         assert r[0]["stepped"] is None
         for stage in (1, 2):
-            assert "mitigations are not supported under DeepSpeed" in r[stage]["stepped"]
+            assert "they add parameters" in r[stage]["stepped"]

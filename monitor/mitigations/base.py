@@ -9,7 +9,9 @@ from typing import ClassVar
 
 import torch
 
+from .._sharding import has_master, master_states
 from ..contracts import Component, Event, LogView, ProbeInfo, Replaced, Setup, StepView
+from ..distributed import is_deepspeed_optimizer
 from ..hooks import HookSet
 from ..keys import check_name
 
@@ -36,6 +38,9 @@ class Mitigation(Component):
     #: the default name, also the event name (``collapse/mitigations/<name>``)
     kind: ClassVar[str] = "mitigation"
     reads_parameters = True
+    #: whether it acts under DeepSpeed: it writes parameters and optimizer states only through
+    #: :func:`~collapse_monitor._sharding.edited` (DeepSpeed's master copies) and adds none
+    through_deepspeed: ClassVar[bool] = False
 
     def __init__(self, name: str | None = None) -> None:
         super().__init__(check_name(name or self.kind, "mitigation name"))
@@ -100,8 +105,17 @@ def find_probe(
 
 
 def held(optimizers: Sequence[torch.optim.Optimizer], param: torch.Tensor) -> bool:
-    """Whether one of ``optimizers`` updates ``param``."""
-    return any(p is param for opt in optimizers for g in opt.param_groups for p in g["params"])
+    """Whether one of ``optimizers`` updates ``param`` (DeepSpeed's: one it keeps a master
+    copy of)."""
+    if has_master(param) and any(map(is_deepspeed_optimizer, optimizers)):
+        return True
+    return any(
+        p is param
+        for opt in optimizers
+        if not is_deepspeed_optimizer(opt)
+        for g in opt.param_groups
+        for p in g["params"]
+    )
 
 
 _SAID_UNHELD: weakref.WeakSet = weakref.WeakSet()  # parameters already said to be in none
@@ -128,10 +142,16 @@ def optimizer_states(
     optimizers: Sequence[torch.optim.Optimizer], param: torch.Tensor
 ) -> list[tuple[str, torch.Tensor]]:
     """``(name, tensor)`` of every optimizer state tensor shaped like ``param`` (Adam's
-    ``exp_avg``, ``exp_avg_sq``, SGD's ``momentum_buffer``, ...) in each optimizer holding it."""
+    ``exp_avg``, ``exp_avg_sq``, SGD's ``momentum_buffer``, ...) in each optimizer holding it
+    (DeepSpeed's: :class:`~collapse_monitor._sharding.MasterState` s, for
+    :func:`~collapse_monitor._sharding.edited`)."""
+    deepspeed = [opt for opt in optimizers if is_deepspeed_optimizer(opt)]
+    if has_master(param) and deepspeed:
+        return master_states(param, deepspeed[0])
     return [
         (key, value)
         for opt in optimizers
+        if not is_deepspeed_optimizer(opt)
         for key, value in opt.state.get(param, {}).items()
         if isinstance(value, torch.Tensor) and value.shape == param.shape
     ]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .._sharding import shape_of
+
 _CODEBOOK_NAMES = ("embed", "codebook", "embedding", "embeddings", "weight")
 
 
@@ -37,10 +39,10 @@ def find_codebook(
     if len(embeddings) == 1:
         path_ = (embeddings[0][0] + "." if embeddings[0][0] else "") + "weight"
         return path_, tensors[path_]  # a parametrized weight: its original parameter
-    shaped = [
+    shaped = [  # (the whole shape of a ZeRO-3 partition)
         n
         for n, t in tensors.items()
-        if t.ndim in (2, 3) and (num_codes is None or t.shape[-2] == num_codes)
+        if len(shape_of(t)) in (2, 3) and (num_codes is None or shape_of(t)[-2] == num_codes)
     ]
     # a plain "weight" only when the code count tells it from a projection's
     for wanted in _CODEBOOK_NAMES if num_codes is not None else _CODEBOOK_NAMES[:-1]:

@@ -134,6 +134,7 @@ class ReDo(Mitigation):
     """
 
     kind = "redo"
+    through_deepspeed = True
 
     def __init__(
         self,

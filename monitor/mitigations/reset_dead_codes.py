@@ -11,7 +11,7 @@ from torch import nn
 
 from .. import _dist
 from .._modules import resolve_modules
-from .._sharding import edited, whole
+from .._sharding import edited, shape_of, whole
 from ..contracts import Event, Replaced
 from ..keys import MetricKey
 from ..reading import describe, finite_rows, first_input, is_index, single_index_tensor
@@ -100,6 +100,7 @@ class ResetDeadCodes(Mitigation):
     """
 
     kind = "reset_dead_codes"
+    through_deepspeed = True
 
     def __init__(
         self,
@@ -169,7 +170,7 @@ class ResetDeadCodes(Mitigation):
             mod, self.codebook_name, self.num_codes, f"{self!r}", self.path
         )
         K, heads = self.num_codes, self.heads
-        shape = tuple(codebook.shape)
+        shape = shape_of(codebook)  # (a ZeRO-3 partition's whole shape)
         if not (len(shape) == 2 and shape[0] == K and heads == 1) and not (
             len(shape) == 3 and shape[1] == K and shape[0] in (1, heads)
         ):
@@ -321,8 +322,8 @@ class ResetDeadCodes(Mitigation):
         self._batch, self._valid = flat, valid.to(flat.device) & finite_rows(flat)
 
     def _codebooks(self) -> int:
-        cb = self._tensor(self.codebook_path)
-        return cb.shape[0] if cb.ndim == 3 else 1
+        shape = shape_of(self._tensor(self.codebook_path))
+        return shape[0] if len(shape) == 3 else 1
 
     # ----------------------------------------------------------------- action
     def on_step(self, view) -> list[Replaced] | None:
@@ -351,9 +352,10 @@ class ResetDeadCodes(Mitigation):
             return []
         probe_dead = readout.masks[MetricKey(self.probe, "dead", self.scope)]  # (H, K), every rank
         codebook = self._tensor(self.codebook_path)
-        K = codebook.shape[-2]
+        shape = shape_of(codebook)
+        K = shape[-2]
         # a codebook shared by all heads: a code is dead when no head uses it
-        shared = codebook.ndim == 2 or codebook.shape[0] == 1
+        shared = len(shape) == 2 or shape[0] == 1
         dead = probe_dead.all(0, keepdim=True) if shared else probe_dead
         heads, codes = torch.nonzero(dead, as_tuple=True)
         n = heads.numel()
@@ -474,7 +476,7 @@ class ResetDeadCodes(Mitigation):
         states = optimizer_states(optimizers, codebook)
         for _, value in states:
             with edited(value) as full:
-                full.view(-1, codebook.shape[-2], self.dim)[heads, codes] = 0
+                full.view(-1, shape_of(codebook)[-2], self.dim)[heads, codes] = 0
         if not states:
             return "no state shaped like the codebook"
         return "zeroed " + ", ".join(sorted({k for k, _ in states}))

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _dist
-from .._sharding import edited, whole
+from .._sharding import edited, shape_of, whole
 from ..contracts import Event, Replaced, StepView
 from .base import optimizer_states
 
@@ -50,7 +50,7 @@ class EveryStepResets:
         """One step's replacements, decided and written on the device (no host sync)."""
         group = self.m.process_group
         codebook = self.m._tensor(self.m.codebook_path)
-        H, K = self.m.heads, codebook.shape[-2]
+        H, K = self.m.heads, shape_of(codebook)[-2]
         hits = view.values.get(self.m.probe, {}).get(self.m.scope, {}).get("hits")
         distributed = _dist.is_distributed(group)
         if hits is None and not distributed:

@@ -19,7 +19,7 @@ import torch
 from .. import _dist
 from .._sharding import whole_parameters
 from ..contracts import Event, LogView, Replaced, Setup, StepView
-from ..distributed import DEEPSPEED_MITIGATIONS, is_deepspeed_optimizer, uses_deepspeed
+from ..distributed import is_deepspeed_optimizer, refuse_deepspeed, uses_deepspeed
 from ..keys import MetricKey, mitigations_key
 from .base import Mitigation
 
@@ -72,12 +72,12 @@ class MitigationRunner:
             the first error of a mitigation attached on no rank, or any error other than a
             ``KeyError`` or ``ValueError`` (a module or probe not found) on some rank; on every
             rank alike. ValueError: stage-local mitigations under a ``process_group`` other
-            than WORLD; a model trained by DeepSpeed
-            (:data:`~collapse_monitor.distributed.DEEPSPEED_MITIGATIONS`).
+            than WORLD; mitigations that cannot act under DeepSpeed
+            (:func:`~collapse_monitor.distributed.refuse_deepspeed`).
         """
         self.process_group = group = setup.process_group
-        if self.mitigations and uses_deepspeed(setup.model):
-            raise ValueError(DEEPSPEED_MITIGATIONS)
+        if self.mitigations and uses_deepspeed(setup.model):  # (its engine's optimizer too)
+            refuse_deepspeed(self.mitigations, [getattr(setup.model, "optimizer", None)])
         if not _dist.is_distributed(group):
             for m in self.mitigations:
                 m.attach(setup)
@@ -124,10 +124,11 @@ class MitigationRunner:
         """Every enabled mitigation's every-step action; what it replaced goes to its probe.
 
         Raises:
-            ValueError: an optimizer of DeepSpeed's (mitigations refused, as at attach).
+            ValueError: mitigations that cannot act beside this DeepSpeed optimizer
+                (:func:`~collapse_monitor.distributed.refuse_deepspeed`).
         """
         if self.here and any(map(is_deepspeed_optimizer, view.optimizers)):
-            raise ValueError(DEEPSPEED_MITIGATIONS)
+            refuse_deepspeed(self.here, view.optimizers)
         for m in self.here:
             if not m.disabled:
                 for replaced in m.run(m.on_step, view) or []:

@@ -323,16 +323,17 @@ def test_wrong_module_path_fails_at_trainer_construction(tmp_path):
         Trainer(bert(), arguments(tmp_path), train_dataset=Tokens(8, num_labels=3), callbacks=[cb])
 
 
-def test_mitigations_under_deepspeed_are_refused_with_a_clear_error(tmp_path):
+def test_mitigations_that_add_parameters_under_deepspeed_are_refused_clearly(tmp_path):
     """The check runs at Trainer(...) (on_init_end), given the arguments a DeepSpeed run
-    carries; the probes alone are accepted (they run under DeepSpeed on two processes:
+    carries: σReparam adds parameters the engine's optimizer does not hold; the probes alone
+    are accepted (they run under DeepSpeed on two processes:
     tests/integrations/test_two_processes.py)."""
     args = arguments(tmp_path)
     args.deepspeed = {"zero_optimization": {"stage": 3}}
     nc = probes.NeuralCollapse("classifier", 3)
     fix = mitigations.SigmaReparam("classifier", when="start")
     cb = CollapseTrainerCallback([nc], mitigations=[fix])
-    with pytest.raises(ValueError, match="mitigations are not supported under DeepSpeed"):
+    with pytest.raises(ValueError, match="only ReDo and ResetDeadCodes act"):
         cb.on_init_end(args, None, None, model=bert())
     cb = CollapseTrainerCallback([nc])
     cb.on_init_end(args, None, None, model=bert())
