@@ -24,7 +24,7 @@ def named_modules(model: nn.Module, prefix: str = "") -> dict[str, nn.Module]:
     out: dict[str, nn.Module] = {}
     seen: set[int] = set()
 
-    peft_wrappers = _peft_wrappers() + _deepspeed_engine()
+    wrappers = _peft_wrappers() + _deepspeed_engine()  # (class, attribute of the wrapped)
 
     def visit(module: nn.Module, name: str) -> None:
         if id(module) in seen:  # a module shared by two parents is listed once, as torch does
@@ -32,7 +32,7 @@ def named_modules(model: nn.Module, prefix: str = "") -> dict[str, nn.Module]:
         seen.add(id(module))
         out[name] = module  # a wrapper's inner module, visited next, takes over its name
         inner = "module" if isinstance(module, _DATA_PARALLEL) else None
-        for cls, attr in peft_wrappers:
+        for cls, attr in wrappers:
             if isinstance(module, cls):
                 inner = attr
         for attr, child in module.named_children():
@@ -86,13 +86,19 @@ def _without_peft_prefix(model: nn.Module, pattern: str, named: dict[str, nn.Mod
     return pattern
 
 
+class NotFound(KeyError, ValueError):
+    """A module path, or a probe a mitigation needs, that is not in this model (under
+    pipeline parallelism: on another stage). A ``KeyError`` (and a ``ValueError``: the error
+    :func:`~collapse_monitor.mitigations.base.find_probe` has always raised)."""
+
+
 def resolve_modules(model: nn.Module, pattern: str, owner: str = "") -> list[tuple[str, nn.Module]]:
     """Modules whose name (see :func:`named_modules`) equals ``pattern`` or matches it as a glob.
     On a PEFT model a path written with PEFT's prefix (``base_model.model.lm_head``) names the
     same module as the model's own path (``lm_head``), which it is reported under.
 
     Raises:
-        KeyError: nothing matches; the message lists the closest existing names.
+        NotFound: (a ``KeyError``) nothing matches; the message lists the closest existing names.
     """
     named = named_modules(model)
     pattern = _without_peft_prefix(model, pattern, named)
@@ -104,7 +110,7 @@ def resolve_modules(model: nn.Module, pattern: str, owner: str = "") -> list[tup
     names = [n for n in named if n]
     close = difflib.get_close_matches(pattern, names, n=5, cutoff=0.3) or names[:10]
     who = f"{owner}: " if owner else ""
-    raise KeyError(
+    raise NotFound(
         f"{who}no module named or matching '{pattern}' in {type(model).__name__}; "
         f"closest names: {close}"
     )

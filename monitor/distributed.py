@@ -39,25 +39,35 @@ def refuse_deepspeed(mitigations, optimizers=()) -> None:
     Raises:
         ValueError: such a mitigation.
     """
-    for opt in optimizers:
-        if is_deepspeed_optimizer(opt) and type(opt).__name__ not in DEEPSPEED_MASTERS:
-            if mitigations:
-                what = f"{type(opt).__name__} keeps fp32 copies its API does not write"
-                raise ValueError(DEEPSPEED_MITIGATIONS.format(what=what))
+    for opt in map(deepspeed_optimizer, optimizers):
+        if opt is not None and type(opt).__name__ not in DEEPSPEED_MASTERS and mitigations:
+            what = f"{type(opt).__name__} keeps fp32 copies its API does not write"
+            raise ValueError(DEEPSPEED_MITIGATIONS.format(what=what))
     others = [m for m in mitigations if not getattr(m, "through_deepspeed", False)]
     if others:
         what = f"{others} (they add parameters the engine's optimizer does not hold)"
         raise ValueError(DEEPSPEED_MITIGATIONS.format(what=what))
 
 
+def deepspeed_optimizer(optimizer):
+    """DeepSpeed's optimizer in ``optimizer``: itself (its engine's ``optimizer``: ZeRO's, or
+    the fp16/bf16 ones), or the one Accelerate's ``DeepSpeedOptimizerWrapper`` (the Hugging
+    Face ``Trainer``'s) holds; None for any other, DeepSpeed's ``FusedAdam`` too (a torch
+    optimizer, with no master copy)."""
+    for opt in (optimizer, getattr(optimizer, "optimizer", None)):
+        if type(opt).__module__.startswith("deepspeed.runtime."):
+            return opt
+    return None
+
+
 def is_deepspeed_optimizer(optimizer) -> bool:
-    """Whether ``optimizer`` is one of DeepSpeed's (its engine's ``optimizer``)."""
-    return type(optimizer).__module__.startswith("deepspeed.")
+    """Whether ``optimizer`` is (or wraps) DeepSpeed's engine optimizer."""
+    return deepspeed_optimizer(optimizer) is not None
 
 
 def uses_deepspeed(model: nn.Module) -> bool:
-    """Whether DeepSpeed trains ``model``: it is (or holds) a ``DeepSpeedEngine``, or ZeRO-3
-    partitions its parameters."""
-    return any(_sharding.is_partitioned(p) for p in model.parameters()) or any(
+    """Whether DeepSpeed trains ``model``: it is (or holds) a ``DeepSpeedEngine``, or its
+    optimizer keeps master copies of the parameters (ZeRO 1-3)."""
+    return any(_sharding.has_master(p) for p in model.parameters()) or any(
         type(m).__module__.startswith("deepspeed.") for m in model.modules()
     )

@@ -110,9 +110,26 @@ def for_rank(state: dict, rank: int, world: int | None = None) -> dict:
     else:
         mine = ranks[0]
     if world is not None and world != len(ranks) and isinstance(mine.get("probes"), dict):
-        probes = {n: _whole(p, [r["probes"][n] for r in ranks]) for n, p in mine["probes"].items()}
+        parts = {n: [r.get("probes", {}).get(n) for r in ranks] for n in mine["probes"]}
+        sharded = [n for n, ps in parts.items() if all(ps) and _has_shards(ps[0])]
+        if sharded and not mine.get("reduced"):
+            raise ValueError(
+                f"the checkpoint's class shards ({sharded}) come from a state saved with "
+                f"sync=False: each rank's window holds its own samples, which cannot be split "
+                f"over {world} ranks; save with sync (the default) to resume at another world size"
+            )
+        probes = {
+            n: _whole(mine["probes"][n], parts[n]) if n in sharded else p
+            for n, p in mine["probes"].items()
+        }
         mine = {**mine, "probes": probes}
     return mine
+
+
+def _has_shards(node) -> bool:
+    """Whether a probe's saved state holds class-sharded statistics (``"shard"`` in their
+    state: :meth:`~collapse_monitor.stats.ShardedClassMoments.state_dict`)."""
+    return isinstance(node, dict) and ("shard" in node or any(map(_has_shards, node.values())))
 
 
 def _whole(node, parts: list):
@@ -169,8 +186,8 @@ class DistributedCheckpoint:
     every rank's classes gathered into it: :func:`gathered`), so that the one copy DCP keeps of
     a key is the same whichever rank's it takes, and a resume behaves as one from a trainer that
     saves rank 0's state. It loads exactly at any world size: class-sharded statistics are
-    re-sharded on load (:func:`for_rank`; one process, or more classes than ranks: all classes
-    on each rank). DCP itself unpickles non-tensor values unrestricted
+    re-sharded on load (:func:`for_rank`; in one process, or with more ranks than classes, all
+    classes on each rank). DCP itself unpickles non-tensor values unrestricted
     (as it does an optimizer's ``param_groups``); the monitor then reads its bytes with
     ``weights_only=True``. To resume without some of the saved probes, load the value yourself
     (``dcp.load({"monitor": {"collapse_monitor": b""}}, ...)``), read it with

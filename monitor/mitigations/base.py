@@ -9,9 +9,10 @@ from typing import ClassVar
 
 import torch
 
+from .._modules import NotFound
 from .._sharding import has_master, master_states
 from ..contracts import Component, Event, LogView, ProbeInfo, Replaced, Setup, StepView
-from ..distributed import is_deepspeed_optimizer
+from ..distributed import deepspeed_optimizer, is_deepspeed_optimizer
 from ..hooks import HookSet
 from ..keys import check_name
 
@@ -41,6 +42,8 @@ class Mitigation(Component):
     #: whether it acts under DeepSpeed: it writes parameters and optimizer states only through
     #: :func:`~collapse_monitor._sharding.edited` (DeepSpeed's master copies) and adds none
     through_deepspeed: ClassVar[bool] = False
+    #: the group of its collectives: the monitor's, or its pipeline stage's (set at attach)
+    process_group = None
 
     def __init__(self, name: str | None = None) -> None:
         super().__init__(check_name(name or self.kind, "mitigation name"))
@@ -86,7 +89,8 @@ def find_probe(
     ``module`` (its path or one of its resolved paths), else the only one.
 
     Raises:
-        ValueError: none or several match (the message lists the probes of that kind).
+        NotFound: (a ``ValueError``) none matches (on this rank); ValueError: several match
+            (the message lists the probes of that kind).
     """
     of_kind = [p for p in setup.probes.values() if p.is_a(kind)]
     if name is not None:
@@ -97,7 +101,7 @@ def find_probe(
         hits = of_kind
     if len(hits) != 1:
         which = f" named {name!r}" if name else (f" on {module!r}" if module else "")
-        raise ValueError(
+        raise (NotFound if not hits else ValueError)(
             f"{owner} needs one {kind} probe{which}; the monitor has {kind} probes "
             f"{[p.name for p in of_kind]} (all probes: {sorted(setup.probes)})"
         )
@@ -145,7 +149,7 @@ def optimizer_states(
     ``exp_avg``, ``exp_avg_sq``, SGD's ``momentum_buffer``, ...) in each optimizer holding it
     (DeepSpeed's: :class:`~collapse_monitor._sharding.MasterState` s, for
     :func:`~collapse_monitor._sharding.edited`)."""
-    deepspeed = [opt for opt in optimizers if is_deepspeed_optimizer(opt)]
+    deepspeed = [o for o in map(deepspeed_optimizer, optimizers) if o is not None]
     if has_master(param) and deepspeed:
         return master_states(param, deepspeed[0])
     return [

@@ -10,6 +10,7 @@ the monitor.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from typing import Union
@@ -22,6 +23,8 @@ from ..contracts import Event, LogView, Replaced, Setup, StepView
 from ..distributed import is_deepspeed_optimizer, refuse_deepspeed, uses_deepspeed
 from ..keys import MetricKey, mitigations_key
 from .base import Mitigation
+
+log = logging.getLogger(__name__)
 
 #: what ``monitor.step(optimizer=)`` takes: an optimizer, a sequence of them, or None
 Optimizers = Union[torch.optim.Optimizer, Sequence[torch.optim.Optimizer], None]
@@ -69,9 +72,9 @@ class MitigationRunner:
         those ranks, its collectives over a group of them, and its events reach every rank.
 
         Raises:
-            the first error of a mitigation attached on no rank, or any error other than a
-            ``KeyError`` or ``ValueError`` (a module or probe not found) on some rank; on every
-            rank alike. ValueError: stage-local mitigations under a ``process_group`` other
+            the first error of a mitigation attached on no rank, or any error other than
+            :class:`~collapse_monitor._modules.NotFound` (its module or probe not on this rank)
+            on some rank; on every rank alike. ValueError: stage-local mitigations under a ``process_group`` other
             than WORLD; mitigations that cannot act under DeepSpeed
             (:func:`~collapse_monitor.distributed.refuse_deepspeed`).
         """
@@ -96,7 +99,9 @@ class MitigationRunner:
             errors = [r[i] for r in everyone if r[i] is not None]
             if not errors:
                 continue
-            if not owners or any(e[0] not in ("KeyError", "ValueError") for e in errors):
+            # absent on some ranks (its module or probe not found there) is a pipeline stage;
+            # any other error, or absent everywhere, is raised on every rank
+            if not owners or any(e[0] != "NotFound" for e in errors):
                 if failed[i] is not None:
                     raise failed[i]
                 kind = {"KeyError": KeyError, "ValueError": ValueError}.get(errors[0][0])
@@ -107,6 +112,7 @@ class MitigationRunner:
                     "stages) need the monitor on the default process group (process_group=None)"
                 )
             self.owners[m.name] = owners
+            log.info("collapse monitor: %r acts on ranks %s (its pipeline stage)", m, owners)
         for m in self.mitigations:  # (every rank makes the same groups, in the same order)
             if m.name in self.owners:
                 m.process_group = _dist.subgroup(self.owners[m.name])

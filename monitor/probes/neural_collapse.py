@@ -10,7 +10,7 @@ from torch import nn
 from .. import _dist
 from .._adapters import applied, effective_weight, is_linear, linear_parts
 from .._modules import resolve_modules
-from .._sharding import is_sharded, shape_of
+from .._sharding import is_partitioned, is_sharded, shape_of
 from ..cadence import per_class
 from ..contracts import Readout
 from ..functional import _precision
@@ -98,8 +98,9 @@ class NeuralCollapse(Probe):
     nearest of the previous window's class means, over rows of the classes that window used
     (so it equals :func:`~collapse_monitor.functional.neural_collapse`'s ``ncc_mismatch`` when
     two windows see the same data); it needs the classifier's weight in the probed forward,
-    so under FSDP2 a classifier that is not the probed module and is sharded at that moment
-    gives no ``ncc_mismatch_lagged`` (the probed head itself is unsharded in its forward). State:
+    so under FSDP2 a classifier that is not the probed module and is sharded at that moment,
+    and under DeepSpeed ZeRO-3 any classifier not read at its input, gives no
+    ``ncc_mismatch_lagged`` (the probed head itself is unsharded in its forward). State:
     ``16*C*D + 8*D^2`` bytes (float64), on the module's device.
 
     Raises:
@@ -285,8 +286,11 @@ class NeuralCollapse(Probe):
             self._update_ncc(counts, x, y, valid, logits)
 
     def _update_ncc(self, counts, x, y, valid, logits) -> None:
-        if is_sharded(self.classifier.weight):
-            return  # a shard outside its module's forward: gathering it here could hang a rank
+        parts = self.classifier.parameters()
+        if logits is None and any(is_sharded(p) or is_partitioned(p) for p in parts):
+            # an FSDP2 shard or ZeRO-3 partition in another module's forward: gathering it
+            # here could hang a rank (FSDP2) or break DeepSpeed's prefetch order (ZeRO-3)
+            return
         if self._lag[0].device != x.device:  # built before the model moved (attach, resume)
             self._lag = tuple(t.to(x.device) for t in self._lag)
         classes, centers, sq, used = self._lag

@@ -225,11 +225,12 @@ class ClassMoments(Statistic):
         self.shift_agreed = self.shift_set.clone()  # a checkpoint of this state loads agreed
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict`.
+        """Restore :meth:`state_dict`, or all classes of a class-sharded run
+        (:func:`whole_classes`: a gathered checkpoint of another world size).
 
         Raises:
-            ValueError: a state of class shards (:class:`ShardedClassMoments`: one rank's
-                classes), which these statistics of all classes cannot use.
+            ValueError: a state of one rank's class shard (:class:`ShardedClassMoments`),
+                which these statistics of all classes cannot use.
         """
         if "shard" in state and not self.class_sharded:
             if tuple(state["shard"]) == _ALL:
@@ -238,8 +239,8 @@ class ClassMoments(Statistic):
             raise ValueError(
                 f"the checkpoint holds class shards (the classes of rank {rank} of {world}), "
                 "this probe keeps all classes (shard_classes=False, or one process): resume "
-                f"with shard_classes=True on {world} ranks, or from a state of every rank "
-                "(a gathered one: monitor.state_dict(gather=True), or monitor.stateful())"
+                f"with shard_classes=True on {world} ranks, or at another world size from a "
+                "state of every rank (monitor.state_dict(gather=True), or monitor.stateful())"
             )
         states = state["states"]
         if "shift_agreed" not in states:  # saved before agreed shifts: re-centre all (exact)
@@ -253,12 +254,13 @@ class ClassMoments(Statistic):
         lost = bool(states.pop("lost").item())
         states["shift_agreed"] = states["shift_set"].clone()
         super().load_state_dict({"sizes": state["sizes"], "states": states})
-        if lost:
+        if lost:  # (its shifts stay)
             log.warning(
                 "collapse monitor: the saved class-sharded window lacks samples an earlier resume "
                 "dropped: the current window starts empty"
             )
             self.reset()
+            return
         for x, y, valid in state["pending"]:
             self.update(x, y, valid)
 
@@ -498,20 +500,21 @@ class ShardedClassMoments(ClassMoments):
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict` of the same rank and world. A state of another rank's
-        classes (rank 0's alone, or a run of another world size) or of an unsharded run
-        cannot be used: this rank starts empty and marks
-        the window :attr:`incomplete`, so that its readout is skipped on every rank, and logs
-        a warning; the windows after it are whole."""
+        """Restore :meth:`state_dict` of the same rank and world, or take this rank's classes
+        from all classes' state (:func:`whole_classes`: a gathered checkpoint of another world
+        size). A state of another rank's classes (rank 0's alone) or of an unsharded run
+        cannot be used: this rank starts empty and marks the window :attr:`incomplete`, so
+        that its readout is skipped on every rank, and logs a warning; the windows after it
+        are whole."""
         saved = tuple(state.get("shard", ()))
-        if saved == _ALL and self.shard != _ALL:
+        if saved == _ALL:
             state = self._own_classes(state)
         elif saved != self.shard:
             log.warning(
                 "collapse monitor: the saved class-sharded statistics are those of shard %s "
                 "(rank, world), this process owns %s: the current window is dropped (each rank "
-                "must load its own state: one file per rank, or a gathered state at the same "
-                "world size)",
+                "must load its own state, one file per rank, or a gathered state of every rank: "
+                "monitor.state_dict(gather=True), or monitor.stateful())",
                 saved or "(none: saved unsharded)",
                 self.shard,
             )
