@@ -2,8 +2,8 @@
 ``ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 -m tests.scripts.hf_trainer_ddp <out>
 [shards|zero3]``. A tiny GPT-2 without dropout and a learning rate of 0: each logged window (one
 epoch) is a fixed function of the whole data set, which the test computes in one process.
-With ``shards``, the head's classes are sharded over the ranks and the run stops at step 3
-(a checkpoint) and resumes from it to step 4; with ``zero3`` DeepSpeed ZeRO-3 trains the model
+With ``shards``, the head's classes are sharded over the ranks (beside a replicated probe) and
+the run stops at step 3 (a checkpoint) and resumes from it to step 4; with ``zero3`` DeepSpeed ZeRO-3 trains the model
 (``DS_ACCELERATOR=cpu``)."""
 
 import gc
@@ -24,7 +24,12 @@ ROWS = 32
 
 def train(out, shards=False, resume=False, **kw):
     nc = probes.NeuralCollapse("lm_head", V, target_shift=1, ncc_max_rows=0, shard_classes=shards)
-    cb = CollapseTrainerCallback([nc], observe_every_n_steps=1)
+    watched = [nc]
+    if shards:  # and the replicated statistics beside them
+        watched.append(
+            probes.NeuralCollapse("lm_head", V, target_shift=1, ncc_max_rows=0, name="replicated")
+        )
+    cb = CollapseTrainerCallback(watched, observe_every_n_steps=1)
     # 32 rows / (2 ranks x 4 rows x 2 micro-batches): 2 optimizer steps per epoch
     args = arguments(Path(out), learning_rate=0.0, logging_steps=2, **kw)
     trainer = Trainer(gpt2(dropout=0.0), args, train_dataset=Tokens(ROWS), callbacks=[cb])
