@@ -73,10 +73,10 @@ class MitigationRunner:
 
         Raises:
             the first error of a mitigation attached on no rank, or any error other than
-            :class:`~collapse_monitor._modules.NotFound` (its module or probe not on this rank)
-            on some rank; on every rank alike. ValueError: stage-local mitigations under a ``process_group`` other
-            than WORLD; mitigations that cannot act under DeepSpeed
-            (:func:`~collapse_monitor.distributed.refuse_deepspeed`).
+            :class:`~collapse_monitor._modules.NotFound` (its module or probe not on this
+            rank) on some rank; on every rank alike. ValueError: stage-local mitigations
+            under a ``process_group`` other than WORLD; mitigations that cannot act under
+            DeepSpeed (:func:`~collapse_monitor.distributed.refuse_deepspeed`).
         """
         self.process_group = group = setup.process_group
         if self.mitigations and uses_deepspeed(setup.model):  # (its engine's optimizer too)
@@ -102,10 +102,11 @@ class MitigationRunner:
             # absent on some ranks (its module or probe not found there) is a pipeline stage;
             # any other error, or absent everywhere, is raised on every rank
             if not owners or any(e[0] != "NotFound" for e in errors):
-                if failed[i] is not None:
+                worst = next((e for e in errors if e[0] != "NotFound"), errors[0])
+                if failed[i] is not None and (type(failed[i]).__name__, str(failed[i])) == worst:
                     raise failed[i]
-                kind = {"KeyError": KeyError, "ValueError": ValueError}.get(errors[0][0])
-                raise (kind or RuntimeError)(f"on another rank: {errors[0][1]}")
+                kind = {"KeyError": KeyError, "ValueError": ValueError}.get(worst[0])
+                raise (kind or RuntimeError)(f"on another rank: {worst[1]}")
             if group not in (None, torch.distributed.group.WORLD):
                 raise ValueError(
                     f"{m!r}: mitigations whose modules live on some ranks only (pipeline "
