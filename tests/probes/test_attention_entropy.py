@@ -402,3 +402,25 @@ def test_a_bfloat16_autocast_forward_does_not_round_the_recomputed_scores():
     s = q.double() @ k.double().transpose(-1, -2) / math.sqrt(q.shape[-1])
     ref = MF.attention_entropy(s.softmax(-1))
     assert torch.allclose(ent, ref["entropy"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["model", "model.layers.*.self_attn"])
+def test_a_transformers_model_loaded_eager_is_refused_when_the_monitor_is_built(path):
+    """Its attention is plain matmuls the probe cannot see: said at once, not at the first
+    log; the same model with SDPA is accepted."""
+    transformers = pytest.importorskip("transformers")
+    kw = dict(
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        hidden_size=16,
+        intermediate_size=32,
+        vocab_size=32,
+    )
+    eager = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(**kw, attn_implementation="eager")
+    )
+    with pytest.raises(ValueError, match="attn_implementation='eager'"):
+        CollapseMonitor(eager, [probes.AttentionEntropy(path)], 2)
+    sdpa = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw, attn_implementation="sdpa"))
+    CollapseMonitor(sdpa, [probes.AttentionEntropy(path)], 2).close()

@@ -161,6 +161,18 @@ class AttentionEntropy(Probe):
     def on_attach(self, setup, found) -> None:
         self._generator = torch.Generator().manual_seed(self.seed)
         self._roots = ", ".join(f"'{p}' ({type(m).__name__})" for p, m in found)
+        eager = any(
+            getattr(getattr(sub, "config", None), "_attn_implementation", None) == "eager"
+            for _, root in found
+            for sub in root.modules()
+        )
+        if eager and self.extract is None:  # (known now: no need to wait for the first log)
+            raise ValueError(
+                f"{self!r}: the transformers model in {self._roots} was loaded with "
+                "attn_implementation='eager', which computes attention with plain matmuls the "
+                "probe does not see: load it with 'sdpa' or 'flex_attention' (the entropies are "
+                "the same), or pass extract="
+            )
 
     def attach_hooks(self, found, recorder) -> None:
         if self.extract is not None:
