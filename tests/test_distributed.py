@@ -620,3 +620,45 @@ def test_token_entropy_and_diversity_on_two_ranks_equal_one_process(tmp_path):
     assert r0["collapse/div/groups"] == div["groups"] == 5
     for key in ("distinct_1", "distinct_2", "pairwise_overlap", "identical_fraction"):
         assert r0[f"collapse/div/{key}"] == pytest.approx(div[key], rel=1e-12), key
+
+
+def unsynced_codebook_worker(rank, init, out_dir):
+    import logging
+
+    from vector_quantize_pytorch import VectorQuantize
+
+    torch.manual_seed(0)
+    before = VectorQuantize(dim=4, codebook_size=8)  # sync_codebook: off (no group yet)
+    warned = []
+
+    class Said(logging.Handler):
+        def emit(self, record):
+            warned.append(record.getMessage())
+
+    handler = Said(level=logging.WARNING)
+    logging.getLogger("collapse_monitor").addHandler(handler)
+    with process_group(rank, init):
+        # (the library decided sync_codebook once, when `before` was built: off for all)
+        after = VectorQuantize(dim=4, codebook_size=8)
+        synced = VectorQuantize(dim=4, codebook_size=8, sync_codebook=True)
+        learned = VectorQuantize(dim=4, codebook_size=8, learnable_codebook=True, ema_update=False)
+        said = {}
+        built = {"before": before, "after": after, "synced": synced, "learned": learned}
+        for name, vq in built.items():
+            warned.clear()
+            model = nn.Sequential()
+            model.add_module("vq", vq)
+            CollapseMonitor(model, [probes.CodebookUsage("vq", 8)], 2).close()
+            said[name] = [w for w in warned if "sync_codebook" in w]
+        torch.save(said, os.path.join(out_dir, f"vq{rank}.pt"))
+
+
+def test_an_unsynced_ema_codebook_under_ddp_is_said_when_the_monitor_is_built(tmp_path):
+    """vector-quantize-pytorch decides once per process, when its first VectorQuantize is
+    built, whether EMA codebooks are all-reduced: built before the process group, none is, the
+    ranks' codebooks drift apart and pooled usage is no one model's. The monitor says so (not
+    for a codebook synced explicitly, nor a learned one)."""
+    for said in run_two(unsynced_codebook_worker, tmp_path, "vq"):
+        for name in ("before", "after"):
+            assert len(said[name]) == 1 and "'vq._codebook'" in said[name][0]
+        assert said["synced"] == [] and said["learned"] == []

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
+from .. import _dist
 from ..cadence import EVERY_STEP
 from ..contracts import Readout
 from ..functional.codebook import dead_codes, fire_rate, usage_from_counts
@@ -19,6 +22,8 @@ from ..reading import (
 from ..rules import RuleSpec
 from ..stats import CodeCounts, RecentHits, UsageEMA, Window, to_device
 from .base import Probe
+
+log = logging.getLogger(__name__)
 
 _F64 = torch.float64
 _NAN = float("nan")
@@ -212,6 +217,8 @@ class CodebookUsage(Probe):
 
     # ----------------------------------------------------------------- hot path
     def on_attach(self, setup, found) -> None:
+        if _dist.is_distributed(setup.process_group):
+            _warn_unsynced(self, found)
         # transformers' Switch router returns a one-hot (tokens, experts) assignment
         self._one_hot = {
             path: self.one_hot
@@ -465,3 +472,29 @@ class LatentUsage(CodebookUsage):
 
     def _extra_metrics(self, win: CodeCounts) -> dict[str, torch.Tensor]:
         return {"fire_rate": fire_rate(win.counts, win.rows), "samples": win.rows.to(_F64)}
+
+
+def _warn_unsynced(probe, found) -> None:
+    """Warn of vector-quantize-pytorch codebooks updated by EMA without their all-reduce under
+    ``torch.distributed``: its ``sync_codebook`` default is decided once per process, when
+    the first ``VectorQuantize`` is built, from whether a process group existed then. Every
+    rank's codebook drifts apart, so a code's index names another vector on each rank and the
+    pooled counts are no one model's."""
+    unsynced = [
+        f"{path}.{name}" if name else path
+        for path, mod in found
+        for name, sub in mod.named_modules()
+        if getattr(sub, "use_ddp", None) is False
+        and getattr(sub, "ema_update", False)
+        and not getattr(sub, "learnable_codebook", False)
+    ]
+    if unsynced:
+        log.warning(
+            "%r: the EMA codebooks %s are not all-reduced between the ranks "
+            "(vector-quantize-pytorch's sync_codebook is off: it decides once per process, "
+            "when the first VectorQuantize is built, and no process group existed then); each "
+            "rank's codes drift apart and the usage pooled over the ranks is no one model's: "
+            "pass sync_codebook=True, or build the quantisers after init_process_group",
+            probe,
+            unsynced,
+        )
