@@ -142,6 +142,12 @@ def worker(rank, init, out_dir):
                 CollapseMonitor(part, [probes.RepresentationRank(bad, name="bad")], 2).close()
             except (KeyError, ValueError) as exc:
                 refused.append(str(exc))
+        # a mitigation's glob over both stages (on a copy: σReparam applies at attach)
+        sigma = mitigations.SigmaReparam("layers.*", all_linear=True)
+        try:
+            CollapseMonitor(copy.deepcopy(part), [], 2, mitigations=[sigma]).close()
+        except ValueError as exc:
+            refused.append(str(exc))
         sink = Histograms()
         mon = monitor(part, sinks=[sink], pictures=["codes"])
         loss = lambda out, y: nn.functional.cross_entropy(out, y)  # noqa: E731
@@ -266,7 +272,9 @@ def test_a_gathered_state_resumes_each_stage_exactly(ranks):
 
 def test_a_probe_on_no_stage_or_on_different_modules_per_stage_is_refused_alike(ranks):
     for r in ranks:
-        missing, different = r["refused"]
+        missing, different, mitigation = r["refused"]
+        assert "acts on different modules on different ranks" in mitigation
+        assert "0: ('layers.0'," in mitigation and "1: ('layers.2'," in mitigation
         assert "no module named or matching 'layers.9'" in missing
         assert "matches different modules on different ranks" in different
         assert "0: ('layers.0', 'layers.0.0'" in different

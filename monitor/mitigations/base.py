@@ -45,6 +45,12 @@ class Mitigation(Component):
     #: the group of its collectives: the monitor's, or its pipeline stage's (set at attach)
     process_group = None
 
+    @property
+    def paths(self) -> tuple[str, ...]:
+        """The paths of the modules it acts on (after :meth:`attach`): under pipeline
+        parallelism the same on every rank that holds them."""
+        return ()
+
     def __init__(self, name: str | None = None) -> None:
         super().__init__(check_name(name or self.kind, "mitigation name"))
         self._hooks = HookSet()

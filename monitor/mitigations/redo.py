@@ -157,6 +157,10 @@ class ReDo(Mitigation):
     def __repr__(self) -> str:
         return f"ReDo(name={self.name!r})"
 
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return tuple(getattr(self, "pairs", ()))
+
     def attach(self, setup) -> None:
         super().attach(setup)
         info = find_probe(setup, "DormantUnits", "ReDo", self.probe_name)

@@ -101,6 +101,10 @@ class Reparametrization(Mitigation):
         return f"{self!r}: nothing to reparametrise in {[p for p, _ in self.targets]}"
 
     # ----------------------------------------------------------------- wiring
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return tuple(path for path, _ in getattr(self, "targets", ()))
+
     def attach(self, setup) -> None:
         super().attach(setup)
         self.model, self.process_group = setup.model, setup.process_group

@@ -155,6 +155,10 @@ class ResetDeadCodes(Mitigation):
         return f"ResetDeadCodes(module={self.module!r}, name={self.name!r})"
 
     # ----------------------------------------------------------------- wiring
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return (self.path,) if getattr(self, "path", None) else ()
+
     def attach(self, setup) -> None:
         super().attach(setup)
         found = resolve_modules(setup.model, self.module, owner=repr(self))

@@ -93,10 +93,17 @@ class MitigationRunner:
             except Exception as exc:  # (raised below, on every rank alike)
                 failed.append(exc)
         said = [None if e is None else (type(e).__name__, str(e)) for e in failed]
-        everyone = _dist.all_gather_object(said, group)
+        paths = [m.paths if e is None else None for m, e in zip(self.mitigations, failed)]
+        everyone, where = zip(*_dist.all_gather_object((said, paths), group))
         for i, m in enumerate(self.mitigations):
             owners = tuple(r for r, e in enumerate(everyone) if e[i] is None)
             errors = [r[i] for r in everyone if r[i] is not None]
+            found = {r: where[r][i] for r in owners}
+            if len(set(found.values())) > 1:  # (a glob over pipeline stages)
+                raise ValueError(
+                    f"{m!r} acts on different modules on different ranks (pipeline stages?): "
+                    f"{found}; give each stage's modules a mitigation of their own"
+                )
             if not errors:
                 continue
             # absent on some ranks (its module or probe not found there) is a pipeline stage;
