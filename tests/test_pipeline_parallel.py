@@ -18,6 +18,7 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
 
 from collapse_monitor import CollapseMonitor, Sink, mitigations, probes
+from collapse_monitor._modules import resolve_modules
 from tests.dist import process_group, run_two
 
 
@@ -164,7 +165,25 @@ def worker(rank, init, out_dir):
         resumed.load_state_dict(state)
         out["resumed"] = train(resumed, schedule, rank, range(3, 4))
         resumed.close()
+        # strict: a stage's mitigation that raises at a log raises on every rank (no hang)
+        strict = CollapseMonitor(part, [], 2, strict=True, mitigations=[Failing()])
+        try:
+            train(strict, schedule, rank, range(2))
+        except RuntimeError as exc:
+            out["strict"] = str(exc)
+        strict.close()
         torch.save(out, os.path.join(out_dir, f"pp{rank}.pt"))
+
+
+class Failing(mitigations.Mitigation):
+    """A mitigation of the last stage (its head) that raises at every log."""
+
+    def attach(self, setup):
+        super().attach(setup)
+        resolve_modules(setup.model, "head")  # (NotFound on the first stage)
+
+    def after_log(self, view):
+        raise RuntimeError("boom")
 
 
 def worker_pp_dp(rank, init, out_dir):
@@ -263,6 +282,11 @@ def test_a_stages_mitigations_act_there_as_in_one_process_and_every_rank_counts_
     for key in ("layers.3.0.weight", "layers.3.0.bias", "head.weight"):  # ReDo's read back
         assert torch.equal(ranks[1]["weights"][key], whole[key]), key
     assert not torch.equal(whole["layers.3.0.weight"], Net().state_dict()["layers.3.0.weight"])
+
+
+def test_a_stages_mitigation_failing_under_strict_raises_on_every_rank(ranks):
+    assert ranks[1]["strict"] == "boom"
+    assert ranks[0]["strict"] == "a mitigation failed on another rank: RuntimeError: boom"
 
 
 def test_a_gathered_state_resumes_each_stage_exactly(ranks):

@@ -152,25 +152,39 @@ class MitigationRunner:
         """Every enabled mitigation acts on this log (the same view on every rank); the events
         it returns are counted and what they replaced is routed to the probes. A stage's
         mitigations' events reach the other ranks (one collective per log)."""
-        events = []
+        events, raised = [], None
         # FSDP (first generation): whole parameters, written back after
         with whole_parameters(holder) if self.reads_parameters else nullcontext():
             for m in self.here:
                 if not m.disabled:
-                    events += m.run(m.after_log, view) or []
-        if self.owners:
-            events = self._shared(events)
+                    try:
+                        events += m.run(m.after_log, view) or []
+                    except Exception as exc:  # (strict: raised after the ranks' exchange)
+                        raised = exc
+                        break
+        if self.owners:  # every rank reaches it, and a strict error is raised on every rank
+            events = self._shared(events, raised)
+        if raised is not None:
+            raise raised
         for event in events:
             self.counts[event.name] = self.counts.get(event.name, 0.0) + event.count
             if event.replaced is not None:
                 self.route(event.replaced)
         return events
 
-    def _shared(self, events: list[Event]) -> list[Event]:
+    def _shared(self, events: list[Event], raised: Exception | None) -> list[Event]:
         """This rank's events, and the events of each stage's mitigations from the first rank
-        of their stage (what they replaced stays with their probe, on their stage)."""
+        of their stage (what they replaced stays with their probe, on their stage).
+
+        Raises:
+            RuntimeError: another rank's mitigation raised (``strict``), on this rank too.
+        """
         theirs = [(e.name, e.info, e.count) for e in events if e.name in self.owners]
-        everyone = _dist.all_gather_object(theirs, self.process_group)
+        failure = None if raised is None else f"{type(raised).__name__}: {raised}"
+        everyone, failures = zip(*_dist.all_gather_object((theirs, failure), self.process_group))
+        failed = next((f for f in failures if f is not None), None)
+        if failed is not None and raised is None:
+            raise RuntimeError(f"a mitigation failed on another rank: {failed}")
         here = {m.name for m in self.here}
         for name, owners in self.owners.items():
             if name not in here:
