@@ -18,6 +18,7 @@ from ..probes.base import Probe
 from ..reading import kv_cache
 from ..rules import Alert
 from ..sinks import Sink, optional_import
+from ..state import VERSION
 from .tensorboard import TensorBoardSink
 
 TrainerCallback = optional_import(
@@ -154,7 +155,8 @@ class CollapseTrainerCallback(LoopAdapter, TrainerCallback):
     checkpoint (``checkpoint-<step>/collapse_monitor.pt``; with rank-local state, class-sharded
     ``NeuralCollapse``, also ``collapse_monitor.rank<r>.pt`` from every other rank) and restored
     when training resumes from a checkpoint in ``output_dir`` (loaded with
-    ``weights_only=True``: a file that needs more than tensors and plain values is refused).
+    ``weights_only=True``: a file that needs more than tensors and plain values is refused; at
+    another world size every rank's file is read and the class shards are split again).
 
     Args:
         probes: probe instances; module paths are relative to the model the Trainer trains.
@@ -297,7 +299,11 @@ class CollapseTrainerCallback(LoopAdapter, TrainerCallback):
         path = os.path.join(folder, _state_file(args.process_index))
         if not os.path.exists(path):  # a run without rank-local state: rank 0's file
             path = os.path.join(folder, _STATE_FILE)
-        if os.path.exists(path):
+        saved = self._saved_ranks(folder)
+        if saved > 1 and saved != args.world_size:  # every rank's file: re-sharded on load
+            parts = [self.loop.read(os.path.join(folder, _state_file(r))) for r in range(saved)]
+            self.loop.load_state_dict({"version": VERSION, "ranks": parts})
+        elif os.path.exists(path):
             self.loop.load_state_dict(self.loop.read(path))
         else:
             log.warning(
@@ -307,6 +313,13 @@ class CollapseTrainerCallback(LoopAdapter, TrainerCallback):
                 path,
             )
         self.loop.start(state.global_step)  # the monitor counts the Trainer's optimizer steps
+
+    @staticmethod
+    def _saved_ranks(folder: str) -> int:
+        """The ranks of the run that wrote the files of rank-local state in ``folder`` (rank
+        0's and ``collapse_monitor.rank<r>.pt``; 1 without them)."""
+        ranks = glob.glob(os.path.join(glob.escape(folder), _state_file("*")))
+        return len(ranks) + 1 if ranks and os.path.exists(os.path.join(folder, _STATE_FILE)) else 1
 
     def on_save(self, args, state, control, **kwargs):
         if self.monitor is None:

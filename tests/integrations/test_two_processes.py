@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from collapse_monitor import functional as F
+from collapse_monitor import probes
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -81,6 +82,8 @@ def test_trainer_callback_on_two_processes(tmp_path, mode):
     h, labels = feats[0][:, :-1], data.labels[:, 1:]
     keep = labels != -100
     ref = F.neural_collapse(h[keep], labels[keep], 24, model.lm_head.weight)
+    if shards:  # the 2 ranks' files resumed in one process: the classes of both joined
+        assert_resumed_in_one_process(tmp_path)
     for entry in logs:  # each window is one epoch: every row once, on one rank or the other
         for name in ("lm_head", "replicated") if shards else ("lm_head",):
             got = {
@@ -88,3 +91,27 @@ def test_trainer_callback_on_two_processes(tmp_path, mode):
             }
             assert got["samples"] == int(keep.sum()) and got["calls"] == 8
             assert_metrics_close(got, ref, keys=KEYS)
+
+
+def assert_resumed_in_one_process(tmp_path):
+    """The window of checkpoint-3 (two ranks' files, class shards and replicated statistics)
+    loaded by the callback in one process: the joined class shards hold what the replicated
+    statistics hold (the same rows, both ranks')."""
+    from transformers import TrainerState
+
+    from collapse_monitor.integrations.transformers import CollapseTrainerCallback
+    from tests.integrations.test_transformers import V, arguments, gpt2
+
+    def nc(**kw):
+        return probes.NeuralCollapse("lm_head", V, target_shift=1, ncc_max_rows=0, **kw)
+
+    watched = [nc(shard_classes=True), nc(name="replicated")]
+    cb = CollapseTrainerCallback(watched, observe_every_n_steps=1)
+    args = arguments(tmp_path, logging_steps=2)
+    cb.on_init_end(args, TrainerState(), None, model=gpt2(dropout=0.0))
+    cb._resume(args, TrainerState(global_step=3))
+    joined, whole = (cb.monitor.driver(p).window["moments"] for p in watched)
+    assert int(joined.count.sum()) > 0
+    torch.testing.assert_close(joined.count, whole.count)
+    torch.testing.assert_close(joined.means(), whole.means(), rtol=1e-12, atol=1e-12)
+    cb.close()
