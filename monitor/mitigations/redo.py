@@ -116,7 +116,10 @@ class ReDo(Mitigation):
     Acts at logs where the ``DormantUnits`` probe reports dormant units (its all-reduced masks, so
     the same units on every rank); the new weights come from a generator seeded with ``seed`` and the
     step, so every rank draws the same values. An event is reported only for units whose weights
-    were read back changed.
+    were read back changed. Under DeepSpeed (ZeRO 0-3) the weights are written into the module,
+    into DeepSpeed's fp32 master copy (read back) and the moments into its optimizer state, through
+    its public API (``safe_set_full_fp32_param``, ``safe_set_full_optimizer_state``; pass
+    ``engine.optimizer`` to ``monitor.step``), so its next step keeps them.
 
     Args:
         probe: name of the ``DormantUnits`` probe (default: the only one).

@@ -50,6 +50,10 @@ class ResetDeadCodes(Mitigation):
       left untouched (logged in the event);
     - the probe's usage EMA of the replaced codes restarts at a uniform share.
 
+    Under DeepSpeed (ZeRO 0-3) a learned codebook is written into the module, into DeepSpeed's
+    fp32 master copy (read back) and its moments into DeepSpeed's optimizer state, through its
+    public API (pass ``engine.optimizer`` to ``monitor.step``), so its next step keeps them.
+
     Each reset is an event ``reset_dead_codes`` in every sink with the codebook and the number of
     codes (after reading the replaced rows back from the module's codebook), and the running
     total is logged as ``collapse/mitigations/<name>``.
