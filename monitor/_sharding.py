@@ -73,8 +73,9 @@ def assign(tensor: torch.Tensor, value: torch.Tensor) -> None:
 
 def has_master(param) -> bool:
     """Whether DeepSpeed's optimizer keeps an fp32 master copy of ``param`` that its public API
-    reads and writes (``safe_get_full_fp32_param``: ZeRO 1-3, and its bf16 optimizer)."""
-    return hasattr(param, "ds_id") or hasattr(param, "_hp_mapping")
+    reads and writes (``safe_get_full_fp32_param``: a trained parameter at ZeRO 1-3, and its
+    bf16 optimizer's)."""
+    return (hasattr(param, "ds_id") or hasattr(param, "_hp_mapping")) and param.requires_grad
 
 
 class MasterState:
@@ -95,19 +96,25 @@ def master_states(param: torch.Tensor, optimizer) -> list[tuple[str, MasterState
     return [(key, MasterState(param, key)) for key in sorted(keys)]
 
 
-def _write_master(param: torch.Tensor, value: torch.Tensor) -> None:
-    """Write ``value`` into a DeepSpeed-held parameter: its fp32 master copy (which the next
-    step would otherwise write back over the change) and the module's own copy; the master is
-    read back (collectives: every rank writes the same value)."""
+def _write_deepspeed(param: torch.Tensor, before: torch.Tensor, value: torch.Tensor) -> None:
+    """Write ``value`` (the whole parameter, read as ``before``) into a parameter DeepSpeed
+    holds: into its fp32 master copy only where the value changed (elsewhere the master keeps
+    the digits the module's bf16/fp16 copy rounds away; the next step would otherwise write
+    an unchanged master back over the change), read back; and into the module's copy (a ZeRO-3
+    partition through ``GatheredParameters``). Collectives: every rank writes the same."""
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 
-    safe_set_full_fp32_param(param, value.float())
-    if not torch.equal(safe_get_full_fp32_param(param).cpu(), value.float().cpu()):
-        raise RuntimeError(
-            f"DeepSpeed's fp32 master copy of a parameter {shape_of(param)} did not take the "
-            "change (read back)"
-        )
+    if has_master(param):
+        master = safe_get_full_fp32_param(param)
+        changed = (value != before).to(master.device)
+        merged = torch.where(changed, value.to(master), master)
+        safe_set_full_fp32_param(param, merged)
+        if not torch.equal(safe_get_full_fp32_param(param), merged):
+            raise RuntimeError(
+                f"DeepSpeed's fp32 master copy of a parameter {shape_of(param)} did not take "
+                "the change (read back)"
+            )
     if is_partitioned(param):  # every rank writes the same: rank 0's is partitioned again
         with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
             param.data.copy_(value)
@@ -131,10 +138,11 @@ def edited(tensor) -> Iterator[torch.Tensor]:
             yield full
             safe_set_full_optimizer_state(tensor.param, full, tensor.key)
             return
-        if has_master(tensor):
-            full = whole(tensor).detach().clone()
+        if has_master(tensor) or is_partitioned(tensor):
+            before = whole(tensor).detach().clone()
+            full = before.clone()
             yield full
-            _write_master(tensor, full)
+            _write_deepspeed(tensor, before, full)
             return
         if not is_sharded(tensor):
             yield tensor.detach()

@@ -127,9 +127,9 @@ def read_moments(into, params, optimizer):
 def worker(rank, init, out_dir):
     os.environ.update(DS_ACCELERATOR="cpu", LOCAL_RANK=str(rank))
     import deepspeed
-    from deepspeed.utils import safe_get_full_fp32_param
+    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 
-    from collapse_monitor._sharding import whole
+    from collapse_monitor._sharding import edited, whole
 
     # DeepSpeed's fallback to plain torch.distributed where its shared-memory all-reduce op
     # is not built (as off Linux): no 60 s compile of that op in every test run
@@ -198,6 +198,19 @@ def worker(rank, init, out_dir):
                 "weights": weights,
                 "masters": masters,
             }
+            if stage:  # bf16: a write keeps the master's digits where nothing changed
+                net = Net()
+                opt = torch.optim.AdamW(net.parameters(), lr=0.0, weight_decay=0.0)
+                cfg = {**config(stage), "bf16": {"enabled": True}}
+                engine = deepspeed.initialize(model=net, optimizer=opt, config=cfg)[0]
+                head = dict(net.named_parameters())["head.weight"]
+                master = safe_get_full_fp32_param(head)
+                odd = master + 1e-4 * torch.rand(master.shape, generator=torch.Generator())
+                safe_set_full_fp32_param(head, odd)  # (digits a bf16 copy cannot hold)
+                with edited(head) as full:
+                    full[0] = 7.0
+                out[stage]["bf16"] = (odd, safe_get_full_fp32_param(head), whole(head).clone())
+                engine.destroy()
         torch.save(out, os.path.join(out_dir, f"ds{rank}.pt"))
 
 
@@ -273,6 +286,18 @@ def test_redo_and_reset_dead_codes_write_deepspeeds_master_copies_as_one_process
                 torch.testing.assert_close(got["masters"][n], weights[n], rtol=1e-6, atol=1e-7)
             torch.testing.assert_close(got["moments"][n], moments[n], rtol=1e-5, atol=1e-8)
     assert not torch.equal(weights["hidden.0.weight"], Net(True).hidden[0].weight.detach())
+
+
+@pytest.mark.parametrize("stage", STAGES[1:])
+def test_a_bf16_write_changes_the_master_copy_only_where_the_value_changed(ranks, stage):
+    """The module holds bf16, the master fp32: writing the whole bf16 value back would round
+    every untouched master entry (a codebook written at every step would stop learning)."""
+    for r in ranks:
+        odd, master, module = r[stage]["bf16"]
+        assert module.dtype == torch.bfloat16 and bool((module[0] == 7.0).all())
+        assert bool((master[0] == 7.0).all())
+        assert torch.equal(master[1:], odd[1:])
+        assert not torch.equal(odd[1:], odd[1:].bfloat16().float())  # (the test can fail)
 
 
 @pytest.mark.parametrize("stage", STAGES)

@@ -642,8 +642,22 @@ def unsynced_codebook_worker(rank, init, out_dir):
         after = VectorQuantize(dim=4, codebook_size=8)
         synced = VectorQuantize(dim=4, codebook_size=8, sync_codebook=True)
         learned = VectorQuantize(dim=4, codebook_size=8, learnable_codebook=True, ema_update=False)
+        # (a learned codebook whose dead codes each rank replaces from its own batch)
+        replaced = VectorQuantize(
+            dim=4,
+            codebook_size=8,
+            learnable_codebook=True,
+            ema_update=False,
+            threshold_ema_dead_code=2,
+        )
         said = {}
-        built = {"before": before, "after": after, "synced": synced, "learned": learned}
+        built = {
+            "before": before,
+            "after": after,
+            "synced": synced,
+            "learned": learned,
+            "replaced": replaced,
+        }
         for name, vq in built.items():
             warned.clear()
             model = nn.Sequential()
@@ -659,6 +673,6 @@ def test_an_unsynced_ema_codebook_under_ddp_is_said_when_the_monitor_is_built(tm
     ranks' codebooks drift apart and pooled usage is no one model's. The monitor says so (not
     for a codebook synced explicitly, nor a learned one)."""
     for said in run_two(unsynced_codebook_worker, tmp_path, "vq"):
-        for name in ("before", "after"):
+        for name in ("before", "after", "replaced"):
             assert len(said[name]) == 1 and "'vq._codebook'" in said[name][0]
         assert said["synced"] == [] and said["learned"] == []

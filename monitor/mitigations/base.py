@@ -47,8 +47,8 @@ class Mitigation(Component):
 
     @property
     def paths(self) -> tuple[str, ...]:
-        """The paths of the modules it acts on (after :meth:`attach`): under pipeline
-        parallelism the same on every rank that holds them."""
+        """The module paths that say what it acts on (after :meth:`attach`; ReDo: its probe's
+        layers): under pipeline parallelism the same on every rank that holds them."""
         return ()
 
     def __init__(self, name: str | None = None) -> None:

@@ -18,6 +18,7 @@ from typing import Union
 import torch
 
 from .. import _dist
+from .._modules import NotFound
 from .._sharding import whole_parameters
 from ..contracts import Event, LogView, Replaced, Setup, StepView
 from ..distributed import is_deepspeed_optimizer, refuse_deepspeed, uses_deepspeed
@@ -112,7 +113,8 @@ class MitigationRunner:
                 worst = next((e for e in errors if e[0] != "NotFound"), errors[0])
                 if failed[i] is not None and (type(failed[i]).__name__, str(failed[i])) == worst:
                     raise failed[i]
-                kind = {"KeyError": KeyError, "ValueError": ValueError}.get(worst[0])
+                kinds = {"KeyError": KeyError, "ValueError": ValueError, "NotFound": NotFound}
+                kind = kinds.get(worst[0])
                 raise (kind or RuntimeError)(f"on another rank: {worst[1]}")
             if group not in (None, torch.distributed.group.WORLD):
                 raise ValueError(
@@ -159,9 +161,8 @@ class MitigationRunner:
                 if not m.disabled:
                     try:
                         events += m.run(m.after_log, view) or []
-                    except Exception as exc:  # (strict: raised after the ranks' exchange)
-                        raised = exc
-                        break
+                    except Exception as exc:  # (strict: raised after the ranks' exchange;
+                        raised = raised or exc  # the others still run, as on the other ranks)
         if self.owners:  # every rank reaches it, and a strict error is raised on every rank
             events = self._shared(events, raised)
         if raised is not None:

@@ -475,26 +475,29 @@ class LatentUsage(CodebookUsage):
 
 
 def _warn_unsynced(probe, found) -> None:
-    """Warn of vector-quantize-pytorch codebooks updated by EMA without their all-reduce under
-    ``torch.distributed``: its ``sync_codebook`` default is decided once per process, when
-    the first ``VectorQuantize`` is built, from whether a process group existed then. Every
-    rank's codebook drifts apart, so a code's index names another vector on each rank and the
-    pooled counts are no one model's."""
+    """Warn of vector-quantize-pytorch codebooks that change without their all-reduce under
+    ``torch.distributed``: EMA updates, or dead codes replaced from each rank's own batch. Its
+    ``sync_codebook`` default is decided once per process, when the first ``VectorQuantize``
+    is built, from whether a process group existed then."""
     unsynced = [
         f"{path}.{name}" if name else path
         for path, mod in found
         for name, sub in mod.named_modules()
         if getattr(sub, "use_ddp", None) is False
-        and getattr(sub, "ema_update", False)
-        and not getattr(sub, "learnable_codebook", False)
+        and (
+            (getattr(sub, "ema_update", False) and not getattr(sub, "learnable_codebook", False))
+            or getattr(sub, "threshold_ema_dead_code", 0) > 0
+        )
     ]
     if unsynced:
         log.warning(
-            "%r: the EMA codebooks %s are not all-reduced between the ranks "
+            "%r: the codebooks %s change without an all-reduce between the ranks "
             "(vector-quantize-pytorch's sync_codebook is off: it decides once per process, "
-            "when the first VectorQuantize is built, and no process group existed then); each "
-            "rank's codes drift apart and the usage pooled over the ranks is no one model's: "
-            "pass sync_codebook=True, or build the quantisers after init_process_group",
+            "when the first VectorQuantize is built, and no process group existed then). Under "
+            "DDP, which broadcasts rank 0's buffers, only rank 0's batches update an EMA "
+            "codebook; a learned one, or FSDP and DeepSpeed, let each rank's codes drift apart, "
+            "and the usage pooled over the ranks is then no one model's: pass "
+            "sync_codebook=True, or build the quantisers after init_process_group",
             probe,
             unsynced,
         )

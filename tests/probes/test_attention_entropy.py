@@ -424,3 +424,25 @@ def test_a_transformers_model_loaded_eager_is_refused_when_the_monitor_is_built(
         CollapseMonitor(eager, [probes.AttentionEntropy(path)], 2)
     sdpa = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw, attn_implementation="sdpa"))
     CollapseMonitor(sdpa, [probes.AttentionEntropy(path)], 2).close()
+
+
+def test_an_eager_model_holding_a_multihead_attention_is_read_there():
+    """SigLIP's vision tower loaded eager pools with an nn.MultiheadAttention, which the probe
+    reads whatever the config says: accepted, and its heads logged."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.SiglipVisionConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=8,
+        patch_size=4,
+        attn_implementation="eager",
+    )
+    vision = transformers.SiglipVisionModel(cfg)
+    mon = CollapseMonitor(vision, [probes.AttentionEntropy("head", name="pool")], 1)
+    with mon.observe():
+        vision(pixel_values=torch.randn(2, 3, 8, 8))
+    logged = mon.step()
+    mon.close()
+    assert {f"collapse/pool/head.attention/entropy/head_{h}" for h in (0, 1)} <= set(logged)

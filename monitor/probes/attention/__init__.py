@@ -161,12 +161,17 @@ class AttentionEntropy(Probe):
     def on_attach(self, setup, found) -> None:
         self._generator = torch.Generator().manual_seed(self.seed)
         self._roots = ", ".join(f"'{p}' ({type(m).__name__})" for p, m in found)
+        subs = [sub for _, root in found for sub in root.modules()]
         eager = any(
             getattr(getattr(sub, "config", None), "_attn_implementation", None) == "eager"
-            for _, root in found
-            for sub in root.modules()
+            for sub in subs
         )
-        if eager and self.extract is None:  # (known now: no need to wait for the first log)
+        # (an nn.MultiheadAttention or encoder layer inside, e.g. SigLIP's pooling head, is
+        # read whatever the config says: then the eager attention is only left unseen)
+        readable = any(
+            MultiheadAttentionInputs.matches(sub) or EncoderLayerInputs.matches(sub) for sub in subs
+        )
+        if eager and self.extract is None and not readable:  # (said now, not at the first log)
             raise ValueError(
                 f"{self!r}: the transformers model in {self._roots} was loaded with "
                 "attn_implementation='eager', which computes attention with plain matmuls the "
