@@ -39,8 +39,10 @@ def refuse_deepspeed(mitigations, optimizers=()) -> None:
     Raises:
         ValueError: such a mitigation.
     """
+    if not mitigations:
+        return
     for opt in map(deepspeed_optimizer, optimizers):
-        if opt is not None and type(opt).__name__ not in DEEPSPEED_MASTERS and mitigations:
+        if opt is not None and type(opt).__name__ not in DEEPSPEED_MASTERS:
             what = f"{type(opt).__name__} keeps fp32 copies its API does not write"
             raise ValueError(DEEPSPEED_MITIGATIONS.format(what=what))
     others = [m for m in mitigations if not getattr(m, "through_deepspeed", False)]
