@@ -78,6 +78,8 @@ class Setup:
         log_every_n_steps: the monitor's window length.
         process_group: the ``torch.distributed`` group the monitor reduces over (None: WORLD).
         strict: errors propagate instead of disabling the component.
+        tensor_parallel: the model's tensor-parallel layout
+            (:class:`~collapse_monitor._tensor_parallel.TensorParallel`), or None.
     """
 
     model: nn.Module
@@ -85,6 +87,7 @@ class Setup:
     log_every_n_steps: int
     process_group: Any = None
     strict: bool = False
+    tensor_parallel: Any = None
 
 
 @dataclass(frozen=True)

@@ -171,7 +171,8 @@ class CollapseMonitor:
         try:
             with whole_parameters(model):  # FSDP: attach reads parameters' shapes
                 self.probe_info = info = self._probes.attach(setup)
-                self._probes.agreed(self._mitigations.attach, replace(setup, probes=info))
+                placed = replace(setup, probes=info, tensor_parallel=self._probes.tp)
+                self._probes.agreed(self._mitigations.attach, placed)
             # after attach: a glob over several modules binds its rules to each module's keys
             defaults = config.default_rules
             bound = [r for p in config.probes for r in p.default_rules()] if defaults else []

@@ -1,168 +1,428 @@
-"""Tensor parallelism (DTensor ``parallelize_module``) on 4 gloo processes: refused, never a
-silently wrong number.
+"""Tensor parallelism (DTensor ``parallelize_module``) on 4 and 2 gloo processes: the numbers of
+one process, or a refusal naming the module, never a silently wrong number.
 
-Each rank of a tensor-parallel group holds a slice of the heads, the vocabulary or the features,
-and sees the same batch as the others; the monitor would all-reduce the slices as if they were
-the same quantities. Measured before the refusal (2 ranks): per-head entropies off by 0.19 and
-0.42 nats, a vocabulary-parallel head's ``log_z_mean`` 36.9 against 59.9, no error counted. Each
-case here checks the layout that gave such numbers is refused with the module and its placement
-named: at construction (also for a DTensor weight placed without parallelize_module, as
-transformers' ``tp_plan`` does, and under FSDP2), at the first log for a model parallelised after the monitor was built,
-in the forward for a DTensor activation, and for TP composed with FSDP2 on a 2-D mesh.
+Each rank of a tensor-parallel group holds a slice of the heads, the vocabulary or the features
+and sees the same batch as the others. Before this was read (2 ranks): per-head entropies off by
+0.19 and 0.42 nats, a vocabulary-parallel head's ``log_z_mean`` 36.9 against 59.9, no error
+counted. Here the same training steps run in one process (the reference, computed in the test's
+own process) and under tensor parallelism over 4 ranks, torchtitan's ``loss_parallel`` layout
+(logits left as ``Shard(-1)`` DTensors), TP x FSDP2 on a 2 x 2 mesh (each data-parallel rank half
+of the global batch; also with one data-parallel group recording nothing), resumed from rank 0's
+state inside a window, and a ``transformers`` Llama (GQA, left padding) and a sequence-parallel
+stack on 2 ranks: every metric must agree. ReDo on a column- and a row-parallel pair must make
+one process's change; a probe on a slice it cannot place, σReparam on a tensor-parallel layer and
+a model parallelised after the monitor was built are refused, naming the module.
 """
 
+import contextlib
 import os
 
 import pytest
 import torch
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import Shard, distribute_tensor
-from torch.distributed.tensor.parallel import (
-    ColwiseParallel,
-    RowwiseParallel,
-    parallelize_module,
-)
 
 from collapse_monitor import CollapseMonitor, mitigations, probes
 from tests.dist import process_group, run_two
 
+D, HEADS, VOCAB, HIDDEN = 16, 4, 32, 32
+
 
 class Block(nn.Module):
-    """Self-attention through SDPA, a norm and a vocabulary head."""
+    """Self-attention through SDPA, an MLP, a norm and a vocabulary head."""
 
-    def __init__(self, d=16, heads=4, vocab=32):
+    def __init__(self):
         super().__init__()
-        self.heads = heads
-        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
-        self.norm = nn.LayerNorm(d)
-        self.head = nn.Linear(d, vocab)
+        self.q, self.k, self.v, self.o = (nn.Linear(D, D) for _ in range(4))
+        self.up, self.act, self.down = nn.Linear(D, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, D)
+        self.norm = nn.LayerNorm(D)
+        self.head = nn.Linear(D, VOCAB)
 
     def forward(self, x):
-        b, t, d = x.shape
+        b, t, _ = x.shape
 
         def split(y):  # a column-parallel projection holds heads / tp of them
-            return y.view(b, t, -1, d // self.heads).transpose(1, 2)
+            return y.view(b, t, -1, D // HEADS).transpose(1, 2)
 
         a = nn.functional.scaled_dot_product_attention(
             split(self.q(x)), split(self.k(x)), split(self.v(x)), is_causal=True
         )
-        return self.head(self.norm(x + self.o(a.transpose(1, 2).reshape(b, t, -1))))
+        x = x + self.o(a.transpose(1, 2).reshape(b, t, -1))
+        x = x + self.down(self.act(self.up(x)))
+        return self.head(self.norm(x))
 
 
-def attention_tp(model, mesh):
-    plan = {"q": ColwiseParallel(), "k": ColwiseParallel(), "v": ColwiseParallel()}
-    return parallelize_module(model, mesh, {**plan, "o": RowwiseParallel()})
+def plan(loss_parallel=False):
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    head = ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)
+    return {
+        **{n: ColwiseParallel() for n in ("q", "k", "v", "up")},
+        "o": RowwiseParallel(),
+        "down": RowwiseParallel(),
+        "head": head if loss_parallel else ColwiseParallel(),  # local vocabulary slices
+    }
+
+
+def watched():
+    return [
+        probes.AttentionEntropy("", queries=None, name="attention"),
+        probes.LogitHealth("head", name="logits"),
+        probes.NeuralCollapse("head", VOCAB, name="nc"),
+        probes.RepresentationRank("norm", name="rank"),
+        probes.DormantUnits("up", name="up"),  # a column-parallel output: gathered
+        probes.LatentUsage("up", HIDDEN, name="latents"),
+        probes.TokenUniformity("norm", name="tokens"),
+    ]
+
+
+def batch():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 6, D, generator=g) * 3
+    return x, torch.randint(0, VOCAB, (4, 6), generator=g)
+
+
+def train(model, mon, rows=slice(None), steps=2, mesh=None, observe=True):
+    """``steps`` SGD steps on the global batch's ``rows``; the log of the last. ``mesh``: the
+    tensor-parallel mesh whose ranks hold the logits' vocabulary slices; ``observe=False``:
+    forwards outside ``observe()`` (a rank that records nothing)."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    x, y = batch()
+    x, y = x[rows], y[rows]
+    for _ in range(steps):
+        with mon.observe(targets=y) if observe else contextlib.nullcontext():
+            out = model(x)
+            if mesh is not None and not hasattr(out, "full_tensor"):
+                from torch.distributed.tensor import DTensor, Shard
+
+                out = DTensor.from_local(out, mesh, [Shard(2)])
+            out = out.full_tensor() if hasattr(out, "full_tensor") else out
+            # (the mean over the global batch: each data-parallel rank's share of it)
+            loss = nn.functional.cross_entropy(out.reshape(-1, VOCAB), y.reshape(-1))
+            loss.backward()
+        opt.step()
+        opt.zero_grad()
+        logged = mon.step(opt)
+    return logged
+
+
+def reference(rows=slice(None), steps=2):
+    torch.manual_seed(0)
+    model = Block()
+    mon = CollapseMonitor(model, watched(), steps)
+    logged = train(model, mon, rows, steps)
+    mon.close()
+    return logged
+
+
+def dormant():
+    """A block whose first 5 hidden units barely respond (ReDo's dormant neurons)."""
+    torch.manual_seed(0)
+    model = Block()
+    with torch.no_grad():
+        model.up.weight[:5] *= 1e-3
+        model.up.bias[:5] = 0
+    return model
+
+
+def redo(model, mesh=None):
+    """ReDo on the column-parallel ``up`` and row-parallel ``down`` at the log of step 2 (Adam):
+    the log, the whole weights and the moments of ``up.weight`` after it."""
+    mon = CollapseMonitor(
+        model,
+        [probes.DormantUnits("up", tau=0.6, name="up")],
+        2,
+        mitigations=[mitigations.ReDo("up", layers={"up": ("up", "down")})],
+    )
+    made = []
+    adam = torch.optim.Adam
+
+    class Optimizer(adam):  # (train's optimizer: Adam, kept for its moments)
+        def __init__(self, params, lr):
+            super().__init__(params, lr=1e-2)
+            made.append(self)
+
+    torch.optim.SGD, sgd = Optimizer, torch.optim.SGD
+    try:
+        logged = train(model, mon, mesh=mesh)
+    finally:
+        torch.optim.SGD = sgd
+    mon.close()
+
+    def whole(t):
+        return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
+
+    weights = {k: whole(v) for k, v in model.state_dict().items()}
+    moments = {k: whole(v) for k, v in made[0].state[model.up.weight].items() if k != "step"}
+    return logged, weights, moments
+
+
+def worker(rank, init, out_dir):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    with process_group(rank, init, world=4):
+        torch.set_num_threads(1)
+        out = {}
+        tp = init_device_mesh("cpu", (4,), mesh_dim_names=("tp",))
+        for name, loss_parallel in (("tp", False), ("loss_parallel", True)):
+            torch.manual_seed(0)
+            model = parallelize_module(Block(), tp, plan(loss_parallel))
+            # a probe between a column- and a row-parallel layer: its local hidden slice
+            more = [probes.DormantUnits("act", name="act")] if not loss_parallel else []
+            mon = CollapseMonitor(model, [*watched(), *more], 2)
+            out[name] = train(model, mon, mesh=tp)
+            mon.close()
+        out["redo"] = redo(parallelize_module(dormant(), tp, plan()), tp)
+        # σReparam on a tensor-parallel layer: refused at construction, naming it
+        sigma = mitigations.SigmaReparam("q", all_linear=True)
+        with pytest.raises(RuntimeError) as exc:
+            CollapseMonitor(parallelize_module(Block(), tp, plan()), [], 1, mitigations=[sigma])
+        out["sigma"] = str(exc.value)
+        # rank 0's reduced state, saved inside the window and loaded into a fresh monitor on
+        # every rank: the log equals the uninterrupted run's
+        torch.manual_seed(0)
+        model = parallelize_module(Block(), tp, plan())
+        mon = CollapseMonitor(model, watched(), 2)
+        train(model, mon, steps=1, mesh=tp)
+        saved = [mon.state_dict()]
+        torch.distributed.broadcast_object_list(saved, src=0)  # (as a file rank 0 wrote)
+        mon.close()
+        mon = CollapseMonitor(model, watched(), 2)
+        mon.load_state_dict(saved[0])
+        out["resumed"] = train(model, mon, steps=1, mesh=tp)
+        mon.close()
+        # TP x FSDP2 on a 2-D mesh: 2 data-parallel ranks, each half of the batch
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+        torch.manual_seed(0)
+        model = parallelize_module(Block(), mesh["tp"], plan())
+        fully_shard(model, mesh=mesh["dp"])
+        mon = CollapseMonitor(model, watched(), 2)
+        dp = mesh.get_local_rank("dp")
+        out["tp_fsdp2"] = train(model, mon, slice(2 * dp, 2 * dp + 2), mesh=mesh["tp"])
+        mon.close()
+        # the tensor-parallel group of the second data-parallel rank records nothing: no hang,
+        # the numbers of the first one's rows
+        torch.manual_seed(0)
+        model = parallelize_module(Block(), mesh["tp"], plan())
+        fully_shard(model, mesh=mesh["dp"])
+        mon = CollapseMonitor(model, watched(), 1)
+        rows = slice(2 * dp, 2 * dp + 2)
+        out["quiet"] = train(model, mon, rows, 1, mesh["tp"], observe=dp == 0)
+        mon.close()
+        # parallelised after the monitor was built: the first log disables every probe and
+        # mitigation (strict=False), logs none of their numbers and counts the errors
+        model = Block()
+        mon = CollapseMonitor(model, watched()[:2], 1, mitigations=[Counting()])
+        parallelize_module(model, tp, plan())
+        out["after"] = train(model, mon, steps=1, mesh=tp)
+        out["disabled"] = [p.disabled for p in [*mon.probes, *mon.mitigations]]
+        mon.close()
+        # a DTensor activation on a mesh of its own: refused naming it (strict: raised)
+        from torch.distributed.tensor import Replicate, distribute_tensor
+
+        model = parallelize_module(Block(), tp, plan())
+        mon = CollapseMonitor(model, [probes.RepresentationRank("act", name="r")], 1, strict=True)
+        other = init_device_mesh("cpu", (2, 2), mesh_dim_names=("a", "b"))
+        try:
+            with mon.observe():
+                model.act(distribute_tensor(torch.randn(2, D), other, [Replicate()] * 2))
+        except ValueError as exc:
+            out["other_mesh"] = str(exc)
+        mon.close()
+        torch.save(out, os.path.join(out_dir, f"tp{rank}.pt"))
 
 
 class Counting(mitigations.Mitigation):
     """A user's own mitigation: counts the logs it acted at."""
 
     kind = "counting"
-    acted = 0
 
     def after_log(self, view):
-        self.acted += 1
         return []
 
 
-def watched():
+def close(a: dict, b: dict, rel=1e-6) -> list:
+    return [(k, a[k], b[k]) for k in a if abs(a[k] - b[k]) > rel * max(abs(a[k]), abs(b[k]), 1e-3)]
+
+
+def test_tensor_parallel_gives_the_numbers_of_one_process(tmp_path):
+    ref = {k: v for k, v in reference().items() if k.startswith("collapse/")}
+    ref_redo = redo(dormant())
+    quiet = reference(slice(0, 2), 1)
+    quiet = {k: v for k, v in quiet.items() if k.startswith("collapse/") and "nlm" not in k}
+    assert "collapse/attention/model/entropy/head_3" in ref
+    assert "collapse/logits/log_z_mean" in ref and "collapse/nc/nc1" in ref
+    for out in run_two(worker, tmp_path, "tp", world=4):
+        for name in ("tp", "loss_parallel", "tp_fsdp2", "resumed"):
+            got = {k: v for k, v in out[name].items() if k.startswith("collapse/")}
+            acted = {k for k in got if k.startswith("collapse/act/")} - {"collapse/act/calls"}
+            assert not acted, (name, acted)  # the hidden slice: refused, not logged
+            errors = got.pop("collapse/errors")
+            assert errors == (1.0 if name == "tp" else 0.0), name  # (the slice: "act")
+            got = {k: v for k, v in got.items() if "/act/" not in k}
+            # (the head's nlm_cosine is not read from a tensor-parallel weight)
+            mine = {k: v for k, v in ref.items() if k != "collapse/logits/nlm_cosine"}
+            mine.pop("collapse/errors")
+            assert set(got) == set(mine), (name, set(got) ^ set(mine))
+            if name == "tp_fsdp2":  # (each data-parallel rank's forward is a call, as in DDP)
+                mine.update({k: 2 * v for k, v in mine.items() if k.endswith("/calls")})
+            assert not close(mine, got), (name, close(mine, got))
+        got = {k: v for k, v in out["quiet"].items() if k.startswith("collapse/")}
+        assert set(got) == set(quiet)
+        # (the head's weight, read after the step, trained on both data-parallel ranks' rows)
+        weights = ("collapse/nc/equinorm_weights", "collapse/nc/self_duality")
+        assert [k for k, *_ in close(quiet, got)] == list(weights)
+        after = out["after"]
+        assert after["collapse/errors"] == 3.0  # two probes and the mitigation
+        assert out["disabled"] == [True] * 3
+        assert "not the tensor-parallel mesh" in out["other_mesh"]
+        assert (
+            "'q' is tensor-parallel (its weight a DTensor with placements (Shard(dim=0),))"
+            in (out["sigma"])
+        )
+        # ReDo on a column- and a row-parallel layer: the change of one process, read back
+        logged, weights, moments = out["redo"]
+        assert logged["collapse/mitigations/redo"] == ref_redo[0]["collapse/mitigations/redo"] == 5
+        for k, w in ref_redo[1].items():
+            if k == "k.bias":  # (its gradient is round-off: softmax ignores a key bias, and
+                continue  # Adam scales round-off to whole steps)
+            torch.testing.assert_close(weights[k], w, rtol=1e-5, atol=1e-6, msg=k)
+        for k, m in ref_redo[2].items():  # the re-drawn rows' moments: reset to zero
+            assert (m[:5] == 0).all() and (moments[k][:5] == 0).all()
+            torch.testing.assert_close(moments[k], m, rtol=1e-5, atol=1e-9)
+
+
+pytest.importorskip("torch.distributed.tensor.parallel")
+
+
+def llama():
+    """A transformers Llama from a config: GQA (4 query heads, 2 key-value heads), SDPA."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attn_implementation="sdpa",
+    )
+    return LlamaForCausalLM(config)
+
+
+def llama_inputs():
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 64, (2, 8), generator=g)
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[0, :3] = 0  # left padding
+    return ids, mask
+
+
+def llama_probes():
     return [
-        probes.AttentionEntropy("", name="attention"),
-        probes.LogitHealth("head", name="logits"),
-        probes.RepresentationRank("norm", name="rank"),
+        probes.AttentionEntropy("model.layers.*.self_attn", queries=None, name="attention"),
+        probes.LogitHealth("lm_head", name="logits", nlm=False),
+        probes.RepresentationRank("model.norm", name="rank"),
+        probes.TokenEntropy("lm_head", tokens=None, name="entropy"),
+        # the hidden-state path: logits recomputed from the final norm's output and the head
+        probes.TokenEntropy("model.norm", head="lm_head", tokens=None, name="hidden"),
     ]
 
 
-def step(model, mon):
-    x = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(0))
-    try:
-        with mon.observe():
-            model(x).sum().backward()
-    except ValueError as exc:
-        return str(exc)
-    return mon.step()
+def llama_log(model, mesh=None):
+    mon = CollapseMonitor(model, llama_probes(), 1)
+    ids, mask = llama_inputs()
+    with mon.observe(), torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    logged = mon.step()
+    mon.close()
+    return {k: v for k, v in logged.items() if k.startswith("collapse/")}
 
 
-def worker(rank, init, out_dir):
-    with process_group(rank, init, world=4):
+def sequential():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(D, HIDDEN), nn.Linear(HIDDEN, D), nn.LayerNorm(D), nn.Linear(D, VOCAB)
+    )
+
+
+def sequence_log(model):
+    """The norm's output (whole sequences) and the row-parallel layer's (a slice of them)."""
+    watched = [
+        probes.RepresentationRank("2", name="norm"),
+        probes.LogitHealth("3", name="logits", nlm=False),
+        probes.RepresentationRank("1", name="rows"),
+    ]
+    mon = CollapseMonitor(model, watched, 1)
+    with mon.observe(), torch.no_grad():
+        model(batch()[0])
+    logged = mon.step()
+    mon.close()
+    return {k: v for k, v in logged.items() if k.startswith("collapse/")}
+
+
+def llama_worker(rank, init, out_dir):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    with process_group(rank, init, world=2):
         torch.set_num_threads(1)
-        torch.manual_seed(0)
-        tp = init_device_mesh("cpu", (4,), mesh_dim_names=("tp",))
-        out = {}
-        # built on a parallelised model: refused at construction
-        model = attention_tp(Block(), tp)
-        with pytest.raises(ValueError) as exc:
-            CollapseMonitor(model, watched(), 1)
-        out["construction"] = str(exc.value)
-        # parallelised after the monitor was built: the first log disables every probe and
-        # mitigation (strict=False), logs none of their numbers and counts the errors
-        model = Block()
-        mon = CollapseMonitor(model, watched(), 1, mitigations=[Counting()])
-        parallelize_module(model, tp, {"head": ColwiseParallel()})  # local vocabulary shards
-        out["after"] = step(model, mon)
-        out["disabled"] = [p.disabled for p in [*mon.probes, *mon.mitigations]]
-        out["acted"] = mon.mitigations[0].acted
-        mon.close()
-        # a vocabulary-parallel head whose logits stay DTensors (torchtitan's loss_parallel
-        # layout): the probe refuses the DTensor in the forward (strict=True raises there)
-        model = Block()
-        mon = CollapseMonitor(model, [probes.LogitHealth("head", name="logits")], 1, strict=True)
-        plan = ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)
-        parallelize_module(model, tp, {"head": plan})
-        out["dtensor"] = step(model, mon)
-        mon.close()
-        # TP x FSDP2 on a 2-D mesh (2 data-parallel x 2 tensor-parallel)
-        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
-        model = attention_tp(Block(), mesh["tp"])
-        fully_shard(model, mesh=mesh["dp"])
-        with pytest.raises(ValueError) as exc:
-            CollapseMonitor(model, watched(), 1)
-        out["tp_fsdp2"] = str(exc.value)
-        # a DTensor weight placed without parallelize_module (as transformers' tp_plan does),
-        # alone, then sharded by FSDP2
-        for fsdp in (False, True):
-            model = Block()
-            w = model.head.weight.detach()
-            model.head.weight = nn.Parameter(distribute_tensor(w, mesh["tp"], [Shard(0)]))
-            if fsdp:
-                fully_shard(model, mesh=mesh["dp"])
-            with pytest.raises(ValueError) as exc:
-                CollapseMonitor(model, watched(), 1)
-            out[f"by_hand_{fsdp}"] = str(exc.value)
-        # data parallelism alone is not refused: HSDP on the 2-D mesh, and FSDP2 that keeps the
-        # parameters whole after the forward (DTensors between steps, plain inside forwards)
-        out["accepted"] = []
-        for kw in ({"mesh": mesh}, {"mesh": mesh["dp"], "reshard_after_forward": False}):
-            model = Block()
-            fully_shard(model, **kw)
-            mon = CollapseMonitor(model, watched(), 1)
-            logged = step(model, mon)
-            out["accepted"].append((logged["collapse/errors"], "collapse/rank/erank" in logged))
-            mon.close()
-        torch.save(out, os.path.join(out_dir, f"tp{rank}.pt"))
+        tp = init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
+        model = llama()
+        for layer in model.model.layers:
+            parallelize_module(
+                layer,
+                tp,
+                {
+                    **{f"self_attn.{p}_proj": ColwiseParallel() for p in "qkv"},
+                    "self_attn.o_proj": RowwiseParallel(),
+                    **{f"mlp.{p}_proj": ColwiseParallel() for p in ("gate", "up")},
+                    "mlp.down_proj": RowwiseParallel(),
+                },
+            )
+        parallelize_module(model, tp, {"lm_head": ColwiseParallel()})  # local vocabulary slices
+        out = {"llama": llama_log(model)}
+        # sequence parallelism (torchtitan's layout): a row-parallel layer scatters the
+        # sequence, a SequenceParallel norm keeps it as a Shard(1) DTensor, the head gathers it
+        from torch.distributed.tensor import Shard
+        from torch.distributed.tensor.parallel import SequenceParallel
 
-
-def test_tensor_parallel_layouts_are_refused_with_the_module_and_its_placement(tmp_path):
-    for out in run_two(worker, tmp_path, "tp", world=4):
-        assert (
-            "tensor parallelism is not supported: 'q' (weight (Shard(dim=0),) on mesh ('tp',)"
-            in (out["construction"])
+        model = parallelize_module(
+            sequential(),
+            tp,
+            {
+                "0": ColwiseParallel(),
+                "1": RowwiseParallel(output_layouts=Shard(1)),  # local sequence slices
+                "2": SequenceParallel(),
+                "3": ColwiseParallel(input_layouts=Shard(1)),
+            },
         )
-        assert "'q' (weight (Shard(dim=0),) on mesh ('tp',); bias" in out["construction"]
-        assert " and 3 more (DTensor placements" in out["construction"]  # k, v, o
-        after = out["after"]
-        assert after["collapse/errors"] == 4.0  # three probes and the mitigation
-        assert not [k for k in after if k.startswith(("collapse/attention", "collapse/logits"))]
-        assert not [k for k in after if k.startswith("collapse/rank")]
-        assert out["disabled"] == [True] * 4
-        assert out["acted"] == 0
-        assert "read a DTensor at 'head' (placements (Shard(dim=2),))" in out["dtensor"]
-        # FSDP2 around TP: the placements on the 2-D mesh are named
-        by_hand = "not supported: 'head' (weight (Shard(dim=0),) on mesh ('tp',)) (DTensor"
-        assert by_hand in out["by_hand_False"]
-        assert "parameters that were DTensors when FSDP2" in out["by_hand_True"]
-        placed = "'q' (weight (_StridedShard(dim=0, sf=2), Shard(dim=0)) on mesh ('dp', 'tp')"
-        assert placed in out["tp_fsdp2"]
-        assert out["accepted"] == [(0.0, True), (0.0, True)]
+        out["sequence"] = sequence_log(model)
+        torch.save(out, os.path.join(out_dir, f"llama{rank}.pt"))
+
+
+def test_a_transformers_llama_and_sequence_parallelism_give_the_numbers_of_one_process(tmp_path):
+    pytest.importorskip("transformers")
+    ref = llama_log(llama())
+    assert "collapse/attention/model.layers.1.self_attn/entropy/head_3" in ref
+    seq = sequence_log(sequential())
+    seq = {k: v for k, v in seq.items() if "/rows/" not in k}
+    for out in run_two(llama_worker, tmp_path, "llama", world=2):
+        got = out["llama"]
+        assert got["collapse/errors"] == 0.0
+        assert set(got) == set(ref)
+        assert not close(ref, got), close(ref, got)
+        # sequence parallelism: the norm's Shard(1) DTensor gathered (each token once); the
+        # row-parallel layer's local slice of the sequence refused
+        got = out["sequence"]
+        assert got.pop("collapse/errors") == seq.pop("collapse/errors", 0.0) + 1
+        got = {k: v for k, v in got.items() if "/rows/" not in k}
+        assert set(got) == set(seq) and not close(seq, got), close(seq, got)

@@ -42,6 +42,9 @@ class Mitigation(Component):
     #: whether it acts under DeepSpeed: it writes parameters and optimizer states only through
     #: :func:`~collapse_monitor._sharding.edited` (DeepSpeed's master copies) and adds none
     through_deepspeed: ClassVar[bool] = False
+    #: whether it writes the modules of its :attr:`paths` exactly when tensor parallelism
+    #: shards them (through :func:`~collapse_monitor._sharding.whole` and ``assign``)
+    through_tensor_parallel: ClassVar[bool] = False
     #: the group of its collectives: the monitor's, or its pipeline stage's (set at attach)
     process_group = None
 

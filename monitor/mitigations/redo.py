@@ -137,6 +137,7 @@ class ReDo(Mitigation):
     """
 
     kind = "redo"
+    through_tensor_parallel = True  # (tests/test_tensor_parallel.py: one process's change)
     through_deepspeed = True
 
     def __init__(

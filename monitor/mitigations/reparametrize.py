@@ -132,6 +132,13 @@ class Reparametrization(Mitigation):
         if parametrize.is_parametrized(mod, pname):
             return False
         weight = getattr(mod, pname, None)
+        if getattr(mod, "_distribute_module_applied", False):  # (parallelize_module's mark)
+            raise RuntimeError(
+                f"{self!r}: '{path}' is tensor-parallel (its {pname} a DTensor with placements "
+                f"{tuple(getattr(weight, 'placements', ()))}): {self.what} is not applied to "
+                "tensor-parallel layers (its spectral norm would need the whole weight at "
+                "every step); leave them out of the selection"
+            )
         if is_sharded(weight) or is_fsdp_flattened(weight) or fsdp_roots(self.model):
             raise RuntimeError(
                 f"{self!r}: '{path}' is already sharded by FSDP, which cannot take the new "

@@ -67,6 +67,21 @@ class MitigationRunner:
         self.owners: dict[str, tuple[int, ...]] = {}
         self.here = self.mitigations  # those whose modules this rank holds
 
+    @staticmethod
+    def _attach(m: Mitigation, setup: Setup) -> None:
+        """Attach ``m``; refuse it on modules tensor parallelism shards unless it writes them
+        exactly (``Mitigation.through_tensor_parallel``)."""
+        m.attach(setup)
+        layout = setup.tensor_parallel
+        if layout is None or m.through_tensor_parallel:
+            return
+        for path in m.paths:
+            if any(x.is_shard() for ps in layout.placed.get(path, {}).values() for x in ps):
+                raise ValueError(
+                    f"{m!r}: '{path}' is sharded by tensor parallelism ({layout.describe(path)}); "
+                    f"{type(m).__name__} does not write tensor-parallel shards: leave it out"
+                )
+
     def attach(self, setup: Setup) -> None:
         """Attach every mitigation. Under ``torch.distributed`` a collective: one whose modules
         live on some ranks only (its modules or probe found there: a pipeline stage) acts on
@@ -76,7 +91,8 @@ class MitigationRunner:
             the first error of a mitigation attached on no rank, or any error other than
             :class:`~collapse_monitor._modules.NotFound` (its module or probe not on this
             rank) on some rank; on every rank alike. ValueError: stage-local mitigations
-            under a ``process_group`` other than WORLD; mitigations that cannot act under
+            under a ``process_group`` other than WORLD; mitigations on modules tensor
+            parallelism shards that do not write such shards; mitigations that cannot act under
             DeepSpeed (:func:`~collapse_monitor.distributed.refuse_deepspeed`).
         """
         self.process_group = group = setup.process_group
@@ -84,12 +100,12 @@ class MitigationRunner:
             refuse_deepspeed(self.mitigations, [getattr(setup.model, "optimizer", None)])
         if not _dist.is_distributed(group):
             for m in self.mitigations:
-                m.attach(setup)
+                self._attach(m, setup)
             return
         failed = []
         for m in self.mitigations:
             try:
-                m.attach(setup)
+                self._attach(m, setup)
                 failed.append(None)
             except Exception as exc:  # (raised below, on every rank alike)
                 failed.append(exc)

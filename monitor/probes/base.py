@@ -111,6 +111,10 @@ class Probe:
     #: True when this rank's window holds statistics no other rank has (class shards), so
     #: that every rank must save its own checkpoint
     rank_local: bool = False
+    #: True when, under tensor parallelism, each rank of a tensor-parallel group keeps its own
+    #: slice of the statistics, keyed globally (attention heads): they reduce over every rank;
+    #: else they are replicated over the group and reduce over the data-parallel ranks
+    tp_sharded: bool = False
     #: whether its readout reads the model's parameters (the monitor then gathers FSDP shards)
     reads_parameters: bool = False
     #: what a mitigation may read of the probe at attach (see :meth:`describe`)

@@ -100,6 +100,7 @@ class ProbeDriver(Component, Recorder):
         self._microbatches: dict[str, dict[int, int]] = {}  # path: {micro-batch: rows} this step
         # the ranks holding the module, when only some do (pipeline stages; None: all)
         self.group = None
+        self.tp = None  # the model's tensor parallelism (_tensor_parallel.TensorParallel)
         self.slower = 1  # its cadence stride times this (an overhead budget's, agreed by ranks)
 
     def __repr__(self) -> str:
@@ -221,16 +222,24 @@ class ProbeDriver(Component, Recorder):
         """Place the window on ``device`` (where the value lives), count the call and
         ``update`` the window (the module's part of it, for a glob kept per module).
 
+        Under tensor parallelism a ``DTensor`` value, or a column-parallel module's local
+        output slice, is gathered whole first (:meth:`TensorParallel.whole`, a collective of
+        the tensor-parallel group, which runs this forward together).
+
         Raises:
-            ValueError: ``value`` is a ``DTensor`` (tensor parallelism, not supported).
+            ValueError: a ``DTensor`` value in a model that had no tensor-parallel parameters
+                when the monitor was built, or one that cannot be gathered exactly.
         """
         if pipeline_placeholder_forward():  # (no data: the stage's shape inference)
             return
-        if is_sharded(value):
+        if self.tp is not None:
+            where = None if self.probe.extract is not None else self.probe.read
+            value = self.tp.whole(value, call.module, call.path, where, self.probe)
+        elif is_sharded(value):
             raise ValueError(
                 f"{self.probe!r} read a DTensor at '{call.path}' (placements "
-                f"{tuple(value.placements)}): DTensor activations (tensor parallelism) are not "
-                "supported; the monitor reads plain tensors"
+                f"{tuple(value.placements)}), and the model had no tensor-parallel parameters "
+                "when the monitor was built: build the monitor on the parallelised model"
             )
         if isinstance(value, torch.Tensor) and value.is_nested:
             if not self.probe.uses_token_mask:  # (its padding would count as samples)
@@ -258,7 +267,10 @@ class ProbeDriver(Component, Recorder):
         finally:  # counted also when the update fails
             if call.nonfinite is not None:  # the probe's rows say what the elements may not
                 flag = call.nonfinite if flag is None else flag | call.nonfinite
-            self.window["_calls"].add(self._recording.step, flag)
+            # (a probe whose window reduces over a tensor-parallel group counts the group's
+            # call once: on its first rank)
+            if not (self.probe.tp_sharded and self.tp.coordinate):
+                self.window["_calls"].add(self._recording.step, flag)
         if not self._recording.snapshot:
             self._step_rows += call.rows
 

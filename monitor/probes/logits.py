@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .._sharding import is_sharded
 from ..contracts import Readout
 from ..functional.logits import logit_health_from_sums
 from ..reading import Reading, aligned_targets, first_tensor, floating, label_shift, token_mask
@@ -40,6 +41,7 @@ class LogitHealth(Probe):
             the head (an ``nn.Linear``), read from its gradient on logging steps only. Under
             DDP/FSDP each rank reads its own gradient (before the gradients are averaged); the
             metric is the mean of the ranks' cosines, not the cosine of the averaged gradient.
+            Not read for a tensor-parallel head (its weight a ``DTensor`` slice).
         pool: see :class:`~collapse_monitor.probes.Probe`.
 
     Reports ``softmax_collapse`` (fraction of rows whose shifted exp-sum equals 1 exactly),
@@ -130,7 +132,10 @@ class LogitHealth(Probe):
             call.nonfinite_rows(bad if real is None else bad & real, real)
         head = call.module
         if self.nlm and call.recording.logging and isinstance(head, nn.Linear):
-            if head.weight.requires_grad:  # the head's gradient in this step's backward
+            # (a tensor-parallel head's weight is a DTensor slice in the forward: not read)
+            if head.weight.requires_grad and not is_sharded(
+                head.weight
+            ):  # the head's gradient in this step's backward
                 weight = head.weight
                 call.on_gradient(weight, lambda g: self._add_nlm(window, g, weight))
 

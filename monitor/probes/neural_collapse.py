@@ -195,6 +195,11 @@ class NeuralCollapse(Probe):
         )
         group = setup.process_group
         world = _dist.world_size(group)
+        if self.shard_classes and setup.tensor_parallel is not None:
+            raise ValueError(
+                f"{self!r}: class shards under tensor parallelism are not supported (the ranks "
+                "of a tensor-parallel group see one batch): leave shard_classes off"
+            )
         if self.shard_classes and world > self.num_classes:
             log.warning(
                 "%r: %d classes cannot be sharded over %d ranks: statistics are replicated",

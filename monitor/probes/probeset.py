@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from .. import _dist
+from .. import _dist, _tensor_parallel
 from .._modules import named_modules, resolve_modules
-from .._sharding import refuse_tensor_parallel, whole_parameters
+from .._sharding import whole_parameters
 from ..budget import Budget, Meter
 from ..cadence import Cadence
 from ..contracts import ProbeInfo, Readout, Recording, Replaced, Setup
@@ -64,25 +64,34 @@ class ProbeSet:
         self._recorded: set[ProbeDriver] = set()  # recorded in this training step
         self._stopped: set[ProbeDriver] = set()  # disabled on every rank (agreed at a log)
         self._unlabelled: set[str] = set()  # probes that said they skip unlabelled evaluations
+        self.tp: _tensor_parallel.TensorParallel | None = None  # the model's tensor parallelism
 
     def attach(self, setup: Setup) -> Mapping[str, ProbeInfo]:
         """Attach every probe; their descriptions, for the mitigations. Under
         ``torch.distributed`` a collective (:meth:`_place`), after which an error of any rank
         is raised on every rank.
 
+        Under tensor parallelism (:mod:`~collapse_monitor._tensor_parallel`) a probe whose
+        statistics are replicated over a tensor-parallel group reduces over the data-parallel
+        ranks of its coordinate; one that reads its slice (``Probe.tp_sharded``) over all.
+
         Raises:
-            ValueError: a model under tensor parallelism
-                (:func:`~collapse_monitor._sharding.refuse_tensor_parallel`), a glob matching
+            ValueError: a tensor-parallel layout that cannot be read exactly, a glob matching
                 different modules on different ranks, probes' other checks; KeyError: a path
                 that matches nothing (on no rank).
         """
         distributed = _dist.is_distributed(self.process_group)
 
         def local() -> list:
-            refuse_tensor_parallel(named_modules(setup.model))
-            return [d.attach(setup, elsewhere_ok=distributed) for d in self.drivers]
+            self.tp = _tensor_parallel.find(named_modules(setup.model))
+            placed = dataclasses.replace(setup, tensor_parallel=self.tp)
+            for d in self.drivers:
+                d.tp = self.tp
+            return [d.attach(placed, elsewhere_ok=distributed) for d in self.drivers]
 
         here = self.agreed(local) if distributed else local()
+        if distributed or self.tp is not None:
+            _tensor_parallel.agree(self.tp, self.process_group)
         if distributed:
             self._place(here, setup)
         self.agreed(self._check_label_alignment)
@@ -142,6 +151,11 @@ class ProbeSet:
             d.probe.paths = list(next(iter(paths.values())))  # (a rank without them too)
         if all(len(ranks) == world for ranks in owners):
             return
+        if self.tp is not None:
+            raise ValueError(
+                "probes whose modules live on some ranks only (pipeline stages) under tensor "
+                "parallelism are not supported"
+            )
         if group not in (None, torch.distributed.group.WORLD):
             raise ValueError(
                 "probes whose modules live on some ranks only (pipeline stages) need the monitor "
@@ -250,7 +264,7 @@ class ProbeSet:
             if not d.disabled:
                 d.run(d.check_modules, named)
         try:  # (agreed below: a part disabled on one rank is disabled on all)
-            refuse_tensor_parallel(named)
+            self._same_tensor_parallel(named)
         except ValueError as exc:
             for c in owners:
                 if not c.disabled:
@@ -265,6 +279,18 @@ class ProbeSet:
         for c, flag in zip(owners, flags.tolist()):
             c.disabled = c.disabled or bool(flag)
         self._stopped = {d for d in self.drivers if d.disabled}
+
+    def _same_tensor_parallel(self, named: dict) -> None:
+        """Raise when the model's tensor parallelism is not the one the probes were built on
+        (``parallelize_module`` after the monitor was built)."""
+        now = _tensor_parallel.find(named)
+        if (now is None) != (self.tp is None) or (now is not None and now.placed != self.tp.placed):
+            where = "none" if now is None else now.summary()
+            raise ValueError(
+                "CollapseMonitor: the model's tensor parallelism changed after the monitor was "
+                f"built (now: {where}); the probes read it as it was: build the monitor on the "
+                "parallelised model"
+            )
 
     def readouts(self, holder: torch.nn.Module) -> dict[str, Readout]:
         """Each enabled probe's readout of its window over all ranks (a collective: call it on
@@ -282,7 +308,36 @@ class ProbeSet:
                     r = d.run(d.compute, self._group(d))
                     if r is not None:
                         readouts[d.name] = r
+        if self.tp is not None:
+            self._check_replicated(readouts)
         return self._shared(readouts) if self.stage_local else readouts
+
+    def _check_replicated(self, readouts: dict[str, Readout]) -> None:
+        """Under tensor parallelism: a probe whose statistics should be replicated over a
+        tensor-parallel group but differ between its ranks read a slice it could not place
+        (hidden features between a column- and a row-parallel layer, ...): it is disabled on
+        every rank, its readout dropped (a collective)."""
+        checked = [d for d in self.drivers if not d.probe.tp_sharded]
+        prints = [
+            _tensor_parallel.fingerprint(d._reduced.state_dict())
+            if d.name in readouts and d._reduced is not None
+            else torch.zeros(2, dtype=torch.float64)
+            for d in checked
+        ]
+        differ = _tensor_parallel.differing(self.tp, prints, self.process_group)
+        for d, bad in zip(checked, differ):
+            if bad and not d.disabled:
+                readouts.pop(d.name, None)
+                d.fail(
+                    ValueError(
+                        f"{d.probe!r} read different values on the ranks of a tensor-parallel "
+                        f"group at {d.probe.paths}: a slice of the heads, hidden features, "
+                        "vocabulary or sequence it cannot place (tensor-parallel modules: "
+                        f"{self.tp.summary()}). Watch a replicated activation (the residual "
+                        "stream), a DTensor one (a SequenceParallel module's output) or a "
+                        "ColwiseParallel module's own output"
+                    )
+                )
 
     def _shared(self, readouts: dict[str, Readout]) -> dict[str, Readout]:
         """Add the metrics, histograms and (of the probes whose pictures are drawn) pictures'
@@ -312,8 +367,14 @@ class ProbeSet:
         return {d.name: received[d.name] for d in self.everywhere if d.name in received}
 
     def _group(self, d: ProbeDriver):
-        """The group ``d`` reduces over: the ranks that hold its module."""
-        return self.process_group if d.group is None else d.group
+        """The group ``d`` reduces over: the ranks that hold its module; under tensor
+        parallelism, for statistics replicated over a tensor-parallel group, the ranks of this
+        rank's tensor-parallel coordinate."""
+        if d.group is not None:
+            return d.group
+        if self.tp is not None and not d.probe.tp_sharded:
+            return self.tp.data_group
+        return self.process_group
 
     def finish_windows(self) -> dict[MetricKey, float]:
         """After a log: the next windows; with an overhead budget, the cost the monitor measured

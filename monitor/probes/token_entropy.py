@@ -228,17 +228,25 @@ class TokenEntropy(Probe):
         self._head: nn.Linear | None = None  # found at attach
         self.label_shift = 0  # resolved at attach
         self._generator: torch.Generator | None = None  # made at attach (does not pickle)
+        self._gather_head = False
 
     def on_attach(self, setup, found) -> None:
         self.label_shift = label_shift(
             setup.model, [p for p, _ in found], self.target_shift, repr(self)
         )
-        # each rank draws its own rows (one seed on every rank would draw the same positions)
+        # each rank draws its own rows (one seed on every rank would draw the same positions);
+        # the ranks of a tensor-parallel group, which see one batch, draw the same
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        if setup.tensor_parallel is not None:
+            rank = setup.tensor_parallel.ranks[0]
         self._rank = rank
         self._generator = torch.Generator().manual_seed(self.seed + 1_000_003 * rank)
         if self.head is not None:
             self._head = self._find_head(setup.model)
+            # a tensor-parallel head: its weight gathered in the forward, which every rank of
+            # the group runs (under FSDP2 alone a head sharded there is refused below)
+            layout = setup.tensor_parallel
+            self._gather_head = layout is not None and layout.sharded_dim(self.head) is not None
         if self.rollout:
             ends = self.end_ids
             self.also_ends(_eos_ids(setup.model) if ends is None else ends)
@@ -392,7 +400,9 @@ class TokenEntropy(Probe):
         weight = bias = None
         low_rank = []
         if self._head is not None:  # (a LoRA head: its base weight and low-rank terms)
-            weight, bias, low_rank = linear_parts(self._head, f"head '{self.head}'")
+            weight, bias, low_rank = linear_parts(
+                self._head, f"head '{self.head}'", gather=self._gather_head
+            )
             parts = [weight, *(t for pair in low_rank for t in pair)]
             if any(type(t) is not torch.Tensor for t in parts) or not weight.numel():
                 raise call.error(

@@ -151,6 +151,10 @@ class AttentionEntropy(Probe):
         self._ever_seen = False
         self._steps = 0  # training steps recorded (to say when no attention was ever seen)
         self._roots = ""
+        # under tensor parallelism: (size, coordinate) of the group and the modules whose
+        # heads it shards (column-parallel q/k/v inside); made at attach
+        self._tp: tuple[int, int] | None = None
+        self._head_sharded: set[int] = set()
 
     def new_window(self) -> Window:
         # per layer "<layer>": the window's sums; "<layer>/step" this step's, kept as
@@ -171,6 +175,7 @@ class AttentionEntropy(Probe):
         readable = any(
             MultiheadAttentionInputs.matches(sub) or EncoderLayerInputs.matches(sub) for sub in subs
         )
+        self._shard_heads(setup.tensor_parallel, found)
         if eager and self.extract is None and not readable:  # (said now, not at the first log)
             raise ValueError(
                 f"{self!r}: the transformers model in {self._roots} was loaded with "
@@ -178,6 +183,36 @@ class AttentionEntropy(Probe):
                 "probe does not see: load it with 'sdpa' or 'flex_attention' (the entropies are "
                 "the same), or pass extract="
             )
+
+    def _shard_heads(self, layout, found) -> None:
+        """Under tensor parallelism, the modules whose heads the group shards: those holding a
+        column-parallel (``Shard(0)``) projection. Each rank then keys its heads by their
+        global index (its coordinate times its head count, plus the local index) and the
+        window reduces over every rank; a layer that is not sharded counts on the group's first
+        rank only.
+
+        Raises:
+            ValueError: a column-parallel projection whose rows do not split evenly.
+        """
+        self._tp, self._head_sharded = None, set()
+        if layout is None:
+            return
+        colwise = [p for p in layout.placed if layout.sharded_dim(p) == 0]
+        for root_path, root in found:
+            for path, sub in named_modules(root, root_path).items():
+                inside = [c for c in colwise if c == path or c.startswith(f"{path}.") or not path]
+                for c in inside:
+                    rows = sub.get_submodule(c[len(path) + 1 :] if path else c).weight.shape[0]
+                    if rows % layout.size:
+                        raise ValueError(
+                            f"{self!r}: '{c}' ({layout.describe(c)}) splits {rows} rows over "
+                            f"{layout.size} tensor-parallel ranks unevenly: its heads cannot be "
+                            "numbered"
+                        )
+                if inside:
+                    self._head_sharded.add(id(sub))
+        self._tp = (layout.size, layout.coordinate)
+        self.tp_sharded = bool(self._head_sharded)
 
     def attach_hooks(self, found, recorder) -> None:
         if self.extract is not None:
@@ -211,8 +246,14 @@ class AttentionEntropy(Probe):
     # ----------------------------------------------------------------- hot path
     def update(self, window, value, call) -> None:
         layer = layer_name(call.path)
+        shard = None
+        if self.tp_sharded:  # under tensor parallelism: this rank's heads, or the first rank
+            if id(call.module) in self._head_sharded:
+                shard = self._tp
+            elif self._tp[1]:
+                return
         if isinstance(value, Scores):
-            self._add_scores(window, layer, value)
+            self._add_scores(window, layer, value, shard)
             return
         if not isinstance(value, Probabilities):  # from extract: probs or (probs, allowed)
             value = (
@@ -223,7 +264,7 @@ class AttentionEntropy(Probe):
             c = causal_allowed(value.probs.shape[-2], value.probs.shape[-1], value.probs.device)
             allowed = c if allowed is None else allowed & c
         H_i, n = entropy_from_probs(value.probs.detach(), allowed)
-        self._add(window, layer, H_i, n, None)
+        self._add(window, layer, H_i, n, None, shard)
 
     def _sample(self, length: int, device) -> list[torch.Tensor]:
         """Query rows to recompute: a sorted random sample, or all rows in chunks of 256."""
@@ -232,7 +273,7 @@ class AttentionEntropy(Probe):
         idx = torch.randperm(length, generator=self._generator)[: self.queries].sort().values
         return [to_device(idx, device)]
 
-    def _add_scores(self, window, layer: str, s: Scores) -> None:
+    def _add_scores(self, window, layer: str, s: Scores, shard) -> None:
         """Entropy of sampled query rows of ``softmax(q k' * scale + mask)``."""
         q, k = s.q, s.k
         H, L = q.shape[1], q.shape[2]
@@ -263,9 +304,9 @@ class AttentionEntropy(Probe):
                 ok = ok & ~torch.isneginf(logits)  # a score_mod that masks with -inf
             H_i, n = entropy_from_logits(logits, ok)
             max_logit = torch.where(ok.expand_as(scaled), scaled.abs(), 0.0).amax()
-            self._add(window, layer, H_i, n, max_logit)
+            self._add(window, layer, H_i, n, max_logit, shard)
 
-    def _add(self, window, layer, H_i, n, max_logit) -> None:
+    def _add(self, window, layer, H_i, n, max_logit, shard=None) -> None:
         self._ever_seen = True
         stat = window[layer]
         real = n >= 1
@@ -277,6 +318,12 @@ class AttentionEntropy(Probe):
         if max_logit is not None:
             max_logit = torch.where(torch.isfinite(max_logit), max_logit, -float("inf"))
         sums = HeadEntropy.sums(H_i, n)  # (once, for the window and for the step)
+        if shard is not None:  # this rank's heads among the group's: zeros for the others'
+            size, coordinate = shard
+            local = sums.shape[1]
+            sums = torch.nn.functional.pad(
+                sums, (coordinate * local, (size - 1 - coordinate) * local)
+            )
         try:
             stat.add(sums, max_logit, skipped)
             window[f"{layer}/step"].add(sums)
