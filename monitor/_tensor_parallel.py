@@ -37,7 +37,8 @@ class TensorParallel:
         placed: module path -> ``{parameter name: placements}`` of its tensor-parallel
             parameters (modules ``distribute_module`` marked, or holding such a ``DTensor``).
         data_group: the ranks with this rank's tensor-parallel coordinate (one per group), over
-            which replicated statistics reduce; set by :meth:`agree`.
+            which replicated statistics reduce; groups: every rank's tensor-parallel group;
+            both set by :func:`agree`.
     """
 
     def __init__(self, mesh, placed: dict[str, dict[str, tuple]]) -> None:
@@ -73,46 +74,67 @@ class TensorParallel:
         mine = self.placed.get(path, {})
         return "; ".join(f"{n} {p}" for n, p in mine.items()) or "no parameters of its own"
 
+    def sliced(self, module: nn.Module | None, path: str, where: str | None) -> int | None:
+        """The whole size of the last dimension when a call's ``where`` (``"output"`` or
+        ``"input"``) is the module's slice of it: a column-parallel ``nn.Linear``'s output
+        (weight ``Shard(0)``), a row-parallel one's input (``Shard(1)``), a column-parallel
+        ``nn.Embedding``'s output (``Shard(1)``); else None."""
+        dim = self.sharded_dim(path)
+        if dim is None or where is None:
+            return None
+        shape = module.weight.shape  # (the DTensor's global shape)
+        if isinstance(module, nn.Embedding):
+            return shape[1] if where == "output" and dim == 1 else None
+        if isinstance(module, nn.Linear):
+            if (where, dim) in (("output", 0), ("input", 1)):
+                return shape[dim]
+        return None
+
     @torch.no_grad()
-    def whole(self, value: Any, module: nn.Module | None, path: str, where: str, owner) -> Any:
-        """The whole value of one call: a ``DTensor`` on the group's mesh gathered, a column-
-        parallel module's output or a row-parallel module's input joined over its last
-        dimension; other values as they are (a collective where it gathers).
+    def whole(self, value: Any, module: nn.Module | None, path: str, where: str | None, owner):
+        """The whole value of one call: a ``DTensor`` on the group's mesh gathered, a slice
+        :meth:`sliced` names joined over its last dimension (evenly split or not, as
+        ``torch.chunk`` splits); other values as they are (a collective where it gathers).
 
         Raises:
-            ValueError: a ``DTensor`` on another mesh, or a local slice whose size does not
-                give the module's whole features.
+            ValueError: a ``DTensor`` on another mesh, or a local slice whose size is not this
+                rank's share of the module's features.
         """
         if is_sharded(value):
             mesh = value.device_mesh
             if mesh.ndim != 1 or tuple(mesh.mesh.flatten().tolist()) != self.ranks:
                 raise ValueError(
                     f"{owner!r} read a DTensor at '{path}' on mesh "
-                    f"{value.device_mesh.mesh_dim_names or tuple(value.device_mesh.shape)} "
-                    f"(placements {tuple(value.placements)}), not the tensor-parallel mesh of "
-                    "its parameters: it cannot be gathered exactly"
+                    f"{mesh.mesh_dim_names or tuple(mesh.shape)} (placements "
+                    f"{tuple(value.placements)}), not the tensor-parallel mesh of its "
+                    "parameters: it cannot be gathered exactly"
                 )
             return value.full_tensor()
-        split = {"output": 0, "input": 1}.get(where)
-        if (
-            module is None
-            or split is None
-            or self.sharded_dim(path) != split
-            or not isinstance(value, torch.Tensor)
-            or not value.is_floating_point()
-        ):
+        features = None if module is None else self.sliced(module, path, where)
+        if features is None or not isinstance(value, torch.Tensor):
             return value
+        if not value.is_floating_point() or value.shape[-1] == features:
+            return value  # (not features; or the style's own hook gathered them already)
+        chunk = -(-features // self.size)  # (torch.chunk's split, which Shard follows)
+        mine = max(0, min(chunk, features - self.coordinate * chunk))
+        if value.shape[-1] != mine:
+            raise ValueError(
+                f"{owner!r}: the {where} of '{path}' ({tuple(value.shape)}) is not this rank's "
+                f"share ({mine}) of its {features} tensor-parallel features (placements "
+                f"{self.describe(path)})"
+            )
         from torch.distributed.tensor import DTensor, Shard
 
-        features = module.weight.shape[split]  # (the DTensor's global shape)
-        if value.shape[-1] == features:  # (the style's own hook gathered it: output_layouts)
-            return value
-        if value.shape[-1] * self.size != features:
-            raise ValueError(
-                f"{owner!r}: the {where} of '{path}' ({tuple(value.shape)}) is not a slice of "
-                f"its {features} tensor-parallel features (placements {self.describe(path)})"
-            )
-        local = DTensor.from_local(value.contiguous(), self.mesh, [Shard(value.ndim - 1)])
+        shape = (*value.shape[:-1], features)
+        stride = torch.empty(shape, device="meta").stride()
+        local = DTensor.from_local(
+            value.contiguous(),
+            self.mesh,
+            [Shard(value.ndim - 1)],
+            run_check=False,
+            shape=shape,
+            stride=stride,
+        )
         return local.full_tensor()
 
 
@@ -186,8 +208,9 @@ def _fsdp2_params(named: dict[str, nn.Module]) -> tuple[set[int], set[int], dict
                 spmd.add(id(fp.sharded_param))
             elif getattr(fp, "is_dtensor", False) and specs is not None:
                 spec = getattr(fp, "_unsharded_dtensor_spec", None)
-                specs = None if spec is None else specs
-                if spec is not None:
+                if spec is None:
+                    specs = None
+                else:
                     specs[id(fp.sharded_param)] = (spec.mesh, tuple(spec.placements))
     return managed, spmd, specs
 
@@ -203,6 +226,11 @@ def agree(layout: TensorParallel | None, group=None) -> None:
     groups = _dist.all_gather_object(None if layout is None else layout.ranks, group)
     if all(g is None for g in groups):
         return
+    if group not in (None, torch.distributed.group.WORLD):
+        raise ValueError(
+            "CollapseMonitor: tensor parallelism needs the monitor on the default process "
+            "group (process_group=None)"
+        )
     world = _dist.world_size(group)
     unique = sorted({g for g in groups if g is not None})
     flat = sorted(r for g in unique for r in g)
@@ -219,23 +247,29 @@ def agree(layout: TensorParallel | None, group=None) -> None:
             layout.data_group = made
 
 
-def fingerprint(state: dict) -> torch.Tensor:
-    """Two float64 numbers that differ when two windows' statistics do: per tensor, the log of
-    its total magnitude and its cosine-weighted sum relative to that magnitude (scale-free, so
-    that a sentinel such as a step counter's maximum does not swamp the others)."""
-    total = torch.zeros(2, dtype=torch.float64)
+def fingerprint(state: dict) -> list[float]:
+    """Three numbers per tensor (or number) of a window's state that differ when two windows'
+    statistics do: the log of its magnitude, its cosine-weighted sum relative to that
+    magnitude (scale-free), and its NaN count; compared tensor by tensor (:func:`differing`).
+    A large tensor is sampled (a slice of other features differs everywhere)."""
+    out = []
     for i, (_, t) in enumerate(sorted(_tensors(state), key=lambda kv: kv[0])):
-        x = t.detach().reshape(-1)
-        x = x[:: x.numel() // 65536 + 1]  # (a slice differs everywhere: a sample tells it)
-        x = x.to("cpu", torch.float64).nan_to_num(0.0, 1e300, -1e300)
+        x = torch.as_tensor(t).detach().reshape(-1)
+        x = x[:: x.numel() // 65536 + 1].to("cpu", torch.float64)
+        nans = x.isnan().sum()
+        x = x.nan_to_num(0.0, 1e300, -1e300)
         w = torch.cos(torch.arange(x.numel(), dtype=torch.float64) * 0.7 + i)
         size = x.abs().sum()
-        total += torch.stack([torch.log1p(size), (x * w).sum() / size.clamp_min(1e-300)])
-    return total
+        out += [
+            float(torch.log1p(size)),
+            float((x * w).sum() / size.clamp_min(1e-300)),
+            float(nans),
+        ]
+    return out
 
 
 def _tensors(state, prefix: str = ""):
-    if isinstance(state, torch.Tensor):
+    if isinstance(state, (torch.Tensor, int, float)) and not isinstance(state, bool):
         yield prefix, state
     elif isinstance(state, dict):
         for k, v in state.items():
@@ -245,21 +279,27 @@ def _tensors(state, prefix: str = ""):
             yield from _tensors(v, f"{prefix}/{k}")
 
 
-def differing(layout: TensorParallel, prints: list[torch.Tensor], group=None) -> list[bool]:
+def differing(layout: TensorParallel, prints: list[list[float] | None], group=None) -> list[bool]:
     """For each probe, whether the ranks of some tensor-parallel group hold different
-    statistics (``prints``: each probe's :func:`fingerprint` on this rank; a collective)."""
-    if not prints:
-        return []
-    mine = torch.stack(prints).to(_dist.collective_device(group))
-    every = _dist.all_gather_rows(mine, [mine.shape[0]] * _dist.world_size(group), group)
+    statistics (``prints``: each probe's :func:`fingerprint` on this rank, None where its
+    readout failed here: not compared, the failure disables it everywhere at the next log; a
+    collective).
+
+    Each number is compared alone, to ``1e-6 (1 + |value|)``: a replicated value may differ in
+    its last digits (atomics in a GPU reduction); a slice of other features differs by far
+    more."""
+    every = _dist.all_gather_object(prints, group)
     out = [False] * len(prints)
     for g in layout.groups:
-        base = every[g[0]].cpu()
-        for r in g[1:]:
-            other = every[r].cpu()
-            # (a replicated value can differ in its last digits: atomics in a GPU reduction)
-            bad = ((base - other).abs() > 1e-6 * (1 + base.abs())).any(1)
-            out = [o or bool(b) for o, b in zip(out, bad)]
+        for i in range(len(prints)):
+            mine = [every[r][i] for r in g]
+            if any(p is None for p in mine):
+                continue
+            base = mine[0]
+            for other in mine[1:]:
+                out[i] |= len(other) != len(base) or any(
+                    abs(a - b) > 1e-6 * (1 + abs(a)) for a, b in zip(base, other)
+                )
     return out
 
 

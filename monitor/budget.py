@@ -138,7 +138,7 @@ class Budget:
             self.window_seconds -= time.perf_counter() - self._paused
             self._paused = None
 
-    def settle(self, drivers, everywhere, group=None) -> None:
+    def settle(self, drivers, everywhere, group=None, replicas: int | None = None) -> None:
         """At a log (on every rank: a collective): measure the window's overhead and set each
         driver's ``slower`` for the next window, the same on every rank. A rank whose own
         measure fails keeps its strides and still takes part.
@@ -147,9 +147,11 @@ class Budget:
             drivers: this rank's probe drivers (their ``meter``, ``window_steps``, ``slower``).
             everywhere: every probe's driver, also those living on other ranks only, in the
                 same order on every rank.
+            replicas: the ranks that see different data (default: the group's size; fewer
+                under tensor parallelism).
         """
         try:
-            wanted = self._wanted(drivers, _dist.world_size(group))
+            wanted = self._wanted(drivers, replicas or _dist.world_size(group))
         except Exception as exc:  # (the collective below must still be reached)
             log.warning("collapse monitor: the overhead budget could not measure: %s", exc)
             wanted = {}

@@ -172,6 +172,7 @@ class CollapseMonitor:
             with whole_parameters(model):  # FSDP: attach reads parameters' shapes
                 self.probe_info = info = self._probes.attach(setup)
                 placed = replace(setup, probes=info, tensor_parallel=self._probes.tp)
+                self.cadence.world = self._probes.replicas  # (a tensor-parallel group: one)
                 self._probes.agreed(self._mitigations.attach, placed)
             # after attach: a glob over several modules binds its rules to each module's keys
             defaults = config.default_rules

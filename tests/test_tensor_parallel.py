@@ -23,6 +23,7 @@ from torch import nn
 
 from collapse_monitor import CollapseMonitor, mitigations, probes
 from tests.dist import process_group, run_two
+from tests.probes.test_conventions import tiny
 
 D, HEADS, VOCAB, HIDDEN = 16, 4, 32, 32
 
@@ -177,9 +178,20 @@ def worker(rank, init, out_dir):
         out["redo"] = redo(parallelize_module(dormant(), tp, plan()), tp)
         # σReparam on a tensor-parallel layer: refused at construction, naming it
         sigma = mitigations.SigmaReparam("q", all_linear=True)
-        with pytest.raises(RuntimeError) as exc:
+        with pytest.raises(ValueError) as exc:
             CollapseMonitor(parallelize_module(Block(), tp, plan()), [], 1, mitigations=[sigma])
         out["sigma"] = str(exc.value)
+        with pytest.raises(ValueError) as exc:  # (a user's mitigation acting on the model)
+            CollapseMonitor(parallelize_module(Block(), tp, plan()), [], 1, mitigations=[Acting()])
+        out["child"] = str(exc.value)
+        # a probe that fails on one rank alone, inside a forward, between two of its gathers:
+        # that rank still makes the second (no hang, no gather paired with the model's own
+        # collectives), and the probe stops on every rank at the log
+        torch.manual_seed(0)
+        model = parallelize_module(Block(), tp, plan())
+        mon = CollapseMonitor(model, [FailsOnRank1("[qk]", name="qk")], 1)
+        out["failing"] = (train(model, mon, steps=2, mesh=tp), mon.probes[0].disabled)
+        mon.close()
         # rank 0's reduced state, saved inside the window and loaded into a fresh monitor on
         # every rank: the log equals the uninterrupted run's
         torch.manual_seed(0)
@@ -243,6 +255,21 @@ class Counting(mitigations.Mitigation):
         return []
 
 
+class FailsOnRank1(probes.RepresentationRank):
+    """Fails in its updates on rank 1 (after each call's gather)."""
+
+    def update(self, window, value, call):
+        if torch.distributed.get_rank() == 1:
+            raise RuntimeError("rank 1 only")
+        super().update(window, value, call)
+
+
+class Acting(Counting):
+    """A user's own mitigation that says it acts on the whole model."""
+
+    paths = ("",)
+
+
 def close(a: dict, b: dict, rel=1e-6) -> list:
     return [(k, a[k], b[k]) for k in a if abs(a[k] - b[k]) > rel * max(abs(a[k]), abs(b[k]), 1e-3)]
 
@@ -282,6 +309,8 @@ def test_tensor_parallel_gives_the_numbers_of_one_process(tmp_path):
             "'q' is tensor-parallel (its weight a DTensor with placements (Shard(dim=0),))"
             in (out["sigma"])
         )
+        failing, disabled = out["failing"]
+        assert disabled and not [k for k in failing if k.startswith("collapse/qk/")]
         # ReDo on a column- and a row-parallel layer: the change of one process, read back
         logged, weights, moments = out["redo"]
         assert logged["collapse/mitigations/redo"] == ref_redo[0]["collapse/mitigations/redo"] == 5
@@ -295,23 +324,6 @@ def test_tensor_parallel_gives_the_numbers_of_one_process(tmp_path):
 
 
 pytest.importorskip("torch.distributed.tensor.parallel")
-
-
-def llama():
-    """A transformers Llama from a config: GQA (4 query heads, 2 key-value heads), SDPA."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        attn_implementation="sdpa",
-    )
-    return LlamaForCausalLM(config)
 
 
 def llama_inputs():
@@ -333,7 +345,7 @@ def llama_probes():
     ]
 
 
-def llama_log(model, mesh=None):
+def llama_log(model):
     mon = CollapseMonitor(model, llama_probes(), 1)
     ids, mask = llama_inputs()
     with mon.observe(), torch.no_grad():
@@ -365,6 +377,54 @@ def sequence_log(model):
     return {k: v for k, v in logged.items() if k.startswith("collapse/")}
 
 
+def odd():
+    torch.manual_seed(0)
+    return nn.ModuleDict(
+        {"rows": nn.Embedding(64, D), "cols": nn.Embedding(64, D), "head": nn.Linear(D, 63)}
+    )
+
+
+def odd_plan():
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    # (RowwiseParallel on an embedding, as torchtitan writes it: Shard(0) rows, replicated ids
+    # and output; ColwiseParallel: Shard(1), a slice of each vector; on the head: 32 and 31 of
+    # 63 columns)
+    rows = RowwiseParallel(input_layouts=Replicate())
+    return {"rows": rows, "cols": ColwiseParallel(), "head": ColwiseParallel()}
+
+
+def odd_log(model):
+    watched = [
+        probes.RepresentationRank("rows", name="rows"),
+        probes.RepresentationRank("cols", name="cols"),
+        probes.LogitHealth("head", name="logits", nlm=False),
+    ]
+    mon = CollapseMonitor(model, watched, 1)
+    ids = torch.randint(0, 64, (4, 6), generator=torch.Generator().manual_seed(3))
+    with mon.observe(), torch.no_grad():
+        model["rows"](ids)
+        model["cols"](ids)
+        model["head"](batch()[0] * 5)
+    logged = mon.step()
+    mon.close()
+    return {k: v for k, v in logged.items() if k.startswith("collapse/")}
+
+
+def mixed_log(model):
+    mon = CollapseMonitor(
+        model, [probes.AttentionEntropy("model.layers.*.self_attn", queries=3, name="a")], 1
+    )
+    ids, mask = llama_inputs()
+    with mon.observe(), torch.no_grad():
+        for _ in range(2):  # (two calls per layer: the draws must stay in step)
+            model(input_ids=ids, attention_mask=mask)
+    logged = mon.step()
+    mon.close()
+    return {k: v for k, v in logged.items() if k.startswith("collapse/")}
+
+
 def llama_worker(rank, init, out_dir):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import (
@@ -376,7 +436,7 @@ def llama_worker(rank, init, out_dir):
     with process_group(rank, init, world=2):
         torch.set_num_threads(1)
         tp = init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
-        model = llama()
+        model = tiny("Llama")  # GQA: 4 query heads, 2 key-value heads; SDPA
         for layer in model.model.layers:
             parallelize_module(
                 layer,
@@ -406,14 +466,28 @@ def llama_worker(rank, init, out_dir):
             },
         )
         out["sequence"] = sequence_log(model)
+        # an odd vocabulary (uneven slices); embeddings split both ways
+        out["odd"] = odd_log(parallelize_module(odd(), tp, odd_plan()))
+        # only the second layer tensor-parallel, sampled query rows: the same rows on each rank
+        model = tiny("Llama")
+        parallelize_module(
+            model.model.layers[1],
+            tp,
+            {
+                **{f"self_attn.{p}_proj": ColwiseParallel() for p in "qkv"},
+                "self_attn.o_proj": RowwiseParallel(),
+            },
+        )
+        out["mixed"] = mixed_log(model)
         torch.save(out, os.path.join(out_dir, f"llama{rank}.pt"))
 
 
 def test_a_transformers_llama_and_sequence_parallelism_give_the_numbers_of_one_process(tmp_path):
     pytest.importorskip("transformers")
-    ref = llama_log(llama())
+    ref = llama_log(tiny("Llama"))
     assert "collapse/attention/model.layers.1.self_attn/entropy/head_3" in ref
     seq = sequence_log(sequential())
+    odd_ref, mixed_ref = odd_log(odd()), mixed_log(tiny("Llama"))
     seq = {k: v for k, v in seq.items() if "/rows/" not in k}
     for out in run_two(llama_worker, tmp_path, "llama", world=2):
         got = out["llama"]
@@ -426,3 +500,7 @@ def test_a_transformers_llama_and_sequence_parallelism_give_the_numbers_of_one_p
         assert got.pop("collapse/errors") == seq.pop("collapse/errors", 0.0) + 1
         got = {k: v for k, v in got.items() if "/rows/" not in k}
         assert set(got) == set(seq) and not close(seq, got), close(seq, got)
+        for name, mine in (("odd", odd_ref), ("mixed", mixed_ref)):
+            got = out[name]
+            assert got.get("collapse/errors", 0.0) == 0.0, name
+            assert set(got) == set(mine) and not close(mine, got), (name, close(mine, got))

@@ -76,6 +76,7 @@ class Reparametrization(Mitigation):
         self.applied: list[str] = []  # "<module path>:<parameter name>", in application order
         self.param_order: list[str] | None = None  # model.named_parameters() before any change
         self.announced = False  # the application at start is logged as an event at the first log
+        self._tp = None  # the model's tensor-parallel layout (set at attach)
         # (new parameters, the original weight whose param group they join)
         self._pending: list[tuple[list[nn.Parameter], nn.Parameter]] = []
 
@@ -108,6 +109,7 @@ class Reparametrization(Mitigation):
     def attach(self, setup) -> None:
         super().attach(setup)
         self.model, self.process_group = setup.model, setup.process_group
+        self._tp = setup.tensor_parallel
         self.targets = resolve_modules(self.model, self.module, owner=repr(self))
         if not any(self.weights(p, m) for p, m in self.targets):
             raise ValueError(self.no_weights())
@@ -132,12 +134,12 @@ class Reparametrization(Mitigation):
         if parametrize.is_parametrized(mod, pname):
             return False
         weight = getattr(mod, pname, None)
-        if getattr(mod, "_distribute_module_applied", False):  # (parallelize_module's mark)
-            raise RuntimeError(
+        placed = None if self._tp is None else self._tp.placed.get(path, {}).get(pname)
+        if placed is not None:
+            raise ValueError(
                 f"{self!r}: '{path}' is tensor-parallel (its {pname} a DTensor with placements "
-                f"{tuple(getattr(weight, 'placements', ()))}): {self.what} is not applied to "
-                "tensor-parallel layers (its spectral norm would need the whole weight at "
-                "every step); leave them out of the selection"
+                f"{placed}): {self.what} is not applied to tensor-parallel layers (it would "
+                "need the whole weight at every step); leave them out of the selection"
             )
         if is_sharded(weight) or is_fsdp_flattened(weight) or fsdp_roots(self.model):
             raise RuntimeError(

@@ -75,11 +75,13 @@ class MitigationRunner:
         layout = setup.tensor_parallel
         if layout is None or m.through_tensor_parallel:
             return
-        for path in m.paths:
-            if any(x.is_shard() for ps in layout.placed.get(path, {}).values() for x in ps):
+        for path, mine in layout.placed.items():
+            inside = [p for p in m.paths if not p or path == p or path.startswith(f"{p}.")]
+            if inside and any(x.is_shard() for ps in mine.values() for x in ps):
                 raise ValueError(
-                    f"{m!r}: '{path}' is sharded by tensor parallelism ({layout.describe(path)}); "
-                    f"{type(m).__name__} does not write tensor-parallel shards: leave it out"
+                    f"{m!r}: '{path}' (in '{inside[0]}') is sharded by tensor parallelism "
+                    f"({layout.describe(path)}); {type(m).__name__} does not write "
+                    "tensor-parallel shards: leave it out"
                 )
 
     def attach(self, setup: Setup) -> None:

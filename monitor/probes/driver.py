@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import _dist
+from .. import _dist, _tensor_parallel
 from .._modules import resolve_modules
 from .._sharding import is_sharded
 from ..contracts import Component, Readout, Recording, Setup
@@ -101,6 +101,7 @@ class ProbeDriver(Component, Recorder):
         # the ranks holding the module, when only some do (pipeline stages; None: all)
         self.group = None
         self.tp = None  # the model's tensor parallelism (_tensor_parallel.TensorParallel)
+        self.stopped = False  # disabled on every rank (agreed at a log)
         self.slower = 1  # its cadence stride times this (an overhead budget's, agreed by ranks)
 
     def __repr__(self) -> str:
@@ -121,6 +122,7 @@ class ProbeDriver(Component, Recorder):
         """
         probe = self.probe
         self.strict = setup.strict
+        self.tp = setup.tensor_parallel
         try:
             found = resolve_modules(setup.model, probe.module, owner=repr(probe))
         except KeyError:
@@ -197,6 +199,16 @@ class ProbeDriver(Component, Recorder):
     def _on_forward(self, path, module, args, kwargs, output) -> None:
         if self._active:
             self.guarded(self._read_and_record, Call(self, path, module, args, kwargs, output))
+        elif self._gathering:  # failed on this rank alone so far: its group's gathers go on
+            with contextlib.suppress(Exception), torch.no_grad():
+                self._read_and_record(Call(self, path, module, args, kwargs, output))
+
+    @property
+    def _gathering(self) -> bool:
+        """Under tensor parallelism, a probe that failed on this rank still makes the gathers
+        of the calls it would have recorded (:meth:`record`), until the ranks agree at a log
+        that it stopped: the other ranks of its group wait in them."""
+        return self.tp is not None and self._recording is not None and not self.stopped
 
     def _read_and_record(self, call: Call) -> None:
         probe = self.probe
@@ -235,6 +247,8 @@ class ProbeDriver(Component, Recorder):
         if self.tp is not None:
             where = None if self.probe.extract is not None else self.probe.read
             value = self.tp.whole(value, call.module, call.path, where, self.probe)
+            if not self._active:  # (only the gather: see _gathering)
+                return
         elif is_sharded(value):
             raise ValueError(
                 f"{self.probe!r} read a DTensor at '{call.path}' (placements "
@@ -373,6 +387,11 @@ class ProbeDriver(Component, Recorder):
         agreed = self.probe.exchange(self.window, group)
         if agreed is not None:
             self.rows_per_step = agreed
+
+    def fingerprint(self) -> list[float]:
+        """Numbers that differ when two ranks' reduced windows of the last readout do
+        (:func:`~collapse_monitor._tensor_parallel.fingerprint`)."""
+        return _tensor_parallel.fingerprint(self._reduced.state_dict())
 
     def step_values(self) -> dict[str | None, dict[str, torch.Tensor]]:
         """The probe's :meth:`Probe.step_values` of this step, per module scope."""

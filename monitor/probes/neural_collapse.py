@@ -9,7 +9,7 @@ from torch import nn
 
 from .. import _dist
 from .._adapters import applied, effective_weight, is_linear, linear_parts
-from .._modules import resolve_modules
+from .._modules import named_modules, resolve_modules
 from .._sharding import is_partitioned, is_sharded, shape_of
 from ..cadence import per_class
 from ..contracts import Readout
@@ -178,6 +178,7 @@ class NeuralCollapse(Probe):
         self._shards: tuple[int, int] | None = None  # (rank, world) once attached with shards
         self._agreed_rows: int | None = None  # rows per step, the same on every rank
         self.classifier: nn.Module | None = None  # an nn.Linear or a PEFT LoRA Linear
+        self._sliced_logits = False  # a tensor-parallel classifier (set at attach)
         self._applied: tuple | None = None  # (parameter versions, W, b) of the classifier
         # lagged NC4: the classes the last window used, their means and squared norms
         self._lag: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -219,6 +220,20 @@ class NeuralCollapse(Probe):
             self.classifier = cls[0][1]
         elif self.read == "input" and is_linear(mod) and self.ncc:
             self.classifier = mod
+        self._sliced_logits = False
+        if self.classifier is not None and setup.tensor_parallel is not None:
+            # a vocabulary-parallel classifier: each rank holds a slice of its logits and
+            # weight in the forward, and NC4 would need them whole there (a collective in the
+            # hot path): the lagged NC4 is left out, the readout's classifier metrics are whole
+            path = next(p for p, m in named_modules(setup.model).items() if m is self.classifier)
+            if setup.tensor_parallel.sharded_dim(path) is not None:
+                self._sliced_logits = True
+                log.warning(
+                    "%r: the classifier '%s' is tensor-parallel: NC4 (ncc_mismatch_lagged) is "
+                    "not computed",
+                    self,
+                    path,
+                )
         if self.classifier is not None:  # (an adapter whose map it cannot read: refused now)
             shape = shape_of(linear_parts(self.classifier, f"{self!r}: classifier")[0])
             if shape[0] != self.num_classes:
@@ -287,7 +302,12 @@ class NeuralCollapse(Probe):
         counts.add("out_of_range", bad.sum())  # skipped and counted: bad rows, not a bad probe
         valid &= ~bad
         window["moments"].update(x, y, valid)
-        if self._lag is not None and self.classifier is not None and self.ncc_max_rows:
+        if (
+            self._lag is not None
+            and self.classifier is not None
+            and self.ncc_max_rows
+            and not self._sliced_logits
+        ):
             self._update_ncc(counts, x, y, valid, logits)
 
     def _update_ncc(self, counts, x, y, valid, logits) -> None:

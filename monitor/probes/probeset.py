@@ -85,8 +85,6 @@ class ProbeSet:
         def local() -> list:
             self.tp = _tensor_parallel.find(named_modules(setup.model))
             placed = dataclasses.replace(setup, tensor_parallel=self.tp)
-            for d in self.drivers:
-                d.tp = self.tp
             return [d.attach(placed, elsewhere_ok=distributed) for d in self.drivers]
 
         here = self.agreed(local) if distributed else local()
@@ -279,6 +277,8 @@ class ProbeSet:
         for c, flag in zip(owners, flags.tolist()):
             c.disabled = c.disabled or bool(flag)
         self._stopped = {d for d in self.drivers if d.disabled}
+        for d in self._stopped:
+            d.stopped = True
 
     def _same_tensor_parallel(self, named: dict) -> None:
         """Raise when the model's tensor parallelism is not the one the probes were built on
@@ -318,12 +318,7 @@ class ProbeSet:
         (hidden features between a column- and a row-parallel layer, ...): it is disabled on
         every rank, its readout dropped (a collective)."""
         checked = [d for d in self.drivers if not d.probe.tp_sharded]
-        prints = [
-            _tensor_parallel.fingerprint(d._reduced.state_dict())
-            if d.name in readouts and d._reduced is not None
-            else torch.zeros(2, dtype=torch.float64)
-            for d in checked
-        ]
+        prints = [d.fingerprint() if d.name in readouts else None for d in checked]
         differ = _tensor_parallel.differing(self.tp, prints, self.process_group)
         for d, bad in zip(checked, differ):
             if bad and not d.disabled:
@@ -366,6 +361,11 @@ class ProbeSet:
         received.update(readouts)  # (this rank's own: with their masks and pictures)
         return {d.name: received[d.name] for d in self.everywhere if d.name in received}
 
+    @property
+    def replicas(self) -> int:
+        """The ranks that see different data: the world, over the tensor-parallel group size."""
+        return _dist.world_size(self.process_group) // (1 if self.tp is None else self.tp.size)
+
     def _group(self, d: ProbeDriver):
         """The group ``d`` reduces over: the ranks that hold its module; under tensor
         parallelism, for statistics replicated over a tensor-parallel group, the ranks of this
@@ -380,7 +380,7 @@ class ProbeSet:
         """After a log: the next windows; with an overhead budget, the cost the monitor measured
         (its metrics) and the strides of the next window (a collective)."""
         if self.budget is not None:  # (while the windows still count their steps)
-            self.budget.settle(self.drivers, self.everywhere, self.process_group)
+            self.budget.settle(self.drivers, self.everywhere, self.process_group, self.replicas)
         for d in self.drivers:
             if not d.disabled:
                 d.run(d.finish_window, self._group(d))

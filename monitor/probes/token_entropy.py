@@ -400,9 +400,12 @@ class TokenEntropy(Probe):
         weight = bias = None
         low_rank = []
         if self._head is not None:  # (a LoRA head: its base weight and low-rank terms)
-            weight, bias, low_rank = linear_parts(
-                self._head, f"head '{self.head}'", gather=self._gather_head
-            )
+            # (a 1-D tensor-parallel DTensor: the group runs this forward together; FSDP2's
+            # shard of a unit of its own is refused below)
+            w = self._head.weight
+            gather = self._gather_head and getattr(w, "device_mesh", None) is not None
+            gather = gather and w.device_mesh.ndim == 1
+            weight, bias, low_rank = linear_parts(self._head, f"head '{self.head}'", gather=gather)
             parts = [weight, *(t for pair in low_rank for t in pair)]
             if any(type(t) is not torch.Tensor for t in parts) or not weight.numel():
                 raise call.error(

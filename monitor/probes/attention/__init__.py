@@ -5,6 +5,7 @@ or as explicit probabilities through ``extract=``."""
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from ..._adapters import adapted_path
 from ..._modules import named_modules
@@ -27,6 +28,7 @@ from .scores import Probabilities, Scores
 from .sdpa import SDPACalls
 
 _F64 = torch.float64
+_LEFT_OUT = (0, -1)  # a layer another rank of the tensor-parallel group counts
 
 
 def _is_probabilities(value) -> bool:
@@ -154,7 +156,7 @@ class AttentionEntropy(Probe):
         # under tensor parallelism: (size, coordinate) of the group and the modules whose
         # heads it shards (column-parallel q/k/v inside); made at attach
         self._tp: tuple[int, int] | None = None
-        self._head_sharded: set[int] = set()
+        self._head_sharded: dict[int, set[int]] = {}
 
     def new_window(self) -> Window:
         # per layer "<layer>": the window's sums; "<layer>/step" this step's, kept as
@@ -185,32 +187,26 @@ class AttentionEntropy(Probe):
             )
 
     def _shard_heads(self, layout, found) -> None:
-        """Under tensor parallelism, the modules whose heads the group shards: those holding a
-        column-parallel (``Shard(0)``) projection. Each rank then keys its heads by their
-        global index (its coordinate times its head count, plus the local index) and the
-        window reduces over every rank; a layer that is not sharded counts on the group's first
-        rank only.
-
-        Raises:
-            ValueError: a column-parallel projection whose rows do not split evenly.
+        """Under tensor parallelism, the modules whose heads the group may shard: those with
+        a column-parallel (``Shard(0)``) ``nn.Linear`` child (q, k, v), with the children's
+        whole row counts. A call of such a module whose local heads times head size times the
+        group size is one of them (the query projection's) keys its heads by their global
+        index (its coordinate times its head count, plus the local index), and the window
+        reduces over every rank; another layer counts on the group's first rank only.
         """
-        self._tp, self._head_sharded = None, set()
+        self._tp, self._head_sharded = None, {}
         if layout is None:
             return
-        colwise = [p for p in layout.placed if layout.sharded_dim(p) == 0]
         for root_path, root in found:
             for path, sub in named_modules(root, root_path).items():
-                inside = [c for c in colwise if c == path or c.startswith(f"{path}.") or not path]
-                for c in inside:
-                    rows = sub.get_submodule(c[len(path) + 1 :] if path else c).weight.shape[0]
-                    if rows % layout.size:
-                        raise ValueError(
-                            f"{self!r}: '{c}' ({layout.describe(c)}) splits {rows} rows over "
-                            f"{layout.size} tensor-parallel ranks unevenly: its heads cannot be "
-                            "numbered"
-                        )
-                if inside:
-                    self._head_sharded.add(id(sub))
+                rows = {
+                    child.weight.shape[0]
+                    for name, child in sub.named_children()
+                    if isinstance(child, nn.Linear)
+                    and layout.sharded_dim(f"{path}.{name}" if path else name) == 0
+                }
+                if rows:
+                    self._head_sharded[id(sub)] = rows
         self._tp = (layout.size, layout.coordinate)
         self.tp_sharded = bool(self._head_sharded)
 
@@ -247,11 +243,23 @@ class AttentionEntropy(Probe):
     def update(self, window, value, call) -> None:
         layer = layer_name(call.path)
         shard = None
-        if self.tp_sharded:  # under tensor parallelism: this rank's heads, or the first rank
-            if id(call.module) in self._head_sharded:
+        if self.tp_sharded:  # under tensor parallelism: this rank's heads, or the first rank's
+            rows = self._head_sharded.get(id(call.module))
+            if rows is None:
+                # (computed and left out: the sampled query rows stay those of the others)
+                shard = _LEFT_OUT if self._tp[1] else None
+            else:
                 shard = self._tp
-            elif self._tp[1]:
-                return
+                if (
+                    isinstance(value, Scores)
+                    and value.q.shape[1] * value.q.shape[-1] * (self._tp[0]) not in rows
+                ):
+                    raise call.error(
+                        f"its {value.q.shape[1]} local heads of size {value.q.shape[-1]} on "
+                        f"each of {self._tp[0]} tensor-parallel ranks match none of its "
+                        f"column-parallel projections (rows {sorted(rows)}): the global heads "
+                        "cannot be numbered"
+                    )
         if isinstance(value, Scores):
             self._add_scores(window, layer, value, shard)
             return
@@ -308,6 +316,8 @@ class AttentionEntropy(Probe):
 
     def _add(self, window, layer, H_i, n, max_logit, shard=None) -> None:
         self._ever_seen = True
+        if shard is _LEFT_OUT:
+            return
         stat = window[layer]
         real = n >= 1
         finite = torch.isfinite(H_i)
