@@ -116,6 +116,15 @@ def reference(rows=slice(None), steps=2):
     return logged
 
 
+def nc4(model, mesh=None):
+    """NeuralCollapse's lagged NC4 (from the second window on): 4 steps, a log every 2."""
+    torch.manual_seed(0)
+    mon = CollapseMonitor(model, [probes.NeuralCollapse("head", VOCAB, name="nc")], 2)
+    logged = train(model, mon, steps=4, mesh=mesh)
+    mon.close()
+    return {k: v for k, v in logged.items() if k.startswith("collapse/nc/")}
+
+
 def dormant():
     """A block whose first 5 hidden units barely respond (ReDo's dormant neurons)."""
     torch.manual_seed(0)
@@ -175,6 +184,8 @@ def worker(rank, init, out_dir):
             mon = CollapseMonitor(model, [*watched(), *more], 2)
             out[name] = train(model, mon, mesh=tp)
             mon.close()
+        torch.manual_seed(0)
+        out["nc4"] = nc4(parallelize_module(Block(), tp, plan()), tp)
         out["redo"] = redo(parallelize_module(dormant(), tp, plan()), tp)
         # σReparam on a tensor-parallel layer: refused at construction, naming it
         sigma = mitigations.SigmaReparam("q", all_linear=True)
@@ -277,6 +288,9 @@ def close(a: dict, b: dict, rel=1e-6) -> list:
 def test_tensor_parallel_gives_the_numbers_of_one_process(tmp_path):
     ref = {k: v for k, v in reference().items() if k.startswith("collapse/")}
     ref_redo = redo(dormant())
+    torch.manual_seed(0)
+    ref_nc4 = nc4(Block())
+    assert "collapse/nc/ncc_mismatch_lagged" in ref_nc4
     quiet = reference(slice(0, 2), 1)
     quiet = {k: v for k, v in quiet.items() if k.startswith("collapse/") and "nlm" not in k}
     assert "collapse/attention/model/entropy/head_3" in ref
@@ -309,6 +323,8 @@ def test_tensor_parallel_gives_the_numbers_of_one_process(tmp_path):
             "'q' is tensor-parallel (its weight a DTensor with placements (Shard(dim=0),))"
             in (out["sigma"])
         )
+        # NC4 from the vocabulary-parallel head's logits, gathered with its input
+        assert not close(ref_nc4, out["nc4"]) and set(ref_nc4) == set(out["nc4"])
         failing, disabled = out["failing"]
         assert disabled and not [k for k in failing if k.startswith("collapse/qk/")]
         # ReDo on a column- and a row-parallel layer: the change of one process, read back

@@ -115,6 +115,10 @@ class Probe:
     #: slice of the statistics, keyed globally (attention heads): they reduce over every rank;
     #: else they are replicated over the group and reduce over the data-parallel ranks
     tp_sharded: bool = False
+    #: True when, under tensor parallelism, the probe also needs its module's whole output
+    #: beside the input it reads (NeuralCollapse's logits on a vocabulary-parallel head): the
+    #: monitor gathers it with the value, as ``call.output``
+    whole_output: bool = False
     #: whether its readout reads the model's parameters (the monitor then gathers FSDP shards)
     reads_parameters: bool = False
     #: what a mitigation may read of the probe at attach (see :meth:`describe`)

@@ -247,6 +247,10 @@ class ProbeDriver(Component, Recorder):
         if self.tp is not None:
             where = None if self.probe.extract is not None else self.probe.read
             value = self.tp.whole(value, call.module, call.path, where, self.probe)
+            if self.probe.whole_output:
+                call.output = self.tp.whole(
+                    call.output, call.module, call.path, "output", self.probe
+                )
             if not self._active:  # (only the gather: see _gathering)
                 return
         elif is_sharded(value):

@@ -178,7 +178,8 @@ class NeuralCollapse(Probe):
         self._shards: tuple[int, int] | None = None  # (rank, world) once attached with shards
         self._agreed_rows: int | None = None  # rows per step, the same on every rank
         self.classifier: nn.Module | None = None  # an nn.Linear or a PEFT LoRA Linear
-        self._sliced_logits = False  # a tensor-parallel classifier (set at attach)
+        # a tensor-parallel classifier: its logits gathered, or NC4 left out (set at attach)
+        self._sliced_logits = self.whole_output = False
         self._applied: tuple | None = None  # (parameter versions, W, b) of the classifier
         # lagged NC4: the classes the last window used, their means and squared norms
         self._lag: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -220,14 +221,18 @@ class NeuralCollapse(Probe):
             self.classifier = cls[0][1]
         elif self.read == "input" and is_linear(mod) and self.ncc:
             self.classifier = mod
-        self._sliced_logits = False
+        self._sliced_logits = self.whole_output = False
         if self.classifier is not None and setup.tensor_parallel is not None:
             # a vocabulary-parallel classifier: each rank holds a slice of its logits and
-            # weight in the forward, and NC4 would need them whole there (a collective in the
-            # hot path): the lagged NC4 is left out, the readout's classifier metrics are whole
+            # weight in the forward. The probed classifier's logits are gathered with the
+            # features (the driver's gather, NC4 from their argmax); a classifier elsewhere
+            # would need its weight whole in another module's forward: NC4 is left out there
             path = next(p for p, m in named_modules(setup.model).items() if m is self.classifier)
-            if setup.tensor_parallel.sharded_dim(path) is not None:
-                self._sliced_logits = True
+            sliced = setup.tensor_parallel.sharded_dim(path) is not None
+            own = self.classifier is mod and self.read == "input" and self.extract is None
+            self.whole_output = sliced and own
+            self._sliced_logits = sliced and not own
+            if self._sliced_logits:
                 log.warning(
                     "%r: the classifier '%s' is tensor-parallel: NC4 (ncc_mismatch_lagged) is "
                     "not computed",
