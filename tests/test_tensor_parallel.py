@@ -361,14 +361,20 @@ def llama_probes():
     ]
 
 
-def llama_log(model):
-    mon = CollapseMonitor(model, llama_probes(), 1)
-    ids, mask = llama_inputs()
+def one_log(model, watched, forward, calls=1):
+    """The collapse metrics of one log after ``calls`` observed ``forward()`` s (no grad)."""
+    mon = CollapseMonitor(model, watched, 1)
     with mon.observe(), torch.no_grad():
-        model(input_ids=ids, attention_mask=mask)
+        for _ in range(calls):
+            forward()
     logged = mon.step()
     mon.close()
     return {k: v for k, v in logged.items() if k.startswith("collapse/")}
+
+
+def llama_log(model):
+    ids, mask = llama_inputs()
+    return one_log(model, llama_probes(), lambda: model(input_ids=ids, attention_mask=mask))
 
 
 def sequential():
@@ -385,12 +391,7 @@ def sequence_log(model):
         probes.LogitHealth("3", name="logits", nlm=False),
         probes.RepresentationRank("1", name="rows"),
     ]
-    mon = CollapseMonitor(model, watched, 1)
-    with mon.observe(), torch.no_grad():
-        model(batch()[0])
-    logged = mon.step()
-    mon.close()
-    return {k: v for k, v in logged.items() if k.startswith("collapse/")}
+    return one_log(model, watched, lambda: model(batch()[0]))
 
 
 def odd():
@@ -417,28 +418,21 @@ def odd_log(model):
         probes.RepresentationRank("cols", name="cols"),
         probes.LogitHealth("head", name="logits", nlm=False),
     ]
-    mon = CollapseMonitor(model, watched, 1)
     ids = torch.randint(0, 64, (4, 6), generator=torch.Generator().manual_seed(3))
-    with mon.observe(), torch.no_grad():
+
+    def forward():
         model["rows"](ids)
         model["cols"](ids)
         model["head"](batch()[0] * 5)
-    logged = mon.step()
-    mon.close()
-    return {k: v for k, v in logged.items() if k.startswith("collapse/")}
+
+    return one_log(model, watched, forward)
 
 
 def mixed_log(model):
-    mon = CollapseMonitor(
-        model, [probes.AttentionEntropy("model.layers.*.self_attn", queries=3, name="a")], 1
-    )
+    """Two calls per layer (the sampled query rows must stay in step over them)."""
     ids, mask = llama_inputs()
-    with mon.observe(), torch.no_grad():
-        for _ in range(2):  # (two calls per layer: the draws must stay in step)
-            model(input_ids=ids, attention_mask=mask)
-    logged = mon.step()
-    mon.close()
-    return {k: v for k, v in logged.items() if k.startswith("collapse/")}
+    watched = [probes.AttentionEntropy("model.layers.*.self_attn", queries=3, name="a")]
+    return one_log(model, watched, lambda: model(input_ids=ids, attention_mask=mask), calls=2)
 
 
 def llama_worker(rank, init, out_dir):
