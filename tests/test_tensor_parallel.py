@@ -28,11 +28,20 @@ from tests.probes.test_conventions import tiny
 D, HEADS, VOCAB, HIDDEN = 16, 4, 32, 32
 
 
+class SDPA(nn.Module):
+    """A module that only makes the attention call (torchtitan's ``sdpa``)."""
+
+    def forward(self, q, k, v):
+        return nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
 class Block(nn.Module):
     """Self-attention through SDPA, an MLP, a norm and a vocabulary head."""
 
-    def __init__(self):
+    def __init__(self, wrapped=False):
         super().__init__()
+        if wrapped:
+            self.sdpa = SDPA()
         self.q, self.k, self.v, self.o = (nn.Linear(D, D) for _ in range(4))
         self.up, self.act, self.down = nn.Linear(D, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, D)
         self.norm = nn.LayerNorm(D)
@@ -44,9 +53,8 @@ class Block(nn.Module):
         def split(y):  # a column-parallel projection holds heads / tp of them
             return y.view(b, t, -1, D // HEADS).transpose(1, 2)
 
-        a = nn.functional.scaled_dot_product_attention(
-            split(self.q(x)), split(self.k(x)), split(self.v(x)), is_causal=True
-        )
+        attend = getattr(self, "sdpa", None) or SDPA()
+        a = attend(split(self.q(x)), split(self.k(x)), split(self.v(x)))
         x = x + self.o(a.transpose(1, 2).reshape(b, t, -1))
         x = x + self.down(self.act(self.up(x)))
         return self.head(self.norm(x))
@@ -435,6 +443,11 @@ def mixed_log(model):
     return one_log(model, watched, lambda: model(input_ids=ids, attention_mask=mask), calls=2)
 
 
+def wrapped_log(model):
+    watched = [probes.AttentionEntropy("", queries=None, name="attention")]
+    return one_log(model, watched, lambda: model(batch()[0]))
+
+
 def llama_worker(rank, init, out_dir):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import (
@@ -489,6 +502,9 @@ def llama_worker(rank, init, out_dir):
             },
         )
         out["mixed"] = mixed_log(model)
+        # the call made by a child module of the one holding q/k/v: still numbered globally
+        torch.manual_seed(0)
+        out["wrapped"] = wrapped_log(parallelize_module(Block(wrapped=True), tp, plan()))
         torch.save(out, os.path.join(out_dir, f"llama{rank}.pt"))
 
 
@@ -498,6 +514,9 @@ def test_a_transformers_llama_and_sequence_parallelism_give_the_numbers_of_one_p
     assert "collapse/attention/model.layers.1.self_attn/entropy/head_3" in ref
     seq = sequence_log(sequential())
     odd_ref, mixed_ref = odd_log(odd()), mixed_log(tiny("Llama"))
+    torch.manual_seed(0)
+    wrapped_ref = wrapped_log(Block(wrapped=True))
+    assert "collapse/attention/sdpa/entropy/head_3" in wrapped_ref
     seq = {k: v for k, v in seq.items() if "/rows/" not in k}
     for out in run_two(llama_worker, tmp_path, "llama", world=2):
         got = out["llama"]
@@ -510,7 +529,7 @@ def test_a_transformers_llama_and_sequence_parallelism_give_the_numbers_of_one_p
         assert got.pop("collapse/errors") == seq.pop("collapse/errors", 0.0) + 1
         got = {k: v for k, v in got.items() if "/rows/" not in k}
         assert set(got) == set(seq) and not close(seq, got), close(seq, got)
-        for name, mine in (("odd", odd_ref), ("mixed", mixed_ref)):
+        for name, mine in (("odd", odd_ref), ("mixed", mixed_ref), ("wrapped", wrapped_ref)):
             got = out[name]
             assert got.get("collapse/errors", 0.0) == 0.0, name
             assert set(got) == set(mine) and not close(mine, got), (name, close(mine, got))

@@ -135,6 +135,8 @@ class Reparametrization(Mitigation):
             return False
         weight = getattr(mod, pname, None)
         placed = None if self._tp is None else self._tp.placed.get(path, {}).get(pname)
+        if placed is None and getattr(mod, "_distribute_module_applied", False):
+            placed = tuple(getattr(weight, "placements", ()))  # (parallelised after attach)
         if placed is not None:
             raise ValueError(
                 f"{self!r}: '{path}' is tensor-parallel (its {pname} a DTensor with placements "

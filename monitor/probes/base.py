@@ -188,6 +188,12 @@ class Probe:
         work over the ranks with collectives that every rank reaches."""
         return Readout()
 
+    def tp_gather(self, call: Call) -> None:
+        """Under tensor parallelism, before :meth:`update`: the collectives of the group this
+        call needs beyond its value's gather (a vocabulary-parallel head's weight), made on
+        every rank of the group, also where this probe failed until the ranks agree it
+        stopped. Nothing by default."""
+
     def end_step(self, window: WindowView) -> None:
         """After a training step in which this probe recorded (advance per-step memories)."""
 

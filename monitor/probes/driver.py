@@ -200,8 +200,16 @@ class ProbeDriver(Component, Recorder):
         if self._active:
             self.guarded(self._read_and_record, Call(self, path, module, args, kwargs, output))
         elif self._gathering:  # failed on this rank alone so far: its group's gathers go on
-            with contextlib.suppress(Exception), torch.no_grad():
-                self._read_and_record(Call(self, path, module, args, kwargs, output))
+            self._gather_only(Call(self, path, module, args, kwargs, output))
+
+    @torch.compiler.disable
+    def _gather_only(self, call: Call) -> None:
+        """:meth:`_read_and_record` up to its gathers (see :attr:`_gathering`), skipped where
+        :meth:`guarded` skips a call (a forward recomputed in the backward)."""
+        if torch._C._current_graph_task_id() != -1:
+            return
+        with contextlib.suppress(Exception), torch.no_grad():
+            self._read_and_record(call)
 
     @property
     def _gathering(self) -> bool:
@@ -251,6 +259,7 @@ class ProbeDriver(Component, Recorder):
                 call.output = self.tp.whole(
                     call.output, call.module, call.path, "output", self.probe
                 )
+            self.probe.tp_gather(call)
             if not self._active:  # (only the gather: see _gathering)
                 return
         elif is_sharded(value):
@@ -326,7 +335,9 @@ class ProbeDriver(Component, Recorder):
             )
 
     def _capture_model_inputs(self, module, args, kwargs) -> None:
-        if self._active:  # (the forward's grad mode: guarded() runs without autograd)
+        if (
+            self._active or self._gathering
+        ):  # (the forward's grad mode: guarded() runs without autograd)
             self.guarded(self._keep_model_inputs, args, kwargs, torch.is_grad_enabled())
 
     def _keep_model_inputs(self, args: tuple, kwargs: dict, grad: bool) -> None:

@@ -179,7 +179,7 @@ class NeuralCollapse(Probe):
         self._agreed_rows: int | None = None  # rows per step, the same on every rank
         self.classifier: nn.Module | None = None  # an nn.Linear or a PEFT LoRA Linear
         # a tensor-parallel classifier: its logits gathered, or NC4 left out (set at attach)
-        self._sliced_logits = self.whole_output = False
+        self._sliced_logits = self._gathers_logits = False
         self._applied: tuple | None = None  # (parameter versions, W, b) of the classifier
         # lagged NC4: the classes the last window used, their means and squared norms
         self._lag: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -221,7 +221,7 @@ class NeuralCollapse(Probe):
             self.classifier = cls[0][1]
         elif self.read == "input" and is_linear(mod) and self.ncc:
             self.classifier = mod
-        self._sliced_logits = self.whole_output = False
+        self._sliced_logits = self._gathers_logits = False
         if self.classifier is not None and setup.tensor_parallel is not None:
             # a vocabulary-parallel classifier: each rank holds a slice of its logits and
             # weight in the forward. The probed classifier's logits are gathered with the
@@ -230,7 +230,7 @@ class NeuralCollapse(Probe):
             path = next(p for p, m in named_modules(setup.model).items() if m is self.classifier)
             sliced = setup.tensor_parallel.sharded_dim(path) is not None
             own = self.classifier is mod and self.read == "input" and self.extract is None
-            self.whole_output = sliced and own
+            self._gathers_logits = sliced and own
             self._sliced_logits = sliced and not own
             if self._sliced_logits:
                 log.warning(
@@ -257,6 +257,12 @@ class NeuralCollapse(Probe):
     @property
     def rank_local(self) -> bool:
         return self._shards is not None
+
+    @property
+    def whole_output(self) -> bool:
+        # a vocabulary-parallel head's logits, for NC4: only once a window has given the
+        # lagged centres (the same on every rank of the group: reduced statistics)
+        return self._gathers_logits and self._lag is not None
 
     def exchange(self, window, group) -> int | None:
         """Class shards: route this step's rows to their classes' owners, and take the same

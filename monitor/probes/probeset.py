@@ -323,6 +323,7 @@ class ProbeSet:
         for d, bad in zip(checked, differ):
             if bad and not d.disabled:
                 readouts.pop(d.name, None)
+                d.stopped = True  # (the same on every rank: no gathers for it from now)
                 d.fail(
                     ValueError(
                         f"{d.probe!r} read different values on the ranks of a tensor-parallel "

@@ -229,6 +229,7 @@ class TokenEntropy(Probe):
         self.label_shift = 0  # resolved at attach
         self._generator: torch.Generator | None = None  # made at attach (does not pickle)
         self._gather_head = False
+        self._whole_head = None  # its gathered (W, b, low-rank) for this call (tp_gather)
 
     def on_attach(self, setup, found) -> None:
         self.label_shift = label_shift(
@@ -384,6 +385,14 @@ class TokenEntropy(Probe):
         self._ended = ended
         return z[:, -1].detach(), counts & ~ended
 
+    def tp_gather(self, call) -> None:
+        """A vocabulary-parallel head's whole weight, for :meth:`update` (a 1-D tensor-parallel
+        DTensor: the group runs this forward together; FSDP2's shard of a unit of its own is
+        refused in update)."""
+        w = None if self._head is None else self._head.weight
+        if self._gather_head and getattr(getattr(w, "device_mesh", None), "ndim", 0) == 1:
+            self._whole_head = linear_parts(self._head, f"head '{self.head}'", gather=True)
+
     def update(self, window, z, call) -> None:
         kind = None if self.extract is not None else _output_kind(call.output)
         if kind == "hidden" and self._head is None:
@@ -400,12 +409,8 @@ class TokenEntropy(Probe):
         weight = bias = None
         low_rank = []
         if self._head is not None:  # (a LoRA head: its base weight and low-rank terms)
-            # (a 1-D tensor-parallel DTensor: the group runs this forward together; FSDP2's
-            # shard of a unit of its own is refused below)
-            w = self._head.weight
-            gather = self._gather_head and getattr(w, "device_mesh", None) is not None
-            gather = gather and w.device_mesh.ndim == 1
-            weight, bias, low_rank = linear_parts(self._head, f"head '{self.head}'", gather=gather)
+            whole, self._whole_head = self._whole_head, None
+            weight, bias, low_rank = whole or linear_parts(self._head, f"head '{self.head}'")
             parts = [weight, *(t for pair in low_rank for t in pair)]
             if any(type(t) is not torch.Tensor for t in parts) or not weight.numel():
                 raise call.error(

@@ -157,6 +157,7 @@ class AttentionEntropy(Probe):
         # heads it shards (column-parallel q/k/v inside); made at attach
         self._tp: tuple[int, int] | None = None
         self._head_sharded: dict[int, set[int]] = {}
+        self._below: set[int] = set()  # modules with column-parallel projections further down
 
     def new_window(self) -> Window:
         # per layer "<layer>": the window's sums; "<layer>/step" this step's, kept as
@@ -189,24 +190,34 @@ class AttentionEntropy(Probe):
     def _shard_heads(self, layout, found) -> None:
         """Under tensor parallelism, the modules whose heads the group may shard: those with
         a column-parallel (``Shard(0)``) ``nn.Linear`` child (q, k, v), with the children's
-        whole row counts. A call of such a module whose local heads times head size times the
-        group size is one of them (the query projection's) keys its heads by their global
-        index (its coordinate times its head count, plus the local index), and the window
-        reduces over every rank; another layer counts on the group's first rank only.
+        whole row counts, and the modules inside them (an attention wrapper that makes the
+        call, as torchtitan's ``sdpa``). A call of such a module whose local heads times head
+        size times the group size is one of those counts (the query projection's) keys its
+        heads by their global index (its coordinate times its head count, plus the local
+        index), and the window reduces over every rank; a layer without column-parallel
+        projections counts on the group's first rank only; one with them only further down
+        (a block whose attention is inline beside a column-parallel MLP) is refused.
         """
-        self._tp, self._head_sharded = None, {}
+        self._tp, self._head_sharded, self._below = None, {}, set()
         if layout is None:
             return
+
+        def walk(path: str, module: nn.Module, inherited: set[int]) -> bool:
+            named = [(f"{path}.{n}" if path else n, c) for n, c in module.named_children()]
+            rows = {
+                c.weight.shape[0]
+                for p, c in named
+                if isinstance(c, nn.Linear) and layout.sharded_dim(p) == 0
+            }
+            if rows or inherited:
+                self._head_sharded[id(module)] = rows or inherited
+            below = [walk(p, c, rows or inherited) for p, c in named]  # (every child)
+            if any(below):
+                self._below.add(id(module))
+            return bool(rows) or any(below)
+
         for root_path, root in found:
-            for path, sub in named_modules(root, root_path).items():
-                rows = {
-                    child.weight.shape[0]
-                    for name, child in sub.named_children()
-                    if isinstance(child, nn.Linear)
-                    and layout.sharded_dim(f"{path}.{name}" if path else name) == 0
-                }
-                if rows:
-                    self._head_sharded[id(sub)] = rows
+            walk(root_path, root, set())
         self._tp = (layout.size, layout.coordinate)
         self.tp_sharded = bool(self._head_sharded)
 
@@ -245,6 +256,12 @@ class AttentionEntropy(Probe):
         shard = None
         if self.tp_sharded:  # under tensor parallelism: this rank's heads, or the first rank's
             rows = self._head_sharded.get(id(call.module))
+            if rows is None and id(call.module) in self._below:
+                raise call.error(
+                    "under tensor parallelism its column-parallel projections lie further down "
+                    "(an MLP's?), so whether its heads are split cannot be read: select the "
+                    "attention modules themselves"
+                )
             if rows is None:
                 # (computed and left out: the sampled query rows stay those of the others)
                 shard = _LEFT_OUT if self._tp[1] else None
