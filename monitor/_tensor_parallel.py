@@ -27,6 +27,26 @@ from torch import nn
 from . import _dist
 from ._sharding import is_sharded
 
+#: modules that act on each feature alone: a slice of features in, the same slice out
+ELEMENTWISE = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.Softplus,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Hardtanh,
+    nn.Identity,
+)
+
 
 class TensorParallel:
     """This rank's tensor-parallel group and what ``parallelize_module`` placed where.
@@ -90,10 +110,41 @@ class TensorParallel:
                 return shape[dim]
         return None
 
+    def feeders(self, named: dict[str, nn.Module], path: str) -> list[tuple[nn.Module, int]]:
+        """For an elementwise module (an activation: :data:`ELEMENTWISE`, or one of
+        ``transformers.activations``), its column-parallel
+        ``nn.Linear`` siblings and their whole output sizes: a call whose input is one of
+        their outputs (the very tensor, as an MLP's ``act(gate(x))`` passes it) holds that
+        slice of the features in its input and output alike."""
+        module = named.get(path)
+        # (transformers' activations, ACT2FN's classes, are all pointwise too)
+        pointwise = type(module).__module__ == "transformers.activations"
+        if not (pointwise or isinstance(module, ELEMENTWISE)):
+            return []
+        parent = path.rpartition(".")[0]
+        return [
+            (m, m.weight.shape[0])
+            for p, m in named.items()
+            if p.rpartition(".")[0] == parent
+            and p
+            and p != path
+            and isinstance(m, nn.Linear)
+            and self.sharded_dim(p) == 0
+        ]
+
     @torch.no_grad()
-    def whole(self, value: Any, module: nn.Module | None, path: str, where: str | None, owner):
+    def whole(
+        self,
+        value: Any,
+        module: nn.Module | None,
+        path: str,
+        where: str | None,
+        owner,
+        features: int | None = None,
+    ):
         """The whole value of one call: a ``DTensor`` on the group's mesh gathered, a slice
-        :meth:`sliced` names joined over its last dimension (evenly split or not, as
+        :meth:`sliced` names (or of ``features`` given: an activation fed by a column-parallel
+        output, :meth:`feeders`) joined over its last dimension (evenly split or not, as
         ``torch.chunk`` splits); other values as they are (a collective where it gathers).
 
         Raises:
@@ -110,7 +161,8 @@ class TensorParallel:
                     "parameters: it cannot be gathered exactly"
                 )
             return value.full_tensor()
-        features = None if module is None else self.sliced(module, path, where)
+        if features is None and module is not None:
+            features = self.sliced(module, path, where)
         if features is None or not isinstance(value, torch.Tensor):
             return value
         if not value.is_floating_point() or value.shape[-1] == features:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .. import _dist, _tensor_parallel
-from .._modules import resolve_modules
+from .._modules import named_modules, resolve_modules
 from .._sharding import is_sharded
 from ..contracts import Component, Readout, Recording, Setup
 from ..hooks import HookSet
@@ -102,6 +102,8 @@ class ProbeDriver(Component, Recorder):
         self.group = None
         self.tp = None  # the model's tensor parallelism (_tensor_parallel.TensorParallel)
         self.stopped = False  # disabled on every rank (agreed at a log)
+        self._fed: dict[int, list] = {}  # see attach
+        self._feeds: dict[int, weakref.ref] = {}  # a feeder's id: its last output
         self.slower = 1  # its cadence stride times this (an overhead budget's, agreed by ranks)
 
     def __repr__(self) -> str:
@@ -138,6 +140,15 @@ class ProbeDriver(Component, Recorder):
         probe.on_attach(setup, found)
         self.window = self._fresh_window()
         probe.attach_hooks(found, self)
+        self._fed = {}  # an activation's id: its column-parallel feeders (tensor parallelism)
+        if self.tp is not None and probe.extract is None:
+            named = named_modules(setup.model)
+            for path, mod in found:
+                fed = self.tp.feeders(named, path)
+                for feeder, _ in fed:
+                    self.hooks.forward(feeder, self._keep_feed)
+                if fed:
+                    self._fed[id(mod)] = fed
         if probe.skips_generation and not probe.uses_token_mask:
             raise TypeError(
                 f"{probe!r}: skips_generation needs uses_token_mask (the model's inputs)"
@@ -211,6 +222,21 @@ class ProbeDriver(Component, Recorder):
         with contextlib.suppress(Exception), torch.no_grad():
             self._read_and_record(call)
 
+    def _keep_feed(self, module, args, kwargs, output) -> None:
+        """The last output of a column-parallel module feeding a probed activation."""
+        if self._active or self._gathering:
+            self._feeds[id(module)] = weakref.ref(output)
+
+    def _fed_features(self, call: Call) -> int | None:
+        """The whole features of a probed activation's call whose input is the very output of
+        a column-parallel feeder (:meth:`TensorParallel.feeders`)."""
+        given = first_input(call.args, call.kwargs)
+        for feeder, features in self._fed.get(id(call.module), ()):
+            kept = self._feeds.get(id(feeder))
+            if kept is not None and kept() is given:
+                return features
+        return None
+
     @property
     def _gathering(self) -> bool:
         """Under tensor parallelism, a probe that failed on this rank still makes the gathers
@@ -254,7 +280,8 @@ class ProbeDriver(Component, Recorder):
             return
         if self.tp is not None:
             where = None if self.probe.extract is not None else self.probe.read
-            value = self.tp.whole(value, call.module, call.path, where, self.probe)
+            fed = self._fed_features(call) if where is not None else None
+            value = self.tp.whole(value, call.module, call.path, where, self.probe, fed)
             if self.probe.whole_output:
                 call.output = self.tp.whole(
                     call.output, call.module, call.path, "output", self.probe
