@@ -147,13 +147,14 @@ def dormant():
 
 
 def redo(model, mesh=None):
-    """ReDo on the column-parallel ``up`` and row-parallel ``down`` at the log of step 2 (Adam):
-    the log, the whole weights and the moments of ``up.weight`` after it."""
+    """ReDo on the column-parallel ``up`` and row-parallel ``down``, driven by the dormant units
+    of the ReLU between them, at the log of step 2 (Adam): the log, the whole weights and the
+    moments of ``up.weight`` after it."""
     mon = CollapseMonitor(
         model,
-        [probes.DormantUnits("up", tau=0.6, name="up")],
+        [probes.DormantUnits("act", tau=0.6, name="act")],  # (the hidden units after ReLU)
         2,
-        mitigations=[mitigations.ReDo("up", layers={"up": ("up", "down")})],
+        mitigations=[mitigations.ReDo("act", layers={"act": ("up", "down")})],
     )
     made = []
     adam = torch.optim.Adam
