@@ -165,9 +165,14 @@ class TensorParallel:
             features = self.sliced(module, path, where)
         if features is None or not isinstance(value, torch.Tensor):
             return value
+        chunk = -(-features // self.size)  # (torch.chunk's split, which Shard follows)
+        if chunk == features and self.size > 1:  # (the first rank's slice would be all)
+            raise ValueError(
+                f"{owner!r}: '{path}' has {features} feature(s) over {self.size} "
+                "tensor-parallel ranks: its slices cannot be told from the whole"
+            )
         if not value.is_floating_point() or value.shape[-1] == features:
             return value  # (not features; or the style's own hook gathered them already)
-        chunk = -(-features // self.size)  # (torch.chunk's split, which Shard follows)
         mine = max(0, min(chunk, features - self.coordinate * chunk))
         if value.shape[-1] != mine:
             raise ValueError(

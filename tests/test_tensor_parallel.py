@@ -28,6 +28,18 @@ from tests.probes.test_conventions import tiny
 D, HEADS, VOCAB, HIDDEN = 16, 4, 32, 32
 
 
+class Side(nn.Module):
+    """A block whose second activation is fed through another operation (``up(x) * 1``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.block, self.act2 = Block(), nn.ReLU()
+
+    def forward(self, x):
+        self.act2(self.block.up(x) * 1)  # (a side branch: the output is the block's)
+        return self.block(x)
+
+
 class SDPA(nn.Module):
     """A module that only makes the attention call (torchtitan's ``sdpa``)."""
 
@@ -197,6 +209,14 @@ def worker(rank, init, out_dir):
         torch.manual_seed(0)
         out["nc4"] = nc4(parallelize_module(Block(), tp, plan()), tp)
         out["redo"] = redo(parallelize_module(dormant(), tp, plan()), tp)
+        # an activation fed through another operation: its slice cannot be placed; the
+        # probe is disabled at the first log, nothing of it logged
+        torch.manual_seed(0)
+        model = Side()
+        parallelize_module(model.block, tp, plan())
+        mon = CollapseMonitor(model, [probes.DormantUnits("act2", name="act2")], 1)
+        out["side"] = train(model, mon, steps=1, mesh=tp)
+        mon.close()
         # σReparam on a tensor-parallel layer: refused at construction, naming it
         sigma = mitigations.SigmaReparam("q", all_linear=True)
         with pytest.raises(ValueError) as exc:
@@ -331,6 +351,9 @@ def test_tensor_parallel_gives_the_numbers_of_one_process(tmp_path):
         )
         # NC4 from the vocabulary-parallel head's logits, gathered with its input
         assert not close(ref_nc4, out["nc4"]) and set(ref_nc4) == set(out["nc4"])
+        side = out["side"]
+        logged = {k for k in side if k.startswith("collapse/act2/")} - {"collapse/act2/calls"}
+        assert side["collapse/errors"] == 1.0 and not logged, logged
         failing, disabled = out["failing"]
         assert disabled and not [k for k in failing if k.startswith("collapse/qk/")]
         # ReDo on a column- and a row-parallel layer: the change of one process, read back

@@ -140,15 +140,17 @@ class ProbeDriver(Component, Recorder):
         probe.on_attach(setup, found)
         self.window = self._fresh_window()
         probe.attach_hooks(found, self)
-        self._fed = {}  # an activation's id: its column-parallel feeders (tensor parallelism)
+        self._fed = {}  # an activation's id: (id, features) of its column-parallel feeders
         if self.tp is not None and probe.extract is None:
-            named = named_modules(setup.model)
+            named, hooked = named_modules(setup.model), set()
             for path, mod in found:
                 fed = self.tp.feeders(named, path)
                 for feeder, _ in fed:
-                    self.hooks.forward(feeder, self._keep_feed)
+                    if id(feeder) not in hooked:
+                        hooked.add(id(feeder))
+                        self.hooks.forward(feeder, self._keep_feed)
                 if fed:
-                    self._fed[id(mod)] = fed
+                    self._fed[id(mod)] = [(id(f), features) for f, features in fed]
         if probe.skips_generation and not probe.uses_token_mask:
             raise TypeError(
                 f"{probe!r}: skips_generation needs uses_token_mask (the model's inputs)"
@@ -176,6 +178,7 @@ class ProbeDriver(Component, Recorder):
         return None if self.scopes == [None] else layer_name(path)
 
     def detach(self) -> None:
+        self._fed, self._feeds = {}, {}
         self.hooks.remove()
         self._step_hooks.remove()
         self.end_recording()
@@ -224,7 +227,7 @@ class ProbeDriver(Component, Recorder):
 
     def _keep_feed(self, module, args, kwargs, output) -> None:
         """The last output of a column-parallel module feeding a probed activation."""
-        if self._active or self._gathering:
+        if (self._active or self._gathering) and isinstance(output, torch.Tensor):
             self._feeds[id(module)] = weakref.ref(output)
 
     def _fed_features(self, call: Call) -> int | None:
@@ -232,7 +235,7 @@ class ProbeDriver(Component, Recorder):
         a column-parallel feeder (:meth:`TensorParallel.feeders`)."""
         given = first_input(call.args, call.kwargs)
         for feeder, features in self._fed.get(id(call.module), ()):
-            kept = self._feeds.get(id(feeder))
+            kept = self._feeds.get(feeder)
             if kept is not None and kept() is given:
                 return features
         return None
