@@ -102,8 +102,10 @@ class ProbeDriver(Component, Recorder):
         self.group = None
         self.tp = None  # the model's tensor parallelism (_tensor_parallel.TensorParallel)
         self.stopped = False  # disabled on every rank (agreed at a log)
-        self._fed: dict[int, list] = {}  # see attach
-        self._feeds: dict[int, weakref.ref] = {}  # a feeder's id: its last output
+        # under tensor parallelism, a probed activation's id: (id, whole features) of its
+        # column-parallel feeders (attach), and a feeder's id: its last output
+        self._fed: dict[int, list[tuple[int, int]]] = {}
+        self._feeds: dict[int, weakref.ref] = {}
         self.slower = 1  # its cadence stride times this (an overhead budget's, agreed by ranks)
 
     def __repr__(self) -> str:
@@ -140,7 +142,6 @@ class ProbeDriver(Component, Recorder):
         probe.on_attach(setup, found)
         self.window = self._fresh_window()
         probe.attach_hooks(found, self)
-        self._fed = {}  # an activation's id: (id, features) of its column-parallel feeders
         if self.tp is not None and probe.extract is None:
             named, hooked = named_modules(setup.model), set()
             for path, mod in found:
@@ -213,7 +214,7 @@ class ProbeDriver(Component, Recorder):
     def _on_forward(self, path, module, args, kwargs, output) -> None:
         if self._active:
             self.guarded(self._read_and_record, Call(self, path, module, args, kwargs, output))
-        elif self._gathering:  # failed on this rank alone so far: its group's gathers go on
+        elif self.tp is not None and self._gathering:  # failed here alone: gathers go on
             self._gather_only(Call(self, path, module, args, kwargs, output))
 
     @torch.compiler.disable
@@ -365,9 +366,8 @@ class ProbeDriver(Component, Recorder):
             )
 
     def _capture_model_inputs(self, module, args, kwargs) -> None:
-        if (
-            self._active or self._gathering
-        ):  # (the forward's grad mode: guarded() runs without autograd)
+        # (the forward's grad mode: guarded() runs without autograd)
+        if self._active or (self.tp is not None and self._gathering):
             self.guarded(self._keep_model_inputs, args, kwargs, torch.is_grad_enabled())
 
     def _keep_model_inputs(self, args: tuple, kwargs: dict, grad: bool) -> None:

@@ -7,6 +7,7 @@ from torch import nn
 
 from collapse_monitor import CollapseMonitor, probes
 from collapse_monitor import functional as MF
+from tests.probes.test_conventions import tiny
 
 
 class SDPAAttention(nn.Module):
@@ -408,22 +409,11 @@ def test_a_bfloat16_autocast_forward_does_not_round_the_recomputed_scores():
 def test_a_transformers_model_loaded_eager_is_refused_when_the_monitor_is_built(path):
     """Its attention is plain matmuls the probe cannot see: said at once, not at the first
     log; the same model with SDPA is accepted."""
-    transformers = pytest.importorskip("transformers")
-    kw = dict(
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        hidden_size=16,
-        intermediate_size=32,
-        vocab_size=32,
-    )
-    eager = transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(**kw, attn_implementation="eager")
-    )
+    pytest.importorskip("transformers")
+    eager = tiny("Llama", attn_implementation="eager")
     with pytest.raises(ValueError, match="attn_implementation='eager'"):
         CollapseMonitor(eager, [probes.AttentionEntropy(path)], 2)
-    sdpa = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw, attn_implementation="sdpa"))
-    CollapseMonitor(sdpa, [probes.AttentionEntropy(path)], 2).close()
+    CollapseMonitor(tiny("Llama"), [probes.AttentionEntropy(path)], 2).close()
 
 
 def test_an_eager_model_holding_a_multihead_attention_is_read_there():

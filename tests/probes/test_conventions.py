@@ -226,8 +226,9 @@ def tiny(cls_name, **overrides):
         num_key_value_heads=2,
         max_position_embeddings=64,
     )
+    attn = overrides.pop("attn_implementation", "sdpa")
     cfg = config_cls(**{**defaults, **overrides})
-    cfg._attn_implementation = "sdpa"
+    cfg._attn_implementation = attn
     torch.manual_seed(0)
     return getattr(transformers, cls_name + "ForCausalLM")(cfg).eval()
 
