@@ -126,6 +126,10 @@ class Cadence:
         L = self.log_every_n_steps
         return L - 1 - step % L
 
+    def next_log(self, step: int) -> int:
+        """The first training step from ``step`` on after which the monitor logs."""
+        return step + self._steps_to_log(step)
+
     def logs_after(self, step: int) -> bool:
         """Whether the monitor logs after training step ``step`` (0-based)."""
         return self._steps_to_log(step) == 0
@@ -138,20 +142,28 @@ class Cadence:
         every step until it knows them); ``slower``: its stride times this, at most one step
         per window (an overhead budget's, :mod:`collapse_monitor.budget`; not for every-step
         probes)."""
+        return self.next_record(sampling, step, rows_per_step, slower) == step
+
+    def next_record(
+        self, sampling: Sampling, step: int, rows_per_step: int | None = None, slower: int = 1
+    ) -> int:
+        """The first training step from ``step`` on that a probe of ``sampling`` records while
+        ``rows_per_step`` and ``slower`` stay (see :meth:`records`)."""
         n = self.observe_every_n_steps
         if n is not None:
-            return step % n == 0
+            return step + -step % n
         if sampling.every_step:
-            return True
+            return step
         L = self.log_every_n_steps
         if sampling.classes is None:
             stride = sample_stride(L)
         elif rows_per_step is None:
-            return True  # its first step tells how many samples a step brings
+            return step  # its first step tells how many samples a step brings
         else:
             rows = rows_per_step * self.world
             stride = class_sample_stride(L, sampling.classes, rows, sampling.samples_per_class)
-        return self._steps_to_log(step) % min(stride * slower, L) == 0
+        # the recorded steps lie an even stride back from each logging step, within its window
+        return step + self._steps_to_log(step) % min(stride * slower, L)
 
     def thin_window(self, sampling: Sampling, samples: float, steps: int) -> str | None:
         """Why a class-conditional probe's window of ``samples`` over ``steps`` recorded steps

@@ -107,6 +107,23 @@ class Recording:
     inputs: Mapping[str, Any] = field(default_factory=dict)
 
 
+class Observation:
+    """What ``CollapseMonitor.observe()`` returns: a context manager that hands recordings to
+    the probes due at this step on entry and takes them back on exit (a plain class rather
+    than a generator: a step that records nothing costs a few attribute reads)."""
+
+    __slots__ = ("_monitor", "_args")
+
+    def __init__(self, monitor, *args) -> None:
+        self._monitor, self._args = monitor, args
+
+    def __enter__(self):
+        return self._monitor._begin_observe(*self._args)
+
+    def __exit__(self, *exc) -> None:
+        self._monitor._end_observe()
+
+
 @dataclass
 class Readout:
     """A probe's result at a log, from its reduced window (identical on every rank).

@@ -31,7 +31,7 @@ from . import _dist, state
 from ._sharding import whole_parameters
 from .cadence import Cadence
 from .config import MonitorConfig, OnAlert
-from .contracts import LogView, Readout, Recording, Setup, StepView
+from .contracts import LogView, Observation, Readout, Recording, Setup, StepView
 from .keys import ERRORS_KEY, MetricKey, alerts_key
 from .mitigations.base import Mitigation
 from .mitigations.runner import MitigationRunner, Optimizers, as_optimizers
@@ -158,12 +158,13 @@ class CollapseMonitor:
             config.probes, process_group, config.overhead_budget, config.picture_probes
         )
         self._mitigations = MitigationRunner(config.mitigations, self._probes.route)
+        self._probes.quiet = not any(m.on_quiet_steps for m in config.mitigations)
         pictures, every = config.picture_probes, config.pictures_every_n_logs
         self.outlets = Outlets(sinks, pictures, config.alert_callbacks, strict, every)
         self._snapshots = Snapshots(self._probes)
         self.notices = Notices(config.keywords())
         self.global_step, self.should_stop = 0, False
-        self._recording: list = []  # inside observe(): the parts that record
+        self._recording: list | None = None  # inside observe(): the parts that record
         self._sharded_by: nn.Module | None = None  # an FSDP module wrapped around the model later
         self._closed = False
         _claim(model, self)
@@ -229,11 +230,8 @@ class CollapseMonitor:
         return self.cadence.records(probe.sampling, self.global_step, d.rows_per_step, d.slower)
 
     # ----------------------------------------------------------------- recording
-    @contextmanager
-    def observe(
-        self, targets: Any = None, *, rollout: bool = False, **inputs
-    ) -> Iterator[CollapseMonitor]:
-        """Record the forward passes run inside this block.
+    def observe(self, targets: Any = None, *, rollout: bool = False, **inputs) -> Observation:
+        """Record the forward passes run inside this block: ``with monitor.observe(...):``.
 
         Args:
             targets: class labels for class-conditional probes, shaped like the probed
@@ -245,14 +243,20 @@ class CollapseMonitor:
         A keyword that no probe reads is ignored, with a warning the first time (a typo shows).
 
         Raises:
-            RuntimeError: the monitor is closed, or ``observe()`` blocks are nested.
+            RuntimeError: on entry, the monitor is closed or ``observe()`` blocks are nested.
         """
-        if self._closed:
-            raise RuntimeError("CollapseMonitor is closed")
-        if self._recording:
-            raise RuntimeError("observe() blocks cannot be nested")
-        self.notices.unread_keywords(inputs)
+        return Observation(self, targets, rollout, inputs)
+
+    def _begin_observe(self, targets: Any, rollout: bool, inputs: dict) -> CollapseMonitor:
+        if self._closed or self._recording is not None:
+            why = "closed" if self._closed else "inside an observe() block: they cannot be nested"
+            raise RuntimeError(f"CollapseMonitor is {why}")
+        if inputs:
+            self.notices.unread_keywords(inputs)
         snapshot, step = self._snapshots.prefix is not None, self.global_step
+        if step < self._probes.quiet_until and not snapshot:
+            self._recording = []  # (nothing records this step)
+            return self
         recorders = self._probes.begin_recording(
             self.cadence, step, snapshot, {"targets": targets, **inputs}, rollout
         )
@@ -260,12 +264,12 @@ class CollapseMonitor:
         for m in (mitigations := [] if rollout else self.mitigations):  # (training forwards)
             m.begin_recording(Recording(step, logging, snapshot))
         self._recording = [*recorders, *mitigations]
-        try:
-            yield self
-        finally:
-            for part in self._recording:
-                part.end_recording()
-            self._recording = []
+        return self
+
+    def _end_observe(self) -> None:
+        parts, self._recording = self._recording, None
+        for part in parts or ():
+            part.end_recording()
 
     def step(self, optimizer: Optimizers = None) -> dict[MetricKey, float] | None:
         """Advance one training step; at cadence compute, log, check rules and mitigate.
@@ -280,8 +284,11 @@ class CollapseMonitor:
             logging steps synchronise with the device (and, on a GPU, the recorded steps of a
             class-sharded probe: ``NeuralCollapse(shard_classes=True)``).
         """
-        optimizers = as_optimizers(optimizer)
         step = self.global_step
+        if step < self._probes.quiet_until:
+            self.global_step = step + 1  # (no probe recorded it, and no log follows it)
+            return None
+        optimizers = as_optimizers(optimizer)
         if self.mitigations:  # (what the probes publish of a step is only for them)
             self._mitigations.after_step(StepView(step, optimizers, self._probes.step_values()))
         self._probes.end_step(self.cadence, step)
@@ -314,14 +321,8 @@ class CollapseMonitor:
         self.should_stop |= any(a.action == "stop" for a in alerts)
         # mitigations act on this window's (reduced, rank-identical) statistics, so they run
         # before the probes move on to the next window
-        view = LogView(
-            step,
-            MappingProxyType(dict(metrics)),
-            tuple(alerts),
-            optimizers,
-            self.probe_info,
-            MappingProxyType(readouts),
-        )
+        view = LogView(step, MappingProxyType(dict(metrics)), tuple(alerts), optimizers,
+                       self.probe_info, MappingProxyType(readouts))  # fmt: skip
         events = self._mitigations.after_log(view, self._holder)
         metrics.update(self._mitigations.metrics())
         metrics.update(self._probes.finish_windows())  # (with a budget: its overhead)
@@ -405,7 +406,7 @@ class CollapseMonitor:
         """Remove every hook and close the sinks; the model is left as it was (mitigations aside)."""
         self._probes.detach()
         self._mitigations.detach()
-        self._recording, self._sharded_by = [], None
+        self._recording, self._sharded_by = None, None
         if not self._closed:
             self._closed = True
             try:

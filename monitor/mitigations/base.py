@@ -47,6 +47,9 @@ class Mitigation(Component):
     through_tensor_parallel: ClassVar[bool] = False
     #: the group of its collectives: the monitor's, or its pipeline stage's (set at attach)
     process_group = None
+    #: whether it has work on a step that no probe records and no log follows (in
+    #: :meth:`on_step` or its hooks); if none has, the monitor skips such steps whole
+    on_quiet_steps: ClassVar[bool] = True
 
     @property
     def paths(self) -> tuple[str, ...]:

@@ -136,6 +136,8 @@ class ReDo(Mitigation):
             its own ``reset_parameters``.
     """
 
+    on_quiet_steps = False  # (it acts on steps its probe records, and at logs)
+
     kind = "redo"
     through_tensor_parallel = True  # (tests/test_tensor_parallel.py: one process's change)
     through_deepspeed = True

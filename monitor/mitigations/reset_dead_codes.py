@@ -103,6 +103,8 @@ class ResetDeadCodes(Mitigation):
             ``"reset_dead_codes"``).
     """
 
+    on_quiet_steps = False  # (it acts on steps its probe records, and at logs)
+
     kind = "reset_dead_codes"
     through_deepspeed = True
 

@@ -62,6 +62,12 @@ class ProbeSet:
         self.everywhere = list(self.drivers)
         self.stage_local = False  # some probe's module lives on some ranks only
         self._recorded: set[ProbeDriver] = set()  # recorded in this training step
+        self._plan: tuple[int, list[ProbeDriver]] | None = None  # (step, the drivers due then)
+        self._hooked = set(self.drivers)  # drivers whose hooks are on their modules
+        # the steps before this one (from the step after the last ended) are quiet: no probe
+        # records them and none logs (0: not known; a log or a load forgets it); kept only
+        # where no mitigation has work on such steps (quiet)
+        self.quiet, self.quiet_until = True, 0
         self._stopped: set[ProbeDriver] = set()  # disabled on every rank (agreed at a log)
         self._unlabelled: set[str] = set()  # probes that said they skip unlabelled evaluations
         self.tp: _tensor_parallel.TensorParallel | None = None  # the model's tensor parallelism
@@ -164,6 +170,7 @@ class ProbeSet:
                 d.group = _dist.subgroup(ranks)
         self.stage_local = True
         self.drivers = [d for d, h in zip(self.drivers, here) if h is not None]
+        self._hooked = set(self.drivers)
         self.by_name = {d.name: d for d in self.drivers}
 
     def _check_label_alignment(self) -> None:
@@ -194,12 +201,8 @@ class ProbeSet:
         rollout probes, else only the others); those of a training step are remembered until
         :meth:`end_step`."""
         logging = not snapshot and cadence.logs_after(step)  # (the same for every probe)
-        recorders = [
-            d
-            for d in self.drivers
-            if d.probe.rollout == rollout
-            and (snapshot or cadence.records(d.probe.sampling, step, d.rows_per_step, d.slower))
-        ]
+        due = self.drivers if snapshot else self.due(cadence, step)
+        recorders = [d for d in due if d.probe.rollout == rollout]
         for d in list(recorders):
             mine = {k: v for k, v in inputs.items() if k in d.probe.keywords and v is not None}
             missing = [k for k, required in d.probe.keywords.items() if required and k not in mine]
@@ -213,6 +216,9 @@ class ProbeSet:
                         " and ".join(missing),
                     )
                 continue
+            if d not in self._hooked:
+                d.hooks.resume()
+                self._hooked.add(d)
             d.begin_recording(Recording(step, logging, snapshot, mine))
         if not snapshot:  # snapshots do not advance per-step state such as usage EMAs
             self._recorded.update(recorders)
@@ -222,19 +228,33 @@ class ProbeSet:
         """What the probes that recorded this step publish of it (``Probe.step_values``)."""
         return {d.name: d.step_values() for d in self._recorded if not d.disabled}
 
+    def due(self, cadence: Cadence, step: int) -> list[ProbeDriver]:
+        """The drivers whose cadence records training step ``step`` (kept for the step: what
+        it depends on changes at the end of a step, where the next step's is made, and at a
+        log or a load, which drop it)."""
+        if self._plan is None or self._plan[0] != step:
+            self._plan = (
+                step,
+                [
+                    d
+                    for d in self.drivers
+                    if cadence.records(d.probe.sampling, step, d.rows_per_step, d.slower)
+                ],
+            )
+        return self._plan[1]
+
     def end_step(self, cadence: Cadence, step: int) -> None:
         """After training step ``step``: per-step memories of the probes that recorded it (or
         would have, and saw nothing on this rank), then their collectives of the step, on
-        every rank until the ranks agree at a log that a probe stopped."""
+        every rank until the ranks agree at a log that a probe stopped. The hooks of probes
+        that will not record the next step leave their modules until they do."""
         if self.budget is not None:
             self.budget.tick()
-        for d in self.drivers:
-            recorded = d in self._recorded
-            due = recorded or cadence.records(d.probe.sampling, step, d.rows_per_step, d.slower)
-            if not due:
-                continue
+        due = self.due(cadence, step)
+        extra = self._recorded.difference(due)  # (none unless the strides changed in the step)
+        for d in [d for d in self.drivers if d in due or d in extra] if extra else due:
             token = None if d.meter is None else d.meter.start()  # (the step's work: its cost)
-            if recorded and not d.disabled:
+            if d in self._recorded and not d.disabled:
                 d.run(d.finish_step)
             elif not d.disabled:  # e.g. this rank had no batch this step
                 d.run(d.missed_step)
@@ -243,6 +263,22 @@ class ProbeSet:
             if token is not None:
                 d.meter.stop(token)
         self._recorded.clear()
+        self._plan = None  # (finish_step and exchange may have learnt a step's rows)
+        later = self.due(cadence, step + 1)
+        for d in self._hooked.difference(later):
+            d.hooks.suspend()
+        self._hooked.intersection_update(later)
+        self.quiet_until = (
+            step + 1
+            if later or not self.quiet
+            else min(
+                cadence.next_log(step + 1),
+                *(
+                    cadence.next_record(d.probe.sampling, step + 1, d.rows_per_step, d.slower)
+                    for d in self.drivers
+                ),
+            )
+        )
 
     def route(self, replaced: Replaced) -> None:
         """A mitigation replaced elements of a probe: it forgets them."""
@@ -382,6 +418,7 @@ class ProbeSet:
         (its metrics) and the strides of the next window (a collective)."""
         if self.budget is not None:  # (while the windows still count their steps)
             self.budget.settle(self.drivers, self.everywhere, self.process_group, self.replicas)
+            self._plan, self.quiet_until = None, 0  # (new strides)
         for d in self.drivers:
             if not d.disabled:
                 d.run(d.finish_window, self._group(d))
@@ -431,6 +468,7 @@ class ProbeSet:
         ]
 
         def apply() -> None:
+            self._plan, self.quiet_until = None, 0
             for d, window in staged:
                 d.apply(states[d.name], window, _dist.rank(self._group(d)), reduced)
 

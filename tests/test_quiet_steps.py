@@ -1,0 +1,120 @@
+"""Steps that no probe records cost nothing: the probes' hooks leave their modules until their
+next recorded step (issue 30), come back where they were among the user's hooks, and change no
+metric; torch.compile never traces a module while they are out."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+from collapse_monitor import CollapseMonitor, probes
+from tests.reference import assert_metrics_close, nc_reference
+
+STEPS, L = 30, 10
+
+
+def test_hooks_leave_the_modules_on_steps_no_probe_records_and_every_metric_stays():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 4))
+    head = model[2]
+    inputs: list[torch.Tensor] = []
+    before = head.register_forward_hook(lambda m, a, out: inputs.append(a[0].detach().clone()))
+    nc = probes.NeuralCollapse("2", 4, name="nc")
+    rank = probes.RepresentationRank("0", name="rank")
+    monitor = CollapseMonitor(model, [nc, rank], L)
+    after = head.register_forward_hook(lambda m, a, out: None)  # a user's hook added later
+    batches = [(torch.randn(64, 6), torch.arange(64) % 4) for _ in range(STEPS)]
+    logged = []
+    rows = []
+    for x, y in batches:
+        due = {p.name: monitor.records(p) for p in monitor.probes}
+        with monitor.observe(targets=y):
+            model(x)
+            hooks = list(head._forward_hooks)
+        out = monitor.step()
+        rows.append((due, hooks, inputs[-1], y))
+        if out is not None:
+            logged.append(out)
+    quiet = [h for due, h, _, _ in rows if not any(due.values())]
+    recorded = [h for due, h, _, _ in rows if due["nc"]]
+    assert quiet and recorded, "the cadence should leave some steps unrecorded"
+    for hooks in quiet:  # ours are out; the user's stay, in their order
+        assert hooks == [before.id, after.id]
+    for hooks in recorded:  # ours are back between them, where they were registered
+        assert len(hooks) == 3 and hooks[0] == before.id and hooks[-1] == after.id
+    # the last window's NC metrics = a float64 reference on the steps it recorded
+    last = rows[-L:]
+    X = torch.cat([x for due, _, x, _ in last if due["nc"]]).double().numpy()
+    Y = torch.cat([y for due, _, _, y in last if due["nc"]]).numpy()
+    want = nc_reference(X, Y, 4, head.weight.detach().double().numpy(),
+                        head.bias.detach().double().numpy())  # fmt: skip
+    got = {k.split("/")[-1]: v for k, v in logged[-1].items() if k.startswith("collapse/nc/")}
+    assert_metrics_close(got, want, keys=["nc1", "nc1_quotient", "cdnv", "equiangular", "self_duality"])
+    assert got["samples"] == len(X)
+    monitor.close()
+    assert list(head._forward_hooks) == [before.id, after.id]  # closed: no trace of ours
+
+
+def test_a_quiet_step_still_refuses_a_nested_observe_and_a_closed_monitor():
+    model = nn.Sequential(nn.Linear(3, 3))
+    monitor = CollapseMonitor(model, [probes.RepresentationRank("0")], 10**6,
+                              observe_every_n_steps=1000)  # fmt: skip
+    for _ in range(2):
+        with monitor.observe():
+            model(torch.randn(4, 3))
+        monitor.step()
+    assert not model[0]._forward_hooks  # step 2 is quiet: the hooks are out
+    with monitor.observe(), pytest.raises(RuntimeError, match="nested"):
+        with monitor.observe():
+            pass
+    monitor.close()
+    with pytest.raises(RuntimeError, match="closed"), monitor.observe():
+        pass
+
+
+_COMPILED = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+    from collapse_monitor import CollapseMonitor, probes
+
+    def run(compile_at):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 4))
+        monitor = CollapseMonitor(model, [probes.RepresentationRank("0", name="rank")], 10,
+                                  observe_every_n_steps=5)
+        forward, logs = model, []
+        for step in range(20):
+            if step == compile_at:  # first called on a step the probe does not record
+                assert not model[0]._forward_hooks
+                forward = torch.compile(model, backend="eager")
+            with monitor.observe():
+                forward(torch.randn(32, 6))
+            out = monitor.step()
+            if out is not None:
+                logs.append(out)
+        monitor.close()
+        return logs
+
+    eager, compiled = run(None), run(3)
+    for a, b in zip(eager, compiled):
+        assert a["collapse/rank/samples"] == b["collapse/rank/samples"] == 2 * 32, (a, b)
+        for k in a:
+            if k.startswith("collapse/rank/"):
+                assert abs(a[k] - b[k]) <= 1e-6 * abs(a[k]) + 1e-12, (k, a[k], b[k])
+    print("ok", len(eager))
+    """
+)
+
+
+def test_torch_compile_of_a_model_whose_hooks_are_out_puts_them_back_first(tmp_path):
+    # (a subprocess: once torch.compile has run, no hook leaves its module in that process)
+    done = subprocess.run([sys.executable, "-c", _COMPILED], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "ok 2"
