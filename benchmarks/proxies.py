@@ -17,6 +17,7 @@ recorded step is one of ``observe_every_n_steps=1`` that does not log (``log_eve
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 
@@ -95,6 +96,26 @@ def _step_fn(w, mon):
     return step
 
 
+class _Null:
+    """A monitor that does nothing, timed the same way: the floor of the measurement (the
+    timer and a context manager and a call, run cold after the model's kernels)."""
+
+    def observe(self, **_):
+        return contextlib.nullcontext()
+
+    def step(self, _optimizer=None) -> None:
+        return None
+
+
+def floor(name: str, steps: int) -> float:
+    """Median host microseconds of :class:`_Null` in ``name``'s training step."""
+    torch.manual_seed(0)
+    w = WORKLOADS[name]()
+    step = _step_fn(w, _Null())
+    step()
+    return statistics.median(step() for _ in range(steps)) * 1e6
+
+
 def _aten_ops(step) -> int:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         step()
@@ -128,8 +149,10 @@ def measure(name: str, probe: str | None, every: int, steps: int) -> dict:
     hooks = sum(len(d.hooks) for d in mon._probes.drivers) + sum(
         len(m._hooks) for m in mon.mitigations
     )
+    # hooks still on their modules after an unrecorded step (the others are out until needed)
+    on = sum(len(mod._forward_hooks) + len(mod._forward_pre_hooks) for mod in w.model.modules())
     mon.close()
-    return {"ops": ops, "us": statistics.median(host) * 1e6, "hooks": hooks}
+    return {"ops": ops, "us": statistics.median(host) * 1e6, "hooks": hooks, "on": on}
 
 
 def tight_loop(reps: int = 5000) -> tuple[float, float]:
@@ -167,7 +190,9 @@ def section(quick: bool, table) -> list[str]:
     for name, make in WORKLOADS.items():
         w = make()
         idle = measure(name, None, 1000, steps)
-        rows.append([w.name, idle["hooks"], f"{idle['us']:.1f}", idle["ops"]])
+        hooked = idle["hooks"]
+        rows.append([w.name, hooked, idle["on"], f"{idle['us']:.1f}", f"{floor(name, steps):.1f}",
+                     idle["ops"]])  # fmt: skip
         for p in w.make_probes():
             rec = measure(name, p.name, 1, steps)
             per_probe.append(
@@ -184,13 +209,18 @@ def section(quick: bool, table) -> list[str]:
         "Method: `benchmarks/proxies.py` (ATen ops of a whole step, monitored minus "
         "unmonitored, from `torch.profiler`; host time of the monitor's hooks, `observe()` "
         "and `step()`, timer cost subtracted; median of "
-        f"{steps} steps). Unrecorded: `observe_every_n_steps=1000`, steps 1-999.",
+        f"{steps} steps). Unrecorded: `observe_every_n_steps=1000`, steps 1-999: the probes' "
+        "hooks are off their modules (a mitigation's stay), `observe()` and `step()` take "
+        "their quiet path. Beside it, a monitor whose `observe()` returns a null context and "
+        "whose `step()` returns at once, timed the same way: the floor of this measurement.",
         "",
         *table(
             [
                 "workload (its probes and mitigations)",
                 "hooks",
+                "of them on modules",
                 "unrecorded step: host us",
+                "a no-op monitor: host us",
                 "ATen ops",
             ],
             rows,

@@ -158,7 +158,7 @@ class CollapseMonitor:
             config.probes, process_group, config.overhead_budget, config.picture_probes
         )
         self._mitigations = MitigationRunner(config.mitigations, self._probes.route)
-        self._probes.quiet = not any(m.on_quiet_steps for m in config.mitigations)
+        self._probes.quiet_with(config.mitigations)
         pictures, every = config.picture_probes, config.pictures_every_n_logs
         self.outlets = Outlets(sinks, pictures, config.alert_callbacks, strict, every)
         self._snapshots = Snapshots(self._probes)

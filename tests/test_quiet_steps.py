@@ -12,7 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from collapse_monitor import CollapseMonitor, probes
+from collapse_monitor import CollapseMonitor, mitigations, probes
+from tests.mitigations.test_reset_dead_codes import concentrated
+from tests.mitigations.test_simvq import AutoEncoder
 from tests.reference import assert_metrics_close, nc_reference
 
 STEPS, L = 30, 10
@@ -54,7 +56,9 @@ def test_hooks_leave_the_modules_on_steps_no_probe_records_and_every_metric_stay
     want = nc_reference(X, Y, 4, head.weight.detach().double().numpy(),
                         head.bias.detach().double().numpy())  # fmt: skip
     got = {k.split("/")[-1]: v for k, v in logged[-1].items() if k.startswith("collapse/nc/")}
-    assert_metrics_close(got, want, keys=["nc1", "nc1_quotient", "cdnv", "equiangular", "self_duality"])
+    assert_metrics_close(
+        got, want, keys=["nc1", "nc1_quotient", "cdnv", "equiangular", "self_duality"]
+    )
     assert got["samples"] == len(X)
     monitor.close()
     assert list(head._forward_hooks) == [before.id, after.id]  # closed: no trace of ours
@@ -118,3 +122,47 @@ def test_torch_compile_of_a_model_whose_hooks_are_out_puts_them_back_first(tmp_p
                           timeout=300, cwd=tmp_path)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == "ok 2"
+
+
+class _Idle(mitigations.Mitigation):
+    """A user's mitigation that does nothing; like any mitigation not known to rest on quiet
+    steps, it makes the monitor run every step in full."""
+
+
+def _vq_run(extra: list) -> tuple[list, dict, list]:
+    torch.manual_seed(0)
+    model = AutoEncoder()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    monitor = CollapseMonitor(
+        model,
+        [probes.CodebookUsage("vq", 16, ema_decay=0.5, warmup_steps=2)],
+        8,
+        mitigations=[mitigations.ResetDeadCodes("vq", every_step=False), *extra],
+        observe_every_n_steps=4,
+    )
+    logs, hooked = [], []
+    for step in range(24):
+        x = concentrated(48, 8, seed=step)
+        with monitor.observe():
+            recon, commit = model(x)
+            hooked.append(len(model.vq._forward_hooks) + len(model.vq._forward_pre_hooks))
+        ((recon - x).pow(2).mean() + commit).backward()
+        opt.step()
+        opt.zero_grad()
+        out = monitor.step(opt)
+        if out is not None:
+            logs.append(out)
+    monitor.close()
+    return logs, model.state_dict(), hooked
+
+
+def test_quiet_steps_take_a_mitigations_hooks_off_too_and_change_nothing():
+    quiet_logs, quiet_weights, quiet_hooked = _vq_run([])
+    full_logs, full_weights, full_hooked = _vq_run([_Idle()])
+    assert min(quiet_hooked) == 0 < max(quiet_hooked)  # off on quiet steps, on when recording
+    assert min(full_hooked) > 0  # a mitigation with work on every step keeps every hook
+    assert quiet_logs[-1]["collapse/mitigations/reset_dead_codes"] > 0  # (it reset codes)
+    for a, b in zip(quiet_logs, full_logs, strict=True):
+        assert a == b
+    for name, weight in quiet_weights.items():
+        assert torch.equal(weight, full_weights[name]), name

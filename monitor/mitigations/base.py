@@ -64,6 +64,11 @@ class Mitigation(Component):
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
 
+    @property
+    def hooks(self) -> HookSet:
+        """The hooks it put on the model (taken off on steps nothing records: ``on_quiet_steps``)."""
+        return self._hooks
+
     def attach(self, setup: Setup) -> None:
         self.strict = setup.strict
 

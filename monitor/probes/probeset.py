@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -27,6 +27,10 @@ from ..contracts import ProbeInfo, Readout, Recording, Replaced, Setup
 from ..keys import MetricKey
 from .base import Probe
 from .driver import ProbeDriver
+
+if TYPE_CHECKING:
+    from ..hooks import HookSet
+    from ..mitigations.base import Mitigation
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +72,7 @@ class ProbeSet:
         # records them and none logs (0: not known; a log or a load forgets it); kept only
         # where no mitigation has work on such steps (quiet)
         self.quiet, self.quiet_until = True, 0
+        self._quiet_hooks: list[HookSet] = []  # the mitigations' (out on quiet steps too)
         self._stopped: set[ProbeDriver] = set()  # disabled on every rank (agreed at a log)
         self._unlabelled: set[str] = set()  # probes that said they skip unlabelled evaluations
         self.tp: _tensor_parallel.TensorParallel | None = None  # the model's tensor parallelism
@@ -201,6 +206,9 @@ class ProbeSet:
         rollout probes, else only the others); those of a training step are remembered until
         :meth:`end_step`."""
         logging = not snapshot and cadence.logs_after(step)  # (the same for every probe)
+        for hooks in self._quiet_hooks:
+            if hooks.suspended:
+                hooks.resume()
         due = self.drivers if snapshot else self.due(cadence, step)
         recorders = [d for d in due if d.probe.rollout == rollout]
         for d in list(recorders):
@@ -227,6 +235,13 @@ class ProbeSet:
     def step_values(self) -> dict[str, dict]:
         """What the probes that recorded this step publish of it (``Probe.step_values``)."""
         return {d.name: d.step_values() for d in self._recorded if not d.disabled}
+
+    def quiet_with(self, mitigations: Iterable[Mitigation]) -> None:
+        """Quiet steps are skipped whole unless one of ``mitigations`` has work on them (then
+        never); else their hooks, like the probes', leave their modules on such steps."""
+        mitigations = list(mitigations)
+        self.quiet = not any(m.on_quiet_steps for m in mitigations)
+        self._quiet_hooks = [m.hooks for m in mitigations] if self.quiet else []
 
     def due(self, cadence: Cadence, step: int) -> list[ProbeDriver]:
         """The drivers whose cadence records training step ``step`` (kept for the step: what
@@ -279,6 +294,9 @@ class ProbeSet:
                 ),
             )
         )
+        if self.quiet_until > step + 1:
+            for hooks in self._quiet_hooks:
+                hooks.suspend()
 
     def route(self, replaced: Replaced) -> None:
         """A mitigation replaced elements of a probe: it forgets them."""
