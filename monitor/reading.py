@@ -16,6 +16,7 @@ pair a value with the rest of the batch are read here too: the labels that belon
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -285,15 +286,27 @@ def nonfinite(value: Any, sample: int = 1024) -> torch.Tensor | None:
     few bad rows are the probes' own business: skipped and counted). ``None`` when ``value``
     holds no floating-point tensor. No host sync.
     """
-    flags = [
-        (~torch.isfinite(t.detach().reshape(-1)[:: max(1, t.numel() // sample)])).float().mean()
-        > 0.5
-        for t in _floating(value)
-        if t.numel()
-    ]
+    flags = []
+    for t in _floating(value):
+        if t.numel():
+            some = _strided_sample(t.detach(), sample)
+            flags.append(torch.isfinite(some).sum() < (some.numel() + 1) // 2)  # (most: bad)
     if not flags:
         return None
     return flags[0] if len(flags) == 1 else torch.stack(flags).any()
+
+
+def _strided_sample(t: torch.Tensor, sample: int) -> torch.Tensor:
+    """About ``sample`` evenly strided elements of ``t``, flat, without copying the rest: a
+    view of every ``k``-th element when ``t`` is contiguous, else every ``k_d``-th index along
+    each dimension (a permuted activation's ``reshape(-1)`` would copy all of it)."""
+    if t.is_contiguous():
+        return t.view(-1)[:: max(1, t.numel() // sample)]
+    # each dimension keeps about size ** a indices, a = log(sample) / log(numel): spread over
+    # all of them (a bad batch element or channel is not the whole tensor)
+    a = min(1.0, math.log(sample) / math.log(max(t.numel(), 2)))
+    index = tuple(slice(None, None, max(1, round(size / max(1.0, size**a)))) for size in t.shape)
+    return t[index].reshape(-1)
 
 
 class Checked:

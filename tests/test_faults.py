@@ -687,3 +687,17 @@ def test_one_nan_weight_marks_every_downstream_probe_diverged_from_the_first_ste
         assert logged[f"collapse/{name}/nonfinite"] == 1.0, name
         assert logged[f"collapse/{name}/first_nonfinite_step"] == 0.0, name
         assert logged[f"collapse/alerts/{name}/diverged"] == 1.0, name
+
+
+def test_the_diverged_check_samples_a_permuted_activation_across_all_of_it():
+    from collapse_monitor.reading import nonfinite
+
+    x = torch.randn(64, 64, 8, 8).permute(0, 2, 3, 1)  # channels-last view: not contiguous
+    assert not bool(nonfinite(x))
+    for bad, want in [(slice(0, 1), False), (slice(0, 20), False), (slice(0, 44), True)]:
+        y = x.clone()  # (the same layout)
+        y[bad] = float("nan")  # bad batch elements
+        assert bool(nonfinite(y)) is want, (bad, want)
+        z = x.clone()
+        z[..., bad] = float("inf")  # bad channels
+        assert bool(nonfinite(z)) is want, (bad, want)
