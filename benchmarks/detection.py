@@ -465,6 +465,52 @@ def dormant_adam60(seed: int, collapse: bool) -> Scenario:
     return dormant(seed, collapse, every=60, adam=True)
 
 
+# held out, fifth round: built after usage_recent's sample was set to the window's (a uniform
+# codebook showing 90% of its codes), run once
+def codebook_sgd(seed: int, collapse: bool) -> Scenario:
+    """Held out: 128 tiny codes, SGD (learning rate 0.1, momentum 0.9), batch 32, against
+    vector-quantize-pytorch's EMA codebook."""
+    opt = lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)  # noqa: E731
+    return _vq_scenario(seed, "tiny" if collapse else "vqp", 128, 32, opt)
+
+
+def codebook_conv_data(seed: int, collapse: bool) -> Scenario:
+    """Held out: the channels-first convolutional VQ with 128 codes initialised on encoder
+    outputs, Adam 1e-3, batch 32, against vector-quantize-pytorch ``accept_image_fmap=True``."""
+    opt = lambda p: torch.optim.Adam(p, lr=1e-3)  # noqa: E731
+    return _vq_scenario(seed, "data" if collapse else "vqp", 128, 32, opt, conv=True)
+
+
+def router_twelve(seed: int, collapse: bool) -> Scenario:
+    """Held out: 12 experts, Adam 1e-3, batch 32."""
+    return router(seed, collapse, experts=12, batch=32)
+
+
+def attention_deep(seed: int, collapse: bool) -> Scenario:
+    """Held out: Adam 3e-2 against 1e-3, d 64, 4 heads, 3 layers, batch 16."""
+    return attention(seed, collapse, lrs=(3e-2, 1e-3), width=(64, 4, 3), batch=16)
+
+
+def posterior_six(seed: int, collapse: bool) -> Scenario:
+    """Held out: the KL weight ramped to 6 against 1, Adam 2e-3, batch 128."""
+    return posterior(seed, collapse, tops=(6.0, 1.0), lr=2e-3, batch=128)
+
+
+def dimensional_48(seed: int, collapse: bool) -> Scenario:
+    """Held out: SimSiam with batches of 48 and SGD 0.04."""
+    return dimensional(seed, collapse, lr=0.04, batch=48)
+
+
+def softmax_p59(seed: int, collapse: bool) -> Scenario:
+    """Held out: addition mod 59 from 42% of the table, AdamW 1.5e-2."""
+    return softmax(seed, collapse, p=59, frac=0.42, lr=1.5e-2)
+
+
+def dormant_sgd30(seed: int, collapse: bool) -> Scenario:
+    """Held out: labels permuted every 30 steps, SGD 0.1."""
+    return dormant(seed, collapse, every=30)
+
+
 def posterior(seed: int, collapse: bool, tops=(12.0, 1.0), lr=1e-3, batch=128) -> Scenario:
     """Bowman et al. 2016: a KL weight ramped too high drives the posterior of most latent
     units to the prior; the twin ramps to beta = 1 (``tops``: the collapsing and healthy
@@ -780,6 +826,19 @@ ZOO.update(
                 ("dormant", dormant_adam60),
             ),
         ),
+        (  # the fifth round, built after the fourth round's rerun (see above), run once
+            "held-out",
+            (
+                ("codebook", codebook_sgd),
+                ("codebook", codebook_conv_data),
+                ("router", router_twelve),
+                ("attention", attention_deep),
+                ("posterior", posterior_six),
+                ("dimensional", dimensional_48),
+                ("softmax", softmax_p59),
+                ("dormant", dormant_sgd30),
+            ),
+        ),
     )
     for base, build in variants
 )
@@ -1011,8 +1070,10 @@ def main(argv=None) -> list[dict]:
         "",
         *summary(halves[0]),
         "",
-        "Held-out half (the fourth round, built after the rules were fixed and run once: other "
-        "codebook sizes, expert counts, batch sizes, learning rates, optimizers and widths):",
+        "Held-out half (other codebook sizes, expert counts, batch sizes, learning rates, "
+        "optimizers and widths: the fourth round, built after the single_code rule and run "
+        "once, run again after usage_recent took the window's sample; the fifth round, built "
+        "after that and run once):",
         "",
         *table(halves[1]),
         "",

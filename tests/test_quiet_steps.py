@@ -20,6 +20,18 @@ from tests.reference import assert_metrics_close, nc_reference
 STEPS, L = 30, 10
 
 
+@pytest.fixture(autouse=True)
+def _hooks_may_leave():
+    """Another test's torch.compile in this process keeps every hook on its module from then on
+    (HookSet.suspend); these tests' models are never compiled, so they start as a fresh process."""
+    from collapse_monitor import hooks
+
+    hooks._may_suspend()  # (watching compilations from here on)
+    seen, hooks._COMPILE["seen"] = hooks._COMPILE["seen"], False
+    yield
+    hooks._COMPILE["seen"] = seen
+
+
 def test_hooks_leave_the_modules_on_steps_no_probe_records_and_every_metric_stays():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 4))

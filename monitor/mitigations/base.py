@@ -29,8 +29,10 @@ class Mitigation(Component):
     objects of the changes it made and read back; the monitor logs each to Python ``logging``
     and to every sink, and routes what it replaced (:class:`~collapse_monitor.contracts.Replaced`)
     to the probe it names. :meth:`on_step` runs after every training step (keep it cheap: no
-    host sync) and may return :class:`~collapse_monitor.contracts.Replaced` records too.
-    Mitigations are saved and restored by name.
+    host sync) and may return :class:`~collapse_monitor.contracts.Replaced` records too. A
+    mitigation whose :meth:`on_step` and hooks have nothing to do on a step that no probe records
+    and no log follows sets :attr:`on_quiet_steps` to False: when all do, the monitor skips such
+    steps whole (their hooks off the modules). Mitigations are saved and restored by name.
 
     Args:
         name: unique among the monitor's mitigations; default :attr:`kind`. No ``/``.

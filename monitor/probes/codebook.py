@@ -28,8 +28,9 @@ log = logging.getLogger(__name__)
 _F64 = torch.float64
 _NAN = float("nan")
 # usage_recent is the usage of the fewest latest steps whose assignments would show a uniform
-# codebook 99% of its codes (T >= 4.6 K): a sample in which it is not low by construction
-_RECENT_UNIFORM = 0.99
+# codebook 90% of its codes (T >= 2.3 K): a sample in which it is not low by construction, the
+# same the window needs for the usage rule (a collapse at initialisation alerts at the first log)
+_RECENT_UNIFORM = 0.9
 _RECENT_STEPS = 128  # the most steps it reaches back (memory: 8 * H * 128 bytes)
 
 
@@ -76,8 +77,8 @@ class CodebookUsage(Probe):
     ``samples`` (hits in the window), ``skipped``
     (placeholder entries) and ``out_of_range`` (indices outside ``[0, K)``, left out),
     ``usage_recent`` (the usage of the latest training steps alone, mean over heads: the fewest
-    latest steps, up to 128 and across logs, whose indices would show a uniform codebook 99%
-    of its codes, ``T >= 4.6 K`` per head, so that it is not low by construction; their number
+    latest steps, up to 128 and across logs, whose indices would show a uniform codebook 90%
+    of its codes, ``T >= 2.3 K`` per head, so that it is not low by construction; their number
     is ``usage_recent_steps``; not reported before that many indices were seen: the usage
     rule's latest value) and ``codes_used_recent`` (the codes hit in those steps: 1 is total
     collapse at any ``K``, the ``single_code`` rule), plus a histogram
@@ -354,7 +355,7 @@ class CodebookUsage(Probe):
 
     def _recent(self, recent: RecentHits) -> dict[str, float]:
         """``usage_recent`` over the fewest latest steps whose indices would show a uniform
-        codebook 99% of its codes (with fewer, the usage is low by construction: none)."""
+        codebook 90% of its codes (with fewer, the usage is low by construction: none)."""
         rows = recent.rows_back().cumsum(-1).to(_F64)  # (H, n): indices in the latest 1..n steps
         uniform = 1.0 - (1.0 - 1.0 / self.num_codes) ** rows
         enough = (uniform >= _RECENT_UNIFORM).all(0).nonzero()
