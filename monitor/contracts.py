@@ -14,6 +14,7 @@ monitor, and mitigations never hold a probe: they are handed these small, read-o
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping
@@ -107,10 +108,22 @@ class Recording:
     inputs: Mapping[str, Any] = field(default_factory=dict)
 
 
-class Observation:
-    """What ``CollapseMonitor.observe()`` returns: a context manager that hands recordings to
-    the probes due at this step on entry and takes them back on exit (a plain class rather
-    than a generator: a step that records nothing costs a few attribute reads)."""
+class Observation(contextlib.ContextDecorator):
+    """What ``CollapseMonitor.observe()`` returns: a context manager (and decorator) that hands
+    recordings to the probes due at this step on entry and takes them back on exit (a plain
+    class rather than a generator: a step that records nothing costs a few attribute reads).
+
+    Example:
+        >>> import torch
+        >>> from collapse_monitor import CollapseMonitor, probes
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        >>> mon = CollapseMonitor(model, [probes.RepresentationRank("0", name="z")], 1)
+        >>> with mon.observe() as m:
+        ...     _ = model(torch.randn(8, 4))
+        >>> m is mon, mon.step()["collapse/z/samples"]
+        (True, 8.0)
+        >>> mon.close()
+    """
 
     __slots__ = ("_monitor", "_args")
 

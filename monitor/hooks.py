@@ -85,7 +85,9 @@ class HookSet:
         ``torch.compile`` has run: its graphs do not guard on a module's hooks being absent
         (``torch._dynamo.config.skip_nnmodule_hook_guards``), so a graph traced while they are
         out would never call them again; a compilation that starts while some are out first
-        puts them back (:func:`_compiling`)."""
+        puts them back (:func:`_compiling`). ``torch._dynamo.reset()`` drops that watch until
+        the next suspension: a reset and a first compilation inside one stretch of steps that
+        nothing records would trace without them."""
         if self._taken is not None or not self._handles or not _may_suspend():
             return
         taken = []
@@ -128,13 +130,19 @@ _COMPILE = {"watched": False, "seen": False}
 
 def _may_suspend() -> bool:
     """Whether hooks may leave their modules: not once torch.compile has run (see
-    :meth:`HookSet.suspend`); the first call starts watching for compilations."""
-    if not _COMPILE["watched"]:
-        import torch._dynamo
+    :meth:`HookSet.suspend`), nor where torch cannot say when it starts (torch < 2.3). Checks
+    each time that it still watches for compilations (``torch._dynamo.reset()`` drops the
+    watch)."""
+    import torch._dynamo
 
+    handler = getattr(torch._dynamo, "callback_handler", None)
+    if handler is None:
+        return False
+    if not _COMPILE["watched"]:
         _COMPILE["watched"] = True
         _COMPILE["seen"] = any(torch._dynamo.utils.counters["frames"].values())
-        torch._dynamo.callback_handler.register_start_callback(_compiling)
+    if _compiling not in handler.start_callbacks:
+        handler.register_start_callback(_compiling)
     return not _COMPILE["seen"]
 
 

@@ -254,7 +254,7 @@ class CollapseMonitor:
         if inputs:
             self.notices.unread_keywords(inputs)
         snapshot, step = self._snapshots.prefix is not None, self.global_step
-        if step < self._probes.quiet_until and not snapshot:
+        if step in self._probes.quiet_steps and not snapshot:
             self._recording = []  # (nothing records this step)
             return self
         recorders = self._probes.begin_recording(
@@ -285,7 +285,7 @@ class CollapseMonitor:
             class-sharded probe: ``NeuralCollapse(shard_classes=True)``).
         """
         step = self.global_step
-        if step < self._probes.quiet_until:
+        if step in self._probes.quiet_steps:
             self.global_step = step + 1  # (no probe recorded it, and no log follows it)
             return None
         optimizers = as_optimizers(optimizer)

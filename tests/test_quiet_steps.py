@@ -93,6 +93,24 @@ def test_a_quiet_step_still_refuses_a_nested_observe_and_a_closed_monitor():
         pass
 
 
+def test_a_step_counter_set_back_by_hand_records_and_logs_as_the_cadence_says():
+    model = nn.Sequential(nn.Linear(3, 3))
+    monitor = CollapseMonitor(model, [probes.RepresentationRank("0", name="z")], 10,
+                              observe_every_n_steps=5)  # fmt: skip
+    logs = []
+    for step in range(22):
+        if step == 12:
+            monitor.global_step = 0  # (a user re-aligning with a trainer's counter)
+        with monitor.observe():
+            model(torch.randn(4, 3))
+        out = monitor.step()
+        if out is not None:
+            logs.append((monitor.global_step, out["collapse/z/samples"]))
+    # steps 0 and 5 of a window of 10 recorded, 4 rows each; set back at 12, the open window
+    # (its step 10) takes the new steps 0 and 5 and logs after the new step 9
+    assert logs == [(10, 8.0), (10, 12.0)]
+
+
 _COMPILED = textwrap.dedent(
     """
     import torch
@@ -174,7 +192,8 @@ def test_quiet_steps_take_a_mitigations_hooks_off_too_and_change_nothing():
     assert min(quiet_hooked) == 0 < max(quiet_hooked)  # off on quiet steps, on when recording
     assert min(full_hooked) > 0  # a mitigation with work on every step keeps every hook
     assert quiet_logs[-1]["collapse/mitigations/reset_dead_codes"] > 0  # (it reset codes)
-    for a, b in zip(quiet_logs, full_logs, strict=True):
+    assert len(quiet_logs) == len(full_logs) == 3
+    for a, b in zip(quiet_logs, full_logs):
         assert a == b
     for name, weight in quiet_weights.items():
         assert torch.equal(weight, full_weights[name]), name

@@ -50,7 +50,10 @@ class Mitigation(Component):
     #: the group of its collectives: the monitor's, or its pipeline stage's (set at attach)
     process_group = None
     #: whether it has work on a step that no probe records and no log follows (in
-    #: :meth:`on_step` or its hooks); if none has, the monitor skips such steps whole
+    #: :meth:`on_step` or its hooks); if none has, the monitor skips such steps whole. Under
+    #: ``torch.distributed`` ranks may differ in which steps are quiet (a class-conditional
+    #: probe's stride follows its rank's rows): False only where :meth:`on_step` makes no
+    #: collective on a step its probe does not record
     on_quiet_steps: ClassVar[bool] = True
 
     @property

@@ -400,7 +400,7 @@ class LatentUsage(CodebookUsage):
     Reads the module's output activations ``(..., L)`` (``extract=`` otherwise). Reports
     ``dead_latents`` / ``dead_fraction`` (latents that did not fire in the whole window, the SAE
     convention; ``dead="ema"`` for the EMA rule), ``usage`` (fraction that fired;
-    ``usage_recent``: the latest steps alone, from ``4.6 L`` rows; ``usage_uniform``:
+    ``usage_recent``: the latest steps alone, from ``2.3 L`` rows; ``usage_uniform``:
     the usage the window's fires would show spread uniformly), ``fire_rate``
     (mean active latents per row, L0), ``perplexity`` of the firing distribution, ``samples``
     (rows), ``skipped`` (rows with NaN or Inf, and padded tokens: ``observe(mask=)`` or the

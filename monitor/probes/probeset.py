@@ -68,10 +68,10 @@ class ProbeSet:
         self._recorded: set[ProbeDriver] = set()  # recorded in this training step
         self._plan: tuple[int, list[ProbeDriver]] | None = None  # (step, the drivers due then)
         self._hooked = set(self.drivers)  # drivers whose hooks are on their modules
-        # the steps before this one (from the step after the last ended) are quiet: no probe
-        # records them and none logs (0: not known; a log or a load forgets it); kept only
-        # where no mitigation has work on such steps (quiet)
-        self.quiet, self.quiet_until = True, 0
+        # steps no probe records and after which none logs, from the step after the last one
+        # that ended (new strides or a load forget them); kept only where no mitigation has
+        # work on such steps (quiet)
+        self.quiet, self.quiet_steps = True, range(0)
         self._quiet_hooks: list[HookSet] = []  # the mitigations' (out on quiet steps too)
         self._stopped: set[ProbeDriver] = set()  # disabled on every rank (agreed at a log)
         self._unlabelled: set[str] = set()  # probes that said they skip unlabelled evaluations
@@ -253,7 +253,8 @@ class ProbeSet:
                 [
                     d
                     for d in self.drivers
-                    if cadence.records(d.probe.sampling, step, d.rows_per_step, d.slower)
+                    if d not in self._stopped  # (disabled on every rank: nothing to record)
+                    and cadence.records(d.probe.sampling, step, d.rows_per_step, d.slower)
                 ],
             )
         return self._plan[1]
@@ -265,9 +266,10 @@ class ProbeSet:
         that will not record the next step leave their modules until they do."""
         if self.budget is not None:
             self.budget.tick()
-        due = self.due(cadence, step)
-        extra = self._recorded.difference(due)  # (none unless the strides changed in the step)
-        for d in [d for d in self.drivers if d in due or d in extra] if extra else due:
+        due = {*self.due(cadence, step), *self._recorded}
+        for d in self.drivers:  # (in the same order on every rank)
+            if d not in due:
+                continue
             token = None if d.meter is None else d.meter.start()  # (the step's work: its cost)
             if d in self._recorded and not d.disabled:
                 d.run(d.finish_step)
@@ -283,18 +285,19 @@ class ProbeSet:
         for d in self._hooked.difference(later):
             d.hooks.suspend()
         self._hooked.intersection_update(later)
-        self.quiet_until = (
-            step + 1
-            if later or not self.quiet
-            else min(
-                cadence.next_log(step + 1),
-                *(
-                    cadence.next_record(d.probe.sampling, step + 1, d.rows_per_step, d.slower)
-                    for d in self.drivers
-                ),
-            )
+        if later or not self.quiet:
+            self.quiet_steps = range(0)
+            return
+        until = min(
+            cadence.next_log(step + 1),
+            *(
+                cadence.next_record(d.probe.sampling, step + 1, d.rows_per_step, d.slower)
+                for d in self.drivers
+                if d not in self._stopped
+            ),
         )
-        if self.quiet_until > step + 1:
+        self.quiet_steps = range(step + 1, until)
+        if self.quiet_steps:  # (the mitigations' hooks leave too)
             for hooks in self._quiet_hooks:
                 hooks.suspend()
 
@@ -436,7 +439,7 @@ class ProbeSet:
         (its metrics) and the strides of the next window (a collective)."""
         if self.budget is not None:  # (while the windows still count their steps)
             self.budget.settle(self.drivers, self.everywhere, self.process_group, self.replicas)
-            self._plan, self.quiet_until = None, 0  # (new strides)
+            self._plan, self.quiet_steps = None, range(0)  # (new strides)
         for d in self.drivers:
             if not d.disabled:
                 d.run(d.finish_window, self._group(d))
@@ -486,7 +489,7 @@ class ProbeSet:
         ]
 
         def apply() -> None:
-            self._plan, self.quiet_until = None, 0
+            self._plan, self.quiet_steps = None, range(0)
             for d, window in staged:
                 d.apply(states[d.name], window, _dist.rank(self._group(d)), reduced)
 
