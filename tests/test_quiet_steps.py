@@ -197,3 +197,17 @@ def test_quiet_steps_take_a_mitigations_hooks_off_too_and_change_nothing():
         assert a == b
     for name, weight in quiet_weights.items():
         assert torch.equal(weight, full_weights[name]), name
+
+
+def test_a_monitor_whose_every_probe_stopped_keeps_stepping_and_logging():
+    model = nn.Sequential(nn.Linear(3, 3))  # (float outputs: no code indices to read)
+    monitor = CollapseMonitor(model, [probes.CodebookUsage("0", 4, name="vq")], 5)
+    logs = []
+    for _ in range(20):
+        with monitor.observe():
+            model(torch.randn(4, 3))
+        if monitor.step() is not None:
+            logs.append(monitor.global_step)
+    assert logs == [5, 10, 15, 20] and monitor.error_count == 1
+    assert not model[0]._forward_hooks  # (stopped: never due again, its hooks off)
+    monitor.close()

@@ -289,12 +289,14 @@ class ProbeSet:
             self.quiet_steps = range(0)
             return
         until = min(
-            cadence.next_log(step + 1),
-            *(
-                cadence.next_record(d.probe.sampling, step + 1, d.rows_per_step, d.slower)
-                for d in self.drivers
-                if d not in self._stopped
-            ),
+            [
+                cadence.next_log(step + 1),
+                *(
+                    cadence.next_record(d.probe.sampling, step + 1, d.rows_per_step, d.slower)
+                    for d in self.drivers
+                    if d not in self._stopped  # (every probe may have stopped)
+                ),
+            ]
         )
         self.quiet_steps = range(step + 1, until)
         if self.quiet_steps:  # (the mitigations' hooks leave too)
@@ -325,15 +327,14 @@ class ProbeSet:
                 if not c.disabled:
                     c.fail(exc)
         group = self.process_group
-        if not _dist.is_distributed(group) or not owners:
-            return
-        flags = torch.tensor(
-            [float(c.disabled) for c in owners], device=_dist.collective_device(group)
-        )
-        _dist.all_reduce_max_(flags, group)
-        for c, flag in zip(owners, flags.tolist()):
-            c.disabled = c.disabled or bool(flag)
-        self._stopped = {d for d in self.drivers if d.disabled}
+        if _dist.is_distributed(group) and owners:
+            flags = torch.tensor(
+                [float(c.disabled) for c in owners], device=_dist.collective_device(group)
+            )
+            _dist.all_reduce_max_(flags, group)
+            for c, flag in zip(owners, flags.tolist()):
+                c.disabled = c.disabled or bool(flag)
+        self._stopped = {d for d in self.drivers if d.disabled}  # (one process: every rank)
         for d in self._stopped:
             d.stopped = True
 
