@@ -185,6 +185,12 @@ class Call:
         """A ValueError naming the probe and the module."""
         return self._context.probe.error(self.path, what)
 
+    @property
+    def strict(self) -> bool:
+        """Whether the monitor raises every error (``strict=True``): bad input is then looked
+        for, at a host sync, by :meth:`bad_rows`."""
+        return self._context.strict
+
     def bad_rows(self, bad: torch.Tensor, describe: Callable[[], str]) -> None:
         """``bad``: rows of this call the probe skips for bad input (a label out of range). A
         strict monitor raises ``describe()`` (a host sync: tests and debugging); otherwise the
@@ -305,8 +311,10 @@ def _strided_sample(t: torch.Tensor, sample: int) -> torch.Tensor:
     # each dimension keeps about size ** a indices, a = log(sample) / log(numel): spread over
     # all of them (a bad batch element or channel is not the whole tensor)
     a = min(1.0, math.log(sample) / math.log(max(t.numel(), 2)))
-    index = tuple(slice(None, None, max(1, round(size / max(1.0, size**a)))) for size in t.shape)
-    return t[index].reshape(-1)
+    steps = [max(1, round(size / max(1.0, size**a))) for size in t.shape]
+    sizes = [-(-size // step) for size, step in zip(t.shape, steps)]
+    strides = [stride * step for stride, step in zip(t.stride(), steps)]
+    return t.as_strided(sizes, strides, t.storage_offset()).reshape(-1)  # (one view, one copy)
 
 
 class Checked:

@@ -252,23 +252,23 @@ class CodebookUsage(Probe):
             )
         shape = idx.shape
         idx = idx.reshape(-1, H).to(torch.int64)
-        valid = torch.ones_like(idx, dtype=torch.bool)
-        if assigned is not None:
-            valid &= assigned.reshape(-1, H)
+        valid = None if assigned is None else assigned.reshape(-1, H)
         if self.ignore_index is not None:
-            valid &= idx != self.ignore_index
+            valid = _both(valid, idx != self.ignore_index)
         padding = self._padding(call, shape, idx.shape[0], idx.device)
         if padding is not None:
-            valid &= padding[:, None]
-        bad = ((idx < 0) | (idx >= self.num_codes)) & valid  # counted by CodeCounts
-        call.bad_rows(
-            bad,
-            lambda: (
-                f"code indices out of range [0, {self.num_codes}): {int(bad.sum())} "
-                f"entries, min {int(idx[bad].min())}, max {int(idx[bad].max())} "
-                f"(ignore_index={self.ignore_index})"
-            ),
-        )
+            valid = _both(valid, padding[:, None].expand_as(idx))
+        if call.strict:  # (else CodeCounts counts them; the message costs a host sync)
+            bad = (idx < 0) | (idx >= self.num_codes)
+            bad = bad if valid is None else bad & valid
+            call.bad_rows(
+                bad,
+                lambda: (
+                    f"code indices out of range [0, {self.num_codes}): {int(bad.sum())} "
+                    f"entries, min {int(idx[bad].min())}, max {int(idx[bad].max())} "
+                    f"(ignore_index={self.ignore_index})"
+                ),
+            )
         window["counts"].update(idx, valid, also=window["step"])
 
     def _padding(self, call, shape, rows: int, device) -> torch.Tensor | None:
@@ -473,6 +473,10 @@ class LatentUsage(CodebookUsage):
 
     def _extra_metrics(self, win: CodeCounts) -> dict[str, torch.Tensor]:
         return {"fire_rate": fire_rate(win.counts, win.rows), "samples": win.rows.to(_F64)}
+
+
+def _both(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
+    return b if a is None else a & b
 
 
 def _warn_unsynced(probe, found) -> None:

@@ -143,8 +143,17 @@ class Statistic:
 
     # ------------------------------------------------------------------ lifecycle
     def reset(self) -> None:
-        """Restore every state to its default (zeros; ``-inf`` for maxima), in place."""
+        """Restore every state to its default (zeros; ``-inf`` for maxima), in place: the
+        zero-filled ones already in shape in one operation (a per-step reset on a GPU is one
+        launch)."""
+        zeros, rest = [], []
         for name in self._states:
+            t = getattr(self, name)
+            fits = tuple(t.shape) == self._extent(name) and t.device == self.device
+            (zeros if fits and self._fill(name) == 0 else rest).append(name)
+        if zeros:
+            torch._foreach_zero_([getattr(self, name) for name in zeros])
+        for name in rest:
             self._reset_state(name)
 
     def forget_reduced(self) -> None:

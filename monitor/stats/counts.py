@@ -48,18 +48,25 @@ class CodeCounts(Statistic):
         same indices (a step's beside the window's), at the cost of its additions only.
         """
         H, K = self.heads, self.num_codes
-        valid = torch.ones_like(indices, dtype=torch.bool) if valid is None else valid
         inside = (indices >= 0) & (indices < K)
-        ok = valid & inside
-        flat = (torch.where(ok, indices, 0) + torch.arange(H, device=indices.device) * K).reshape(
-            -1
-        )
-        hits = ok.reshape(-1).to(torch.int64)
+        ok = inside if valid is None else valid & inside
+        flat = torch.where(ok, indices, 0)
+        if H > 1:  # (the heads' codebooks side by side)
+            flat = flat + torch.arange(H, device=indices.device) * K
+        flat, hits = flat.reshape(-1), ok.reshape(-1).to(torch.int64)
         # rows, skipped and out of range per head: one reduction
-        per_head = torch.stack([ok, ~valid, valid & ~inside]).sum(1)
+        if valid is None:
+            per_head = torch.stack([ok, ~ok]).sum(1)  # (nothing skipped)
+        else:
+            per_head = torch.stack([ok, ~valid, valid & ~inside]).sum(1)
         for stat in (self,) if also is None else (self, also):
             stat.counts.view(-1).index_add_(0, flat, hits)
-            torch._foreach_add_([stat.rows, stat.skipped, stat.out_of_range], list(per_head))
+            tallies = [stat.rows, stat.out_of_range] if valid is None else stat._tallies
+            torch._foreach_add_(tallies, list(per_head))
+
+    @property
+    def _tallies(self) -> list[torch.Tensor]:
+        return [self.rows, self.skipped, self.out_of_range]
 
     def add_counts(
         self, hits: torch.Tensor, rows: torch.Tensor, skipped: torch.Tensor | int = 0
@@ -156,8 +163,9 @@ class UsageEMA(Statistic):
     @torch.no_grad()
     def advance(self, step: CodeCounts, decay: float) -> None:
         """``ema = decay * ema + (1 - decay) * counts of this step``."""
-        self.hits.mul_(decay).add_(step.counts, alpha=1 - decay)
-        self.rows.mul_(decay).add_(step.rows, alpha=1 - decay)
+        ema = [self.hits, self.rows]
+        torch._foreach_mul_(ema, decay)
+        torch._foreach_add_(ema, [step.counts, step.rows], alpha=1 - decay)
         self.steps += 1
 
     @torch.no_grad()
