@@ -146,7 +146,7 @@ def measure(name: str, probe: str | None, every: int, steps: int) -> dict:
             host.append(own + _CLOCK["s"] - cost * _Counted.calls)
     finally:
         Hook.__call__ = _call
-    hooks = sum(len(d.hooks) for d in mon._probes.drivers) + sum(
+    hooks = sum(len(d.hooks) + len(d._model_hooks) for d in mon._probes.drivers) + sum(
         len(m._hooks) for m in mon.mitigations
     )
     # hooks still on their modules after an unrecorded step (the others are out until needed)

@@ -211,3 +211,58 @@ def test_a_monitor_whose_every_probe_stopped_keeps_stepping_and_logging():
     assert logs == [5, 10, 15, 20] and monitor.error_count == 1
     assert not model[0]._forward_hooks  # (stopped: never due again, its hooks off)
     monitor.close()
+
+
+class _Tokens(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.body = nn.Embedding(10, 8), nn.Linear(8, 8)
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.body(self.emb(input_ids))
+
+
+def test_hooks_are_back_before_a_forward_that_enters_observe_from_the_models_own_pre_hook():
+    # transformers' callback enters observe() in a pre-hook of the model itself: PyTorch read
+    # the model's pre-hooks before it ran, so the probes' (the attention mask's) must be back
+    # by then; the padded tokens are no embeddings, on every recorded step
+    torch.manual_seed(0)
+    model = _Tokens()
+    monitor = CollapseMonitor(model, [probes.RepresentationRank("body", name="z")], 10)
+    inside = []
+
+    def enter(module, args, kwargs):
+        inside.append(monitor.observe())
+        inside[-1].__enter__()
+
+    def leave(module, args, output):
+        inside.pop().__exit__(None, None, None)
+
+    handles = [model.register_forward_pre_hook(enter, with_kwargs=True, prepend=True),
+               model.register_forward_hook(leave)]  # fmt: skip
+    mask = torch.ones(4, 6, dtype=torch.long)
+    mask[:, 4:] = 0  # 16 real tokens a batch
+    logs = []
+    for _ in range(30):
+        model(input_ids=torch.randint(0, 10, (4, 6)), attention_mask=mask)
+        out = monitor.step()
+        if out is not None:
+            logs.append(out["collapse/z/samples"])
+    assert logs == [32.0, 32.0, 32.0]  # two recorded steps a window, 16 tokens each
+    # an evaluation begun inside the model's pre-hook, on a quiet step (as the callback does)
+    evaluating = [True]
+
+    def enter_eval(module, args, kwargs):
+        if evaluating[0] and monitor.snapshot_prefix is None:
+            monitor.begin_snapshot("val")
+        enter(module, args, kwargs)
+
+    handles[0].remove()
+    handles[0] = model.register_forward_pre_hook(enter_eval, with_kwargs=True, prepend=True)
+    with torch.no_grad():
+        for _ in range(2):
+            model(input_ids=torch.randint(0, 10, (4, 6)), attention_mask=mask)
+    assert monitor.end_snapshot()["val/collapse/z/samples"] == 32.0
+    for h in handles:
+        h.remove()
+    monitor.close()

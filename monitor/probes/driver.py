@@ -96,6 +96,7 @@ class ProbeDriver(Component, Recorder):
         self.skipped_generation = False  # left generation forwards out (and said so once)
         self._said_bad: set[str] = set()
         self._step_hooks = HookSet()  # gradient hooks of this step (Call.on_gradient)
+        self._model_hooks = HookSet()  # on the model itself: never suspended
         self._armed: set[int] = set()
         self._microbatches: dict[str, dict[int, int]] = {}  # path: {micro-batch: rows} this step
         # the ranks holding the module, when only some do (pipeline stages; None: all)
@@ -161,7 +162,9 @@ class ProbeDriver(Component, Recorder):
                 self._model_signature = inspect.signature(setup.model.forward)
             except (TypeError, ValueError):  # a builtin or C forward: keywords only
                 self._model_signature = None
-            self.hooks.forward_pre(setup.model, self._capture_model_inputs)
+            # (never off the model: a trainer may enter observe() inside the model's own
+            # forward, from a pre-hook, after PyTorch read the model's pre-hooks)
+            self._model_hooks.forward_pre(setup.model, self._capture_model_inputs)
         return tuple(probe.paths)
 
     def _fresh_window(self) -> Window:
@@ -181,6 +184,7 @@ class ProbeDriver(Component, Recorder):
     def detach(self) -> None:
         self._fed, self._feeds = {}, {}
         self.hooks.remove()
+        self._model_hooks.remove()
         self._step_hooks.remove()
         self.end_recording()
 

@@ -206,11 +206,12 @@ class ProbeSet:
         rollout probes, else only the others); those of a training step are remembered until
         :meth:`end_step`."""
         logging = not snapshot and cadence.logs_after(step)  # (the same for every probe)
+        due = self.drivers if snapshot else self.due(cadence, step)
+        recorders = [d for d in due if d.probe.rollout == rollout]
+        self.resume(recorders)  # (where end_step did not: a step counter set by hand)
         for hooks in self._quiet_hooks:
             if hooks.suspended:
                 hooks.resume()
-        due = self.drivers if snapshot else self.due(cadence, step)
-        recorders = [d for d in due if d.probe.rollout == rollout]
         for d in list(recorders):
             mine = {k: v for k, v in inputs.items() if k in d.probe.keywords and v is not None}
             missing = [k for k, required in d.probe.keywords.items() if required and k not in mine]
@@ -224,9 +225,6 @@ class ProbeSet:
                         " and ".join(missing),
                     )
                 continue
-            if d not in self._hooked:
-                d.hooks.resume()
-                self._hooked.add(d)
             d.begin_recording(Recording(step, logging, snapshot, mine))
         if not snapshot:  # snapshots do not advance per-step state such as usage EMAs
             self._recorded.update(recorders)
@@ -285,23 +283,42 @@ class ProbeSet:
         for d in self._hooked.difference(later):
             d.hooks.suspend()
         self._hooked.intersection_update(later)
-        if later or not self.quiet:
-            self.quiet_steps = range(0)
-            return
-        until = min(
-            [
-                cadence.next_log(step + 1),
-                *(
-                    cadence.next_record(d.probe.sampling, step + 1, d.rows_per_step, d.slower)
-                    for d in self.drivers
-                    if d not in self._stopped  # (every probe may have stopped)
-                ),
-            ]
-        )
-        self.quiet_steps = range(step + 1, until)
-        if self.quiet_steps:  # (the mitigations' hooks leave too)
-            for hooks in self._quiet_hooks:
+        # the next step's hooks come back now, before its forward: a trainer that enters
+        # observe() from a pre-hook of the model itself (transformers' callback) is already
+        # inside that forward, whose pre-hooks were read before theirs returned
+        self.resume(later)
+        self.quiet_steps = range(0)
+        if not later and self.quiet:
+            until = min(
+                [
+                    cadence.next_log(step + 1),
+                    *(
+                        cadence.next_record(d.probe.sampling, step + 1, d.rows_per_step, d.slower)
+                        for d in self.drivers
+                        if d not in self._stopped  # (every probe may have stopped)
+                    ),
+                ]
+            )
+            # (its last step ends in full, which brings the hooks of the step after back)
+            self.quiet_steps = range(step + 1, until - 1)
+        for hooks in self._quiet_hooks:  # (the mitigations' leave for a quiet stretch)
+            if self.quiet_steps:
                 hooks.suspend()
+            elif hooks.suspended:
+                hooks.resume()
+
+    def resume(self, drivers: Iterable[ProbeDriver] | None = None) -> None:
+        """Put the hooks of ``drivers`` (None: every driver's and the mitigations') back on
+        their modules: before a step they record, a snapshot, or after the strides changed."""
+        if drivers is None:
+            drivers = self.drivers
+            for hooks in self._quiet_hooks:
+                if hooks.suspended:
+                    hooks.resume()
+        for d in drivers:
+            if d not in self._hooked:
+                d.hooks.resume()
+                self._hooked.add(d)
 
     def route(self, replaced: Replaced) -> None:
         """A mitigation replaced elements of a probe: it forgets them."""
@@ -441,6 +458,7 @@ class ProbeSet:
         if self.budget is not None:  # (while the windows still count their steps)
             self.budget.settle(self.drivers, self.everywhere, self.process_group, self.replicas)
             self._plan, self.quiet_steps = None, range(0)  # (new strides)
+            self.resume()
         for d in self.drivers:
             if not d.disabled:
                 d.run(d.finish_window, self._group(d))
@@ -452,6 +470,7 @@ class ProbeSet:
             self.budget.log_ended()
 
     def begin_snapshot(self) -> None:
+        self.resume()  # (before its first forward: every probe records a snapshot)
         if self.budget is not None:
             self.budget.pause()
         for d in self.drivers:
@@ -491,6 +510,7 @@ class ProbeSet:
 
         def apply() -> None:
             self._plan, self.quiet_steps = None, range(0)
+            self.resume()
             for d, window in staged:
                 d.apply(states[d.name], window, _dist.rank(self._group(d)), reduced)
 
