@@ -133,6 +133,8 @@ def _may_suspend() -> bool:
     :meth:`HookSet.suspend`), nor where torch cannot say when it starts (torch < 2.3). Checks
     each time that it still watches for compilations (``torch._dynamo.reset()`` drops the
     watch)."""
+    if _COMPILE["seen"]:
+        return False
     import torch._dynamo
 
     handler = getattr(torch._dynamo, "callback_handler", None)

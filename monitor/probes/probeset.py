@@ -67,7 +67,6 @@ class ProbeSet:
         self.stage_local = False  # some probe's module lives on some ranks only
         self._recorded: set[ProbeDriver] = set()  # recorded in this training step
         self._plan: tuple[int, list[ProbeDriver]] | None = None  # (step, the drivers due then)
-        self._hooked = set(self.drivers)  # drivers whose hooks are on their modules
         # steps no probe records and after which none logs, from the step after the last one
         # that ended (new strides or a load forget them); kept only where no mitigation has
         # work on such steps (quiet)
@@ -175,7 +174,6 @@ class ProbeSet:
                 d.group = _dist.subgroup(ranks)
         self.stage_local = True
         self.drivers = [d for d, h in zip(self.drivers, here) if h is not None]
-        self._hooked = set(self.drivers)
         self.by_name = {d.name: d for d in self.drivers}
 
     def _check_label_alignment(self) -> None:
@@ -209,9 +207,6 @@ class ProbeSet:
         due = self.drivers if snapshot else self.due(cadence, step)
         recorders = [d for d in due if d.probe.rollout == rollout]
         self.resume(recorders)  # (where end_step did not: a step counter set by hand)
-        for hooks in self._quiet_hooks:
-            if hooks.suspended:
-                hooks.resume()
         for d in list(recorders):
             mine = {k: v for k, v in inputs.items() if k in d.probe.keywords and v is not None}
             missing = [k for k, required in d.probe.keywords.items() if required and k not in mine]
@@ -280,13 +275,6 @@ class ProbeSet:
         self._recorded.clear()
         self._plan = None  # (finish_step and exchange may have learnt a step's rows)
         later = self.due(cadence, step + 1)
-        for d in self._hooked.difference(later):
-            d.hooks.suspend()
-        self._hooked.intersection_update(later)
-        # the next step's hooks come back now, before its forward: a trainer that enters
-        # observe() from a pre-hook of the model itself (transformers' callback) is already
-        # inside that forward, whose pre-hooks were read before theirs returned
-        self.resume(later)
         self.quiet_steps = range(0)
         if not later and self.quiet:
             until = min(
@@ -301,24 +289,25 @@ class ProbeSet:
             )
             # (its last step ends in full, which brings the hooks of the step after back)
             self.quiet_steps = range(step + 1, until - 1)
-        for hooks in self._quiet_hooks:  # (the mitigations' leave for a quiet stretch)
-            if self.quiet_steps:
-                hooks.suspend()
-            elif hooks.suspended:
-                hooks.resume()
+        for d in self.drivers:
+            if d not in later:
+                d.hooks.suspend()
+        for hooks in self._quiet_hooks if self.quiet_steps else ():  # (for a quiet stretch)
+            hooks.suspend()
+        # the next step's hooks come back now, before its forward: a trainer that enters
+        # observe() from a pre-hook of the model itself (transformers' callback) is already
+        # inside that forward, whose pre-hooks were read before theirs returned
+        self.resume(later, mitigations=not self.quiet_steps)
 
-    def resume(self, drivers: Iterable[ProbeDriver] | None = None) -> None:
-        """Put the hooks of ``drivers`` (None: every driver's and the mitigations') back on
+    def resume(
+        self, drivers: Iterable[ProbeDriver] | None = None, mitigations: bool = True
+    ) -> None:
+        """Put the hooks of ``drivers`` (None: every driver's), and the mitigations', back on
         their modules: before a step they record, a snapshot, or after the strides changed."""
-        if drivers is None:
-            drivers = self.drivers
-            for hooks in self._quiet_hooks:
-                if hooks.suspended:
-                    hooks.resume()
-        for d in drivers:
-            if d not in self._hooked:
-                d.hooks.resume()
-                self._hooked.add(d)
+        sets = [d.hooks for d in (self.drivers if drivers is None else drivers)]
+        for hooks in [*sets, *(self._quiet_hooks if mitigations else ())]:
+            if hooks.suspended:
+                hooks.resume()
 
     def route(self, replaced: Replaced) -> None:
         """A mitigation replaced elements of a probe: it forgets them."""

@@ -61,12 +61,8 @@ class CodeCounts(Statistic):
             per_head = torch.stack([ok, ~valid, valid & ~inside]).sum(1)
         for stat in (self,) if also is None else (self, also):
             stat.counts.view(-1).index_add_(0, flat, hits)
-            tallies = [stat.rows, stat.out_of_range] if valid is None else stat._tallies
+            tallies = [stat.rows, *(() if valid is None else (stat.skipped,)), stat.out_of_range]
             torch._foreach_add_(tallies, list(per_head))
-
-    @property
-    def _tallies(self) -> list[torch.Tensor]:
-        return [self.rows, self.skipped, self.out_of_range]
 
     def add_counts(
         self, hits: torch.Tensor, rows: torch.Tensor, skipped: torch.Tensor | int = 0
