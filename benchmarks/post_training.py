@@ -13,11 +13,13 @@ Both are monitored by ``TokenEntropy`` (on the hidden states of TRL's fused head
 Ground truth, independently of the monitor, every 5 steps: the mean next-token entropy of the
 policy at the positions it generates for 64 held-out prompts (sampled at temperature 1, up to
 the first end of sequence), in float64; onset: below 0.1 nats (the top token holds about 99% of
-the probability). Reward plateau: the first log from which TRL's mean reward stays within 0.02
-for 20 steps (a collapsed policy's reward is flat; a learning one's moves). Lead = plateau -
-first alert.
+the probability). A run whose truth stays above 0.2 nats (the rule's bound) is healthy: an alert
+there is a false alarm; one whose lowest truth lies between the two is near collapse, where an
+alert is neither required nor false (counted apart). Reward plateau: the first log from which
+TRL's mean reward stays within 0.02 for 20 steps (a collapsed policy's reward is flat; a
+learning one's moves). Lead = plateau - first alert.
 
-    python benchmarks/detection.py --only grpo_bonus,grpo_kl,grpo_fast
+    python benchmarks/detection.py --only grpo_bonus,grpo_kl,grpo_fast,grpo_long,grpo_beta,grpo_wide,grpo_rmsprop
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))  # the example's character tokenizer
 LOG_EVERY = 5
 ONSET = 0.1  # nats
+HEALTHY = 0.2  # nats: the rule's bound; a run whose truth stays above it must not alert
 HELD_OUT_PROMPTS = 64
 PLATEAU_LOGS = 4  # a reward flat for 4 logs (20 steps) has plateaued
 LETTERS = "abcdefghij"
@@ -51,22 +54,34 @@ class Pair:
     layers: int = 1
     steps: int = 200
     half: str = "calibration"
+    optim: str = "adamw_torch_fused"  # TRL's default
 
     def describe(self) -> str:
         fix = ", ".join(f"`{k}={v}`" for k, v in self.healthy.items())
         return (
             f"reward: share of '{self.letter}', G = {self.group}, completions <= {self.length}, "
-            f"{self.layers} layer(s), learning rate {self.lr:g}, {self.steps} steps; healthy "
-            f"twin: {fix}"
+            f"{self.layers} layer(s), {self.optim} at learning rate {self.lr:g}, {self.steps} "
+            f"steps; healthy twin: {fix}"
         )
 
 
 PAIRS = {
     # the twins the rule was set on (with other learning rates and bonuses, not tabled)
     "grpo_bonus": Pair(5e-3, {"entropy_coef": 0.1}),
-    # built after the rule was fixed, run once
-    "grpo_kl": Pair(5e-3, {"beta": 0.1}, "b", 8, 12, 2, half="held-out"),
-    "grpo_fast": Pair(1e-2, {"entropy_coef": 0.2}, "c", half="held-out"),
+    # held out in the first round; a false alarm there on grpo_kl's healthy twin (seed 1: a
+    # window of 52 tokens read 0.196 nats, the policy held 0.23) moved the rule onto the upper
+    # bound of the policy's mean, so they are calibration runs now
+    "grpo_kl": Pair(5e-3, {"beta": 0.1}, "b", 8, 12, 2),
+    "grpo_fast": Pair(1e-2, {"entropy_coef": 0.2}, "c"),
+    # built after that change, run once
+    "grpo_long": Pair(
+        3e-3, {"entropy_coef": 0.05}, "d", 6, 16, 2, half="held-out", optim="adamw_torch"
+    ),
+    "grpo_beta": Pair(7e-3, {"beta": 0.2}, "e", 4, 10, half="held-out", optim="adamw_torch"),
+    "grpo_wide": Pair(
+        4e-3, {"entropy_coef": 0.15}, "g", 12, 6, half="held-out", optim="adamw_torch"
+    ),
+    "grpo_rmsprop": Pair(2e-3, {"beta": 0.05}, "h", 4, 8, half="held-out", optim="rmsprop"),
 }
 
 
@@ -153,7 +168,7 @@ def run(name: str, collapse: bool, seed: int) -> dict:
             num_generations=pair.group, max_completion_length=pair.length,
             max_steps=pair.steps, logging_steps=LOG_EVERY, learning_rate=pair.lr,
             lr_scheduler_type="constant", report_to=[], use_cpu=True, save_strategy="no",
-            seed=seed, temperature=1.0, disable_tqdm=True, log_level="error",
+            seed=seed, temperature=1.0, disable_tqdm=True, log_level="error", optim=pair.optim,
             **fields,
         )  # fmt: skip
         trainer = trl.GRPOTrainer(
@@ -211,11 +226,15 @@ def table(results: list[dict]) -> list[str]:
 
 
 def summary(results: list[dict]) -> list[str]:
-    """Judged by the ground truth: an alert on a run whose truth never fell below the onset is
-    a false alarm, whichever twin it is."""
+    """Judged by the ground truth, whichever twin a run is: an alert on a run whose truth never
+    fell below the rule's own bound (``HEALTHY``) is a false alarm; a run that reached the
+    onset must be alerted by then; one whose lowest truth lies between the two fell under the
+    rule's bound without reaching the onset: near collapse, where an alert is neither required
+    nor false (counted apart)."""
     reached = [r for r in results if r["onset"] is not None]
-    never = [r for r in results if r["onset"] is None]
-    false = [r for r in never if r["first_alert"] is not None]
+    healthy = [r for r in results if r["lowest"] >= HEALTHY]
+    near = [r for r in results if r["onset"] is None and r["lowest"] < HEALTHY]
+    false = [r for r in healthy if r["first_alert"] is not None]
     late = [r for r in reached if r["first_alert"] is None or r["first_alert"] > r["onset"]]
     healthy_down = [r for r in reached if not r["collapse"]]
     leads = [
@@ -224,12 +243,18 @@ def summary(results: list[dict]) -> list[str]:
         if r["first_alert"] is not None and r["plateau"] is not None
     ]
     onset_leads = [r["onset"] - r["first_alert"] for r in reached if r["first_alert"] is not None]
-    name = ", ".join(f"{r['name']} {'collapsing' if r['collapse'] else 'healthy'} seed "
-                     f"{r['seed']} (lowest {r['lowest']:.3f})" for r in false) or "none"  # fmt: skip
+
+    def named(runs: list[dict]) -> str:
+        return ", ".join(f"{r['name']} {'collapsing' if r['collapse'] else 'healthy'} seed "
+                         f"{r['seed']} (lowest {r['lowest']:.3f})" for r in runs) or "none"  # fmt: skip
+
+    alerted_near = [r for r in near if r["first_alert"] is not None]
     return [
-        f"Runs whose ground truth never fell below {ONSET} nats: {len(never)}, alerted: "
-        f"{len(false)} ({name}). Runs that reached the onset: {len(reached)} ("
-        f"{len(healthy_down)} of them healthy twins); alerted after the onset or never: "
-        f"{len(late)}. Alert before the onset by {', '.join(map(str, onset_leads)) or '-'} "
-        f"steps; before the reward plateau by {', '.join(map(str, leads)) or '-'} steps."
+        f"Runs whose ground truth stayed above {HEALTHY} nats: {len(healthy)}, alerted: "
+        f"{len(false)} ({named(false)}). Runs that reached the onset ({ONSET} nats): "
+        f"{len(reached)} ({len(healthy_down)} of them healthy twins); alerted after the onset "
+        f"or never: {len(late)}. Near collapse (lowest between {ONSET} and {HEALTHY}): "
+        f"{len(near)}, alerted: {len(alerted_near)} ({named(alerted_near)}). Alert before the "
+        f"onset by {', '.join(map(str, onset_leads)) or '-'} steps; before the reward plateau "
+        f"by {', '.join(map(str, leads)) or '-'} steps."
     ]

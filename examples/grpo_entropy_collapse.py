@@ -11,8 +11,8 @@ the completion tokens from the hidden states (TRL's fused LM head never material
 logits), the covariance of the sampled tokens' log-probability with their advantage (Cui et al.
 2025; positive, 0.1-0.3, while the entropy falls, and held up by the bonus in the twin), and each
 group's diversity and share of zero-advantage groups. ``TokenEntropy``'s default rule
-(``policy_entropy_collapse``: mean entropy below 0.2 nats and below a fifth of its highest
-window) alerts on the collapse; nothing else is configured. It runs in about 10 seconds.
+(``policy_entropy_collapse``: the mean entropy, at 95% confidence, below 0.2 nats and below a
+fifth of its highest window) alerts on the collapse; nothing else is configured. It runs in about 10 seconds.
 
     python examples/grpo_entropy_collapse.py --out runs/grpo
 """

@@ -8,8 +8,8 @@ exceeds the budget:
   device the device time of the kernels that work queued (CUDA events recorded around it, read
   at the log, when the device has been synchronised anyway: no synchronisation in between). A
   probe costs the larger of the two. Not in it: ``observe()`` and ``step()`` themselves (on a
-  step no probe records its hooks, but the model's own input pre-hook, are off their modules:
-  about a microsecond warm), and the caches the monitor's work evicts.
+  step no probe records its hooks, but the pre-hook reading the model's attention mask, are off
+  their modules: about a microsecond warm), and the caches the monitor's work evicts.
 - **The step time**: the wall time between consecutive ``step()`` calls, monitor included
   (the step's own time, whether the host or the device bounds it), validation snapshots
   left out (their forwards are not metered either).

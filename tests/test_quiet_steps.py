@@ -266,3 +266,36 @@ def test_hooks_are_back_before_a_forward_that_enters_observe_from_the_models_own
     for h in handles:
         h.remove()
     monitor.close()
+
+
+class _Keywords(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(8, 8)
+
+    def forward(self, x, **kwargs):
+        return self.body(x)
+
+
+def test_a_model_whose_forward_takes_no_mask_has_no_pre_hook_of_ours():
+    # the model's pre-hook reads attention_mask, input_ids, logits_to_keep and a cache: a model
+    # whose forward takes none of them (forward(x)) gets none, so its quiet steps leave no hook
+    # of ours anywhere; with them, or with **kwargs, it stays (a forward in flight, see above)
+    for model, x, kept in (
+        (nn.Sequential(nn.Linear(8, 8)), torch.randn(4, 6, 8), 0),
+        (_Tokens(), torch.randint(0, 10, (4, 6)), 1),
+        (_Keywords(), torch.randn(4, 6, 8), 1),
+    ):
+        path = "0" if isinstance(model, nn.Sequential) else "body"
+        probe = probes.RepresentationRank(path, name="z")
+        monitor = CollapseMonitor(model, [probe], 10)
+        quiet = []
+        for _ in range(12):
+            with monitor.observe():
+                model(x)
+                if not monitor.records(probe):
+                    quiet.append(len(model._forward_pre_hooks) + len(model._forward_hooks))
+            monitor.step()
+        assert quiet and set(quiet) == {kept}, (type(model).__name__, quiet)
+        monitor.close()
+        assert not model._forward_pre_hooks and not model._forward_hooks

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from statistics import NormalDist
 
 import torch
 
@@ -102,10 +103,11 @@ def chunked_entropy(
     return entropy, torch.where(found, picked - (m + s.log()), math.nan)
 
 
-def t_quantile_975(dof: float) -> float:
-    """Student's t 0.975 quantile with ``dof`` degrees of freedom (Cornish-Fisher expansion to
-    ``1/dof^3``: 2.0395 at 31; within 2e-4 from 10 on, 3e-3 at 5); 1.96 at ``dof = inf``."""
-    z = 1.959963984540054
+def t_quantile(dof: float, p: float = 0.975) -> float:
+    """Student's t ``p`` quantile with ``dof`` degrees of freedom (Cornish-Fisher expansion to
+    ``1/dof^3``: 2.0395 at 31 for 0.975; within 2e-4 from 10 on, 3e-3 at 5); the normal
+    quantile at ``dof = inf``."""
+    z = NormalDist().inv_cdf(p)
     if not dof > 0 or math.isinf(dof):
         return z
     g = (
@@ -130,6 +132,7 @@ def entropy_from_sums(
     quantiles: tuple[float, ...] = (0.1, 0.5, 0.9),
     logprob: tuple[float, float] | None = None,
     advantage: tuple[float, float, float, float] | None = None,
+    square: float | None = None,
 ) -> dict[str, float]:
     """The window's metrics from its sums (shared by the probe and :func:`token_entropy_metrics`).
 
@@ -147,6 +150,8 @@ def entropy_from_sums(
             variance cannot be estimated (one row drawn): the interval is NaN.
         logprob: ``(weight, weighted sum)`` of the target tokens' log-probabilities.
         advantage: ``(weight, sum lp, sum A, sum lp A)`` over tokens with an advantage.
+        square: the weighted sum of squared entropies: with it, ``entropy_std`` (the spread of
+            token entropy over the window's tokens) and ``entropy_upper95``.
 
     Returns:
         ``entropy_mean`` and its 95% half-width ``entropy_mean_ci95``, ``entropy_q<10·q>``,
@@ -162,11 +167,23 @@ def entropy_from_sums(
     if not tokens > 0:
         nan = math.nan
         out.update(entropy_mean=nan, entropy_mean_ci95=nan, certain_fraction=nan, high_fraction=nan)
+        if square is not None:
+            out.update(entropy_std=nan, entropy_upper95=nan)
         out.update({f"entropy_q{round(q * 100)}": nan for q in quantiles})
         return out
     out["entropy_mean"] = total / tokens
-    half = t_quantile_975(dof) * math.sqrt(max(variance, 0.0)) / tokens
+    half = t_quantile(dof) * math.sqrt(max(variance, 0.0)) / tokens
     out["entropy_mean_ci95"] = math.nan if unknown else half
+    if square is not None:
+        # the window's tokens as a sample of the policy's: the mean's variance about the
+        # policy's expected entropy is s^2 / n (tokens taken as independent) plus the row
+        # sampling's; a one-sided 95% bound with the rows computed less one as degrees of freedom
+        spread = max(square / tokens - out["entropy_mean"] ** 2, 0.0)
+        n = tokens / (tokens - 1) if tokens > 1 else math.nan
+        out["entropy_std"] = math.sqrt(spread * n)
+        se = math.sqrt(spread * n / tokens + max(variance, 0.0) / tokens**2)
+        bound = out["entropy_mean"] + t_quantile(sampled - 1, 0.95) * se
+        out["entropy_upper95"] = math.nan if unknown or sampled < 2 else bound
     out["certain_fraction"] = certain / tokens
     out["high_fraction"] = high / tokens
     cum = hist.to(_F64).cumsum(0)
@@ -231,4 +248,5 @@ def token_entropy_metrics(
         float((h > high).sum()),
         float(use.sum()),
         float((keep & ~finite).sum()),
+        square=float((h * h).sum()),
     )

@@ -38,6 +38,21 @@ from ..stats import CallCounts, Window, WindowView
 from .base import Probe, kept_apart, layer_name
 
 log = logging.getLogger(__name__)
+# the keywords of a model's forward that _keep_model_inputs reads (kv_cache's two among them)
+_MODEL_INPUTS = frozenset(
+    {"attention_mask", "input_ids", "logits_to_keep", "cache", "past_key_values"}
+)
+
+
+def _takes_model_inputs(signature: inspect.Signature | None) -> bool:
+    """Whether a forward of this signature can be given an input the model pre-hook reads
+    (unknown signature or ``**kwargs``: it can)."""
+    if signature is None:
+        return True
+    return any(
+        p.kind is p.VAR_KEYWORD or (p.name in _MODEL_INPUTS and p.kind is not p.VAR_POSITIONAL)
+        for p in signature.parameters.values()
+    )
 
 
 def _autocast_on(kind: str) -> bool:
@@ -163,8 +178,10 @@ class ProbeDriver(Component, Recorder):
             except (TypeError, ValueError):  # a builtin or C forward: keywords only
                 self._model_signature = None
             # (never off the model: a trainer may enter observe() inside the model's own
-            # forward, from a pre-hook, after PyTorch read the model's pre-hooks)
-            self._model_hooks.forward_pre(setup.model, self._capture_model_inputs)
+            # forward, from a pre-hook, after PyTorch read the model's pre-hooks); none on a
+            # model whose forward takes none of the inputs it reads (forward(x): nothing to read)
+            if _takes_model_inputs(self._model_signature):
+                self._model_hooks.forward_pre(setup.model, self._capture_model_inputs)
         return tuple(probe.paths)
 
     def _fresh_window(self) -> Window:

@@ -84,7 +84,8 @@ class TokenEntropySums(Statistic):
     """Sums over a window's language-model tokens for :class:`~collapse_monitor.probes.TokenEntropy`:
     the tokens that count, the sum of their entropies (nats) and its sampling variance, the
     tokens below / above the two entropy bounds, a histogram of entropies in 0.01-nat bins,
-    the rows computed and the rows skipped (NaN or Inf logits). Every count is weighted by
+    the rows computed and the rows skipped (NaN or Inf logits), and the sum of squared
+    entropies (for the spread of token entropy). Every count is weighted by
     ``n / k`` (``k`` rows sampled of ``n`` that count in a call), so each sum is an unbiased
     estimate of the sum over every token; with every row computed, ``n / k = 1`` (exact).
 
@@ -100,7 +101,17 @@ class TokenEntropySums(Statistic):
     def __init__(self) -> None:
         super().__init__()
         for name in (
-            *("tokens", "total", "variance", "dof", "unknown", "certain", "high", "sampled"),
+            *(
+                "tokens",
+                "total",
+                "square",
+                "variance",
+                "dof",
+                "unknown",
+                "certain",
+                "high",
+                "sampled",
+            ),
             *("lp_weight", "lp_sum", "adv_weight", "adv_lp", "adv_a", "adv_lpa"),
         ):
             self.add_state(name, (), _F64)
@@ -125,7 +136,9 @@ class TokenEntropySums(Statistic):
         variance cannot be estimated (one row)."""
         h, w = entropy.to(_F64), weight.to(_F64)
         self.tokens += w.sum()
-        self.total += (w * h).sum()
+        wh = w * h
+        self.total += wh.sum()
+        self.square += (wh * h).sum()
         self.variance += variance.to(_F64)
         self.dof += dof
         self.unknown += unknown

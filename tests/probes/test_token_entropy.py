@@ -67,7 +67,9 @@ def test_exact_mode_streamed_equals_the_whole_tensor_reference(seed, dtype):
     assert got["collapse/e/tokens"] == want["tokens"] == int((y != -100).sum())
     assert got["collapse/e/entropy_mean"] == pytest.approx(want["entropy_mean"], rel=1e-6)
     assert got["collapse/e/entropy_mean_ci95"] == 0.0
-    for key in ("certain_fraction", "high_fraction"):
+    h = MF.token_entropy(z.double())[y != -100]
+    assert want["entropy_std"] == pytest.approx(h.std().item(), rel=1e-6)
+    for key in ("certain_fraction", "high_fraction", "entropy_std", "entropy_upper95"):
         assert got[f"collapse/e/{key}"] == pytest.approx(want[key], rel=1e-6, abs=1e-12)
     for q in (10, 50, 90):  # the same 0.01-nat histogram: within a bin of each other
         assert abs(got[f"collapse/e/entropy_q{q}"] - want[f"entropy_q{q}"]) <= 0.01
@@ -116,6 +118,26 @@ def test_sampled_mode_is_unbiased_and_its_interval_covers_the_exact_mean():
     sd = math.sqrt(sum((e - avg) ** 2 for e in estimates) / (len(estimates) - 1))
     assert abs(avg - mean) < 3 * sd / math.sqrt(len(estimates))  # unbiased
     assert 0.9 <= covered / 200 <= 0.99  # a calibrated 95% interval
+
+
+@pytest.mark.parametrize("tokens", [None, 32])
+def test_the_upper_bound_covers_the_policys_mean_entropy(tokens):
+    # a "policy": 20000 token rows, mostly near-certain with a few uncertain ones (the skewed
+    # spread of a sharpening policy); each window draws 2 calls of 100 of them: the bound is
+    # above the pool's mean (the policy's expected entropy) in about 95% of 300 windows (a t
+    # bound on a right-skewed spread covers a little less: 92-95% measured)
+    g = torch.Generator().manual_seed(0)
+    pool = torch.randn(20000, 32, generator=g) * 12
+    pool[torch.rand(20000, generator=g) < 0.15] /= 12  # uncertain tokens
+    mu = MF.token_entropy(pool.double()).mean().item()
+    above = 0
+    for seed in range(300):
+        pick = torch.randint(0, 20000, (2, 1, 100), generator=g)
+        steps = [[(pool[i], None, None) for i in pick]]
+        got = stream(probes.TokenEntropy("head", tokens=tokens, seed=seed, name="e"), steps)
+        assert got["collapse/e/entropy_upper95"] >= got["collapse/e/entropy_mean"]
+        above += got["collapse/e/entropy_upper95"] >= mu
+    assert 0.9 <= above / 300 <= 0.99
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -212,11 +234,11 @@ def test_equal_to_trls_entropy_from_logits():
 
 def test_the_interval_uses_students_t_quantile():
     stats = pytest.importorskip("scipy.stats")
-    from collapse_monitor.functional.token_entropy import t_quantile_975
+    from collapse_monitor.functional.token_entropy import t_quantile
 
     for dof, tol in ((5, 3e-3), (10, 2e-4), (31, 2e-5), (500, 1e-8)):
-        assert t_quantile_975(dof) == pytest.approx(stats.t.ppf(0.975, dof), abs=tol)
-    assert t_quantile_975(math.inf) == pytest.approx(stats.norm.ppf(0.975), abs=1e-12)
+        assert t_quantile(dof) == pytest.approx(stats.t.ppf(0.975, dof), abs=tol)
+    assert t_quantile(math.inf) == pytest.approx(stats.norm.ppf(0.975), abs=1e-12)
 
 
 @pytest.mark.parametrize("tied", [False, True])
