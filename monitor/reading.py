@@ -426,11 +426,14 @@ def aligned_targets(
     return rows, to_device(labels.reshape(-1), rows.device).to(torch.int64)
 
 
+KV_CACHE_KEYS = ("cache", "past_key_values")  # transformers 5.x's keyword, then 4.x's
+
+
 def kv_cache(inputs: Mapping[str, Any]) -> Any:
     """The key-value cache a model's forward keywords carry (``transformers``: ``cache`` from
     5.x, ``past_key_values`` before), or None: with one, a generation step."""
-    cache = inputs.get("cache")
-    return inputs.get("past_key_values") if cache is None else cache
+    cache = inputs.get(KV_CACHE_KEYS[0])
+    return inputs.get(KV_CACHE_KEYS[1]) if cache is None else cache
 
 
 def keeps_last(call: Call, length: int) -> bool:

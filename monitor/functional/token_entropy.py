@@ -104,12 +104,16 @@ def chunked_entropy(
 
 
 def t_quantile(dof: float, p: float = 0.975) -> float:
-    """Student's t ``p`` quantile with ``dof`` degrees of freedom (Cornish-Fisher expansion to
-    ``1/dof^3``: 2.0395 at 31 for 0.975; within 2e-4 from 10 on, 3e-3 at 5); the normal
-    quantile at ``dof = inf``."""
+    """Student's t ``p`` quantile with ``dof`` degrees of freedom: exact at 1 and 2 (closed
+    forms), else the Cornish-Fisher expansion to ``1/dof^3`` (for 0.975: 2.0395 at 31, within
+    2e-4 from 10 on, 3e-3 at 5); the normal quantile at ``dof = inf``."""
     z = NormalDist().inv_cdf(p)
     if not dof > 0 or math.isinf(dof):
         return z
+    if dof == 1:
+        return math.tan(math.pi * (p - 0.5))
+    if dof == 2:
+        return (2 * p - 1) / math.sqrt(2 * p * (1 - p))
     g = (
         (z**3 + z) / 4,
         (5 * z**5 + 16 * z**3 + 3 * z) / 96,
@@ -150,11 +154,14 @@ def entropy_from_sums(
             variance cannot be estimated (one row drawn): the interval is NaN.
         logprob: ``(weight, weighted sum)`` of the target tokens' log-probabilities.
         advantage: ``(weight, sum lp, sum A, sum lp A)`` over tokens with an advantage.
-        square: the weighted sum of squared entropies: with it, ``entropy_std`` (the spread of
-            token entropy over the window's tokens) and ``entropy_upper95``.
+        square: the weighted sum of squared entropies (nats^2): with it, ``entropy_std`` and
+            ``entropy_upper95`` (NaN: a window whose sum is unknown).
 
     Returns:
-        ``entropy_mean`` and its 95% half-width ``entropy_mean_ci95``, ``entropy_q<10·q>``,
+        ``entropy_mean`` (nats) and its 95% half-width ``entropy_mean_ci95``, with ``square``
+        ``entropy_std`` (nats: the spread of token entropy over the window's tokens; NaN below
+        2 rows computed) and ``entropy_upper95`` (nats: a one-sided 95% upper bound on the
+        policy's mean entropy; NaN too where the interval is), ``entropy_q<10·q>``,
         ``certain_fraction``, ``high_fraction``, ``tokens``, ``sampled``, ``skipped``; NaN where
         no token counted.
     """
@@ -176,14 +183,16 @@ def entropy_from_sums(
     out["entropy_mean_ci95"] = math.nan if unknown else half
     if square is not None:
         # the window's tokens as a sample of the policy's: the mean's variance about the
-        # policy's expected entropy is s^2 / n (tokens taken as independent) plus the row
-        # sampling's; a one-sided 95% bound with the rows computed less one as degrees of freedom
-        spread = max(square / tokens - out["entropy_mean"] ** 2, 0.0)
-        n = tokens / (tokens - 1) if tokens > 1 else math.nan
-        out["entropy_std"] = math.sqrt(spread * n)
-        se = math.sqrt(spread * n / tokens + max(variance, 0.0) / tokens**2)
-        bound = out["entropy_mean"] + t_quantile(sampled - 1, 0.95) * se
-        out["entropy_upper95"] = math.nan if unknown or sampled < 2 else bound
+        # policy's expected entropy is s^2 / N (tokens taken as independent) plus the row
+        # sampling's, s^2 / k together for k rows computed; s^2 from those k rows, k - 1 degrees
+        # of freedom for both its Bessel factor and the one-sided t bound
+        k, nan = sampled, math.nan
+        spread = square / tokens - out["entropy_mean"] ** 2
+        spread = max(spread, 0.0) * k / (k - 1) if k >= 2 and math.isfinite(spread) else nan
+        out["entropy_std"] = math.sqrt(spread)
+        se = math.sqrt(spread / tokens + max(variance, 0.0) / tokens**2)
+        bound = out["entropy_mean"] + t_quantile(k - 1, 0.95) * se
+        out["entropy_upper95"] = nan if unknown else bound
     out["certain_fraction"] = certain / tokens
     out["high_fraction"] = high / tokens
     cum = hist.to(_F64).cumsum(0)

@@ -26,6 +26,7 @@ from .._sharding import is_sharded
 from ..contracts import Component, Readout, Recording, Setup
 from ..hooks import HookSet
 from ..reading import (
+    KV_CACHE_KEYS,
     Call,
     Recorder,
     first_input,
@@ -38,10 +39,8 @@ from ..stats import CallCounts, Window, WindowView
 from .base import Probe, kept_apart, layer_name
 
 log = logging.getLogger(__name__)
-# the keywords of a model's forward that _keep_model_inputs reads (kv_cache's two among them)
-_MODEL_INPUTS = frozenset(
-    {"attention_mask", "input_ids", "logits_to_keep", "cache", "past_key_values"}
-)
+# the keywords of a model's forward that _keep_model_inputs reads
+_MODEL_INPUTS = frozenset({"attention_mask", "input_ids", "logits_to_keep", *KV_CACHE_KEYS})
 
 
 def _takes_model_inputs(signature: inspect.Signature | None) -> bool:

@@ -125,9 +125,9 @@ class TokenEntropy(Probe):
 
     Reports ``entropy_mean`` (nats) with ``entropy_mean_ci95`` (0 when exact),
     ``entropy_std`` (the spread of token entropy over the window's tokens), ``entropy_upper95``
-    (a one-sided 95% upper bound on the policy's mean entropy, the window's tokens taken as
-    independent draws of the policy's: ``mean + t_0.95 sqrt(std^2 / tokens + sampling
-    variance)``), ``entropy_q10``/``q50``/``q90`` (from a histogram of 0.01-nat bins: exact to one bin),
+    (nats: a one-sided 95% upper bound on the policy's mean entropy, the window's tokens taken
+    as independent draws of the policy's: ``mean + t_0.95 sqrt(std^2 / tokens + sampling
+    variance / tokens^2)``), ``entropy_q10``/``q50``/``q90`` (from a histogram of 0.01-nat bins: exact to one bin),
     ``certain_fraction``, ``high_fraction``, ``tokens`` (counted; an estimate when sampled),
     ``sampled`` (rows computed) and ``skipped`` (sampled rows with NaN or Inf logits, left out);
     with labels, ``logprob_mean`` (the mean log-probability of the tokens that follow); with
@@ -137,10 +137,11 @@ class TokenEntropy(Probe):
     training (Cui et al. 2025: positive covariance lowers the entropy)
     (:func:`~collapse_monitor.functional.token_entropy_metrics`).
 
-    Default rule ``policy_entropy_collapse``: ``entropy_upper95`` below 0.2 nats and below a
-    fifth of its highest window so far (one log): the policy's mean entropy is below both at
-    95% confidence. A healthy fine-tuning run lowers the entropy too; the
-    rule waits for a near-deterministic policy on both the run's own scale and an absolute one.
+    Default rule ``policy_entropy_collapse``: ``entropy_upper95`` below 0.2 nats (the policy's
+    mean entropy is below 0.2 at 95% confidence) and below a fifth of its highest window so far
+    (one log); a window whose bound is NaN (fewer than 2 rows computed) is skipped. A healthy
+    fine-tuning run lowers the entropy too; the rule waits for a near-deterministic policy on
+    both the run's own scale and an absolute one.
     It is meant for sampled text (RL post-training): a model trained on a task whose every
     next token is determined is near-deterministic by design (pass ``default_rules=False``).
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..functional import logits as L
@@ -147,6 +149,16 @@ class TokenEntropySums(Statistic):
         self.sampled += (w > 0).sum()
         self.hist.index_add_(0, histogram_bins(h), w)
         self.skipped += skipped
+
+    def load_state_dict(self, state: dict) -> None:
+        # a window saved before the sum of squares existed (state version 4 too): the spread
+        # of what it holds is unknown, NaN for that window alone, rather than a checkpoint that
+        # cannot resume (an empty window's sum is 0)
+        if "square" not in state["states"]:
+            held = bool(state["states"]["tokens"] != 0)
+            square = torch.tensor(math.nan if held else 0.0, dtype=_F64)
+            state = {**state, "states": {**state["states"], "square": square}}
+        super().load_state_dict(state)
 
     @torch.no_grad()
     def add_logprob(

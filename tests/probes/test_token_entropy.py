@@ -236,8 +236,9 @@ def test_the_interval_uses_students_t_quantile():
     stats = pytest.importorskip("scipy.stats")
     from collapse_monitor.functional.token_entropy import t_quantile
 
-    for dof, tol in ((5, 3e-3), (10, 2e-4), (31, 2e-5), (500, 1e-8)):
-        assert t_quantile(dof) == pytest.approx(stats.t.ppf(0.975, dof), abs=tol)
+    for dof, tol in ((1, 1e-12), (2, 1e-12), (5, 3e-3), (10, 2e-4), (31, 2e-5), (500, 1e-8)):
+        for p in (0.975, 0.95):  # the interval's two-sided 95%, entropy_upper95's one-sided
+            assert t_quantile(dof, p) == pytest.approx(stats.t.ppf(p, dof), abs=tol)
     assert t_quantile(math.inf) == pytest.approx(stats.norm.ppf(0.975), abs=1e-12)
 
 
@@ -382,12 +383,13 @@ def test_hidden_states_need_head_and_labels_outside_the_vocabulary_are_skipped()
     assert math.isfinite(got["collapse/e/logprob_mean"])
 
 
-def test_one_sampled_row_gives_no_interval():
+def test_one_sampled_row_gives_no_interval_no_spread_and_no_bound():
     z = torch.randn(1, 20, 30, generator=torch.Generator().manual_seed(9))
     got = stream(probes.TokenEntropy("head", tokens=1, name="e"), [[(z, None, None)]])
-    # NaN: not logged (0 would read as an exact mean)
-    assert got["collapse/e/sampled"] == 1
-    assert math.isnan(got.get("collapse/e/entropy_mean_ci95", math.nan))
+    # NaN: not logged (0 would read as an exact mean; the rule skips the window)
+    assert got["collapse/e/sampled"] == 1 and got["collapse/e/tokens"] == 20
+    for key in ("entropy_mean_ci95", "entropy_std", "entropy_upper95"):
+        assert math.isnan(got.get(f"collapse/e/{key}", math.nan))
 
 
 def test_a_resumed_run_draws_the_rows_an_uninterrupted_run_draws():
@@ -419,6 +421,36 @@ def test_a_resumed_run_draws_the_rows_an_uninterrupted_run_draws():
     resumed = feed(model, mon, calls[2:])
     mon.close()
     assert resumed[-1]["collapse/e/entropy_mean"] == whole[-1]["collapse/e/entropy_mean"]
+    # a checkpoint from before entropy_std (no sum of squares) taken inside a window resumes:
+    # that window's spread and bound are NaN (unknown), the next window's as without a break
+    model, mon = fresh()
+    feed(model, mon, calls[:1])
+    state = mon.state_dict()
+    mon.close()
+    assert _drop_square(state) == 1
+    model, mon = fresh()
+    mon.load_state_dict(state)
+    logs = feed(model, mon, calls[1:])
+    mon.close()
+    assert logs[0]["collapse/e/entropy_mean"] == whole[1]["collapse/e/entropy_mean"]
+    assert math.isnan(logs[0].get("collapse/e/entropy_std", math.nan))
+    assert math.isnan(logs[0].get("collapse/e/entropy_upper95", math.nan))
+    for key in ("entropy_std", "entropy_upper95"):
+        assert logs[2][f"collapse/e/{key}"] == whole[3][f"collapse/e/{key}"]
+
+
+def _drop_square(state) -> int:
+    """Remove every ``square`` state from a monitor's state (as saved before it existed)."""
+    dropped = 0
+    if isinstance(state, dict):
+        if isinstance(state.get("states"), dict) and "square" in state["states"]:
+            del state["states"]["square"]
+            dropped += 1
+        for value in state.values():
+            dropped += _drop_square(value)
+    elif isinstance(state, list | tuple):
+        dropped += sum(_drop_square(v) for v in state)
+    return dropped
 
 
 def test_labels_longer_than_the_logits_without_logits_to_keep_are_refused():
