@@ -81,7 +81,8 @@ class Phenomenon:
     at_start: bool = False
     # "calibration": the runs the default rules were set on (the first round, and the second
     # and third rounds, held out until the rules were changed for their late alerts);
-    # "held-out": the fourth round, built after the rules were fixed, reported apart
+    # "held-out": the fourth, fifth and sixth rounds, each built after a rule change, reported
+    # apart
     half: str = "calibration"
 
 
@@ -511,6 +512,56 @@ def dormant_sgd30(seed: int, collapse: bool) -> Scenario:
     return dormant(seed, collapse, every=30)
 
 
+# held out, sixth round: built after a rule's latest value (its own sample) fires alone, run once
+def codebook_large(seed: int, collapse: bool) -> Scenario:
+    """Held out: 1024 tiny codes, Adam 1e-3, batch 64, against vector-quantize-pytorch's EMA
+    codebook."""
+    opt = lambda p: torch.optim.Adam(p, lr=1e-3)  # noqa: E731
+    return _vq_scenario(seed, "tiny" if collapse else "vqp", 1024, 64, opt)
+
+
+def codebook_conv_adamw(seed: int, collapse: bool) -> Scenario:
+    """Held out: the channels-first convolutional VQ with 256 tiny codes, AdamW 2e-3, batch 64,
+    against vector-quantize-pytorch ``accept_image_fmap=True``."""
+    opt = lambda p: torch.optim.AdamW(p, lr=2e-3)  # noqa: E731
+    return _vq_scenario(seed, "tiny" if collapse else "vqp", 256, 64, opt, conv=True)
+
+
+def router_ten(seed: int, collapse: bool) -> Scenario:
+    """Held out: 10 experts, Adam 1e-3, batch 256."""
+    return router(seed, collapse, experts=10, batch=256)
+
+
+def router_sgd8(seed: int, collapse: bool) -> Scenario:
+    """Held out: 8 experts, SGD (learning rate 0.05, momentum 0.9), batch 32."""
+    return router(seed, collapse, experts=8, batch=32, sgd=True)
+
+
+def attention_narrow(seed: int, collapse: bool) -> Scenario:
+    """Held out: Adam 2.5e-2 against 1e-3, d 32, 2 heads, 2 layers, batch 32."""
+    return attention(seed, collapse, lrs=(2.5e-2, 1e-3), width=(32, 2, 2), batch=32)
+
+
+def posterior_eight(seed: int, collapse: bool) -> Scenario:
+    """Held out: the KL weight ramped to 8 against 1, Adam 1.5e-3, batch 64."""
+    return posterior(seed, collapse, tops=(8.0, 1.0), lr=1.5e-3, batch=64)
+
+
+def dimensional_96(seed: int, collapse: bool) -> Scenario:
+    """Held out: SimSiam with batches of 96 and SGD 0.03."""
+    return dimensional(seed, collapse, lr=0.03, batch=96)
+
+
+def softmax_p53(seed: int, collapse: bool) -> Scenario:
+    """Held out: addition mod 53 from 44% of the table, AdamW 1.2e-2."""
+    return softmax(seed, collapse, p=53, frac=0.44, lr=1.2e-2)
+
+
+def dormant_adam45(seed: int, collapse: bool) -> Scenario:
+    """Held out: labels permuted every 45 steps, Adam 1e-3."""
+    return dormant(seed, collapse, every=45, adam=True)
+
+
 def posterior(seed: int, collapse: bool, tops=(12.0, 1.0), lr=1e-3, batch=128) -> Scenario:
     """Bowman et al. 2016: a KL weight ramped too high drives the posterior of most latent
     units to the prior; the twin ramps to beta = 1 (``tops``: the collapsing and healthy
@@ -839,6 +890,20 @@ ZOO.update(
                 ("dormant", dormant_sgd30),
             ),
         ),
+        (  # the sixth round, built after a rule's latest value fires alone, run once
+            "held-out",
+            (
+                ("codebook", codebook_large),
+                ("codebook", codebook_conv_adamw),
+                ("router", router_ten),
+                ("router", router_sgd8),
+                ("attention", attention_narrow),
+                ("posterior", posterior_eight),
+                ("dimensional", dimensional_96),
+                ("softmax", softmax_p53),
+                ("dormant", dormant_adam45),
+            ),
+        ),
     )
     for base, build in variants
 )
@@ -1073,7 +1138,9 @@ def main(argv=None) -> list[dict]:
         "Held-out half (other codebook sizes, expert counts, batch sizes, learning rates, "
         "optimizers and widths: the fourth round, built after the single_code rule and run "
         "once, run again after usage_recent took the window's sample; the fifth round, built "
-        "after that and run once):",
+        "after that and run once; the sixth, built after the last step's dormant units and "
+        "attention rows were let fire alone, and run once; the fourth and fifth rounds run "
+        "again with that change):",
         "",
         *table(halves[1]),
         "",

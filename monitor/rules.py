@@ -31,7 +31,9 @@ a sample: ``CodebookUsage``'s ``usage_recent``): a window averages over its step
 collapse that sets in inside a window shows in the window value one log late. The rule fires at
 once when the window value and the latest value both hold (the crossing lasted to the window's
 end), and when the latest value is past ``severe`` (the window still averages the healthy steps
-before it); the episode lasts while the latest value stays past the threshold.
+before it); the episode lasts while the latest value stays past the threshold. With
+``latest_alone=True`` the latest value past the threshold fires by itself: for a latest value
+that is a whole step's statistic over a sample of its own, where the window's mean only lags.
 """
 
 from __future__ import annotations
@@ -88,6 +90,8 @@ class Rule:
             conditions: all must hold).
         latest: the sibling metric holding this quantity at the window's end (a
             ``below``/``above`` rule; see the module doc); logs without it behave as without.
+        latest_alone: the ``latest`` value past ``threshold`` fires at once by itself (default:
+            only with the window's value, or past ``severe``).
         detail: a sibling metric whose value the alert's message shows (e.g. the step at which
             a probe first saw NaN).
         bound: a ``drop``/``rise`` rule's absolute level, which the value must also be past
@@ -108,6 +112,7 @@ class Rule:
     arm: bool = False
     requires: tuple | None = None
     latest: str | None = None
+    latest_alone: bool = False
     detail: str | None = None
     bound: float | None = None
 
@@ -137,6 +142,8 @@ class Rule:
             raise ValueError(f"bound needs a 'drop' or 'rise' rule, got mode {self.mode!r}")
         if self.latest is not None and self.mode not in ("below", "above"):
             raise ValueError(f"latest needs a 'below' or 'above' rule, got mode {self.mode!r}")
+        if self.latest_alone and self.latest is None:
+            raise ValueError("latest_alone needs latest (the sibling metric it reads)")
         if self.requires is not None and isinstance(self.requires[0], str):
             self.requires = (tuple(self.requires),)  # one condition
         for cond in self.requires or ():
@@ -188,6 +195,7 @@ class RuleSpec:
     arm: bool = False
     requires: tuple | None = None
     latest: str | None = None
+    latest_alone: bool = False
     detail: str | None = None
     bound: float | None = None
 
@@ -263,9 +271,10 @@ class RuleEngine:
                 # the window's mean still holds the healthy steps before it
                 latest_severe = rule.severe is not None and _past(rule.mode, latest, rule.severe)
                 latest_holds = _past(rule.mode, latest, rule.threshold)
-                at_once = latest_severe or (holds and latest_holds)
+                alone = latest_holds and rule.latest_alone
+                at_once = latest_severe or alone or (holds and latest_holds)
                 # an episode lasts while the last step stays past the threshold
-                if holds or latest_severe or (st.latched and latest_holds):
+                if holds or latest_severe or alone or (st.latched and latest_holds):
                     st.consecutive = max(st.consecutive, 0) + 1
                 else:
                     st.consecutive = min(st.consecutive, 0) - 1  # negative: healthy logs

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from collapse_monitor.rules import Rule, RuleEngine
@@ -151,6 +153,30 @@ def test_a_rule_with_latest_fires_at_once_when_the_windows_last_step_agrees():
     assert first_alert([(1.0, None), (0.4, None), (0.4, None)])[0] == 30  # no latest: patience
     with pytest.raises(ValueError, match="latest"):
         Rule("collapse/p/m", 0.5, "drop", latest="m_last_step")
+
+
+def test_latest_alone_fires_on_the_last_step_past_the_threshold_by_itself():
+    # DormantUnits' and AttentionEntropy's latest values are a whole step's statistic over a
+    # sample of their own: the window's mean only lags; CodebookUsage's usage_recent is not
+    # trusted alone (a healthy codebook's first steps dip), its severe bound still applies
+    alone = Rule("collapse/p/m", 0.4, "above", patience=2, severe=0.5, latest="m_last",
+                 latest_alone=True)  # fmt: skip
+    plain = dataclasses.replace(alone, latest_alone=False)
+    logs = [(0.1, 0.1), (0.12, 0.45), (0.45, 0.46), (0.1, 0.1), (0.1, 0.45)]
+    for rule, want in ((alone, [10, 40]), (plain, [20])):
+        eng = RuleEngine([rule])
+        fired = [
+            a.step
+            for i, (window, last) in enumerate(logs)
+            for a in eng.check({"collapse/p/m": window, "collapse/p/m_last": last}, 10 * i)
+        ]
+        assert fired == want, rule.latest_alone
+    eng = RuleEngine([alone])
+    eng.check({"collapse/p/m": 0.1, "collapse/p/m_last": 0.1}, 10)
+    (alert,) = eng.check({"collapse/p/m": 0.12, "collapse/p/m_last": 0.45}, 20)
+    assert "0.12 is not yet above 0.4, and m_last = 0.45 at the window's end" in alert.message
+    with pytest.raises(ValueError, match="latest_alone needs latest"):
+        Rule("collapse/p/m", 0.4, "above", latest_alone=True)
 
 
 def test_a_latest_episode_lasts_while_the_last_step_stays_past_the_threshold():

@@ -130,7 +130,8 @@ class CodebookUsage(Probe):
             # metric name, and LatentUsage logs usage too)
             requires=(("usage_uniform", "above", 0.9), ("dead_codes", "above", -1.0)),
             # the latest steps' usage (a collapse inside the window: the window's usage still
-            # holds the healthy steps before it)
+            # holds the healthy steps before it); not alone past 0.5: a healthy codebook's
+            # first steps dip to 0.33-0.43 while its dead codes are replaced
             latest="usage_recent",
             message="under half the codebook is used: consider ResetDeadCodes or SimVQ",
         ),

@@ -158,7 +158,10 @@ class DormantUnits(Probe):
             "above",
             name="dormant",
             severe=0.5,
+            # the last step's units alone (>= 64 rows): units that die after a task switch
+            # are seen on the log of the switch (healthy twins' last steps: at most 0.31)
             latest="dormant_fraction_last_step",
+            latest_alone=True,
             message="most of the layer's units are dormant: consider ReDo",
         ),
     )

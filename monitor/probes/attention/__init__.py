@@ -112,8 +112,10 @@ class AttentionEntropy(Probe):
             "below",
             name="entropy_collapse",
             severe=0.1,
-            # a collapse inside the window: the window still averages the healthier steps
+            # a collapse inside the window: the window still averages the healthier steps, the
+            # last step's rows alone show it (no healthy twin's last step crossed 0.15)
             latest="entropy_norm_last_step",
+            latest_alone=True,
             message="attention entropy collapse (Zhai et al.): consider SigmaReparam or a lower "
             "learning rate",
         ),
