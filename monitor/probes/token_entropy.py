@@ -127,9 +127,10 @@ class TokenEntropy(Probe):
     ``entropy_std`` (the spread of token entropy over the window's tokens), ``entropy_upper95``
     (nats: a one-sided 95% upper bound on the policy's mean entropy, the window's tokens taken
     as independent draws of the policy's: ``mean + t_0.95 sqrt(std^2 / tokens + sampling
-    variance / tokens^2)``), ``entropy_q10``/``q50``/``q90`` (from a histogram of 0.01-nat bins: exact to one bin),
-    ``certain_fraction``, ``high_fraction``, ``tokens`` (counted; an estimate when sampled),
-    ``sampled`` (rows computed) and ``skipped`` (sampled rows with NaN or Inf logits, left out);
+    variance / tokens^2)``), ``entropy_q10``/``q50``/``q90`` (from a histogram of 0.01-nat
+    bins: exact to one bin), ``certain_fraction``, ``high_fraction``, ``tokens`` (counted; an
+    estimate when sampled), ``sampled`` (rows computed) and ``skipped`` (sampled rows with NaN
+    or Inf logits, left out);
     with labels, ``logprob_mean`` (the mean log-probability of the tokens that follow); with
     ``observe(advantages=)`` too (one per sequence ``(B,)`` or per token ``(B, T)``),
     ``logprob_advantage_cov``: the covariance over the tokens of that log-probability with the
@@ -169,6 +170,7 @@ class TokenEntropy(Probe):
     # dips under 0.2 by chance when a few of them are uncertain (a KL-anchored twin at 0.23
     # nats read 0.196 once), while a collapsed policy is certain on every token and its bound
     # sits on its mean. Set on the post-training zoo of benchmarks/detection.py; one log
+    # suffices (the bound carries the window's own uncertainty)
     rules = (
         RuleSpec(
             "entropy_upper95",

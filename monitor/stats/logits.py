@@ -103,17 +103,8 @@ class TokenEntropySums(Statistic):
     def __init__(self) -> None:
         super().__init__()
         for name in (
-            *(
-                "tokens",
-                "total",
-                "square",
-                "variance",
-                "dof",
-                "unknown",
-                "certain",
-                "high",
-                "sampled",
-            ),
+            *("tokens", "total", "square", "variance", "dof", "unknown"),
+            *("certain", "high", "sampled"),
             *("lp_weight", "lp_sum", "adv_weight", "adv_lp", "adv_a", "adv_lpa"),
         ):
             self.add_state(name, (), _F64)
