@@ -299,3 +299,28 @@ def test_a_model_whose_forward_takes_no_mask_has_no_pre_hook_of_ours():
         assert quiet and set(quiet) == {kept}, (type(model).__name__, quiet)
         monitor.close()
         assert not model._forward_pre_hooks and not model._forward_hooks
+
+
+def test_a_snapshot_on_a_quiet_step_leaves_the_hooks_as_it_found_them():
+    # the snapshot puts every hook back for its forwards, and takes out again those of the
+    # probes that do not record the current step: the quiet stretch goes on after it
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64))
+    probe = probes.RepresentationRank("2", name="rank")
+    monitor = CollapseMonitor(model, [probe], 50)
+    hooked, recorded = [], []
+    for step in range(50):
+        with monitor.observe():
+            if model[2]._forward_hooks:
+                hooked.append(step)
+            if monitor.records(probe):
+                recorded.append(step)
+            model(torch.randn(32, 16))
+        out = monitor.step()
+        if step == 10:
+            with monitor.snapshot("val") as val, monitor.observe():
+                model(torch.randn(40, 16))
+    assert val["val/collapse/rank/samples"] == 40
+    assert out["collapse/rank/samples"] == 32 * len(recorded)
+    assert recorded and [s for s in hooked if s] == recorded  # (step 0: on since attach)
+    monitor.close()

@@ -162,7 +162,7 @@ class DormantUnits(Probe):
             # are seen on the log of the switch (healthy twins' last steps: at most 0.31)
             latest="dormant_fraction_last_step",
             latest_alone=True,
-            message="most of the layer's units are dormant: consider ReDo",
+            message="over 40% of the layer's units are dormant: consider ReDo",
         ),
     )
 

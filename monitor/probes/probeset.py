@@ -289,15 +289,20 @@ class ProbeSet:
             )
             # (its last step ends in full, which brings the hooks of the step after back)
             self.quiet_steps = range(step + 1, until - 1)
-        for d in self.drivers:
-            if d not in later:
-                d.hooks.suspend()
-        for hooks in self._quiet_hooks if self.quiet_steps else ():  # (for a quiet stretch)
-            hooks.suspend()
+        self._leave(step + 1, later)
         # the next step's hooks come back now, before its forward: a trainer that enters
         # observe() from a pre-hook of the model itself (transformers' callback) is already
         # inside that forward, whose pre-hooks were read before theirs returned
         self.resume(later, mitigations=not self.quiet_steps)
+
+    def _leave(self, step: int, due: list[ProbeDriver]) -> None:
+        """The hooks of the drivers that do not record ``step`` leave their modules, and the
+        mitigations' when ``step`` is quiet."""
+        for d in self.drivers:
+            if d not in due:
+                d.hooks.suspend()
+        for hooks in self._quiet_hooks if step in self.quiet_steps else ():
+            hooks.suspend()
 
     def resume(
         self, drivers: Iterable[ProbeDriver] | None = None, mitigations: bool = True
@@ -470,6 +475,8 @@ class ProbeSet:
             d.end_snapshot()
         if self.budget is not None:
             self.budget.resume()
+        if self._plan is not None:  # (begin_snapshot put every hook back: as end_step left them)
+            self._leave(*self._plan)
 
     # ----------------------------------------------------------------- state
     @property
