@@ -154,11 +154,17 @@ def health(series: dict[str, list[tuple[int, float]]]) -> list[dict]:
                 logged.update({k: v[step] for k, v in beside.items() if step in v})
                 fired += engine.check(logged, step)
             if fired:
+                # still holding at the last log: the window's value, or its latest one (a
+                # collapse inside the last window: the window still averages what came before)
+                last = beside.get(f"{parent}/{rule.latest}", {}).get(points[-1][0])
+                holding = _holding(rule, [v for _, v in points]) or (
+                    last is not None and rule.holds(last, last)
+                )
                 verdict = (
                     "diverged"
                     if rule.name.split("/")[-1] in _HEALTH
                     else "collapsed"
-                    if _holding(rule, [v for _, v in points])
+                    if holding
                     else "warning"
                 )
                 # several rules on one metric: the earliest alert, the gravest verdict

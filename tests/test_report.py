@@ -75,6 +75,11 @@ def test_report_replays_a_rule_with_its_last_step_sibling():
     assert row["first_alert"] == 30  # without the last step: one log late
     (row,) = health({**series, "collapse/d/3/dormant_fraction_last_step": last})
     assert row["first_alert"] == 20 and row["verdict"] == "collapsed"
+    # a collapse inside the run's last window: only the last step holds there, still collapsed
+    window, last = [(100, 0.1), (200, 0.2)], [(100, 0.1), (200, 0.47)]
+    series = {"collapse/d/3/dormant_fraction": window}
+    (row,) = health({**series, "collapse/d/3/dormant_fraction_last_step": last})
+    assert row["first_alert"] == 200 and row["verdict"] == "collapsed"
 
 
 def test_a_collapsed_ssl_run_is_collapsed_by_both_of_its_rules(tmp_path, capsys):

@@ -122,12 +122,14 @@ def _t_central(t: float, dof: int) -> float:
 
 
 def t_quantile(dof: float, p: float = 0.975) -> float:
-    """Student's t ``p`` quantile (``p >= 0.5``) with ``dof`` degrees of freedom: exact up to
-    30 (the distribution's closed form, inverted by bisection), the Cornish-Fisher expansion to
-    ``1/dof^3`` above (for 0.975 within 2e-5 of the exact quantile from 31 on); the normal
-    quantile at ``dof = inf``."""
+    """Student's t ``p`` quantile with ``dof`` degrees of freedom: exact for an integer ``dof``
+    up to 30 (the distribution's closed form, inverted by bisection), else the Cornish-Fisher
+    expansion to ``1/dof^3`` (for 0.975 within 2e-6 of the exact quantile from 31 on, poor at a
+    fractional ``dof`` under 5); the normal quantile at ``dof = inf``."""
+    if p < 0.5:
+        return -t_quantile(dof, 1 - p)
     z = NormalDist().inv_cdf(p)
-    if not dof > 0 or math.isinf(dof):
+    if not dof > 0 or math.isinf(dof) or p == 0.5:
         return z
     if dof <= 30 and dof == int(dof):
         target, lo, hi = 2 * p - 1, 0.0, 1.0

@@ -245,7 +245,7 @@ def test_the_interval_uses_students_t_quantile():
         (31, 2e-6),
         (500, 1e-8),
     ):
-        for p in (0.975, 0.95):  # the interval's two-sided 95%, entropy_upper95's one-sided
+        for p in (0.975, 0.95, 0.5, 0.025):  # (the interval's; entropy_upper95's; the others)
             assert t_quantile(dof, p) == pytest.approx(stats.t.ppf(p, dof), abs=tol)
     assert t_quantile(math.inf) == pytest.approx(stats.norm.ppf(0.975), abs=1e-12)
 
