@@ -615,7 +615,8 @@ def test_token_entropy_and_diversity_on_two_ranks_equal_one_process(tmp_path):
     ids = torch.cat([c[2] for c in calls])
     want = F.token_entropy_metrics(z, labels != -100)
     assert r0["collapse/e/tokens"] == want["tokens"] == 5 * 16
-    assert r0["collapse/e/entropy_mean"] == pytest.approx(want["entropy_mean"], rel=1e-6)
+    for key in ("entropy_mean", "entropy_std", "entropy_upper95"):
+        assert r0[f"collapse/e/{key}"] == pytest.approx(want[key], rel=1e-6), key
     div = F.generation_diversity(ids, labels != -100, torch.arange(len(ids)) // 4)
     assert r0["collapse/div/groups"] == div["groups"] == 5
     for key in ("distinct_1", "distinct_2", "pairwise_overlap", "identical_fraction"):

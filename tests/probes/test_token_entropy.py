@@ -69,6 +69,9 @@ def test_exact_mode_streamed_equals_the_whole_tensor_reference(seed, dtype):
     assert got["collapse/e/entropy_mean_ci95"] == 0.0
     h = MF.token_entropy(z.double())[y != -100]
     assert want["entropy_std"] == pytest.approx(h.std().item(), rel=1e-6)
+    t95 = {34: 1.6909243, 35: 1.6895725, 39: 1.6848751}[len(h) - 1]  # scipy's t.ppf(0.95)
+    bound = h.mean().item() + t95 * h.std().item() / math.sqrt(len(h))
+    assert want["entropy_upper95"] == pytest.approx(bound, rel=1e-6)
     for key in ("certain_fraction", "high_fraction", "entropy_std", "entropy_upper95"):
         assert got[f"collapse/e/{key}"] == pytest.approx(want[key], rel=1e-6, abs=1e-12)
     for q in (10, 50, 90):  # the same 0.01-nat histogram: within a bin of each other

@@ -15,7 +15,7 @@ from tests.dist import process_group, run_two
 from tests.probes.test_conventions import tiny
 
 pytest.importorskip("transformers")
-KEYS = ("tokens", "entropy_mean", "entropy_q50", "logprob_mean")
+KEYS = ("tokens", "entropy_mean", "entropy_std", "entropy_upper95", "entropy_q50", "logprob_mean")
 
 
 def batch(rank):
