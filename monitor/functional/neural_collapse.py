@@ -253,18 +253,20 @@ def _coefficient_of_variation(values: torch.Tensor) -> float:
     return (values.std(unbiased=True) / values.mean()).item()
 
 
-def _nc1(evals, evecs, sigma_w, Cu: int, centred=None) -> dict[str, float]:
+def _nc1(evals, evecs, scatter, n_within, Cu: int, centred=None) -> dict[str, float]:
     """``nc1`` = tr(Sigma_W Sigma_B^+) / C and ``nc1_rank`` from the eigenpairs (ascending, as
     ``eigh`` gives them) of ``Sigma_B`` (``D x D``), or of the class Gram matrix
-    ``centred centred' / C`` (``Cu x Cu``, ``Cu <= D``: pass ``centred`` to lift its vectors)."""
-    D = sigma_w.shape[0]
+    ``centred centred' / C`` (``Cu x Cu``, ``Cu <= D``: pass ``centred`` to lift its vectors).
+    ``Sigma_W = scatter / n_within`` enters through its quadratic forms on ``Sigma_B``'s
+    eigenvectors only (``O(D^2 r)``, no ``D x D`` pass: its rounding asymmetry cancels there)."""
+    D = scatter.shape[0]
     evals, evecs = evals.flip(0), evecs.flip(1)  # descending
     tol = D * _EPS * evals[0].clamp_min(0)
     keep = (evals > tol) & (torch.arange(evals.numel(), device=evals.device) < min(Cu - 1, D))
     lam, vec = evals[keep], evecs[:, keep]
     if centred is not None:
         vec = centred.T @ vec / (Cu * lam).sqrt()
-    projected = ((sigma_w @ vec) * vec).sum(0)
+    projected = ((scatter @ vec) * vec).sum(0) / n_within
     return {"nc1": ((projected / lam).sum() / Cu).item(), "nc1_rank": float(lam.numel())}
 
 
@@ -346,15 +348,15 @@ def metrics_from_class_statistics(
     if n_within is None:
         n_within = counts[counts >= 2].sum().item()
     if n_within > 0:
-        sigma_w = within_scatter.to(_F64) / n_within
+        scatter = within_scatter.to(_F64)
         # eigenpairs of Sigma_B = Mt'Mt / C through whichever Gram matrix is smaller
         if Cu <= D:
             evals, evecs = torch.linalg.eigh(centred @ centred.T / Cu)
         else:  # O(Cu D^2)
             evals, evecs = torch.linalg.eigh((class_gram(centred) if gram is None else gram) / Cu)
-        out.update(_nc1(evals, evecs, sigma_w, Cu, centred if Cu <= D else None))
+        out.update(_nc1(evals, evecs, scatter, n_within, Cu, centred if Cu <= D else None))
         trace_b = (centred * centred).sum() / Cu
-        out["nc1_quotient"] = (sigma_w.trace() / trace_b).item()
+        out["nc1_quotient"] = (scatter.trace() / n_within / trace_b).item()
 
     out["equinorm_features"] = _coefficient_of_variation(centred.norm(dim=1))
     variances = class_variances.to(means.device)[used].to(_F64)

@@ -61,16 +61,18 @@ def _autocast_on(kind: str) -> bool:
         return torch.is_autocast_cpu_enabled() if kind == "cpu" else torch.is_autocast_enabled()
 
 
-@contextlib.contextmanager
-def _outside_autocast(device: torch.device | None):
+def _outside_autocast(device: torch.device | None) -> contextlib.AbstractContextManager:
     """Autocast switched off for the CPU and ``device`` where the caller's forward enabled it: a
     probe recomputes in the precision it chose (float32 attention rows, a head's logits), not in
-    the forward's bfloat16 or float16."""
-    with contextlib.ExitStack() as stack:
-        for kind in {"cpu", device.type if device is not None else "cpu"}:
-            if _autocast_on(kind):
-                stack.enter_context(torch.autocast(kind, enabled=False))
-        yield
+    the forward's bfloat16 or float16. (Nothing to enter when autocast is off: the hot path.)"""
+    kinds = {"cpu", device.type if device is not None else "cpu"}
+    on = [kind for kind in kinds if _autocast_on(kind)]
+    if not on:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    for kind in on:
+        stack.enter_context(torch.autocast(kind, enabled=False))
+    return stack
 
 
 class ProbeDriver(Component, Recorder):

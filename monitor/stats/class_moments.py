@@ -288,9 +288,12 @@ class ClassMoments(Statistic):
 
     def scatter_from(self, between: torch.Tensor) -> torch.Tensor:
         """The within-class scatter ``S - between`` (:meth:`between_class_term` of all
-        classes), symmetric; a diagonal one clamped at 0 (rounding)."""
+        classes); a diagonal one clamped at 0 (rounding). A full one is symmetric up to
+        rounding, not made exactly so: its readers take traces, quadratic forms or one
+        triangle (``eigvalsh``), and the ``D x D`` transpose pass cost more than the rest of an
+        MLP's readout (benchmarks/RESULTS.md section 12)."""
         scatter = self.second_moment - between
-        return scatter.clamp_min(0.0) if self.diagonal else (scatter + scatter.T) / 2
+        return scatter.clamp_min(0.0) if self.diagonal else scatter
 
     def class_variances(self) -> torch.Tensor:
         """``Var_c = (1/n_c) sum_{i in c} ||h_i - mu_c||^2`` as ``(C,)``; 0 for unseen classes."""

@@ -169,9 +169,9 @@ def sharded_class_metrics(
     scatter = gram[D * D + 2 : 2 * D * D + 2].reshape(D, D)
     out: dict[str, float] = {"classes_used": float(Cu), "samples": samples}
     if n_within > 0:
-        sigma_w = (scatter + scatter.T) / (2 * n_within)
-        out.update(NC._nc1(*torch.linalg.eigh(gram[: D * D].reshape(D, D) / Cu), sigma_w, Cu))
-        out["nc1_quotient"] = (sigma_w.trace() * Cu / gram[D * D + 1]).item()
+        evals, evecs = torch.linalg.eigh(gram[: D * D].reshape(D, D) / Cu)
+        out.update(NC._nc1(evals, evecs, scatter, n_within, Cu))
+        out["nc1_quotient"] = (scatter.trace() / n_within * Cu / gram[D * D + 1]).item()
     # second pass: spreads around the global means of the first, and the pairs
     mean_norm = gram[D * D] / Cu
     tail = [((norms - mean_norm) ** 2).sum()]

@@ -48,21 +48,20 @@ class CodeCounts(Statistic):
         same indices (a step's beside the window's), at the cost of its additions only.
         """
         H, K = self.heads, self.num_codes
+        # one histogram of H blocks of K + 2 bins: the codes, then "out of range" (a valid
+        # index outside [0, K)) and "skipped" (an invalid entry, whatever its index)
         inside = (indices >= 0) & (indices < K)
-        ok = inside if valid is None else valid & inside
-        flat = torch.where(ok, indices, 0)
-        if H > 1:  # (the heads' codebooks side by side)
-            flat = flat + torch.arange(H, device=indices.device) * K
-        flat, hits = flat.reshape(-1), ok.reshape(-1).to(torch.int64)
-        # rows, skipped and out of range per head: one reduction
-        if valid is None:
-            per_head = torch.stack([ok, ~ok]).sum(1)  # (nothing skipped)
-        else:
-            per_head = torch.stack([ok, ~valid, valid & ~inside]).sum(1)
+        bins = torch.where(inside, indices, K)
+        if valid is not None:
+            bins = torch.where(valid, bins, K + 1)
+        if H > 1:  # (the heads' blocks side by side)
+            bins = bins + torch.arange(H, device=indices.device) * (K + 2)
+        hist = torch.bincount(bins.reshape(-1), minlength=H * (K + 2)).view(H, K + 2)
+        hits, out, skipped = hist[:, :K], hist[:, K], hist[:, K + 1]
+        rows = hits.sum(1)
         for stat in (self,) if also is None else (self, also):
-            stat.counts.view(-1).index_add_(0, flat, hits)
-            tallies = [stat.rows, *(() if valid is None else (stat.skipped,)), stat.out_of_range]
-            torch._foreach_add_(tallies, list(per_head))
+            states = [stat.counts, stat.rows, stat.out_of_range, stat.skipped]
+            torch._foreach_add_(states, [hits, rows, out, skipped])
 
     def add_counts(
         self, hits: torch.Tensor, rows: torch.Tensor, skipped: torch.Tensor | int = 0
