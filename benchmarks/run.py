@@ -157,7 +157,7 @@ def _where_time_goes(run, steps: int) -> dict[str, float]:
 
 def section_overhead(quick: bool) -> list[str]:
     # every block is one whole window (50 steps, one log); GPT steps take ~0.7 s: fewer blocks
-    plan = {"mlp": 9, "cnn": 7, "gpt": 3, "vqvae": 7}
+    plan = {"mlp": 41, "cnn": 9, "gpt": 3, "vqvae": 15}
     rows, prof_rows = [], []
     for name, blocks in plan.items():
         blocks = 2 if quick else blocks
@@ -516,7 +516,7 @@ def _codebook_rows() -> list[list]:
 # ============================================================================ 15. budget
 def section_budget(quick: bool) -> list[str]:
     rows = []
-    for name, blocks in {"mlp": 7, "cnn": 5, "gpt": 3, "vqvae": 5}.items():
+    for name, blocks in {"mlp": 41, "cnn": 9, "gpt": 3, "vqvae": 15}.items():
         blocks = 2 if quick else blocks
         plain = overhead(name, None, blocks, LOG_EVERY)
         kept = overhead(name, None, blocks, LOG_EVERY, budget=0.01)

@@ -61,7 +61,8 @@ def logit_rows(
 
     Args:
         dtype: see :func:`training_dtype`; loss: ``"softmax"`` or ``"stablemax"``;
-        targets: ``(N,)`` int, ``-1`` where a row has no target.
+        targets: ``(N,)`` int, ``-1`` where a row has no target (a value outside ``[0, C)``
+            is no target either: it names no class).
 
     Returns:
         ``collapsed`` ``(N,)`` bool (softmax or StableMax saturated), ``log_z`` and ``norm``
@@ -78,7 +79,7 @@ def logit_rows(
         "norm": z64.norm(dim=-1),
     }
     if targets is not None:
-        has = targets >= 0
+        has = (targets >= 0) & (targets < logits.shape[-1])
         out["has_target"] = has
         out["zero_loss"] = zero_loss(logits, torch.where(has, targets, 0), dtype, loss) & has
     return out
@@ -94,7 +95,8 @@ def logit_health(
     """Softmax collapse and logit statistics of a whole set of logits (the reference).
 
     Args:
-        logits: ``(..., C)``; targets: ``(...)`` int (``ignore_index`` skipped);
+        logits: ``(..., C)``; targets: ``(...)`` int (``ignore_index`` skipped; any other
+            value outside ``[0, C)`` counted in ``out_of_range``, its row kept without a target);
         dtype: the training softmax's dtype (see :func:`training_dtype`);
         loss: ``"softmax"`` or ``"stablemax"`` (Prieto et al.).
 
@@ -103,10 +105,11 @@ def logit_health(
     """
     z = logits.reshape(-1, logits.shape[-1])
     finite = torch.isfinite(z).all(1)
-    y = None
+    y, outside = None, 0
     if targets is not None:
-        y = targets.reshape(-1)[finite]
-        y = torch.where(y != ignore_index, y, -1)
+        y = targets.reshape(-1)
+        outside = ((y != ignore_index) & ((y < 0) | (y >= z.shape[1]))).sum()
+        y = torch.where(y != ignore_index, y, -1)[finite]
     z = z[finite]
     rows = logit_rows(z, dtype, loss, y)
     return logit_health_from_sums(
@@ -119,6 +122,7 @@ def logit_health(
         target_rows=None if y is None else rows["has_target"].sum(),
         zero_loss=None if y is None else rows["zero_loss"].sum(),
         skipped=(~finite).sum(),
+        out_of_range=outside,
     )
 
 
@@ -132,6 +136,7 @@ def logit_health_from_sums(
     target_rows=None,
     zero_loss=None,
     skipped=0,
+    out_of_range=0,
 ) -> dict:
     """The readout shared by :func:`logit_health` and the streaming probe.
 
@@ -140,15 +145,16 @@ def logit_health_from_sums(
         log_z: the sum of their ``logsumexp`` (nats); log_z_max: its maximum;
         logit_max: the largest logit; logit_norm: the sum of the rows' L2 norms;
         target_rows: rows with a target (None: no targets), zero_loss: of them, rows whose
-        cross-entropy is exactly 0; skipped: rows left out for NaN or Inf.
+        cross-entropy is exactly 0; skipped: rows left out for NaN or Inf; out_of_range:
+        targets outside the classes (not ``ignore_index``), their rows kept without one.
 
     Returns:
-        ``samples`` (rows) and ``skipped``; when there are rows ``softmax_collapse`` (fraction
+        ``samples`` (rows), ``skipped`` and ``out_of_range``; when there are rows ``softmax_collapse`` (fraction
         collapsed), ``log_z_mean``, ``log_z_max``, ``logit_max``, ``logit_norm`` (mean L2 norm);
         with targets ``zero_loss_fraction``.
     """
     n = float(rows)
-    out = {"samples": n, "skipped": float(skipped)}
+    out = {"samples": n, "skipped": float(skipped), "out_of_range": float(out_of_range)}
     if n:
         out.update(
             softmax_collapse=float(collapsed) / n,

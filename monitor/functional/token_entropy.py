@@ -252,20 +252,27 @@ def token_entropy_metrics(
 
     ``entropy_mean`` is exact; the quantiles are read from the same 0.01-nat histogram as the
     probe's. Rows with NaN or Inf logits are left out and counted in ``skipped``. With
-    ``targets (...)`` (the token each row predicts), also ``logprob_mean`` (the mean of
+    ``targets (...)`` (the token each row predicts; a row whose target is outside ``[0, V)``
+    is left out and counted in ``out_of_range``), also ``logprob_mean`` (the mean of
     ``log softmax(z)[target]``); with ``advantages (...)`` too, ``logprob_advantage_cov``, the
     covariance over the tokens of that log-probability with the token's advantage (Cui et al.
     2025: the entropy change under policy gradient is driven by minus this covariance)."""
     z = logits.reshape(-1, logits.shape[-1])
     keep = torch.ones(z.shape[0], dtype=torch.bool) if mask is None else mask.reshape(-1).bool()
+    outside = torch.zeros_like(keep)
+    if targets is not None:
+        y = targets.reshape(-1)
+        outside = keep & ((y < 0) | (y >= z.shape[1]))
+        keep = keep & ~outside
     h = token_entropy(z)
     finite = torch.isfinite(h)
     use = keep & finite
     h = h[use]
     hist = torch.bincount(histogram_bins(h), minlength=HIST_BINS).to(_F64)
-    extra = {}
+    extra = {"out_of_range": float(outside.sum())}
     if targets is not None:
-        lp = torch.log_softmax(z.to(_F64), -1).gather(1, targets.reshape(-1, 1).clamp_min(0))[:, 0]
+        y = targets.reshape(-1, 1).clamp(0, z.shape[1] - 1)
+        lp = torch.log_softmax(z.to(_F64), -1).gather(1, y)[:, 0]
         lp = lp[use]
         extra["logprob_mean"] = float(lp.mean()) if len(lp) else math.nan
         if advantages is not None:

@@ -20,8 +20,9 @@ class LogitHealth(Probe):
 
     Reads the logits ``(..., C)`` at the module's output (the first tensor of a tuple output;
     ``extract=`` otherwise); targets from ``observe(targets=...)`` are optional
-    (``zero_loss_fraction``; ``ignore_index`` skipped; ``target_shift`` aligns next-token labels
-    as :class:`NeuralCollapse` does). Rows with NaN or Inf, and padded positions
+    (``zero_loss_fraction``; ``ignore_index`` skipped; any other target outside the classes
+    is counted in ``out_of_range``, its row kept without a target; ``target_shift`` aligns
+    next-token labels as :class:`NeuralCollapse` does). Rows with NaN or Inf, and padded positions
     (``observe(mask=)`` or the model's ``attention_mask``), are counted in ``skipped`` and left
     out.
 
@@ -46,7 +47,7 @@ class LogitHealth(Probe):
 
     Reports ``softmax_collapse`` (fraction of rows whose shifted exp-sum equals 1 exactly),
     ``zero_loss_fraction``, ``log_z_mean``, ``log_z_max``, ``logit_max``, ``logit_norm`` (mean L2
-    norm), ``nlm_cosine``, ``samples``, ``skipped``
+    norm), ``nlm_cosine``, ``samples``, ``skipped``, ``out_of_range``
     (:func:`~collapse_monitor.functional.logit_health`).
 
     Default rule: ``softmax_collapse > 0.01``. ``log_z_mean`` grows on healthy runs too (a
@@ -69,6 +70,7 @@ class LogitHealth(Probe):
     """
 
     headline = ("softmax_collapse", "log_z_mean")
+    bad_input = ("out_of_range",)
 
     reads = Reading("floating-point logits (..., C)", floating(1), find=first_tensor, hint="logits")
     keywords = {"targets": False}
@@ -155,6 +157,7 @@ class LogitHealth(Probe):
             s.target_rows.item(),
             s.zero_loss.item(),
             s.skipped.item(),
+            s.out_of_range.item(),
         )
         if s.nlm_count.item():
             out["nlm_cosine"] = (s.nlm_cos / s.nlm_count).item()

@@ -129,8 +129,9 @@ class TokenEntropy(Probe):
     as independent draws of the policy's: ``mean + t_0.95 sqrt(std^2 / tokens + sampling
     variance / tokens^2)``), ``entropy_q10``/``q50``/``q90`` (from a histogram of 0.01-nat
     bins: exact to one bin), ``certain_fraction``, ``high_fraction``, ``tokens`` (counted; an
-    estimate when sampled), ``sampled`` (rows computed) and ``skipped`` (sampled rows with NaN
-    or Inf logits, left out);
+    estimate when sampled), ``sampled`` (rows computed), ``skipped`` (sampled rows with NaN
+    or Inf logits, left out) and ``out_of_range`` (labels other than ``ignore_index`` that name
+    no token: their positions left out);
     with labels, ``logprob_mean`` (the mean log-probability of the tokens that follow); with
     ``observe(advantages=)`` too (one per sequence ``(B,)`` or per token ``(B, T)``),
     ``logprob_advantage_cov``: the covariance over the tokens of that log-probability with the
@@ -161,6 +162,7 @@ class TokenEntropy(Probe):
     """
 
     headline = ("entropy_mean",)
+    bad_input = ("out_of_range",)
     # entropy collapse (Cui et al. 2025): the policy near-deterministic, judged on the run's own
     # scale and an absolute one. Below 0.2 nats (the target entropy of Skywork-OR1's adaptive
     # entropy control, TRL's entropy_target) and below a fifth of the highest window so far:
@@ -433,6 +435,11 @@ class TokenEntropy(Probe):
                     f"hidden states of width {rows.shape[1]} for head '{self.head}' of input "
                     f"width {weight.shape[1]}"
                 )
+        if targets is not None:  # a label that names no token: left out, counted
+            V = z.shape[-1] if weight is None else weight.shape[0]
+            outside = counts & ((targets < 0) | (targets >= V))
+            window["sums"].out_of_range += outside.sum()
+            counts = counts & ~outside
         N = rows.shape[0]
         if not N:
             return
@@ -457,7 +464,7 @@ class TokenEntropy(Probe):
             ).to(_F64)
             lp = None
         finite = torch.isfinite(h)
-        if lp is not None:  # (a label outside the vocabulary has no log-probability)
+        if lp is not None:  # (-inf logits give a token no log-probability)
             finite &= torch.isfinite(lp)
         skipped = (use & ~finite).sum()
         call.nonfinite_rows(use & ~finite, use)
@@ -506,4 +513,5 @@ class TokenEntropy(Probe):
             advantage=(st.adv_weight.item(), st.adv_lp.item(), st.adv_a.item(), st.adv_lpa.item()),
             square=st.square.item(),
         )
+        out["out_of_range"] = float(st.out_of_range.item())
         return Readout({self.key(k): v for k, v in out.items()})

@@ -73,6 +73,10 @@ class Statistic:
     ``"local"`` states overrides :meth:`merge` (and :meth:`align` for ``"same"``).
     """
 
+    #: states added after a release: a window saved before one existed loads with its default
+    #: (a count that the old window did not keep starts at 0) instead of failing to resume
+    LATER: frozenset[str] = frozenset()
+
     def __init__(self) -> None:
         self._states: dict[str, tuple[tuple[Dim, ...], torch.dtype, str | None]] = {}
         self._size_names: dict[str, str] = {}
@@ -249,12 +253,14 @@ class Statistic:
             self.sizes[dim] = known if n is None else n
         for name in self._states:
             setattr(self, name, self._default(name))
-        missing = set(self._states) - set(state["states"])
+        missing = set(self._states) - set(state["states"]) - self.LATER
         if missing:
             raise KeyError(
                 f"{type(self).__name__}.load_state_dict: missing states {sorted(missing)}"
             )
         for name in self._states:
+            if name not in state["states"]:  # (a LATER state: its default)
+                continue
             ref, value = getattr(self, name), state["states"][name]
             if tuple(value.shape) != tuple(ref.shape):
                 raise ValueError(

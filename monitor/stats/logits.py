@@ -15,8 +15,9 @@ _F64 = torch.float64
 
 class LogitSums(Statistic):
     """Sums over the logit rows of a window: rows, softmax-collapsed rows, rows with targets and
-    zero loss, ``log Z`` (nats), logit norms, the NLM cosine, rows skipped for NaN or Inf;
-    maxima of ``log Z`` and of the logits (Prieto et al. 2025; Wortsman et al. 2023).
+    zero loss, ``log Z`` (nats), logit norms, the NLM cosine, rows skipped for NaN or Inf,
+    targets outside the classes (``out_of_range``: their rows count without a target); maxima
+    of ``log Z`` and of the logits (Prieto et al. 2025; Wortsman et al. 2023).
 
     Example:
         >>> import torch
@@ -28,11 +29,14 @@ class LogitSums(Statistic):
         (2, 1)
     """
 
+    LATER = frozenset({"out_of_range"})
+
     def __init__(self) -> None:
         super().__init__()
         for name in ("rows", "collapsed", "target_rows", "zero_loss", "log_z", "logit_norm"):
             self.add_state(name, (), _F64)
         self.add_state("skipped", (), torch.int64)
+        self.add_state("out_of_range", (), torch.int64)
         self.add_state("nlm_cos", (), _F64)
         self.add_state("nlm_count", (), _F64)
         self.add_state("log_z_max", (), _F64, reduce="max")
@@ -47,9 +51,10 @@ class LogitSums(Statistic):
         targets: torch.Tensor | None = None,
         real: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
-        """Add logit rows ``(N, C)``; ``targets (N,)`` with ``-1`` where there is no target;
-        ``real (N,)`` bool, false for padded positions (None: all real). Returns the rows with
-        NaN or Inf ``(N,)`` bool (None for no rows).
+        """Add logit rows ``(N, C)``; ``targets (N,)`` with ``-1`` where there is no target
+        (any other value outside ``[0, C)`` is counted in ``out_of_range`` and the row kept
+        without a target); ``real (N,)`` bool, false for padded positions (None: all real).
+        Returns the rows with NaN or Inf ``(N,)`` bool (None for no rows).
 
         Rows with NaN or Inf, and padded rows, are counted in ``skipped`` and left out. ``softmax_dtype``: the
         training softmax's dtype in which "exactly 1" is tested (see
@@ -60,6 +65,9 @@ class LogitSums(Statistic):
         finite = ~bad if real is None else ~bad & real
         self.skipped += (~finite).sum()
         z = torch.where(finite[:, None], logits, 0.0)
+        if targets is not None:
+            outside = (targets != -1) & ((targets < 0) | (targets >= logits.shape[1]))
+            self.out_of_range += (outside & (True if real is None else real)).sum()
         r = L.logit_rows(z, softmax_dtype, loss, targets)
         self.rows += finite.sum()
         self.collapsed += (r["collapsed"] & finite).sum()
@@ -86,8 +94,8 @@ class TokenEntropySums(Statistic):
     """Sums over a window's language-model tokens for :class:`~collapse_monitor.probes.TokenEntropy`:
     the tokens that count, the sum of their entropies (nats) and its sampling variance, the
     tokens below / above the two entropy bounds, a histogram of entropies in 0.01-nat bins,
-    the rows computed and the rows skipped (NaN or Inf logits), and the sum of squared
-    entropies (for the spread of token entropy). Every count is weighted by
+    the rows computed and the rows skipped (NaN or Inf logits), the labels that name no token
+    (``out_of_range``), and the sum of squared entropies (for the spread of token entropy). Every count is weighted by
     ``n / k`` (``k`` rows sampled of ``n`` that count in a call), so each sum is an unbiased
     estimate of the sum over every token; with every row computed, ``n / k = 1`` (exact).
 
@@ -100,6 +108,8 @@ class TokenEntropySums(Statistic):
         (4.0, 1.0)
     """
 
+    LATER = frozenset({"out_of_range"})
+
     def __init__(self) -> None:
         super().__init__()
         for name in (
@@ -110,6 +120,7 @@ class TokenEntropySums(Statistic):
             self.add_state(name, (), _F64)
         self.add_state("hist", (HIST_BINS,), _F64)
         self.add_state("skipped", (), torch.int64)
+        self.add_state("out_of_range", (), torch.int64)
 
     @torch.no_grad()
     def add(

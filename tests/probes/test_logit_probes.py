@@ -87,6 +87,32 @@ def test_logit_health_streams_the_whole_tensor_values_and_nlm_cosine():
     assert metrics["collapse/h2/nlm_cosine"] == pytest.approx(want, rel=1e-6)
 
 
+def test_logit_health_counts_labels_outside_the_classes_and_keeps_going():
+    """A label outside [0, C) other than ignore_index (a user's check: one label 10 on a
+    10-class head switched the probe off for the run) is counted in out_of_range and its row
+    kept without a target, streamed as in the whole-tensor reference; zero_loss_fraction by
+    hand over the labels that name a class."""
+    m = head_model(C=10)
+    with torch.no_grad():
+        m.head.weight[:, :] *= 40
+    x = torch.randn(64, 8)
+    y = m.head(x).argmax(1)
+    y[:3] = torch.tensor([10, -5, -100])  # past the classes, negative, ignored
+    mon = CollapseMonitor(m, [probes.LogitHealth("head", name="h")], 10**6, observe_every_n_steps=1)
+    for idx in torch.split(torch.arange(64), [20, 44]):
+        with mon.observe(targets=y[idx]):
+            m(x[idx])
+    got = {k.split("/")[-1]: v for k, v in mon.compute().items()}
+    mon.close()
+    z = m.head(x).detach()
+    ref = F.logit_health(z, y)
+    assert got["out_of_range"] == ref["out_of_range"] == 2 and got["samples"] == 64
+    assert mon.error_count == 0
+    p = torch.softmax(z[3:], -1).gather(1, y[3:, None])[:, 0]
+    assert got["zero_loss_fraction"] == pytest.approx((p == 1).double().mean().item(), rel=1e-12)
+    assert got["zero_loss_fraction"] == pytest.approx(ref["zero_loss_fraction"], rel=1e-12)
+
+
 def test_token_uniformity_known_answers_and_padding():
     tok = torch.randn(1, 1, 16)
     same = tok.expand(3, 6, 16)

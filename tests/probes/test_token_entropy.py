@@ -377,21 +377,30 @@ def test_a_bfloat16_autocast_forward_does_not_round_the_probes_own_computation()
         assert got[f"collapse/e/{key}"] == pytest.approx(want[key], rel=2e-6), key
 
 
-def test_hidden_states_need_head_and_labels_outside_the_vocabulary_are_skipped():
+def test_hidden_states_need_head_and_labels_outside_the_vocabulary_are_left_out_and_counted():
+    """A label that names no token (past the vocabulary, or negative but not ignore_index) is
+    left out and counted in out_of_range: not read as token 0 (a user's check: -5 was), not
+    counted as a NaN row."""
     pytest.importorskip("transformers")
     model = tiny("Llama", vocab_size=20, num_hidden_layers=1)
     ids = torch.randint(0, 20, (2, 6), generator=torch.Generator().manual_seed(8))
     with pytest.raises(ValueError, match="without logits: pass head="):
         run(model, [probes.TokenEntropy("model", tokens=None)], lambda s: model(ids))
     labels = ids.clone()
-    labels[0, 3] = 25  # not a token of this vocabulary: no log-probability, skipped
+    labels[0, 3], labels[1, 2] = 25, -5
     got = run(
         model,
         [probes.TokenEntropy("lm_head", tokens=None, name="e")],
         {"forward": lambda s: model(ids), "observe": {"targets": labels}},
     )
-    assert got["collapse/e/skipped"] == 1 and got["collapse/e/tokens"] == 2 * 5 - 1
-    assert math.isfinite(got["collapse/e/logprob_mean"])
+    assert got["collapse/e/out_of_range"] == 2 and got["collapse/e/skipped"] == 0
+    assert got["collapse/e/tokens"] == 2 * 5 - 2
+    with torch.no_grad():  # by hand: the shifted log-probabilities of the labels that name tokens
+        lp = torch.log_softmax(model(ids).logits[:, :-1].double(), -1)
+    y = labels[:, 1:]
+    keep = (y >= 0) & (y < 20)
+    want = lp.gather(-1, y.clamp(0, 19)[..., None])[..., 0][keep].mean()
+    assert got["collapse/e/logprob_mean"] == pytest.approx(want.item(), rel=1e-6)
 
 
 def test_one_sampled_row_gives_no_interval_no_spread_and_no_bound():
