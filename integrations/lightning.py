@@ -33,6 +33,23 @@ LIGHTNING_DEEPSPEED = (
 )
 
 
+class CallbackMetricsSink(Sink):
+    """Puts every logged metric into ``trainer.callback_metrics`` (as a 0-d tensor), where
+    Lightning's ``EarlyStopping`` and ``ModelCheckpoint`` read what they ``monitor``
+    (``"val/collapse/head/nc1"``). On every rank: the metrics are all-reduced, the same
+    everywhere, so each rank's callbacks decide alike."""
+
+    main_process_only = False
+
+    def __init__(self, trainer: L.Trainer) -> None:
+        self.trainer = trainer
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.trainer.callback_metrics.update(
+            {str(k): torch.tensor(float(v)) for k, v in metrics.items()}
+        )
+
+
 class LightningLoggerSink(Sink):
     """Logs through one logger of a ``Trainer`` at the trainer's ``global_step``, in the form it
     accepts: metrics with ``logger.log_metrics``; alerts, mitigation events, histograms,
@@ -145,7 +162,9 @@ class CollapseCallback(LoopAdapter, L.Callback):
     """Run a :class:`~collapse_monitor.CollapseMonitor` inside a Lightning ``Trainer``.
 
     Metrics go through the trainer's own loggers at ``trainer.global_step``, each in the form it
-    accepts and each an outlet of its own (see :class:`LightningLoggerSink`). Steps are optimizer steps: with
+    accepts and each an outlet of its own (see :class:`LightningLoggerSink`), and into
+    ``trainer.callback_metrics``, where ``EarlyStopping(monitor="val/collapse/head/nc1")`` and
+    ``ModelCheckpoint`` find them (:class:`CallbackMetricsSink`). Steps are optimizer steps: with
     ``accumulate_grad_batches=k`` the monitor records all k micro-batches of a recorded step,
     logs every ``log_every_n_steps`` optimizer steps and acts (mitigations) only after an
     optimizer step, with every optimizer of the trainer (a GAN's two). Training batches are
@@ -222,7 +241,8 @@ class CollapseCallback(LoopAdapter, L.Callback):
                 "while they record; compile with fullgraph=False (the default): the graph then "
                 "breaks only on the steps the monitor records"
             )
-        sinks = [LightningLoggerSink(trainer, logger) for logger in trainer.loggers]
+        sinks = [CallbackMetricsSink(trainer)]
+        sinks += [LightningLoggerSink(trainer, logger) for logger in trainer.loggers]
         self.loop.build(pl_module, sinks, trainer.log_every_n_steps)
         self._wrap_module(pl_module)
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import logging
 import sys
 
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 # the attribute under which a wrapper keeps the module it wraps: FSDP (first generation),
 # activation checkpointing, torch.compile (OptimizedModule); DDP's ``module`` is only a wrapper
@@ -86,6 +89,12 @@ def _without_peft_prefix(model: nn.Module, pattern: str, named: dict[str, nn.Mod
     return pattern
 
 
+def _inside(name: str, names: set[str]) -> bool:
+    """Whether a module named ``name`` lies inside one of ``names`` (a dotted prefix)."""
+    parts = name.split(".")
+    return any(".".join(parts[:i]) in names for i in range(1, len(parts)))
+
+
 class NotFound(KeyError, ValueError):
     """A module path, or a probe a mitigation needs, that is not in this model (under
     pipeline parallelism: on another stage). A ``KeyError`` (and a ``ValueError``: the error
@@ -93,7 +102,11 @@ class NotFound(KeyError, ValueError):
 
 
 def resolve_modules(model: nn.Module, pattern: str, owner: str = "") -> list[tuple[str, nn.Module]]:
-    """Modules whose name (see :func:`named_modules`) equals ``pattern`` or matches it as a glob.
+    """Modules whose name (see :func:`named_modules`) equals ``pattern`` or matches it as a glob
+    (``fnmatch``: ``*`` also matches dots, so ``"*.attn"`` finds every ``attn`` at any depth).
+    A glob keeps the outermost modules it matches: ``"transformer.h.*"`` gives the 12 blocks of
+    a GPT-2, not their 144 submodules too; deeper ones are named by a pattern ending in their
+    own name (``"transformer.h.*.attn"``). What it left out is said in the log (INFO).
     On a PEFT model a path written with PEFT's prefix (``base_model.model.lm_head``) names the
     same module as the model's own path (``lm_head``), which it is reported under.
 
@@ -106,7 +119,19 @@ def resolve_modules(model: nn.Module, pattern: str, owner: str = "") -> list[tup
         return [(pattern, named[pattern])]
     hits = [(n, m) for n, m in named.items() if n and fnmatch.fnmatchcase(n, pattern)]
     if hits:
-        return hits
+        matched = {n for n, _ in hits}
+        kept = [(n, m) for n, m in hits if not _inside(n, matched)]
+        if len(kept) < len(hits):
+            log.info(
+                "collapse monitor: %s'%s' matches %d modules; kept the %d outermost (%s, ...), "
+                "not the modules inside them",
+                f"{owner}: " if owner else "",
+                pattern,
+                len(hits),
+                len(kept),
+                kept[0][0],
+            )
+        return kept
     names = [n for n in named if n]
     close = difflib.get_close_matches(pattern, names, n=5, cutoff=0.3) or names[:10]
     who = f"{owner}: " if owner else ""

@@ -3,7 +3,8 @@ paths are checked before anything heavy is imported.
 
 Exit codes: 0 every run healthy; 1 something collapsed or diverged; 2 a usage or I/O error (a
 missing path, a file where a folder is expected, no event files, no collapse scalars, a
-``--png`` folder that does not exist).
+``--png`` folder that does not exist); 3 a run not measured in full (no probe metric logged, or
+a probe that failed and was switched off): never read as healthy.
 """
 
 from __future__ import annotations

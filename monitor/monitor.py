@@ -253,7 +253,7 @@ class CollapseMonitor:
             raise RuntimeError(f"CollapseMonitor is {why}")
         if inputs:
             self.notices.unread_keywords(inputs)
-        snapshot, step = self._snapshots.prefix is not None, self.global_step
+        snapshot, step = self._snapshots.note_observe(), self.global_step
         if step in self._probes.quiet_steps and not snapshot:
             self._recording = []  # (nothing records this step)
             return self

@@ -3,6 +3,7 @@
 - keywords passed to ``observe()`` that no probe reads (a typo);
 - a class-conditional probe whose sampled windows stay thin (the cadence's promise failed);
 - a probe that recorded steps but whose modules never ran inside ``observe()``;
+- a run in which no probe has recorded a step by a log (no ``observe()`` around the forward);
 - a rollout probe that saw no generation forward.
 """
 
@@ -47,20 +48,31 @@ class Notices:
     def after_log(
         self, drivers: Iterable[ProbeDriver], metrics: Mapping[MetricKey, float], cadence: Cadence
     ) -> None:
+        drivers = list(drivers)
+        # no probe that still runs has recorded a step since the run began (a window may hold
+        # none by design: observe_every_n_steps above log_every_n_steps)
+        working = [d for d in drivers if not d.disabled]
+        if working and not any(d.observed_steps for d in working) and self._once("unobserved", ""):
+            log.warning(
+                "collapse monitor: no probe has recorded a step: no training step ran inside "
+                "monitor.observe() (wrap the forward: `with monitor.observe(targets=y): out = "
+                "model(x)`); nothing is measured until one does"
+            )
         for d in drivers:
             probe = d.probe
+            calls = metrics.get(probe.key("calls"))
             samples = metrics.get(probe.key("samples"))
             # rows that arrived but were skipped (NaN, labels out of range) are not the
             # cadence's fault: the health rules and the bad-input notice speak of those
             skipped = sum(
                 metrics.get(probe.key(m), 0.0) for m in ("skipped_nonfinite", *probe.bad_input)
             )
-            thin = None if samples is None else cadence.thin_window(
+            # (a probe whose modules never ran is not thin: the notice below says why)
+            thin = None if samples is None or calls == 0 else cadence.thin_window(
                 probe.sampling, samples + skipped, d.window_steps
             )  # fmt: skip
             if thin and self._once("thin", d.name):
                 log.warning("collapse monitor: %r %s", probe, thin)
-            calls = metrics.get(probe.key("calls"))
             if probe.rollout and calls == 0 and self._once("no_rollout", d.name):
                 log.warning(
                     "collapse monitor: %r saw no generation forward by this log: generate() runs "

@@ -5,9 +5,12 @@ Verdicts replay the probes' own default rules (the ones training used) over the 
 ``collapsed`` when a rule holds at the latest log, ``warning`` when it fired earlier but no longer
 holds, ``diverged`` for a probe that saw NaN or Inf (or fell silent), ``stale`` for a metric whose
 last value is older than the run's last log (never called healthy), ``healthy`` otherwise. A
-damaged event file (truncated, or a record whose checksum fails) is named in a warning with the
-point where reading stopped. Exit codes (see :mod:`collapse_monitor.cli`): 0 healthy; 1 collapsed
-or diverged; 2 a usage or I/O error.
+run is never healthy for want of measurements: ``unmeasured`` when no probe recorded a call (no
+``observe()``, a probe that failed at its first call), ``incomplete`` when a probe or mitigation
+failed and was switched off (``collapse/errors`` above the sinks' own failures). A damaged event file (truncated, or a record whose
+checksum fails) is named in a warning with the point where reading stopped. Exit codes (see
+:mod:`collapse_monitor.cli`): 0 healthy; 1 collapsed or diverged; 2 a usage or I/O error; 3
+unmeasured or incomplete.
 """
 
 from __future__ import annotations
@@ -260,7 +263,8 @@ def dashboard(series, rows: list[dict], png: Path) -> None:
 
 def report(run_dir: Path, events: list[Path], png: Path | None, as_json: bool) -> int:
     """Print the health table of every run under ``run_dir`` (and draw ``png``); the exit code
-    (0 healthy, 1 collapsed or diverged, 2 no collapse scalars)."""
+    (0 healthy, 1 collapsed or diverged, 2 no collapse scalars, 3 a run unmeasured or
+    incomplete)."""
     runs = read_scalars(run_dir, events)
     if not runs:
         print(
@@ -269,25 +273,31 @@ def report(run_dir: Path, events: list[Path], png: Path | None, as_json: bool) -
             file=sys.stderr,
         )
         return 2
-    out, failed = {}, False
+    out, failed, unsure = {}, False, False
     for run, series in runs.items():
         rows, applied = health(series), mitigations(series)
-        verdicts = {r["verdict"] for r in rows}
-        status = next(
-            (v for v in ("diverged", "collapsed", "stale", "warning") if v in verdicts), "healthy"
+        errors = series.get(ERRORS_KEY, [(0, 0.0)])[-1][1]
+        # (collapse/errors counts the sinks' and pictures' failures too: those lose no metric)
+        lost = errors - sum(
+            points[-1][1] for tag, points in series.items() if tag.startswith(_OUTLET_ERRORS)
         )
+        verdicts = {r["verdict"] for r in rows}
+        if not _measured(series, rows):  # (nothing was measured: not a health)
+            verdicts.add("unmeasured")
+        if lost > 0:  # (a probe was switched off: the rest of the table is not all of it)
+            verdicts.add("incomplete")
+        order = ("diverged", "collapsed", "unmeasured", "incomplete", "stale", "warning")
+        status = next((v for v in order if v in verdicts), "healthy")
         failed |= status in ("diverged", "collapsed")
-        out[run] = {
-            "status": status,
-            "rows": rows,
-            "mitigations": applied,
-            "errors": series.get(ERRORS_KEY, [(0, 0.0)])[-1][1],
-        }
+        unsure |= status in ("unmeasured", "incomplete")
+        out[run] = {"status": status, "rows": rows, "mitigations": applied, "errors": errors}
         cost = series.get(OVERHEAD_KEY)  # (logged by an overhead budget)
         if cost:
             out[run]["overhead"] = {"last": cost[-1][1], "max": max(v for _, v in cost)}
         if not as_json:
             print(f"== {run} ({status})" if len(runs) > 1 else f"== {run_dir} ({status})")
+            if status in ("unmeasured", "incomplete"):
+                print(_UNSURE[status].format(errors=int(lost)))
             print(format_table(rows, applied) + "\n")
             if cost:
                 print(
@@ -305,4 +315,20 @@ def report(run_dir: Path, events: list[Path], png: Path | None, as_json: bool) -
                 print(f"dashboard: {path}\n")
     if as_json:
         print(json.dumps({"runs": out}, indent=2))
-    return 1 if failed else 0
+    return 1 if failed else 3 if unsure else 0
+
+
+def _measured(series: dict[str, list[tuple[int, float]]], rows: list[dict]) -> bool:
+    """Whether a probe recorded a call in some window (every probe logs its ``calls``; logs
+    without them: whether a watched metric was logged)."""
+    calls = [points for tag, points in series.items() if MetricKey.parse(tag).metric == "calls"]
+    return any(v > 0 for points in calls for _, v in points) if calls else bool(rows)
+
+
+_UNSURE = {
+    "unmeasured": "no probe logged a metric: was the forward inside monitor.observe(), and did "
+    "a probe fail at its first call (collapse/errors)?",
+    "incomplete": "{errors} probe or mitigation error(s) (collapse/errors, less the sinks'): "
+    "one failed and was switched off, so its rows stop where it did; the training log names it",
+}
+_OUTLET_ERRORS = f"{ROOT}/outlet_errors/"

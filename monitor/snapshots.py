@@ -8,10 +8,13 @@ windows come back untouched.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from .probes.probeset import ProbeSet
+
+log = logging.getLogger(__name__)
 
 
 class Snapshots:
@@ -19,13 +22,20 @@ class Snapshots:
 
     Attributes:
         prefix: the open snapshot's prefix (``None``: none is open); loader: its evaluation
-            dataloader's index, or None.
+            dataloader's index, or None; observed: the ``observe()`` blocks it holds.
     """
 
     def __init__(self, probes: ProbeSet) -> None:
         self.probes = probes
         self.prefix: str | None = None
         self.loader: int | None = None
+        self.observed = 0
+        self._said: set[str] = set()
+
+    def note_observe(self) -> bool:
+        """At an ``observe()``: whether a snapshot is open (it then holds one more block)."""
+        self.observed += self.prefix is not None
+        return self.prefix is not None
 
     def begin(self, prefix: str, loader: int | None = None) -> None:
         """Open a snapshot.
@@ -35,7 +45,7 @@ class Snapshots:
         """
         if self.prefix is not None:
             raise RuntimeError(f"snapshot '{self.prefix}' is already open")
-        self.prefix, self.loader = prefix, loader
+        self.prefix, self.loader, self.observed = prefix, loader, 0
         self.probes.begin_snapshot()
 
     def close(self) -> None:
@@ -53,6 +63,13 @@ class Snapshots:
         """
         if self.prefix is None:
             raise RuntimeError("end_snapshot() without begin_snapshot()")
+        if not self.observed and self.prefix not in self._said:  # (once per prefix)
+            self._said.add(self.prefix)  # (forwards outside observe() are not recorded)
+            log.warning(
+                "collapse monitor: snapshot '%s' held no monitor.observe() block: its forwards "
+                "were not recorded (run them inside `with monitor.observe(...)`)",
+                self.prefix,
+            )
         try:
             yield prefix or self.prefix, self.loader
         finally:

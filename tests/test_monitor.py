@@ -115,6 +115,41 @@ def test_default_cadence_samples_gemm_probes_and_records_cheap_ones_every_step(L
     assert sampled_steps_per_window(500) == 20
 
 
+def test_forwards_outside_observe_are_said_once_and_not_called_thin(caplog):
+    """A user's check: a loop that never entered observe() got only the advice for a thin
+    window ("pass observe_every_n_steps=1"), and a snapshot without observe() nothing."""
+    model = mlp()
+    mon = CollapseMonitor(model, [probes.NeuralCollapse("2", 4, name="head")], 5)
+    with caplog.at_level("WARNING", logger="collapse_monitor"):
+        for _ in range(10):
+            model(torch.randn(32, 8)).sum().backward()
+            mon.step()
+        with mon.snapshot("val") as val:
+            model(torch.randn(32, 8))
+        with mon.snapshot("val"):
+            model(torch.randn(32, 8))
+    said = [r.message for r in caplog.records]
+    assert sum("no training step ran inside monitor.observe()" in m for m in said) == 1
+    assert sum("snapshot 'val' held no monitor.observe()" in m for m in said) == 1
+    assert not any("statistics are thin" in m for m in said)
+    assert "val/collapse/head/samples" not in val or val["val/collapse/head/samples"] == 0
+    mon.close()
+
+
+def test_a_glob_keeps_the_outermost_modules_it_matches():
+    """A user's check: TokenUniformity("transformer.h.*") read 144 modules of a 12-layer GPT-2
+    (every submodule of every block); "*.x" still finds x at any depth."""
+    blocks = nn.Sequential(*(nn.Sequential(nn.Linear(8, 8), nn.ReLU()) for _ in range(12)))
+    model = nn.Sequential()
+    model.add_module("h", blocks)
+    mon = CollapseMonitor(model, [probes.TokenUniformity("h.*", name="t")], 10)
+    assert mon.probes[0].paths == [f"h.{i}" for i in range(12)]
+    mon.close()
+    mon = CollapseMonitor(model, [probes.TokenUniformity("*.1", name="t")], 10)
+    assert set(mon.probes[0].paths) == {"h.1"} | {f"h.{i}.1" for i in range(12) if i != 1}
+    mon.close()
+
+
 @pytest.mark.parametrize("every", [None, 1])
 def test_a_thin_sampled_class_window_is_said_once(every, caplog):
     # 400 classes at 32 rows a step: the default cadence records its budget, 5 of 10 steps
@@ -393,6 +428,32 @@ def test_a_probe_that_raises_is_logged_once_counted_and_disabled(caplog):
     )
     with pytest.raises(ValueError, match="out of range"):
         train(strict.model, strict, 1)
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_a_probe_hook_leaves_grad_mode_as_it_found_it_and_labels_only_under_a_profiler(strict):
+    """The hooks set grad mode by hand (cheaper than no_grad() on a cold cache): it comes
+    back after a probe that raises, inside inference_mode too; the profiler label that
+    benchmarks read a probe's time by is there under a profiler."""
+    model = mlp()
+    bad = probes.NeuralCollapse("1", 3, read="output", name="bad", extract=lambda m, a, o: o.long())
+    mon = CollapseMonitor(model, [bad], 2, strict=strict, observe_every_n_steps=1)
+    for mode in (torch.enable_grad, torch.inference_mode):
+        with mode():
+            try:
+                with mon.observe(targets=torch.zeros(4, dtype=torch.long)):
+                    out = model(torch.randn(4, 8))
+                assert not strict and out.requires_grad is (mode is torch.enable_grad)
+            except ValueError:
+                assert strict
+            assert torch.is_grad_enabled() is (mode is torch.enable_grad)
+    mon.close()
+    mon = CollapseMonitor(model, [probes.NeuralCollapse("2", 4, name="head")], 2)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with mon.observe(targets=torch.zeros(4, dtype=torch.long)):
+            model(torch.randn(4, 8))
+    assert "collapse_monitor.head" in {e.key for e in prof.key_averages()}
+    mon.close()
 
 
 def test_mitigations_are_saved_by_name_and_names_are_unique():

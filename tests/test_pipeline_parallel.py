@@ -301,5 +301,5 @@ def test_a_probe_on_no_stage_or_on_different_modules_per_stage_is_refused_alike(
         assert "0: ('layers.0'," in mitigation and "1: ('layers.2'," in mitigation
         assert "no module named or matching 'layers.9'" in missing
         assert "matches different modules on different ranks" in different
-        assert "0: ('layers.0', 'layers.0.0'" in different
+        assert "0: ('layers.0', 'layers.1')" in different  # (the outermost matches)
     assert ranks[0]["refused"][1] == ranks[1]["refused"][1]

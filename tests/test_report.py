@@ -4,7 +4,7 @@ import torch
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
-from collapse_monitor import CollapseMonitor, probes
+from collapse_monitor import CollapseMonitor, Sink, probes
 from collapse_monitor.cli import main
 from collapse_monitor.integrations.tensorboard import TensorBoardSink
 from tests.probes.test_codebook_usage import Quantizer
@@ -61,8 +61,72 @@ def test_report_errors_are_clear(tmp_path, capsys):
     assert "no TensorBoard event files" in capsys.readouterr().err
     with SummaryWriter(tmp_path / "other") as w:
         w.add_scalar("loss", 1.0, 0)
-    assert main(["report", str(tmp_path)]) == 2  # an input problem (was 3; 0/1/2 only now)
+    assert main(["report", str(tmp_path)]) == 2  # an input problem, not an unmeasured run
     assert "no collapse/... scalars" in capsys.readouterr().err
+
+
+def test_a_run_that_measured_nothing_or_lost_a_probe_is_never_healthy(tmp_path, capsys):
+    """A user's check: a loop that never entered observe(), and a run whose only probe failed
+    at its first call, were both reported healthy (exit 0) with an empty table."""
+    q = nn.Sequential()
+    q.add_module("vq", Quantizer())
+    mon = CollapseMonitor(
+        q, [probes.CodebookUsage("vq", 16, name="vq")], 2, sinks=[TensorBoardSink(tmp_path / "a")]
+    )
+    for _ in range(6):  # forwards outside observe(): nothing recorded
+        q.vq(torch.zeros(64, 1), torch.arange(64) % 16)
+        mon.step()
+    mon.close()
+    assert main(["report", str(tmp_path / "a")]) == 3
+    out = capsys.readouterr().out
+    assert "(unmeasured)" in out and "observe()" in out
+
+    def fails_later(module, args, output):  # a probe's reading breaks mid-run
+        if fails_later.calls >= 4:
+            raise RuntimeError("reader broke")
+        fails_later.calls += 1
+        return output[1]
+
+    fails_later.calls = 0
+    watched = [
+        probes.CodebookUsage("vq", 16, name="vq"),
+        probes.CodebookUsage("vq", 16, name="broken", extract=fails_later),
+    ]
+    mon = CollapseMonitor(
+        q, watched, 2, sinks=[TensorBoardSink(tmp_path / "b")], observe_every_n_steps=1
+    )
+    for _ in range(8):
+        with mon.observe():
+            q.vq(torch.zeros(64, 1), torch.arange(64) % 16)
+        mon.step()
+    mon.close()
+    assert main(["report", str(tmp_path / "b"), "--json"]) == 3
+    (run,) = json.loads(capsys.readouterr().out)["runs"].values()
+    assert run["status"] == "incomplete" and run["errors"] == 1.0
+    assert {r["verdict"] for r in run["rows"]} == {"healthy", "stale"}  # the broken probe's stop
+    # both runs side by side: the worst is what the exit code says
+    assert main(["report", str(tmp_path)]) == 3
+    capsys.readouterr()
+
+    class Fails(Sink):  # a sink's failure loses no metric: the run stays healthy
+        def log_metrics(self, metrics, step):
+            raise OSError("network down")
+
+    mon = CollapseMonitor(
+        q,
+        [probes.CodebookUsage("vq", 16, name="vq")],
+        2,
+        sinks=[Fails(), TensorBoardSink(tmp_path / "c")],
+        observe_every_n_steps=1,
+    )
+    for _ in range(6):
+        with mon.observe():
+            q.vq(torch.zeros(64, 1), torch.arange(64) % 16)
+        mon.step()
+    mon.close()
+    assert main(["report", str(tmp_path / "c"), "--json"]) == 0
+    (run,) = json.loads(capsys.readouterr().out)["runs"].values()
+    assert run["status"] == "healthy" and run["errors"] == 1.0
 
 
 def test_report_replays_a_rule_with_its_last_step_sibling():

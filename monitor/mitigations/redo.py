@@ -18,10 +18,14 @@ from .base import Mitigation, find_probe, optimizer_states, unheld
 log = logging.getLogger(__name__)
 
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# per-channel normalisations between a layer and its activation: a unit they shift below zero
+# stays dead however its incoming weights are drawn (conv -> BatchNorm -> ReLU)
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
 
 
-def _neighbours(model: nn.Module, path: str) -> tuple[str, str]:
-    """The nearest Linear/Conv before and after ``path`` inside its parent ``nn.Sequential``."""
+def _neighbours(model: nn.Module, path: str) -> tuple[str, str, str | None]:
+    """The nearest Linear/Conv before and after ``path`` inside its parent ``nn.Sequential``,
+    and a per-channel normalisation between the first and ``path`` (None: none)."""
     parent_path, _, child = path.rpartition(".")
     parent = named_modules(model)[parent_path]
     if not isinstance(parent, nn.Sequential):
@@ -38,7 +42,10 @@ def _neighbours(model: nn.Module, path: str) -> tuple[str, str]:
             f"ReDo: no Linear/Conv before and after '{path}' in its nn.Sequential; pass layers="
         )
     prefix = parent_path + "." if parent_path else ""
-    return prefix + names[before[-1]], prefix + names[after[0]]
+    children = list(parent.children())
+    norms = [i for i in range(before[-1] + 1, k) if isinstance(children[i], _NORMS)]
+    norm = prefix + names[norms[-1]] if norms else None
+    return prefix + names[before[-1]], prefix + names[after[0]], norm
 
 
 def _check_default_init(path: str, layer: nn.Module) -> None:
@@ -108,6 +115,11 @@ class ReDo(Mitigation):
     ``init="xavier"`` is dopamine's ``NeuronRecycler`` (Xavier uniform, zero bias: the
     initialiser of its DQN networks).
 
+    **A normalisation in between** (conv -> BatchNorm -> ReLU): a unit whose normalisation
+    shifts it below zero stays dormant whatever its incoming weights, so the BatchNorm (or
+    GroupNorm) of the recycled channels gets its initial state back too: affine weight 1, bias
+    0, running mean 0 and variance 1, its optimizer moments zeroed.
+
     **What changes at a reset.** The network's output loses the recycled units' contribution
     through their outgoing weights: nothing for units that never fired (``tau = 0``), a small
     change for units whose score was positive but ``<= tau`` (their activations are not zero).
@@ -123,8 +135,10 @@ class ReDo(Mitigation):
 
     Args:
         probe: name of the ``DormantUnits`` probe (default: the only one).
-        layers: ``{probed module: (incoming layer, outgoing layer)}``; default for modules inside an
-            ``nn.Sequential``: the nearest Linear/Conv before and after.
+        layers: ``{probed module: (incoming layer, outgoing layer)}``, or ``(incoming,
+            outgoing, norm)`` with a BatchNorm/GroupNorm between the incoming layer and the
+            activation; default for modules inside an ``nn.Sequential``: the nearest
+            Linear/Conv before and after, and a BatchNorm/GroupNorm between them and the module.
         init: ``"layer"``, ``"xavier"`` or ``init(weight, bias, generator)`` filling the re-drawn
             ``(out, in, *kernel)`` weight and ``(out,)`` bias (or None) in place, in float32.
         every_n_steps: only act at logs whose step is a multiple of this (ReDo's reset period).
@@ -174,9 +188,19 @@ class ReDo(Mitigation):
         modules = named_modules(setup.model)
         self.pairs = {}
         for path in info.paths:
-            incoming, outgoing = self.layers.get(path) or _neighbours(setup.model, path)
+            incoming, outgoing, *norm = self.layers.get(path) or _neighbours(setup.model, path)
+            norm = norm[0] if norm else None
             refuse_adapted(modules, (incoming, outgoing), repr(self))
-            self.pairs[layer_name(path)] = (modules[incoming], modules[outgoing])
+            if norm is not None and not isinstance(modules[norm], _NORMS):
+                raise ValueError(
+                    f"ReDo: '{norm}' ({type(modules[norm]).__name__}) is not a BatchNorm or "
+                    "GroupNorm"
+                )
+            self.pairs[layer_name(path)] = (
+                modules[incoming],
+                modules[outgoing],
+                None if norm is None else modules[norm],
+            )
             if self.init is _default_init:
                 _check_default_init(incoming, modules[incoming])
 
@@ -191,9 +215,9 @@ class ReDo(Mitigation):
         for i, (layer, mask) in enumerate(masks):
             if not bool(mask.any()):
                 continue
-            incoming, outgoing = self.pairs[layer]
+            incoming, outgoing, norm = self.pairs[layer]
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + view.step * 101 + i)
-            changed = self._recycle(incoming, outgoing, mask, g, view.optimizers)
+            changed = self._recycle(incoming, outgoing, norm, mask, g, view.optimizers)
             if changed:
                 touched[layer] = changed
         if not touched:
@@ -202,12 +226,14 @@ class ReDo(Mitigation):
 
     @torch.no_grad()
     def _recycle(
-        self, incoming: nn.Module, outgoing: nn.Module, mask: torch.Tensor, g, optimizers
+        self, incoming: nn.Module, outgoing: nn.Module, norm, mask: torch.Tensor, g, optimizers
     ) -> int:
         """Recycle the units in ``mask``; returns how many were read back changed.
 
         Every rank computes the same new values (same seed, same reduced mask) and writes
-        them whole (into its shards under FSDP2)."""
+        them whole (into its shards under FSDP2). A normalisation between the incoming layer
+        and the activation (``norm``) gets its initial per-channel state back for those units
+        (affine weight 1 and bias 0, running mean 0 and variance 1)."""
         w_in, w_out = whole(incoming.weight), whole(outgoing.weight)
         dead = mask.to(w_in.device)
         if w_in.shape[0] != dead.numel() or w_out.shape[1] != dead.numel():
@@ -225,6 +251,11 @@ class ReDo(Mitigation):
         writes = [(incoming.weight, rows, fresh), (outgoing.weight, cols, 0)]
         if fresh_bias is not None:
             writes.append((incoming.bias, rows, fresh_bias.to(w_in)[dead]))
+        if norm is not None and norm.weight is not None:  # (affine)
+            writes += [(norm.weight, rows, 1.0), (norm.bias, rows, 0.0)]
+        if norm is not None and getattr(norm, "running_mean", None) is not None:
+            norm.running_mean[dead.to(norm.running_mean.device)] = 0.0  # (buffers: no optimizer)
+            norm.running_var[dead.to(norm.running_var.device)] = 1.0
         for param, index, value in writes:
             with edited(param) as full:
                 full[index] = value
@@ -239,4 +270,6 @@ class ReDo(Mitigation):
         ).flatten(1).all(1)
         if fresh_bias is not None:
             done &= whole(incoming.bias)[dead] == fresh_bias.to(w_in)[dead]
+        if norm is not None and norm.weight is not None:
+            done &= (whole(norm.weight)[dead] == 1) & (whole(norm.bias)[dead] == 0)
         return int(done.sum())

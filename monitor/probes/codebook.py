@@ -133,7 +133,8 @@ class CodebookUsage(Probe):
             # holds the healthy steps before it); not alone past 0.5: a healthy codebook's
             # first steps dip to 0.33-0.43 while its dead codes are replaced
             latest="usage_recent",
-            message="under half the codebook is used: consider ResetDeadCodes or SimVQ",
+            message="under half the codes are used: for a quantiser consider ResetDeadCodes or "
+            "SimVQ; for an MoE router, a load-balancing loss",
         ),
         # a window too thin for the usage rule can still show a total collapse: a tenth of the
         # codes a uniform codebook would show there (one code of 512 in 1,200 assignments)
@@ -221,6 +222,9 @@ class CodebookUsage(Probe):
     def on_attach(self, setup, found) -> None:
         if _dist.is_distributed(setup.process_group):
             _warn_unsynced(self, found)
+        if self.extract is None:  # (an extract= reads what its author chose)
+            for path, mod in found:
+                self._check_declared(path, mod)
         # transformers' Switch router returns a one-hot (tokens, experts) assignment
         self._one_hot = {
             path: self.one_hot
@@ -228,6 +232,46 @@ class CodebookUsage(Probe):
             else type(mod).__name__ == "SwitchTransformersTop1Router"
             for path, mod in found
         }
+
+    def _check_declared(self, path: str, mod) -> None:
+        """The codebooks a vector-quantize-pytorch quantiser declares against ``heads`` and
+        ``num_codes``: a residual quantiser's ``num_quantizers`` codebooks, an FSQ's or LFQ's
+        ``num_codebooks``, or a ``VectorQuantize``'s heads with a codebook each, return indices
+        ``(..., n)`` into ``n`` codebooks, which pooled as one would count code 5 of one with
+        code 5 of another (a usage of 1.0 for 0.84 / 0.97 / 1.00 apart).
+
+        Raises:
+            ValueError: ``heads`` is not the ``n`` codebooks, or ``num_codes`` not their size.
+        """
+        if not any(c.__module__.startswith("vector_quantize_pytorch") for c in type(mod).__mro__):
+            return
+        layers = [getattr(mod, a, 1) for a in ("num_quantizers", "num_codebooks", "groups")]
+        if getattr(mod, "groups", 1) != 1 or sum(n > 1 for n in layers) > 1:
+            return  # (grouped, or codebooks of codebooks: a layout not checked here)
+        kind = type(mod).__name__
+        sizes = set(getattr(mod, "codebook_sizes", None) or ())
+        if len(sizes) > 1:
+            raise self.error(
+                path,
+                f"a {kind} whose codebooks hold {sorted(sizes)} codes: one CodebookUsage "
+                f"counts codebooks of one size; probe its layers apart ('{path}.layers.0', ...)",
+            )
+        n = max(layers)
+        if getattr(mod, "shared_codebook", False):  # (one codebook: pooled or apart, both hold)
+            n = 1
+        elif getattr(mod, "separate_codebook_per_head", False):
+            n = int(getattr(mod, "heads", 1))
+        if int(n) > 1 and self.heads != int(n):
+            raise self.error(
+                path,
+                f"a {kind} with {n} codebooks returns (..., {n}) indices, one into each: "
+                f"heads={self.heads} would count them as one codebook; pass heads={n}",
+            )
+        size = getattr(mod, "codebook_size", None)
+        if isinstance(size, int) and size != self.num_codes:
+            raise self.error(
+                path, f"num_codes={self.num_codes}, but the {kind}'s codebooks hold {size} codes"
+            )
 
     def _from_one_hot(self, hot: torch.Tensor, call) -> tuple[torch.Tensor, torch.Tensor]:
         """``(..., K)`` 0/1 assignments to ``(...)`` indices and whether a row has one."""

@@ -67,12 +67,15 @@ def _outside_autocast(device: torch.device | None) -> contextlib.AbstractContext
     the forward's bfloat16 or float16. (Nothing to enter when autocast is off: the hot path.)"""
     kinds = {"cpu", device.type if device is not None else "cpu"}
     on = [kind for kind in kinds if _autocast_on(kind)]
-    if not on:
-        return contextlib.nullcontext()
-    stack = contextlib.ExitStack()
-    for kind in on:
-        stack.enter_context(torch.autocast(kind, enabled=False))
-    return stack
+    return _autocast_off(on) if on else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _autocast_off(kinds: list[str]):
+    with contextlib.ExitStack() as stack:
+        for kind in kinds:
+            stack.enter_context(torch.autocast(kind, enabled=False))
+        yield
 
 
 class ProbeDriver(Component, Recorder):

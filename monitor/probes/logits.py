@@ -127,8 +127,8 @@ class LogitHealth(Probe):
         z, y = aligned_targets(z, call, "targets", self.label_shift)
         if not z.shape[0]:
             return
-        if y is not None:
-            y = torch.where(y != self.ignore_index, y, -1)
+        if y is not None:  # ignore_index -> -1 (no target); a label -1 itself names no class
+            y = torch.where(y == self.ignore_index, -1, torch.where(y == -1, -2, y))
         bad = window["sums"].update(z, self.softmax_dtype, self.loss, y, real)
         if bad is not None:  # (one NaN column of the head leaves every row without a softmax)
             call.nonfinite_rows(bad if real is None else bad & real, real)

@@ -56,7 +56,10 @@ class CodeCounts(Statistic):
             bins = torch.where(valid, bins, K + 1)
         if H > 1:  # (the heads' blocks side by side)
             bins = bins + torch.arange(H, device=indices.device) * (K + 2)
-        hist = torch.bincount(bins.reshape(-1), minlength=H * (K + 2)).view(H, K + 2)
+        # index_add_, not bincount: on CUDA bincount reads the indices' max to the host
+        flat = bins.reshape(-1)
+        hist = torch.zeros(H * (K + 2), dtype=torch.int64, device=flat.device)
+        hist = hist.index_add_(0, flat, torch.ones_like(flat)).view(H, K + 2)
         hits, out, skipped = hist[:, :K], hist[:, K], hist[:, K + 1]
         rows = hits.sum(1)
         for stat in (self,) if also is None else (self, also):

@@ -52,8 +52,8 @@ class LogitSums(Statistic):
         real: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """Add logit rows ``(N, C)``; ``targets (N,)`` with ``-1`` where there is no target
-        (any other value outside ``[0, C)`` is counted in ``out_of_range`` and the row kept
-        without a target); ``real (N,)`` bool, false for padded positions (None: all real).
+        (any other value outside ``[0, C)`` is counted in ``out_of_range`` and the row
+        kept without a target); ``real (N,)`` bool, false for padded positions (None: all real).
         Returns the rows with NaN or Inf ``(N,)`` bool (None for no rows).
 
         Rows with NaN or Inf, and padded rows, are counted in ``skipped`` and left out. ``softmax_dtype``: the
@@ -66,7 +66,7 @@ class LogitSums(Statistic):
         self.skipped += (~finite).sum()
         z = torch.where(finite[:, None], logits, 0.0)
         if targets is not None:
-            outside = (targets != -1) & ((targets < 0) | (targets >= logits.shape[1]))
+            outside = (targets < -1) | (targets >= logits.shape[1])
             self.out_of_range += (outside & (True if real is None else real)).sum()
         r = L.logit_rows(z, softmax_dtype, loss, targets)
         self.rows += finite.sum()
@@ -94,10 +94,11 @@ class TokenEntropySums(Statistic):
     """Sums over a window's language-model tokens for :class:`~collapse_monitor.probes.TokenEntropy`:
     the tokens that count, the sum of their entropies (nats) and its sampling variance, the
     tokens below / above the two entropy bounds, a histogram of entropies in 0.01-nat bins,
-    the rows computed and the rows skipped (NaN or Inf logits), the labels that name no token
-    (``out_of_range``), and the sum of squared entropies (for the spread of token entropy). Every count is weighted by
-    ``n / k`` (``k`` rows sampled of ``n`` that count in a call), so each sum is an unbiased
-    estimate of the sum over every token; with every row computed, ``n / k = 1`` (exact).
+    the rows computed and the rows skipped (NaN or Inf logits), and the sum of squared
+    entropies (for the spread of token entropy). Every count is weighted by ``n / k`` (``k``
+    rows sampled of ``n`` that count in a call), so each sum is an unbiased estimate of the
+    sum over every token; with every row computed, ``n / k = 1`` (exact). ``out_of_range``
+    (labels that name no token, left out before the draw) is an exact count.
 
     Example:
         >>> import torch

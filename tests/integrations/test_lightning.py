@@ -126,6 +126,32 @@ def test_fit_logs_through_tensorboard_and_csv_loggers(tmp_path):
     assert "collapse/head/nc1" in rows.splitlines()[0]
 
 
+def test_early_stopping_and_checkpoints_can_watch_a_collapse_metric(tmp_path):
+    """A user's check: EarlyStopping(monitor="val/collapse/...") raised "not available": the
+    monitor's metrics reach the loggers, and now trainer.callback_metrics too."""
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    model = Classifier(lr=0.0)
+    val = dataset(32, seed=1)
+    stop = EarlyStopping(monitor="val/collapse/head/nc1", patience=1, mode="min")
+    best = ModelCheckpoint(tmp_path / "ckpt", monitor="val/collapse/head/nc1", mode="min")
+    t = trainer(
+        tmp_path,
+        "es",
+        5,
+        logger=False,
+        enable_checkpointing=True,
+        callbacks=[callback(log_every_n_steps=4), stop, best],
+    )
+    t.fit(model, DataLoader(dataset(64), batch_size=16), DataLoader(val, batch_size=16))
+    val_feats = model.body(val.tensors[0]).detach()
+    want = F.neural_collapse(val_feats, val.tensors[1], C, model.head.weight)["nc1"]
+    got = t.callback_metrics["val/collapse/head/nc1"]
+    assert got.item() == pytest.approx(want, rel=1e-6)
+    assert t.current_epoch < 5  # frozen: nc1 never improves, patience 1 stops the fit
+    assert best.best_model_score.item() == pytest.approx(want, rel=1e-6)
+
+
 def test_checkpoint_resume_logs_exactly_the_uninterrupted_metrics(tmp_path):
     rules = [Rule("collapse/head/nc1", 0.01, "drop", name="nc1_drop")]
     loader = DataLoader(

@@ -98,3 +98,41 @@ def test_a_model_initialised_otherwise_is_said_and_a_custom_layer_refused(caplog
     CollapseMonitor(
         m, [probes.DormantUnits("1", name="d")], 1, mitigations=[mitigations.ReDo(init="xavier")]
     ).close()
+
+
+@pytest.mark.parametrize("norm", ["batch", "group"])
+def test_a_normalisation_between_layer_and_activation_is_reset_with_the_unit(norm):
+    """Conv -> BatchNorm -> ReLU: a channel the norm's bias pushes below zero stays dormant
+    whatever its conv weights (a user's check: ReDo re-counted the same 4 channels at every
+    log). The norm's per-channel state comes back with the unit, its moments zeroed, and the
+    channels fire at the next log."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(16) if norm == "batch" else nn.GroupNorm(4, 16)
+    m = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), bn, nn.ReLU(), nn.Conv2d(16, 4, 1))
+    with torch.no_grad():
+        bn.bias[:4], bn.weight[4:8] = -3.0, 2.0  # 4 dead channels; 4 live ones left alone
+    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+    mon = CollapseMonitor(
+        m, [probes.DormantUnits("2", name="d")], 2, mitigations=[mitigations.ReDo()]
+    )
+    logged = []
+    for _ in range(4):
+        with mon.observe():
+            loss = m(torch.randn(8, 3, 6, 6)).pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if (out := mon.step(optimizer=opt)) is not None:
+            logged.append(out)
+            if len(logged) == 1:  # right after the reset, before any step moves them
+                assert bn.bias[:4].tolist() == [0.0] * 4 and bn.weight[:4].tolist() == [1.0] * 4
+                assert bn.weight[4:8].tolist() == pytest.approx([2.0] * 4, abs=0.01)
+                if norm == "batch":
+                    assert bn.running_mean[:4].tolist() == [0.0] * 4
+                    assert bn.running_var[:4].tolist() == [1.0] * 4
+                moments = opt.state[bn.bias]["exp_avg"]
+                assert moments[:4].tolist() == [0.0] * 4 and moments[4:].abs().sum() > 0
+    mon.close()
+    assert logged[0]["collapse/d/dormant_fraction"] == 0.25
+    assert logged[0]["collapse/mitigations/redo"] == 4
+    assert logged[1]["collapse/d/dormant_fraction"] == 0.0  # revived

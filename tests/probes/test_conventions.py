@@ -69,6 +69,31 @@ def test_residual_vq_quantize_dropout_placeholders_are_skipped_not_errors(shared
     mon.close()
 
 
+def test_a_quantiser_with_several_codebooks_must_be_read_per_codebook():
+    """A ResidualVQ (or VectorQuantize with a codebook per head) returns one index into each of
+    its codebooks: pooled as one codebook (the default heads=1) a user's check read 1.0 for
+    0.84 / 0.97 / 1.00 apart. The probe reads the declared codebooks and refuses a mismatch;
+    a shared codebook may be pooled."""
+    model = nn.Module()
+    model.rvq = ResidualVQ(dim=8, num_quantizers=3, codebook_size=16)
+    with pytest.raises(ValueError, match=r"3 codebooks .* pass heads=3"):
+        CollapseMonitor(model, [probes.CodebookUsage("rvq", 16)], 4)
+    with pytest.raises(ValueError, match="num_codes=32, but the ResidualVQ's codebooks hold 16"):
+        CollapseMonitor(model, [probes.CodebookUsage("rvq", 32, heads=3)], 4)
+    CollapseMonitor(model, [probes.CodebookUsage("rvq", 16, heads=3)], 4).close()
+    model.rvq = ResidualVQ(dim=8, num_quantizers=3, codebook_size=16, shared_codebook=True)
+    CollapseMonitor(model, [probes.CodebookUsage("rvq", 16)], 4).close()
+    model.rvq = VectorQuantize(dim=8, codebook_size=16, heads=2, separate_codebook_per_head=True)
+    with pytest.raises(ValueError, match="pass heads=2"):
+        CollapseMonitor(model, [probes.CodebookUsage("rvq", 16)], 4)
+    model.rvq = VectorQuantize(dim=8, codebook_size=16, heads=2)  # one codebook for both heads
+    CollapseMonitor(model, [probes.CodebookUsage("rvq", 16)], 4).close()
+    model.rvq = FSQ(levels=[8, 5, 5], num_codebooks=2, dim=12)  # (..., 2) indices
+    with pytest.raises(ValueError, match="pass heads=2"):
+        CollapseMonitor(model, [probes.CodebookUsage("rvq", 200)], 4)
+    CollapseMonitor(model, [probes.CodebookUsage("rvq", 200, heads=2)], 4).close()
+
+
 class Masks(mitigations.Mitigation):
     """The masks a mitigation receives at each log."""
 

@@ -97,7 +97,7 @@ def test_logit_health_counts_labels_outside_the_classes_and_keeps_going():
         m.head.weight[:, :] *= 40
     x = torch.randn(64, 8)
     y = m.head(x).argmax(1)
-    y[:3] = torch.tensor([10, -5, -100])  # past the classes, negative, ignored
+    y[:4] = torch.tensor([10, -5, -100, -1])  # past the classes, negative, ignored, -1
     mon = CollapseMonitor(m, [probes.LogitHealth("head", name="h")], 10**6, observe_every_n_steps=1)
     for idx in torch.split(torch.arange(64), [20, 44]):
         with mon.observe(targets=y[idx]):
@@ -106,9 +106,9 @@ def test_logit_health_counts_labels_outside_the_classes_and_keeps_going():
     mon.close()
     z = m.head(x).detach()
     ref = F.logit_health(z, y)
-    assert got["out_of_range"] == ref["out_of_range"] == 2 and got["samples"] == 64
+    assert got["out_of_range"] == ref["out_of_range"] == 3 and got["samples"] == 64
     assert mon.error_count == 0
-    p = torch.softmax(z[3:], -1).gather(1, y[3:, None])[:, 0]
+    p = torch.softmax(z[4:], -1).gather(1, y[4:, None])[:, 0]
     assert got["zero_loss_fraction"] == pytest.approx((p == 1).double().mean().item(), rel=1e-12)
     assert got["zero_loss_fraction"] == pytest.approx(ref["zero_loss_fraction"], rel=1e-12)
 

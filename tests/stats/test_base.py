@@ -62,6 +62,24 @@ def test_a_checkpoint_of_another_shape_or_missing_a_state_is_refused():
         Feature().load_state_dict(state)
 
 
+def test_a_state_added_later_loads_from_a_window_saved_before_it():
+    """LogitSums and TokenEntropySums gained out_of_range: a window saved before resumes with
+    that count at 0 and every other state as saved."""
+    from collapse_monitor.stats import LogitSums, TokenEntropySums
+
+    for make, fill in ((LogitSums, "rows"), (TokenEntropySums, "tokens")):
+        old = make()
+        setattr(old, fill, torch.tensor(7.0, dtype=torch.float64))
+        state = old.state_dict()
+        del state["states"]["out_of_range"]
+        new = make()
+        new.load_state_dict(state)
+        assert float(getattr(new, fill)) == 7.0 and int(new.out_of_range) == 0
+        del state["states"][fill]  # (a state that was always there is still required)
+        with pytest.raises(KeyError, match=f"missing states \\['{fill}'\\]"):
+            make().load_state_dict(state)
+
+
 def test_merging_a_statistic_that_saw_nothing_changes_nothing():
     st = Feature()
     st.update(torch.arange(6.0).reshape(2, 3))
