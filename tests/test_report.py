@@ -1,3 +1,4 @@
+import contextlib
 import json
 
 import torch
@@ -70,13 +71,17 @@ def test_a_run_that_measured_nothing_or_lost_a_probe_is_never_healthy(tmp_path, 
     at its first call, were both reported healthy (exit 0) with an empty table."""
     q = nn.Sequential()
     q.add_module("vq", Quantizer())
-    mon = CollapseMonitor(
-        q, [probes.CodebookUsage("vq", 16, name="vq")], 2, sinks=[TensorBoardSink(tmp_path / "a")]
-    )
-    for _ in range(6):  # forwards outside observe(): nothing recorded
-        q.vq(torch.zeros(64, 1), torch.arange(64) % 16)
-        mon.step()
-    mon.close()
+
+    def train_q(watched, sinks, steps, observe=True):
+        mon = CollapseMonitor(q, watched, 2, sinks=sinks, observe_every_n_steps=1)
+        for _ in range(steps):
+            with mon.observe() if observe else contextlib.nullcontext():
+                q.vq(torch.zeros(64, 1), torch.arange(64) % 16)
+            mon.step()
+        mon.close()
+
+    usage = probes.CodebookUsage("vq", 16, name="vq")
+    train_q([usage], [TensorBoardSink(tmp_path / "a")], 6, observe=False)  # nothing recorded
     assert main(["report", str(tmp_path / "a")]) == 3
     out = capsys.readouterr().out
     assert "(unmeasured)" in out and "observe()" in out
@@ -92,14 +97,7 @@ def test_a_run_that_measured_nothing_or_lost_a_probe_is_never_healthy(tmp_path, 
         probes.CodebookUsage("vq", 16, name="vq"),
         probes.CodebookUsage("vq", 16, name="broken", extract=fails_later),
     ]
-    mon = CollapseMonitor(
-        q, watched, 2, sinks=[TensorBoardSink(tmp_path / "b")], observe_every_n_steps=1
-    )
-    for _ in range(8):
-        with mon.observe():
-            q.vq(torch.zeros(64, 1), torch.arange(64) % 16)
-        mon.step()
-    mon.close()
+    train_q(watched, [TensorBoardSink(tmp_path / "b")], 8)
     assert main(["report", str(tmp_path / "b"), "--json"]) == 3
     (run,) = json.loads(capsys.readouterr().out)["runs"].values()
     assert run["status"] == "incomplete" and run["errors"] == 1.0
@@ -112,18 +110,9 @@ def test_a_run_that_measured_nothing_or_lost_a_probe_is_never_healthy(tmp_path, 
         def log_metrics(self, metrics, step):
             raise OSError("network down")
 
-    mon = CollapseMonitor(
-        q,
-        [probes.CodebookUsage("vq", 16, name="vq")],
-        2,
-        sinks=[Fails(), TensorBoardSink(tmp_path / "c")],
-        observe_every_n_steps=1,
+    train_q(
+        [probes.CodebookUsage("vq", 16, name="vq")], [Fails(), TensorBoardSink(tmp_path / "c")], 6
     )
-    for _ in range(6):
-        with mon.observe():
-            q.vq(torch.zeros(64, 1), torch.arange(64) % 16)
-        mon.step()
-    mon.close()
     assert main(["report", str(tmp_path / "c"), "--json"]) == 0
     (run,) = json.loads(capsys.readouterr().out)["runs"].values()
     assert run["status"] == "healthy" and run["errors"] == 1.0
