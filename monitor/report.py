@@ -7,10 +7,10 @@ holds, ``diverged`` for a probe that saw NaN or Inf (or fell silent), ``stale`` 
 last value is older than the run's last log (never called healthy), ``healthy`` otherwise. A
 run is never healthy for want of measurements: ``unmeasured`` when no probe recorded a call (no
 ``observe()``, a probe that failed at its first call), ``incomplete`` when a probe or mitigation
-failed and was switched off (``collapse/errors`` above the sinks' own failures). A damaged event file (truncated, or a record whose
-checksum fails) is named in a warning with the point where reading stopped. Exit codes (see
-:mod:`collapse_monitor.cli`): 0 healthy; 1 collapsed or diverged; 2 a usage or I/O error; 3
-unmeasured or incomplete.
+failed and was switched off (``collapse/errors`` above the sinks' own failures). A damaged
+event file (truncated, or a record whose checksum fails) is named in a warning with the point
+where reading stopped. Exit codes (see :mod:`collapse_monitor.cli`): 0 healthy; 1 collapsed or
+diverged; 2 a usage or I/O error; 3 unmeasured or incomplete.
 """
 
 from __future__ import annotations

@@ -149,9 +149,9 @@ def logit_health_from_sums(
         targets outside the classes (not ``ignore_index``), their rows kept without one.
 
     Returns:
-        ``samples`` (rows), ``skipped`` and ``out_of_range``; when there are rows ``softmax_collapse`` (fraction
-        collapsed), ``log_z_mean``, ``log_z_max``, ``logit_max``, ``logit_norm`` (mean L2 norm);
-        with targets ``zero_loss_fraction``.
+        ``samples`` (rows), ``skipped`` and ``out_of_range``; when there are rows
+        ``softmax_collapse`` (fraction collapsed), ``log_z_mean``, ``log_z_max``,
+        ``logit_max``, ``logit_norm`` (mean L2 norm); with targets ``zero_loss_fraction``.
     """
     n = float(rows)
     out = {"samples": n, "skipped": float(skipped), "out_of_range": float(out_of_range)}

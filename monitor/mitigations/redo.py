@@ -147,7 +147,8 @@ class ReDo(Mitigation):
 
     Raises:
         ValueError: an unknown ``init``; at attach, ``init="layer"`` on a layer whose class has
-            its own ``reset_parameters``.
+            its own ``reset_parameters``, or a ``layers=`` norm that is not a BatchNorm or
+            GroupNorm.
     """
 
     on_quiet_steps = False  # (it acts on steps its probe records, and at logs)

@@ -245,7 +245,9 @@ class CodebookUsage(Probe):
         """
         if not any(c.__module__.startswith("vector_quantize_pytorch") for c in type(mod).__mro__):
             return
-        layers = [getattr(mod, a, 1) for a in ("num_quantizers", "num_codebooks", "groups")]
+        layers = [
+            int(getattr(mod, a, 1) or 1) for a in ("num_quantizers", "num_codebooks", "groups")
+        ]
         if getattr(mod, "groups", 1) != 1 or sum(n > 1 for n in layers) > 1:
             return  # (grouped, or codebooks of codebooks: a layout not checked here)
         kind = type(mod).__name__
