@@ -538,7 +538,9 @@ def _warn_unsynced(probe, found) -> None:
         if getattr(sub, "use_ddp", None) is False
         and (
             (getattr(sub, "ema_update", False) and not getattr(sub, "learnable_codebook", False))
-            or getattr(sub, "threshold_ema_dead_code", 0) > 0
+            # (1.34 replaced threshold_ema_dead_code by dead_code_threshold_ratio)
+            or (getattr(sub, "threshold_ema_dead_code", 0) or 0) > 0
+            or (getattr(sub, "dead_code_threshold_ratio", 0) or 0) > 0
         )
     ]
     if unsynced:
