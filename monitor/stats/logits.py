@@ -67,7 +67,7 @@ class LogitSums(Statistic):
         z = torch.where(finite[:, None], logits, 0.0)
         if targets is not None:
             outside = (targets < -1) | (targets >= logits.shape[1])
-            self.out_of_range += (outside & (True if real is None else real)).sum()
+            self.out_of_range += (outside if real is None else outside & real).sum()
         r = L.logit_rows(z, softmax_dtype, loss, targets)
         self.rows += finite.sum()
         self.collapsed += (r["collapsed"] & finite).sum()
