@@ -80,9 +80,10 @@ class Phenomenon:
     # first eval from the first log on where the truth holds, healthy before or not
     at_start: bool = False
     # "calibration": the runs the default rules were set on (the first round, and the second
-    # and third rounds, held out until the rules were changed for their late alerts);
-    # "held-out": the fourth, fifth and sixth rounds, each built after a rule change, reported
-    # apart
+    # and third rounds, held out until the rules were changed for their late alerts; the
+    # codebook and router runs of the fourth to sixth rounds, since usage_below was changed for
+    # them); "held-out": the rest of the fourth to sixth rounds and the seventh, each built
+    # after a rule change, reported apart
     half: str = "calibration"
 
 
@@ -309,15 +310,19 @@ class _MoE(nn.Module):
         return self.head(h + gate * out), top
 
 
-def router(seed: int, collapse: bool, experts: int = 8, batch: int = 128, sgd: bool = False):
+def router(
+    seed: int, collapse: bool, experts: int = 8, batch: int = 128, sgd: bool = False, opt=None
+):
     """Router collapse (Shazeer et al. 2017; Fedus et al. 2022): without the load-balancing loss
     a top-1 router sends every token to few experts; the twin adds the Switch auxiliary loss.
-    8 experts, Adam 1e-3, batch 128."""
+    8 experts, Adam 1e-3, batch 128 (``opt``: another optimizer, made from the parameters)."""
     from neural_collapse import digits
 
     x, y, hx, hy = digits(seed)
     model = _MoE(experts)
-    if sgd:
+    if opt is not None:
+        opt = opt(model.parameters())
+    elif sgd:
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     else:
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -560,6 +565,44 @@ def softmax_p53(seed: int, collapse: bool) -> Scenario:
 def dormant_adam45(seed: int, collapse: bool) -> Scenario:
     """Held out: labels permuted every 45 steps, Adam 1e-3."""
     return dormant(seed, collapse, every=45, adam=True)
+
+
+# held out, seventh round: built after usage_below moved to 0.4 (at once under 0.3, the latest
+# steps included), run once
+def router_twenty(seed: int, collapse: bool) -> Scenario:
+    """Held out: 20 experts, Adam 1e-3, batch 128."""
+    return router(seed, collapse, experts=20, batch=128)
+
+
+def router_rmsprop(seed: int, collapse: bool) -> Scenario:
+    """Held out: 8 experts, RMSprop 1e-3, batch 64."""
+    return router(seed, collapse, batch=64, opt=lambda p: torch.optim.RMSprop(p, lr=1e-3))
+
+
+def router_five(seed: int, collapse: bool) -> Scenario:
+    """Held out: 5 experts, AdamW 2e-3, batch 48."""
+    return router(seed, collapse, experts=5, batch=48, opt=lambda p: torch.optim.AdamW(p, lr=2e-3))
+
+
+def codebook_wide_batch(seed: int, collapse: bool) -> Scenario:
+    """Held out: 512 codes initialised on encoder outputs, Adam 1e-3, batch 256, against
+    vector-quantize-pytorch's EMA codebook."""
+    opt = lambda p: torch.optim.Adam(p, lr=1e-3)  # noqa: E731
+    return _vq_scenario(seed, "data" if collapse else "vqp", 512, 256, opt)
+
+
+def codebook_conv_sgd(seed: int, collapse: bool) -> Scenario:
+    """Held out: the channels-first convolutional VQ with 64 tiny codes, SGD (learning rate
+    0.05, momentum 0.9), batch 32, against vector-quantize-pytorch ``accept_image_fmap=True``."""
+    opt = lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9)  # noqa: E731
+    return _vq_scenario(seed, "tiny" if collapse else "vqp", 64, 32, opt, conv=True)
+
+
+def codebook_adamw_mid(seed: int, collapse: bool) -> Scenario:
+    """Held out: 192 codes initialised on encoder outputs, AdamW 5e-4, batch 48, against
+    vector-quantize-pytorch's EMA codebook."""
+    opt = lambda p: torch.optim.AdamW(p, lr=5e-4)  # noqa: E731
+    return _vq_scenario(seed, "data" if collapse else "vqp", 192, 48, opt)
 
 
 def posterior(seed: int, collapse: bool, tops=(12.0, 1.0), lr=1e-3, batch=128) -> Scenario:
@@ -836,7 +879,7 @@ def _variant(base: str, build: Callable[[int, bool], Scenario], half: str) -> Ph
 
 ZOO.update(
     (build.__name__, _variant(base, build, half))
-    for half, variants in (
+    for round_half, variants in (
         (  # the second round: held out until its late alerts were fixed
             "calibration",
             (
@@ -864,12 +907,13 @@ ZOO.update(
                 ("dormant", dormant_slow),
             ),
         ),
-        (
+        (  # the fourth round; its codebook and router runs calibrate usage_below since the
+            # fifth and sixth rounds' late router alert and false alarm
             "held-out",
             (
-                ("codebook", codebook_small),
-                ("router", router_sgd4),
-                ("router", router_six),
+                ("codebook", codebook_small, "calibration"),
+                ("router", router_sgd4, "calibration"),
+                ("router", router_six, "calibration"),
                 ("attention", attention_wide),
                 ("posterior", posterior_mid),
                 ("dimensional", dimensional_mid),
@@ -880,9 +924,9 @@ ZOO.update(
         (  # the fifth round, built after the fourth round's rerun (see above), run once
             "held-out",
             (
-                ("codebook", codebook_sgd),
-                ("codebook", codebook_conv_data),
-                ("router", router_twelve),
+                ("codebook", codebook_sgd, "calibration"),
+                ("codebook", codebook_conv_data, "calibration"),
+                ("router", router_twelve, "calibration"),
                 ("attention", attention_deep),
                 ("posterior", posterior_six),
                 ("dimensional", dimensional_48),
@@ -893,10 +937,10 @@ ZOO.update(
         (  # the sixth round, built after a rule's latest value fires alone, run once
             "held-out",
             (
-                ("codebook", codebook_large),
-                ("codebook", codebook_conv_adamw),
-                ("router", router_ten),
-                ("router", router_sgd8),
+                ("codebook", codebook_large, "calibration"),
+                ("codebook", codebook_conv_adamw, "calibration"),
+                ("router", router_ten, "calibration"),
+                ("router", router_sgd8, "calibration"),
                 ("attention", attention_narrow),
                 ("posterior", posterior_eight),
                 ("dimensional", dimensional_96),
@@ -904,8 +948,20 @@ ZOO.update(
                 ("dormant", dormant_adam45),
             ),
         ),
+        (  # the seventh round, built after usage_below moved to 0.4 and 0.3, run once
+            "held-out",
+            (
+                ("router", router_twenty),
+                ("router", router_rmsprop),
+                ("router", router_five),
+                ("codebook", codebook_wide_batch),
+                ("codebook", codebook_conv_sgd),
+                ("codebook", codebook_adamw_mid),
+            ),
+        ),
     )
-    for base, build in variants
+    for base, build, *own in variants
+    for half in [own[0] if own else round_half]
 )
 
 
@@ -1129,7 +1185,9 @@ def main(argv=None) -> list[dict]:
     lines = [
         "Calibration half (the runs the default rules were set on: the first round, and the "
         "second and third rounds, each held out until the rules were changed for its late "
-        "alerts):",
+        "alerts; the codebook and router runs of the fourth to sixth rounds, since "
+        "`usage_below` moved from 0.5 (at once under 0.2) to 0.4 (at once under 0.3) for "
+        "their late router alert and false alarm):",
         "",
         *table(halves[0]),
         "",
@@ -1140,7 +1198,10 @@ def main(argv=None) -> list[dict]:
         "once, run again after usage_recent took the window's sample; the fifth round, built "
         "after that and run once; the sixth, built after the last step's dormant units and "
         "attention rows were let fire alone, and run once; the fourth and fifth rounds run "
-        "again with that change):",
+        "again with that change; their codebook and router runs are calibration now), and "
+        "the seventh round (routers of 20, 8 and 5 experts under Adam, RMSprop and AdamW, "
+        "codebooks of 512 codes at batch 256, 64 tiny channels-first codes under SGD, 192 "
+        "codes under AdamW), built after that change and run once:",
         "",
         *table(halves[1]),
         "",

@@ -120,21 +120,25 @@ class CodebookUsage(Probe):
         # judged from the first log on, wherever the window holds enough assignments that a
         # healthy (uniform) codebook would show nearly all its codes: usage_uniform > 0.9, i.e.
         # T >= 2.3 K (a collapse at initialisation, the classic failure, alerts at once)
+        # 0.4: healthy routers sit at half their experts for many logs (and one dipped to 5 of
+        # 12); severe 0.3 fires at once on the window or on the latest steps, a sample of their
+        # own: under 0.3 a codebook has collapsed (a router of 8 experts on 2 inside its first
+        # window), while a healthy codebook's first steps dip to 0.33-0.43 as its dead codes
+        # are replaced (which is why the latest steps are not trusted alone above 0.3)
         RuleSpec(
             "usage",
-            0.5,
+            0.4,
             "below",
             name="usage_below",
-            severe=0.2,
+            severe=0.3,
             # dead_codes: logged only by this class (collapse-monitor report replays rules by
             # metric name, and LatentUsage logs usage too)
             requires=(("usage_uniform", "above", 0.9), ("dead_codes", "above", -1.0)),
             # the latest steps' usage (a collapse inside the window: the window's usage still
-            # holds the healthy steps before it); not alone past 0.5: a healthy codebook's
-            # first steps dip to 0.33-0.43 while its dead codes are replaced
+            # holds the healthy steps before it)
             latest="usage_recent",
-            message="under half the codes are used: for a quantiser consider ResetDeadCodes or "
-            "SimVQ; for an MoE router, a load-balancing loss",
+            message="under 40% of the codes are used: for a quantiser consider ResetDeadCodes "
+            "or SimVQ; for an MoE router, a load-balancing loss",
         ),
         # a window too thin for the usage rule can still show a total collapse: a tenth of the
         # codes a uniform codebook would show there (one code of 512 in 1,200 assignments)
@@ -146,8 +150,8 @@ class CodebookUsage(Probe):
             requires=(("usage_uniform", "above", 0.5), ("dead_codes", "above", -1.0)),
             message="a tenth of the codes a uniform codebook would use in this window: collapsed",
         ),
-        # every recent assignment on one code is total collapse at any K (with K = 4 experts,
-        # usage cannot fall below the severe 0.2 of usage_below: one expert is 0.25)
+        # every recent assignment on one code is total collapse at any K (with K = 2 or 3
+        # experts, one expert is usage 0.5 or 0.33, never past usage_below's severe 0.3)
         RuleSpec(
             "codes_used_recent",
             1.5,

@@ -383,15 +383,20 @@ def test_a_checkpoint_without_the_recent_steps_entry_still_loads():
     mon.load_state_dict(state)
 
 
-def test_a_router_of_four_experts_on_one_expert_alerts_at_that_log():
-    # usage 0.25 can never pass usage_below's severe 0.2: single_code reads the recent steps
-    def alerts_for(steps):
-        return alerts_of(4, steps, name="r")[:2]
+def test_a_router_of_few_experts_on_one_expert_alerts_at_that_log():
+    # one expert of 3 is usage 0.33, never past usage_below's severe 0.3: single_code reads the
+    # recent steps; one of 4 (0.25) is past it, and both rules fire at that log
+    def alerts_for(k, steps):
+        return alerts_of(k, steps, name="r")[:2]
 
+    for k, rules in ((3, ["r/single_code"]), (4, ["r/single_code", "r/usage_below"])):
+        healthy = [torch.arange(k).repeat(8)] * 10
+        m, fired = alerts_for(k, healthy[:6] + [torch.full((8 * k,), 2)] * 4)
+        assert m["collapse/r/usage"] == 1.0 and m["collapse/r/codes_used_recent"] == 1.0
+        assert m["collapse/r/usage_recent"] == 1 / k
+        assert fired == [(10, rule) for rule in rules]
+        assert alerts_for(k, healthy)[1] == []
+    # two of 4 experts (0.5): neither the window (1.0) nor the latest steps cross 0.4
     healthy = [torch.arange(4).repeat(8)] * 10
-    m, fired = alerts_for(healthy[:6] + [torch.full((32,), 2)] * 4)
-    assert m["collapse/r/usage"] == 1.0 and m["collapse/r/codes_used_recent"] == 1.0
-    assert fired == [(10, "r/single_code")]
-    m, fired = alerts_for(healthy[:6] + [torch.tensor([1, 2]).repeat(16)] * 4)
+    m, fired = alerts_for(4, healthy[:6] + [torch.tensor([1, 2]).repeat(16)] * 4)
     assert m["collapse/r/codes_used_recent"] == 2.0 and fired == []
-    assert alerts_for(healthy)[1] == []
