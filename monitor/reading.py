@@ -292,20 +292,20 @@ def nonfinite(value: Any, sample: int = 1024) -> torch.Tensor | None:
     few bad rows are the probes' own business: skipped and counted). ``None`` when ``value``
     holds no floating-point tensor. No host sync.
     """
-    flags = []
+    flag = None
     for t in _floating(value):
         if t.numel():
-            some = _strided_sample(t.detach(), sample)
-            flags.append(torch.isfinite(some).sum() < (some.numel() + 1) // 2)  # (most: bad)
-    if not flags:
-        return None
-    return flags[0] if len(flags) == 1 else torch.stack(flags).any()
+            t = t.detach() if t.requires_grad and torch.is_grad_enabled() else t
+            some = t if t.numel() <= sample else _strided_sample(t, sample)
+            bad = torch.isfinite(some).sum() < (some.numel() + 1) // 2  # (most: bad)
+            flag = bad if flag is None else flag | bad
+    return flag
 
 
 def _strided_sample(t: torch.Tensor, sample: int) -> torch.Tensor:
-    """About ``sample`` evenly strided elements of ``t``, flat, without copying the rest: a
-    view of every ``k``-th element when ``t`` is contiguous, else every ``k_d``-th index along
-    each dimension (a permuted activation's ``reshape(-1)`` would copy all of it)."""
+    """About ``sample`` evenly strided elements of ``t``, as a view (no copy): every ``k``-th
+    element when ``t`` is contiguous, else every ``k_d``-th index along each dimension (a
+    permuted activation's ``reshape(-1)`` would copy all of it)."""
     if t.is_contiguous():
         return t.view(-1)[:: max(1, t.numel() // sample)]
     # each dimension keeps about size ** a indices, a = log(sample) / log(numel): spread over
@@ -314,7 +314,7 @@ def _strided_sample(t: torch.Tensor, sample: int) -> torch.Tensor:
     steps = [max(1, round(size / max(1.0, size**a))) for size in t.shape]
     sizes = [-(-size // step) for size, step in zip(t.shape, steps)]
     strides = [stride * step for stride, step in zip(t.stride(), steps)]
-    return t.as_strided(sizes, strides, t.storage_offset()).reshape(-1)  # (one view, one copy)
+    return t.as_strided(sizes, strides, t.storage_offset())
 
 
 class Checked:

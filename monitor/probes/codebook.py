@@ -302,7 +302,8 @@ class CodebookUsage(Probe):
                 f"expected indices of shape (..., {H}) for heads={H}, got {tuple(idx.shape)}",
             )
         shape = idx.shape
-        idx = idx.reshape(-1, H).to(torch.int64)
+        idx = idx.reshape(-1, H)
+        idx = idx if idx.dtype == torch.int64 else idx.to(torch.int64)
         valid = None if assigned is None else assigned.reshape(-1, H)
         if self.ignore_index is not None:
             valid = _both(valid, idx != self.ignore_index)

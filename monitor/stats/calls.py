@@ -26,13 +26,13 @@ class CallCounts(Statistic):
         self.add_state("nonfinite", (), torch.int64)
         self.add_state("first_nonfinite", (), torch.int64, reduce="min")
 
-    @torch.no_grad()
     def add(self, step: int, nonfinite: torch.Tensor | None) -> None:
         """One call at training step ``step``; ``nonfinite``: a 0-d bool, its input held NaN or
         Inf (None: nothing it could tell)."""
         self.calls += 1
         if nonfinite is not None:
-            nonfinite = nonfinite.to(self.nonfinite.device)
+            if nonfinite.device != self.nonfinite.device:
+                nonfinite = nonfinite.to(self.nonfinite.device)
             self.nonfinite += nonfinite
             here = torch.where(nonfinite, step, self.first_nonfinite)
             torch.minimum(self.first_nonfinite, here, out=self.first_nonfinite)

@@ -34,8 +34,7 @@ class CodeCounts(Statistic):
         self.add_state("skipped", (self.heads,), torch.int64)
         self.add_state("out_of_range", (self.heads,), torch.int64)
 
-    @torch.no_grad()
-    def update(
+    def update(  # (integer and boolean inputs: no autograd to turn off)
         self,
         indices: torch.Tensor,
         valid: torch.Tensor | None = None,
@@ -50,16 +49,17 @@ class CodeCounts(Statistic):
         H, K = self.heads, self.num_codes
         # one histogram of H blocks of K + 2 bins: the codes, then "out of range" (a valid
         # index outside [0, K)) and "skipped" (an invalid entry, whatever its index)
-        inside = (indices >= 0) & (indices < K)
-        bins = torch.where(inside, indices, K)
+        bins = indices.clamp(-1, K).remainder_(K + 1)  # (-1 and K, either side, go to K)
         if valid is not None:
             bins = torch.where(valid, bins, K + 1)
         if H > 1:  # (the heads' blocks side by side)
             bins = bins + torch.arange(H, device=indices.device) * (K + 2)
-        # index_add_, not bincount: on CUDA bincount reads the indices' max to the host
         flat = bins.reshape(-1)
-        hist = torch.zeros(H * (K + 2), dtype=torch.int64, device=flat.device)
-        hist = hist.index_add_(0, flat, torch.ones_like(flat)).view(H, K + 2)
+        if flat.device.type == "cpu":  # (one pass)
+            hist = torch.bincount(flat, minlength=H * (K + 2)).view(H, K + 2)
+        else:  # index_add_, not bincount: on CUDA bincount reads the indices' max to the host
+            hist = torch.zeros(H * (K + 2), dtype=torch.int64, device=flat.device)
+            hist = hist.index_add_(0, flat, torch.ones_like(flat)).view(H, K + 2)
         hits, out, skipped = hist[:, :K], hist[:, K], hist[:, K + 1]
         rows = hits.sum(1)
         for stat in (self,) if also is None else (self, also):
@@ -102,8 +102,7 @@ class RecentHits(Statistic):
         self.add_state("last_hit", (heads, num_codes), torch.int64, reduce="max")
         self.add_state("rows", (heads, self.capacity), torch.int64)
 
-    @torch.no_grad()
-    def advance(self, step: CodeCounts | None) -> None:
+    def advance(self, step: CodeCounts | None) -> None:  # (integer states: no autograd)
         """One step passed; ``step``: its counts (``None``: nothing recorded on this rank)."""
         self.step += 1
         slot = (self.step % self.capacity).view(1)
@@ -158,8 +157,7 @@ class UsageEMA(Statistic):
         self.add_state("rows", (heads,), _F64)
         self.add_state("steps", (), torch.int64, reduce="max")
 
-    @torch.no_grad()
-    def advance(self, step: CodeCounts, decay: float) -> None:
+    def advance(self, step: CodeCounts, decay: float) -> None:  # (from counts: no autograd)
         """``ema = decay * ema + (1 - decay) * counts of this step``."""
         ema = [self.hits, self.rows]
         torch._foreach_mul_(ema, decay)
