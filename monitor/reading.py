@@ -295,7 +295,6 @@ def nonfinite(value: Any, sample: int = 1024) -> torch.Tensor | None:
     flag = None
     for t in _floating(value):
         if t.numel():
-            t = t.detach() if t.requires_grad and torch.is_grad_enabled() else t
             some = t if t.numel() <= sample else _strided_sample(t, sample)
             bad = torch.isfinite(some).sum() < (some.numel() + 1) // 2  # (most: bad)
             flag = bad if flag is None else flag | bad
@@ -460,8 +459,9 @@ def token_mask(call: Call, batch: int, length: int, device: torch.device) -> tor
     right-aligned: a layer that sees ``length <= S`` positions sees the last ones (decoding
     with a key-value cache, or an LM head under ``logits_to_keep``). The model's mask is used
     only where it covers the layer: its length is the layer's, the call used a cache, or it
-    kept the logits of the last ``length`` positions; elsewhere (an encoder-decoder's decoder)
-    the monitor says once that ``observe(mask=)`` is needed, and every token counts. Under
+    kept the logits of the last ``length`` positions; elsewhere the monitor says once that
+    ``observe(mask=)`` is needed, and every token counts. In an encoder-decoder the modules
+    outside its encoder read ``decoder_attention_mask`` (none: no decoder padding). Under
     ``logits_to_keep = C + 1``, an ``observe(mask=)`` of ``C`` columns is a mask of the last
     ``C`` tokens (TRL's ``completion_mask``), whether the layer sees ``C + 1`` positions (the
     head) or the whole sequence (the backbone).
@@ -506,6 +506,11 @@ def token_rows(call: Call, entries: int, device: torch.device) -> torch.Tensor |
     mask, given = _padding_source(call)
     if mask is None:
         return None
+    length = _model_side(call)[1]
+    if not given and length is not None and mask.shape[-1] > length:
+        # a step with a key-value cache: its tokens are the mask's last (a decoding step's
+        # (B*1, k) router choices would otherwise divide a (B, k) mask evenly)
+        mask = mask[:, mask.shape[-1] - length :]
     if entries % mask.numel() == 0:
         rows = to_device(mask.reshape(-1), device).bool()
         return rows.repeat_interleave(entries // mask.numel())
@@ -530,4 +535,16 @@ def _padding_source(call: Call) -> tuple[torch.Tensor | None, bool]:
         if mask.ndim != 2:
             raise call.error(f"observe(mask=) must be (batch, tokens), got {tuple(mask.shape)}")
         return mask, True
-    return call.model_inputs.get("attention_mask"), False
+    return _model_side(call)[0], False
+
+
+def _model_side(call: Call) -> tuple[torch.Tensor | None, int | None]:
+    """The model's padding mask ``(B, S)`` and the tokens of its call, for the side of an
+    encoder-decoder the module is on (``transformers``' ``config.is_encoder_decoder``): a
+    module under an ``encoder`` reads ``attention_mask`` and ``input_ids``, every other one
+    (the decoder, the LM head) ``decoder_attention_mask`` and ``decoder_input_ids`` (without
+    one, no decoder position is padding); a decoder-only model's, its own."""
+    inputs = call.model_inputs
+    if inputs.get("encoder_decoder") and "encoder" not in call.path.split("."):
+        return inputs.get("decoder_attention_mask"), inputs.get("decoder_length")
+    return inputs.get("attention_mask"), inputs.get("length")

@@ -122,9 +122,10 @@ class CodebookUsage(Probe):
         # T >= 2.3 K (a collapse at initialisation, the classic failure, alerts at once)
         # 0.4: healthy routers sit at half their experts for many logs (and one dipped to 5 of
         # 12); severe 0.3 fires at once on the window or on the latest steps, a sample of their
-        # own: under 0.3 a codebook has collapsed (a router of 8 experts on 2 inside its first
-        # window), while a healthy codebook's first steps dip to 0.33-0.43 as its dead codes
-        # are replaced (which is why the latest steps are not trusted alone above 0.3)
+        # own, so that a router of 8 experts on 2 inside its first window alerts at that log;
+        # above 0.3 the latest steps are not trusted alone (a healthy codebook's first steps
+        # dip to 0.33-0.5 as its dead codes are replaced). Known limit: one 128-token step of
+        # a healthy but unbalanced router of 20 experts read 0.25 (detection.py, seventh round)
         RuleSpec(
             "usage",
             0.4,
@@ -245,16 +246,26 @@ class CodebookUsage(Probe):
         code 5 of another (a usage of 1.0 for 0.84 / 0.97 / 1.00 apart).
 
         Raises:
-            ValueError: ``heads`` is not the ``n`` codebooks, or ``num_codes`` not their size.
+            ValueError: ``heads`` is not the ``n`` codebooks, or ``num_codes`` not their size;
+                a grouped quantiser (indices ``(groups, ..., n)``: no ``heads`` fits them).
         """
         if not any(c.__module__.startswith("vector_quantize_pytorch") for c in type(mod).__mro__):
             return
+        kind = type(mod).__name__
+        groups = int(getattr(mod, "groups", 1) or 1)
+        if groups > 1 and hasattr(mod, "rvqs"):  # GroupedResidual{VQ,FSQ,LFQ}
+            # (groups, ..., quantizers): the groups lead, where no heads= can read them
+            raise self.error(
+                path,
+                f"a {kind} of {groups} groups returns indices (groups, ..., quantizers), one "
+                f"codebook per group and quantizer: probe each group's quantiser apart "
+                f"('{path}.rvqs.0', ...), or pass extract=",
+            )
         layers = [
             int(getattr(mod, a, 1) or 1) for a in ("num_quantizers", "num_codebooks", "groups")
         ]
-        if getattr(mod, "groups", 1) != 1 or sum(n > 1 for n in layers) > 1:
-            return  # (grouped, or codebooks of codebooks: a layout not checked here)
-        kind = type(mod).__name__
+        if groups != 1 or sum(n > 1 for n in layers) > 1:
+            return  # (codebooks of codebooks: a layout not checked here)
         sizes = set(getattr(mod, "codebook_sizes", None) or ())
         if len(sizes) > 1:
             raise self.error(
@@ -303,7 +314,8 @@ class CodebookUsage(Probe):
             )
         shape = idx.shape
         idx = idx.reshape(-1, H)
-        idx = idx if idx.dtype == torch.int64 else idx.to(torch.int64)
+        if idx.dtype != torch.int64:  # (compared with ignore_index below; uint8 has no -1)
+            idx = idx.to(torch.int64)
         valid = None if assigned is None else assigned.reshape(-1, H)
         if self.ignore_index is not None:
             valid = _both(valid, idx != self.ignore_index)

@@ -40,7 +40,17 @@ from .base import Probe, kept_apart, layer_name
 
 log = logging.getLogger(__name__)
 # the keywords of a model's forward that _keep_model_inputs reads
-_MODEL_INPUTS = frozenset({"attention_mask", "input_ids", "logits_to_keep", *KV_CACHE_KEYS})
+_MODEL_INPUTS = frozenset(
+    {
+        "attention_mask",
+        "input_ids",
+        "inputs_embeds",
+        "decoder_attention_mask",
+        "decoder_input_ids",
+        "logits_to_keep",
+        *KV_CACHE_KEYS,
+    }
+)
 
 
 def _takes_model_inputs(signature: inspect.Signature | None) -> bool:
@@ -52,6 +62,16 @@ def _takes_model_inputs(signature: inspect.Signature | None) -> bool:
         p.kind is p.VAR_KEYWORD or (p.name in _MODEL_INPUTS and p.kind is not p.VAR_POSITIONAL)
         for p in signature.parameters.values()
     )
+
+
+def _length(ids: Any, embeds: Any) -> int | None:
+    """The tokens per sequence of a model call, from its ``(B, S)`` ids or ``(B, S, D)``
+    embeddings (None when it has neither)."""
+    if isinstance(ids, torch.Tensor) and ids.ndim == 2:
+        return ids.shape[1]
+    if isinstance(embeds, torch.Tensor) and embeds.ndim == 3:
+        return embeds.shape[1]
+    return None
 
 
 def _autocast_on(kind: str) -> bool:
@@ -393,9 +413,14 @@ class ProbeDriver(Component, Recorder):
     def _capture_model_inputs(self, module, args, kwargs) -> None:
         # (the forward's grad mode: guarded() runs without autograd)
         if self._active or (self.tp is not None and self._gathering):
-            self.guarded(self._keep_model_inputs, args, kwargs, torch.is_grad_enabled())
+            encoder_decoder = getattr(getattr(module, "config", None), "is_encoder_decoder", False)
+            self.guarded(
+                self._keep_model_inputs, args, kwargs, torch.is_grad_enabled(), encoder_decoder
+            )
 
-    def _keep_model_inputs(self, args: tuple, kwargs: dict, grad: bool) -> None:
+    def _keep_model_inputs(
+        self, args: tuple, kwargs: dict, grad: bool, encoder_decoder: bool = False
+    ) -> None:
         bound = dict(kwargs)
         if args and self._model_signature is not None:  # model(ids, mask): by position too
             try:
@@ -413,9 +438,18 @@ class ProbeDriver(Component, Recorder):
         ids = bound.get("input_ids")
         if isinstance(ids, torch.Tensor) and ids.ndim == 2 and ids.shape[1]:
             self.model_inputs["last_ids"] = ids[:, -1].detach()  # a generation step's last token
-            self.model_inputs["length"] = ids.shape[1]
+        # (the tokens of this call: with a cache, the last of the mask's positions)
+        self.model_inputs["length"] = _length(ids, bound.get("inputs_embeds"))
         if isinstance(mask, torch.Tensor) and mask.ndim == 2:
             self.model_inputs["attention_mask"] = mask.detach()
+        if encoder_decoder:  # attention_mask is the encoder's; the decoder's is its own
+            self.model_inputs["encoder_decoder"] = True
+            self.model_inputs["decoder_length"] = _length(
+                bound.get("decoder_input_ids"), bound.get("decoder_inputs_embeds")
+            )
+            mask = bound.get("decoder_attention_mask")
+            if isinstance(mask, torch.Tensor) and mask.ndim == 2:
+                self.model_inputs["decoder_attention_mask"] = mask.detach()
 
     # ----------------------------------------------------------------- steps and windows
     def microbatch_start(self, path: str, chunk: int, rows: int) -> int:

@@ -31,7 +31,7 @@ class CallCounts(Statistic):
         Inf (None: nothing it could tell)."""
         self.calls += 1
         if nonfinite is not None:
-            if nonfinite.device != self.nonfinite.device:
+            if nonfinite.device != self.nonfinite.device:  # (.to would be an op even so)
                 nonfinite = nonfinite.to(self.nonfinite.device)
             self.nonfinite += nonfinite
             here = torch.where(nonfinite, step, self.first_nonfinite)

@@ -40,13 +40,21 @@ class CodeCounts(Statistic):
         valid: torch.Tensor | None = None,
         also: CodeCounts | None = None,
     ) -> None:
-        """Count ``indices (N, H)`` int64; entries where ``valid (N, H)`` is false are skipped.
+        """Count ``indices (N, H)`` (any integer dtype); entries where ``valid (N, H)`` is false
+        are skipped.
 
         Indices outside ``[0, K)`` among the valid ones are excluded and counted in
         ``out_of_range``. ``also``: another statistic of the same codebooks that counts the
         same indices (a step's beside the window's), at the cost of its additions only.
+
+        Raises:
+            TypeError: floating-point or boolean indices.
         """
         H, K = self.heads, self.num_codes
+        if indices.dtype != torch.int64:  # (uint8's -1 is 255; the bins below are int64)
+            if indices.is_floating_point() or indices.dtype == torch.bool:
+                raise TypeError(f"code indices must be integers, got {indices.dtype}")
+            indices = indices.to(torch.int64)
         # one histogram of H blocks of K + 2 bins: the codes, then "out of range" (a valid
         # index outside [0, K)) and "skipped" (an invalid entry, whatever its index)
         bins = indices.clamp(-1, K).remainder_(K + 1)  # (-1 and K, either side, go to K)

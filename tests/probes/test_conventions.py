@@ -13,7 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributions import Independent, Normal
-from vector_quantize_pytorch import FSQ, LFQ, ResidualVQ, VectorQuantize
+from vector_quantize_pytorch import (
+    FSQ,
+    LFQ,
+    GroupedResidualFSQ,
+    GroupedResidualVQ,
+    ResidualVQ,
+    VectorQuantize,
+)
 
 from collapse_monitor import CollapseMonitor, mitigations, probes
 from collapse_monitor import functional as MF
@@ -92,6 +99,47 @@ def test_a_quantiser_with_several_codebooks_must_be_read_per_codebook():
     with pytest.raises(ValueError, match="pass heads=2"):
         CollapseMonitor(model, [probes.CodebookUsage("rvq", 200)], 4)
     CollapseMonitor(model, [probes.CodebookUsage("rvq", 200, heads=2)], 4).close()
+
+
+@pytest.mark.parametrize(
+    "grouped",
+    [
+        lambda: GroupedResidualVQ(dim=16, codebook_size=16, num_quantizers=1, groups=2),
+        lambda: GroupedResidualFSQ(dim=16, levels=[4, 4], num_quantizers=1, groups=2),
+    ],
+)
+def test_a_grouped_quantiser_is_refused_and_its_groups_read_apart(grouped):
+    """vector-quantize-pytorch's grouped quantisers return ``(groups, ..., quantizers)``
+    indices (its issue #111): pooled, two groups each on 4 of 16 codes read usage 0.5 and no
+    alert; no ``heads=`` reads the leading groups. Refused; each group's quantiser, probed
+    apart, reads its own usage (0.25 here, by hand)."""
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.q = grouped()
+    with pytest.raises(ValueError, match=r"2 groups .*'q\.rvqs\.0'"):
+        CollapseMonitor(model, [probes.CodebookUsage("q", 16)], 1)
+    if isinstance(model.q, GroupedResidualVQ):
+        with torch.no_grad():  # group g keeps codes 4g..4g+3 in reach: usage 0.25 each
+            for g, rvq in enumerate(model.q.rvqs):
+                embed = rvq.layers[0]._codebook.embed
+                far = torch.ones(16, dtype=torch.bool)
+                far[4 * g : 4 * g + 4] = False
+                embed[:, far] = 1e3
+    model.eval()
+    seen = []
+    model.q.register_forward_hook(lambda m, a, o: seen.append(o[1]))
+    group_probes = [probes.CodebookUsage(f"q.rvqs.{g}", 16, name=f"g{g}") for g in range(2)]
+    mon = CollapseMonitor(model, group_probes, 1)
+    with mon.observe():
+        model.q(torch.randn(8, 64, 16))
+    metrics = mon.step()
+    mon.close()
+    for g in range(2):
+        usage, perplexity = usage_by_hand(seen[-1][g].reshape(-1).numpy(), 16)
+        assert metrics[f"collapse/g{g}/usage"] == pytest.approx(usage)
+        assert metrics[f"collapse/g{g}/perplexity"] == pytest.approx(perplexity, rel=1e-9)
+    if isinstance(model.q, GroupedResidualVQ):
+        assert metrics["collapse/g0/usage"] == metrics["collapse/g1/usage"] == 0.25
 
 
 class Masks(mitigations.Mitigation):
@@ -804,6 +852,85 @@ def test_a_routers_padded_tokens_are_skipped():
     assert got["collapse/router/samples"] == 2 * mask.sum()
     assert got["collapse/router/skipped"] == 2 * (mask == 0).sum()
     assert got["collapse/router/perplexity"] == pytest.approx(perplexity, rel=1e-9)
+
+
+def test_a_routers_decoding_steps_read_the_masks_last_positions():
+    """transformers #28505 with a key-value cache: a decoding step's (B*1, k) choices beside a
+    (B, past + 1) mask that k divides (top-4 after 3 prompt tokens) paired each choice of one
+    token with another position's padding, and a real token's choice was dropped. A step's
+    tokens are the mask's last positions: here every decoded token is real."""
+    model = tiny("Mixtral", num_local_experts=8, num_experts_per_tok=4, num_hidden_layers=1)
+    seen = []
+    model.model.layers[0].mlp.gate.register_forward_hook(lambda m, a, o: seen.append(o[2].clone()))
+    ids = torch.randint(1, 64, (2, 3))
+    mask = torch.ones(2, 3, dtype=torch.long)
+    mask[0, 0] = 0  # left padding
+    probe = probes.CodebookUsage("model.layers.0.mlp.gate", 8, name="router")
+    kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    got = run(model, [probe], lambda s: model.generate(ids, attention_mask=mask, **kw))
+    assert len(seen) == 3 and seen[0].shape == (6, 4) and seen[1].shape == (2, 4)
+    real = [
+        mask.reshape(-1).bool(),
+        torch.ones(2, dtype=torch.bool),
+        torch.ones(2, dtype=torch.bool),
+    ]
+    idx = torch.cat([s[r] for s, r in zip(seen, real)])
+    usage, perplexity = usage_by_hand(idx.numpy(), 8)
+    assert got["collapse/router/samples"] == idx.numel() == 4 * (5 + 2 + 2)
+    assert got["collapse/router/skipped"] == 4 and got["collapse/router/usage"] == usage
+    assert got["collapse/router/perplexity"] == pytest.approx(perplexity, rel=1e-9)
+
+
+def test_an_encoder_decoders_decoder_reads_its_own_padding():
+    """transformers #28505 / trl #6803: an encoder-decoder's attention_mask is its encoder's. A
+    decoder router (or an LM head) as long as the encoder's input, or a multiple, took the
+    encoder's padding for its own: 14 of 24 decoder tokens counted, no warning. Modules under
+    the encoder read attention_mask; the others decoder_attention_mask (none: all real)."""
+    import transformers
+
+    cfg = transformers.SwitchTransformersConfig(
+        vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+        num_heads=4, num_experts=8, encoder_sparse_step=1, decoder_sparse_step=1,
+        expert_capacity=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.SwitchTransformersForConditionalGeneration(cfg).eval()
+    routers = [n for n, m in model.named_modules() if type(m).__name__.endswith("Top1Router")]
+    enc = next(n for n in routers if n.startswith("encoder."))
+    dec = next(n for n in routers if n.startswith("decoder."))
+    seen = {}
+
+    def keep(module, args, out):  # (the one-hot (B, T, E) choices of the step's one call)
+        seen[names[module]] = out[0].argmax(-1)
+
+    names = {model.get_submodule(p): p for p in (enc, dec)}
+    for module in names:
+        module.register_forward_hook(keep)
+    ids, dec_ids = torch.randint(1, 64, (4, 6)), torch.randint(1, 64, (4, 6))
+    mask = torch.ones(4, 6, dtype=torch.long)
+    mask[0, 4:] = mask[1, 2:] = 0
+    decoder_mask = torch.ones(4, 6, dtype=torch.long)
+    decoder_mask[2, 5:] = 0
+    for dmask in (None, decoder_mask):
+        seen.clear()
+        got = run(
+            model,
+            [probes.CodebookUsage(enc, 8, name="enc"), probes.CodebookUsage(dec, 8, name="dec")],
+            lambda s, dmask=dmask: model(
+                input_ids=ids,
+                attention_mask=mask,
+                decoder_input_ids=dec_ids,
+                decoder_attention_mask=dmask,
+            ),
+        )
+        real = {enc: mask.bool(), dec: torch.ones(4, 6, dtype=torch.bool) if dmask is None
+                else dmask.bool()}  # fmt: skip
+        for name, path in (("enc", enc), ("dec", dec)):
+            idx = seen[path][real[path]]
+            usage, perplexity = usage_by_hand(idx.numpy(), 8)
+            assert got[f"collapse/{name}/samples"] == real[path].sum(), (name, dmask)
+            assert got[f"collapse/{name}/usage"] == usage
+            assert got[f"collapse/{name}/perplexity"] == pytest.approx(perplexity, rel=1e-9)
 
 
 def test_an_lfq_mask_leaves_padded_positions_out():

@@ -1,6 +1,7 @@
 """CodeCounts and UsageEMA: hits per code and their moving average."""
 
 import numpy as np
+import pytest
 import torch
 
 from collapse_monitor.stats import CodeCounts, UsageEMA
@@ -30,6 +31,35 @@ def test_counts_equal_a_bincount_of_the_valid_indices():
         assert int(st.rows[h]) == ok.sum()
         assert int(st.skipped[h]) == (~valid[:, h]).sum()
         assert int(st.out_of_range[h]) == (valid[:, h] & ~ok).sum()
+
+
+def test_any_integer_dtype_and_any_out_of_range_index_count_the_same():
+    """Indices far outside [0, K) on either side (the int64 extremes too) are out of range;
+    uint8 / int16 / int32 indices count as their int64 values (uint8 has no -1: 255 is out of
+    range, not a wrap to a code); floating or boolean indices are refused."""
+    K = 7
+    idx = torch.tensor([0, 6, 7, -1, -2, 3, 300, 2**62, -(2**63), 2**63 - 1, 255, 5])[:, None]
+    want = CodeCounts(1, K)
+    for i in idx.tolist():  # one by one, by hand
+        if 0 <= i[0] < K:
+            want.counts[0, i[0]] += 1
+            want.rows[0] += 1
+        else:
+            want.out_of_range[0] += 1
+    got = CodeCounts(1, K)
+    got.update(idx)
+    for name in ("counts", "rows", "out_of_range", "skipped"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    small = torch.tensor([0, 6, 7, 3, 255, 5, 200])[:, None]
+    ref = CodeCounts(1, K)
+    ref.update(small)
+    for dtype in (torch.uint8, torch.int16, torch.int32):
+        st = CodeCounts(1, K)
+        st.update(small.to(dtype))
+        assert torch.equal(st.counts, ref.counts) and torch.equal(st.out_of_range, ref.out_of_range)
+    for dtype in (torch.float32, torch.bool):
+        with pytest.raises(TypeError, match="must be integers"):
+            CodeCounts(1, K).update(small.to(dtype))
 
 
 def test_counts_battery():
