@@ -18,9 +18,31 @@ from .base import Mitigation, find_probe, optimizer_states, unheld
 log = logging.getLogger(__name__)
 
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-# per-channel normalisations between a layer and its activation: a unit they shift below zero
-# stays dead however its incoming weights are drawn (conv -> BatchNorm -> ReLU)
-_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
+# normalisations between a layer and its activation: a unit whose affine shifts it below zero
+# stays dead however its incoming weights are drawn (conv -> BatchNorm -> ReLU); the last two
+# normalise units together (and a GroupNorm whose groups hold several channels)
+_NORMS = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),  # (torch >= 2.4)
+)
+# what may stand between the activation and the outgoing layer: each keeps a dormant unit's
+# zeros zero, in its own channel (a BatchNorm there maps them to a constant the next layer
+# reads, which zeroed outgoing weights would take away)
+_KEEPS_ZERO = (
+    nn.Dropout,
+    nn.Identity,
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd,
+)
+
+
+def _mixes_units(norm: nn.Module) -> bool:
+    """A normalisation whose statistics pool several units: re-drawing one moves the others."""
+    if isinstance(norm, nn.GroupNorm):
+        return norm.num_groups < norm.num_channels
+    return isinstance(norm, _NORMS[2:])
 
 
 def _neighbours(model: nn.Module, path: str) -> tuple[str, str, str | None]:
@@ -44,8 +66,46 @@ def _neighbours(model: nn.Module, path: str) -> tuple[str, str, str | None]:
     prefix = parent_path + "." if parent_path else ""
     children = list(parent.children())
     norms = [i for i in range(before[-1] + 1, k) if isinstance(children[i], _NORMS)]
+    # before the activation: the norm and other activations; after it: what keeps zeros zero
+    odd = [
+        i
+        for i in range(before[-1] + 1, after[0])
+        if (i < k and i not in norms[-1:] and _not_per_unit(children[i]))
+        or (i > k and not isinstance(children[i], _KEEPS_ZERO))
+    ]
+    if odd:
+        i = odd[0]
+        raise ValueError(
+            f"ReDo: '{prefix + names[i]}' ({type(children[i]).__name__}) between "
+            f"'{prefix + names[before[-1]]}' and '{prefix + names[after[0]]}': ReDo recycles "
+            "Linear/Conv -> [a norm] -> activation -> [dropout, pooling] -> Linear/Conv, where "
+            "zeroing a dormant unit's outgoing weights leaves the output as it was; pass "
+            "layers= for another pairing"
+        )
     norm = prefix + names[norms[-1]] if norms else None
     return prefix + names[before[-1]], prefix + names[after[0]], norm
+
+
+def _not_per_unit(module: nn.Module) -> bool:
+    """Not an activation or dropout (those act on each unit alone): a layer, a reshape, a
+    second normalisation."""
+    return isinstance(module, (*_LAYERS, *_NORMS, nn.Flatten, nn.Unflatten)) or any(
+        "norm" in type(m).__name__.lower() for m in module.modules()
+    )
+
+
+def _check_units(in_path: str, incoming: nn.Module, out_path: str, outgoing: nn.Module) -> None:
+    """The incoming layer's output units are the outgoing layer's input units, one weight column
+    (or input channel) each: not a flattened map's ``C * H * W`` columns, not a grouped conv."""
+    units = getattr(incoming, "out_features", getattr(incoming, "out_channels", None))
+    reads = getattr(outgoing, "in_features", getattr(outgoing, "in_channels", None))
+    if units != reads or getattr(outgoing, "groups", 1) != 1:
+        raise ValueError(
+            f"ReDo: '{in_path}' gives {units} units, but '{out_path}' "
+            f"({type(outgoing).__name__}) reads {reads} inputs"
+            + (f" in {outgoing.groups} groups" if getattr(outgoing, "groups", 1) != 1 else "")
+            + ": a unit's outgoing weights are not one column of it; pass layers="
+        )
 
 
 def _check_default_init(path: str, layer: nn.Module) -> None:
@@ -116,14 +176,21 @@ class ReDo(Mitigation):
     initialiser of its DQN networks).
 
     **A normalisation in between** (conv -> BatchNorm -> ReLU): a unit whose normalisation
-    shifts it below zero stays dormant whatever its incoming weights, so the BatchNorm (or
-    GroupNorm) of the recycled channels gets its initial state back too: affine weight 1, bias
-    0, running mean 0 and variance 1, its optimizer moments zeroed.
+    shifts it below zero stays dormant whatever its incoming weights, so the BatchNorm
+    (GroupNorm, LayerNorm, RMSNorm) of the recycled units gets its initial state back too:
+    affine weight 1, bias 0, running mean 0 and variance 1, its optimizer moments zeroed.
+    Found in an ``nn.Sequential`` only as Linear/Conv -> [norm] -> activation -> [dropout,
+    pooling] -> Linear/Conv; anything else there is refused at attach (a BatchNorm after the
+    activation maps a dormant unit's zeros to a constant the next layer reads; a Flatten or a
+    grouped conv gives a unit several outgoing columns), as is a pair whose units do not match.
 
     **What changes at a reset.** The network's output loses the recycled units' contribution
     through their outgoing weights: nothing for units that never fired (``tau = 0``), a small
     change for units whose score was positive but ``<= tau`` (their activations are not zero).
-    The re-drawn units then receive gradients again; their own outputs start from the new draw.
+    Behind a normalisation that pools units (LayerNorm, RMSNorm, a GroupNorm whose groups hold
+    several channels) the re-drawn units also move the statistics of the others, so the output
+    changes (a warning at attach). The re-drawn units then receive gradients again; their own
+    outputs start from the new draw.
 
     Acts at logs where the ``DormantUnits`` probe reports dormant units (its all-reduced masks, so
     the same units on every rank); the new weights come from a generator seeded with ``seed`` and the
@@ -136,9 +203,9 @@ class ReDo(Mitigation):
     Args:
         probe: name of the ``DormantUnits`` probe (default: the only one).
         layers: ``{probed module: (incoming layer, outgoing layer)}``, or ``(incoming,
-            outgoing, norm)`` with a BatchNorm/GroupNorm between the incoming layer and the
+            outgoing, norm)`` with a normalisation between the incoming layer and the
             activation; default for modules inside an ``nn.Sequential``: the nearest
-            Linear/Conv before and after, and a BatchNorm/GroupNorm between them and the module.
+            Linear/Conv before and after, and a normalisation between them and the module.
         init: ``"layer"``, ``"xavier"`` or ``init(weight, bias, generator)`` filling the re-drawn
             ``(out, in, *kernel)`` weight and ``(out,)`` bias (or None) in place, in float32.
         every_n_steps: only act at logs whose step is a multiple of this (ReDo's reset period).
@@ -147,8 +214,9 @@ class ReDo(Mitigation):
 
     Raises:
         ValueError: an unknown ``init``; at attach, ``init="layer"`` on a layer whose class has
-            its own ``reset_parameters``, or a ``layers=`` norm that is not a BatchNorm or
-            GroupNorm.
+            its own ``reset_parameters``, a ``layers=`` norm that is not a BatchNorm,
+            GroupNorm, LayerNorm or RMSNorm, incoming units that are not the outgoing layer's
+            inputs one to one, or an ``nn.Sequential`` layout other than the one above.
     """
 
     on_quiet_steps = False  # (it acts on steps its probe records, and at logs)
@@ -194,8 +262,16 @@ class ReDo(Mitigation):
             refuse_adapted(modules, (incoming, outgoing), repr(self))
             if norm is not None and not isinstance(modules[norm], _NORMS):
                 raise ValueError(
-                    f"ReDo: '{norm}' ({type(modules[norm]).__name__}) is not a BatchNorm or "
-                    "GroupNorm"
+                    f"ReDo: '{norm}' ({type(modules[norm]).__name__}) is not a BatchNorm, "
+                    "GroupNorm, LayerNorm or RMSNorm"
+                )
+            _check_units(incoming, modules[incoming], outgoing, modules[outgoing])
+            if norm is not None and _mixes_units(modules[norm]):
+                log.warning(
+                    "ReDo: '%s' (%s) normalises units together: a reset moves the other units "
+                    "of its groups, so the output changes at a reset",
+                    norm,
+                    type(modules[norm]).__name__,
                 )
             self.pairs[layer_name(path)] = (
                 modules[incoming],
@@ -253,7 +329,9 @@ class ReDo(Mitigation):
         if fresh_bias is not None:
             writes.append((incoming.bias, rows, fresh_bias.to(w_in)[dead]))
         if norm is not None and norm.weight is not None:  # (affine)
-            writes += [(norm.weight, rows, 1.0), (norm.bias, rows, 0.0)]
+            writes.append((norm.weight, rows, 1.0))
+        if norm is not None and getattr(norm, "bias", None) is not None:
+            writes.append((norm.bias, rows, 0.0))
         if norm is not None and getattr(norm, "running_mean", None) is not None:
             norm.running_mean[dead.to(norm.running_mean.device)] = 0.0  # (buffers: no optimizer)
             norm.running_var[dead.to(norm.running_var.device)] = 1.0
@@ -271,6 +349,8 @@ class ReDo(Mitigation):
         ).flatten(1).all(1)
         if fresh_bias is not None:
             done &= whole(incoming.bias)[dead] == fresh_bias.to(w_in)[dead]
-        if norm is not None and norm.weight is not None:
-            done &= (whole(norm.weight)[dead] == 1) & (whole(norm.bias)[dead] == 0)
+        for param, value in ((getattr(norm, "weight", None), 1), (getattr(norm, "bias", None), 0)):
+            if param is not None:  # (a LayerNorm over (C, H, W): each unit's slice)
+                rows = whole(param)[dead]
+                done &= (rows == value).reshape(rows.shape[0], -1).all(1)
         return int(done.sum())

@@ -136,3 +136,68 @@ def test_a_normalisation_between_layer_and_activation_is_reset_with_the_unit(nor
     assert logged[0]["collapse/d/dormant_fraction"] == 0.25
     assert logged[0]["collapse/mitigations/redo"] == 4
     assert logged[1]["collapse/d/dormant_fraction"] == 0.0  # revived
+
+
+def test_a_layernorm_before_the_activation_is_reset_and_said_to_move_the_others(caplog):
+    """Linear -> LayerNorm -> ReLU -> Linear: the LayerNorm's bias of -1000 kept 10 of 32
+    units dead, and ReDo re-drew their weights without touching it (the units stayed dead, and
+    the output moved: the norm pools the units). Its affine comes back with the units, which
+    fire again; the monitor says that the reset moves the other units."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 32), nn.LayerNorm(32), nn.ReLU(), nn.Linear(32, 4))
+    dead = torch.arange(0, 20, 2)
+    with torch.no_grad():
+        m[1].bias[dead] = -1000.0
+    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+    with caplog.at_level(logging.WARNING, logger="collapse_monitor"):
+        mon = CollapseMonitor(
+            m, [probes.DormantUnits("2", name="d")], 2, mitigations=[mitigations.ReDo()]
+        )
+    assert "'1' (LayerNorm) normalises units together" in caplog.text
+    logged = []
+    for _ in range(4):
+        with mon.observe():
+            loss = m(torch.randn(64, 16)).pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if (out := mon.step(optimizer=opt)) is not None:
+            logged.append(out)
+            if len(logged) == 1:
+                assert m[1].bias[dead].tolist() == [0.0] * 10
+                assert m[1].weight[dead].tolist() == [1.0] * 10
+    mon.close()
+    assert logged[0]["collapse/mitigations/redo"] == 10
+    with torch.no_grad():
+        h = m[2](m[1](m[0](torch.randn(256, 16))))
+    assert (h[:, dead] > 0).any(0).all()  # every recycled unit fires again
+
+
+@pytest.mark.parametrize(
+    "layout, refused",
+    [
+        # a BatchNorm after the activation maps a dead unit's zeros to its bias, which the
+        # next layer reads: zeroing the outgoing weights would change the output
+        (
+            lambda: nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.BatchNorm1d(8), nn.Linear(8, 4)),
+            r"'2' \(BatchNorm1d\) between '0' and '3'",
+        ),
+        # a channel owns H * W columns of the Linear after a Flatten
+        (
+            lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(72, 5)),
+            r"'2' \(Flatten\)",
+        ),
+        # a depthwise conv reads each channel in its own group
+        (
+            lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=8)),
+            r"'0' gives 8 units, but '2' \(Conv2d\) reads 8 inputs in 8 groups",
+        ),
+    ],
+)
+def test_layouts_where_zeroed_outgoing_weights_change_the_output_are_refused_at_attach(
+    layout, refused
+):
+    """They were recycled (the output moved by up to 0.146) or refused only at the first log,
+    after the training it took to get there."""
+    with pytest.raises(ValueError, match=refused):
+        CollapseMonitor(layout(), [probes.DormantUnits("1")], 2, mitigations=[mitigations.ReDo()])
