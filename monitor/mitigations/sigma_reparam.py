@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +12,8 @@ from torch import nn
 from .._adapters import refuse_adapted
 from .._modules import named_modules
 from .reparametrize import Reparametrization, register
+
+log = logging.getLogger(__name__)
 
 
 class SigmaReparametrization(nn.Module):
@@ -21,7 +24,10 @@ class SigmaReparametrization(nn.Module):
     SVD and updated in training mode with gradients enabled (so inspecting the weight under
     ``no_grad``, as the monitor does, does not advance it). ``gamma`` is a learnable 1-element
     tensor initialised to ``sigma(W)``, so the module computes the same function when applied
-    (the PyTorch reference's choice; its JAX speech code starts at 1).
+    (the PyTorch reference's choice; its JAX speech code starts at 1). ``sigma`` is computed in
+    float32 at least and rounded to the weight's dtype, as ``gamma`` is: the ratio starts at
+    exactly 1 in bfloat16 too (computed in bfloat16 from the SVD's value it moved the weights
+    by up to 0.9%).
 
     Args:
         weight: the ``(out, in)`` weight being reparametrised.
@@ -32,19 +38,27 @@ class SigmaReparametrization(nn.Module):
         if weight.ndim != 2:
             raise ValueError(f"σReparam needs a 2-D weight, got shape {tuple(weight.shape)}")
         with torch.no_grad():
-            _, s, vh = torch.linalg.svd(weight.detach().double(), full_matrices=False)
+            _, _, vh = torch.linalg.svd(weight.detach().double(), full_matrices=False)
         self.register_buffer("u", vh[0].to(weight.dtype))
-        # a 1-element tensor, not a scalar: FSDP shards parameters along their first dimension
-        self.gamma = nn.Parameter(s[:1].to(weight.dtype).clone())
-
-    def sigma(self, weight: torch.Tensor) -> torch.Tensor:
-        update = self.training and torch.is_grad_enabled()
+        # a 1-element tensor, not a scalar: FSDP shards parameters along their first dimension;
+        # the value the first forward's sigma has (the same u), so that the ratio is 1
         with torch.no_grad():
-            v = F.normalize(weight @ self.u, dim=0)
-            u = F.normalize(weight.T @ v, dim=0)
+            start = self.sigma(weight.detach(), update=False).reshape(1)
+        self.gamma = nn.Parameter(start.clone())
+
+    def sigma(self, weight: torch.Tensor, update: bool | None = None) -> torch.Tensor:
+        """The spectral norm estimate ``v^T W u`` after one power iteration from ``u`` (which
+        it advances in training mode with gradients on, unless ``update=False``), computed in
+        float32 at least, in the weight's dtype."""
+        if update is None:
+            update = self.training and torch.is_grad_enabled()
+        w = weight.to(torch.promote_types(weight.dtype, torch.float32))
+        with torch.no_grad():
+            v = F.normalize(w @ self.u.to(w.dtype), dim=0)
+            u = F.normalize(w.T @ v, dim=0)
             if update:
                 self.u.copy_(u)
-        return torch.einsum("c,cd,d->", v, weight, u)
+        return torch.einsum("c,cd,d->", v, w, u).to(weight.dtype)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return weight * (self.gamma / self.sigma(weight))
@@ -158,13 +172,31 @@ class SigmaReparam(Reparametrization):
         name: str | None = None,
     ) -> None:
         self.all_linear = all_linear
+        self._said_tied: set[str] = set()
         super().__init__(module, when, rule, optimizer, name)
 
     def weights(self, root_path: str, root: nn.Module) -> list[tuple[str, nn.Module, str]]:
         found = _attention_weights(root_path, root, self.all_linear)
         named = named_modules(root, root_path)
         refuse_adapted(named, [path for path, _, _ in found], repr(self))
-        return found
+        # a weight tied to another module's (GPT-2's head and embedding: one Parameter) is
+        # left out: reparametrised in one place, the two uses' weights would drift apart
+        names: dict[int, list[str]] = {}
+        for pname, param in self.model.named_parameters(remove_duplicate=False):
+            names.setdefault(id(param), []).append(pname)
+        tied = [w for w in found if len(names.get(id(getattr(w[1], w[2])), ())) > 1]
+        for path, mod, pname in tied:
+            if f"{path}.{pname}" in self._said_tied:
+                continue
+            self._said_tied.add(f"{path}.{pname}")
+            log.warning(
+                "%r: %s is one Parameter with %s (tied): left out, as σReparam on one of "
+                "its uses would untie them",
+                self,
+                f"'{path}.{pname}'",
+                [n for n in names[id(getattr(mod, pname))] if n != f"{path}.{pname}"],
+            )
+        return [w for w in found if w not in tied]
 
     def no_weights(self) -> str:
         return (
