@@ -541,10 +541,13 @@ def _padding_source(call: Call) -> tuple[torch.Tensor | None, bool]:
 def _model_side(call: Call) -> tuple[torch.Tensor | None, int | None]:
     """The model's padding mask ``(B, S)`` and the tokens of its call, for the side of an
     encoder-decoder the module is on (``transformers``' ``config.is_encoder_decoder``): a
-    module under an ``encoder`` reads ``attention_mask`` and ``input_ids``, every other one
-    (the decoder, the LM head) ``decoder_attention_mask`` and ``decoder_input_ids`` (without
-    one, no decoder position is padding); a decoder-only model's, its own."""
+    module whose path meets ``encoder`` before any ``decoder`` reads ``attention_mask`` and
+    ``input_ids``, every other one (the decoder, even a BERT decoder's own ``bert.encoder``,
+    and the LM head) ``decoder_attention_mask`` and ``decoder_input_ids`` (without one, no
+    decoder position is padding); a decoder-only model's, its own."""
     inputs = call.model_inputs
-    if inputs.get("encoder_decoder") and "encoder" not in call.path.split("."):
-        return inputs.get("decoder_attention_mask"), inputs.get("decoder_length")
+    if inputs.get("encoder_decoder"):
+        side = next((p for p in call.path.split(".") if p in ("encoder", "decoder")), None)
+        if side != "encoder":
+            return inputs.get("decoder_attention_mask"), inputs.get("decoder_length")
     return inputs.get("attention_mask"), inputs.get("length")

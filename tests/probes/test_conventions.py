@@ -933,6 +933,43 @@ def test_an_encoder_decoders_decoder_reads_its_own_padding():
             assert got[f"collapse/{name}/perplexity"] == pytest.approx(perplexity, rel=1e-9)
 
 
+def test_a_bert_decoders_own_encoder_stack_is_on_the_decoder_side():
+    """transformers' EncoderDecoderModel with a BERT decoder keeps the decoder's layers under
+    ``decoder.bert.encoder``: the side is the first of ``encoder``/``decoder`` on the path, so
+    those layers read decoder_attention_mask, not the encoder's attention_mask."""
+    import transformers
+
+    def bert(**kw):
+        return transformers.BertConfig(
+            vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+            intermediate_size=64, max_position_embeddings=32, **kw,
+        )  # fmt: skip
+
+    cfg = transformers.EncoderDecoderConfig.from_encoder_decoder_configs(
+        bert(), bert(is_decoder=True, add_cross_attention=True)
+    )
+    cfg.decoder_start_token_id, cfg.pad_token_id = 1, 0
+    torch.manual_seed(0)
+    model = transformers.EncoderDecoderModel(config=cfg).eval()
+    enc = "encoder.encoder.layer.0.output.dense"
+    dec = "decoder.bert.encoder.layer.0.output.dense"
+    ids, dec_ids = torch.randint(2, 64, (3, 6)), torch.randint(2, 64, (3, 6))
+    mask = torch.ones(3, 6, dtype=torch.long)
+    mask[0, 2:] = mask[1, 4:] = 0
+    dmask = torch.ones(3, 6, dtype=torch.long)
+    dmask[2, 5:] = 0
+    got = run(
+        model,
+        [probes.RepresentationRank(enc, name="enc"), probes.RepresentationRank(dec, name="dec")],
+        lambda s: model(
+            input_ids=ids, attention_mask=mask, decoder_input_ids=dec_ids,
+            decoder_attention_mask=dmask,
+        ),
+    )  # fmt: skip
+    assert got["collapse/enc/samples"] == mask.sum() == 12
+    assert got["collapse/dec/samples"] == dmask.sum() == 17
+
+
 def test_an_lfq_mask_leaves_padded_positions_out():
     """vector-quantize-pytorch #149 / #188: LFQ(x, mask=) does not write -1 at masked positions;
     the call's mask says which positions are real."""
