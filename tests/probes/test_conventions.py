@@ -808,18 +808,23 @@ def test_a_grouped_query_prefill_as_long_as_the_group_is_not_unpacked():
     assert "collapse/attn/model.layers.0.self_attn/entropy/head_4" not in got
 
 
-def test_a_switch_router_one_hot_assignment_is_read_as_experts():
-    """transformers #48293 / PR #48421: SwitchTransformers' top-1 router returns a one-hot
-    (B, T, E) int64; rows of zeros are tokens dropped by an expert's capacity."""
+def tiny_switch(expert_capacity: int):
+    """A 2+2-layer SwitchTransformers encoder-decoder of 8 experts, every layer sparse."""
     import transformers
 
     cfg = transformers.SwitchTransformersConfig(
         vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
         num_heads=4, num_experts=8, encoder_sparse_step=1, decoder_sparse_step=1,
-        expert_capacity=2,
+        expert_capacity=expert_capacity,
     )  # fmt: skip
     torch.manual_seed(0)
-    model = transformers.SwitchTransformersForConditionalGeneration(cfg).eval()
+    return transformers.SwitchTransformersForConditionalGeneration(cfg).eval()
+
+
+def test_a_switch_router_one_hot_assignment_is_read_as_experts():
+    """transformers #48293 / PR #48421: SwitchTransformers' top-1 router returns a one-hot
+    (B, T, E) int64; rows of zeros are tokens dropped by an expert's capacity."""
+    model = tiny_switch(expert_capacity=2)
     path = next(n for n, m in model.named_modules() if type(m).__name__.endswith("Top1Router"))
     seen = []
     model.get_submodule(path).register_forward_hook(lambda m, a, o: seen.append(o[0].clone()))
@@ -886,15 +891,7 @@ def test_an_encoder_decoders_decoder_reads_its_own_padding():
     decoder router (or an LM head) as long as the encoder's input, or a multiple, took the
     encoder's padding for its own: 14 of 24 decoder tokens counted, no warning. Modules under
     the encoder read attention_mask; the others decoder_attention_mask (none: all real)."""
-    import transformers
-
-    cfg = transformers.SwitchTransformersConfig(
-        vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
-        num_heads=4, num_experts=8, encoder_sparse_step=1, decoder_sparse_step=1,
-        expert_capacity=64,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = transformers.SwitchTransformersForConditionalGeneration(cfg).eval()
+    model = tiny_switch(expert_capacity=64)  # (no token dropped)
     routers = [n for n, m in model.named_modules() if type(m).__name__.endswith("Top1Router")]
     enc = next(n for n in routers if n.startswith("encoder."))
     dec = next(n for n in routers if n.startswith("decoder."))
