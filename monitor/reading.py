@@ -506,7 +506,7 @@ def token_rows(call: Call, entries: int, device: torch.device) -> torch.Tensor |
     mask, given = _padding_source(call)
     if mask is None:
         return None
-    length = _model_side(call)[1]
+    length = model_side(call)[1]
     if not given and length is not None and mask.shape[-1] > length:
         # a step with a key-value cache: its tokens are the mask's last (a decoding step's
         # (B*1, k) router choices would otherwise divide a (B, k) mask evenly)
@@ -535,19 +535,22 @@ def _padding_source(call: Call) -> tuple[torch.Tensor | None, bool]:
         if mask.ndim != 2:
             raise call.error(f"observe(mask=) must be (batch, tokens), got {tuple(mask.shape)}")
         return mask, True
-    return _model_side(call)[0], False
+    return model_side(call)[0], False
 
 
-def _model_side(call: Call) -> tuple[torch.Tensor | None, int | None]:
+def model_side(call: Call) -> tuple[torch.Tensor | None, int | None]:
     """The model's padding mask ``(B, S)`` and the tokens of its call, for the side of an
     encoder-decoder the module is on (``transformers``' ``config.is_encoder_decoder``): a
-    module whose path meets ``encoder`` before any ``decoder`` reads ``attention_mask`` and
-    ``input_ids``, every other one (the decoder, even a BERT decoder's own ``bert.encoder``,
-    and the LM head) ``decoder_attention_mask`` and ``decoder_input_ids`` (without one, no
+    module whose path meets a part ending in ``encoder`` (``encoder``, ``text_encoder``)
+    before one ending in ``decoder`` reads ``attention_mask`` and ``input_ids``; every other
+    one (the decoder, even a BERT decoder's own ``bert.encoder``, and the LM head) reads
+    ``decoder_attention_mask`` and ``decoder_input_ids``, or, called with ``labels`` alone, the
+    positions whose decoder input comes from a label other than -100 (none of those: no
     decoder position is padding); a decoder-only model's, its own."""
     inputs = call.model_inputs
     if inputs.get("encoder_decoder"):
-        side = next((p for p in call.path.split(".") if p in ("encoder", "decoder")), None)
+        parts = call.path.split(".")
+        side = next((p[-7:] for p in parts if p.endswith(("encoder", "decoder"))), None)
         if side != "encoder":
             return inputs.get("decoder_attention_mask"), inputs.get("decoder_length")
     return inputs.get("attention_mask"), inputs.get("length")

@@ -21,28 +21,46 @@ _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # normalisations between a layer and its activation: a unit whose affine shifts it below zero
 # stays dead however its incoming weights are drawn (conv -> BatchNorm -> ReLU); the last two
 # normalise units together (and a GroupNorm whose groups hold several channels)
+_POOLED_NORMS = (nn.LayerNorm, nn.RMSNorm)
 _NORMS = (
     nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
     nn.GroupNorm,
-    nn.LayerNorm,
-    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),  # (torch >= 2.4)
+    *_POOLED_NORMS,
 )
 # what may stand between the activation and the outgoing layer: each keeps a dormant unit's
 # zeros zero, in its own channel (a BatchNorm there maps them to a constant the next layer
-# reads, which zeroed outgoing weights would take away)
+# reads, which zeroed outgoing weights would take away; alpha dropout maps them elsewhere). A
+# Flatten is let through here: _check_units then asks for one input per unit (a 1 x 1 map)
 _KEEPS_ZERO = (
     nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
     nn.Identity,
+    nn.Flatten,
+    nn.Upsample,
     nn.modules.pooling._MaxPoolNd,
     nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._LPPoolNd,
+    nn.modules.padding._ReflectionPadNd,
+    nn.modules.padding._ReplicationPadNd,
 )
+
+
+def _keeps_zero(module: nn.Module) -> bool:
+    if isinstance(module, nn.modules.padding._ConstantPadNd):
+        return module.value == 0
+    return isinstance(module, _KEEPS_ZERO)
 
 
 def _mixes_units(norm: nn.Module) -> bool:
     """A normalisation whose statistics pool several units: re-drawing one moves the others."""
     if isinstance(norm, nn.GroupNorm):
         return norm.num_groups < norm.num_channels
-    return isinstance(norm, _NORMS[2:])
+    return isinstance(norm, _POOLED_NORMS)
 
 
 def _neighbours(model: nn.Module, path: str) -> tuple[str, str, str | None]:
@@ -71,7 +89,7 @@ def _neighbours(model: nn.Module, path: str) -> tuple[str, str, str | None]:
         i
         for i in range(before[-1] + 1, after[0])
         if (i < k and i not in norms[-1:] and _not_per_unit(children[i]))
-        or (i > k and not isinstance(children[i], _KEEPS_ZERO))
+        or (i > k and not _keeps_zero(children[i]))
     ]
     if odd:
         i = odd[0]
@@ -91,7 +109,7 @@ def _not_per_unit(module: nn.Module) -> bool:
     second normalisation."""
     return isinstance(module, (*_LAYERS, *_NORMS, nn.Flatten, nn.Unflatten)) or any(
         "norm" in type(m).__name__.lower() for m in module.modules()
-    )
+    )  # (by name too: a model's own RMSNorm class)
 
 
 def _check_units(in_path: str, incoming: nn.Module, out_path: str, outgoing: nn.Module) -> None:
@@ -177,12 +195,14 @@ class ReDo(Mitigation):
 
     **A normalisation in between** (conv -> BatchNorm -> ReLU): a unit whose normalisation
     shifts it below zero stays dormant whatever its incoming weights, so the BatchNorm
-    (GroupNorm, LayerNorm, RMSNorm) of the recycled units gets its initial state back too:
+    (InstanceNorm, GroupNorm, LayerNorm, RMSNorm) of the recycled units gets its initial state
+    back too:
     affine weight 1, bias 0, running mean 0 and variance 1, its optimizer moments zeroed.
     Found in an ``nn.Sequential`` only as Linear/Conv -> [norm] -> activation -> [dropout,
-    pooling] -> Linear/Conv; anything else there is refused at attach (a BatchNorm after the
-    activation maps a dormant unit's zeros to a constant the next layer reads; a Flatten or a
-    grouped conv gives a unit several outgoing columns), as is a pair whose units do not match.
+    pooling, zero or mirror padding, upsampling, a Flatten of 1 x 1 maps] -> Linear/Conv;
+    anything else there is refused at attach (a BatchNorm after the activation maps a dormant
+    unit's zeros to a constant the next layer reads; a Flatten of larger maps or a grouped conv
+    gives a unit several outgoing columns), as is a pair whose units do not match.
 
     **What changes at a reset.** The network's output loses the recycled units' contribution
     through their outgoing weights: nothing for units that never fired (``tau = 0``), a small

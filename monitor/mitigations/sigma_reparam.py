@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._adapters import refuse_adapted
+from .._autocast import outside_autocast
 from .._modules import named_modules
 from .reparametrize import Reparametrization, register
 
@@ -25,9 +26,9 @@ class SigmaReparametrization(nn.Module):
     ``no_grad``, as the monitor does, does not advance it). ``gamma`` is a learnable 1-element
     tensor initialised to ``sigma(W)``, so the module computes the same function when applied
     (the PyTorch reference's choice; its JAX speech code starts at 1). ``sigma`` is computed in
-    float32 at least and rounded to the weight's dtype, as ``gamma`` is: the ratio starts at
-    exactly 1 in bfloat16 too (computed in bfloat16 from the SVD's value it moved the weights
-    by up to 0.9%).
+    float32 at least, outside any autocast, and rounded to the weight's dtype, as ``gamma`` is:
+    the ratio starts at exactly 1 in bfloat16 too (computed in bfloat16 from the SVD's value it
+    moved the weights by up to 0.9%).
 
     Args:
         weight: the ``(out, in)`` weight being reparametrised.
@@ -53,12 +54,15 @@ class SigmaReparametrization(nn.Module):
         if update is None:
             update = self.training and torch.is_grad_enabled()
         w = weight.to(torch.promote_types(weight.dtype, torch.float32))
-        with torch.no_grad():
-            v = F.normalize(w @ self.u.to(w.dtype), dim=0)
-            u = F.normalize(w.T @ v, dim=0)
-            if update:
-                self.u.copy_(u)
-        return torch.einsum("c,cd,d->", v, w, u).to(weight.dtype)
+        # (an autocast around the model's forward would run these in bfloat16 again)
+        with outside_autocast(w.device):
+            with torch.no_grad():
+                v = F.normalize(w @ self.u.to(w.dtype), dim=0)
+                u = F.normalize(w.T @ v, dim=0)
+                if update:
+                    self.u.copy_(u)
+            sigma = torch.einsum("c,cd,d->", v, w, u)
+        return sigma.to(weight.dtype)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return weight * (self.gamma / self.sigma(weight))
@@ -181,9 +185,13 @@ class SigmaReparam(Reparametrization):
         refuse_adapted(named, [path for path, _, _ in found], repr(self))
         # a weight tied to another module's (GPT-2's head and embedding: one Parameter) is
         # left out: reparametrised in one place, the two uses' weights would drift apart
+        # (one module registered twice, as weight sharing by reuse does, is no tie: both
+        # uses go through the same parametrized module)
         names: dict[int, list[str]] = {}
-        for pname, param in self.model.named_parameters(remove_duplicate=False):
-            names.setdefault(id(param), []).append(pname)
+        for path, mod in self.model.named_modules():
+            for pname, param in mod._parameters.items():
+                if param is not None:
+                    names.setdefault(id(param), []).append(f"{path}.{pname}".lstrip("."))
         tied = [w for w in found if len(names.get(id(getattr(w[1], w[2])), ())) > 1]
         for path, mod, pname in tied:
             if f"{path}.{pname}" in self._said_tied:

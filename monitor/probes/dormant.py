@@ -37,9 +37,17 @@ def known_layout(module: nn.Module) -> int | None:
     None when the type does not say."""
     if isinstance(module, _CHANNELS_FIRST):
         return 1
+    if _normalises_a_map(module):
+        return None  # (LayerNorm([C, H, W]) after a conv: it keeps its input's layout)
     if isinstance(module, _CHANNELS_LAST) or type(module).__name__ == "Conv1D":
         return -1
     return None
+
+
+def _normalises_a_map(module: nn.Module) -> bool:
+    """A layer norm over more than its last dimension (a conv's ``(C, H, W)``)."""
+    shape = getattr(module, "normalized_shape", ())
+    return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) and len(shape) > 1
 
 
 # modules that keep the layout of their input (elementwise, dropout, pooling, padding)
@@ -53,7 +61,11 @@ _KEEPS_LAYOUT = (
 
 
 def keeps_layout(module: nn.Module) -> bool:
-    return isinstance(module, nn.Identity) or type(module).__module__ in _KEEPS_LAYOUT
+    return (
+        isinstance(module, nn.Identity)
+        or type(module).__module__ in _KEEPS_LAYOUT
+        or _normalises_a_map(module)
+    )
 
 
 def _layout_of_block(block: nn.Module) -> int | None:

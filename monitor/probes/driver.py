@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .. import _dist, _tensor_parallel
+from .._autocast import outside_autocast
 from .._modules import named_modules, resolve_modules
 from .._sharding import is_sharded
 from ..contracts import Component, Readout, Recording, Setup
@@ -47,6 +48,7 @@ _MODEL_INPUTS = frozenset(
         "inputs_embeds",
         "decoder_attention_mask",
         "decoder_input_ids",
+        "labels",
         "logits_to_keep",
         *KV_CACHE_KEYS,
     }
@@ -74,28 +76,16 @@ def _length(ids: Any, embeds: Any) -> int | None:
     return None
 
 
-def _autocast_on(kind: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(kind)
-    except TypeError:  # torch < 2.4 asks per device type through two functions
-        return torch.is_autocast_cpu_enabled() if kind == "cpu" else torch.is_autocast_enabled()
-
-
-def _outside_autocast(device: torch.device | None) -> contextlib.AbstractContextManager:
-    """Autocast switched off for the CPU and ``device`` where the caller's forward enabled it: a
-    probe recomputes in the precision it chose (float32 attention rows, a head's logits), not in
-    the forward's bfloat16 or float16. (Nothing to enter when autocast is off: the hot path.)"""
-    kinds = {"cpu", device.type if device is not None else "cpu"}
-    on = [kind for kind in kinds if _autocast_on(kind)]
-    return _autocast_off(on) if on else contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def _autocast_off(kinds: list[str]):
-    with contextlib.ExitStack() as stack:
-        for kind in kinds:
-            stack.enter_context(torch.autocast(kind, enabled=False))
-        yield
+def _decoder_from_labels(bound: dict) -> bool:
+    """An encoder-decoder called with ``labels`` (2-D) and no decoder inputs, or the ones a
+    seq2seq collator made from them: its decoder reads the labels shifted right."""
+    labels, ids = bound.get("labels"), bound.get("decoder_input_ids")
+    return (
+        isinstance(labels, torch.Tensor)
+        and labels.ndim == 2
+        and (ids is None or getattr(ids, "shape", None) == labels.shape)  # (a collator's shift)
+        and bound.get("decoder_inputs_embeds") is None
+    )
 
 
 class ProbeDriver(Component, Recorder):
@@ -365,7 +355,7 @@ class ProbeDriver(Component, Recorder):
             if flag is None:
                 flag = nonfinite(first_input(call.args, call.kwargs))
         try:
-            with _outside_autocast(device):  # the forward's autocast would round its matmuls
+            with outside_autocast(device):  # the forward's autocast would round its matmuls
                 self.probe.update(self.view(self._scope(call.path)), value, call)
         finally:  # counted also when the update fails
             if call.nonfinite is not None:  # the probe's rows say what the elements may not
@@ -439,7 +429,9 @@ class ProbeDriver(Component, Recorder):
         if isinstance(ids, torch.Tensor) and ids.ndim == 2 and ids.shape[1]:
             self.model_inputs["last_ids"] = ids[:, -1].detach()  # a generation step's last token
         # (the tokens of this call: with a cache, the last of the mask's positions)
-        self.model_inputs["length"] = _length(ids, bound.get("inputs_embeds"))
+        length = _length(ids, bound.get("inputs_embeds"))
+        if length is not None:
+            self.model_inputs["length"] = length
         if isinstance(mask, torch.Tensor) and mask.ndim == 2:
             self.model_inputs["attention_mask"] = mask.detach()
         if encoder_decoder:  # attention_mask is the encoder's; the decoder's is its own
@@ -450,6 +442,14 @@ class ProbeDriver(Component, Recorder):
             mask = bound.get("decoder_attention_mask")
             if isinstance(mask, torch.Tensor) and mask.ndim == 2:
                 self.model_inputs["decoder_attention_mask"] = mask.detach()
+            elif _decoder_from_labels(bound):
+                # transformers builds the decoder's input from labels (shift_tokens_right): a
+                # position is padding where the label before it is -100 (seq2seq collators)
+                labels = bound["labels"].detach()
+                real = torch.ones_like(labels, dtype=torch.bool)
+                real[:, 1:] = labels[:, :-1] != -100
+                self.model_inputs["decoder_attention_mask"] = real
+                self.model_inputs["decoder_length"] = labels.shape[1]
 
     # ----------------------------------------------------------------- steps and windows
     def microbatch_start(self, path: str, chunk: int, rows: int) -> int:

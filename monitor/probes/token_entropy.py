@@ -12,7 +12,15 @@ from torch import nn
 from .._adapters import is_linear, linear_parts
 from ..contracts import Readout
 from ..functional.token_entropy import chunked_entropy, entropy_from_sums
-from ..reading import Reading, first_tensor, floating, keeps_last, label_shift, token_mask
+from ..reading import (
+    Reading,
+    first_tensor,
+    floating,
+    keeps_last,
+    label_shift,
+    model_side,
+    token_mask,
+)
 from ..rules import RuleSpec
 from ..stats import TokenEntropySums, Window, to_device
 from .base import Probe
@@ -386,7 +394,7 @@ class TokenEntropy(Probe):
         past = call.model_inputs.get("past_length")
         # a new generate() call: the cache is empty, or without one the sequence did not grow
         # by one position
-        length = call.model_inputs.get("length", T)  # the model's input, not the kept logits
+        length = model_side(call)[1] or T  # the model's input, not the kept logits
         start = past == 0 if past is not None else self._length != length - 1
         self._length = length if past is None else None
         ended = self._ended

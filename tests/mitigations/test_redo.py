@@ -174,6 +174,43 @@ def test_a_layernorm_before_the_activation_is_reset_and_said_to_move_the_others(
 
 
 @pytest.mark.parametrize(
+    "layout",
+    [
+        lambda: nn.Sequential(
+            nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)
+        ),
+        lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Dropout2d(0.1), nn.Conv2d(8, 4, 1)),
+        lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.ZeroPad2d(1), nn.Conv2d(8, 4, 3)),
+        lambda: nn.Sequential(
+            nn.Conv2d(3, 8, 3), nn.InstanceNorm2d(8, affine=True), nn.ReLU(), nn.Conv2d(8, 4, 1)
+        ),
+    ],
+)
+def test_layouts_that_keep_a_dormant_units_zeros_are_recycled_with_the_output_kept(layout):
+    """Pooling (adaptive too, then a Flatten of 1 x 1 maps), channel dropout, zero padding
+    and a per-channel InstanceNorm keep a dead unit's zeros zero in its own channel: recycled
+    (a first version of the layout check refused them), the output unchanged at the reset."""
+    torch.manual_seed(0)
+    m = layout()
+    with torch.no_grad():  # 3 dead channels (behind the InstanceNorm, by its own bias)
+        (m[1] if isinstance(m[1], nn.InstanceNorm2d) else m[0]).bias[:3] = -1e3
+    mon = CollapseMonitor(
+        m, [probes.DormantUnits(str(next(i for i, c in enumerate(m) if isinstance(c, nn.ReLU))),
+                                name="d")],
+        1, mitigations=[mitigations.ReDo()],
+    )  # fmt: skip
+    x = torch.randn(4, 3, 8, 8)
+    m.eval()
+    before = m(x)
+    with mon.observe():
+        m(x)
+    out = mon.step()
+    mon.close()
+    assert out["collapse/mitigations/redo"] == 3
+    torch.testing.assert_close(m(x), before, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
     "layout, refused",
     [
         # a BatchNorm after the activation maps a dead unit's zeros to its bias, which the
@@ -185,7 +222,7 @@ def test_a_layernorm_before_the_activation_is_reset_and_said_to_move_the_others(
         # a channel owns H * W columns of the Linear after a Flatten
         (
             lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(72, 5)),
-            r"'2' \(Flatten\)",
+            r"'0' gives 8 units, but '3' \(Linear\) reads 72 inputs",
         ),
         # a depthwise conv reads each channel in its own group
         (

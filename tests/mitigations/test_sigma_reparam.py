@@ -224,6 +224,24 @@ def test_a_tied_head_is_left_out_and_said(caplog):
     assert torch.equal(model.lm_head.weight, model.transformer.wte.weight)
 
 
+def test_a_block_reused_is_no_tie_and_the_start_is_exact_under_autocast():
+    """One attention block registered twice (weight sharing by reuse: both uses go through the
+    same parametrized module) was taken for a tie and left nothing to reparametrise; under a
+    bfloat16 autocast the float32 sigma ran in bfloat16 again (gamma / sigma - 1 = 1.6e-3)."""
+    torch.manual_seed(0)
+    block = nn.Module()
+    block.attn = nn.Module()
+    block.attn.proj = nn.Linear(16, 16)
+    model = nn.Sequential(block, block)
+    x = torch.randn(4, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        before = model[0].attn.proj(x)
+    CollapseMonitor(model, [], mitigations=[mitigations.SigmaReparam("*.attn")]).close()
+    assert hasattr(block.attn.proj, "parametrizations")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(model[0].attn.proj(x), before)
+
+
 def test_rule_mode_resumes_exactly_from_a_distributed_checkpoint(tmp_path):
     """torch.distributed.checkpoint loads into a template of the model's parameters: the
     monitor is loaded first (its own dcp.load), which re-applies σReparam, so the model's

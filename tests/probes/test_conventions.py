@@ -594,6 +594,14 @@ def test_dormant_units_take_the_unit_axis_from_the_layout_or_ask():
                   lambda s, fmt=fmt: model.cnn(img.to(memory_format=fmt)))  # fmt: skip
         want = MF.dormant_units(model.cnn(img).detach(), channel_dim=1)
         assert got["collapse/d/cnn.1/mean_abs"] == pytest.approx(want["mean_abs"], rel=1e-9)
+    # a LayerNorm over a conv's (C, H, W) keeps its input's layout: channels first, not the
+    # width (which ReDo took for the units: a mismatch at the log, or the wrong units)
+    model.ln = nn.Sequential(nn.Conv2d(3, 4, 3), nn.LayerNorm([4, 6, 6]), nn.ReLU())
+    with torch.no_grad():
+        model.ln[1].bias[0] = -1e3  # channel 0 dead: one unit of 4 (none of the 6 columns)
+    got = run(model, [probes.DormantUnits("ln.2", name="d")], lambda s: model.ln(img))
+    want = MF.dormant_units(model.ln(img).detach(), channel_dim=1)
+    assert got["collapse/d/ln.2/dormant_fraction"] == want["dormant_fraction"] == 0.25
 
 
 # ------------------------------------------------------------------------- alignment, idle hooks
@@ -815,7 +823,7 @@ def tiny_switch(expert_capacity: int):
     cfg = transformers.SwitchTransformersConfig(
         vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
         num_heads=4, num_experts=8, encoder_sparse_step=1, decoder_sparse_step=1,
-        expert_capacity=expert_capacity,
+        expert_capacity=expert_capacity, decoder_start_token_id=0, pad_token_id=0,
     )  # fmt: skip
     torch.manual_seed(0)
     return transformers.SwitchTransformersForConditionalGeneration(cfg).eval()
@@ -908,26 +916,55 @@ def test_an_encoder_decoders_decoder_reads_its_own_padding():
     mask[0, 4:] = mask[1, 2:] = 0
     decoder_mask = torch.ones(4, 6, dtype=torch.long)
     decoder_mask[2, 5:] = 0
-    for dmask in (None, decoder_mask):
+    # labels padded with -100 and nothing else for the decoder (a seq2seq collator): the
+    # decoder's input is the labels shifted right, padding after the label before it is -100
+    labels = dec_ids.clone()
+    labels[0, 3:] = labels[3, 5:] = -100
+    from_labels = torch.ones(4, 6, dtype=torch.bool)
+    from_labels[:, 1:] = labels[:, :-1] != -100
+    for dmask, real_dec in (
+        (None, torch.ones(4, 6, dtype=torch.bool)),
+        (decoder_mask, decoder_mask.bool()),
+        ("labels", from_labels),
+    ):
         seen.clear()
+        decoder = {"labels": labels} if dmask == "labels" else {
+            "decoder_input_ids": dec_ids, "decoder_attention_mask": dmask
+        }  # fmt: skip
         got = run(
             model,
             [probes.CodebookUsage(enc, 8, name="enc"), probes.CodebookUsage(dec, 8, name="dec")],
-            lambda s, dmask=dmask: model(
-                input_ids=ids,
-                attention_mask=mask,
-                decoder_input_ids=dec_ids,
-                decoder_attention_mask=dmask,
-            ),
+            lambda s, decoder=decoder: model(input_ids=ids, attention_mask=mask, **decoder),
         )
-        real = {enc: mask.bool(), dec: torch.ones(4, 6, dtype=torch.bool) if dmask is None
-                else dmask.bool()}  # fmt: skip
+        real = {enc: mask.bool(), dec: real_dec}
         for name, path in (("enc", enc), ("dec", dec)):
             idx = seen[path][real[path]]
             usage, perplexity = usage_by_hand(idx.numpy(), 8)
-            assert got[f"collapse/{name}/samples"] == real[path].sum(), (name, dmask)
+            assert got[f"collapse/{name}/samples"] == real[path].sum(), (name, decoder)
             assert got[f"collapse/{name}/usage"] == usage
             assert got[f"collapse/{name}/perplexity"] == pytest.approx(perplexity, rel=1e-9)
+
+
+def test_an_encoder_decoders_rollout_without_a_cache_counts_its_decoder_steps():
+    """T5's generate(use_cache=False) calls the model with decoder_input_ids only: the call's
+    length is the decoder's (a first version read a missing input_ids length and raised)."""
+    import transformers
+
+    cfg = transformers.T5Config(
+        vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1,
+        num_heads=4, pad_token_id=0, decoder_start_token_id=0, eos_token_id=1,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(cfg).eval()
+    ids = torch.randint(2, 64, (2, 5))
+    probe = probes.TokenEntropy("lm_head", rollout=True, end_ids=(), name="te")
+    mon = CollapseMonitor(model, [probe], 1, strict=True, observe_every_n_steps=1)
+    for cache in (False, True):
+        with mon.observe(rollout=True):
+            out = model.generate(ids, max_new_tokens=4, do_sample=False, use_cache=cache)
+        got = mon.step()
+        assert got["collapse/te/tokens"] == 2 * (out.shape[1] - 1), cache  # (the start token)
+    mon.close()
 
 
 def test_a_bert_decoders_own_encoder_stack_is_on_the_decoder_side():
