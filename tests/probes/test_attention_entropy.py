@@ -411,9 +411,14 @@ def test_a_transformers_model_loaded_eager_is_refused_when_the_monitor_is_built(
     log; the same model with SDPA is accepted."""
     pytest.importorskip("transformers")
     eager = tiny("Llama", attn_implementation="eager")
-    with pytest.raises(ValueError, match="attn_implementation='eager'"):
+    with pytest.raises(ValueError, match="'eager'.* load it with 'sdpa' or 'flex_attention'"):
         CollapseMonitor(eager, [probes.AttentionEntropy(path)], 2)
     CollapseMonitor(tiny("Llama"), [probes.AttentionEntropy(path)], 2).close()
+    # Gemma 2 has no SDPA path in transformers: the message names what its class supports
+    gemma = tiny("Gemma2", head_dim=8, attn_implementation="eager")
+    if not getattr(gemma, "_supports_sdpa", True):
+        with pytest.raises(ValueError, match="load it with 'flex_attention' \\(the"):
+            CollapseMonitor(gemma, [probes.AttentionEntropy(path)], 2)
 
 
 def test_an_eager_model_holding_a_multihead_attention_is_read_there():

@@ -182,11 +182,25 @@ class AttentionEntropy(Probe):
         )
         self._shard_heads(setup.tensor_parallel, found)
         if eager and self.extract is None and not readable:  # (said now, not at the first log)
+            # (the implementations the model's class declares: Gemma 2 has no SDPA path)
+            model = next((m for m in setup.model.modules() if hasattr(m, "_supports_sdpa")), None)
+            ways = [
+                f"'{way}'"
+                for way, flag in (
+                    ("sdpa", "_supports_sdpa"),
+                    ("flex_attention", "_supports_flex_attn"),
+                )
+                if getattr(model, flag, True)
+            ]
+            load = (
+                f"load it with {' or '.join(ways)} (the entropies are the same), or "
+                if ways
+                else ""
+            )
             raise ValueError(
                 f"{self!r}: the transformers model in {self._roots} was loaded with "
                 "attn_implementation='eager', which computes attention with plain matmuls the "
-                "probe does not see: load it with 'sdpa' or 'flex_attention' (the entropies are "
-                "the same), or pass extract="
+                f"probe does not see: {load}pass extract="
             )
 
     def _shard_heads(self, layout, found) -> None:
