@@ -261,9 +261,7 @@ class CodebookUsage(Probe):
                 f"codebook per group and quantizer: probe each group's quantiser apart "
                 f"('{path}.rvqs.0', ...), or pass extract=",
             )
-        layers = [
-            int(getattr(mod, a, 1) or 1) for a in ("num_quantizers", "num_codebooks", "groups")
-        ]
+        layers = [int(getattr(mod, a, 1) or 1) for a in ("num_quantizers", "num_codebooks")]
         if groups != 1 or sum(n > 1 for n in layers) > 1:
             return  # (codebooks of codebooks: a layout not checked here)
         sizes = set(getattr(mod, "codebook_sizes", None) or ())
