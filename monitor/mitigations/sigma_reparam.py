@@ -101,7 +101,11 @@ def sigma_reparam(module: nn.Module, name: str = "weight") -> nn.Module:
             f"sigma_reparam needs a 2-D weight matrix: {type(module).__name__}.{name} is "
             f"{type(weight).__name__}{shape}; pass name= for the module's projection matrix"
         )
-    return register(module, name, SigmaReparametrization(weight))
+    # (registering evaluates the parametrization once: without autograd, so that it leaves u,
+    # and the first forward's sigma is gamma exactly: a float32 model under a bfloat16 autocast
+    # rounds its weights anew on a change of one float32 step)
+    with torch.no_grad():
+        return register(module, name, SigmaReparametrization(weight))
 
 
 def is_projection(module: nn.Module) -> bool:

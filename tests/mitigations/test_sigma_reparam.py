@@ -242,6 +242,28 @@ def test_a_block_reused_is_no_tie_and_the_start_is_exact_under_autocast():
         assert torch.equal(model[0].attn.proj(x), before)
 
 
+def test_the_start_is_exact_for_a_float32_gpt2_under_a_bfloat16_autocast():
+    """Registering the parametrization evaluated it once in training mode, which advanced u:
+    the first forward's sigma then differed from gamma by a float32 step, and a bfloat16
+    autocast rounded some weights anew (GPT-2's logits moved by 1e-3)."""
+    import transformers
+
+    cfg = transformers.GPT2Config(vocab_size=128, n_positions=32, n_embd=64, n_layer=2, n_head=4)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()  # (no dropout in the comparison)
+    ids = torch.randint(0, 128, (2, 16))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        before = model(ids).logits
+    w = model.transformer.h[0].attn.c_attn.weight.detach().clone()
+    model.train()  # (as a run builds its monitor)
+    CollapseMonitor(model, [], mitigations=[mitigations.SigmaReparam("transformer.h.*.attn")])
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model.transformer.h[0].attn.c_attn.weight, w)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(model(ids).logits, before)
+
+
 def test_rule_mode_resumes_exactly_from_a_distributed_checkpoint(tmp_path):
     """torch.distributed.checkpoint loads into a template of the model's parameters: the
     monitor is loaded first (its own dcp.load), which re-applies σReparam, so the model's
