@@ -969,7 +969,8 @@ ZOO.update(
 def dead_code_fixes(seed: int, variant: str, draw: int = 0, steps: int = 100) -> dict:
     """A VQ autoencoder on digits with vector-quantize-pytorch's ``VectorQuantize`` (EMA
     codebook of 256): ``"none"``, ``"anchor"`` (its own ``threshold_ema_dead_code=2``, codes
-    replaced at every training step), ``"default"`` (``ResetDeadCodes("vq")``, default
+    replaced at every training step), ``"ratio"`` (its ``dead_code_threshold_ratio=0.1``, from
+    version 1.34), ``"default"`` (``ResetDeadCodes("vq")``, default
     arguments), ``"reset"``/``"reset5"`` (``ResetDeadCodes(every_step=False)``, at every log of a
     monitor with ``log_every_n_steps`` 10 / 5). ``seed`` fixes the data, the initialisation and
     the batches; ``draw`` only which batch vectors replace dead codes. Held-out code usage and
@@ -981,12 +982,11 @@ def dead_code_fixes(seed: int, variant: str, draw: int = 0, steps: int = 100) ->
     torch.set_num_threads(1)
     torch.manual_seed(seed)
     x, held = digits(seed)
+    own = {"anchor": {"threshold_ema_dead_code": 2}, "ratio": {"dead_code_threshold_ratio": 0.1}}
     model = nn.ModuleDict(
         {
             "enc": nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, TOKENS * DIM)),
-            "vq": VectorQuantize(
-                dim=DIM, codebook_size=256, threshold_ema_dead_code=2 if variant == "anchor" else 0
-            ),
+            "vq": VectorQuantize(dim=DIM, codebook_size=256, **own.get(variant, {})),
             "dec": nn.Sequential(nn.Linear(TOKENS * DIM, 256), nn.ReLU(), nn.Linear(256, 64)),
         }
     )

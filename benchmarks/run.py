@@ -738,7 +738,7 @@ def write_results(out: Path, blocks: dict[str, str]) -> None:
         "# Benchmark results\n\nProduced by `python benchmarks/run.py --write` (`make bench`); "
         "`--only memory,compare` reruns those sections and keeps the others; "
         "`python benchmarks/detection.py --write` writes the detection section (and "
-        "`simvq_side_by_side.py`, `reset_ddp_cost.py` theirs). Each section "
+        "`simvq_side_by_side.py`, `reset_ddp_cost.py`, `dead_code_anchors.py` theirs). Each section "
         "ends with the machine it ran on.\n\n" + text + "\n"
     )
 
