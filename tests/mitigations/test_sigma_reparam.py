@@ -291,3 +291,40 @@ def test_rule_mode_resumes_exactly_from_a_distributed_checkpoint(tmp_path):
     train_steps(resumed, mon2, opt2, xs[4:])
     for (name, a), (_, b) in zip(model.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_a_gradient_checkpointed_gpt2_trains_as_without_checkpointing(reentrant):
+    """Activation checkpointing reruns the forward during the backward pass; a non-reentrant
+    rerun advanced u a second time and took the gradient at another sigma (after 4 AdamW steps the
+    logits moved against the same run without checkpointing). It now starts where its forward
+    started: the two runs agree exactly."""
+    import transformers
+
+    cfg = transformers.GPT2Config(
+        vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0,
+        embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    ids = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(1))
+    runs = []
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        model = transformers.GPT2LMHeadModel(cfg).train()
+        if checkpointed:
+            model.gradient_checkpointing_enable({"use_reentrant": reentrant})
+        mon = CollapseMonitor(
+            model, [], mitigations=[mitigations.SigmaReparam("transformer.h.*.attn")]
+        )
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        for _ in range(4):
+            with mon.observe():
+                out = model(ids, labels=ids)
+            opt.zero_grad()
+            out.loss.backward()
+            opt.step()
+            mon.step(optimizer=opt)
+        mlp = model.transformer.h[1].attn.c_attn.parametrizations.weight[0]
+        runs.append((out.logits.detach(), mlp.u.clone(), mlp.gamma.detach().clone()))
+        mon.close()
+    for plain, checkpointed in zip(*runs):
+        assert torch.equal(plain, checkpointed)
