@@ -467,8 +467,11 @@ class ProbeSet:
         self.resume()  # (before its first forward: every probe records a snapshot)
         if self.budget is not None:
             self.budget.pause()
-        for d in self.drivers:
-            d.begin_snapshot()
+        # ordinary tensors, not inference tensors (Lightning's validate() opens it inside
+        # inference_mode), which the recording, run outside inference mode, updates in place
+        with torch.inference_mode(False):
+            for d in self.drivers:
+                d.begin_snapshot()
 
     def end_snapshot(self) -> None:
         for d in self.drivers:

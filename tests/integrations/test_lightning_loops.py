@@ -65,6 +65,27 @@ def test_each_validation_dataloader_gets_its_own_keys(tmp_path):
     assert not scalars(log_dir, "val/collapse/head/nc1")  # no merged snapshot
 
 
+def test_validate_alone_and_before_fit_logs_its_snapshot(tmp_path):
+    """trainer.validate() opens the snapshot inside inference_mode: its windows were inference
+    tensors, the recording failed on them and disabled the probe for the rest of the run (no
+    val/ keys, and none of the training logs after it)."""
+    cb = CollapseCallback([probes.NeuralCollapse("head", 4)], log_every_n_steps=2)
+    model = TwoValidationSets()
+    t = trainer(tmp_path, "validate", 1, callbacks=[cb], limit_train_batches=4)
+    t.validate(model, DataLoader(dataset(20, seed=1), batch_size=6), verbose=False)
+    x, y = dataset(20, seed=1).tensors
+    with torch.no_grad():
+        want = F.neural_collapse(model.body(x), y, 4)["nc1"]
+    assert float(t.callback_metrics["val/collapse/head/nc1"]) == pytest.approx(want, rel=1e-5)
+    assert float(t.callback_metrics["val/collapse/head/samples"]) == 20.0
+    t.fit(model, DataLoader(dataset(64), batch_size=16))
+    log_dir = tmp_path / "validate" / "version_0"
+    assert scalars(log_dir, "collapse/head/samples") == {2: 32.0, 4: 32.0}
+    assert not scalars(log_dir, "collapse/errors") or set(
+        scalars(log_dir, "collapse/errors").values()
+    ) == {0.0}
+
+
 class UnevenValidation(TwoValidationSets):
     """Rank 1 gets no batch from the first validation loader (an uneven shard)."""
 
