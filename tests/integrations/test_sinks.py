@@ -69,6 +69,8 @@ def _wandb_records(path: Path) -> list:
             pos += block - pos % block
             continue
         _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if pos + 7 + length > len(data):  # a record still being written
+            break
         part += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # a full record, or the last part of one
@@ -111,16 +113,54 @@ def test_wandb_offline_run_holds_the_metrics_and_tables(tmp_path, offline_wandb)
     sink = WandbSink(project="collapse-test", mode="offline", dir=str(tmp_path))
     logged = monitored(sink)
     rows = wandb_history(next((tmp_path / "wandb").glob("offline-run-*")))
-    assert [step for step, _ in rows] == [s for s, _ in logged]
-    for (step, row), (_, metrics) in zip(rows, logged):
+    # one row per log, the monitor's step beside it
+    assert [row["collapse/step"] for _, row in rows] == [s for s, _ in logged]
+    for (_, row), (_, metrics) in zip(rows, logged):
         for key, value in metrics.items():
-            assert row[key] == pytest.approx(value, rel=1e-9), (step, key)
+            assert row[key] == pytest.approx(value, rel=1e-9), (row["collapse/step"], key)
         (dormant,) = probes.DormantUnits.rules  # the declared default threshold, drawn too
         assert row["thresholds/collapse/units/1/dormant_fraction/upper"] == dormant.threshold
         assert row["collapse/alert_log/_type"] == "table-file"  # the alerts so far
         assert row["collapse/units/1/unit_scores/_type"] == "image-file"
         assert row["collapse/rank/spectrum/_type"] == "histogram"
     assert rows[0][1]["collapse/event_log/_type"] == "table-file"  # ReDo at the first log
+
+
+def test_wandb_keeps_every_log_beside_the_users_own_wandb_log(tmp_path, offline_wandb):
+    """A loop that calls wandb.log itself (twice a step) moves W&B's step past the monitor's:
+    logged at step=, W&B dropped every collapse row with a warning of its own."""
+    from collapse_monitor.integrations.wandb import WandbSink
+
+    run = offline_wandb.init(project="collapse-test", mode="offline", dir=str(tmp_path))
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    mon = CollapseMonitor(
+        model, [probes.NeuralCollapse("2", 4, name="nc")], 4, sinks=[WandbSink(run=run)],
+        observe_every_n_steps=1,
+    )  # fmt: skip
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    logged = []
+    for step in range(1, 13):
+        x, y = torch.randn(16, 8, generator=g), torch.arange(16) % 4
+        with mon.observe(targets=y):
+            loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        run.log({"loss": loss.item()})
+        run.log({"lr": 0.1})
+        m = mon.step(optimizer=opt)
+        if m is not None:
+            logged.append((step, m["collapse/nc/nc1"]))
+    mon.close()
+    run.finish()
+    rows = [row for _, row in wandb_history(next((tmp_path / "wandb").glob("offline-run-*")))]
+    ours = [
+        (row["collapse/step"], row["collapse/nc/nc1"]) for row in rows if "collapse/step" in row
+    ]
+    assert [s for s, _ in ours] == [4, 8, 12] and [s for s, _ in logged] == [4, 8, 12]
+    assert [v for _, v in ours] == pytest.approx([v for _, v in logged], rel=1e-9)
+    assert sum("loss" in row for row in rows) == 12  # the user's rows are untouched
 
 
 def test_mlflow_file_store_holds_metrics_text_and_histograms(tmp_path, monkeypatch):
