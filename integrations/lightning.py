@@ -51,10 +51,11 @@ class CallbackMetricsSink(Sink):
 
 
 class LightningLoggerSink(Sink):
-    """Logs through one logger of a ``Trainer`` at the trainer's ``global_step``, in the form it
-    accepts: metrics with ``logger.log_metrics``; alerts, mitigation events, histograms,
-    pictures and threshold lines to TensorBoard (text, histograms, images, custom-scalars
-    layout), W&B (tables, ``wandb.Histogram``, ``wandb.Image``) and MLflow (text and JSON
+    """Logs through one logger of a ``Trainer`` at the monitor's step (the batches that
+    stepped the optimizers; Lightning's own ``self.log`` values of that batch lie one lower, its
+    loggers counting from 0), in the form it accepts: metrics with ``logger.log_metrics``;
+    alerts, mitigation events, histograms, pictures and threshold lines to TensorBoard (text,
+    histograms, images, custom-scalars layout), W&B (tables, ``wandb.Histogram``, ``wandb.Image``) and MLflow (text and JSON
     artifacts, ``log_image``; per-head keys as ``.../metric.head_0``, which its file store can
     hold beside ``.../metric``); thresholds as scalars to the others (CSV), whose alerts and
     events go to Python ``logging`` (as for every logger). One sink per logger: each is an
@@ -62,7 +63,7 @@ class LightningLoggerSink(Sink):
     write from rank 0 themselves, so this sink runs on every rank.
 
     Args:
-        trainer: the trainer (its ``global_step`` and whether this is rank 0).
+        trainer: the trainer (whether this is rank 0).
         logger: one of its loggers.
     """
 
@@ -94,43 +95,47 @@ class LightningLoggerSink(Sink):
                 self._extra = MLflowSink(run_id=logger.run_id, client=logger.experiment)
         return self._extra
 
-    @property
-    def _step(self) -> int:
-        return self.trainer.global_step
-
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if isinstance(self.logger, MLFlowLogger):
             from .mlflow import metric_name
 
             metrics = {metric_name(k): v for k, v in metrics.items()}
-        self.logger.log_metrics(metrics, step=self._step)
+        self.logger.log_metrics(metrics, step=step)
         if isinstance(self.extra, TensorBoardSink):
             self.extra.write_layout(metrics)
 
     def log_thresholds(self, thresholds: dict[str, list[float]], step: int) -> None:
         if self.extra is not None:
-            self.extra.log_thresholds(thresholds, self._step)
+            self.extra.log_thresholds(thresholds, step)
         elif thresholds and self.trainer.is_global_zero:
-            self.logger.log_metrics(threshold_scalars(thresholds), step=self._step)
+            self.logger.log_metrics(threshold_scalars(thresholds), step=step)
 
     def _extra_do(self, method: str, *args) -> None:
         if self.extra is not None:
             getattr(self.extra, method)(*args)
 
     def log_histogram(self, tag: str, values, step: int) -> None:
-        self._extra_do("log_histogram", tag, values, self._step)
+        self._extra_do("log_histogram", tag, values, step)
 
     def log_image(self, tag: str, image, step: int) -> None:
-        self._extra_do("log_image", tag, image, self._step)
+        self._extra_do("log_image", tag, image, step)
 
     def log_alert(self, alert: Alert) -> None:
         self._extra_do("log_alert", alert)
 
     def log_event(self, name: str, info: dict, step: int) -> None:
-        self._extra_do("log_event", name, info, self._step)
+        self._extra_do("log_event", name, info, step)
 
     def flush(self) -> None:
         self._extra_do("flush")
+
+
+def _stepped(trainer: L.Trainer) -> int:
+    """The batches that stepped the optimizers, this one included if it did (read at its
+    end, before Lightning counts it): ``trainer.global_step`` counts every optimizer's steps,
+    two per batch for a GAN's manual optimization."""
+    loop = trainer.fit_loop.epoch_loop
+    return loop._batches_that_stepped + (not loop._should_accumulate())
 
 
 def _optimizers_in(out: Any) -> list:
@@ -161,10 +166,12 @@ def default_targets(batch: Any) -> Any:
 class CollapseCallback(LoopAdapter, L.Callback):
     """Run a :class:`~collapse_monitor.CollapseMonitor` inside a Lightning ``Trainer``.
 
-    Metrics go through the trainer's own loggers at ``trainer.global_step``, each in the form it
+    Metrics go through the trainer's own loggers at the monitor's step, each in the form it
     accepts and each an outlet of its own (see :class:`LightningLoggerSink`), and into
     ``trainer.callback_metrics``, where ``EarlyStopping(monitor="val/collapse/head/nc1")`` and
-    ``ModelCheckpoint`` find them (:class:`CallbackMetricsSink`). Steps are optimizer steps: with
+    ``ModelCheckpoint`` find them (:class:`CallbackMetricsSink`). Steps are batches that stepped
+    the optimizers (``trainer.global_step`` counts each optimizer's steps: two per batch in a
+    GAN's manual optimization, one monitor step), as Lightning's loggers count them: with
     ``accumulate_grad_batches=k`` the monitor records all k micro-batches of a recorded step,
     logs every ``log_every_n_steps`` optimizer steps and acts (mitigations) only after an
     optimizer step, with every optimizer of the trainer (a GAN's two). Training batches are
@@ -301,12 +308,12 @@ class CollapseCallback(LoopAdapter, L.Callback):
             self.monitor.sharded_by(holder)
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self.loop.start(trainer.global_step)
+        self.loop.start(trainer.fit_loop.epoch_loop._batches_that_stepped)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         # one monitor step per optimizer step: with accumulate_grad_batches=k, the k
         # micro-batches of a step are all observed (or none) and nothing acts between them
-        if self.loop.advance_to(trainer.global_step, trainer.optimizers):
+        if self.loop.advance_to(_stepped(trainer), trainer.optimizers):
             stop = trainer.strategy.reduce_boolean_decision(self.monitor.should_stop, all=False)
             if stop:
                 trainer.should_stop = True

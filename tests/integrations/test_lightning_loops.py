@@ -86,6 +86,45 @@ def test_validate_alone_and_before_fit_logs_its_snapshot(tmp_path):
     ) == {0.0}
 
 
+class GAN(L.LightningModule):
+    """Manual optimization with two optimizers: trainer.global_step moves by 2 per batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+        torch.manual_seed(0)
+        self.gen = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8))
+        self.disc = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+
+    def training_step(self, batch, batch_idx):
+        gen_opt, disc_opt = self.optimizers()
+        fake = self.gen(batch[0])
+        gen_opt.zero_grad()
+        self.manual_backward(-self.disc(fake).mean())
+        gen_opt.step()
+        disc_opt.zero_grad()
+        self.manual_backward(self.disc(fake.detach()).mean() - self.disc(batch[0]).mean())
+        disc_opt.step()
+
+    def configure_optimizers(self):
+        return [torch.optim.SGD(m.parameters(), lr=0.01) for m in (self.gen, self.disc)]
+
+
+def test_two_optimizers_in_manual_optimization_step_the_monitor_once_per_batch(tmp_path):
+    """Stepped at trainer.global_step, the monitor took two steps per batch and observed only
+    every other one: a window of 4 steps held 2 batches, and a probe recording every other
+    step (RepresentationRank's default cadence here) recorded none in the whole run."""
+    cb = CollapseCallback([probes.RepresentationRank("gen.2", name="rr")], log_every_n_steps=4)
+    t = trainer(tmp_path, "gan", 1, callbacks=[cb])
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+    t.fit(GAN(), DataLoader(torch.utils.data.TensorDataset(x, x), batch_size=4))  # 16 batches
+    assert t.global_step == 32
+    log_dir = tmp_path / "gan" / "version_0"
+    calls = scalars(log_dir, "collapse/rr/calls")
+    assert list(calls) == [4, 8, 12, 16] and all(c > 0 for c in calls.values())
+    assert set(scalars(log_dir, "collapse/rr/samples").values()) == {4 * next(iter(calls.values()))}
+
+
 class UnevenValidation(TwoValidationSets):
     """Rank 1 gets no batch from the first validation loader (an uneven shard)."""
 
