@@ -283,6 +283,10 @@ class CollapseTrainerCallback(LoopAdapter, TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.args, self.state = args, state
+        if self.monitor is not None and state.global_step < self.monitor.global_step:
+            # train() again from an earlier step (a new run on this model): fresh windows and
+            # counts (kept, the monitor stayed ahead of the Trainer and never logged again)
+            self.loop.close(keep_state=False)
         self._attach(args, model, max(1, state.logging_steps))
         self._training = True
         # the sampler ends sequences at the tokenizer's end token too (TRL adds it to its own

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Union
 
@@ -87,6 +88,7 @@ class TrainerLoop:
         self.context = context
         self.monitor: CollapseMonitor | None = None
         self._pending: dict | None = None  # state to load into the next monitor
+        self._pending_for: Callable[[], nn.Module | None] | None = None  # of that model only
         self._observing = None
 
     # ----------------------------------------------------------------- life
@@ -107,9 +109,12 @@ class TrainerLoop:
         self.close(keep_state=mon is not None and mon.model is model)
         config = dataclasses.replace(self.config, log_every_n_steps=every)
         self.monitor = CollapseMonitor.from_config(model, config, sinks, process_group)
-        if self._pending is not None:
+        # state kept at close is the closed model's: a callback reused on a new model (a seed
+        # sweep) starts afresh (loaded, that state's step held the new run's monitor back)
+        kept = self._pending_for is None or self._pending_for() is model
+        if self._pending is not None and kept:
             self.monitor.load_state_dict(self._pending)
-            self._pending = None
+        self._pending = self._pending_for = None
         return self.monitor
 
     def close(self, keep_state: bool = True) -> None:
@@ -118,6 +123,7 @@ class TrainerLoop:
         self.stop_observing()
         if self.monitor is not None:
             self._pending = self.monitor.state_dict(sync=False) if keep_state else None
+            self._pending_for = weakref.ref(self.monitor.model) if keep_state else None
             self.monitor.close()
             self.monitor = None
 
@@ -200,7 +206,7 @@ class TrainerLoop:
         if self.monitor is not None:
             self.monitor.load_state_dict(state)
         else:
-            self._pending = state
+            self._pending, self._pending_for = state, None  # (a checkpoint's: any model)
 
     @staticmethod
     def write(state: dict, path: str) -> None:

@@ -125,6 +125,18 @@ def test_two_optimizers_in_manual_optimization_step_the_monitor_once_per_batch(t
     assert set(scalars(log_dir, "collapse/rr/samples").values()) == {4 * next(iter(calls.values()))}
 
 
+def test_one_callback_reused_on_a_new_model_logs_its_own_run(tmp_path):
+    """A seed sweep reusing one callback: the state kept at the first run's teardown (step 8)
+    was loaded into the second model's monitor, which then stood ahead of its trainer and
+    logged nothing."""
+    cb = CollapseCallback([probes.NeuralCollapse("head", 4)], log_every_n_steps=2)
+    for run in ("first", "second"):
+        t = trainer(tmp_path, run, 1, callbacks=[cb], limit_val_batches=0)
+        t.fit(Classifier(), DataLoader(dataset(128), batch_size=16))
+        samples = scalars(tmp_path / run / "version_0", "collapse/head/samples")
+        assert list(samples) == [2, 4, 6, 8], run
+
+
 class UnevenValidation(TwoValidationSets):
     """Rank 1 gets no batch from the first validation loader (an uneven shard)."""
 

@@ -169,6 +169,20 @@ def test_gpt2_trainer_logs_neural_collapse_of_the_shifted_labels(tmp_path):
     assert logged == pytest.approx(nc1, rel=1e-6)
 
 
+def test_train_called_again_logs_its_own_windows(tmp_path):
+    """A second train() starts at step 0 while the monitor stood at the first run's last
+    step: it stayed ahead of the Trainer and logged nothing more."""
+    nc = probes.NeuralCollapse("lm_head", V, target_shift=1, ncc_max_rows=0)
+    cb = CollapseTrainerCallback([nc], observe_every_n_steps=1)
+    trainer = Trainer(gpt2(), arguments(tmp_path), train_dataset=Tokens(64), callbacks=[cb])
+    trainer.train()
+    first = collapse_logs(trainer, "collapse/lm_head/samples")
+    trainer.train()
+    second = collapse_logs(trainer, "collapse/lm_head/samples")
+    assert sorted(first) == [2, 4] and second == first
+    assert cb.monitor.global_step == trainer.state.global_step == 4
+
+
 def test_the_models_attention_mask_reaches_the_probes_inside_the_trainer(tmp_path):
     """Without labels the padding comes from the model's own attention_mask: read at each
     observed forward (the callback decides to observe before the monitor reads the inputs).
