@@ -55,12 +55,13 @@ class LightningLoggerSink(Sink):
     stepped the optimizers; Lightning's own ``self.log`` values of that batch lie one lower, its
     loggers counting from 0), in the form it accepts: metrics with ``logger.log_metrics``;
     alerts, mitigation events, histograms, pictures and threshold lines to TensorBoard (text,
-    histograms, images, custom-scalars layout), W&B (tables, ``wandb.Histogram``, ``wandb.Image``) and MLflow (text and JSON
-    artifacts, ``log_image``; per-head keys as ``.../metric.head_0``, which its file store can
-    hold beside ``.../metric``); thresholds as scalars to the others (CSV), whose alerts and
-    events go to Python ``logging`` (as for every logger). One sink per logger: each is an
-    outlet of its own, so a logger that fails never silences the others. Lightning's loggers
-    write from rank 0 themselves, so this sink runs on every rank.
+    histograms, images, custom-scalars layout), W&B (tables, ``wandb.Histogram``,
+    ``wandb.Image``) and MLflow (text and JSON artifacts, ``log_image``; per-head keys as
+    ``.../metric.head_0``, which its file store can hold beside ``.../metric``); thresholds
+    as scalars to the others (CSV), whose alerts and events go to Python ``logging`` (as for
+    every logger). One sink per logger: each is an outlet of its own, so a logger that fails
+    never silences the others. Lightning's loggers write from rank 0 themselves, so this sink
+    runs on every rank.
 
     Args:
         trainer: the trainer (whether this is rank 0).
