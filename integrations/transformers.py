@@ -343,6 +343,8 @@ class CollapseTrainerCallback(LoopAdapter, TrainerCallback):
         self._training = False
         if self.monitor is not None:
             self.monitor.outlets.each_sink("flush")
+            # (the Trainer never closes its callbacks)
+            self.monitor.notices.unlogged(self.monitor.global_step, self.monitor.log_every_n_steps)
 
     # ----------------------------------------------------------------- observation
     def _default_targets(self, kwargs: dict) -> Any:

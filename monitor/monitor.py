@@ -176,8 +176,7 @@ class CollapseMonitor:
                 self.cadence.world = self._probes.replicas  # (a tensor-parallel group: one)
                 self._probes.agreed(self._mitigations.attach, placed)
             # after attach: a glob over several modules binds its rules to each module's keys
-            defaults = config.default_rules
-            bound = [r for p in config.probes for r in p.default_rules()] if defaults else []
+            bound = [r for p in config.probes for r in p.default_rules() if config.default_rules]
             self.rules = RuleEngine(bound + list(config.rules))
         except Exception:
             self.close()
@@ -409,6 +408,7 @@ class CollapseMonitor:
         self._recording, self._sharded_by = None, None
         if not self._closed:
             self._closed = True
+            self.notices.unlogged(self.global_step, self.log_every_n_steps)
             try:
                 self.outlets.close()
             finally:  # (under strict, a sink's error still frees the model)

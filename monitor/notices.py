@@ -4,7 +4,8 @@
 - a class-conditional probe whose sampled windows stay thin (the cadence's promise failed);
 - a probe that recorded steps but whose modules never ran inside ``observe()``;
 - a run in which no probe has recorded a step by a log (no ``observe()`` around the forward);
-- a rollout probe that saw no generation forward.
+- a rollout probe that saw no generation forward;
+- training steps after the last log, never logged (a run shorter than ``log_every_n_steps``).
 """
 
 from __future__ import annotations
@@ -43,6 +44,23 @@ class Notices:
                 "probes read %s",
                 unknown,
                 sorted(self.keywords),
+            )
+
+    def unlogged(self, step: int, every: int) -> None:
+        """Training ended (or the monitor closed) at ``step`` with the steps after the last log
+        never logged: said once per such step (Lightning warns as much for its own logs)."""
+        left = step % every
+        if left and self._once("unlogged", str(step)):
+            log.warning(
+                "collapse monitor: the last %d training step(s) (to step %d) were never logged: "
+                "logs fall every log_every_n_steps=%d steps%s",
+                left,
+                step,
+                every,
+                "; this run logged nothing (lower log_every_n_steps, or the Trainer's "
+                "logging_steps)"
+                if step < every
+                else "",
             )
 
     def after_log(

@@ -136,6 +136,32 @@ def test_forwards_outside_observe_are_said_once_and_not_called_thin(caplog):
     mon.close()
 
 
+@pytest.mark.parametrize("steps, every, said", [(5, 100, "this run logged nothing"), (7, 3, "")])
+def test_steps_never_logged_are_said_at_close(caplog, steps, every, said):
+    """A run shorter than log_every_n_steps (HF's logging_steps=500 on a short run) logged
+    nothing and said nothing; nor did the last partial window of a longer one."""
+    model = mlp()
+    mon = CollapseMonitor(model, [probes.NeuralCollapse("2", 4, name="head")], every)
+    with caplog.at_level("WARNING", logger="collapse_monitor"):
+        train(model, mon, steps)
+        mon.close()
+        mon.close()
+    warned = [r.message for r in caplog.records if "never logged" in r.message]
+    assert (
+        len(warned) == 1 and f"last {steps % every} training step(s) (to step {steps})" in warned[0]
+    )
+    assert said in warned[0]
+
+
+def test_a_run_ending_on_a_log_says_nothing_at_close(caplog):
+    model = mlp()
+    mon = CollapseMonitor(model, [probes.NeuralCollapse("2", 4, name="head")], 5)
+    with caplog.at_level("WARNING", logger="collapse_monitor"):
+        train(model, mon, 10)
+        mon.close()
+    assert not any("never logged" in r.message for r in caplog.records)
+
+
 def test_a_glob_keeps_the_outermost_modules_it_matches():
     """A user's check: TokenUniformity("transformer.h.*") read 144 modules of a 12-layer GPT-2
     (every submodule of every block); "*.x" still finds x at any depth."""

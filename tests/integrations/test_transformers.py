@@ -183,6 +183,20 @@ def test_train_called_again_logs_its_own_windows(tmp_path):
     assert cb.monitor.global_step == trainer.state.global_step == 4
 
 
+def test_a_run_shorter_than_logging_steps_is_said_at_its_end(tmp_path, caplog):
+    """The Trainer never closes its callbacks: the steps never logged are said at
+    on_train_end (HF's default logging_steps=500 on a short run logs nothing)."""
+    nc = probes.NeuralCollapse("lm_head", V, target_shift=1, ncc_max_rows=0)
+    cb = CollapseTrainerCallback([nc], observe_every_n_steps=1)
+    args = arguments(tmp_path, max_steps=3, logging_steps=500)
+    trainer = Trainer(gpt2(), args, train_dataset=Tokens(64), callbacks=[cb])
+    with caplog.at_level("WARNING", logger="collapse_monitor"):
+        trainer.train()
+    assert not collapse_logs(trainer, "collapse/lm_head/samples")
+    (said,) = [r.message for r in caplog.records if "never logged" in r.message]
+    assert "last 3 training step(s) (to step 3)" in said and "logged nothing" in said
+
+
 def test_the_models_attention_mask_reaches_the_probes_inside_the_trainer(tmp_path):
     """Without labels the padding comes from the model's own attention_mask: read at each
     observed forward (the callback decides to observe before the monitor reads the inputs).
