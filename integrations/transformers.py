@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import sys
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -130,6 +131,23 @@ class ReportToSink(Sink):
     def close(self) -> None:
         if self.sink is not None:
             self.sink.close()
+
+
+def _in_trainer_evaluation() -> bool:
+    """Whether a ``transformers.Trainer``'s evaluation or prediction loop is on the call stack
+    (``evaluate()``, ``predict()``; its subclasses', TRL's, included)."""
+    trainer = sys.modules["transformers"].Trainer
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code.co_name in _EVALUATION_LOOPS and isinstance(
+            frame.f_locals.get("self"), trainer
+        ):
+            return True
+        frame = frame.f_back
+    return False
+
+
+_EVALUATION_LOOPS = ("evaluation_loop", "prediction_loop", "prediction_step")
 
 
 class CollapseTrainerCallback(LoopAdapter, TrainerCallback):
@@ -368,7 +386,9 @@ class CollapseTrainerCallback(LoopAdapter, TrainerCallback):
                 # eval-mode forwards outside evaluate()/predict() (e.g. generate() in a
                 # callback) are not an evaluation: dropped, not logged
                 self.loop.discard_evaluation()
-        elif not self.evaluation:
+        elif not self.evaluation or not _in_trainer_evaluation():
+            # an eval-mode forward of the user's own (a notebook after train(): the hooks stay
+            # until close()) is no evaluation: it went into the next evaluate()'s snapshot
             return
         elif not self.loop.evaluating:
             self.loop.begin_evaluation("eval")

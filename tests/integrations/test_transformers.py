@@ -183,6 +183,22 @@ def test_train_called_again_logs_its_own_windows(tmp_path):
     assert cb.monitor.global_step == trainer.state.global_step == 4
 
 
+def test_eval_mode_forwards_of_the_users_own_stay_out_of_evaluate(tmp_path):
+    """After train() the callback's hooks stay on the model: a forward the user runs in eval
+    mode (a notebook) opened a snapshot that the next evaluate() added to (8 + 12 rows)."""
+    nc = probes.NeuralCollapse("lm_head", V, target_shift=1, ncc_max_rows=0)
+    cb = CollapseTrainerCallback([nc], observe_every_n_steps=1)
+    model = gpt2()
+    trainer = Trainer(model, arguments(tmp_path), train_dataset=Tokens(64), callbacks=[cb])
+    trainer.train()
+    alone = trainer.evaluate(Tokens(12))["eval/collapse/lm_head/samples"]
+    model.eval()
+    with torch.no_grad():
+        model(**Tokens(8)[:8])
+    after = trainer.evaluate(Tokens(12))["eval/collapse/lm_head/samples"]
+    assert after == alone > 0
+
+
 def test_a_run_shorter_than_logging_steps_is_said_at_its_end(tmp_path, caplog):
     """The Trainer never closes its callbacks: the steps never logged are said at
     on_train_end (HF's default logging_steps=500 on a short run logs nothing)."""
