@@ -100,11 +100,17 @@ def _distinct(codes: torch.Tensor) -> torch.Tensor:
 def group_keys(ids: torch.Tensor, completion: torch.Tensor) -> torch.Tensor:
     """``(B,)`` int64: a key of each row's tokens before its first completion token (the prompt,
     with its left padding; the padding after a shorter completion is not part of it): the
-    completions of one prompt share it. A polynomial hash with int64 wrap-around (a collision
-    of two prompts in one batch is negligible)."""
-    powers = torch.full((ids.shape[1],), 1_000_003, dtype=torch.int64, device=ids.device)
+    completions of one prompt share it. A row without a completion token (all masked: TRL's
+    ``mask_truncated_completions``) is keyed on its tokens before the earliest first completion
+    token of the others (where left-padded prompts all end). A polynomial hash with int64
+    wrap-around (a collision of two prompts in one batch is negligible)."""
+    B, T = ids.shape
+    powers = torch.full((T,), 1_000_003, dtype=torch.int64, device=ids.device)
     powers = torch.cumprod(powers, 0)  # wraps around: still a fixed, distinct weight per place
-    before = completion.bool().to(torch.int64).cumsum(1) == 0
+    completion = completion.bool()
+    first = torch.where(completion.any(1), completion.to(torch.int8).argmax(1), T)
+    end = torch.where(first < T, first, first.amin())  # (T when no row has a completion)
+    before = torch.arange(T, device=ids.device) < end[:, None]
     prompt = torch.where(before, ids.to(torch.int64) + 1, 0)
     return (prompt * powers).sum(1)
 

@@ -3,7 +3,10 @@ a policy that collapses samples the same completion for every draw of a group.""
 
 from __future__ import annotations
 
+import weakref
+
 import torch
+import torch.nn.functional as F
 
 from ..cadence import EVERY_STEP
 from ..contracts import Readout
@@ -42,6 +45,34 @@ class DiversitySums(Statistic):
             getattr(self, name).add_(to_device(sums[name], self.device))
 
 
+def _groups(keys: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """An order of the rows (``(R,)``, ``R = B`` rounded up to ``size``; indices ``>= B`` name
+    padding rows) in which the rows of each key come together in groups of ``size``, the full
+    groups first, and ``(R / size,)`` bool: the groups that are full (a key with a number of rows
+    that is not a multiple of ``size`` leaves its remainder out). Fixed-size tensor work only
+    (no host sync)."""
+    B = keys.shape[0]
+    R = -(-B // size) * size
+    keys, by_key = torch.sort(keys, stable=True)
+    position = torch.arange(B, device=keys.device)
+    starts = torch.ones(B, dtype=torch.bool, device=keys.device)
+    starts[1:] = keys[1:] != keys[:-1]
+    run = starts.cumsum(0) - 1  # the key's run
+    rank = position - torch.where(starts, position, 0).cummax(0).values  # place in its run
+    length = torch.zeros(B, dtype=torch.int64, device=keys.device).scatter_add_(
+        0, run, torch.ones_like(run)
+    )[run]
+    chunk = rank // size
+    full = length - chunk * size >= size
+    # full groups first, each (run, chunk) together; the rest after, in their order
+    place = torch.where(full, run * B + chunk, B * B + position)
+    order = by_key[torch.argsort(place, stable=True)]
+    order = torch.cat([order, torch.arange(B, R, device=keys.device)])
+    groups = full.sum() // size  # full groups (a tensor: no sync)
+    valid = torch.arange(R // size, device=keys.device) < groups
+    return order, valid
+
+
 class GenerationDiversity(Probe):
     """Diversity within groups of completions sampled from one prompt (GRPO's ``num_generations``).
 
@@ -52,9 +83,12 @@ class GenerationDiversity(Probe):
     The groups: ``observe(groups=)`` ``(B,)`` ids when given; else, with ``group_by="prompt"``
     (default), rows whose tokens outside the completion are the same (one prompt: TRL shuffles a
     step's rows, so a prompt's completions are not in a row); with ``group_by="order"``, rows
-    ``g * G .. g * G + G - 1``. Rows are sorted by group and cut in groups of ``G``; a group
-    that mixes prompts (a prompt with a number of rows that is not a multiple of ``G``) is
-    left out and counted in ``mixed_groups``.
+    ``g * G .. g * G + G - 1``. The rows of a training step's calls are grouped together at
+    the step's end (a prompt's completions may come over several micro-batches: TRL shuffles a
+    generation batch, then splits it for gradient accumulation; a snapshot's, at its end); each
+    prompt's rows are cut in groups of ``G``, and the rows left over (a prompt with a number of
+    rows that is not a multiple of ``G``: its group split between ranks) are left out and
+    counted, one ``mixed_groups`` per ``G`` of them.
 
     Per group: ``distinct_1``, ``distinct_2`` (distinct n-grams over all n-grams of the group's
     completions, Li et al. 2016), ``pairwise_overlap`` (mean Jaccard index of the 2-gram sets of
@@ -70,14 +104,13 @@ class GenerationDiversity(Probe):
 
     Args:
         module: the model whose forward receives the token ids (``""``: the monitored model).
-        group_size: ``G``, completions per prompt; a call's rows must be a multiple of it.
+        group_size: ``G``, completions per prompt.
         group_by: ``"prompt"`` or ``"order"`` (see above), when no ``observe(groups=)``.
         vocab_size: the token ids' range (default: the model's ``config.vocab_size``).
         ignore_index: the label of positions that are not completion tokens.
 
     Raises:
-        ValueError: at attach, no ``vocab_size`` known; at a call, rows not a multiple of ``G``
-            (a group split between micro-batches or ranks).
+        ValueError: at attach, no ``vocab_size`` known.
 
     Example:
         >>> import torch
@@ -126,8 +159,12 @@ class GenerationDiversity(Probe):
         self.vocab_size = vocab_size
         self.ignore_index = ignore_index
         self.label_shift = 0  # labels mark the completion tokens at their own positions
+        # this step's calls, per window (weakly: a discarded snapshot's go with it), until its
+        # end; made at attach (it does not pickle: Lightning's ddp_spawn sends probes)
+        self._pending: weakref.WeakKeyDictionary | None = None
 
     def on_attach(self, setup, found) -> None:
+        self._pending = weakref.WeakKeyDictionary()
         if self.vocab_size is None:
             config = getattr(setup.model, "config", None)
             text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -140,11 +177,6 @@ class GenerationDiversity(Probe):
 
     def update(self, window, ids, call) -> None:
         B, T = ids.shape
-        if B % self.group_size:
-            raise call.error(
-                f"{B} rows are not groups of {self.group_size}: a prompt's completions must "
-                "reach the model in one call (per-device batch a multiple of num_generations)"
-            )
         labels = call.keyword("targets")
         if labels is not None:
             labels = torch.as_tensor(labels)
@@ -155,20 +187,44 @@ class GenerationDiversity(Probe):
             mask = token_mask(call, B, T, ids.device)
             mask = torch.ones(B, T, dtype=torch.bool, device=ids.device) if mask is None else mask
         keys = self._keys(call, ids, mask)
-        valid = None
-        adv = call.keyword("advantages")
-        if keys is not None:  # rows sorted by group, cut in groups of G that must share a key
-            order = torch.argsort(keys, stable=True)
-            ids, mask, keys = ids[order], mask[order], keys[order]
-            groups = keys.reshape(-1, self.group_size)
-            valid = (groups == groups[:, :1]).all(1)
-            if adv is not None:
-                adv = to_device(torch.as_tensor(adv), ids.device)[order]
-        sums = group_sums(ids, mask, self.group_size, int(self.vocab_size), valid)
-        sums.update(self._zero_advantage(call, adv, mask, valid))
-        sums["mixed_groups"] = (
-            torch.zeros((), dtype=_F64) if valid is None else (~valid).sum().to(_F64)
-        )
+        moving = self._moving(call, call.keyword("advantages"), mask)
+        # grouped at the step's end: a prompt's completions reach the model over several
+        # micro-batches (TRL shuffles a generation batch, then splits it for accumulation)
+        self._pending.setdefault(window["sums"], []).append((ids, mask, keys, moving))
+
+    def end_step(self, window) -> None:
+        self._flush(window)
+
+    def _flush(self, window) -> None:
+        """Group the rows of the step's calls (``keys``: a group id per row, ``None`` for
+        ``group_by="order"``: consecutive rows) and add their sums to the window."""
+        calls = self._pending.pop(window["sums"], [])
+        if not calls:
+            return
+        G = self.group_size
+        T = max(ids.shape[1] for ids, *_ in calls)
+        ids = torch.cat([F.pad(c[0], (0, T - c[0].shape[1])) for c in calls])
+        mask = torch.cat([F.pad(c[1], (0, T - c[1].shape[1])) for c in calls])
+        B = ids.shape[0]
+        if calls[0][2] is None:  # in order: rows g*G .. g*G + G - 1 (a last partial group)
+            keys = torch.arange(B, device=ids.device) // G
+        else:
+            keys = torch.cat([c[2] for c in calls])
+        order, valid = _groups(keys, G)  # (B rounded up to G,): rows, groups of G in a row
+        pad = order.shape[0] - B  # (rows beyond B: empty, only in groups left out)
+        ids = torch.cat([ids, ids.new_zeros(pad, T)])[order]
+        mask = torch.cat([mask, mask.new_zeros(pad, T)])[order]
+        sums = group_sums(ids, mask, G, int(self.vocab_size), valid)
+        moving = [c[3] for c in calls]
+        if any(m is None for m in moving):
+            zero = torch.zeros((), dtype=_F64, device=ids.device)
+            sums.update(zero_advantage_fraction=zero, zero_advantage_fraction_count=zero)
+        else:
+            moving = torch.cat([*moving, moving[0].new_zeros(pad)])[order]
+            groups = moving.reshape(-1, G).any(1)  # a group with any non-zero advantage
+            sums["zero_advantage_fraction"] = (~groups & valid).sum().to(_F64)
+            sums["zero_advantage_fraction_count"] = valid.sum().to(_F64)
+        sums["mixed_groups"] = (~valid).sum().to(_F64)
         window["sums"].add(sums)
 
     def _keys(self, call, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
@@ -180,13 +236,11 @@ class GenerationDiversity(Probe):
             return given
         return group_keys(ids, mask) if self.group_by == "prompt" else None
 
-    def _zero_advantage(self, call, adv, mask: torch.Tensor, valid) -> dict[str, torch.Tensor]:
-        """Groups whose advantages are all 0 (equal rewards: no gradient), from
-        ``observe(advantages=)`` per sequence ``(B,)`` or per token ``(B, T)`` (rows in the
-        order of ``mask``)."""
-        zero = torch.zeros((), dtype=_F64, device=mask.device)
+    def _moving(self, call, adv, mask: torch.Tensor) -> torch.Tensor | None:
+        """``(B,)`` bool: rows with a non-zero advantage (``|A| > 1e-6``; equal rewards leave
+        none), from ``observe(advantages=)`` per sequence ``(B,)`` or per token ``(B, T)``."""
         if adv is None:
-            return {"zero_advantage_fraction": zero, "zero_advantage_fraction_count": zero}
+            return None
         adv = to_device(torch.as_tensor(adv), mask.device)
         B, T = mask.shape
         if adv.ndim == 2 and adv.shape[1] > T:
@@ -194,15 +248,10 @@ class GenerationDiversity(Probe):
         if adv.shape not in ((B,), (B, T)):
             raise call.error(f"advantages of shape {tuple(adv.shape)}: expected ({B},) or {(B, T)}")
         moving = adv.abs() > _ZERO
-        flat = moving if adv.ndim == 1 else (moving & mask).any(1)
-        groups = flat.reshape(-1, self.group_size).any(1)  # a group with any non-zero advantage
-        counted = torch.ones_like(groups) if valid is None else valid
-        return {
-            "zero_advantage_fraction": (~groups & counted).sum().to(_F64),
-            "zero_advantage_fraction_count": counted.sum().to(_F64),
-        }
+        return moving if adv.ndim == 1 else (moving & mask).any(1)
 
     def readout(self, window) -> Readout:
+        self._flush(window)  # (a snapshot's calls: no step ends inside one)
         st = window["sums"]
         out = {
             name: (getattr(st, name) / getattr(st, f"{name}_count")).item()

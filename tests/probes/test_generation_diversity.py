@@ -77,14 +77,67 @@ def test_known_answers_collapsed_and_all_different():
     mon.close()
 
 
-def test_a_group_split_between_calls_is_refused():
+@pytest.mark.parametrize("micro_batches", [2, 3])
+def test_groups_split_over_a_steps_micro_batches_are_grouped_at_its_end(micro_batches):
+    """TRL's GRPO under gradient accumulation shuffles a generation batch and splits it into
+    micro-batches: a prompt's completions reach the model over several calls (of different
+    widths: each micro-batch padded to its own longest completion). Grouped per call, nearly
+    every group was left out as mixing prompts (and the probe's silent rule fired); grouped
+    over the step they equal the reference on the whole step, advantages included."""
+    g = torch.Generator().manual_seed(micro_batches)
+    G, V, P, C = 4, 9, 4, 6
+    rows, labels, prompt_of, adv = [], [], [], []
+    for p in range(3):
+        prompt = torch.randint(2, V, (P,), generator=g)
+        for k in range(G):
+            n = int(torch.randint(1, C + 1, (), generator=g))
+            ids = torch.cat([prompt, torch.randint(2, V, (n,), generator=g)])
+            rows.append(ids)
+            labels.append(torch.cat([torch.full((P,), -100), ids[P:]]))
+            prompt_of.append(p)
+            adv.append(0.0 if p == 1 else float(k) - 1.5)  # prompt 1: equal rewards
+    perm = torch.randperm(len(rows), generator=g)
+    rows, labels = [rows[i] for i in perm], [labels[i] for i in perm]
+    groups, adv = torch.tensor(prompt_of)[perm], torch.tensor(adv)[perm]
+    pad = nn.utils.rnn.pad_sequence
     model = lm()
-    probe = probes.GenerationDiversity("lm", group_size=4, vocab_size=10)
+    probe = probes.GenerationDiversity("lm", group_size=G, vocab_size=V, name="div")
     mon = CollapseMonitor(model, [probe], 1, strict=True)
-    with pytest.raises(ValueError, match="6 rows are not groups of 4"):
-        with mon.observe():
-            model.lm(torch.zeros(6, 3, dtype=torch.long))
+    for part in torch.tensor_split(torch.arange(len(rows)), micro_batches):
+        ids = pad([rows[i] for i in part], batch_first=True)
+        lab = pad([labels[i] for i in part], batch_first=True, padding_value=-100)
+        with mon.observe(targets=lab, advantages=adv[part]):
+            model.lm(ids)
+    got = mon.step()
     mon.close()
+    ids = pad(rows, batch_first=True)
+    lab = pad(labels, batch_first=True, padding_value=-100)
+    want = MF.generation_diversity(ids, lab != -100, groups)
+    for key in KEYS:
+        assert got[f"collapse/div/{key}"] == pytest.approx(want[key], rel=1e-12), key
+    assert got["collapse/div/mixed_groups"] == 0 and got["collapse/div/completions"] == 12
+    assert got["collapse/div/zero_advantage_fraction"] == pytest.approx(1 / 3)
+
+
+def test_a_completion_masked_whole_stays_in_its_group():
+    """TRL's mask_truncated_completions masks a truncated completion's every token: its row
+    had no completion token, was keyed on all its tokens and its group left out as mixed."""
+    prompt = [0, 0, 5, 6]  # left-padded
+    completions = [[2, 3, 1], [2, 4, 1], [7, 7, 7], [2, 3, 1]]
+    ids = torch.tensor([prompt + c for c in completions])
+    labels = ids.clone()
+    labels[:, :4] = -100
+    labels[2, 4:] = -100  # truncated: masked whole
+    model = lm()
+    probe = probes.GenerationDiversity("lm", group_size=4, vocab_size=10, name="div")
+    mon = CollapseMonitor(model, [probe], 1, strict=True)
+    with mon.observe(targets=labels, advantages=torch.tensor([0.5, -0.5, 0.0, 0.5])):
+        model.lm(ids)
+    m = mon.step()
+    mon.close()
+    assert m["collapse/div/groups"] == 1 and m["collapse/div/mixed_groups"] == 0
+    assert m["collapse/div/distinct_1"] == pytest.approx(4 / 9)  # {1, 2, 3, 4} of 9 tokens
+    assert m["collapse/div/zero_advantage_fraction"] == 0.0
 
 
 def test_zero_advantage_fraction_counts_groups_without_a_gradient():
