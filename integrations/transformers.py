@@ -229,6 +229,10 @@ class CollapseTrainerCallback(LoopAdapter, TrainerCallback):
         gives ``TokenEntropy`` and ``GenerationDiversity`` the per-sequence advantages of TRL's
         ``GRPOTrainer`` (which reach its loss step but not the model's forward).
 
+        ``targets="labels"``: the loss's labels stand for the forwards' own (TRL's
+        ``SFTTrainer`` with ``label_smoothing_factor`` or ``compute_loss_func`` runs its
+        gradient forward without labels: the prompt tokens would count).
+
         It wraps the trainer's ``compute_loss`` on this instance (TRL offers no callback that
         sees a step's inputs; a subclass would be more to ask): entries absent from a step's
         inputs are not passed.

@@ -154,8 +154,10 @@ class TrainerLoop:
         if rollout:
             self._observing = self.monitor.observe(rollout=True)
         else:
-            extra = self.context(source) if self.context is not None else {}
-            self._observing = self.monitor.observe(targets=self.read_targets(source), **extra)
+            extra = dict(self.context(source)) if self.context is not None else {}
+            # targets given by the context (the loss's own labels) stand for the forward's
+            targets = extra.pop("targets") if "targets" in extra else self.read_targets(source)
+            self._observing = self.monitor.observe(targets=targets, **extra)
         self._observing.__enter__()
 
     def stop_observing(self) -> None:

@@ -237,6 +237,44 @@ def test_sft_token_entropy_equals_trls_entropy_over_the_completion_tokens(tmp_pa
     assert "name='logits') recorded" in caplog.text and "never ran" in caplog.text
 
 
+def test_sft_with_label_smoothing_counts_the_completion_tokens_given_the_losss_labels(tmp_path):
+    """With label_smoothing_factor (or compute_loss_func) TRL runs the gradient forward
+    without labels (the labelled fused pass runs without gradients): the probe counted the
+    prompt tokens too. cb.observe_loss_inputs(trainer, targets="labels") hands it the loss's
+    labels (it raised a TypeError: observe() got targets twice)."""
+    tok = char_tokenizer()
+    tok.padding_side = "right"
+    pairs = [("ab", "cde"), ("abcdef", "g"), ("a", "bcdefgh"), ("cdefghij", "aa")] * 4
+    ds = datasets.Dataset.from_dict(
+        {"prompt": [p for p, _ in pairs], "completion": [c for _, c in pairs]}
+    )
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3, logging_steps=1,
+        learning_rate=1e-3, report_to=[], use_cpu=True, save_strategy="no", seed=0,
+        label_smoothing_factor=0.1,
+    )  # fmt: skip
+    callback = CollapseTrainerCallback(
+        [probes.TokenEntropy("model", head="lm_head", tokens=None, name="entropy")]
+    )
+    trainer = trl.SFTTrainer(
+        model=tiny_lm(len(CHARS) + 2), args=args, train_dataset=ds, processing_class=tok,
+        callbacks=[callback],
+    )  # fmt: skip
+    callback.observe_loss_inputs(trainer, targets="labels")
+    batches = []
+    original = trainer.compute_loss
+    trainer.compute_loss = lambda model, inputs, *a, **k: (
+        batches.append(inputs["labels"].clone()) or original(model, inputs, *a, **k)
+    )
+    trainer.train()
+    callback.close()
+    counted = logged(trainer, "collapse/entropy/tokens")
+    # completion tokens that predict a next one: labels shifted by one, not -100
+    want = {step + 1: float((labels[:, 1:] != -100).sum()) for step, labels in enumerate(batches)}
+    assert counted == want
+    assert_equals_trls_entropy(trainer)
+
+
 @pytest.mark.parametrize("kind", ["grpo", "sft"])
 def test_two_processes_with_a_resume_in_a_window(kind, tmp_path):
     """torchrun, 2 gloo processes: each logged window is the token mean over both ranks'
