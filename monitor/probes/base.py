@@ -49,7 +49,8 @@ HEALTH_RULES = (
         name="silent",
         patience=1,
         message="the probe ran but reported none of its metrics, as it did before: its inputs "
-        "are no longer usable (NaN or Inf rows, labels out of range); its last values are stale",
+        "are no longer usable (NaN or Inf rows, labels out of range, every row left out: see "
+        "its counts of skipped rows); its last values are stale",
     ),
 )
 
