@@ -205,11 +205,8 @@ def test_grpo_rollout_entropy_apart_from_the_trained_policys(tmp_path):
         assert got[step] == pytest.approx(total / count, rel=2e-5)
 
 
-def test_sft_token_entropy_equals_trls_entropy_over_the_completion_tokens(tmp_path, caplog):
-    # prompt-completion pairs: the loss (and TRL's entropy) covers the completion tokens only;
-    # the probe reads the labels the trainer passes (prompt and padding at -100). TRL's fused
-    # head never calls lm_head: a probe there sees nothing and says so; the hidden states with
-    # the head's weight give TRL's number
+def sft_trainer(tmp_path, probe_list, **config):
+    """TRL's SFTTrainer on prompt-completion pairs (right padding), 3 steps logged at each."""
     tok = char_tokenizer()
     tok.padding_side = "right"
     pairs = [("ab", "cde"), ("abcdef", "g"), ("a", "bcdefgh"), ("cdefghij", "aa")] * 4
@@ -218,18 +215,28 @@ def test_sft_token_entropy_equals_trls_entropy_over_the_completion_tokens(tmp_pa
     )
     args = trl.SFTConfig(
         output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3, logging_steps=1,
-        learning_rate=1e-3, report_to=[], use_cpu=True, save_strategy="no", seed=0,
+        learning_rate=1e-3, report_to=[], use_cpu=True, save_strategy="no", seed=0, **config,
     )  # fmt: skip
-    callback = CollapseTrainerCallback(
-        [
-            probes.TokenEntropy("model", head="lm_head", tokens=None, name="entropy"),
-            probes.TokenEntropy("lm_head", tokens=None, name="logits"),
-        ]
-    )
+    callback = CollapseTrainerCallback(probe_list)
     trainer = trl.SFTTrainer(
         model=tiny_lm(len(CHARS) + 2), args=args, train_dataset=ds, processing_class=tok,
         callbacks=[callback],
     )  # fmt: skip
+    return trainer, callback
+
+
+def test_sft_token_entropy_equals_trls_entropy_over_the_completion_tokens(tmp_path, caplog):
+    # prompt-completion pairs: the loss (and TRL's entropy) covers the completion tokens only;
+    # the probe reads the labels the trainer passes (prompt and padding at -100). TRL's fused
+    # head never calls lm_head: a probe there sees nothing and says so; the hidden states with
+    # the head's weight give TRL's number
+    trainer, callback = sft_trainer(
+        tmp_path,
+        [
+            probes.TokenEntropy("model", head="lm_head", tokens=None, name="entropy"),
+            probes.TokenEntropy("lm_head", tokens=None, name="logits"),
+        ],
+    )
     trainer.train()
     callback.close()
     assert_equals_trls_entropy(trainer)
@@ -242,24 +249,8 @@ def test_sft_with_label_smoothing_counts_the_completion_tokens_given_the_losss_l
     without labels (the labelled fused pass runs without gradients): the probe counted the
     prompt tokens too. cb.observe_loss_inputs(trainer, targets="labels") hands it the loss's
     labels (it raised a TypeError: observe() got targets twice)."""
-    tok = char_tokenizer()
-    tok.padding_side = "right"
-    pairs = [("ab", "cde"), ("abcdef", "g"), ("a", "bcdefgh"), ("cdefghij", "aa")] * 4
-    ds = datasets.Dataset.from_dict(
-        {"prompt": [p for p, _ in pairs], "completion": [c for _, c in pairs]}
-    )
-    args = trl.SFTConfig(
-        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3, logging_steps=1,
-        learning_rate=1e-3, report_to=[], use_cpu=True, save_strategy="no", seed=0,
-        label_smoothing_factor=0.1,
-    )  # fmt: skip
-    callback = CollapseTrainerCallback(
-        [probes.TokenEntropy("model", head="lm_head", tokens=None, name="entropy")]
-    )
-    trainer = trl.SFTTrainer(
-        model=tiny_lm(len(CHARS) + 2), args=args, train_dataset=ds, processing_class=tok,
-        callbacks=[callback],
-    )  # fmt: skip
+    probe = probes.TokenEntropy("model", head="lm_head", tokens=None, name="entropy")
+    trainer, callback = sft_trainer(tmp_path, [probe], label_smoothing_factor=0.1)
     callback.observe_loss_inputs(trainer, targets="labels")
     batches = []
     original = trainer.compute_loss
