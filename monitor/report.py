@@ -71,9 +71,12 @@ def read_scalars(
     run_dir: Path, events: list[Path] | None = None
 ) -> dict[str, dict[str, list[tuple[int, float]]]]:
     """``{run: {tag: [(step, value), ...]}}`` of every ``collapse/...`` scalar under ``run_dir``;
-    a run is a directory holding event files (its path relative to ``run_dir``). A damaged file
-    is said in a warning (stderr) naming it and where reading stopped; what it holds before that
-    point is read."""
+    a run is a directory holding event files (its path relative to ``run_dir``), read in the
+    order they were written. A later file that starts at or before a step the earlier ones reach
+    is a restart (a run resumed from a checkpoint, or started again, into the same folder): it
+    replaces their values from its first step on, as the timeline that was thrown away would
+    otherwise read as the latest state. A damaged file is said in a warning (stderr) naming it
+    and where reading stopped; what it holds before that point is read."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     runs: dict[str, dict[str, dict[int, float]]] = {}
@@ -88,13 +91,22 @@ def read_scalars(
         acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
         acc.Reload()
         run = str(path.parent.relative_to(run_dir))
-        for tag in acc.Tags().get("scalars", []):
-            if tag.startswith(f"{ROOT}/"):
-                runs.setdefault(run, {}).setdefault(tag, {}).update(
-                    {e.step: e.value for e in acc.Scalars(tag)}
-                )
+        found = {
+            tag: {e.step: e.value for e in acc.Scalars(tag)}
+            for tag in acc.Tags().get("scalars", [])
+            if tag.startswith(f"{ROOT}/")
+        }
+        first = min((min(points) for points in found.values() if points), default=None)
+        if first is None:
+            continue
+        earlier = runs.setdefault(run, {})
+        for points in earlier.values():  # (a restart: what came at or after it is replaced)
+            for step in [s for s in points if s >= first]:
+                del points[step]
+        for tag, points in found.items():
+            earlier.setdefault(tag, {}).update(points)
     return {
-        run: {tag: sorted(p.items()) for tag, p in tags.items()}
+        run: {tag: sorted(p.items()) for tag, p in tags.items() if p}
         for run, tags in sorted(runs.items())
     }
 

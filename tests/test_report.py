@@ -11,7 +11,7 @@ from collapse_monitor.integrations.tensorboard import TensorBoardSink
 from tests.probes.test_codebook_usage import Quantizer
 
 
-def write_run(log_dir, collapse: bool):
+def write_run(log_dir, collapse: bool, steps: int = 108):
     q = nn.Sequential()
     q.add_module("vq", Quantizer())
     mon = CollapseMonitor(
@@ -21,7 +21,7 @@ def write_run(log_dir, collapse: bool):
         sinks=[TensorBoardSink(log_dir)],
         observe_every_n_steps=1,
     )
-    for step in range(108):
+    for step in range(steps):
         idx = (
             torch.zeros(64, dtype=torch.long) if collapse and step >= 98 else torch.arange(64) % 16
         )
@@ -53,6 +53,20 @@ def test_report_first_alert_step_replays_the_training_rule(tmp_path, capsys):
     usage = next(r for r in run["rows"] if r["metric"] == "usage")
     # usage 1/16 from step 99: past the severe bound, the first log of a collapsed window fires
     assert usage["first_alert"] == 100
+
+
+def test_a_run_started_again_in_the_same_folder_replaces_the_old_timeline(tmp_path, capsys):
+    """A run resumed from a checkpoint, or started again, into the folder of an earlier one:
+    the old run's logs after the new one's first step were read as the latest state (a
+    collapse at step 140 held a healthy new run of 108 steps collapsed, exit 1)."""
+    write_run(tmp_path, collapse=True, steps=140)
+    assert main(["report", str(tmp_path), "--json"]) == 1
+    capsys.readouterr()
+    write_run(tmp_path, collapse=False)
+    assert main(["report", str(tmp_path), "--json"]) == 0
+    (run,) = json.loads(capsys.readouterr().out)["runs"].values()
+    usage = next(r for r in run["rows"] if r["metric"] == "usage")
+    assert usage["verdict"] == "healthy" and usage["latest"] == 1.0
 
 
 def test_report_errors_are_clear(tmp_path, capsys):
