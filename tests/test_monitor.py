@@ -162,6 +162,24 @@ def test_a_run_ending_on_a_log_says_nothing_at_close(caplog):
     assert not any("never logged" in r.message for r in caplog.records)
 
 
+def test_a_state_saved_before_step_says_it_is_unfinished(caplog):
+    """Saved after the optimizer step but before monitor.step(), the step's samples are in the
+    window while the step count is one behind: a run resumed from it logs one step late, and
+    nothing said so."""
+    model = mlp()
+    nc = probes.NeuralCollapse("2", 4, name="head")
+    mon = CollapseMonitor(model, [nc], 10, observe_every_n_steps=1)
+    with caplog.at_level("WARNING", logger="collapse_monitor"):
+        train(model, mon, 3)
+        mon.state_dict()
+        with mon.observe(targets=torch.arange(32) % 4):
+            model(torch.randn(32, 8))
+        mon.state_dict()
+    mon.close()
+    (said,) = [r.message for r in caplog.records if "unfinished" in r.message]
+    assert "save after monitor.step()" in said
+
+
 def test_a_glob_keeps_the_outermost_modules_it_matches():
     """A user's check: TokenUniformity("transformer.h.*") read 144 modules of a 12-layer GPT-2
     (every submodule of every block); "*.x" still finds x at any depth."""

@@ -491,6 +491,13 @@ class ProbeSet:
         return sum(d.errors for d in self.drivers)
 
     def state_dict(self, sync: bool) -> dict:
+        if self._recorded:  # (a checkpoint taken after the optimizer step, before step())
+            log.warning(
+                "collapse monitor: state_dict() between a recorded training step and "
+                "monitor.step(): the step is saved unfinished (its samples in the window, the "
+                "step count one behind), so a run resumed from it logs one step late; save "
+                "after monitor.step()"
+            )
         return {d.name: d.state_dict(self._group(d), sync=sync) for d in self.drivers}
 
     def stage(self, states: dict, reduced: bool) -> Callable[[], None]:
