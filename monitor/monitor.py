@@ -468,9 +468,8 @@ class CollapseMonitor:
         and lagged centres but start their window empty (each sample counted once); a state saved
         with ``sync=False`` is kept whole on every rank. Mitigations that changed the model's
         structure (σReparam) re-apply it here and add their parameters to ``optimizer``: load the
-        monitor before the model and the optimizer. The state is checked whole first (each probe's
-        identity, statistics' shapes): one that does not fit is refused naming the probe, and
-        nothing changes.
+        monitor before the model and the optimizer. A state that does not fit (a probe's
+        identity, a statistic's shape, a malformed part) is refused naming it; nothing changes.
 
         Raises:
             ValueError: a state of another version, or another probe's; KeyError: a probe or
@@ -481,11 +480,12 @@ class CollapseMonitor:
         rules = RuleEngine(self.rules.rules)  # (a copy: a malformed part changes nothing)
         rules.load_state_dict(saved["rules"])
         step, stop = int(saved["global_step"]), bool(saved["should_stop"])
-        # every other part is read by now: a mitigation's state that fails changes none of them
-        self._mitigations.load_state_dict(
-            saved["mitigations"], saved["mitigation_counts"], as_optimizers(optimizer)
+        # a mitigation's state that fails undoes the probes' (nothing changes)
+        apply_probes(
+            then=lambda: self._mitigations.load_state_dict(
+                saved["mitigations"], saved["mitigation_counts"], as_optimizers(optimizer)
+            )
         )
-        apply_probes()
         self.rules, self.global_step, self.should_stop = rules, step, stop
 
 

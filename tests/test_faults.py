@@ -313,6 +313,40 @@ def test_a_state_of_another_module_of_the_same_width_is_refused_and_nothing_chan
             assert torch.equal(v, before[k])
 
 
+def test_a_malformed_part_of_one_probes_state_changes_no_probe():
+    """A probe's extra state that fails to load (a damaged count) raised after the probes
+    before it had swapped in the checkpoint's windows: a caller that caught the error went on
+    with windows of step 6 under step 1."""
+    model = mlp()
+
+    def build():
+        return CollapseMonitor(
+            model,
+            [probes.NeuralCollapse("2", 4, name="a"), probes.DormantUnits("1", name="b")],
+            10,
+            observe_every_n_steps=1,
+        )
+
+    first = build()
+    train(model, first, 6)
+    saved = first.state_dict()
+    first.close()
+    other = build()
+    train(model, other, 1)
+    before = {n: other.driver(n).state_dict(sync=False) for n in ("a", "b")}
+    saved["probes"]["b"]["extra"]["observed_steps"] = "x"
+    with pytest.raises(ValueError):
+        other.load_state_dict(saved)
+    assert other.global_step == 1
+    for n in ("a", "b"):
+        after = other.driver(n).state_dict(sync=False)
+        assert after["extra"] == before[n]["extra"], n
+        for k, v in before[n]["window"].items():
+            if isinstance(v, torch.Tensor):
+                assert torch.equal(after["window"][k], v), (n, k)
+    other.close()
+
+
 def test_a_state_with_probes_this_monitor_does_not_have_is_refused():
     model = mlp()
     mon = CollapseMonitor(model, [probes.NeuralCollapse("2", 4, name="a")], 2)

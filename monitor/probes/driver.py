@@ -642,6 +642,16 @@ class ProbeDriver(Component, Recorder):
             raise type(exc)(f"{self.probe!r}: {exc}; nothing was loaded") from None
         return window
 
+    def loaded_state(self) -> tuple:
+        """What :meth:`apply` replaces, for :meth:`restore` (a load that fails part-way)."""
+        counts = (self._spoke, self.observed_steps, self.window_steps, self.rows_per_step)
+        return self.window, self._saved_window, counts, self.slower, self.probe.extra_state()
+
+    def restore(self, kept: tuple) -> None:
+        self.window, self._saved_window, counts, self.slower, extra = kept
+        self._spoke, self.observed_steps, self.window_steps, self.rows_per_step = counts
+        self.probe.load_extra_state(extra)
+
     def apply(self, state: dict, window: Window, rank: int = 0, reduced: bool = False) -> None:
         """Take a :meth:`stage` d window and ``state``'s other parts. ``rank``: this rank in the
         probe's group; ``reduced``: the state is one rank's for all (else this rank's own). The

@@ -500,7 +500,7 @@ class ProbeSet:
             )
         return {d.name: d.state_dict(self._group(d), sync=sync) for d in self.drivers}
 
-    def stage(self, states: dict, reduced: bool) -> Callable[[], None]:
+    def stage(self, states: dict, reduced: bool) -> Callable[..., None]:
         """Every probe's state checked and loaded into fresh windows; nothing of the probes
         changes until the returned function applies them all. A ``reduced`` state holds every
         rank's samples: only the first rank of each probe's group keeps its window (the others
@@ -514,11 +514,22 @@ class ProbeSet:
             for d in self.drivers
         ]
 
-        def apply() -> None:
+        def apply(then: Callable[[], None] = lambda: None) -> None:
+            """Apply them all, then ``then()`` (the mitigations' state), or none: a part that
+            fails restores what was applied before it."""
+            before = [(d, d.loaded_state()) for d, _ in staged]
+            plan, quiet = self._plan, self.quiet_steps
             self._plan, self.quiet_steps = None, range(0)
             self.resume()
-            for d, window in staged:
-                d.apply(states[d.name], window, _dist.rank(self._group(d)), reduced)
+            try:
+                for d, window in staged:
+                    d.apply(states[d.name], window, _dist.rank(self._group(d)), reduced)
+                then()
+            except Exception:
+                for d, kept in before:
+                    d.restore(kept)
+                self._plan, self.quiet_steps = plan, quiet
+                raise
 
         return apply
 
