@@ -399,7 +399,18 @@ def aligned_targets(
     if labels is not None:
         labels = torch.as_tensor(labels)
         if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-            raise call.error(f"{keyword} must be integer class indices, got dtype {labels.dtype}")
+            if call._context.probe.keywords.get(keyword, True):
+                raise call.error(
+                    f"{keyword} must be integer class indices, got dtype {labels.dtype}"
+                )
+            # optional labels (LogitHealth's): soft targets (mixup) leave them out, the
+            # metrics without labels stay
+            call._context.say_once(
+                "soft",
+                f"{keyword} of dtype {labels.dtype} are not class indices: the metrics "
+                "that need them are left out (the others are measured)",
+            )
+            labels = None
     if shift:
         if values.ndim < 3:
             raise call.error(f"a target shift needs (B, T, D) values, got {tuple(values.shape)}")

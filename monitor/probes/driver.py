@@ -388,6 +388,11 @@ class ProbeDriver(Component, Recorder):
         if not self.disabled:
             self.guarded(fn, grad, in_backward=True)
 
+    def say_once(self, kind: str, what: str) -> None:
+        if kind not in self._mask_warned:
+            self._mask_warned.add(kind)
+            log.warning("collapse monitor: %r: %s", self.probe, what)
+
     def warn_mask(self, path: str, mask: torch.Tensor, what: str) -> None:
         if path not in self._mask_warned:
             self._mask_warned.add(path)

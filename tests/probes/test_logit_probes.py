@@ -113,6 +113,33 @@ def test_logit_health_counts_labels_outside_the_classes_and_keeps_going():
     assert got["zero_loss_fraction"] == pytest.approx(ref["zero_loss_fraction"], rel=1e-12)
 
 
+def test_soft_targets_leave_logit_health_measuring_what_needs_no_labels(caplog):
+    """Mixup or cutmix targets (B, C) floats, passed for another probe, switched LogitHealth
+    off for the run (its targets are optional); it now measures what needs no labels, said
+    once, while NeuralCollapse (whose labels are required) still refuses them."""
+    m = head_model(C=10)
+    x = torch.randn(64, 8)
+    soft = torch.softmax(torch.randn(64, 10), -1)
+    lh = probes.LogitHealth("head", name="h")
+    mon = CollapseMonitor(m, [lh], 10**6, observe_every_n_steps=1, strict=True)
+    with caplog.at_level("WARNING", logger="collapse_monitor"):
+        for idx in torch.split(torch.arange(64), [20, 44]):
+            with mon.observe(targets=soft[idx]):
+                m(x[idx])
+    got = {k.split("/")[-1]: v for k, v in mon.compute().items()}
+    mon.close()
+    ref = F.logit_health(m.head(x).detach())
+    assert got["samples"] == 64 and "zero_loss_fraction" not in got
+    for key in ("softmax_collapse", "log_z_mean", "logit_max"):
+        assert got[key] == pytest.approx(ref[key], rel=1e-9), key
+    assert sum("are not class indices" in r.message for r in caplog.records) == 1
+    nc = CollapseMonitor(m, [probes.NeuralCollapse("head", 10, name="nc")], 1, strict=True)
+    with pytest.raises(ValueError, match="must be integer class indices"):
+        with nc.observe(targets=soft):
+            m(x)
+    nc.close()
+
+
 def test_token_uniformity_known_answers_and_padding():
     tok = torch.randn(1, 1, 16)
     same = tok.expand(3, 6, 16)
