@@ -373,6 +373,14 @@ def label_shift(
     return next(iter(shifts.values()), 0)
 
 
+def label_index(value: Any) -> int:
+    """``ignore_index`` of a probe that reads class labels, checked when it is built (``None``
+    failed at the first call, switching the probe off)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"ignore_index must be an integer label (e.g. -100), got {value!r}")
+    return value
+
+
 def aligned_targets(
     values: torch.Tensor, call: Call, keyword: str = "targets", shift: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor | None]:

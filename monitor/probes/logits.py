@@ -9,7 +9,15 @@ from torch import nn
 from .._sharding import is_sharded
 from ..contracts import Readout
 from ..functional.logits import logit_health_from_sums
-from ..reading import Reading, aligned_targets, first_tensor, floating, label_shift, token_mask
+from ..reading import (
+    Reading,
+    aligned_targets,
+    first_tensor,
+    floating,
+    label_index,
+    label_shift,
+    token_mask,
+)
 from ..rules import RuleSpec
 from ..stats import LogitSums, Window
 from .base import Probe
@@ -106,7 +114,7 @@ class LogitHealth(Probe):
             raise ValueError(f"target_shift must be >= 0, got {target_shift}")
         self.loss = loss
         self.softmax_dtype = softmax_dtype
-        self.ignore_index = ignore_index
+        self.ignore_index = label_index(ignore_index)
         self.target_shift = target_shift
         self.label_shift = 0  # resolved at attach
         self.nlm = nlm

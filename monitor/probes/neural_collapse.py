@@ -27,6 +27,7 @@ from ..reading import (
     feature_rows,
     finite_rows,
     floating,
+    label_index,
     label_shift,
 )
 from ..rules import RuleSpec
@@ -163,7 +164,7 @@ class NeuralCollapse(Probe):
         self.num_classes = int(num_classes)
         self.sampling = per_class(self.num_classes)
         self.classifier_path = classifier
-        self.ignore_index = ignore_index
+        self.ignore_index = label_index(ignore_index)
         self.target_shift = target_shift
         self.label_shift = 0  # resolved at attach (a causal LM's labels: 1)
         self.min_class_count = int(min_class_count)

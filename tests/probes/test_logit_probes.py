@@ -255,3 +255,17 @@ def test_redo_revives_dormant_units_without_changing_the_output():
     assert (st_out["exp_avg"][:, dead] == 0).all() and (st_in["exp_avg"][~dead] != 0).any()
     assert torch.equal(st_in["step"], step_before)
     assert sink.events[-1][1] == "redo" and sink.events[-1][2]["count"] == 6
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: probes.LogitHealth("head", ignore_index=None),
+        lambda: probes.NeuralCollapse("head", 10, ignore_index=None),
+    ],
+)
+def test_an_ignore_index_that_is_no_label_is_refused_when_the_probe_is_built(build):
+    """ignore_index=None was accepted and switched the probe off at its first call with an
+    obscure error ('bool' object has no attribute 'sum')."""
+    with pytest.raises(ValueError, match="ignore_index must be an integer label"):
+        build()
