@@ -121,7 +121,7 @@ class ProbeDriver(Component, Recorder):
         self._saved_window: Window | None = None
         self.model_inputs: dict = {}  # the model's attention_mask (and cache) of this forward
         self._model_signature: inspect.Signature | None = None
-        self._mask_warned: set[str] = set()
+        self._said: set[str] = set()  # say_once's kinds
         self.skipped_generation = False  # left generation forwards out (and said so once)
         self._said_bad: set[str] = set()
         self._step_hooks = HookSet()  # gradient hooks of this step (Call.on_gradient)
@@ -389,21 +389,17 @@ class ProbeDriver(Component, Recorder):
             self.guarded(fn, grad, in_backward=True)
 
     def say_once(self, kind: str, what: str) -> None:
-        if kind not in self._mask_warned:
-            self._mask_warned.add(kind)
+        """A warning naming the probe, once per ``kind`` (a module's path, a kind of input)."""
+        if kind not in self._said:
+            self._said.add(kind)
             log.warning("collapse monitor: %r: %s", self.probe, what)
 
     def warn_mask(self, path: str, mask: torch.Tensor, what: str) -> None:
-        if path not in self._mask_warned:
-            self._mask_warned.add(path)
-            log.warning(
-                "collapse monitor: %r: the model's attention_mask %s does not cover module "
-                "'%s' (%s); its padding is not known there: pass observe(mask=...)",
-                self.probe,
-                tuple(mask.shape),
-                path,
-                what,
-            )
+        self.say_once(
+            path,
+            f"the model's attention_mask {tuple(mask.shape)} does not cover module '{path}' "
+            f"({what}); its padding is not known there: pass observe(mask=...)",
+        )
 
     def _capture_model_inputs(self, module, args, kwargs) -> None:
         # (the forward's grad mode: guarded() runs without autograd)
