@@ -5,6 +5,7 @@ import faulthandler
 import gc
 import os
 import signal
+import tempfile
 import time
 from contextlib import contextmanager
 from datetime import timedelta
@@ -13,6 +14,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+# Ranks fork from a server that has imported these once (spawning imports torch and the monitor
+# again in every rank, seconds per run on this machine); the rank takes the caller's environment
+# (below), as a spawned one would.
+mp.set_forkserver_preload(["torch", "torch.distributed", "collapse_monitor", "tests.dist"])
 
 
 @contextmanager
@@ -34,7 +40,10 @@ def process_group(rank, init, world=2):
         dist.destroy_process_group()
 
 
-def _entry(rank, worker, init, out_dir):
+def _entry(rank, worker, init, out_dir, environ):
+    os.environ.clear()
+    os.environ.update(environ)
+    tempfile.tempdir = None  # re-read TMPDIR
     # SIGUSR1 dumps this rank's Python stacks: run_two asks for them before killing a hung run.
     # The file gets its name only once the handler is in place: its existence means "started".
     path = os.path.join(out_dir, f"stacks{rank}.txt")
@@ -55,8 +64,8 @@ def run_two(worker, tmp_path, name, deadline=300.0, world=2):
     loaded machine).
     """
     init = (tmp_path / "store").as_uri()  # a file store: no port to race for
-    args = (worker, init, str(tmp_path))
-    ctx = mp.start_processes(_entry, args=args, nprocs=world, join=False, start_method="spawn")
+    args = (worker, init, str(tmp_path), dict(os.environ))
+    ctx = mp.start_processes(_entry, args=args, nprocs=world, join=False, start_method="forkserver")
     stacks = [tmp_path / f"stacks{r}.txt" for r in range(world)]
     started = time.monotonic()
     while not all(p.exists() for p in stacks) and time.monotonic() - started < 600:
