@@ -66,6 +66,47 @@ def _takes_model_inputs(signature: inspect.Signature | None) -> bool:
     )
 
 
+def _signature(module: nn.Module) -> inspect.Signature | None:
+    try:
+        return inspect.signature(module.forward)
+    except (TypeError, ValueError):  # a builtin or C forward: keywords only
+        return None
+
+
+def _names_model_inputs(signature: inspect.Signature | None) -> bool:
+    """Whether a forward names a language model's inputs (a transformers model's does)."""
+    names = ("attention_mask", "input_ids", "inputs_embeds")
+    return signature is not None and any(
+        p.name in names and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        for p in signature.parameters.values()
+    )
+
+
+def _input_modules(model: nn.Module, found) -> list[tuple[nn.Module, inspect.Signature | None]]:
+    """The modules whose forward pre-hook reads the model's inputs (its ``attention_mask``...),
+    with their signatures: the model itself when its forward can be given them, and unless it
+    names them itself, the outermost module on the way to each probed module that does: a
+    transformers model inside a user's wrapper whose ``forward(batch)`` calls
+    ``self.net(**batch)`` or inside a LightningModule, a PEFT model's base model (called alone
+    after ``merge_and_unload()``), a DDP or compiled model's own. Never the stacks inside a
+    model that names them: they are called with other masks (an encoder-decoder's decoder)."""
+    signature = _signature(model)
+    chosen = [(model, signature)] if _takes_model_inputs(signature) else []
+    named = named_modules(model)  # ("": the model under its wrappers)
+    if named.get("") is model and _names_model_inputs(signature):
+        return chosen
+    for path, _ in found:
+        parts = path.split(".") if path else []
+        for i in range(len(parts) + 1):
+            module = named.get(".".join(parts[:i]))
+            signature = None if module is None else _signature(module)
+            if _names_model_inputs(signature):
+                if all(module is not m for m, _ in chosen):
+                    chosen.append((module, signature))
+                break
+    return chosen
+
+
 def _length(ids: Any, embeds: Any) -> int | None:
     """The tokens per sequence of a model call, from its ``(B, S)`` ids or ``(B, S, D)``
     embeddings (None when it has neither)."""
@@ -120,7 +161,6 @@ class ProbeDriver(Component, Recorder):
         self._reduced: Window | None = None
         self._saved_window: Window | None = None
         self.model_inputs: dict = {}  # the model's attention_mask (and cache) of this forward
-        self._model_signature: inspect.Signature | None = None
         self._said: set[str] = set()  # say_once's kinds
         self.skipped_generation = False  # left generation forwards out (and said so once)
         self._said_bad: set[str] = set()
@@ -187,15 +227,11 @@ class ProbeDriver(Component, Recorder):
                 f"{probe!r}: skips_generation needs uses_token_mask (the model's inputs)"
             )
         if probe.uses_token_mask:
-            try:
-                self._model_signature = inspect.signature(setup.model.forward)
-            except (TypeError, ValueError):  # a builtin or C forward: keywords only
-                self._model_signature = None
             # (never off the model: a trainer may enter observe() inside the model's own
-            # forward, from a pre-hook, after PyTorch read the model's pre-hooks); none on a
-            # model whose forward takes none of the inputs it reads (forward(x): nothing to read)
-            if _takes_model_inputs(self._model_signature):
-                self._model_hooks.forward_pre(setup.model, self._capture_model_inputs)
+            # forward, from a pre-hook, after PyTorch read the model's pre-hooks)
+            for module, signature in _input_modules(setup.model, found):
+                capture = functools.partial(self._capture_model_inputs, signature)
+                self._model_hooks.forward_pre(module, capture)
         return tuple(probe.paths)
 
     def _fresh_window(self) -> Window:
@@ -401,21 +437,25 @@ class ProbeDriver(Component, Recorder):
             f"({what}); its padding is not known there: pass observe(mask=...)",
         )
 
-    def _capture_model_inputs(self, module, args, kwargs) -> None:
+    def _capture_model_inputs(self, signature, module, args, kwargs) -> None:
         # (the forward's grad mode: guarded() runs without autograd)
         if self._active or (self.tp is not None and self._gathering):
             encoder_decoder = getattr(getattr(module, "config", None), "is_encoder_decoder", False)
-            self.guarded(
-                self._keep_model_inputs, args, kwargs, torch.is_grad_enabled(), encoder_decoder
-            )
+            grad = torch.is_grad_enabled()
+            self.guarded(self._keep_model_inputs, signature, args, kwargs, grad, encoder_decoder)
 
     def _keep_model_inputs(
-        self, args: tuple, kwargs: dict, grad: bool, encoder_decoder: bool = False
+        self,
+        signature: inspect.Signature | None,
+        args: tuple,
+        kwargs: dict,
+        grad: bool,
+        encoder_decoder: bool = False,
     ) -> None:
         bound = dict(kwargs)
-        if args and self._model_signature is not None:  # model(ids, mask): by position too
+        if args and signature is not None:  # model(ids, mask): by position too
             try:
-                bound = dict(self._model_signature.bind_partial(*args, **kwargs).arguments)
+                bound = dict(signature.bind_partial(*args, **kwargs).arguments)
             except TypeError:
                 pass
         mask = bound.get("attention_mask")

@@ -4,6 +4,7 @@ padding on either side, grouped-query decoding, GPT-2's Conv1D), ``nn.Transforme
 ``torch.distributions`` event dimensions, convolutions in both layouts. Every expected value is
 computed independently, from the definition."""
 
+import copy
 import logging
 import math
 
@@ -865,6 +866,69 @@ def test_a_routers_padded_tokens_are_skipped():
     assert got["collapse/router/samples"] == 2 * mask.sum()
     assert got["collapse/router/skipped"] == 2 * (mask == 0).sum()
     assert got["collapse/router/perplexity"] == pytest.approx(perplexity, rel=1e-9)
+
+
+class Wrapper(nn.Module):
+    """A user's task model: ``forward(batch)`` calls the transformers model with the batch."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch):
+        return self.model(**batch).logits
+
+
+def test_the_padding_of_a_model_inside_a_wrapper_a_lightning_module_or_merged_is_read():
+    """A transformers model called from a user's wrapper or a LightningModule's training_step
+    (its model's forward is never called), or a PEFT model's base model after
+    merge_and_unload(): its own attention_mask is the padding (it was read only from the model
+    given to the monitor, so every padded token counted)."""
+    import lightning as L
+    import peft
+
+    class Module(L.LightningModule):  # forward(*args, **kwargs): Lightning's own, never called
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def training_step(self, batch, i):
+            return self.model(**batch).logits
+
+    ids = torch.randint(1, 64, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = mask[2, :9] = 0  # left padding
+    batch = {"input_ids": ids * mask, "attention_mask": mask}
+    model = tiny("Mixtral", num_local_experts=4, num_experts_per_tok=2, num_hidden_layers=1)
+    seen = []
+    model.model.layers[0].mlp.gate.register_forward_hook(lambda m, a, o: seen.append(o[2].clone()))
+    lora = peft.get_peft_model(
+        copy.deepcopy(model), peft.LoraConfig(r=2, target_modules=["q_proj"])
+    )
+    merged = lora.merge_and_unload()  # the model's own forward from now on
+    runs = {
+        "wrapper": (Wrapper(model), "model.", lambda root: root(batch)),
+        "lightning": (Module(model), "model.", lambda root: root.training_step(batch, 0)),
+        "merged": (lora, "", lambda root: merged(**batch).logits),
+    }
+    for name, (root, prefix, call) in runs.items():
+        seen.clear()
+        logits = []
+        watched = [
+            probes.CodebookUsage(prefix + "model.layers.0.mlp.gate", 4, name="router"),
+            probes.TokenEntropy(prefix + "lm_head", tokens=None, name="tok"),
+        ]
+        got = run(root, watched, lambda s, c=call, r=root, out=logits: out.append(c(r).detach()))
+        # by hand: the router's choices of real tokens; the entropy of each real position whose
+        # next token is real (a causal LM's prediction)
+        usage, perplexity = usage_by_hand(seen[0].reshape(3, 12, 2)[mask.bool()].numpy(), 4)
+        assert got["collapse/router/samples"] == 2 * mask.sum(), name
+        assert got["collapse/router/skipped"] == 2 * (mask == 0).sum(), name
+        assert got["collapse/router/perplexity"] == pytest.approx(perplexity, rel=1e-9), name
+        logp = logits[0].double().log_softmax(-1)[:, :-1]
+        entropy = -(logp.exp() * logp).sum(-1)[(mask[:, :-1] * mask[:, 1:]).bool()]
+        assert got["collapse/tok/tokens"] == entropy.numel(), name
+        assert got["collapse/tok/entropy_mean"] == pytest.approx(entropy.mean().item(), rel=1e-6)
 
 
 def test_a_routers_decoding_steps_read_the_masks_last_positions():
