@@ -54,3 +54,17 @@ def find_codebook(
         f"{owner}: cannot tell which tensor of '{path}' is the codebook (candidates shaped "
         f"(..., {K}, D): {shaped}); pass codebook='<name>'"
     )
+
+
+def holders_outside(model: nn.Module, mod: nn.Module, tensor: torch.Tensor) -> list[str]:
+    """The modules of ``model`` outside ``mod`` that hold ``tensor`` as their own parameter or
+    buffer (torch's names): the other users of a codebook shared between quantizers
+    (``ResidualVQ(shared_codebook=True)``), whose codes ``mod``'s usage does not show."""
+    named = list(model.named_modules(remove_duplicate=False))
+    roots = [p for p, m in named if m is mod]
+    return [
+        p
+        for p, m in named
+        if any(t is tensor for t in (*m._parameters.values(), *m._buffers.values()))
+        and not any(r == "" or p == r or p.startswith(r + ".") for r in roots)
+    ]

@@ -16,7 +16,7 @@ from ..contracts import Event, Replaced
 from ..keys import MetricKey
 from ..reading import describe, finite_rows, first_input, is_index, single_index_tensor
 from .base import Mitigation, find_probe, optimizer_states, unheld
-from .codebooks import find_codebook
+from .codebooks import find_codebook, holders_outside
 from .reset_every_step import EveryStepResets
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,10 @@ class ResetDeadCodes(Mitigation):
         seed: seed of rank 0's draws (combined with the step).
         name: see :class:`~collapse_monitor.mitigations.Mitigation` (default
             ``"reset_dead_codes"``).
+
+    Raises:
+        ValueError: (when the monitor is built) the codebook is shared with modules outside
+            ``module`` (``ResidualVQ(shared_codebook=True)``: point it at the residual module).
     """
 
     on_quiet_steps = False  # (it acts on steps its probe records, and at logs)
@@ -179,6 +183,15 @@ class ResetDeadCodes(Mitigation):
         self.codebook_path, codebook = find_codebook(
             mod, self.codebook_name, self.num_codes, f"{self!r}", self.path
         )
+        shared = holders_outside(setup.model, mod, codebook)
+        if shared:
+            raise ValueError(
+                f"{self!r}: codebook '{self.codebook_path}' of '{self.path}' is also used by "
+                f"{shared} (a shared codebook: ResidualVQ(shared_codebook=True)); a reset judged "
+                "on this module's codes alone would replace codes the others use. Point one "
+                "CodebookUsage (heads=1: their codes pooled) and one ResetDeadCodes at the module "
+                "that holds every user"
+            )
         K, heads = self.num_codes, self.heads
         shape = shape_of(codebook)  # (a ZeRO-3 partition's whole shape)
         if not (len(shape) == 2 and shape[0] == K and heads == 1) and not (
