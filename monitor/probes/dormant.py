@@ -34,7 +34,9 @@ _CHANNELS_LAST = (nn.Linear, nn.Bilinear, nn.LayerNorm, nn.RMSNorm, nn.Embedding
 def known_layout(module: nn.Module) -> int | None:
     """The unit axis of ``module``'s output by its type: 1 (channels first: convolutions, batch
     and group norms), -1 (channels last: linear layers, ``transformers``' ``Conv1D``, layer norms),
-    None when the type does not say."""
+    None when the type does not say. A PEFT adapter layer maps as its base layer does."""
+    if tuner_layer(module):
+        module = module.get_base_layer()
     if isinstance(module, _CHANNELS_FIRST):
         return 1
     if _normalises_a_map(module):

@@ -136,13 +136,15 @@ def test_adapters_whose_map_is_not_low_rank_and_rewrites_of_adapted_layers_are_r
 
 def test_dormant_units_read_adapted_mlp_layers_as_their_base_layers():
     # LoRA on every linear layer of the MLP: the unit axis of the activation is still read
-    # from the block's layers (no channel_dim); adapters at 0 give the plain model's numbers
+    # from the block's layers, and an adapted layer's (B, T, units) output as its base layer's
+    # (no channel_dim); adapters at 0 give the plain model's numbers
     ids = torch.randint(0, V, (3, 7), generator=torch.Generator().manual_seed(4))
 
     def dormant(model):
-        mon = CollapseMonitor(
-            model, [probes.DormantUnits("model.layers.0.mlp.act_fn", name="d")], 1, strict=True
-        )
+        watched = [
+            probes.DormantUnits(f"model.layers.0.mlp.{m}", name=m) for m in ("act_fn", "up_proj")
+        ]
+        mon = CollapseMonitor(model, watched, 1, strict=True)
         with mon.observe(), torch.no_grad():
             model(input_ids=ids)
         out = mon.step()
@@ -152,6 +154,7 @@ def test_dormant_units_read_adapted_mlp_layers_as_their_base_layers():
     plain = dormant(tiny("Llama", vocab_size=V, num_hidden_layers=1))
     config = peft.LoraConfig(r=4, target_modules="all-linear")
     adapted = dormant(peft.get_peft_model(tiny("Llama", vocab_size=V, num_hidden_layers=1), config))
+    assert "collapse/up_proj/model.layers.0.mlp.up_proj/mean_abs" in plain
     assert adapted == pytest.approx(plain, rel=1e-6)
 
 
