@@ -159,6 +159,24 @@ def test_transformer_encoder_layer_including_the_fast_path(norm_first):
         assert torch.allclose(norm, ref["entropy_norm"], rtol=1e-4)
 
 
+def test_an_is_causal_hint_without_a_mask_is_read_as_the_fast_path_runs_it():
+    """PyTorch's fast path (eval, no autograd) ignores ``is_causal`` without a mask and attends
+    to every key (its slow path raises); the entropy is that of the attention that ran."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True).eval()
+    m = nn.Sequential()
+    m.add_module("attn", layer)
+    x = torch.randn(2, 6, 16)
+    mon = watch(m)
+    with mon.observe(), torch.no_grad():
+        out = layer(x, is_causal=True)
+        assert torch.allclose(out, layer(x), atol=1e-6)  # (what ran: full attention)
+    ent, _, _ = layer_metrics(mon, layer="attn.self_attn")
+    _, w = layer.self_attn(x, x, x, need_weights=True, average_attn_weights=False)
+    ref = MF.attention_entropy(w.detach(), torch.ones(1, 1, 6, 6, dtype=torch.bool))
+    assert torch.allclose(ent, ref["entropy"], rtol=1e-4)
+
+
 def test_a_transformer_encoders_nested_fast_path_in_a_snapshot(caplog):
     """``nn.TransformerEncoder`` (``enable_nested_tensor=True``, the default) in eval mode hands
     its layers nested tensors without the padding: attention and token uniformity read them

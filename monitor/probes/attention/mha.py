@@ -1,8 +1,10 @@
 """Attention source 2: ``nn.MultiheadAttention``, recomputed from the module's inputs and its
 projection weights (its fast path and its internal calls skip Python-level hooks).
 
-``key_padding_mask`` and ``attn_mask`` follow PyTorch's convention (True or ``-inf`` = masked);
-``is_causal`` applies when no ``attn_mask`` is given. Query padding: in self-attention (the query
+``key_padding_mask`` and ``attn_mask`` follow PyTorch's convention (True or ``-inf`` = masked).
+``is_causal`` is PyTorch's hint that ``attn_mask`` is the causal mask: the mask is read. Without
+one PyTorch raises on its slow path and attends to every key on its fast path (eval mode, no
+autograd), which is then what is read. Query padding: in self-attention (the query
 is the key) the key padding marks the padded queries too; inside an ``nn.TransformerDecoderLayer``
 the layer's ``tgt_key_padding_mask`` marks the queries of both its self- and its
 cross-attention (whose key padding is the memory's).
@@ -92,7 +94,6 @@ def mha_scores(
     attn_mask = a.get("attn_mask")
     if attn_mask is not None:
         add(attn_mask, (B, H, L, S) if attn_mask.ndim == 3 else (1, 1, L, S))
-    scores.causal = bool(a.get("is_causal")) and attn_mask is None
     if queries is None and self_attention:
         queries = _padding(kpm, (B, L))
     scores.queries = queries
