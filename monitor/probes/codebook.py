@@ -45,8 +45,11 @@ class CodebookUsage(Probe):
         module: path of the quantiser module.
         num_codes: ``K``, codes per codebook.
         heads: ``H``; with ``H > 1`` the last dimension of the indices is the head and every
-            head has its own counts, reported as ``.../head_<h>``. With ``H = 1`` every index
-            counts (e.g. the ``(tokens, k)`` top-k choices of an MoE router).
+            head has its own counts, reported as ``.../head_<h>``; the usage and perplexity
+            metrics without an index are the worst head's where each head has a codebook of its
+            own, their mean for heads on one shared codebook (read from a vector-quantize-pytorch
+            module's ``shared_codebook`` / ``separate_codebook_per_head``). With ``H = 1`` every
+            index counts (e.g. the ``(tokens, k)`` top-k choices of an MoE router).
         ema_decay: decay ``d`` of the usage EMA, advanced once per observed training step.
         dead_threshold: a code is dead when its EMA usage, in hits per row (a row is one index
             per head), is below this; default ``0.01 / K`` (1% of a uniform share).
@@ -76,7 +79,7 @@ class CodebookUsage(Probe):
     low), ``usage_ratio`` (``usage / usage_uniform``), ``dead_codes``, ``dead_fraction``,
     ``samples`` (hits in the window), ``skipped``
     (placeholder entries) and ``out_of_range`` (indices outside ``[0, K)``, left out),
-    ``usage_recent`` (the usage of the latest training steps alone, mean over heads: the fewest
+    ``usage_recent`` (the usage of the latest training steps alone: the fewest
     latest steps, up to 128 and across logs, whose indices would show a uniform codebook 90%
     of its codes, ``T >= 2.3 K`` per head, so that it is not low by construction; their number
     is ``usage_recent_steps``; not reported before that many indices were seen: the usage
@@ -207,6 +210,7 @@ class CodebookUsage(Probe):
         self.ignore_index = ignore_index
         self.one_hot = one_hot
         self._one_hot: dict[str, bool] = {}
+        self.shared_heads = False  # heads read apart on one codebook (read at attach)
 
     def new_window(self) -> Window:
         H, K = self.heads, self.num_codes
@@ -272,8 +276,11 @@ class CodebookUsage(Probe):
                 f"counts codebooks of one size; probe its layers apart ('{path}.layers.0', ...)",
             )
         n = max(layers)
-        if getattr(mod, "shared_codebook", False):  # (one codebook: pooled or apart, both hold)
-            n = 1
+        if getattr(mod, "shared_codebook", False) or (
+            int(getattr(mod, "heads", 1) or 1) > 1
+            and getattr(mod, "separate_codebook_per_head", None) is False
+        ):  # (one codebook: pooled or apart, both hold)
+            n, self.shared_heads = 1, True
         elif getattr(mod, "separate_codebook_per_head", False):
             n = int(getattr(mod, "heads", 1))
         if int(n) > 1 and self.heads != int(n):
@@ -402,8 +409,9 @@ class CodebookUsage(Probe):
         metrics.update(self._recent(window["recent"]))
         if self.heads > 1:  # over the heads the window saw (NaN: none)
             metrics[self.key(f"dead_{self.unit}")] = float(dead.sum()) if seen.any() else _NAN
-            for name in ("dead_fraction", "usage", "usage_uniform", "usage_ratio"):
-                metrics[self.key(name)] = float(per_head[name].nanmean())
+            metrics[self.key("dead_fraction")] = float(per_head["dead_fraction"].nanmean())
+            for name in ("usage", "usage_uniform", "usage_ratio", "perplexity_ratio"):
+                metrics[self.key(name)] = self._over_heads(per_head[name] + unseen)
             metrics[self.key("skipped")] = float(win.skipped.sum())
             metrics[self.key("out_of_range")] = float(win.out_of_range.sum())
         counts = win.counts.clone()  # the window is reset in place after the log
@@ -424,14 +432,24 @@ class CodebookUsage(Probe):
         if not len(enough):
             return {}
         steps = int(enough[0]) + 1
-        usage = float(recent.usage(steps).mean())
+        usage = self._over_heads(recent.usage(steps))
         out = {
             self.key("usage_recent"): usage,
             self.key("usage_recent_steps"): float(steps),
         }
-        if self.num_codes > 1:  # codes hit in those steps (per head, mean over heads)
+        if self.num_codes > 1:  # codes hit in those steps
             out[self.key(f"{self.unit}_used_recent")] = usage * self.num_codes
         return out
+
+    def _over_heads(self, values: torch.Tensor) -> float:
+        """One value of the heads' ``(H,)`` values (NaN: a head the window did not see): with a
+        codebook each, the worst head's (one collapsed codebook is a collapsed quantiser, which
+        a mean hides: 1 of 64 codes in the first of 3 residual layers read a mean usage of 0.62);
+        for heads on one shared codebook, their mean."""
+        values = values[~values.isnan()]
+        if not len(values):
+            return _NAN
+        return float(values.mean() if self.shared_heads else values.min())
 
     def _extra_metrics(self, win: CodeCounts) -> dict[str, torch.Tensor]:
         return {}
@@ -532,6 +550,16 @@ class LatentUsage(CodebookUsage):
         rows = finite.sum(dtype=torch.int64)[None]
         for name in ("counts", "step"):
             window[name].add_counts(hits, rows, (~finite).sum()[None])
+
+    def _over_heads(self, values: torch.Tensor) -> float:
+        """One value of the heads' ``(H,)`` values (NaN: a head the window did not see): with a
+        codebook each, the worst head's (one collapsed codebook is a collapsed quantiser, which
+        a mean hides: 1 of 64 codes in the first of 3 residual layers read a mean usage of 0.62);
+        for heads on one shared codebook, their mean."""
+        values = values[~values.isnan()]
+        if not len(values):
+            return _NAN
+        return float(values.mean() if self.shared_heads else values.min())
 
     def _extra_metrics(self, win: CodeCounts) -> dict[str, torch.Tensor]:
         return {"fire_rate": fire_rate(win.counts, win.rows), "samples": win.rows.to(_F64)}

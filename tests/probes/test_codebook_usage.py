@@ -79,7 +79,9 @@ def test_heads_are_reported_separately():
     assert m["collapse/vq/perplexity/head_0"] == pytest.approx(K)
     assert m["collapse/vq/perplexity/head_1"] == pytest.approx(1.0)
     assert m["collapse/vq/perplexity/head_2"] == pytest.approx(4.0)
-    assert m["collapse/vq/usage"] == pytest.approx((1 + 1 / 16 + 4 / 16) / 3)
+    # each head a codebook of its own: the quantiser is as used as its worst codebook
+    assert m["collapse/vq/usage"] == 1 / 16
+    assert m["collapse/vq/perplexity_ratio"] == pytest.approx(1 / K)
 
 
 def test_ema_dead_codes_equal_a_plain_loop_reference():

@@ -113,6 +113,37 @@ def test_a_codebook_shared_by_residual_layers_is_reset_on_their_pooled_usage_onl
     mon.close()
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_residual_quantiser_with_one_collapsed_layer_alerts(shared):
+    """The first of 3 residual layers on 1 of its 16 codes, the others spread: the quantiser's
+    usage is its worst codebook's and the default rule fires at the first log (the mean over
+    layers read about 0.6 and nothing fired); layers on one shared codebook give their mean."""
+    torch.manual_seed(0)
+    rvq = ResidualVQ(dim=4, codebook_size=16, num_quantizers=3, shared_codebook=shared).eval()
+    if not shared:
+        with torch.no_grad():
+            rvq.layers[0]._codebook.embed[0, 1:] = 1e3  # every input is nearest to code 0
+    model = nn.Module()
+    model.rvq = rvq
+    seen, alerts = [], []
+    rvq.register_forward_hook(lambda m, a, o: seen.append(o[1].detach().clone()))
+    probe = probes.CodebookUsage("rvq", 16, heads=3, name="rvq")
+    mon = CollapseMonitor(model, [probe], 2, observe_every_n_steps=1, on_alert=alerts.append)
+    for _ in range(2):
+        with mon.observe():
+            rvq(torch.randn(6, 10, 4))
+        metrics = mon.step()
+    mon.close()
+    idx = torch.cat(seen).reshape(-1, 3).numpy()
+    usages = [usage_by_hand(idx[:, h], 16)[0] for h in range(3)]
+    want = np.mean(usages) if shared else min(usages)
+    assert metrics["collapse/rvq/usage"] == pytest.approx(want, rel=1e-12)
+    if not shared:
+        assert usages[0] == 1 / 16 and min(usages[1:]) > 0.5
+        # (its worst codebook's recent steps chose one code: the single-code rule too)
+        assert sorted(a.rule for a in alerts) == ["rvq/single_code", "rvq/usage_below"]
+
+
 def test_a_quantiser_with_several_codebooks_must_be_read_per_codebook():
     """A ResidualVQ (or VectorQuantize with a codebook per head) returns one index into each of
     its codebooks: pooled as one codebook (the default heads=1) a user's check read 1.0 for
@@ -220,7 +251,7 @@ def test_a_quantizer_dropout_left_out_for_a_whole_window_shows_nothing():
             continue
         checked += 1
         usages = [usage_by_hand(idx[:, h][idx[:, h] >= 0], 16)[0] for h in range(4) if used[h]]
-        assert metrics["collapse/rvq/usage"] == pytest.approx(np.mean(usages))
+        assert metrics["collapse/rvq/usage"] == min(usages)  # (a codebook each: the worst)
         (mask,) = masks.seen[-1].values()
         for h in range(4):
             assert (f"collapse/rvq/usage/head_{h}" in metrics) == used[h]
