@@ -27,6 +27,15 @@ log = logging.getLogger(__name__)
 
 _F64 = torch.float64
 _NAN = float("nan")
+# With a codebook per head, the values without an index (the rules') are the worst head's
+# (True) where they measure a collapse: one collapsed codebook is a collapsed quantiser, which
+# a mean hides (1 of 64 codes in the first of 3 residual layers read a mean usage of 0.62, the
+# perplexity ratio of that layer 0.016). Usage itself stays the mean: a healthy residual
+# quantiser's last layers use a third of their codes (0.32-0.36 held out), at the usage rule's
+# line, while its ratios stay far from the collapse rules' tenth. usage_uniform: the thinnest
+# head's, so a window is judged only where every head holds enough assignments. Likewise the
+# latest steps: usage_recent the mean, codes_used_recent (a single code) the worst head's.
+_OVER_HEADS = {"usage": False, "usage_uniform": True, "usage_ratio": True, "perplexity_ratio": True}
 # usage_recent is the usage of the fewest latest steps whose assignments would show a uniform
 # codebook 90% of its codes (T >= 2.3 K): a sample in which it is not low by construction, the
 # same the window needs for the usage rule (a collapse at initialisation alerts at the first log)
@@ -45,10 +54,12 @@ class CodebookUsage(Probe):
         module: path of the quantiser module.
         num_codes: ``K``, codes per codebook.
         heads: ``H``; with ``H > 1`` the last dimension of the indices is the head and every
-            head has its own counts, reported as ``.../head_<h>``; the usage and perplexity
-            metrics without an index are the worst head's where each head has a codebook of its
-            own, their mean for heads on one shared codebook (read from a vector-quantize-pytorch
-            module's ``shared_codebook`` / ``separate_codebook_per_head``). With ``H = 1`` every
+            head has its own counts, reported as ``.../head_<h>``; without an index, ``usage``
+            and ``usage_recent`` are means over heads, and ``usage_uniform``, ``usage_ratio``
+            and ``perplexity_ratio`` the lowest head's where each head has a codebook of its
+            own: a collapsed codebook is a collapsed quantiser (their means for heads on one
+            shared codebook, read from a vector-quantize-pytorch module's ``shared_codebook`` /
+            ``separate_codebook_per_head``). With ``H = 1`` every
             index counts (e.g. the ``(tokens, k)`` top-k choices of an MoE router).
         ema_decay: decay ``d`` of the usage EMA, advanced once per observed training step.
         dead_threshold: a code is dead when its EMA usage, in hits per row (a row is one index
@@ -123,15 +134,18 @@ class CodebookUsage(Probe):
         # judged from the first log on, wherever the window holds enough assignments that a
         # healthy (uniform) codebook would show nearly all its codes: usage_uniform > 0.9, i.e.
         # T >= 2.3 K (a collapse at initialisation, the classic failure, alerts at once)
-        # 0.4: healthy routers sit at half their experts for many logs (and one dipped to 5 of
-        # 12); severe 0.3 fires at once on the window or on the latest steps, a sample of their
-        # own, so that a router of 8 experts on 2 inside its first window alerts at that log;
-        # above 0.3 the latest steps are not trusted alone (a healthy codebook's first steps
-        # dip to 0.33-0.5 as its dead codes are replaced). Known limit: one 128-token step of
-        # a healthy but unbalanced router of 20 experts read 0.25 (detection.py, seventh round)
+        # 0.35: healthy routers sit at half their experts for many logs (one dipped to 5 of 12,
+        # a 20-expert one to 7 of 20), and a healthy 1024-code codebook climbing from its
+        # initial 12% read 0.38 at its first log (0.43 held out: a window's usage is lower than
+        # a larger sample's); severe 0.3 fires at once on the window or on the latest steps, a
+        # sample of their own, so that a router of 8 experts on 2 inside its first window
+        # alerts at that log; above 0.3 the latest steps are not trusted alone (a healthy
+        # codebook's first steps dip to 0.33-0.5 as its dead codes are replaced). Known limit:
+        # one 128-token step of a healthy but unbalanced router of 20 experts read 0.25
+        # (detection.py, seventh round)
         RuleSpec(
             "usage",
-            0.4,
+            0.35,
             "below",
             name="usage_below",
             severe=0.3,
@@ -141,7 +155,7 @@ class CodebookUsage(Probe):
             # the latest steps' usage (a collapse inside the window: the window's usage still
             # holds the healthy steps before it)
             latest="usage_recent",
-            message="under 40% of the codes are used: for a quantiser consider ResetDeadCodes "
+            message="under 35% of the codes are used: for a quantiser consider ResetDeadCodes "
             "or SimVQ; for an MoE router, a load-balancing loss",
         ),
         # a window too thin for the usage rule can still show a total collapse: a tenth of the
@@ -410,8 +424,9 @@ class CodebookUsage(Probe):
         if self.heads > 1:  # over the heads the window saw (NaN: none)
             metrics[self.key(f"dead_{self.unit}")] = float(dead.sum()) if seen.any() else _NAN
             metrics[self.key("dead_fraction")] = float(per_head["dead_fraction"].nanmean())
-            for name in ("usage", "usage_uniform", "usage_ratio", "perplexity_ratio"):
-                metrics[self.key(name)] = self._over_heads(per_head[name] + unseen)
+            # usage: the mean; the collapse ratios: the worst head's (see _over_heads)
+            for name, worst in _OVER_HEADS.items():
+                metrics[self.key(name)] = self._over_heads(per_head[name] + unseen, worst)
             metrics[self.key("skipped")] = float(win.skipped.sum())
             metrics[self.key("out_of_range")] = float(win.out_of_range.sum())
         counts = win.counts.clone()  # the window is reset in place after the log
@@ -432,24 +447,24 @@ class CodebookUsage(Probe):
         if not len(enough):
             return {}
         steps = int(enough[0]) + 1
-        usage = self._over_heads(recent.usage(steps))
+        usage = recent.usage(steps)  # (H,)
         out = {
-            self.key("usage_recent"): usage,
+            self.key("usage_recent"): self._over_heads(usage, worst=False),
             self.key("usage_recent_steps"): float(steps),
         }
-        if self.num_codes > 1:  # codes hit in those steps
-            out[self.key(f"{self.unit}_used_recent")] = usage * self.num_codes
+        if self.num_codes > 1:  # codes hit in those steps (a single code: total collapse)
+            out[self.key(f"{self.unit}_used_recent")] = (
+                self._over_heads(usage, True) * self.num_codes
+            )
         return out
 
-    def _over_heads(self, values: torch.Tensor) -> float:
-        """One value of the heads' ``(H,)`` values (NaN: a head the window did not see): with a
-        codebook each, the worst head's (one collapsed codebook is a collapsed quantiser, which
-        a mean hides: 1 of 64 codes in the first of 3 residual layers read a mean usage of 0.62);
-        for heads on one shared codebook, their mean."""
+    def _over_heads(self, values: torch.Tensor, worst: bool) -> float:
+        """One value of the heads' ``(H,)`` values (NaN: a head the window did not see): their
+        mean, or with ``worst`` and a codebook per head, the lowest."""
         values = values[~values.isnan()]
         if not len(values):
             return _NAN
-        return float(values.mean() if self.shared_heads else values.min())
+        return float(values.min() if worst and not self.shared_heads else values.mean())
 
     def _extra_metrics(self, win: CodeCounts) -> dict[str, torch.Tensor]:
         return {}
@@ -551,15 +566,13 @@ class LatentUsage(CodebookUsage):
         for name in ("counts", "step"):
             window[name].add_counts(hits, rows, (~finite).sum()[None])
 
-    def _over_heads(self, values: torch.Tensor) -> float:
-        """One value of the heads' ``(H,)`` values (NaN: a head the window did not see): with a
-        codebook each, the worst head's (one collapsed codebook is a collapsed quantiser, which
-        a mean hides: 1 of 64 codes in the first of 3 residual layers read a mean usage of 0.62);
-        for heads on one shared codebook, their mean."""
+    def _over_heads(self, values: torch.Tensor, worst: bool) -> float:
+        """One value of the heads' ``(H,)`` values (NaN: a head the window did not see): their
+        mean, or with ``worst`` and a codebook per head, the lowest."""
         values = values[~values.isnan()]
         if not len(values):
             return _NAN
-        return float(values.mean() if self.shared_heads else values.min())
+        return float(values.min() if worst and not self.shared_heads else values.mean())
 
     def _extra_metrics(self, win: CodeCounts) -> dict[str, torch.Tensor]:
         return {"fire_rate": fire_rate(win.counts, win.rows), "samples": win.rows.to(_F64)}

@@ -79,9 +79,10 @@ def test_heads_are_reported_separately():
     assert m["collapse/vq/perplexity/head_0"] == pytest.approx(K)
     assert m["collapse/vq/perplexity/head_1"] == pytest.approx(1.0)
     assert m["collapse/vq/perplexity/head_2"] == pytest.approx(4.0)
-    # each head a codebook of its own: the quantiser is as used as its worst codebook
-    assert m["collapse/vq/usage"] == 1 / 16
+    assert m["collapse/vq/usage"] == pytest.approx((1 + 1 / 16 + 4 / 16) / 3)
+    # each head a codebook of its own: the collapse ratios are the worst codebook's
     assert m["collapse/vq/perplexity_ratio"] == pytest.approx(1 / K)
+    assert m["collapse/vq/usage_ratio"] == pytest.approx(m["collapse/vq/usage_ratio/head_1"])
 
 
 def test_ema_dead_codes_equal_a_plain_loop_reference():

@@ -115,9 +115,10 @@ def test_a_codebook_shared_by_residual_layers_is_reset_on_their_pooled_usage_onl
 
 @pytest.mark.parametrize("shared", [False, True])
 def test_a_residual_quantiser_with_one_collapsed_layer_alerts(shared):
-    """The first of 3 residual layers on 1 of its 16 codes, the others spread: the quantiser's
-    usage is its worst codebook's and the default rule fires at the first log (the mean over
-    layers read about 0.6 and nothing fired); layers on one shared codebook give their mean."""
+    """The first of 3 residual layers on 1 of its 16 codes, the others spread: the collapse
+    measures are the worst codebook's, and the single-code rule fires at the first log (means
+    over layers read about 0.4 and half the codes: nothing fired); layers on one shared
+    codebook give their mean."""
     torch.manual_seed(0)
     rvq = ResidualVQ(dim=4, codebook_size=16, num_quantizers=3, shared_codebook=shared).eval()
     if not shared:
@@ -135,13 +136,15 @@ def test_a_residual_quantiser_with_one_collapsed_layer_alerts(shared):
         metrics = mon.step()
     mon.close()
     idx = torch.cat(seen).reshape(-1, 3).numpy()
-    usages = [usage_by_hand(idx[:, h], 16)[0] for h in range(3)]
-    want = np.mean(usages) if shared else min(usages)
-    assert metrics["collapse/rvq/usage"] == pytest.approx(want, rel=1e-12)
+    usages, perplexities = zip(*(usage_by_hand(idx[:, h], 16) for h in range(3)))
+    ratios = np.array(perplexities) / 16
+    want = np.mean(ratios) if shared else min(ratios)
+    assert metrics["collapse/rvq/perplexity_ratio"] == pytest.approx(want, rel=1e-12)
+    assert metrics["collapse/rvq/usage"] == pytest.approx(np.mean(usages), rel=1e-12)
     if not shared:
         assert usages[0] == 1 / 16 and min(usages[1:]) > 0.5
-        # (its worst codebook's recent steps chose one code: the single-code rule too)
-        assert sorted(a.rule for a in alerts) == ["rvq/single_code", "rvq/usage_below"]
+        assert metrics["collapse/rvq/codes_used_recent"] == 1
+        assert [a.rule for a in alerts] == ["rvq/single_code"]
 
 
 def test_a_quantiser_with_several_codebooks_must_be_read_per_codebook():
@@ -251,7 +254,7 @@ def test_a_quantizer_dropout_left_out_for_a_whole_window_shows_nothing():
             continue
         checked += 1
         usages = [usage_by_hand(idx[:, h][idx[:, h] >= 0], 16)[0] for h in range(4) if used[h]]
-        assert metrics["collapse/rvq/usage"] == min(usages)  # (a codebook each: the worst)
+        assert metrics["collapse/rvq/usage"] == pytest.approx(np.mean(usages))
         (mask,) = masks.seen[-1].values()
         for h in range(4):
             assert (f"collapse/rvq/usage/head_{h}" in metrics) == used[h]
