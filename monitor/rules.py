@@ -20,8 +20,8 @@ agrees with ``latest``). Logs where the metric is NaN or ``requires`` is not met
 not counted. After an alert the rule is silent for ``cooldown`` steps.
 ``warmup_steps`` ignores early logs entirely (running extrema included). ``arm=True`` is for a
 metric that starts at its "collapsed" end (every head attends uniformly at initialisation): the
-rule is armed by two consecutive logs where the condition does not hold (a stable healthy value;
-or, with ``warmup_steps``, by the end of the warm-up), and stays silent before it.
+rule is armed by ``arm_logs`` (2) consecutive logs where the condition does not hold (a stable
+healthy value; or, with ``warmup_steps``, by the end of the warm-up), and stays silent before it.
 ``requires=("negative_mass", "above", 0.1)`` evaluates the rule only at logs where that sibling
 metric (the same key with its last part replaced) meets its own condition: a criterion defined
 for some inputs (SimSiam's ``norm_std`` for signed features) says nothing on others.
@@ -47,7 +47,6 @@ from dataclasses import dataclass, field, fields
 from .keys import ROOT, key_pattern
 
 _MODES = ("below", "above", "drop", "rise")
-_ARMING_LOGS = 2  # consecutive logs without the condition that arm an arm=True rule
 
 
 @dataclass(frozen=True)
@@ -83,8 +82,9 @@ class Rule:
         name: alert name, used in ``collapse/alerts/<name>``; derived from metric and mode.
         message: extra text appended to the alert message (what to do).
         severe: a ``below``/``above`` rule's bound beyond ``threshold`` where one log suffices.
-        arm: stay silent until two logs in a row without the condition, or until
+        arm: stay silent until ``arm_logs`` logs in a row without the condition, or until
             ``warmup_steps`` have passed when it is set (see the module doc).
+        arm_logs: the healthy logs in a row that arm an ``arm`` rule (default 2).
         requires: ``(sibling metric, mode, threshold)``, a ``below``/``above`` condition on the
             sibling key that must hold for this rule to be evaluated at a log (a tuple of such
             conditions: all must hold).
@@ -110,6 +110,7 @@ class Rule:
     message: str = ""
     severe: float | None = None
     arm: bool = False
+    arm_logs: int = 2
     requires: tuple | None = None
     latest: str | None = None
     latest_alone: bool = False
@@ -121,10 +122,10 @@ class Rule:
             raise ValueError(f"Rule mode must be one of {_MODES}, got {self.mode!r}")
         if self.action not in (None, "stop"):
             raise ValueError(f"Rule action must be None or 'stop', got {self.action!r}")
-        if self.patience < 1 or self.warmup_steps < 0 or self.cooldown < 0:
+        if self.patience < 1 or self.arm_logs < 1 or self.warmup_steps < 0 or self.cooldown < 0:
             raise ValueError(
-                f"Rule needs patience >= 1, warmup_steps >= 0, cooldown >= 0; got "
-                f"{self.patience}, {self.warmup_steps}, {self.cooldown}"
+                f"Rule needs patience >= 1, arm_logs >= 1, warmup_steps >= 0, cooldown >= 0; got "
+                f"{self.patience}, {self.arm_logs}, {self.warmup_steps}, {self.cooldown}"
             )
         if self.mode in ("drop", "rise") and not self.threshold > 0:
             raise ValueError(
@@ -193,6 +194,7 @@ class RuleSpec:
     message: str = ""
     severe: float | None = None
     arm: bool = False
+    arm_logs: int = 2
     requires: tuple | None = None
     latest: str | None = None
     latest_alone: bool = False
@@ -222,7 +224,7 @@ class _KeyState:
     last_alert: int | None = None
     extreme: float | None = None
     latched: bool = False  # fired in the current episode
-    armed: bool = False  # two logs in a row without the condition were seen (arm=True)
+    armed: bool = False  # arm_logs logs in a row without the condition were seen (arm=True)
 
 
 @dataclass
@@ -279,8 +281,8 @@ class RuleEngine:
                 else:
                     st.consecutive = min(st.consecutive, 0) - 1  # negative: healthy logs
                     st.latched = False
-                    # armed by a stable healthy value: two logs in a row without the condition
-                    st.armed = st.armed or st.consecutive <= -_ARMING_LOGS
+                    # armed by a stable healthy value: logs in a row without the condition
+                    st.armed = st.armed or st.consecutive <= -rule.arm_logs
                 if rule.arm and not (st.armed or rule.warmup_steps):
                     st.consecutive = min(st.consecutive, 0)
                     continue
