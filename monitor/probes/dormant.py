@@ -127,8 +127,9 @@ class DormantUnits(Probe):
     ``E|h_i| / mean_k E|h_k| <= tau``), ``<layer>/mean_abs`` (the raw ``E|h|``: a whole-layer
     shrink is invisible in the relative score), ``<layer>/skipped`` (rows with NaN or Inf,
     left out) and ``<layer>/dormant_fraction_last_step`` (the last training step the probe
-    recorded in the window, alone, when it holds >= 64 rows: after a task switch units die
-    within one window, whose score still averages their active steps), plus
+    recorded in the window, alone when it holds >= 64 rows, else with the step before when the
+    two do: after a task switch units die within one window, whose score still averages their
+    active steps), plus
     ``dormant_fraction`` over all units (and ``dormant_fraction_last_step`` when every layer's
     last step was measured)
     (:func:`~collapse_monitor.functional.dormant_units`); the mask ``<layer>/dormant`` for ReDo.
@@ -201,16 +202,13 @@ class DormantUnits(Probe):
         }  # fmt: skip
 
     def new_window(self) -> Window:
-        # per layer: the window's activity, this step's, and the window's last step's (for
-        # the rule's latest value: units can die within one window, after a task switch)
+        # per layer: the window's activity, this step's, and the window's last two steps'
+        # (for the rule's latest value: units can die within one window, after a task switch)
         layers = [layer_name(p) for p in self.paths]
+        latest = ("/step", "/last", "/before")
         return Window(
-            {
-                f"{layer}{part}": UnitActivity()
-                for layer in layers
-                for part in ("", "/step", "/last")
-            },
-            transient=tuple(f"{layer}{part}" for layer in layers for part in ("/step", "/last")),
+            {f"{layer}{part}": UnitActivity() for layer in layers for part in ("", *latest)},
+            transient=tuple(f"{layer}{part}" for layer in layers for part in latest),
         )
 
     def update(self, window, a, call) -> None:
@@ -237,14 +235,30 @@ class DormantUnits(Probe):
     def end_missed_step(self, window) -> None:
         for layer, _ in window.items():  # under DDP the other ranks' last step is this step
             window[f"{layer}/last"].reset()
+            window[f"{layer}/before"].reset()
 
     def end_step(self, window) -> None:
         for layer, _ in window.items():
-            step, last = window[f"{layer}/step"], window[f"{layer}/last"]
+            step, last, before = (window[f"{layer}{p}"] for p in ("/step", "/last", "/before"))
+            before.reset()
+            if last.sizes["H"] is not None:
+                before.merge(last)
             last.reset()
             if step.sizes["H"] is not None:  # (not before the layer's first call)
                 last.merge(step)
                 step.reset()
+
+    @staticmethod
+    def _latest(window, layer: str) -> tuple[torch.Tensor, float] | None:
+        """``(abs_sum, rows)`` of the layer's last recorded step, with the step before when the
+        last holds fewer than 64 rows (an MLP at batch 32); None when they hold fewer."""
+        last, before = window[f"{layer}/last"], window[f"{layer}/before"]
+        rows = last.rows.item()
+        if rows >= _LATEST_ROWS:
+            return last.abs_sum, rows
+        if None in (last.sizes["H"], before.sizes["H"]) or rows + before.rows.item() < _LATEST_ROWS:
+            return None
+        return last.abs_sum + before.abs_sum, rows + before.rows.item()
 
     def readout(self, window) -> Readout:
         metrics, masks, pictures = {}, {}, {}
@@ -260,10 +274,10 @@ class DormantUnits(Probe):
             metrics[self.key("mean_abs", layer)] = r["mean_abs"]
             total += r["dormant"].numel()
             dormant += int(r["dormant"].sum())
-            last = window[f"{layer}/last"]
-            complete &= last.rows.item() >= _LATEST_ROWS
-            if last.rows.item() >= _LATEST_ROWS:
-                now = dormant_from_activity(last.abs_sum, last.rows.item(), self.tau)["dormant"]
+            latest = self._latest(window, layer)
+            complete &= latest is not None
+            if latest is not None:
+                now = dormant_from_activity(*latest, self.tau)["dormant"]
                 metrics[self.key("dormant_fraction_last_step", layer)] = now.to(_F64).mean().item()
                 last_total += now.numel()
                 last_dormant += int(now.sum())

@@ -213,12 +213,19 @@ def test_dormant_fraction_of_the_windows_last_step():
     assert m["collapse/d/0/dormant_fraction"] == pytest.approx(window) and window < 0.1
     assert m["collapse/d/0/dormant_fraction_last_step"] == pytest.approx(10 / 16)
     assert m["collapse/d/dormant_fraction_last_step"] == pytest.approx(10 / 16)
-    with mon.observe():  # a last step of fewer than 64 rows: not reported
+    with mon.observe():  # a last step of fewer than 64 rows: with the step before it
         model(silent[:63])
     mon.step()
     with mon.observe():
-        model(silent[:63])
-    assert "collapse/d/0/dormant_fraction_last_step" not in mon.step()
+        model(active[:63])
+    m = mon.step()
+    both = F.dormant_units(torch.cat([silent[:63], active[:63]]))["dormant_fraction"]
+    assert m["collapse/d/0/dormant_fraction_last_step"] == pytest.approx(both)
+    for _ in range(2):  # fewer than 64 rows in the last two steps: not reported
+        with mon.observe():
+            model(silent[:30])
+        m = mon.step()
+    assert "collapse/d/0/dormant_fraction_last_step" not in m
     mon.close()
 
 
