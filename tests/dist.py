@@ -16,8 +16,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 # Ranks fork from a server that has imported these once (spawning imports torch and the monitor
-# again in every rank, seconds per run on this machine); the rank takes the caller's environment
-# (below), as a spawned one would.
+# again in every rank, seconds per run on this machine); each rank then takes the caller's
+# environment (_entry), though what those modules read from it at import was read when the
+# server started. (A process-wide setting, made when this module is imported.)
 mp.set_forkserver_preload(["torch", "torch.distributed", "collapse_monitor", "tests.dist"])
 
 

@@ -67,4 +67,5 @@ def test_the_report_reads_the_declared_rules_of_every_probe_type():
     declared = sum(len(cls.rules) for cls in PROBE_TYPES) + len(HEALTH_RULES)
     assert len(templates) == declared > 8
     usage = next(r for r in templates if r.name == "*/usage_below")
-    assert usage.matches("collapse/any_name/usage") and usage.threshold == 0.4
+    declared = next(s for s in probes.CodebookUsage.rules if s.name == "usage_below")
+    assert usage.matches("collapse/any_name/usage") and usage.threshold == declared.threshold

@@ -14,9 +14,9 @@ def token_uniformity(
     """Per sequence: mean token cosine ``rho`` and Frobenius residual ``r_F`` (docs/metrics.md#tokenuniformity).
 
     ``rho = (||sum_i u_i||^2 - T) / (T (T - 1))`` with ``u_i = x_i/||x_i||`` (1 when all tokens point
-    the same way); ``r_F = ||X - 1 xbar'||_F / ||X||_F`` (0 when all tokens are equal), from the
-    centred tokens themselves: ``sqrt(1 - T ||xbar||^2 / sum_i ||x_i||^2)``, equal in exact
-    arithmetic, cancels to about 1e-8 absolute, 26 times a value of 1e-10.
+    the same way); ``r_F = ||X - 1 xbar'||_F / ||X||_F`` (0 when all tokens are equal), computed
+    from the centred tokens: the equal ``sqrt(1 - T ||xbar||^2 / sum_i ||x_i||^2)`` cancels when
+    tokens nearly agree (about 1e-8 absolute error: 26 times a value of 1e-10).
 
     Args:
         x: ``(B, T, D)``; mask: ``(B, T)``, true for real tokens.

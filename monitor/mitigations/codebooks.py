@@ -57,14 +57,19 @@ def find_codebook(
 
 
 def holders_outside(model: nn.Module, mod: nn.Module, tensor: torch.Tensor) -> list[str]:
-    """The modules of ``model`` outside ``mod`` that hold ``tensor`` as their own parameter or
-    buffer (torch's names): the other users of a codebook shared between quantizers
-    (``ResidualVQ(shared_codebook=True)``), whose codes ``mod``'s usage does not show."""
+    """The paths (torch's names) outside ``mod`` at which the module holding ``tensor`` inside
+    ``mod`` is registered too: a codebook module shared between quantizers
+    (``ResidualVQ(shared_codebook=True)``), whose other users' codes ``mod``'s usage does not
+    show. (A tensor tied into another module, an embedding, is no user of the codebook.)"""
+    owners = {
+        id(m)
+        for m in mod.modules()
+        if any(t is tensor for t in (*m._parameters.values(), *m._buffers.values()))
+    }
     named = list(model.named_modules(remove_duplicate=False))
     roots = [p for p, m in named if m is mod]
     return [
         p
         for p, m in named
-        if any(t is tensor for t in (*m._parameters.values(), *m._buffers.values()))
-        and not any(r == "" or p == r or p.startswith(r + ".") for r in roots)
+        if id(m) in owners and not any(r == "" or p == r or p.startswith(r + ".") for r in roots)
     ]

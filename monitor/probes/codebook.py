@@ -55,11 +55,12 @@ class CodebookUsage(Probe):
         num_codes: ``K``, codes per codebook.
         heads: ``H``; with ``H > 1`` the last dimension of the indices is the head and every
             head has its own counts, reported as ``.../head_<h>``; without an index, ``usage``
-            and ``usage_recent`` are means over heads, and ``usage_uniform``, ``usage_ratio``
-            and ``perplexity_ratio`` the lowest head's where each head has a codebook of its
-            own: a collapsed codebook is a collapsed quantiser (their means for heads on one
-            shared codebook, read from a vector-quantize-pytorch module's ``shared_codebook`` /
-            ``separate_codebook_per_head``). With ``H = 1`` every
+            and ``usage_recent`` are means over heads, and ``usage_uniform``, ``usage_ratio``,
+            ``perplexity_ratio`` and ``codes_used_recent`` the lowest head's where each head has
+            a codebook of its own: a collapsed codebook is a collapsed quantiser (their means
+            for heads on one shared codebook, read from a vector-quantize-pytorch module's
+            ``shared_codebook`` / ``separate_codebook_per_head``; pool the heads of your own
+            quantiser on one codebook with ``heads=1``). With ``H = 1`` every
             index counts (e.g. the ``(tokens, k)`` top-k choices of an MoE router).
         ema_decay: decay ``d`` of the usage EMA, advanced once per observed training step.
         dead_threshold: a code is dead when its EMA usage, in hits per row (a row is one index
@@ -565,14 +566,6 @@ class LatentUsage(CodebookUsage):
         rows = finite.sum(dtype=torch.int64)[None]
         for name in ("counts", "step"):
             window[name].add_counts(hits, rows, (~finite).sum()[None])
-
-    def _over_heads(self, values: torch.Tensor, worst: bool) -> float:
-        """One value of the heads' ``(H,)`` values (NaN: a head the window did not see): their
-        mean, or with ``worst`` and a codebook per head, the lowest."""
-        values = values[~values.isnan()]
-        if not len(values):
-            return _NAN
-        return float(values.min() if worst and not self.shared_heads else values.mean())
 
     def _extra_metrics(self, win: CodeCounts) -> dict[str, torch.Tensor]:
         return {"fire_rate": fire_rate(win.counts, win.rows), "samples": win.rows.to(_F64)}

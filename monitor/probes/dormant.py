@@ -77,10 +77,10 @@ def _layout_of_block(block: nn.Module) -> int | None:
     adapters = [m for m in block.modules() if tuner_layer(m)]
     inside = {id(c) for a in adapters for c in a.modules() if c is not a}
     for m in block.modules():
-        if tuner_layer(m):  # a PEFT adapter layer maps as its base layer does
-            m = m.get_base_layer()
-        elif id(m) in inside or next(m.children(), None) is not None:
-            continue  # an adapter's parts; containers: their leaves decide
+        # an adapter's parts and containers are skipped (their leaves decide); a PEFT adapter
+        # layer maps as its base layer does (known_layout)
+        if not tuner_layer(m) and (id(m) in inside or next(m.children(), None) is not None):
+            continue
         axis = known_layout(m)
         if axis is None and not keeps_layout(m):
             return None
@@ -233,9 +233,9 @@ class DormantUnits(Probe):
             raise self.error(call.path, str(exc)) from None
 
     def end_missed_step(self, window) -> None:
-        for layer, _ in window.items():  # under DDP the other ranks' last step is this step
-            window[f"{layer}/last"].reset()
-            window[f"{layer}/before"].reset()
+        # under DDP the other ranks' last step is this step: this rank's is empty, its step
+        # before stays what it was
+        self.end_step(window)
 
     def end_step(self, window) -> None:
         for layer, _ in window.items():
@@ -256,8 +256,8 @@ class DormantUnits(Probe):
         rows = last.rows.item()
         if rows >= _LATEST_ROWS:
             return last.abs_sum, rows
-        if None in (last.sizes["H"], before.sizes["H"]) or rows + before.rows.item() < _LATEST_ROWS:
-            return None
+        if not rows or before.sizes["H"] is None or rows + before.rows.item() < _LATEST_ROWS:
+            return None  # (a last step without rows: the layer not called, or every row bad)
         return last.abs_sum + before.abs_sum, rows + before.rows.item()
 
     def readout(self, window) -> Readout:

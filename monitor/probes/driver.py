@@ -14,6 +14,7 @@ import contextlib
 import functools
 import inspect
 import logging
+import sys
 import weakref
 from typing import Any
 
@@ -73,8 +74,13 @@ def _signature(module: nn.Module) -> inspect.Signature | None:
         return None
 
 
-def _names_model_inputs(signature: inspect.Signature | None) -> bool:
-    """Whether a forward names a language model's inputs (a transformers model's does)."""
+def _a_model(module: nn.Module, signature: inspect.Signature | None) -> bool:
+    """Whether a module is a model whose inputs the pre-hook reads: a ``transformers`` model
+    (a vision encoder-decoder's forward names no ``attention_mask``), or a forward that names a
+    language model's inputs."""
+    transformers = sys.modules.get("transformers")
+    if transformers is not None and isinstance(module, transformers.PreTrainedModel):
+        return True
     names = ("attention_mask", "input_ids", "inputs_embeds")
     return signature is not None and any(
         p.name in names and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
@@ -85,22 +91,23 @@ def _names_model_inputs(signature: inspect.Signature | None) -> bool:
 def _input_modules(model: nn.Module, found) -> list[tuple[nn.Module, inspect.Signature | None]]:
     """The modules whose forward pre-hook reads the model's inputs (its ``attention_mask``...),
     with their signatures: the model itself when its forward can be given them, and unless it
-    names them itself, the outermost module on the way to each probed module that does: a
-    transformers model inside a user's wrapper whose ``forward(batch)`` calls
+    is a model itself (:func:`_a_model`), the outermost model on the way to each probed module:
+    a transformers model inside a user's wrapper whose ``forward(batch)`` calls
     ``self.net(**batch)`` or inside a LightningModule, a PEFT model's base model (called alone
-    after ``merge_and_unload()``), a DDP or compiled model's own. Never the stacks inside a
-    model that names them: they are called with other masks (an encoder-decoder's decoder)."""
+    after ``merge_and_unload()``), a DDP or compiled model's own. Never a module inside a model:
+    its parts are called with other masks (an encoder-decoder's decoder), which would replace
+    the model's."""
     signature = _signature(model)
     chosen = [(model, signature)] if _takes_model_inputs(signature) else []
     named = named_modules(model)  # ("": the model under its wrappers)
-    if named.get("") is model and _names_model_inputs(signature):
+    if named.get("") is model and _a_model(model, signature):
         return chosen
     for path, _ in found:
         parts = path.split(".") if path else []
         for i in range(len(parts) + 1):
             module = named.get(".".join(parts[:i]))
             signature = None if module is None else _signature(module)
-            if _names_model_inputs(signature):
+            if module is not None and _a_model(module, signature):
                 if all(module is not m for m, _ in chosen):
                     chosen.append((module, signature))
                 break
@@ -165,7 +172,7 @@ class ProbeDriver(Component, Recorder):
         self.skipped_generation = False  # left generation forwards out (and said so once)
         self._said_bad: set[str] = set()
         self._step_hooks = HookSet()  # gradient hooks of this step (Call.on_gradient)
-        self._model_hooks = HookSet()  # on the model itself: never suspended
+        self._model_hooks = HookSet()  # on the model and the models inside it: never suspended
         self._armed: set[int] = set()
         self._microbatches: dict[str, dict[int, int]] = {}  # path: {micro-batch: rows} this step
         # the ranks holding the module, when only some do (pipeline stages; None: all)
@@ -227,8 +234,9 @@ class ProbeDriver(Component, Recorder):
                 f"{probe!r}: skips_generation needs uses_token_mask (the model's inputs)"
             )
         if probe.uses_token_mask:
-            # (never off the model: a trainer may enter observe() inside the model's own
-            # forward, from a pre-hook, after PyTorch read the model's pre-hooks)
+            # (kept on while the probe's own hooks are off, never suspended: a trainer may
+            # enter observe() inside the model's own forward, from a pre-hook, after PyTorch
+            # read the model's pre-hooks; a model inside a wrapper is called after it)
             for module, signature in _input_modules(setup.model, found):
                 capture = functools.partial(self._capture_model_inputs, signature)
                 self._model_hooks.forward_pre(module, capture)

@@ -82,7 +82,8 @@ def test_heads_are_reported_separately():
     assert m["collapse/vq/usage"] == pytest.approx((1 + 1 / 16 + 4 / 16) / 3)
     # each head a codebook of its own: the collapse ratios are the worst codebook's
     assert m["collapse/vq/perplexity_ratio"] == pytest.approx(1 / K)
-    assert m["collapse/vq/usage_ratio"] == pytest.approx(m["collapse/vq/usage_ratio/head_1"])
+    # (every head holds 64 indices: one usage_uniform, 1 - (15/16)^64)
+    assert m["collapse/vq/usage_ratio"] == pytest.approx((1 / 16) / (1 - (15 / 16) ** 64))
 
 
 def test_ema_dead_codes_equal_a_plain_loop_reference():

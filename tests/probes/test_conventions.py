@@ -1001,6 +1001,51 @@ def test_the_padding_of_a_model_inside_a_wrapper_a_lightning_module_or_merged_is
         assert got["collapse/tok/entropy_mean"] == pytest.approx(entropy.mean().item(), rel=1e-6)
 
 
+def test_a_vision_encoder_decoder_inside_a_wrapper_reads_its_decoders_padding_from_labels():
+    """A VisionEncoderDecoderModel (Donut, TrOCR) called with labels alone, bare or inside a
+    wrapper: its decoder's padding comes from the labels (a position after a -100 is padding),
+    as when the decoder's mask is given; the decoder's own call (its mask None) must not replace
+    it (it did once a wrapper made the monitor look inside the model: every position counted)."""
+    import transformers
+
+    torch.manual_seed(0)
+    vit = transformers.ViTConfig(image_size=8, patch_size=4, hidden_size=16, num_hidden_layers=1,
+                                 num_attention_heads=2, intermediate_size=16)  # fmt: skip
+    gpt = transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=32, n_positions=16,
+                                  add_cross_attention=True, is_decoder=True)  # fmt: skip
+    ved = transformers.VisionEncoderDecoderModel(
+        encoder=transformers.ViTModel(vit), decoder=transformers.GPT2LMHeadModel(gpt)
+    ).eval()
+    ved.config.decoder_start_token_id, ved.config.pad_token_id = 1, 0
+    pixels, labels = torch.randn(2, 3, 8, 8), torch.randint(2, 32, (2, 5))
+    labels[0, 3:] = -100
+    decoder_ids = torch.cat([torch.ones(2, 1, dtype=torch.long), labels[:, :-1].clamp_min(0)], 1)
+    decoder_mask = torch.ones_like(labels)
+    decoder_mask[:, 1:] = labels[:, :-1] != -100
+    wrapper = Wrapper(ved)
+    wrapper.forward = lambda batch: ved(**batch)
+    calls = {
+        "labels": (ved, "", lambda: ved(pixel_values=pixels, labels=labels)),
+        "wrapped": (wrapper, "model.", lambda: wrapper({"pixel_values": pixels, "labels": labels})),
+        "mask given": (
+            ved,
+            "",
+            lambda: ved(
+                pixel_values=pixels,
+                decoder_input_ids=decoder_ids,
+                decoder_attention_mask=decoder_mask,
+            ),
+        ),  # fmt: skip
+    }
+    got = {}
+    for name, (root, prefix, call) in calls.items():
+        watched = [probes.TokenEntropy(prefix + "decoder.lm_head", tokens=None, name="t")]
+        m = run(root, watched, lambda s, call=call: call())
+        got[name] = (m["collapse/t/tokens"], m["collapse/t/entropy_mean"])
+    assert got["labels"] == got["wrapped"] == got["mask given"]
+    assert got["labels"][0] < labels.numel() - 1  # the padding left out
+
+
 def test_a_routers_decoding_steps_read_the_masks_last_positions():
     """transformers #28505 with a key-value cache: a decoding step's (B*1, k) choices beside a
     (B, past + 1) mask that k divides (top-4 after 3 prompt tokens) paired each choice of one

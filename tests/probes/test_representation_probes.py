@@ -4,6 +4,7 @@ from torch import nn
 
 from collapse_monitor import CollapseMonitor, probes
 from collapse_monitor import functional as F
+from collapse_monitor.rules import RuleEngine
 from tests.functional.test_neural_collapse import clustered
 from tests.functional.test_representation import anisotropic
 from tests.reference import assert_metrics_close
@@ -265,3 +266,16 @@ def test_group_collapse_variance_ratio_and_nc_statistics():
     with pytest.raises(ValueError, match=r"needs groups: call monitor.observe\(groups=...\)"):
         with mon.observe(targets=g):
             model(x)
+
+
+def test_a_posterior_active_at_initialisation_that_collapses_in_its_second_window_alerts():
+    """An encoder active at initialisation (window 1.0) whose units die within the next window
+    (0.25): one healthy log arms the posterior rule (two in a row never came: no alert at all)."""
+    rules = [spec.bind("vae") for spec in probes.PosteriorCollapse.rules]
+    eng = RuleEngine(rules)
+    fired = [
+        a.rule
+        for step, value in ((10, 1.0), (20, 0.25), (30, 0.0))
+        for a in eng.check({"collapse/vae/active_fraction": value}, step)
+    ]
+    assert fired == ["vae/active_below"]
