@@ -199,7 +199,9 @@ def causal_lm(model: nn.Module, path: str) -> str | None:
     (one of the names :func:`named_modules` gives), or None. Such a model (``*ForCausalLM``,
     ``GPT2LMHeadModel``, a vision-language LM such as ``LlavaForConditionalGeneration``, ...)
     takes unshifted ``labels`` and shifts them inside its loss: the logits or hidden state at
-    position t belong to the label at t + 1."""
+    position t belong to the label at t + 1. The outermost model that computes a loss decides:
+    an encoder-decoder (``VisionEncoderDecoderModel`` with a GPT-2 decoder, ``EncoderDecoderModel``)
+    pairs its decoder's position t with the label at t, whatever its decoder's own loss does."""
     if "transformers" not in sys.modules:  # no transformers model can be in it
         return None
     import transformers
@@ -207,12 +209,12 @@ def causal_lm(model: nn.Module, path: str) -> str | None:
     named = named_modules(model)
     names = causal_lm_names()
     parts = path.split(".") if path else []
-    for i in range(len(parts), -1, -1):  # the innermost first
+    for i in range(len(parts) + 1):  # the outermost first
         module = named.get(".".join(parts[:i]))
         if not isinstance(module, transformers.PreTrainedModel):
             continue
         cls = type(module).__name__
-        if cls in _UNSHIFTED_LMS:
+        if cls in _UNSHIFTED_LMS or getattr(module.config, "is_encoder_decoder", False):
             return None
         if cls in names or cls.endswith("ForCausalLM"):
             return cls

@@ -1005,7 +1005,9 @@ def test_a_vision_encoder_decoder_inside_a_wrapper_reads_its_decoders_padding_fr
     """A VisionEncoderDecoderModel (Donut, TrOCR) called with labels alone, bare or inside a
     wrapper: its decoder's padding comes from the labels (a position after a -100 is padding),
     as when the decoder's mask is given; the decoder's own call (its mask None) must not replace
-    it (it did once a wrapper made the monitor look inside the model: every position counted)."""
+    it (it did once a wrapper made the monitor look inside the model: every position counted).
+    Its labels pair with the decoder's positions unshifted (they were read shifted, as its GPT-2
+    decoder's own loss would pair them)."""
     import transformers
 
     torch.manual_seed(0)
@@ -1043,7 +1045,17 @@ def test_a_vision_encoder_decoder_inside_a_wrapper_reads_its_decoders_padding_fr
         m = run(root, watched, lambda s, call=call: call())
         got[name] = (m["collapse/t/tokens"], m["collapse/t/entropy_mean"])
     assert got["labels"] == got["wrapped"] == got["mask given"]
-    assert got["labels"][0] < labels.numel() - 1  # the padding left out
+    assert got["labels"][0] == decoder_mask.sum()  # the padding left out
+    # its loss pairs the decoder's position t with the label at t (not t + 1, as its GPT-2
+    # decoder's own loss would): every label that is not -100 is a sample, by hand
+    logits = ved(pixel_values=pixels, labels=labels).logits.detach().double()
+    real = labels != -100
+    watched = [probes.TokenEntropy("decoder.lm_head", tokens=None, name="t")]
+    m = run(ved, watched, {"forward": lambda s: ved(pixel_values=pixels, labels=labels),
+                           "observe": {"targets": labels}})  # fmt: skip
+    logp = logits.log_softmax(-1)[real].gather(-1, labels[real][:, None])
+    assert m["collapse/t/tokens"] == real.sum()
+    assert m["collapse/t/logprob_mean"] == pytest.approx(logp.mean().item(), rel=1e-6)
 
 
 def test_a_routers_decoding_steps_read_the_masks_last_positions():
