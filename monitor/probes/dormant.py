@@ -239,14 +239,12 @@ class DormantUnits(Probe):
 
     def end_step(self, window) -> None:
         for layer, _ in window.items():
-            step, last, before = (window[f"{layer}{p}"] for p in ("/step", "/last", "/before"))
-            before.reset()
-            if last.sizes["H"] is not None:
-                before.merge(last)
-            last.reset()
-            if step.sizes["H"] is not None:  # (not before the layer's first call)
-                last.merge(step)
-                step.reset()
+            step, last, before = (f"{layer}{p}" for p in ("/step", "/last", "/before"))
+            # rotated without a copy: this step's sums are the last step's, the last's the
+            # step before's, and the step before's, emptied, take this step's place
+            window.swap(before, last)
+            window.swap(last, step)
+            window[step].reset()
 
     @staticmethod
     def _latest(window, layer: str) -> tuple[torch.Tensor, float] | None:
