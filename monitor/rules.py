@@ -20,8 +20,10 @@ agrees with ``latest``). Logs where the metric is NaN or ``requires`` is not met
 not counted. After an alert the rule is silent for ``cooldown`` steps.
 ``warmup_steps`` ignores early logs entirely (running extrema included). ``arm=True`` is for a
 metric that starts at its "collapsed" end (every head attends uniformly at initialisation): the
-rule is armed by ``arm_logs`` (2) consecutive logs where the condition does not hold (a stable
-healthy value; or, with ``warmup_steps``, by the end of the warm-up), and stays silent before it.
+rule is armed by ``arm_logs`` (2) consecutive logs whose window value does not meet the condition
+(a stable healthy value; or, with ``warmup_steps``, by the end of the warm-up), and stays silent
+before it; a ``latest`` value past the threshold on the arming log itself fires (the window saw
+the healthy value, its last step the collapse).
 ``requires=("negative_mass", "above", 0.1)`` evaluates the rule only at logs where that sibling
 metric (the same key with its last part replaced) meets its own condition: a criterion defined
 for some inputs (SimSiam's ``norm_std`` for signed features) says nothing on others.
@@ -82,7 +84,8 @@ class Rule:
         name: alert name, used in ``collapse/alerts/<name>``; derived from metric and mode.
         message: extra text appended to the alert message (what to do).
         severe: a ``below``/``above`` rule's bound beyond ``threshold`` where one log suffices.
-        arm: stay silent until ``arm_logs`` logs in a row without the condition, or until
+        arm: stay silent until ``arm_logs`` logs in a row whose window value does not meet
+            the condition, or until
             ``warmup_steps`` have passed when it is set (see the module doc).
         arm_logs: the healthy logs in a row that arm an ``arm`` rule (default 2).
         requires: ``(sibling metric, mode, threshold)``, a ``below``/``above`` condition on the
@@ -224,7 +227,8 @@ class _KeyState:
     last_alert: int | None = None
     extreme: float | None = None
     latched: bool = False  # fired in the current episode
-    armed: bool = False  # arm_logs logs in a row without the condition were seen (arm=True)
+    armed: bool = False  # arm_logs logs in a row with a healthy window value seen (arm=True)
+    healthy: int = 0  # logs in a row whose window value does not meet the condition
 
 
 @dataclass
@@ -268,6 +272,10 @@ class RuleEngine:
                     continue
                 st = self._state[rule.name].setdefault(key, _KeyState())
                 holds = self._holds(rule, st, value)
+                # armed by the window's own value: a last step past the threshold on the arming
+                # log is a collapse inside that window (its earlier steps were healthy)
+                st.healthy = 0 if holds else st.healthy + 1
+                st.armed = st.armed or st.healthy >= rule.arm_logs
                 latest = _sibling(key, rule.latest, metrics) if rule.latest else math.nan
                 # a collapse inside the window: the latest step is past the severe bound while
                 # the window's mean still holds the healthy steps before it
@@ -281,8 +289,6 @@ class RuleEngine:
                 else:
                     st.consecutive = min(st.consecutive, 0) - 1  # negative: healthy logs
                     st.latched = False
-                    # armed by a stable healthy value: logs in a row without the condition
-                    st.armed = st.armed or st.consecutive <= -rule.arm_logs
                 if rule.arm and not (st.armed or rule.warmup_steps):
                     st.consecutive = min(st.consecutive, 0)
                     continue
@@ -341,7 +347,7 @@ class RuleEngine:
             "counts": dict(self.counts),
             "keys": {
                 name: {  # plain tags: the state loads with weights_only=True
-                    str(k): (s.consecutive, s.last_alert, s.extreme, s.latched, s.armed)
+                    str(k): (s.consecutive, s.last_alert, s.extreme, s.latched, s.armed, s.healthy)
                     for k, s in keys.items()
                 }
                 for name, keys in self._state.items()

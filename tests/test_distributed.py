@@ -521,21 +521,31 @@ def test_dormant_units_logit_health_and_redo_under_ddp(tmp_path):
 
 def last_step_worker(rank, init, out_dir):
     from tests.probes.test_codebook_usage import Quantizer
+    from tests.probes.test_representation_probes import _Posterior
 
     with process_group(rank, init):
-        model = nn.ModuleDict({"act": nn.Identity(), "vq": Quantizer()})
+        model = nn.ModuleDict({"act": nn.Identity(), "vq": Quantizer(), "enc": _Posterior()})
         mon = CollapseMonitor(
-            model, [probes.DormantUnits("act", name="d"), probes.CodebookUsage("vq", 8)], 3
+            model,
+            [
+                probes.DormantUnits("act", name="d"),
+                probes.CodebookUsage("vq", 8),
+                probes.PosteriorCollapse("enc", name="vae"),
+            ],
+            3,
         )
         g = torch.Generator().manual_seed(rank)
         for step in range(3):
             acts, codes = torch.rand(80, 16, generator=g), torch.arange(8).repeat(10)
-            if step == 2:  # rank 0's last step: units 0-9 silent, codes 0 and 1 only
-                acts[:, :10], codes = 0.0, torch.tensor([0, 1]).repeat(40)
+            mu = torch.randn(80, 8, generator=g)
+            if step == 2:  # rank 0's last step: units 0-9 silent, codes 0 and 1 only, 6 of 8
+                acts[:, :10], codes = 0.0, torch.tensor([0, 1]).repeat(40)  # latents still
+                mu[:, :6] *= 1e-3
             if not (rank == 1 and step == 2):  # rank 1 sees no batch in the last step
                 with mon.observe():
                     model["act"](acts)
                     model["vq"](torch.zeros(80, 1), codes)
+                    model["enc"](mu)
             metrics = mon.step()
         torch.save(metrics, os.path.join(out_dir, f"last{rank}.pt"))
 
@@ -546,6 +556,7 @@ def test_the_last_step_is_the_windows_last_step_on_every_rank(tmp_path):
     assert r0 == r1
     assert r0["collapse/d/act/dormant_fraction_last_step"] == pytest.approx(10 / 16)
     assert (r0["collapse/vq/usage_recent"], r0["collapse/vq/usage_recent_steps"]) == (0.25, 1)
+    assert r0["collapse/vae/active_fraction_last_step"] == 0.25
 
 
 def hanging_worker(rank, init, out_dir):

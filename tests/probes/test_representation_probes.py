@@ -279,3 +279,45 @@ def test_a_posterior_active_at_initialisation_that_collapses_in_its_second_windo
         for a in eng.check({"collapse/vae/active_fraction": value}, step)
     ]
     assert fired == ["vae/active_below"]
+
+
+class _Posterior(nn.Module):
+    """An encoder head returning ``(mu, logvar)`` = ``(x, 0)``."""
+
+    def forward(self, x):
+        return x, torch.zeros_like(x)
+
+
+def test_a_posterior_that_collapses_inside_its_first_window_alerts_at_that_log():
+    """Units 0-5 of 8 lose their spread in the window's last two steps (32 rows each): the
+    window's active fraction still holds its active steps, the last two steps' (the rule's
+    latest value, 64 rows) show the collapse, and the rule fires at that log."""
+    model = nn.Sequential(_Posterior())
+    mon = CollapseMonitor(model, [probes.PosteriorCollapse("0", name="vae")], 10)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(32, 8, generator=g) for _ in range(10)]
+    for b in batches[8:]:
+        b[:, :6] *= 1e-3
+    for b in batches:
+        with mon.observe():
+            model(b)
+        m = mon.step()
+    zero = torch.zeros(64, 8, dtype=torch.float64)
+    last = F.posterior_collapse(torch.cat(batches[8:]).double(), zero)["active_fraction"]
+    window = torch.cat(batches).double()
+    whole = F.posterior_collapse(window, torch.zeros_like(window))["active_fraction"]
+    assert (m["collapse/vae/active_fraction"], whole) == (1.0, 1.0)
+    assert m["collapse/vae/active_fraction_last_step"] == last == 0.25
+    assert m["collapse/alerts/vae/active_below"] == 1
+    # the next window: a last step of 64 rows alone; the one after: two of fewer, not reported
+    for b in (*batches[:9], torch.cat(batches[8:])):
+        with mon.observe():
+            model(b)
+        m = mon.step()
+    assert m["collapse/vae/active_fraction_last_step"] == last
+    for b in (*batches[:9], batches[9][:20]):
+        with mon.observe():
+            model(b)
+        m = mon.step()
+    assert "collapse/vae/active_fraction_last_step" not in m
+    mon.close()
