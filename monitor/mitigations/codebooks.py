@@ -8,6 +8,10 @@ from torch import nn
 from .._sharding import shape_of
 
 _CODEBOOK_NAMES = ("embed", "codebook", "embedding", "embeddings", "weight")
+# vector-quantize-pytorch's quantisers without a learned codebook: a code is a pattern of the
+# input's own coordinates (the signs for LFQ, rounded levels for FSQ); the tensors they hold are
+# fixed tables (LFQ's feeds its entropy loss), which a reset would corrupt without moving a code
+_IMPLICIT = ("FSQ", "LFQ", "LatentQuantize", "ResidualFSQ", "ResidualLFQ")
 
 
 def find_codebook(
@@ -17,7 +21,23 @@ def find_codebook(
     tensor)``: ``name`` (an ``nn.Embedding`` submodule, a parameter or a buffer); by default the
     only ``nn.Embedding`` inside, else the one parameter or buffer named
     ``embed``/``codebook``/``embedding``/``embeddings`` (or ``weight``, when ``num_codes``
-    is given) shaped ``(K, D)`` or ``(H, K, D)`` with ``K = num_codes``."""
+    is given) shaped ``(K, D)`` or ``(H, K, D)`` with ``K = num_codes``.
+
+    Raises:
+        ValueError: ``mod`` is (or holds) a quantiser without a learned codebook
+            (vector-quantize-pytorch's FSQ, LFQ, LatentQuantize and their residual forms), or
+            the codebook is ambiguous; KeyError: ``name`` is not in ``mod``."""
+    for sub_path, sub in mod.named_modules():
+        kind = type(sub).__name__
+        if kind in _IMPLICIT and type(sub).__module__.startswith("vector_quantize_pytorch"):
+            where = f"'{path}.{sub_path}'" if sub_path else f"'{path}'"
+            raise ValueError(
+                f"{owner}: {where} is vector-quantize-pytorch's {kind}, whose codes are fixed "
+                "patterns of its input's coordinates, not a learned codebook: nothing to reset "
+                "or reparametrise (its tables are constants; LFQ's feed its entropy loss). Its "
+                "codes stay unused while the encoder's outputs never take their patterns: raise "
+                "LFQ's entropy_loss_weight, or give FSQ fewer levels"
+            )
     tensors = {}
     for n, t in [*mod.named_parameters(), *mod.named_buffers()]:
         head, sep, tail = n.partition("parametrizations.")

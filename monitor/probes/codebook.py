@@ -225,6 +225,7 @@ class CodebookUsage(Probe):
         self.ignore_index = ignore_index
         self.one_hot = one_hot
         self._one_hot: dict[str, bool] = {}
+        self._head_axis: dict[str, int] = {}  # a quantiser's head axis where it is not the last
         self.shared_heads = False  # heads read apart on one codebook (read at attach)
 
     def new_window(self) -> Window:
@@ -309,6 +310,10 @@ class CodebookUsage(Probe):
             raise self.error(
                 path, f"num_codes={self.num_codes}, but the {kind}'s codebooks hold {size} codes"
             )
+        if getattr(mod, "is_channel_first", False) and int(n) > 1:
+            # ResidualFSQ(is_channel_first=True) returns (B, quantizers, H, W): the quantizer
+            # axis second (counted last, a W equal to the quantizers mixed their codes)
+            self._head_axis[path] = 1
 
     def _from_one_hot(self, hot: torch.Tensor, call) -> tuple[torch.Tensor, torch.Tensor]:
         """``(..., K)`` 0/1 assignments to ``(...)`` indices and whether a row has one."""
@@ -327,6 +332,9 @@ class CodebookUsage(Probe):
         assigned = None
         if self._one_hot[call.path]:  # rows without an assignment (dropped by capacity): skipped
             idx, assigned = self._from_one_hot(idx, call)
+        axis = self._head_axis.get(call.path)
+        if axis is not None and idx.ndim > axis:
+            idx = idx.movedim(axis, -1)
         if H > 1 and (idx.ndim < 1 or idx.shape[-1] != H):
             raise self.error(
                 call.path,

@@ -224,6 +224,33 @@ def test_configuration_errors():
     assert not model.vq._forward_hooks
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda vqp: vqp.LFQ(dim=4, codebook_size=16),
+        lambda vqp: vqp.FSQ(levels=[5, 3, 3]),
+        lambda vqp: vqp.ResidualFSQ(dim=8, levels=[5, 3, 3], num_quantizers=2),
+        lambda vqp: vqp.ResidualLFQ(dim=4, codebook_size=16, num_quantizers=2),
+    ],
+)
+@pytest.mark.parametrize("mitigation", ["reset", "simvq"])
+def test_a_quantiser_without_a_learned_codebook_is_refused_and_left_alone(make, mitigation):
+    # LFQ's codes are the signs of its input and FSQ's its rounded levels: their tables are
+    # constants (LFQ's feeds its entropy loss), which a reset overwrote with encoder outputs
+    import vector_quantize_pytorch as vqp
+
+    quantiser = make(vqp)
+    model = nn.ModuleDict({"q": quantiser})
+    before = {k: v.clone() for k, v in quantiser.state_dict().items()}
+    heads = getattr(quantiser, "num_quantizers", 1)
+    size = getattr(quantiser, "codebook_size", 45)
+    made = mitigations.ResetDeadCodes("q") if mitigation == "reset" else mitigations.SimVQ("q")
+    with pytest.raises(ValueError, match="not a learned codebook: nothing to reset"):
+        CollapseMonitor(model, [probes.CodebookUsage("q", size, heads=heads)], mitigations=[made])
+    assert all(torch.equal(v, before[k]) for k, v in quantiser.state_dict().items())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
 def test_every_step_replaces_unused_codes_between_logs_like_vector_quantize_pytorch():
     torch.manual_seed(0)
     K, D = 16, 4

@@ -299,6 +299,27 @@ def test_fsq_and_lfq_indices_are_read_by_default(make):
     assert got["collapse/q/perplexity"] == pytest.approx(perplexity, rel=1e-9)
 
 
+@pytest.mark.parametrize("width", [3, 5])
+def test_a_channel_first_residual_fsq_is_read_along_its_quantizer_axis(width):
+    """``ResidualFSQ(is_channel_first=True)`` returns ``(B, quantizers, H, W)`` indices: read
+    along the last axis, a map of width 3 (= the quantizers) mixed the three layers' codes (the
+    first layer's 3 codes of 45 read 33, no alert), and one of width 5 switched the probe off."""
+    from vector_quantize_pytorch import ResidualFSQ
+
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.q = ResidualFSQ(dim=16, levels=[5, 3, 3], num_quantizers=3, is_channel_first=True)
+    x = torch.randn(1, 16, 1, 1) + 0.3 * torch.randn(8, 16, 6, width)  # layer 0: a few codes
+    got = run(model, [probes.CodebookUsage("q", 45, heads=3, name="q")], lambda s: model.q(x))
+    idx = model.q(x)[1].numpy()
+    assert idx.shape == (8, 3, 6, width)
+    for h in range(3):
+        usage, perplexity = usage_by_hand(idx[:, h].reshape(-1), 45)
+        assert got[f"collapse/q/usage/head_{h}"] == pytest.approx(usage)
+        assert got[f"collapse/q/perplexity/head_{h}"] == pytest.approx(perplexity, rel=1e-9)
+    assert got["collapse/q/usage/head_0"] < 0.25 < got["collapse/q/usage/head_2"]
+
+
 def test_reset_dead_codes_on_a_cosine_codebook_gives_unit_codes_from_unmasked_rows():
     torch.manual_seed(0)
     vq = VectorQuantize(dim=8, codebook_size=64, use_cosine_sim=True, decay=0.8)
