@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -115,6 +117,25 @@ def unit_axis(model: nn.Module, path: str, module: nn.Module) -> int | None:
     return None
 
 
+def _reused(how: str) -> str:
+    return (
+        f"this activation module {how}: if several layers share it, their units would be "
+        "pooled (a layer whose units died reads alive through the others'). Give each layer "
+        "its own activation module, or pass reused=True when every call holds the same units "
+        "(an RNN cell unrolled in a loop)"
+    )
+
+
+def _enter(calls: list[int], module, args, kwargs) -> None:
+    """A call of a probed activation's parent begins: ``calls`` = [calls so far, running]."""
+    calls[0] += 1
+    calls[1] += 1
+
+
+def _leave(calls: list[int], module, args, kwargs, output) -> None:
+    calls[1] = max(calls[1] - 1, 0)
+
+
 class DormantUnits(Probe):
     """τ-dormant units per layer, from post-activation outputs.
 
@@ -139,6 +160,16 @@ class DormantUnits(Probe):
         tau: the dormancy threshold on the score.
         channel_dim: the unit axis of every selected module's output (``1``: channels first,
             NCHW; ``-1``: channels last, NHWC or ``(B, T, H)``); default: from the layout.
+        reused: a selected module without parameters (an activation) that runs several times
+            in one call of its parent, or sits at several places in the model, holds the same
+            units at every call (an RNN cell unrolled in a loop): its calls are pooled. Without
+            it such a module is refused (at attach, or at its second call): one activation
+            reused by several layers would pool their units, and a layer whose units died would
+            read alive through the others'.
+
+    Raises:
+        ValueError: a reused activation without ``reused=True``; an output whose unit axis is
+            not known (pass ``channel_dim``).
 
     Example:
         >>> import torch
@@ -188,13 +219,28 @@ class DormantUnits(Probe):
         channel_dim: int | None = None,
         name: str | None = None,
         extract=None,
+        reused: bool = False,
     ) -> None:
         super().__init__(module, name, extract)
         self.tau = float(tau)
         self.channel_dim = channel_dim
+        self.reused = bool(reused)
         self.axes: dict[str, int | None] = {}
+        # an activation module's parent: (the parent, its calls so far, calls running now) and
+        # the parent call in which the activation last ran (a second run in it: reused)
+        self._parents: dict[str, tuple[nn.Module, list[int]]] = {}
+        self._ran_in: dict[str, int] = {}
 
     def on_attach(self, setup, found) -> None:
+        self._parents, self._ran_in = {}, {}
+        named = named_modules(setup.model)
+        for path, mod in found:
+            if self.reused or next(mod.parameters(), None) is not None:
+                continue  # (a module with weights holds its own units at every call)
+            places = [p for p, m in setup.model.named_modules(remove_duplicate=False) if m is mod]
+            if len(places) > 1:
+                raise self.error(path, _reused(f"sits at {len(places)} places ({places})"))
+            self._parents[path] = (named[path.rpartition(".")[0]], [0, 0])
         self.axes = {
             path: self.channel_dim if self.channel_dim is not None
             else unit_axis(setup.model, path, mod)
@@ -211,7 +257,21 @@ class DormantUnits(Probe):
             transient=tuple(f"{layer}{part}" for layer in layers for part in latest),
         )
 
+    def attach_hooks(self, found, recorder) -> None:
+        super().attach_hooks(found, recorder)
+        for parent, calls in self._parents.values():
+            recorder.hooks.forward_pre(parent, functools.partial(_enter, calls))
+            recorder.hooks.forward(parent, functools.partial(_leave, calls), always_call=True)
+
     def update(self, window, a, call) -> None:
+        parent = self._parents.get(call.path)
+        if parent is not None and parent[1][1]:  # inside a call of its parent
+            if self._ran_in.get(call.path) == parent[1][0]:
+                raise self.error(
+                    call.path,
+                    _reused(f"ran twice in one call of its parent {type(parent[0]).__name__}"),
+                )
+            self._ran_in[call.path] = parent[1][0]
         axis = -1 if a.ndim == 2 else self.axes[call.path]
         if axis is None:
             raise self.error(

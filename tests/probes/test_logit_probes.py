@@ -229,6 +229,70 @@ def test_dormant_fraction_of_the_windows_last_step():
     mon.close()
 
 
+class _SharedAct(nn.Module):
+    """Two layers through one ReLU module (``self.act`` reused); half of fc1's units dead."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.act = nn.Linear(8, 32), nn.Linear(32, 32), nn.ReLU()
+        with torch.no_grad():
+            self.fc1.bias[:16] = -50.0
+
+    def forward(self, x):
+        return self.act(self.fc2(self.act(self.fc1(x))))
+
+
+class _TwoViews(nn.Module):
+    """A siamese forward: one backbone (with its own ReLU) run on two views."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(8, 16), nn.ReLU())
+
+    def forward(self, a, b):
+        return self.backbone(a) - self.backbone(b)
+
+
+def test_one_activation_module_shared_by_two_layers_is_refused_unless_reused():
+    """Pooled, layer 1's 16 dead units of 32 read 0.125 dormant with layer 2's rows (no alert,
+    by hand 0.5 for layer 1 alone). Refused at the second call in one call of the parent (or at
+    attach where the module sits twice); ``reused=True`` pools on purpose; a siamese forward,
+    whose backbone (the ReLU's parent) runs once per view, is read as one layer."""
+    torch.manual_seed(0)
+    net, x = _SharedAct(), torch.randn(256, 8)
+    mon = CollapseMonitor(net, [probes.DormantUnits("act", name="d")], 1, strict=True)
+    with pytest.raises(ValueError, match="ran twice in one call of its parent _SharedAct"):
+        with mon.observe():
+            net(x)
+    mon.close()
+    mon = CollapseMonitor(net, [probes.DormantUnits("act", name="d", reused=True)], 1)
+    with mon.observe():
+        net(x)
+    m = mon.step()
+    mon.close()
+    with torch.no_grad():
+        h1 = net.act(net.fc1(x))
+        both = torch.cat([h1, net.act(net.fc2(h1))])
+    assert F.dormant_units(h1)["dormant_fraction"] == 0.5
+    assert m["collapse/d/act/dormant_fraction"] == F.dormant_units(both)["dormant_fraction"]
+    act = nn.ReLU()
+    seq = nn.Sequential(nn.Linear(8, 32), act, nn.Linear(32, 32), act)
+    with pytest.raises(ValueError, match=r"sits at 2 places \(\['1', '3'\]\)"):
+        CollapseMonitor(seq, [probes.DormantUnits("1", name="d")], 1)
+    assert not any(mod._forward_hooks or mod._forward_pre_hooks for mod in seq.modules())
+    net = _TwoViews()
+    mon = CollapseMonitor(net, [probes.DormantUnits("backbone.1", name="d")], 1, strict=True)
+    a, b = torch.randn(64, 8), torch.randn(64, 8)
+    with mon.observe():
+        net(a, b)
+    m = mon.step()
+    mon.close()
+    with torch.no_grad():
+        views = torch.cat([net.backbone(a), net.backbone(b)])
+    assert m["collapse/d/backbone.1/dormant_fraction"] == F.dormant_units(views)["dormant_fraction"]
+    assert not any(mod._forward_hooks or mod._forward_pre_hooks for mod in net.modules())
+
+
 def test_redo_revives_dormant_units_without_changing_the_output():
     m = dead_mlp()
     opt = torch.optim.Adam(m.parameters(), lr=1e-3)
