@@ -35,6 +35,9 @@ _NAN = float("nan")
 # line, while its ratios stay far from the collapse rules' tenth. usage_uniform: the thinnest
 # head's, so a window is judged only where every head holds enough assignments. Likewise the
 # latest steps: usage_recent the mean, codes_used_recent (a single code) the worst head's.
+# transformers' routers whose integer output is a one-hot (tokens, experts) assignment (read as
+# indices, its 0s and 1s counted experts 0 and 1: usage 2/8 for 5/8, the same on a collapse)
+_ONE_HOT_ROUTERS = ("SwitchTransformersTop1Router", "NllbMoeTop2Router")
 _OVER_HEADS = {"usage": False, "usage_uniform": True, "usage_ratio": True, "perplexity_ratio": True}
 # usage_recent is the usage of the fewest latest steps whose assignments would show a uniform
 # codebook 90% of its codes (T >= 2.3 K): a sample in which it is not low by construction, the
@@ -80,7 +83,9 @@ class CodebookUsage(Probe):
             the model's ``attention_mask``: a router's padding), are skipped the same way.
         one_hot: the module returns one-hot assignments ``(..., K)`` (rows of zeros: no code,
             e.g. tokens dropped by an expert's capacity); default: only for ``transformers``'
-            ``SwitchTransformersTop1Router``.
+            ``SwitchTransformersTop1Router`` and ``NllbMoeTop2Router`` (its top-1 mask; the
+            second expert of its top-2 routing is in its router probabilities, for
+            ``extract=``).
         pool: see :class:`~collapse_monitor.probes.Probe` (a glob over the routers of every MoE
             layer reports each layer apart unless ``pool=True``).
 
@@ -254,7 +259,7 @@ class CodebookUsage(Probe):
         self._one_hot = {
             path: self.one_hot
             if self.one_hot is not None
-            else type(mod).__name__ == "SwitchTransformersTop1Router"
+            else type(mod).__name__ in _ONE_HOT_ROUTERS
             for path, mod in found
         }
 

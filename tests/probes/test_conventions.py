@@ -941,6 +941,35 @@ def test_a_switch_router_one_hot_assignment_is_read_as_experts():
     assert got["collapse/router/skipped"] == (~routed).sum()
 
 
+def test_an_nllb_moe_router_one_hot_top_1_mask_is_read_as_experts():
+    """NLLB-MoE's top-2 router returns its top-1 choice as a one-hot (tokens, experts) int64
+    mask: read as indices, its 0s and 1s were experts 0 and 1 (usage 0.25 and an alert for 5
+    of 8 experts, the same numbers on a router sent to one expert)."""
+    import transformers
+
+    cfg = transformers.NllbMoeConfig(
+        vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_experts=8,
+        expert_capacity=64, encoder_sparse_step=1, decoder_sparse_step=1,
+        max_position_embeddings=64, pad_token_id=1, router_dtype="float32",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.NllbMoeForConditionalGeneration(cfg).train()
+    path = "model.encoder.layers.0.ffn.router"
+    router = model.get_submodule(path)
+    seen = []
+    router.register_forward_hook(lambda m, a, o: seen.append(a[0].detach().double()))
+    ids, labels = torch.randint(2, 64, (4, 12)), torch.randint(2, 64, (4, 12))
+    got = run(model, [probes.CodebookUsage(path, 8, name="router")],
+              lambda s: model(input_ids=ids, labels=labels))  # fmt: skip
+    assert router.classifier.bias is None
+    logits = seen[0] @ router.classifier.weight.double().T
+    usage, perplexity = usage_by_hand(logits.argmax(-1).numpy(), 8)  # the top-1 experts
+    assert got["collapse/router/samples"] == 48
+    assert got["collapse/router/usage"] == usage >= 0.5  # (indices 0 and 1: 0.25)
+    assert got["collapse/router/perplexity"] == pytest.approx(perplexity, rel=1e-9)
+
+
 def test_a_routers_padded_tokens_are_skipped():
     """transformers #28505 / PR #28517: padded tokens are routed too (and were left out of the
     load-balancing loss); the monitor leaves them out of the experts' usage."""
