@@ -171,6 +171,9 @@ class CodebookUsage(Probe):
             0.1,
             "below",
             name="usage_collapsed",
+            # one log: a codebook collapsed at initialisation whose windows stay too thin for
+            # usage_below (4096 codes fed 512 vectors a step) was seen one log late at two
+            patience=1,
             requires=(("usage_uniform", "above", 0.5), ("dead_codes", "above", -1.0)),
             message="a tenth of the codes a uniform codebook would use in this window: collapsed",
         ),
