@@ -23,7 +23,8 @@ metric that starts at its "collapsed" end (every head attends uniformly at initi
 rule is armed by ``arm_logs`` (2) consecutive logs whose window value does not meet the condition
 (a stable healthy value; or, with ``warmup_steps``, by the end of the warm-up), and stays silent
 before it; a ``latest`` value past the threshold on the arming log itself fires (the window saw
-the healthy value, its last step the collapse).
+the healthy value, its last step the collapse). ``arm_by`` names a sibling metric that must be
+healthy on the arming log too.
 ``requires=("negative_mass", "above", 0.1)`` evaluates the rule only at logs where that sibling
 metric (the same key with its last part replaced) meets its own condition: a criterion defined
 for some inputs (SimSiam's ``norm_std`` for signed features) says nothing on others.
@@ -88,6 +89,9 @@ class Rule:
             the condition, or until
             ``warmup_steps`` have passed when it is set (see the module doc).
         arm_logs: the healthy logs in a row that arm an ``arm`` rule (default 2).
+        arm_by: a sibling metric that must be on the threshold's healthy side too on an
+            arming log (where pooling over steps inflates the rule's own value: the highest
+            share of a posterior's units active within one call, beside the window's share).
         requires: ``(sibling metric, mode, threshold)``, a ``below``/``above`` condition on the
             sibling key that must hold for this rule to be evaluated at a log (a tuple of such
             conditions: all must hold).
@@ -114,6 +118,7 @@ class Rule:
     severe: float | None = None
     arm: bool = False
     arm_logs: int = 2
+    arm_by: str | None = None
     requires: tuple | None = None
     latest: str | None = None
     latest_alone: bool = False
@@ -146,6 +151,8 @@ class Rule:
             raise ValueError(f"bound needs a 'drop' or 'rise' rule, got mode {self.mode!r}")
         if self.latest is not None and self.mode not in ("below", "above"):
             raise ValueError(f"latest needs a 'below' or 'above' rule, got mode {self.mode!r}")
+        if self.arm_by is not None and not self.arm:
+            raise ValueError("arm_by needs arm=True")
         if self.latest_alone and self.latest is None:
             raise ValueError("latest_alone needs latest (the sibling metric it reads)")
         if self.requires is not None and isinstance(self.requires[0], str):
@@ -198,6 +205,7 @@ class RuleSpec:
     severe: float | None = None
     arm: bool = False
     arm_logs: int = 2
+    arm_by: str | None = None
     requires: tuple | None = None
     latest: str | None = None
     latest_alone: bool = False
@@ -272,9 +280,19 @@ class RuleEngine:
                     continue
                 st = self._state[rule.name].setdefault(key, _KeyState())
                 holds = self._holds(rule, st, value)
-                # armed by the window's own value: a last step past the threshold on the arming
-                # log is a collapse inside that window (its earlier steps were healthy)
-                st.healthy = 0 if holds else st.healthy + 1
+                # armed by the window's own value (and arm_by's): a last step past the severe
+                # bound on the arming log is a collapse inside that window (its earlier steps
+                # were healthy)
+                if rule.arm_by:
+                    by = _sibling(key, rule.arm_by, metrics)
+                    healthy = (
+                        not holds
+                        and not math.isnan(by)
+                        and not _past(rule.mode, by, rule.threshold)
+                    )
+                else:
+                    healthy = not holds
+                st.healthy = st.healthy + 1 if healthy else 0
                 st.armed = st.armed or st.healthy >= rule.arm_logs
                 latest = _sibling(key, rule.latest, metrics) if rule.latest else math.nan
                 # a collapse inside the window: the latest step is past the severe bound while

@@ -113,6 +113,8 @@ def test_an_armed_rule_waits_for_a_stable_healthy_value():
     assert run(rule, [1.0, 1.0, 0.2, 1.0])[0] == [(40, 1.0)]
     with pytest.raises(ValueError, match="arm_logs >= 1"):
         Rule("collapse/p/m", 0.5, "above", arm=True, arm_logs=0)
+    with pytest.raises(ValueError, match="arm_by needs arm=True"):
+        Rule("collapse/p/m", 0.5, "above", arm_by="peak")
 
 
 def test_an_armed_rule_resumes_armed():

@@ -80,7 +80,10 @@ class PosteriorCollapse(Probe):
     Reports ``kl_total`` (nats, ``E_x sum_j KL_j``), ``kl/dim_<j>`` for the ``num_smallest`` lowest,
     ``active_units``, ``active_fraction``, ``active_fraction_last_step`` (the same over the
     window's last recorded step alone when it holds >= 64 rows, else with the step before; not
-    reported when they hold fewer), ``units_passive`` / ``units_active`` / ``units_mixed``
+    reported when they hold fewer), ``active_fraction_peak`` (the highest share of units active
+    within one call of the window: one encoder, where the window's share also counts the
+    encoder's drift between steps as activity; under DDP each rank's calls, their highest),
+    ``units_passive`` / ``units_active`` / ``units_mixed``
     (polarised regime), ``collapsed_units`` (``KL_j < 0.01``), ``samples``, ``skipped_nonfinite``;
     histograms ``kl`` (per dimension) and ``log10_activity`` (Burda's bimodal plot).
 
@@ -119,19 +122,20 @@ class PosteriorCollapse(Probe):
             "below",
             name="active_below",
             # a fresh encoder's means barely vary: units start inactive (and come and go in the
-            # first steps); armed once 60% of the units were active on a log. (Two in a row
-            # missed an encoder active at initialisation that collapsed in its second window,
-            # 4 of 6 runs of an independent round; no healthy run of three rounds fell under
-            # 0.6 after a log at or above it.)
+            # first steps); armed once 60% of the units were active on a log, in the window and
+            # within one call (one encoder: a window pools the encoder's drift between steps,
+            # which 6 of 8 healthy KL-annealed VAEs of an independent sweep read as 0.6-1.0
+            # active while each step held 0-0.33). One log arms it (two in a row missed an
+            # encoder active at initialisation that collapsed in its second window, 4 of 6 runs
+            # of an independent round). The last step alone (64 inputs) fires under 0.5: an
+            # encoder collapsing inside its first window (a KL weight fixed high) alerts at that
+            # log (6 of 6 such runs of an independent round were one log late, 1 now)
             arm=True,
             arm_logs=1,
+            arm_by="active_fraction_peak",
             patience=1,
-            # the last step's units alone (>= 64 rows): an encoder that collapses inside its
-            # first window (a KL weight fixed high) is seen on that log, where the window still
-            # holds its active first steps (an independent round: 5 of 6 such runs were one
-            # log late; no healthy twin's last step fell under 0.6 once its window was over it)
             latest="active_fraction_last_step",
-            latest_alone=True,
+            severe=0.5,
             message="most latent units are inactive: try KL annealing or free bits",
         ),
     )
@@ -201,7 +205,9 @@ class PosteriorCollapse(Probe):
         logvar = torch.where(finite[:, None], logvar, 0.0)
         window["mu"].update(mu, finite)
         window["mu/step"].update(mu, finite)
-        window["sums"].update(mu, logvar, finite, self.passive_delta, self.active_delta)
+        window["sums"].update(
+            mu, logvar, finite, self.passive_delta, self.active_delta, self.active_threshold
+        )
 
     def end_missed_step(self, window) -> None:
         # under DDP the other ranks' last step is this step: this rank's is empty
@@ -242,6 +248,7 @@ class PosteriorCollapse(Probe):
         kl = summary["kl_per_dim"]
         out = {self.key(k): float(v) for k, v in summary.items() if not isinstance(v, torch.Tensor)}
         out[self.key("skipped_nonfinite")] = float(sums.skipped)
+        out[self.key("active_fraction_peak")] = sums.peak_active.item()
         latest = self._latest(window)
         if latest is not None:
             activity = latest.scatter() / (latest.n - 1)

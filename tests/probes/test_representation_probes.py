@@ -270,15 +270,20 @@ def test_group_collapse_variance_ratio_and_nc_statistics():
 
 def test_a_posterior_active_at_initialisation_that_collapses_in_its_second_window_alerts():
     """An encoder active at initialisation (window 1.0) whose units die within the next window
-    (0.25): one healthy log arms the posterior rule (two in a row never came: no alert at all)."""
+    (0.25): one healthy log arms the posterior rule (two in a row never came: no alert at all);
+    a log whose calls held no active share (the window's 1.0 was drift between steps) does not."""
     rules = [spec.bind("vae") for spec in probes.PosteriorCollapse.rules]
-    eng = RuleEngine(rules)
-    fired = [
-        a.rule
-        for step, value in ((10, 1.0), (20, 0.25), (30, 0.0))
-        for a in eng.check({"collapse/vae/active_fraction": value}, step)
-    ]
-    assert fired == ["vae/active_below"]
+    for peak, want in ((1.0, ["vae/active_below"]), (0.25, [])):
+        eng = RuleEngine(rules)
+        fired = [
+            a.rule
+            for step, value in ((10, 1.0), (20, 0.25), (30, 0.0))
+            for a in eng.check(
+                {"collapse/vae/active_fraction": value, "collapse/vae/active_fraction_peak": peak},
+                step,
+            )
+        ]
+        assert fired == want
 
 
 class _Posterior(nn.Module):
@@ -320,4 +325,43 @@ def test_a_posterior_that_collapses_inside_its_first_window_alerts_at_that_log()
             model(b)
         m = mon.step()
     assert "collapse/vae/active_fraction_last_step" not in m
+    mon.close()
+
+
+def test_an_encoder_drifting_between_steps_does_not_arm_the_posterior_rule():
+    """A fresh encoder: each call's means barely vary across inputs, but move between steps. The
+    window's Burda activity pools that drift (every unit 'active'); within one call none is
+    (``active_fraction_peak``, by hand), so the rule is not armed and its last step, all
+    inactive, draws no alert. Once the units are active within a call, a collapse alerts."""
+    model = nn.Sequential(_Posterior())
+    mon = CollapseMonitor(model, [probes.PosteriorCollapse("0", name="vae")], 5)
+    g = torch.Generator().manual_seed(0)
+    drifting = [
+        torch.randn(1, 8, generator=g) + 1e-3 * torch.randn(64, 8, generator=g) for _ in range(5)
+    ]
+    for b in drifting:
+        with mon.observe():
+            model(b)
+        m = mon.step()
+    window = torch.cat(drifting).double()
+    assert F.posterior_collapse(window, torch.zeros_like(window))["active_fraction"] == 1.0
+    assert m["collapse/vae/active_fraction"] == 1.0
+    assert (
+        m["collapse/vae/active_fraction_peak"] == 0.0 == m["collapse/vae/active_fraction_last_step"]
+    )
+    assert m["collapse/alerts/vae/active_below"] == 0
+    active = [torch.randn(64, 8, generator=g) for _ in range(4)]
+    peaks = []
+    for b in active:
+        with mon.observe():
+            model(b)
+        m = mon.step()
+        var = b.double().var(0)  # one call's own activity
+        peaks.append((var > 0.01).double().mean().item())
+    with mon.observe():
+        model(drifting[0])  # the units collapse at the window's last step
+    m = mon.step()
+    assert m["collapse/vae/active_fraction_peak"] == max(peaks) == 1.0
+    assert m["collapse/vae/active_fraction_last_step"] == 0.0
+    assert m["collapse/alerts/vae/active_below"] == 1
     mon.close()
