@@ -143,7 +143,7 @@ def test_report_replays_a_rule_with_its_last_step_sibling():
     (row,) = health({**series, "collapse/d/3/dormant_fraction_last_step": last})
     assert row["first_alert"] == 20 and row["verdict"] == "collapsed"
     # a collapse inside the run's last window: only the last step holds there, still collapsed
-    window, last = [(100, 0.1), (200, 0.2)], [(100, 0.1), (200, 0.47)]
+    window, last = [(100, 0.1), (200, 0.2)], [(100, 0.1), (200, 0.57)]
     series = {"collapse/d/3/dormant_fraction": window}
     (row,) = health({**series, "collapse/d/3/dormant_fraction_last_step": last})
     assert row["first_alert"] == 200 and row["verdict"] == "collapsed"

@@ -11,7 +11,9 @@ _F64 = torch.float64
 
 def softmax_collapsed(logits: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Per row: true when ``sum_j exp(z_j - max z) == 1`` exactly in ``dtype`` (default: the
-    logits' own), i.e. every non-maximal term underflowed and the softmax gradient is exactly 0.
+    logits' own), i.e. every non-maximal term was absorbed (from a gap of about 17 nats in
+    float32) or underflowed: the top probability is exactly 1, the loss and the correct class's
+    gradient exactly 0, the other classes' gradients below ``exp(-gap)`` (Prieto et al. 2025).
 
     Args:
         logits: ``(..., C)``. Returns ``(...)`` bool.

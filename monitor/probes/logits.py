@@ -58,7 +58,7 @@ class LogitHealth(Probe):
     norm), ``nlm_cosine``, ``samples``, ``skipped``, ``out_of_range``
     (:func:`~collapse_monitor.functional.logit_health`).
 
-    Default rule: ``softmax_collapse > 0.01``. ``log_z_mean`` grows on healthy runs too (a
+    Default rule: ``softmax_collapse > 0.05`` on 2 logs. ``log_z_mean`` grows on healthy runs too (a
     confident classifier's log-partition is its top logit; it passed 5 at step 100 of a healthy
     grokking run exactly as on the collapsing one in benchmarks/detection.py), so no default rule
     watches it; for z-loss style monitoring of an LM add one by hand, e.g.
@@ -87,7 +87,11 @@ class LogitHealth(Probe):
     rules = (
         RuleSpec(
             "softmax_collapse",
-            0.01,
+            # 5% of the rows: a healthy CNN under SGD with momentum (99% test accuracy, its
+            # loss still falling) held 1.6-2.7% of its rows past float32's 17-nat absorption
+            # gap and alarmed at 1%; a grokking run's share rises through 5% 10-140 steps
+            # before half its training set saturates (benchmarks/detection.py, zoo rounds)
+            0.05,
             "above",
             name="softmax_collapse",
             message="softmax collapse: gradients vanish (Prieto et al.); try StableMax CE, weight "
