@@ -22,9 +22,9 @@ not counted. After an alert the rule is silent for ``cooldown`` steps.
 metric that starts at its "collapsed" end (every head attends uniformly at initialisation): the
 rule is armed by ``arm_logs`` (2) consecutive logs whose window value does not meet the condition
 (a stable healthy value; or, with ``warmup_steps``, by the end of the warm-up), and stays silent
-before it; a ``latest`` value past the threshold on the arming log itself fires (the window saw
-the healthy value, its last step the collapse). ``arm_by`` names a sibling metric that must be
-healthy on the arming log too.
+before it; a ``latest`` value that fires (past ``severe``, or past the threshold with
+``latest_alone``) fires on the arming log itself (the window saw the healthy value, its last
+step the collapse). ``arm_by`` names a sibling metric that must be healthy on the arming log too.
 ``requires=("negative_mass", "above", 0.1)`` evaluates the rule only at logs where that sibling
 metric (the same key with its last part replaced) meets its own condition: a criterion defined
 for some inputs (SimSiam's ``norm_std`` for signed features) says nothing on others.
@@ -151,8 +151,8 @@ class Rule:
             raise ValueError(f"bound needs a 'drop' or 'rise' rule, got mode {self.mode!r}")
         if self.latest is not None and self.mode not in ("below", "above"):
             raise ValueError(f"latest needs a 'below' or 'above' rule, got mode {self.mode!r}")
-        if self.arm_by is not None and not self.arm:
-            raise ValueError("arm_by needs arm=True")
+        if self.arm_by is not None and not (self.arm and self.mode in ("below", "above")):
+            raise ValueError("arm_by needs arm=True on a 'below' or 'above' rule")
         if self.latest_alone and self.latest is None:
             raise ValueError("latest_alone needs latest (the sibling metric it reads)")
         if self.requires is not None and isinstance(self.requires[0], str):
@@ -283,15 +283,10 @@ class RuleEngine:
                 # armed by the window's own value (and arm_by's): a last step past the severe
                 # bound on the arming log is a collapse inside that window (its earlier steps
                 # were healthy)
+                healthy = not holds
                 if rule.arm_by:
                     by = _sibling(key, rule.arm_by, metrics)
-                    healthy = (
-                        not holds
-                        and not math.isnan(by)
-                        and not _past(rule.mode, by, rule.threshold)
-                    )
-                else:
-                    healthy = not holds
+                    healthy &= not math.isnan(by) and not _past(rule.mode, by, rule.threshold)
                 st.healthy = st.healthy + 1 if healthy else 0
                 st.armed = st.armed or st.healthy >= rule.arm_logs
                 latest = _sibling(key, rule.latest, metrics) if rule.latest else math.nan

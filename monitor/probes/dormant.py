@@ -237,11 +237,13 @@ class DormantUnits(Probe):
 
     def on_attach(self, setup, found) -> None:
         self._parents, self._ran_in = {}, {}
-        named = named_modules(setup.model)
+        named, places_of = named_modules(setup.model), {}
+        for p, m in setup.model.named_modules(remove_duplicate=False):
+            places_of.setdefault(id(m), []).append(p)
         for path, mod in found:
             if self.reused or next(mod.parameters(), None) is not None:
                 continue  # (a module with weights holds its own units at every call)
-            places = [p for p, m in setup.model.named_modules(remove_duplicate=False) if m is mod]
+            places = places_of[id(mod)]
             if len(places) > 1:
                 raise self.error(path, _reused(f"sits at {len(places)} places ({places})"))
             self._parents[path] = (named[path.rpartition(".")[0]], [0, 0])
@@ -303,12 +305,8 @@ class DormantUnits(Probe):
 
     def end_step(self, window) -> None:
         for layer, _ in window.items():
-            step, last, before = (f"{layer}{p}" for p in ("/step", "/last", "/before"))
-            # rotated without a copy: this step's sums are the last step's, the last's the
-            # step before's, and the step before's, emptied, take this step's place
-            window.swap(before, last)
-            window.swap(last, step)
-            window[step].reset()
+            # this step's sums are the last step's, the last's the step before's
+            window.shift(f"{layer}/before", f"{layer}/last", f"{layer}/step")
 
     @staticmethod
     def _latest(window, layer: str) -> tuple[torch.Tensor, float] | None:

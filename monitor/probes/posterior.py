@@ -214,11 +214,8 @@ class PosteriorCollapse(Probe):
         self.end_step(window)
 
     def end_step(self, window) -> None:
-        # rotated without a copy: this step's moments are the last step's, the last's the step
-        # before's, and the step before's, emptied, take this step's place
-        window.swap("mu/before", "mu/last")
-        window.swap("mu/last", "mu/step")
-        window["mu/step"].reset()
+        # this step's moments are the last step's, the last's the step before's
+        window.shift("mu/before", "mu/last", "mu/step")
 
     def _latest(self, window) -> Moments | None:
         """The moments of the window's last recorded step, with the step before when the last

@@ -88,11 +88,14 @@ class Window:
             if persistent or key not in self.persistent:
                 stat.reset()
 
-    def swap(self, a: str, b: str) -> None:
-        """Exchange two entries (made first if need be): a step's statistic becomes the last
-        step's without a copy."""
-        first, second = self[a], self[b]
-        self._entries[a], self._entries[b] = second, first
+    def shift(self, *keys: str) -> None:
+        """Each of ``keys`` (made first if need be) takes the next one's statistic, without a
+        copy, and the last takes the first's, emptied: ``shift(before, last, step)`` makes this
+        step's statistics the last step's, and the last's the step before's."""
+        stats = [self[k] for k in keys]
+        for key, stat in zip(keys, stats[1:] + stats[:1]):
+            self._entries[key] = stat
+        stats[0].reset()
 
     def add(self, key: str, stat: Statistic, persistent: bool = False) -> Window:
         """Add an entry (on this window's device)."""
@@ -203,9 +206,9 @@ class WindowView:
     def __contains__(self, key: str) -> bool:
         return self.prefix + key in self.window
 
-    def swap(self, a: str, b: str) -> None:
-        """:meth:`Window.swap` of this scope's entries."""
-        self.window.swap(self.prefix + a, self.prefix + b)
+    def shift(self, *keys: str) -> None:
+        """:meth:`Window.shift` of this scope's entries."""
+        self.window.shift(*(self.prefix + k for k in keys))
 
     def items(self) -> list[tuple[str, Statistic]]:
         n = len(self.prefix)

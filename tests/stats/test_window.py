@@ -37,6 +37,21 @@ def test_a_scoped_window_keeps_one_part_per_module():
     assert int(WindowView(w, "blocks.1")["n"]["calls"]) == 4
 
 
+def test_shift_moves_each_step_down_without_a_copy_and_empties_the_oldest():
+    parts = {s: Window({k: Counter(("n",)) for k in ("step", "last", "before")}) for s in "ab"}
+    w = Window.scoped(parts)
+    view, other = WindowView(w, "b"), WindowView(w, "a")
+    theirs = [other[k] for k in ("step", "last", "before")]
+    step, last, before = view["step"], view["last"], view["before"]
+    step.add("n", 3)
+    last.add("n", 2)
+    before.add("n", 1)
+    view.shift("before", "last", "step")
+    assert (view["before"], view["last"], view["step"]) == (last, step, before)
+    assert [int(view[k]["n"]) for k in ("before", "last", "step")] == [2, 3, 0]
+    assert [other[k] for k in ("step", "last", "before")] == theirs  # another module's part
+
+
 def test_a_checkpoint_may_lack_per_step_entries_but_not_others():
     w = Window({"a": Counter(("n",)), "last": Counter(("n",))}, transient=("last",))
     state = w.state_dict()

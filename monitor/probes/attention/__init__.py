@@ -436,10 +436,10 @@ class AttentionEntropy(Probe):
         for layer, _ in window.items():
             step, last = f"{layer}/step", f"{layer}/last"
             if keep and window[step].sizes["H"] is not None:
-                window.swap(step, last)  # this step's sums are the last step's now
+                window.shift(last, step)  # this step's sums are the last step's now
             else:
                 window[last].reset()
-            window[step].reset()
+                window[step].reset()
 
     def extra_state(self) -> dict:
         return {
